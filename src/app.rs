@@ -1,0 +1,221 @@
+//! Wiring: opens the database (embedded or `DATABASE_URL`), migrates it, binds the ports and
+//! runs the components under one shutdown token and one task tracker.
+//!
+//! Shutdown order: gRPC health NOT_SERVING and both servers stop accepting → tracker drained
+//! (bounded by the grace period) → pool closed → the embedded cluster stopped, if this process
+//! started it.
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use deadpool_postgres::Pool;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api;
+use crate::config::Settings;
+use crate::db::{self, embedded};
+
+/// A database ready for the registry: its URL, and the embedded cluster when one was launched.
+pub struct Database {
+    /// The connection URL.
+    pub url: String,
+    /// The launched cluster, stopped when this is dropped (if this process started it).
+    pub cluster: Option<embedded::EmbeddedCluster>,
+}
+
+impl Database {
+    /// Uses `DATABASE_URL`, or launches (or reuses) the embedded cluster and makes sure its
+    /// `dsreg` database exists.
+    ///
+    /// # Errors
+    /// The cluster could not be launched, or the database could not be created.
+    pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        if let Some(url) = &settings.database_url {
+            return Ok(Self {
+                url: url.clone(),
+                cluster: None,
+            });
+        }
+        let options = embedded::ClusterOptions {
+            port: settings.pg_port,
+            ..embedded::ClusterOptions::durable(settings.pg_data_dir())
+        };
+        let cluster =
+            tokio::task::spawn_blocking(move || embedded::EmbeddedCluster::start(&options))
+                .await
+                .context("launcher task")??;
+        db::create_database(&cluster.url("postgres"), embedded::DATABASE, None)
+            .await
+            .context("creating the dsreg database in the embedded cluster")?;
+        Ok(Self {
+            url: cluster.url(embedded::DATABASE),
+            cluster: Some(cluster),
+        })
+    }
+
+    /// Stops the embedded cluster if this process started it.
+    pub async fn close(mut self) {
+        if let Some(mut cluster) = self.cluster.take() {
+            let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
+            if let Ok(Err(e)) = stopped {
+                tracing::warn!(error = %e, "stopping the embedded PostgreSQL failed");
+            }
+        }
+    }
+}
+
+/// Applies pending migrations on `url`; returns the schema version.
+///
+/// # Errors
+/// Connection or migration failure.
+pub async fn migrate(url: &str) -> anyhow::Result<i32> {
+    let mut client = db::connect(url).await.context("connecting to migrate")?;
+    let applied = db::migrations::migrate_up(&mut client).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "migrations applied");
+    }
+    Ok(db::migrations::current_version(&client).await?)
+}
+
+/// A registry bound to its ports, ready to run.
+pub struct App {
+    http: TcpListener,
+    grpc: TcpListener,
+    pool: Pool,
+    schema_version: i32,
+    instance_id: String,
+}
+
+impl App {
+    /// Migrates the database at `url` and binds the ports of `settings`.
+    ///
+    /// # Errors
+    /// Migration, pool or bind failures.
+    pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
+        let schema_version = migrate(url).await?;
+        let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let http = TcpListener::bind(settings.http_addr)
+            .await
+            .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
+        let grpc = TcpListener::bind(settings.grpc_addr)
+            .await
+            .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
+        Ok(Self {
+            http,
+            grpc,
+            pool,
+            schema_version,
+            instance_id: uuid::Uuid::new_v4().to_string(),
+        })
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
+            .local_addr()
+            .expect("a bound listener has an address")
+    }
+
+    /// The pool the components share.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// Runs until `shutdown` is cancelled, then drains within `grace`.
+    ///
+    /// # Errors
+    /// A server failed.
+    pub async fn run(
+        self,
+        shutdown: CancellationToken,
+        grace: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        let tracker = TaskTracker::new();
+        let readiness = api::http::Readiness {
+            pool: self.pool.clone(),
+        };
+        let http = tracker.spawn(api::http::serve(
+            self.http,
+            api::http::router(readiness),
+            shutdown.child_token(),
+        ));
+        let registry = api::grpc::RegistryService {
+            instance_id: self.instance_id,
+            schema_version: self.schema_version,
+        };
+        let grpc = tracker.spawn(api::grpc::serve(
+            self.grpc,
+            registry,
+            shutdown.child_token(),
+        ));
+        tracker.close();
+        tokio::select! {
+            () = shutdown.cancelled() => {}
+            r = async { tokio::join!(http, grpc) } => {
+                let (h, g) = r;
+                h.context("HTTP task")?.context("HTTP server")?;
+                g.context("gRPC task")?.context("gRPC server")?;
+            }
+        }
+        shutdown.cancel();
+        if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "shutdown grace period elapsed with tasks still running"
+            );
+        }
+        self.pool.close();
+        Ok(())
+    }
+}
+
+/// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM.
+///
+/// # Errors
+/// Start-up failures, with context.
+pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+    let database = Database::open(&settings).await?;
+    let result = async {
+        let app = App::build(&settings, &database.url).await?;
+        let where_db = match &database.cluster {
+            Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
+            None => "DATABASE_URL".to_owned(),
+        };
+        tracing::info!(http = %app.http_addr(), grpc = %app.grpc_addr(), database = %where_db, "dsreg serving");
+        let shutdown = CancellationToken::new();
+        let signals = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            signals.cancel();
+        });
+        app.run(shutdown, settings.shutdown_grace()).await
+    }
+    .await;
+    database.close().await;
+    result
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops the service");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,104 @@
+//! Settings: every knob of the service, typed, with its flag, its environment variable and its
+//! default in one place. Loaded once by the CLI; nothing else reads the environment for them.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How `dsreg` reaches its database and where it serves.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Settings {
+    /// Postgres URL; when unset, an embedded cluster in `--data-dir` is used.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Folder for the embedded cluster (`<data-dir>/pg`) and local state.
+    #[arg(long, env = "DSREG_DATA_DIR", default_value = ".dsreg")]
+    pub data_dir: PathBuf,
+
+    /// Fixed port for the embedded cluster; a free one is picked when unset.
+    #[arg(long, env = "DSREG_PG_PORT")]
+    pub pg_port: Option<u16>,
+
+    /// Address of the HTTP port (`/healthz`, `/readyz`).
+    #[arg(long, env = "DSREG_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+
+    /// Address of the gRPC port.
+    #[arg(long, env = "DSREG_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Connections in the database pool.
+    #[arg(long, env = "DSREG_POOL_SIZE", default_value_t = 16)]
+    pub pool_size: usize,
+
+    /// How long a request waits for a pooled connection, in milliseconds.
+    #[arg(long, env = "DSREG_POOL_WAIT_MS", default_value_t = 5_000)]
+    pub pool_wait_ms: u64,
+
+    /// How long shutdown waits for in-flight work, in milliseconds.
+    #[arg(long, env = "DSREG_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
+    pub shutdown_grace_ms: u64,
+}
+
+impl Settings {
+    /// The embedded cluster's data folder.
+    pub fn pg_data_dir(&self) -> PathBuf {
+        self.data_dir.join("pg")
+    }
+
+    /// Pool checkout deadline.
+    pub fn pool_wait(&self) -> Duration {
+        Duration::from_millis(self.pool_wait_ms)
+    }
+
+    /// Shutdown grace period.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Checks what types alone cannot.
+    ///
+    /// # Errors
+    /// A description of the first invalid setting.
+    pub fn check(&self) -> Result<(), String> {
+        if self.pool_size == 0 || self.pool_size > 1_000 {
+            return Err(format!(
+                "--pool-size must be 1..=1000, not {}",
+                self.pool_size
+            ));
+        }
+        if self.database_url.as_deref().is_some_and(str::is_empty) {
+            return Err(
+                "DATABASE_URL is set but empty; unset it to use the embedded database".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: Settings,
+    }
+
+    #[test]
+    fn defaults_are_local_and_valid() {
+        let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://x"]).unwrap();
+        assert_eq!(cli.settings.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(cli.settings.pg_data_dir(), PathBuf::from(".dsreg/pg"));
+        assert!(cli.settings.check().is_ok());
+    }
+
+    #[test]
+    fn a_zero_pool_is_refused() {
+        let cli = Cli::try_parse_from(["dsreg", "--pool-size", "0"]).unwrap();
+        assert!(cli.settings.check().unwrap_err().contains("--pool-size"));
+    }
+}

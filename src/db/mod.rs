@@ -1,0 +1,256 @@
+//! The database layer: the connection pool, the schema migrations, the embedded Postgres
+//! launcher and one repository per aggregate (`repository::*`), whose functions hold the SQL
+//! that touches their tables. Nothing outside this module writes SQL against the registry's
+//! tables.
+//!
+//! Errors are [`Error`]: known constraint violations and the schema's own SQLSTATEs
+//! (`DSR01`..) become domain variants here, so no caller inspects SQLSTATE.
+
+pub mod embedded;
+pub mod migrations;
+pub mod repository;
+
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, NoTls};
+use uuid::Uuid;
+
+/// What went wrong talking to the database, in the registry's terms.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No datasource with this id (or not visible to the caller).
+    #[error("datasource {0} not found")]
+    DatasourceNotFound(Uuid),
+    /// The datasource has no such version.
+    #[error("datasource {datasource} has no version {version}")]
+    VersionNotFound {
+        /// The datasource.
+        datasource: Uuid,
+        /// The missing version.
+        version: i32,
+    },
+    /// The datasource is archived; it can be neither published nor changed.
+    #[error("datasource {0} is archived")]
+    DatasourceArchived(Uuid),
+    /// A rollback found no earlier published version.
+    #[error("datasource {0} has no earlier published version to roll back to")]
+    NoEarlierVersion(Uuid),
+    /// A rollback target that was never published.
+    #[error("version {version} of datasource {datasource} was never published; publish it instead")]
+    NeverPublished {
+        /// The datasource.
+        datasource: Uuid,
+        /// The target version.
+        version: i32,
+    },
+    /// A version change the lifecycle does not allow (back to draft, editing a non-draft).
+    #[error("version {version} of datasource {datasource}: {reason}")]
+    VersionNotDraft {
+        /// The datasource.
+        datasource: Uuid,
+        /// The version.
+        version: i32,
+        /// What was refused.
+        reason: String,
+    },
+    /// Another live datasource already has this org/project/name.
+    #[error("a datasource named {org}/{project}/{name} already exists")]
+    NameTaken {
+        /// Organisation.
+        org: String,
+        /// Project.
+        project: String,
+        /// Name.
+        name: String,
+    },
+    /// The caller's etag (revision) is not the current one.
+    #[error("datasource {datasource} was changed since revision {expected} (now {actual})")]
+    StaleRevision {
+        /// The datasource.
+        datasource: Uuid,
+        /// The revision the caller had.
+        expected: i64,
+        /// The current revision.
+        actual: i64,
+    },
+    /// A value the schema's checks refuse (named by the constraint).
+    #[error("invalid value: {0}")]
+    Invalid(String),
+    /// A concurrent writer won; the operation can be retried.
+    #[error("concurrent update conflict: {0}")]
+    Conflict(String),
+    /// The database cannot be reached or the pool is exhausted; retryable.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// A migration failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+    /// The embedded cluster could not be launched.
+    #[error(transparent)]
+    Launch(#[from] embedded::LaunchError),
+    /// Any other database error.
+    #[error("database error: {0}")]
+    Query(#[source] tokio_postgres::Error),
+}
+
+impl Error {
+    /// Whether the same operation may succeed if retried later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Error::Conflict(_) | Error::Unavailable(_))
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        let Some(db) = e.as_db_error() else {
+            // No server error: the connection broke or could not be made.
+            return if e.is_closed()
+                || e.to_string().contains("connect")
+                || e.to_string().contains("I/O")
+            {
+                Error::Unavailable(e.to_string())
+            } else {
+                Error::Query(e)
+            };
+        };
+        let code = db.code();
+        if *code == SqlState::T_R_SERIALIZATION_FAILURE || *code == SqlState::T_R_DEADLOCK_DETECTED
+        {
+            return Error::Conflict(db.message().to_owned());
+        }
+        if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {
+            return Error::Invalid(
+                db.constraint()
+                    .or(db.column())
+                    .unwrap_or(db.message())
+                    .to_owned(),
+            );
+        }
+        if *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CANNOT_CONNECT_NOW
+            || *code == SqlState::TOO_MANY_CONNECTIONS
+        {
+            return Error::Unavailable(db.message().to_owned());
+        }
+        Error::Query(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        match e {
+            deadpool_postgres::PoolError::Backend(e) => e.into(),
+            other => Error::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// The SQLSTATE of a server error, for the repositories' own mapping.
+pub(crate) fn sqlstate(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().map(|db| db.code().code())
+}
+
+/// The constraint a server error names.
+pub(crate) fn constraint(e: &tokio_postgres::Error) -> Option<&str> {
+    e.as_db_error().and_then(|db| db.constraint())
+}
+
+/// Builds a pool for `url` (`max_size` connections, checked out within `wait`).
+///
+/// # Errors
+/// [`Error::Invalid`] for a malformed URL.
+pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+    let manager = Manager::from_config(
+        config,
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .wait_timeout(Some(wait))
+        .create_timeout(Some(wait))
+        .build()
+        .map_err(|e| Error::Invalid(format!("database pool: {e}")))
+}
+
+/// Opens one connection outside the pool (migrations, the listener); its driver task runs
+/// until the client is dropped.
+///
+/// # Errors
+/// [`Error::Unavailable`] when the server cannot be reached.
+pub async fn connect(url: &str) -> Result<Client, Error> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .map_err(|e| Error::Unavailable(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "database connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates `database` on the server of `admin_url` unless it exists (`template` to clone).
+///
+/// # Errors
+/// The server refused.
+pub async fn create_database(
+    admin_url: &str,
+    database: &str,
+    template: Option<&str>,
+) -> Result<(), Error> {
+    let client = connect(admin_url).await?;
+    let exists = client
+        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .await?
+        .is_some();
+    if !exists {
+        let template = template
+            .map(|t| format!(" TEMPLATE {}", quote_ident(t)))
+            .unwrap_or_default();
+        client
+            .batch_execute(&format!(
+                "CREATE DATABASE {}{template}",
+                quote_ident(database)
+            ))
+            .await?;
+    }
+    Ok(())
+}
+
+/// Drops `database`, disconnecting its sessions.
+///
+/// # Errors
+/// The server refused.
+pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), Error> {
+    let client = connect(admin_url).await?;
+    client
+        .batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(database)
+        ))
+        .await?;
+    Ok(())
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Whether the database answers a trivial query within `timeout`.
+pub async fn ping(pool: &Pool, timeout: Duration) -> bool {
+    let probe = async {
+        let client = pool.get().await.ok()?;
+        client.simple_query("SELECT 1").await.ok()
+    };
+    matches!(tokio::time::timeout(timeout, probe).await, Ok(Some(_)))
+}

@@ -1,0 +1,122 @@
+//! The `audit_log` table: every mutating call and every denied one, with its outcome.
+//! Diff summaries name fields, never secret values.
+
+use chrono::{DateTime, Utc};
+
+use super::GenericClient;
+use crate::db::Error;
+
+/// The result of an audited call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// Refused by authentication or RBAC.
+    Denied,
+    /// Failed.
+    Error,
+}
+
+impl Outcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Denied => "denied",
+            Outcome::Error => "error",
+        }
+    }
+}
+
+/// One audit row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditEntry {
+    /// Who (the token's subject, or `anonymous`).
+    pub actor: String,
+    /// The action (`PublishVersion`, `keys.rotate`, ...).
+    pub action: String,
+    /// The resource (`datasource/<id>`).
+    pub resource: String,
+    /// Tenant organisation.
+    pub org: Option<String>,
+    /// Tenant project.
+    pub project: Option<String>,
+    /// The version concerned.
+    pub version: Option<i32>,
+    /// The outcome.
+    pub outcome: Outcome,
+    /// Why it was denied or failed.
+    pub reason: Option<String>,
+    /// What changed (field names and non-secret values).
+    pub diff: Option<serde_json::Value>,
+    /// The request's trace id.
+    pub trace_id: Option<String>,
+}
+
+/// Writes one audit row.
+///
+/// # Errors
+/// The query failed.
+pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason, diff, trace_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            &[
+                &entry.actor,
+                &entry.action,
+                &entry.resource,
+                &entry.org,
+                &entry.project,
+                &entry.version,
+                &entry.outcome.as_str(),
+                &entry.reason,
+                &entry.diff,
+                &entry.trace_id,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// The newest audit rows for a resource (all resources when `None`), newest first.
+///
+/// # Errors
+/// The query failed.
+pub async fn recent(
+    client: &impl GenericClient,
+    resource: Option<&str>,
+    limit: i64,
+) -> Result<Vec<(DateTime<Utc>, AuditEntry)>, Error> {
+    let rows = client
+        .query(
+            "SELECT at, actor, action, resource, org, project, version, outcome, reason, diff, trace_id
+             FROM audit_log WHERE ($1::text IS NULL OR resource = $1) ORDER BY id DESC LIMIT $2",
+            &[&resource, &limit],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let outcome = match r.get::<_, &str>("outcome") {
+                "ok" => Outcome::Ok,
+                "denied" => Outcome::Denied,
+                _ => Outcome::Error,
+            };
+            (
+                r.get("at"),
+                AuditEntry {
+                    actor: r.get("actor"),
+                    action: r.get("action"),
+                    resource: r.get("resource"),
+                    org: r.get("org"),
+                    project: r.get("project"),
+                    version: r.get("version"),
+                    outcome,
+                    reason: r.get("reason"),
+                    diff: r.get("diff"),
+                    trace_id: r.get("trace_id"),
+                },
+            )
+        })
+        .collect())
+}

@@ -1,0 +1,194 @@
+//! The `datasource_events` table: the outbox and the history. Events that call for a
+//! reconcile are NOTIFYed by the schema's trigger; this module appends and reads them.
+//!
+//! [`read_safe`] is the outbox query: it returns committed events by transaction horizon, not
+//! by "highest id seen", because ids are taken in one order and committed in another.
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+use super::GenericClient;
+use crate::db::Error;
+
+const COLUMNS: &str = "id, datasource_id, type, version, actor, payload, traceparent, xid::text::bigint AS xid, created_at";
+
+/// One outbox / history row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    /// Position in the outbox (allocated in one order, committed in another).
+    pub id: i64,
+    /// The datasource it concerns, if any.
+    pub datasource_id: Option<Uuid>,
+    /// What happened (`published`, `rolled_back`, `worker_running`, ...).
+    pub kind: String,
+    /// The version concerned, if any.
+    pub version: Option<i32>,
+    /// Who caused it.
+    pub actor: String,
+    /// Details (never secret values).
+    pub payload: serde_json::Value,
+    /// The W3C trace context of the writing transaction.
+    pub traceparent: Option<String>,
+    /// The writing transaction's id.
+    pub xid: i64,
+    /// When it was written.
+    pub created_at: DateTime<Utc>,
+}
+
+impl Event {
+    fn from_row(row: &Row) -> Self {
+        Self {
+            id: row.get("id"),
+            datasource_id: row.get("datasource_id"),
+            kind: row.get("type"),
+            version: row.get("version"),
+            actor: row.get("actor"),
+            payload: row.get("payload"),
+            traceparent: row.get("traceparent"),
+            xid: row.get("xid"),
+            created_at: row.get("created_at"),
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// The datasource it concerns.
+    pub datasource_id: Option<Uuid>,
+    /// What happened.
+    pub kind: String,
+    /// The version concerned.
+    pub version: Option<i32>,
+    /// Details (never secret values).
+    pub payload: serde_json::Value,
+}
+
+/// Appends events in one statement, whatever their number; actor and trace context come from
+/// the transaction (see [`super::begin`]).
+///
+/// # Errors
+/// [`Error::Invalid`] for a malformed type or an oversized payload.
+pub async fn append(client: &impl GenericClient, events: &[NewEvent]) -> Result<(), Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Option<Uuid>> = events.iter().map(|e| e.datasource_id).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let versions: Vec<Option<i32>> = events.iter().map(|e| e.version).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    client
+        .execute(
+            "INSERT INTO datasource_events (datasource_id, type, version, payload)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[])",
+            &[&ids, &kinds, &versions, &payloads],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Filters for [`list`].
+#[derive(Debug, Clone, Default)]
+pub struct EventFilter {
+    /// Only this datasource.
+    pub datasource_id: Option<Uuid>,
+    /// Only these types (empty: all).
+    pub kinds: Vec<String>,
+    /// Only ids greater than this.
+    pub after_id: Option<i64>,
+    /// Created at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Created before.
+    pub until: Option<DateTime<Utc>>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// History in id order.
+///
+/// # Errors
+/// The query failed.
+pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<Vec<Event>, Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM datasource_events
+                 WHERE ($1::uuid IS NULL OR datasource_id = $1)
+                   AND (cardinality($2::text[]) = 0 OR type = ANY($2))
+                   AND ($3::bigint IS NULL OR id > $3)
+                   AND ($4::timestamptz IS NULL OR created_at >= $4)
+                   AND ($5::timestamptz IS NULL OR created_at < $5)
+                 ORDER BY id
+                 LIMIT $6"
+            ),
+            &[
+                &filter.datasource_id,
+                &filter.kinds,
+                &filter.after_id,
+                &filter.since,
+                &filter.until,
+                &filter.limit,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(Event::from_row).collect())
+}
+
+/// One page of the outbox query.
+#[derive(Debug)]
+pub struct SafePage {
+    /// Committed events from transactions at or after the horizon asked for, by id.
+    pub events: Vec<Event>,
+    /// The statement snapshot's `xmin`: every transaction below it had finished when the
+    /// page was read, so none can add rows below it any more.
+    pub horizon: i64,
+}
+
+/// Reads committed events written by transactions at or after `horizon`, with ids greater
+/// than `after_id`, up to `limit`; and the snapshot horizon of that same statement.
+///
+/// # Errors
+/// The query failed.
+pub async fn read_safe(
+    client: &impl GenericClient,
+    horizon: i64,
+    after_id: i64,
+    limit: i64,
+) -> Result<SafePage, Error> {
+    // One statement, one snapshot: the events and the horizon are consistent with each other.
+    let rows = client
+        .query(
+            &format!(
+                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon)
+                 SELECT snap.horizon, e.* FROM snap LEFT JOIN LATERAL (
+                     SELECT {COLUMNS} FROM datasource_events
+                     WHERE xid >= $1::text::xid8 AND id > $2
+                     ORDER BY id LIMIT $3
+                 ) e ON true"
+            ),
+            &[&horizon.to_string(), &after_id, &limit],
+        )
+        .await?;
+    let horizon = rows.first().map_or(horizon, |r| r.get::<_, i64>("horizon"));
+    let events = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<i64>>("id").is_some())
+        .map(Event::from_row)
+        .collect();
+    Ok(SafePage { events, horizon })
+}
+
+/// The current snapshot horizon (where a new reader starts).
+///
+/// # Errors
+/// The query failed.
+pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}

@@ -1,0 +1,52 @@
+//! One repository per aggregate. Reads take any [`GenericClient`]; writes take a
+//! [`Transaction`] opened by [`begin`], which records who writes and the caller's trace
+//! context for the schema's triggers (they put both on the events they insert).
+
+pub mod audit;
+pub mod datasources;
+pub mod events;
+pub mod secrets;
+pub mod state;
+pub mod versions;
+
+use tokio_postgres::{Client, Transaction};
+
+pub use tokio_postgres::GenericClient;
+
+use super::Error;
+
+/// Who is writing, and the W3C trace context of the request that writes.
+#[derive(Debug, Clone, Default)]
+pub struct WriteContext {
+    /// The actor recorded on events and audit rows (a user, a service, `dsreg`).
+    pub actor: String,
+    /// A W3C `traceparent`; the triggers store it on the events only when it is well formed.
+    pub traceparent: Option<String>,
+}
+
+impl WriteContext {
+    /// A context for `actor` with no trace.
+    pub fn actor(actor: impl Into<String>) -> Self {
+        Self {
+            actor: actor.into(),
+            traceparent: None,
+        }
+    }
+}
+
+/// Opens a transaction whose triggers see `ctx` (`dsreg.actor`, `dsreg.traceparent`).
+///
+/// # Errors
+/// The database is unreachable.
+pub async fn begin<'a>(
+    client: &'a mut Client,
+    ctx: &WriteContext,
+) -> Result<Transaction<'a>, Error> {
+    let tx = client.transaction().await?;
+    tx.execute(
+        "SELECT set_config('dsreg.actor', $1, true), set_config('dsreg.traceparent', $2, true)",
+        &[&ctx.actor, &ctx.traceparent.clone().unwrap_or_default()],
+    )
+    .await?;
+    Ok(tx)
+}

@@ -1,0 +1,11 @@
+//! The outbox side of the data path: the reader that turns committed `datasource_events`
+//! rows into an ordered stream without skipping a row committed out of id order, and the
+//! dedicated LISTEN connection that wakes it.
+
+pub mod notifications;
+pub mod reader;
+
+pub use reader::OutboxReader;
+
+/// The channel the schema's trigger NOTIFYs.
+pub const CHANNEL: &str = "dsreg_events";
