@@ -99,7 +99,7 @@ pub async fn create(tx: &Transaction<'_>, new: &NewDatasource) -> Result<Datasou
         .query_one(
             &format!(
                 "INSERT INTO datasources (org, project, name, kind, owner, tags, description, created_by, updated_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, current_setting('dsreg.actor', true), current_setting('dsreg.actor', true))
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, dsreg_actor(), dsreg_actor())
                  RETURNING {COLUMNS}"
             ),
             &[
@@ -277,7 +277,7 @@ pub async fn update(
                     tags = coalesce($3, tags),
                     description = coalesce($4, description),
                     status = coalesce($5, status),
-                    updated_by = current_setting('dsreg.actor', true)
+                    updated_by = dsreg_actor()
                  WHERE id = $1
                  RETURNING {COLUMNS}"
             ),

@@ -100,11 +100,11 @@ pub async fn next_revision(
 pub async fn put(tx: &Transaction<'_>, secret: &SealedSecret) -> Result<(), Error> {
     tx.execute(
         "INSERT INTO datasource_secrets (datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint, created_by)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, current_setting('dsreg.actor', true))
+         VALUES ($1, $2, $3, $4, $5, $6, $7, dsreg_actor())
          ON CONFLICT (datasource_id, name) DO UPDATE SET
             key_version = excluded.key_version, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
             revision = excluded.revision, fingerprint = excluded.fingerprint,
-            rotated_by = current_setting('dsreg.actor', true), rotated_at = now()",
+            rotated_by = dsreg_actor(), rotated_at = now()",
         &[
             &secret.datasource_id,
             &secret.name,

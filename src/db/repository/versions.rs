@@ -115,7 +115,7 @@ pub async fn create_draft(
         .query_one(
             &format!(
                 "INSERT INTO datasource_versions (datasource_id, version, config, comment, created_by)
-                 SELECT $1, coalesce(max(version), 0) + 1, $2, $3, current_setting('dsreg.actor', true)
+                 SELECT $1, coalesce(max(version), 0) + 1, $2, $3, dsreg_actor()
                  FROM datasource_versions WHERE datasource_id = $1
                  RETURNING {COLUMNS}"
             ),
