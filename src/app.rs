@@ -1,21 +1,33 @@
 //! Wiring: opens the database (embedded or `DATABASE_URL`), migrates it, binds the ports and
 //! runs the components under one shutdown token and one task tracker.
 //!
-//! Shutdown order: gRPC health NOT_SERVING and both servers stop accepting → tracker drained
-//! (bounded by the grace period) → pool closed → the embedded cluster stopped, if this process
-//! started it.
+//! Shutdown order: gRPC health NOT_SERVING and both servers stop accepting, the listener
+//! stops → the supervisor stops reconciling and stops every worker (each within its stop
+//! deadline) → the state writer writes their final states → the sink drains → tracker
+//! drained (bounded by the grace period) → pool closed → the embedded cluster stopped, if
+//! this process started it.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::config::Settings;
+use crate::connectors::Catalog;
+use crate::connectors::sink::PostgresSink;
 use crate::db::{self, embedded};
+use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
+use crate::supervisor::backoff::BackoffPolicy;
+use crate::supervisor::worker::{Started, WorkerEnv};
+use crate::supervisor::writer::{StateWriter, Written};
+use crate::supervisor::{Supervisor, SupervisorConfig};
 
 /// A database ready for the registry: its URL, and the embedded cluster when one was launched.
 pub struct Database {
@@ -79,13 +91,30 @@ pub async fn migrate(url: &str) -> anyhow::Result<i32> {
     Ok(db::migrations::current_version(&client).await?)
 }
 
-/// A registry bound to its ports, ready to run.
+/// A registry bound to its ports, ready to run. Its public fields may be adjusted before
+/// [`App::run`] (tests register extra connector kinds and observers).
 pub struct App {
     http: TcpListener,
     grpc: TcpListener,
     pool: Pool,
     schema_version: i32,
     instance_id: String,
+    /// The connector kinds workers can run.
+    pub catalog: Catalog,
+    /// Supervisor pacing.
+    pub supervisor: SupervisorConfig,
+    /// Restart pacing.
+    pub backoff: BackoffPolicy,
+    /// How long a stopping worker gets before it is aborted.
+    pub stop_deadline: Duration,
+    /// The LISTEN connection's settings.
+    pub listener: ListenerConfig,
+    /// The listener's counters.
+    pub listener_stats: Arc<ListenerStats>,
+    /// Receives every worker start (benchmarks and tests).
+    pub started: Option<mpsc::UnboundedSender<Started>>,
+    /// Receives every written batch of worker states (benchmarks and tests).
+    pub written: Option<mpsc::UnboundedSender<Written>>,
 }
 
 impl App {
@@ -108,6 +137,14 @@ impl App {
             pool,
             schema_version,
             instance_id: uuid::Uuid::new_v4().to_string(),
+            catalog: Catalog::builtin(),
+            supervisor: settings.supervisor(),
+            backoff: settings.backoff(),
+            stop_deadline: settings.stop_deadline(),
+            listener: ListenerConfig::new(url),
+            listener_stats: Arc::default(),
+            started: None,
+            written: None,
         })
     }
 
@@ -125,21 +162,61 @@ impl App {
             .expect("a bound listener has an address")
     }
 
+    /// This process's instance id.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
     /// The pool the components share.
     pub fn pool(&self) -> &Pool {
         &self.pool
     }
 
-    /// Runs until `shutdown` is cancelled, then drains within `grace`.
+    /// Runs until `shutdown` is cancelled, then stops in order within `grace`: servers and
+    /// listener stop, the supervisor stops every worker, the state writer writes their final
+    /// states, the sink drains.
     ///
     /// # Errors
-    /// A server failed.
-    pub async fn run(
-        self,
-        shutdown: CancellationToken,
-        grace: std::time::Duration,
-    ) -> anyhow::Result<()> {
+    /// The listener's first connect failed, or a server failed.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
+        let listener = Listener::connect(self.listener.clone(), self.listener_stats.clone())
+            .await
+            .context("connecting the LISTEN connection")?;
         let tracker = TaskTracker::new();
+        let (mut writer, writer_handle) =
+            StateWriter::new(self.pool.clone(), self.instance_id.clone());
+        if let Some(written) = self.written {
+            writer.observe(written);
+        }
+        let (sink, sink_writer) = PostgresSink::new(self.pool.clone());
+        let env = WorkerEnv {
+            sink,
+            writer: writer_handle,
+            backoff: self.backoff,
+            stop_deadline: self.stop_deadline,
+            epoch: 0,
+            started: self.started,
+        };
+        let supervisor = Supervisor::new(
+            self.pool.clone(),
+            self.catalog,
+            self.supervisor,
+            env,
+            tracker.clone(),
+        );
+        let (signals, signals_rx) = mpsc::unbounded_channel();
+        let sink_stop = CancellationToken::new();
+        tracker.spawn(listener.run(signals, shutdown.child_token()));
+        tracker.spawn(writer.run());
+        tracker.spawn(sink_writer.run(sink_stop.clone()));
+        {
+            let shutdown = shutdown.child_token();
+            // Workers write to the sink until they stop; the sink drains after them.
+            tracker.spawn(async move {
+                supervisor.run(signals_rx, shutdown).await;
+                sink_stop.cancel();
+            });
+        }
         let readiness = api::http::Readiness {
             pool: self.pool.clone(),
         };
@@ -158,14 +235,16 @@ impl App {
             shutdown.child_token(),
         ));
         tracker.close();
-        tokio::select! {
-            () = shutdown.cancelled() => {}
+        let served = tokio::select! {
+            () = shutdown.cancelled() => Ok(()),
             r = async { tokio::join!(http, grpc) } => {
                 let (h, g) = r;
-                h.context("HTTP task")?.context("HTTP server")?;
-                g.context("gRPC task")?.context("gRPC server")?;
+                h.context("HTTP task")
+                    .and_then(|r| r.context("HTTP server"))
+                    .and_then(|()| g.context("gRPC task"))
+                    .and_then(|r| r.context("gRPC server"))
             }
-        }
+        };
         shutdown.cancel();
         if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
             tracing::warn!(
@@ -174,7 +253,7 @@ impl App {
             );
         }
         self.pool.close();
-        Ok(())
+        served
     }
 }
 

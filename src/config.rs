@@ -5,6 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::supervisor::SupervisorConfig;
+use crate::supervisor::backoff::BackoffPolicy;
+
 /// How `dsreg` reaches its database and where it serves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -39,6 +42,34 @@ pub struct Settings {
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "DSREG_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+
+    /// Full resync period, in milliseconds.
+    #[arg(long, env = "DSREG_RESYNC_INTERVAL_MS", default_value_t = 30_000)]
+    pub resync_interval_ms: u64,
+
+    /// Worker heartbeat period (one statement for all workers), in milliseconds.
+    #[arg(long, env = "DSREG_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
+    pub heartbeat_interval_ms: u64,
+
+    /// How long a stopping worker gets before it is aborted, in milliseconds.
+    #[arg(long, env = "DSREG_STOP_DEADLINE_MS", default_value_t = 5_000)]
+    pub stop_deadline_ms: u64,
+
+    /// First restart delay of a failed worker, in milliseconds.
+    #[arg(long, env = "DSREG_BACKOFF_BASE_MS", default_value_t = 200)]
+    pub backoff_base_ms: u64,
+
+    /// Restart delay cap, in milliseconds.
+    #[arg(long, env = "DSREG_BACKOFF_MAX_MS", default_value_t = 60_000)]
+    pub backoff_max_ms: u64,
+
+    /// Failures within the crash-loop window that make a crash loop.
+    #[arg(long, env = "DSREG_CRASH_LOOP_FAILURES", default_value_t = 5)]
+    pub crash_loop_failures: usize,
+
+    /// The crash-loop window, in milliseconds.
+    #[arg(long, env = "DSREG_CRASH_LOOP_WINDOW_MS", default_value_t = 60_000)]
+    pub crash_loop_window_ms: u64,
 }
 
 impl Settings {
@@ -57,6 +88,30 @@ impl Settings {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// The supervisor's pacing.
+    pub fn supervisor(&self) -> SupervisorConfig {
+        SupervisorConfig {
+            resync_interval: Duration::from_millis(self.resync_interval_ms),
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            ..SupervisorConfig::default()
+        }
+    }
+
+    /// Restart pacing of failed workers.
+    pub fn backoff(&self) -> BackoffPolicy {
+        BackoffPolicy {
+            base: Duration::from_millis(self.backoff_base_ms),
+            max: Duration::from_millis(self.backoff_max_ms),
+            crash_loop_failures: self.crash_loop_failures,
+            window: Duration::from_millis(self.crash_loop_window_ms),
+        }
+    }
+
+    /// Stop deadline of a worker.
+    pub fn stop_deadline(&self) -> Duration {
+        Duration::from_millis(self.stop_deadline_ms)
+    }
+
     /// Checks what types alone cannot.
     ///
     /// # Errors
@@ -67,6 +122,21 @@ impl Settings {
                 "--pool-size must be 1..=1000, not {}",
                 self.pool_size
             ));
+        }
+        for (flag, value) in [
+            ("--resync-interval-ms", self.resync_interval_ms),
+            ("--heartbeat-interval-ms", self.heartbeat_interval_ms),
+            ("--backoff-base-ms", self.backoff_base_ms),
+        ] {
+            if value == 0 {
+                return Err(format!("{flag} must be positive"));
+            }
+        }
+        if self.backoff_max_ms < self.backoff_base_ms {
+            return Err("--backoff-max-ms must not be below --backoff-base-ms".into());
+        }
+        if self.crash_loop_failures == 0 {
+            return Err("--crash-loop-failures must be positive".into());
         }
         if self.database_url.as_deref().is_some_and(str::is_empty) {
             return Err(

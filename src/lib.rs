@@ -1,11 +1,14 @@
 //! dsreg, the datasource registry: connector configurations in Postgres, one worker per
 //! active datasource, hot reload when a version is published.
 //!
-//! Map of the crate (dependencies point inward: `api` → `db`):
+//! Map of the crate (dependencies point inward: `api` → `supervisor` → `connectors` → `db`):
 //! - [`cli`](crate::cli) parses the command line; [`config`] holds every setting; [`app`] wires and runs.
 //! - [`domain`]: names and states as types.
 //! - [`db`]: pool, migrations, the embedded Postgres launcher, the repositories.
-//! - [`outbox`]: the outbox reader that never skips an event committed out of order.
+//! - [`outbox`]: the LISTEN connection and the outbox reader that never skips an event
+//!   committed out of order.
+//! - [`supervisor`]: reconcile, workers, backoff, the batched state writer, lifecycle ops.
+//! - [`connectors`]: the connector trait, the catalog, built-in kinds, sinks.
 //! - [`api`]: the gRPC and HTTP ports.
 //! - [`telemetry`](crate::telemetry): logging.
 
@@ -13,7 +16,9 @@ pub mod api;
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod connectors;
 pub mod db;
 pub mod domain;
 pub mod outbox;
+pub mod supervisor;
 pub mod telemetry;

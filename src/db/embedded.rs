@@ -289,6 +289,27 @@ impl EmbeddedCluster {
         Ok(())
     }
 
+    /// Restarts the server in place (same port, same data), dropping every connection; for
+    /// tests of what survives a database restart.
+    ///
+    /// # Errors
+    /// `pg_ctl restart` failed.
+    pub fn restart(&self) -> Result<(), LaunchError> {
+        let output = self
+            .pg_command("pg_ctl")
+            .args(["restart", "-w", "-t", "60", "-s", "-m", "fast", "-D"])
+            .arg(&self.data_dir)
+            .arg("-l")
+            .arg(self.data_dir.join(SERVER_LOG))
+            .output()
+            .map_err(io_err("running pg_ctl restart in", &self.data_dir))?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(self.tool_error("pg_ctl restart", &output))
+        }
+    }
+
     fn initdb(&self) -> Result<(), LaunchError> {
         let password: String = {
             use rand::Rng;

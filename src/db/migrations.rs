@@ -12,11 +12,18 @@ mod embedded {
 
 /// A reverse script per migration, `(version, name, sql)`; every up migration has one (a
 /// unit test checks it).
-const DOWN: &[(i32, &str, &str)] = &[(
-    1,
-    "schema",
-    include_str!("../../migrations/down/V1__schema.down.sql"),
-)];
+const DOWN: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "schema",
+        include_str!("../../migrations/down/V1__schema.down.sql"),
+    ),
+    (
+        2,
+        "records",
+        include_str!("../../migrations/down/V2__records.down.sql"),
+    ),
+];
 
 /// The table refinery records applied migrations in.
 const HISTORY_TABLE: &str = "refinery_schema_history";

@@ -2,6 +2,7 @@
 //! rows into an ordered stream without skipping a row committed out of id order, and the
 //! dedicated LISTEN connection that wakes it.
 
+pub mod listener;
 pub mod notifications;
 pub mod reader;
 

@@ -19,9 +19,25 @@ pub struct Listening {
 /// Connects to `url` and LISTENs on `channel`.
 ///
 /// # Errors
-/// [`Error::Unavailable`] when the server cannot be reached.
+/// [`Error::Invalid`] for a malformed URL, [`Error::Unavailable`] when the server cannot be
+/// reached.
 pub async fn listen(url: &str, channel: &str) -> Result<Listening, Error> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls)
+    let config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+    listen_with(&config, channel).await
+}
+
+/// Connects with `config` and LISTENs on `channel`.
+///
+/// # Errors
+/// [`Error::Unavailable`] when the server cannot be reached.
+pub async fn listen_with(
+    config: &tokio_postgres::Config,
+    channel: &str,
+) -> Result<Listening, Error> {
+    let (client, mut connection) = config
+        .connect(NoTls)
         .await
         .map_err(|e| Error::Unavailable(e.to_string()))?;
     let (tx, notifications) = mpsc::unbounded_channel();
@@ -36,7 +52,7 @@ pub async fn listen(url: &str, channel: &str) -> Result<Listening, Error> {
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::debug!(error = %e, "listening connection closed");
+                    tracing::warn!(error = %e, "listening connection failed");
                     break;
                 }
             }

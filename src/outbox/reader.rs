@@ -20,6 +20,7 @@ const PAGE: i64 = 1000;
 #[derive(Debug)]
 pub struct OutboxReader {
     horizon: i64,
+    wakes_only: bool,
     /// Ids already returned whose transaction is at or above the horizon, with that xid.
     seen: HashMap<i64, i64>,
 }
@@ -38,8 +39,15 @@ impl OutboxReader {
     pub fn from_horizon(horizon: i64) -> Self {
         Self {
             horizon,
+            wakes_only: false,
             seen: HashMap::new(),
         }
+    }
+
+    /// Restricts the reader to events that call for a reconcile (not the workers' own).
+    pub fn wakes_only(mut self) -> Self {
+        self.wakes_only = true;
+        self
     }
 
     /// The cursor: no transaction below it can add an event this reader has not returned.
@@ -62,7 +70,8 @@ impl OutboxReader {
         // every later page also honours.
         let mut sweep_horizon = None;
         loop {
-            let page = events::read_safe(client, self.horizon, after_id, PAGE).await?;
+            let page =
+                events::read_safe(client, self.horizon, after_id, PAGE, self.wakes_only).await?;
             sweep_horizon.get_or_insert(page.horizon);
             let full = page.events.len() as i64 == PAGE;
             if let Some(last) = page.events.last() {

@@ -202,3 +202,244 @@ where
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
+
+/// A registry running in a runtime of its own, so a test can stop it gracefully or kill it
+/// outright (every task dropped at once, as in a crash).
+pub struct TestApp {
+    /// The HTTP address.
+    pub http_addr: std::net::SocketAddr,
+    /// The listener's counters.
+    pub listener_stats: std::sync::Arc<dsreg::outbox::listener::ListenerStats>,
+    shutdown: tokio_util::sync::CancellationToken,
+    stop: Option<std::sync::mpsc::Sender<bool>>,
+    thread: Option<std::thread::JoinHandle<Option<anyhow::Result<()>>>>,
+}
+
+/// Settings for an in-process registry on `url`, on free ports, with fast timers.
+pub fn test_settings(url: &str) -> dsreg::config::Settings {
+    use clap::Parser;
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        settings: dsreg::config::Settings,
+    }
+    let mut settings = Cli::parse_from(["dsreg"]).settings;
+    settings.database_url = Some(url.to_owned());
+    settings.http_addr = "127.0.0.1:0".parse().unwrap();
+    settings.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    settings.pool_size = 8;
+    settings.backoff_base_ms = 20;
+    settings.backoff_max_ms = 2_000;
+    settings.stop_deadline_ms = 2_000;
+    settings
+}
+
+impl TestApp {
+    /// Starts a registry on `url`; `configure` adjusts it before it runs.
+    pub async fn spawn(
+        url: &str,
+        configure: impl FnOnce(&mut dsreg::app::App) + Send + 'static,
+    ) -> Self {
+        Self::spawn_with(test_settings(url), configure).await
+    }
+
+    /// Starts a registry with `settings`.
+    pub async fn spawn_with(
+        settings: dsreg::config::Settings,
+        configure: impl FnOnce(&mut dsreg::app::App) + Send + 'static,
+    ) -> Self {
+        init_test_log();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<bool>();
+        let token = shutdown.clone();
+        let thread = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("app runtime");
+            let grace = settings.shutdown_grace();
+            let url = settings.database_url.clone().expect("a database URL");
+            let task = runtime.spawn(async move {
+                let mut app = dsreg::app::App::build(&settings, &url).await?;
+                configure(&mut app);
+                let _ = ready_tx.send((app.http_addr(), app.listener_stats.clone()));
+                app.run(token, grace).await
+            });
+            // true: stop gracefully; false (or the test gone): crash.
+            if stop_rx.recv().unwrap_or(false) {
+                Some(runtime.block_on(task).expect("app task"))
+            } else {
+                runtime.shutdown_background();
+                None
+            }
+        });
+        let (http_addr, listener_stats) = ready_rx.await.expect("the registry starts");
+        // Notifications sent before the LISTEN would be lost to a test that waits for them.
+        wait_for(
+            "the registry's listener",
+            Duration::from_secs(30),
+            || async {
+                listener_stats
+                    .connected
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    .then_some(())
+            },
+        )
+        .await;
+        Self {
+            http_addr,
+            listener_stats,
+            shutdown,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    /// Stops gracefully (as on SIGTERM) and returns the run's result.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        let _ = self.stop.take().expect("running").send(true);
+        let thread = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || thread.join().expect("app thread"))
+            .await
+            .unwrap()
+            .expect("a graceful stop returns the run's result")
+    }
+
+    /// Kills the registry: every task dropped where it stands, nothing written on the way out.
+    pub async fn crash(mut self) {
+        let _ = self.stop.take().expect("running").send(false);
+        let thread = self.thread.take().expect("running");
+        tokio::task::spawn_blocking(move || thread.join().expect("app thread"))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(false);
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl TestDb {
+    /// Creates a datasource of `kind` named `name`.
+    pub async fn datasource_of(&self, name: &str, kind: &str) -> Datasource {
+        let ds = self.datasource(name).await;
+        if kind != "generator" {
+            self.client()
+                .await
+                .execute(
+                    "UPDATE datasources SET kind = $2 WHERE id = $1",
+                    &[&ds.id, &kind],
+                )
+                .await
+                .unwrap();
+        }
+        ds
+    }
+
+    /// Adds a draft with `config`; returns its number.
+    pub async fn version(&self, datasource: uuid::Uuid, config: serde_json::Value) -> i32 {
+        let mut client = self.client().await;
+        let tx = repo::begin(&mut client, &WriteContext::actor("test"))
+            .await
+            .unwrap();
+        let v = versions::create_draft(&tx, datasource, &config, "")
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        v.version
+    }
+
+    /// Publishes like any SQL client would: a plain UPDATE.
+    pub async fn publish_sql(&self, datasource: uuid::Uuid, version: i32) {
+        self.client()
+            .await
+            .execute(
+                "UPDATE datasource_versions SET state = 'published' WHERE datasource_id = $1 AND version = $2",
+                &[&datasource, &version],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Sets a datasource's status with a plain UPDATE.
+    pub async fn set_status(&self, datasource: uuid::Uuid, status: &str) {
+        self.client()
+            .await
+            .execute(
+                "UPDATE datasources SET status = $2 WHERE id = $1",
+                &[&datasource, &status],
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The runtime state row.
+    pub async fn state(&self, datasource: uuid::Uuid) -> dsreg::db::repository::state::State {
+        dsreg::db::repository::state::get(&**self.client().await, datasource)
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the state row satisfies `check`.
+    pub async fn wait_for_state(
+        &self,
+        datasource: uuid::Uuid,
+        what: &str,
+        check: impl Fn(&dsreg::db::repository::state::State) -> bool,
+    ) -> dsreg::db::repository::state::State {
+        wait_for(what, Duration::from_secs(15), || async {
+            let state = self.state(datasource).await;
+            check(&state).then_some(state)
+        })
+        .await
+    }
+
+    /// Event types of a datasource, oldest first.
+    pub async fn event_kinds(&self, datasource: uuid::Uuid) -> Vec<String> {
+        self.events(datasource)
+            .await
+            .into_iter()
+            .map(|e| e.kind)
+            .collect()
+    }
+
+    /// Events of a datasource, oldest first.
+    pub async fn events(
+        &self,
+        datasource: uuid::Uuid,
+    ) -> Vec<dsreg::db::repository::events::Event> {
+        dsreg::db::repository::events::list(
+            &**self.client().await,
+            &dsreg::db::repository::events::EventFilter {
+                datasource_id: Some(datasource),
+                limit: 10_000,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap()
+    }
+
+    /// Records the sink wrote for a datasource and version.
+    pub async fn records(&self, datasource: uuid::Uuid, version: i32) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM datasource_records WHERE datasource_id = $1 AND version = $2",
+                &[&datasource, &version],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+}

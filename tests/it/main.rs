@@ -6,3 +6,4 @@ mod migrations;
 mod outbox;
 mod publish;
 mod serve;
+mod supervisor;

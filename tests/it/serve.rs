@@ -53,7 +53,7 @@ async fn serve(data_dir: &Path) -> (Child, String) {
     (child, http)
 }
 
-async fn http_get(addr: &str, path: &str) -> (u16, String) {
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(

@@ -63,6 +63,8 @@ pub struct NewEvent {
     pub version: Option<i32>,
     /// Details (never secret values).
     pub payload: serde_json::Value,
+    /// When it happened, if not at the time of writing.
+    pub at: Option<DateTime<Utc>>,
 }
 
 /// Appends events in one statement, whatever their number; actor and trace context come from
@@ -78,11 +80,14 @@ pub async fn append(client: &impl GenericClient, events: &[NewEvent]) -> Result<
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let versions: Vec<Option<i32>> = events.iter().map(|e| e.version).collect();
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
     client
         .execute(
-            "INSERT INTO datasource_events (datasource_id, type, version, payload)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[])",
-            &[&ids, &kinds, &versions, &payloads],
+            "INSERT INTO datasource_events (datasource_id, type, version, payload, created_at)
+             SELECT id, type, version, payload, coalesce(at, clock_timestamp())
+             FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::timestamptz[])
+                  AS e(id, type, version, payload, at)",
+            &[&ids, &kinds, &versions, &payloads, &ats],
         )
         .await?;
     Ok(())
@@ -146,7 +151,8 @@ pub struct SafePage {
 }
 
 /// Reads committed events written by transactions at or after `horizon`, with ids greater
-/// than `after_id`, up to `limit`; and the snapshot horizon of that same statement.
+/// than `after_id`, up to `limit` (only those that call for a reconcile when `wakes_only`);
+/// and the snapshot horizon of that same statement.
 ///
 /// # Errors
 /// The query failed.
@@ -155,6 +161,7 @@ pub async fn read_safe(
     horizon: i64,
     after_id: i64,
     limit: i64,
+    wakes_only: bool,
 ) -> Result<SafePage, Error> {
     // One statement, one snapshot: the events and the horizon are consistent with each other.
     let rows = client
@@ -163,11 +170,11 @@ pub async fn read_safe(
                 "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon)
                  SELECT snap.horizon, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {COLUMNS} FROM datasource_events
-                     WHERE xid >= $1::text::xid8 AND id > $2
+                     WHERE xid >= $1::text::xid8 AND id > $2 AND (NOT $4 OR dsreg_event_wakes(type))
                      ORDER BY id LIMIT $3
                  ) e ON true"
             ),
-            &[&horizon.to_string(), &after_id, &limit],
+            &[&horizon.to_string(), &after_id, &limit, &wakes_only],
         )
         .await?;
     let horizon = rows.first().map_or(horizon, |r| r.get::<_, i64>("horizon"));

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod datasources;
 pub mod events;
+pub mod records;
 pub mod secrets;
 pub mod state;
 pub mod versions;

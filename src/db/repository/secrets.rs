@@ -150,6 +150,7 @@ async fn secret_changed(
     events::append(
         tx,
         &[NewEvent {
+            at: None,
             datasource_id: Some(datasource),
             kind: "secret_changed".into(),
             version: None,

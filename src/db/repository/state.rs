@@ -126,6 +126,7 @@ pub async fn set_desired(
     events::append(
         tx,
         &[NewEvent {
+            at: None,
             datasource_id: Some(datasource),
             kind: "desired_changed".into(),
             version: None,
@@ -154,6 +155,7 @@ pub async fn request_restart(tx: &Transaction<'_>, datasource: Uuid) -> Result<i
     events::append(
         tx,
         &[NewEvent {
+            at: None,
             datasource_id: Some(datasource),
             kind: "reload_requested".into(),
             version: None,
@@ -162,4 +164,221 @@ pub async fn request_restart(tx: &Transaction<'_>, datasource: Uuid) -> Result<i
     )
     .await?;
     Ok(generation)
+}
+
+/// Asks every owner to re-read the tables for `datasource` (a `reload_requested` event); with
+/// `None`, for every datasource (a full resync everywhere).
+///
+/// # Errors
+/// [`Error::DatasourceNotFound`] for an unknown datasource.
+pub async fn request_reload(tx: &Transaction<'_>, datasource: Option<Uuid>) -> Result<(), Error> {
+    if let Some(id) = datasource {
+        get(tx, id).await?;
+    }
+    events::append(
+        tx,
+        &[NewEvent {
+            at: None,
+            datasource_id: datasource,
+            kind: "reload_requested".into(),
+            version: None,
+            payload: serde_json::json!({ "scope": if datasource.is_some() { "datasource" } else { "all" } }),
+        }],
+    )
+    .await
+}
+
+/// What the tables say a datasource's worker should be, and what they last recorded of it.
+#[derive(Debug, Clone)]
+pub struct Desired {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// Its connector kind.
+    pub kind: String,
+    /// Active, disabled or archived.
+    pub status: crate::domain::DatasourceStatus,
+    /// What operators want.
+    pub desired: DesiredState,
+    /// Bumped by restart requests.
+    pub restart_generation: i64,
+    /// The published version.
+    pub version: Option<i32>,
+    /// The published version's config, when asked for.
+    pub config: Option<serde_json::Value>,
+    /// The last recorded worker status.
+    pub worker_status: WorkerStatus,
+}
+
+/// The desired state of `ids` (of every live datasource when `None`), with the published
+/// configs when `with_config`. One query, whatever the number.
+///
+/// # Errors
+/// The query failed.
+pub async fn desired(
+    client: &impl GenericClient,
+    ids: Option<&[Uuid]>,
+    with_config: bool,
+) -> Result<Vec<Desired>, Error> {
+    let rows = client
+        .query(
+            "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
+                    v.config, s.worker_status
+             FROM datasources d
+             JOIN datasource_state s ON s.datasource_id = d.id
+             LEFT JOIN datasource_versions v
+                    ON $2 AND v.datasource_id = d.id AND v.version = d.current_version
+             WHERE CASE WHEN $1::uuid[] IS NULL THEN d.status <> 'archived' ELSE d.id = ANY($1) END",
+            &[&ids, &with_config],
+        )
+        .await?;
+    let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
+    rows.iter()
+        .map(|r| {
+            Ok(Desired {
+                datasource_id: r.get(0),
+                kind: r.get(1),
+                status: r.get::<_, &str>(2).parse().map_err(parse_err)?,
+                desired: r.get::<_, &str>(3).parse().map_err(parse_err)?,
+                restart_generation: r.get(4),
+                version: r.get(5),
+                config: r.get(6),
+                worker_status: r.get::<_, &str>(7).parse().map_err(parse_err)?,
+            })
+        })
+        .collect()
+}
+
+/// A change of a worker's recorded state; `None` fields are left as they are.
+#[derive(Debug, Clone)]
+pub struct Transition {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// New status.
+    pub status: Option<WorkerStatus>,
+    /// New running version.
+    pub running_version: Option<i32>,
+    /// `Some(None)` clears the error; `Some(Some((code, message)))` sets it.
+    pub error: Option<Option<(String, String)>>,
+    /// New restart count.
+    pub restart_count: Option<i32>,
+    /// The event recording it.
+    pub event: Option<NewEvent>,
+}
+
+impl Transition {
+    /// Folds a later transition of the same datasource into this one.
+    pub fn merge(&mut self, later: Transition) {
+        self.status = later.status.or(self.status);
+        self.running_version = later.running_version.or(self.running_version);
+        self.error = later.error.or(self.error.take());
+        self.restart_count = later.restart_count.or(self.restart_count);
+    }
+}
+
+/// Writes many transitions (at most one per datasource: merge first) and their events in one
+/// statement, as `instance`, with `actor` on the events.
+///
+/// # Errors
+/// The statement failed; nothing was written.
+pub async fn apply_transitions(
+    client: &impl GenericClient,
+    transitions: &[Transition],
+    events: &[NewEvent],
+    instance: &str,
+    actor: &str,
+) -> Result<(), Error> {
+    let ids: Vec<Uuid> = transitions.iter().map(|t| t.datasource_id).collect();
+    let statuses: Vec<Option<&str>> = transitions
+        .iter()
+        .map(|t| t.status.map(WorkerStatus::as_str))
+        .collect();
+    let versions: Vec<Option<i32>> = transitions.iter().map(|t| t.running_version).collect();
+    let set_error: Vec<bool> = transitions.iter().map(|t| t.error.is_some()).collect();
+    let codes: Vec<Option<&str>> = transitions
+        .iter()
+        .map(|t| {
+            t.error
+                .as_ref()
+                .and_then(|e| e.as_ref())
+                .map(|(c, _)| c.as_str())
+        })
+        .collect();
+    let messages: Vec<Option<&str>> = transitions
+        .iter()
+        .map(|t| {
+            t.error
+                .as_ref()
+                .and_then(|e| e.as_ref())
+                .map(|(_, m)| m.as_str())
+        })
+        .collect();
+    let restarts: Vec<Option<i32>> = transitions.iter().map(|t| t.restart_count).collect();
+    let event_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.datasource_id).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
+    let event_versions: Vec<Option<i32>> = events.iter().map(|e| e.version).collect();
+    let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
+    let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
+    client
+        .execute(
+            "WITH u AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bool[], $5::text[], $6::text[], $7::int[])
+                    AS u(id, status, version, set_error, code, message, restarts)
+             ), changed AS (
+                UPDATE datasource_state s SET
+                    worker_status = coalesce(u.status, s.worker_status),
+                    running_version = coalesce(u.version, s.running_version),
+                    error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
+                    error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
+                    restart_count = coalesce(u.restarts, s.restart_count),
+                    owner_instance = $8,
+                    last_event_at = now(),
+                    updated_at = now()
+                FROM u WHERE s.datasource_id = u.id
+                RETURNING 1
+             )
+             INSERT INTO datasource_events (datasource_id, type, version, actor, payload, created_at)
+             SELECT e.id, e.type, e.version, $9, e.payload, coalesce(e.at, clock_timestamp())
+             FROM unnest($10::uuid[], $11::text[], $12::int[], $13::jsonb[], $14::timestamptz[])
+                  AS e(id, type, version, payload, at)",
+            &[
+                &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor, &event_ids,
+                &kinds, &event_versions, &payloads, &ats,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One worker's heartbeat.
+#[derive(Debug, Clone)]
+pub struct Heartbeat {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// Last progress.
+    pub last_progress_at: Option<DateTime<Utc>>,
+    /// Metrics snapshot.
+    pub metrics: serde_json::Value,
+}
+
+/// Writes the heartbeats of many workers in one statement.
+///
+/// # Errors
+/// The statement failed.
+pub async fn heartbeat(client: &impl GenericClient, beats: &[Heartbeat]) -> Result<(), Error> {
+    if beats.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = beats.iter().map(|b| b.datasource_id).collect();
+    let progress: Vec<Option<DateTime<Utc>>> = beats.iter().map(|b| b.last_progress_at).collect();
+    let metrics: Vec<&serde_json::Value> = beats.iter().map(|b| &b.metrics).collect();
+    client
+        .execute(
+            "UPDATE datasource_state s SET last_heartbeat_at = now(),
+                    last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
+             FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
+             WHERE s.datasource_id = u.id",
+            &[&ids, &progress, &metrics],
+        )
+        .await?;
+    Ok(())
 }

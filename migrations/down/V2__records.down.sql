@@ -1,0 +1,2 @@
+-- Reverts V2__records.sql.
+DROP TABLE IF EXISTS datasource_records;

@@ -1,0 +1,261 @@
+//! The listener: a dedicated connection (never from the pool) that LISTENs on
+//! [`super::CHANNEL`] and turns notifications into [`Signal`]s for the supervisor.
+//!
+//! A notification is a hint, never a delivery: its payload may name a datasource to look at
+//! first, and anything unparsable is counted, logged and still wakes the reader. The first
+//! connect fails fast; after that the listener reconnects with capped exponential backoff and
+//! jitter, and every (re)connect is followed by [`Signal::Reconnected`] so the supervisor
+//! catches up on whatever it missed. A half-open connection is found by TCP keepalive and a
+//! periodic query on the connection itself.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::CHANNEL;
+use super::notifications::{Listening, listen_with};
+use crate::db::Error;
+
+/// What the listener tells the supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Signal {
+    /// Something was committed; look at this datasource first when the payload named one.
+    Hint(Option<Uuid>),
+    /// The connection was (re)established after a gap: catch up on everything.
+    Reconnected,
+}
+
+/// Counters the listener keeps (exported as metrics).
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    /// Notifications received.
+    pub received: AtomicU64,
+    /// Notifications whose payload could not be parsed.
+    pub malformed: AtomicU64,
+    /// Reconnects after the first connect.
+    pub reconnects: AtomicU64,
+    /// Whether the connection is up now.
+    pub connected: AtomicBool,
+}
+
+/// Listener settings.
+#[derive(Debug, Clone)]
+pub struct ListenerConfig {
+    /// The database URL.
+    pub url: String,
+    /// How often the connection is checked with a query.
+    pub check_interval: Duration,
+    /// How long that check may take.
+    pub check_timeout: Duration,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Reconnect delay cap.
+    pub backoff_max: Duration,
+}
+
+impl ListenerConfig {
+    /// Defaults for `url`: checked every 2 s, reconnects from 100 ms up to 5 s.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            check_interval: Duration::from_secs(2),
+            check_timeout: Duration::from_secs(2),
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A connected listener.
+pub struct Listener {
+    config: ListenerConfig,
+    stats: Arc<ListenerStats>,
+    connection: Option<Listening>,
+}
+
+/// Parses a notification payload into the datasource it names, if any.
+///
+/// # Errors
+/// The payload is not one the trigger writes.
+pub fn parse_payload(payload: &str) -> Result<Option<Uuid>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Payload {
+        #[serde(default)]
+        id: Option<i64>,
+        #[serde(default)]
+        datasource_id: Option<Uuid>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        more: Option<bool>,
+    }
+    if payload.len() > 1024 {
+        return Err(format!("payload of {} bytes", payload.len()));
+    }
+    let parsed: Payload = serde_json::from_str(payload).map_err(|e| e.to_string())?;
+    match parsed {
+        Payload {
+            more: Some(true), ..
+        } => Ok(None),
+        Payload {
+            id: Some(_),
+            kind: Some(_),
+            datasource_id,
+            ..
+        } => Ok(datasource_id),
+        _ => Err("neither an event nor a 'more' marker".to_owned()),
+    }
+}
+
+async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
+    let mut pg: tokio_postgres::Config = config
+        .url
+        .parse()
+        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+    // Keepalive finds a silently dead peer even when nothing is being sent.
+    pg.keepalives(true)
+        .keepalives_idle(Duration::from_secs(5))
+        .keepalives_interval(Duration::from_secs(1))
+        .keepalives_retries(3)
+        .connect_timeout(Duration::from_secs(5))
+        .application_name("dsreg-listener");
+    listen_with(&pg, CHANNEL).await
+}
+
+impl Listener {
+    /// Connects and LISTENs, failing fast if the database cannot be reached.
+    ///
+    /// # Errors
+    /// [`Error::Unavailable`].
+    pub async fn connect(config: ListenerConfig, stats: Arc<ListenerStats>) -> Result<Self, Error> {
+        let connection = connect(&config).await?;
+        stats.connected.store(true, Ordering::Relaxed);
+        Ok(Self {
+            config,
+            stats,
+            connection: Some(connection),
+        })
+    }
+
+    /// Forwards signals until `shutdown` or until the supervisor is gone.
+    pub async fn run(
+        mut self,
+        signals: mpsc::UnboundedSender<Signal>,
+        shutdown: CancellationToken,
+    ) {
+        let mut attempt: u32 = 0;
+        loop {
+            let Some(connected) = self.connection.take() else {
+                // Reconnect with capped exponential backoff and jitter.
+                let ceiling = self
+                    .config
+                    .backoff_base
+                    .saturating_mul(1 << attempt.min(16))
+                    .min(self.config.backoff_max);
+                let delay = ceiling.mul_f64(0.5 + 0.5 * rand::random::<f64>());
+                attempt += 1;
+                tracing::info!(
+                    attempt,
+                    delay_ms = delay.as_millis() as u64,
+                    "listener reconnecting"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+                match connect(&self.config).await {
+                    Ok(c) => {
+                        attempt = 0;
+                        self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
+                        self.stats.connected.store(true, Ordering::Relaxed);
+                        tracing::info!("listener reconnected");
+                        self.connection = Some(c);
+                        if signals.send(Signal::Reconnected).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!(attempt, error = %e, "listener reconnect failed"),
+                }
+                continue;
+            };
+            let reason = self.listen(connected, &signals, &shutdown).await;
+            self.stats.connected.store(false, Ordering::Relaxed);
+            match reason {
+                None => return,
+                Some(reason) => tracing::warn!(reason, "listener connection lost"),
+            }
+        }
+    }
+
+    /// Serves one connection; returns why it ended (`None`: shutdown or no supervisor).
+    async fn listen(
+        &self,
+        mut connected: Listening,
+        signals: &mpsc::UnboundedSender<Signal>,
+        shutdown: &CancellationToken,
+    ) -> Option<String> {
+        let mut check = tokio::time::interval(self.config.check_interval);
+        check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        check.tick().await;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                message = connected.notifications.recv() => match message {
+                    Some(notification) => {
+                        let payload = notification.payload();
+                        self.stats.received.fetch_add(1, Ordering::Relaxed);
+                        let hint = parse_payload(payload).unwrap_or_else(|reason| {
+                            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(reason, bytes = payload.len(), "malformed notification on {CHANNEL}; treated as a wake-up");
+                            None
+                        });
+                        if signals.send(Signal::Hint(hint)).is_err() {
+                            return None;
+                        }
+                    }
+                    None => return Some("connection closed".to_owned()),
+                },
+                _ = check.tick() => {
+                    let probe = tokio::time::timeout(self.config.check_timeout, connected.client.simple_query("SELECT 1"));
+                    match probe.await {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => return Some(e.to_string()),
+                        Err(_) => return Some(format!("no answer within {:?}", self.config.check_timeout)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_from_the_trigger_parse_and_anything_else_is_refused() {
+        let id = Uuid::new_v4();
+        let event = format!(r#"{{"id": 7, "datasource_id": "{id}", "type": "published"}}"#);
+        assert_eq!(parse_payload(&event), Ok(Some(id)));
+        assert_eq!(
+            parse_payload(r#"{"id": 8, "datasource_id": null, "type": "reload_requested"}"#),
+            Ok(None)
+        );
+        assert_eq!(parse_payload(r#"{"more":true}"#), Ok(None));
+        for bad in [
+            "garbage",
+            "",
+            "{}",
+            r#"{"id": 1, "datasource_id": "not-a-uuid", "type": "x"}"#,
+            r#"{"id": 1, "type": "x", "config": {"password": "p"}}"#,
+            &"x".repeat(5000),
+        ] {
+            assert!(parse_payload(bad).is_err(), "{bad:.40} should be refused");
+        }
+    }
+}

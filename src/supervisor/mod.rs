@@ -1,0 +1,488 @@
+//! The supervisor: brings this instance's workers to the state the tables describe.
+//!
+//! Level-triggered, edge-woken: a [`Signal`] only says "look"; [`Supervisor::run`] then reads
+//! the outbox after its cursor and the desired state of the datasources concerned, and
+//! starts, hot-reloads or stops workers until they match. Running it twice changes nothing.
+//! A periodic full resync and a catch-up after every listener reconnect repair whatever a
+//! lost notification missed.
+//!
+//! It owns the worker map (one task, no locks); worker tasks own their connector runs;
+//! the state writer owns every write to `datasource_state`. Operations from the API
+//! ([`ops`]) only write the tables and let the owning instance apply them.
+//!
+//! Stopping: when its token is cancelled it stops reconciling, cancels every worker (each
+//! gets the stop deadline, then is aborted), waits for them, and returns; the state writer
+//! then drains the final transitions.
+
+pub mod backoff;
+pub mod ops;
+pub mod worker;
+pub mod writer;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::connectors::{Catalog, Health};
+use crate::db::Error;
+use crate::db::repository::events::NewEvent;
+use crate::db::repository::state::{self, Desired, Heartbeat, Transition};
+use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
+use crate::outbox::OutboxReader;
+use crate::outbox::listener::Signal;
+use worker::{Spec, WorkerEnv};
+
+/// How the supervisor paces itself.
+#[derive(Debug, Clone)]
+pub struct SupervisorConfig {
+    /// Full resync period.
+    pub resync_interval: Duration,
+    /// Heartbeat (and stall check) period.
+    pub heartbeat_interval: Duration,
+    /// Delay before a failed reconcile is retried as a full resync.
+    pub retry_delay: Duration,
+}
+
+impl Default for SupervisorConfig {
+    fn default() -> Self {
+        Self {
+            resync_interval: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            retry_delay: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What makes a running worker current: its version and restart generation.
+type SpecKey = (i32, i64);
+
+struct Worker {
+    key: SpecKey,
+    /// A newer spec that failed validation (reported once, old worker kept).
+    rejected: Option<SpecKey>,
+    spec: watch::Sender<Arc<Spec>>,
+    cancel: CancellationToken,
+    join: JoinHandle<()>,
+    health: Health,
+    stall_after: Option<Duration>,
+    stalled: bool,
+}
+
+/// Reconciles this instance's workers with the tables.
+pub struct Supervisor {
+    pool: Pool,
+    catalog: Catalog,
+    config: SupervisorConfig,
+    env: WorkerEnv,
+    tracker: TaskTracker,
+    workers: HashMap<Uuid, Worker>,
+    /// Workers cancelled but perhaps not finished; a new worker of the same datasource waits.
+    stopping: HashMap<Uuid, JoinHandle<()>>,
+    /// Published specs that failed validation with no worker running (reported once).
+    failed: HashMap<Uuid, SpecKey>,
+    reader: Option<OutboxReader>,
+}
+
+impl Supervisor {
+    /// A supervisor; workers are spawned on `tracker`.
+    pub fn new(
+        pool: Pool,
+        catalog: Catalog,
+        config: SupervisorConfig,
+        env: WorkerEnv,
+        tracker: TaskTracker,
+    ) -> Self {
+        Self {
+            pool,
+            catalog,
+            config,
+            env,
+            tracker,
+            workers: HashMap::new(),
+            stopping: HashMap::new(),
+            failed: HashMap::new(),
+            reader: None,
+        }
+    }
+
+    /// Reconciles on every signal, every resync period, and heartbeats, until `shutdown`;
+    /// then stops every worker.
+    pub async fn run(
+        mut self,
+        mut signals: mpsc::UnboundedReceiver<Signal>,
+        shutdown: CancellationToken,
+    ) {
+        let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+        let mut retry_at = match self.resync().await {
+            Ok(()) => far(),
+            Err(e) => {
+                tracing::warn!(error = %e, "initial resync failed; retrying");
+                Instant::now() + self.config.retry_delay
+            }
+        };
+        let mut resync = tokio::time::interval_at(
+            Instant::now() + self.config.resync_interval,
+            self.config.resync_interval,
+        );
+        let mut heartbeat = tokio::time::interval_at(
+            Instant::now() + self.config.heartbeat_interval,
+            self.config.heartbeat_interval,
+        );
+        for timer in [&mut resync, &mut heartbeat] {
+            timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        }
+        loop {
+            let result = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                Some(signal) = signals.recv() => {
+                    let mut batch = vec![signal];
+                    while let Ok(s) = signals.try_recv() {
+                        batch.push(s);
+                    }
+                    self.on_signals(batch).await
+                }
+                () = tokio::time::sleep_until(retry_at) => {
+                    retry_at = far();
+                    self.resync().await
+                }
+                _ = resync.tick() => self.resync().await,
+                _ = heartbeat.tick() => self.heartbeat().await,
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, "reconcile failed; a full resync follows");
+                retry_at = Instant::now() + self.config.retry_delay;
+            }
+        }
+        self.stop_all().await;
+    }
+
+    async fn on_signals(&mut self, batch: Vec<Signal>) -> Result<(), Error> {
+        if batch.contains(&Signal::Reconnected) {
+            return self.resync().await;
+        }
+        let hinted: HashSet<Uuid> = batch
+            .iter()
+            .filter_map(|s| match s {
+                Signal::Hint(id) => *id,
+                Signal::Reconnected => None,
+            })
+            .collect();
+        // The payload names the datasource: look at it first, then at the outbox for the
+        // rest (bulk publishes, events whose notification was folded).
+        if !hinted.is_empty() {
+            self.reconcile(&hinted.iter().copied().collect::<Vec<_>>())
+                .await?;
+        }
+        let (ids, everything) = self.read_outbox().await?;
+        if everything {
+            return self.resync().await;
+        }
+        let rest: Vec<Uuid> = ids.difference(&hinted).copied().collect();
+        if !rest.is_empty() {
+            self.reconcile(&rest).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads new waking events; returns the datasources they name and whether one asked for
+    /// a full resync.
+    async fn read_outbox(&mut self) -> Result<(HashSet<Uuid>, bool), Error> {
+        let client = self.pool.get().await?;
+        let reader = match &mut self.reader {
+            Some(reader) => reader,
+            None => self
+                .reader
+                .insert(OutboxReader::from_now(&**client).await?.wakes_only()),
+        };
+        let events = reader.read(&**client).await?;
+        let everything = events.iter().any(|e| e.datasource_id.is_none());
+        Ok((
+            events.iter().filter_map(|e| e.datasource_id).collect(),
+            everything,
+        ))
+    }
+
+    /// A full pass: every live datasource, and every worker the tables no longer want.
+    async fn resync(&mut self) -> Result<(), Error> {
+        // Move the outbox cursor first: whatever it returns is covered by this pass.
+        self.read_outbox().await?;
+        let rows = {
+            let client = self.pool.get().await?;
+            state::desired(&**client, None, false).await?
+        };
+        let live: HashSet<Uuid> = rows.iter().map(|r| r.datasource_id).collect();
+        let gone: Vec<Uuid> = self
+            .workers
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.stop_worker(id);
+        }
+        self.failed.retain(|id, _| live.contains(id));
+        self.apply(rows, true).await
+    }
+
+    /// Reconciles the given datasources (with their configs, in one query).
+    async fn reconcile(&mut self, ids: &[Uuid]) -> Result<(), Error> {
+        let rows = {
+            let client = self.pool.get().await?;
+            state::desired(&**client, Some(ids), true).await?
+        };
+        self.apply(rows, false).await
+    }
+
+    async fn apply(&mut self, rows: Vec<Desired>, fetch_configs: bool) -> Result<(), Error> {
+        let mut need_config = Vec::new();
+        for row in rows {
+            let id = row.datasource_id;
+            let wanted = (row.status == DatasourceStatus::Active
+                && row.desired == DesiredState::Running)
+                .then_some(row.version)
+                .flatten()
+                .map(|v| (v, row.restart_generation));
+            let Some(key) = wanted else {
+                self.failed.remove(&id);
+                if self.workers.contains_key(&id) {
+                    self.stop_worker(id);
+                } else if !matches!(
+                    row.worker_status,
+                    WorkerStatus::Init | WorkerStatus::Stopped
+                ) {
+                    // Left behind by a process that did not stop cleanly.
+                    self.env.writer.send(stale_stopped(id, row.version));
+                }
+                continue;
+            };
+            let current = match self.workers.get(&id) {
+                Some(w) => w.key == key || w.rejected == Some(key),
+                None => self.failed.get(&id) == Some(&key),
+            };
+            if current {
+                continue;
+            }
+            match row.config {
+                Some(_) => self.converge(row, key),
+                None if fetch_configs => need_config.push(id),
+                None => self.converge(row, key),
+            }
+        }
+        if !need_config.is_empty() {
+            Box::pin(self.reconcile(&need_config)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts, or hot-reloads, a datasource whose tables want `key`: the new spec is built
+    /// and validated first; an invalid one never touches a running worker.
+    fn converge(&mut self, row: Desired, key: SpecKey) {
+        let id = row.datasource_id;
+        match self.build(&row, key) {
+            Ok(spec) => {
+                let stall_after = spec.connector.stall_after(&spec.config);
+                if let Some(worker) = self.workers.get_mut(&id) {
+                    worker.key = key;
+                    worker.rejected = None;
+                    worker.stall_after = stall_after;
+                    worker.stalled = false;
+                    worker.spec.send_replace(Arc::new(spec));
+                } else {
+                    self.start_worker(spec, key, stall_after);
+                }
+            }
+            Err(reason) => {
+                tracing::info!(datasource_id = %id, version = key.0, reason, "published version refused");
+                if let Some(worker) = self.workers.get_mut(&id) {
+                    worker.rejected = Some(key);
+                    self.env.writer.send(Transition {
+                        datasource_id: id,
+                        status: None,
+                        running_version: None,
+                        error: Some(Some(("reload_rejected".into(), reason.clone()))),
+                        restart_count: None,
+                        event: Some(NewEvent {
+                            at: None,
+                            datasource_id: Some(id),
+                            kind: "reload_rejected".into(),
+                            version: Some(key.0),
+                            payload: json!({ "reason": reason, "running_version": worker.key.0 }),
+                        }),
+                    });
+                } else {
+                    self.failed.insert(id, key);
+                    self.env.writer.send(Transition {
+                        datasource_id: id,
+                        status: Some(WorkerStatus::Error),
+                        running_version: None,
+                        error: Some(Some(("invalid_config".into(), reason.clone()))),
+                        restart_count: None,
+                        event: Some(NewEvent {
+                            at: None,
+                            datasource_id: Some(id),
+                            kind: "worker_error".into(),
+                            version: Some(key.0),
+                            payload: json!({ "code": "invalid_config", "message": reason }),
+                        }),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Builds a worker spec from the tables, or says why it cannot run.
+    fn build(&self, row: &Desired, key: SpecKey) -> Result<Spec, String> {
+        let connector = self
+            .catalog
+            .get(&row.kind)
+            .ok_or_else(|| format!("unknown connector kind {:?}", row.kind))?
+            .clone();
+        let config = row
+            .config
+            .clone()
+            .ok_or_else(|| format!("version {} has no config", key.0))?;
+        connector.validate(&config).map_err(|e| e.to_string())?;
+        Ok(Spec {
+            datasource_id: row.datasource_id,
+            version: key.0,
+            generation: key.1,
+            config: Arc::new(config),
+            connector,
+        })
+    }
+
+    fn start_worker(&mut self, spec: Spec, key: SpecKey, stall_after: Option<Duration>) {
+        let id = spec.datasource_id;
+        let (tx, rx) = watch::channel(Arc::new(spec));
+        let cancel = CancellationToken::new();
+        let health = Health::default();
+        let previous = self.stopping.remove(&id);
+        let join = self.tracker.spawn(worker::run(
+            rx,
+            previous,
+            self.env.clone(),
+            health.clone(),
+            cancel.clone(),
+        ));
+        self.failed.remove(&id);
+        self.workers.insert(
+            id,
+            Worker {
+                key,
+                rejected: None,
+                spec: tx,
+                cancel,
+                join,
+                health,
+                stall_after,
+                stalled: false,
+            },
+        );
+    }
+
+    fn stop_worker(&mut self, id: Uuid) {
+        if let Some(worker) = self.workers.remove(&id) {
+            worker.cancel.cancel();
+            self.stopping.insert(id, worker.join);
+        }
+    }
+
+    /// One statement of heartbeats for every worker, and stall detection.
+    async fn heartbeat(&mut self) -> Result<(), Error> {
+        self.stopping.retain(|_, join| !join.is_finished());
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let mut beats = Vec::with_capacity(self.workers.len());
+        for (id, worker) in &mut self.workers {
+            let progress_ms = worker.health.last_progress_ms();
+            let running_since = worker.health.running_since_ms();
+            beats.push(Heartbeat {
+                datasource_id: *id,
+                last_progress_at: chrono::DateTime::from_timestamp_millis(progress_ms)
+                    .filter(|_| progress_ms > 0),
+                metrics: json!({
+                    "records_total": worker.health.records_total(),
+                    "errors_total": worker.health.errors_total(),
+                }),
+            });
+            let (Some(limit), true) = (worker.stall_after, running_since > 0) else {
+                continue;
+            };
+            let idle = Duration::from_millis(
+                now_ms.saturating_sub(progress_ms.max(running_since)).max(0) as u64,
+            );
+            if idle > limit && !worker.stalled {
+                worker.stalled = true;
+                self.env
+                    .writer
+                    .send(stall_transition(*id, worker.key.0, true, idle));
+            } else if idle <= limit && worker.stalled {
+                worker.stalled = false;
+                self.env
+                    .writer
+                    .send(stall_transition(*id, worker.key.0, false, idle));
+            }
+        }
+        let client = self.pool.get().await?;
+        state::heartbeat(&**client, &beats).await
+    }
+
+    async fn stop_all(mut self) {
+        let ids: Vec<Uuid> = self.workers.keys().copied().collect();
+        for id in ids {
+            self.stop_worker(id);
+        }
+        for (_, join) in self.stopping.drain() {
+            // Each worker bounds its own stop by the deadline, then aborts its run.
+            let _ = join.await;
+        }
+    }
+}
+
+fn stale_stopped(id: Uuid, version: Option<i32>) -> Transition {
+    Transition {
+        datasource_id: id,
+        status: Some(WorkerStatus::Stopped),
+        running_version: None,
+        error: None,
+        restart_count: None,
+        event: Some(NewEvent {
+            at: None,
+            datasource_id: Some(id),
+            kind: "worker_stopped".into(),
+            version,
+            payload: json!({ "reason": "not running on this instance" }),
+        }),
+    }
+}
+
+fn stall_transition(id: Uuid, version: i32, stalled: bool, idle: Duration) -> Transition {
+    let (status, kind) = if stalled {
+        (WorkerStatus::Stalled, "worker_stalled")
+    } else {
+        (WorkerStatus::Running, "worker_running")
+    };
+    Transition {
+        datasource_id: id,
+        status: Some(status),
+        running_version: Some(version),
+        error: None,
+        restart_count: None,
+        event: Some(NewEvent {
+            at: None,
+            datasource_id: Some(id),
+            kind: kind.into(),
+            version: Some(version),
+            payload: json!({ "idle_ms": idle.as_millis() as u64, "recovered": !stalled }),
+        }),
+    }
+}

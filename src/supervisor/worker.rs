@@ -1,0 +1,295 @@
+//! One datasource's worker: a task that runs its connector, restarts it with backoff when it
+//! fails (a panic counts as a failure), swaps in a new spec on hot reload, and stops on its
+//! token — cooperatively, then by abort after the stop deadline. Every transition goes to
+//! the state writer with its event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::backoff::{BackoffPolicy, Failures};
+use super::writer::WriterHandle;
+use crate::connectors::sink::PostgresSink;
+use crate::connectors::{Connector, Error, Health, RunContext};
+use crate::db::repository::events::NewEvent;
+use crate::db::repository::state::Transition;
+use crate::domain::WorkerStatus;
+
+/// What a worker runs: a validated version of a datasource.
+#[derive(Clone)]
+pub struct Spec {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// The published version.
+    pub version: i32,
+    /// The restart generation it was built for.
+    pub generation: i64,
+    /// The version's config.
+    pub config: Arc<serde_json::Value>,
+    /// The kind.
+    pub connector: Arc<dyn Connector>,
+}
+
+/// A worker's start, reported to observers (benchmarks and tests).
+#[derive(Debug, Clone, Copy)]
+pub struct Started {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// The version now running.
+    pub version: i32,
+    /// When its connector was spawned.
+    pub at: Instant,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+pub struct WorkerEnv {
+    /// Where records go.
+    pub sink: PostgresSink,
+    /// Where transitions go.
+    pub writer: WriterHandle,
+    /// Restart pacing.
+    pub backoff: BackoffPolicy,
+    /// How long a stopping connector gets before it is aborted.
+    pub stop_deadline: Duration,
+    /// The fencing epoch records are written under.
+    pub epoch: i64,
+    /// Start observer.
+    pub started: Option<mpsc::UnboundedSender<Started>>,
+}
+
+fn transition(
+    id: Uuid,
+    status: WorkerStatus,
+    version: i32,
+    event: &str,
+    payload: serde_json::Value,
+) -> Transition {
+    Transition {
+        datasource_id: id,
+        status: Some(status),
+        running_version: Some(version),
+        error: None,
+        restart_count: None,
+        event: Some(NewEvent {
+            at: None,
+            datasource_id: Some(id),
+            kind: event.to_owned(),
+            version: Some(version),
+            payload,
+        }),
+    }
+}
+
+enum Next {
+    Stop,
+    Reload,
+    Exited(Result<Result<(), Error>, tokio::task::JoinError>),
+}
+
+/// Runs a worker until `cancel` fires. `previous` is the datasource's former worker, still
+/// stopping: this one starts only after it has finished, so a datasource never runs twice.
+pub async fn run(
+    mut spec_rx: watch::Receiver<Arc<Spec>>,
+    previous: Option<JoinHandle<()>>,
+    env: WorkerEnv,
+    health: Health,
+    cancel: CancellationToken,
+) {
+    if let Some(previous) = previous {
+        let _ = previous.await;
+    }
+    let mut spec = spec_rx.borrow_and_update().clone();
+    let id = spec.datasource_id;
+    let mut failures = Failures::new(env.backoff.clone());
+    let mut reloaded = false;
+    loop {
+        if cancel.is_cancelled() {
+            return;
+        }
+        env.writer.send(transition(
+            id,
+            WorkerStatus::Starting,
+            spec.version,
+            "worker_starting",
+            json!({}),
+        ));
+        let run_cancel = cancel.child_token();
+        let ctx = RunContext {
+            datasource_id: id,
+            version: spec.version,
+            config: spec.config.clone(),
+            sink: env.sink.handle(id, spec.version, env.epoch),
+            cancel: run_cancel.clone(),
+            health: health.clone(),
+        };
+        // A connector runs in a task of its own, so a panic is caught here, not in the registry.
+        let mut run = tokio::spawn(spec.connector.run(ctx));
+        health.set_running(true);
+        if let Some(observer) = &env.started {
+            let _ = observer.send(Started {
+                datasource_id: id,
+                version: spec.version,
+                at: Instant::now(),
+            });
+        }
+        let mut running = transition(
+            id,
+            WorkerStatus::Running,
+            spec.version,
+            if reloaded {
+                "reload_applied"
+            } else {
+                "worker_running"
+            },
+            json!({ "restart_count": failures.count() }),
+        );
+        running.restart_count = Some(failures.count() as i32);
+        // A healthy start after a reload clears a previous rejection or failure.
+        running.error = Some(None);
+        env.writer.send(running);
+
+        let next = tokio::select! {
+            r = &mut run => Next::Exited(r),
+            () = cancel.cancelled() => Next::Stop,
+            changed = spec_rx.changed() => if changed.is_ok() { Next::Reload } else { Next::Stop },
+        };
+        health.set_running(false);
+        let outcome = match next {
+            Next::Stop => {
+                let aborted = stop_run(run, &run_cancel, env.stop_deadline).await;
+                stopped(&env, id, spec.version, aborted, "stopped");
+                return;
+            }
+            Next::Reload => {
+                let aborted = stop_run(run, &run_cancel, env.stop_deadline).await;
+                if aborted {
+                    stopped(&env, id, spec.version, true, "reload");
+                }
+                spec = spec_rx.borrow_and_update().clone();
+                failures.reset();
+                reloaded = true;
+                continue;
+            }
+            Next::Exited(outcome) => outcome,
+        };
+        reloaded = false;
+        let (code, message, retryable) = match outcome {
+            Ok(Ok(())) => {
+                // The connector finished its work (a bounded generator): stopped until a
+                // new version or a stop.
+                stopped(&env, id, spec.version, false, "completed");
+                if wait_for_change(&mut spec_rx, &cancel).await {
+                    spec = spec_rx.borrow_and_update().clone();
+                    failures.reset();
+                    reloaded = true;
+                    continue;
+                }
+                return;
+            }
+            Ok(Err(e)) => (e.code(), e.to_string(), e.is_retryable()),
+            Err(join) if join.is_panic() => (
+                "connector_panicked",
+                "the connector panicked".to_owned(),
+                true,
+            ),
+            Err(_) => (
+                "connector_aborted",
+                "the connector was aborted".to_owned(),
+                true,
+            ),
+        };
+        let verdict = failures.record(Instant::now(), rand::random::<f64>());
+        let status = if verdict.crash_loop {
+            WorkerStatus::CrashLoop
+        } else {
+            WorkerStatus::Error
+        };
+        let mut failed = transition(
+            id,
+            status,
+            spec.version,
+            "worker_error",
+            json!({
+                "code": code,
+                "message": message,
+                "restart_count": verdict.failures,
+                "retry_in_ms": retryable.then_some(verdict.delay.as_millis() as u64),
+                "crash_loop": verdict.crash_loop,
+            }),
+        );
+        failed.error = Some(Some((code.to_owned(), message)));
+        failed.restart_count = Some(verdict.failures as i32);
+        env.writer.send(failed);
+        if !retryable {
+            // Only a new version can help.
+            if wait_for_change(&mut spec_rx, &cancel).await {
+                spec = spec_rx.borrow_and_update().clone();
+                failures.reset();
+                reloaded = true;
+                continue;
+            }
+            stopped(&env, id, spec.version, false, "stopped");
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(verdict.delay) => {}
+            () = cancel.cancelled() => {
+                stopped(&env, id, spec.version, false, "stopped");
+                return;
+            }
+            changed = spec_rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                spec = spec_rx.borrow_and_update().clone();
+                failures.reset();
+                reloaded = true;
+            }
+        }
+    }
+}
+
+/// Waits for a new spec (true) or cancellation (false).
+async fn wait_for_change(
+    spec_rx: &mut watch::Receiver<Arc<Spec>>,
+    cancel: &CancellationToken,
+) -> bool {
+    tokio::select! {
+        () = cancel.cancelled() => false,
+        changed = spec_rx.changed() => changed.is_ok(),
+    }
+}
+
+/// Cancels a run and waits up to `deadline` for it; aborts it after that. Returns whether it
+/// had to be aborted.
+async fn stop_run(
+    mut run: JoinHandle<Result<(), Error>>,
+    run_cancel: &CancellationToken,
+    deadline: Duration,
+) -> bool {
+    run_cancel.cancel();
+    match tokio::time::timeout(deadline, &mut run).await {
+        Ok(_) => false,
+        Err(_) => {
+            run.abort();
+            let _ = run.await;
+            true
+        }
+    }
+}
+
+fn stopped(env: &WorkerEnv, id: Uuid, version: i32, aborted: bool, reason: &str) {
+    env.writer.send(transition(
+        id,
+        WorkerStatus::Stopped,
+        version,
+        "worker_stopped",
+        json!({ "reason": reason, "aborted": aborted }),
+    ));
+}

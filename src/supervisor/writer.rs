@@ -1,0 +1,155 @@
+//! The state writer: every worker transition and its event go through one task that writes
+//! whatever has accumulated in one statement (`state::apply_transitions`), so a burst of
+//! 1,000 starts costs a handful of statements and a single start is written at once.
+//!
+//! It runs until every [`WriterHandle`] is dropped, so the final transitions of stopping
+//! workers are written before it returns. A failed write is retried; nothing is dropped.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Pool;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::db::repository::events::NewEvent;
+use crate::db::repository::state::{self, Transition};
+use crate::domain::WorkerStatus;
+
+/// Most transitions written per statement.
+const MAX_BATCH: usize = 5_000;
+
+/// Sends transitions to the writer; cheap to clone.
+#[derive(Clone)]
+pub struct WriterHandle(mpsc::UnboundedSender<Transition>);
+
+impl WriterHandle {
+    /// Queues a transition; never blocks. Its event is stamped now, when it happened, not
+    /// when its batch reaches the database.
+    pub fn send(&self, mut transition: Transition) {
+        if let Some(event) = &mut transition.event {
+            event.at.get_or_insert_with(chrono::Utc::now);
+        }
+        // The writer outlives every handle; a send can only fail during process exit.
+        let _ = self.0.send(transition);
+    }
+}
+
+/// A batch that reached the database: which datasources now show which status, and when.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// (datasource, status, running version) as written.
+    pub states: Vec<(Uuid, Option<WorkerStatus>, Option<i32>)>,
+    /// When the statement returned.
+    pub at: Instant,
+}
+
+/// The writer task.
+pub struct StateWriter {
+    pool: Pool,
+    queue: mpsc::UnboundedReceiver<Transition>,
+    instance: String,
+    actor: String,
+    observer: Option<mpsc::UnboundedSender<Written>>,
+}
+
+impl StateWriter {
+    /// A writer for `instance` and the handle that feeds it.
+    pub fn new(pool: Pool, instance: String) -> (Self, WriterHandle) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let actor = format!("dsreg:{instance}");
+        (
+            Self {
+                pool,
+                queue: rx,
+                instance,
+                actor,
+                observer: None,
+            },
+            WriterHandle(tx),
+        )
+    }
+
+    /// Reports every written batch to `observer` (benchmarks and tests).
+    pub fn observe(&mut self, observer: mpsc::UnboundedSender<Written>) {
+        self.observer = Some(observer);
+    }
+
+    /// Writes until every handle is dropped and the queue is empty.
+    pub async fn run(mut self) {
+        let mut pending: HashMap<Uuid, Transition> = HashMap::new();
+        let mut order: Vec<Uuid> = Vec::new();
+        let mut events: Vec<NewEvent> = Vec::new();
+        let mut open = true;
+        loop {
+            if pending.is_empty() {
+                match self.queue.recv().await {
+                    Some(t) => add(&mut pending, &mut order, &mut events, t),
+                    None => return,
+                }
+            }
+            while open && pending.len() < MAX_BATCH {
+                match self.queue.try_recv() {
+                    Ok(t) => add(&mut pending, &mut order, &mut events, t),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                }
+            }
+            let batch: Vec<Transition> = order
+                .iter()
+                .filter_map(|id| pending.get(id).cloned())
+                .collect();
+            match self.write(&batch, &events).await {
+                Ok(()) => {
+                    if let Some(observer) = &self.observer {
+                        let states = batch
+                            .iter()
+                            .map(|t| (t.datasource_id, t.status, t.running_version))
+                            .collect();
+                        let _ = observer.send(Written {
+                            states,
+                            at: Instant::now(),
+                        });
+                    }
+                    pending.clear();
+                    order.clear();
+                    events.clear();
+                    if !open && self.queue.is_empty() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, transitions = batch.len(), "writing worker states failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+
+    async fn write(
+        &self,
+        batch: &[Transition],
+        events: &[NewEvent],
+    ) -> Result<(), crate::db::Error> {
+        let client = self.pool.get().await?;
+        state::apply_transitions(&**client, batch, events, &self.instance, &self.actor).await
+    }
+}
+
+fn add(
+    pending: &mut HashMap<Uuid, Transition>,
+    order: &mut Vec<Uuid>,
+    events: &mut Vec<NewEvent>,
+    mut t: Transition,
+) {
+    if let Some(event) = t.event.take() {
+        events.push(event);
+    }
+    match pending.get_mut(&t.datasource_id) {
+        Some(existing) => existing.merge(t),
+        None => {
+            order.push(t.datasource_id);
+            pending.insert(t.datasource_id, t);
+        }
+    }
+}
