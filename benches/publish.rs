@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use dsreg::db::embedded::{ClusterOptions, DATABASE, EmbeddedCluster};
 use uuid::Uuid;
 
 const DATASOURCES_PER_CLIENT: usize = 32;
 const LATENCY_SAMPLES: usize = 1_000;
+
+mod common;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -21,64 +22,34 @@ async fn main() -> anyhow::Result<()> {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
-    let (url, mut cluster, _dir) = database().await?;
-    dsreg::app::migrate(&url).await?;
+    let db = common::database().await?;
+    let url = db.url.clone();
 
     let mut rows = Vec::new();
     for clients in [1usize, 4, 16] {
         let sets = seed(&url, clients).await?;
         let rate = throughput(&url, sets, Duration::from_secs(seconds)).await?;
         rows.push((
-            format!("publishes/s, {clients} client(s)"),
+            format!("publishes/s through dsreg_publish, {clients} client(s)"),
             format!("{rate:.0}"),
+            "floor".to_owned(),
         ));
     }
     let (p50, p99, max) = notify_latency(&url).await?;
-    rows.push((
-        "COMMIT → NOTIFY received, p50".into(),
-        format!("{:.2} ms", p50),
-    ));
-    rows.push((
-        "COMMIT → NOTIFY received, p99".into(),
-        format!("{:.2} ms", p99),
-    ));
-    rows.push((
-        "COMMIT → NOTIFY received, max".into(),
-        format!("{:.2} ms", max),
-    ));
-
-    println!(
-        "\npublish benchmark ({} CPUs, durable cluster, {seconds}s per throughput run)\n",
-        num_cpus()
+    for (q, v) in [("p50", p50), ("p99", p99), ("max", max)] {
+        rows.push((
+            format!("publish COMMIT → NOTIFY received, {q}"),
+            format!("{v:.2} ms"),
+            "floor".to_owned(),
+        ));
+    }
+    common::print_table(
+        &format!(
+            "publish benchmark: durable cluster, {seconds}s per throughput run, {LATENCY_SAMPLES} latency samples"
+        ),
+        &rows,
     );
-    println!("| figure | value |\n| --- | --- |");
-    for (figure, value) in rows {
-        println!("| {figure} | {value} |");
-    }
-    if let Some(cluster) = cluster.as_mut() {
-        cluster.stop()?;
-    }
     Ok(())
-}
-
-fn num_cpus() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-async fn database() -> anyhow::Result<(String, Option<EmbeddedCluster>, Option<tempfile::TempDir>)>
-{
-    if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok((url, None, None));
-    }
-    let dir = tempfile::tempdir()?;
-    std::fs::set_permissions(
-        dir.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o755),
-    )?;
-    let options = ClusterOptions::durable(dir.path().join("pg"));
-    let cluster = tokio::task::spawn_blocking(move || EmbeddedCluster::start(&options)).await??;
-    dsreg::db::create_database(&cluster.url("postgres"), DATABASE, None).await?;
-    Ok((cluster.url(DATABASE), Some(cluster), Some(dir)))
 }
 
 /// Creates, per client, a set of datasources with two versions each.
@@ -175,6 +146,9 @@ async fn notify_latency(url: &str) -> anyhow::Result<(f64, f64, f64)> {
         );
     }
     samples.sort_by(f64::total_cmp);
-    let at = |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)];
-    Ok((at(0.50), at(0.99), samples[samples.len() - 1]))
+    Ok((
+        common::quantile(&samples, 0.50),
+        common::quantile(&samples, 0.99),
+        samples[samples.len() - 1],
+    ))
 }

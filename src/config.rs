@@ -73,6 +73,22 @@ pub struct Settings {
 }
 
 impl Settings {
+    /// The defaults (and environment) with `url` as the database and free ports: for
+    /// in-process registries in tests and benchmarks.
+    pub fn for_database(url: &str) -> Self {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            settings: Settings,
+        }
+        let mut settings = Defaults::parse_from(["dsreg"]).settings;
+        settings.database_url = Some(url.to_owned());
+        settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        settings
+    }
+
     /// The embedded cluster's data folder.
     pub fn pg_data_dir(&self) -> PathBuf {
         self.data_dir.join("pg")

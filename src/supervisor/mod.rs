@@ -41,6 +41,17 @@ use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
 use worker::{Spec, WorkerEnv};
 
+/// A completed reconcile pass, reported to observers (benchmarks, metrics).
+#[derive(Debug, Clone, Copy)]
+pub struct Pass {
+    /// A full resync (true) or a targeted reconcile.
+    pub full: bool,
+    /// Datasources looked at.
+    pub datasources: usize,
+    /// How long the pass took.
+    pub took: Duration,
+}
+
 /// How the supervisor paces itself.
 #[derive(Debug, Clone)]
 pub struct SupervisorConfig {
@@ -50,6 +61,8 @@ pub struct SupervisorConfig {
     pub heartbeat_interval: Duration,
     /// Delay before a failed reconcile is retried as a full resync.
     pub retry_delay: Duration,
+    /// Receives every completed pass.
+    pub passes: Option<mpsc::UnboundedSender<Pass>>,
 }
 
 impl Default for SupervisorConfig {
@@ -58,6 +71,7 @@ impl Default for SupervisorConfig {
             resync_interval: Duration::from_secs(30),
             heartbeat_interval: Duration::from_secs(10),
             retry_delay: Duration::from_secs(1),
+            passes: None,
         }
     }
 }
@@ -214,6 +228,7 @@ impl Supervisor {
 
     /// A full pass: every live datasource, and every worker the tables no longer want.
     async fn resync(&mut self) -> Result<(), Error> {
+        let started = Instant::now();
         // Move the outbox cursor first: whatever it returns is covered by this pass.
         self.read_outbox().await?;
         let rows = {
@@ -231,16 +246,31 @@ impl Supervisor {
             self.stop_worker(id);
         }
         self.failed.retain(|id, _| live.contains(id));
-        self.apply(rows, true).await
+        self.apply(rows, true).await?;
+        self.report(true, live.len(), started);
+        Ok(())
+    }
+
+    fn report(&self, full: bool, datasources: usize, started: Instant) {
+        if let Some(passes) = &self.config.passes {
+            let _ = passes.send(Pass {
+                full,
+                datasources,
+                took: started.elapsed(),
+            });
+        }
     }
 
     /// Reconciles the given datasources (with their configs, in one query).
     async fn reconcile(&mut self, ids: &[Uuid]) -> Result<(), Error> {
+        let started = Instant::now();
         let rows = {
             let client = self.pool.get().await?;
             state::desired(&**client, Some(ids), true).await?
         };
-        self.apply(rows, false).await
+        self.apply(rows, false).await?;
+        self.report(false, ids.len(), started);
+        Ok(())
     }
 
     async fn apply(&mut self, rows: Vec<Desired>, fetch_configs: bool) -> Result<(), Error> {

@@ -217,16 +217,7 @@ pub struct TestApp {
 
 /// Settings for an in-process registry on `url`, on free ports, with fast timers.
 pub fn test_settings(url: &str) -> dsreg::config::Settings {
-    use clap::Parser;
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        settings: dsreg::config::Settings,
-    }
-    let mut settings = Cli::parse_from(["dsreg"]).settings;
-    settings.database_url = Some(url.to_owned());
-    settings.http_addr = "127.0.0.1:0".parse().unwrap();
-    settings.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    let mut settings = dsreg::config::Settings::for_database(url);
     settings.pool_size = 8;
     settings.backoff_base_ms = 20;
     settings.backoff_max_ms = 2_000;

@@ -1,0 +1,87 @@
+//! What the benchmarks share: a durable embedded cluster in a temporary folder (or
+//! `DATABASE_URL`), percentiles, and the table they print.
+
+#![allow(dead_code)]
+
+use dsreg::db::embedded::{ClusterOptions, DATABASE, EmbeddedCluster};
+
+/// A database for one benchmark run; the cluster stops when this is dropped.
+pub struct BenchDb {
+    /// Its URL.
+    pub url: String,
+    _cluster: Option<EmbeddedCluster>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+/// Starts a durable cluster (fsync on, as users run it) or uses `DATABASE_URL`, migrated.
+pub async fn database() -> anyhow::Result<BenchDb> {
+    let db = if let Ok(url) = std::env::var("DATABASE_URL") {
+        BenchDb {
+            url,
+            _cluster: None,
+            _dir: None,
+        }
+    } else {
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )?;
+        let options = ClusterOptions::durable(dir.path().join("pg"));
+        let cluster =
+            tokio::task::spawn_blocking(move || EmbeddedCluster::start(&options)).await??;
+        // Statement counts come from pg_stat_statements, which must be preloaded.
+        dsreg::db::connect(&cluster.url("postgres"))
+            .await?
+            .batch_execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+            .await?;
+        let cluster =
+            tokio::task::spawn_blocking(move || cluster.restart().map(|()| cluster)).await??;
+        dsreg::db::create_database(&cluster.url("postgres"), DATABASE, None).await?;
+        BenchDb {
+            url: cluster.url(DATABASE),
+            _cluster: Some(cluster),
+            _dir: Some(dir),
+        }
+    };
+    dsreg::app::migrate(&db.url).await?;
+    Ok(db)
+}
+
+/// Statements executed in this database so far (`pg_stat_statements`, our own probes
+/// excluded), or `None` when the extension is not available.
+pub async fn statements(client: &tokio_postgres::Client) -> Option<i64> {
+    if let Err(e) = client
+        .batch_execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        .await
+    {
+        eprintln!("pg_stat_statements: {e:?}");
+        return None;
+    }
+    let row = client
+        .query_one(
+            "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements
+             WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+               AND query NOT LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .await
+        .map_err(|e| eprintln!("pg_stat_statements: {e:?}"))
+        .ok()?;
+    Some(row.get(0))
+}
+
+/// The `q` quantile of sorted samples.
+pub fn quantile(sorted: &[f64], q: f64) -> f64 {
+    sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+}
+
+/// Prints a markdown table of (figure, value, target).
+pub fn print_table(title: &str, rows: &[(String, String, String)]) {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    println!("\n{title} ({cpus} CPUs)\n");
+    println!("| figure | value | target |\n| --- | --- | --- |");
+    for (figure, value, target) in rows {
+        println!("| {figure} | {value} | {target} |");
+    }
+}
