@@ -21,9 +21,11 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::config::Settings;
 use crate::connectors::Catalog;
-use crate::connectors::sink::PostgresSink;
+use crate::connectors::sink::{Sink, Target};
+use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
+use crate::secrets::{EnvKeyProvider, FileKeyProvider, KeyProvider, Secrets};
 use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
@@ -115,6 +117,10 @@ pub struct App {
     pub started: Option<mpsc::UnboundedSender<Started>>,
     /// Receives every written batch of worker states (benchmarks and tests).
     pub written: Option<mpsc::UnboundedSender<Written>>,
+    /// Seals and opens secrets; `None` when no master key is configured.
+    pub secrets: Option<Arc<Secrets>>,
+    /// Where workers' records go.
+    pub sink_target: Target,
 }
 
 impl App {
@@ -123,6 +129,7 @@ impl App {
     /// # Errors
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
+        let secrets = secrets_service(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
         let http = TcpListener::bind(settings.http_addr)
@@ -145,6 +152,8 @@ impl App {
             listener_stats: Arc::default(),
             started: None,
             written: None,
+            secrets,
+            sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
         })
     }
 
@@ -188,7 +197,8 @@ impl App {
         if let Some(written) = self.written {
             writer.observe(written);
         }
-        let (sink, sink_writer) = PostgresSink::new(self.pool.clone());
+        let (sink, sink_writer) = Sink::new(self.pool.clone(), self.sink_target);
+        let ingress = Ingress::default();
         let env = WorkerEnv {
             sink,
             writer: writer_handle,
@@ -196,6 +206,8 @@ impl App {
             stop_deadline: self.stop_deadline,
             epoch: 0,
             started: self.started,
+            pool: self.pool.clone(),
+            ingress: ingress.clone(),
         };
         let supervisor = Supervisor::new(
             self.pool.clone(),
@@ -203,6 +215,7 @@ impl App {
             self.supervisor,
             env,
             tracker.clone(),
+            self.secrets,
         );
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
@@ -217,12 +230,13 @@ impl App {
                 sink_stop.cancel();
             });
         }
-        let readiness = api::http::Readiness {
+        let http_state = api::http::HttpState {
             pool: self.pool.clone(),
+            ingress,
         };
         let http = tracker.spawn(api::http::serve(
             self.http,
-            api::http::router(readiness),
+            api::http::router(http_state),
             shutdown.child_token(),
         ));
         let registry = api::grpc::RegistryService {
@@ -255,6 +269,34 @@ impl App {
         self.pool.close();
         served
     }
+}
+
+/// The secrets service for `settings`: keys from `--master-keys`, from `--master-key-file`,
+/// or (embedded default only) from a development key file created on first run.
+///
+/// # Errors
+/// The keys are malformed or the key file is unreadable or too open.
+pub fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets>>> {
+    let provider: Arc<dyn KeyProvider> = if let Some(keys) = &settings.master_keys {
+        Arc::new(EnvKeyProvider::parse(keys, settings.active_key_version)?)
+    } else if let Some(path) = &settings.master_key_file {
+        Arc::new(FileKeyProvider::load(path)?)
+    } else if settings.database_url.is_none() {
+        let path = settings.dev_key_file();
+        if FileKeyProvider::create_dev(&path)? {
+            tracing::warn!(
+                path = %path.display(),
+                "created a development master key file; use DSREG_MASTER_KEYS or --master-key-file in production"
+            );
+        }
+        Arc::new(FileKeyProvider::load(&path)?)
+    } else {
+        tracing::warn!(
+            "no master key configured (DSREG_MASTER_KEYS or --master-key-file): secrets cannot be stored or opened"
+        );
+        return Ok(None);
+    };
+    Ok(Some(Arc::new(Secrets::new(provider))))
 }
 
 /// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM.

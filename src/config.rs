@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::connectors::sink::Target;
 use crate::supervisor::SupervisorConfig;
 use crate::supervisor::backoff::BackoffPolicy;
+use crate::transform::Limits;
 
 /// How `dsreg` reaches its database and where it serves.
 #[derive(Debug, Clone, clap::Args)]
@@ -42,6 +44,44 @@ pub struct Settings {
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "DSREG_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
+
+    /// Master keys for secrets, `1:<base64 32 bytes>,2:<base64>`; the highest is active unless
+    /// `--active-key-version` says otherwise.
+    #[arg(long, env = "DSREG_MASTER_KEYS", hide_env_values = true)]
+    pub master_keys: Option<String>,
+
+    /// A master key file (`{"active": 2, "keys": {"1": "<base64>", ...}}`, mode 0600). The
+    /// embedded default creates a development one in `--data-dir` when no key is given.
+    #[arg(long, env = "DSREG_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+
+    /// The master key version new secrets are sealed with (with `--master-keys`).
+    #[arg(long, env = "DSREG_ACTIVE_KEY_VERSION")]
+    pub active_key_version: Option<u32>,
+
+    /// Where workers' records go: `postgres` (the registry's database) or `http`.
+    #[arg(long, env = "DSREG_SINK", default_value = "postgres", value_parser = ["postgres", "http"])]
+    pub sink: String,
+
+    /// The gateway URL the `http` sink POSTs batches to.
+    #[arg(long, env = "DSREG_SINK_URL")]
+    pub sink_url: Option<String>,
+
+    /// Transform limit: operations per record.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_OPERATIONS", default_value_t = Limits::default().max_operations)]
+    pub transform_max_operations: u64,
+
+    /// Transform limit: wall-clock time per record, in milliseconds.
+    #[arg(long, env = "DSREG_TRANSFORM_DEADLINE_MS", default_value_t = Limits::default().deadline.as_millis() as u64)]
+    pub transform_deadline_ms: u64,
+
+    /// Transform limit: bytes of one string.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_STRING_BYTES", default_value_t = Limits::default().max_string_bytes)]
+    pub transform_max_string_bytes: usize,
+
+    /// Transform limit: items of one array (and outputs of one record).
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_ARRAY_LEN", default_value_t = Limits::default().max_array_len)]
+    pub transform_max_array_len: usize,
 
     /// Full resync period, in milliseconds.
     #[arg(long, env = "DSREG_RESYNC_INTERVAL_MS", default_value_t = 30_000)]
@@ -89,6 +129,11 @@ impl Settings {
         settings
     }
 
+    /// The development key file the embedded default creates.
+    pub fn dev_key_file(&self) -> PathBuf {
+        self.data_dir.join("master-keys.json")
+    }
+
     /// The embedded cluster's data folder.
     pub fn pg_data_dir(&self) -> PathBuf {
         self.data_dir.join("pg")
@@ -104,12 +149,47 @@ impl Settings {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
-    /// The supervisor's pacing.
+    /// The supervisor's pacing and the transform limits.
     pub fn supervisor(&self) -> SupervisorConfig {
         SupervisorConfig {
             resync_interval: Duration::from_millis(self.resync_interval_ms),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            limits: self.transform_limits(),
             ..SupervisorConfig::default()
+        }
+    }
+
+    /// The limits every transform runs under (the defaults for what has no flag).
+    pub fn transform_limits(&self) -> Limits {
+        Limits {
+            max_operations: self.transform_max_operations,
+            deadline: Duration::from_millis(self.transform_deadline_ms),
+            max_string_bytes: self.transform_max_string_bytes,
+            max_array_len: self.transform_max_array_len,
+            ..Limits::default()
+        }
+    }
+
+    /// The sink target.
+    ///
+    /// # Errors
+    /// `--sink http` without a usable `--sink-url`.
+    pub fn sink_target(&self) -> Result<Target, String> {
+        match (self.sink.as_str(), &self.sink_url) {
+            ("http", Some(url)) => {
+                let parsed = reqwest::Url::parse(url).map_err(|e| format!("--sink-url: {e}"))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    return Err("--sink-url must be http or https".into());
+                }
+                let client = crate::connectors::http_client(Duration::from_secs(30))
+                    .map_err(|e| e.to_string())?;
+                Ok(Target::Http {
+                    client,
+                    url: url.clone(),
+                })
+            }
+            ("http", None) => Err("--sink http needs --sink-url".into()),
+            _ => Ok(Target::Postgres),
         }
     }
 
@@ -151,6 +231,10 @@ impl Settings {
         if self.backoff_max_ms < self.backoff_base_ms {
             return Err("--backoff-max-ms must not be below --backoff-base-ms".into());
         }
+        if self.transform_deadline_ms == 0 || self.transform_max_operations == 0 {
+            return Err("transform limits must be positive".into());
+        }
+        self.sink_target()?;
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
         }

@@ -9,8 +9,10 @@
 //!   committed out of order.
 //! - [`supervisor`]: reconcile, workers, backoff, the batched state writer, lifecycle ops.
 //! - [`connectors`]: the connector trait, the catalog, built-in kinds, sinks.
+//! - [`secrets`]: key providers, sealing and opening secrets, rotation and rewrap.
 //! - [`api`]: the gRPC and HTTP ports.
 //! - [`telemetry`](crate::telemetry): logging.
+//! - [`transform`]: a version's Rhai script run per record under hard limits; output schema checks.
 
 pub mod api;
 pub mod app;
@@ -19,6 +21,9 @@ pub mod config;
 pub mod connectors;
 pub mod db;
 pub mod domain;
+pub mod harness;
 pub mod outbox;
+pub mod secrets;
 pub mod supervisor;
 pub mod telemetry;
+pub mod transform;

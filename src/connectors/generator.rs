@@ -28,9 +28,7 @@ static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
         "properties": {
             "rate_per_sec": { "type": "number", "minimum": 0, "maximum": MAX_RATE, "default": 1 },
             "count": { "type": "integer", "minimum": 0 },
-            "template": { "type": "object" },
-            "transform": {},
-            "output_schema": {}
+            "template": { "type": "object" }
         }
     }),
     secrets: &[],
@@ -108,6 +106,23 @@ impl Connector for Generator {
         parse(config).map(|_| ())
     }
 
+    fn sample_records(
+        &self,
+        config: &Value,
+        sample: Option<&Value>,
+    ) -> Result<Vec<Value>, ConfigError> {
+        let settings = parse(config)?;
+        match sample {
+            Some(Value::Array(items)) => Ok(items.clone()),
+            Some(other) => Ok(vec![other.clone()]),
+            None => {
+                let mut record = settings.template;
+                record.insert("seq".into(), json!(0));
+                Ok(vec![Value::Object(record)])
+            }
+        }
+    }
+
     fn stall_after(&self, config: &Value) -> Option<Duration> {
         let settings = parse(config).ok()?;
         // An idle or finished generator makes no progress by design.
@@ -157,7 +172,7 @@ impl Connector for Generator {
                     let sent = batch.len() as u64;
                     tokio::select! {
                         () = ctx.cancel.cancelled() => return Ok(()),
-                        r = ctx.sink.write(batch) => r?,
+                        r = ctx.sink.write(batch) => { r?; }
                     }
                     ctx.health.records(sent);
                 }

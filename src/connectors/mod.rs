@@ -6,7 +6,9 @@
 //! does not decide when it runs (that is the supervisor's) nor map data (the transform's).
 
 pub mod generator;
+pub mod http_poll;
 pub mod sink;
+pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -109,6 +111,7 @@ struct HealthCounters {
     running_since_ms: AtomicI64,
     records: AtomicU64,
     errors: AtomicU64,
+    dead_lettered: AtomicU64,
 }
 
 impl Health {
@@ -145,6 +148,16 @@ impl Health {
         self.0.errors.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts `n` input records sent to dead letters.
+    pub fn dead_lettered(&self, n: u64) {
+        self.0.dead_lettered.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Input records sent to dead letters so far.
+    pub fn dead_lettered_total(&self) -> u64 {
+        self.0.dead_lettered.load(Ordering::Relaxed)
+    }
+
     /// Last progress, as Unix milliseconds (0: none yet).
     pub fn last_progress_ms(&self) -> i64 {
         self.0.last_progress_ms.load(Ordering::Relaxed)
@@ -161,6 +174,10 @@ impl Health {
     }
 }
 
+/// A worker's decrypted secrets, by name. Plaintext lives only here, in values that redact
+/// themselves and are zeroized when the last worker run holding them ends.
+pub type SecretMap = Arc<BTreeMap<String, crate::secrets::SecretString>>;
+
 /// Everything one run of a connector gets.
 #[derive(Clone)]
 pub struct RunContext {
@@ -170,12 +187,86 @@ pub struct RunContext {
     pub version: i32,
     /// The version's config (validated).
     pub config: Arc<serde_json::Value>,
-    /// Where records go.
+    /// The datasource's secrets.
+    pub secrets: SecretMap,
+    /// Where records go (through the version's transform).
     pub sink: sink::SinkHandle,
+    /// Where a pull source keeps its position.
+    pub cursor: CursorStore,
+    /// Push sources register their inbox here.
+    pub ingress: webhook::Ingress,
     /// Fires when the run must stop; a connector returns soon after.
     pub cancel: CancellationToken,
     /// Progress reporting.
     pub health: Health,
+}
+
+impl RunContext {
+    /// The plaintext of secret `name`, if the datasource has it.
+    pub fn secret(&self, name: &str) -> Option<&str> {
+        self.secrets.get(name).map(|s| s.expose())
+    }
+}
+
+/// A datasource's source position (`datasource_state.source_cursor`).
+#[derive(Clone)]
+pub struct CursorStore {
+    pool: deadpool_postgres::Pool,
+    datasource_id: Uuid,
+}
+
+impl CursorStore {
+    /// The store of `datasource_id`.
+    pub fn new(pool: deadpool_postgres::Pool, datasource_id: Uuid) -> Self {
+        Self {
+            pool,
+            datasource_id,
+        }
+    }
+
+    /// The saved position, if any.
+    ///
+    /// # Errors
+    /// [`Error::Source`] when the database cannot be read.
+    pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Source(format!("reading the cursor: {e}")))?;
+        crate::db::repository::state::load_cursor(&**client, self.datasource_id)
+            .await
+            .map_err(|e| Error::Source(format!("reading the cursor: {e}")))
+    }
+
+    /// Saves the position.
+    ///
+    /// # Errors
+    /// [`Error::Source`] when the database cannot be written.
+    pub async fn save(&self, cursor: &serde_json::Value) -> Result<(), Error> {
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Source(format!("saving the cursor: {e}")))?;
+        crate::db::repository::state::save_cursor(&**client, self.datasource_id, cursor)
+            .await
+            .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
+    }
+}
+
+/// An HTTP client for connectors and sinks: rustls with the ring provider, the given timeout.
+///
+/// # Errors
+/// [`Error::Source`] when the TLS stack cannot be set up.
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
+    // Installing twice is refused and harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        .build()
+        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
 }
 
 /// One kind of connector.
@@ -189,9 +280,61 @@ pub trait Connector: Send + Sync + 'static {
     /// The first field that is wrong.
     fn validate(&self, config: &serde_json::Value) -> Result<(), ConfigError>;
 
+    /// The secrets a run with this config needs (the kind's fixed ones by default).
+    fn required_secrets(&self, _config: &serde_json::Value) -> Vec<String> {
+        self.info()
+            .secrets
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+    }
+
+    /// The records the connector's logic finds in a sample payload, for the test harness:
+    /// by default an array gives its items and anything else is one record.
+    ///
+    /// # Errors
+    /// The sample is missing (for kinds that need one) or does not fit the config.
+    fn sample_records(
+        &self,
+        _config: &serde_json::Value,
+        sample: Option<&serde_json::Value>,
+    ) -> Result<Vec<serde_json::Value>, ConfigError> {
+        match sample {
+            None => Err(ConfigError::new(
+                "sample",
+                format!("kind {} needs a sample payload", self.info().name),
+            )),
+            Some(serde_json::Value::Array(items)) => Ok(items.clone()),
+            Some(other) => Ok(vec![other.clone()]),
+        }
+    }
+
     /// How long this config may go without progress before the worker counts as stalled
     /// (`None`: never, e.g. a push source with no traffic).
     fn stall_after(&self, config: &serde_json::Value) -> Option<Duration>;
+
+    /// Fetches one real sample payload from the source, for the test harness when asked.
+    ///
+    /// # Errors
+    /// The kind cannot fetch (push and synthetic kinds), or the fetch failed.
+    fn fetch_sample(
+        &self,
+        _config: &serde_json::Value,
+        _secrets: &SecretMap,
+    ) -> BoxFuture<Result<serde_json::Value, Error>> {
+        let name = self.info().name;
+        Box::pin(async move {
+            Err(Error::Source(format!(
+                "kind {name} cannot fetch a sample; give one"
+            )))
+        })
+    }
+
+    /// Whether the kind can work at all (e.g. its client library initialises); cached by the
+    /// catalog.
+    fn health_check(&self) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
 
     /// Runs until `ctx.cancel` fires (then returns `Ok`) or the source fails.
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>>;
@@ -201,6 +344,7 @@ pub trait Connector: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Catalog {
     kinds: BTreeMap<String, Arc<dyn Connector>>,
+    health: Arc<std::sync::Mutex<BTreeMap<String, KindHealth>>>,
 }
 
 impl Catalog {
@@ -208,6 +352,8 @@ impl Catalog {
     pub fn builtin() -> Self {
         let mut catalog = Self::default();
         catalog.register(Arc::new(generator::Generator::new()));
+        catalog.register(Arc::new(http_poll::HttpPoll::new()));
+        catalog.register(Arc::new(webhook::Webhook::new()));
         catalog
     }
 
@@ -226,10 +372,128 @@ impl Catalog {
     pub fn kinds(&self) -> impl Iterator<Item = &KindInfo> {
         self.kinds.values().map(|c| c.info())
     }
+
+    /// Checks a version before it is published: the kind exists, its major version is the
+    /// one the config was written for (`kind_version`, when given), the config matches the
+    /// kind's JSON Schema and its own checks, the transform compiles, and every secret the
+    /// config needs is among `secret_names`. Returns every problem found, each with its field.
+    ///
+    /// # Errors
+    /// The list of field violations.
+    pub fn check(
+        &self,
+        kind: &str,
+        config: &serde_json::Value,
+        secret_names: &[String],
+        limits: &crate::transform::Limits,
+    ) -> Result<(), Vec<ConfigError>> {
+        let Some(connector) = self.get(kind) else {
+            let known: Vec<&str> = self.kinds.keys().map(String::as_str).collect();
+            return Err(vec![ConfigError::new(
+                "kind",
+                format!(
+                    "unknown connector kind {kind:?}; known kinds: {}",
+                    known.join(", ")
+                ),
+            )]);
+        };
+        let mut problems = Vec::new();
+        let info = connector.info();
+        if let Some(wanted) = config.get("kind_version") {
+            let major = |v: &str| v.split('.').next().map(str::to_owned);
+            match wanted.as_str() {
+                Some(w) if major(w) == major(info.version) => {}
+                Some(w) => problems.push(ConfigError::new(
+                    "kind_version",
+                    format!(
+                        "written for {kind} {w}, but this registry runs {kind} {}",
+                        info.version
+                    ),
+                )),
+                None => problems.push(ConfigError::new("kind_version", "must be a version string")),
+            }
+        }
+        // The kind's schema covers the kind's own fields, not the registry's.
+        let mut own = config.clone();
+        if let Some(object) = own.as_object_mut() {
+            object.retain(|k, _| !VERSION_KEYS.contains(&k.as_str()));
+        }
+        match jsonschema::validator_for(&info.config_schema) {
+            Ok(schema) => problems.extend(schema.iter_errors(&own).map(|e| {
+                let path = e.instance_path().to_string();
+                ConfigError::new(
+                    path.trim_start_matches('/').replace('/', "."),
+                    e.to_string(),
+                )
+            })),
+            Err(e) => problems.push(ConfigError::new(
+                "kind",
+                format!("the kind's own schema is invalid: {e}"),
+            )),
+        }
+        if problems.is_empty()
+            && let Err(e) = connector.validate(config)
+        {
+            problems.push(e);
+        }
+        if let Err(e) = crate::transform::Transform::from_config(config, limits) {
+            problems.push(ConfigError::new(e.field(), e.to_string()));
+        }
+        for missing in connector
+            .required_secrets(config)
+            .into_iter()
+            .filter(|name| !secret_names.contains(name))
+        {
+            problems.push(ConfigError::new(
+                format!("secrets.{missing}"),
+                "this secret is required; put it before publishing",
+            ));
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// The kind's health, checked at most once per `max_age` (the API's default is 60 s).
+    pub async fn health(&self, kind: &str, max_age: Duration) -> Option<KindHealth> {
+        let connector = self.get(kind)?.clone();
+        if let Some(cached) = self
+            .health
+            .lock()
+            .ok()?
+            .get(kind)
+            .filter(|h| h.checked_at.elapsed() < max_age)
+        {
+            return Some(cached.clone());
+        }
+        let result = connector.health_check().await;
+        let health = KindHealth {
+            healthy: result.is_ok(),
+            detail: result.err().unwrap_or_default(),
+            checked_at: std::time::Instant::now(),
+        };
+        if let Ok(mut cache) = self.health.lock() {
+            cache.insert(kind.to_owned(), health.clone());
+        }
+        Some(health)
+    }
+}
+
+/// A kind's last health check.
+#[derive(Debug, Clone)]
+pub struct KindHealth {
+    /// Whether the kind can work (its dependencies are available).
+    pub healthy: bool,
+    /// Why not, when it cannot.
+    pub detail: String,
+    /// When it was checked.
+    pub checked_at: std::time::Instant,
 }
 
 /// Keys of a version's config that belong to the registry, not to the connector kind.
-pub const VERSION_KEYS: &[&str] = &["transform", "output_schema"];
+pub const VERSION_KEYS: &[&str] = &["transform", "output_schema", "kind_version"];
 
 /// Reads an optional non-negative number field of a config object.
 ///
@@ -248,5 +512,102 @@ pub(crate) fn optional_number(
                 format!("must be a non-negative number, got {v}"),
             )),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transform::Limits;
+    use serde_json::json;
+
+    fn fields(result: Result<(), Vec<ConfigError>>) -> Vec<String> {
+        result.unwrap_err().into_iter().map(|e| e.field).collect()
+    }
+
+    #[test]
+    fn publishing_checks_kind_schema_transform_secrets_and_kind_version() {
+        let catalog = Catalog::builtin();
+        let limits = Limits::default();
+        assert!(
+            catalog
+                .check("generator", &json!({ "rate_per_sec": 1 }), &[], &limits)
+                .is_ok()
+        );
+        assert_eq!(
+            fields(catalog.check("nope", &json!({}), &[], &limits)),
+            ["kind"]
+        );
+        assert_eq!(
+            fields(catalog.check("generator", &json!({ "rate_per_sec": "x" }), &[], &limits)),
+            ["rate_per_sec"]
+        );
+        assert_eq!(
+            fields(catalog.check(
+                "http_poll",
+                &json!({ "url": "http://x", "bearer_secret": "token" }),
+                &[],
+                &limits
+            )),
+            ["secrets.token"]
+        );
+        assert!(
+            catalog
+                .check(
+                    "http_poll",
+                    &json!({ "url": "http://x", "bearer_secret": "token" }),
+                    &["token".into()],
+                    &limits
+                )
+                .is_ok()
+        );
+        assert_eq!(
+            fields(catalog.check("webhook", &json!({}), &[], &limits)),
+            ["secrets.webhook_secret"]
+        );
+        assert_eq!(
+            fields(catalog.check(
+                "generator",
+                &json!({ "kind_version": "2.0.0" }),
+                &[],
+                &limits
+            )),
+            ["kind_version"]
+        );
+        assert!(
+            catalog
+                .check("generator", &json!({ "kind_version": "1.4" }), &[], &limits)
+                .is_ok()
+        );
+        assert_eq!(
+            fields(catalog.check(
+                "generator",
+                &json!({ "transform": "let x = ;" }),
+                &[],
+                &limits
+            )),
+            ["transform"]
+        );
+    }
+
+    #[tokio::test]
+    async fn kind_health_is_cached() {
+        let catalog = Catalog::builtin();
+        let first = catalog
+            .health("generator", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert!(first.healthy);
+        let second = catalog
+            .health("generator", Duration::from_secs(60))
+            .await
+            .unwrap();
+        assert_eq!(first.checked_at, second.checked_at, "served from the cache");
+        assert!(
+            catalog
+                .health("nope", Duration::from_secs(60))
+                .await
+                .is_none()
+        );
     }
 }

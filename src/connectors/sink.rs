@@ -1,88 +1,215 @@
-//! Sinks: where workers' records go. The `postgres` sink (the embedded default) batches the
-//! records of every worker into one `INSERT` per flush, through one writer task; its bounded
-//! queue is the backpressure workers feel.
+//! Sinks: where workers' records go, through the version's transform. One writer task
+//! drains every worker's records, flushing whatever has accumulated as soon as the previous
+//! flush is done (batched by size under load, no added delay at rest); its bounded queue is
+//! the backpressure workers feel, so a sink outage slows sources instead of dropping records.
+//!
+//! Targets: `postgres` (the embedded default: one statement per flush into
+//! `datasource_records`) and `http` (a JSON array POSTed to a gateway URL per flush; 429 with
+//! `Retry-After`, 5xx and connection errors are retried with backoff until they succeed).
+//! Delivery is at least once: a flush retried after a timeout may arrive twice. Records the
+//! transform refuses become dead letters in `datasource_dead_letters`, as do batches the
+//! gateway rejects outright (4xx other than 429).
+//!
+//! A connector writes with [`SinkHandle::write`] (queued) or [`SinkHandle::write_durable`]
+//! (returns once the records are committed: what a push source answers 202 on).
 
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
 use serde_json::Value;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
-use crate::db::repository::records::{self, RecordColumns};
+use crate::db::repository::records::{self, SinkColumns};
+use crate::transform::Transform;
 
 /// Records per flush at most.
-const MAX_BATCH: usize = 2_000;
+const MAX_BATCH: usize = 5_000;
 /// Queue capacity, in batches sent by workers.
 const QUEUE: usize = 1_024;
+
+/// An input record the transform refused, and why.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    /// The input record.
+    pub record: Value,
+    /// Short machine-readable reason.
+    pub code: &'static str,
+    /// The reason.
+    pub message: String,
+}
 
 struct Batch {
     datasource_id: Uuid,
     version: i32,
     epoch: i64,
     records: Vec<Value>,
+    dead: Vec<DeadLetter>,
+    ack: Option<oneshot::Sender<()>>,
 }
 
-/// A worker's handle on the sink, tagged with its datasource, version and fencing epoch.
+/// What became of written input records.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Output records queued (or committed) for the sink.
+    pub written: usize,
+    /// Input records sent to dead letters.
+    pub dead_lettered: usize,
+}
+
+/// A worker's handle on the sink: its datasource, version, fencing epoch and transform.
 #[derive(Clone)]
 pub struct SinkHandle {
     queue: mpsc::Sender<Batch>,
     datasource_id: Uuid,
     version: i32,
     epoch: i64,
+    transform: Transform,
+    health: super::Health,
 }
 
 impl SinkHandle {
-    /// Queues records for the next flush; waits while the queue is full.
+    /// Transforms `records` and queues the result for the next flush; waits while the queue
+    /// is full.
     ///
     /// # Errors
     /// [`Error::Sink`] when the sink has shut down.
-    pub async fn write(&self, records: Vec<Value>) -> Result<(), Error> {
+    pub async fn write(&self, records: Vec<Value>) -> Result<Outcome, Error> {
+        self.send(records, None).await
+    }
+
+    /// Like [`Self::write`], and returns only once the records are committed.
+    ///
+    /// # Errors
+    /// [`Error::Sink`] when the sink has shut down before committing them.
+    pub async fn write_durable(&self, records: Vec<Value>) -> Result<Outcome, Error> {
+        let (ack, committed) = oneshot::channel();
+        let outcome = self.send(records, Some(ack)).await?;
+        committed
+            .await
+            .map_err(|_| Error::Sink("the sink shut down before committing".into()))?;
+        Ok(outcome)
+    }
+
+    async fn send(
+        &self,
+        records: Vec<Value>,
+        ack: Option<oneshot::Sender<()>>,
+    ) -> Result<Outcome, Error> {
+        let (records, dead) = self.apply(records).await;
+        if !dead.is_empty() {
+            self.health.dead_lettered(dead.len() as u64);
+        }
+        let outcome = Outcome {
+            written: records.len(),
+            dead_lettered: dead.len(),
+        };
         self.queue
             .send(Batch {
                 datasource_id: self.datasource_id,
                 version: self.version,
                 epoch: self.epoch,
                 records,
+                dead,
+                ack,
             })
             .await
-            .map_err(|_| Error::Sink("the sink has shut down".into()))
+            .map_err(|_| Error::Sink("the sink has shut down".into()))?;
+        Ok(outcome)
+    }
+
+    /// Runs the transform; a script runs on the blocking pool, so a slow record (bounded by
+    /// the transform's deadline) never holds up the runtime other workers share.
+    async fn apply(&self, records: Vec<Value>) -> (Vec<Value>, Vec<DeadLetter>) {
+        if self.transform.is_identity() {
+            return (records, Vec::new());
+        }
+        let transform = self.transform.clone();
+        let run = move || {
+            let mut out = Vec::with_capacity(records.len());
+            let mut dead = Vec::new();
+            for record in records {
+                match transform.apply(&record) {
+                    Ok(outputs) => out.extend(outputs),
+                    Err(e) => dead.push(DeadLetter {
+                        record,
+                        code: e.code(),
+                        message: e.to_string(),
+                    }),
+                }
+            }
+            (out, dead)
+        };
+        // The closure does not panic; a failed join means the runtime is shutting down.
+        tokio::task::spawn_blocking(run).await.unwrap_or_default()
     }
 }
 
-/// The `postgres` sink: records land in `datasource_records`.
+/// Where flushed records go.
 #[derive(Clone)]
-pub struct PostgresSink {
+pub enum Target {
+    /// `datasource_records` in the registry's database.
+    Postgres,
+    /// A gateway URL that takes JSON arrays of records.
+    Http {
+        /// The client.
+        client: reqwest::Client,
+        /// The URL.
+        url: String,
+    },
+}
+
+/// The sink workers write to; cheap to clone.
+#[derive(Clone)]
+pub struct Sink {
     queue: mpsc::Sender<Batch>,
 }
 
-/// The writer task of a [`PostgresSink`].
-pub struct PostgresSinkWriter {
+/// The writer task of a [`Sink`].
+pub struct SinkWriter {
     pool: Pool,
+    target: Target,
     queue: mpsc::Receiver<Batch>,
 }
 
-impl PostgresSink {
-    /// A sink on `pool` and the writer that must run for it to drain.
-    pub fn new(pool: Pool) -> (Self, PostgresSinkWriter) {
+impl Sink {
+    /// A sink writing to `target` (dead letters always go to `pool`'s database), and the
+    /// writer that must run for it to drain.
+    pub fn new(pool: Pool, target: Target) -> (Self, SinkWriter) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        (Self { queue: tx }, PostgresSinkWriter { pool, queue: rx })
+        (
+            Self { queue: tx },
+            SinkWriter {
+                pool,
+                target,
+                queue: rx,
+            },
+        )
     }
 
     /// A handle for one worker run.
-    pub fn handle(&self, datasource_id: Uuid, version: i32, epoch: i64) -> SinkHandle {
+    pub fn handle(
+        &self,
+        datasource_id: Uuid,
+        version: i32,
+        epoch: i64,
+        transform: Transform,
+        health: super::Health,
+    ) -> SinkHandle {
         SinkHandle {
             queue: self.queue.clone(),
             datasource_id,
             version,
             epoch,
+            transform,
+            health,
         }
     }
 }
 
-impl PostgresSinkWriter {
+impl SinkWriter {
     /// Flushes queued records until `shutdown`, then drains what is queued.
     ///
     /// A failed flush is retried with a short pause; records are kept until they are written
@@ -99,18 +226,18 @@ impl PostgresSinkWriter {
                     },
                 }
             }
-            let mut size: usize = pending.iter().map(|b| b.records.len()).sum();
+            let mut size: usize = pending.iter().map(|b| b.records.len() + b.dead.len()).sum();
             while size < MAX_BATCH {
                 match self.queue.try_recv() {
                     Ok(b) => {
-                        size += b.records.len();
+                        size += b.records.len() + b.dead.len();
                         pending.push(b);
                     }
                     Err(_) => break,
                 }
             }
             match self.flush(&pending).await {
-                Ok(()) => pending.clear(),
+                Ok(()) => acknowledge(&mut pending),
                 Err(e) => {
                     tracing::warn!(error = %e, records = size, "sink flush failed; retrying");
                     tokio::select! {
@@ -124,24 +251,117 @@ impl PostgresSinkWriter {
         while let Ok(b) = self.queue.try_recv() {
             pending.push(b);
         }
-        if !pending.is_empty()
-            && let Err(e) = self.flush(&pending).await
-        {
-            tracing::error!(error = %e, "final sink flush failed; queued records lost");
+        if !pending.is_empty() {
+            match self.flush(&pending).await {
+                Ok(()) => acknowledge(&mut pending),
+                Err(e) => {
+                    tracing::error!(error = %e, "final sink flush failed; queued records lost")
+                }
+            }
         }
     }
 
     async fn flush(&self, batches: &[Batch]) -> Result<(), crate::db::Error> {
-        let mut rows = RecordColumns::default();
+        let rejected = match &self.target {
+            Target::Postgres => None,
+            Target::Http { client, url } => post(client, url, batches).await,
+        };
+        let mut rows = SinkColumns::default();
         for b in batches {
-            for r in &b.records {
-                rows.datasource_ids.push(b.datasource_id);
-                rows.versions.push(b.version);
-                rows.epochs.push(b.epoch);
-                rows.records.push(r);
+            if matches!(self.target, Target::Postgres) {
+                for r in &b.records {
+                    rows.datasource_ids.push(b.datasource_id);
+                    rows.versions.push(b.version);
+                    rows.epochs.push(b.epoch);
+                    rows.records.push(r);
+                }
             }
+            let refused = rejected
+                .as_deref()
+                .map(|reason| b.records.iter().map(move |r| (r, "sink_rejected", reason)));
+            let dead = b
+                .dead
+                .iter()
+                .map(|d| (&d.record, d.code, d.message.as_str()));
+            for (record, code, message) in dead.chain(refused.into_iter().flatten()) {
+                rows.dead_datasource_ids.push(b.datasource_id);
+                rows.dead_versions.push(b.version);
+                rows.dead_epochs.push(b.epoch);
+                rows.dead_records.push(record);
+                rows.dead_codes.push(code);
+                rows.dead_errors.push(message);
+            }
+        }
+        if rows.records.is_empty() && rows.dead_records.is_empty() {
+            return Ok(());
         }
         let client = self.pool.get().await?;
         records::append(&**client, &rows).await
+    }
+}
+
+/// POSTs every record of `batches` as one JSON array, retrying until the gateway takes it;
+/// returns the gateway's reason when it refuses the batch for good (a 4xx other than 429).
+async fn post(client: &reqwest::Client, url: &str, batches: &[Batch]) -> Option<String> {
+    let body: Vec<Value> = batches
+        .iter()
+        .flat_map(|b| {
+            b.records.iter().map(move |r| {
+                serde_json::json!({
+                    "datasource_id": b.datasource_id,
+                    "version": b.version,
+                    "epoch": b.epoch,
+                    "record": r,
+                })
+            })
+        })
+        .collect();
+    if body.is_empty() {
+        return None;
+    }
+    let body = serde_json::to_vec(&body).unwrap_or_default();
+    let mut attempt: u32 = 0;
+    loop {
+        let sent = client
+            .post(url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.clone())
+            .send()
+            .await;
+        let wait = match sent {
+            Ok(response) if response.status().is_success() => return None,
+            Ok(response) if response.status() == reqwest::StatusCode::TOO_MANY_REQUESTS => response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok()?.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s.min(60))),
+            Ok(response) if response.status().is_client_error() => {
+                return Some(format!(
+                    "the gateway refused the batch: {}",
+                    response.status()
+                ));
+            }
+            Ok(response) => {
+                tracing::warn!(status = %response.status(), attempt, "http sink: gateway error; retrying");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.without_url(), attempt, "http sink: request failed; retrying");
+                None
+            }
+        };
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << attempt.min(9))
+            .min(Duration::from_secs(30));
+        tokio::time::sleep(wait.unwrap_or(backoff)).await;
+        attempt = attempt.saturating_add(1);
+    }
+}
+
+fn acknowledge(pending: &mut Vec<Batch>) {
+    for batch in pending.drain(..) {
+        if let Some(ack) = batch.ack {
+            let _ = ack.send(());
+        }
     }
 }

@@ -23,6 +23,16 @@ const DOWN: &[(i32, &str, &str)] = &[
         "records",
         include_str!("../../migrations/down/V2__records.down.sql"),
     ),
+    (
+        3,
+        "dead_letters",
+        include_str!("../../migrations/down/V3__dead_letters.down.sql"),
+    ),
+    (
+        4,
+        "secrets_generation",
+        include_str!("../../migrations/down/V4__secrets_generation.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

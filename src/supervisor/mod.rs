@@ -32,13 +32,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
-use crate::connectors::{Catalog, Health};
+use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::state::{self, Desired, Heartbeat, Transition};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
+use crate::secrets::Secrets as SecretsService;
+use crate::transform::{Limits, Transform};
 use worker::{Spec, WorkerEnv};
 
 /// A completed reconcile pass, reported to observers (benchmarks, metrics).
@@ -63,6 +65,8 @@ pub struct SupervisorConfig {
     pub retry_delay: Duration,
     /// Receives every completed pass.
     pub passes: Option<mpsc::UnboundedSender<Pass>>,
+    /// Limits every transform runs under.
+    pub limits: Limits,
 }
 
 impl Default for SupervisorConfig {
@@ -72,12 +76,14 @@ impl Default for SupervisorConfig {
             heartbeat_interval: Duration::from_secs(10),
             retry_delay: Duration::from_secs(1),
             passes: None,
+            limits: Limits::default(),
         }
     }
 }
 
-/// What makes a running worker current: its version and restart generation.
-type SpecKey = (i32, i64);
+/// What makes a running worker current: its version, restart generation and secrets
+/// generation.
+type SpecKey = (i32, i64, i64);
 
 struct Worker {
     key: SpecKey,
@@ -104,6 +110,8 @@ pub struct Supervisor {
     /// Published specs that failed validation with no worker running (reported once).
     failed: HashMap<Uuid, SpecKey>,
     reader: Option<OutboxReader>,
+    /// Opens the workers' secrets; `None` when no master key is configured.
+    secrets: Option<Arc<SecretsService>>,
 }
 
 impl Supervisor {
@@ -114,8 +122,10 @@ impl Supervisor {
         config: SupervisorConfig,
         env: WorkerEnv,
         tracker: TaskTracker,
+        secrets: Option<Arc<SecretsService>>,
     ) -> Self {
         Self {
+            secrets,
             pool,
             catalog,
             config,
@@ -275,13 +285,14 @@ impl Supervisor {
 
     async fn apply(&mut self, rows: Vec<Desired>, fetch_configs: bool) -> Result<(), Error> {
         let mut need_config = Vec::new();
+        let mut to_build = Vec::new();
         for row in rows {
             let id = row.datasource_id;
             let wanted = (row.status == DatasourceStatus::Active
                 && row.desired == DesiredState::Running)
                 .then_some(row.version)
                 .flatten()
-                .map(|v| (v, row.restart_generation));
+                .map(|v| (v, row.restart_generation, row.secrets_generation));
             let Some(key) = wanted else {
                 self.failed.remove(&id);
                 if self.workers.contains_key(&id) {
@@ -303,10 +314,14 @@ impl Supervisor {
                 continue;
             }
             match row.config {
-                Some(_) => self.converge(row, key),
                 None if fetch_configs => need_config.push(id),
-                None => self.converge(row, key),
+                _ => to_build.push((row, key)),
             }
+        }
+        let mut secrets = self.open_secrets(&to_build).await;
+        for (row, key) in to_build {
+            let opened = secrets.remove(&row.datasource_id);
+            self.converge(row, key, opened);
         }
         if !need_config.is_empty() {
             Box::pin(self.reconcile(&need_config)).await?;
@@ -314,11 +329,52 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Opens the secrets of the datasources whose configs need some, in one query.
+    async fn open_secrets(
+        &self,
+        rows: &[(Desired, SpecKey)],
+    ) -> HashMap<Uuid, Result<SecretMap, String>> {
+        let needing: Vec<Uuid> = rows
+            .iter()
+            .filter(|(row, _)| {
+                let connector = self.catalog.get(&row.kind);
+                let config = row.config.as_ref();
+                matches!((connector, config), (Some(c), Some(config)) if !c.required_secrets(config).is_empty())
+            })
+            .map(|(row, _)| row.datasource_id)
+            .collect();
+        if needing.is_empty() {
+            return HashMap::new();
+        }
+        let Some(service) = &self.secrets else {
+            return needing
+                .into_iter()
+                .map(|id| (id, Err("no secrets key is configured".to_owned())))
+                .collect();
+        };
+        let client = match self.pool.get().await {
+            Ok(client) => client,
+            Err(e) => {
+                let reason = format!("secrets unavailable: {e}");
+                return needing
+                    .into_iter()
+                    .map(|id| (id, Err(reason.clone())))
+                    .collect();
+            }
+        };
+        let mut opened = HashMap::with_capacity(needing.len());
+        for id in needing {
+            let result = service.open_all(&**client, id).await;
+            opened.insert(id, result.map(Arc::new).map_err(|e| e.to_string()));
+        }
+        opened
+    }
+
     /// Starts, or hot-reloads, a datasource whose tables want `key`: the new spec is built
     /// and validated first; an invalid one never touches a running worker.
-    fn converge(&mut self, row: Desired, key: SpecKey) {
+    fn converge(&mut self, row: Desired, key: SpecKey, secrets: Option<Result<SecretMap, String>>) {
         let id = row.datasource_id;
-        match self.build(&row, key) {
+        match self.build(&row, key, secrets) {
             Ok(spec) => {
                 let stall_after = spec.connector.stall_after(&spec.config);
                 if let Some(worker) = self.workers.get_mut(&id) {
@@ -331,8 +387,8 @@ impl Supervisor {
                     self.start_worker(spec, key, stall_after);
                 }
             }
-            Err(reason) => {
-                tracing::info!(datasource_id = %id, version = key.0, reason, "published version refused");
+            Err((code, reason)) => {
+                tracing::info!(datasource_id = %id, version = key.0, code, reason, "published version refused");
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.rejected = Some(key);
                     self.env.writer.send(Transition {
@@ -346,7 +402,7 @@ impl Supervisor {
                             datasource_id: Some(id),
                             kind: "reload_rejected".into(),
                             version: Some(key.0),
-                            payload: json!({ "reason": reason, "running_version": worker.key.0 }),
+                            payload: json!({ "code": code, "reason": reason, "running_version": worker.key.0 }),
                         }),
                     });
                 } else {
@@ -355,14 +411,14 @@ impl Supervisor {
                         datasource_id: id,
                         status: Some(WorkerStatus::Error),
                         running_version: None,
-                        error: Some(Some(("invalid_config".into(), reason.clone()))),
+                        error: Some(Some((code.into(), reason.clone()))),
                         restart_count: None,
                         event: Some(NewEvent {
                             at: None,
                             datasource_id: Some(id),
                             kind: "worker_error".into(),
                             version: Some(key.0),
-                            payload: json!({ "code": "invalid_config", "message": reason }),
+                            payload: json!({ "code": code, "message": reason }),
                         }),
                     });
                 }
@@ -371,23 +427,49 @@ impl Supervisor {
     }
 
     /// Builds a worker spec from the tables, or says why it cannot run.
-    fn build(&self, row: &Desired, key: SpecKey) -> Result<Spec, String> {
+    fn build(
+        &self,
+        row: &Desired,
+        key: SpecKey,
+        secrets: Option<Result<SecretMap, String>>,
+    ) -> Result<Spec, (&'static str, String)> {
         let connector = self
             .catalog
             .get(&row.kind)
-            .ok_or_else(|| format!("unknown connector kind {:?}", row.kind))?
+            .ok_or_else(|| {
+                (
+                    "unknown_kind",
+                    format!("unknown connector kind {:?}", row.kind),
+                )
+            })?
             .clone();
         let config = row
             .config
             .clone()
-            .ok_or_else(|| format!("version {} has no config", key.0))?;
-        connector.validate(&config).map_err(|e| e.to_string())?;
+            .ok_or_else(|| ("invalid_config", format!("version {} has no config", key.0)))?;
+        connector
+            .validate(&config)
+            .map_err(|e| ("invalid_config", e.to_string()))?;
+        let transform = Transform::from_config(&config, &self.config.limits)
+            .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let secrets = secrets
+            .unwrap_or_else(|| Ok(SecretMap::default()))
+            .map_err(|e| ("secret_unavailable", e))?;
+        if let Some(missing) = connector
+            .required_secrets(&config)
+            .into_iter()
+            .find(|name| !secrets.contains_key(name))
+        {
+            return Err(("secret_missing", format!("secret {missing:?} is missing")));
+        }
         Ok(Spec {
             datasource_id: row.datasource_id,
             version: key.0,
             generation: key.1,
             config: Arc::new(config),
             connector,
+            transform,
+            secrets,
         })
     }
 
@@ -442,6 +524,7 @@ impl Supervisor {
                 metrics: json!({
                     "records_total": worker.health.records_total(),
                     "errors_total": worker.health.errors_total(),
+                    "dead_lettered_total": worker.health.dead_lettered_total(),
                 }),
             });
             let (Some(limit), true) = (worker.stall_after, running_since > 0) else {

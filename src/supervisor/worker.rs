@@ -14,11 +14,13 @@ use uuid::Uuid;
 
 use super::backoff::{BackoffPolicy, Failures};
 use super::writer::WriterHandle;
-use crate::connectors::sink::PostgresSink;
-use crate::connectors::{Connector, Error, Health, RunContext};
+use crate::connectors::sink::Sink;
+use crate::connectors::webhook::Ingress;
+use crate::connectors::{Connector, CursorStore, Error, Health, RunContext, SecretMap};
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::state::Transition;
 use crate::domain::WorkerStatus;
+use crate::transform::Transform;
 
 /// What a worker runs: a validated version of a datasource.
 #[derive(Clone)]
@@ -33,6 +35,10 @@ pub struct Spec {
     pub config: Arc<serde_json::Value>,
     /// The kind.
     pub connector: Arc<dyn Connector>,
+    /// The version's compiled transform.
+    pub transform: Transform,
+    /// The datasource's secrets, opened for this run.
+    pub secrets: SecretMap,
 }
 
 /// A worker's start, reported to observers (benchmarks and tests).
@@ -50,7 +56,7 @@ pub struct Started {
 #[derive(Clone)]
 pub struct WorkerEnv {
     /// Where records go.
-    pub sink: PostgresSink,
+    pub sink: Sink,
     /// Where transitions go.
     pub writer: WriterHandle,
     /// Restart pacing.
@@ -61,6 +67,10 @@ pub struct WorkerEnv {
     pub epoch: i64,
     /// Start observer.
     pub started: Option<mpsc::UnboundedSender<Started>>,
+    /// For the pull sources' cursors.
+    pub pool: deadpool_postgres::Pool,
+    /// The push sources' inboxes.
+    pub ingress: Ingress,
 }
 
 fn transition(
@@ -124,7 +134,16 @@ pub async fn run(
             datasource_id: id,
             version: spec.version,
             config: spec.config.clone(),
-            sink: env.sink.handle(id, spec.version, env.epoch),
+            secrets: spec.secrets.clone(),
+            sink: env.sink.handle(
+                id,
+                spec.version,
+                env.epoch,
+                spec.transform.clone(),
+                health.clone(),
+            ),
+            cursor: CursorStore::new(env.pool.clone(), id),
+            ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),
         };

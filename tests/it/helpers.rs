@@ -388,11 +388,24 @@ impl TestDb {
         what: &str,
         check: impl Fn(&dsreg::db::repository::state::State) -> bool,
     ) -> dsreg::db::repository::state::State {
-        wait_for(what, Duration::from_secs(15), || async {
-            let state = self.state(datasource).await;
-            check(&state).then_some(state)
-        })
-        .await
+        let last = std::sync::Mutex::new(None);
+        let waited = tokio::time::timeout(
+            Duration::from_secs(15),
+            wait_for(what, Duration::from_secs(16), || async {
+                let state = self.state(datasource).await;
+                let done = check(&state);
+                *last.lock().unwrap() = Some(state.clone());
+                done.then_some(state)
+            }),
+        )
+        .await;
+        match waited {
+            Ok(state) => state,
+            Err(_) => panic!(
+                "timed out waiting for {what}; last state: {:?}",
+                last.lock().unwrap()
+            ),
+        }
     }
 
     /// Event types of a datasource, oldest first.
@@ -433,4 +446,32 @@ impl TestDb {
             .unwrap()
             .get(0)
     }
+}
+
+/// Puts a secret the way the API does, sealed under `master_keys`.
+pub async fn put_secret(
+    db: &TestDb,
+    master_keys: &str,
+    datasource: uuid::Uuid,
+    name: &str,
+    value: &str,
+) {
+    use dsreg::secrets::{EnvKeyProvider, SecretString, Secrets};
+    let service = Secrets::new(std::sync::Arc::new(
+        EnvKeyProvider::parse(master_keys, None).unwrap(),
+    ));
+    let mut client = db.client().await;
+    let tx = repo::begin(&mut client, &WriteContext::actor("test"))
+        .await
+        .unwrap();
+    service
+        .put(
+            &tx,
+            datasource,
+            name,
+            &SecretString::new(value.to_owned()).unwrap(),
+        )
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
 }

@@ -1,9 +1,11 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
+mod connectors;
 mod helpers;
 mod launcher;
 mod migrations;
 mod outbox;
 mod publish;
+mod secrets;
 mod serve;
 mod supervisor;

@@ -1,5 +1,8 @@
-//! The HTTP port: `/healthz` (the process is alive) and `/readyz` (the database answers and
-//! the schema is migrated). Served until the shutdown token is cancelled.
+//! The HTTP port: `/healthz` (the process is alive), `/readyz` (the database answers and the
+//! schema is migrated) and the webhook ingress `POST /ingest/{datasource_id}`. Served until
+//! the shutdown token is cancelled.
+
+mod ingest;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,23 +10,26 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::get;
+use axum::routing::{get, post};
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::connectors::webhook::Ingress;
 use crate::db;
 
-/// What `/readyz` checks.
+/// What the HTTP handlers share.
 #[derive(Clone)]
-pub struct Readiness {
-    /// The pool to ping.
+pub struct HttpState {
+    /// The pool (readiness, unknown-datasource checks).
     pub pool: Pool,
+    /// The running webhook workers' inboxes.
+    pub ingress: Ingress,
 }
 
-impl Readiness {
+impl HttpState {
     /// Whether the registry can serve: the database answers and holds the latest schema.
-    pub async fn check(&self) -> Result<(), String> {
+    pub async fn ready(&self) -> Result<(), String> {
         let probe = async {
             let client = self
                 .pool
@@ -46,15 +52,16 @@ impl Readiness {
 }
 
 /// The HTTP router.
-pub fn router(readiness: Readiness) -> Router {
+pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(Arc::new(readiness))
+        .route("/ingest/{datasource_id}", post(ingest::ingest))
+        .with_state(Arc::new(state))
 }
 
-async fn readyz(State(readiness): State<Arc<Readiness>>) -> (StatusCode, String) {
-    match readiness.check().await {
+async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
+    match state.ready().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,13 +1,14 @@
-//! The `datasource_records` table: what the `postgres` sink writes.
+//! The sink tables: `datasource_records` (what the `postgres` sink writes) and
+//! `datasource_dead_letters` (inputs the transform refused).
 
 use uuid::Uuid;
 
 use super::GenericClient;
 use crate::db::Error;
 
-/// Records of many workers, column by column.
+/// Records and dead letters of many workers, column by column.
 #[derive(Debug, Default)]
-pub struct RecordColumns<'a> {
+pub struct SinkColumns<'a> {
     /// Datasource of each record.
     pub datasource_ids: Vec<Uuid>,
     /// Version that produced it.
@@ -16,22 +17,44 @@ pub struct RecordColumns<'a> {
     pub epochs: Vec<i64>,
     /// The record.
     pub records: Vec<&'a serde_json::Value>,
+    /// Dead letters: datasource.
+    pub dead_datasource_ids: Vec<Uuid>,
+    /// Dead letters: version.
+    pub dead_versions: Vec<i32>,
+    /// Dead letters: epoch.
+    pub dead_epochs: Vec<i64>,
+    /// Dead letters: the input record.
+    pub dead_records: Vec<&'a serde_json::Value>,
+    /// Dead letters: error code.
+    pub dead_codes: Vec<&'a str>,
+    /// Dead letters: error message.
+    pub dead_errors: Vec<&'a str>,
 }
 
-/// Appends records in one statement.
+/// Appends records and dead letters in one statement (one transaction).
 ///
 /// # Errors
 /// The statement failed; nothing was written.
-pub async fn append(client: &impl GenericClient, rows: &RecordColumns<'_>) -> Result<(), Error> {
+pub async fn append(client: &impl GenericClient, rows: &SinkColumns<'_>) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO datasource_records (datasource_id, version, epoch, record)
+            "WITH dead AS (
+                INSERT INTO datasource_dead_letters (datasource_id, version, epoch, record, error_code, error)
+                SELECT * FROM unnest($5::uuid[], $6::int[], $7::bigint[], $8::jsonb[], $9::text[], $10::text[])
+             )
+             INSERT INTO datasource_records (datasource_id, version, epoch, record)
              SELECT * FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::jsonb[])",
             &[
                 &rows.datasource_ids,
                 &rows.versions,
                 &rows.epochs,
                 &rows.records,
+                &rows.dead_datasource_ids,
+                &rows.dead_versions,
+                &rows.dead_epochs,
+                &rows.dead_records,
+                &rows.dead_codes,
+                &rows.dead_errors,
             ],
         )
         .await?;

@@ -1,6 +1,7 @@
 //! The `datasource_secrets` table: ciphertext, nonce and key version per (datasource, name).
 //! It stores and returns sealed bytes only; sealing and opening is the `secrets` module's.
-//! A put or a delete writes a `secret_changed` event (names only), so the worker reloads.
+//! A put or a delete bumps the datasource's `secrets_generation` and writes a
+//! `secret_changed` event (names only), so the worker hot-reloads with the new credentials.
 
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Row, Transaction};

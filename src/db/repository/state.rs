@@ -201,6 +201,12 @@ pub struct Desired {
     pub desired: DesiredState,
     /// Bumped by restart requests.
     pub restart_generation: i64,
+    /// Bumped by every secret put or delete.
+    pub secrets_generation: i64,
+    /// Tenant: organisation (secrets are keyed by tenant).
+    pub org: String,
+    /// Tenant: project.
+    pub project: String,
     /// The published version.
     pub version: Option<i32>,
     /// The published version's config, when asked for.
@@ -222,7 +228,7 @@ pub async fn desired(
     let rows = client
         .query(
             "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
-                    v.config, s.worker_status
+                    v.config, s.worker_status, s.secrets_generation, d.org, d.project
              FROM datasources d
              JOIN datasource_state s ON s.datasource_id = d.id
              LEFT JOIN datasource_versions v
@@ -243,6 +249,9 @@ pub async fn desired(
                 version: r.get(5),
                 config: r.get(6),
                 worker_status: r.get::<_, &str>(7).parse().map_err(parse_err)?,
+                secrets_generation: r.get(8),
+                org: r.get(9),
+                project: r.get(10),
             })
         })
         .collect()
@@ -378,6 +387,41 @@ pub async fn heartbeat(client: &impl GenericClient, beats: &[Heartbeat]) -> Resu
              FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
              WHERE s.datasource_id = u.id",
             &[&ids, &progress, &metrics],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A pull source's saved position.
+///
+/// # Errors
+/// The query failed.
+pub async fn load_cursor(
+    client: &impl GenericClient,
+    datasource: Uuid,
+) -> Result<Option<serde_json::Value>, Error> {
+    Ok(client
+        .query_opt(
+            "SELECT source_cursor FROM datasource_state WHERE datasource_id = $1",
+            &[&datasource],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
+/// Saves a pull source's position.
+///
+/// # Errors
+/// The query failed.
+pub async fn save_cursor(
+    client: &impl GenericClient,
+    datasource: Uuid,
+    cursor: &serde_json::Value,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE datasource_state SET source_cursor = $2 WHERE datasource_id = $1",
+            &[&datasource, cursor],
         )
         .await?;
     Ok(())

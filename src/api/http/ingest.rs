@@ -1,0 +1,174 @@
+//! `POST /ingest/{datasource_id}`: the webhook ingress. The body (one JSON record, an array,
+//! or NDJSON) is verified against the datasource's HMAC key and handed to its running worker;
+//! 202 is answered only once the records are committed.
+//!
+//! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 404 unknown
+//! datasource, 413 over the size limit, 415 wrong content type, 429 inbox full (with
+//! `Retry-After`), 503 worker not running.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::HttpState;
+use crate::connectors::webhook::Refusal;
+use crate::db::repository::datasources;
+use crate::domain::DatasourceStatus;
+
+/// How long a delivery may wait for its commit before the sender is told to retry.
+const COMMIT_WAIT: Duration = Duration::from_secs(30);
+
+fn answer(status: StatusCode, message: &str) -> Response {
+    (status, axum::Json(json!({ "error": message }))).into_response()
+}
+
+pub(super) async fn ingest(
+    State(state): State<Arc<HttpState>>,
+    Path(datasource): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Ok(id) = Uuid::parse_str(&datasource) else {
+        return answer(StatusCode::NOT_FOUND, "unknown datasource");
+    };
+    let Some(inbox) = state.ingress.inbox(id) else {
+        return not_running(&state, id).await;
+    };
+    let ndjson = match headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(t) if t.starts_with("application/json") => false,
+        Some(t) if t.starts_with("application/x-ndjson") || t.starts_with("application/ndjson") => {
+            true
+        }
+        _ => {
+            return answer(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "content type must be application/json or application/x-ndjson",
+            );
+        }
+    };
+    if headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n > inbox.max_body_bytes)
+    {
+        return answer(StatusCode::PAYLOAD_TOO_LARGE, "body over the size limit");
+    }
+    // Read at most the limit: an oversized body is refused, not buffered.
+    let Ok(bytes) = to_bytes(body, inbox.max_body_bytes).await else {
+        return answer(StatusCode::PAYLOAD_TOO_LARGE, "body over the size limit");
+    };
+    let signature = headers
+        .get(inbox.signature_header.as_str())
+        .and_then(|v| v.to_str().ok());
+    if inbox.verify(&bytes, signature).is_err() {
+        return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature");
+    }
+    let records = match parse(&bytes, ndjson) {
+        Ok(records) => records,
+        Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+    };
+    let count = records.len();
+    let committed = match inbox.offer(records) {
+        Ok(committed) => committed,
+        Err(Refusal::Busy) => {
+            let mut response = answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "the datasource's queue is full; retry later",
+            );
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            return response;
+        }
+        Err(_) => {
+            return answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the datasource's worker is not running",
+            );
+        }
+    };
+    match tokio::time::timeout(COMMIT_WAIT, committed).await {
+        Ok(Ok(Ok(outcome))) => (
+            StatusCode::ACCEPTED,
+            axum::Json(json!({
+                "accepted": count,
+                "written": outcome.written,
+                "dead_lettered": outcome.dead_lettered,
+            })),
+        )
+            .into_response(),
+        _ => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the records were not committed; retry",
+        ),
+    }
+}
+
+/// 404 for a datasource that does not exist (or is archived), 503 for one whose worker is
+/// not running here.
+async fn not_running(state: &HttpState, id: Uuid) -> Response {
+    let Ok(client) = state.pool.get().await else {
+        return answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the registry cannot reach its database",
+        );
+    };
+    match datasources::get(&**client, id).await {
+        Ok(ds) if ds.status != DatasourceStatus::Archived => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the datasource's worker is not running",
+        ),
+        Ok(_) | Err(crate::db::Error::DatasourceNotFound(_)) => {
+            answer(StatusCode::NOT_FOUND, "unknown datasource")
+        }
+        Err(_) => answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the registry cannot reach its database",
+        ),
+    }
+}
+
+/// One JSON record, an array of records, or NDJSON (one record per line).
+fn parse(bytes: &[u8], ndjson: bool) -> Result<Vec<Value>, String> {
+    if ndjson {
+        return bytes
+            .split(|b| *b == b'\n')
+            .enumerate()
+            .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace))
+            .map(|(i, line)| {
+                serde_json::from_slice(line).map_err(|e| format!("line {}: {e}", i + 1))
+            })
+            .collect();
+    }
+    match serde_json::from_slice(bytes).map_err(|e| format!("body is not JSON: {e}"))? {
+        Value::Array(items) => Ok(items),
+        other => Ok(vec![other]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse;
+
+    #[test]
+    fn bodies_parse_as_one_record_an_array_or_ndjson() {
+        assert_eq!(parse(br#"{"a":1}"#, false).unwrap().len(), 1);
+        assert_eq!(parse(br#"[{"a":1},{"a":2}]"#, false).unwrap().len(), 2);
+        assert_eq!(parse(b"{\"a\":1}\n\n{\"a\":2}\n", true).unwrap().len(), 2);
+        assert!(
+            parse(b"{\"a\":1}\nnope", true)
+                .unwrap_err()
+                .starts_with("line 2")
+        );
+        assert!(parse(b"{", false).is_err());
+    }
+}

@@ -1,0 +1,403 @@
+//! The `webhook` kind (push): the HTTP port's `POST /ingest/{datasource_id}` hands verified
+//! bodies to the datasource's running worker through its inbox.
+//!
+//! Config: `max_body_bytes` (default 1 MiB), `queue_capacity` (deliveries waiting for the
+//! worker; beyond it senders get 429), `signature_header` (default `x-dsreg-signature`).
+//! Secret: `webhook_secret`, the HMAC-SHA256 key; the signature header carries
+//! `sha256=<hex of HMAC(body)>`.
+//!
+//! A delivery is answered 202 only once its records are committed by the sink, so nothing
+//! accepted is lost; a full inbox is backpressure (429), a stopped worker is 503.
+
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::Duration;
+
+use hmac::{Hmac, KeyInit, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::sink::Outcome;
+use super::{
+    BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext, VERSION_KEYS,
+    optional_number,
+};
+
+/// The secret holding the HMAC key.
+pub const SECRET: &str = "webhook_secret";
+/// Default signature header.
+pub const SIGNATURE_HEADER: &str = "x-dsreg-signature";
+const DEFAULT_MAX_BODY: usize = 1 << 20;
+const MAX_BODY_LIMIT: usize = 64 << 20;
+const DEFAULT_QUEUE: usize = 256;
+
+static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
+    name: "webhook",
+    version: "1.0.0",
+    summary: "records pushed to POST /ingest/{datasource_id}, HMAC-SHA256 signed",
+    config_schema: json!({
+        "type": "object",
+        "properties": {
+            "max_body_bytes": { "type": "integer", "minimum": 1, "maximum": MAX_BODY_LIMIT, "default": DEFAULT_MAX_BODY },
+            "queue_capacity": { "type": "integer", "minimum": 1, "maximum": 65_536, "default": DEFAULT_QUEUE },
+            "signature_header": { "type": "string", "default": SIGNATURE_HEADER }
+        }
+    }),
+    secrets: &[SECRET],
+    mode: Mode::Push,
+    can_backfill: false,
+});
+
+/// A delivery handed to a worker: records, and where to say what became of them.
+pub struct Delivery {
+    /// Parsed records.
+    pub records: Vec<Value>,
+    /// Answered once the records are committed (or refused).
+    pub reply: oneshot::Sender<Result<Outcome, String>>,
+}
+
+/// A running webhook worker's inbox.
+#[derive(Clone)]
+pub struct Inbox {
+    queue: mpsc::Sender<Delivery>,
+    key: Arc<Vec<u8>>,
+    /// Largest accepted body.
+    pub max_body_bytes: usize,
+    /// The header carrying the signature.
+    pub signature_header: String,
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("signature_header", &self.signature_header)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a delivery was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Missing or wrong signature.
+    BadSignature,
+    /// The inbox is full.
+    Busy,
+    /// The worker stopped.
+    Stopped,
+}
+
+impl Inbox {
+    /// Checks `signature` (`sha256=<hex>`) against the body, in constant time.
+    pub fn verify(&self, body: &[u8], signature: Option<&str>) -> Result<(), Refusal> {
+        let hex = signature
+            .and_then(|s| s.trim().strip_prefix("sha256="))
+            .ok_or(Refusal::BadSignature)?;
+        let expected = decode_hex(hex).ok_or(Refusal::BadSignature)?;
+        let mut mac =
+            Hmac::<Sha256>::new_from_slice(&self.key).map_err(|_| Refusal::BadSignature)?;
+        mac.update(body);
+        mac.verify_slice(&expected)
+            .map_err(|_| Refusal::BadSignature)
+    }
+
+    /// Hands records to the worker without waiting for room.
+    pub fn offer(
+        &self,
+        records: Vec<Value>,
+    ) -> Result<oneshot::Receiver<Result<Outcome, String>>, Refusal> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Delivery { records, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => Refusal::Busy,
+                mpsc::error::TrySendError::Closed(_) => Refusal::Stopped,
+            })?;
+        Ok(answer)
+    }
+}
+
+fn decode_hex(hex: &str) -> Option<Vec<u8>> {
+    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
+        return None;
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The signature a sender puts in the header for `body` under `key`: `sha256=<hex>`.
+pub fn sign(key: &[u8], body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC accepts keys of any length");
+    mac.update(body);
+    let bytes = mac.finalize().into_bytes();
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sha256={hex}")
+}
+
+/// The inboxes of the running webhook workers, by datasource; shared with the HTTP port.
+#[derive(Clone, Default)]
+pub struct Ingress(Arc<RwLock<HashMap<Uuid, Inbox>>>);
+
+impl Ingress {
+    /// The inbox of a running worker.
+    pub fn inbox(&self, datasource: Uuid) -> Option<Inbox> {
+        self.0.read().ok()?.get(&datasource).cloned()
+    }
+
+    fn register(&self, datasource: Uuid, inbox: Inbox) -> Registration {
+        if let Ok(mut map) = self.0.write() {
+            map.insert(datasource, inbox.clone());
+        }
+        Registration {
+            ingress: self.clone(),
+            datasource,
+            queue: inbox.queue,
+        }
+    }
+}
+
+/// Removes an inbox when its worker run ends (unless a newer run replaced it).
+struct Registration {
+    ingress: Ingress,
+    datasource: Uuid,
+    queue: mpsc::Sender<Delivery>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.ingress.0.write()
+            && map
+                .get(&self.datasource)
+                .is_some_and(|i| i.queue.same_channel(&self.queue))
+        {
+            map.remove(&self.datasource);
+        }
+    }
+}
+
+/// The `webhook` connector.
+#[derive(Debug, Default)]
+pub struct Webhook;
+
+impl Webhook {
+    /// The kind.
+    pub fn new() -> Self {
+        Self
+    }
+}
+
+struct Settings {
+    max_body_bytes: usize,
+    queue_capacity: usize,
+    signature_header: String,
+}
+
+fn parse(config: &Value) -> Result<Settings, ConfigError> {
+    let object = config
+        .as_object()
+        .ok_or_else(|| ConfigError::new("", "must be a JSON object"))?;
+    if let Some(unknown) = object.keys().find(|k| {
+        !matches!(
+            k.as_str(),
+            "max_body_bytes" | "queue_capacity" | "signature_header"
+        ) && !VERSION_KEYS.contains(&k.as_str())
+    }) {
+        return Err(ConfigError::new(
+            unknown.clone(),
+            "unknown field for kind webhook",
+        ));
+    }
+    let max_body_bytes =
+        optional_number(config, "max_body_bytes")?.unwrap_or(DEFAULT_MAX_BODY as f64);
+    if max_body_bytes < 1.0 || max_body_bytes > MAX_BODY_LIMIT as f64 {
+        return Err(ConfigError::new(
+            "max_body_bytes",
+            format!("must be from 1 to {MAX_BODY_LIMIT}"),
+        ));
+    }
+    let queue_capacity = optional_number(config, "queue_capacity")?.unwrap_or(DEFAULT_QUEUE as f64);
+    if !(1.0..=65_536.0).contains(&queue_capacity) {
+        return Err(ConfigError::new(
+            "queue_capacity",
+            "must be from 1 to 65536",
+        ));
+    }
+    let signature_header = match config.get("signature_header") {
+        None | Some(Value::Null) => SIGNATURE_HEADER.to_owned(),
+        Some(Value::String(s)) if axum::http::HeaderName::from_bytes(s.as_bytes()).is_ok() => {
+            s.to_ascii_lowercase()
+        }
+        Some(other) => {
+            return Err(ConfigError::new(
+                "signature_header",
+                format!("is not a header name: {other}"),
+            ));
+        }
+    };
+    Ok(Settings {
+        max_body_bytes: max_body_bytes as usize,
+        queue_capacity: queue_capacity as usize,
+        signature_header,
+    })
+}
+
+impl Connector for Webhook {
+    fn info(&self) -> &KindInfo {
+        &INFO
+    }
+
+    fn validate(&self, config: &Value) -> Result<(), ConfigError> {
+        parse(config).map(|_| ())
+    }
+
+    fn stall_after(&self, _config: &Value) -> Option<Duration> {
+        // No traffic is not a fault of a push source.
+        None
+    }
+
+    fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>> {
+        Box::pin(async move {
+            let settings = parse(&ctx.config)?;
+            let key = ctx
+                .secret(SECRET)
+                .ok_or_else(|| Error::Config(ConfigError::new(SECRET, "secret is missing")))?
+                .as_bytes()
+                .to_vec();
+            let (queue, mut deliveries) = mpsc::channel(settings.queue_capacity);
+            let _registration = ctx.ingress.register(
+                ctx.datasource_id,
+                Inbox {
+                    queue,
+                    key: Arc::new(key),
+                    max_body_bytes: settings.max_body_bytes,
+                    signature_header: settings.signature_header,
+                },
+            );
+            // Deliveries are transformed and committed concurrently (the sink groups their
+            // commits); each is answered when its own records are committed.
+            let mut inflight = tokio::task::JoinSet::new();
+            let mut failed = None;
+            loop {
+                let delivery = tokio::select! {
+                    () = ctx.cancel.cancelled() => break,
+                    Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                        if let Ok(Err(e)) = done {
+                            failed = Some(e);
+                            break;
+                        }
+                        continue;
+                    }
+                    // At most `queue_capacity` deliveries in flight: beyond that the inbox
+                    // fills and senders get 429.
+                    d = deliveries.recv(), if inflight.len() < settings.queue_capacity => match d {
+                        Some(d) => d,
+                        None => break,
+                    },
+                };
+                let (sink, health) = (ctx.sink.clone(), ctx.health.clone());
+                inflight.spawn(async move {
+                    let count = delivery.records.len() as u64;
+                    match sink.write_durable(delivery.records).await {
+                        Ok(outcome) => {
+                            health.records(count);
+                            let _ = delivery.reply.send(Ok(outcome));
+                            Ok(())
+                        }
+                        Err(e) => {
+                            let _ = delivery.reply.send(Err(e.to_string()));
+                            Err(e)
+                        }
+                    }
+                });
+            }
+            // What was handed to the sink is answered once committed.
+            while let Some(done) = inflight.join_next().await {
+                if let Ok(Err(e)) = done {
+                    failed.get_or_insert(e);
+                }
+            }
+            // Deliveries still queued were never accepted: their senders get 503 and retry.
+            deliveries.close();
+            while let Ok(d) = deliveries.try_recv() {
+                let _ = d.reply.send(Err("the worker stopped".into()));
+            }
+            failed.map_or(Ok(()), Err)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inbox(key: &[u8]) -> (Inbox, mpsc::Receiver<Delivery>) {
+        let (queue, rx) = mpsc::channel(1);
+        (
+            Inbox {
+                queue,
+                key: Arc::new(key.to_vec()),
+                max_body_bytes: 10,
+                signature_header: SIGNATURE_HEADER.into(),
+            },
+            rx,
+        )
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_same_key_and_body() {
+        let (inbox, _rx) = inbox(b"k1");
+        let body = br#"{"a":1}"#;
+        assert_eq!(inbox.verify(body, Some(&sign(b"k1", body))), Ok(()));
+        assert_eq!(
+            inbox.verify(body, Some(&sign(b"k2", body))),
+            Err(Refusal::BadSignature)
+        );
+        assert_eq!(
+            inbox.verify(b"{}", Some(&sign(b"k1", body))),
+            Err(Refusal::BadSignature)
+        );
+        for bad in [
+            None,
+            Some(""),
+            Some("sha256=zz"),
+            Some("md5=00"),
+            Some("sha256=abc"),
+        ] {
+            assert_eq!(
+                inbox.verify(body, bad),
+                Err(Refusal::BadSignature),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_full_inbox_is_busy_and_a_closed_one_stopped() {
+        let (inbox, rx) = inbox(b"k");
+        let _first = inbox.offer(vec![json!(1)]).unwrap();
+        assert_eq!(inbox.offer(vec![json!(2)]).unwrap_err(), Refusal::Busy);
+        drop(rx);
+        assert_eq!(inbox.offer(vec![json!(3)]).unwrap_err(), Refusal::Stopped);
+    }
+
+    #[test]
+    fn configs_are_checked() {
+        let w = Webhook::new();
+        assert!(w.validate(&json!({})).is_ok());
+        assert_eq!(
+            w.validate(&json!({"max_body_bytes": 0})).unwrap_err().field,
+            "max_body_bytes"
+        );
+        assert_eq!(
+            w.validate(&json!({"signature_header": "bad header"}))
+                .unwrap_err()
+                .field,
+            "signature_header"
+        );
+        assert_eq!(w.required_secrets(&json!({})), [SECRET]);
+    }
+}

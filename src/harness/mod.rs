@@ -1,0 +1,193 @@
+//! The test harness: runs a version's connector logic and transform once on a sample
+//! payload, sandboxed and under a deadline, and reports the output, the records that would be
+//! dead-lettered, what the script printed, warnings and timings. It never writes to a live
+//! sink and never touches a running worker, so a draft can be tried while its datasource's
+//! published version keeps running. Secrets are used only to fetch a real sample when asked
+//! (`http_poll`); the report holds records and script output, never secret values.
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::connectors::{Catalog, ConfigError, SecretMap};
+use crate::transform::{self, Limits, Transform};
+
+/// What to try.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The connector kind.
+    pub kind: String,
+    /// The version's config (with its `transform` and `output_schema`).
+    pub config: Value,
+    /// Payloads as the source would deliver them (webhook bodies, polled responses); kinds
+    /// that can make their own (the generator) accept none.
+    pub samples: Vec<Value>,
+    /// With no samples, let a pull kind fetch one real sample from its source (`http_poll`).
+    pub fetch_sample: bool,
+    /// The datasource's secrets, for a fetched sample; never part of the report.
+    pub secrets: SecretMap,
+}
+
+/// A record the transform refused.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Which sample payload it came from.
+    pub sample: usize,
+    /// Position of the input record within that payload.
+    pub index: usize,
+    /// Short machine-readable reason.
+    pub code: &'static str,
+    /// The reason.
+    pub message: String,
+}
+
+/// What a test run produced.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// Input records the connector logic found in the sample.
+    pub inputs: usize,
+    /// Output records, in order.
+    pub outputs: Vec<Value>,
+    /// Inputs that would go to dead letters.
+    pub rejected: Vec<Rejected>,
+    /// What the script printed.
+    pub logs: Vec<String>,
+    /// Things worth a look that are not errors.
+    pub warnings: Vec<String>,
+    /// Time to validate the config and compile the transform.
+    pub compile: Duration,
+    /// Time to run the transform over the inputs.
+    pub run: Duration,
+}
+
+/// Why a test run could not happen at all.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No such connector kind.
+    #[error("unknown connector kind {0:?}")]
+    UnknownKind(String),
+    /// The config is refused by the kind.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The transform or output schema does not compile.
+    #[error(transparent)]
+    Compile(#[from] transform::CompileError),
+    /// The run exceeded the harness deadline.
+    #[error("the test run exceeded its deadline of {0:?}")]
+    Deadline(Duration),
+    /// Fetching a real sample failed.
+    #[error("fetching a sample failed: {0}")]
+    Fetch(String),
+}
+
+impl Error {
+    /// Test runs are deterministic: retrying the same request cannot help.
+    pub fn is_retryable(&self) -> bool {
+        false
+    }
+}
+
+/// Most input records one test run takes.
+pub const MAX_INPUTS: usize = 1_000;
+/// The deadline of a run when the caller gives none.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(2);
+/// The longest deadline a caller may ask for.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Runs `request` once. The transform runs on the blocking pool under `limits` (its per-record
+/// deadline) and the whole run under `deadline` (`None`: [`DEFAULT_DEADLINE`]; capped at
+/// [`MAX_DEADLINE`]).
+///
+/// # Errors
+/// [`Error`] when nothing could run; per-record failures are in the report instead.
+pub async fn run(
+    catalog: &Catalog,
+    request: Request,
+    limits: &Limits,
+    deadline: Option<Duration>,
+) -> Result<Report, Error> {
+    let deadline = deadline.unwrap_or(DEFAULT_DEADLINE).min(MAX_DEADLINE);
+    tokio::time::timeout(deadline, run_within(catalog, request, limits))
+        .await
+        .map_err(|_| Error::Deadline(deadline))?
+}
+
+async fn run_within(catalog: &Catalog, request: Request, limits: &Limits) -> Result<Report, Error> {
+    let started = Instant::now();
+    let connector = catalog
+        .get(&request.kind)
+        .ok_or_else(|| Error::UnknownKind(request.kind.clone()))?;
+    connector.validate(&request.config)?;
+    let transform = Transform::from_config(&request.config, limits)?;
+    let mut samples = request.samples;
+    if samples.is_empty() && request.fetch_sample {
+        let fetched = connector
+            .fetch_sample(&request.config, &request.secrets)
+            .await
+            .map_err(|e| Error::Fetch(e.to_string()))?;
+        samples.push(fetched);
+    }
+    // (sample, index) of every input record.
+    let mut positions = Vec::new();
+    let mut inputs = Vec::new();
+    if samples.is_empty() {
+        inputs = connector.sample_records(&request.config, None)?;
+        positions.extend((0..inputs.len()).map(|i| (0, i)));
+    }
+    for (n, sample) in samples.iter().enumerate() {
+        let found = connector.sample_records(&request.config, Some(sample))?;
+        positions.extend((0..found.len()).map(|i| (n, i)));
+        inputs.extend(found);
+    }
+    let mut report = Report {
+        compile: started.elapsed(),
+        ..Report::default()
+    };
+    if inputs.len() > MAX_INPUTS {
+        report.warnings.push(format!(
+            "the sample holds {} records; only the first {MAX_INPUTS} were run",
+            inputs.len()
+        ));
+        inputs.truncate(MAX_INPUTS);
+    }
+    if request.config.get("output_schema").is_none() {
+        report
+            .warnings
+            .push("no output_schema: outputs are not validated".to_owned());
+    }
+    report.inputs = inputs.len();
+    let ran = Instant::now();
+    let work = tokio::task::spawn_blocking(move || {
+        let mut outputs = Vec::new();
+        let mut rejected = Vec::new();
+        let mut logs = Vec::new();
+        for (record, (sample, index)) in inputs.iter().zip(positions) {
+            let (result, printed) = transform.apply_traced(record);
+            logs.extend(printed);
+            match result {
+                Ok(out) => outputs.extend(out),
+                Err(e) => rejected.push(Rejected {
+                    sample,
+                    index,
+                    code: e.code(),
+                    message: e.to_string(),
+                }),
+            }
+        }
+        (outputs, rejected, logs)
+    });
+    // Each record is bounded by the transform's own deadline; the run's is the caller's.
+    let (outputs, rejected, logs) = work
+        .await
+        .map_err(|e| Error::Fetch(format!("the run failed: {e}")))?;
+    report.run = ran.elapsed();
+    if outputs.is_empty() && rejected.is_empty() && report.inputs > 0 {
+        report
+            .warnings
+            .push("the transform dropped every record".to_owned());
+    }
+    report.outputs = outputs;
+    report.rejected = rejected;
+    report.logs = logs;
+    Ok(report)
+}

@@ -1,0 +1,223 @@
+//! The Rhai engine a transform runs in, and the per-call state its hooks read.
+//!
+//! The engine is built once per [`Transform`](super::Transform) and shared by every thread
+//! that applies it, so what differs per call (the deadline, whether `print` is captured)
+//! lives in thread-locals set by [`Call::begin`] around one evaluation. Rhai evaluates on
+//! the caller's thread, so the hooks see the state of the call that triggered them.
+
+use std::cell::{Cell, RefCell};
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use rhai::packages::{
+    ArithmeticPackage, BasicArrayPackage, BasicBlobPackage, BasicFnPackage, BasicIteratorPackage,
+    BasicMapPackage, BasicMathPackage, BasicStringPackage, BitFieldPackage, LogicPackage,
+    MoreStringPackage, Package,
+};
+use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, NativeCallContext};
+
+use super::Limits;
+
+/// Variables alive at once. Loops reuse theirs, so this bounds the memory a script can pin
+/// with distinct `let`s (each value is itself capped by the size limits).
+pub(super) const MAX_VARIABLES: usize = 1_000;
+/// The deadline is read every this many operations (a power of two): an operation costs tens
+/// of nanoseconds, `Instant::now()` about twenty, so this keeps the check under 1 %.
+const DEADLINE_CHECK_EVERY: u64 = 256;
+/// Captured `print`/`debug` output per call, so a printing loop cannot grow it unbounded.
+const MAX_TRACE_LINES: usize = 1_000;
+const MAX_TRACE_BYTES: usize = 64 * 1024;
+
+rhai::def_package! {
+    /// Rhai's standard library without `LanguageCorePackage` (it brings `sleep`, which blocks
+    /// the thread where no deadline check can run, plus `exit` and reflection) and without
+    /// `BasicTimePackage` (clocks make output depend on when a record ran).
+    SandboxPackage(lib):
+        ArithmeticPackage,
+        LogicPackage,
+        BitFieldPackage,
+        BasicStringPackage,
+        MoreStringPackage,
+        BasicIteratorPackage,
+        BasicFnPackage,
+        BasicMathPackage,
+        BasicArrayPackage,
+        BasicBlobPackage,
+        BasicMapPackage
+    {}
+}
+
+/// The package is built once per process: building it registers hundreds of functions.
+fn package() -> &'static SandboxPackage {
+    static PACKAGE: OnceLock<SandboxPackage> = OnceLock::new();
+    PACKAGE.get_or_init(SandboxPackage::new)
+}
+
+/// Builds the sandboxed engine for one transform.
+///
+/// `Engine::new_raw` has no module resolver (and the crate is built with `no_module`), no
+/// `print` to stdout and no packages; only [`SandboxPackage`] is added, which has no file,
+/// network, process, environment or clock access.
+pub(super) fn engine(limits: &Limits) -> Engine {
+    let mut engine = Engine::new_raw();
+    package().register_into_engine(&mut engine);
+    engine.disable_symbol("eval");
+    // `record` is the only free variable; anything else unknown is a typo, caught at publish.
+    engine.set_strict_variables(true);
+    // Rhai reads 0 as "unlimited" for these, so a zero limit is raised to 1 instead.
+    engine.set_max_operations(limits.max_operations.max(1));
+    engine.set_max_call_levels(limits.max_call_depth);
+    let expr_depth = limits.max_expr_depth.max(1);
+    engine.set_max_expr_depths(expr_depth, expr_depth);
+    engine.set_max_string_size(limits.max_string_bytes.max(1));
+    engine.set_max_array_size(limits.max_array_len.max(1));
+    engine.set_max_map_size(limits.max_map_len.max(1));
+    engine.set_max_variables(MAX_VARIABLES);
+    register_checked_replace(&mut engine);
+    engine.on_progress(|operations| {
+        if operations % DEADLINE_CHECK_EVERY != 0 {
+            return None;
+        }
+        match DEADLINE.with(Cell::get) {
+            Some(deadline) if Instant::now() >= deadline => Some(Dynamic::UNIT),
+            _ => None,
+        }
+    });
+    engine.on_print(|text| trace(|| text.to_owned()));
+    engine.on_debug(|text, _source, pos| {
+        trace(|| match pos.line() {
+            Some(line) => format!("[debug line {line}] {text}"),
+            None => format!("[debug] {text}"),
+        })
+    });
+    engine
+}
+
+/// Shadows the standard `replace` functions that can grow a string: Rhai measures their result
+/// only once it is built, and replacing each of 64 Ki characters by 64 KiB builds 4 GiB first.
+/// Functions in the engine's own namespace are found before the package's.
+fn register_checked_replace(engine: &mut Engine) {
+    engine.register_fn(
+        "replace",
+        |ctx: NativeCallContext, s: &mut ImmutableString, find: &str, with: &str| {
+            replace_checked(&ctx, s, find, with)
+        },
+    );
+    engine.register_fn(
+        "replace",
+        |ctx: NativeCallContext, s: &mut ImmutableString, find: &str, with: char| {
+            replace_checked(&ctx, s, find, with.encode_utf8(&mut [0; 4]))
+        },
+    );
+    engine.register_fn(
+        "replace",
+        |ctx: NativeCallContext, s: &mut ImmutableString, find: char, with: &str| {
+            replace_checked(&ctx, s, find.encode_utf8(&mut [0; 4]), with)
+        },
+    );
+}
+
+/// `s.replace(find, with)` in place, refused before allocating when the result would exceed
+/// the engine's string limit.
+fn replace_checked(
+    ctx: &NativeCallContext,
+    s: &mut ImmutableString,
+    find: &str,
+    with: &str,
+) -> Result<(), Box<EvalAltResult>> {
+    if s.is_empty() {
+        return Ok(());
+    }
+    if with.len() > find.len() {
+        // An empty pattern matches at every character boundary, as `str::replace` does.
+        let matches = if find.is_empty() {
+            s.chars().count() + 1
+        } else {
+            s.matches(find).count()
+        };
+        let grown = matches.saturating_mul(with.len() - find.len());
+        let max = ctx.engine().max_string_size();
+        if max > 0 && s.len().saturating_add(grown) > max {
+            return Err(EvalAltResult::ErrorDataTooLarge(
+                "Length of string".to_owned(),
+                ctx.call_position(),
+            )
+            .into());
+        }
+    }
+    *s = s.replace(find, with).into();
+    Ok(())
+}
+
+thread_local! {
+    /// The deadline of the evaluation running on this thread, if any.
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// Where `print`/`debug` go during a traced evaluation; `None` discards them.
+    static TRACE: RefCell<Option<Trace>> = const { RefCell::new(None) };
+}
+
+#[derive(Default)]
+struct Trace {
+    lines: Vec<String>,
+    bytes: usize,
+    dropped: usize,
+}
+
+/// Appends a line to the current trace, if the call is traced; `line` runs only then.
+fn trace(line: impl FnOnce() -> String) {
+    TRACE.with(|t| {
+        let mut t = t.borrow_mut();
+        let Some(t) = t.as_mut() else { return };
+        let line = line();
+        if t.lines.len() >= MAX_TRACE_LINES || t.bytes + line.len() > MAX_TRACE_BYTES {
+            t.dropped += 1;
+        } else {
+            t.bytes += line.len();
+            t.lines.push(line);
+        }
+    });
+}
+
+/// The per-call state of one evaluation on this thread; restores the previous state on drop,
+/// so a panic cannot leave a stale deadline behind.
+pub(super) struct Call {
+    previous_deadline: Option<Instant>,
+    previous_trace: Option<Trace>,
+}
+
+impl Call {
+    /// Arms `deadline` (none when it does not fit in an `Instant`) and, when `traced`,
+    /// starts capturing `print`/`debug`.
+    pub(super) fn begin(deadline: Option<Instant>, traced: bool) -> Call {
+        let previous_deadline = DEADLINE.with(|d| d.replace(deadline));
+        let previous_trace = TRACE.with(|t| t.replace(traced.then(Trace::default)));
+        Call {
+            previous_deadline,
+            previous_trace,
+        }
+    }
+
+    /// Ends the call, returning what it printed (empty when not traced).
+    pub(super) fn finish(self) -> Vec<String> {
+        let trace = TRACE.with(|t| t.borrow_mut().take());
+        // `self` drops here and restores the previous state.
+        let Some(mut trace) = trace else {
+            return Vec::new();
+        };
+        if trace.dropped > 0 {
+            trace.lines.push(format!(
+                "[{} more lines dropped: output is capped at {MAX_TRACE_LINES} lines and {MAX_TRACE_BYTES} bytes]",
+                trace.dropped
+            ));
+        }
+        trace.lines
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        DEADLINE.with(|d| d.set(self.previous_deadline));
+        let previous = self.previous_trace.take();
+        TRACE.with(|t| *t.borrow_mut() = previous);
+    }
+}
