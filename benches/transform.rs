@@ -11,6 +11,8 @@
 //! CPU time (one core), so other work on the machine does not skew them; the wall-clock rate
 //! is shown beside each.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
@@ -79,7 +81,7 @@ fn main() {
             format!("≥ {TARGET_RUNS_PER_S:.0} runs/s"),
         ),
     ];
-    print_table(
+    common::print_table(
         &format!("transform benchmark: {seconds}s per run, {RECORDS} distinct input records"),
         &rows,
     );
@@ -182,14 +184,4 @@ fn output_schema() -> Value {
         },
         "additionalProperties": false,
     })
-}
-
-/// Prints a markdown table of (figure, value, target), as the other benches do.
-fn print_table(title: &str, rows: &[(String, String, String)]) {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    println!("\n{title} ({cpus} CPUs)\n");
-    println!("| figure | value | target |\n| --- | --- | --- |");
-    for (figure, value, target) in rows {
-        println!("| {figure} | {value} | {target} |");
-    }
 }
