@@ -112,15 +112,11 @@ impl Connector for Generator {
         sample: Option<&Value>,
     ) -> Result<Vec<Value>, ConfigError> {
         let settings = parse(config)?;
-        match sample {
-            Some(Value::Array(items)) => Ok(items.clone()),
-            Some(other) => Ok(vec![other.clone()]),
-            None => {
-                let mut record = settings.template;
-                record.insert("seq".into(), json!(0));
-                Ok(vec![Value::Object(record)])
-            }
-        }
+        Ok(sample.map(super::records_in).unwrap_or_else(|| {
+            let mut record = settings.template;
+            record.insert("seq".into(), json!(0));
+            vec![Value::Object(record)]
+        }))
     }
 
     fn stall_after(&self, config: &Value) -> Option<Duration> {

@@ -221,15 +221,15 @@ impl Connector for HttpPoll {
         let settings = parse(config)?;
         let document = sample
             .ok_or_else(|| ConfigError::new("sample", "http_poll needs a sample response body"))?;
-        match document.pointer(&settings.record_path) {
-            Some(Value::Array(items)) => Ok(items.clone()),
-            Some(Value::Null) => Ok(Vec::new()),
-            Some(other) => Ok(vec![other.clone()]),
-            None => Err(ConfigError::new(
-                "record_path",
-                format!("the sample has nothing at {:?}", settings.record_path),
-            )),
-        }
+        document
+            .pointer(&settings.record_path)
+            .map(super::records_in)
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "record_path",
+                    format!("the sample has nothing at {:?}", settings.record_path),
+                )
+            })
     }
 
     fn fetch_sample(
@@ -438,12 +438,7 @@ async fn fetch(
             settings.record_path
         ))
     })?;
-    let records = match found {
-        Value::Array(items) => items.clone(),
-        Value::Null => Vec::new(),
-        other => vec![other.clone()],
-    };
-    Ok(Some((etag, records)))
+    Ok(Some((etag, super::records_in(found))))
 }
 
 /// A reqwest error's text without its URL (which may carry credentials in its query).

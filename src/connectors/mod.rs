@@ -492,6 +492,15 @@ pub struct KindHealth {
     pub checked_at: std::time::Instant,
 }
 
+/// The records in a payload: an array's items, nothing for `null`, else the value itself.
+pub(crate) fn records_in(payload: &serde_json::Value) -> Vec<serde_json::Value> {
+    match payload {
+        serde_json::Value::Array(items) => items.clone(),
+        serde_json::Value::Null => Vec::new(),
+        other => vec![other.clone()],
+    }
+}
+
 /// Keys of a version's config that belong to the registry, not to the connector kind.
 pub const VERSION_KEYS: &[&str] = &["transform", "output_schema", "kind_version"];
 

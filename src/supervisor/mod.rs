@@ -584,18 +584,11 @@ fn stall_transition(id: Uuid, version: i32, stalled: bool, idle: Duration) -> Tr
     } else {
         (WorkerStatus::Running, "worker_running")
     };
-    Transition {
-        datasource_id: id,
-        status: Some(status),
-        running_version: Some(version),
-        error: None,
-        restart_count: None,
-        event: Some(NewEvent {
-            at: None,
-            datasource_id: Some(id),
-            kind: kind.into(),
-            version: Some(version),
-            payload: json!({ "idle_ms": idle.as_millis() as u64, "recovered": !stalled }),
-        }),
-    }
+    worker::transition(
+        id,
+        status,
+        version,
+        kind,
+        json!({ "idle_ms": idle.as_millis() as u64, "recovered": !stalled }),
+    )
 }

@@ -73,7 +73,8 @@ pub struct WorkerEnv {
     pub ingress: Ingress,
 }
 
-fn transition(
+/// A transition to `status` on `version`, recorded by an `event` with `payload`.
+pub(super) fn transition(
     id: Uuid,
     status: WorkerStatus,
     version: i32,
