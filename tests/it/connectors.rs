@@ -674,3 +674,40 @@ async fn the_http_sink_honours_retry_after_retries_server_errors_and_delivers_ev
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_tampered_secret_keeps_the_worker_from_starting_and_flags_the_datasource() {
+    let db = TestDb::new().await;
+    let app = spawn(&db).await;
+    let ds = db.datasource_of("tampered", "webhook").await;
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds.id, "webhook_secret", "canary-7c1f").await;
+    db.client()
+        .await
+        .execute(
+            "UPDATE datasource_secrets SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 1)
+             WHERE datasource_id = $1",
+            &[&ds.id],
+        )
+        .await
+        .unwrap();
+    let v = db.version(ds.id, json!({})).await;
+    db.publish_sql(ds.id, v).await;
+    let state = db
+        .wait_for_state(ds.id, "the datasource flagged", |s| {
+            s.worker_status == WorkerStatus::Error
+        })
+        .await;
+    assert_eq!(state.error_code.as_deref(), Some("secret_unavailable"));
+    let message = state.error_message.unwrap();
+    assert!(
+        message.contains("webhook_secret") && !message.contains("canary-7c1f"),
+        "{message}"
+    );
+    assert!(
+        !db.event_kinds(ds.id)
+            .await
+            .contains(&"worker_starting".to_owned()),
+        "the worker was not started"
+    );
+    app.stop().await.unwrap();
+}
