@@ -5,6 +5,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+pub mod principal;
+
 /// Generated protobuf types and service stubs for `dsreg.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]
 pub mod pb {
@@ -31,6 +33,13 @@ impl pb::registry_server::Registry for RegistryService {
             instance_id: self.instance_id.clone(),
             schema_version: self.schema_version,
         }))
+    }
+
+    async fn get_registry_metrics(
+        &self,
+        _request: Request<pb::GetRegistryMetricsRequest>,
+    ) -> Result<Response<pb::RegistryMetrics>, Status> {
+        Err(Status::unimplemented("GetRegistryMetrics"))
     }
 }
 
