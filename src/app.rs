@@ -121,6 +121,8 @@ pub struct App {
     pub secrets: Option<Arc<Secrets>>,
     /// Where workers' records go.
     pub sink_target: Target,
+    /// Limits of test runs' transforms.
+    pub limits: crate::transform::Limits,
 }
 
 impl App {
@@ -154,6 +156,7 @@ impl App {
             written: None,
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
+            limits: settings.transform_limits(),
         })
     }
 
@@ -197,6 +200,9 @@ impl App {
         if let Some(written) = self.written {
             writer.observe(written);
         }
+        writer.signal(self.listener_stats.activity.clone());
+        let grpc_catalog = self.catalog.clone();
+        let grpc_secrets = self.secrets.clone();
         let (sink, sink_writer) = Sink::new(self.pool.clone(), self.sink_target);
         let ingress = Ingress::default();
         let env = WorkerEnv {
@@ -239,13 +245,21 @@ impl App {
             api::http::router(http_state),
             shutdown.child_token(),
         ));
-        let registry = api::grpc::RegistryService {
+        let grpc_ctx = Arc::new(api::grpc::Ctx {
+            pool: self.pool.clone(),
+            catalog: grpc_catalog,
+            secrets: grpc_secrets,
+            limits: self.limits,
+            activity: self.listener_stats.activity.clone(),
+            listener_stats: self.listener_stats.clone(),
             instance_id: self.instance_id,
             schema_version: self.schema_version,
-        };
+            shutdown: shutdown.child_token(),
+            tracker: tracker.clone(),
+        });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,
-            registry,
+            grpc_ctx,
             shutdown.child_token(),
         ));
         tracker.close();

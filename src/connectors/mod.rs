@@ -213,14 +213,16 @@ impl RunContext {
 pub struct CursorStore {
     pool: deadpool_postgres::Pool,
     datasource_id: Uuid,
+    generation: i64,
 }
 
 impl CursorStore {
-    /// The store of `datasource_id`.
-    pub fn new(pool: deadpool_postgres::Pool, datasource_id: Uuid) -> Self {
+    /// The store of `datasource_id` for the worker started at restart `generation`.
+    pub fn new(pool: deadpool_postgres::Pool, datasource_id: Uuid, generation: i64) -> Self {
         Self {
             pool,
             datasource_id,
+            generation,
         }
     }
 
@@ -239,7 +241,7 @@ impl CursorStore {
             .map_err(|e| Error::Source(format!("reading the cursor: {e}")))
     }
 
-    /// Saves the position.
+    /// Saves the position; a worker superseded by a restart or backfill saves nothing.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be written.
@@ -249,9 +251,15 @@ impl CursorStore {
             .get()
             .await
             .map_err(|e| Error::Source(format!("saving the cursor: {e}")))?;
-        crate::db::repository::state::save_cursor(&**client, self.datasource_id, cursor)
-            .await
-            .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
+        crate::db::repository::state::save_cursor(
+            &**client,
+            self.datasource_id,
+            self.generation,
+            cursor,
+        )
+        .await
+        .map(|_| ())
+        .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
     }
 }
 

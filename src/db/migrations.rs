@@ -33,6 +33,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "secrets_generation",
         include_str!("../../migrations/down/V4__secrets_generation.down.sql"),
     ),
+    (
+        5,
+        "event_ids_after_xid",
+        include_str!("../../migrations/down/V5__event_ids_after_xid.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

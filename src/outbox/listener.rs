@@ -40,6 +40,8 @@ pub struct ListenerStats {
     pub reconnects: AtomicU64,
     /// Whether the connection is up now.
     pub connected: AtomicBool,
+    /// Bumped on every notification.
+    pub activity: super::Activity,
 }
 
 /// Listener settings.
@@ -209,6 +211,7 @@ impl Listener {
                     Some(notification) => {
                         let payload = notification.payload();
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
+                        self.stats.activity.bump();
                         let hint = parse_payload(payload).unwrap_or_else(|reason| {
                             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(reason, bytes = payload.len(), "malformed notification on {CHANNEL}; treated as a wake-up");

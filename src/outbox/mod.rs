@@ -2,10 +2,12 @@
 //! rows into an ordered stream without skipping a row committed out of id order, and the
 //! dedicated LISTEN connection that wakes it.
 
+pub mod activity;
 pub mod listener;
 pub mod notifications;
 pub mod reader;
 
+pub use activity::Activity;
 pub use reader::OutboxReader;
 
 /// The channel the schema's trigger NOTIFYs.

@@ -143,7 +143,7 @@ pub async fn run(
                 spec.transform.clone(),
                 health.clone(),
             ),
-            cursor: CursorStore::new(env.pool.clone(), id),
+            cursor: CursorStore::new(env.pool.clone(), id, spec.generation),
             ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),

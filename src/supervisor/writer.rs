@@ -51,6 +51,7 @@ pub struct StateWriter {
     instance: String,
     actor: String,
     observer: Option<mpsc::UnboundedSender<Written>>,
+    activity: Option<crate::outbox::Activity>,
 }
 
 impl StateWriter {
@@ -65,9 +66,15 @@ impl StateWriter {
                 instance,
                 actor,
                 observer: None,
+                activity: None,
             },
             WriterHandle(tx),
         )
+    }
+
+    /// Bumps `activity` after every written batch (API waits and watches).
+    pub fn signal(&mut self, activity: crate::outbox::Activity) {
+        self.activity = Some(activity);
     }
 
     /// Reports every written batch to `observer` (benchmarks and tests).
@@ -101,6 +108,9 @@ impl StateWriter {
                 .collect();
             match self.write(&batch, &events).await {
                 Ok(()) => {
+                    if let Some(activity) = &self.activity {
+                        activity.bump();
+                    }
                     if let Some(observer) = &self.observer {
                         let states = batch
                             .iter()

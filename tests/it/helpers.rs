@@ -208,6 +208,8 @@ where
 pub struct TestApp {
     /// The HTTP address.
     pub http_addr: std::net::SocketAddr,
+    /// The gRPC address.
+    pub grpc_addr: std::net::SocketAddr,
     /// The listener's counters.
     pub listener_stats: std::sync::Arc<dsreg::outbox::listener::ListenerStats>,
     shutdown: tokio_util::sync::CancellationToken,
@@ -255,7 +257,8 @@ impl TestApp {
             let task = runtime.spawn(async move {
                 let mut app = dsreg::app::App::build(&settings, &url).await?;
                 configure(&mut app);
-                let _ = ready_tx.send((app.http_addr(), app.listener_stats.clone()));
+                let _ =
+                    ready_tx.send((app.http_addr(), app.grpc_addr(), app.listener_stats.clone()));
                 app.run(token, grace).await
             });
             // true: stop gracefully; false (or the test gone): crash.
@@ -266,7 +269,7 @@ impl TestApp {
                 None
             }
         });
-        let (http_addr, listener_stats) = ready_rx.await.expect("the registry starts");
+        let (http_addr, grpc_addr, listener_stats) = ready_rx.await.expect("the registry starts");
         // Notifications sent before the LISTEN would be lost to a test that waits for them.
         wait_for(
             "the registry's listener",
@@ -281,6 +284,7 @@ impl TestApp {
         .await;
         Self {
             http_addr,
+            grpc_addr,
             listener_stats,
             shutdown,
             stop: Some(stop_tx),
@@ -432,6 +436,7 @@ impl TestDb {
         )
         .await
         .unwrap()
+        .events
     }
 
     /// Records the sink wrote for a datasource and version.

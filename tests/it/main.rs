@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
 mod connectors;
+mod grpc;
 mod helpers;
 mod launcher;
 mod migrations;

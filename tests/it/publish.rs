@@ -36,6 +36,7 @@ async fn events_of(db: &TestDb, ds: uuid::Uuid) -> Vec<events::Event> {
     )
     .await
     .unwrap()
+    .events
 }
 
 #[tokio::test]

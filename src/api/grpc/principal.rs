@@ -59,7 +59,10 @@ impl Tenant {
         match self {
             Tenant::All => true,
             Tenant::Org { org: o, projects } => {
-                o == org && projects.as_ref().is_none_or(|ps| ps.iter().any(|p| p == project))
+                o == org
+                    && projects
+                        .as_ref()
+                        .is_none_or(|ps| ps.iter().any(|p| p == project))
             }
         }
     }

@@ -149,6 +149,8 @@ pub struct ListFilter {
     pub org: Option<String>,
     /// Project.
     pub project: Option<String>,
+    /// Only these projects (a caller's tenant scope).
+    pub projects: Option<Vec<String>>,
     /// Status.
     pub status: Option<DatasourceStatus>,
     /// Connector kind.
@@ -194,6 +196,7 @@ pub async fn list(
                    AND ($6::text IS NULL OR tags @> ARRAY[$6::text])
                    AND ($7::text IS NULL OR name LIKE $7)
                    AND ($8::text IS NULL OR (name, id) > ($8, $9::uuid))
+                   AND ($11::text[] IS NULL OR project = ANY($11))
                  ORDER BY name, id
                  LIMIT $10"
             ),
@@ -208,6 +211,7 @@ pub async fn list(
                 &after_name,
                 &after_id,
                 &filter.limit,
+                &filter.projects,
             ],
         )
         .await?;

@@ -102,30 +102,58 @@ pub struct EventFilter {
     pub kinds: Vec<String>,
     /// Only ids greater than this.
     pub after_id: Option<i64>,
+    /// Only ids up to this one.
+    pub through_id: Option<i64>,
     /// Created at or after.
     pub since: Option<DateTime<Utc>>,
     /// Created before.
     pub until: Option<DateTime<Utc>>,
+    /// Only events of datasources of this organisation (registry-wide events excluded).
+    pub org: Option<String>,
+    /// Only events of datasources of these projects (registry-wide events excluded).
+    pub projects: Option<Vec<String>>,
     /// Page size.
     pub limit: i64,
 }
 
-/// History in id order.
+/// A page of history and the bounds of the snapshot that read it.
+#[derive(Debug)]
+pub struct HistoryPage {
+    /// The events, by id.
+    pub events: Vec<Event>,
+    /// The snapshot's `xmin`: every transaction below it had finished.
+    pub xmin: i64,
+    /// The snapshot's `xmax`: every transaction at or above it started after the read.
+    pub xmax: i64,
+}
+
+/// History in id order, with the bounds of the snapshot that read it (one statement).
 ///
 /// # Errors
 /// The query failed.
-pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<Vec<Event>, Error> {
+pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<HistoryPage, Error> {
     let rows = client
         .query(
             &format!(
-                "SELECT {COLUMNS} FROM datasource_events
-                 WHERE ($1::uuid IS NULL OR datasource_id = $1)
-                   AND (cardinality($2::text[]) = 0 OR type = ANY($2))
-                   AND ($3::bigint IS NULL OR id > $3)
-                   AND ($4::timestamptz IS NULL OR created_at >= $4)
-                   AND ($5::timestamptz IS NULL OR created_at < $5)
-                 ORDER BY id
-                 LIMIT $6"
+                "WITH snap AS (
+                     SELECT pg_snapshot_xmin(s)::text::bigint AS snap_xmin,
+                            pg_snapshot_xmax(s)::text::bigint AS snap_xmax
+                     FROM pg_current_snapshot() s)
+                 SELECT snap.snap_xmin, snap.snap_xmax, e.* FROM snap LEFT JOIN LATERAL (
+                     SELECT {COLUMNS} FROM datasource_events ev
+                     WHERE ($1::uuid IS NULL OR datasource_id = $1)
+                       AND (cardinality($2::text[]) = 0 OR type = ANY($2))
+                       AND ($3::bigint IS NULL OR id > $3)
+                       AND ($4::timestamptz IS NULL OR created_at >= $4)
+                       AND ($5::timestamptz IS NULL OR created_at < $5)
+                       AND ($7::bigint IS NULL OR id <= $7)
+                       AND (($8::text IS NULL AND $9::text[] IS NULL) OR EXISTS (
+                             SELECT 1 FROM datasources d WHERE d.id = ev.datasource_id
+                               AND ($8::text IS NULL OR d.org = $8)
+                               AND ($9::text[] IS NULL OR d.project = ANY($9))))
+                     ORDER BY id
+                     LIMIT $6
+                 ) e ON true"
             ),
             &[
                 &filter.datasource_id,
@@ -134,10 +162,21 @@ pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<V
                 &filter.since,
                 &filter.until,
                 &filter.limit,
+                &filter.through_id,
+                &filter.org,
+                &filter.projects,
             ],
         )
         .await?;
-    Ok(rows.iter().map(Event::from_row).collect())
+    let (xmin, xmax) = rows
+        .first()
+        .map_or((0, 0), |r| (r.get("snap_xmin"), r.get("snap_xmax")));
+    let events = rows
+        .iter()
+        .filter(|r| r.get::<_, Option<i64>>("id").is_some())
+        .map(Event::from_row)
+        .collect();
+    Ok(HistoryPage { events, xmin, xmax })
 }
 
 /// One page of the outbox query.
@@ -194,6 +233,20 @@ pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> 
     let row = client
         .query_one(
             "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// The newest id taken so far (0 when none): where a watch of only new events starts.
+///
+/// # Errors
+/// The query failed.
+pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
+    let row = client
+        .query_one(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq",
             &[],
         )
         .await?;

@@ -409,20 +409,79 @@ pub async fn load_cursor(
         .and_then(|r| r.get(0)))
 }
 
-/// Saves a pull source's position.
+/// Saves a pull source's position, written by the worker started at `generation`; returns
+/// false (nothing saved) once a restart or backfill has moved the generation on, so a worker
+/// that is stopping cannot overwrite the position a backfill set.
 ///
 /// # Errors
 /// The query failed.
 pub async fn save_cursor(
     client: &impl GenericClient,
     datasource: Uuid,
+    generation: i64,
     cursor: &serde_json::Value,
-) -> Result<(), Error> {
-    client
+) -> Result<bool, Error> {
+    let saved = client
         .execute(
-            "UPDATE datasource_state SET source_cursor = $2 WHERE datasource_id = $1",
-            &[&datasource, cursor],
+            "UPDATE datasource_state SET source_cursor = $3
+             WHERE datasource_id = $1 AND restart_generation = $2",
+            &[&datasource, &generation, cursor],
         )
         .await?;
-    Ok(())
+    Ok(saved == 1)
+}
+
+/// Asks for a backfill: sets the source position to `from` (`None`: from the start) and
+/// restarts the worker (as [`request_restart`]), recording a `backfill_requested` event.
+/// Returns the new restart generation.
+///
+/// # Errors
+/// [`Error::DatasourceNotFound`].
+pub async fn request_backfill(
+    tx: &Transaction<'_>,
+    datasource: Uuid,
+    from: Option<&serde_json::Value>,
+) -> Result<i64, Error> {
+    tx.execute(
+        "UPDATE datasource_state SET source_cursor = $2 WHERE datasource_id = $1",
+        &[&datasource, &from],
+    )
+    .await?;
+    let generation = request_restart(tx, datasource).await?;
+    events::append(
+        tx,
+        &[NewEvent {
+            at: None,
+            datasource_id: Some(datasource),
+            kind: "backfill_requested".into(),
+            version: None,
+            payload: serde_json::json!({ "from_start": from.is_none() }),
+        }],
+    )
+    .await?;
+    Ok(generation)
+}
+
+/// Live datasources and their workers by status, within a tenant scope (`None`: all).
+///
+/// # Errors
+/// The query failed.
+pub async fn counts(
+    client: &impl GenericClient,
+    org: Option<&str>,
+    projects: Option<&[String]>,
+) -> Result<(i64, Vec<(String, i64)>), Error> {
+    let rows = client
+        .query(
+            "SELECT s.worker_status, count(*) FROM datasources d
+             JOIN datasource_state s ON s.datasource_id = d.id
+             WHERE d.status <> 'archived'
+               AND ($1::text IS NULL OR d.org = $1)
+               AND ($2::text[] IS NULL OR d.project = ANY($2))
+             GROUP BY s.worker_status",
+            &[&org, &projects],
+        )
+        .await?;
+    let by_status: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok((by_status.iter().map(|(_, n)| n).sum(), by_status))
 }

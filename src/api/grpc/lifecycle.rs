@@ -1,0 +1,320 @@
+//! The `Lifecycle` service: start, stop, restart, reload and backfill write the tables (the
+//! owning instance applies them through the normal path), then wait for the worker to reach
+//! the asked-for state within the call's deadline; status reads and watches.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::Stream;
+use tokio::sync::mpsc;
+use tonic::{Request, Response, Status};
+use uuid::Uuid;
+
+use super::call::{self, Audit, Call};
+use super::datasources::visible;
+use super::status;
+use super::{Ctx, convert, pb};
+use crate::db::repository::datasources::Datasource;
+use crate::db::repository::state::{self, State};
+use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
+
+/// How often a wait re-reads the state when nothing wakes it (a worker owned by another
+/// instance).
+const POLL: Duration = Duration::from_millis(100);
+
+/// The service.
+#[derive(Clone)]
+pub struct LifecycleService(pub Arc<Ctx>);
+
+/// What a lifecycle call waits for.
+#[derive(Debug, Clone, Copy)]
+enum Goal {
+    /// Running the published version (when there is one to run), changed since `after`.
+    Running { after: Option<DateTime<Utc>> },
+    /// Not running.
+    Stopped,
+}
+
+fn reached(goal: Goal, ds: &Datasource, s: &State) -> bool {
+    let can_run = ds.status == DatasourceStatus::Active
+        && s.desired == DesiredState::Running
+        && ds.current_version.is_some();
+    match goal {
+        Goal::Running { after } => {
+            if !can_run {
+                return true;
+            }
+            s.worker_status == WorkerStatus::Running
+                && s.running_version == ds.current_version
+                && after.is_none_or(|t| s.updated_at > t)
+        }
+        Goal::Stopped => matches!(s.worker_status, WorkerStatus::Stopped | WorkerStatus::Init),
+    }
+}
+
+impl LifecycleService {
+    /// Reads the datasource and its state until `goal` is reached or the budget is spent.
+    async fn wait(&self, call: &Call, id: Uuid, goal: Goal) -> Result<pb::WorkerState, Status> {
+        let mut wake = self.0.activity.subscribe();
+        let until = tokio::time::Instant::now() + call.wait_budget();
+        loop {
+            let (ds, s) = {
+                let client = call::client(&self.0.pool).await?;
+                let ds = visible(&**client, call, id, None).await?;
+                let s = state::get(&**client, id).await.map_err(status::db)?;
+                (ds, s)
+            };
+            let done = reached(goal, &ds, &s);
+            if done || tokio::time::Instant::now() >= until {
+                return Ok(convert::worker_state(&ds, s, done));
+            }
+            let _ = tokio::time::timeout_at(
+                until.min(tokio::time::Instant::now() + POLL),
+                wake.changed(),
+            )
+            .await;
+        }
+    }
+
+    /// Runs one lifecycle write in an audited transaction, then waits for `goal`.
+    async fn act(
+        &self,
+        call: Call,
+        id: Uuid,
+        goal: Goal,
+        write: impl AsyncFnOnce(
+            &tokio_postgres::Transaction<'_>,
+            &Datasource,
+        ) -> Result<Option<DateTime<Utc>>, Status>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let mut audit = Audit {
+            resource: format!("datasource/{id}"),
+            ..Audit::default()
+        };
+        let mut client = call::client(&self.0.pool).await?;
+        let tx = call::begin(&mut client, &call).await?;
+        let result = async {
+            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            write(&tx, &ds).await
+        }
+        .await;
+        let after = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        drop(client);
+        let goal = match goal {
+            Goal::Running { .. } => Goal::Running { after },
+            other => other,
+        };
+        Ok(Response::new(self.wait(&call, id, goal).await?))
+    }
+}
+
+fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<Uuid, Status> {
+    convert::id("datasource_id", value(request.get_ref()))
+}
+
+/// The state row's `updated_at` right after a restart request in `tx`.
+async fn restarted_at(
+    tx: &tokio_postgres::Transaction<'_>,
+    id: Uuid,
+) -> Result<Option<DateTime<Utc>>, Status> {
+    Ok(Some(
+        state::get(tx, id).await.map_err(status::db)?.updated_at,
+    ))
+}
+
+type StateStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerState, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::lifecycle_server::Lifecycle for LifecycleService {
+    async fn start_worker(
+        &self,
+        request: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "StartWorker")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
+            state::set_desired(tx, id, DesiredState::Running)
+                .await
+                .map_err(status::db)?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn stop_worker(
+        &self,
+        request: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "StopWorker")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        self.act(call, id, Goal::Stopped, async |tx, _| {
+            state::set_desired(tx, id, DesiredState::Stopped)
+                .await
+                .map_err(status::db)?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn restart_worker(
+        &self,
+        request: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "RestartWorker")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
+            state::request_restart(tx, id).await.map_err(status::db)?;
+            restarted_at(tx, id).await
+        })
+        .await
+    }
+
+    async fn reload_worker(
+        &self,
+        request: Request<pb::LifecycleRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "ReloadWorker")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
+            state::request_reload(tx, Some(id))
+                .await
+                .map_err(status::db)?;
+            Ok(None)
+        })
+        .await
+    }
+
+    async fn backfill(
+        &self,
+        request: Request<pb::BackfillRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "Backfill")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let from = match request.get_ref().from_cursor_json.as_str() {
+            "" => None,
+            json => Some(convert::json_document("from_cursor_json", json, 64 * 1024)?),
+        };
+        let catalog = self.0.catalog.clone();
+        self.act(
+            call,
+            id,
+            Goal::Running { after: None },
+            async move |tx, ds| {
+                let can = catalog.get(&ds.kind).is_some_and(|c| c.info().can_backfill);
+                if !can {
+                    return Err(Status::failed_precondition(format!(
+                        "connector kind {} cannot backfill",
+                        ds.kind
+                    )));
+                }
+                state::request_backfill(tx, id, from.as_ref())
+                    .await
+                    .map_err(status::db)?;
+                restarted_at(tx, id).await
+            },
+        )
+        .await
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::WorkerState>, Status> {
+        let call = Call::of(&request, "GetStatus")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let client = call::client(&self.0.pool).await?;
+        let (ds, s) = tokio::try_join!(visible(&**client, &call, id, None), async {
+            state::get(&**client, id).await.map_err(status::db)
+        })?;
+        Ok(Response::new(convert::worker_state(&ds, s, true)))
+    }
+
+    type WatchStatusStream = StateStream;
+
+    async fn watch_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<StateStream>, Status> {
+        let call = Call::of(&request, "WatchStatus")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let ctx = self.0.clone();
+        // Checked before the stream starts, so an unknown id is an error, not an empty stream.
+        {
+            let client = call::client(&ctx.pool).await?;
+            visible(&**client, &call, id, None).await?;
+        }
+        let (tx, rx) = mpsc::channel(16);
+        let mut wake = ctx.activity.subscribe();
+        let shutdown = ctx.shutdown.clone();
+        ctx.tracker.clone().spawn(async move {
+            let mut last: Option<pb::WorkerState> = None;
+            loop {
+                let read = async {
+                    let client = call::client(&ctx.pool).await?;
+                    let ds = visible(&**client, &call, id, None).await?;
+                    let s = state::get(&**client, id).await.map_err(status::db)?;
+                    Ok::<_, Status>(convert::worker_state(&ds, s, true))
+                }
+                .await;
+                match read {
+                    Ok(state) if last.as_ref() != Some(&state) => {
+                        last = Some(state.clone());
+                        if tx.send(Ok(state)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tx.closed() => return,
+                    _ = tokio::time::timeout(POLL * 5, wake.changed()) => {}
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(tokio_stream_from(rx))))
+    }
+
+    async fn get_datasource_metrics(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::DatasourceMetrics>, Status> {
+        let call = Call::of(&request, "GetDatasourceMetrics")?;
+        let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let client = call::client(&self.0.pool).await?;
+        visible(&**client, &call, id, None).await?;
+        let s = state::get(&**client, id).await.map_err(status::db)?;
+        let count = |key: &str| {
+            s.metrics
+                .get(key)
+                .and_then(serde_json::Value::as_u64)
+                .unwrap_or(0)
+        };
+        let lag = s.last_progress_at.map_or(0.0, |t| {
+            (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
+        });
+        Ok(Response::new(pb::DatasourceMetrics {
+            datasource_id: id.to_string(),
+            records_total: count("records_total"),
+            dead_lettered_total: count("dead_lettered_total"),
+            errors_total: count("errors_total"),
+            restart_count: s.restart_count,
+            lag_seconds: lag,
+            last_event_at: s.last_event_at.map(convert::timestamp),
+            snapshot_at: Some(convert::timestamp(s.updated_at)),
+        }))
+    }
+}
+
+/// A stream of what a channel receives.
+pub fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

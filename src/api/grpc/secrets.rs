@@ -1,0 +1,123 @@
+//! The `Secrets` service: values go in and are sealed at once; only names and metadata come
+//! out. A put or delete writes `secret_changed`, so the worker reloads through the normal path.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
+
+use super::call::{self, Audit, Call};
+use super::datasources::visible;
+use super::status::{self, invalid};
+use super::{Ctx, convert, pb};
+use crate::secrets::{MAX_SECRET_BYTES, SecretMeta, SecretString, Secrets};
+
+/// The service.
+#[derive(Clone)]
+pub struct SecretsService(pub Arc<Ctx>);
+
+impl SecretsService {
+    fn secrets(&self) -> Result<&Arc<Secrets>, Status> {
+        self.0.secrets.as_ref().ok_or_else(|| {
+            Status::failed_precondition(
+                "no master key is configured (DSREG_MASTER_KEYS or --master-key-file); secrets cannot be stored",
+            )
+        })
+    }
+}
+
+fn meta(m: SecretMeta) -> pb::SecretMeta {
+    pb::SecretMeta {
+        name: m.name,
+        key_version: u32::try_from(m.key_version).unwrap_or(0),
+        fingerprint: m.fingerprint,
+        created_at: Some(convert::timestamp(m.created_at)),
+        rotated_at: m.rotated_at.map(convert::timestamp),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::secrets_server::Secrets for SecretsService {
+    async fn put_secret(
+        &self,
+        request: Request<pb::PutSecretRequest>,
+    ) -> Result<Response<pb::SecretMeta>, Status> {
+        let call = Call::of(&request, "PutSecret")?;
+        let r = request.into_inner();
+        let id = convert::id("datasource_id", &r.datasource_id)?;
+        let name = r.name;
+        let value = Zeroizing::new(r.value);
+        if value.len() > MAX_SECRET_BYTES {
+            return Err(invalid(
+                "value",
+                format!(
+                    "is {} bytes; at most {MAX_SECRET_BYTES} allowed",
+                    value.len()
+                ),
+            ));
+        }
+        let value =
+            SecretString::from_utf8(value).ok_or_else(|| invalid("value", "must be UTF-8 text"))?;
+        let secrets = self.secrets()?.clone();
+        let mut audit = Audit {
+            resource: format!("datasource/{id}"),
+            ..Audit::default()
+        };
+        let mut client = call::client(&self.0.pool).await?;
+        let tx = call::begin(&mut client, &call).await?;
+        let result = async {
+            visible(&tx, &call, id, Some(&mut audit)).await?;
+            audit.diff = Some(serde_json::json!({ "secret": name, "value": "changed" }));
+            secrets
+                .put(&tx, id, &name, &value)
+                .await
+                .map_err(status::secrets)
+        }
+        .await;
+        let m = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        Ok(Response::new(meta(m)))
+    }
+
+    async fn delete_secret(
+        &self,
+        request: Request<pb::DeleteSecretRequest>,
+    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
+        let call = Call::of(&request, "DeleteSecret")?;
+        let r = request.into_inner();
+        let id = convert::id("datasource_id", &r.datasource_id)?;
+        let secrets = self.secrets()?.clone();
+        let mut audit = Audit {
+            resource: format!("datasource/{id}"),
+            ..Audit::default()
+        };
+        let mut client = call::client(&self.0.pool).await?;
+        let tx = call::begin(&mut client, &call).await?;
+        let result = async {
+            visible(&tx, &call, id, Some(&mut audit)).await?;
+            audit.diff = Some(serde_json::json!({ "secret": r.name, "value": "deleted" }));
+            secrets
+                .delete(&tx, id, &r.name)
+                .await
+                .map_err(status::secrets)
+        }
+        .await;
+        let deleted = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        Ok(Response::new(pb::DeleteSecretResponse { deleted }))
+    }
+
+    async fn list_secrets(
+        &self,
+        request: Request<pb::ListSecretsRequest>,
+    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
+        let call = Call::of(&request, "ListSecrets")?;
+        let id = convert::id("datasource_id", &request.get_ref().datasource_id)?;
+        let client = call::client(&self.0.pool).await?;
+        visible(&**client, &call, id, None).await?;
+        let rows = crate::db::repository::secrets::list(&**client, id)
+            .await
+            .map_err(status::db)?;
+        Ok(Response::new(pb::ListSecretsResponse {
+            secrets: rows.into_iter().map(meta).collect(),
+        }))
+    }
+}

@@ -1,0 +1,808 @@
+//! The gRPC API over a real socket with a tonic client: every service's happy path, its bad
+//! inputs with the right code and field, lifecycle end to end, the event watch's resume, and
+//! the audit trail.
+
+use std::time::Duration;
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::catalog_client::CatalogClient;
+use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::events_client::EventsClient;
+use dsreg::api::grpc::pb::harness_client::HarnessClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use dsreg::api::grpc::pb::registry_client::RegistryClient;
+use dsreg::api::grpc::pb::secrets_client::SecretsClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
+
+const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+/// A registry with secrets enabled, and a channel to its gRPC port.
+pub async fn serve(db: &TestDb) -> (TestApp, Channel) {
+    let mut settings = test_settings(&db.url);
+    settings.master_keys = Some(MASTER_KEYS.to_owned());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let channel = Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the gRPC port");
+    (app, channel)
+}
+
+fn create_req(name: &str) -> pb::CreateDatasourceRequest {
+    pb::CreateDatasourceRequest {
+        org: "acme".into(),
+        project: "ingest".into(),
+        name: name.into(),
+        kind: "generator".into(),
+        owner: "team-data".into(),
+        tags: vec!["eu".into()],
+        description: "test".into(),
+    }
+}
+
+fn generator_config(rate: u32) -> String {
+    serde_json::json!({ "rate_per_sec": rate, "template": { "n": 1 } }).to_string()
+}
+
+/// The field of the first violation in a status's BadRequest details.
+fn violated_field(status: &tonic::Status) -> String {
+    status
+        .get_details_bad_request()
+        .and_then(|b| b.field_violations.first().map(|v| v.field.clone()))
+        .unwrap_or_else(|| panic!("no field violation in {status:?}"))
+}
+
+#[tokio::test]
+async fn datasources_create_get_list_update_archive_and_refuse_bad_input() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch);
+
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(created.name, "orders");
+    assert_eq!(created.status, pb::DatasourceStatus::Active as i32);
+    let got = ds
+        .get_datasource(pb::GetDatasourceRequest {
+            id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got, created);
+
+    // Bad inputs: the right code and the field to blame.
+    let cases: Vec<(pb::CreateDatasourceRequest, Code, &str)> = vec![
+        (create_req(""), Code::InvalidArgument, "name"),
+        (create_req(&"x".repeat(129)), Code::InvalidArgument, "name"),
+        (create_req("bad name"), Code::InvalidArgument, "name"),
+        (
+            pb::CreateDatasourceRequest {
+                kind: "ftp".into(),
+                ..create_req("x1")
+            },
+            Code::InvalidArgument,
+            "kind",
+        ),
+        (
+            pb::CreateDatasourceRequest {
+                org: String::new(),
+                ..create_req("x2")
+            },
+            Code::InvalidArgument,
+            "org",
+        ),
+        (
+            pb::CreateDatasourceRequest {
+                tags: vec![String::new()],
+                ..create_req("x3")
+            },
+            Code::InvalidArgument,
+            "tags",
+        ),
+    ];
+    for (req, code, field) in cases {
+        let err = ds.create_datasource(req).await.unwrap_err();
+        assert_eq!(err.code(), code, "{err:?}");
+        assert_eq!(violated_field(&err), field);
+    }
+    let dup = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap_err();
+    assert_eq!(dup.code(), Code::AlreadyExists);
+    let missing = ds
+        .get_datasource(pb::GetDatasourceRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    let not_uuid = ds
+        .get_datasource(pb::GetDatasourceRequest { id: "42".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&not_uuid), "id");
+
+    // Update with the current etag, then a stale one.
+    let updated = ds
+        .update_datasource(pb::UpdateDatasourceRequest {
+            datasource: Some(pb::Datasource {
+                id: created.id.clone(),
+                owner: "team-ops".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["owner".into()],
+            }),
+            etag: created.etag.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.owner, "team-ops");
+    assert_ne!(updated.etag, created.etag);
+    let stale = ds
+        .update_datasource(pb::UpdateDatasourceRequest {
+            datasource: Some(pb::Datasource {
+                id: created.id.clone(),
+                owner: "late".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["owner".into()],
+            }),
+            etag: created.etag.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(stale.code(), Code::FailedPrecondition, "{stale:?}");
+    let bad_mask = ds
+        .update_datasource(pb::UpdateDatasourceRequest {
+            datasource: Some(pb::Datasource {
+                id: created.id.clone(),
+                ..Default::default()
+            }),
+            update_mask: Some(prost_types::FieldMask {
+                paths: vec!["name".into()],
+            }),
+            etag: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&bad_mask), "update_mask");
+
+    let archived = ds
+        .archive_datasource(pb::ArchiveDatasourceRequest {
+            id: created.id.clone(),
+            etag: updated.etag,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(archived.status, pb::DatasourceStatus::Archived as i32);
+    // The name is free again.
+    ds.create_datasource(create_req("orders")).await.unwrap();
+}
+
+#[tokio::test]
+async fn lists_page_through_every_datasource_once_and_refuse_bad_tokens() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch);
+    for i in 0..25 {
+        ds.create_datasource(create_req(&format!("ds-{i:02}")))
+            .await
+            .unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = ds
+            .list_datasources(pb::ListDatasourcesRequest {
+                page_size: 10,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.datasources.len() <= 10);
+        seen.extend(page.datasources.into_iter().map(|d| d.name));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    let expected: Vec<String> = (0..25).map(|i| format!("ds-{i:02}")).collect();
+    assert_eq!(seen, expected);
+
+    let filtered = ds
+        .list_datasources(pb::ListDatasourcesRequest {
+            name_prefix: "ds-1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(filtered.datasources.len(), 10);
+
+    let garbage = ds
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_token: "not-a-token".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&garbage), "page_token");
+    // A token from one filter is refused under another.
+    let first = ds
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 5,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let other = ds
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 5,
+            tag: "eu".into(),
+            page_token: first.next_page_token,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&other), "page_token");
+    let size = ds
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 5000,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&size), "page_size");
+}
+
+#[tokio::test]
+async fn versions_publish_over_grpc_and_the_worker_runs_the_answered_state() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut life = LifecycleClient::new(ch);
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.id.clone();
+
+    // Bad configs name their field.
+    let broken = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: "{\"rate_per_sec\": ".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&broken), "config_json");
+    let wrong = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: "{\"rate_per_sec\": \"fast\"}".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.code(), Code::InvalidArgument);
+    assert!(
+        violated_field(&wrong).starts_with("config_json."),
+        "{wrong:?}"
+    );
+    let huge = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: format!("{{\"x\": \"{}\"}}", "a".repeat(1_100_000)),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(huge.code(), Code::InvalidArgument, "{huge:?}");
+
+    let v1 = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: generator_config(5),
+            comment: "first".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v1.state, pb::VersionState::Draft as i32);
+    let v1 = ds
+        .update_version(pb::UpdateVersionRequest {
+            datasource_id: id.clone(),
+            version: v1.version,
+            config_json: generator_config(10),
+            comment: "edited".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(v1.comment, "edited");
+
+    let mut publish = tonic::Request::new(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: v1.version,
+    });
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    publish
+        .metadata_mut()
+        .insert("traceparent", traceparent.parse().unwrap());
+    let published = ds.publish_version(publish).await.unwrap().into_inner();
+    assert!(published.event_id > 0);
+    // Drafts only: a published version is no longer editable.
+    let edit = ds
+        .update_version(pb::UpdateVersionRequest {
+            datasource_id: id.clone(),
+            version: v1.version,
+            config_json: generator_config(1),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(edit.code(), Code::FailedPrecondition);
+
+    let ds_id: uuid::Uuid = id.parse().unwrap();
+    let events = db.events(ds_id).await;
+    let event = events
+        .iter()
+        .find(|e| e.id == published.event_id)
+        .expect("the publish event");
+    assert_eq!(event.traceparent.as_deref(), Some(traceparent));
+    assert_eq!(event.actor, "anonymous");
+
+    // The lifecycle answers with the state the worker reached.
+    let running = wait_for("worker running on v1", Duration::from_secs(15), || {
+        let mut life = life.clone();
+        let id = id.clone();
+        async move {
+            let s = life
+                .get_status(pb::GetStatusRequest { datasource_id: id })
+                .await
+                .ok()?
+                .into_inner();
+            (s.status == pb::WorkerStatus::Running as i32).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(running.running_version, v1.version);
+
+    let stopped = life
+        .stop_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stopped.settled, "{stopped:?}");
+    assert_eq!(stopped.status, pb::WorkerStatus::Stopped as i32);
+    assert!(!stopped.desired_running);
+    let again = life
+        .stop_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        again.status,
+        pb::WorkerStatus::Stopped as i32,
+        "stop is idempotent"
+    );
+    let started = life
+        .start_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(started.settled, "{started:?}");
+    assert_eq!(started.status, pb::WorkerStatus::Running as i32);
+    let restarted = life
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        restarted.settled && restarted.status == pb::WorkerStatus::Running as i32,
+        "{restarted:?}"
+    );
+    assert!(restarted.updated_at.unwrap().seconds >= started.updated_at.unwrap().seconds);
+    let reloaded = life
+        .reload_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(reloaded.settled);
+    let backfill = life
+        .backfill(pb::BackfillRequest {
+            datasource_id: id.clone(),
+            from_cursor_json: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        backfill.code(),
+        Code::FailedPrecondition,
+        "the generator cannot backfill"
+    );
+
+    // Roll forward and back.
+    let v2 = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: generator_config(20),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ds.publish_version(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: v2.version,
+    })
+    .await
+    .unwrap();
+    let back = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.version, v1.version);
+    let never = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: 99,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(never.code(), Code::NotFound);
+    let listed = ds
+        .list_versions(pb::ListVersionsRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        listed
+            .versions
+            .iter()
+            .map(|v| v.version)
+            .collect::<Vec<_>>(),
+        vec![2, 1]
+    );
+
+    let metrics = life
+        .get_datasource_metrics(pb::GetStatusRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metrics.datasource_id, id);
+}
+
+#[tokio::test]
+async fn a_version_needing_a_missing_secret_is_not_published() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut secrets = SecretsClient::new(ch);
+    let created = ds
+        .create_datasource(pb::CreateDatasourceRequest {
+            kind: "http_poll".into(),
+            ..create_req("api")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let config = serde_json::json!({
+        "url": "http://127.0.0.1:9/items",
+        "interval_ms": 1000,
+        "bearer_secret": "api_token"
+    });
+    let v = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: created.id.clone(),
+            config_json: config.to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let refused = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: created.id.clone(),
+            version: v.version,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert_eq!(violated_field(&refused), "config_json.secrets.api_token");
+
+    let canary = format!("canary-{}", uuid::Uuid::new_v4());
+    let meta = secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: created.id.clone(),
+            name: "api_token".into(),
+            value: canary.clone().into_bytes(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(meta.key_version, 1);
+    let listed = secrets
+        .list_secrets(pb::ListSecretsRequest {
+            datasource_id: created.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.secrets.len(), 1);
+    assert!(!format!("{listed:?}").contains(&canary));
+    let bad = secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: created.id.clone(),
+            name: "bad name".into(),
+            value: b"x".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&bad), "name");
+    let big = secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: created.id.clone(),
+            name: "big".into(),
+            value: vec![b'a'; 70_000],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&big), "value");
+    ds.publish_version(pb::PublishVersionRequest {
+        datasource_id: created.id.clone(),
+        version: v.version,
+    })
+    .await
+    .unwrap();
+    let deleted = secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: created.id.clone(),
+            name: "api_token".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted);
+
+    // The audit trail: secrets appear as changed, never with their value.
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT action, outcome, coalesce(diff::text, '') FROM audit_log ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap();
+    let actions: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    assert!(actions.contains(&("PutSecret".into(), "ok".into())));
+    assert!(actions.contains(&("PublishVersion".into(), "error".into())));
+    assert!(actions.contains(&("PublishVersion".into(), "ok".into())));
+    for r in &rows {
+        assert!(!r.get::<_, String>(2).contains(&canary));
+    }
+}
+
+#[tokio::test]
+async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut events = EventsClient::new(ch.clone());
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.id.clone();
+    // Each restart request writes one event of the datasource.
+    let restarts = {
+        let life = LifecycleClient::new(ch.clone());
+        let id = id.clone();
+        move |n: usize| {
+            let mut life = life.clone();
+            let id = id.clone();
+            async move {
+                for _ in 0..n {
+                    life.restart_worker(pb::LifecycleRequest {
+                        datasource_id: id.clone(),
+                    })
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+    };
+    restarts(5).await;
+    let mut first = events
+        .watch_events(pb::WatchEventsRequest {
+            datasource_id: id.clone(),
+            types: vec![],
+            after_id: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Concurrent writers while the client reads, disconnects and resumes.
+    let writers = tokio::spawn(async move {
+        tokio::join!(restarts(20), async {
+            let mut other = DatasourcesClient::new(ch.clone());
+            for i in 0..20 {
+                other
+                    .create_datasource(create_req(&format!("noise-{i}")))
+                    .await
+                    .unwrap();
+            }
+        });
+    });
+    let mut got = Vec::new();
+    while got.len() < 8 {
+        let e = tokio::time::timeout(Duration::from_secs(10), first.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(e.id);
+    }
+    drop(first);
+    let mut resumed = events
+        .watch_events(pb::WatchEventsRequest {
+            datasource_id: id.clone(),
+            types: vec![],
+            after_id: *got.last().unwrap(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    writers.await.unwrap();
+    let all: Vec<i64> = db
+        .events(id.parse().unwrap())
+        .await
+        .iter()
+        .map(|e| e.id)
+        .filter(|i| *i > 1)
+        .collect();
+    while got.len() < all.len() {
+        let e = tokio::time::timeout(Duration::from_secs(10), resumed.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        got.push(e.id);
+    }
+    assert_eq!(got, all, "every event once, in id order");
+
+    // History pages.
+    let page = events
+        .list_events(pb::ListEventsRequest {
+            datasource_id: id.clone(),
+            page_size: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.events.len(), 10);
+    assert!(!page.next_page_token.is_empty());
+    let bad = events
+        .list_events(pb::ListEventsRequest {
+            page_token: "zzz".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&bad), "page_token");
+}
+
+#[tokio::test]
+async fn harness_catalog_and_registry_answer() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let created = ds
+        .create_datasource(pb::CreateDatasourceRequest {
+            kind: "webhook".into(),
+            ..create_req("hook")
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let config = serde_json::json!({ "transform": "#{ id: record.n * 2 }" });
+    let report = HarnessClient::new(ch.clone())
+        .run_test(pb::RunTestRequest {
+            datasource_id: created.id.clone(),
+            config_json: config.to_string(),
+            samples_json: vec!["[{\"n\": 1}, {\"n\": 2}]".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.inputs, 2);
+    assert_eq!(report.outputs_json, vec!["{\"id\":2}", "{\"id\":4}"]);
+    let bad_sample = HarnessClient::new(ch.clone())
+        .run_test(pb::RunTestRequest {
+            datasource_id: created.id.clone(),
+            config_json: config.to_string(),
+            samples_json: vec!["{".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&bad_sample), "samples_json[0]");
+
+    let kinds = CatalogClient::new(ch.clone())
+        .list_kinds(pb::ListKindsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = kinds.kinds.iter().map(|k| k.name.as_str()).collect();
+    assert!(
+        names.contains(&"generator") && names.contains(&"http_poll") && names.contains(&"webhook")
+    );
+    let health = CatalogClient::new(ch.clone())
+        .get_kind_health(pb::GetKindHealthRequest {
+            kind: "generator".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(health.healthy);
+    let unknown = CatalogClient::new(ch.clone())
+        .get_kind_health(pb::GetKindHealthRequest { kind: "ftp".into() })
+        .await
+        .unwrap_err();
+    assert_eq!(violated_field(&unknown), "kind");
+
+    let metrics = RegistryClient::new(ch.clone())
+        .get_registry_metrics(pb::GetRegistryMetricsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(metrics.datasources, 1);
+    assert!(metrics.listener_connected);
+    let info = RegistryClient::new(ch)
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.schema_version, 5);
+}
