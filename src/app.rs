@@ -31,6 +31,9 @@ use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 
+/// The file in the data folder holding the embedded default's gRPC address, for the client.
+pub const GRPC_ADDR_FILE: &str = "grpc.addr";
+
 /// A database ready for the registry: its URL, and the embedded cluster when one was launched.
 pub struct Database {
     /// The connection URL.
@@ -326,6 +329,13 @@ pub async fn serve(settings: Settings) -> anyhow::Result<()> {
             None => "DATABASE_URL".to_owned(),
         };
         tracing::info!(http = %app.http_addr(), grpc = %app.grpc_addr(), database = %where_db, "dsreg serving");
+        if database.cluster.is_some() {
+            // Where the command-line client finds the embedded default's server.
+            let path = settings.data_dir.join(GRPC_ADDR_FILE);
+            if let Err(e) = std::fs::write(&path, format!("http://{}\n", app.grpc_addr())) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot record the gRPC address for the client");
+            }
+        }
         let shutdown = CancellationToken::new();
         let signals = shutdown.clone();
         tokio::spawn(async move {

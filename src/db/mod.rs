@@ -140,10 +140,8 @@ impl From<tokio_postgres::Error> for Error {
 
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
-        match e {
-            deadpool_postgres::PoolError::Backend(e) => e.into(),
-            other => Error::Unavailable(other.to_string()),
-        }
+        // A pooled connection that cannot be made or recycled: the database is unreachable.
+        Error::Unavailable(e.to_string())
     }
 }
 

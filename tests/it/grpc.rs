@@ -806,3 +806,71 @@ async fn harness_catalog_and_registry_answer() {
         .into_inner();
     assert_eq!(info.schema_version, 5);
 }
+
+#[tokio::test]
+async fn a_database_that_is_down_is_unavailable_and_recovers() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch);
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    let name = db.url.rsplit('/').next().unwrap().to_owned();
+    let admin = dsreg::db::connect(&crate::helpers::with_database(&db.url, "postgres"))
+        .await
+        .unwrap();
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS false;
+             SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = '{name}';"
+        ))
+        .await
+        .unwrap();
+    let get = || {
+        let mut ds = ds.clone();
+        let id = created.id.clone();
+        async move { ds.get_datasource(pb::GetDatasourceRequest { id }).await }
+    };
+    let down = wait_for("UNAVAILABLE", Duration::from_secs(10), || async {
+        get().await.err().filter(|e| e.code() == Code::Unavailable)
+    })
+    .await;
+    assert!(
+        !down.message().contains(&name),
+        "internal detail leaked: {down:?}"
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"
+        ))
+        .await
+        .unwrap();
+    wait_for("recovery", Duration::from_secs(10), || async {
+        get().await.ok()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_refused() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch);
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    let err = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: created.id,
+            config_json: "x".repeat(dsreg::api::grpc::MAX_MESSAGE_BYTES + 1),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
+    assert!(err.message().contains("too large"), "{err:?}");
+}
