@@ -26,7 +26,6 @@ pub mod cipher;
 pub mod keys;
 mod plaintext;
 mod service;
-pub mod store;
 
 use std::path::PathBuf;
 

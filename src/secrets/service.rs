@@ -12,9 +12,8 @@ use tokio_postgres::{GenericClient, Transaction};
 use uuid::Uuid;
 
 use super::cipher::{self, Binding};
-use super::store::{self, Resealed, TenantSealed};
 use super::{Error, KeyProvider, MAX_SECRET_BYTES, SecretString, validate_name};
-use crate::db::repository::secrets::{self as repo, SealedSecret, SecretMeta};
+use crate::db::repository::secrets::{self as repo, Resealed, SealedSecret, SecretMeta, TenantSealed};
 use crate::db::repository::{self, WriteContext, datasources};
 
 /// The actor recorded on rewrap's transactions.
@@ -292,7 +291,7 @@ impl Secrets {
         let limit = i64::try_from(batch_size.max(1)).unwrap_or(i64::MAX);
         let total = {
             let client = pool.get().await?;
-            store::count_not_on(&**client, active_i32).await?
+            repo::count_not_on(&**client, active_i32).await?
         };
         let mut report = RewrapReport {
             active_version: active,
@@ -308,8 +307,8 @@ impl Secrets {
         loop {
             let mut client = pool.get().await?;
             let tx = repository::begin(&mut client, &WriteContext::actor(REWRAP_ACTOR)).await?;
-            store::relax_commit(&tx).await?;
-            let rows = store::lock_batch(&tx, active_i32, (cursor.0, &cursor.1), limit).await?;
+            repo::relax_commit(&tx).await?;
+            let rows = repo::lock_batch(&tx, active_i32, (cursor.0, &cursor.1), limit).await?;
             let Some(last) = rows.last() else {
                 break;
             };
@@ -342,7 +341,7 @@ impl Secrets {
                     }),
                 }
             }
-            let written = store::rewrite(&tx, &resealed).await?;
+            let written = repo::rewrite(&tx, &resealed).await?;
             tx.commit().await?;
             report.rewrapped += written;
             done += rows.len() as u64;
@@ -355,9 +354,9 @@ impl Secrets {
         let mut client = pool.get().await?;
         // Batches commit asynchronously; this makes them all durable before the report says
         // they are done (and an operator retires the old key).
-        store::flush(&mut client).await?;
+        repo::flush(&mut client).await?;
         report.remaining =
-            u64::try_from(store::count_not_on(&**client, active_i32).await?).unwrap_or(0);
+            u64::try_from(repo::count_not_on(&**client, active_i32).await?).unwrap_or(0);
         report.elapsed = started.elapsed();
         Ok(report)
     }
@@ -370,7 +369,7 @@ impl Secrets {
         let active = self.keys.active_version();
         let loaded = self.keys.versions();
         let mut by_version: BTreeMap<u32, i64> = loaded.iter().map(|v| (*v, 0)).collect();
-        for (version, count) in store::count_by_version(client).await? {
+        for (version, count) in repo::count_by_version(client).await? {
             if let Some(v) = version_u32(version) {
                 by_version.insert(v, count);
             }
@@ -402,7 +401,7 @@ impl Secrets {
             if !status.loaded {
                 return Err(Error::UnknownKeyVersion(status.key_version));
             }
-            if let Some(row) = store::sample(client, version_i32(status.key_version)?).await? {
+            if let Some(row) = repo::sample(client, version_i32(status.key_version)?).await? {
                 self.open_tenant_row(&row)?;
             }
         }
