@@ -70,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
 
     // 1,000 datasources with three versions each; version 1 published in one transaction.
-    let ids = seed(&client, "active", ACTIVE).await?;
+    let ids = common::seed(&client, "active", ACTIVE).await?;
     let mut notes = dsreg::outbox::notifications::listen(&db.url, dsreg::outbox::CHANNEL).await?;
     let bulk = Instant::now();
     client
@@ -148,7 +148,7 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     // Up to 10,000 active idle workers.
-    let more = seed(&client, "idle", IDLE_TOTAL - ACTIVE).await?;
+    let more = common::seed(&client, "idle", IDLE_TOTAL - ACTIVE).await?;
     client
         .execute(
             "UPDATE datasource_versions SET state = 'published' WHERE version = 1 AND datasource_id = ANY($1)",
@@ -236,34 +236,6 @@ fn row(figure: &str, value: String, target: &str) -> (String, String, String) {
 }
 
 /// Creates `n` datasources (generator, idle) with versions 1..=3 as drafts.
-async fn seed(
-    client: &tokio_postgres::Client,
-    project: &str,
-    n: usize,
-) -> anyhow::Result<Vec<Uuid>> {
-    client
-        .execute(
-            "INSERT INTO datasources (org, project, name, kind)
-             SELECT 'bench', $1, 'ds-' || i, 'generator' FROM generate_series(1, $2::int) i",
-            &[&project, &(n as i32)],
-        )
-        .await?;
-    client
-        .execute(
-            "INSERT INTO datasource_versions (datasource_id, version, config)
-             SELECT id, v, jsonb_build_object('rate_per_sec', 0, 'template', jsonb_build_object('v', v))
-             FROM datasources, generate_series(1, 3) v WHERE project = $1",
-            &[&project],
-        )
-        .await?;
-    Ok(client
-        .query("SELECT id FROM datasources WHERE project = $1", &[&project])
-        .await?
-        .iter()
-        .map(|r| r.get(0))
-        .collect())
-}
-
 /// Waits until every id has been written as RUNNING on `version`; returns when the last was.
 async fn wait_running(
     written: &mut UnboundedReceiver<Written>,

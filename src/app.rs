@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::api;
+use crate::api::grpc::auth::{Authenticator, dev_credentials};
 use crate::config::Settings;
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -126,6 +127,8 @@ pub struct App {
     pub sink_target: Target,
     /// Limits of test runs' transforms.
     pub limits: crate::transform::Limits,
+    /// Verifies gRPC callers' tokens.
+    pub auth: Authenticator,
 }
 
 impl App {
@@ -135,6 +138,7 @@ impl App {
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
         let secrets = secrets_service(settings)?;
+        let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
         let http = TcpListener::bind(settings.http_addr)
@@ -160,6 +164,7 @@ impl App {
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             limits: settings.transform_limits(),
+            auth,
         })
     }
 
@@ -263,6 +268,7 @@ impl App {
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,
             grpc_ctx,
+            self.auth,
             shutdown.child_token(),
         ));
         tracker.close();
@@ -314,6 +320,40 @@ pub fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets
         return Ok(None);
     };
     Ok(Some(Arc::new(Secrets::new(provider))))
+}
+
+/// The gRPC authenticator for `settings`: the configured keys; with none, the embedded
+/// default's development key and admin token (created on first run); with none and an
+/// external database, a refusal to start unless `--insecure-no-auth` says so.
+///
+/// # Errors
+/// Unusable key settings or files, or no keys for an external database.
+pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
+    let auth = &settings.auth;
+    if auth.insecure_no_auth {
+        tracing::warn!(
+            "AUTHENTICATION IS OFF (--insecure-no-auth): every gRPC caller is an admin of every tenant; never run this way outside a laptop"
+        );
+        return Ok(Authenticator::insecure());
+    }
+    if auth.has_key_source() {
+        return Ok(Authenticator::from_settings(auth)?);
+    }
+    if settings.database_url.is_some() {
+        anyhow::bail!(
+            "no token verification keys configured: give --auth-hs256-secret-file, --auth-public-key or \
+             --auth-jwks-file (with --auth-issuer and --auth-audience), or --insecure-no-auth for a local trial"
+        );
+    }
+    let dev = dev_credentials(&settings.dev_auth_dir())?;
+    if dev.created || dev.token_issued {
+        tracing::warn!(
+            token = %dev.token_file.display(),
+            key = %dev.secret_file.display(),
+            "created a development signing key and an admin token; `dsreg` commands use the token from this folder; configure --auth-* keys in production"
+        );
+    }
+    Ok(dev.authenticator)
 }
 
 /// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM.

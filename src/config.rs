@@ -55,6 +55,10 @@ pub struct Settings {
     #[arg(long, env = "DSREG_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 
+    /// How gRPC callers authenticate.
+    #[command(flatten)]
+    pub auth: crate::api::grpc::auth::AuthSettings,
+
     /// The master key version new secrets are sealed with (with `--master-keys`).
     #[arg(long, env = "DSREG_ACTIVE_KEY_VERSION")]
     pub active_key_version: Option<u32>,
@@ -127,6 +131,11 @@ impl Settings {
         settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings
+    }
+
+    /// The folder of the embedded default's development signing key and admin token.
+    pub fn dev_auth_dir(&self) -> PathBuf {
+        self.data_dir.clone()
     }
 
     /// The development key file the embedded default creates.
@@ -235,6 +244,7 @@ impl Settings {
             return Err("transform limits must be positive".into());
         }
         self.sink_target()?;
+        self.auth.check().map_err(|e| e.to_string())?;
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
         }

@@ -85,3 +85,33 @@ pub fn print_table(title: &str, rows: &[(String, String, String)]) {
         println!("| {figure} | {value} | {target} |");
     }
 }
+
+/// Creates `n` generator datasources (`ds-1`..) in org `bench`, project `project`, each with
+/// three draft versions that emit nothing; returns their ids.
+pub async fn seed(
+    client: &tokio_postgres::Client,
+    project: &str,
+    n: usize,
+) -> anyhow::Result<Vec<uuid::Uuid>> {
+    client
+        .execute(
+            "INSERT INTO datasources (org, project, name, kind)
+             SELECT 'bench', $1, 'ds-' || i, 'generator' FROM generate_series(1, $2::int) i",
+            &[&project, &(n as i32)],
+        )
+        .await?;
+    client
+        .execute(
+            "INSERT INTO datasource_versions (datasource_id, version, config)
+             SELECT id, v, jsonb_build_object('rate_per_sec', 0, 'template', jsonb_build_object('v', v))
+             FROM datasources, generate_series(1, 3) v WHERE project = $1",
+            &[&project],
+        )
+        .await?;
+    Ok(client
+        .query("SELECT id FROM datasources WHERE project = $1", &[&project])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}

@@ -13,7 +13,9 @@ use uuid::Uuid;
 
 use super::cipher::{self, Binding};
 use super::{Error, KeyProvider, MAX_SECRET_BYTES, SecretString, validate_name};
-use crate::db::repository::secrets::{self as repo, Resealed, SealedSecret, SecretMeta, TenantSealed};
+use crate::db::repository::secrets::{
+    self as repo, Resealed, SealedSecret, SecretMeta, TenantSealed,
+};
 use crate::db::repository::{self, WriteContext, datasources};
 
 /// The actor recorded on rewrap's transactions.

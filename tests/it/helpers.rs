@@ -224,6 +224,7 @@ pub fn test_settings(url: &str) -> dsreg::config::Settings {
     settings.backoff_base_ms = 20;
     settings.backoff_max_ms = 2_000;
     settings.stop_deadline_ms = 2_000;
+    settings.auth.insecure_no_auth = true;
     settings
 }
 

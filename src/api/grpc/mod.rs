@@ -2,12 +2,14 @@
 //! auth layer (one place for authentication and RBAC). Generated code stays in [`pb`]. Served
 //! until the shutdown token is cancelled; health flips to NOT_SERVING first.
 
+pub mod auth;
 pub mod call;
 pub mod catalog;
 pub mod convert;
 pub mod datasources;
 pub mod events;
 pub mod harness;
+pub mod layer;
 pub mod lifecycle;
 pub mod page;
 pub mod principal;
@@ -116,8 +118,10 @@ impl pb::registry_server::Registry for RegistryService {
 pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
+    auth: auth::Authenticator,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
+    let sink = Arc::new(AuditDenials(ctx.pool.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
@@ -143,7 +147,7 @@ pub async fn serve(
         };
     }
     tonic::transport::Server::builder()
-        .layer(tonic::service::InterceptorLayer::new(insecure))
+        .layer(layer::AuthLayer::new(auth, sink))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service!(
@@ -181,10 +185,38 @@ pub async fn serve(
         .await
 }
 
-#[allow(clippy::unnecessary_wraps)]
-fn insecure(mut request: Request<()>) -> Result<Request<()>, Status> {
-    request
-        .extensions_mut()
-        .insert(principal::Principal::insecure());
-    Ok(request)
+/// Writes every denied call to `audit_log`, within a bounded time.
+struct AuditDenials(Pool);
+
+impl layer::DenialSink for AuditDenials {
+    fn record(&self, denial: layer::Denial) -> layer::BoxFuture<()> {
+        let pool = self.0.clone();
+        Box::pin(async move {
+            let entry = crate::db::repository::audit::AuditEntry {
+                actor: denial.actor,
+                action: denial.action,
+                resource: denial.resource,
+                org: None,
+                project: None,
+                version: None,
+                outcome: crate::db::repository::audit::Outcome::Denied,
+                reason: Some(format!("{:?}: {}", denial.code, denial.reason)),
+                diff: denial.peer.map(|p| serde_json::json!({ "peer": p })),
+                trace_id: denial.trace_id,
+            };
+            let write = async {
+                let client = pool.get().await.map_err(crate::db::Error::from)?;
+                crate::db::repository::audit::record(&**client, &entry).await
+            };
+            match tokio::time::timeout(std::time::Duration::from_secs(2), write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, action = %entry.action, "auditing a denied call failed")
+                }
+                Err(_) => {
+                    tracing::warn!(action = %entry.action, "auditing a denied call timed out")
+                }
+            }
+        })
+    }
 }
