@@ -7,6 +7,7 @@ mod launcher;
 mod migrations;
 mod outbox;
 mod publish;
+mod rbac;
 mod secrets;
 mod serve;
 mod supervisor;

@@ -30,8 +30,16 @@ const MAX_TEXT: usize = 4096;
 #[derive(Clone)]
 pub struct DatasourcesService(pub Arc<Ctx>);
 
-/// Reads a datasource the caller may see; another tenant's is NOT_FOUND, like a missing one
-/// (and the refusal is audited as denied when `audit` is given).
+/// How a tenant refusal is audited.
+pub enum Check<'a> {
+    /// A read: the refusal is audited on its own, through this pool.
+    Read(&'a deadpool_postgres::Pool),
+    /// A mutation: the refusal is marked on its audit, written when the call finishes.
+    Write(&'a mut Audit),
+}
+
+/// Reads a datasource the caller may see; another tenant's is NOT_FOUND, like a missing one,
+/// and the refusal is audited as denied.
 ///
 /// # Errors
 /// NOT_FOUND, UNAVAILABLE.
@@ -39,21 +47,36 @@ pub async fn visible(
     client: &impl GenericClient,
     call: &Call,
     id: Uuid,
-    audit: Option<&mut Audit>,
+    check: Check<'_>,
 ) -> Result<Datasource, Status> {
     let ds = datasources::get(client, id).await.map_err(status::db)?;
-    if call.sees(&ds) {
-        if let Some(audit) = audit {
+    let seen = call.sees(&ds);
+    match check {
+        Check::Write(audit) => {
             let fresh = Audit::datasource(&ds);
             audit.resource = fresh.resource;
-            audit.org = fresh.org;
-            audit.project = fresh.project;
+            if seen {
+                audit.org = fresh.org;
+                audit.project = fresh.project;
+            } else {
+                audit.denied = true;
+            }
         }
+        Check::Read(pool) if !seen => {
+            let audit = Audit {
+                resource: format!("datasource/{id}"),
+                denied: true,
+                ..Audit::default()
+            };
+            let refused = status::datasource_not_found(id);
+            call::record_failure(pool, call, &audit, &refused).await;
+            return Err(refused);
+        }
+        Check::Read(_) => {}
+    }
+    if seen {
         Ok(ds)
     } else {
-        if let Some(audit) = audit {
-            audit.denied = true;
-        }
         Err(status::datasource_not_found(id))
     }
 }
@@ -186,7 +209,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let call = Call::of(&request, "GetDatasource")?;
         let id = convert::id("id", &request.get_ref().id)?;
         let client = call::client(&self.0.pool).await?;
-        let ds = visible(&**client, &call, id, None).await?;
+        let ds = visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         Ok(Response::new(convert::datasource(ds)))
     }
 
@@ -308,7 +331,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            visible(&tx, &call, id, Some(&mut audit)).await?;
+            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             audit.diff = Some(serde_json::json!({ "changed": changed }));
             datasources::update(&tx, id, &patch, expected)
                 .await
@@ -334,7 +357,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             if ds.status == DatasourceStatus::Archived {
                 return Ok(ds);
             }
@@ -368,7 +391,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             self.check_config(&ds.kind, &config, None)
                 .map_err(|p| config_violations(tonic::Code::InvalidArgument, p))?;
             let v = versions::create_draft(&tx, id, &config, &r.comment)
@@ -391,7 +414,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let r = request.into_inner();
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, None).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         let v = versions::get(&**client, id, r.version)
             .await
             .map_err(status::db)?;
@@ -405,7 +428,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let call = Call::of(&request, "ListVersions")?;
         let id = convert::id("datasource_id", &request.get_ref().datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, None).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         let all = versions::list(&**client, id).await.map_err(status::db)?;
         Ok(Response::new(pb::ListVersionsResponse {
             versions: all.into_iter().map(convert::version).collect(),
@@ -429,7 +452,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             self.check_config(&ds.kind, &config, None)
                 .map_err(|p| config_violations(tonic::Code::InvalidArgument, p))?;
             let before = versions::get(&tx, id, r.version)
@@ -466,7 +489,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             let v = versions::get(&tx, id, r.version)
                 .await
                 .map_err(status::db)?;
@@ -516,7 +539,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             let now = versions::rollback(&tx, id, to).await.map_err(status::db)?;
             audit.version = Some(now);
             audit.diff =

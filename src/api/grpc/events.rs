@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
 use super::call::{self, Call};
-use super::datasources::visible;
+use super::datasources::{Check, visible};
 use super::lifecycle::tokio_stream_from;
 use super::status::{self, invalid};
 use super::{Ctx, convert, page, pb};
@@ -58,7 +58,7 @@ impl EventsService {
             id => {
                 let id = convert::id("datasource_id", id)?;
                 let client = call::client(&self.0.pool).await?;
-                visible(&**client, call, id, None).await?;
+                visible(&**client, call, id, Check::Read(&self.0.pool)).await?;
                 Some(id)
             }
         };

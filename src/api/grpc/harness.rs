@@ -6,7 +6,7 @@ use tonic::{Request, Response, Status};
 
 use super::call::Call;
 use super::convert::{self, MAX_CONFIG_BYTES};
-use super::datasources::visible;
+use super::datasources::{Check, visible};
 use super::status::{self, invalid};
 use super::{Ctx, call, pb};
 use crate::db::repository::versions;
@@ -45,7 +45,7 @@ impl pb::harness_server::Harness for HarnessService {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let client = call::client(&self.0.pool).await?;
-        let ds = visible(&**client, &call, id, None).await?;
+        let ds = visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         let config = if !r.config_json.is_empty() {
             convert::json_object("config_json", &r.config_json, MAX_CONFIG_BYTES)?
         } else if r.version > 0 {

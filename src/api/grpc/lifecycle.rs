@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::call::{self, Audit, Call};
-use super::datasources::visible;
+use super::datasources::{Check, visible};
 use super::status;
 use super::{Ctx, convert, pb};
 use crate::db::repository::datasources::Datasource;
@@ -62,7 +62,7 @@ impl LifecycleService {
         loop {
             let (ds, s) = {
                 let client = call::client(&self.0.pool).await?;
-                let ds = visible(&**client, call, id, None).await?;
+                let ds = visible(&**client, call, id, Check::Read(&self.0.pool)).await?;
                 let s = state::get(&**client, id).await.map_err(status::db)?;
                 (ds, s)
             };
@@ -96,7 +96,7 @@ impl LifecycleService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            let ds = visible(&tx, &call, id, Some(&mut audit)).await?;
+            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             write(&tx, &ds).await
         }
         .await;
@@ -225,9 +225,10 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let call = Call::of(&request, "GetStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        let (ds, s) = tokio::try_join!(visible(&**client, &call, id, None), async {
-            state::get(&**client, id).await.map_err(status::db)
-        })?;
+        let (ds, s) = tokio::try_join!(
+            visible(&**client, &call, id, Check::Read(&self.0.pool)),
+            async { state::get(&**client, id).await.map_err(status::db) }
+        )?;
         Ok(Response::new(convert::worker_state(&ds, s, true)))
     }
 
@@ -243,7 +244,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         // Checked before the stream starts, so an unknown id is an error, not an empty stream.
         {
             let client = call::client(&ctx.pool).await?;
-            visible(&**client, &call, id, None).await?;
+            visible(&**client, &call, id, Check::Read(&ctx.pool)).await?;
         }
         let (tx, rx) = mpsc::channel(16);
         let mut wake = ctx.activity.subscribe();
@@ -253,7 +254,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
             loop {
                 let read = async {
                     let client = call::client(&ctx.pool).await?;
-                    let ds = visible(&**client, &call, id, None).await?;
+                    let ds = visible(&**client, &call, id, Check::Read(&ctx.pool)).await?;
                     let s = state::get(&**client, id).await.map_err(status::db)?;
                     Ok::<_, Status>(convert::worker_state(&ds, s, true))
                 }
@@ -288,7 +289,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let call = Call::of(&request, "GetDatasourceMetrics")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, None).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         let s = state::get(&**client, id).await.map_err(status::db)?;
         let count = |key: &str| {
             s.metrics

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::call::{self, Audit, Call};
-use super::datasources::visible;
+use super::datasources::{Check, visible};
 use super::status::{self, invalid};
 use super::{Ctx, convert, pb};
 use crate::secrets::{MAX_SECRET_BYTES, SecretMeta, SecretString, Secrets};
@@ -66,7 +66,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            visible(&tx, &call, id, Some(&mut audit)).await?;
+            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             audit.diff = Some(serde_json::json!({ "secret": name, "value": "changed" }));
             secrets
                 .put(&tx, id, &name, &value)
@@ -93,7 +93,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let mut client = call::client(&self.0.pool).await?;
         let tx = call::begin(&mut client, &call).await?;
         let result = async {
-            visible(&tx, &call, id, Some(&mut audit)).await?;
+            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
             audit.diff = Some(serde_json::json!({ "secret": r.name, "value": "deleted" }));
             secrets
                 .delete(&tx, id, &r.name)
@@ -112,7 +112,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let call = Call::of(&request, "ListSecrets")?;
         let id = convert::id("datasource_id", &request.get_ref().datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, None).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
         let rows = crate::db::repository::secrets::list(&**client, id)
             .await
             .map_err(status::db)?;
