@@ -179,7 +179,7 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>, first: &str) -
     }
     let path: tonic::codegen::http::uri::PathAndQuery = path.parse().unwrap();
     let streaming = path.path().contains("Watch");
-    let result = if streaming {
+    if streaming {
         match grpc.server_streaming(request, path, Raw).await {
             Ok(mut stream) => stream
                 .get_mut()
@@ -194,8 +194,7 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>, first: &str) -
             .await
             .err()
             .map_or(Code::Ok, |s| s.code())
-    };
-    result
+    }
 }
 
 async fn denied_rows(db: &TestDb) -> i64 {
