@@ -1,9 +1,13 @@
-//! The command line: `serve`, `migrate`, `db url`. Flags and their environment variables are
-//! declared in `config`; this module only routes.
+//! The command line: `serve`, `migrate`, `db url`, `keys`, and the client commands that call a
+//! registry over gRPC (`datasource`, `version`, `secret`, `events`, `status`, `worker`,
+//! `test`, `kinds`, `info`). Service flags and their environment variables are declared in
+//! `config`, client flags in `client`; this module only routes, and turns the client's usage
+//! errors into clap's (exit code 2).
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
+use crate::client::{self, StdoutClosed, UsageError};
 use crate::config::Settings;
 use crate::db;
 
@@ -35,6 +39,27 @@ enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// Master keys: rotate, rewrap secrets onto the active key, status (on the database
+    /// directly).
+    Keys(client::keys::KeysArgs),
+    /// Datasources: create, get, list, update, archive.
+    Datasource(client::datasources::DatasourceArgs),
+    /// Configuration versions: create, get, list, update, publish, rollback.
+    Version(client::versions::VersionArgs),
+    /// Datasource secrets: put (value from stdin or a file), delete, list (never values).
+    Secret(client::secrets::SecretArgs),
+    /// The event history: list, or watch live.
+    Events(client::events::EventsArgs),
+    /// A datasource's worker state: get, watch, metrics.
+    Status(client::lifecycle::StatusArgs),
+    /// Drive a datasource's worker: start, stop, restart, reload, backfill.
+    Worker(client::lifecycle::WorkerArgs),
+    /// Try a version, or an unsaved config, on sample payloads (sandboxed; writes nothing).
+    Test(client::harness::TestArgs),
+    /// Connector kinds: list, health.
+    Kinds(client::catalog::KindsArgs),
+    /// The registry's version, instance and schema.
+    Info(client::catalog::InfoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -47,11 +72,25 @@ enum DbCommand {
 }
 
 impl Cli {
-    /// Runs the chosen command.
+    /// Runs the chosen command. A client usage error is reported as clap reports its own and
+    /// exits with code 2; a closed stdout ends the command successfully.
     ///
     /// # Errors
     /// Whatever the command reports.
     pub async fn run(self) -> anyhow::Result<()> {
+        match self.dispatch().await {
+            Err(e) if e.is::<StdoutClosed>() => Ok(()),
+            Err(e) => match e.downcast::<UsageError>() {
+                Ok(usage) => Cli::command()
+                    .error(clap::error::ErrorKind::ArgumentConflict, usage.0)
+                    .exit(),
+                Err(e) => Err(e),
+            },
+            Ok(()) => Ok(()),
+        }
+    }
+
+    async fn dispatch(self) -> anyhow::Result<()> {
         match self.command {
             Command::Serve { settings } => {
                 settings.check().map_err(anyhow::Error::msg)?;
@@ -74,6 +113,16 @@ impl Cli {
                 println!("{url}");
                 Ok(())
             }
+            Command::Keys(args) => args.run().await,
+            Command::Datasource(args) => args.run().await,
+            Command::Version(args) => args.run().await,
+            Command::Secret(args) => args.run().await,
+            Command::Events(args) => args.run().await,
+            Command::Status(args) => args.run().await,
+            Command::Worker(args) => args.run().await,
+            Command::Test(args) => args.run().await,
+            Command::Kinds(args) => args.run().await,
+            Command::Info(args) => args.run().await,
         }
     }
 }
@@ -91,4 +140,151 @@ async fn migrate(url: &str, down_to: Option<i32>) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("dsreg").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn secret_put_takes_no_value_on_the_command_line() {
+        assert!(parse(&["secret", "put", "ds-1", "api_key"]).is_ok());
+        assert!(parse(&["secret", "put", "ds-1", "api_key", "--from-file", "v.txt"]).is_ok());
+        for refused in [
+            &["secret", "put", "ds-1", "api_key", "hunter2"][..],
+            &["secret", "put", "ds-1", "api_key", "--value", "hunter2"],
+            &["secret", "put", "ds-1", "api_key", "--value=hunter2"],
+            &[
+                "secret",
+                "put",
+                "ds-1",
+                "api_key",
+                "--from-stdin",
+                "--from-file",
+                "v",
+            ],
+        ] {
+            assert_eq!(parse(refused).unwrap_err().exit_code(), 2, "{refused:?}");
+        }
+        let put = Cli::command();
+        let put = put
+            .find_subcommand("secret")
+            .and_then(|c| c.find_subcommand("put"))
+            .unwrap();
+        let flags: Vec<&str> = put.get_arguments().filter_map(|a| a.get_long()).collect();
+        assert!(
+            flags
+                .iter()
+                .all(|f| !f.contains("value") && !f.contains("secret")),
+            "{flags:?}"
+        );
+    }
+
+    #[test]
+    fn tokens_are_never_taken_on_the_command_line() {
+        for command in [
+            &["info"][..],
+            &["datasource", "list"],
+            &["secret", "list", "d"],
+        ] {
+            let mut args = command.to_vec();
+            args.extend(["--token", "abc"]);
+            assert_eq!(parse(&args).unwrap_err().exit_code(), 2, "{args:?}");
+        }
+        assert!(parse(&["info", "--token-file", "/run/token"]).is_ok());
+    }
+
+    #[test]
+    fn client_flags_go_before_or_after_the_subcommand() {
+        for args in [
+            &[
+                "datasource",
+                "--server",
+                "h:1",
+                "-o",
+                "json",
+                "list",
+                "--all",
+            ][..],
+            &[
+                "datasource",
+                "list",
+                "--all",
+                "--server",
+                "h:1",
+                "-o",
+                "json",
+            ],
+        ] {
+            let Command::Datasource(_) = parse(args).unwrap().command else {
+                panic!("{args:?}");
+            };
+        }
+        assert!(parse(&["worker", "start", "d", "--timeout", "5s"]).is_ok());
+        assert!(parse(&["worker", "start", "d", "--timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn create_needs_tenant_name_and_kind() {
+        assert!(
+            parse(&[
+                "datasource",
+                "create",
+                "--org",
+                "a",
+                "--project",
+                "p",
+                "--name",
+                "n"
+            ])
+            .is_err()
+        );
+        assert!(
+            parse(&[
+                "datasource",
+                "create",
+                "--org",
+                "a",
+                "--project",
+                "p",
+                "--name",
+                "n",
+                "--kind",
+                "generator",
+                "--tag",
+                "x",
+                "--tag",
+                "y",
+            ])
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_test_run_takes_a_version_or_a_config_not_both() {
+        assert!(parse(&["test", "d", "--version", "2", "--sample-file", "a.json"]).is_ok());
+        assert!(
+            parse(&[
+                "test",
+                "d",
+                "--config-file",
+                "-",
+                "--sample-file",
+                "a",
+                "--sample-file",
+                "b"
+            ])
+            .is_ok()
+        );
+        assert!(parse(&["test", "d", "--version", "2", "--config-file", "c.json"]).is_err());
+    }
 }

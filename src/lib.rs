@@ -17,6 +17,7 @@
 pub mod api;
 pub mod app;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod connectors;
 pub mod db;
