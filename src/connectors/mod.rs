@@ -352,6 +352,8 @@ pub trait Connector: Send + Sync + 'static {
 #[derive(Clone, Default)]
 pub struct Catalog {
     kinds: BTreeMap<String, Arc<dyn Connector>>,
+    /// Each kind's config schema, compiled once when the kind is registered.
+    schemas: BTreeMap<String, Arc<Result<jsonschema::Validator, String>>>,
     health: Arc<std::sync::Mutex<BTreeMap<String, KindHealth>>>,
 }
 
@@ -367,8 +369,11 @@ impl Catalog {
 
     /// Adds (or replaces) a kind.
     pub fn register(&mut self, connector: Arc<dyn Connector>) {
-        self.kinds
-            .insert(connector.info().name.to_owned(), connector);
+        let name = connector.info().name.to_owned();
+        let schema =
+            jsonschema::validator_for(&connector.info().config_schema).map_err(|e| e.to_string());
+        self.schemas.insert(name.clone(), Arc::new(schema));
+        self.kinds.insert(name, connector);
     }
 
     /// The kind named `name`.
@@ -426,18 +431,19 @@ impl Catalog {
         if let Some(object) = own.as_object_mut() {
             object.retain(|k, _| !VERSION_KEYS.contains(&k.as_str()));
         }
-        match jsonschema::validator_for(&info.config_schema) {
-            Ok(schema) => problems.extend(schema.iter_errors(&own).map(|e| {
+        match self.schemas.get(kind).map(|s| s.as_ref()) {
+            Some(Ok(schema)) => problems.extend(schema.iter_errors(&own).map(|e| {
                 let path = e.instance_path().to_string();
                 ConfigError::new(
                     path.trim_start_matches('/').replace('/', "."),
                     e.to_string(),
                 )
             })),
-            Err(e) => problems.push(ConfigError::new(
+            Some(Err(e)) => problems.push(ConfigError::new(
                 "kind",
                 format!("the kind's own schema is invalid: {e}"),
             )),
+            None => {}
         }
         if problems.is_empty()
             && let Err(e) = connector.validate(config)

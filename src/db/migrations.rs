@@ -38,6 +38,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "event_ids_after_xid",
         include_str!("../../migrations/down/V5__event_ids_after_xid.down.sql"),
     ),
+    (
+        6,
+        "datasource_list_indexes",
+        include_str!("../../migrations/down/V6__datasource_list_indexes.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

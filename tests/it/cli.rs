@@ -1,29 +1,25 @@
 //! The `dsreg` command line through the real binary: `dsreg keys` against a test database and
-//! a temporary key file; the client against a scripted gRPC server (secret values from stdin
-//! and never printed, the token header, field violations, watch resumption, the data folder's
-//! address and admin token); and the client against a live registry (ignored until the
-//! registry serves the `dsreg.v1` services).
+//! a temporary key file, and the client against a live registry over its gRPC port (secret
+//! values from stdin and never printed, refusals with their field violations, watch
+//! resumption across a registry restart, the data folder's address and admin token).
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::path::Path;
-use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use base64::Engine;
-use dsreg::api::grpc::pb;
+use dsreg::api::grpc::auth::{DEV_AUDIENCE, DEV_ISSUER, dev_credentials};
+use dsreg::config::Settings;
 use dsreg::db::repository::{self as repo, WriteContext};
 use dsreg::secrets::{EnvKeyProvider, FileKeyProvider, SecretString, Secrets};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
-use tonic::{Request, Response, Status};
-use tonic_types::{ErrorDetails, StatusExt};
 use uuid::Uuid;
 
-use crate::helpers::{TestApp, TestDb};
+use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
 
 const DSREG: &str = env!("CARGO_BIN_EXE_dsreg");
 
@@ -367,491 +363,23 @@ async fn keys_rotate_with_keys_in_the_environment_explains_the_steps_and_fails()
 }
 
 // ---------------------------------------------------------------------------------------------
-// The client against a scripted server
-
-/// What the scripted server saw.
-#[derive(Debug, Default)]
-struct Seen {
-    /// The `authorization` header of every call.
-    authorization: Vec<Option<String>>,
-    /// Every secret value put.
-    secret_values: Vec<Vec<u8>>,
-    /// The `after_id` of every watch.
-    watch_after_ids: Vec<i64>,
-}
-
-/// A gRPC server with scripted answers: `GetInfo`, `PutSecret`, a `CreateDatasource` that
-/// refuses with a field violation, and a `WatchEvents` whose first stream breaks after two
-/// events.
-#[derive(Clone, Default)]
-struct Scripted {
-    seen: Arc<Mutex<Seen>>,
-}
-
-impl Scripted {
-    fn record<T>(&self, request: &Request<T>) {
-        let header = request
-            .metadata()
-            .get("authorization")
-            .map(|v| v.to_str().unwrap().to_owned());
-        self.seen.lock().unwrap().authorization.push(header);
-    }
-
-    fn authorization(&self) -> Vec<Option<String>> {
-        self.seen.lock().unwrap().authorization.clone()
-    }
-}
-
-/// Serves `scripted` on a free port; returns its URL (the server stops with the test).
-async fn serve(scripted: Scripted) -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    let server = tonic::transport::Server::builder()
-        .add_service(pb::registry_server::RegistryServer::new(scripted.clone()))
-        .add_service(pb::secrets_server::SecretsServer::new(scripted.clone()))
-        .add_service(pb::datasources_server::DatasourcesServer::new(
-            scripted.clone(),
-        ))
-        .add_service(pb::events_server::EventsServer::new(scripted))
-        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
-    tokio::spawn(server);
-    format!("http://{addr}")
-}
-
-#[tonic::async_trait]
-impl pb::registry_server::Registry for Scripted {
-    async fn get_info(
-        &self,
-        request: Request<pb::GetInfoRequest>,
-    ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        self.record(&request);
-        Ok(Response::new(pb::GetInfoResponse {
-            version: "9.9.9".into(),
-            instance_id: "scripted".into(),
-            schema_version: 7,
-        }))
-    }
-
-    async fn get_registry_metrics(
-        &self,
-        _: Request<pb::GetRegistryMetricsRequest>,
-    ) -> Result<Response<pb::RegistryMetrics>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-}
-
-#[tonic::async_trait]
-impl pb::secrets_server::Secrets for Scripted {
-    async fn put_secret(
-        &self,
-        request: Request<pb::PutSecretRequest>,
-    ) -> Result<Response<pb::SecretMeta>, Status> {
-        self.record(&request);
-        let request = request.into_inner();
-        self.seen.lock().unwrap().secret_values.push(request.value);
-        Ok(Response::new(pb::SecretMeta {
-            name: request.name,
-            key_version: 1,
-            fingerprint: "f1f1".into(),
-            ..Default::default()
-        }))
-    }
-
-    async fn delete_secret(
-        &self,
-        _: Request<pb::DeleteSecretRequest>,
-    ) -> Result<Response<pb::DeleteSecretResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn list_secrets(
-        &self,
-        _: Request<pb::ListSecretsRequest>,
-    ) -> Result<Response<pb::ListSecretsResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-}
-
-#[tonic::async_trait]
-impl pb::datasources_server::Datasources for Scripted {
-    async fn create_datasource(
-        &self,
-        request: Request<pb::CreateDatasourceRequest>,
-    ) -> Result<Response<pb::Datasource>, Status> {
-        self.record(&request);
-        let mut details = ErrorDetails::new();
-        details.add_bad_request_violation("name", "must be 1-128 of [A-Za-z0-9_.-]");
-        Err(Status::with_error_details(
-            tonic::Code::InvalidArgument,
-            "invalid datasource",
-            details,
-        ))
-    }
-
-    async fn get_datasource(
-        &self,
-        _: Request<pb::GetDatasourceRequest>,
-    ) -> Result<Response<pb::Datasource>, Status> {
-        Err(Status::not_found("datasource not found"))
-    }
-
-    async fn list_datasources(
-        &self,
-        _: Request<pb::ListDatasourcesRequest>,
-    ) -> Result<Response<pb::ListDatasourcesResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn update_datasource(
-        &self,
-        _: Request<pb::UpdateDatasourceRequest>,
-    ) -> Result<Response<pb::Datasource>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn archive_datasource(
-        &self,
-        _: Request<pb::ArchiveDatasourceRequest>,
-    ) -> Result<Response<pb::Datasource>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn create_version(
-        &self,
-        _: Request<pb::CreateVersionRequest>,
-    ) -> Result<Response<pb::Version>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn get_version(
-        &self,
-        _: Request<pb::GetVersionRequest>,
-    ) -> Result<Response<pb::Version>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn list_versions(
-        &self,
-        _: Request<pb::ListVersionsRequest>,
-    ) -> Result<Response<pb::ListVersionsResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn update_version(
-        &self,
-        _: Request<pb::UpdateVersionRequest>,
-    ) -> Result<Response<pb::Version>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn publish_version(
-        &self,
-        _: Request<pb::PublishVersionRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    async fn rollback_version(
-        &self,
-        _: Request<pb::RollbackVersionRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-}
-
-type EventStream = Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::Event, Status>> + Send>>;
-
-fn event(id: i64) -> pb::Event {
-    pb::Event {
-        id,
-        datasource_id: "ds-1".into(),
-        r#type: "published".into(),
-        version: 1,
-        actor: "alice".into(),
-        payload_json: format!(r#"{{"n": {id}}}"#),
-        ..Default::default()
-    }
-}
-
-#[tonic::async_trait]
-impl pb::events_server::Events for Scripted {
-    async fn list_events(
-        &self,
-        _: Request<pb::ListEventsRequest>,
-    ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        Err(Status::unimplemented("scripted"))
-    }
-
-    type WatchEventsStream = EventStream;
-
-    async fn watch_events(
-        &self,
-        request: Request<pb::WatchEventsRequest>,
-    ) -> Result<Response<EventStream>, Status> {
-        use tokio_stream::StreamExt;
-        self.record(&request);
-        let after = request.into_inner().after_id;
-        let first = {
-            let mut seen = self.seen.lock().unwrap();
-            seen.watch_after_ids.push(after);
-            seen.watch_after_ids.len() == 1
-        };
-        let stream: EventStream = if first {
-            // Two events, then the connection "drops".
-            Box::pin(tokio_stream::iter(vec![
-                Ok(event(after + 1)),
-                Ok(event(after + 2)),
-                Err(Status::unavailable("connection reset")),
-            ]))
-        } else {
-            Box::pin(tokio_stream::iter(vec![Ok(event(after + 1))]).chain(tokio_stream::pending()))
-        };
-        Ok(Response::new(stream))
-    }
-}
-
-#[tokio::test]
-async fn secret_put_reads_the_value_from_stdin_and_never_prints_it() {
-    let scripted = Scripted::default();
-    let url = serve(scripted.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    let value = canary("stdin");
-    let file_value = format!("{}\n", canary("file"));
-    let file = dir.path().join("value.txt");
-    std::fs::write(&file, &file_value).unwrap();
-
-    let mut outputs = Vec::new();
-    for output in ["table", "json"] {
-        let mut command = dsreg(dir.path());
-        command.env("DSREG_TOKEN", "tok-123").args([
-            "secret", "put", "ds-1", "api_key", "--server", &url, "-o", output,
-        ]);
-        let ran = run(command, Some(format!("{value}\n").as_bytes())).await;
-        ran.assert_success();
-        assert!(ran.stdout.contains("api_key"), "{}", ran.stdout);
-        outputs.push(ran);
-    }
-    let mut command = dsreg(dir.path());
-    command.env("DSREG_TOKEN", "tok-123").args([
-        "secret",
-        "put",
-        "ds-1",
-        "cert",
-        "--from-file",
-        file.to_str().unwrap(),
-        "--server",
-        &url,
-    ]);
-    let ran = run(command, None).await;
-    ran.assert_success();
-    outputs.push(ran);
-
-    let seen = scripted.seen.lock().unwrap();
-    assert_eq!(
-        seen.secret_values,
-        [
-            value.as_bytes().to_vec(),
-            value.as_bytes().to_vec(),
-            file_value.as_bytes().to_vec(),
-        ],
-        "stdin loses one trailing newline; a file is sent byte for byte"
-    );
-    assert_eq!(
-        seen.authorization,
-        vec![Some("Bearer tok-123".to_owned()); 3]
-    );
-    for ran in &outputs {
-        assert!(!ran.mentions(&value) && !ran.mentions(file_value.trim()));
-        assert!(!ran.mentions("tok-123"), "the token was printed");
-    }
-    assert_eq!(outputs[1].json_lines()[0]["name"], "api_key");
-}
-
-#[tokio::test]
-async fn secret_put_refuses_a_value_on_the_command_line_or_an_empty_stdin() {
-    let scripted = Scripted::default();
-    let url = serve(scripted.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-
-    let mut command = dsreg(dir.path());
-    command.args([
-        "secret", "put", "ds-1", "api_key", "hunter2", "--server", &url,
-    ]);
-    assert_eq!(run(command, None).await.status.code(), Some(2));
-    let mut command = dsreg(dir.path());
-    command.args([
-        "secret", "put", "ds-1", "api_key", "--value", "hunter2", "--server", &url,
-    ]);
-    assert_eq!(run(command, None).await.status.code(), Some(2));
-    let mut command = dsreg(dir.path());
-    command.args(["secret", "put", "ds-1", "api_key", "--server", &url]);
-    let empty = run(command, Some(b"")).await;
-    assert_eq!(empty.status.code(), Some(1));
-    assert!(empty.stderr.contains("empty"), "{}", empty.stderr);
-
-    assert!(scripted.seen.lock().unwrap().secret_values.is_empty());
-}
-
-#[tokio::test]
-async fn a_refused_call_prints_its_code_message_and_field_violations() {
-    let scripted = Scripted::default();
-    let url = serve(scripted.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-
-    let mut command = dsreg(dir.path());
-    command.args([
-        "datasource",
-        "create",
-        "--org",
-        "acme",
-        "--project",
-        "core",
-        "--name",
-        "bad name",
-        "--kind",
-        "generator",
-        "--server",
-        &url,
-    ]);
-    let ran = run(command, None).await;
-
-    assert_eq!(ran.status.code(), Some(1));
-    assert!(
-        ran.stderr.contains(
-            "INVALID_ARGUMENT: invalid datasource\n  name: must be 1-128 of [A-Za-z0-9_.-]"
-        ),
-        "{}",
-        ran.stderr
-    );
-    assert!(ran.stdout.is_empty());
-    assert_eq!(scripted.authorization(), [None], "no token, no header");
-
-    let mut command = dsreg(dir.path());
-    command.args(["datasource", "get", "nope", "--server", &url]);
-    let ran = run(command, None).await;
-    assert_eq!(ran.status.code(), Some(1));
-    assert!(
-        ran.stderr.contains("NOT_FOUND: datasource not found"),
-        "{}",
-        ran.stderr
-    );
-}
-
-#[tokio::test]
-async fn events_watch_resumes_after_the_last_event_it_saw_when_the_stream_drops() {
-    let scripted = Scripted::default();
-    let url = serve(scripted.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-
-    let mut child = dsreg(dir.path())
-        .args([
-            "events",
-            "watch",
-            "--after-id",
-            "40",
-            "-o",
-            "json",
-            "--server",
-            &url,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut ids = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while ids.len() < 3 {
-            let line = stdout
-                .next_line()
-                .await
-                .unwrap()
-                .expect("the watch keeps going");
-            let event: Value = serde_json::from_str(&line).unwrap();
-            assert_eq!(
-                event["payload"]["n"], event["id"],
-                "payload embedded as JSON"
-            );
-            ids.push(event["id"].as_i64().unwrap());
-        }
-    })
-    .await
-    .expect("three events within 30 s");
-    child.kill().await.unwrap();
-    let mut stderr = String::new();
-    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
-        .await
-        .unwrap();
-
-    assert_eq!(ids, [41, 42, 43]);
-    assert_eq!(scripted.seen.lock().unwrap().watch_after_ids, [40, 42]);
-    assert!(
-        stderr.contains("reconnecting") && stderr.contains("after event 42"),
-        "{stderr}"
-    );
-}
-
-#[tokio::test]
-async fn the_client_finds_the_local_registry_and_its_admin_token_in_the_data_folder() {
-    let scripted = Scripted::default();
-    let url = serve(scripted.clone()).await;
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("grpc.addr"), format!("{url}\n")).unwrap();
-
-    let mut command = dsreg(dir.path());
-    command.args(["info", "-o", "json"]);
-    let ran = run(command, None).await;
-    ran.assert_success();
-    assert_eq!(ran.json_lines()[0]["instance_id"], "scripted");
-
-    std::fs::create_dir_all(dir.path().join("auth")).unwrap();
-    std::fs::write(dir.path().join("auth/admin.token"), "admin-tok\n").unwrap();
-    let mut command = dsreg(dir.path());
-    command.arg("info");
-    let ran = run(command, None).await;
-    ran.assert_success();
-    assert!(ran.stdout.contains("instance: scripted"), "{}", ran.stdout);
-    assert!(ran.stdout.contains("token:    sent"), "{}", ran.stdout);
-    assert!(!ran.mentions("admin-tok"));
-
-    // DSREG_TOKEN beats the data folder's token.
-    let mut command = dsreg(dir.path());
-    command.env("DSREG_TOKEN", "env-tok").arg("info");
-    run(command, None).await.assert_success();
-
-    assert_eq!(
-        scripted.authorization(),
-        [
-            None,
-            Some("Bearer admin-tok".to_owned()),
-            Some("Bearer env-tok".to_owned())
-        ]
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
 // The client against a live registry
 
-const LIVE_KEYS_BYTE: u8 = 42;
+const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-/// A registry on `db` that seals secrets under a test key; returns it and its gRPC URL.
-async fn live_registry(db: &TestDb) -> (TestApp, String) {
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let app = TestApp::spawn(&db.url, move |app| {
-        app.secrets = Some(Arc::new(live_keys()));
-        let _ = addr_tx.send(app.grpc_addr());
-    })
-    .await;
-    let addr = addr_rx.await.expect("the registry's gRPC address");
-    (app, format!("http://{addr}"))
+/// Settings of a registry on `db` that seals secrets under [`MASTER_KEYS`] and lets every
+/// caller in.
+fn live_settings(db: &TestDb) -> Settings {
+    let mut settings = test_settings(&db.url);
+    settings.master_keys = Some(MASTER_KEYS.to_owned());
+    settings
 }
 
-fn live_keys() -> Secrets {
-    let key = base64::engine::general_purpose::STANDARD.encode([LIVE_KEYS_BYTE; 32]);
-    Secrets::new(Arc::new(
-        EnvKeyProvider::parse(&format!("1:{key}"), None).unwrap(),
-    ))
+/// A registry with [`live_settings`]; returns it and its gRPC URL.
+async fn live_registry(db: &TestDb) -> (TestApp, String) {
+    let app = TestApp::spawn_with(live_settings(db), |_| {}).await;
+    let url = format!("http://{}", app.grpc_addr);
+    (app, url)
 }
 
 /// `dsreg <args> --server <url>`, no token, run to its end.
@@ -859,6 +387,430 @@ async fn client(dir: &Path, url: &str, args: &[&str], stdin: Option<&[u8]>) -> R
     let mut command = dsreg(dir);
     command.args(args).args(["--server", url]);
     run(command, stdin).await
+}
+
+/// The secrets of `datasource` opened with [`MASTER_KEYS`], by name.
+async fn opened_secrets(db: &TestDb, datasource: Uuid) -> BTreeMap<String, String> {
+    let keys = Secrets::new(Arc::new(EnvKeyProvider::parse(MASTER_KEYS, None).unwrap()));
+    keys.open_all(&**db.client().await, datasource)
+        .await
+        .unwrap()
+        .iter()
+        .map(|(name, value)| (name.clone(), value.expose().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn secret_put_reads_the_value_from_stdin_and_never_prints_it() {
+    let db = TestDb::new().await;
+    let (_app, url) = live_registry(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = db.datasource("with-secrets").await.id;
+    let id = ds.to_string();
+    let stdin_value = canary("stdin");
+    let json_value = canary("json");
+    let file_value = format!("{}\n", canary("file"));
+    let file = dir.path().join("value.txt");
+    std::fs::write(&file, &file_value).unwrap();
+
+    let put_table = client(
+        dir.path(),
+        &url,
+        &["secret", "put", &id, "api_key"],
+        Some(format!("{stdin_value}\n").as_bytes()),
+    )
+    .await;
+    let put_json = client(
+        dir.path(),
+        &url,
+        &["secret", "put", &id, "password", "-o", "json"],
+        Some(format!("{json_value}\n").as_bytes()),
+    )
+    .await;
+    let put_file = client(
+        dir.path(),
+        &url,
+        &[
+            "secret",
+            "put",
+            &id,
+            "cert",
+            "--from-file",
+            file.to_str().unwrap(),
+        ],
+        None,
+    )
+    .await;
+    let listed = client(dir.path(), &url, &["secret", "list", &id], None).await;
+    let listed_json = client(
+        dir.path(),
+        &url,
+        &["secret", "list", &id, "-o", "json"],
+        None,
+    )
+    .await;
+
+    let outputs = [&put_table, &put_json, &put_file, &listed, &listed_json];
+    for ran in outputs {
+        ran.assert_success();
+    }
+    assert!(
+        put_table.stdout.starts_with("stored secret api_key of "),
+        "{}",
+        put_table.stdout
+    );
+    assert_eq!(put_json.json_lines()[0]["name"], "password");
+    assert!(listed.stdout.starts_with("NAME "), "{}", listed.stdout);
+    let names: Vec<(String, u64)> = listed_json
+        .json_lines()
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap().to_owned(),
+                s["key_version"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("api_key".to_owned(), 1),
+            ("cert".to_owned(), 1),
+            ("password".to_owned(), 1)
+        ]
+    );
+    assert_eq!(
+        opened_secrets(&db, ds).await,
+        BTreeMap::from([
+            ("api_key".to_owned(), stdin_value.clone()),
+            ("cert".to_owned(), file_value.clone()),
+            ("password".to_owned(), json_value.clone()),
+        ]),
+        "stdin loses one trailing newline; a file is sent byte for byte"
+    );
+    let stored = db
+        .client()
+        .await
+        .query(
+            "SELECT s::text, s.ciphertext FROM datasource_secrets s WHERE datasource_id = $1",
+            &[&ds],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 3);
+    for value in [&stdin_value, &json_value, file_value.trim()] {
+        let hex: String = value.bytes().map(|b| format!("{b:02x}")).collect();
+        for row in &stored {
+            let text: String = row.get(0);
+            let ciphertext: Vec<u8> = row.get(1);
+            assert!(!text.contains(value) && !text.contains(&hex));
+            assert!(
+                !ciphertext
+                    .windows(value.len())
+                    .any(|w| w == value.as_bytes()),
+                "a secret is stored in plaintext"
+            );
+        }
+        for ran in outputs {
+            assert!(!ran.mentions(value), "a command printed a secret value");
+        }
+    }
+}
+
+#[tokio::test]
+async fn secret_put_refuses_a_value_on_the_command_line_or_an_empty_stdin() {
+    let db = TestDb::new().await;
+    let (_app, url) = live_registry(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ds = db.datasource("with-secrets").await.id;
+    let id = ds.to_string();
+
+    let positional = client(
+        dir.path(),
+        &url,
+        &["secret", "put", &id, "api_key", "hunter2"],
+        None,
+    )
+    .await;
+    let flag = client(
+        dir.path(),
+        &url,
+        &["secret", "put", &id, "api_key", "--value", "hunter2"],
+        None,
+    )
+    .await;
+    let empty = client(
+        dir.path(),
+        &url,
+        &["secret", "put", &id, "api_key"],
+        Some(b""),
+    )
+    .await;
+    let listed = client(
+        dir.path(),
+        &url,
+        &["secret", "list", &id, "-o", "json"],
+        None,
+    )
+    .await;
+
+    assert_eq!(positional.status.code(), Some(2), "{}", positional.stderr);
+    assert_eq!(flag.status.code(), Some(2), "{}", flag.stderr);
+    assert_eq!(empty.status.code(), Some(1), "{}", empty.stderr);
+    assert!(empty.stderr.contains("empty"), "{}", empty.stderr);
+    listed.assert_success();
+    assert_eq!(listed.stdout, "", "no secret was stored");
+    assert!(opened_secrets(&db, ds).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_refused_call_prints_its_code_message_and_field_violations() {
+    let db = TestDb::new().await;
+    let (_app, url) = live_registry(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let missing = Uuid::new_v4().to_string();
+
+    let invalid = client(
+        dir.path(),
+        &url,
+        &[
+            "datasource",
+            "create",
+            "--org",
+            "acme",
+            "--project",
+            "core",
+            "--name",
+            "bad name",
+            "--kind",
+            "generator",
+        ],
+        None,
+    )
+    .await;
+    let not_found = client(dir.path(), &url, &["datasource", "get", &missing], None).await;
+    let listed = client(
+        dir.path(),
+        &url,
+        &["datasource", "list", "-o", "json"],
+        None,
+    )
+    .await;
+
+    let reason = "contains ' '; only letters, digits, '_', '-' and '.' are allowed";
+    assert_eq!(invalid.status.code(), Some(1), "{}", invalid.stderr);
+    assert!(
+        invalid.stderr.contains(&format!(
+            "INVALID_ARGUMENT: name: {reason}\n  name: {reason}\n"
+        )),
+        "{}",
+        invalid.stderr
+    );
+    assert!(invalid.stdout.is_empty(), "{}", invalid.stdout);
+    assert_eq!(not_found.status.code(), Some(1), "{}", not_found.stderr);
+    assert!(
+        not_found
+            .stderr
+            .contains(&format!("NOT_FOUND: datasource {missing} not found")),
+        "{}",
+        not_found.stderr
+    );
+    listed.assert_success();
+    assert_eq!(listed.stdout, "", "nothing was created");
+}
+
+/// (id, type) of every event of `datasource` in the table, oldest first.
+async fn table_events(db: &TestDb, datasource: Uuid) -> Vec<(i64, String)> {
+    db.events(datasource)
+        .await
+        .into_iter()
+        .map(|e| (e.id, e.kind))
+        .collect()
+}
+
+/// `dsreg worker restart <datasource>` `n` times; each restart writes one event.
+async fn restart_worker(dir: &Path, url: &str, datasource: &str, n: usize) {
+    for _ in 0..n {
+        client(dir, url, &["worker", "restart", datasource], None)
+            .await
+            .assert_success();
+    }
+}
+
+/// Waits until `printed` ends with the last event of the table, then returns the table.
+async fn wait_for_watch(
+    db: &TestDb,
+    datasource: Uuid,
+    printed: &Mutex<Vec<(i64, String)>>,
+) -> Vec<(i64, String)> {
+    wait_for(
+        "the watch to print the table's last event",
+        Duration::from_secs(30),
+        || async {
+            let table = table_events(db, datasource).await;
+            let printed = printed.lock().unwrap();
+            (table.last().is_some() && printed.last() == table.last()).then_some(table)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn events_watch_resumes_after_the_last_event_it_saw_when_the_stream_drops() {
+    let db = TestDb::new().await;
+    let settings = live_settings(&db);
+    let first = TestApp::spawn_with(settings.clone(), |_| {}).await;
+    let grpc_addr = first.grpc_addr;
+    let url = format!("http://{grpc_addr}");
+    let dir = tempfile::tempdir().unwrap();
+    let ds = db.datasource("watched").await.id;
+    let id = ds.to_string();
+    restart_worker(dir.path(), &url, &id, 3).await;
+    let after = table_events(&db, ds).await[0].0;
+
+    let mut child = dsreg(dir.path())
+        .args(["events", "watch", "--datasource", &id, "--after-id"])
+        .arg(after.to_string())
+        .args(["-o", "json", "--server", &url])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let printed = Arc::new(Mutex::new(Vec::new()));
+    let reader = tokio::spawn({
+        let printed = printed.clone();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
+        async move {
+            while let Some(line) = stdout.next_line().await.unwrap() {
+                let event: Value = serde_json::from_str(&line).unwrap();
+                let kind = event["type"].as_str().unwrap().to_owned();
+                printed
+                    .lock()
+                    .unwrap()
+                    .push((event["id"].as_i64().unwrap(), kind));
+            }
+        }
+    });
+    let before_crash = wait_for_watch(&db, ds, &printed).await;
+    first.crash().await;
+    // The killed registry's listener may hold the port for a moment after its thread ends.
+    let _second = wait_for(
+        "a registry on the old gRPC address",
+        Duration::from_secs(30),
+        || {
+            let mut settings = settings.clone();
+            settings.grpc_addr = grpc_addr;
+            async move { TestApp::try_spawn_with(settings, |_| {}).await.ok() }
+        },
+    )
+    .await;
+    restart_worker(dir.path(), &url, &id, 3).await;
+    let table = wait_for_watch(&db, ds, &printed).await;
+    child.kill().await.unwrap();
+    reader.await.unwrap();
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr)
+        .await
+        .unwrap();
+
+    let expected: Vec<_> = table.into_iter().filter(|(i, _)| *i > after).collect();
+    let last_seen = before_crash.last().unwrap().0;
+    assert!(
+        expected.iter().filter(|(i, _)| *i > last_seen).count() >= 3,
+        "the restarts after the crash are in the table: {expected:?}"
+    );
+    assert_eq!(
+        *printed.lock().unwrap(),
+        expected,
+        "every event once, in id order"
+    );
+    assert!(
+        stderr.contains("reconnecting") && stderr.contains(&format!("after event {last_seen}")),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn the_client_finds_the_local_registry_and_its_admin_token_in_the_data_folder() {
+    let db = TestDb::new().await;
+    let local = tempfile::tempdir().unwrap();
+    let dev = dev_credentials(local.path()).unwrap();
+    let mut settings = test_settings(&db.url);
+    settings.auth.insecure_no_auth = false;
+    settings.auth.auth_hs256_secret_file = Some(dev.secret_file.clone());
+    settings.auth.auth_issuer = Some(DEV_ISSUER.to_owned());
+    settings.auth.auth_audience = Some(DEV_AUDIENCE.to_owned());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let addr_file = local.path().join("grpc.addr");
+    std::fs::write(&addr_file, format!("http://{}\n", app.grpc_addr)).unwrap();
+    let token = std::fs::read_to_string(&dev.token_file).unwrap();
+    // Another registry's folder pointing at this one: its admin token is signed with
+    // another secret.
+    let foreign = tempfile::tempdir().unwrap();
+    let foreign_token =
+        std::fs::read_to_string(dev_credentials(foreign.path()).unwrap().token_file).unwrap();
+    std::fs::copy(&addr_file, foreign.path().join("grpc.addr")).unwrap();
+    db.datasource("orders").await;
+    let elsewhere = tempfile::tempdir().unwrap();
+    let in_folder = |folder: &Path, args: &[&str]| {
+        let mut command = dsreg(elsewhere.path());
+        command.args(args).arg("--data-dir").arg(folder);
+        command
+    };
+
+    let info = run(in_folder(local.path(), &["info"]), None).await;
+    let listed = run(
+        in_folder(local.path(), &["datasource", "list", "-o", "json"]),
+        None,
+    )
+    .await;
+    let refused = run(in_folder(foreign.path(), &["datasource", "list"]), None).await;
+    // DSREG_TOKEN beats the folder's token.
+    let mut env_token = in_folder(local.path(), &["info"]);
+    env_token.env("DSREG_TOKEN", foreign_token.trim());
+    let env_token = run(env_token, None).await;
+
+    info.assert_success();
+    assert!(
+        info.stdout
+            .contains(&format!("(from {})", addr_file.display())),
+        "{}",
+        info.stdout
+    );
+    assert!(info.stdout.contains("token:    sent"), "{}", info.stdout);
+    listed.assert_success();
+    assert_eq!(listed.json_lines()[0]["name"], "orders");
+    for denied in [&refused, &env_token] {
+        assert_eq!(denied.status.code(), Some(1), "{}", denied.stderr);
+        assert!(
+            denied.stderr.contains("UNAUTHENTICATED"),
+            "{}",
+            denied.stderr
+        );
+    }
+    for ran in [&info, &listed, &refused, &env_token] {
+        assert!(!ran.mentions(token.trim()) && !ran.mentions(foreign_token.trim()));
+    }
+    let denials: Vec<(String, String)> = db
+        .client()
+        .await
+        .query(
+            "SELECT actor, action FROM audit_log WHERE outcome = 'denied' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        denials,
+        [
+            ("anonymous".to_owned(), "ListDatasources".to_owned()),
+            ("anonymous".to_owned(), "GetInfo".to_owned()),
+        ]
+    );
 }
 
 #[tokio::test]
@@ -999,82 +951,4 @@ async fn the_client_creates_publishes_and_lists_a_datasource() {
     table.assert_success();
     assert!(table.stdout.starts_with("ID  "), "{}", table.stdout);
     assert!(table.stdout.contains("published"), "{}", table.stdout);
-}
-
-#[tokio::test]
-async fn the_client_prints_the_field_violation_of_an_invalid_create() {
-    let db = TestDb::new().await;
-    let (_app, url) = live_registry(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-
-    let ran = client(
-        dir.path(),
-        &url,
-        &[
-            "datasource",
-            "create",
-            "--org",
-            "acme",
-            "--project",
-            "core",
-            "--name",
-            "not a valid name!",
-            "--kind",
-            "generator",
-        ],
-        None,
-    )
-    .await;
-
-    assert_eq!(ran.status.code(), Some(1), "{}", ran.stderr);
-    assert!(ran.stderr.contains("INVALID_ARGUMENT"), "{}", ran.stderr);
-    assert!(
-        ran.stderr.lines().any(|l| l.starts_with("  name: ")),
-        "a `name: …` violation line: {}",
-        ran.stderr
-    );
-}
-
-#[tokio::test]
-async fn the_client_puts_a_secret_from_stdin_on_a_live_registry() {
-    let db = TestDb::new().await;
-    let (_app, url) = live_registry(&db).await;
-    let dir = tempfile::tempdir().unwrap();
-    let ds = db.datasource("with-secret").await.id.to_string();
-    let value = canary("live");
-
-    let put = client(
-        dir.path(),
-        &url,
-        &["secret", "put", &ds, "api_key"],
-        Some(format!("{value}\n").as_bytes()),
-    )
-    .await;
-    put.assert_success();
-    let listed = client(dir.path(), &url, &["secret", "list", &ds], None).await;
-    listed.assert_success();
-    let listed_json = client(
-        dir.path(),
-        &url,
-        &["secret", "list", &ds, "-o", "json"],
-        None,
-    )
-    .await;
-    listed_json.assert_success();
-
-    assert!(listed.stdout.starts_with("NAME "), "{}", listed.stdout);
-    assert!(listed.stdout.contains("api_key"), "{}", listed.stdout);
-    assert_eq!(listed_json.json_lines()[0]["key_version"], 1);
-    for ran in [&put, &listed, &listed_json] {
-        assert!(!ran.mentions(&value), "a command printed the secret");
-    }
-    let opened = live_keys()
-        .open_all(&**db.client().await, ds.parse().unwrap())
-        .await
-        .unwrap();
-    let opened: BTreeMap<_, _> = opened
-        .iter()
-        .map(|(k, v)| (k.clone(), v.expose().to_owned()))
-        .collect();
-    assert_eq!(opened, BTreeMap::from([("api_key".to_owned(), value)]));
 }

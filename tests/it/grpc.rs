@@ -804,7 +804,7 @@ async fn harness_catalog_and_registry_answer() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.schema_version, 5);
+    assert_eq!(info.schema_version, 6);
 }
 
 #[tokio::test]
@@ -873,4 +873,150 @@ async fn an_oversized_message_is_refused() {
         .unwrap_err();
     assert_eq!(err.code(), Code::OutOfRange, "{err:?}");
     assert!(err.message().contains("too large"), "{err:?}");
+}
+
+#[tokio::test]
+async fn health_and_reflection_answer_without_a_token() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = ServerReflectionClient::new(ch)
+        .server_reflection_info(futures_util::stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(MessageResponse::ListServicesResponse(list)) =
+        stream.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("not a list of services");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for service in [
+        "dsreg.v1.Datasources",
+        "dsreg.v1.Lifecycle",
+        "dsreg.v1.Harness",
+        "dsreg.v1.Events",
+        "dsreg.v1.Secrets",
+        "dsreg.v1.Catalog",
+        "dsreg.v1.Registry",
+    ] {
+        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn watch_status_streams_the_state_then_every_change() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut life = LifecycleClient::new(ch.clone());
+    let created = ds
+        .create_datasource(create_req("orders"))
+        .await
+        .unwrap()
+        .into_inner();
+    let id = created.id.clone();
+    let mut watch = life
+        .watch_status(pb::GetStatusRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, pb::WorkerStatus::Init as i32);
+    let v = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: generator_config(5),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ds.publish_version(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: v.version,
+    })
+    .await
+    .unwrap();
+    let mut seen = Vec::new();
+    while !seen.contains(&(pb::WorkerStatus::Running as i32)) {
+        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a change within 10 s")
+            .unwrap()
+            .unwrap();
+        seen.push(next.status);
+    }
+    life.stop_worker(pb::LifecycleRequest {
+        datasource_id: id.clone(),
+    })
+    .await
+    .unwrap();
+    loop {
+        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+            .await
+            .expect("a change within 10 s")
+            .unwrap()
+            .unwrap();
+        if next.status == pb::WorkerStatus::Stopped as i32 {
+            assert!(!next.desired_running);
+            break;
+        }
+    }
+    // An unknown id is an error, not an empty stream.
+    let unknown = life
+        .watch_status(pb::GetStatusRequest {
+            datasource_id: uuid::Uuid::new_v4().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
+
+    // Event history filters by type and time.
+    let mut events = EventsClient::new(ch);
+    let published = events
+        .list_events(pb::ListEventsRequest {
+            datasource_id: id.clone(),
+            types: vec!["published".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(published.events.len(), 1);
+    assert_eq!(published.events[0].version, v.version);
+    let future = events
+        .list_events(pb::ListEventsRequest {
+            datasource_id: id,
+            since: Some(prost_types::Timestamp {
+                seconds: chrono::Utc::now().timestamp() + 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(future.events.is_empty());
 }

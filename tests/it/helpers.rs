@@ -242,6 +242,17 @@ impl TestApp {
         settings: dsreg::config::Settings,
         configure: impl FnOnce(&mut dsreg::app::App) + Send + 'static,
     ) -> Self {
+        Self::try_spawn_with(settings, configure)
+            .await
+            .expect("the registry starts")
+    }
+
+    /// Starts a registry with `settings`, or returns why it could not start (say, its fixed
+    /// port is still held by a registry that was just killed).
+    pub async fn try_spawn_with(
+        settings: dsreg::config::Settings,
+        configure: impl FnOnce(&mut dsreg::app::App) + Send + 'static,
+    ) -> anyhow::Result<Self> {
         init_test_log();
         let shutdown = tokio_util::sync::CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
@@ -256,10 +267,19 @@ impl TestApp {
             let grace = settings.shutdown_grace();
             let url = settings.database_url.clone().expect("a database URL");
             let task = runtime.spawn(async move {
-                let mut app = dsreg::app::App::build(&settings, &url).await?;
+                let mut app = match dsreg::app::App::build(&settings, &url).await {
+                    Ok(app) => app,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return Ok(());
+                    }
+                };
                 configure(&mut app);
-                let _ =
-                    ready_tx.send((app.http_addr(), app.grpc_addr(), app.listener_stats.clone()));
+                let _ = ready_tx.send(Ok((
+                    app.http_addr(),
+                    app.grpc_addr(),
+                    app.listener_stats.clone(),
+                )));
                 app.run(token, grace).await
             });
             // true: stop gracefully; false (or the test gone): crash.
@@ -270,7 +290,18 @@ impl TestApp {
                 None
             }
         });
-        let (http_addr, grpc_addr, listener_stats) = ready_rx.await.expect("the registry starts");
+        let (http_addr, grpc_addr, listener_stats) =
+            match ready_rx.await.expect("the app task reports its start") {
+                Ok(ready) => ready,
+                Err(e) => {
+                    // The sender's drop ends the thread, which has nothing left to run.
+                    drop(stop_tx);
+                    tokio::task::spawn_blocking(move || thread.join().expect("app thread"))
+                        .await
+                        .unwrap();
+                    return Err(e);
+                }
+            };
         // Notifications sent before the LISTEN would be lost to a test that waits for them.
         wait_for(
             "the registry's listener",
@@ -283,14 +314,14 @@ impl TestApp {
             },
         )
         .await;
-        Self {
+        Ok(Self {
             http_addr,
             grpc_addr,
             listener_stats,
             shutdown,
             stop: Some(stop_tx),
             thread: Some(thread),
-        }
+        })
     }
 
     /// Stops gracefully (as on SIGTERM) and returns the run's result.

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
+mod canary;
 mod cli;
 mod connectors;
 mod grpc;

@@ -50,6 +50,15 @@ pub async fn visible(
     check: Check<'_>,
 ) -> Result<Datasource, Status> {
     let ds = datasources::get(client, id).await.map_err(status::db)?;
+    admit(ds, call, check).await
+}
+
+/// The tenant check of [`visible`] on a datasource already read.
+///
+/// # Errors
+/// NOT_FOUND when the caller may not see it.
+pub async fn admit(ds: Datasource, call: &Call, check: Check<'_>) -> Result<Datasource, Status> {
+    let id = ds.id;
     let seen = call.sees(&ds);
     match check {
         Check::Write(audit) => {

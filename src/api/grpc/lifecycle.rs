@@ -13,7 +13,7 @@ use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
 use super::call::{self, Audit, Call};
-use super::datasources::{Check, visible};
+use super::datasources::{Check, admit, visible};
 use super::status;
 use super::{Ctx, convert, pb};
 use crate::db::repository::datasources::Datasource;
@@ -60,12 +60,7 @@ impl LifecycleService {
         let mut wake = self.0.activity.subscribe();
         let until = tokio::time::Instant::now() + call.wait_budget();
         loop {
-            let (ds, s) = {
-                let client = call::client(&self.0.pool).await?;
-                let ds = visible(&**client, call, id, Check::Read(&self.0.pool)).await?;
-                let s = state::get(&**client, id).await.map_err(status::db)?;
-                (ds, s)
-            };
+            let (ds, s) = read(&self.0.pool, call, id).await?;
             let done = reached(goal, &ds, &s);
             if done || tokio::time::Instant::now() >= until {
                 return Ok(convert::worker_state(&ds, s, done));
@@ -108,6 +103,20 @@ impl LifecycleService {
         };
         Ok(Response::new(self.wait(&call, id, goal).await?))
     }
+}
+
+/// A datasource the caller may see and its state, in one cached statement.
+async fn read(
+    pool: &deadpool_postgres::Pool,
+    call: &Call,
+    id: Uuid,
+) -> Result<(Datasource, State), Status> {
+    let client = call::client(pool).await?;
+    let (ds, s) = state::with_datasource(&client, id)
+        .await
+        .map_err(status::db)?;
+    drop(client);
+    Ok((admit(ds, call, Check::Read(pool)).await?, s))
 }
 
 fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<Uuid, Status> {
@@ -224,11 +233,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "GetStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        let client = call::client(&self.0.pool).await?;
-        let (ds, s) = tokio::try_join!(
-            visible(&**client, &call, id, Check::Read(&self.0.pool)),
-            async { state::get(&**client, id).await.map_err(status::db) }
-        )?;
+        let (ds, s) = read(&self.0.pool, &call, id).await?;
         Ok(Response::new(convert::worker_state(&ds, s, true)))
     }
 
@@ -252,13 +257,9 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         ctx.tracker.clone().spawn(async move {
             let mut last: Option<pb::WorkerState> = None;
             loop {
-                let read = async {
-                    let client = call::client(&ctx.pool).await?;
-                    let ds = visible(&**client, &call, id, Check::Read(&ctx.pool)).await?;
-                    let s = state::get(&**client, id).await.map_err(status::db)?;
-                    Ok::<_, Status>(convert::worker_state(&ds, s, true))
-                }
-                .await;
+                let read = read(&ctx.pool, &call, id)
+                    .await
+                    .map(|(ds, s)| convert::worker_state(&ds, s, true));
                 match read {
                     Ok(state) if last.as_ref() != Some(&state) => {
                         last = Some(state.clone());
@@ -288,9 +289,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::DatasourceMetrics>, Status> {
         let call = Call::of(&request, "GetDatasourceMetrics")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
-        let s = state::get(&**client, id).await.map_err(status::db)?;
+        let (_, s) = read(&self.0.pool, &call, id).await?;
         let count = |key: &str| {
             s.metrics
                 .get(key)

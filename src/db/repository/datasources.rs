@@ -8,7 +8,7 @@ use super::GenericClient;
 use crate::db::{Error, constraint};
 use crate::domain::{DatasourceStatus, Name};
 
-const COLUMNS: &str = "id, org, project, name, kind, status, owner, tags, description, current_version, \
+pub(super) const COLUMNS: &str = "id, org, project, name, kind, status, owner, tags, description, current_version, \
      revision, created_by, created_at, updated_by, updated_at";
 
 /// A datasource as stored.
@@ -47,7 +47,7 @@ pub struct Datasource {
 }
 
 impl Datasource {
-    fn from_row(row: &Row) -> Result<Self, Error> {
+    pub(super) fn from_row(row: &Row) -> Result<Self, Error> {
         Ok(Self {
             id: row.get("id"),
             org: row.get("org"),

@@ -52,16 +52,20 @@ pub struct State {
 
 impl State {
     fn from_row(row: &Row) -> Result<Self, Error> {
+        Self::from_row_prefixed(row, "")
+    }
+
+    /// Reads the columns named `<prefix><column>`.
+    fn from_row_prefixed(row: &Row, prefix: &str) -> Result<Self, Error> {
         let parse_err =
             |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
+        let col = |name: &str| format!("{prefix}{name}");
+        let row = Prefixed { row, col: &col };
         Ok(Self {
             datasource_id: row.get("datasource_id"),
-            desired: row.get::<_, &str>("desired").parse().map_err(parse_err)?,
+            desired: row.text("desired").parse().map_err(parse_err)?,
             restart_generation: row.get("restart_generation"),
-            worker_status: row
-                .get::<_, &str>("worker_status")
-                .parse()
-                .map_err(parse_err)?,
+            worker_status: row.text("worker_status").parse().map_err(parse_err)?,
             running_version: row.get("running_version"),
             owner_instance: row.get("owner_instance"),
             lease_epoch: row.get("lease_epoch"),
@@ -75,6 +79,60 @@ impl State {
             updated_at: row.get("updated_at"),
         })
     }
+}
+
+/// A row whose columns carry a prefix.
+struct Prefixed<'a> {
+    row: &'a Row,
+    col: &'a dyn Fn(&str) -> String,
+}
+
+impl Prefixed<'_> {
+    fn get<'b, T: tokio_postgres::types::FromSql<'b>>(&'b self, name: &str) -> T {
+        self.row.get((self.col)(name).as_str())
+    }
+
+    fn text(&self, name: &str) -> &str {
+        self.row.get((self.col)(name).as_str())
+    }
+}
+
+/// The statement of [`with_datasource`]: the datasource's columns as they are, the state's
+/// prefixed with `s_`.
+static WITH_DATASOURCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let d: Vec<String> = super::datasources::COLUMNS
+        .split(',')
+        .map(|c| format!("d.{}", c.trim()))
+        .collect();
+    let s: Vec<String> = COLUMNS
+        .split(',')
+        .map(|c| format!("s.{0} AS s_{0}", c.trim()))
+        .collect();
+    format!(
+        "SELECT {}, {} FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = $1",
+        d.join(", "),
+        s.join(", ")
+    )
+});
+
+/// A datasource and its runtime state in one statement, prepared once per pooled connection:
+/// the API's hottest read.
+///
+/// # Errors
+/// [`Error::DatasourceNotFound`].
+pub async fn with_datasource(
+    client: &deadpool_postgres::ClientWrapper,
+    datasource: Uuid,
+) -> Result<(super::datasources::Datasource, State), Error> {
+    let statement = client.prepare_cached(&WITH_DATASOURCE).await?;
+    let row = client
+        .query_opt(&statement, &[&datasource])
+        .await?
+        .ok_or(Error::DatasourceNotFound(datasource))?;
+    Ok((
+        super::datasources::Datasource::from_row(&row)?,
+        State::from_row_prefixed(&row, "s_")?,
+    ))
 }
 
 /// Reads a datasource's runtime state.

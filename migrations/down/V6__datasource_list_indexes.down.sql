@@ -1,0 +1,2 @@
+DROP INDEX datasources_name_id_idx;
+DROP INDEX datasources_org_name_id_idx;
