@@ -264,7 +264,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         ));
         filter.after = page::decode::<(String, Uuid)>(&r.page_token, &fingerprint)?;
         let client = call::client(&self.0.pool).await?;
-        let mut rows = datasources::list(&**client, &filter)
+        let mut rows = datasources::list(&client, &filter)
             .await
             .map_err(status::db)?;
         let more = rows.len() as i64 > limit;

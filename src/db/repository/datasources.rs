@@ -172,9 +172,11 @@ pub struct ListFilter {
 /// # Errors
 /// The query failed.
 pub async fn list(
-    client: &impl GenericClient,
+    client: &deadpool_postgres::ClientWrapper,
     filter: &ListFilter,
 ) -> Result<Vec<Datasource>, Error> {
+    use tokio_postgres::types::ToSql;
+    type Param<'a> = &'a (dyn ToSql + Sync);
     let prefix = filter.name_prefix.as_ref().map(|p| {
         format!(
             "{}%",
@@ -183,38 +185,57 @@ pub async fn list(
                 .replace('_', "\\_")
         )
     });
-    let (after_name, after_id) = filter.after.clone().unzip();
-    let rows = client
-        .query(
-            &format!(
-                "SELECT {COLUMNS} FROM datasources
-                 WHERE ($1::text IS NULL OR org = $1)
-                   AND ($2::text IS NULL OR project = $2)
-                   AND ($3::text IS NULL OR status = $3)
-                   AND ($4::text IS NULL OR kind = $4)
-                   AND ($5::text IS NULL OR owner = $5)
-                   AND ($6::text IS NULL OR tags @> ARRAY[$6::text])
-                   AND ($7::text IS NULL OR name LIKE $7)
-                   AND ($8::text IS NULL OR (name, id) > ($8, $9::uuid))
-                   AND ($11::text[] IS NULL OR project = ANY($11))
-                 ORDER BY name, id
-                 LIMIT $10"
-            ),
-            &[
-                &filter.org,
-                &filter.project,
-                &filter.status.map(DatasourceStatus::as_str),
-                &filter.kind,
-                &filter.owner,
-                &filter.tag,
-                &prefix,
-                &after_name,
-                &after_id,
-                &filter.limit,
-                &filter.projects,
-            ],
-        )
-        .await?;
+    let status = filter.status.map(DatasourceStatus::as_str);
+    // Only the filters in use reach the statement, so each combination is one statement,
+    // prepared once per pooled connection and planned once by the server.
+    let mut conditions: Vec<String> = Vec::new();
+    let mut params: Vec<Param<'_>> = Vec::new();
+    let optional: [(&str, Option<Param<'_>>); 8] = [
+        ("org = $", filter.org.as_ref().map(|v| v as Param<'_>)),
+        (
+            "project = $",
+            filter.project.as_ref().map(|v| v as Param<'_>),
+        ),
+        ("status = $", status.as_ref().map(|v| v as Param<'_>)),
+        ("kind = $", filter.kind.as_ref().map(|v| v as Param<'_>)),
+        ("owner = $", filter.owner.as_ref().map(|v| v as Param<'_>)),
+        (
+            "tags @> ARRAY[$::text]",
+            filter.tag.as_ref().map(|v| v as Param<'_>),
+        ),
+        ("name LIKE $", prefix.as_ref().map(|v| v as Param<'_>)),
+        (
+            "project = ANY($)",
+            filter.projects.as_ref().map(|v| v as Param<'_>),
+        ),
+    ];
+    for (condition, value) in optional {
+        if let Some(value) = value {
+            params.push(value);
+            conditions.push(condition.replace('$', &format!("${}", params.len())));
+        }
+    }
+    if let Some((name, id)) = &filter.after {
+        params.push(name);
+        params.push(id);
+        conditions.push(format!(
+            "(name, id) > (${}, ${})",
+            params.len() - 1,
+            params.len()
+        ));
+    }
+    params.push(&filter.limit);
+    let sql = format!(
+        "SELECT {COLUMNS} FROM datasources WHERE {} ORDER BY name, id LIMIT ${}",
+        if conditions.is_empty() {
+            "true".to_owned()
+        } else {
+            conditions.join(" AND ")
+        },
+        params.len()
+    );
+    let statement = client.prepare_cached(&sql).await?;
+    let rows = client.query(&statement, &params).await?;
     rows.iter().map(Datasource::from_row).collect()
 }
 
