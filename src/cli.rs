@@ -15,6 +15,10 @@ use crate::db;
 #[derive(Debug, Parser)]
 #[command(name = "dsreg", version, about)]
 pub struct Cli {
+    /// Log filter (`info`, `debug`, `dsreg=trace,info`, ...); overrides `DSREG_LOG` and
+    /// `RUST_LOG`.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -72,6 +76,11 @@ enum DbCommand {
 }
 
 impl Cli {
+    /// The log filter given on the command line.
+    pub fn log_level(&self) -> Option<&str> {
+        self.log_level.as_deref()
+    }
+
     /// Runs the chosen command. A client usage error is reported as clap reports its own and
     /// exits with code 2; a closed stdout ends the command successfully.
     ///

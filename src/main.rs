@@ -1,12 +1,25 @@
-//! The `dsreg` binary: parse the command line, run it, map the result to an exit code.
+//! The `dsreg` binary: parse the command line, set up telemetry, run the command on a Tokio
+//! runtime, flush telemetry, map the result to an exit code.
 
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
-    dsreg::telemetry::init_logging();
+fn main() -> std::process::ExitCode {
     let cli = dsreg::cli::Cli::parse();
-    match cli.run().await {
+    let telemetry = dsreg::telemetry::init(cli.log_level());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("dsreg: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(cli.run());
+    drop(runtime);
+    drop(telemetry);
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("dsreg: {e:#}");

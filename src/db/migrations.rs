@@ -43,6 +43,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "datasource_list_indexes",
         include_str!("../../migrations/down/V6__datasource_list_indexes.down.sql"),
     ),
+    (
+        7,
+        "traced_notifications",
+        include_str!("../../migrations/down/V7__traced_notifications.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

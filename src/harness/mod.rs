@@ -100,6 +100,7 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
 ///
 /// # Errors
 /// [`Error`] when nothing could run; per-record failures are in the report instead.
+#[tracing::instrument(name = "harness.run", skip_all, fields(kind = %request.kind, samples = request.samples.len()))]
 pub async fn run(
     catalog: &Catalog,
     request: Request,

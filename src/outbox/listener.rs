@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::CHANNEL;
@@ -25,6 +26,8 @@ use crate::db::Error;
 pub enum Signal {
     /// Something was committed; look at this datasource first when the payload named one.
     Hint(Option<Uuid>),
+    /// An event of this datasource was committed by a writer in this W3C trace.
+    Traced(Uuid, String),
     /// The connection was (re)established after a gap: catch up on everything.
     Reconnected,
 }
@@ -79,11 +82,12 @@ pub struct Listener {
     connection: Option<Listening>,
 }
 
-/// Parses a notification payload into the datasource it names, if any.
+/// Parses a notification payload into the signal it carries: the datasource it names and,
+/// when the writer was traced, its trace context (dropped unless well formed).
 ///
 /// # Errors
 /// The payload is not one the trigger writes.
-pub fn parse_payload(payload: &str) -> Result<Option<Uuid>, String> {
+pub fn parse_payload(payload: &str) -> Result<Signal, String> {
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Payload {
@@ -95,6 +99,8 @@ pub fn parse_payload(payload: &str) -> Result<Option<Uuid>, String> {
         kind: Option<String>,
         #[serde(default)]
         more: Option<bool>,
+        #[serde(default)]
+        traceparent: Option<String>,
     }
     if payload.len() > 1024 {
         return Err(format!("payload of {} bytes", payload.len()));
@@ -103,13 +109,20 @@ pub fn parse_payload(payload: &str) -> Result<Option<Uuid>, String> {
     match parsed {
         Payload {
             more: Some(true), ..
-        } => Ok(None),
+        } => Ok(Signal::Hint(None)),
+        Payload {
+            id: Some(_),
+            kind: Some(_),
+            datasource_id: Some(id),
+            traceparent: Some(trace),
+            ..
+        } if crate::telemetry::valid_traceparent(&trace) => Ok(Signal::Traced(id, trace)),
         Payload {
             id: Some(_),
             kind: Some(_),
             datasource_id,
             ..
-        } => Ok(datasource_id),
+        } => Ok(Signal::Hint(datasource_id)),
         _ => Err("neither an event nor a 'more' marker".to_owned()),
     }
 }
@@ -170,7 +183,8 @@ impl Listener {
                     () = shutdown.cancelled() => return,
                     () = tokio::time::sleep(delay) => {}
                 }
-                match connect(&self.config).await {
+                let reconnect = tracing::info_span!("listener.reconnect", attempt);
+                match connect(&self.config).instrument(reconnect).await {
                     Ok(c) => {
                         attempt = 0;
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
@@ -212,12 +226,12 @@ impl Listener {
                         let payload = notification.payload();
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
                         self.stats.activity.bump();
-                        let hint = parse_payload(payload).unwrap_or_else(|reason| {
+                        let signal = parse_payload(payload).unwrap_or_else(|reason| {
                             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(reason, bytes = payload.len(), "malformed notification on {CHANNEL}; treated as a wake-up");
-                            None
+                            Signal::Hint(None)
                         });
-                        if signals.send(Signal::Hint(hint)).is_err() {
+                        if signals.send(signal).is_err() {
                             return None;
                         }
                     }
@@ -244,12 +258,25 @@ mod tests {
     fn payloads_from_the_trigger_parse_and_anything_else_is_refused() {
         let id = Uuid::new_v4();
         let event = format!(r#"{{"id": 7, "datasource_id": "{id}", "type": "published"}}"#);
-        assert_eq!(parse_payload(&event), Ok(Some(id)));
+        assert_eq!(parse_payload(&event), Ok(Signal::Hint(Some(id))));
         assert_eq!(
             parse_payload(r#"{"id": 8, "datasource_id": null, "type": "reload_requested"}"#),
-            Ok(None)
+            Ok(Signal::Hint(None))
         );
-        assert_eq!(parse_payload(r#"{"more":true}"#), Ok(None));
+        assert_eq!(parse_payload(r#"{"more":true}"#), Ok(Signal::Hint(None)));
+        let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let traced = format!(
+            r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "{trace}"}}"#
+        );
+        assert_eq!(
+            parse_payload(&traced),
+            Ok(Signal::Traced(id, trace.to_owned()))
+        );
+        // A malformed trace context is ignored, the wake-up kept.
+        let forged = format!(
+            r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "x\nEVIL"}}"#
+        );
+        assert_eq!(parse_payload(&forged), Ok(Signal::Hint(Some(id))));
         for bad in [
             "garbage",
             "",

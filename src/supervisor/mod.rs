@@ -30,6 +30,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use crate::connectors::{Catalog, Health, SecretMap};
@@ -95,6 +96,22 @@ struct Worker {
     health: Health,
     stall_after: Option<Duration>,
     stalled: bool,
+}
+
+/// The span of a reconcile of `datasources` caused by writers in `traces`: a child of the
+/// writer's span when there is one trace (publish → reconcile → worker restart is one trace),
+/// linked to each when a batch serves several.
+fn reconcile_span(datasources: usize, traces: &[String]) -> tracing::Span {
+    let span = tracing::info_span!("reconcile", datasources, trace_id = tracing::field::Empty);
+    let mut distinct: Vec<&str> = traces.iter().map(String::as_str).collect();
+    distinct.sort_unstable();
+    distinct.dedup();
+    match distinct.as_slice() {
+        [] => {}
+        [one] => crate::telemetry::continue_trace(&span, one),
+        many => crate::telemetry::link_traces(&span, many.iter().copied()),
+    }
+    span
 }
 
 /// Reconciles this instance's workers with the tables.
@@ -194,33 +211,50 @@ impl Supervisor {
         if batch.contains(&Signal::Reconnected) {
             return self.resync().await;
         }
-        let hinted: HashSet<Uuid> = batch
-            .iter()
-            .filter_map(|s| match s {
-                Signal::Hint(id) => *id,
-                Signal::Reconnected => None,
-            })
-            .collect();
+        let mut hinted: HashSet<Uuid> = HashSet::new();
+        let mut traces: Vec<String> = Vec::new();
+        for signal in batch {
+            match signal {
+                Signal::Hint(Some(id)) => {
+                    hinted.insert(id);
+                }
+                Signal::Traced(id, trace) => {
+                    hinted.insert(id);
+                    traces.push(trace);
+                }
+                Signal::Hint(None) | Signal::Reconnected => {}
+            }
+        }
         // The payload names the datasource: look at it first, then at the outbox for the
         // rest (bulk publishes, events whose notification was folded).
         if !hinted.is_empty() {
-            self.reconcile(&hinted.iter().copied().collect::<Vec<_>>())
-                .await?;
+            let ids: Vec<Uuid> = hinted.iter().copied().collect();
+            let span = reconcile_span(ids.len(), &traces);
+            self.reconcile(&ids).instrument(span).await?;
         }
-        let (ids, everything) = self.read_outbox().await?;
+        let (events, everything) = self.read_outbox().await?;
         if everything {
             return self.resync().await;
         }
-        let rest: Vec<Uuid> = ids.difference(&hinted).copied().collect();
+        let rest: Vec<Uuid> = events
+            .keys()
+            .filter(|id| !hinted.contains(id))
+            .copied()
+            .collect();
         if !rest.is_empty() {
-            self.reconcile(&rest).await?;
+            let traces: Vec<String> = rest
+                .iter()
+                .filter_map(|id| events.get(id).cloned().flatten())
+                .collect();
+            let span = reconcile_span(rest.len(), &traces);
+            self.reconcile(&rest).instrument(span).await?;
         }
         Ok(())
     }
 
-    /// Reads new waking events; returns the datasources they name and whether one asked for
-    /// a full resync.
-    async fn read_outbox(&mut self) -> Result<(HashSet<Uuid>, bool), Error> {
+    /// Reads new waking events; returns the datasources they name, each with the trace
+    /// context of its latest traced event, and whether one asked for a full resync.
+    async fn read_outbox(&mut self) -> Result<(HashMap<Uuid, Option<String>>, bool), Error> {
         let client = self.pool.get().await?;
         let reader = match &mut self.reader {
             Some(reader) => reader,
@@ -230,13 +264,20 @@ impl Supervisor {
         };
         let events = reader.read(&**client).await?;
         let everything = events.iter().any(|e| e.datasource_id.is_none());
-        Ok((
-            events.iter().filter_map(|e| e.datasource_id).collect(),
-            everything,
-        ))
+        let mut named: HashMap<Uuid, Option<String>> = HashMap::new();
+        for event in events {
+            if let Some(id) = event.datasource_id {
+                let trace = named.entry(id).or_default();
+                if event.traceparent.is_some() {
+                    *trace = event.traceparent;
+                }
+            }
+        }
+        Ok((named, everything))
     }
 
     /// A full pass: every live datasource, and every worker the tables no longer want.
+    #[tracing::instrument(name = "resync", skip_all)]
     async fn resync(&mut self) -> Result<(), Error> {
         let started = Instant::now();
         // Move the outbox cursor first: whatever it returns is covered by this pass.
@@ -470,6 +511,7 @@ impl Supervisor {
             connector,
             transform,
             secrets,
+            trace: tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
         })
     }
 

@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use super::backoff::{BackoffPolicy, Failures};
@@ -39,6 +40,9 @@ pub struct Spec {
     pub transform: Transform,
     /// The datasource's secrets, opened for this run.
     pub secrets: SecretMap,
+    /// The trace context of the reconcile that asked for it: the worker's start and stop
+    /// spans are its children (a context, not the span, so the reconcile span can close).
+    pub trace: opentelemetry::Context,
 }
 
 /// A worker's start, reported to observers (benchmarks and tests).
@@ -123,6 +127,15 @@ pub async fn run(
         if cancel.is_cancelled() {
             return;
         }
+        let start_span = tracing::info_span!(
+            parent: None,
+            "worker.start",
+            datasource = %id,
+            version = spec.version,
+            reload = reloaded,
+            trace_id = tracing::field::Empty,
+        );
+        crate::telemetry::child_of(&start_span, &spec.trace);
         env.writer.send(transition(
             id,
             WorkerStatus::Starting,
@@ -173,6 +186,8 @@ pub async fn run(
         // A healthy start after a reload clears a previous rejection or failure.
         running.error = Some(None);
         env.writer.send(running);
+        // The start is done: the span closes (and is exported) now, not when the worker ends.
+        drop(start_span);
 
         let next = tokio::select! {
             r = &mut run => Next::Exited(r),
@@ -182,16 +197,32 @@ pub async fn run(
         health.set_running(false);
         let outcome = match next {
             Next::Stop => {
-                let aborted = stop_run(run, &run_cancel, env.stop_deadline).await;
+                let stop_span =
+                    tracing::info_span!("worker.stop", datasource = %id, version = spec.version);
+                let aborted = stop_run(run, &run_cancel, env.stop_deadline)
+                    .instrument(stop_span)
+                    .await;
                 stopped(&env, id, spec.version, aborted, "stopped");
                 return;
             }
             Next::Reload => {
-                let aborted = stop_run(run, &run_cancel, env.stop_deadline).await;
+                let next = spec_rx.borrow_and_update().clone();
+                let stop_span = tracing::info_span!(
+                    parent: None,
+                    "worker.stop",
+                    datasource = %id,
+                    version = spec.version,
+                    reload = true,
+                    trace_id = tracing::field::Empty,
+                );
+                crate::telemetry::child_of(&stop_span, &next.trace);
+                let aborted = stop_run(run, &run_cancel, env.stop_deadline)
+                    .instrument(stop_span)
+                    .await;
                 if aborted {
                     stopped(&env, id, spec.version, true, "reload");
                 }
-                spec = spec_rx.borrow_and_update().clone();
+                spec = next;
                 failures.reset();
                 reloaded = true;
                 continue;

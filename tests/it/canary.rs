@@ -4,7 +4,6 @@
 //! event, audit and state row and every captured log line is searched for the value. The
 //! source must have received it (so the secret really was used); nothing else may show it.
 
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,10 +14,9 @@ use dsreg::api::grpc::pb::harness_client::HarnessClient;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use dsreg::api::grpc::pb::secrets_client::SecretsClient;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tonic::transport::Channel;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{TestDb, wait_for};
+use crate::helpers::{ServeProcess, TestDb, wait_for};
 
 const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -52,60 +50,16 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
     let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
     let (source, received) = refusing_source().await;
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
-        .args([
-            "serve",
-            "--http-addr",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--insecure-no-auth",
-        ])
-        .env("DATABASE_URL", &db.url)
-        .env("DSREG_MASTER_KEYS", MASTER_KEYS)
-        .env("DSREG_LOG", "trace")
-        .env("DSREG_BACKOFF_BASE_MS", "20")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let logs = Arc::new(Mutex::new(Vec::<String>::new()));
-    let (addr_tx, addr_rx) = tokio::sync::oneshot::channel();
-    let mut addr_tx = Some(addr_tx);
-    let mut err_lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut out_lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    {
-        let logs = logs.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = out_lines.next_line().await {
-                logs.lock().unwrap().push(line);
-            }
-        });
-    }
-    {
-        let logs = logs.clone();
-        tokio::spawn(async move {
-            while let Ok(Some(line)) = err_lines.next_line().await {
-                if let Ok(json) = serde_json::from_str::<serde_json::Value>(&line)
-                    && json["message"] == "dsreg serving"
-                    && let Some(tx) = addr_tx.take()
-                {
-                    let _ = tx.send(json["grpc"].as_str().unwrap_or_default().to_owned());
-                }
-                logs.lock().unwrap().push(line);
-            }
-        });
-    }
-    let grpc = tokio::time::timeout(Duration::from_secs(60), addr_rx)
-        .await
-        .expect("dsreg serving within 60 s")
-        .unwrap();
-    let ch = Channel::from_shared(format!("http://{grpc}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let server = ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_MASTER_KEYS", MASTER_KEYS),
+            ("DSREG_LOG", "trace"),
+            ("DSREG_BACKOFF_BASE_MS", "20"),
+        ],
+    )
+    .await;
+    let ch = server.channel().await;
     let mut ds = DatasourcesClient::new(ch.clone());
     let mut life = LifecycleClient::new(ch.clone());
     let mut answers = Vec::<String>::new();
@@ -289,8 +243,8 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
         answers.push(row.get(1));
     }
 
-    child.start_kill().unwrap();
-    child.wait().await.unwrap();
+    let logs = server.logs.clone();
+    server.stop().await;
     let logs = logs.lock().unwrap().clone();
     assert!(
         logs.len() > 50,

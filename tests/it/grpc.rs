@@ -804,7 +804,7 @@ async fn harness_catalog_and_registry_answer() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.schema_version, 6);
+    assert_eq!(info.schema_version, 7);
 }
 
 #[tokio::test]

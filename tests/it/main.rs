@@ -13,3 +13,4 @@ mod rbac;
 mod secrets;
 mod serve;
 mod supervisor;
+mod traces;

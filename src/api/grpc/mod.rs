@@ -15,6 +15,7 @@ pub mod page;
 pub mod principal;
 pub mod secrets;
 pub mod status;
+pub mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -106,6 +107,7 @@ impl pb::registry_server::Registry for RegistryService {
             notifications_received: stats.received.load(Ordering::Relaxed),
             notifications_malformed: stats.malformed.load(Ordering::Relaxed),
             at: Some(convert::timestamp(chrono::Utc::now())),
+            spans_dropped: crate::telemetry::otel::dropped_spans(),
         }))
     }
 }
@@ -147,6 +149,7 @@ pub async fn serve(
         };
     }
     tonic::transport::Server::builder()
+        .layer(trace::TraceLayer)
         .layer(layer::AuthLayer::new(auth, sink))
         .add_service(health_service)
         .add_service(reflection)

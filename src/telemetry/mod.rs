@@ -1,0 +1,182 @@
+//! Telemetry: the `tracing` subscriber (JSON logs when stdout is not a terminal, readable
+//! text when it is; level from `--log-level`, `DSREG_LOG` or `RUST_LOG`, `info` by default),
+//! OpenTelemetry export of spans over OTLP when the standard `OTEL_*` variables name an
+//! endpoint ([`otel`]), and W3C trace-context helpers.
+
+pub mod otel;
+
+use std::io::IsTerminal;
+
+use opentelemetry::trace::TraceContextExt;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps span export alive; dropping it flushes what is queued (bounded) and stops export.
+pub struct Telemetry {
+    otel: Option<otel::Exporting>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(otel) = self.otel.take() {
+            otel.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber once (later calls install nothing) with the level filter
+/// `level` (else `DSREG_LOG`, `RUST_LOG`, `info`), and OTLP export when configured.
+pub fn init(level: Option<&str>) -> Telemetry {
+    let filter = level
+        .map(str::to_owned)
+        .or_else(|| std::env::var("DSREG_LOG").ok())
+        .or_else(|| std::env::var("RUST_LOG").ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (exporting, otel_error) = match otel::Exporting::from_env() {
+        Ok(exporting) => (exporting, None),
+        Err(e) => (None, Some(e)),
+    };
+    let otel_layer = exporting.as_ref().map(otel::Exporting::layer);
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let installed = if std::io::stdout().is_terminal() {
+        registry.with(fmt).try_init()
+    } else {
+        registry
+            .with(
+                fmt.json()
+                    .flatten_event(true)
+                    .with_current_span(true)
+                    .with_span_list(false),
+            )
+            .try_init()
+    };
+    if let Some(e) = otel_error {
+        tracing::error!(error = %e, "OpenTelemetry export is off: its settings are invalid");
+    }
+    Telemetry {
+        otel: exporting.filter(|_| installed.is_ok()),
+    }
+}
+
+/// Installs the logging subscriber without span export (tests and benchmarks).
+pub fn init_logging() {
+    std::mem::forget(init(None));
+}
+
+/// Whether `value` is a W3C `traceparent` (version 00, non-zero ids).
+pub fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && hex(parts[2], 16)
+        && hex(parts[3], 2)
+        && parts[1].bytes().any(|b| b != b'0')
+        && parts[2].bytes().any(|b| b != b'0')
+}
+
+/// The remote span context a `traceparent` names (invalid when malformed).
+pub fn span_context(traceparent: &str) -> opentelemetry::trace::SpanContext {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+    if !valid_traceparent(traceparent) {
+        return SpanContext::empty_context();
+    }
+    let parts: Vec<&str> = traceparent.split('-').collect();
+    let (Ok(trace), Ok(span), Ok(flags)) = (
+        TraceId::from_hex(parts[1]),
+        SpanId::from_hex(parts[2]),
+        u8::from_str_radix(parts[3], 16),
+    ) else {
+        return SpanContext::empty_context();
+    };
+    SpanContext::new(trace, span, TraceFlags::new(flags), true, TraceState::NONE)
+}
+
+/// Makes the span named by `traceparent` the parent of `span`, and records its trace id on
+/// `span` (so log lines inside carry it). A malformed value changes nothing.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    let remote = span_context(traceparent);
+    if remote.is_valid() {
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+    record_trace_id(span);
+}
+
+/// Makes `span` a child of the span of `context` (when it has one) and records its trace id.
+pub fn child_of(span: &tracing::Span, context: &opentelemetry::Context) {
+    if context.span().span_context().is_valid() {
+        let _ = span.set_parent(context.clone());
+    }
+    record_trace_id(span);
+}
+
+/// Links `span` to each span named in `traceparents` (a batch that serves several traces).
+pub fn link_traces<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
+    for traceparent in traceparents {
+        let remote = span_context(traceparent);
+        if remote.is_valid() {
+            span.add_link(remote);
+        }
+    }
+    record_trace_id(span);
+}
+
+/// Records the span's OpenTelemetry trace id in its `trace_id` field, when it has one.
+pub fn record_trace_id(span: &tracing::Span) {
+    let context = span.context();
+    let otel_span = context.span();
+    let sc = otel_span.span_context();
+    if sc.is_valid() {
+        span.record("trace_id", sc.trace_id().to_string());
+    }
+}
+
+/// The `traceparent` of the current span, when spans are exported and it has a context.
+pub fn current_traceparent() -> Option<String> {
+    let context = tracing::Span::current().context();
+    let otel_span = context.span();
+    let sc = otel_span.span_context();
+    sc.is_valid().then(|| {
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn traceparents_are_checked_strictly() {
+        assert!(valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        for bad in [
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-xyz-00f067aa0ba902b7-01",
+            "garbage",
+            "",
+        ] {
+            assert!(!valid_traceparent(bad), "{bad}");
+        }
+        let sc = span_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
+        assert!(!span_context("nonsense").is_valid());
+    }
+}

@@ -1,0 +1,141 @@
+//! OpenTelemetry span export over OTLP/gRPC, configured by the standard variables:
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns it on,
+//! `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (`dsreg` by default),
+//! `OTEL_TRACES_SAMPLER` / `_ARG` sample, `OTEL_BSP_*` tune batching, and
+//! `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true` turn it off. With no endpoint
+//! nothing is built: spans cost what `tracing` costs without a subscriber layer.
+//!
+//! Spans are exported in batches from the SDK's own thread through a small runtime of their
+//! own, so exporting never runs on, or waits for, the registry's tasks; a collector that is
+//! down costs the spans of each failed batch, counted by [`dropped_spans`].
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter};
+
+/// Spans lost because their batch could not be exported.
+static DROPPED: AtomicU64 = AtomicU64::new(0);
+
+/// Spans lost because their batch could not be exported (the collector down or too slow).
+pub fn dropped_spans() -> u64 {
+    DROPPED.load(Ordering::Relaxed)
+}
+
+/// Whether the environment asks for span export.
+fn wanted() -> bool {
+    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
+    let off = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
+        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+    !off && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// Live span export: the tracer provider and the runtime its exporter talks through.
+pub struct Exporting {
+    provider: SdkTracerProvider,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl Exporting {
+    /// Builds export from the environment; `None` when no endpoint is set.
+    ///
+    /// # Errors
+    /// The settings are unusable (a malformed endpoint, no runtime).
+    pub fn from_env() -> Result<Option<Self>, String> {
+        if !wanted() {
+            return Ok(None);
+        }
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("dsreg-otlp")
+            .enable_all()
+            .build()
+            .map_err(|e| format!("the span export runtime: {e}"))?;
+        let exporter = {
+            let _inside = runtime.enter();
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .build()
+                .map_err(|e| format!("the OTLP exporter: {e}"))?
+        };
+        let counting = Counting {
+            inner: Arc::new(exporter),
+            runtime: runtime.handle().clone(),
+        };
+        let named = std::env::var("OTEL_SERVICE_NAME").is_ok()
+            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+        let resource = if named {
+            Resource::builder().build()
+        } else {
+            Resource::builder().with_service_name("dsreg").build()
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(BatchSpanProcessor::builder(counting).build())
+            .with_resource(resource)
+            .build();
+        Ok(Some(Self { provider, runtime }))
+    }
+
+    /// The `tracing` layer that turns spans into OpenTelemetry spans.
+    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("dsreg"))
+    }
+
+    /// Flushes what is queued (bounded by the exporter's timeout) and stops export.
+    pub fn shutdown(self) {
+        if let Err(e) = self.provider.shutdown() {
+            eprintln!("dsreg: flushing spans on exit: {e}");
+        }
+        self.runtime.shutdown_timeout(Duration::from_secs(2));
+    }
+}
+
+/// Exports through the OTLP exporter on the export runtime and counts the spans of failed
+/// batches.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<opentelemetry_otlp::SpanExporter>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl SpanExporter for Counting {
+    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let inner = self.inner.clone();
+        let exported = self
+            .runtime
+            .spawn(async move { inner.export(batch).await })
+            .await;
+        let result = match exported {
+            Ok(result) => result,
+            Err(e) => Err(OTelSdkError::InternalFailure(format!(
+                "span export task: {e}"
+            ))),
+        };
+        if result.is_err() {
+            DROPPED.fetch_add(spans, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.shutdown_with_timeout(timeout),
+            None => Ok(()),
+        }
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        // Called once while the provider is built, before any export shares the exporter.
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.set_resource(resource);
+        }
+    }
+}

@@ -1,0 +1,324 @@
+//! Traces over real OTLP: a receiver built from the OpenTelemetry collector protocol gets the
+//! spans of a registry running as the real binary. A gateway's call, the publish it makes,
+//! the reconcile that applies it and the worker restart form one trace; a SQL publisher's
+//! `dsreg.traceparent` reaches the reconcile too; with the collector down, reloads still
+//! happen and the lost spans are counted.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use dsreg::api::grpc::pb::registry_client::RegistryClient;
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use tonic::transport::Channel;
+
+use crate::helpers::{ServeProcess, TestDb, wait_for};
+
+/// One received span.
+#[derive(Debug, Clone)]
+struct Got {
+    name: String,
+    trace: String,
+    span: String,
+    parent: String,
+    links: Vec<String>,
+}
+
+#[derive(Clone, Default)]
+struct Receiver(Arc<Mutex<Vec<Got>>>);
+
+#[tonic::async_trait]
+impl TraceService for Receiver {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        let mut got = self.0.lock().unwrap();
+        for resource in request.into_inner().resource_spans {
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    got.push(Got {
+                        name: span.name,
+                        trace: hex(&span.trace_id),
+                        span: hex(&span.span_id),
+                        parent: hex(&span.parent_span_id),
+                        links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
+                    });
+                }
+            }
+        }
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// An OTLP/gRPC receiver on a free port; returns its endpoint and what it received.
+async fn receiver() -> (String, Receiver) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    let receiver = Receiver::default();
+    let service = TraceServiceServer::new(receiver.clone());
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+    });
+    (endpoint, receiver)
+}
+
+fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.to_owned()),
+        ("OTEL_SERVICE_NAME", "dsreg-test".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),
+    ]
+}
+
+async fn start(db: &TestDb, env: &[(&'static str, String)]) -> ServeProcess {
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    ServeProcess::start(&db.url, &env).await
+}
+
+async fn generator_with_two_versions(ch: &Channel, name: &str) -> String {
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let created = ds
+        .create_datasource(pb::CreateDatasourceRequest {
+            org: "acme".into(),
+            project: "ingest".into(),
+            name: name.into(),
+            kind: "generator".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for rate in [1, 2] {
+        ds.create_version(pb::CreateVersionRequest {
+            datasource_id: created.id.clone(),
+            config_json: serde_json::json!({ "rate_per_sec": rate, "template": {} }).to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    created.id
+}
+
+async fn running_on(ch: &Channel, id: &str, version: i32) {
+    let life = LifecycleClient::new(ch.clone());
+    wait_for(
+        "the worker running the version",
+        Duration::from_secs(20),
+        || {
+            let mut life = life.clone();
+            let id = id.to_owned();
+            async move {
+                let s = life
+                    .get_status(pb::GetStatusRequest { datasource_id: id })
+                    .await
+                    .ok()?
+                    .into_inner();
+                (s.status == pb::WorkerStatus::Running as i32 && s.running_version == version)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one_trace() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = receiver().await;
+    let server = start(&db, &otel_env(&endpoint)).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    DatasourcesClient::new(ch.clone())
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    running_on(&ch, &id, 1).await;
+
+    // The gateway's trace: publish version 2 (a hot reload of the running worker).
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let gateway_span = "b7ad6b7169203331";
+    let mut publish = tonic::Request::new(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: 2,
+    });
+    publish.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{gateway_span}-01").parse().unwrap(),
+    );
+    DatasourcesClient::new(ch.clone())
+        .publish_version(publish)
+        .await
+        .unwrap();
+    running_on(&ch, &id, 2).await;
+
+    let find = |name: &'static str, parent: Option<String>| {
+        let received = received.clone();
+        move || {
+            let received = received.clone();
+            let parent = parent.clone();
+            async move {
+                received
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|s| {
+                        s.name == name
+                            && s.trace == trace
+                            && parent.as_ref().is_none_or(|p| &s.parent == p)
+                    })
+                    .cloned()
+            }
+        }
+    };
+    let rpc = wait_for(
+        "the RPC span, a child of the gateway's",
+        Duration::from_secs(15),
+        find(
+            "dsreg.v1.Datasources/PublishVersion",
+            Some(gateway_span.to_owned()),
+        ),
+    )
+    .await;
+    let reconcile = wait_for(
+        "the reconcile span, a child of the RPC's",
+        Duration::from_secs(15),
+        find("reconcile", Some(rpc.span.clone())),
+    )
+    .await;
+    wait_for(
+        "the worker's stop and start, children of the reconcile",
+        Duration::from_secs(15),
+        || {
+            let received = received.clone();
+            let reconcile = reconcile.span.clone();
+            async move {
+                let got = received.0.lock().unwrap();
+                let children: Vec<&str> = got
+                    .iter()
+                    .filter(|s| s.trace == trace && s.parent == reconcile)
+                    .map(|s| s.name.as_str())
+                    .collect();
+                (children.contains(&"worker.start") && children.contains(&"worker.stop"))
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_sql_publish_with_a_traceparent_is_reconciled_in_the_publishers_trace() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = receiver().await;
+    let server = start(&db, &otel_env(&endpoint)).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let publisher = "00f067aa0ba902b7";
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL dsreg.traceparent = '00-{trace}-{publisher}-01'"
+    ))
+    .await
+    .unwrap();
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    tx.execute("SELECT dsreg_publish($1, 1)", &[&uuid])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    running_on(&ch, &id, 1).await;
+    let reconcile = wait_for(
+        "the reconcile span in the publisher's trace",
+        Duration::from_secs(15),
+        || {
+            let received = received.clone();
+            async move {
+                received
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|s| s.name == "reconcile" && s.trace == trace)
+                    .cloned()
+            }
+        },
+    )
+    .await;
+    assert_eq!(reconcile.parent, publisher);
+    assert!(reconcile.links.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn with_the_collector_down_reloads_still_happen_and_lost_spans_are_counted() {
+    let db = TestDb::new().await;
+    // A port nothing listens on.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let server = start(&db, &otel_env(&dead)).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let started = Instant::now();
+    for (n, version) in [1, 2, 1, 2, 1].into_iter().enumerate() {
+        if n < 2 {
+            ds.publish_version(pb::PublishVersionRequest {
+                datasource_id: id.clone(),
+                version,
+            })
+            .await
+            .unwrap();
+        } else {
+            ds.rollback_version(pb::RollbackVersionRequest {
+                datasource_id: id.clone(),
+                to_version: version,
+            })
+            .await
+            .unwrap();
+        }
+        running_on(&ch, &id, version).await;
+    }
+    let reloads = started.elapsed();
+    assert!(
+        reloads < Duration::from_secs(5),
+        "five reloads took {reloads:?} with the collector down"
+    );
+    let dropped = wait_for("lost spans counted", Duration::from_secs(15), || {
+        let ch = ch.clone();
+        async move {
+            let m = RegistryClient::new(ch)
+                .get_registry_metrics(pb::GetRegistryMetricsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (m.spans_dropped > 0).then_some(m.spans_dropped)
+        }
+    })
+    .await;
+    assert!(dropped > 0);
+    server.stop().await;
+}
