@@ -50,7 +50,7 @@ pub fn init(level: Option<&str>) -> Telemetry {
                 fmt.json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(false),
+                    .with_span_list(true),
             )
             .try_init()
     };

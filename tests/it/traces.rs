@@ -141,7 +141,8 @@ async fn running_on(ch: &Channel, id: &str, version: i32) {
 async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one_trace() {
     let db = TestDb::new().await;
     let (endpoint, received) = receiver().await;
-    let server = start(&db, &otel_env(&endpoint)).await;
+    let mut env = otel_env(&endpoint);
+    let server = start(&db, &env).await;
     let ch = server.channel().await;
     let id = generator_with_two_versions(&ch, "orders").await;
     DatasourcesClient::new(ch.clone())
@@ -224,6 +225,20 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
         },
     )
     .await;
+    // Log lines written inside the call carry its trace id.
+    let logs = server.logs.lock().unwrap().clone();
+    let inside: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("change committed") && l.contains("PublishVersion"))
+        .collect();
+    assert!(
+        !inside.is_empty() && inside.iter().any(|l| l.contains(trace)),
+        "no log line of the publish call carries trace id {trace}: {:?}",
+        logs.iter()
+            .filter(|l| l.contains("PublishVersion"))
+            .take(3)
+            .collect::<Vec<_>>()
+    );
     server.stop().await;
 }
 

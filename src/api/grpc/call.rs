@@ -208,6 +208,13 @@ pub async fn finish<T>(
                 .await
                 .map_err(status::db)?;
             tx.commit().await.map_err(|e| status::db(e.into()))?;
+            tracing::info!(
+                action = call.method,
+                actor = %call.principal.subject,
+                resource = %audit.resource,
+                version = ?audit.version,
+                "change committed"
+            );
             Ok(value)
         }
         Err(refused) => {
