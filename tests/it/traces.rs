@@ -141,7 +141,7 @@ async fn running_on(ch: &Channel, id: &str, version: i32) {
 async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one_trace() {
     let db = TestDb::new().await;
     let (endpoint, received) = receiver().await;
-    let mut env = otel_env(&endpoint);
+    let env = otel_env(&endpoint);
     let server = start(&db, &env).await;
     let ch = server.channel().await;
     let id = generator_with_two_versions(&ch, "orders").await;
