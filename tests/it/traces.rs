@@ -4,77 +4,19 @@
 //! `dsreg.traceparent` reaches the reconcile too; with the collector down, reloads still
 //! happen and the lost spans are counted.
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::registry_client::RegistryClient;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
 use tonic::transport::Channel;
 
 use crate::helpers::{ServeProcess, TestDb, wait_for};
 
-/// One received span.
-#[derive(Debug, Clone)]
-struct Got {
-    name: String,
-    trace: String,
-    span: String,
-    parent: String,
-    links: Vec<String>,
-}
-
-#[derive(Clone, Default)]
-struct Receiver(Arc<Mutex<Vec<Got>>>);
-
-#[tonic::async_trait]
-impl TraceService for Receiver {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
-        let mut got = self.0.lock().unwrap();
-        for resource in request.into_inner().resource_spans {
-            for scope in resource.scope_spans {
-                for span in scope.spans {
-                    got.push(Got {
-                        name: span.name,
-                        trace: hex(&span.trace_id),
-                        span: hex(&span.span_id),
-                        parent: hex(&span.parent_span_id),
-                        links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
-                    });
-                }
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-/// An OTLP/gRPC receiver on a free port; returns its endpoint and what it received.
-async fn receiver() -> (String, Receiver) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    let receiver = Receiver::default();
-    let service = TraceServiceServer::new(receiver.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(service)
-            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-            .await
-    });
-    (endpoint, receiver)
-}
+#[path = "../support/otlp.rs"]
+mod otlp;
+use otlp::receiver;
 
 fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
