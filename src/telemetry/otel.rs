@@ -85,7 +85,13 @@ impl Exporting {
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
-        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("dsreg"))
+        // Spans carry their own fields only: no busy/idle timing, thread or source location,
+        // which cost on every enter and exit of every span.
+        tracing_opentelemetry::layer()
+            .with_tracked_inactivity(false)
+            .with_threads(false)
+            .with_location(false)
+            .with_tracer(self.provider.tracer("dsreg"))
     }
 
     /// Flushes what is queued (bounded by the exporter's timeout) and stops export.

@@ -16,7 +16,7 @@ use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use dsreg::api::grpc::pb::secrets_client::SecretsClient;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::{ServeProcess, TestDb, wait_for};
+use crate::helpers::{ServeProcess, TestDb, otlp, wait_for};
 
 const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
@@ -50,12 +50,15 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
     let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
     let (source, received) = refusing_source().await;
 
+    let (otlp_endpoint, spans) = otlp::receiver().await;
     let server = ServeProcess::start(
         &db.url,
         &[
             ("DSREG_MASTER_KEYS", MASTER_KEYS),
             ("DSREG_LOG", "trace"),
             ("DSREG_BACKOFF_BASE_MS", "20"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp_endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
         ],
     )
     .await;
@@ -244,8 +247,20 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
     }
 
     let logs = server.logs.clone();
+    // Stopping flushes every span still queued to the receiver.
     server.stop().await;
     let logs = logs.lock().unwrap().clone();
+    let spans = spans.0.lock().unwrap().clone();
+    assert!(
+        spans.iter().any(|s| s.name == "dsreg.v1.Secrets/PutSecret")
+            && spans.iter().any(|s| s.name == "harness.run"),
+        "the spans of the calls were exported: {} spans",
+        spans.len()
+    );
+    for span in &spans {
+        let text = format!("{span:?}");
+        assert!(!text.contains(&canary), "a span shows the secret: {text}");
+    }
     assert!(
         logs.len() > 50,
         "trace logging captured: {} lines",

@@ -12,11 +12,8 @@ use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use tonic::transport::Channel;
 
+use crate::helpers::otlp::receiver;
 use crate::helpers::{ServeProcess, TestDb, wait_for};
-
-#[path = "../support/otlp.rs"]
-mod otlp;
-use otlp::receiver;
 
 fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![

@@ -20,6 +20,8 @@ pub struct Got {
     pub span: String,
     pub parent: String,
     pub links: Vec<String>,
+    /// Every attribute and event of the span, as `key=value` text.
+    pub attributes: Vec<String>,
 }
 
 #[derive(Clone, Default)]
@@ -42,6 +44,12 @@ impl TraceService for Receiver {
                         span: hex(&span.span_id),
                         parent: hex(&span.parent_span_id),
                         links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
+                        attributes: span
+                            .attributes
+                            .iter()
+                            .map(|a| format!("{}={:?}", a.key, a.value))
+                            .chain(span.events.iter().map(|e| format!("{e:?}")))
+                            .collect(),
                     });
                 }
             }

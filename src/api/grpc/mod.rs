@@ -182,7 +182,9 @@ pub async fn serve(
             catalog::CatalogService(ctx.clone())
         ))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener),
+            // Small streamed messages (status and event watches) go out at once, not after
+            // a delayed acknowledgement.
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
             draining,
         )
         .await
