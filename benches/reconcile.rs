@@ -46,6 +46,8 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = rss_mb();
 
     let mut settings = Settings::for_database(&db.url);
+    // Nothing here calls the gRPC port.
+    settings.auth.insecure_no_auth = true;
     settings.pool_size = 16;
     let mut app = App::build(&settings, &db.url).await?;
     let (started_tx, started) = tokio::sync::mpsc::unbounded_channel();
