@@ -3,6 +3,7 @@
 mod canary;
 mod cli;
 mod connectors;
+mod deploy;
 mod grpc;
 mod helpers;
 mod launcher;
