@@ -31,6 +31,7 @@ use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::telemetry::metrics::Metrics;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
@@ -117,6 +118,9 @@ pub struct App {
     pub listener: ListenerConfig,
     /// The listener's counters.
     pub listener_stats: Arc<ListenerStats>,
+    /// The metrics `/metrics` serves; it reads the pool and the listener's counters as they
+    /// were at build.
+    metrics: Metrics,
     /// Receives every worker start (benchmarks and tests).
     pub started: Option<mpsc::UnboundedSender<Started>>,
     /// Receives every written batch of worker states (benchmarks and tests).
@@ -141,6 +145,8 @@ impl App {
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let listener_stats = Arc::<ListenerStats>::default();
+        let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
@@ -158,7 +164,8 @@ impl App {
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
             listener: ListenerConfig::new(url),
-            listener_stats: Arc::default(),
+            listener_stats,
+            metrics,
             started: None,
             written: None,
             secrets,
@@ -192,6 +199,11 @@ impl App {
         &self.pool
     }
 
+    /// The metrics served at `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
     /// Runs until `shutdown` is cancelled, then stops in order within `grace`: servers and
     /// listener stop, the supervisor stops every worker, the state writer writes their final
     /// states, the sink drains.
@@ -209,6 +221,7 @@ impl App {
             writer.observe(written);
         }
         writer.signal(self.listener_stats.activity.clone());
+        writer.measure(self.metrics.clone());
         let grpc_catalog = self.catalog.clone();
         let grpc_secrets = self.secrets.clone();
         let (sink, sink_writer) = Sink::new(self.pool.clone(), self.sink_target);
@@ -223,7 +236,7 @@ impl App {
             pool: self.pool.clone(),
             ingress: ingress.clone(),
         };
-        let supervisor = Supervisor::new(
+        let mut supervisor = Supervisor::new(
             self.pool.clone(),
             self.catalog,
             self.supervisor,
@@ -231,6 +244,7 @@ impl App {
             tracker.clone(),
             self.secrets,
         );
+        supervisor.measure(self.metrics.clone());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
         tracker.spawn(listener.run(signals, shutdown.child_token()));
@@ -247,6 +261,7 @@ impl App {
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
             ingress,
+            metrics: self.metrics.clone(),
         };
         let http = tracker.spawn(api::http::serve(
             self.http,
@@ -269,6 +284,7 @@ impl App {
             self.grpc,
             grpc_ctx,
             self.auth,
+            self.metrics,
             shutdown.child_token(),
         ));
         tracker.close();

@@ -11,7 +11,7 @@
 //! - [`connectors`]: the connector trait, the catalog, built-in kinds, sinks.
 //! - [`secrets`]: key providers, sealing and opening secrets, rotation and rewrap.
 //! - [`api`]: the gRPC and HTTP ports.
-//! - [`telemetry`](crate::telemetry): logging.
+//! - [`telemetry`](crate::telemetry): logging and the Prometheus metrics.
 //! - [`transform`]: a version's Rhai script run per record under hard limits; output schema checks.
 
 pub mod api;

@@ -109,6 +109,7 @@ pub struct Health(Arc<HealthCounters>);
 struct HealthCounters {
     last_progress_ms: AtomicI64,
     running_since_ms: AtomicI64,
+    starts: AtomicU64,
     records: AtomicU64,
     errors: AtomicU64,
     dead_lettered: AtomicU64,
@@ -122,14 +123,21 @@ impl Health {
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
     }
 
-    /// Marks the connector as running from now on (`true`) or not running (`false`).
+    /// Marks the connector as running from now on (`true`, which counts a start) or not
+    /// running (`false`).
     pub fn set_running(&self, running: bool) {
         let since = if running {
+            self.0.starts.fetch_add(1, Ordering::Relaxed);
             chrono::Utc::now().timestamp_millis()
         } else {
             0
         };
         self.0.running_since_ms.store(since, Ordering::Relaxed);
+    }
+
+    /// Connector runs started so far: the first and every restart.
+    pub fn starts_total(&self) -> u64 {
+        self.0.starts.load(Ordering::Relaxed)
     }
 
     /// Since when the connector runs, as Unix milliseconds (0: not running).

@@ -41,6 +41,7 @@ use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
+use crate::telemetry::metrics::Metrics;
 use crate::transform::{Limits, Transform};
 use worker::{Spec, WorkerEnv};
 
@@ -129,6 +130,7 @@ pub struct Supervisor {
     reader: Option<OutboxReader>,
     /// Opens the workers' secrets; `None` when no master key is configured.
     secrets: Option<Arc<SecretsService>>,
+    metrics: Option<Metrics>,
 }
 
 impl Supervisor {
@@ -152,6 +154,18 @@ impl Supervisor {
             stopping: HashMap::new(),
             failed: HashMap::new(),
             reader: None,
+            metrics: None,
+        }
+    }
+
+    /// Reports workers, reloads, outbox reads and passes to `metrics`.
+    pub fn measure(&mut self, metrics: Metrics) {
+        self.metrics = Some(metrics);
+    }
+
+    fn metered(&self, record: impl FnOnce(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            record(metrics);
         }
     }
 
@@ -170,6 +184,7 @@ impl Supervisor {
                 Instant::now() + self.config.retry_delay
             }
         };
+        self.metered(Metrics::settle_reloads);
         let mut resync = tokio::time::interval_at(
             Instant::now() + self.config.resync_interval,
             self.config.resync_interval,
@@ -199,6 +214,7 @@ impl Supervisor {
                 _ = resync.tick() => self.resync().await,
                 _ = heartbeat.tick() => self.heartbeat().await,
             };
+            self.metered(Metrics::settle_reloads);
             if let Err(e) = result {
                 tracing::warn!(error = %e, "reconcile failed; a full resync follows");
                 retry_at = Instant::now() + self.config.retry_delay;
@@ -263,6 +279,7 @@ impl Supervisor {
                 .insert(OutboxReader::from_now(&**client).await?.wakes_only()),
         };
         let events = reader.read(&**client).await?;
+        self.metered(|m| m.outbox_read(&events, chrono::Utc::now()));
         let everything = events.iter().any(|e| e.datasource_id.is_none());
         let mut named: HashMap<Uuid, Option<String>> = HashMap::new();
         for event in events {
@@ -303,11 +320,13 @@ impl Supervisor {
     }
 
     fn report(&self, full: bool, datasources: usize, started: Instant) {
+        let took = started.elapsed();
+        self.metered(|m| m.reconcile_pass(full, took));
         if let Some(passes) = &self.config.passes {
             let _ = passes.send(Pass {
                 full,
                 datasources,
-                took: started.elapsed(),
+                took,
             });
         }
     }
@@ -418,6 +437,7 @@ impl Supervisor {
         match self.build(&row, key, secrets) {
             Ok(spec) => {
                 let stall_after = spec.connector.stall_after(&spec.config);
+                self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.key = key;
                     worker.rejected = None;
@@ -517,9 +537,11 @@ impl Supervisor {
 
     fn start_worker(&mut self, spec: Spec, key: SpecKey, stall_after: Option<Duration>) {
         let id = spec.datasource_id;
+        let kind = spec.connector.info().name;
         let (tx, rx) = watch::channel(Arc::new(spec));
         let cancel = CancellationToken::new();
         let health = Health::default();
+        self.metered(|m| m.worker_started(id, kind, health.clone()));
         let previous = self.stopping.remove(&id);
         let join = self.tracker.spawn(worker::run(
             rx,
@@ -546,6 +568,7 @@ impl Supervisor {
 
     fn stop_worker(&mut self, id: Uuid) {
         if let Some(worker) = self.workers.remove(&id) {
+            self.metered(|m| m.worker_stopped(id));
             worker.cancel.cancel();
             self.stopping.insert(id, worker.join);
         }

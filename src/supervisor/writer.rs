@@ -52,6 +52,7 @@ pub struct StateWriter {
     actor: String,
     observer: Option<mpsc::UnboundedSender<Written>>,
     activity: Option<crate::outbox::Activity>,
+    metrics: Option<crate::telemetry::metrics::Metrics>,
 }
 
 impl StateWriter {
@@ -67,6 +68,7 @@ impl StateWriter {
                 actor,
                 observer: None,
                 activity: None,
+                metrics: None,
             },
             WriterHandle(tx),
         )
@@ -75,6 +77,11 @@ impl StateWriter {
     /// Bumps `activity` after every written batch (API waits and watches).
     pub fn signal(&mut self, activity: crate::outbox::Activity) {
         self.activity = Some(activity);
+    }
+
+    /// Reports every written batch to `metrics` (worker states, reloads reaching RUNNING).
+    pub fn measure(&mut self, metrics: crate::telemetry::metrics::Metrics) {
+        self.metrics = Some(metrics);
     }
 
     /// Reports every written batch to `observer` (benchmarks and tests).
@@ -110,6 +117,9 @@ impl StateWriter {
                 Ok(()) => {
                     if let Some(activity) = &self.activity {
                         activity.bump();
+                    }
+                    if let Some(metrics) = &self.metrics {
+                        metrics.states_written(&batch, chrono::Utc::now());
                     }
                     if let Some(observer) = &self.observer {
                         let states = batch

@@ -1,8 +1,10 @@
 //! Telemetry: the `tracing` subscriber (JSON logs when stdout is not a terminal, readable
 //! text when it is; level from `--log-level`, `DSREG_LOG` or `RUST_LOG`, `info` by default),
 //! OpenTelemetry export of spans over OTLP when the standard `OTEL_*` variables name an
-//! endpoint ([`otel`]), and W3C trace-context helpers.
+//! endpoint ([`otel`]), W3C trace-context helpers, and the Prometheus registry served at
+//! `/metrics` ([`metrics`]).
 
+pub mod metrics;
 pub mod otel;
 
 use std::io::IsTerminal;

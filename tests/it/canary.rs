@@ -216,6 +216,12 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
         .into_inner();
     answers.push(format!("{:?}", watch.message().await.unwrap()));
 
+    // The Prometheus scrape.
+    let (code, scrape) = crate::serve::http_get(&server.http_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(scrape.contains("dsreg_datasource_errors_total"), "{scrape}");
+    answers.push(scrape);
+
     // Every row of the tables a secret could leak into (the secrets table holds ciphertext).
     let client = db.client().await;
     for table in [

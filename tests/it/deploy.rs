@@ -22,11 +22,11 @@ const ERRORS: &str = "dsreg_datasource_errors_total";
 const DEAD_LETTERED: &str = "dsreg_datasource_dead_lettered_total";
 const RESTARTS: &str = "dsreg_datasource_restarts_total";
 const WORKER_STATE: &str = "dsreg_datasource_worker_state";
-const RELOAD_LATENCY: &str = "dsreg_reload_latency_seconds";
-const LISTENER_CONNECTED: &str = "dsreg_listener_connected";
-const LISTENER_RECONNECTS: &str = "dsreg_listener_reconnects_total";
-const RPC_REQUESTS: &str = "dsreg_rpc_requests_total";
-const RPC_DURATION: &str = "dsreg_rpc_duration_seconds";
+const RELOAD_LATENCY: &str = "dsreg_supervisor_reload_latency_seconds";
+const LISTENER_CONNECTED: &str = "dsreg_outbox_listener_connected";
+const LISTENER_RECONNECTS: &str = "dsreg_outbox_listener_reconnects_total";
+const RPC_REQUESTS: &str = "dsreg_grpc_requests_total";
+const RPC_DURATION: &str = "dsreg_grpc_request_duration_seconds";
 const METRICS: &[&str] = &[
     RECORDS,
     ERRORS,

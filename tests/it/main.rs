@@ -7,6 +7,7 @@ mod deploy;
 mod grpc;
 mod helpers;
 mod launcher;
+mod metrics;
 mod migrations;
 mod outbox;
 mod publish;

@@ -10,6 +10,8 @@ pub struct ServeProcess {
     pub child: tokio::process::Child,
     /// Its gRPC address.
     pub grpc_addr: String,
+    /// Its HTTP address.
+    pub http_addr: String,
     /// Every line it wrote to stdout and stderr so far.
     pub logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
@@ -59,19 +61,24 @@ impl ServeProcess {
                         && json["message"] == "dsreg serving"
                         && let Some(tx) = addr_tx.take()
                     {
-                        let _ = tx.send(json["grpc"].as_str().unwrap_or_default().to_owned());
+                        let _ = tx.send((
+                            json["grpc"].as_str().unwrap_or_default().to_owned(),
+                            json["http"].as_str().unwrap_or_default().to_owned(),
+                        ));
                     }
                     logs.lock().unwrap().push(line);
                 }
             });
         }
-        let grpc_addr = tokio::time::timeout(std::time::Duration::from_secs(60), addr_rx)
-            .await
-            .expect("dsreg serving within 60 s")
-            .expect("dsreg serve logged its addresses");
+        let (grpc_addr, http_addr) =
+            tokio::time::timeout(std::time::Duration::from_secs(60), addr_rx)
+                .await
+                .expect("dsreg serving within 60 s")
+                .expect("dsreg serve logged its addresses");
         Self {
             child,
             grpc_addr,
+            http_addr,
             logs,
         }
     }

@@ -1,6 +1,7 @@
 //! The gRPC port: the `dsreg.v1` services, standard gRPC health and reflection, behind the
-//! auth layer (one place for authentication and RBAC). Generated code stays in [`pb`]. Served
-//! until the shutdown token is cancelled; health flips to NOT_SERVING first.
+//! auth layer (one place for authentication and RBAC) and the RPC metrics layer. Generated
+//! code stays in [`pb`]. Served until the shutdown token is cancelled; health flips to
+//! NOT_SERVING first.
 
 pub mod auth;
 pub mod call;
@@ -11,6 +12,7 @@ pub mod events;
 pub mod harness;
 pub mod layer;
 pub mod lifecycle;
+pub mod metrics;
 pub mod page;
 pub mod principal;
 pub mod secrets;
@@ -112,8 +114,8 @@ impl pb::registry_server::Registry for RegistryService {
     }
 }
 
-/// Serves the gRPC services on `listener` until `shutdown` is cancelled; health reports
-/// NOT_SERVING as soon as shutdown begins.
+/// Serves the gRPC services on `listener` until `shutdown` is cancelled, counting every call
+/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins.
 ///
 /// # Errors
 /// The transport failed.
@@ -121,6 +123,7 @@ pub async fn serve(
     listener: TcpListener,
     ctx: Arc<Ctx>,
     auth: auth::Authenticator,
+    metrics: crate::telemetry::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let sink = Arc::new(AuditDenials(ctx.pool.clone()));
@@ -150,6 +153,7 @@ pub async fn serve(
     }
     tonic::transport::Server::builder()
         .layer(trace::TraceLayer)
+        .layer(metrics::RpcMetricsLayer::new(metrics))
         .layer(layer::AuthLayer::new(auth, sink))
         .add_service(health_service)
         .add_service(reflection)

@@ -1,6 +1,6 @@
 //! The HTTP port: `/healthz` (the process is alive), `/readyz` (the database answers and the
-//! schema is migrated) and the webhook ingress `POST /ingest/{datasource_id}`. Served until
-//! the shutdown token is cancelled.
+//! schema is migrated), `/metrics` (Prometheus, OpenMetrics text) and the webhook ingress
+//! `POST /ingest/{datasource_id}`. Served until the shutdown token is cancelled.
 
 mod ingest;
 
@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
@@ -17,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::connectors::webhook::Ingress;
 use crate::db;
+use crate::telemetry::metrics::{self, Metrics};
 
 /// What the HTTP handlers share.
 #[derive(Clone)]
@@ -25,6 +27,8 @@ pub struct HttpState {
     pub pool: Pool,
     /// The running webhook workers' inboxes.
     pub ingress: Ingress,
+    /// What `/metrics` serves.
+    pub metrics: Metrics,
 }
 
 impl HttpState {
@@ -56,6 +60,7 @@ pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(scrape))
         .route("/ingest/{datasource_id}", post(ingest::ingest))
         .with_state(Arc::new(state))
 }
@@ -67,6 +72,16 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),
         ),
+    }
+}
+
+async fn scrape(State(state): State<Arc<HttpState>>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "encoding the metrics failed");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
     }
 }
 
