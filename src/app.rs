@@ -258,10 +258,15 @@ impl App {
                 sink_stop.cancel();
             });
         }
+        let readiness = api::ready::Readiness {
+            pool: self.pool.clone(),
+            listener: self.listener_stats.clone(),
+        };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
             ingress,
             metrics: self.metrics.clone(),
+            readiness: readiness.clone(),
         };
         let http = tracker.spawn(api::http::serve(
             self.http,
@@ -279,6 +284,7 @@ impl App {
             schema_version: self.schema_version,
             shutdown: shutdown.child_token(),
             tracker: tracker.clone(),
+            readiness,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

@@ -808,9 +808,23 @@ async fn harness_catalog_and_registry_answer() {
 }
 
 #[tokio::test]
-async fn a_database_that_is_down_is_unavailable_and_recovers() {
+async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
     let db = TestDb::new().await;
-    let (_app, ch) = serve(&db).await;
+    let (app, ch) = serve(&db).await;
+    let http = app.http_addr.to_string();
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone());
+    let serving = || {
+        let mut health = health.clone();
+        async move {
+            health
+                .check(tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|r| r.into_inner().status)
+                .ok()
+        }
+    };
     let mut ds = DatasourcesClient::new(ch);
     let created = ds
         .create_datasource(create_req("orders"))
@@ -841,6 +855,18 @@ async fn a_database_that_is_down_is_unavailable_and_recovers() {
         !down.message().contains(&name),
         "internal detail leaked: {down:?}"
     );
+    let (code, body) = wait_for("/readyz failing", Duration::from_secs(10), || async {
+        let (code, body) = crate::serve::http_get(&http, "/readyz").await;
+        (code == 503).then_some((code, body))
+    })
+    .await;
+    assert!(body.contains("not ready"), "{code} {body}");
+    wait_for(
+        "gRPC health NOT_SERVING",
+        Duration::from_secs(10),
+        || async { (serving().await == Some(NOT_SERVING)).then_some(()) },
+    )
+    .await;
     admin
         .batch_execute(&format!(
             "ALTER DATABASE \"{name}\" WITH ALLOW_CONNECTIONS true"
@@ -851,7 +877,20 @@ async fn a_database_that_is_down_is_unavailable_and_recovers() {
         get().await.ok()
     })
     .await;
+    wait_for("/readyz passing again", Duration::from_secs(15), || async {
+        (crate::serve::http_get(&http, "/readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    wait_for(
+        "gRPC health SERVING again",
+        Duration::from_secs(10),
+        || async { (serving().await == Some(SERVING)).then_some(()) },
+    )
+    .await;
 }
+
+const SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::Serving as i32;
+const NOT_SERVING: i32 = tonic_health::pb::health_check_response::ServingStatus::NotServing as i32;
 
 #[tokio::test]
 async fn an_oversized_message_is_refused() {

@@ -47,6 +47,9 @@ pub mod pb {
 /// refused before they are buffered.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
+/// How often gRPC health re-checks readiness.
+const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// What every service shares.
 pub struct Ctx {
     /// The database.
@@ -69,6 +72,8 @@ pub struct Ctx {
     pub shutdown: CancellationToken,
     /// Tracks stream tasks.
     pub tracker: TaskTracker,
+    /// Whether the registry can serve (gRPC health follows it).
+    pub readiness: crate::api::ready::Readiness,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -135,10 +140,36 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the build's own descriptor set is valid");
+    // Health follows readiness (checked every second) until shutdown, then NOT_SERVING.
     let draining = {
         let shutdown = shutdown.clone();
+        let readiness = ctx.readiness.clone();
         async move {
-            shutdown.cancelled().await;
+            let mut tick = tokio::time::interval(READINESS_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut serving = true;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = tick.tick() => {
+                        let ready = readiness.check().await;
+                        if ready.is_ok() != serving {
+                            serving = ready.is_ok();
+                            let status = if serving {
+                                tonic_health::ServingStatus::Serving
+                            } else {
+                                tonic_health::ServingStatus::NotServing
+                            };
+                            if let Err(reason) = &ready {
+                                tracing::warn!(reason = %reason, "not ready: gRPC health NOT_SERVING");
+                            } else {
+                                tracing::info!("ready again: gRPC health SERVING");
+                            }
+                            health.set_service_status("", status).await;
+                        }
+                    }
+                }
+            }
             health
                 .set_service_status("", tonic_health::ServingStatus::NotServing)
                 .await;

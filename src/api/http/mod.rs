@@ -5,7 +5,6 @@
 mod ingest;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -17,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::connectors::webhook::Ingress;
-use crate::db;
 use crate::telemetry::metrics::{self, Metrics};
 
 /// What the HTTP handlers share.
@@ -29,30 +27,8 @@ pub struct HttpState {
     pub ingress: Ingress,
     /// What `/metrics` serves.
     pub metrics: Metrics,
-}
-
-impl HttpState {
-    /// Whether the registry can serve: the database answers and holds the latest schema.
-    pub async fn ready(&self) -> Result<(), String> {
-        let probe = async {
-            let client = self
-                .pool
-                .get()
-                .await
-                .map_err(|e| format!("database unreachable: {e}"))?;
-            let applied = db::migrations::current_version(&client)
-                .await
-                .map_err(|e| format!("database unreachable: {e}"))?;
-            let wanted = db::migrations::latest_known();
-            if applied < wanted {
-                return Err(format!("schema at migration {applied}, {wanted} expected"));
-            }
-            Ok(())
-        };
-        tokio::time::timeout(Duration::from_secs(2), probe)
-            .await
-            .unwrap_or_else(|_| Err("database did not answer within 2s".to_owned()))
-    }
+    /// What `/readyz` answers.
+    pub readiness: crate::api::ready::Readiness,
 }
 
 /// The HTTP router.
@@ -66,7 +42,7 @@ pub fn router(state: HttpState) -> Router {
 }
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
-    match state.ready().await {
+    match state.readiness.check().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,0 +1,55 @@
+//! Readiness, one definition for both ports: the database answers, holds the latest schema,
+//! and the LISTEN connection is up. `/readyz` answers it; gRPC health reports NOT_SERVING
+//! while it fails.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+
+use crate::db;
+use crate::outbox::listener::ListenerStats;
+
+/// How long a readiness probe waits for the database.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What readiness looks at; cheap to clone.
+#[derive(Clone)]
+pub struct Readiness {
+    /// The pool the registry serves from.
+    pub pool: Pool,
+    /// The LISTEN connection's state.
+    pub listener: Arc<ListenerStats>,
+}
+
+impl Readiness {
+    /// Whether the registry can serve; otherwise why not.
+    ///
+    /// # Errors
+    /// The reason, for `/readyz` and the log.
+    pub async fn check(&self) -> Result<(), String> {
+        let probe = async {
+            let client = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| format!("database unreachable: {e}"))?;
+            let applied = db::migrations::current_version(&client)
+                .await
+                .map_err(|e| format!("database unreachable: {e}"))?;
+            let wanted = db::migrations::latest_known();
+            if applied < wanted {
+                return Err(format!("schema at migration {applied}, {wanted} expected"));
+            }
+            Ok(())
+        };
+        tokio::time::timeout(PROBE_TIMEOUT, probe)
+            .await
+            .unwrap_or_else(|_| Err(format!("database did not answer within {PROBE_TIMEOUT:?}")))?;
+        if !self.listener.connected.load(Ordering::Relaxed) {
+            return Err("the LISTEN connection is down; reconnecting".to_owned());
+        }
+        Ok(())
+    }
+}
