@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use tokio_postgres::Transaction;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
@@ -51,6 +52,33 @@ pub async fn visible(
 ) -> Result<Datasource, Status> {
     let ds = datasources::get(client, id).await.map_err(status::db)?;
     admit(ds, call, check).await
+}
+
+/// Runs a mutation of datasource `id` in one audited transaction: the datasource is read and
+/// checked against the caller's tenant (another tenant's is NOT_FOUND, audited as denied),
+/// `work` runs with it and the audit it fills in, and the audit row is written with the
+/// change (or on its own when the call fails).
+///
+/// # Errors
+/// NOT_FOUND, UNAVAILABLE, or what `work` returns.
+pub async fn on_datasource<T>(
+    pool: &deadpool_postgres::Pool,
+    call: &Call,
+    id: Uuid,
+    work: impl AsyncFnOnce(&Transaction<'_>, Datasource, &mut Audit) -> Result<T, Status>,
+) -> Result<T, Status> {
+    let mut audit = Audit {
+        resource: format!("datasource/{id}"),
+        ..Audit::default()
+    };
+    let mut client = call::client(pool).await?;
+    let tx = call::begin(&mut client, call).await?;
+    let result = async {
+        let ds = visible(&tx, call, id, Check::Write(&mut audit)).await?;
+        work(&tx, ds, &mut audit).await
+    }
+    .await;
+    call::finish(pool, tx, call, &audit, result).await
 }
 
 /// The tenant check of [`visible`] on a datasource already read.
@@ -333,21 +361,13 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             }
             changed.push(path.clone());
         }
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let ds = on_datasource(&self.0.pool, &call, id, async |tx, _ds, audit| {
             audit.diff = Some(serde_json::json!({ "changed": changed }));
-            datasources::update(&tx, id, &patch, expected)
+            datasources::update(tx, id, &patch, expected)
                 .await
                 .map_err(status::db)
-        }
-        .await;
-        let ds = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(convert::datasource(ds)))
     }
 
@@ -359,14 +379,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let r = request.into_inner();
         let id = convert::id("id", &r.id)?;
         let expected = convert::revision("etag", &r.etag)?;
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let ds = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
             if ds.status == DatasourceStatus::Archived {
                 return Ok(ds);
             }
@@ -375,12 +388,11 @@ impl pb::datasources_server::Datasources for DatasourcesService {
                 status: Some(DatasourceStatus::Archived),
                 ..DatasourcePatch::default()
             };
-            datasources::update(&tx, id, &patch, expected)
+            datasources::update(tx, id, &patch, expected)
                 .await
                 .map_err(status::db)
-        }
-        .await;
-        let ds = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(convert::datasource(ds)))
     }
 
@@ -393,25 +405,17 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let config = convert::json_object("config_json", &r.config_json, MAX_CONFIG_BYTES)?;
         convert::text("comment", &r.comment, MAX_TEXT)?;
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let v = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
             self.check_config(&ds.kind, &config, None)
                 .map_err(|p| config_violations(tonic::Code::InvalidArgument, p))?;
-            let v = versions::create_draft(&tx, id, &config, &r.comment)
+            let v = versions::create_draft(tx, id, &config, &r.comment)
                 .await
                 .map_err(status::db)?;
             audit.version = Some(v.version);
             audit.diff = Some(serde_json::json!({ "config_keys": config_keys(&config) }));
             Ok(v)
-        }
-        .await;
-        let v = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(convert::version(v)))
     }
 
@@ -453,30 +457,20 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let config = convert::json_object("config_json", &r.config_json, MAX_CONFIG_BYTES)?;
         convert::text("comment", &r.comment, MAX_TEXT)?;
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            version: Some(r.version),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let v = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
+            audit.version = Some(r.version);
             self.check_config(&ds.kind, &config, None)
                 .map_err(|p| config_violations(tonic::Code::InvalidArgument, p))?;
-            let before = versions::get(&tx, id, r.version)
-                .await
-                .map_err(status::db)?;
-            let v = versions::update_draft(&tx, id, r.version, &config, &r.comment)
+            let before = versions::get(tx, id, r.version).await.map_err(status::db)?;
+            let v = versions::update_draft(tx, id, r.version, &config, &r.comment)
                 .await
                 .map_err(status::db)?;
             audit.diff = Some(
                 serde_json::json!({ "config_keys_changed": changed_keys(&before.config, &config) }),
             );
             Ok(v)
-        }
-        .await;
-        let v = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(convert::version(v)))
     }
 
@@ -490,19 +484,10 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         if r.version < 1 {
             return Err(invalid("version", "must be 1 or more"));
         }
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            version: Some(r.version),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
-            let v = versions::get(&tx, id, r.version)
-                .await
-                .map_err(status::db)?;
-            let secret_names: Vec<String> = secret_rows::list(&tx, id)
+        let event = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
+            audit.version = Some(r.version);
+            let v = versions::get(tx, id, r.version).await.map_err(status::db)?;
+            let secret_names: Vec<String> = secret_rows::list(tx, id)
                 .await
                 .map_err(status::db)?
                 .into_iter()
@@ -510,15 +495,14 @@ impl pb::datasources_server::Datasources for DatasourcesService {
                 .collect();
             self.check_config(&ds.kind, &v.config, Some(&secret_names))
                 .map_err(|p| config_violations(tonic::Code::FailedPrecondition, p))?;
-            let event = versions::publish(&tx, id, r.version)
+            let event = versions::publish(tx, id, r.version)
                 .await
                 .map_err(status::db)?;
             audit.diff =
                 Some(serde_json::json!({ "published": r.version, "previous": ds.current_version }));
             Ok(event)
-        }
-        .await;
-        let event = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(pb::PublishResponse {
             datasource_id: id.to_string(),
             version: r.version,
@@ -540,23 +524,15 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             ));
         }
         let to = (r.to_version > 0).then_some(r.to_version);
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            version: to,
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
-            let now = versions::rollback(&tx, id, to).await.map_err(status::db)?;
+        let version = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
+            audit.version = to;
+            let now = versions::rollback(tx, id, to).await.map_err(status::db)?;
             audit.version = Some(now);
             audit.diff =
                 Some(serde_json::json!({ "rolled_back_to": now, "previous": ds.current_version }));
             Ok(now)
-        }
-        .await;
-        let version = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(pb::PublishResponse {
             datasource_id: id.to_string(),
             version,

@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 use uuid::Uuid;
 
-use super::call::{self, Audit, Call};
-use super::datasources::{Check, admit, visible};
+use super::call::{self, Call};
+use super::datasources::{Check, admit, on_datasource, visible};
 use super::status;
 use super::{Ctx, convert, pb};
 use crate::db::repository::datasources::Datasource;
@@ -84,19 +84,10 @@ impl LifecycleService {
             &Datasource,
         ) -> Result<Option<DateTime<Utc>>, Status>,
     ) -> Result<Response<pb::WorkerState>, Status> {
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            let ds = visible(&tx, &call, id, Check::Write(&mut audit)).await?;
-            write(&tx, &ds).await
-        }
-        .await;
-        let after = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
-        drop(client);
+        let after = on_datasource(&self.0.pool, &call, id, async |tx, ds, _| {
+            write(tx, &ds).await
+        })
+        .await?;
         let goal = match goal {
             Goal::Running { .. } => Goal::Running { after },
             other => other,

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
-use super::call::{self, Audit, Call};
-use super::datasources::{Check, visible};
+use super::call::{self, Call};
+use super::datasources::{Check, on_datasource, visible};
 use super::status::{self, invalid};
 use super::{Ctx, convert, pb};
 use crate::secrets::{MAX_SECRET_BYTES, SecretMeta, SecretString, Secrets};
@@ -59,22 +59,14 @@ impl pb::secrets_server::Secrets for SecretsService {
         let value =
             SecretString::from_utf8(value).ok_or_else(|| invalid("value", "must be UTF-8 text"))?;
         let secrets = self.secrets()?.clone();
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let m = on_datasource(&self.0.pool, &call, id, async |tx, _ds, audit| {
             audit.diff = Some(serde_json::json!({ "secret": name, "value": "changed" }));
             secrets
-                .put(&tx, id, &name, &value)
+                .put(tx, id, &name, &value)
                 .await
                 .map_err(status::secrets)
-        }
-        .await;
-        let m = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(meta(m)))
     }
 
@@ -86,22 +78,14 @@ impl pb::secrets_server::Secrets for SecretsService {
         let r = request.into_inner();
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let secrets = self.secrets()?.clone();
-        let mut audit = Audit {
-            resource: format!("datasource/{id}"),
-            ..Audit::default()
-        };
-        let mut client = call::client(&self.0.pool).await?;
-        let tx = call::begin(&mut client, &call).await?;
-        let result = async {
-            visible(&tx, &call, id, Check::Write(&mut audit)).await?;
+        let deleted = on_datasource(&self.0.pool, &call, id, async |tx, _ds, audit| {
             audit.diff = Some(serde_json::json!({ "secret": r.name, "value": "deleted" }));
             secrets
-                .delete(&tx, id, &r.name)
+                .delete(tx, id, &r.name)
                 .await
                 .map_err(status::secrets)
-        }
-        .await;
-        let deleted = call::finish(&self.0.pool, tx, &call, &audit, result).await?;
+        })
+        .await?;
         Ok(Response::new(pb::DeleteSecretResponse { deleted }))
     }
 
