@@ -49,6 +49,30 @@ fn generator_config(rate: u32) -> String {
     serde_json::json!({ "rate_per_sec": rate, "template": { "n": 1 } }).to_string()
 }
 
+/// Creates a generator version emitting `rate` records a second and publishes it.
+async fn publish_generator(
+    ds: &mut DatasourcesClient<Channel>,
+    id: &str,
+    rate: u32,
+) -> pb::Version {
+    let v = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.to_owned(),
+            config_json: generator_config(rate),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    ds.publish_version(pb::PublishVersionRequest {
+        datasource_id: id.to_owned(),
+        version: v.version,
+    })
+    .await
+    .unwrap();
+    v
+}
+
 /// The field of the first violation in a status's BadRequest details.
 fn violated_field(status: &tonic::Status) -> String {
     status
@@ -452,21 +476,7 @@ async fn versions_publish_over_grpc_and_the_worker_runs_the_answered_state() {
     );
 
     // Roll forward and back.
-    let v2 = ds
-        .create_version(pb::CreateVersionRequest {
-            datasource_id: id.clone(),
-            config_json: generator_config(20),
-            comment: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ds.publish_version(pb::PublishVersionRequest {
-        datasource_id: id.clone(),
-        version: v2.version,
-    })
-    .await
-    .unwrap();
+    publish_generator(&mut ds, &id, 20).await;
     let back = ds
         .rollback_version(pb::RollbackVersionRequest {
             datasource_id: id.clone(),
@@ -983,21 +993,7 @@ async fn watch_status_streams_the_state_then_every_change() {
         .into_inner();
     let first = watch.message().await.unwrap().unwrap();
     assert_eq!(first.status, pb::WorkerStatus::Init as i32);
-    let v = ds
-        .create_version(pb::CreateVersionRequest {
-            datasource_id: id.clone(),
-            config_json: generator_config(5),
-            comment: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    ds.publish_version(pb::PublishVersionRequest {
-        datasource_id: id.clone(),
-        version: v.version,
-    })
-    .await
-    .unwrap();
+    let v = publish_generator(&mut ds, &id, 5).await;
     let mut seen = Vec::new();
     while !seen.contains(&(pb::WorkerStatus::Running as i32)) {
         let next = tokio::time::timeout(Duration::from_secs(10), watch.message())

@@ -64,29 +64,6 @@ fn method_of(path: &str) -> (&'static str, bool) {
     }
 }
 
-/// The canonical name of a status code, as gRPC documents it.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
 /// The `grpc-status` in `headers` (response headers or trailers), if any.
 fn status_in(headers: &http::HeaderMap) -> Option<Code> {
     let value = headers.get("grpc-status")?.to_str().ok()?;
@@ -184,8 +161,11 @@ struct Call {
 
 impl Call {
     fn done(self, code: Code) {
-        self.metrics
-            .rpc_handled(self.method, code_name(code), self.started.elapsed());
+        self.metrics.rpc_handled(
+            self.method,
+            super::status::code_name(code),
+            self.started.elapsed(),
+        );
     }
 }
 
@@ -278,8 +258,11 @@ mod tests {
 
     #[test]
     fn codes_have_their_canonical_names() {
-        assert_eq!(code_name(Code::Ok), "OK");
-        assert_eq!(code_name(Code::FailedPrecondition), "FAILED_PRECONDITION");
+        assert_eq!(crate::api::grpc::status::code_name(Code::Ok), "OK");
+        assert_eq!(
+            crate::api::grpc::status::code_name(Code::FailedPrecondition),
+            "FAILED_PRECONDITION"
+        );
         let mut headers = http::HeaderMap::new();
         assert_eq!(status_in(&headers), None);
         headers.insert("grpc-status", http::HeaderValue::from_static("5"));
