@@ -69,7 +69,6 @@ async fn main() -> anyhow::Result<()> {
         std::os::unix::fs::PermissionsExt::from_mode(0o600),
     )?;
     let mut settings = Settings::for_database(&db.url);
-    settings.pool_size = 16;
     settings.auth.auth_hs256_secret_file = Some(secret_file);
     settings.auth.auth_issuer = Some("bench".into());
     settings.auth.auth_audience = Some("dsreg".into());

@@ -33,8 +33,9 @@ pub struct Settings {
     #[arg(long, env = "DSREG_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 
-    /// Connections in the database pool.
-    #[arg(long, env = "DSREG_POOL_SIZE", default_value_t = 16)]
+    /// Connections in the database pool; by default three per CPU (4 to 64): more connections
+    /// than the machine can run at once only queue inside Postgres.
+    #[arg(long, env = "DSREG_POOL_SIZE", default_value_t = default_pool_size())]
     pub pool_size: usize,
 
     /// How long a request waits for a pooled connection, in milliseconds.
@@ -114,6 +115,13 @@ pub struct Settings {
     /// The crash-loop window, in milliseconds.
     #[arg(long, env = "DSREG_CRASH_LOOP_WINDOW_MS", default_value_t = 60_000)]
     pub crash_loop_window_ms: u64,
+}
+
+/// Three pooled connections per CPU, 4 to 64.
+fn default_pool_size() -> usize {
+    std::thread::available_parallelism()
+        .map_or(4, |n| n.get() * 3)
+        .clamp(4, 64)
 }
 
 impl Settings {
