@@ -5,8 +5,8 @@ use crate::api::grpc::pb;
 
 use super::connect::{Client, ClientArgs};
 use super::error::usage;
-use super::json::{ToJson, datasource_status};
-use super::output::{Printer, note};
+use super::json::datasource_status;
+use super::output::{Listing, Printer};
 use super::table::{self, Table};
 
 /// `dsreg datasource …`.
@@ -274,37 +274,16 @@ async fn list(client: &Client, printer: Printer, args: ListArgs) -> anyhow::Resu
         page_size: args.page_size.unwrap_or(0),
         page_token: args.page_token.unwrap_or_default(),
     };
-    let mut table = list_table();
+    let mut listing = Listing::new(printer, list_table(), args.all);
     loop {
         let page = client
             .unary(svc.list_datasources(client.request(request.clone())))
             .await?;
-        for ds in &page.datasources {
-            if printer.is_json() {
-                printer.json(&ds.to_json())?;
-            } else {
-                list_row(&mut table, ds);
-            }
+        match listing.page(&page.datasources, page.next_page_token, list_row)? {
+            Some(next) => request.page_token = next,
+            None => return Ok(()),
         }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        if !args.all {
-            if !printer.is_json() {
-                printer.text(&table.render())?;
-            }
-            note(&format!(
-                "more: --page-token {} (or --all for every page)",
-                page.next_page_token
-            ));
-            return Ok(());
-        }
-        request.page_token = page.next_page_token;
     }
-    if !printer.is_json() {
-        printer.text(&table.render())?;
-    }
-    Ok(())
 }
 
 /// The columns of `datasource list`.

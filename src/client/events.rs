@@ -18,7 +18,7 @@ use super::connect::{Client, ClientArgs};
 use super::error::CallError;
 use super::input::parse_time;
 use super::json::ToJson;
-use super::output::{Printer, note};
+use super::output::{Listing, Printer, note};
 use super::table::{self, Table};
 
 /// `dsreg events …`.
@@ -119,37 +119,16 @@ async fn list(
     all: bool,
 ) -> anyhow::Result<()> {
     let mut svc = client.events();
-    let mut table = list_table();
+    let mut listing = Listing::new(printer, list_table(), all);
     loop {
         let page = client
             .unary(svc.list_events(client.request(request.clone())))
             .await?;
-        for event in &page.events {
-            if printer.is_json() {
-                printer.json(&event.to_json())?;
-            } else {
-                list_row(&mut table, event);
-            }
+        match listing.page(&page.events, page.next_page_token, list_row)? {
+            Some(next) => request.page_token = next,
+            None => return Ok(()),
         }
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        if !all {
-            if !printer.is_json() {
-                printer.text(&table.render())?;
-            }
-            note(&format!(
-                "more: --page-token {} (or --all for every page)",
-                page.next_page_token
-            ));
-            return Ok(());
-        }
-        request.page_token = page.next_page_token;
     }
-    if !printer.is_json() {
-        printer.text(&table.render())?;
-    }
-    Ok(())
 }
 
 async fn watch(

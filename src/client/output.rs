@@ -83,6 +83,58 @@ fn finish(result: std::io::Result<()>) -> anyhow::Result<()> {
     }
 }
 
+/// A paged listing printed as it arrives: JSON lines at once, or one table when it ends.
+pub struct Listing {
+    printer: Printer,
+    table: super::table::Table,
+    all: bool,
+}
+
+impl Listing {
+    /// A listing into `table` that follows every page when `all`, else stops after the first
+    /// and says how to get the next.
+    pub fn new(printer: Printer, table: super::table::Table, all: bool) -> Self {
+        Self {
+            printer,
+            table,
+            all,
+        }
+    }
+
+    /// Prints one page; returns the token of the page to fetch next, or `None` when the
+    /// listing is done (and printed).
+    ///
+    /// # Errors
+    /// As [`Printer::text`].
+    pub fn page<T: ToJson>(
+        &mut self,
+        items: &[T],
+        next_page_token: String,
+        row: impl Fn(&mut super::table::Table, &T),
+    ) -> anyhow::Result<Option<String>> {
+        for item in items {
+            if self.printer.is_json() {
+                self.printer.json(&item.to_json())?;
+            } else {
+                row(&mut self.table, item);
+            }
+        }
+        let more = !next_page_token.is_empty();
+        if more && self.all {
+            return Ok(Some(next_page_token));
+        }
+        if !self.printer.is_json() {
+            self.printer.text(&self.table.render())?;
+        }
+        if more {
+            note(&format!(
+                "more: --page-token {next_page_token} (or --all for every page)"
+            ));
+        }
+        Ok(None)
+    }
+}
+
 /// Writes a note for people to stderr (never data: scripts read stdout).
 pub fn note(text: &str) {
     let _ = writeln!(std::io::stderr().lock(), "{text}");
