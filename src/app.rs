@@ -106,6 +106,8 @@ pub struct App {
     pool: Pool,
     schema_version: i32,
     instance_id: String,
+    /// Where other instances and clients reach this one's gRPC API.
+    advertise: String,
     /// The connector kinds workers can run.
     pub catalog: Catalog,
     /// Supervisor pacing.
@@ -153,12 +155,20 @@ impl App {
         let grpc = TcpListener::bind(settings.grpc_addr)
             .await
             .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
+        let advertise = match &settings.advertise_addr {
+            Some(addr) => addr.clone(),
+            None => format!("http://{}", grpc.local_addr()?),
+        };
         Ok(Self {
             http,
             grpc,
             pool,
             schema_version,
-            instance_id: uuid::Uuid::new_v4().to_string(),
+            instance_id: settings
+                .instance_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            advertise,
             catalog: Catalog::builtin(),
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
@@ -224,17 +234,28 @@ impl App {
         writer.measure(self.metrics.clone());
         let grpc_catalog = self.catalog.clone();
         let grpc_secrets = self.secrets.clone();
-        let (sink, sink_writer) = Sink::new(self.pool.clone(), self.sink_target);
+        let (sink, mut sink_writer) = Sink::new(
+            self.pool.clone(),
+            self.sink_target,
+            self.instance_id.clone(),
+        );
+        sink_writer.measure(self.metrics.clone());
         let ingress = Ingress::default();
         let env = WorkerEnv {
             sink,
             writer: writer_handle,
             backoff: self.backoff,
             stop_deadline: self.stop_deadline,
-            epoch: 0,
+            instance: self.instance_id.clone(),
             started: self.started,
             pool: self.pool.clone(),
             ingress: ingress.clone(),
+        };
+        let lease_ttl = self.supervisor.leases.ttl;
+        let me = crate::db::repository::leases::InstanceInfo {
+            id: self.instance_id.clone(),
+            address: self.advertise.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
         };
         let mut supervisor = Supervisor::new(
             self.pool.clone(),
@@ -243,6 +264,7 @@ impl App {
             env,
             tracker.clone(),
             self.secrets,
+            me,
         );
         supervisor.measure(self.metrics.clone());
         let (signals, signals_rx) = mpsc::unbounded_channel();
@@ -282,6 +304,7 @@ impl App {
             listener_stats: self.listener_stats.clone(),
             instance_id: self.instance_id,
             schema_version: self.schema_version,
+            lease_ttl,
             shutdown: shutdown.child_token(),
             tracker: tracker.clone(),
             readiness,

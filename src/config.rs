@@ -112,9 +112,41 @@ pub struct Settings {
     #[arg(long, env = "DSREG_CRASH_LOOP_FAILURES", default_value_t = 5)]
     pub crash_loop_failures: usize,
 
+    /// This instance's id among the registry's instances; a new one each start when unset.
+    #[arg(long, env = "DSREG_INSTANCE_ID", value_parser = instance_id)]
+    pub instance_id: Option<String>,
+
+    /// The gRPC URL other instances and clients see for this one (`ListInstances`); the bound
+    /// gRPC address when unset.
+    #[arg(long, env = "DSREG_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// How long a datasource lease lasts without renewal, in milliseconds: a dead instance's
+    /// datasources move to the others after this. Renewed four times per lease time.
+    #[arg(long, env = "DSREG_LEASE_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
+    pub lease_ttl_ms: u64,
+
+    /// Leases an instance gives up per second when they belong elsewhere (an instance joined):
+    /// moves are gradual, never a storm.
+    #[arg(long, env = "DSREG_LEASE_MOVES_PER_TICK", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub lease_moves_per_tick: u64,
+
     /// The crash-loop window, in milliseconds.
     #[arg(long, env = "DSREG_CRASH_LOOP_WINDOW_MS", default_value_t = 60_000)]
     pub crash_loop_window_ms: u64,
+}
+
+/// An instance id: 1 to 128 letters, digits, `.`, `_`, `-` or `:`.
+fn instance_id(value: &str) -> Result<String, String> {
+    let ok = (1..=128).contains(&value.len())
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+    if ok {
+        Ok(value.to_owned())
+    } else {
+        Err("1 to 128 letters, digits, '.', '_', '-' or ':'".to_owned())
+    }
 }
 
 /// Three pooled connections per CPU, 4 to 64.
@@ -172,6 +204,11 @@ impl Settings {
             resync_interval: Duration::from_millis(self.resync_interval_ms),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             limits: self.transform_limits(),
+            leases: crate::supervisor::lease::LeaseConfig {
+                ttl: Duration::from_millis(self.lease_ttl_ms),
+                moves_per_tick: usize::try_from(self.lease_moves_per_tick).unwrap_or(usize::MAX),
+                ..crate::supervisor::lease::LeaseConfig::default()
+            },
             ..SupervisorConfig::default()
         }
     }

@@ -221,16 +221,21 @@ impl RunContext {
 pub struct CursorStore {
     pool: deadpool_postgres::Pool,
     datasource_id: Uuid,
-    generation: i64,
+    writer: crate::db::repository::state::Writer,
 }
 
 impl CursorStore {
-    /// The store of `datasource_id` for the worker started at restart `generation`.
-    pub fn new(pool: deadpool_postgres::Pool, datasource_id: Uuid, generation: i64) -> Self {
+    /// The store of `datasource_id` for the worker `writer` (its restart generation, instance
+    /// and lease epoch).
+    pub fn new(
+        pool: deadpool_postgres::Pool,
+        datasource_id: Uuid,
+        writer: crate::db::repository::state::Writer,
+    ) -> Self {
         Self {
             pool,
             datasource_id,
-            generation,
+            writer,
         }
     }
 
@@ -249,7 +254,8 @@ impl CursorStore {
             .map_err(|e| Error::Source(format!("reading the cursor: {e}")))
     }
 
-    /// Saves the position; a worker superseded by a restart or backfill saves nothing.
+    /// Saves the position; a worker superseded by a restart or backfill, or whose instance no
+    /// longer holds the lease under its epoch, saves nothing.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be written.
@@ -262,7 +268,7 @@ impl CursorStore {
         crate::db::repository::state::save_cursor(
             &**client,
             self.datasource_id,
-            self.generation,
+            &self.writer,
             cursor,
         )
         .await

@@ -13,6 +13,7 @@
 //! A connector writes with [`SinkHandle::write`] (queued) or [`SinkHandle::write_durable`]
 //! (returns once the records are committed: what a push source answers 202 on).
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::Error;
+use crate::db::repository::leases;
 use crate::db::repository::records::{self, SinkColumns};
 use crate::transform::Transform;
 
@@ -47,7 +49,8 @@ struct Batch {
     epoch: i64,
     records: Vec<Value>,
     dead: Vec<DeadLetter>,
-    ack: Option<oneshot::Sender<()>>,
+    /// Told whether the batch was written (false: refused, its lease is no longer held).
+    ack: Option<oneshot::Sender<bool>>,
 }
 
 /// What became of written input records.
@@ -83,20 +86,25 @@ impl SinkHandle {
     /// Like [`Self::write`], and returns only once the records are committed.
     ///
     /// # Errors
-    /// [`Error::Sink`] when the sink has shut down before committing them.
+    /// [`Error::Sink`] when the sink has shut down before committing them, or refused them
+    /// because this instance no longer holds the datasource's lease under this epoch.
     pub async fn write_durable(&self, records: Vec<Value>) -> Result<Outcome, Error> {
         let (ack, committed) = oneshot::channel();
         let outcome = self.send(records, Some(ack)).await?;
-        committed
-            .await
-            .map_err(|_| Error::Sink("the sink shut down before committing".into()))?;
-        Ok(outcome)
+        match committed.await {
+            Ok(true) => Ok(outcome),
+            Ok(false) => Err(Error::Sink(format!(
+                "refused: this instance no longer holds the datasource's lease (epoch {})",
+                self.epoch
+            ))),
+            Err(_) => Err(Error::Sink("the sink shut down before committing".into())),
+        }
     }
 
     async fn send(
         &self,
         records: Vec<Value>,
-        ack: Option<oneshot::Sender<()>>,
+        ack: Option<oneshot::Sender<bool>>,
     ) -> Result<Outcome, Error> {
         let (records, dead) = self.apply(records).await;
         if !dead.is_empty() {
@@ -171,20 +179,26 @@ pub struct Sink {
 pub struct SinkWriter {
     pool: Pool,
     target: Target,
+    instance: String,
     queue: mpsc::Receiver<Batch>,
+    metrics: Option<crate::telemetry::metrics::Metrics>,
 }
 
 impl Sink {
-    /// A sink writing to `target` (dead letters always go to `pool`'s database), and the
-    /// writer that must run for it to drain.
-    pub fn new(pool: Pool, target: Target) -> (Self, SinkWriter) {
+    /// A sink writing to `target` (dead letters always go to `pool`'s database) on behalf of
+    /// `instance`'s workers, and the writer that must run for it to drain. Every batch is
+    /// fenced by its worker's lease: what an instance writes for a datasource it no longer
+    /// holds, or under an old epoch, is refused.
+    pub fn new(pool: Pool, target: Target, instance: String) -> (Self, SinkWriter) {
         let (tx, rx) = mpsc::channel(QUEUE);
         (
             Self { queue: tx },
             SinkWriter {
                 pool,
                 target,
+                instance,
                 queue: rx,
+                metrics: None,
             },
         )
     }
@@ -210,6 +224,11 @@ impl Sink {
 }
 
 impl SinkWriter {
+    /// Counts refused (fenced) records in `metrics`.
+    pub fn measure(&mut self, metrics: crate::telemetry::metrics::Metrics) {
+        self.metrics = Some(metrics);
+    }
+
     /// Flushes queued records until `shutdown`, then drains what is queued.
     ///
     /// A failed flush is retried with a short pause; records are kept until they are written
@@ -237,7 +256,7 @@ impl SinkWriter {
                 }
             }
             match self.flush(&pending).await {
-                Ok(()) => acknowledge(&mut pending),
+                Ok(accepted) => self.acknowledge(&mut pending, &accepted),
                 Err(e) => {
                     tracing::warn!(error = %e, records = size, "sink flush failed; retrying");
                     tokio::select! {
@@ -253,7 +272,7 @@ impl SinkWriter {
         }
         if !pending.is_empty() {
             match self.flush(&pending).await {
-                Ok(()) => acknowledge(&mut pending),
+                Ok(accepted) => self.acknowledge(&mut pending, &accepted),
                 Err(e) => {
                     tracing::error!(error = %e, "final sink flush failed; queued records lost")
                 }
@@ -261,11 +280,35 @@ impl SinkWriter {
         }
     }
 
-    async fn flush(&self, batches: &[Batch]) -> Result<(), crate::db::Error> {
-        let rejected = match &self.target {
-            Target::Postgres => None,
-            Target::Http { client, url } => post(client, url, batches).await,
+    /// Writes `batches`; returns the (datasource, epoch) pairs whose leases held, whose
+    /// records were written. The others' records were refused.
+    async fn flush(&self, batches: &[Batch]) -> Result<HashSet<(Uuid, i64)>, crate::db::Error> {
+        let pairs: HashSet<(Uuid, i64)> =
+            batches.iter().map(|b| (b.datasource_id, b.epoch)).collect();
+        let client = self.pool.get().await?;
+        let (rejected, held) = match &self.target {
+            Target::Postgres => (None, None),
+            Target::Http { client: http, url } => {
+                // The gateway cannot check leases: ask first, and send only what still holds.
+                let pairs: Vec<(Uuid, i64)> = pairs.iter().copied().collect();
+                let held: HashSet<(Uuid, i64)> = leases::holding(&**client, &self.instance, &pairs)
+                    .await?
+                    .into_iter()
+                    .collect();
+                let sent: Vec<&Batch> = batches
+                    .iter()
+                    .filter(|b| held.contains(&(b.datasource_id, b.epoch)))
+                    .collect();
+                (post(http, url, &sent).await, Some(held))
+            }
         };
+        let batches: Vec<&Batch> = batches
+            .iter()
+            .filter(|b| {
+                held.as_ref()
+                    .is_none_or(|h| h.contains(&(b.datasource_id, b.epoch)))
+            })
+            .collect();
         let mut rows = SinkColumns::default();
         for b in batches {
             if matches!(self.target, Target::Postgres) {
@@ -293,16 +336,48 @@ impl SinkWriter {
             }
         }
         if rows.records.is_empty() && rows.dead_records.is_empty() {
-            return Ok(());
+            return Ok(held.unwrap_or(pairs));
         }
-        let client = self.pool.get().await?;
-        records::append(&**client, &rows).await
+        let written: HashSet<(Uuid, i64)> = records::append(&**client, &rows, &self.instance)
+            .await?
+            .into_iter()
+            .collect();
+        // A pair with nothing to write here (all sent to the gateway) held if the gateway got it.
+        Ok(match held {
+            Some(held) => held,
+            None => written,
+        })
+    }
+
+    /// Tells the writers of `pending` whether their batches were written, and counts the
+    /// records refused.
+    fn acknowledge(&self, pending: &mut Vec<Batch>, accepted: &HashSet<(Uuid, i64)>) {
+        let mut refused = 0usize;
+        for batch in pending.drain(..) {
+            let ok = accepted.contains(&(batch.datasource_id, batch.epoch))
+                || (batch.records.is_empty() && batch.dead.is_empty());
+            if !ok {
+                refused += batch.records.len() + batch.dead.len();
+            }
+            if let Some(ack) = batch.ack {
+                let _ = ack.send(ok);
+            }
+        }
+        if refused > 0 {
+            tracing::warn!(
+                records = refused,
+                "records refused: their worker's lease is no longer held by this instance under its epoch"
+            );
+            if let Some(metrics) = &self.metrics {
+                metrics.writes_fenced("records", refused as u64);
+            }
+        }
     }
 }
 
 /// POSTs every record of `batches` as one JSON array, retrying until the gateway takes it;
 /// returns the gateway's reason when it refuses the batch for good (a 4xx other than 429).
-async fn post(client: &reqwest::Client, url: &str, batches: &[Batch]) -> Option<String> {
+async fn post(client: &reqwest::Client, url: &str, batches: &[&Batch]) -> Option<String> {
     let body: Vec<Value> = batches
         .iter()
         .flat_map(|b| {
@@ -355,13 +430,5 @@ async fn post(client: &reqwest::Client, url: &str, batches: &[Batch]) -> Option<
             .min(Duration::from_secs(30));
         tokio::time::sleep(wait.unwrap_or(backoff)).await;
         attempt = attempt.saturating_add(1);
-    }
-}
-
-fn acknowledge(pending: &mut Vec<Batch>) {
-    for batch in pending.drain(..) {
-        if let Some(ack) = batch.ack {
-            let _ = ack.send(());
-        }
     }
 }

@@ -48,6 +48,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "traced_notifications",
         include_str!("../../migrations/down/V7__traced_notifications.down.sql"),
     ),
+    (
+        8,
+        "leases",
+        include_str!("../../migrations/down/V8__leases.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

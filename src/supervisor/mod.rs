@@ -10,11 +10,16 @@
 //! the state writer owns every write to `datasource_state`. Operations from the API
 //! ([`ops`]) only write the tables and let the owning instance apply them.
 //!
+//! It runs only the workers of datasources whose lease this instance holds ([`lease`]): it
+//! claims the leases assigned to it, drains and releases those assigned elsewhere, and stops
+//! whatever it no longer holds.
+//!
 //! Stopping: when its token is cancelled it stops reconciling, cancels every worker (each
-//! gets the stop deadline, then is aborted), waits for them, and returns; the state writer
-//! then drains the final transitions.
+//! gets the stop deadline, then is aborted), waits for them, writes their final states,
+//! releases its leases, and returns.
 
 pub mod backoff;
+pub mod lease;
 pub mod ops;
 pub mod worker;
 pub mod writer;
@@ -36,6 +41,7 @@ use uuid::Uuid;
 use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
+use crate::db::repository::leases::{self, InstanceInfo, Release};
 use crate::db::repository::state::{self, Desired, Heartbeat, Transition};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
@@ -43,6 +49,7 @@ use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
 use crate::telemetry::metrics::Metrics;
 use crate::transform::{Limits, Transform};
+use lease::{LeaseConfig, Renewal, Renewer, Tenure};
 use worker::{Spec, WorkerEnv};
 
 /// A completed reconcile pass, reported to observers (benchmarks, metrics).
@@ -69,6 +76,8 @@ pub struct SupervisorConfig {
     pub passes: Option<mpsc::UnboundedSender<Pass>>,
     /// Limits every transform runs under.
     pub limits: Limits,
+    /// Lease pacing.
+    pub leases: LeaseConfig,
 }
 
 impl Default for SupervisorConfig {
@@ -79,13 +88,53 @@ impl Default for SupervisorConfig {
             retry_delay: Duration::from_secs(1),
             passes: None,
             limits: Limits::default(),
+            leases: LeaseConfig::default(),
         }
     }
 }
 
-/// What makes a running worker current: its version, restart generation and secrets
-/// generation.
-type SpecKey = (i32, i64, i64);
+/// What makes a running worker current: its version, restart generation, secrets
+/// generation and lease epoch.
+type SpecKey = (i32, i64, i64, i64);
+
+/// A lease this instance holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: i64,
+    /// When it was claimed or first seen renewed: a renewal sent earlier need not list it.
+    since: Instant,
+}
+
+/// This instance among the others: what it holds, what it is giving up, who is alive.
+struct Cluster {
+    me: InstanceInfo,
+    actor: String,
+    config: LeaseConfig,
+    tenure: Arc<Tenure>,
+    renewals: Option<watch::Receiver<Option<Renewal>>>,
+    held: HashMap<Uuid, Held>,
+    /// Leases being given up once their worker has stopped: to whom (`None`: the datasource
+    /// is archived or gone).
+    draining: HashMap<Uuid, Option<String>>,
+    /// Leases released lately, so a renewal sent before the release does not bring them back.
+    released: HashMap<Uuid, Instant>,
+    /// Live instances (this one included), sorted.
+    live: Vec<String>,
+}
+
+impl Cluster {
+    fn epoch(&self, id: &Uuid) -> i64 {
+        self.held.get(id).map_or(0, |h| h.epoch)
+    }
+
+    /// The instance a datasource goes to by rendezvous alone (no cap): where a datasource no
+    /// one holds is claimed straight away; the balance tick evens out the rest.
+    fn first_choice(&self, id: Uuid) -> Option<&str> {
+        lease::assign(&[id], &self.live, f64::INFINITY)
+            .get(&id)
+            .copied()
+    }
+}
 
 struct Worker {
     key: SpecKey,
@@ -131,10 +180,11 @@ pub struct Supervisor {
     /// Opens the workers' secrets; `None` when no master key is configured.
     secrets: Option<Arc<SecretsService>>,
     metrics: Option<Metrics>,
+    cluster: Cluster,
 }
 
 impl Supervisor {
-    /// A supervisor; workers are spawned on `tracker`.
+    /// A supervisor of instance `me`'s workers; they are spawned on `tracker`.
     pub fn new(
         pool: Pool,
         catalog: Catalog,
@@ -142,8 +192,21 @@ impl Supervisor {
         env: WorkerEnv,
         tracker: TaskTracker,
         secrets: Option<Arc<SecretsService>>,
+        me: InstanceInfo,
     ) -> Self {
+        let cluster = Cluster {
+            actor: format!("dsreg:{}", me.id),
+            live: vec![me.id.clone()],
+            me,
+            config: config.leases.clone(),
+            tenure: Arc::default(),
+            renewals: None,
+            held: HashMap::new(),
+            draining: HashMap::new(),
+            released: HashMap::new(),
+        };
         Self {
+            cluster,
             secrets,
             pool,
             catalog,
@@ -176,8 +239,27 @@ impl Supervisor {
         mut signals: mpsc::UnboundedReceiver<Signal>,
         shutdown: CancellationToken,
     ) {
+        let renewer_stop = CancellationToken::new();
+        {
+            let (renewer, renewals) = Renewer::new(
+                self.pool.clone(),
+                self.cluster.me.clone(),
+                self.cluster.config.clone(),
+                self.cluster.tenure.clone(),
+                self.metrics.clone(),
+            );
+            self.cluster.renewals = Some(renewals);
+            self.tracker.spawn(renewer.run(renewer_stop.clone()));
+        }
+        if let Err(e) = self.register().await {
+            tracing::warn!(error = %e, "registering this instance failed; the renewals retry");
+        }
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
-        let mut retry_at = match self.resync().await {
+        let first = match self.balance().await {
+            Ok(()) => self.resync().await,
+            Err(e) => Err(e),
+        };
+        let mut retry_at = match first {
             Ok(()) => far(),
             Err(e) => {
                 tracing::warn!(error = %e, "initial resync failed; retrying");
@@ -193,13 +275,29 @@ impl Supervisor {
             Instant::now() + self.config.heartbeat_interval,
             self.config.heartbeat_interval,
         );
-        for timer in [&mut resync, &mut heartbeat] {
+        let mut balance = tokio::time::interval_at(
+            Instant::now() + self.cluster.config.balance_interval,
+            self.cluster.config.balance_interval,
+        );
+        for timer in [&mut resync, &mut heartbeat, &mut balance] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
+        let mut renewals = self
+            .cluster
+            .renewals
+            .clone()
+            .expect("the renewer was started above");
         loop {
             let result = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                Ok(()) = renewals.changed() => {
+                    let renewal = renewals.borrow_and_update().clone();
+                    match renewal {
+                        Some(renewal) => self.on_renewal(renewal).await,
+                        None => Ok(()),
+                    }
+                }
                 Some(signal) = signals.recv() => {
                     let mut batch = vec![signal];
                     while let Ok(s) = signals.try_recv() {
@@ -213,6 +311,7 @@ impl Supervisor {
                 }
                 _ = resync.tick() => self.resync().await,
                 _ = heartbeat.tick() => self.heartbeat().await,
+                _ = balance.tick() => self.balance().await,
             };
             self.metered(Metrics::settle_reloads);
             if let Err(e) = result {
@@ -221,6 +320,254 @@ impl Supervisor {
             }
         }
         self.stop_all().await;
+        renewer_stop.cancel();
+    }
+
+    async fn register(&self) -> Result<(), Error> {
+        let client = self.pool.get().await?;
+        leases::register(&**client, &self.cluster.me).await
+    }
+
+    /// A renewal arrived: leases it did not renew are gone (their workers stop); leases held
+    /// in the database that this map lacks (kept through a brief outage) are taken up again.
+    async fn on_renewal(&mut self, renewal: Renewal) -> Result<(), Error> {
+        if renewal.lost {
+            let lost = self.cluster.held.len();
+            self.cluster.held.clear();
+            self.cluster.draining.clear();
+            self.failed.clear();
+            let ids: Vec<Uuid> = self.workers.keys().copied().collect();
+            for id in ids {
+                // Already cancelled through the tenure's guard.
+                self.stop_worker(id);
+            }
+            self.metered(|m| {
+                m.lease_moves("lost", lost as u64);
+                m.cluster(0, self.cluster.live.len());
+            });
+            return Ok(());
+        }
+        let renewed: HashMap<Uuid, i64> = renewal.held.iter().copied().collect();
+        let lost: Vec<Uuid> = self
+            .cluster
+            .held
+            .iter()
+            .filter(|(id, h)| h.since < renewal.sent && renewed.get(id) != Some(&h.epoch))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &lost {
+            tracing::warn!(datasource_id = %id, "lease lost: stopping its worker");
+            self.cluster.held.remove(id);
+            self.cluster.draining.remove(id);
+            self.failed.remove(id);
+            self.stop_worker(*id);
+        }
+        let released = &self.cluster.released;
+        let adopted: Vec<(Uuid, i64)> = renewed
+            .iter()
+            .filter(|(id, _)| !self.cluster.held.contains_key(id))
+            .filter(|(id, _)| released.get(id).is_none_or(|at| *at < renewal.sent))
+            .map(|(id, epoch)| (*id, *epoch))
+            .collect();
+        let adopted: Vec<Uuid> = adopted
+            .into_iter()
+            .map(|(id, epoch)| {
+                let since = renewal.sent;
+                self.cluster.held.insert(id, Held { epoch, since });
+                id
+            })
+            .collect();
+        let held = self.cluster.held.len();
+        self.metered(|m| {
+            m.lease_moves("lost", lost.len() as u64);
+            m.cluster(held, self.cluster.live.len());
+        });
+        if adopted.is_empty() {
+            return Ok(());
+        }
+        self.reconcile(&adopted).await
+    }
+
+    /// Claims what is assigned here and free, gives up (a few per tick) what is assigned
+    /// elsewhere once its worker has stopped, and releases the leases of retired datasources.
+    async fn balance(&mut self) -> Result<(), Error> {
+        let ttl = self.cluster.config.ttl;
+        self.cluster
+            .released
+            .retain(|_, at| at.elapsed() < ttl.saturating_mul(2));
+        let (mut live, standings) = {
+            let client = self.pool.get().await?;
+            (
+                leases::live_instances(&**client, ttl).await?,
+                leases::standings(&**client).await?,
+            )
+        };
+        let me = self.cluster.me.id.clone();
+        if let Err(at) = live.binary_search(&me) {
+            live.insert(at, me.clone());
+        }
+        self.cluster.live.clone_from(&live);
+        let ids: Vec<Uuid> = standings.iter().map(|s| s.datasource_id).collect();
+        let owners = lease::assign(&ids, &live, self.cluster.config.slack);
+        let mine = |id: &Uuid| owners.get(id).is_some_and(|o| *o == me);
+
+        let free: Vec<Uuid> = standings
+            .iter()
+            .filter(|s| s.owner.is_none() && mine(&s.datasource_id))
+            .filter(|s| !self.cluster.held.contains_key(&s.datasource_id))
+            .map(|s| s.datasource_id)
+            .collect();
+        let mut wake = self.claim(&free).await?;
+
+        // Draining ones assigned back here stay.
+        let back: Vec<Uuid> = self
+            .cluster
+            .draining
+            .keys()
+            .filter(|id| mine(id))
+            .copied()
+            .collect();
+        for id in back {
+            self.cluster.draining.remove(&id);
+            wake.push(id);
+        }
+        let standing: HashSet<Uuid> = ids.iter().copied().collect();
+        let mut leaving: Vec<(Uuid, Option<String>)> = Vec::new();
+        for id in self.cluster.held.keys() {
+            if self.cluster.draining.contains_key(id) {
+                continue;
+            }
+            if !standing.contains(id) {
+                leaving.push((*id, None));
+            } else if let Some(to) = owners.get(id).filter(|o| **o != me) {
+                leaving.push((*id, Some((*to).to_owned())));
+            }
+        }
+        // Retired ones first, then moves in a stable order, a few at a time.
+        leaving.sort_by_key(|(id, to)| (to.is_some(), *id));
+        let room = self
+            .cluster
+            .config
+            .moves_per_tick
+            .saturating_sub(self.cluster.draining.len());
+        let retired = leaving.iter().filter(|(_, to)| to.is_none()).count();
+        leaving.truncate(retired.max(room));
+        for (id, to) in leaving {
+            self.cluster.draining.insert(id, to);
+            self.failed.remove(&id);
+            self.stop_worker(id);
+        }
+        self.release_drained().await?;
+        let held = self.cluster.held.len();
+        self.metered(|m| m.cluster(held, self.cluster.live.len()));
+        if wake.is_empty() {
+            return Ok(());
+        }
+        self.reconcile(&wake).await
+    }
+
+    /// Claims the leases of `ids` that are free; returns those claimed. Each claim's owner and
+    /// epoch go to the datasource's state.
+    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<Uuid>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sent = Instant::now();
+        let claimed = {
+            let mut client = self.pool.get().await?;
+            let tx = crate::db::repository::begin(
+                &mut client,
+                &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
+            )
+            .await?;
+            let claimed =
+                leases::claim(&tx, &self.cluster.me.id, ids, self.cluster.config.ttl).await?;
+            tx.commit().await?;
+            claimed
+        };
+        if claimed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.cluster
+            .tenure
+            .claimed(sent + self.cluster.config.safe_for());
+        for c in &claimed {
+            self.cluster.held.insert(
+                c.datasource_id,
+                Held {
+                    epoch: c.epoch,
+                    since: sent,
+                },
+            );
+            self.cluster.released.remove(&c.datasource_id);
+            self.env.writer.send(Transition {
+                datasource_id: c.datasource_id,
+                status: None,
+                running_version: None,
+                error: None,
+                restart_count: None,
+                event: None,
+                epoch: c.epoch,
+            });
+        }
+        self.metered(|m| m.lease_moves("acquired", claimed.len() as u64));
+        Ok(claimed.into_iter().map(|c| c.datasource_id).collect())
+    }
+
+    /// Releases the draining leases whose workers have stopped, after their last states are
+    /// written.
+    async fn release_drained(&mut self) -> Result<(), Error> {
+        let done: Vec<(Uuid, Option<String>)> = self
+            .cluster
+            .draining
+            .iter()
+            .filter(|(id, _)| !self.workers.contains_key(id))
+            .filter(|(id, _)| self.stopping.get(id).is_none_or(JoinHandle::is_finished))
+            .map(|(id, to)| (*id, to.clone()))
+            .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        self.env.writer.flushed().await;
+        let (moves, retired): (Vec<_>, Vec<_>) = done.into_iter().partition(|(_, to)| to.is_some());
+        let released = {
+            let mut client = self.pool.get().await?;
+            let tx = crate::db::repository::begin(
+                &mut client,
+                &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
+            )
+            .await?;
+            let me = &self.cluster.me.id;
+            let mut released = leases::release(&tx, me, &moves, Release::Rebalance).await?;
+            released.extend(leases::release(&tx, me, &retired, Release::Retired).await?);
+            tx.commit().await?;
+            released
+        };
+        let now = Instant::now();
+        for (id, _) in moves.iter().chain(&retired) {
+            self.cluster.draining.remove(id);
+            self.cluster.held.remove(id);
+            self.cluster.released.insert(*id, now);
+        }
+        self.metered(|m| m.lease_moves("released", released.len() as u64));
+        Ok(())
+    }
+
+    /// Shutdown: every worker has stopped; their last states are written, then every lease
+    /// is released and this instance signs off, so the others take over at once.
+    async fn sign_off(&mut self) -> Result<(), Error> {
+        self.env.writer.flushed().await;
+        let mut client = self.pool.get().await?;
+        let tx = crate::db::repository::begin(
+            &mut client,
+            &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
+        )
+        .await?;
+        let released = leases::sign_off(&tx, &self.cluster.me.id).await?;
+        tx.commit().await?;
+        self.cluster.held.clear();
+        self.metered(|m| m.lease_moves("released", released as u64));
+        Ok(())
     }
 
     async fn on_signals(&mut self, batch: Vec<Signal>) -> Result<(), Error> {
@@ -344,15 +691,34 @@ impl Supervisor {
     }
 
     async fn apply(&mut self, rows: Vec<Desired>, fetch_configs: bool) -> Result<(), Error> {
+        // Datasources no instance holds and this one would take first (new ones): claimed at
+        // once, not at the next balance tick.
+        let unheld: Vec<Uuid> = rows
+            .iter()
+            .map(|r| r.datasource_id)
+            .filter(|id| !self.cluster.held.contains_key(id))
+            .filter(|id| self.cluster.first_choice(*id) == Some(self.cluster.me.id.as_str()))
+            .collect();
+        self.claim(&unheld).await?;
         let mut need_config = Vec::new();
         let mut to_build = Vec::new();
         for row in rows {
             let id = row.datasource_id;
+            if !self.cluster.held.contains_key(&id) {
+                // Another instance's, or no one's yet: never touched from here.
+                self.failed.remove(&id);
+                self.stop_worker(id);
+                continue;
+            }
+            if self.cluster.draining.contains_key(&id) {
+                continue;
+            }
+            let epoch = self.cluster.epoch(&id);
             let wanted = (row.status == DatasourceStatus::Active
                 && row.desired == DesiredState::Running)
                 .then_some(row.version)
                 .flatten()
-                .map(|v| (v, row.restart_generation, row.secrets_generation));
+                .map(|v| (v, row.restart_generation, row.secrets_generation, epoch));
             let Some(key) = wanted else {
                 self.failed.remove(&id);
                 if self.workers.contains_key(&id) {
@@ -362,7 +728,7 @@ impl Supervisor {
                     WorkerStatus::Init | WorkerStatus::Stopped
                 ) {
                     // Left behind by a process that did not stop cleanly.
-                    self.env.writer.send(stale_stopped(id, row.version));
+                    self.env.writer.send(stale_stopped(id, row.version, epoch));
                 }
                 continue;
             };
@@ -454,6 +820,7 @@ impl Supervisor {
                     worker.rejected = Some(key);
                     self.env.writer.send(Transition {
                         datasource_id: id,
+                        epoch: key.3,
                         status: None,
                         running_version: None,
                         error: Some(Some(("reload_rejected".into(), reason.clone()))),
@@ -470,6 +837,7 @@ impl Supervisor {
                     self.failed.insert(id, key);
                     self.env.writer.send(Transition {
                         datasource_id: id,
+                        epoch: key.3,
                         status: Some(WorkerStatus::Error),
                         running_version: None,
                         error: Some(Some((code.into(), reason.clone()))),
@@ -527,6 +895,7 @@ impl Supervisor {
             datasource_id: row.datasource_id,
             version: key.0,
             generation: key.1,
+            epoch: key.3,
             config: Arc::new(config),
             connector,
             transform,
@@ -539,7 +908,9 @@ impl Supervisor {
         let id = spec.datasource_id;
         let kind = spec.connector.info().name;
         let (tx, rx) = watch::channel(Arc::new(spec));
-        let cancel = CancellationToken::new();
+        // Cancelled with every other worker if the leases run out.
+        let guard = self.cluster.tenure.guard();
+        let cancel = guard.child_token();
         let health = Health::default();
         self.metered(|m| m.worker_started(id, kind, health.clone()));
         let previous = self.stopping.remove(&id);
@@ -549,6 +920,7 @@ impl Supervisor {
             self.env.clone(),
             health.clone(),
             cancel.clone(),
+            guard,
         ));
         self.failed.remove(&id);
         self.workers.insert(
@@ -602,16 +974,16 @@ impl Supervisor {
                 worker.stalled = true;
                 self.env
                     .writer
-                    .send(stall_transition(*id, worker.key.0, true, idle));
+                    .send(stall_transition(*id, worker.key, true, idle));
             } else if idle <= limit && worker.stalled {
                 worker.stalled = false;
                 self.env
                     .writer
-                    .send(stall_transition(*id, worker.key.0, false, idle));
+                    .send(stall_transition(*id, worker.key, false, idle));
             }
         }
         let client = self.pool.get().await?;
-        state::heartbeat(&**client, &beats).await
+        state::heartbeat(&**client, &beats, &self.cluster.me.id).await
     }
 
     async fn stop_all(mut self) {
@@ -623,12 +995,16 @@ impl Supervisor {
             // Each worker bounds its own stop by the deadline, then aborts its run.
             let _ = join.await;
         }
+        if let Err(e) = self.sign_off().await {
+            tracing::warn!(error = %e, "releasing the leases failed; they expire on their own");
+        }
     }
 }
 
-fn stale_stopped(id: Uuid, version: Option<i32>) -> Transition {
+fn stale_stopped(id: Uuid, version: Option<i32>, epoch: i64) -> Transition {
     Transition {
         datasource_id: id,
+        epoch,
         status: Some(WorkerStatus::Stopped),
         running_version: None,
         error: None,
@@ -643,7 +1019,7 @@ fn stale_stopped(id: Uuid, version: Option<i32>) -> Transition {
     }
 }
 
-fn stall_transition(id: Uuid, version: i32, stalled: bool, idle: Duration) -> Transition {
+fn stall_transition(id: Uuid, key: SpecKey, stalled: bool, idle: Duration) -> Transition {
     let (status, kind) = if stalled {
         (WorkerStatus::Stalled, "worker_stalled")
     } else {
@@ -651,8 +1027,9 @@ fn stall_transition(id: Uuid, version: i32, stalled: bool, idle: Duration) -> Tr
     };
     worker::transition(
         id,
+        key.3,
         status,
-        version,
+        key.0,
         kind,
         json!({ "idle_ms": idle.as_millis() as u64, "recovered": !stalled }),
     )

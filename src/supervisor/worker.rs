@@ -32,6 +32,8 @@ pub struct Spec {
     pub version: i32,
     /// The restart generation it was built for.
     pub generation: i64,
+    /// The lease epoch it runs under: everything it writes carries it.
+    pub epoch: i64,
     /// The version's config.
     pub config: Arc<serde_json::Value>,
     /// The kind.
@@ -67,8 +69,8 @@ pub struct WorkerEnv {
     pub backoff: BackoffPolicy,
     /// How long a stopping connector gets before it is aborted.
     pub stop_deadline: Duration,
-    /// The fencing epoch records are written under.
-    pub epoch: i64,
+    /// The instance the workers run on (whose leases fence their writes).
+    pub instance: String,
     /// Start observer.
     pub started: Option<mpsc::UnboundedSender<Started>>,
     /// For the pull sources' cursors.
@@ -80,6 +82,7 @@ pub struct WorkerEnv {
 /// A transition to `status` on `version`, recorded by an `event` with `payload`.
 pub(super) fn transition(
     id: Uuid,
+    epoch: i64,
     status: WorkerStatus,
     version: i32,
     event: &str,
@@ -87,6 +90,7 @@ pub(super) fn transition(
 ) -> Transition {
     Transition {
         datasource_id: id,
+        epoch,
         status: Some(status),
         running_version: Some(version),
         error: None,
@@ -109,12 +113,15 @@ enum Next {
 
 /// Runs a worker until `cancel` fires. `previous` is the datasource's former worker, still
 /// stopping: this one starts only after it has finished, so a datasource never runs twice.
+/// `lease` (the parent of `cancel`) fires when the instance's leases ran out: the connector
+/// is then aborted at once rather than given the stop deadline.
 pub async fn run(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     previous: Option<JoinHandle<()>>,
     env: WorkerEnv,
     health: Health,
     cancel: CancellationToken,
+    lease: CancellationToken,
 ) {
     if let Some(previous) = previous {
         let _ = previous.await;
@@ -138,6 +145,7 @@ pub async fn run(
         crate::telemetry::child_of(&start_span, &spec.trace);
         env.writer.send(transition(
             id,
+            spec.epoch,
             WorkerStatus::Starting,
             spec.version,
             "worker_starting",
@@ -152,11 +160,19 @@ pub async fn run(
             sink: env.sink.handle(
                 id,
                 spec.version,
-                env.epoch,
+                spec.epoch,
                 spec.transform.clone(),
                 health.clone(),
             ),
-            cursor: CursorStore::new(env.pool.clone(), id, spec.generation),
+            cursor: CursorStore::new(
+                env.pool.clone(),
+                id,
+                crate::db::repository::state::Writer {
+                    generation: spec.generation,
+                    instance: env.instance.clone(),
+                    epoch: spec.epoch,
+                },
+            ),
             ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),
@@ -173,6 +189,7 @@ pub async fn run(
         }
         let mut running = transition(
             id,
+            spec.epoch,
             WorkerStatus::Running,
             spec.version,
             if reloaded {
@@ -199,10 +216,16 @@ pub async fn run(
             Next::Stop => {
                 let stop_span =
                     tracing::info_span!("worker.stop", datasource = %id, version = spec.version);
-                let aborted = stop_run(run, &run_cancel, env.stop_deadline)
+                // With the leases gone there is no time to wait: abort now.
+                let deadline = if lease.is_cancelled() {
+                    Duration::ZERO
+                } else {
+                    env.stop_deadline
+                };
+                let aborted = stop_run(run, &run_cancel, deadline)
                     .instrument(stop_span)
                     .await;
-                stopped(&env, id, spec.version, aborted, "stopped");
+                stopped(&env, &spec, aborted, "stopped");
                 return;
             }
             Next::Reload => {
@@ -220,7 +243,7 @@ pub async fn run(
                     .instrument(stop_span)
                     .await;
                 if aborted {
-                    stopped(&env, id, spec.version, true, "reload");
+                    stopped(&env, &spec, true, "reload");
                 }
                 spec = next;
                 failures.reset();
@@ -234,7 +257,7 @@ pub async fn run(
             Ok(Ok(())) => {
                 // The connector finished its work (a bounded generator): stopped until a
                 // new version or a stop.
-                stopped(&env, id, spec.version, false, "completed");
+                stopped(&env, &spec, false, "completed");
                 if wait_for_change(&mut spec_rx, &cancel).await {
                     spec = spec_rx.borrow_and_update().clone();
                     failures.reset();
@@ -263,6 +286,7 @@ pub async fn run(
         };
         let mut failed = transition(
             id,
+            spec.epoch,
             status,
             spec.version,
             "worker_error",
@@ -285,13 +309,13 @@ pub async fn run(
                 reloaded = true;
                 continue;
             }
-            stopped(&env, id, spec.version, false, "stopped");
+            stopped(&env, &spec, false, "stopped");
             return;
         }
         tokio::select! {
             () = tokio::time::sleep(verdict.delay) => {}
             () = cancel.cancelled() => {
-                stopped(&env, id, spec.version, false, "stopped");
+                stopped(&env, &spec, false, "stopped");
                 return;
             }
             changed = spec_rx.changed() => {
@@ -335,11 +359,12 @@ async fn stop_run(
     }
 }
 
-fn stopped(env: &WorkerEnv, id: Uuid, version: i32, aborted: bool, reason: &str) {
+fn stopped(env: &WorkerEnv, spec: &Spec, aborted: bool, reason: &str) {
     env.writer.send(transition(
-        id,
+        spec.datasource_id,
+        spec.epoch,
         WorkerStatus::Stopped,
-        version,
+        spec.version,
         "worker_stopped",
         json!({ "reason": reason, "aborted": aborted }),
     ));

@@ -4,12 +4,14 @@
 //!
 //! It runs until every [`WriterHandle`] is dropped, so the final transitions of stopping
 //! workers are written before it returns. A failed write is retried; nothing is dropped.
+//! Every transition is fenced by its datasource's lease: one whose epoch is no longer held
+//! by this instance is refused, with its event.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::Pool;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use crate::db::repository::events::NewEvent;
@@ -19,9 +21,15 @@ use crate::domain::WorkerStatus;
 /// Most transitions written per statement.
 const MAX_BATCH: usize = 5_000;
 
+enum Message {
+    Transition(Transition),
+    /// Answered once everything queued before it is written.
+    Flush(oneshot::Sender<()>),
+}
+
 /// Sends transitions to the writer; cheap to clone.
 #[derive(Clone)]
-pub struct WriterHandle(mpsc::UnboundedSender<Transition>);
+pub struct WriterHandle(mpsc::UnboundedSender<Message>);
 
 impl WriterHandle {
     /// Queues a transition; never blocks. Its event is stamped now, when it happened, not
@@ -31,7 +39,15 @@ impl WriterHandle {
             event.at.get_or_insert_with(chrono::Utc::now);
         }
         // The writer outlives every handle; a send can only fail during process exit.
-        let _ = self.0.send(transition);
+        let _ = self.0.send(Message::Transition(transition));
+    }
+
+    /// Returns once every transition queued before the call is written (or refused).
+    pub async fn flushed(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.0.send(Message::Flush(tx)).is_ok() {
+            let _ = rx.await;
+        }
     }
 }
 
@@ -47,7 +63,7 @@ pub struct Written {
 /// The writer task.
 pub struct StateWriter {
     pool: Pool,
-    queue: mpsc::UnboundedReceiver<Transition>,
+    queue: mpsc::UnboundedReceiver<Message>,
     instance: String,
     actor: String,
     observer: Option<mpsc::UnboundedSender<Written>>,
@@ -94,17 +110,30 @@ impl StateWriter {
         let mut pending: HashMap<Uuid, Transition> = HashMap::new();
         let mut order: Vec<Uuid> = Vec::new();
         let mut events: Vec<NewEvent> = Vec::new();
+        let mut flushes: Vec<oneshot::Sender<()>> = Vec::new();
         let mut open = true;
         loop {
             if pending.is_empty() {
+                for flush in flushes.drain(..) {
+                    let _ = flush.send(());
+                }
                 match self.queue.recv().await {
-                    Some(t) => add(&mut pending, &mut order, &mut events, t),
+                    Some(Message::Transition(t)) => add(&mut pending, &mut order, &mut events, t),
+                    Some(Message::Flush(flush)) => {
+                        let _ = flush.send(());
+                        continue;
+                    }
                     None => return,
                 }
             }
             while open && pending.len() < MAX_BATCH {
                 match self.queue.try_recv() {
-                    Ok(t) => add(&mut pending, &mut order, &mut events, t),
+                    Ok(Message::Transition(t)) => add(&mut pending, &mut order, &mut events, t),
+                    Ok(Message::Flush(flush)) => {
+                        // Everything before it is in this batch: answered once it is written.
+                        flushes.push(flush);
+                        break;
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
@@ -114,7 +143,20 @@ impl StateWriter {
                 .filter_map(|id| pending.get(id).cloned())
                 .collect();
             match self.write(&batch, &events).await {
-                Ok(()) => {
+                Ok(refused) => {
+                    if !refused.is_empty() {
+                        tracing::info!(
+                            transitions = refused.len(),
+                            "worker states refused: their leases are no longer held by this instance under their epochs"
+                        );
+                        if let Some(metrics) = &self.metrics {
+                            metrics.writes_fenced("state", refused.len() as u64);
+                        }
+                    }
+                    let batch: Vec<Transition> = batch
+                        .into_iter()
+                        .filter(|t| !refused.contains(&t.datasource_id))
+                        .collect();
                     if let Some(activity) = &self.activity {
                         activity.bump();
                     }
@@ -134,6 +176,9 @@ impl StateWriter {
                     pending.clear();
                     order.clear();
                     events.clear();
+                    for flush in flushes.drain(..) {
+                        let _ = flush.send(());
+                    }
                     if !open && self.queue.is_empty() {
                         return;
                     }
@@ -146,11 +191,12 @@ impl StateWriter {
         }
     }
 
+    /// Writes a batch; returns the datasources whose transitions were refused.
     async fn write(
         &self,
         batch: &[Transition],
         events: &[NewEvent],
-    ) -> Result<(), crate::db::Error> {
+    ) -> Result<Vec<Uuid>, crate::db::Error> {
         let client = self.pool.get().await?;
         state::apply_transitions(&**client, batch, events, &self.instance, &self.actor).await
     }

@@ -34,7 +34,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use uuid::Uuid;
@@ -76,6 +76,11 @@ struct Inner {
     reconcile: Histograms<PassLabels>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Histograms<RpcLabels>,
+    fenced: Family<PassLabels, Counter>,
+    lease_moves: Family<PassLabels, Counter>,
+    lease_renewals: Family<PassLabels, Counter>,
+    leases_held: Gauge,
+    instances_live: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -129,8 +134,43 @@ impl Metrics {
             Unit::Seconds,
             rpc_duration.clone(),
         );
+        let fenced = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "dsreg_fenced_writes",
+            "Writes refused because this instance no longer held the datasource's lease under the writer's epoch, by what was written (records, state)",
+            fenced.clone(),
+        );
+        let lease_moves = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "dsreg_lease_moves",
+            "Datasource leases this instance acquired, released (rebalance, retired, shutdown) or lost (not renewed in time)",
+            lease_moves.clone(),
+        );
+        let lease_renewals = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "dsreg_lease_renewals",
+            "Lease renewal statements (one per tick for every lease held), by outcome",
+            lease_renewals.clone(),
+        );
+        let leases_held = Gauge::default();
+        registry.register(
+            "dsreg_leases_held",
+            "Datasource leases this instance holds",
+            leases_held.clone(),
+        );
+        let instances_live = Gauge::default();
+        registry.register(
+            "dsreg_instances_live",
+            "Registry instances alive as this instance last saw them (itself included)",
+            instances_live.clone(),
+        );
         Self(Arc::new(Inner {
             registry,
+            fenced,
+            lease_moves,
+            lease_renewals,
+            leases_held,
+            instances_live,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -258,6 +298,36 @@ impl Metrics {
             .rpc_duration
             .get_or_create(&labels)
             .observe(took.as_secs_f64());
+    }
+}
+
+impl Metrics {
+    /// `count` writes of `what` (`records`, `state`) were refused by their lease fence.
+    pub fn writes_fenced(&self, what: &'static str, count: u64) {
+        self.0.fenced.get_or_create(&[("what", what)]).inc_by(count);
+    }
+
+    /// `count` leases were `kind` (`acquired`, `released`, `lost`).
+    pub fn lease_moves(&self, kind: &'static str, count: u64) {
+        self.0
+            .lease_moves
+            .get_or_create(&[("kind", kind)])
+            .inc_by(count);
+    }
+
+    /// A renewal statement ended (`ok`: it ran; `failed`).
+    pub fn lease_renewed(&self, ok: bool) {
+        let outcome = if ok { "ok" } else { "failed" };
+        self.0
+            .lease_renewals
+            .get_or_create(&[("outcome", outcome)])
+            .inc();
+    }
+
+    /// This instance now holds `leases` and sees `instances` alive.
+    pub fn cluster(&self, leases: usize, instances: usize) {
+        self.0.leases_held.set(leases as i64);
+        self.0.instances_live.set(instances as i64);
     }
 }
 
@@ -570,6 +640,7 @@ mod tests {
     fn running(id: Uuid, version: i32) -> Transition {
         Transition {
             datasource_id: id,
+            epoch: 1,
             status: Some(WorkerStatus::Running),
             running_version: Some(version),
             error: None,

@@ -814,7 +814,7 @@ async fn harness_catalog_and_registry_answer() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.schema_version, 7);
+    assert_eq!(info.schema_version, 8);
 }
 
 #[tokio::test]

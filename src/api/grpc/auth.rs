@@ -1090,6 +1090,7 @@ fn jwks_key(
 static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Registry/GetInfo", Role::Viewer),
     ("/dsreg.v1.Registry/GetRegistryMetrics", Role::Viewer),
+    ("/dsreg.v1.Registry/ListInstances", Role::Operator),
     ("/dsreg.v1.Catalog/ListKinds", Role::Viewer),
     ("/dsreg.v1.Catalog/GetKindHealth", Role::Viewer),
     ("/dsreg.v1.Datasources/CreateDatasource", Role::Admin),

@@ -227,6 +227,21 @@ pub fn worker_state(ds: &Datasource, s: State, settled: bool) -> pb::WorkerState
         last_progress_at: s.last_progress_at.map(timestamp),
         updated_at: Some(timestamp(s.updated_at)),
         settled,
+        lease_epoch: s.lease_epoch,
+    }
+}
+
+/// An instance message.
+pub fn instance(i: crate::db::repository::leases::Instance) -> pb::Instance {
+    pb::Instance {
+        id: i.id,
+        address: i.address,
+        version: i.version,
+        started_at: Some(timestamp(i.started_at)),
+        heartbeat_at: Some(timestamp(i.heartbeat_at)),
+        stopped_at: i.stopped_at.map(timestamp),
+        live: i.live,
+        leases: i.leases,
     }
 }
 

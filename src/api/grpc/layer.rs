@@ -601,6 +601,13 @@ mod tests {
         ) -> Result<tonic::Response<pb::RegistryMetrics>, tonic::Status> {
             Err(tonic::Status::unimplemented("GetRegistryMetrics"))
         }
+
+        async fn list_instances(
+            &self,
+            _request: tonic::Request<pb::ListInstancesRequest>,
+        ) -> Result<tonic::Response<pb::ListInstancesResponse>, tonic::Status> {
+            Err(tonic::Status::unimplemented("ListInstances"))
+        }
     }
 
     #[tokio::test]

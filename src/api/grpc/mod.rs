@@ -68,6 +68,8 @@ pub struct Ctx {
     pub instance_id: String,
     /// The applied schema version.
     pub schema_version: i32,
+    /// How long an instance stays live without a heartbeat.
+    pub lease_ttl: std::time::Duration,
     /// Ends streams when the server stops.
     pub shutdown: CancellationToken,
     /// Tracks stream tasks.
@@ -115,6 +117,21 @@ impl pb::registry_server::Registry for RegistryService {
             notifications_malformed: stats.malformed.load(Ordering::Relaxed),
             at: Some(convert::timestamp(chrono::Utc::now())),
             spans_dropped: crate::telemetry::otel::dropped_spans(),
+        }))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        call::Call::of(&request, "ListInstances")?;
+        let client = call::client(&self.0.pool).await?;
+        let instances = crate::db::repository::leases::instances(&**client, self.0.lease_ttl)
+            .await
+            .map_err(status::db)?;
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances: instances.into_iter().map(convert::instance).collect(),
+            answered_by: self.0.instance_id.clone(),
         }))
     }
 }

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod datasources;
 pub mod events;
+pub mod leases;
 pub mod records;
 pub mod secrets;
 pub mod state;

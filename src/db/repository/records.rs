@@ -31,19 +31,39 @@ pub struct SinkColumns<'a> {
     pub dead_errors: Vec<&'a str>,
 }
 
-/// Appends records and dead letters in one statement (one transaction).
+/// Appends records and dead letters in one statement (one transaction), fenced: only those of
+/// (datasource, epoch) pairs whose lease `instance` still holds under that epoch are written.
+/// Returns the pairs that were accepted; the rows of every other pair are refused.
 ///
 /// # Errors
 /// The statement failed; nothing was written.
-pub async fn append(client: &impl GenericClient, rows: &SinkColumns<'_>) -> Result<(), Error> {
-    client
-        .execute(
-            "WITH dead AS (
-                INSERT INTO datasource_dead_letters (datasource_id, version, epoch, record, error_code, error)
-                SELECT * FROM unnest($5::uuid[], $6::int[], $7::bigint[], $8::jsonb[], $9::text[], $10::text[])
-             )
-             INSERT INTO datasource_records (datasource_id, version, epoch, record)
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::jsonb[])",
+pub async fn append(
+    client: &impl GenericClient,
+    rows: &SinkColumns<'_>,
+    instance: &str,
+) -> Result<Vec<(Uuid, i64)>, Error> {
+    let accepted = client
+        .query(
+            &format!(
+                "WITH q AS (
+                    SELECT DISTINCT * FROM unnest($1::uuid[] || $5::uuid[], $3::bigint[] || $7::bigint[])
+                        AS q(id, epoch)
+                 ), ok AS (
+                    SELECT q.id, q.epoch FROM q JOIN datasource_leases l ON l.datasource_id = q.id AND {}
+                 ), dead AS (
+                    INSERT INTO datasource_dead_letters (datasource_id, version, epoch, record, error_code, error)
+                    SELECT * FROM unnest($5::uuid[], $6::int[], $7::bigint[], $8::jsonb[], $9::text[], $10::text[])
+                        AS d(id, version, epoch, record, code, error)
+                    WHERE (d.id, d.epoch) IN (SELECT id, epoch FROM ok)
+                 ), kept AS (
+                    INSERT INTO datasource_records (datasource_id, version, epoch, record)
+                    SELECT * FROM unnest($1::uuid[], $2::int[], $3::bigint[], $4::jsonb[])
+                        AS r(id, version, epoch, record)
+                    WHERE (r.id, r.epoch) IN (SELECT id, epoch FROM ok)
+                 )
+                 SELECT id, epoch FROM ok",
+                super::leases::fence("$11", "q.epoch")
+            ),
             &[
                 &rows.datasource_ids,
                 &rows.versions,
@@ -55,8 +75,9 @@ pub async fn append(client: &impl GenericClient, rows: &SinkColumns<'_>) -> Resu
                 &rows.dead_records,
                 &rows.dead_codes,
                 &rows.dead_errors,
+                &instance,
             ],
         )
         .await?;
-    Ok(())
+    Ok(accepted.iter().map(|r| (r.get(0), r.get(1))).collect())
 }

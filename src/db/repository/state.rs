@@ -330,11 +330,14 @@ pub struct Transition {
     pub restart_count: Option<i32>,
     /// The event recording it.
     pub event: Option<NewEvent>,
+    /// The lease epoch it is written under (refused unless the lease still has it).
+    pub epoch: i64,
 }
 
 impl Transition {
-    /// Folds a later transition of the same datasource into this one.
+    /// Folds a later transition of the same datasource into this one (its epoch wins).
     pub fn merge(&mut self, later: Transition) {
+        self.epoch = later.epoch;
         self.status = later.status.or(self.status);
         self.running_version = later.running_version.or(self.running_version);
         self.error = later.error.or(self.error.take());
@@ -343,7 +346,9 @@ impl Transition {
 }
 
 /// Writes many transitions (at most one per datasource: merge first) and their events in one
-/// statement, as `instance`, with `actor` on the events.
+/// statement, as `instance`, with `actor` on the events. Each is fenced: written only while
+/// `instance` holds the datasource's lease under the transition's epoch; the others (and
+/// their events) are refused, and their datasources returned.
 ///
 /// # Errors
 /// The statement failed; nothing was written.
@@ -353,7 +358,7 @@ pub async fn apply_transitions(
     events: &[NewEvent],
     instance: &str,
     actor: &str,
-) -> Result<(), Error> {
+) -> Result<Vec<Uuid>, Error> {
     let ids: Vec<Uuid> = transitions.iter().map(|t| t.datasource_id).collect();
     let statuses: Vec<Option<&str>> = transitions
         .iter()
@@ -380,40 +385,50 @@ pub async fn apply_transitions(
         })
         .collect();
     let restarts: Vec<Option<i32>> = transitions.iter().map(|t| t.restart_count).collect();
+    let epochs: Vec<i64> = transitions.iter().map(|t| t.epoch).collect();
     let event_ids: Vec<Option<Uuid>> = events.iter().map(|e| e.datasource_id).collect();
     let kinds: Vec<&str> = events.iter().map(|e| e.kind.as_str()).collect();
     let event_versions: Vec<Option<i32>> = events.iter().map(|e| e.version).collect();
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
-    client
-        .execute(
-            "WITH u AS (
-                SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bool[], $5::text[], $6::text[], $7::int[])
-                    AS u(id, status, version, set_error, code, message, restarts)
-             ), changed AS (
-                UPDATE datasource_state s SET
-                    worker_status = coalesce(u.status, s.worker_status),
-                    running_version = coalesce(u.version, s.running_version),
-                    error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
-                    error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
-                    restart_count = coalesce(u.restarts, s.restart_count),
-                    owner_instance = $8,
-                    last_event_at = now(),
-                    updated_at = now()
-                FROM u WHERE s.datasource_id = u.id
-                RETURNING 1
-             )
-             INSERT INTO datasource_events (datasource_id, type, version, actor, payload, created_at)
-             SELECT e.id, e.type, e.version, $9, e.payload, coalesce(e.at, clock_timestamp())
-             FROM unnest($10::uuid[], $11::text[], $12::int[], $13::jsonb[], $14::timestamptz[])
-                  AS e(id, type, version, payload, at)",
+    let rows = client
+        .query(
+            &format!(
+                "WITH u AS (
+                    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bool[], $5::text[], $6::text[],
+                                         $7::int[], $15::bigint[])
+                        AS u(id, status, version, set_error, code, message, restarts, epoch)
+                 ), fenced AS (
+                    SELECT u.* FROM u JOIN datasource_leases l ON l.datasource_id = u.id AND {}
+                 ), changed AS (
+                    UPDATE datasource_state s SET
+                        worker_status = coalesce(u.status, s.worker_status),
+                        running_version = coalesce(u.version, s.running_version),
+                        error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
+                        error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
+                        restart_count = coalesce(u.restarts, s.restart_count),
+                        owner_instance = $8,
+                        lease_epoch = u.epoch,
+                        last_event_at = now(),
+                        updated_at = now()
+                    FROM fenced u WHERE s.datasource_id = u.id
+                 ), recorded AS (
+                    INSERT INTO datasource_events (datasource_id, type, version, actor, payload, created_at)
+                    SELECT e.id, e.type, e.version, $9, e.payload, coalesce(e.at, clock_timestamp())
+                    FROM unnest($10::uuid[], $11::text[], $12::int[], $13::jsonb[], $14::timestamptz[])
+                         AS e(id, type, version, payload, at)
+                    WHERE e.id IN (SELECT id FROM fenced)
+                 )
+                 SELECT id FROM u WHERE id NOT IN (SELECT id FROM fenced)",
+                super::leases::fence("$8", "u.epoch")
+            ),
             &[
                 &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor, &event_ids,
-                &kinds, &event_versions, &payloads, &ats,
+                &kinds, &event_versions, &payloads, &ats, &epochs,
             ],
         )
         .await?;
-    Ok(())
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// One worker's heartbeat.
@@ -427,11 +442,16 @@ pub struct Heartbeat {
     pub metrics: serde_json::Value,
 }
 
-/// Writes the heartbeats of many workers in one statement.
+/// Writes the heartbeats of many workers in one statement, for those whose lease `instance`
+/// still holds.
 ///
 /// # Errors
 /// The statement failed.
-pub async fn heartbeat(client: &impl GenericClient, beats: &[Heartbeat]) -> Result<(), Error> {
+pub async fn heartbeat(
+    client: &impl GenericClient,
+    beats: &[Heartbeat],
+    instance: &str,
+) -> Result<(), Error> {
     if beats.is_empty() {
         return Ok(());
     }
@@ -443,8 +463,9 @@ pub async fn heartbeat(client: &impl GenericClient, beats: &[Heartbeat]) -> Resu
             "UPDATE datasource_state s SET last_heartbeat_at = now(),
                     last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
              FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
-             WHERE s.datasource_id = u.id",
-            &[&ids, &progress, &metrics],
+             JOIN datasource_leases l ON l.datasource_id = u.id
+             WHERE s.datasource_id = u.id AND l.owner = $4 AND l.expires_at > now()",
+            &[&ids, &progress, &metrics, &instance],
         )
         .await?;
     Ok(())
@@ -467,23 +488,47 @@ pub async fn load_cursor(
         .and_then(|r| r.get(0)))
 }
 
-/// Saves a pull source's position, written by the worker started at `generation`; returns
-/// false (nothing saved) once a restart or backfill has moved the generation on, so a worker
-/// that is stopping cannot overwrite the position a backfill set.
+/// Whose write a cursor save is: the worker started at a restart generation, on an instance,
+/// under a lease epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Writer {
+    /// The restart generation the worker was started for.
+    pub generation: i64,
+    /// The instance it runs on.
+    pub instance: String,
+    /// Its lease epoch.
+    pub epoch: i64,
+}
+
+/// Saves a pull source's position, written by `writer`; returns false (nothing saved) once a
+/// restart or backfill has moved the generation on, so a worker that is stopping cannot
+/// overwrite the position a backfill set, or once its instance no longer holds the lease
+/// under its epoch.
 ///
 /// # Errors
 /// The query failed.
 pub async fn save_cursor(
     client: &impl GenericClient,
     datasource: Uuid,
-    generation: i64,
+    writer: &Writer,
     cursor: &serde_json::Value,
 ) -> Result<bool, Error> {
     let saved = client
         .execute(
-            "UPDATE datasource_state SET source_cursor = $3
-             WHERE datasource_id = $1 AND restart_generation = $2",
-            &[&datasource, &generation, cursor],
+            &format!(
+                "UPDATE datasource_state s SET source_cursor = $3
+                 FROM datasource_leases l
+                 WHERE s.datasource_id = $1 AND s.restart_generation = $2
+                   AND l.datasource_id = $1 AND {}",
+                super::leases::fence("$4", "$5")
+            ),
+            &[
+                &datasource,
+                &writer.generation,
+                cursor,
+                &writer.instance,
+                &writer.epoch,
+            ],
         )
         .await?;
     Ok(saved == 1)

@@ -1,0 +1,358 @@
+//! The `dsreg_instances` and `datasource_leases` tables: which registry instances are alive,
+//! and which one runs each datasource's worker.
+//!
+//! A lease has an owner, an expiry and a fencing epoch. Claiming a free or expired lease
+//! raises its epoch; only the owner renews it (every lease it holds in one statement) and
+//! releases it. Writes made on a worker's behalf carry its epoch and are checked against the
+//! lease in the same statement ([`fence`]), so an instance that lost a lease (frozen, cut off)
+//! cannot write as its owner any more.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio_postgres::Transaction;
+use uuid::Uuid;
+
+use super::GenericClient;
+use super::events::{self, NewEvent};
+use crate::db::Error;
+
+/// The condition a fenced write puts on the lease row `l` (`datasource_leases`): held by the
+/// SQL expression `owner` under `epoch`, and not expired. The repositories write it into their
+/// statements.
+pub fn fence(owner: &str, epoch: &str) -> String {
+    format!("l.owner = {owner} AND l.epoch = {epoch} AND l.expires_at > now()")
+}
+
+/// Of the (datasource, epoch) `pairs`, those whose lease `owner` holds now under that epoch.
+///
+/// # Errors
+/// The query failed.
+pub async fn holding(
+    client: &impl GenericClient,
+    owner: &str,
+    pairs: &[(Uuid, i64)],
+) -> Result<Vec<(Uuid, i64)>, Error> {
+    let ids: Vec<Uuid> = pairs.iter().map(|(id, _)| *id).collect();
+    let epochs: Vec<i64> = pairs.iter().map(|(_, e)| *e).collect();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT q.id, q.epoch FROM unnest($2::uuid[], $3::bigint[]) AS q(id, epoch)
+                 JOIN datasource_leases l ON l.datasource_id = q.id AND {}",
+                fence("$1", "q.epoch")
+            ),
+            &[&owner, &ids, &epochs],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// What an instance says of itself when it registers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceInfo {
+    /// Its id (unique per process).
+    pub id: String,
+    /// Where its gRPC API is served.
+    pub address: String,
+    /// Its software version.
+    pub version: String,
+}
+
+/// A registered instance.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Instance {
+    /// Its id.
+    pub id: String,
+    /// Where its gRPC API is served.
+    pub address: String,
+    /// Its software version.
+    pub version: String,
+    /// When it started.
+    pub started_at: DateTime<Utc>,
+    /// Its last heartbeat.
+    pub heartbeat_at: DateTime<Utc>,
+    /// When it stopped cleanly, if it did.
+    pub stopped_at: Option<DateTime<Utc>>,
+    /// Whether it counts as alive (heartbeat within the lease time, not stopped).
+    pub live: bool,
+    /// Unexpired leases it holds.
+    pub leases: i64,
+}
+
+fn millis(ttl: Duration) -> i64 {
+    i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Registers `me` (again, after a restart of the same id) and records a heartbeat.
+///
+/// # Errors
+/// The statement failed.
+pub async fn register(client: &impl GenericClient, me: &InstanceInfo) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE SET address = $2, version = $3, heartbeat_at = now(),
+                                            stopped_at = NULL",
+            &[&me.id, &me.address, &me.version],
+        )
+        .await?;
+    Ok(())
+}
+
+/// One statement per tick: `me`'s heartbeat, and every unexpired lease it holds extended to
+/// `ttl` from now. Returns the leases it still holds, with their epochs; a lease that had
+/// already expired is not renewed (it must be claimed again, under a new epoch).
+///
+/// # Errors
+/// The statement failed; nothing was renewed.
+pub async fn renew(
+    client: &impl GenericClient,
+    me: &InstanceInfo,
+    ttl: Duration,
+) -> Result<Vec<(Uuid, i64)>, Error> {
+    let rows = client
+        .query(
+            "WITH beat AS (
+                INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
+                ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
+             )
+             UPDATE datasource_leases SET expires_at = now() + $2::bigint * interval '1 millisecond'
+             WHERE owner = $1 AND expires_at > now()
+             RETURNING datasource_id, epoch",
+            &[&me.id, &millis(ttl), &me.address, &me.version],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// The instances alive now: a heartbeat within `ttl`, not stopped. Sorted by id.
+///
+/// # Errors
+/// The query failed.
+pub async fn live_instances(
+    client: &impl GenericClient,
+    ttl: Duration,
+) -> Result<Vec<String>, Error> {
+    let rows = client
+        .query(
+            "SELECT id FROM dsreg_instances
+             WHERE stopped_at IS NULL AND heartbeat_at > now() - $1::bigint * interval '1 millisecond'
+             ORDER BY id",
+            &[&millis(ttl)],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// Every registered instance, live or not (those stopped or silent for more than a day are
+/// left out), with the number of unexpired leases each holds.
+///
+/// # Errors
+/// The query failed.
+pub async fn instances(client: &impl GenericClient, ttl: Duration) -> Result<Vec<Instance>, Error> {
+    let rows = client
+        .query(
+            "SELECT i.id, i.address, i.version, i.started_at, i.heartbeat_at, i.stopped_at,
+                    i.stopped_at IS NULL AND i.heartbeat_at > now() - $1::bigint * interval '1 millisecond',
+                    (SELECT count(*) FROM datasource_leases l
+                      WHERE l.owner = i.id AND l.expires_at > now())
+             FROM dsreg_instances i
+             WHERE i.heartbeat_at > now() - interval '1 day'
+             ORDER BY i.started_at, i.id",
+            &[&millis(ttl)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Instance {
+            id: r.get(0),
+            address: r.get(1),
+            version: r.get(2),
+            started_at: r.get(3),
+            heartbeat_at: r.get(4),
+            stopped_at: r.get(5),
+            live: r.get(6),
+            leases: r.get(7),
+        })
+        .collect())
+}
+
+/// A live datasource and its lease as it stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Standing {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// The lease's owner, while unexpired.
+    pub owner: Option<String>,
+}
+
+/// Every live (not archived) datasource and who holds its lease now.
+///
+/// # Errors
+/// The query failed.
+pub async fn standings(client: &impl GenericClient) -> Result<Vec<Standing>, Error> {
+    let rows = client
+        .query(
+            "SELECT d.id, CASE WHEN l.expires_at > now() THEN l.owner END
+             FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
+             WHERE d.status <> 'archived'",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| Standing {
+            datasource_id: r.get(0),
+            owner: r.get(1),
+        })
+        .collect())
+}
+
+/// A lease just claimed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Claimed {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// The new epoch.
+    pub epoch: i64,
+    /// Who held it before, if anyone did.
+    pub previous: Option<String>,
+}
+
+/// Claims, for `me`, the leases of `ids` that are free or expired (and whose datasource
+/// still exists), each under a new epoch, with a `lease_acquired` event each. Leases another
+/// instance holds are left alone. Returns what was claimed.
+///
+/// # Errors
+/// The statements failed; nothing was claimed.
+pub async fn claim(
+    tx: &Transaction<'_>,
+    me: &str,
+    ids: &[Uuid],
+    ttl: Duration,
+) -> Result<Vec<Claimed>, Error> {
+    let rows = tx
+        .query(
+            "WITH before AS (
+                SELECT datasource_id, owner FROM datasource_leases WHERE datasource_id = ANY($2)
+             ), claimed AS (
+                INSERT INTO datasource_leases AS l (datasource_id, owner, epoch, expires_at, acquired_at)
+                SELECT d.id, $1, 1, now() + $3::bigint * interval '1 millisecond', now()
+                FROM datasources d WHERE d.id = ANY($2)
+                ON CONFLICT (datasource_id) DO UPDATE
+                    SET owner = $1, epoch = l.epoch + 1, expires_at = excluded.expires_at,
+                        acquired_at = now()
+                    WHERE l.owner IS NULL OR l.expires_at <= now()
+                RETURNING l.datasource_id, l.epoch
+             )
+             SELECT c.datasource_id, c.epoch, b.owner
+             FROM claimed c LEFT JOIN before b USING (datasource_id)",
+            &[&me, &ids, &millis(ttl)],
+        )
+        .await?;
+    let claimed: Vec<Claimed> = rows
+        .iter()
+        .map(|r| Claimed {
+            datasource_id: r.get(0),
+            epoch: r.get(1),
+            previous: r.get(2),
+        })
+        .collect();
+    let moves: Vec<NewEvent> = claimed
+        .iter()
+        .map(|c| NewEvent {
+            at: None,
+            datasource_id: Some(c.datasource_id),
+            kind: "lease_acquired".into(),
+            version: None,
+            payload: json!({ "instance": me, "epoch": c.epoch, "from": c.previous }),
+        })
+        .collect();
+    events::append(tx, &moves).await?;
+    Ok(claimed)
+}
+
+/// Why leases are given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Moving to another instance (`to`).
+    Rebalance,
+    /// The datasource is archived or gone.
+    Retired,
+    /// The instance is stopping.
+    Shutdown,
+}
+
+impl Release {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Rebalance => "rebalance",
+            Self::Retired => "retired",
+            Self::Shutdown => "shutdown",
+        }
+    }
+}
+
+/// Gives up `me`'s leases of `moves` (datasource, the instance it moves to), each with a
+/// `lease_released` event (which wakes every instance, so the next owner claims it at once).
+/// Leases `me` no longer holds are skipped. Returns the datasources released.
+///
+/// # Errors
+/// The statements failed; nothing was released.
+pub async fn release(
+    tx: &Transaction<'_>,
+    me: &str,
+    moves: &[(Uuid, Option<String>)],
+    why: Release,
+) -> Result<Vec<Uuid>, Error> {
+    let ids: Vec<Uuid> = moves.iter().map(|(id, _)| *id).collect();
+    let rows = tx
+        .query(
+            "UPDATE datasource_leases SET owner = NULL, expires_at = '-infinity'
+             WHERE owner = $1 AND datasource_id = ANY($2)
+             RETURNING datasource_id, epoch",
+            &[&me, &ids],
+        )
+        .await?;
+    let released: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let moves: Vec<NewEvent> = released
+        .iter()
+        .map(|(id, epoch)| {
+            let to = moves.iter().find(|(m, _)| m == id).and_then(|(_, to)| to.clone());
+            NewEvent {
+                at: None,
+                datasource_id: Some(*id),
+                kind: "lease_released".into(),
+                version: None,
+                payload: json!({ "instance": me, "epoch": epoch, "to": to, "reason": why.as_str() }),
+            }
+        })
+        .collect();
+    events::append(tx, &moves).await?;
+    Ok(released.into_iter().map(|(id, _)| id).collect())
+}
+
+/// `me` stops: every lease it holds is released (as [`release`]) and it is marked stopped.
+///
+/// # Errors
+/// The statements failed.
+pub async fn sign_off(tx: &Transaction<'_>, me: &str) -> Result<usize, Error> {
+    let held: Vec<(Uuid, Option<String>)> = tx
+        .query(
+            "SELECT datasource_id FROM datasource_leases WHERE owner = $1",
+            &[&me],
+        )
+        .await?
+        .iter()
+        .map(|r| (r.get(0), None))
+        .collect();
+    let released = release(tx, me, &held, Release::Shutdown).await?;
+    tx.execute(
+        "UPDATE dsreg_instances SET stopped_at = now() WHERE id = $1",
+        &[&me],
+    )
+    .await?;
+    Ok(released.len())
+}

@@ -1,0 +1,381 @@
+//! Leases: how several instances share the datasources through Postgres.
+//!
+//! Each datasource's worker runs under a lease (`datasource_leases`) held by one instance,
+//! with an expiry and a fencing epoch. The [`Renewer`] task extends every lease this instance
+//! holds in one statement per tick, and keeps the time until which they are surely still held
+//! ([`Tenure`]); when that time passes without a renewal (the database unreachable, the
+//! process frozen) it cancels every worker at once, before the leases can expire in the
+//! database. Whatever a worker writes carries its epoch and is refused once the lease has
+//! moved on, so an instance that wakes up late cannot write as an owner it no longer is.
+//!
+//! Who should own what is [`assign`]: rendezvous hashing over the live instances with a cap
+//! per instance, so that an instance joining or leaving moves only the share that must move.
+//! The supervisor claims what is assigned to it and free, and drains, a few per tick, what is
+//! assigned elsewhere: it stops the worker, writes its last state, then releases the lease.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::db::repository::leases::{self, InstanceInfo};
+use crate::telemetry::metrics::Metrics;
+
+/// Lease pacing.
+#[derive(Debug, Clone)]
+pub struct LeaseConfig {
+    /// How long a lease lasts without renewal; a dead instance's datasources move after this.
+    pub ttl: Duration,
+    /// How often the supervisor compares what it holds with what it should.
+    pub balance_interval: Duration,
+    /// Leases an instance gives up per balance tick when others should have them.
+    pub moves_per_tick: usize,
+    /// How far above an even share an instance may be assigned (1.25: 25% more).
+    pub slack: f64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(10),
+            balance_interval: Duration::from_secs(1),
+            moves_per_tick: 100,
+            slack: 1.25,
+        }
+    }
+}
+
+impl LeaseConfig {
+    /// Renewal period: four renewals per lease time, so three may fail before the leases are
+    /// given up.
+    pub fn renew_every(&self) -> Duration {
+        self.ttl / 4
+    }
+
+    /// How long after a renewal was sent its leases are surely still held: three quarters of
+    /// the lease time (the database's expiry counts from when the statement ran, later).
+    pub fn safe_for(&self) -> Duration {
+        self.ttl - self.ttl / 4
+    }
+}
+
+/// Until when this instance surely holds its leases, and the token every worker's
+/// cancellation descends from, cancelled when that time passes unrenewed.
+#[derive(Debug, Default)]
+pub struct Tenure {
+    inner: Mutex<TenureState>,
+}
+
+#[derive(Debug, Default)]
+struct TenureState {
+    token: CancellationToken,
+    until: Option<Instant>,
+}
+
+impl Tenure {
+    fn state(&self) -> std::sync::MutexGuard<'_, TenureState> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The parent of the cancellation tokens of workers started now.
+    pub fn guard(&self) -> CancellationToken {
+        self.state().token.clone()
+    }
+
+    /// When the leases stop being surely held, if any are.
+    pub fn until(&self) -> Option<Instant> {
+        self.state().until
+    }
+
+    /// A renewal succeeded: what it renewed is surely held until `until` (`None`: nothing).
+    fn renewed(&self, until: Option<Instant>) {
+        self.state().until = until;
+    }
+
+    /// Leases were claimed: covered until `until`, unless an earlier renewal already covers
+    /// what is held (its time is earlier, so it is the one to keep).
+    pub fn claimed(&self, until: Instant) {
+        let mut state = self.state();
+        if state.until.is_none() {
+            state.until = Some(until);
+        }
+    }
+
+    /// The leases ran out: every worker is cancelled; later workers get a fresh guard.
+    fn lose(&self) {
+        let mut state = self.state();
+        state.token.cancel();
+        state.token = CancellationToken::new();
+        state.until = None;
+    }
+}
+
+/// The latest renewal, as the supervisor sees it.
+#[derive(Debug, Clone)]
+pub struct Renewal {
+    /// When its statement was sent.
+    pub sent: Instant,
+    /// The leases it renewed, with their epochs.
+    pub held: Arc<Vec<(Uuid, i64)>>,
+    /// Whether the leases ran out instead (every worker was cancelled).
+    pub lost: bool,
+}
+
+/// The renewal task: heartbeats this instance and renews its leases, one statement per tick.
+pub struct Renewer {
+    pool: Pool,
+    me: InstanceInfo,
+    config: LeaseConfig,
+    tenure: Arc<Tenure>,
+    out: watch::Sender<Option<Renewal>>,
+    metrics: Option<Metrics>,
+}
+
+impl Renewer {
+    /// A renewer for `me`, and the receiver of its renewals.
+    pub fn new(
+        pool: Pool,
+        me: InstanceInfo,
+        config: LeaseConfig,
+        tenure: Arc<Tenure>,
+        metrics: Option<Metrics>,
+    ) -> (Self, watch::Receiver<Option<Renewal>>) {
+        let (out, rx) = watch::channel(None);
+        (
+            Self {
+                pool,
+                me,
+                config,
+                tenure,
+                out,
+                metrics,
+            },
+            rx,
+        )
+    }
+
+    /// Renews until `stop`.
+    pub async fn run(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.config.renew_every());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let deadline = self.tenure.until();
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = sleep_until(deadline) => {
+                    self.lose();
+                    continue;
+                }
+                _ = tick.tick() => {}
+            }
+            // A process frozen past its deadline wakes here: give up before anything else.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.lose();
+                continue;
+            }
+            let sent = Instant::now();
+            let renewal = tokio::time::timeout(self.config.renew_every(), self.renew_once());
+            let result = tokio::select! {
+                biased;
+                () = stop.cancelled() => return,
+                () = sleep_until(deadline) => {
+                    self.lose();
+                    continue;
+                }
+                r = renewal => r,
+            };
+            let ok = matches!(result, Ok(Ok(_)));
+            if let Some(metrics) = &self.metrics {
+                metrics.lease_renewed(ok);
+            }
+            match result {
+                Ok(Ok(held)) => {
+                    self.tenure
+                        .renewed((!held.is_empty()).then(|| sent + self.config.safe_for()));
+                    self.out.send_replace(Some(Renewal {
+                        sent,
+                        held: Arc::new(held),
+                        lost: false,
+                    }));
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Err(_) => tracing::warn!(
+                    timeout = ?self.config.renew_every(),
+                    "lease renewal timed out"
+                ),
+            }
+        }
+    }
+
+    async fn renew_once(&self) -> Result<Vec<(Uuid, i64)>, crate::db::Error> {
+        let client = self.pool.get().await?;
+        leases::renew(&**client, &self.me, self.config.ttl).await
+    }
+
+    fn lose(&self) {
+        tracing::warn!(
+            "leases not renewed in time (database unreachable or process paused): stopping every worker"
+        );
+        self.tenure.lose();
+        self.out.send_replace(Some(Renewal {
+            sent: Instant::now(),
+            held: Arc::new(Vec::new()),
+            lost: true,
+        }));
+    }
+}
+
+/// Sleeps until `deadline`, or forever when there is none.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A stable score of `instance` for `datasource`: FNV-1a over both, then a 64-bit finaliser
+/// (splitmix64), so every instance of every build computes the same.
+fn score(instance: &str, datasource: &Uuid) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in instance
+        .bytes()
+        .chain(datasource.as_bytes().iter().copied())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+/// Which of `instances` should own each of `datasources`: rendezvous (highest random weight)
+/// hashing, each instance capped at `slack` times an even share (rounded up). Every instance
+/// computes the same answer from the same inputs; adding or removing an instance changes the
+/// owner of about its share only. Empty when there is no instance.
+pub fn assign<'a>(
+    datasources: &[Uuid],
+    instances: &'a [String],
+    slack: f64,
+) -> HashMap<Uuid, &'a str> {
+    let mut owners = HashMap::with_capacity(datasources.len());
+    if instances.is_empty() {
+        return owners;
+    }
+    let even = datasources.len().div_ceil(instances.len());
+    let cap = ((even as f64 * slack.max(1.0)).ceil() as usize).max(1);
+    let mut load = vec![0usize; instances.len()];
+    let mut sorted: Vec<&Uuid> = datasources.iter().collect();
+    sorted.sort_unstable();
+    let mut ranked: Vec<(u64, usize)> = Vec::with_capacity(instances.len());
+    for id in sorted {
+        ranked.clear();
+        ranked.extend(
+            instances
+                .iter()
+                .enumerate()
+                .map(|(i, name)| (score(name, id), i)),
+        );
+        ranked.sort_unstable_by(|a, b| b.cmp(a));
+        // The cap times the instances covers every datasource, so one always has room.
+        if let Some(&(_, i)) = ranked.iter().find(|(_, i)| load[*i] < cap) {
+            load[i] += 1;
+            owners.insert(*id, instances[i].as_str());
+        }
+    }
+    owners
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ids(n: usize) -> Vec<Uuid> {
+        (0..n as u128)
+            .map(|i| Uuid::from_u128(i * 7919 + 13))
+            .collect()
+    }
+
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("instance-{i}")).collect()
+    }
+
+    #[test]
+    fn every_datasource_gets_one_owner_and_shares_are_even_within_the_cap() {
+        let datasources = ids(3_000);
+        let instances = names(3);
+        let owners = assign(&datasources, &instances, 1.25);
+        assert_eq!(owners.len(), 3_000);
+        for name in &instances {
+            let share = owners.values().filter(|o| **o == name.as_str()).count();
+            assert!((800..=1_250).contains(&share), "{name} got {share}");
+        }
+    }
+
+    #[test]
+    fn the_same_inputs_give_the_same_answer_in_any_order() {
+        let datasources = ids(500);
+        let mut reversed = datasources.clone();
+        reversed.reverse();
+        let instances = names(4);
+        assert_eq!(
+            assign(&datasources, &instances, 1.25),
+            assign(&reversed, &instances, 1.25)
+        );
+    }
+
+    #[test]
+    fn a_fourth_instance_takes_about_a_quarter_and_nothing_else_moves() {
+        let datasources = ids(3_000);
+        let three = names(3);
+        let four = names(4);
+        let before = assign(&datasources, &three, 1.25);
+        let after = assign(&datasources, &four, 1.25);
+        let moved: Vec<&Uuid> = datasources
+            .iter()
+            .filter(|id| before[*id] != after[*id])
+            .collect();
+        assert!(
+            (600..=900).contains(&moved.len()),
+            "{} of 3000 moved",
+            moved.len()
+        );
+        // Every move is to the new instance: none between the old ones.
+        assert!(moved.iter().all(|id| after[*id] == "instance-3"));
+    }
+
+    #[test]
+    fn an_instance_leaving_moves_only_its_own_share() {
+        let datasources = ids(3_000);
+        let three = names(3);
+        let two: Vec<String> = three[..2].to_vec();
+        let before = assign(&datasources, &three, 1.25);
+        let after = assign(&datasources, &two, 1.25);
+        for id in &datasources {
+            if before[id] != "instance-2" {
+                assert_eq!(before[id], after[id], "{id} moved without cause");
+            }
+        }
+    }
+
+    #[test]
+    fn the_cap_bounds_an_instance_even_when_hashing_favours_it() {
+        let datasources = ids(100);
+        let instances = names(2);
+        let owners = assign(&datasources, &instances, 1.0);
+        for name in &instances {
+            assert!(owners.values().filter(|o| **o == name.as_str()).count() <= 50);
+        }
+        assert!(assign(&datasources, &[], 1.25).is_empty());
+    }
+}
