@@ -203,6 +203,23 @@ impl Sink {
         )
     }
 
+    /// Returns once every record queued before the call is written (or refused): a stopped
+    /// worker's last records reach the sink before its lease is given up.
+    pub async fn flushed(&self) {
+        let (ack, done) = oneshot::channel();
+        let marker = Batch {
+            datasource_id: Uuid::nil(),
+            version: 0,
+            epoch: 0,
+            records: Vec::new(),
+            dead: Vec::new(),
+            ack: Some(ack),
+        };
+        if self.queue.send(marker).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
     /// A handle for one worker run.
     pub fn handle(
         &self,

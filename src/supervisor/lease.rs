@@ -75,6 +75,8 @@ pub struct Tenure {
 struct TenureState {
     token: CancellationToken,
     until: Option<Instant>,
+    /// The latest claim.
+    claimed_at: Option<Instant>,
 }
 
 impl Tenure {
@@ -94,17 +96,25 @@ impl Tenure {
         self.state().until
     }
 
-    /// A renewal succeeded: what it renewed is surely held until `until` (`None`: nothing).
-    fn renewed(&self, until: Option<Instant>) {
-        self.state().until = until;
+    /// A renewal sent at `sent` succeeded: what it renewed (`held_any`) is surely held for
+    /// `safe_for` from then. With nothing renewed, there is no deadline, unless a claim made
+    /// since has set one.
+    fn renewed(&self, sent: Instant, held_any: bool, safe_for: Duration) {
+        let mut state = self.state();
+        if held_any {
+            state.until = Some(sent + safe_for);
+        } else if state.claimed_at.is_none_or(|at| at < sent) {
+            state.until = None;
+        }
     }
 
-    /// Leases were claimed: covered until `until`, unless an earlier renewal already covers
-    /// what is held (its time is earlier, so it is the one to keep).
-    pub fn claimed(&self, until: Instant) {
+    /// Leases were claimed by a statement sent at `sent`: covered for `safe_for` from then,
+    /// unless an earlier deadline already stands (it is the one to keep).
+    pub fn claimed(&self, sent: Instant, safe_for: Duration) {
         let mut state = self.state();
+        state.claimed_at = Some(sent);
         if state.until.is_none() {
-            state.until = Some(until);
+            state.until = Some(sent + safe_for);
         }
     }
 
@@ -176,7 +186,9 @@ impl Renewer {
                 }
                 _ = tick.tick() => {}
             }
-            // A process frozen past its deadline wakes here: give up before anything else.
+            // Claims may have set a deadline since; a process frozen past it wakes here: give
+            // up before anything else.
+            let deadline = self.tenure.until();
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.lose();
                 continue;
@@ -192,6 +204,12 @@ impl Renewer {
                 }
                 r = renewal => r,
             };
+            // An answer that comes back after the deadline (the process was paused while it
+            // was on its way) is too late: the workers may already run elsewhere.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.lose();
+                continue;
+            }
             let ok = matches!(result, Ok(Ok(_)));
             if let Some(metrics) = &self.metrics {
                 metrics.lease_renewed(ok);
@@ -199,7 +217,7 @@ impl Renewer {
             match result {
                 Ok(Ok(held)) => {
                     self.tenure
-                        .renewed((!held.is_empty()).then(|| sent + self.config.safe_for()));
+                        .renewed(sent, !held.is_empty(), self.config.safe_for());
                     self.out.send_replace(Some(Renewal {
                         sent,
                         held: Arc::new(held),

@@ -490,7 +490,7 @@ impl Supervisor {
         }
         self.cluster
             .tenure
-            .claimed(sent + self.cluster.config.safe_for());
+            .claimed(sent, self.cluster.config.safe_for());
         for c in &claimed {
             self.cluster.held.insert(
                 c.datasource_id,
@@ -514,8 +514,8 @@ impl Supervisor {
         Ok(claimed.into_iter().map(|c| c.datasource_id).collect())
     }
 
-    /// Releases the draining leases whose workers have stopped, after their last states are
-    /// written.
+    /// Releases the draining leases whose workers have stopped, after their last records and
+    /// states are written.
     async fn release_drained(&mut self) -> Result<(), Error> {
         let done: Vec<(Uuid, Option<String>)> = self
             .cluster
@@ -528,6 +528,7 @@ impl Supervisor {
         if done.is_empty() {
             return Ok(());
         }
+        self.env.sink.flushed().await;
         self.env.writer.flushed().await;
         let (moves, retired): (Vec<_>, Vec<_>) = done.into_iter().partition(|(_, to)| to.is_some());
         let released = {
@@ -556,6 +557,7 @@ impl Supervisor {
     /// Shutdown: every worker has stopped; their last states are written, then every lease
     /// is released and this instance signs off, so the others take over at once.
     async fn sign_off(&mut self) -> Result<(), Error> {
+        self.env.sink.flushed().await;
         self.env.writer.flushed().await;
         let mut client = self.pool.get().await?;
         let tx = crate::db::repository::begin(

@@ -2,6 +2,7 @@
 
 mod canary;
 mod cli;
+mod cluster;
 mod connectors;
 mod deploy;
 mod grpc;

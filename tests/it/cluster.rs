@@ -1,0 +1,663 @@
+//! Several registry instances on one database, each a real `dsreg serve` process: every
+//! datasource runs on exactly one of them, a killed or frozen instance's datasources move to
+//! the others within the lease time, a frozen one's late writes are refused by their epoch, a
+//! joining instance takes its share without restarting anything else, and lifecycle calls
+//! work through any instance.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use dsreg::api::grpc::pb::registry_client::RegistryClient;
+use dsreg::db::repository::leases::{self, InstanceInfo};
+use dsreg::db::repository::records::{self, SinkColumns};
+use dsreg::db::repository::state::{self, Heartbeat, Transition, Writer};
+use dsreg::db::repository::{WriteContext, begin};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use uuid::Uuid;
+
+use crate::helpers::{ServeProcess, TestDb, wait_for};
+
+/// The lease time the instances run with.
+const TTL: Duration = Duration::from_millis(3_000);
+
+async fn instance(db: &TestDb, name: &str) -> ServeProcess {
+    ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_INSTANCE_ID", name),
+            ("DSREG_LEASE_TTL_MS", "3000"),
+            ("DSREG_HEARTBEAT_INTERVAL_MS", "1000"),
+            ("DSREG_POOL_SIZE", "4"),
+            ("DSREG_LOG", "info"),
+        ],
+    )
+    .await
+}
+
+fn signal(process: &ServeProcess, signal: Signal) {
+    let pid = process.child.id().expect("the process runs");
+    kill(Pid::from_raw(pid as i32), signal).expect("signal delivered");
+}
+
+/// `n` active generator datasources publishing `rate` records per second each, created and
+/// published in one transaction; their ids.
+async fn fleet(db: &TestDb, n: i64, rate: f64) -> Vec<Uuid> {
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    let config = serde_json::json!({ "rate_per_sec": rate, "template": { "fleet": true } });
+    let ids: Vec<Uuid> = tx
+        .query(
+            "WITH d AS (
+                INSERT INTO datasources (org, project, name, kind)
+                SELECT 'acme', 'fleet', 'g' || i, 'generator' FROM generate_series(1, $1::bigint) i
+                RETURNING id
+             )
+             INSERT INTO datasource_versions (datasource_id, version, config)
+             SELECT id, 1, $2 FROM d RETURNING datasource_id",
+            &[&n, &config],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.execute(
+        "UPDATE datasource_versions SET state = 'published' WHERE datasource_id = ANY($1)",
+        &[&ids],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    ids
+}
+
+/// Datasources whose worker is RUNNING, with the instance and epoch their state names.
+async fn running(db: &TestDb) -> HashMap<Uuid, (String, i64)> {
+    db.client()
+        .await
+        .query(
+            "SELECT datasource_id, owner_instance, lease_epoch FROM datasource_state
+             WHERE worker_status = 'running'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect()
+}
+
+/// Unexpired leases: datasource → owner.
+async fn owners(db: &TestDb) -> HashMap<Uuid, String> {
+    db.client()
+        .await
+        .query(
+            "SELECT datasource_id, owner FROM datasource_leases
+             WHERE owner IS NOT NULL AND expires_at > now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Waits until every datasource runs on the instance the assignment over `instances` gives
+/// it (the state every instance converges to); returns datasource → owner.
+async fn balanced(db: &TestDb, ids: &[Uuid], instances: &[&str]) -> HashMap<Uuid, String> {
+    let names: Vec<String> = instances.iter().map(|s| (*s).to_owned()).collect();
+    let expected: HashMap<Uuid, String> = dsreg::supervisor::lease::assign(ids, &names, 1.25)
+        .into_iter()
+        .map(|(id, owner)| (id, owner.to_owned()))
+        .collect();
+    wait_for(
+        "every datasource RUNNING on its assigned instance",
+        Duration::from_secs(90),
+        || async {
+            let running = running(db).await;
+            let owners = owners(db).await;
+            ids.iter()
+                .all(|id| {
+                    owners.get(id) == expected.get(id)
+                        && running.get(id).map(|(on, _)| on) == expected.get(id)
+                })
+                .then_some(owners)
+        },
+    )
+    .await
+}
+
+/// The datasources whose worker series an instance's `/metrics` shows: the workers it runs.
+async fn workers_on(process: &ServeProcess) -> HashSet<String> {
+    let (status, body) = crate::serve::http_get(&process.http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .filter(|l| l.starts_with("dsreg_datasource_records_total{"))
+        .filter_map(|l| {
+            let rest = &l[l.find("datasource=\"")? + "datasource=\"".len()..];
+            Some(rest[..rest.find('"')?].to_owned())
+        })
+        .collect()
+}
+
+/// Samples every instance's workers `times` times: no datasource runs on two instances at once,
+/// and together they run all `n`.
+async fn sample_exclusive(processes: &[&ServeProcess], n: usize, times: usize) {
+    for _ in 0..times {
+        let mut seen: HashMap<String, usize> = HashMap::new();
+        for (i, p) in processes.iter().enumerate() {
+            for ds in workers_on(p).await {
+                if let Some(other) = seen.insert(ds.clone(), i) {
+                    panic!("{ds} runs on instances {other} and {i} at once");
+                }
+            }
+        }
+        assert_eq!(seen.len(), n, "every datasource runs somewhere");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The sink's record of who wrote: for each datasource, records of different epochs never
+/// interleave in time (the old owner's last record precedes the new owner's first).
+async fn assert_no_double_run(db: &TestDb) {
+    let rows = db
+        .client()
+        .await
+        .query(
+            "SELECT datasource_id, epoch, min(ingested_at), max(ingested_at), count(*)
+             FROM datasource_records GROUP BY 1, 2 ORDER BY 1, 2",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!rows.is_empty(), "the workers wrote records");
+    let mut previous: Option<(Uuid, i64, chrono::DateTime<chrono::Utc>)> = None;
+    for r in &rows {
+        let (id, epoch): (Uuid, i64) = (r.get(0), r.get(1));
+        let (first, last): (chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>) =
+            (r.get(2), r.get(3));
+        assert!(epoch > 0, "{id}: records written outside any lease");
+        if let Some((prev_id, prev_epoch, prev_last)) = previous
+            && prev_id == id
+        {
+            assert!(
+                prev_last < first,
+                "{id}: epoch {prev_epoch} wrote until {prev_last}, after epoch {epoch} began at {first}"
+            );
+        }
+        previous = Some((id, epoch, last));
+    }
+}
+
+/// How many times each datasource's worker has started.
+async fn starts(db: &TestDb) -> HashMap<Uuid, i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT datasource_id, count(*) FROM datasource_events
+             WHERE type = 'worker_starting' GROUP BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_killed_ones_move() {
+    let db = TestDb::new().await;
+    let ids = fleet(&db, 300, 2.0).await;
+    let a = instance(&db, "node-a").await;
+    let b = instance(&db, "node-b").await;
+    let c = instance(&db, "node-c").await;
+    let before = balanced(&db, &ids, &["node-a", "node-b", "node-c"]).await;
+    for name in ["node-a", "node-b", "node-c"] {
+        let share = before.values().filter(|o| *o == name).count();
+        assert!((60..=140).contains(&share), "{name} holds {share} of 300");
+    }
+    sample_exclusive(&[&a, &b, &c], 300, 10).await;
+
+    // A fourth instance: only its share moves, and nothing else restarts.
+    let started_before = starts(&db).await;
+    let d = instance(&db, "node-d").await;
+    let after = balanced(&db, &ids, &["node-a", "node-b", "node-c", "node-d"]).await;
+    let moved: Vec<&Uuid> = ids.iter().filter(|id| before[*id] != after[*id]).collect();
+    assert!(
+        (40..=110).contains(&moved.len()),
+        "{} of 300 moved to the fourth instance",
+        moved.len()
+    );
+    assert!(
+        moved.iter().all(|id| after[*id] == "node-d"),
+        "every move goes to the new instance"
+    );
+    let started_after = starts(&db).await;
+    let restarted: Vec<&Uuid> = ids
+        .iter()
+        .filter(|id| started_after.get(*id) != started_before.get(*id))
+        .collect();
+    let moved_set: HashSet<&Uuid> = moved.iter().copied().collect();
+    assert!(
+        restarted.iter().all(|id| moved_set.contains(id)),
+        "{} restarted, {} of them not moved",
+        restarted.len(),
+        restarted
+            .iter()
+            .filter(|id| !moved_set.contains(*id))
+            .count()
+    );
+    sample_exclusive(&[&a, &b, &c, &d], 300, 5).await;
+
+    // SIGKILL: the killed instance's datasources run elsewhere within the lease time + 2 s.
+    let victims: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| after[*id] == "node-b")
+        .copied()
+        .collect();
+    assert!(!victims.is_empty());
+    let killed_at = Instant::now();
+    signal(&b, Signal::SIGKILL);
+    let took = wait_for(
+        "the killed instance's datasources RUNNING elsewhere",
+        Duration::from_secs(30),
+        || async {
+            let running = running(&db).await;
+            victims
+                .iter()
+                .all(|id| running.get(id).is_some_and(|(on, _)| on != "node-b"))
+                .then(|| killed_at.elapsed())
+        },
+    )
+    .await;
+    assert!(
+        took <= TTL + Duration::from_secs(2),
+        "failover took {took:?}, more than the lease time + 2 s"
+    );
+    balanced(&db, &ids, &["node-a", "node-c", "node-d"]).await;
+    sample_exclusive(&[&a, &c, &d], 300, 5).await;
+    assert_no_double_run(&db).await;
+
+    // ListInstances: the killed one is no longer live; the others hold every lease.
+    let listed = RegistryClient::new(a.channel().await)
+        .list_instances(pb::ListInstancesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.answered_by, "node-a");
+    let by_id: HashMap<&str, &pb::Instance> = listed
+        .instances
+        .iter()
+        .map(|i| (i.id.as_str(), i))
+        .collect();
+    wait_for("node-b seen dead", Duration::from_secs(10), || async {
+        let listed = RegistryClient::new(a.channel().await)
+            .list_instances(pb::ListInstancesRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        listed
+            .instances
+            .iter()
+            .any(|i| i.id == "node-b" && !i.live && i.leases == 0)
+            .then_some(())
+    })
+    .await;
+    assert!(by_id["node-a"].live && by_id["node-d"].live);
+    let (_, metrics) = crate::serve::http_get(&d.http_addr, "/metrics").await;
+    assert!(
+        metrics.contains("dsreg_lease_moves_total{kind=\"acquired\"}"),
+        "{metrics}"
+    );
+    for p in [a, c, d] {
+        p.stop().await;
+    }
+    // Clean stops release every lease at once.
+    assert!(owners(&db).await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_instance_stops_its_workers_its_late_writes_are_refused_and_it_rejoins() {
+    let db = TestDb::new().await;
+    let ids = fleet(&db, 60, 20.0).await;
+    let a = instance(&db, "node-a").await;
+    let b = instance(&db, "node-b").await;
+    let before = balanced(&db, &ids, &["node-a", "node-b"]).await;
+    let frozen: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| before[*id] == "node-b")
+        .copied()
+        .collect();
+    assert!(!frozen.is_empty());
+    let epochs_before = running(&db).await;
+
+    signal(&b, Signal::SIGSTOP);
+    // node-a takes them over once the leases expire, under new epochs.
+    wait_for(
+        "the frozen instance's datasources RUNNING on node-a",
+        Duration::from_secs(30),
+        || async {
+            let running = running(&db).await;
+            frozen
+                .iter()
+                .all(|id| {
+                    running
+                        .get(id)
+                        .is_some_and(|(on, epoch)| on == "node-a" && *epoch > epochs_before[id].1)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    // Long enough for node-a to write under the new epochs before node-b wakes.
+    wait_for(
+        "records under the new epochs",
+        Duration::from_secs(10),
+        || async {
+            let n: i64 = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT count(DISTINCT r.datasource_id) FROM datasource_records r
+                 JOIN datasource_leases l ON l.datasource_id = r.datasource_id AND l.epoch = r.epoch
+                 WHERE r.datasource_id = ANY($1) AND l.owner = 'node-a'",
+                    &[&frozen],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (n == frozen.len() as i64).then_some(())
+        },
+    )
+    .await;
+    signal(&b, Signal::SIGCONT);
+
+    // It notices its leases ran out, and stops its workers.
+    wait_for(
+        "node-b giving up its leases",
+        Duration::from_secs(10),
+        || async {
+            b.logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("leases not renewed in time"))
+                .then_some(())
+        },
+    )
+    .await;
+    // It rejoins: its share moves back to it, with nothing running twice.
+    assert_eq!(balanced(&db, &ids, &["node-a", "node-b"]).await, before);
+    sample_exclusive(&[&a, &b], 60, 5).await;
+    // Its late writes were refused: no record of an old epoch after the takeover.
+    assert_no_double_run(&db).await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_and_lifecycle_calls_through_an_instance_that_does_not_own_the_worker() {
+    let db = TestDb::new().await;
+    let ids = fleet(&db, 20, 1.0).await;
+    let a = instance(&db, "node-a").await;
+    let b = instance(&db, "node-b").await;
+    let owners = balanced(&db, &ids, &["node-a", "node-b"]).await;
+    let (id, owner_name) = owners.iter().next().unwrap();
+    let owner_name = owner_name.clone();
+    let other = if owner_name == "node-a" { &b } else { &a };
+    let through = other.channel().await;
+    let mut datasources = DatasourcesClient::new(through.clone());
+    let mut lifecycle = LifecycleClient::new(through);
+    let id = id.to_string();
+
+    // A publish through the other instance reaches the owner.
+    let config = serde_json::json!({ "rate_per_sec": 3, "template": { "v": 2 } }).to_string();
+    let v2 = datasources
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: config,
+            comment: "through the other instance".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    datasources
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version: v2.version,
+        })
+        .await
+        .unwrap();
+    wait_for("v2 running on the owner", Duration::from_secs(10), || {
+        let mut lifecycle = lifecycle.clone();
+        let id = id.clone();
+        let owner_name = owner_name.clone();
+        async move {
+            let s = lifecycle
+                .get_status(pb::GetStatusRequest { datasource_id: id })
+                .await
+                .unwrap()
+                .into_inner();
+            (s.status() == pb::WorkerStatus::Running
+                && s.running_version == v2.version
+                && s.owner_instance == owner_name
+                && s.lease_epoch > 0)
+                .then_some(())
+        }
+    })
+    .await;
+
+    // Stop, start and restart through it answer once the owner got there.
+    let stopped = lifecycle
+        .stop_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stopped.settled, "{stopped:?}");
+    assert_eq!(stopped.status(), pb::WorkerStatus::Stopped);
+    assert_eq!(stopped.owner_instance, owner_name);
+    let started = lifecycle
+        .start_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(started.settled, "{started:?}");
+    assert_eq!(started.status(), pb::WorkerStatus::Running);
+    let restarted = lifecycle
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(restarted.settled, "{restarted:?}");
+    assert_eq!(restarted.owner_instance, owner_name);
+    a.stop().await;
+    b.stop().await;
+}
+
+/// The fence itself, statement by statement: once a lease has moved on, the old owner's
+/// records, states, events, heartbeats and cursor saves are refused, and its renewal
+/// renews nothing.
+#[tokio::test]
+async fn writes_under_a_lease_that_moved_on_are_refused() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("fenced").await;
+    let ttl = Duration::from_secs(60);
+    let claim = |me: &'static str| {
+        let db = &db;
+        async move {
+            let mut client = db.client().await;
+            let tx = begin(&mut client, &WriteContext::actor(me)).await.unwrap();
+            let claimed = leases::claim(&tx, me, &[ds.id], ttl).await.unwrap();
+            tx.commit().await.unwrap();
+            claimed
+        }
+    };
+    let first = claim("x").await;
+    assert_eq!(first.len(), 1);
+    assert_eq!((first[0].epoch, first[0].previous.as_deref()), (1, None));
+    assert!(
+        claim("y").await.is_empty(),
+        "a held lease cannot be claimed"
+    );
+
+    let record = serde_json::json!({ "n": 1 });
+    let write = |me: &'static str, epoch: i64| {
+        let db = &db;
+        let record = &record;
+        async move {
+            let rows = SinkColumns {
+                datasource_ids: vec![ds.id],
+                versions: vec![1],
+                epochs: vec![epoch],
+                records: vec![record],
+                ..SinkColumns::default()
+            };
+            records::append(&**db.client().await, &rows, me)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(write("x", 1).await, vec![(ds.id, 1)]);
+    assert!(write("y", 1).await.is_empty(), "only the owner writes");
+
+    // The lease runs out (as if x froze); y claims it under epoch 2.
+    db.client()
+        .await
+        .execute(
+            "UPDATE datasource_leases SET expires_at = now() - interval '1 second'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let me_x = InstanceInfo {
+        id: "x".into(),
+        address: String::new(),
+        version: String::new(),
+    };
+    assert!(
+        leases::renew(&**db.client().await, &me_x, ttl)
+            .await
+            .unwrap()
+            .is_empty(),
+        "an expired lease is not renewed"
+    );
+    let second = claim("y").await;
+    assert_eq!(
+        (second[0].epoch, second[0].previous.as_deref()),
+        (2, Some("x"))
+    );
+
+    // x wakes up and writes as before: everything is refused.
+    assert!(write("x", 1).await.is_empty());
+    let transition = |epoch| Transition {
+        datasource_id: ds.id,
+        status: Some(dsreg::domain::WorkerStatus::Running),
+        running_version: Some(1),
+        error: None,
+        restart_count: None,
+        event: Some(dsreg::db::repository::events::NewEvent {
+            at: None,
+            datasource_id: Some(ds.id),
+            kind: "worker_running".into(),
+            version: Some(1),
+            payload: serde_json::json!({}),
+        }),
+        epoch,
+    };
+    let t = transition(1);
+    let refused = state::apply_transitions(
+        &**db.client().await,
+        std::slice::from_ref(&t),
+        &[t.event.clone().unwrap()],
+        "x",
+        "dsreg:x",
+    )
+    .await
+    .unwrap();
+    assert_eq!(refused, vec![ds.id]);
+    let s = db.state(ds.id).await;
+    assert_eq!(s.worker_status, dsreg::domain::WorkerStatus::Init);
+    let beat = Heartbeat {
+        datasource_id: ds.id,
+        last_progress_at: None,
+        metrics: serde_json::json!({ "records_total": 1 }),
+    };
+    state::heartbeat(&**db.client().await, std::slice::from_ref(&beat), "x")
+        .await
+        .unwrap();
+    assert_eq!(db.state(ds.id).await.last_heartbeat_at, None);
+    let writer = |instance: &str, epoch| Writer {
+        generation: 0,
+        instance: instance.into(),
+        epoch,
+    };
+    let cursor = serde_json::json!({ "page": 2 });
+    assert!(
+        !state::save_cursor(&**db.client().await, ds.id, &writer("x", 1), &cursor)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        db.event_kinds(ds.id)
+            .await
+            .iter()
+            .filter(|k| *k == "worker_running")
+            .count(),
+        0
+    );
+
+    // y, the owner under epoch 2, writes all of it.
+    assert_eq!(write("y", 2).await, vec![(ds.id, 2)]);
+    let t = transition(2);
+    let refused = state::apply_transitions(
+        &**db.client().await,
+        std::slice::from_ref(&t),
+        &[t.event.clone().unwrap()],
+        "y",
+        "dsreg:y",
+    )
+    .await
+    .unwrap();
+    assert!(refused.is_empty());
+    let s = db.state(ds.id).await;
+    assert_eq!(
+        (s.worker_status, s.owner_instance.as_deref(), s.lease_epoch),
+        (dsreg::domain::WorkerStatus::Running, Some("y"), 2)
+    );
+    assert!(
+        state::save_cursor(&**db.client().await, ds.id, &writer("y", 2), &cursor)
+            .await
+            .unwrap()
+    );
+    let epochs: Vec<i64> = db
+        .client()
+        .await
+        .query(
+            "SELECT epoch FROM datasource_records WHERE datasource_id = $1 ORDER BY id",
+            &[&ds.id],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(epochs, vec![1, 2]);
+    let kinds = db.event_kinds(ds.id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| k.starts_with("lease_")).count(),
+        2,
+        "{kinds:?}"
+    );
+}
