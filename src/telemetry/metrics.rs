@@ -164,6 +164,16 @@ impl Metrics {
             "Registry instances alive as this instance last saw them (itself included)",
             instances_live.clone(),
         );
+        // Every known series from zero, so a rate over them exists before the first event.
+        for what in ["records", "state"] {
+            fenced.get_or_create(&[("what", what)]);
+        }
+        for kind in ["acquired", "released", "lost"] {
+            lease_moves.get_or_create(&[("kind", kind)]);
+        }
+        for outcome in ["ok", "failed"] {
+            lease_renewals.get_or_create(&[("outcome", outcome)]);
+        }
         Self(Arc::new(Inner {
             registry,
             fenced,
@@ -710,8 +720,13 @@ mod tests {
             ("dsreg_db_pool_connections", "gauge"),
             ("dsreg_db_pool_max_connections", "gauge"),
             ("dsreg_db_pool_waiting_tasks", "gauge"),
+            ("dsreg_fenced_writes", "counter"),
             ("dsreg_grpc_request_duration_seconds", "histogram"),
             ("dsreg_grpc_requests", "counter"),
+            ("dsreg_instances_live", "gauge"),
+            ("dsreg_lease_moves", "counter"),
+            ("dsreg_lease_renewals", "counter"),
+            ("dsreg_leases_held", "gauge"),
             ("dsreg_otel_spans_dropped", "counter"),
             ("dsreg_outbox_lag_seconds", "histogram"),
             ("dsreg_outbox_listener_connected", "gauge"),
