@@ -166,13 +166,13 @@ impl Metrics {
         );
         // Every known series from zero, so a rate over them exists before the first event.
         for what in ["records", "state"] {
-            fenced.get_or_create(&[("what", what)]);
+            drop(fenced.get_or_create(&[("what", what)]));
         }
         for kind in ["acquired", "released", "lost"] {
-            lease_moves.get_or_create(&[("kind", kind)]);
+            drop(lease_moves.get_or_create(&[("kind", kind)]));
         }
         for outcome in ["ok", "failed"] {
-            lease_renewals.get_or_create(&[("outcome", outcome)]);
+            drop(lease_renewals.get_or_create(&[("outcome", outcome)]));
         }
         Self(Arc::new(Inner {
             registry,

@@ -19,7 +19,32 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
 
+use crate::helpers::cluster::{
+    balanced as balanced_on, fleet as fleet_on, owners as owners_on, running as running_on,
+};
 use crate::helpers::{ServeProcess, TestDb, wait_for};
+
+async fn fleet(db: &TestDb, n: i64, rate: f64) -> Vec<Uuid> {
+    fleet_on(&**db.client().await, n, rate).await
+}
+
+async fn running(db: &TestDb) -> HashMap<Uuid, (String, i64)> {
+    running_on(&**db.client().await).await
+}
+
+async fn owners(db: &TestDb) -> HashMap<Uuid, String> {
+    owners_on(&**db.client().await).await
+}
+
+async fn balanced(db: &TestDb, ids: &[Uuid], instances: &[&str]) -> HashMap<Uuid, String> {
+    balanced_on(
+        &**db.client().await,
+        ids,
+        instances,
+        Duration::from_secs(90),
+    )
+    .await
+}
 
 /// The lease time the instances run with.
 const TTL: Duration = Duration::from_millis(3_000);
@@ -41,95 +66,6 @@ async fn instance(db: &TestDb, name: &str) -> ServeProcess {
 fn signal(process: &ServeProcess, signal: Signal) {
     let pid = process.child.id().expect("the process runs");
     kill(Pid::from_raw(pid as i32), signal).expect("signal delivered");
-}
-
-/// `n` active generator datasources publishing `rate` records per second each, created and
-/// published in one transaction; their ids.
-async fn fleet(db: &TestDb, n: i64, rate: f64) -> Vec<Uuid> {
-    let mut client = db.client().await;
-    let tx = client.transaction().await.unwrap();
-    let config = serde_json::json!({ "rate_per_sec": rate, "template": { "fleet": true } });
-    let ids: Vec<Uuid> = tx
-        .query(
-            "WITH d AS (
-                INSERT INTO datasources (org, project, name, kind)
-                SELECT 'acme', 'fleet', 'g' || i, 'generator' FROM generate_series(1, $1::bigint) i
-                RETURNING id
-             )
-             INSERT INTO datasource_versions (datasource_id, version, config)
-             SELECT id, 1, $2 FROM d RETURNING datasource_id",
-            &[&n, &config],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    tx.execute(
-        "UPDATE datasource_versions SET state = 'published' WHERE datasource_id = ANY($1)",
-        &[&ids],
-    )
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
-    ids
-}
-
-/// Datasources whose worker is RUNNING, with the instance and epoch their state names.
-async fn running(db: &TestDb) -> HashMap<Uuid, (String, i64)> {
-    db.client()
-        .await
-        .query(
-            "SELECT datasource_id, owner_instance, lease_epoch FROM datasource_state
-             WHERE worker_status = 'running'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect()
-}
-
-/// Unexpired leases: datasource → owner.
-async fn owners(db: &TestDb) -> HashMap<Uuid, String> {
-    db.client()
-        .await
-        .query(
-            "SELECT datasource_id, owner FROM datasource_leases
-             WHERE owner IS NOT NULL AND expires_at > now()",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
-}
-
-/// Waits until every datasource runs on the instance the assignment over `instances` gives
-/// it (the state every instance converges to); returns datasource → owner.
-async fn balanced(db: &TestDb, ids: &[Uuid], instances: &[&str]) -> HashMap<Uuid, String> {
-    let names: Vec<String> = instances.iter().map(|s| (*s).to_owned()).collect();
-    let expected: HashMap<Uuid, String> = dsreg::supervisor::lease::assign(ids, &names, 1.25)
-        .into_iter()
-        .map(|(id, owner)| (id, owner.to_owned()))
-        .collect();
-    wait_for(
-        "every datasource RUNNING on its assigned instance",
-        Duration::from_secs(90),
-        || async {
-            let running = running(db).await;
-            let owners = owners(db).await;
-            ids.iter()
-                .all(|id| {
-                    owners.get(id) == expected.get(id)
-                        && running.get(id).map(|(on, _)| on) == expected.get(id)
-                })
-                .then_some(owners)
-        },
-    )
-    .await
 }
 
 /// The datasources whose worker series an instance's `/metrics` shows: the workers it runs.

@@ -513,6 +513,8 @@ pub async fn put_secret(
     tx.commit().await.unwrap();
 }
 
+#[path = "../support/cluster.rs"]
+pub mod cluster;
 #[path = "../support/otlp.rs"]
 pub mod otlp;
 #[path = "../support/serve_process.rs"]
