@@ -64,6 +64,8 @@ enum Command {
     Kinds(client::catalog::KindsArgs),
     /// The registry's version, instance and schema.
     Info(client::catalog::InfoArgs),
+    /// The registry instances sharing the database, and the datasource leases each holds.
+    Instances(client::catalog::InstancesArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +134,7 @@ impl Cli {
             Command::Test(args) => args.run().await,
             Command::Kinds(args) => args.run().await,
             Command::Info(args) => args.run().await,
+            Command::Instances(args) => args.run().await,
         }
     }
 }

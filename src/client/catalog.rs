@@ -1,5 +1,5 @@
-//! `dsreg kinds list|health` (the `Catalog` service) and `dsreg info` (the `Registry`
-//! service): what a registry can run and who it is.
+//! `dsreg kinds list|health` (the `Catalog` service), `dsreg info` and `dsreg instances` (the
+//! `Registry` service): what a registry can run, who it is, and who shares its database.
 
 use crate::api::grpc::pb;
 
@@ -32,6 +32,63 @@ enum KindsCommand {
 pub struct InfoArgs {
     #[command(flatten)]
     client: ClientArgs,
+}
+
+/// `dsreg instances`.
+#[derive(Debug, clap::Args)]
+pub struct InstancesArgs {
+    #[command(flatten)]
+    client: ClientArgs,
+}
+
+impl InstancesArgs {
+    /// Runs the command.
+    ///
+    /// # Errors
+    /// The server could not be reached or refused the call.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let printer = self.client.printer();
+        let client = self.client.connect().await?;
+        let listed = client
+            .unary(
+                client
+                    .registry()
+                    .list_instances(client.request(pb::ListInstancesRequest {})),
+            )
+            .await?;
+        if printer.is_json() {
+            for instance in &listed.instances {
+                printer.json(&instance.to_json())?;
+            }
+            return Ok(());
+        }
+        let mut table = Table::new([
+            "ID",
+            "LIVE",
+            "LEASES",
+            "ADDRESS",
+            "VERSION",
+            "STARTED",
+            "HEARTBEAT",
+        ]);
+        for i in &listed.instances {
+            let id = if i.id == listed.answered_by {
+                format!("{} (answering)", i.id)
+            } else {
+                i.id.clone()
+            };
+            table.row([
+                id,
+                table::yes(i.live).to_owned(),
+                table::thousands(u64::try_from(i.leases).unwrap_or(0)),
+                i.address.clone(),
+                i.version.clone(),
+                table::time(i.started_at.as_ref()),
+                table::time(i.heartbeat_at.as_ref()),
+            ]);
+        }
+        printer.text(&table.render())
+    }
 }
 
 impl KindsArgs {

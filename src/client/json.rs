@@ -146,6 +146,7 @@ impl ToJson for pb::WorkerState {
             "error_message": self.error_message,
             "restart_count": self.restart_count,
             "owner_instance": self.owner_instance,
+            "lease_epoch": self.lease_epoch,
             "last_heartbeat_at": timestamp(self.last_heartbeat_at.as_ref()),
             "last_progress_at": timestamp(self.last_progress_at.as_ref()),
             "updated_at": timestamp(self.updated_at.as_ref()),
@@ -218,6 +219,21 @@ impl ToJson for pb::GetInfoResponse {
             "version": self.version,
             "instance_id": self.instance_id,
             "schema_version": self.schema_version,
+        })
+    }
+}
+
+impl ToJson for pb::Instance {
+    fn to_json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "address": self.address,
+            "version": self.version,
+            "started_at": timestamp(self.started_at.as_ref()),
+            "heartbeat_at": timestamp(self.heartbeat_at.as_ref()),
+            "stopped_at": timestamp(self.stopped_at.as_ref()),
+            "live": self.live,
+            "leases": self.leases,
         })
     }
 }

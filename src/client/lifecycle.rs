@@ -222,6 +222,7 @@ pub fn detail(state: &pb::WorkerState) -> String {
         ("restarts", state.restart_count.to_string()),
         ("error", error),
         ("owner instance", state.owner_instance.clone()),
+        ("lease epoch", state.lease_epoch.to_string()),
         (
             "last heartbeat",
             table::time(state.last_heartbeat_at.as_ref()),

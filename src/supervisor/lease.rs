@@ -31,8 +31,6 @@ use crate::telemetry::metrics::Metrics;
 pub struct LeaseConfig {
     /// How long a lease lasts without renewal; a dead instance's datasources move after this.
     pub ttl: Duration,
-    /// How often the supervisor compares what it holds with what it should.
-    pub balance_interval: Duration,
     /// Leases an instance gives up per balance tick when others should have them.
     pub moves_per_tick: usize,
     /// How far above an even share an instance may be assigned (1.25: 25% more).
@@ -43,7 +41,6 @@ impl Default for LeaseConfig {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(10),
-            balance_interval: Duration::from_secs(1),
             moves_per_tick: 100,
             slack: 1.25,
         }
@@ -51,10 +48,12 @@ impl Default for LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// Renewal period: four renewals per lease time, so three may fail before the leases are
-    /// given up.
+    /// Renewal period: at least four renewals per lease time (so three may fail before the
+    /// leases are given up) and at least one a second (each also tells whether an instance
+    /// came or went, or a lease is free: a dead instance's datasources are claimed within a
+    /// second of their leases' expiry).
     pub fn renew_every(&self) -> Duration {
-        self.ttl / 4
+        (self.ttl / 4).min(Duration::from_secs(1))
     }
 
     /// How long after a renewal was sent its leases are surely still held: three quarters of
@@ -132,13 +131,15 @@ impl Tenure {
 pub struct Renewal {
     /// When its statement was sent.
     pub sent: Instant,
-    /// The leases it renewed, with their epochs.
-    pub held: Arc<Vec<(Uuid, i64)>>,
+    /// The leases it renewed, with their epochs, the live instances, and how many live
+    /// datasources no one holds.
+    pub seen: Arc<leases::Renewed>,
     /// Whether the leases ran out instead (every worker was cancelled).
     pub lost: bool,
 }
 
-/// The renewal task: heartbeats this instance and renews its leases, one statement per tick.
+/// The renewal task: heartbeats this instance and renews its leases, one statement per tick,
+/// which also reports the live instances and the unheld datasources.
 pub struct Renewer {
     pool: Pool,
     me: InstanceInfo,
@@ -215,12 +216,12 @@ impl Renewer {
                 metrics.lease_renewed(ok);
             }
             match result {
-                Ok(Ok(held)) => {
+                Ok(Ok(seen)) => {
                     self.tenure
-                        .renewed(sent, !held.is_empty(), self.config.safe_for());
+                        .renewed(sent, !seen.held.is_empty(), self.config.safe_for());
                     self.out.send_replace(Some(Renewal {
                         sent,
-                        held: Arc::new(held),
+                        seen: Arc::new(seen),
                         lost: false,
                     }));
                 }
@@ -233,7 +234,7 @@ impl Renewer {
         }
     }
 
-    async fn renew_once(&self) -> Result<Vec<(Uuid, i64)>, crate::db::Error> {
+    async fn renew_once(&self) -> Result<leases::Renewed, crate::db::Error> {
         let client = self.pool.get().await?;
         leases::renew(&**client, &self.me, self.config.ttl).await
     }
@@ -245,7 +246,7 @@ impl Renewer {
         self.tenure.lose();
         self.out.send_replace(Some(Renewal {
             sent: Instant::now(),
-            held: Arc::new(Vec::new()),
+            seen: Arc::default(),
             lost: true,
         }));
     }

@@ -120,6 +120,8 @@ struct Cluster {
     released: HashMap<Uuid, Instant>,
     /// Live instances (this one included), sorted.
     live: Vec<String>,
+    /// The last balance's assignment: whether each datasource it saw is this instance's.
+    assigned: HashMap<Uuid, bool>,
 }
 
 impl Cluster {
@@ -127,12 +129,16 @@ impl Cluster {
         self.held.get(id).map_or(0, |h| h.epoch)
     }
 
-    /// The instance a datasource goes to by rendezvous alone (no cap): where a datasource no
-    /// one holds is claimed straight away; the balance tick evens out the rest.
-    fn first_choice(&self, id: Uuid) -> Option<&str> {
-        lease::assign(&[id], &self.live, f64::INFINITY)
-            .get(&id)
-            .copied()
+    /// Whether this instance should take a datasource no one holds straight away: the last
+    /// balance assigned it here, or (a datasource it has not seen yet) rendezvous alone puts it
+    /// here first; the next balance evens out the rest.
+    fn takes(&self, id: Uuid) -> bool {
+        match self.assigned.get(&id) {
+            Some(mine) => *mine,
+            None => lease::assign(&[id], &self.live, f64::INFINITY)
+                .get(&id)
+                .is_some_and(|o| *o == self.me.id),
+        }
     }
 }
 
@@ -204,6 +210,7 @@ impl Supervisor {
             held: HashMap::new(),
             draining: HashMap::new(),
             released: HashMap::new(),
+            assigned: HashMap::new(),
         };
         Self {
             cluster,
@@ -275,11 +282,7 @@ impl Supervisor {
             Instant::now() + self.config.heartbeat_interval,
             self.config.heartbeat_interval,
         );
-        let mut balance = tokio::time::interval_at(
-            Instant::now() + self.cluster.config.balance_interval,
-            self.cluster.config.balance_interval,
-        );
-        for timer in [&mut resync, &mut heartbeat, &mut balance] {
+        for timer in [&mut resync, &mut heartbeat] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
         let mut renewals = self
@@ -309,9 +312,11 @@ impl Supervisor {
                     retry_at = far();
                     self.resync().await
                 }
-                _ = resync.tick() => self.resync().await,
+                _ = resync.tick() => match self.balance().await {
+                    Ok(()) => self.resync().await,
+                    Err(e) => Err(e),
+                },
                 _ = heartbeat.tick() => self.heartbeat().await,
-                _ = balance.tick() => self.balance().await,
             };
             self.metered(Metrics::settle_reloads);
             if let Err(e) = result {
@@ -347,7 +352,7 @@ impl Supervisor {
             });
             return Ok(());
         }
-        let renewed: HashMap<Uuid, i64> = renewal.held.iter().copied().collect();
+        let renewed: HashMap<Uuid, i64> = renewal.seen.held.iter().copied().collect();
         let lost: Vec<Uuid> = self
             .cluster
             .held
@@ -382,10 +387,18 @@ impl Supervisor {
             m.lease_moves("lost", lost.len() as u64);
             m.cluster(held, self.cluster.live.len());
         });
-        if adopted.is_empty() {
-            return Ok(());
+        if !adopted.is_empty() {
+            self.reconcile(&adopted).await?;
         }
-        self.reconcile(&adopted).await
+        // Someone came or went, a lease is free, or one is being given up: look again.
+        let mut live = renewal.seen.live.clone();
+        if let Err(at) = live.binary_search(&self.cluster.me.id) {
+            live.insert(at, self.cluster.me.id.clone());
+        }
+        if live != self.cluster.live || renewal.seen.free > 0 || !self.cluster.draining.is_empty() {
+            self.balance().await?;
+        }
+        Ok(())
     }
 
     /// Claims what is assigned here and free, gives up (a few per tick) what is assigned
@@ -410,6 +423,7 @@ impl Supervisor {
         let ids: Vec<Uuid> = standings.iter().map(|s| s.datasource_id).collect();
         let owners = lease::assign(&ids, &live, self.cluster.config.slack);
         let mine = |id: &Uuid| owners.get(id).is_some_and(|o| *o == me);
+        self.cluster.assigned = ids.iter().map(|id| (*id, mine(id))).collect();
 
         let free: Vec<Uuid> = standings
             .iter()
@@ -463,6 +477,13 @@ impl Supervisor {
         if wake.is_empty() {
             return Ok(());
         }
+        // The events that asked for these workers (a publish of a datasource just claimed)
+        // are read with them, as a resync does, and whatever else they name is looked at too.
+        let (events, everything) = self.read_outbox().await?;
+        if everything {
+            return self.resync().await;
+        }
+        wake.extend(events.keys().filter(|id| !wake.contains(id)).copied().collect::<Vec<_>>());
         self.reconcile(&wake).await
     }
 
@@ -693,13 +714,12 @@ impl Supervisor {
     }
 
     async fn apply(&mut self, rows: Vec<Desired>, fetch_configs: bool) -> Result<(), Error> {
-        // Datasources no instance holds and this one would take first (new ones): claimed at
-        // once, not at the next balance tick.
+        // Datasources no instance holds that are this one's to take: claimed at once, not at
+        // the next balance.
         let unheld: Vec<Uuid> = rows
             .iter()
             .map(|r| r.datasource_id)
-            .filter(|id| !self.cluster.held.contains_key(id))
-            .filter(|id| self.cluster.first_choice(*id) == Some(self.cluster.me.id.as_str()))
+            .filter(|id| !self.cluster.held.contains_key(id) && self.cluster.takes(*id))
             .collect();
         self.claim(&unheld).await?;
         let mut need_config = Vec::new();

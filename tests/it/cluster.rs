@@ -83,7 +83,7 @@ async fn workers_on(process: &ServeProcess) -> HashSet<String> {
 
 /// Samples every instance's workers `times` times: no datasource runs on two instances at once,
 /// and together they run all `n`.
-async fn sample_exclusive(processes: &[&ServeProcess], n: usize, times: usize) {
+async fn sample_exclusive(db: &TestDb, processes: &[&ServeProcess], n: usize, times: usize) {
     for _ in 0..times {
         let mut seen: HashMap<String, usize> = HashMap::new();
         for (i, p) in processes.iter().enumerate() {
@@ -93,7 +93,17 @@ async fn sample_exclusive(processes: &[&ServeProcess], n: usize, times: usize) {
                 }
             }
         }
-        assert_eq!(seen.len(), n, "every datasource runs somewhere");
+        if seen.len() != n {
+            let running = running(db).await;
+            let missing: Vec<(&Uuid, &(String, i64))> = running
+                .iter()
+                .filter(|(id, _)| !seen.contains_key(&id.to_string()))
+                .collect();
+            panic!(
+                "{} of {n} datasources run somewhere; RUNNING in the tables but not seen: {missing:?}",
+                seen.len()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -158,7 +168,7 @@ async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_ki
         let share = before.values().filter(|o| *o == name).count();
         assert!((60..=140).contains(&share), "{name} holds {share} of 300");
     }
-    sample_exclusive(&[&a, &b, &c], 300, 10).await;
+    sample_exclusive(&db, &[&a, &b, &c], 300, 10).await;
 
     // A fourth instance: only its share moves, and nothing else restarts.
     let started_before = starts(&db).await;
@@ -189,7 +199,7 @@ async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_ki
             .filter(|id| !moved_set.contains(*id))
             .count()
     );
-    sample_exclusive(&[&a, &b, &c, &d], 300, 5).await;
+    sample_exclusive(&db, &[&a, &b, &c, &d], 300, 5).await;
 
     // SIGKILL: the killed instance's datasources run elsewhere within the lease time + 2 s.
     let victims: Vec<Uuid> = ids
@@ -217,7 +227,7 @@ async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_ki
         "failover took {took:?}, more than the lease time + 2 s"
     );
     balanced(&db, &ids, &["node-a", "node-c", "node-d"]).await;
-    sample_exclusive(&[&a, &c, &d], 300, 5).await;
+    sample_exclusive(&db, &[&a, &c, &d], 300, 5).await;
     assert_no_double_run(&db).await;
 
     // ListInstances: the killed one is no longer live; the others hold every lease.
@@ -330,7 +340,7 @@ async fn a_frozen_instance_stops_its_workers_its_late_writes_are_refused_and_it_
     .await;
     // It rejoins: its share moves back to it, with nothing running twice.
     assert_eq!(balanced(&db, &ids, &["node-a", "node-b"]).await, before);
-    sample_exclusive(&[&a, &b], 60, 5).await;
+    sample_exclusive(&db, &[&a, &b], 60, 5).await;
     // Its late writes were refused: no record of an old epoch after the takeover.
     assert_no_double_run(&db).await;
     a.stop().await;
@@ -348,6 +358,29 @@ async fn a_publish_and_lifecycle_calls_through_an_instance_that_does_not_own_the
     let owner_name = owner_name.clone();
     let other = if owner_name == "node-a" { &b } else { &a };
     let through = other.channel().await;
+
+    // `dsreg instances` through either one lists both, live, sharing the leases.
+    let listed = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
+        .args(["instances", "-o", "json", "--server"])
+        .arg(format!("http://{}", other.grpc_addr))
+        .env_remove("DSREG_TOKEN")
+        .env_remove("DSREG_TOKEN_FILE")
+        .output()
+        .await
+        .unwrap();
+    assert!(listed.status.success(), "{listed:?}");
+    let instances: Vec<serde_json::Value> = String::from_utf8(listed.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let live: HashMap<&str, i64> = instances
+        .iter()
+        .filter(|i| i["live"] == true)
+        .map(|i| (i["id"].as_str().unwrap(), i["leases"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(live.len(), 2, "{instances:?}");
+    assert_eq!(live.values().sum::<i64>(), 20, "{instances:?}");
     let mut datasources = DatasourcesClient::new(through.clone());
     let mut lifecycle = LifecycleClient::new(through);
     let id = id.to_string();
@@ -486,6 +519,7 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         leases::renew(&**db.client().await, &me_x, ttl)
             .await
             .unwrap()
+            .held
             .is_empty(),
         "an expired lease is not renewed"
     );

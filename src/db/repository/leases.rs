@@ -101,8 +101,19 @@ pub async fn register(client: &impl GenericClient, me: &InstanceInfo) -> Result<
     Ok(())
 }
 
-/// One statement per tick: `me`'s heartbeat, and every unexpired lease it holds extended to
-/// `ttl` from now. Returns the leases it still holds, with their epochs; a lease that had
+/// What one renewal saw.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Renewed {
+    /// The leases `me` still holds, with their epochs.
+    pub held: Vec<(Uuid, i64)>,
+    /// The live instances (as [`live_instances`]), sorted.
+    pub live: Vec<String>,
+    /// Live datasources whose lease no one holds (new, released, or expired).
+    pub free: i64,
+}
+
+/// One statement per tick: `me`'s heartbeat, every unexpired lease it holds extended to `ttl`
+/// from now, the live instances and the number of datasources no one holds. A lease that had
 /// already expired is not renewed (it must be claimed again, under a new epoch).
 ///
 /// # Errors
@@ -111,20 +122,39 @@ pub async fn renew(
     client: &impl GenericClient,
     me: &InstanceInfo,
     ttl: Duration,
-) -> Result<Vec<(Uuid, i64)>, Error> {
+) -> Result<Renewed, Error> {
     let rows = client
         .query(
             "WITH beat AS (
                 INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
+             ), renewed AS (
+                UPDATE datasource_leases SET expires_at = now() + $2::bigint * interval '1 millisecond'
+                WHERE owner = $1 AND expires_at > now()
+                RETURNING datasource_id, epoch
              )
-             UPDATE datasource_leases SET expires_at = now() + $2::bigint * interval '1 millisecond'
-             WHERE owner = $1 AND expires_at > now()
-             RETURNING datasource_id, epoch",
+             SELECT 'held', datasource_id, epoch, NULL FROM renewed
+             UNION ALL
+             SELECT 'live', NULL, NULL, id FROM dsreg_instances
+             WHERE id = $1 OR (stopped_at IS NULL AND heartbeat_at > now() - $2::bigint * interval '1 millisecond')
+             UNION ALL
+             SELECT 'free', NULL, count(*), NULL
+             FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
+             WHERE d.status <> 'archived' AND (l.owner IS NULL OR l.expires_at <= now())",
             &[&me.id, &millis(ttl), &me.address, &me.version],
         )
         .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    let mut renewed = Renewed::default();
+    for row in &rows {
+        match row.get::<_, &str>(0) {
+            "held" => renewed.held.push((row.get(1), row.get(2))),
+            "live" => renewed.live.push(row.get(3)),
+            _ => renewed.free = row.get(2),
+        }
+    }
+    renewed.live.sort_unstable();
+    renewed.live.dedup();
+    Ok(renewed)
 }
 
 /// The instances alive now: a heartbeat within `ttl`, not stopped. Sorted by id.
