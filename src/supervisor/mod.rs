@@ -483,7 +483,13 @@ impl Supervisor {
         if everything {
             return self.resync().await;
         }
-        wake.extend(events.keys().filter(|id| !wake.contains(id)).copied().collect::<Vec<_>>());
+        wake.extend(
+            events
+                .keys()
+                .filter(|id| !wake.contains(id))
+                .copied()
+                .collect::<Vec<_>>(),
+        );
         self.reconcile(&wake).await
     }
 
