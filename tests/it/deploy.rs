@@ -27,6 +27,8 @@ const LISTENER_CONNECTED: &str = "dsreg_outbox_listener_connected";
 const LISTENER_RECONNECTS: &str = "dsreg_outbox_listener_reconnects_total";
 const RPC_REQUESTS: &str = "dsreg_grpc_requests_total";
 const RPC_DURATION: &str = "dsreg_grpc_request_duration_seconds";
+const LEASES_HELD: &str = "dsreg_leases_held";
+const LEASE_MOVES: &str = "dsreg_lease_moves_total";
 const METRICS: &[&str] = &[
     RECORDS,
     ERRORS,
@@ -38,10 +40,13 @@ const METRICS: &[&str] = &[
     LISTENER_RECONNECTS,
     RPC_REQUESTS,
     RPC_DURATION,
+    LEASES_HELD,
+    LEASE_MOVES,
 ];
 
 /// The metric labels the dashboard groups and filters by (`le` is the histogram buckets').
-const LABELS: &[&str] = &["datasource", "state", "method", "le"];
+/// `instance` is the one Prometheus puts on every scraped series.
+const LABELS: &[&str] = &["datasource", "state", "method", "le", "instance", "kind"];
 
 /// The services the compose file must run.
 const SERVICES: &[&str] = &[
