@@ -33,7 +33,7 @@ async fn start(url: &str, name: &str, ttl_ms: &str) -> ServeProcess {
             ("DSREG_INSTANCE_ID", name),
             ("DSREG_LEASE_TTL_MS", ttl_ms),
             ("DSREG_POOL_SIZE", "6"),
-            ("DSREG_LOG", "warn"),
+            ("DSREG_LOG", "warn,dsreg::app=info"),
         ],
     )
     .await
@@ -56,12 +56,7 @@ async fn renewals(client: &tokio_postgres::Client) -> Option<(i64, i64)> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let env_num = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default)
-    };
+    let env_num = common::env_num;
     let n = env_num("CLUSTER_BENCH_DATASOURCES", 3_000) as i64;
     let kills = env_num("CLUSTER_BENCH_KILLS", 10) as usize;
     let ttl = Duration::from_millis(env_num("CLUSTER_BENCH_TTL_MS", 10_000));

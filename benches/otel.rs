@@ -34,12 +34,7 @@ struct Run {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let env_num = |name: &str, default: u64| {
-        std::env::var(name)
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(default)
-    };
+    let env_num = common::env_num;
     let window = Duration::from_secs(env_num("OTEL_BENCH_SECONDS", 10));
     let reloads = env_num("OTEL_BENCH_RELOADS", 200) as usize;
     let db = common::database().await?;

@@ -71,6 +71,14 @@ pub async fn statements(client: &tokio_postgres::Client) -> Option<i64> {
     Some(row.get(0))
 }
 
+/// The number in environment variable `name`, or `default`.
+pub fn env_num(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The `q` quantile of sorted samples.
 pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]

@@ -108,7 +108,6 @@ struct Held {
 /// This instance among the others: what it holds, what it is giving up, who is alive.
 struct Cluster {
     me: InstanceInfo,
-    actor: String,
     config: LeaseConfig,
     tenure: Arc<Tenure>,
     renewals: Option<watch::Receiver<Option<Renewal>>>,
@@ -201,7 +200,6 @@ impl Supervisor {
         me: InstanceInfo,
     ) -> Self {
         let cluster = Cluster {
-            actor: format!("dsreg:{}", me.id),
             live: vec![me.id.clone()],
             me,
             config: config.leases.clone(),
@@ -502,15 +500,13 @@ impl Supervisor {
         let sent = Instant::now();
         let claimed = {
             let mut client = self.pool.get().await?;
-            let tx = crate::db::repository::begin(
+            leases::claim(
                 &mut client,
-                &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
+                &self.cluster.me.id,
+                ids,
+                self.cluster.config.ttl,
             )
-            .await?;
-            let claimed =
-                leases::claim(&tx, &self.cluster.me.id, ids, self.cluster.config.ttl).await?;
-            tx.commit().await?;
-            claimed
+            .await?
         };
         if claimed.is_empty() {
             return Ok(Vec::new());
@@ -557,22 +553,12 @@ impl Supervisor {
         }
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
-        let (moves, retired): (Vec<_>, Vec<_>) = done.into_iter().partition(|(_, to)| to.is_some());
         let released = {
             let mut client = self.pool.get().await?;
-            let tx = crate::db::repository::begin(
-                &mut client,
-                &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
-            )
-            .await?;
-            let me = &self.cluster.me.id;
-            let mut released = leases::release(&tx, me, &moves, Release::Rebalance).await?;
-            released.extend(leases::release(&tx, me, &retired, Release::Retired).await?);
-            tx.commit().await?;
-            released
+            leases::release(&mut client, &self.cluster.me.id, &done, Release::Retired).await?
         };
         let now = Instant::now();
-        for (id, _) in moves.iter().chain(&retired) {
+        for (id, _) in &done {
             self.cluster.draining.remove(id);
             self.cluster.held.remove(id);
             self.cluster.released.insert(*id, now);
@@ -587,13 +573,7 @@ impl Supervisor {
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
         let mut client = self.pool.get().await?;
-        let tx = crate::db::repository::begin(
-            &mut client,
-            &crate::db::repository::WriteContext::actor(self.cluster.actor.clone()),
-        )
-        .await?;
-        let released = leases::sign_off(&tx, &self.cluster.me.id).await?;
-        tx.commit().await?;
+        let released = leases::sign_off(&mut client, &self.cluster.me.id).await?;
         self.cluster.held.clear();
         self.metered(|m| m.lease_moves("released", released as u64));
         Ok(())

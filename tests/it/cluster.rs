@@ -14,7 +14,6 @@ use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use dsreg::db::repository::leases::{self, InstanceInfo};
 use dsreg::db::repository::records::{self, SinkColumns};
 use dsreg::db::repository::state::{self, Heartbeat, Transition, Writer};
-use dsreg::db::repository::{WriteContext, begin};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use uuid::Uuid;
@@ -467,10 +466,7 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         let db = &db;
         async move {
             let mut client = db.client().await;
-            let tx = begin(&mut client, &WriteContext::actor(me)).await.unwrap();
-            let claimed = leases::claim(&tx, me, &[ds.id], ttl).await.unwrap();
-            tx.commit().await.unwrap();
-            claimed
+            leases::claim(&mut client, me, &[ds.id], ttl).await.unwrap()
         }
     };
     let first = claim("x").await;
@@ -546,17 +542,19 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         }),
         epoch,
     };
-    let t = transition(1);
-    let refused = state::apply_transitions(
-        &**db.client().await,
-        std::slice::from_ref(&t),
-        &[t.event.clone().unwrap()],
-        "x",
-        "dsreg:x",
-    )
-    .await
-    .unwrap();
-    assert_eq!(refused, vec![ds.id]);
+    let apply = |me: &'static str, epoch: i64| {
+        let db = &db;
+        let t = transition(epoch);
+        async move {
+            let event = t.event.clone().unwrap();
+            let actor = format!("dsreg:{me}");
+            let client = db.client().await;
+            state::apply_transitions(&**client, &[t], &[event], me, &actor)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(apply("x", 1).await, vec![ds.id]);
     let s = db.state(ds.id).await;
     assert_eq!(s.worker_status, dsreg::domain::WorkerStatus::Init);
     let beat = Heartbeat {
@@ -590,17 +588,7 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
 
     // y, the owner under epoch 2, writes all of it.
     assert_eq!(write("y", 2).await, vec![(ds.id, 2)]);
-    let t = transition(2);
-    let refused = state::apply_transitions(
-        &**db.client().await,
-        std::slice::from_ref(&t),
-        &[t.event.clone().unwrap()],
-        "y",
-        "dsreg:y",
-    )
-    .await
-    .unwrap();
-    assert!(refused.is_empty());
+    assert!(apply("y", 2).await.is_empty());
     let s = db.state(ds.id).await;
     assert_eq!(
         (s.worker_status, s.owner_instance.as_deref(), s.lease_epoch),

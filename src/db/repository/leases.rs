@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::json;
-use tokio_postgres::Transaction;
+use tokio_postgres::{Client, Transaction};
 use uuid::Uuid;
 
-use super::GenericClient;
 use super::events::{self, NewEvent};
+use super::{GenericClient, WriteContext};
 use crate::db::Error;
 
 /// The condition a fenced write puts on the lease row `l` (`datasource_leases`): held by the
@@ -251,18 +251,24 @@ pub struct Claimed {
     pub previous: Option<String>,
 }
 
+/// Opens a transaction whose events name instance `me` as their actor.
+async fn begin<'a>(client: &'a mut Client, me: &str) -> Result<Transaction<'a>, Error> {
+    super::begin(client, &WriteContext::actor(format!("dsreg:{me}"))).await
+}
+
 /// Claims, for `me`, the leases of `ids` that are free or expired (and whose datasource
-/// still exists), each under a new epoch, with a `lease_acquired` event each. Leases another
-/// instance holds are left alone. Returns what was claimed.
+/// still exists), each under a new epoch, with a `lease_acquired` event each, in one
+/// transaction. Leases another instance holds are left alone. Returns what was claimed.
 ///
 /// # Errors
 /// The statements failed; nothing was claimed.
 pub async fn claim(
-    tx: &Transaction<'_>,
+    client: &mut Client,
     me: &str,
     ids: &[Uuid],
     ttl: Duration,
 ) -> Result<Vec<Claimed>, Error> {
+    let tx = begin(client, me).await?;
     let rows = tx
         .query(
             "WITH before AS (
@@ -300,14 +306,15 @@ pub async fn claim(
             payload: json!({ "instance": me, "epoch": c.epoch, "from": c.previous }),
         })
         .collect();
-    events::append(tx, &moves).await?;
+    events::append(&tx, &moves).await?;
+    tx.commit().await?;
     Ok(claimed)
 }
 
 /// Why leases are given up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Release {
-    /// Moving to another instance (`to`).
+    /// Moving to another instance.
     Rebalance,
     /// The datasource is archived or gone.
     Retired,
@@ -325,17 +332,30 @@ impl Release {
     }
 }
 
-/// Gives up `me`'s leases of `moves` (datasource, the instance it moves to), each with a
-/// `lease_released` event (which wakes every instance, so the next owner claims it at once).
-/// Leases `me` no longer holds are skipped. Returns the datasources released.
+/// Gives up `me`'s leases of `moves` (datasource, the instance it moves to: a rebalance; none:
+/// `otherwise`), each with a `lease_released` event (which wakes every instance, so the next
+/// owner claims it at once), in one transaction. Leases `me` no longer holds are skipped.
+/// Returns the datasources released.
 ///
 /// # Errors
 /// The statements failed; nothing was released.
 pub async fn release(
+    client: &mut Client,
+    me: &str,
+    moves: &[(Uuid, Option<String>)],
+    otherwise: Release,
+) -> Result<Vec<Uuid>, Error> {
+    let tx = begin(client, me).await?;
+    let released = release_in(&tx, me, moves, otherwise).await?;
+    tx.commit().await?;
+    Ok(released)
+}
+
+async fn release_in(
     tx: &Transaction<'_>,
     me: &str,
     moves: &[(Uuid, Option<String>)],
-    why: Release,
+    otherwise: Release,
 ) -> Result<Vec<Uuid>, Error> {
     let ids: Vec<Uuid> = moves.iter().map(|(id, _)| *id).collect();
     let rows = tx
@@ -351,6 +371,7 @@ pub async fn release(
         .iter()
         .map(|(id, epoch)| {
             let to = moves.iter().find(|(m, _)| m == id).and_then(|(_, to)| to.clone());
+            let why = if to.is_some() { Release::Rebalance } else { otherwise };
             NewEvent {
                 at: None,
                 datasource_id: Some(*id),
@@ -364,11 +385,13 @@ pub async fn release(
     Ok(released.into_iter().map(|(id, _)| id).collect())
 }
 
-/// `me` stops: every lease it holds is released (as [`release`]) and it is marked stopped.
+/// `me` stops: every lease it holds is released (as [`release`]) and it is marked stopped, in
+/// one transaction.
 ///
 /// # Errors
 /// The statements failed.
-pub async fn sign_off(tx: &Transaction<'_>, me: &str) -> Result<usize, Error> {
+pub async fn sign_off(client: &mut Client, me: &str) -> Result<usize, Error> {
+    let tx = begin(client, me).await?;
     let held: Vec<(Uuid, Option<String>)> = tx
         .query(
             "SELECT datasource_id FROM datasource_leases WHERE owner = $1",
@@ -378,11 +401,12 @@ pub async fn sign_off(tx: &Transaction<'_>, me: &str) -> Result<usize, Error> {
         .iter()
         .map(|r| (r.get(0), None))
         .collect();
-    let released = release(tx, me, &held, Release::Shutdown).await?;
+    let released = release_in(&tx, me, &held, Release::Shutdown).await?;
     tx.execute(
         "UPDATE dsreg_instances SET stopped_at = now() WHERE id = $1",
         &[&me],
     )
     .await?;
+    tx.commit().await?;
     Ok(released.len())
 }
