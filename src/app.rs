@@ -20,11 +20,12 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
-use crate::config::Settings;
+use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
+use crate::files::{WatchConfig, Watcher};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
 use crate::secrets::{EnvKeyProvider, FileKeyProvider, KeyProvider, Secrets};
 use crate::supervisor::backoff::BackoffPolicy;
@@ -135,6 +136,8 @@ pub struct App {
     pub limits: crate::transform::Limits,
     /// Verifies gRPC callers' tokens.
     pub auth: Authenticator,
+    /// A folder of datasource files to keep the database in step with.
+    pub file_sync: Option<WatchConfig>,
 }
 
 impl App {
@@ -182,6 +185,7 @@ impl App {
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             limits: settings.transform_limits(),
             auth,
+            file_sync: None,
         })
     }
 
@@ -233,6 +237,20 @@ impl App {
         writer.signal(self.listener_stats.activity.clone());
         writer.measure(self.metrics.clone());
         let grpc_catalog = self.catalog.clone();
+        if let Some(config) = self.file_sync {
+            let watcher = Watcher::new(
+                self.pool.clone(),
+                self.catalog.clone(),
+                self.limits.clone(),
+                config,
+            );
+            let stop = shutdown.child_token();
+            tracker.spawn(async move {
+                if let Err(e) = watcher.run(stop).await {
+                    tracing::error!(error = %e, "the datasource file sync stopped");
+                }
+            });
+        }
         let grpc_secrets = self.secrets.clone();
         let (sink, mut sink_writer) = Sink::new(
             self.pool.clone(),
@@ -401,14 +419,22 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     Ok(dev.authenticator)
 }
 
-/// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM.
+/// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM; with a sync folder,
+/// keep the database in step with its datasource files too.
 ///
 /// # Errors
 /// Start-up failures, with context.
-pub async fn serve(settings: Settings) -> anyhow::Result<()> {
+pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()> {
+    let file_sync = sync.watch().map_err(anyhow::Error::msg)?;
+    if let Some(config) = &file_sync
+        && !config.dir.is_dir()
+    {
+        anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
+    }
     let database = Database::open(&settings).await?;
     let result = async {
-        let app = App::build(&settings, &database.url).await?;
+        let mut app = App::build(&settings, &database.url).await?;
+        app.file_sync = file_sync;
         let where_db = match &database.cluster {
             Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
             None => "DATABASE_URL".to_owned(),

@@ -1,14 +1,14 @@
-//! The command line: `serve`, `migrate`, `db url`, `keys`, and the client commands that call a
-//! registry over gRPC (`datasource`, `version`, `secret`, `events`, `status`, `worker`,
-//! `test`, `kinds`, `info`). Service flags and their environment variables are declared in
-//! `config`, client flags in `client`; this module only routes, and turns the client's usage
-//! errors into clap's (exit code 2).
+//! The command line: `serve`, `migrate`, `db url`, `keys`, `import`, `sync`, `export`, and the
+//! client commands that call a registry over gRPC (`datasource`, `version`, `secret`,
+//! `events`, `status`, `worker`, `test`, `kinds`, `info`). Service flags and their environment
+//! variables are declared in `config`, client flags in `client`; this module only routes, and
+//! turns the client's usage errors into clap's (exit code 2).
 
 use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::app;
 use crate::client::{self, StdoutClosed, UsageError};
-use crate::config::Settings;
+use crate::config::{Settings, SyncSettings};
 use crate::db;
 
 /// dsreg, the datasource registry.
@@ -29,6 +29,8 @@ enum Command {
     Serve {
         #[command(flatten)]
         settings: Settings,
+        #[command(flatten)]
+        sync: SyncSettings,
     },
     /// Apply pending schema migrations, or revert down to a version.
     Migrate {
@@ -46,6 +48,14 @@ enum Command {
     /// Master keys: rotate, rewrap secrets onto the active key, status (on the database
     /// directly).
     Keys(client::keys::KeysArgs),
+    /// Import datasources from YAML files and folders: checked first, applied all or nothing
+    /// (on the database directly).
+    Import(client::files::ImportArgs),
+    /// Keep the database in step with a folder of datasource files (on the database
+    /// directly), until Ctrl-C.
+    Sync(client::files::SyncArgs),
+    /// Write the published datasources as YAML files, in the format import reads.
+    Export(client::files::ExportArgs),
     /// Datasources: create, get, list, update, archive.
     Datasource(client::datasources::DatasourceArgs),
     /// Configuration versions: create, get, list, update, publish, rollback.
@@ -103,9 +113,9 @@ impl Cli {
 
     async fn dispatch(self) -> anyhow::Result<()> {
         match self.command {
-            Command::Serve { settings } => {
+            Command::Serve { settings, sync } => {
                 settings.check().map_err(anyhow::Error::msg)?;
-                app::serve(settings).await
+                app::serve(settings, sync).await
             }
             Command::Migrate { settings, down_to } => {
                 settings.check().map_err(anyhow::Error::msg)?;
@@ -125,6 +135,9 @@ impl Cli {
                 Ok(())
             }
             Command::Keys(args) => args.run().await,
+            Command::Import(args) => args.run().await,
+            Command::Sync(args) => args.run().await,
+            Command::Export(args) => args.run().await,
             Command::Datasource(args) => args.run().await,
             Command::Version(args) => args.run().await,
             Command::Secret(args) => args.run().await,

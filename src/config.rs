@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::connectors::sink::Target;
+use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
 use crate::supervisor::backoff::BackoffPolicy;
 use crate::transform::Limits;
@@ -146,6 +147,62 @@ fn instance_id(value: &str) -> Result<String, String> {
         Ok(value.to_owned())
     } else {
         Err("1 to 128 letters, digits, '.', '_', '-' or ':'".to_owned())
+    }
+}
+
+/// A folder of datasource files the registry keeps the database in step with (`serve`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct SyncSettings {
+    /// A folder of datasource files to sync into the database while serving, as `dsreg sync
+    /// --watch` does.
+    #[arg(long = "sync-dir", env = "DSREG_SYNC_DIR")]
+    pub dir: Option<PathBuf>,
+
+    /// What the sync does with a datasource changed both in its file and in the database since
+    /// the file's last sync: `fail`, `file-wins` or `db-wins`.
+    #[arg(long = "sync-conflict", env = "DSREG_SYNC_CONFLICT", value_enum, default_value_t = ConflictPolicy::Fail)]
+    pub conflict: ConflictPolicy,
+
+    /// Archive datasources whose file is removed from the folder.
+    #[arg(long = "sync-prune", env = "DSREG_SYNC_PRUNE")]
+    pub prune: bool,
+
+    /// Quiet time after a change in the folder before syncing, in milliseconds.
+    #[arg(
+        long = "sync-debounce-ms",
+        env = "DSREG_SYNC_DEBOUNCE_MS",
+        default_value_t = 200
+    )]
+    pub debounce_ms: u64,
+
+    /// Time between full rescans of the folder, in milliseconds.
+    #[arg(
+        long = "sync-rescan-interval-ms",
+        env = "DSREG_SYNC_RESCAN_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub rescan_interval_ms: u64,
+}
+
+impl SyncSettings {
+    /// The watcher's configuration, when a folder is set.
+    ///
+    /// # Errors
+    /// A zero debounce or rescan interval.
+    pub fn watch(&self) -> Result<Option<WatchConfig>, String> {
+        let Some(dir) = &self.dir else {
+            return Ok(None);
+        };
+        if self.debounce_ms == 0 || self.rescan_interval_ms == 0 {
+            return Err("--sync-debounce-ms and --sync-rescan-interval-ms must be positive".into());
+        }
+        Ok(Some(WatchConfig {
+            dir: dir.clone(),
+            conflict: self.conflict,
+            prune: self.prune,
+            debounce: Duration::from_millis(self.debounce_ms),
+            rescan_interval: Duration::from_millis(self.rescan_interval_ms),
+        }))
     }
 }
 

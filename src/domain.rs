@@ -81,6 +81,68 @@ impl fmt::Display for Name {
     }
 }
 
+/// Longest owner, in bytes.
+pub const MAX_OWNER: usize = 256;
+/// Most tags on a datasource.
+pub const MAX_TAGS: usize = 64;
+/// Longest tag, in bytes.
+pub const MAX_TAG: usize = 128;
+/// Longest description or version comment, in bytes.
+pub const MAX_TEXT: usize = 4096;
+/// Largest version config, in bytes of its JSON text (the schema's own limit).
+pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+
+/// Checks a datasource's tags: at most [`MAX_TAGS`], each 1 to [`MAX_TAG`] bytes.
+///
+/// # Errors
+/// The first rule broken, as a problem of `tags`.
+pub fn check_tags(tags: &[String]) -> Result<(), InvalidField> {
+    if tags.len() > MAX_TAGS {
+        return Err(InvalidField::new(
+            "tags",
+            format!("{} tags; at most {MAX_TAGS}", tags.len()),
+        ));
+    }
+    if tags.iter().any(|t| t.is_empty() || t.len() > MAX_TAG) {
+        return Err(InvalidField::new(
+            "tags",
+            format!("each tag must be 1 to {MAX_TAG} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that free text in `field` is at most `max` bytes.
+///
+/// # Errors
+/// The text is longer.
+pub fn check_text(field: &'static str, value: &str, max: usize) -> Result<(), InvalidField> {
+    if value.len() > max {
+        return Err(InvalidField::new(
+            field,
+            format!("is {} bytes; at most {max} allowed", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+/// The top-level keys whose values differ between two configs, sorted (values are never
+/// audited: they may hold credentials).
+pub fn changed_keys(before: &serde_json::Value, after: &serde_json::Value) -> Vec<String> {
+    let empty = serde_json::Map::new();
+    let b = before.as_object().unwrap_or(&empty);
+    let a = after.as_object().unwrap_or(&empty);
+    let mut keys: Vec<String> = b
+        .keys()
+        .chain(a.keys())
+        .filter(|k| b.get(*k) != a.get(*k))
+        .cloned()
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
 /// Declares a closed set of lowercase states stored as text, with `as_str` and `FromStr`.
 macro_rules! text_enum {
     ($(#[$meta:meta])* $name:ident { $($(#[$vmeta:meta])* $variant:ident = $text:literal),+ $(,)? }) => {

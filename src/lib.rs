@@ -11,6 +11,8 @@
 //! - [`connectors`]: the connector trait, the catalog, built-in kinds, sinks.
 //! - [`secrets`]: key providers, sealing and opening secrets, rotation and rewrap.
 //! - [`api`]: the gRPC and HTTP ports.
+//! - [`files`]: datasources from YAML files (import, a watched folder, export), written through
+//!   the same repositories and checks as the API.
 //! - [`telemetry`](crate::telemetry): logging and the Prometheus metrics.
 //! - [`transform`]: a version's Rhai script run per record under hard limits; output schema checks.
 
@@ -22,6 +24,7 @@ pub mod config;
 pub mod connectors;
 pub mod db;
 pub mod domain;
+pub mod files;
 pub mod harness;
 pub mod outbox;
 pub mod secrets;

@@ -8,16 +8,15 @@
 //! versions. `rewrap` stops after its current batch on Ctrl-C, and running it again resumes.
 
 use std::cell::RefCell;
-use std::io::IsTerminal;
 use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::output::{Output, Printer, note};
+use super::progress::Progress;
 use super::table::{Table, thousands, yes};
 use crate::app;
 use crate::config::Settings;
@@ -124,7 +123,7 @@ fn secrets(settings: &Settings) -> anyhow::Result<Arc<Secrets>> {
 
 /// Opens the database of `settings` (launching the embedded one if needed), runs `work` on
 /// its URL, and closes it again.
-async fn with_database<F, Fut>(settings: &Settings, work: F) -> anyhow::Result<()>
+pub(super) async fn with_database<F, Fut>(settings: &Settings, work: F) -> anyhow::Result<()>
 where
     F: FnOnce(String) -> Fut,
     Fut: std::future::Future<Output = anyhow::Result<()>>,
@@ -193,7 +192,7 @@ async fn rewrap(
     printer: Printer,
 ) -> anyhow::Result<()> {
     let stop = AtomicBool::new(false);
-    let progress = RefCell::new(Progress::new(std::io::stderr().is_terminal()));
+    let progress = RefCell::new(Progress::new("rewrap", "rows"));
     note(&format!(
         "re-sealing secrets under key version {}, {batch_size} per batch",
         secrets.keys().active_version()
@@ -327,79 +326,9 @@ pub fn status_table(statuses: &[KeyStatus]) -> Table {
     table
 }
 
-/// Rewrap progress on stderr: a bar redrawn in place on a terminal, a line every few seconds
-/// (and at the end) otherwise, so logs stay readable.
-#[derive(Debug)]
-struct Progress {
-    terminal: bool,
-    drawn: bool,
-    last_line: Option<Instant>,
-}
-
-/// How often a non-terminal gets a progress line.
-const PROGRESS_EVERY: Duration = Duration::from_secs(2);
-
-impl Progress {
-    fn new(terminal: bool) -> Self {
-        Self {
-            terminal,
-            drawn: false,
-            last_line: None,
-        }
-    }
-
-    fn update(&mut self, done: u64, total: u64) {
-        if self.terminal {
-            eprint!("\r{}", bar(done, total, 30));
-            self.drawn = true;
-        } else if done >= total || self.last_line.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
-            note(&format!(
-                "rewrap: {}/{} rows",
-                thousands(done),
-                thousands(total)
-            ));
-            self.last_line = Some(Instant::now());
-        }
-    }
-
-    /// Ends the bar's line, if one is drawn.
-    fn finish(&mut self) {
-        if self.drawn {
-            eprintln!();
-            self.drawn = false;
-        }
-    }
-}
-
-/// `[#####.....] 12,345/100,000 rows`, `width` characters between the brackets.
-pub fn bar(done: u64, total: u64, width: usize) -> String {
-    let filled = if total == 0 {
-        width
-    } else {
-        let ratio = done.min(total) as f64 / total as f64;
-        (ratio * width as f64).floor() as usize
-    };
-    format!(
-        "[{}{}] {}/{} rows",
-        "#".repeat(filled),
-        ".".repeat(width - filled),
-        thousands(done),
-        thousands(total)
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_bar_fills_with_progress() {
-        assert_eq!(bar(0, 100_000, 10), "[..........] 0/100,000 rows");
-        assert_eq!(bar(12_345, 100_000, 10), "[#.........] 12,345/100,000 rows");
-        assert_eq!(bar(50, 100, 10), "[#####.....] 50/100 rows");
-        assert_eq!(bar(100, 100, 10), "[##########] 100/100 rows");
-        assert_eq!(bar(0, 0, 4), "[####] 0/0 rows");
-    }
 
     #[test]
     fn status_marks_the_active_and_loaded_versions() {

@@ -31,6 +31,8 @@ pub struct ConfigError {
     pub field: String,
     /// What is wrong with it.
     pub reason: String,
+    /// The 1-based line within the field's own text (a transform script), when known.
+    pub line: Option<usize>,
 }
 
 impl ConfigError {
@@ -39,6 +41,7 @@ impl ConfigError {
         Self {
             field: field.into(),
             reason: reason.into(),
+            line: None,
         }
     }
 }
@@ -465,7 +468,10 @@ impl Catalog {
             problems.push(e);
         }
         if let Err(e) = crate::transform::Transform::from_config(config, limits) {
-            problems.push(ConfigError::new(e.field(), e.to_string()));
+            problems.push(ConfigError {
+                line: e.line(),
+                ..ConfigError::new(e.field(), e.to_string())
+            });
         }
         for missing in connector
             .required_secrets(config)

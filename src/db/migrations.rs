@@ -53,6 +53,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "leases",
         include_str!("../../migrations/down/V8__leases.down.sql"),
     ),
+    (
+        9,
+        "file_sync",
+        include_str!("../../migrations/down/V9__file_sync.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.
@@ -104,6 +109,18 @@ pub fn latest_known() -> i32 {
         .map(|m| m.version())
         .max()
         .unwrap_or(0)
+}
+
+/// Every migration this binary knows, oldest first (numbers may skip one reserved for a
+/// change not merged yet).
+pub fn known_versions() -> Vec<i32> {
+    let mut versions: Vec<i32> = embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| m.version())
+        .collect();
+    versions.sort_unstable();
+    versions
 }
 
 /// Reverts applied migrations newer than `target`, newest first, each in its own transaction

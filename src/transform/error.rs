@@ -57,6 +57,14 @@ impl CompileError {
         }
     }
 
+    /// The 1-based line of the script the error is at, when known.
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            Self::Syntax { line, .. } | Self::TooDeep { line, .. } => *line,
+            Self::NotAString | Self::ScriptTooLarge { .. } | Self::InvalidSchema(_) => None,
+        }
+    }
+
     /// A short snake_case code for API error details and metrics.
     pub fn code(&self) -> &'static str {
         match self {

@@ -25,7 +25,7 @@ const DSREG: &str = env!("CARGO_BIN_EXE_dsreg");
 
 /// The binary with nothing inherited that would pick a server, token, key or database, and
 /// `data_dir` as its data folder.
-fn dsreg(data_dir: &Path) -> Command {
+pub(crate) fn dsreg(data_dir: &Path) -> Command {
     let mut command = Command::new(DSREG);
     for name in [
         "DATABASE_URL",
@@ -46,14 +46,14 @@ fn dsreg(data_dir: &Path) -> Command {
 }
 
 /// What a finished command left behind.
-struct Ran {
-    status: ExitStatus,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Ran {
+    pub(crate) status: ExitStatus,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Ran {
-    fn assert_success(&self) -> &Self {
+    pub(crate) fn assert_success(&self) -> &Self {
         assert!(
             self.status.success(),
             "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -65,20 +65,20 @@ impl Ran {
     }
 
     /// stdout as JSON lines.
-    fn json_lines(&self) -> Vec<Value> {
+    pub(crate) fn json_lines(&self) -> Vec<Value> {
         self.stdout
             .lines()
             .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
             .collect()
     }
 
-    fn mentions(&self, text: &str) -> bool {
+    pub(crate) fn mentions(&self, text: &str) -> bool {
         self.stdout.contains(text) || self.stderr.contains(text)
     }
 }
 
 /// Runs `command` to its end with `stdin` (or an empty stdin).
-async fn run(mut command: Command, stdin: Option<&[u8]>) -> Ran {
+pub(crate) async fn run(mut command: Command, stdin: Option<&[u8]>) -> Ran {
     command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())

@@ -179,9 +179,13 @@ async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_ki
         "{} of 300 moved to the fourth instance",
         moved.len()
     );
+    // Nearly every move is to the new instance; the cap per instance may shift a few between
+    // the others (one that held more than the new cap sheds its excess to its next choice).
+    let sideways = moved.iter().filter(|id| after[**id] != "node-d").count();
     assert!(
-        moved.iter().all(|id| after[*id] == "node-d"),
-        "every move goes to the new instance"
+        sideways * 10 <= moved.len(),
+        "{sideways} of {} moves were between the old instances",
+        moved.len()
     );
     let started_after = starts(&db).await;
     let restarted: Vec<&Uuid> = ids

@@ -814,7 +814,7 @@ async fn harness_catalog_and_registry_answer() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(info.schema_version, 8);
+    assert_eq!(info.schema_version, dsreg::db::migrations::latest_known());
 }
 
 #[tokio::test]

@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod connectors;
 mod deploy;
+mod files;
 mod grpc;
 mod helpers;
 mod launcher;

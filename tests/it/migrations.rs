@@ -9,10 +9,11 @@ async fn migrations_go_up_down_and_up_again() {
     let test_db = TestDb::new().await;
     let mut client = db::connect(&test_db.url).await.unwrap();
     let latest = migrations::latest_known();
+    let known = migrations::known_versions();
     assert_eq!(migrations::current_version(&client).await.unwrap(), latest);
 
     let reverted = migrations::migrate_down(&mut client, 0).await.unwrap();
-    assert_eq!(reverted.len() as i32, latest);
+    assert_eq!(reverted.len(), known.len());
     assert_eq!(migrations::current_version(&client).await.unwrap(), 0);
     let leftovers: i64 = client
         .query_one(
@@ -30,7 +31,7 @@ async fn migrations_go_up_down_and_up_again() {
     );
 
     let applied = migrations::migrate_up(&mut client).await.unwrap();
-    assert_eq!(applied.len() as i32, latest);
+    assert_eq!(applied, known);
     client
         .execute("INSERT INTO datasources (org, project, name, kind) VALUES ('a', 'b', 'c', 'generator')", &[])
         .await

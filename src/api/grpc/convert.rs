@@ -14,7 +14,7 @@ use crate::db::repository::versions::Version;
 use crate::domain::{DatasourceStatus, VersionState, WorkerStatus};
 
 /// The largest config document accepted (the schema's limit too).
-pub const MAX_CONFIG_BYTES: usize = 1024 * 1024;
+pub use crate::domain::MAX_CONFIG_BYTES;
 
 /// A timestamp message.
 pub fn timestamp(at: DateTime<Utc>) -> prost_types::Timestamp {

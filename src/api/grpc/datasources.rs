@@ -16,16 +16,7 @@ use crate::db::repository::datasources::{
     self, Datasource, DatasourcePatch, ListFilter, NewDatasource,
 };
 use crate::db::repository::{GenericClient, secrets as secret_rows, versions};
-use crate::domain::{DatasourceStatus, Name};
-
-/// Longest owner.
-const MAX_OWNER: usize = 256;
-/// Most tags.
-const MAX_TAGS: usize = 64;
-/// Longest tag.
-const MAX_TAG: usize = 128;
-/// Longest description or comment.
-const MAX_TEXT: usize = 4096;
+use crate::domain::{self, DatasourceStatus, MAX_OWNER, MAX_TEXT, Name};
 
 /// The service.
 #[derive(Clone)]
@@ -119,20 +110,7 @@ pub async fn admit(ds: Datasource, call: &Call, check: Check<'_>) -> Result<Data
 }
 
 fn tags(values: Vec<String>) -> Result<Vec<String>, Status> {
-    if values.len() > MAX_TAGS {
-        return Err(invalid(
-            "tags",
-            format!("{} tags; at most {MAX_TAGS}", values.len()),
-        ));
-    }
-    for tag in &values {
-        if tag.is_empty() || tag.len() > MAX_TAG {
-            return Err(invalid(
-                "tags",
-                format!("each tag must be 1 to {MAX_TAG} bytes"),
-            ));
-        }
-    }
+    domain::check_tags(&values)?;
     Ok(values)
 }
 
@@ -466,7 +444,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
                 .await
                 .map_err(status::db)?;
             audit.diff = Some(
-                serde_json::json!({ "config_keys_changed": changed_keys(&before.config, &config) }),
+                serde_json::json!({ "config_keys_changed": domain::changed_keys(&before.config, &config) }),
             );
             Ok(v)
         })
@@ -549,22 +527,6 @@ fn config_keys(config: &serde_json::Value) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The top-level keys whose values differ between two configs.
-fn changed_keys(before: &serde_json::Value, after: &serde_json::Value) -> Vec<String> {
-    let empty = serde_json::Map::new();
-    let b = before.as_object().unwrap_or(&empty);
-    let a = after.as_object().unwrap_or(&empty);
-    let mut keys: Vec<String> = b
-        .keys()
-        .chain(a.keys())
-        .filter(|k| b.get(*k) != a.get(*k))
-        .cloned()
-        .collect();
-    keys.sort();
-    keys.dedup();
-    keys
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -573,7 +535,7 @@ mod tests {
     fn audit_diffs_name_keys_never_values() {
         let before = serde_json::json!({"url": "http://a", "token": "s3cret", "rate": 1});
         let after = serde_json::json!({"url": "http://b", "token": "s3cret", "extra": true});
-        let changed = changed_keys(&before, &after);
+        let changed = domain::changed_keys(&before, &after);
         assert_eq!(changed, vec!["extra", "rate", "url"]);
         assert!(!serde_json::to_string(&changed).unwrap().contains("s3cret"));
     }

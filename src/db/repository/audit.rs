@@ -78,6 +78,41 @@ pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(
     Ok(())
 }
 
+/// Writes audit rows in one statement, whatever their number.
+///
+/// # Errors
+/// The query failed.
+pub async fn record_many(client: &impl GenericClient, entries: &[AuditEntry]) -> Result<(), Error> {
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let column = |f: fn(&AuditEntry) -> Option<String>| -> Vec<Option<String>> {
+        entries.iter().map(f).collect()
+    };
+    let actors = column(|e| Some(e.actor.clone()));
+    let actions = column(|e| Some(e.action.clone()));
+    let resources = column(|e| Some(e.resource.clone()));
+    let orgs = column(|e| e.org.clone());
+    let projects = column(|e| e.project.clone());
+    let outcomes = column(|e| Some(e.outcome.as_str().to_owned()));
+    let reasons = column(|e| e.reason.clone());
+    let traces = column(|e| e.trace_id.clone());
+    let versions: Vec<Option<i32>> = entries.iter().map(|e| e.version).collect();
+    let diffs: Vec<Option<&serde_json::Value>> = entries.iter().map(|e| e.diff.as_ref()).collect();
+    client
+        .execute(
+            "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason, diff, trace_id)
+             SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                                  $6::int[], $7::text[], $8::text[], $9::jsonb[], $10::text[])",
+            &[
+                &actors, &actions, &resources, &orgs, &projects, &versions, &outcomes, &reasons,
+                &diffs, &traces,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
 /// The newest audit rows for a resource (all resources when `None`), newest first.
 ///
 /// # Errors

@@ -142,6 +142,33 @@ pub async fn get(client: &impl GenericClient, id: Uuid) -> Result<Datasource, Er
     Datasource::from_row(&row)
 }
 
+/// Every datasource (archived ones too) named by one of `keys` (org, project, name), locked
+/// for update when `lock` is set.
+///
+/// # Errors
+/// The query failed.
+pub async fn by_names(
+    client: &impl GenericClient,
+    keys: &[(String, String, String)],
+    lock: bool,
+) -> Result<Vec<Datasource>, Error> {
+    let orgs: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let projects: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let names: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM datasources
+                 WHERE (org, project, name) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
+                 ORDER BY id{}",
+                if lock { " FOR UPDATE" } else { "" }
+            ),
+            &[&orgs, &projects, &names],
+        )
+        .await?;
+    rows.iter().map(Datasource::from_row).collect()
+}
+
 /// Filters for [`list`]; every set field must match.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod datasources;
 pub mod events;
+pub mod file_sync;
 pub mod leases;
 pub mod records;
 pub mod secrets;
@@ -51,4 +52,14 @@ pub async fn begin<'a>(
     )
     .await?;
     Ok(tx)
+}
+
+/// Changes who the rest of `tx` writes as (events, `created_by`, `published_by`).
+///
+/// # Errors
+/// The database is unreachable.
+pub async fn set_actor(tx: &Transaction<'_>, actor: &str) -> Result<(), Error> {
+    tx.execute("SELECT set_config('dsreg.actor', $1, true)", &[&actor])
+        .await?;
+    Ok(())
 }

@@ -179,6 +179,28 @@ pub async fn sealed(
     Ok(rows.iter().map(sealed_from_row).collect())
 }
 
+/// The names of the secrets of each of `datasources`, sorted, by datasource.
+///
+/// # Errors
+/// The query failed.
+pub async fn names(
+    client: &impl GenericClient,
+    datasources: &[Uuid],
+) -> Result<std::collections::HashMap<Uuid, Vec<String>>, Error> {
+    let rows = client
+        .query(
+            "SELECT datasource_id, name FROM datasource_secrets
+             WHERE datasource_id = ANY($1) ORDER BY datasource_id, name",
+            &[&datasources],
+        )
+        .await?;
+    let mut names: std::collections::HashMap<Uuid, Vec<String>> = Default::default();
+    for row in &rows {
+        names.entry(row.get(0)).or_default().push(row.get(1));
+    }
+    Ok(names)
+}
+
 /// Names and metadata of a datasource's secrets.
 ///
 /// # Errors

@@ -2,6 +2,8 @@
 //! same SQL functions (`dsreg_publish`, `dsreg_rollback`) that SQL publishers use, so every
 //! publisher gets the same checks and the same outbox event.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
@@ -191,6 +193,50 @@ pub async fn published(
         .as_ref()
         .map(Version::from_row)
         .transpose()
+}
+
+/// The published and the newest version of each of `datasources` (one version when they are
+/// the same), by datasource.
+///
+/// # Errors
+/// The query failed.
+pub async fn heads(
+    client: &impl GenericClient,
+    datasources: &[Uuid],
+) -> Result<HashMap<Uuid, Heads>, Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT {COLUMNS} FROM datasource_versions
+                 WHERE datasource_id = ANY($1)
+                   AND (state = 'published' OR (datasource_id, version) IN (
+                        SELECT datasource_id, max(version) FROM datasource_versions
+                        WHERE datasource_id = ANY($1) GROUP BY datasource_id))
+                 ORDER BY datasource_id, version"
+            ),
+            &[&datasources],
+        )
+        .await?;
+    let mut heads: HashMap<Uuid, Heads> = HashMap::new();
+    for row in &rows {
+        let v = Version::from_row(row)?;
+        let entry = heads.entry(v.datasource_id).or_default();
+        if v.state == VersionState::Published {
+            entry.published = Some(v.clone());
+        }
+        // Rows come oldest first: the last one is the newest.
+        entry.newest = Some(v);
+    }
+    Ok(heads)
+}
+
+/// A datasource's published and newest versions.
+#[derive(Debug, Clone, Default)]
+pub struct Heads {
+    /// The published version.
+    pub published: Option<Version>,
+    /// The newest version (a draft, or the published one).
+    pub newest: Option<Version>,
 }
 
 /// Every version of a datasource, newest first.

@@ -1,0 +1,1 @@
+DROP TABLE datasource_file_sync;
