@@ -16,10 +16,7 @@ use std::time::{Duration, Instant};
 use dsreg::app::App;
 use dsreg::config::Settings;
 use dsreg::connectors::Catalog;
-use dsreg::domain::WorkerStatus;
 use dsreg::files::{Action, ConflictPolicy, Mode, Options, Syncer, WatchConfig};
-use dsreg::supervisor::writer::Written;
-use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -110,7 +107,7 @@ async fn watch_latency(url: &str, debounce_ms: u64, edits: usize) -> anyhow::Res
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    wait_running(&mut written, &ids, 1).await;
+    common::wait_running(&mut written, &ids, 1).await;
     let mut samples = Vec::with_capacity(edits);
     let names: Vec<String> = client
         .query(
@@ -129,7 +126,7 @@ async fn watch_latency(url: &str, debounce_ms: u64, edits: usize) -> anyhow::Res
             dir.path().join(format!("{}.yaml", names[i])),
             file(&project, &names[i], edit + 1),
         )?;
-        let at = wait_running(&mut written, &ids[i..=i], version).await;
+        let at = common::wait_running(&mut written, &ids[i..=i], version).await;
         samples.push((at - saved).as_secs_f64() * 1e3);
     }
     shutdown.cancel();
@@ -139,25 +136,6 @@ async fn watch_latency(url: &str, debounce_ms: u64, edits: usize) -> anyhow::Res
         common::quantile(&samples, 0.50),
         common::quantile(&samples, 0.99),
     ))
-}
-
-async fn wait_running(
-    written: &mut UnboundedReceiver<Written>,
-    ids: &[Uuid],
-    version: i32,
-) -> Instant {
-    let mut missing: std::collections::HashSet<Uuid> = ids.iter().copied().collect();
-    loop {
-        let batch = written.recv().await.expect("registry running");
-        for (id, status, v) in &batch.states {
-            if *status == Some(WorkerStatus::Running) && *v == Some(version) {
-                missing.remove(id);
-            }
-        }
-        if missing.is_empty() {
-            return batch.at;
-        }
-    }
 }
 
 /// `dsreg import` of `n` datasources: dry run, import, again, 100 edited.

@@ -13,18 +13,15 @@
 
 mod common;
 
-use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use dsreg::app::App;
 use dsreg::config::Settings;
-use dsreg::domain::WorkerStatus;
 use dsreg::supervisor::Pass;
 use dsreg::supervisor::worker::Started;
 use dsreg::supervisor::writer::Written;
 use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 const ACTIVE: usize = 1_000;
 const IDLE_TOTAL: usize = 10_000;
@@ -82,7 +79,7 @@ async fn main() -> anyhow::Result<()> {
             &[&ids],
         )
         .await?;
-    let took = wait_running(&mut observed.written, &ids, 1).await;
+    let took = common::wait_running(&mut observed.written, &ids, 1).await;
     let bulk_ms = (took - bulk).as_secs_f64() * 1e3;
     rows.push(row(
         "1,000 datasources published in one transaction → all RUNNING",
@@ -123,7 +120,8 @@ async fn main() -> anyhow::Result<()> {
                 break s.at;
             }
         };
-        let written = wait_running(&mut observed.written, std::slice::from_ref(id), 2).await;
+        let written =
+            common::wait_running(&mut observed.written, std::slice::from_ref(id), 2).await;
         to_start.push((started - before_commit).as_secs_f64() * 1e3);
         to_running.push((written - before_commit).as_secs_f64() * 1e3);
     }
@@ -157,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
             &[&more],
         )
         .await?;
-    wait_running(&mut observed.written, &more, 1).await;
+    common::wait_running(&mut observed.written, &more, 1).await;
     // Let the start-up settle (allocations returned, first heartbeat written).
     tokio::time::sleep(Duration::from_secs(2)).await;
     rows.push(row(
@@ -235,27 +233,6 @@ async fn main() -> anyhow::Result<()> {
 
 fn row(figure: &str, value: String, target: &str) -> (String, String, String) {
     (figure.to_owned(), value, target.to_owned())
-}
-
-/// Creates `n` datasources (generator, idle) with versions 1..=3 as drafts.
-/// Waits until every id has been written as RUNNING on `version`; returns when the last was.
-async fn wait_running(
-    written: &mut UnboundedReceiver<Written>,
-    ids: &[Uuid],
-    version: i32,
-) -> Instant {
-    let mut missing: HashSet<Uuid> = ids.iter().copied().collect();
-    loop {
-        let batch = written.recv().await.expect("registry running");
-        for (id, status, v) in &batch.states {
-            if *status == Some(WorkerStatus::Running) && *v == Some(version) {
-                missing.remove(id);
-            }
-        }
-        if missing.is_empty() {
-            return batch.at;
-        }
-    }
 }
 
 fn rss_mb() -> f64 {

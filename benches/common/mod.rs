@@ -71,6 +71,26 @@ pub async fn statements(client: &tokio_postgres::Client) -> Option<i64> {
     Some(row.get(0))
 }
 
+/// Waits until every id has been written as RUNNING on `version`; returns when the last was.
+pub async fn wait_running(
+    written: &mut tokio::sync::mpsc::UnboundedReceiver<dsreg::supervisor::writer::Written>,
+    ids: &[uuid::Uuid],
+    version: i32,
+) -> std::time::Instant {
+    let mut missing: std::collections::HashSet<uuid::Uuid> = ids.iter().copied().collect();
+    loop {
+        let batch = written.recv().await.expect("registry running");
+        for (id, status, v) in &batch.states {
+            if *status == Some(dsreg::domain::WorkerStatus::Running) && *v == Some(version) {
+                missing.remove(id);
+            }
+        }
+        if missing.is_empty() {
+            return batch.at;
+        }
+    }
+}
+
 /// The number in environment variable `name`, or `default`.
 pub fn env_num(name: &str, default: u64) -> u64 {
     std::env::var(name)
