@@ -225,12 +225,17 @@ impl Listener {
                     Some(notification) => {
                         let payload = notification.payload();
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
-                        self.stats.activity.bump();
                         let signal = parse_payload(payload).unwrap_or_else(|reason| {
                             self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                             tracing::warn!(reason, bytes = payload.len(), "malformed notification on {CHANNEL}; treated as a wake-up");
                             Signal::Hint(None)
                         });
+                        match &signal {
+                            Signal::Hint(Some(id)) | Signal::Traced(id, _) => {
+                                self.stats.activity.bump_for([*id]);
+                            }
+                            Signal::Hint(None) | Signal::Reconnected => self.stats.activity.bump(),
+                        }
                         if signals.send(signal).is_err() {
                             return None;
                         }

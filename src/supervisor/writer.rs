@@ -158,7 +158,7 @@ impl StateWriter {
                         .filter(|t| !refused.contains(&t.datasource_id))
                         .collect();
                     if let Some(activity) = &self.activity {
-                        activity.bump();
+                        activity.bump_for(batch.iter().map(|t| t.datasource_id));
                     }
                     if let Some(metrics) = &self.metrics {
                         metrics.states_written(&batch, chrono::Utc::now());

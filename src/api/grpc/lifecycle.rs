@@ -57,7 +57,7 @@ fn reached(goal: Goal, ds: &Datasource, s: &State) -> bool {
 impl LifecycleService {
     /// Reads the datasource and its state until `goal` is reached or the budget is spent.
     async fn wait(&self, call: &Call, id: Uuid, goal: Goal) -> Result<pb::WorkerState, Status> {
-        let mut wake = self.0.activity.subscribe();
+        let mut wake = self.0.activity.subscribe_to(id);
         let until = tokio::time::Instant::now() + call.wait_budget();
         loop {
             let (ds, s) = read(&self.0.pool, call, id).await?;
@@ -243,7 +243,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
             visible(&**client, &call, id, Check::Read(&ctx.pool)).await?;
         }
         let (tx, rx) = mpsc::channel(16);
-        let mut wake = ctx.activity.subscribe();
+        let mut wake = ctx.activity.subscribe_to(id);
         let shutdown = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
             let mut last: Option<pb::WorkerState> = None;
