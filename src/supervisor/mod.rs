@@ -121,6 +121,8 @@ struct Cluster {
     live: Vec<String>,
     /// The last balance's assignment: whether each datasource it saw is this instance's.
     assigned: HashMap<Uuid, bool>,
+    /// More leases should move than one balance gives up: the next renewal balances again.
+    moves_left: bool,
 }
 
 impl Cluster {
@@ -209,6 +211,7 @@ impl Supervisor {
             draining: HashMap::new(),
             released: HashMap::new(),
             assigned: HashMap::new(),
+            moves_left: false,
         };
         Self {
             cluster,
@@ -388,12 +391,17 @@ impl Supervisor {
         if !adopted.is_empty() {
             self.reconcile(&adopted).await?;
         }
-        // Someone came or went, a lease is free, or one is being given up: look again.
+        // Someone came or went, a lease is free, or leases are being (or still to be) given
+        // up: look again.
         let mut live = renewal.seen.live.clone();
         if let Err(at) = live.binary_search(&self.cluster.me.id) {
             live.insert(at, self.cluster.me.id.clone());
         }
-        if live != self.cluster.live || renewal.seen.free > 0 || !self.cluster.draining.is_empty() {
+        if live != self.cluster.live
+            || renewal.seen.free > 0
+            || !self.cluster.draining.is_empty()
+            || self.cluster.moves_left
+        {
             self.balance().await?;
         }
         Ok(())
@@ -402,6 +410,16 @@ impl Supervisor {
     /// Claims what is assigned here and free, gives up (a few per tick) what is assigned
     /// elsewhere once its worker has stopped, and releases the leases of retired datasources.
     async fn balance(&mut self) -> Result<(), Error> {
+        let result = self.balance_once().await;
+        if result.is_err() {
+            // Forget what it saw, so the next renewal balances again rather than wait for the
+            // periodic resync.
+            self.cluster.live.clear();
+        }
+        result
+    }
+
+    async fn balance_once(&mut self) -> Result<(), Error> {
         let ttl = self.cluster.config.ttl;
         self.cluster
             .released
@@ -463,7 +481,9 @@ impl Supervisor {
             .moves_per_tick
             .saturating_sub(self.cluster.draining.len());
         let retired = leaving.iter().filter(|(_, to)| to.is_none()).count();
-        leaving.truncate(retired.max(room));
+        let take = retired.max(room);
+        self.cluster.moves_left = leaving.len() > take;
+        leaving.truncate(take);
         for (id, to) in leaving {
             self.cluster.draining.insert(id, to);
             self.failed.remove(&id);

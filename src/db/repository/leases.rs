@@ -128,10 +128,15 @@ pub async fn renew(
             "WITH beat AS (
                 INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
                 ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
-             ), renewed AS (
-                UPDATE datasource_leases SET expires_at = now() + $2::bigint * interval '1 millisecond'
+             ), mine AS (
+                -- Locked in datasource order, as claims and releases lock: never a deadlock.
+                SELECT datasource_id FROM datasource_leases
                 WHERE owner = $1 AND expires_at > now()
-                RETURNING datasource_id, epoch
+                ORDER BY datasource_id FOR UPDATE
+             ), renewed AS (
+                UPDATE datasource_leases l SET expires_at = now() + $2::bigint * interval '1 millisecond'
+                FROM mine WHERE l.datasource_id = mine.datasource_id
+                RETURNING l.datasource_id, l.epoch
              )
              SELECT 'held', datasource_id, epoch, NULL FROM renewed
              UNION ALL
@@ -277,6 +282,9 @@ pub async fn claim(
                 INSERT INTO datasource_leases AS l (datasource_id, owner, epoch, expires_at, acquired_at)
                 SELECT d.id, $1, 1, now() + $3::bigint * interval '1 millisecond', now()
                 FROM datasources d WHERE d.id = ANY($2)
+                -- Rows are locked in one order by every instance: concurrent claims wait,
+                -- never deadlock.
+                ORDER BY d.id
                 ON CONFLICT (datasource_id) DO UPDATE
                     SET owner = $1, epoch = l.epoch + 1, expires_at = excluded.expires_at,
                         acquired_at = now()
@@ -360,9 +368,14 @@ async fn release_in(
     let ids: Vec<Uuid> = moves.iter().map(|(id, _)| *id).collect();
     let rows = tx
         .query(
-            "UPDATE datasource_leases SET owner = NULL, expires_at = '-infinity'
-             WHERE owner = $1 AND datasource_id = ANY($2)
-             RETURNING datasource_id, epoch",
+            "WITH mine AS (
+                SELECT datasource_id FROM datasource_leases
+                WHERE owner = $1 AND datasource_id = ANY($2)
+                ORDER BY datasource_id FOR UPDATE
+             )
+             UPDATE datasource_leases l SET owner = NULL, expires_at = '-infinity'
+             FROM mine WHERE l.datasource_id = mine.datasource_id
+             RETURNING l.datasource_id, l.epoch",
             &[&me, &ids],
         )
         .await?;
