@@ -46,7 +46,7 @@ async fn renewals(client: &tokio_postgres::Client) -> Option<(i64, i64)> {
         .query_one(
             "SELECT coalesce(sum(calls), 0)::bigint, coalesce(sum(rows), 0)::bigint
              FROM pg_stat_statements
-             WHERE query LIKE '%UPDATE datasource_leases SET expires_at%'",
+             WHERE query LIKE '%WITH beat AS%'",
             &[],
         )
         .await

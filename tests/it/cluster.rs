@@ -159,10 +159,15 @@ async fn starts(db: &TestDb) -> HashMap<Uuid, i64> {
 async fn three_instances_share_300_datasources_a_fourth_takes_a_quarter_and_a_killed_ones_move() {
     let db = TestDb::new().await;
     let ids = fleet(&db, 300, 2.0).await;
+    let started = Instant::now();
     let a = instance(&db, "node-a").await;
     let b = instance(&db, "node-b").await;
     let c = instance(&db, "node-c").await;
     let before = balanced(&db, &ids, &["node-a", "node-b", "node-c"]).await;
+    // Whoever starts first takes everything; the moves to the others follow one after
+    // another, well before the periodic resync (30 s) would repair a stalled balance.
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(20), "balanced after {took:?}");
     for name in ["node-a", "node-b", "node-c"] {
         let share = before.values().filter(|o| *o == name).count();
         assert!((60..=140).contains(&share), "{name} holds {share} of 300");
