@@ -127,8 +127,8 @@ pub struct Settings {
     #[arg(long, env = "DSREG_LEASE_TTL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     pub lease_ttl_ms: u64,
 
-    /// Leases an instance gives up per second when they belong elsewhere (an instance joined):
-    /// moves are gradual, never a storm.
+    /// Leases an instance gives up at a time when they belong elsewhere (an instance joined):
+    /// the next batch starts once this one has moved, so moves are gradual, never a storm.
     #[arg(long, env = "DSREG_LEASE_MOVES_PER_TICK", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub lease_moves_per_tick: u64,
 

@@ -31,7 +31,7 @@ use crate::telemetry::metrics::Metrics;
 pub struct LeaseConfig {
     /// How long a lease lasts without renewal; a dead instance's datasources move after this.
     pub ttl: Duration,
-    /// Leases an instance gives up per balance tick when others should have them.
+    /// Leases an instance gives up at a time when others should have them.
     pub moves_per_tick: usize,
     /// How far above an even share an instance may be assigned (1.25: 25% more).
     pub slack: f64,
