@@ -247,6 +247,7 @@ impl Supervisor {
         mut signals: mpsc::UnboundedReceiver<Signal>,
         shutdown: CancellationToken,
     ) {
+        self.wait_out_namesake(&shutdown).await;
         let renewer_stop = CancellationToken::new();
         {
             let (renewer, renewals) = Renewer::new(
@@ -327,6 +328,42 @@ impl Supervisor {
         }
         self.stop_all().await;
         renewer_stop.cancel();
+    }
+
+    /// A process that ran under this instance id moments ago (a crash, then a restart with
+    /// `--instance-id`) may still look alive, and renewing its leases would run its workers
+    /// twice if it is in fact still running (two hosts given one id): wait until it is seen
+    /// dead, so its leases are claimed again under new epochs.
+    async fn wait_out_namesake(&self, shutdown: &CancellationToken) {
+        let mut said = false;
+        loop {
+            let left = match self.pool.get().await {
+                Ok(client) => {
+                    leases::live_for(&**client, &self.cluster.me.id, self.cluster.config.ttl).await
+                }
+                Err(e) => Err(e.into()),
+            };
+            let left = match left {
+                Ok(Some(left)) => left,
+                Ok(None) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot check whether this instance id is in use");
+                    return;
+                }
+            };
+            if !said {
+                said = true;
+                tracing::warn!(
+                    instance = %self.cluster.me.id,
+                    wait_ms = left.as_millis() as u64,
+                    "this instance id was alive moments ago (another process, or this one before a crash): waiting until it is seen dead before taking any lease"
+                );
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(left.min(Duration::from_secs(1)) + Duration::from_millis(50)) => {}
+            }
+        }
     }
 
     async fn register(&self) -> Result<(), Error> {

@@ -463,6 +463,47 @@ async fn a_publish_and_lifecycle_calls_through_an_instance_that_does_not_own_the
     b.stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_id_reused_right_after_a_crash_waits_out_the_old_process() {
+    let db = TestDb::new().await;
+    let ids = fleet(&db, 10, 1.0).await;
+    let first = instance(&db, "node-x").await;
+    balanced(&db, &ids, &["node-x"]).await;
+    let before = running(&db).await;
+    signal(&first, Signal::SIGKILL);
+    let second = instance(&db, "node-x").await;
+    wait_for(
+        "the restart waiting out its namesake",
+        Duration::from_secs(10),
+        || async {
+            second
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("this instance id was alive moments ago"))
+                .then_some(())
+        },
+    )
+    .await;
+    // Its leases are claimed again under new epochs, never renewed as if nothing happened.
+    wait_for(
+        "every datasource RUNNING again under a new epoch",
+        Duration::from_secs(30),
+        || async {
+            let now = running(&db).await;
+            ids.iter()
+                .all(|id| {
+                    now.get(id)
+                        .is_some_and(|(on, epoch)| on == "node-x" && *epoch > before[id].1)
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    second.stop().await;
+}
+
 /// The fence itself, statement by statement: once a lease has moved on, the old owner's
 /// records, states, events, heartbeats and cursor saves are refused, and its renewal
 /// renews nothing.

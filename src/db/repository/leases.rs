@@ -112,6 +112,29 @@ pub struct Renewed {
     pub free: i64,
 }
 
+/// How long an instance registered as `id` stays live without another heartbeat: `None` when
+/// it is not live (never registered, stopped cleanly, or silent for `ttl`).
+///
+/// # Errors
+/// The query failed.
+pub async fn live_for(
+    client: &impl GenericClient,
+    id: &str,
+    ttl: Duration,
+) -> Result<Option<Duration>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT (extract(epoch FROM heartbeat_at + $2::bigint * interval '1 millisecond' - now())
+                     * 1000)::bigint
+             FROM dsreg_instances
+             WHERE id = $1 AND stopped_at IS NULL
+               AND heartbeat_at > now() - $2::bigint * interval '1 millisecond'",
+            &[&id, &millis(ttl)],
+        )
+        .await?;
+    Ok(row.map(|r| Duration::from_millis(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))))
+}
+
 /// One statement per tick: `me`'s heartbeat, every unexpired lease it holds extended to `ttl`
 /// from now, the live instances and the number of datasources no one holds. A lease that had
 /// already expired is not renewed (it must be claimed again, under a new epoch).
