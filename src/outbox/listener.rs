@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::CHANNEL;
 use super::notifications::{Listening, listen_with};
+use super::{CHANNEL, STATE_CHANNEL};
 use crate::db::Error;
 
 /// What the listener tells the supervisor.
@@ -139,7 +139,24 @@ async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
         .keepalives_retries(3)
         .connect_timeout(Duration::from_secs(5))
         .application_name("dsreg-listener");
-    listen_with(&pg, CHANNEL).await
+    let listening = listen_with(&pg, CHANNEL).await?;
+    listening
+        .client
+        .batch_execute(&format!("LISTEN {STATE_CHANNEL}"))
+        .await?;
+    Ok(listening)
+}
+
+/// The datasources a state notification names; `None` for "many" (`*`) or anything that does
+/// not parse (both wake every watcher).
+fn parse_state_payload(payload: &str) -> Option<Vec<Uuid>> {
+    if payload.len() > 8_000 {
+        return None;
+    }
+    payload
+        .split(',')
+        .map(|id| Uuid::parse_str(id.trim()).ok())
+        .collect()
 }
 
 impl Listener {
@@ -222,6 +239,13 @@ impl Listener {
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 message = connected.notifications.recv() => match message {
+                    Some(notification) if notification.channel() == STATE_CHANNEL => {
+                        // Worker states written (by any instance): wake waits and watches only.
+                        match parse_state_payload(notification.payload()) {
+                            Some(ids) => self.stats.activity.bump_for(ids),
+                            None => self.stats.activity.bump(),
+                        }
+                    }
                     Some(notification) => {
                         let payload = notification.payload();
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
@@ -258,6 +282,15 @@ impl Listener {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn state_payloads_name_datasources_or_everyone() {
+        let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+        assert_eq!(parse_state_payload(&format!("{a},{b}")), Some(vec![a, b]));
+        assert_eq!(parse_state_payload("*"), None);
+        assert_eq!(parse_state_payload(&format!("{a},nope")), None);
+        assert_eq!(parse_state_payload(&"x".repeat(9_000)), None);
+    }
 
     #[test]
     fn payloads_from_the_trigger_parse_and_anything_else_is_refused() {

@@ -636,9 +636,17 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         0
     );
 
-    // y, the owner under epoch 2, writes all of it.
+    // y, the owner under epoch 2, writes all of it; every instance hears whose state changed.
+    let mut states = dsreg::outbox::notifications::listen(&db.url, dsreg::outbox::STATE_CHANNEL)
+        .await
+        .unwrap();
     assert_eq!(write("y", 2).await, vec![(ds.id, 2)]);
     assert!(apply("y", 2).await.is_empty());
+    let heard = tokio::time::timeout(Duration::from_secs(5), states.notifications.recv())
+        .await
+        .expect("a state notification")
+        .expect("listening");
+    assert_eq!(heard.payload(), ds.id.to_string());
     let s = db.state(ds.id).await;
     assert_eq!(
         (s.worker_status, s.owner_instance.as_deref(), s.lease_epoch),

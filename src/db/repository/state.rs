@@ -348,7 +348,8 @@ impl Transition {
 /// Writes many transitions (at most one per datasource: merge first) and their events in one
 /// statement, as `instance`, with `actor` on the events. Each is fenced: written only while
 /// `instance` holds the datasource's lease under the transition's epoch; the others (and
-/// their events) are refused, and their datasources returned.
+/// their events) are refused, and their datasources returned. The datasources written are
+/// NOTIFYed on [`crate::outbox::STATE_CHANNEL`].
 ///
 /// # Errors
 /// The statement failed; nothing was written.
@@ -419,8 +420,18 @@ pub async fn apply_transitions(
                          AS e(id, type, version, payload, at)
                     WHERE e.id IN (SELECT id FROM fenced)
                  )
-                 SELECT id FROM u WHERE id NOT IN (SELECT id FROM fenced)",
-                super::leases::fence("$8", "u.epoch")
+                 SELECT id FROM u WHERE id NOT IN (SELECT id FROM fenced)
+                 UNION ALL
+                 -- Every instance hears which states changed (API waits and watches served
+                 -- by an instance that does not own the worker): one notification a batch,
+                 -- naming up to 100 datasources, else '*'. Its row has no id.
+                 SELECT NULL FROM (
+                    SELECT pg_notify('{}', CASE WHEN count(*) <= 100
+                                                THEN string_agg(id::text, ',') ELSE '*' END)
+                    FROM fenced HAVING count(*) > 0
+                 ) notified",
+                super::leases::fence("$8", "u.epoch"),
+                crate::outbox::STATE_CHANNEL
             ),
             &[
                 &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor, &event_ids,
@@ -428,7 +439,7 @@ pub async fn apply_transitions(
             ],
         )
         .await?;
-    Ok(rows.iter().map(|r| r.get(0)).collect())
+    Ok(rows.iter().filter_map(|r| r.get(0)).collect())
 }
 
 /// One worker's heartbeat.
