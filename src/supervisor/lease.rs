@@ -48,12 +48,17 @@ impl Default for LeaseConfig {
 }
 
 impl LeaseConfig {
-    /// Renewal period: at least four renewals per lease time (so three may fail before the
-    /// leases are given up) and at least one a second (each also tells whether an instance
-    /// came or went, or a lease is free: a dead instance's datasources are claimed within a
-    /// second of their leases' expiry).
+    /// Renewal period: four renewals per lease time, so three may fail before the leases are
+    /// given up.
     pub fn renew_every(&self) -> Duration {
-        (self.ttl / 4).min(Duration::from_secs(1))
+        self.ttl / 4
+    }
+
+    /// How often the instance looks (a read) whether an instance came or went or a lease is
+    /// free, between renewals: at least once a second, so a dead instance's datasources are
+    /// claimed within a second of their leases' expiry.
+    pub fn look_every(&self) -> Duration {
+        self.renew_every().min(Duration::from_secs(1))
     }
 
     /// How long after a renewal was sent its leases are surely still held: three quarters of
@@ -134,12 +139,15 @@ pub struct Renewal {
     /// The leases it renewed, with their epochs, the live instances, and how many live
     /// datasources no one holds.
     pub seen: Arc<leases::Renewed>,
+    /// Whether it renewed the leases (else it only looked: `seen.held` is empty).
+    pub renewed: bool,
     /// Whether the leases ran out instead (every worker was cancelled).
     pub lost: bool,
 }
 
-/// The renewal task: heartbeats this instance and renews its leases, one statement per tick,
-/// which also reports the live instances and the unheld datasources.
+/// The renewal task: heartbeats this instance and renews its leases, one statement per
+/// renewal, which also reports the live instances and the unheld datasources; between
+/// renewals, once a second at least, it only looks at those two.
 pub struct Renewer {
     pool: Pool,
     me: InstanceInfo,
@@ -174,8 +182,14 @@ impl Renewer {
 
     /// Renews until `stop`.
     pub async fn run(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.config.renew_every());
+        let mut tick = tokio::time::interval(self.config.look_every());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Half a look early, so timer jitter never skips a renewal.
+        let due = self
+            .config
+            .renew_every()
+            .saturating_sub(self.config.look_every() / 2);
+        let mut last_renewal: Option<Instant> = None;
         loop {
             let deadline = self.tenure.until();
             tokio::select! {
@@ -195,7 +209,8 @@ impl Renewer {
                 continue;
             }
             let sent = Instant::now();
-            let renewal = tokio::time::timeout(self.config.renew_every(), self.renew_once());
+            let renewing = last_renewal.is_none_or(|at| sent - at >= due);
+            let renewal = tokio::time::timeout(self.config.look_every(), self.renew_once(renewing));
             let result = tokio::select! {
                 biased;
                 () = stop.cancelled() => return,
@@ -212,31 +227,41 @@ impl Renewer {
                 continue;
             }
             let ok = matches!(result, Ok(Ok(_)));
-            if let Some(metrics) = &self.metrics {
+            if let (true, Some(metrics)) = (renewing, &self.metrics) {
                 metrics.lease_renewed(ok);
             }
             match result {
                 Ok(Ok(seen)) => {
-                    self.tenure
-                        .renewed(sent, !seen.held.is_empty(), self.config.safe_for());
+                    if renewing {
+                        last_renewal = Some(sent);
+                        self.tenure
+                            .renewed(sent, !seen.held.is_empty(), self.config.safe_for());
+                    }
                     self.out.send_replace(Some(Renewal {
                         sent,
                         seen: Arc::new(seen),
+                        renewed: renewing,
                         lost: false,
                     }));
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "lease renewal failed"),
+                Ok(Err(e)) => tracing::warn!(error = %e, renewing, "lease renewal failed"),
                 Err(_) => tracing::warn!(
-                    timeout = ?self.config.renew_every(),
+                    timeout = ?self.config.look_every(),
+                    renewing,
                     "lease renewal timed out"
                 ),
             }
         }
     }
 
-    async fn renew_once(&self) -> Result<leases::Renewed, crate::db::Error> {
+    /// A renewal, or (`renewing` false) a look.
+    async fn renew_once(&self, renewing: bool) -> Result<leases::Renewed, crate::db::Error> {
         let client = self.pool.get().await?;
-        leases::renew(&**client, &self.me, self.config.ttl).await
+        if renewing {
+            leases::renew(&**client, &self.me, self.config.ttl).await
+        } else {
+            leases::look(&**client, &self.me.id, self.config.ttl).await
+        }
     }
 
     fn lose(&self) {
@@ -247,6 +272,7 @@ impl Renewer {
         self.out.send_replace(Some(Renewal {
             sent: Instant::now(),
             seen: Arc::default(),
+            renewed: false,
             lost: true,
         }));
     }

@@ -371,8 +371,8 @@ impl Supervisor {
         leases::register(&**client, &self.cluster.me).await
     }
 
-    /// A renewal arrived: leases it did not renew are gone (their workers stop); leases held
-    /// in the database that this map lacks (kept through a brief outage) are taken up again.
+    /// A renewal (or a look between renewals) arrived: what it renewed is taken stock of, and
+    /// what it saw of the others may call for a balance.
     async fn on_renewal(&mut self, renewal: Renewal) -> Result<(), Error> {
         if renewal.lost {
             let lost = self.cluster.held.len();
@@ -390,6 +390,28 @@ impl Supervisor {
             });
             return Ok(());
         }
+        if renewal.renewed {
+            self.take_up(&renewal).await?;
+        }
+        // Someone came or went, a lease is free, or leases are being (or still to be) given
+        // up: look again.
+        let mut live = renewal.seen.live.clone();
+        if let Err(at) = live.binary_search(&self.cluster.me.id) {
+            live.insert(at, self.cluster.me.id.clone());
+        }
+        if live != self.cluster.live
+            || renewal.seen.free > 0
+            || !self.cluster.draining.is_empty()
+            || self.cluster.moves_left
+        {
+            self.balance().await?;
+        }
+        Ok(())
+    }
+
+    /// Leases the renewal did not renew are gone (their workers stop); leases held in the
+    /// database that this map lacks (kept through a brief outage) are taken up again.
+    async fn take_up(&mut self, renewal: &Renewal) -> Result<(), Error> {
         let renewed: HashMap<Uuid, i64> = renewal.seen.held.iter().copied().collect();
         let lost: Vec<Uuid> = self
             .cluster
@@ -427,19 +449,6 @@ impl Supervisor {
         });
         if !adopted.is_empty() {
             self.reconcile(&adopted).await?;
-        }
-        // Someone came or went, a lease is free, or leases are being (or still to be) given
-        // up: look again.
-        let mut live = renewal.seen.live.clone();
-        if let Err(at) = live.binary_search(&self.cluster.me.id) {
-            live.insert(at, self.cluster.me.id.clone());
-        }
-        if live != self.cluster.live
-            || renewal.seen.free > 0
-            || !self.cluster.draining.is_empty()
-            || self.cluster.moves_left
-        {
-            self.balance().await?;
         }
         Ok(())
     }

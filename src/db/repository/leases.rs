@@ -135,9 +135,32 @@ pub async fn live_for(
     Ok(row.map(|r| Duration::from_millis(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))))
 }
 
-/// One statement per tick: `me`'s heartbeat, every unexpired lease it holds extended to `ttl`
-/// from now, the live instances and the number of datasources no one holds. A lease that had
-/// already expired is not renewed (it must be claimed again, under a new epoch).
+/// The live instances and the unheld datasources, as rows tagged `live` and `free` (the tail
+/// of [`renew`]'s statement, and all of [`look`]'s).
+const SEEN: &str = "SELECT 'live', NULL::uuid, NULL::bigint, id FROM dsreg_instances
+     WHERE id = $1 OR (stopped_at IS NULL AND heartbeat_at > now() - $2::bigint * interval '1 millisecond')
+     UNION ALL
+     SELECT 'free', NULL, count(*), NULL
+     FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
+     WHERE d.status <> 'archived' AND (l.owner IS NULL OR l.expires_at <= now())";
+
+fn seen(rows: &[tokio_postgres::Row]) -> Renewed {
+    let mut seen = Renewed::default();
+    for row in rows {
+        match row.get::<_, &str>(0) {
+            "held" => seen.held.push((row.get(1), row.get(2))),
+            "live" => seen.live.push(row.get(3)),
+            _ => seen.free = row.get(2),
+        }
+    }
+    seen.live.sort_unstable();
+    seen.live.dedup();
+    seen
+}
+
+/// One statement per renewal: `me`'s heartbeat, every unexpired lease it holds extended to
+/// `ttl` from now, the live instances and the number of datasources no one holds. A lease
+/// that had already expired is not renewed (it must be claimed again, under a new epoch).
 ///
 /// # Errors
 /// The statement failed; nothing was renewed.
@@ -148,41 +171,38 @@ pub async fn renew(
 ) -> Result<Renewed, Error> {
     let rows = client
         .query(
-            "WITH beat AS (
-                INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
-                ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
-             ), mine AS (
-                -- Locked in datasource order, as claims and releases lock: never a deadlock.
-                SELECT datasource_id FROM datasource_leases
-                WHERE owner = $1 AND expires_at > now()
-                ORDER BY datasource_id FOR UPDATE
-             ), renewed AS (
-                UPDATE datasource_leases l SET expires_at = now() + $2::bigint * interval '1 millisecond'
-                FROM mine WHERE l.datasource_id = mine.datasource_id
-                RETURNING l.datasource_id, l.epoch
-             )
-             SELECT 'held', datasource_id, epoch, NULL FROM renewed
-             UNION ALL
-             SELECT 'live', NULL, NULL, id FROM dsreg_instances
-             WHERE id = $1 OR (stopped_at IS NULL AND heartbeat_at > now() - $2::bigint * interval '1 millisecond')
-             UNION ALL
-             SELECT 'free', NULL, count(*), NULL
-             FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
-             WHERE d.status <> 'archived' AND (l.owner IS NULL OR l.expires_at <= now())",
+            &format!(
+                "WITH beat AS (
+                    INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
+                    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
+                 ), mine AS (
+                    -- Locked in datasource order, as claims and releases lock: never a deadlock.
+                    SELECT datasource_id FROM datasource_leases
+                    WHERE owner = $1 AND expires_at > now()
+                    ORDER BY datasource_id FOR UPDATE
+                 ), renewed AS (
+                    UPDATE datasource_leases l SET expires_at = now() + $2::bigint * interval '1 millisecond'
+                    FROM mine WHERE l.datasource_id = mine.datasource_id
+                    RETURNING l.datasource_id, l.epoch
+                 )
+                 SELECT 'held', datasource_id, epoch, NULL FROM renewed
+                 UNION ALL
+                 {SEEN}"
+            ),
             &[&me.id, &millis(ttl), &me.address, &me.version],
         )
         .await?;
-    let mut renewed = Renewed::default();
-    for row in &rows {
-        match row.get::<_, &str>(0) {
-            "held" => renewed.held.push((row.get(1), row.get(2))),
-            "live" => renewed.live.push(row.get(3)),
-            _ => renewed.free = row.get(2),
-        }
-    }
-    renewed.live.sort_unstable();
-    renewed.live.dedup();
-    Ok(renewed)
+    Ok(seen(&rows))
+}
+
+/// Between renewals, a read: the live instances and the number of datasources no one holds
+/// (`held` is left empty).
+///
+/// # Errors
+/// The query failed.
+pub async fn look(client: &impl GenericClient, me: &str, ttl: Duration) -> Result<Renewed, Error> {
+    let rows = client.query(SEEN, &[&me, &millis(ttl)]).await?;
+    Ok(seen(&rows))
 }
 
 /// The instances alive now: a heartbeat within `ttl`, not stopped. Sorted by id.
