@@ -80,6 +80,19 @@ async fn workers_on(process: &ServeProcess) -> HashSet<String> {
         .collect()
 }
 
+/// Waits until `process` has logged a line containing `text`.
+async fn logged(process: &ServeProcess, text: &str) {
+    wait_for(
+        &format!("the log line {text:?}"),
+        Duration::from_secs(10),
+        || async {
+            let logs = process.logs.lock().unwrap();
+            logs.iter().any(|l| l.contains(text)).then_some(())
+        },
+    )
+    .await;
+}
+
 /// Samples every instance's workers `times` times: no datasource runs on two instances at once,
 /// and together they run all `n`.
 async fn sample_exclusive(db: &TestDb, processes: &[&ServeProcess], n: usize, times: usize) {
@@ -103,6 +116,7 @@ async fn sample_exclusive(db: &TestDb, processes: &[&ServeProcess], n: usize, ti
                 seen.len()
             );
         }
+        // The spacing of the samples, not a wait for anything.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -333,19 +347,7 @@ async fn a_frozen_instance_stops_its_workers_its_late_writes_are_refused_and_it_
     signal(&b, Signal::SIGCONT);
 
     // It notices its leases ran out, and stops its workers.
-    wait_for(
-        "node-b giving up its leases",
-        Duration::from_secs(10),
-        || async {
-            b.logs
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("leases not renewed in time"))
-                .then_some(())
-        },
-    )
-    .await;
+    logged(&b, "leases not renewed in time").await;
     // It rejoins: its share moves back to it, with nothing running twice.
     assert_eq!(balanced(&db, &ids, &["node-a", "node-b"]).await, before);
     sample_exclusive(&db, &[&a, &b], 60, 5).await;
@@ -472,20 +474,7 @@ async fn an_instance_id_reused_right_after_a_crash_waits_out_the_old_process() {
     let before = running(&db).await;
     signal(&first, Signal::SIGKILL);
     let second = instance(&db, "node-x").await;
-    wait_for(
-        "the restart waiting out its namesake",
-        Duration::from_secs(10),
-        || async {
-            second
-                .logs
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("this instance id was alive moments ago"))
-                .then_some(())
-        },
-    )
-    .await;
+    logged(&second, "this instance id was alive moments ago").await;
     // Its leases are claimed again under new epochs, never renewed as if nothing happened.
     wait_for(
         "every datasource RUNNING again under a new epoch",

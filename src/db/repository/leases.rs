@@ -7,6 +7,7 @@
 //! lease in the same statement ([`fence`]), so an instance that lost a lease (frozen, cut off)
 //! cannot write as its owner any more.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -423,10 +424,12 @@ async fn release_in(
         )
         .await?;
     let released: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    // A shutdown releases every lease at once: look the targets up, never scan for them.
+    let targets: HashMap<&Uuid, &Option<String>> = moves.iter().map(|(id, to)| (id, to)).collect();
     let moves: Vec<NewEvent> = released
         .iter()
         .map(|(id, epoch)| {
-            let to = moves.iter().find(|(m, _)| m == id).and_then(|(_, to)| to.clone());
+            let to = targets.get(id).and_then(|to| (*to).clone());
             let why = if to.is_some() { Release::Rebalance } else { otherwise };
             NewEvent {
                 at: None,
