@@ -34,6 +34,10 @@ use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::telemetry::metrics::Metrics;
 
+/// Reader tasks coalescing status reads: two statements in flight at most, so reads queue
+/// behind a running statement and join the next rather than each taking a connection.
+const STATUS_READERS: usize = 2;
+
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 
@@ -315,6 +319,12 @@ impl App {
         ));
         let grpc_ctx = Arc::new(api::grpc::Ctx {
             pool: self.pool.clone(),
+            reads: api::grpc::reads::StatusReads::start(
+                self.pool.clone(),
+                STATUS_READERS,
+                &tracker,
+                shutdown.child_token(),
+            ),
             catalog: grpc_catalog,
             secrets: grpc_secrets,
             limits: self.limits,

@@ -1055,3 +1055,52 @@ async fn watch_status_streams_the_state_then_every_change() {
         .into_inner();
     assert!(future.events.is_empty());
 }
+
+#[tokio::test]
+async fn concurrent_status_reads_each_get_their_own_datasource() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut ids = Vec::new();
+    for i in 0..30 {
+        let created = ds
+            .create_datasource(create_req(&format!("ds-{i}")))
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(created.id);
+    }
+    // Every datasource read by five callers at once, among unknown ids: reads that share a
+    // statement must each get their own row, and an unknown id its NOT_FOUND.
+    let unknown: Vec<String> = (0..10).map(|_| uuid::Uuid::new_v4().to_string()).collect();
+    let asked: Vec<String> = ids
+        .iter()
+        .cycle()
+        .take(ids.len() * 5)
+        .chain(&unknown)
+        .cloned()
+        .collect();
+    let calls = asked.iter().map(|id| {
+        let mut life = LifecycleClient::new(ch.clone());
+        let id = id.clone();
+        async move {
+            let answer = life
+                .get_status(pb::GetStatusRequest {
+                    datasource_id: id.clone(),
+                })
+                .await;
+            (id, answer)
+        }
+    });
+    let answers = futures_util::future::join_all(calls).await;
+    assert_eq!(answers.len(), asked.len());
+    for (id, answer) in answers {
+        if unknown.contains(&id) {
+            assert_eq!(answer.unwrap_err().code(), Code::NotFound, "{id}");
+        } else {
+            let state = answer.unwrap().into_inner();
+            assert_eq!(state.datasource_id, id);
+            assert_eq!(state.status, pb::WorkerStatus::Init as i32);
+        }
+    }
+}

@@ -60,7 +60,7 @@ impl LifecycleService {
         let mut wake = self.0.activity.subscribe_to(id);
         let until = tokio::time::Instant::now() + call.wait_budget();
         loop {
-            let (ds, s) = read(&self.0.pool, call, id).await?;
+            let (ds, s) = read(&self.0, call, id).await?;
             let done = reached(goal, &ds, &s);
             if done || tokio::time::Instant::now() >= until {
                 return Ok(convert::worker_state(&ds, s, done));
@@ -97,17 +97,9 @@ impl LifecycleService {
 }
 
 /// A datasource the caller may see and its state, in one cached statement.
-async fn read(
-    pool: &deadpool_postgres::Pool,
-    call: &Call,
-    id: Uuid,
-) -> Result<(Datasource, State), Status> {
-    let client = call::client(pool).await?;
-    let (ds, s) = state::with_datasource(&client, id)
-        .await
-        .map_err(status::db)?;
-    drop(client);
-    Ok((admit(ds, call, Check::Read(pool)).await?, s))
+async fn read(ctx: &Ctx, call: &Call, id: Uuid) -> Result<(Datasource, State), Status> {
+    let (ds, s) = ctx.reads.read(id).await?;
+    Ok((admit(ds, call, Check::Read(&ctx.pool)).await?, s))
 }
 
 fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<Uuid, Status> {
@@ -224,7 +216,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "GetStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        let (ds, s) = read(&self.0.pool, &call, id).await?;
+        let (ds, s) = read(&self.0, &call, id).await?;
         Ok(Response::new(convert::worker_state(&ds, s, true)))
     }
 
@@ -248,7 +240,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         ctx.tracker.clone().spawn(async move {
             let mut last: Option<pb::WorkerState> = None;
             loop {
-                let read = read(&ctx.pool, &call, id)
+                let read = read(&ctx, &call, id)
                     .await
                     .map(|(ds, s)| convert::worker_state(&ds, s, true));
                 match read {
@@ -280,7 +272,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::DatasourceMetrics>, Status> {
         let call = Call::of(&request, "GetDatasourceMetrics")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        let (_, s) = read(&self.0.pool, &call, id).await?;
+        let (_, s) = read(&self.0, &call, id).await?;
         let count = |key: &str| {
             s.metrics
                 .get(key)

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod page;
 pub mod principal;
+pub mod reads;
 pub mod secrets;
 pub mod status;
 pub mod trace;
@@ -54,6 +55,8 @@ const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1
 pub struct Ctx {
     /// The database.
     pub pool: Pool,
+    /// Status reads, coalesced.
+    pub reads: reads::StatusReads,
     /// The connector kinds.
     pub catalog: Catalog,
     /// Seals secrets; `None` without a master key.

@@ -2,6 +2,8 @@
 //! `restart_generation`) and what it is doing (status, version, heartbeat, errors). The row is
 //! created with its datasource by the schema's trigger.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
@@ -97,9 +99,9 @@ impl Prefixed<'_> {
     }
 }
 
-/// The statement of [`with_datasource`]: the datasource's columns as they are, the state's
+/// The statement of [`with_datasources`]: the datasource's columns as they are, the state's
 /// prefixed with `s_`.
-static WITH_DATASOURCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     let d: Vec<String> = super::datasources::COLUMNS
         .split(',')
         .map(|c| format!("d.{}", c.trim()))
@@ -109,30 +111,31 @@ static WITH_DATASOURCE: std::sync::LazyLock<String> = std::sync::LazyLock::new(|
         .map(|c| format!("s.{0} AS s_{0}", c.trim()))
         .collect();
     format!(
-        "SELECT {}, {} FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = $1",
+        "SELECT {}, {} FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = ANY($1)",
         d.join(", "),
         s.join(", ")
     )
 });
 
-/// A datasource and its runtime state in one statement, prepared once per pooled connection:
-/// the API's hottest read.
+/// Datasources and their runtime states in one statement, prepared once per pooled
+/// connection: the API's hottest read (concurrent status reads share it). Ids that name no
+/// datasource are missing from the answer.
 ///
 /// # Errors
-/// [`Error::DatasourceNotFound`].
-pub async fn with_datasource(
+/// The query failed.
+pub async fn with_datasources(
     client: &deadpool_postgres::ClientWrapper,
-    datasource: Uuid,
-) -> Result<(super::datasources::Datasource, State), Error> {
-    let statement = client.prepare_cached(&WITH_DATASOURCE).await?;
-    let row = client
-        .query_opt(&statement, &[&datasource])
-        .await?
-        .ok_or(Error::DatasourceNotFound(datasource))?;
-    Ok((
-        super::datasources::Datasource::from_row(&row)?,
-        State::from_row_prefixed(&row, "s_")?,
-    ))
+    datasources: &[Uuid],
+) -> Result<HashMap<Uuid, (super::datasources::Datasource, State)>, Error> {
+    let statement = client.prepare_cached(&WITH_DATASOURCES).await?;
+    let rows = client.query(&statement, &[&datasources]).await?;
+    let mut found = HashMap::with_capacity(rows.len());
+    for row in &rows {
+        let datasource = super::datasources::Datasource::from_row(row)?;
+        let state = State::from_row_prefixed(row, "s_")?;
+        found.insert(datasource.id, (datasource, state));
+    }
+    Ok(found)
 }
 
 /// Reads a datasource's runtime state.
