@@ -1,13 +1,16 @@
-//! `otel`: what exporting traces costs. The real `dsreg serve` binary runs twice on the same
-//! durable Postgres — once with no OTLP endpoint (tracing off), once exporting every span to a
-//! live OTLP receiver — and the same load runs against each:
+//! `otel`: what exporting traces costs. The real `dsreg serve` binary runs on the same durable
+//! Postgres with no OTLP endpoint (tracing off) and exporting every span to a live OTLP
+//! receiver, in alternating rounds (off then on, on then off, ...) so that drift in the
+//! machine's speed falls on both alike, and the same load runs against each:
 //!
 //! - reload latency: PublishVersion (or a rollback) sent → the worker RUNNING on it, as the
-//!   client sees it through WatchStatus, one reload at a time;
-//! - GetStatus throughput over 64 concurrent streams.
+//!   client sees it through WatchStatus, one reload at a time (all rounds' samples pooled);
+//! - GetStatus throughput over 64 concurrent streams, after a one-second warm-up, and the
+//!   registry process's CPU time per call (the medians of the rounds; the change is the
+//!   median of each round's change, its two runs side by side).
 //!
 //! `cargo bench --bench otel`; `OTEL_BENCH_SECONDS` sets the throughput window (10),
-//! `OTEL_BENCH_RELOADS` the reloads per run (200).
+//! `OTEL_BENCH_RELOADS` the reloads per run (100), `OTEL_BENCH_ROUNDS` the rounds (5).
 
 mod common;
 
@@ -25,42 +28,109 @@ use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use serve_process::ServeProcess;
 
 const STREAMS: usize = 64;
+/// GetStatus calls made before the window, not counted.
+const WARM_UP: Duration = Duration::from_secs(1);
 
+/// CPU time (user and system) the process `pid` has used, in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc/PID/stat");
+    // Fields after the command name (which may hold spaces) start after its ')'.
+    let fields: Vec<&str> = stat[stat.rfind(')').expect("stat format") + 2..]
+        .split(' ')
+        .collect();
+    let ticks: f64 =
+        fields[11].parse::<f64>().expect("utime") + fields[12].parse::<f64>().expect("stime");
+    // Clock ticks per second: 100 on Linux.
+    ticks / 100.0
+}
+
+/// Rates as a short list: `21,051 / 17,682`.
+fn list(rates: &[f64]) -> String {
+    rates
+        .iter()
+        .map(|r| format!("{r:.0}"))
+        .collect::<Vec<_>>()
+        .join(" / ")
+}
+
+#[derive(Default)]
 struct Run {
     reload: Vec<f64>,
     status_rate: f64,
     status: Vec<f64>,
+    /// Each round's GetStatus rate, in round order.
+    rates: Vec<f64>,
+    /// The registry process's CPU time per GetStatus in each round, in microseconds, in round
+    /// order.
+    cpu: Vec<f64>,
+}
+
+impl Run {
+    /// Pools another round's samples.
+    fn add(&mut self, round: Run) {
+        self.reload.extend(round.reload);
+        self.status.extend(round.status);
+        self.rates.push(round.status_rate);
+        self.cpu.extend(round.cpu);
+    }
+
+    /// Sorts the pooled samples; the rate is the rounds' median.
+    fn finish(mut self) -> Run {
+        self.reload.sort_by(f64::total_cmp);
+        self.status.sort_by(f64::total_cmp);
+        self.status_rate = median(self.rates.clone());
+        self
+    }
+}
+
+/// The median of `values`.
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+/// The median over rounds of exported against off, each round's two runs side by side (the
+/// machine's speed drifts between rounds more than between a round's two runs), in percent.
+fn paired(off: &[f64], on: &[f64]) -> String {
+    let changes = off.iter().zip(on).map(|(off, on)| (on - off) / off * 100.0);
+    format!("{:+.1}%", median(changes.collect()))
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let env_num = common::env_num;
     let window = Duration::from_secs(env_num("OTEL_BENCH_SECONDS", 10));
-    let reloads = env_num("OTEL_BENCH_RELOADS", 200) as usize;
+    let reloads = env_num("OTEL_BENCH_RELOADS", 100) as usize;
+    let rounds = env_num("OTEL_BENCH_ROUNDS", 5).max(1) as usize;
     let db = common::database().await?;
     let client = dsreg::db::connect(&db.url).await?;
     let (endpoint, received) = otlp::receiver().await;
+    let exporting = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "dsreg-bench"),
+    ];
 
-    let off = measure(&db.url, &client, "off", &[], reloads, window).await?;
-    let on = measure(
-        &db.url,
-        &client,
-        "on",
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
-            ("OTEL_SERVICE_NAME", "dsreg-bench"),
-        ],
-        reloads,
-        window,
-    )
-    .await?;
+    let mut off = Run::default();
+    let mut on = Run::default();
+    for round in 0..rounds {
+        for exported in [round % 2 == 1, round % 2 == 0] {
+            let (run, env, name) = if exported {
+                (&mut on, &exporting[..], "on")
+            } else {
+                (&mut off, &[][..], "off")
+            };
+            let project = format!("{name}-{round}");
+            run.add(measure(&db.url, &client, &project, env, reloads, window).await?);
+        }
+    }
+    let (off, on) = (off.finish(), on.finish());
     let spans = received.0.lock().map(|g| g.len()).unwrap_or(0);
 
     let q = |v: &[f64], p: f64| common::quantile(v, p);
     let pct = |off: f64, on: f64| format!("{:+.1}%", (on - off) / off * 100.0);
     let rows = vec![
         (
-            format!("reload latency p50 ({reloads} reloads, one at a time)"),
+            format!("reload latency p50 ({rounds} × {reloads} reloads, one at a time)"),
             format!(
                 "off {:.2} ms, exported {:.2} ms ({})",
                 q(&off.reload, 0.5),
@@ -80,12 +150,26 @@ async fn main() -> anyhow::Result<()> {
             "overhead ≤ 10%".to_owned(),
         ),
         (
-            format!("GetStatus, {STREAMS} streams"),
             format!(
-                "off {:.0}/s, exported {:.0}/s ({})",
+                "GetStatus, {STREAMS} streams: median of {rounds} rounds (change, median of the rounds' changes)"
+            ),
+            format!(
+                "off {:.0}/s, exported {:.0}/s ({}); rounds off {}, exported {}",
                 off.status_rate,
                 on.status_rate,
-                pct(off.status_rate, on.status_rate)
+                paired(&off.rates, &on.rates),
+                list(&off.rates),
+                list(&on.rates),
+            ),
+            "overhead ≤ 10%".to_owned(),
+        ),
+        (
+            "registry CPU time per GetStatus (user + system; medians as above)".to_owned(),
+            format!(
+                "off {:.1} µs, exported {:.1} µs ({})",
+                median(off.cpu.clone()),
+                median(on.cpu.clone()),
+                paired(&off.cpu, &on.cpu)
             ),
             "overhead ≤ 10%".to_owned(),
         ),
@@ -164,9 +248,13 @@ async fn measure(
             reload.push(sent.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    reload.sort_by(f64::total_cmp);
-
-    let deadline = Instant::now() + window;
+    let measured_from = Instant::now() + WARM_UP;
+    let deadline = measured_from + window;
+    let pid = server.child.id().expect("dsreg serve is running");
+    let cpu_at_start = tokio::spawn(async move {
+        tokio::time::sleep_until(measured_from.into()).await;
+        cpu_seconds(pid)
+    });
     let ids = Arc::new(ids);
     let mut tasks = Vec::new();
     for i in 0..STREAMS {
@@ -183,7 +271,9 @@ async fn measure(
                 })
                 .await
                 .expect("GetStatus");
-                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                if t >= measured_from {
+                    latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
             }
             latencies
         }));
@@ -192,12 +282,14 @@ async fn measure(
     for t in tasks {
         status.extend(t.await?);
     }
-    status.sort_by(f64::total_cmp);
+    let cpu = cpu_seconds(pid) - cpu_at_start.await?;
     let status_rate = status.len() as f64 / window.as_secs_f64();
     server.stop().await;
     Ok(Run {
         reload,
         status_rate,
+        cpu: vec![cpu * 1e6 / status.len() as f64],
         status,
+        rates: Vec::new(),
     })
 }

@@ -42,7 +42,11 @@ pub fn init(level: Option<&str>) -> Telemetry {
         Err(e) => (None, Some(e)),
     };
     let otel_layer = exporting.as_ref().map(otel::Exporting::layer);
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let trace_ids = exporting.as_ref().map(|_| TraceIds);
+    let registry = tracing_subscriber::registry()
+        .with(filter)
+        .with(otel_layer)
+        .with(trace_ids);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = if std::io::stdout().is_terminal() {
         registry.with(fmt).try_init()
@@ -103,22 +107,20 @@ pub fn span_context(traceparent: &str) -> opentelemetry::trace::SpanContext {
     SpanContext::new(trace, span, TraceFlags::new(flags), true, TraceState::NONE)
 }
 
-/// Makes the span named by `traceparent` the parent of `span`, and records its trace id on
-/// `span` (so log lines inside carry it). A malformed value changes nothing.
+/// Makes the span named by `traceparent` the parent of `span`. A malformed value changes
+/// nothing.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let remote = span_context(traceparent);
     if remote.is_valid() {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
     }
-    record_trace_id(span);
 }
 
-/// Makes `span` a child of the span of `context` (when it has one) and records its trace id.
+/// Makes `span` a child of the span of `context`, when it has one.
 pub fn child_of(span: &tracing::Span, context: &opentelemetry::Context) {
     if context.span().span_context().is_valid() {
         let _ = span.set_parent(context.clone());
     }
-    record_trace_id(span);
 }
 
 /// Links `span` to each span named in `traceparents` (a batch that serves several traces).
@@ -129,16 +131,52 @@ pub fn link_traces<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Ite
             span.add_link(remote);
         }
     }
-    record_trace_id(span);
 }
 
-/// Records the span's OpenTelemetry trace id in its `trace_id` field, when it has one.
-pub fn record_trace_id(span: &tracing::Span) {
-    let context = span.context();
-    let otel_span = context.span();
-    let sc = otel_span.span_context();
-    if sc.is_valid() {
-        span.record("trace_id", sc.trace_id().to_string());
+/// Puts a span's OpenTelemetry trace id in its `trace_id` field (declared empty where the
+/// span is made) when the first log line inside it is written, so every log line carries it.
+/// Done then rather than when the span starts: most spans (an RPC's) log nothing, and
+/// recording a field makes the log formatter rewrite the span's fields.
+struct TraceIds;
+
+/// Marks a span whose `trace_id` field [`TraceIds`] has dealt with.
+struct TraceIdSeen;
+
+impl<S> tracing_subscriber::Layer<S> for TraceIds
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    fn on_event(&self, event: &tracing::Event<'_>, ctx: tracing_subscriber::layer::Context<'_, S>) {
+        let Some(scope) = ctx.event_scope(event) else {
+            return;
+        };
+        for span in scope {
+            let Some(field) = span.metadata().fields().field("trace_id") else {
+                continue;
+            };
+            let trace_id = {
+                let mut extensions = span.extensions_mut();
+                if extensions.get_mut::<TraceIdSeen>().is_some() {
+                    continue;
+                }
+                extensions.insert(TraceIdSeen);
+                // Starts the OpenTelemetry span if nothing has yet.
+                tracing::dispatcher::get_default(|dispatch| {
+                    tracing_opentelemetry::get_otel_context(&mut extensions, dispatch)
+                })
+                .map(|cx| cx.span().span_context().trace_id())
+                .filter(|id| *id != opentelemetry::TraceId::INVALID)
+            };
+            let Some(trace_id) = trace_id else { continue };
+            // Recorded through the dispatcher, with no extension held, as `Span::record` does.
+            let value = trace_id.to_string();
+            let fields = span.metadata().fields();
+            let values = [(&field, Some(&value as &dyn tracing::Value))];
+            let values = fields.value_set(&values);
+            tracing::dispatcher::get_default(|dispatch| {
+                dispatch.record(&span.id(), &tracing::span::Record::new(&values));
+            });
+        }
     }
 }
 

@@ -178,6 +178,34 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
             .take(3)
             .collect::<Vec<_>>()
     );
+    // A call with no trace of its own starts one, and its log lines carry that trace's id.
+    let created = logs
+        .iter()
+        .filter(|l| l.contains("change committed") && l.contains("CreateDatasource"))
+        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .expect("the create call logged its change");
+    let logged = created["span"]["trace_id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no trace id in {created}"))
+        .to_owned();
+    wait_for(
+        "the create call's span, in the trace its log line names",
+        Duration::from_secs(15),
+        || {
+            let received = received.clone();
+            let logged = logged.clone();
+            async move {
+                received
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s.name == "dsreg.v1.Datasources/CreateDatasource" && s.trace == logged)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     server.stop().await;
 }
 

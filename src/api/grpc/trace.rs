@@ -28,22 +28,23 @@ pub struct Traced<S> {
 
 /// The span of a call to `path`; `Span::none()` for health checks and reflection.
 pub fn rpc_span(path: &str, traceparent: Option<&str>) -> tracing::Span {
-    let Some(rest) = path.strip_prefix("/dsreg.v1.") else {
+    if !path.starts_with("/dsreg.v1.") {
         return tracing::Span::none();
-    };
-    let (service, method) = rest.split_once('/').unwrap_or((rest, ""));
+    }
+    let name = &path[1..];
+    // `dsreg.v1.Service`, `Method`.
+    let (service, method) = name.rsplit_once('/').unwrap_or((name, ""));
     let span = tracing::info_span!(
         "rpc",
-        otel.name = %path.trim_start_matches('/'),
+        otel.name = name,
         otel.kind = "server",
         rpc.system = "grpc",
-        rpc.service = %format!("dsreg.v1.{service}"),
-        rpc.method = %method,
+        rpc.service = service,
+        rpc.method = method,
         trace_id = tracing::field::Empty,
     );
-    match traceparent {
-        Some(traceparent) => crate::telemetry::continue_trace(&span, traceparent),
-        None => crate::telemetry::record_trace_id(&span),
+    if let Some(traceparent) = traceparent {
+        crate::telemetry::continue_trace(&span, traceparent);
     }
     span
 }
