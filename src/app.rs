@@ -34,9 +34,10 @@ use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::telemetry::metrics::Metrics;
 
-/// Reader tasks coalescing status reads: two statements in flight at most, so reads queue
-/// behind a running statement and join the next rather than each taking a connection.
-const STATUS_READERS: usize = 2;
+/// Reader tasks coalescing status reads. One: every read queued while its statement runs
+/// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
+/// two or four readers made smaller batches, more statements, and slower calls).
+const STATUS_READERS: usize = 1;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
