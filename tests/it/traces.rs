@@ -110,11 +110,12 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
         .unwrap();
     running_on(&ch, &id, 2).await;
 
-    let find = |name: &'static str, parent: Option<String>| {
+    // The span named `name` in trace `trace` (under `parent`, when given), once received.
+    let find = |name: &'static str, trace: String, parent: Option<String>| {
         let received = received.clone();
         move || {
             let received = received.clone();
-            let parent = parent.clone();
+            let (trace, parent) = (trace.clone(), parent.clone());
             async move {
                 received
                     .0
@@ -135,6 +136,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
         Duration::from_secs(15),
         find(
             "dsreg.v1.Datasources/PublishVersion",
+            trace.to_owned(),
             Some(gateway_span.to_owned()),
         ),
     )
@@ -142,7 +144,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
     let reconcile = wait_for(
         "the reconcile span, a child of the RPC's",
         Duration::from_secs(15),
-        find("reconcile", Some(rpc.span.clone())),
+        find("reconcile", trace.to_owned(), Some(rpc.span.clone())),
     )
     .await;
     wait_for(
@@ -191,19 +193,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
     wait_for(
         "the create call's span, in the trace its log line names",
         Duration::from_secs(15),
-        || {
-            let received = received.clone();
-            let logged = logged.clone();
-            async move {
-                received
-                    .0
-                    .lock()
-                    .unwrap()
-                    .iter()
-                    .any(|s| s.name == "dsreg.v1.Datasources/CreateDatasource" && s.trace == logged)
-                    .then_some(())
-            }
-        },
+        find("dsreg.v1.Datasources/CreateDatasource", logged, None),
     )
     .await;
     server.stop().await;
