@@ -96,7 +96,8 @@ impl LifecycleService {
     }
 }
 
-/// A datasource the caller may see and its state, in one cached statement.
+/// A datasource the caller may see and its state, read with whatever other status reads are
+/// queued at the same time (see [`super::reads`]).
 async fn read(ctx: &Ctx, call: &Call, id: Uuid) -> Result<(Datasource, State), Status> {
     let (ds, s) = ctx.reads.read(id).await?;
     Ok((admit(ds, call, Check::Read(&ctx.pool)).await?, s))

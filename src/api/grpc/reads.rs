@@ -1,6 +1,7 @@
-//! Coalesced status reads: every `GetStatus` and `WatchStatus` read of one datasource goes
-//! through a few reader tasks, each of which takes every read queued while its previous
-//! statement ran and answers them all with one statement (`state::with_datasources`).
+//! Coalesced status reads: every `GetStatus`, `WatchStatus` and lifecycle-wait read of one
+//! datasource goes through reader tasks (the registry runs one), each of which takes every
+//! read queued while its previous statement ran and answers them all with one statement
+//! (`state::with_datasources`).
 //!
 //! A read alone costs one statement, as before, plus a hop through a channel; 64 callers at
 //! once cost a handful of statements instead of 64, which is most of what a status read
