@@ -29,7 +29,7 @@ use tonic::transport::Channel;
 const STREAMS: usize = 64;
 const CHANNELS: usize = 4;
 const DATASOURCES: usize = 10_000;
-/// Datasources each publish run uses (three versions each, one at a time: 256).
+/// Datasources each publish run uses; each has versions 1, 2 and 3 published in turn.
 const PUBLISHED: usize = 256;
 /// Aggregate publish rates of the paced runs, per second.
 const PACED_RATES: [f64; 2] = [100.0, 250.0];
