@@ -56,11 +56,7 @@ impl tonic::service::Interceptor for Bearer {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds: u64 = std::env::var("GRPC_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(10);
-    let window = Duration::from_secs(seconds);
+    let window = Duration::from_secs(common::env_num("GRPC_BENCH_SECONDS", 10));
     let db = common::database().await?;
     let client = dsreg::db::connect(&db.url).await?;
     let ids = common::seed(&client, "api", DATASOURCES).await?;

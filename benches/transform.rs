@@ -41,10 +41,7 @@ const TARGET_RECORDS_PER_S: f64 = 200_000.0;
 const TARGET_RUNS_PER_S: f64 = 2_000.0;
 
 fn main() {
-    let seconds: u64 = std::env::var("TRANSFORM_BENCH_SECONDS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
+    let seconds = common::env_num("TRANSFORM_BENCH_SECONDS", 3);
     let run_for = Duration::from_secs(seconds);
     let limits = Limits::default();
     let records: Vec<Value> = (0..RECORDS).map(input).collect();

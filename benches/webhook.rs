@@ -111,18 +111,11 @@ impl Load {
     }
 }
 
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let seconds = env_or("WEBHOOK_BENCH_SECONDS", 5);
-    let clients = env_or("WEBHOOK_CLIENTS", 16) as usize;
-    let batch = env_or("WEBHOOK_BATCH", 100) as usize;
+    let seconds = common::env_num("WEBHOOK_BENCH_SECONDS", 5);
+    let clients = common::env_num("WEBHOOK_CLIENTS", 16) as usize;
+    let batch = common::env_num("WEBHOOK_BATCH", 100) as usize;
     let db = common::database().await?;
 
     let mut settings = Settings::for_database(&db.url);

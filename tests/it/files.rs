@@ -478,6 +478,19 @@ where
     value
 }
 
+/// Saves `orders.yaml` at rate 2; waits for version 2 to be published within
+/// [`FOLLOWS_WITHIN`] and for the worker to run it.
+async fn edit_orders_to_v2(db: &TestDb, dir: &Path, id: uuid::Uuid) {
+    let edited = Instant::now();
+    write(dir, "orders.yaml", &generator("orders", 2));
+    follows("the edit", edited, || async {
+        published_rate(db, "orders").await.filter(|r| *r == (2, 2))
+    })
+    .await;
+    db.wait_for_state(id, "orders RUNNING on v2", running_on(2))
+        .await;
+}
+
 async fn published_rate(db: &TestDb, name: &str) -> Option<(i32, u64)> {
     let ds = live(db, name).await?;
     let (version, config) = published_config(db, ds.id).await?;
@@ -499,14 +512,7 @@ async fn a_watched_folder_is_followed_within_a_second_and_a_removed_file_is_kept
         .await;
 
     // An edit.
-    let edited = Instant::now();
-    write(dir.path(), "orders.yaml", &generator("orders", 2));
-    follows("the edit", edited, || async {
-        published_rate(&db, "orders").await.filter(|r| *r == (2, 2))
-    })
-    .await;
-    db.wait_for_state(orders.id, "orders RUNNING on v2", running_on(2))
-        .await;
+    edit_orders_to_v2(&db, dir.path(), orders.id).await;
 
     // A new file.
     let added = Instant::now();
@@ -841,13 +847,5 @@ async fn serve_with_a_sync_folder_runs_what_the_files_define() {
     .await;
     db.wait_for_state(orders.id, "RUNNING on v1", running_on(1))
         .await;
-    let edited = Instant::now();
-    write(dir.path(), "orders.yaml", &generator("orders", 2));
-
-    follows("the edit", edited, || async {
-        published_rate(&db, "orders").await.filter(|r| *r == (2, 2))
-    })
-    .await;
-    db.wait_for_state(orders.id, "RUNNING on v2", running_on(2))
-        .await;
+    edit_orders_to_v2(&db, dir.path(), orders.id).await;
 }
