@@ -4,6 +4,7 @@
 use chrono::{DateTime, Utc};
 
 use super::GenericClient;
+use super::typed;
 use crate::db::Error;
 
 /// The result of an audited call.
@@ -58,10 +59,10 @@ pub struct AuditEntry {
 /// The query failed.
 pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason, diff, trace_id)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-            &[
+            &typed::params(&[
                 &entry.actor,
                 &entry.action,
                 &entry.resource,
@@ -72,7 +73,7 @@ pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(
                 &entry.reason,
                 &entry.diff,
                 &entry.trace_id,
-            ],
+            ]),
         )
         .await?;
     Ok(())

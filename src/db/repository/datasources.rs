@@ -5,6 +5,7 @@ use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use super::GenericClient;
+use super::typed;
 use crate::db::{Error, constraint};
 use crate::domain::{DatasourceStatus, Name};
 
@@ -133,9 +134,9 @@ pub async fn create(tx: &Transaction<'_>, new: &NewDatasource) -> Result<Datasou
 /// [`Error::DatasourceNotFound`].
 pub async fn get(client: &impl GenericClient, id: Uuid) -> Result<Datasource, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {COLUMNS} FROM datasources WHERE id = $1"),
-            &[&id],
+            &typed::params(&[&id]),
         )
         .await?
         .ok_or(Error::DatasourceNotFound(id))?;

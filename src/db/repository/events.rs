@@ -9,6 +9,7 @@ use tokio_postgres::Row;
 use uuid::Uuid;
 
 use super::GenericClient;
+use super::typed;
 use crate::db::Error;
 
 const COLUMNS: &str = "id, datasource_id, type, version, actor, payload, traceparent, xid::text::bigint AS xid, created_at";
@@ -204,7 +205,7 @@ pub async fn read_safe(
 ) -> Result<SafePage, Error> {
     // One statement, one snapshot: the events and the horizon are consistent with each other.
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon)
                  SELECT snap.horizon, e.* FROM snap LEFT JOIN LATERAL (
@@ -213,7 +214,7 @@ pub async fn read_safe(
                      ORDER BY id LIMIT $3
                  ) e ON true"
             ),
-            &[&horizon.to_string(), &after_id, &limit, &wakes_only],
+            &typed::params(&[&horizon.to_string(), &after_id, &limit, &wakes_only]),
         )
         .await?;
     let horizon = rows.first().map_or(horizon, |r| r.get::<_, i64>("horizon"));

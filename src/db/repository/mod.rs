@@ -10,6 +10,7 @@ pub mod leases;
 pub mod records;
 pub mod secrets;
 pub mod state;
+pub mod typed;
 pub mod versions;
 
 use tokio_postgres::{Client, Transaction};
@@ -46,9 +47,9 @@ pub async fn begin<'a>(
     ctx: &WriteContext,
 ) -> Result<Transaction<'a>, Error> {
     let tx = client.transaction().await?;
-    tx.execute(
+    tx.execute_typed(
         "SELECT set_config('dsreg.actor', $1, true), set_config('dsreg.traceparent', $2, true)",
-        &[&ctx.actor, &ctx.traceparent.clone().unwrap_or_default()],
+        &typed::params(&[&ctx.actor, &ctx.traceparent.as_deref().unwrap_or_default()]),
     )
     .await?;
     Ok(tx)

@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use super::GenericClient;
 use super::events::{self, NewEvent};
+use super::typed;
 use crate::db::Error;
 
 /// A sealed secret as stored.
@@ -207,10 +208,10 @@ pub async fn names(
 /// The query failed.
 pub async fn list(client: &impl GenericClient, datasource: Uuid) -> Result<Vec<SecretMeta>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT name, key_version, revision, fingerprint, created_by, created_at, rotated_by, rotated_at
              FROM datasource_secrets WHERE datasource_id = $1 ORDER BY name",
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?;
     Ok(rows

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use super::GenericClient;
 use super::events::{self, NewEvent};
+use super::typed;
 use crate::db::Error;
 use crate::domain::{DesiredState, WorkerStatus};
 
@@ -287,7 +288,7 @@ pub async fn desired(
     with_config: bool,
 ) -> Result<Vec<Desired>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
                     v.config, s.worker_status, s.secrets_generation, d.org, d.project
              FROM datasources d
@@ -295,7 +296,7 @@ pub async fn desired(
              LEFT JOIN datasource_versions v
                     ON $2 AND v.datasource_id = d.id AND v.version = d.current_version
              WHERE CASE WHEN $1::uuid[] IS NULL THEN d.status <> 'archived' ELSE d.id = ANY($1) END",
-            &[&ids, &with_config],
+            &typed::params(&[&ids, &with_config]),
         )
         .await?;
     let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
@@ -396,7 +397,7 @@ pub async fn apply_transitions(
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "WITH u AS (
                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bool[], $5::text[], $6::text[],
@@ -436,10 +437,10 @@ pub async fn apply_transitions(
                 super::leases::fence("$8", "u.epoch"),
                 crate::outbox::STATE_CHANNEL
             ),
-            &[
-                &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor, &event_ids,
-                &kinds, &event_versions, &payloads, &ats, &epochs,
-            ],
+            &typed::params(&[
+                &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor,
+                &event_ids, &kinds, &event_versions, &payloads, &ats, &epochs,
+            ]),
         )
         .await?;
     Ok(rows.iter().filter_map(|r| r.get(0)).collect())

@@ -9,6 +9,7 @@ use tokio_postgres::{Row, Transaction};
 use uuid::Uuid;
 
 use super::GenericClient;
+use super::typed;
 use crate::db::{Error, sqlstate};
 use crate::domain::VersionState;
 
@@ -167,9 +168,9 @@ pub async fn get(
     version: i32,
 ) -> Result<Version, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {COLUMNS} FROM datasource_versions WHERE datasource_id = $1 AND version = $2"),
-            &[&datasource, &version],
+            &typed::params(&[&datasource, &version]),
         )
         .await?
         .ok_or(Error::VersionNotFound { datasource, version })?;
@@ -265,7 +266,10 @@ pub async fn publish(
     version: i32,
 ) -> Result<Option<i64>, Error> {
     let row = tx
-        .query_one("SELECT dsreg_publish($1, $2)", &[&datasource, &version])
+        .query_typed_one(
+            "SELECT dsreg_publish($1, $2)",
+            &typed::params(&[&datasource, &version]),
+        )
         .await
         .map_err(|e| map_error(e, datasource, Some(version)))?;
     Ok(row.get(0))
@@ -282,7 +286,10 @@ pub async fn rollback(
     to: Option<i32>,
 ) -> Result<i32, Error> {
     let row = tx
-        .query_one("SELECT dsreg_rollback($1, $2)", &[&datasource, &to])
+        .query_typed_one(
+            "SELECT dsreg_rollback($1, $2)",
+            &typed::params(&[&datasource, &to]),
+        )
         .await
         .map_err(|e| map_error(e, datasource, to))?;
     Ok(row.get(0))
