@@ -180,9 +180,9 @@ where
     }
 }
 
-/// The `traceparent` of the current span, when spans are exported and it has a context.
-pub fn current_traceparent() -> Option<String> {
-    let context = tracing::Span::current().context();
+/// The `traceparent` of `span`, when spans are exported and it has a context.
+pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
     let otel_span = context.span();
     let sc = otel_span.span_context();
     sc.is_valid().then(|| {

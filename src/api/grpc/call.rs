@@ -27,7 +27,9 @@ pub struct Call {
     /// The method (`PublishVersion`).
     pub method: &'static str,
     /// The incoming W3C `traceparent`, when well formed.
-    pub traceparent: Option<String>,
+    pub incoming_trace: Option<String>,
+    /// The RPC span the call runs in.
+    pub span: tracing::Span,
     /// The peer's address.
     pub peer: Option<String>,
     /// The caller's deadline (`grpc-timeout`), if set.
@@ -46,15 +48,11 @@ impl Call {
             .cloned()
             .ok_or_else(|| Status::unauthenticated("no credentials"))?;
         let metadata = request.metadata();
-        // The RPC span's own context when spans are exported (so the events this call writes
-        // continue from it), else the caller's.
-        let traceparent = crate::telemetry::current_traceparent().or_else(|| {
-            metadata
-                .get("traceparent")
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| crate::telemetry::valid_traceparent(v))
-                .map(str::to_owned)
-        });
+        let incoming_trace = metadata
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| crate::telemetry::valid_traceparent(v))
+            .map(str::to_owned);
         let timeout = metadata
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
@@ -62,7 +60,8 @@ impl Call {
         Ok(Self {
             principal,
             method,
-            traceparent,
+            incoming_trace,
+            span: tracing::Span::current(),
             peer: request.remote_addr().map(|a| a.to_string()),
             timeout,
         })
@@ -82,13 +81,20 @@ impl Call {
     pub fn write_ctx(&self) -> WriteContext {
         WriteContext {
             actor: self.principal.subject.clone(),
-            traceparent: self.traceparent.clone(),
+            traceparent: self.traceparent(),
         }
     }
 
-    /// The trace id of the incoming trace context.
+    /// The call's W3C trace context: its RPC span's when spans are exported (so the events
+    /// the call writes continue from it), else the caller's. Worked out when asked for: most
+    /// calls write nothing.
+    pub fn traceparent(&self) -> Option<String> {
+        crate::telemetry::traceparent_of(&self.span).or_else(|| self.incoming_trace.clone())
+    }
+
+    /// The trace id of the call's trace context.
     pub fn trace_id(&self) -> Option<String> {
-        self.traceparent
+        self.traceparent()
             .as_deref()
             .and_then(|t| t.split('-').nth(1))
             .map(str::to_owned)
