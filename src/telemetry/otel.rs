@@ -112,7 +112,7 @@ impl Exporting {
 
 /// Batching as `OTEL_BSP_*` set it, with defaults for a server that makes a span per call:
 /// a queue of 65,536 spans (the SDK's 2,048 fills in 50 ms at 40,000 calls a second and drops
-/// what follows) exported 4,096 at a time, every second at most.
+/// what follows), exported when 4,096 are waiting or a second has passed.
 fn batch_config() -> opentelemetry_sdk::trace::BatchConfig {
     let unset = |name: &str| std::env::var_os(name).is_none();
     let mut config = opentelemetry_sdk::trace::BatchConfigBuilder::default();
