@@ -4,6 +4,7 @@
 use uuid::Uuid;
 
 use super::GenericClient;
+use super::typed;
 use crate::db::Error;
 
 /// Records and dead letters of many workers, column by column.
@@ -43,7 +44,7 @@ pub async fn append(
     instance: &str,
 ) -> Result<Vec<(Uuid, i64)>, Error> {
     let accepted = client
-        .query(
+        .query_typed(
             &format!(
                 "WITH q AS (
                     SELECT DISTINCT * FROM unnest($1::uuid[] || $5::uuid[], $3::bigint[] || $7::bigint[])
@@ -64,7 +65,7 @@ pub async fn append(
                  SELECT id, epoch FROM ok",
                 super::leases::fence("$11", "q.epoch")
             ),
-            &[
+            &typed::params(&[
                 &rows.datasource_ids,
                 &rows.versions,
                 &rows.epochs,
@@ -76,7 +77,7 @@ pub async fn append(
                 &rows.dead_codes,
                 &rows.dead_errors,
                 &instance,
-            ],
+            ]),
         )
         .await?;
     Ok(accepted.iter().map(|r| (r.get(0), r.get(1))).collect())

@@ -4,7 +4,7 @@
 //! learn its parameter types) and then runs it (a second). The functions here name each
 //! parameter's type from its Rust type ([`Param`]) and send parse, bind and execute together
 //! (`query_typed`): half the round trips, for statements on the hot paths (every mutating
-//! call's transaction, the reconcile pass, the outbox read, the state writer).
+//! call's transaction, the reconcile pass, the outbox read, the state writer, the sink).
 //!
 //! A parameter's type must be what the statement expects, or castable to it by assignment
 //! (text for a `text` or `varchar` column, `int4` for an `integer`); statements cast arrays
