@@ -1,8 +1,9 @@
 //! Traces over real OTLP: a receiver built from the OpenTelemetry collector protocol gets the
 //! spans of a registry running as the real binary. A gateway's call, the publish it makes,
 //! the reconcile that applies it and the worker restart form one trace; a SQL publisher's
-//! `dsreg.traceparent` reaches the reconcile too; with the collector down, reloads still
-//! happen and the lost spans are counted.
+//! `dsreg.traceparent` reaches the reconcile too; a status stream's span is exported while the
+//! stream is open; with the collector down, reloads still happen and the lost spans are
+//! counted.
 
 use std::time::{Duration, Instant};
 
@@ -196,6 +197,35 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
         find("dsreg.v1.Datasources/CreateDatasource", logged, None),
     )
     .await;
+    // A status stream's span ends when the call is answered: it is exported while the
+    // stream is still open.
+    let watch_trace = "5bf92f3577b34da6a3ce929d0e0e4736";
+    let mut watch = tonic::Request::new(pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    });
+    watch.metadata_mut().insert(
+        "traceparent",
+        format!("00-{watch_trace}-{gateway_span}-01")
+            .parse()
+            .unwrap(),
+    );
+    let mut stream = LifecycleClient::new(ch.clone())
+        .watch_status(watch)
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(stream.message().await.unwrap().is_some(), "a first state");
+    wait_for(
+        "the WatchStatus span, with its stream open",
+        Duration::from_secs(15),
+        find(
+            "dsreg.v1.Lifecycle/WatchStatus",
+            watch_trace.to_owned(),
+            Some(gateway_span.to_owned()),
+        ),
+    )
+    .await;
+    drop(stream);
     server.stop().await;
 }
 

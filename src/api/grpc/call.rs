@@ -26,9 +26,10 @@ pub struct Call {
     pub principal: Principal,
     /// The method (`PublishVersion`).
     pub method: &'static str,
-    /// The incoming W3C `traceparent`, when well formed.
+    /// The incoming W3C `traceparent`, when well formed (once [`Call::detached`], the call's
+    /// own).
     pub incoming_trace: Option<String>,
-    /// The RPC span the call runs in.
+    /// The RPC span the call runs in (none once detached).
     pub span: tracing::Span,
     /// The peer's address.
     pub peer: Option<String>,
@@ -90,6 +91,16 @@ impl Call {
     /// calls write nothing.
     pub fn traceparent(&self) -> Option<String> {
         crate::telemetry::traceparent_of(&self.span).or_else(|| self.incoming_trace.clone())
+    }
+
+    /// The call for a task that outlives it (a status stream): its trace context is worked
+    /// out now, and the task holds no handle on the RPC span, which ends and is exported when
+    /// the call is answered.
+    #[must_use]
+    pub fn detached(mut self) -> Self {
+        self.incoming_trace = self.traceparent();
+        self.span = tracing::Span::none();
+        self
     }
 
     /// The trace id of the call's trace context.
