@@ -1,9 +1,9 @@
 //! Statements sent with their parameters' types, in one round trip.
 //!
 //! `client.query(sql, params)` with a string first prepares the statement (a round trip to
-//! learn its parameter types) and then runs it (a second). The functions here name each
-//! parameter's type from its Rust type ([`Param`]) and send parse, bind and execute together
-//! (`query_typed`): half the round trips, for statements on the hot paths (every mutating
+//! learn its parameter types) and then runs it (a second). [`params`] names each parameter's
+//! type from its Rust type ([`Param`]), so that `query_typed` can send parse, bind and execute
+//! together: half the round trips, for statements on the hot paths (every mutating
 //! call's transaction, the reconcile pass, the outbox read, the state writer, the sink).
 //!
 //! A parameter's type must be what the statement expects, or castable to it by assignment
