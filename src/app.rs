@@ -274,7 +274,6 @@ impl App {
             pool: self.pool.clone(),
             ingress: ingress.clone(),
         };
-        let lease_ttl = self.supervisor.leases.ttl;
         let me = crate::db::repository::leases::InstanceInfo {
             id: self.instance_id.clone(),
             address: self.advertise.clone(),
@@ -333,7 +332,6 @@ impl App {
             listener_stats: self.listener_stats.clone(),
             instance_id: self.instance_id,
             schema_version: self.schema_version,
-            lease_ttl,
             shutdown: shutdown.child_token(),
             tracker: tracker.clone(),
             readiness,

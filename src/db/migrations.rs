@@ -58,6 +58,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "file_sync",
         include_str!("../../migrations/down/V9__file_sync.down.sql"),
     ),
+    (
+        10,
+        "instance_leases",
+        include_str!("../../migrations/down/V10__instance_leases.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

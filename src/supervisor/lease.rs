@@ -1,11 +1,11 @@
 //! Leases: how several instances share the datasources through Postgres.
 //!
 //! Each datasource's worker runs under a lease (`datasource_leases`) held by one instance,
-//! with an expiry and a fencing epoch. The [`Renewer`] task extends every lease this instance
-//! holds in one statement per tick, and keeps the time until which they are surely still held
-//! ([`Tenure`]); when that time passes without a renewal (the database unreachable, the
-//! process frozen) it cancels every worker at once, before the leases can expire in the
-//! database. Whatever a worker writes carries its epoch and is refused once the lease has
+//! with a fencing epoch; the leases hold while their instance is live. The [`Renewer`] task
+//! keeps this instance live (one row written per tick, however many leases it holds), and
+//! keeps the time until which its leases are surely still held ([`Tenure`]); when that time
+//! passes without a renewal (the database unreachable, the process frozen) it cancels every
+//! worker at once, before the leases can lapse in the database. Whatever a worker writes carries its epoch and is refused once the lease has
 //! moved on, so an instance that wakes up late cannot write as an owner it no longer is.
 //!
 //! Who should own what is [`assign`]: rendezvous hashing over the live instances with a cap
@@ -79,6 +79,8 @@ pub struct Tenure {
 struct TenureState {
     token: CancellationToken,
     until: Option<Instant>,
+    /// When the latest successful renewal was sent: every lease holds a lease time from then.
+    renewed_at: Option<Instant>,
     /// The latest claim.
     claimed_at: Option<Instant>,
 }
@@ -105,6 +107,7 @@ impl Tenure {
     /// since has set one.
     fn renewed(&self, sent: Instant, held_any: bool, safe_for: Duration) {
         let mut state = self.state();
+        state.renewed_at = Some(sent);
         if held_any {
             state.until = Some(sent + safe_for);
         } else if state.claimed_at.is_none_or(|at| at < sent) {
@@ -112,13 +115,14 @@ impl Tenure {
         }
     }
 
-    /// Leases were claimed by a statement sent at `sent`: covered for `safe_for` from then,
-    /// unless an earlier deadline already stands (it is the one to keep).
+    /// Leases were claimed by a statement sent at `sent`. They hold as long as the others: a
+    /// lease time from the latest renewal, so they are covered for `safe_for` from when it was
+    /// sent, unless an earlier deadline already stands (it is the one to keep).
     pub fn claimed(&self, sent: Instant, safe_for: Duration) {
         let mut state = self.state();
         state.claimed_at = Some(sent);
         if state.until.is_none() {
-            state.until = Some(sent + safe_for);
+            state.until = Some(state.renewed_at.unwrap_or(sent) + safe_for);
         }
     }
 
@@ -260,7 +264,7 @@ impl Renewer {
         if renewing {
             leases::renew(&**client, &self.me, self.config.ttl).await
         } else {
-            leases::look(&**client, &self.me.id, self.config.ttl).await
+            leases::look(&**client, &self.me.id).await
         }
     }
 
@@ -411,6 +415,25 @@ mod tests {
                 assert_eq!(before[id], after[id], "{id} moved without cause");
             }
         }
+    }
+
+    #[test]
+    fn claimed_leases_are_covered_from_the_latest_renewal_not_from_the_claim() {
+        let tenure = Tenure::default();
+        let safe_for = Duration::from_secs(6);
+        let renewed = Instant::now();
+        // A renewal that held nothing sets no deadline; a claim later (renewals failing since)
+        // holds only as long as that renewal made the instance live.
+        tenure.renewed(renewed, false, safe_for);
+        assert_eq!(tenure.until(), None);
+        tenure.claimed(renewed + Duration::from_secs(5), safe_for);
+        assert_eq!(tenure.until(), Some(renewed + safe_for));
+        // A renewal holding them moves the deadline on; a claim keeps the earlier one.
+        let later = renewed + Duration::from_secs(3);
+        tenure.renewed(later, true, safe_for);
+        assert_eq!(tenure.until(), Some(later + safe_for));
+        tenure.claimed(later + Duration::from_secs(1), safe_for);
+        assert_eq!(tenure.until(), Some(later + safe_for));
     }
 
     #[test]

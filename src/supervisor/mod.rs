@@ -338,9 +338,7 @@ impl Supervisor {
         let mut said = false;
         loop {
             let left = match self.pool.get().await {
-                Ok(client) => {
-                    leases::live_for(&**client, &self.cluster.me.id, self.cluster.config.ttl).await
-                }
+                Ok(client) => leases::live_for(&**client, &self.cluster.me.id).await,
                 Err(e) => Err(e.into()),
             };
             let left = match left {
@@ -473,7 +471,7 @@ impl Supervisor {
         let (mut live, standings) = {
             let client = self.pool.get().await?;
             (
-                leases::live_instances(&**client, ttl).await?,
+                leases::live_instances(&**client).await?,
                 leases::standings(&**client).await?,
             )
         };
@@ -566,13 +564,7 @@ impl Supervisor {
         let sent = Instant::now();
         let claimed = {
             let mut client = self.pool.get().await?;
-            leases::claim(
-                &mut client,
-                &self.cluster.me.id,
-                ids,
-                self.cluster.config.ttl,
-            )
-            .await?
+            leases::claim(&mut client, &self.cluster.me.id, ids).await?
         };
         if claimed.is_empty() {
             return Ok(Vec::new());

@@ -501,11 +501,28 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
     let db = TestDb::new().await;
     let ds = db.datasource("fenced").await;
     let ttl = Duration::from_secs(60);
+    let renew = |me: &'static str| {
+        let db = &db;
+        let me = named(me);
+        async move { leases::renew(&**db.client().await, &me, ttl).await.unwrap() }
+    };
+    // Not live before its first renewal: an instance claims nothing.
+    let mut client = db.client().await;
+    assert!(
+        leases::claim(&mut client, "x", &[ds.id])
+            .await
+            .unwrap()
+            .is_empty(),
+        "an instance that never renewed claims nothing"
+    );
+    drop(client);
+    renew("x").await;
+    renew("y").await;
     let claim = |me: &'static str| {
         let db = &db;
         async move {
             let mut client = db.client().await;
-            leases::claim(&mut client, me, &[ds.id], ttl).await.unwrap()
+            leases::claim(&mut client, me, &[ds.id]).await.unwrap()
         }
     };
     let first = claim("x").await;
@@ -536,33 +553,32 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
     assert_eq!(write("x", 1).await, vec![(ds.id, 1)]);
     assert!(write("y", 1).await.is_empty(), "only the owner writes");
 
-    // The lease runs out (as if x froze); y claims it under epoch 2.
+    assert_eq!(
+        renew("x").await.held,
+        vec![(ds.id, 1)],
+        "x renews what it holds"
+    );
+
+    // x's leases run out (as if it froze); y claims the lease under epoch 2.
     db.client()
         .await
         .execute(
-            "UPDATE datasource_leases SET expires_at = now() - interval '1 second'",
+            "UPDATE dsreg_instances SET leases_until = now() - interval '1 second' WHERE id = 'x'",
             &[],
         )
         .await
         .unwrap();
-    let me_x = InstanceInfo {
-        id: "x".into(),
-        address: String::new(),
-        version: String::new(),
-    };
-    assert!(
-        leases::renew(&**db.client().await, &me_x, ttl)
-            .await
-            .unwrap()
-            .held
-            .is_empty(),
-        "an expired lease is not renewed"
-    );
+    assert!(!renew("y").await.live.contains(&"x".to_owned()));
     let second = claim("y").await;
     assert_eq!(
         (second[0].epoch, second[0].previous.as_deref()),
         (2, Some("x"))
     );
+    assert!(
+        renew("x").await.held.is_empty(),
+        "a lease that moved on is not renewed"
+    );
+    assert_eq!(renew("y").await.held, vec![(ds.id, 2)]);
 
     // x wakes up and writes as before: everything is refused.
     assert!(write("x", 1).await.is_empty());
@@ -664,5 +680,142 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         kinds.iter().filter(|k| k.starts_with("lease_")).count(),
         2,
         "{kinds:?}"
+    );
+}
+
+/// An instance known by its id alone, as the repository calls below register one.
+fn named(id: &str) -> InstanceInfo {
+    InstanceInfo {
+        id: id.into(),
+        address: String::new(),
+        version: String::new(),
+    }
+}
+
+/// Each lease row's version (`xmin`), by datasource.
+async fn lease_versions(client: &tokio_postgres::Client) -> Vec<(Uuid, String)> {
+    client
+        .query(
+            "SELECT datasource_id, xmin::text FROM datasource_leases ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Until when instance `id`'s leases hold.
+async fn leases_until(client: &tokio_postgres::Client, id: &str) -> chrono::DateTime<chrono::Utc> {
+    client
+        .query_one(
+            "SELECT leases_until FROM dsreg_instances WHERE id = $1",
+            &[&id],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// A renewal writes its instance's row and no lease row, however many leases it holds; an
+/// instance whose leases ran out gets none of them back by renewing: they are let go, and the
+/// next claim (its own included) takes them under a new epoch.
+#[tokio::test]
+async fn a_renewal_rewrites_no_lease_and_a_lapsed_instance_gets_none_back() {
+    let db = TestDb::new().await;
+    let ttl = Duration::from_secs(60);
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(db.datasource(&format!("leased-{i}")).await.id);
+    }
+    let me = named("x");
+    let client = db.client().await;
+    leases::renew(&**client, &me, ttl).await.unwrap();
+    let mut tx_client = db.client().await;
+    let claimed = leases::claim(&mut tx_client, "x", &ids).await.unwrap();
+    assert_eq!(claimed.len(), 20);
+    let before = lease_versions(&client).await;
+    let until_before = leases_until(&client, "x").await;
+    let renewed = leases::renew(&**client, &me, ttl).await.unwrap();
+    assert_eq!(renewed.held.len(), 20);
+    assert_eq!(
+        lease_versions(&client).await,
+        before,
+        "no lease row was rewritten"
+    );
+    assert!(
+        leases_until(&client, "x").await > until_before,
+        "the instance's leases were extended"
+    );
+
+    // Its leases run out and no one claims them; renewing gets none back.
+    client
+        .execute(
+            "UPDATE dsreg_instances SET leases_until = now() - interval '1 second' WHERE id = 'x'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let lapsed = leases::renew(&**client, &me, ttl).await.unwrap();
+    assert!(lapsed.held.is_empty(), "{:?}", lapsed.held);
+    assert_eq!(lapsed.free, 20, "its leases were let go");
+    assert!(owners(&db).await.is_empty());
+    let again = leases::claim(&mut tx_client, "x", &ids).await.unwrap();
+    assert_eq!(again.len(), 20);
+    assert!(
+        again.iter().all(|c| c.epoch == 2 && c.previous.is_none()),
+        "{again:?}"
+    );
+}
+
+/// A claim does not wait for a publish in progress: the datasource it holds locked is
+/// skipped (claimed once the publisher commits), the others are claimed at once, and the
+/// instance's renewals are never held up behind it.
+#[tokio::test]
+async fn a_claim_skips_a_datasource_a_publish_in_progress_holds() {
+    let db = TestDb::new().await;
+    let ttl = Duration::from_secs(60);
+    let held = db.datasource("publishing").await;
+    let other = db.datasource("idle").await;
+    let version = db
+        .version(held.id, serde_json::json!({ "rate_per_sec": 0 }))
+        .await;
+    let me = named("x");
+    leases::renew(&**db.client().await, &me, ttl).await.unwrap();
+    let mut publisher = db.client().await;
+    let tx = publisher.transaction().await.unwrap();
+    tx.execute("SELECT dsreg_publish($1, $2)", &[&held.id, &version])
+        .await
+        .unwrap();
+
+    let mut client = db.client().await;
+    let claimed = tokio::time::timeout(
+        Duration::from_secs(5),
+        leases::claim(&mut client, "x", &[held.id, other.id]),
+    )
+    .await
+    .expect("the claim does not wait for the publisher")
+    .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.datasource_id).collect::<Vec<_>>(),
+        vec![other.id]
+    );
+    let renewed = tokio::time::timeout(
+        Duration::from_secs(5),
+        leases::renew(&**db.client().await, &me, ttl),
+    )
+    .await
+    .expect("the renewal does not wait for the publisher")
+    .unwrap();
+    assert_eq!(renewed.free, 1);
+
+    tx.commit().await.unwrap();
+    let claimed = leases::claim(&mut client, "x", &[held.id, other.id])
+        .await
+        .unwrap();
+    assert_eq!(
+        claimed.iter().map(|c| c.datasource_id).collect::<Vec<_>>(),
+        vec![held.id]
     );
 }

@@ -55,12 +55,13 @@ pub async fn running(client: &Client) -> HashMap<Uuid, (String, i64)> {
         .collect()
 }
 
-/// Unexpired leases: datasource → owner.
+/// Leases held (their owner live): datasource → owner.
 pub async fn owners(client: &Client) -> HashMap<Uuid, String> {
     client
         .query(
             "SELECT datasource_id, owner FROM datasource_leases
-             WHERE owner IS NOT NULL AND expires_at > now()",
+             WHERE owner IN (SELECT id FROM dsreg_instances
+                             WHERE stopped_at IS NULL AND leases_until > now())",
             &[],
         )
         .await

@@ -71,8 +71,6 @@ pub struct Ctx {
     pub instance_id: String,
     /// The applied schema version.
     pub schema_version: i32,
-    /// How long an instance stays live without a heartbeat.
-    pub lease_ttl: std::time::Duration,
     /// Ends streams when the server stops.
     pub shutdown: CancellationToken,
     /// Tracks stream tasks.
@@ -129,7 +127,7 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::ListInstancesResponse>, Status> {
         call::Call::of(&request, "ListInstances")?;
         let client = call::client(&self.0.pool).await?;
-        let instances = crate::db::repository::leases::instances(&**client, self.0.lease_ttl)
+        let instances = crate::db::repository::leases::instances(&**client)
             .await
             .map_err(status::db)?;
         Ok(Response::new(pb::ListInstancesResponse {

@@ -1,11 +1,14 @@
 //! The `dsreg_instances` and `datasource_leases` tables: which registry instances are alive,
 //! and which one runs each datasource's worker.
 //!
-//! A lease has an owner, an expiry and a fencing epoch. Claiming a free or expired lease
-//! raises its epoch; only the owner renews it (every lease it holds in one statement) and
-//! releases it. Writes made on a worker's behalf carry its epoch and are checked against the
-//! lease in the same statement ([`fence`]), so an instance that lost a lease (frozen, cut off)
-//! cannot write as its owner any more.
+//! A lease has an owner and a fencing epoch, and holds while its owner is live: each instance
+//! records until when its leases hold (`dsreg_instances.leases_until`), and one renewal
+//! extends that single row, however many leases the instance holds. Claiming a free lease, or
+//! one whose owner is no longer live, raises its epoch; only the owner releases it. An
+//! instance that was not live when it renews gets none of its old leases back: they are let
+//! go, to be claimed again under new epochs. Writes made on a worker's behalf carry its epoch
+//! and are checked against the lease in the same statement ([`fence`]), so an instance that
+//! lost a lease (frozen, cut off) cannot write as its owner any more.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -19,11 +22,24 @@ use super::events::{self, NewEvent};
 use super::{GenericClient, WriteContext};
 use crate::db::Error;
 
-/// The condition a fenced write puts on the lease row `l` (`datasource_leases`): held by the
-/// SQL expression `owner` under `epoch`, and not expired. The repositories write it into their
-/// statements.
+/// The condition on a `dsreg_instances` row that it is live: its leases hold now.
+const LIVE: &str = "stopped_at IS NULL AND leases_until > now()";
+
+/// The ids of the live instances, as a subquery.
+fn live_ids() -> String {
+    format!("SELECT id FROM dsreg_instances WHERE {LIVE}")
+}
+
+/// The condition that the lease row `l` (`datasource_leases`) is held by the SQL expression
+/// `owner`: it owns the row and is live.
+pub fn held_by(owner: &str) -> String {
+    format!("l.owner = {owner} AND l.owner IN ({})", live_ids())
+}
+
+/// The condition a fenced write puts on the lease row `l`: held by the SQL expression `owner`
+/// (as [`held_by`]) under `epoch`. The repositories write it into their statements.
 pub fn fence(owner: &str, epoch: &str) -> String {
-    format!("l.owner = {owner} AND l.epoch = {epoch} AND l.expires_at > now()")
+    format!("l.epoch = {epoch} AND {}", held_by(owner))
 }
 
 /// Of the (datasource, epoch) `pairs`, those whose lease `owner` holds now under that epoch.
@@ -76,9 +92,9 @@ pub struct Instance {
     pub heartbeat_at: DateTime<Utc>,
     /// When it stopped cleanly, if it did.
     pub stopped_at: Option<DateTime<Utc>>,
-    /// Whether it counts as alive (heartbeat within the lease time, not stopped).
+    /// Whether it counts as alive (its leases hold, it has not stopped).
     pub live: bool,
-    /// Unexpired leases it holds.
+    /// Leases it holds (none unless it is live).
     pub leases: i64,
 }
 
@@ -86,7 +102,8 @@ fn millis(ttl: Duration) -> i64 {
     i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// Registers `me` (again, after a restart of the same id) and records a heartbeat.
+/// Registers `me` (again, after a restart of the same id) and records a heartbeat. It is not
+/// live, and holds no lease, until its first renewal.
 ///
 /// # Errors
 /// The statement failed.
@@ -113,37 +130,36 @@ pub struct Renewed {
     pub free: i64,
 }
 
-/// How long an instance registered as `id` stays live without another heartbeat: `None` when
-/// it is not live (never registered, stopped cleanly, or silent for `ttl`).
+/// How long an instance registered as `id` stays live without another renewal: `None` when
+/// it is not live (never renewed, stopped cleanly, or not renewed within its lease time).
 ///
 /// # Errors
 /// The query failed.
-pub async fn live_for(
-    client: &impl GenericClient,
-    id: &str,
-    ttl: Duration,
-) -> Result<Option<Duration>, Error> {
+pub async fn live_for(client: &impl GenericClient, id: &str) -> Result<Option<Duration>, Error> {
     let row = client
         .query_opt(
-            "SELECT (extract(epoch FROM heartbeat_at + $2::bigint * interval '1 millisecond' - now())
-                     * 1000)::bigint
-             FROM dsreg_instances
-             WHERE id = $1 AND stopped_at IS NULL
-               AND heartbeat_at > now() - $2::bigint * interval '1 millisecond'",
-            &[&id, &millis(ttl)],
+            &format!(
+                "SELECT (extract(epoch FROM leases_until - now()) * 1000)::bigint
+                 FROM dsreg_instances WHERE id = $1 AND {LIVE}"
+            ),
+            &[&id],
         )
         .await?;
     Ok(row.map(|r| Duration::from_millis(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))))
 }
 
 /// The live instances and the unheld datasources, as rows tagged `live` and `free` (the tail
-/// of [`renew`]'s statement, and all of [`look`]'s).
-const SEEN: &str = "SELECT 'live', NULL::uuid, NULL::bigint, id FROM dsreg_instances
-     WHERE id = $1 OR (stopped_at IS NULL AND heartbeat_at > now() - $2::bigint * interval '1 millisecond')
-     UNION ALL
-     SELECT 'free', NULL, count(*), NULL
-     FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
-     WHERE d.status <> 'archived' AND (l.owner IS NULL OR l.expires_at <= now())";
+/// of [`renew`]'s statement, and all of [`look`]'s; `$1` is the instance asking).
+fn seen_sql() -> String {
+    format!(
+        "SELECT 'live', NULL::uuid, NULL::bigint, id FROM dsreg_instances WHERE id = $1 OR ({LIVE})
+         UNION ALL
+         SELECT 'free', NULL, count(*), NULL
+         FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
+         WHERE d.status <> 'archived' AND (l.owner IS NULL OR l.owner NOT IN ({}))",
+        live_ids()
+    )
+}
 
 fn seen(rows: &[tokio_postgres::Row]) -> Renewed {
     let mut seen = Renewed::default();
@@ -159,9 +175,13 @@ fn seen(rows: &[tokio_postgres::Row]) -> Renewed {
     seen
 }
 
-/// One statement per renewal: `me`'s heartbeat, every unexpired lease it holds extended to
-/// `ttl` from now, the live instances and the number of datasources no one holds. A lease
-/// that had already expired is not renewed (it must be claimed again, under a new epoch).
+/// One statement per renewal, one row written however many leases `me` holds: its heartbeat,
+/// its leases extended to hold `ttl` from now, the leases it holds with their epochs, the
+/// live instances and the number of datasources no one holds.
+///
+/// An instance that was not live (never renewed, or not within its lease time: frozen, cut
+/// off) gets none of its old leases back: they are let go in the same statement, to be claimed
+/// again under new epochs, and `held` is empty.
 ///
 /// # Errors
 /// The statement failed; nothing was renewed.
@@ -173,22 +193,27 @@ pub async fn renew(
     let rows = client
         .query(
             &format!(
-                "WITH beat AS (
-                    INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $3, $4)
-                    ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL
-                 ), mine AS (
+                "WITH was AS (
+                    SELECT coalesce((SELECT {LIVE} FROM dsreg_instances WHERE id = $1), false) AS live
+                 ), beat AS (
+                    INSERT INTO dsreg_instances AS i (id, address, version, leases_until)
+                    VALUES ($1, $3, $4, now() + $2::bigint * interval '1 millisecond')
+                    ON CONFLICT (id) DO UPDATE
+                        SET heartbeat_at = now(), stopped_at = NULL, leases_until = excluded.leases_until
+                 ), lapsed AS (
                     -- Locked in datasource order, as claims and releases lock: never a deadlock.
                     SELECT datasource_id FROM datasource_leases
-                    WHERE owner = $1 AND expires_at > now()
+                    WHERE owner = $1 AND NOT (SELECT live FROM was)
                     ORDER BY datasource_id FOR UPDATE
-                 ), renewed AS (
-                    UPDATE datasource_leases l SET expires_at = now() + $2::bigint * interval '1 millisecond'
-                    FROM mine WHERE l.datasource_id = mine.datasource_id
-                    RETURNING l.datasource_id, l.epoch
+                 ), let_go AS (
+                    UPDATE datasource_leases l SET owner = NULL
+                    FROM lapsed WHERE l.datasource_id = lapsed.datasource_id
                  )
-                 SELECT 'held', datasource_id, epoch, NULL FROM renewed
+                 SELECT 'held', datasource_id, epoch, NULL FROM datasource_leases
+                 WHERE owner = $1 AND (SELECT live FROM was)
                  UNION ALL
-                 {SEEN}"
+                 {}",
+                seen_sql()
             ),
             &[&me.id, &millis(ttl), &me.address, &me.version],
         )
@@ -201,46 +226,41 @@ pub async fn renew(
 ///
 /// # Errors
 /// The query failed.
-pub async fn look(client: &impl GenericClient, me: &str, ttl: Duration) -> Result<Renewed, Error> {
-    let rows = client.query(SEEN, &[&me, &millis(ttl)]).await?;
+pub async fn look(client: &impl GenericClient, me: &str) -> Result<Renewed, Error> {
+    let rows = client.query(&seen_sql(), &[&me]).await?;
     Ok(seen(&rows))
 }
 
-/// The instances alive now: a heartbeat within `ttl`, not stopped. Sorted by id.
+/// The instances alive now: their leases hold, they have not stopped. Sorted by id.
 ///
 /// # Errors
 /// The query failed.
-pub async fn live_instances(
-    client: &impl GenericClient,
-    ttl: Duration,
-) -> Result<Vec<String>, Error> {
+pub async fn live_instances(client: &impl GenericClient) -> Result<Vec<String>, Error> {
     let rows = client
-        .query(
-            "SELECT id FROM dsreg_instances
-             WHERE stopped_at IS NULL AND heartbeat_at > now() - $1::bigint * interval '1 millisecond'
-             ORDER BY id",
-            &[&millis(ttl)],
-        )
+        .query(&format!("{} ORDER BY id", live_ids()), &[])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
 /// Every registered instance, live or not (those stopped or silent for more than a day are
-/// left out), with the number of unexpired leases each holds.
+/// left out), with the number of leases each holds.
 ///
 /// # Errors
 /// The query failed.
-pub async fn instances(client: &impl GenericClient, ttl: Duration) -> Result<Vec<Instance>, Error> {
+pub async fn instances(client: &impl GenericClient) -> Result<Vec<Instance>, Error> {
     let rows = client
         .query(
-            "SELECT i.id, i.address, i.version, i.started_at, i.heartbeat_at, i.stopped_at,
-                    i.stopped_at IS NULL AND i.heartbeat_at > now() - $1::bigint * interval '1 millisecond',
-                    (SELECT count(*) FROM datasource_leases l
-                      WHERE l.owner = i.id AND l.expires_at > now())
-             FROM dsreg_instances i
-             WHERE i.heartbeat_at > now() - interval '1 day'
-             ORDER BY i.started_at, i.id",
-            &[&millis(ttl)],
+            &format!(
+                "SELECT i.id, i.address, i.version, i.started_at, i.heartbeat_at, i.stopped_at,
+                        {LIVE},
+                        CASE WHEN {LIVE}
+                             THEN (SELECT count(*) FROM datasource_leases l WHERE l.owner = i.id)
+                             ELSE 0 END
+                 FROM dsreg_instances i
+                 WHERE i.heartbeat_at > now() - interval '1 day'
+                 ORDER BY i.started_at, i.id"
+            ),
+            &[],
         )
         .await?;
     Ok(rows
@@ -263,7 +283,7 @@ pub async fn instances(client: &impl GenericClient, ttl: Duration) -> Result<Vec
 pub struct Standing {
     /// The datasource.
     pub datasource_id: Uuid,
-    /// The lease's owner, while unexpired.
+    /// The lease's owner, while it is live.
     pub owner: Option<String>,
 }
 
@@ -274,9 +294,12 @@ pub struct Standing {
 pub async fn standings(client: &impl GenericClient) -> Result<Vec<Standing>, Error> {
     let rows = client
         .query(
-            "SELECT d.id, CASE WHEN l.expires_at > now() THEN l.owner END
-             FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
-             WHERE d.status <> 'archived'",
+            &format!(
+                "SELECT d.id, CASE WHEN l.owner IN ({}) THEN l.owner END
+                 FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
+                 WHERE d.status <> 'archived'",
+                live_ids()
+            ),
             &[],
         )
         .await?;
@@ -305,39 +328,45 @@ async fn begin<'a>(client: &'a mut Client, me: &str) -> Result<Transaction<'a>, 
     super::begin(client, &WriteContext::actor(format!("dsreg:{me}"))).await
 }
 
-/// Claims, for `me`, the leases of `ids` that are free or expired (and whose datasource
-/// still exists), each under a new epoch, with a `lease_acquired` event each, in one
-/// transaction. Leases another instance holds are left alone. Returns what was claimed.
+/// Claims, for `me`, the leases of `ids` that are free or whose owner is no longer live (and
+/// whose datasource still exists), each under a new epoch, with a `lease_acquired` event
+/// each, in one transaction. They hold as long as `me`'s other leases do: until its renewals
+/// stop. Leases another live instance holds are left alone; a datasource whose row a writer
+/// holds locked (a publish in progress) is skipped rather than waited for, to be claimed at
+/// the next look; and an instance that is not live itself (not renewed within its lease time)
+/// claims nothing. Returns what was claimed.
 ///
 /// # Errors
 /// The statements failed; nothing was claimed.
-pub async fn claim(
-    client: &mut Client,
-    me: &str,
-    ids: &[Uuid],
-    ttl: Duration,
-) -> Result<Vec<Claimed>, Error> {
+pub async fn claim(client: &mut Client, me: &str, ids: &[Uuid]) -> Result<Vec<Claimed>, Error> {
     let tx = begin(client, me).await?;
     let rows = tx
         .query(
-            "WITH before AS (
-                SELECT datasource_id, owner FROM datasource_leases WHERE datasource_id = ANY($2)
-             ), claimed AS (
-                INSERT INTO datasource_leases AS l (datasource_id, owner, epoch, expires_at, acquired_at)
-                SELECT d.id, $1, 1, now() + $3::bigint * interval '1 millisecond', now()
-                FROM datasources d WHERE d.id = ANY($2)
-                -- Rows are locked in one order by every instance: concurrent claims wait,
-                -- never deadlock.
-                ORDER BY d.id
-                ON CONFLICT (datasource_id) DO UPDATE
-                    SET owner = $1, epoch = l.epoch + 1, expires_at = excluded.expires_at,
-                        acquired_at = now()
-                    WHERE l.owner IS NULL OR l.expires_at <= now()
-                RETURNING l.datasource_id, l.epoch
-             )
-             SELECT c.datasource_id, c.epoch, b.owner
-             FROM claimed c LEFT JOIN before b USING (datasource_id)",
-            &[&me, &ids, &millis(ttl)],
+            &format!(
+                "WITH before AS (
+                    SELECT datasource_id, owner FROM datasource_leases WHERE datasource_id = ANY($2)
+                 ), claimed AS (
+                    INSERT INTO datasource_leases AS l (datasource_id, owner, epoch, acquired_at)
+                    SELECT d.id, $1, 1, now()
+                    FROM datasources d
+                    WHERE d.id = ANY($2)
+                      AND EXISTS (SELECT 1 FROM dsreg_instances WHERE id = $1 AND {LIVE})
+                    -- Rows are locked in one order by every instance: concurrent claims wait,
+                    -- never deadlock. A datasource locked for a write (a publish holds it
+                    -- FOR UPDATE until it commits) is not waited for: the claim would hold up
+                    -- the reconcile loop for as long as the publisher's transaction stays open.
+                    ORDER BY d.id
+                    FOR KEY SHARE OF d SKIP LOCKED
+                    ON CONFLICT (datasource_id) DO UPDATE
+                        SET owner = $1, epoch = l.epoch + 1, acquired_at = now()
+                        WHERE l.owner IS NULL OR l.owner NOT IN ({})
+                    RETURNING l.datasource_id, l.epoch
+                 )
+                 SELECT c.datasource_id, c.epoch, b.owner
+                 FROM claimed c LEFT JOIN before b USING (datasource_id)",
+                live_ids()
+            ),
+            &[&me, &ids],
         )
         .await?;
     let claimed: Vec<Claimed> = rows
@@ -417,7 +446,7 @@ async fn release_in(
                 WHERE owner = $1 AND datasource_id = ANY($2)
                 ORDER BY datasource_id FOR UPDATE
              )
-             UPDATE datasource_leases l SET owner = NULL, expires_at = '-infinity'
+             UPDATE datasource_leases l SET owner = NULL
              FROM mine WHERE l.datasource_id = mine.datasource_id
              RETURNING l.datasource_id, l.epoch",
             &[&me, &ids],
@@ -462,7 +491,7 @@ pub async fn sign_off(client: &mut Client, me: &str) -> Result<usize, Error> {
         .collect();
     let released = release_in(&tx, me, &held, Release::Shutdown).await?;
     tx.execute(
-        "UPDATE dsreg_instances SET stopped_at = now() WHERE id = $1",
+        "UPDATE dsreg_instances SET stopped_at = now(), leases_until = '-infinity' WHERE id = $1",
         &[&me],
     )
     .await?;

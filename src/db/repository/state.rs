@@ -475,11 +475,14 @@ pub async fn heartbeat(
     let metrics: Vec<&serde_json::Value> = beats.iter().map(|b| &b.metrics).collect();
     client
         .execute(
-            "UPDATE datasource_state s SET last_heartbeat_at = now(),
-                    last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
-             FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
-             JOIN datasource_leases l ON l.datasource_id = u.id
-             WHERE s.datasource_id = u.id AND l.owner = $4 AND l.expires_at > now()",
+            &format!(
+                "UPDATE datasource_state s SET last_heartbeat_at = now(),
+                        last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
+                 FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
+                 JOIN datasource_leases l ON l.datasource_id = u.id
+                 WHERE s.datasource_id = u.id AND {}",
+                super::leases::held_by("$4")
+            ),
             &[&ids, &progress, &metrics, &instance],
         )
         .await?;
