@@ -7,6 +7,8 @@
 //! - PublishVersion RPC sent → the worker's state written as RUNNING on that version.
 //!
 //! `cargo bench --bench grpc`; `GRPC_BENCH_SECONDS` sets each throughput window (10),
+//! `GRPC_BENCH_PACED_SECONDS` each paced publish run (30: a p99 over a few seconds is the
+//! worst handful of publishes, set by whatever else the machine did in those seconds),
 //! `GRPC_BENCH_PARTS` which parts run (`status,list,publish`, all by default).
 
 mod common;
@@ -29,8 +31,10 @@ use tonic::transport::Channel;
 const STREAMS: usize = 64;
 const CHANNELS: usize = 4;
 const DATASOURCES: usize = 10_000;
-/// Datasources each publish run uses; each has versions 1, 2 and 3 published in turn.
+/// Datasources each unpaced publish run uses; each has versions 1, 2 and 3 published in turn.
 const PUBLISHED: usize = 256;
+/// Versions each publish run publishes per datasource.
+const VERSIONS: usize = 3;
 /// Aggregate publish rates of the paced runs, per second.
 const PACED_RATES: [f64; 2] = [100.0, 250.0];
 /// Calls made before each throughput window, not counted.
@@ -172,8 +176,15 @@ async fn main() -> anyhow::Result<()> {
     // aggregate rate (latency measured from when each publish was due, so a late send counts
     // against it); 64 streams back to back, which is the throughput and the queueing it costs.
     if runs("publish") {
-        let mut next = ids[..].chunks(PUBLISHED);
-        let one = next.next().expect("enough datasources");
+        let paced_for = common::env_num("GRPC_BENCH_PACED_SECONDS", 30) as f64;
+        let mut unused = &ids[..];
+        let mut next = |n: usize| {
+            let (taken, rest) = unused.split_at(n.min(unused.len()));
+            unused = rest;
+            assert_eq!(taken.len(), n, "enough datasources for every publish run");
+            taken
+        };
+        let one = next(PUBLISHED);
         let (lat, answered) = publish_to_running(&mut written, &channel, one, 1, None).await;
         rows.push(latency_row(
             "PublishVersion RPC answered, one at a time",
@@ -189,7 +200,8 @@ async fn main() -> anyhow::Result<()> {
             "p99 ≤ 25 ms",
         ));
         for rate in PACED_RATES {
-            let targets = next.next().expect("enough datasources");
+            let n = ((rate * paced_for) as usize / VERSIONS).max(STREAMS);
+            let targets = next(n);
             let (lat, _) =
                 publish_to_running(&mut written, &channel, targets, STREAMS, Some(rate)).await;
             rows.push(latency_row(
@@ -201,7 +213,7 @@ async fn main() -> anyhow::Result<()> {
                 "p99 ≤ 25 ms",
             ));
         }
-        let targets = next.next().expect("enough datasources");
+        let targets = next(PUBLISHED);
         let started = Instant::now();
         let (lat, answered) =
             publish_to_running(&mut written, &channel, targets, STREAMS, None).await;
@@ -283,9 +295,8 @@ async fn publish_to_running(
     streams: usize,
     rate: Option<f64>,
 ) -> (Vec<f64>, Vec<f64>) {
-    const VERSIONS: i32 = 3;
     let sent: Arc<std::sync::Mutex<HashMap<(uuid::Uuid, i32), Instant>>> = Arc::default();
-    let expected = targets.len() * VERSIONS as usize;
+    let expected = targets.len() * VERSIONS;
     let start = Instant::now();
     let mut tasks = Vec::new();
     for (i, chunk) in targets.chunks(targets.len().div_ceil(streams)).enumerate() {
@@ -298,7 +309,7 @@ async fn publish_to_running(
         tasks.push(tokio::spawn(async move {
             let mut answered = Vec::new();
             let mut k = 0u32;
-            for version in 1..=VERSIONS {
+            for version in 1..=VERSIONS as i32 {
                 for id in &chunk {
                     let due = match (spacing, offset) {
                         (Some(spacing), Some(offset)) => {
@@ -364,9 +375,11 @@ fn latency_row(figure: &str, sorted: &[f64], target: &str) -> (String, String, S
     (
         figure.into(),
         format!(
-            "p50 {:.2} ms, p99 {:.2} ms",
+            "p50 {:.2} ms, p99 {:.2} ms (p99.9 {:.2}, max {:.2})",
             common::quantile(sorted, 0.5),
-            common::quantile(sorted, 0.99)
+            common::quantile(sorted, 0.99),
+            common::quantile(sorted, 0.999),
+            sorted.last().copied().unwrap_or(0.0)
         ),
         target.into(),
     )

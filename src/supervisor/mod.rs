@@ -188,7 +188,17 @@ pub struct Supervisor {
     secrets: Option<Arc<SecretsService>>,
     metrics: Option<Metrics>,
     cluster: Cluster,
+    /// The heartbeat write in progress, if one is.
+    heartbeats: Option<JoinHandle<()>>,
 }
+
+/// Heartbeats written per statement: each statement locks its rows of `datasource_state` only
+/// until it commits, so a state write for one of them waits a few milliseconds at most.
+const HEARTBEATS_PER_STATEMENT: usize = 250;
+/// The share of the heartbeat period a heartbeat write is spread over: its statements are
+/// spaced out, so thousands of rows are never written in one burst that the publishes and
+/// state writes of the moment queue behind.
+const HEARTBEAT_SPREAD: u32 = 4;
 
 impl Supervisor {
     /// A supervisor of instance `me`'s workers; they are spawned on `tracker`.
@@ -226,6 +236,7 @@ impl Supervisor {
             failed: HashMap::new(),
             reader: None,
             metrics: None,
+            heartbeats: None,
         }
     }
 
@@ -1012,7 +1023,10 @@ impl Supervisor {
         }
     }
 
-    /// One statement of heartbeats for every worker, and stall detection.
+    /// Stall detection, and the heartbeat of every worker, written beside the reconcile loop
+    /// (a registry with 10,000 workers writes 10,000 rows) in statements of
+    /// [`HEARTBEATS_PER_STATEMENT`], spread over a [`HEARTBEAT_SPREAD`]th of the period. A
+    /// tick that finds the last write still going skips its own.
     async fn heartbeat(&mut self) -> Result<(), Error> {
         self.stopping.retain(|_, join| !join.is_finished());
         let now_ms = chrono::Utc::now().timestamp_millis();
@@ -1020,16 +1034,7 @@ impl Supervisor {
         for (id, worker) in &mut self.workers {
             let progress_ms = worker.health.last_progress_ms();
             let running_since = worker.health.running_since_ms();
-            beats.push(Heartbeat {
-                datasource_id: *id,
-                last_progress_at: chrono::DateTime::from_timestamp_millis(progress_ms)
-                    .filter(|_| progress_ms > 0),
-                metrics: json!({
-                    "records_total": worker.health.records_total(),
-                    "errors_total": worker.health.errors_total(),
-                    "dead_lettered_total": worker.health.dead_lettered_total(),
-                }),
-            });
+            beats.push((*id, worker.health.clone()));
             let (Some(limit), true) = (worker.stall_after, running_since > 0) else {
                 continue;
             };
@@ -1048,11 +1053,36 @@ impl Supervisor {
                     .send(stall_transition(*id, worker.key, false, idle));
             }
         }
-        let client = self.pool.get().await?;
-        state::heartbeat(&**client, &beats, &self.cluster.me.id).await
+        if self.heartbeats.as_ref().is_some_and(|h| !h.is_finished()) {
+            tracing::debug!("the last heartbeat write is still going: this one is skipped");
+            return Ok(());
+        }
+        let pool = self.pool.clone();
+        let me = self.cluster.me.id.clone();
+        let statements = beats.len().div_ceil(HEARTBEATS_PER_STATEMENT).max(1);
+        let spacing = self.config.heartbeat_interval / HEARTBEAT_SPREAD / statements as u32;
+        self.heartbeats = Some(self.tracker.spawn(async move {
+            let mut pace = tokio::time::interval(spacing.max(Duration::from_millis(1)));
+            for chunk in beats.chunks(HEARTBEATS_PER_STATEMENT) {
+                pace.tick().await;
+                let beats: Vec<Heartbeat> = chunk.iter().map(|(id, h)| heartbeat_of(*id, h)).collect();
+                let written = match pool.get().await {
+                    Ok(client) => state::heartbeat(&**client, &beats, &me).await,
+                    Err(e) => Err(e.into()),
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "writing heartbeats failed; the next tick writes them again");
+                    return;
+                }
+            }
+        }));
+        Ok(())
     }
 
     async fn stop_all(mut self) {
+        if let Some(heartbeats) = self.heartbeats.take() {
+            heartbeats.abort();
+        }
         let ids: Vec<Uuid> = self.workers.keys().copied().collect();
         for id in ids {
             self.stop_worker(id);
@@ -1081,6 +1111,21 @@ fn stale_stopped(id: Uuid, version: Option<i32>, epoch: i64) -> Transition {
             kind: "worker_stopped".into(),
             version,
             payload: json!({ "reason": "not running on this instance" }),
+        }),
+    }
+}
+
+/// A worker's heartbeat as its counters stand now.
+fn heartbeat_of(id: Uuid, health: &crate::connectors::Health) -> Heartbeat {
+    let progress_ms = health.last_progress_ms();
+    Heartbeat {
+        datasource_id: id,
+        last_progress_at: chrono::DateTime::from_timestamp_millis(progress_ms)
+            .filter(|_| progress_ms > 0),
+        metrics: json!({
+            "records_total": health.records_total(),
+            "errors_total": health.errors_total(),
+            "dead_lettered_total": health.dead_lettered_total(),
         }),
     }
 }

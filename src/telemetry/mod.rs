@@ -6,6 +6,7 @@
 
 pub mod metrics;
 pub mod otel;
+pub mod otlp;
 
 use std::io::IsTerminal;
 

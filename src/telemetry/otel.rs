@@ -5,9 +5,10 @@
 //! `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true` turn it off. With no endpoint
 //! nothing is built: spans cost what `tracing` costs without a subscriber layer.
 //!
-//! Spans are exported in batches from the SDK's own thread through a small runtime of their
-//! own, so exporting never runs on, or waits for, the registry's tasks; a collector that is
-//! down costs the spans of each failed batch, counted by [`dropped_spans`].
+//! Spans are exported in batches from the SDK's own thread, encoded there straight into the
+//! protocol's wire format ([`super::otlp`]) and sent through a small runtime of their own, so
+//! exporting never runs on, or waits for, the registry's tasks; a collector that is down
+//! costs the spans of each failed batch, counted by [`dropped_spans`] with those it rejects.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,12 +56,10 @@ impl Exporting {
             .enable_all()
             .build()
             .map_err(|e| format!("the span export runtime: {e}"))?;
+        let settings = super::otlp::Settings::from_lookup(|name| std::env::var(name).ok())?;
         let exporter = {
             let _inside = runtime.enter();
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .build()
-                .map_err(|e| format!("the OTLP exporter: {e}"))?
+            super::otlp::Exporter::new(&settings)?
         };
         let counting = Counting {
             inner: Arc::new(exporter),
@@ -128,21 +127,23 @@ fn batch_config() -> opentelemetry_sdk::trace::BatchConfig {
     config.build()
 }
 
-/// Exports through the OTLP exporter on the export runtime and counts the spans of failed
-/// batches.
+/// Encodes each batch on the SDK's export thread, sends it on the export runtime, and counts
+/// the spans of failed batches and those the collector rejected.
 #[derive(Debug)]
 struct Counting {
-    inner: Arc<opentelemetry_otlp::SpanExporter>,
+    inner: Arc<super::otlp::Exporter>,
     runtime: tokio::runtime::Handle,
 }
 
 impl SpanExporter for Counting {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
+        let request = self.inner.encode(&batch);
+        drop(batch);
         let inner = self.inner.clone();
         let exported = self
             .runtime
-            .spawn(async move { inner.export(batch).await })
+            .spawn(async move { inner.send(request).await })
             .await;
         let result = match exported {
             Ok(result) => result,
@@ -150,17 +151,20 @@ impl SpanExporter for Counting {
                 "span export task: {e}"
             ))),
         };
-        if result.is_err() {
-            DROPPED.fetch_add(spans, Ordering::Relaxed);
+        match result {
+            Ok(exported) => {
+                DROPPED.fetch_add(exported.rejected, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                DROPPED.fetch_add(spans, Ordering::Relaxed);
+                Err(e)
+            }
         }
-        result
     }
 
-    fn shutdown_with_timeout(&mut self, timeout: Duration) -> OTelSdkResult {
-        match Arc::get_mut(&mut self.inner) {
-            Some(inner) => inner.shutdown_with_timeout(timeout),
-            None => Ok(()),
-        }
+    fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
+        Ok(())
     }
 
     fn set_resource(&mut self, resource: &Resource) {
