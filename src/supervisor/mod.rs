@@ -193,8 +193,9 @@ pub struct Supervisor {
 }
 
 /// Heartbeats written per statement: each statement locks its rows of `datasource_state` only
-/// until it commits, so a state write for one of them waits a few milliseconds at most.
-const HEARTBEATS_PER_STATEMENT: usize = 250;
+/// until it commits, so a state write for one of them waits a few milliseconds at most, and
+/// 10,000 workers cost one statement a second at the default period.
+const HEARTBEATS_PER_STATEMENT: usize = 1_000;
 /// The share of the heartbeat period a heartbeat write is spread over: its statements are
 /// spaced out, so thousands of rows are never written in one burst that the publishes and
 /// state writes of the moment queue behind.

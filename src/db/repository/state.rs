@@ -405,6 +405,12 @@ pub async fn apply_transitions(
                         AS u(id, status, version, set_error, code, message, restarts, epoch)
                  ), fenced AS (
                     SELECT u.* FROM u JOIN datasource_leases l ON l.datasource_id = u.id AND {}
+                 ), locked AS (
+                    -- Rows are locked in datasource order, as heartbeats lock them: the two
+                    -- never deadlock (which Postgres would break only after a second).
+                    SELECT s.datasource_id FROM datasource_state s
+                    WHERE s.datasource_id IN (SELECT id FROM fenced)
+                    ORDER BY s.datasource_id FOR UPDATE
                  ), changed AS (
                     UPDATE datasource_state s SET
                         worker_status = coalesce(u.status, s.worker_status),
@@ -416,7 +422,8 @@ pub async fn apply_transitions(
                         lease_epoch = u.epoch,
                         last_event_at = now(),
                         updated_at = now()
-                    FROM fenced u WHERE s.datasource_id = u.id
+                    FROM fenced u JOIN locked k ON k.datasource_id = u.id
+                    WHERE s.datasource_id = u.id
                  ), recorded AS (
                     INSERT INTO datasource_events (datasource_id, type, version, actor, payload, created_at)
                     SELECT e.id, e.type, e.version, $9, e.payload, coalesce(e.at, clock_timestamp())
@@ -476,11 +483,19 @@ pub async fn heartbeat(
     client
         .execute(
             &format!(
-                "UPDATE datasource_state s SET last_heartbeat_at = now(),
+                "WITH u AS (
+                    SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
+                 ), locked AS (
+                    -- In datasource order, as the state writer locks: never a deadlock.
+                    SELECT s.datasource_id FROM datasource_state s
+                    JOIN datasource_leases l ON l.datasource_id = s.datasource_id
+                    WHERE s.datasource_id IN (SELECT id FROM u) AND {}
+                    ORDER BY s.datasource_id FOR UPDATE OF s
+                 )
+                 UPDATE datasource_state s SET last_heartbeat_at = now(),
                         last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
-                 FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
-                 JOIN datasource_leases l ON l.datasource_id = u.id
-                 WHERE s.datasource_id = u.id AND {}",
+                 FROM u JOIN locked k ON k.datasource_id = u.id
+                 WHERE s.datasource_id = u.id",
                 super::leases::held_by("$4")
             ),
             &[&ids, &progress, &metrics, &instance],
