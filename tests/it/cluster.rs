@@ -666,7 +666,10 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         .await
         .unwrap();
     let s = db.state(ds.id).await;
-    assert!(s.last_heartbeat_at.is_some(), "the owner's heartbeat is written");
+    assert!(
+        s.last_heartbeat_at.is_some(),
+        "the owner's heartbeat is written"
+    );
     let epochs: Vec<i64> = db
         .client()
         .await
