@@ -143,13 +143,29 @@ fn percent_decode(s: &str) -> Option<String> {
 }
 
 /// Sends batches of spans to a collector's `TraceService/Export`.
-#[derive(Debug)]
 pub struct Exporter {
     channel: Channel,
     metadata: MetadataMap,
     /// The encoded `Resource` message and the resource's schema URL.
     resource: Vec<u8>,
     schema_url: String,
+}
+
+/// Names the headers it sends, never their values (often a collector's credential).
+impl std::fmt::Debug for Exporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<&str> = self
+            .metadata
+            .keys()
+            .map(|k| match k {
+                tonic::metadata::KeyRef::Ascii(k) => k.as_str(),
+                tonic::metadata::KeyRef::Binary(k) => k.as_str(),
+            })
+            .collect();
+        f.debug_struct("Exporter")
+            .field("headers", &headers)
+            .finish_non_exhaustive()
+    }
 }
 
 /// What an export achieved.
@@ -914,6 +930,24 @@ mod tests {
         assert_eq!(scopes, vec![("a".to_owned(), 2), ("b".to_owned(), 1)]);
         let empty = decoded(&encode_request(&[], &[], ""));
         assert!(empty.resource_spans[0].scope_spans.is_empty());
+    }
+
+    #[test]
+    fn the_exporter_never_shows_a_header_value() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _inside = runtime.enter();
+        let settings = Settings::from_lookup(|name| {
+            (name == "OTEL_EXPORTER_OTLP_HEADERS").then(|| "authorization=Bearer s3cret".to_owned())
+        })
+        .unwrap();
+        let shown = format!("{:?}", Exporter::new(&settings).unwrap());
+        assert!(
+            shown.contains("authorization") && !shown.contains("s3cret"),
+            "{shown}"
+        );
     }
 
     #[test]
