@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use uuid::Uuid;
 
 use crate::helpers::cluster::{
-    balanced as balanced_on, fleet as fleet_on, owners as owners_on, running as running_on,
+    balanced as balanced_on, fleet as fleet_on, owners as owners_on, pairs, running as running_on,
 };
 use crate::helpers::{ServeProcess, TestDb, wait_for};
 
@@ -155,18 +155,12 @@ async fn assert_no_double_run(db: &TestDb) {
 
 /// How many times each datasource's worker has started.
 async fn starts(db: &TestDb) -> HashMap<Uuid, i64> {
-    db.client()
-        .await
-        .query(
-            "SELECT datasource_id, count(*) FROM datasource_events
-             WHERE type = 'worker_starting' GROUP BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    pairs(
+        &**db.client().await,
+        "SELECT datasource_id, count(*) FROM datasource_events
+         WHERE type = 'worker_starting' GROUP BY 1",
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,16 +696,11 @@ fn named(id: &str) -> InstanceInfo {
 
 /// Each lease row's version (`xmin`), by datasource.
 async fn lease_versions(client: &tokio_postgres::Client) -> Vec<(Uuid, String)> {
-    client
-        .query(
-            "SELECT datasource_id, xmin::text FROM datasource_leases ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    pairs(
+        client,
+        "SELECT datasource_id, xmin::text FROM datasource_leases ORDER BY 1",
+    )
+    .await
 }
 
 /// Until when instance `id`'s leases hold.

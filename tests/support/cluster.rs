@@ -40,6 +40,22 @@ pub async fn fleet(client: &Client, n: i64, rate: f64) -> Vec<Uuid> {
     ids
 }
 
+/// The first two columns of every row `sql` returns, collected.
+pub async fn pairs<A, B, C>(client: &Client, sql: &str) -> C
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<(A, B)>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// Datasources whose worker is RUNNING, with the instance and epoch their state names.
 pub async fn running(client: &Client) -> HashMap<Uuid, (String, i64)> {
     client
@@ -57,18 +73,13 @@ pub async fn running(client: &Client) -> HashMap<Uuid, (String, i64)> {
 
 /// Leases held (their owner live): datasource → owner.
 pub async fn owners(client: &Client) -> HashMap<Uuid, String> {
-    client
-        .query(
-            "SELECT datasource_id, owner FROM datasource_leases
-             WHERE owner IN (SELECT id FROM dsreg_instances
-                             WHERE stopped_at IS NULL AND leases_until > now())",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect()
+    pairs(
+        client,
+        "SELECT datasource_id, owner FROM datasource_leases
+         WHERE owner IN (SELECT id FROM dsreg_instances
+                         WHERE stopped_at IS NULL AND leases_until > now())",
+    )
+    .await
 }
 
 /// Waits (up to `within`, polling every 50 ms) until every datasource runs on the instance
