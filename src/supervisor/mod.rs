@@ -42,7 +42,7 @@ use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::leases::{self, InstanceInfo, Release};
-use crate::db::repository::state::{self, Desired, Heartbeat, Transition};
+use crate::db::repository::state::{self, Desired, Heartbeat, Transition, Which};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
@@ -68,6 +68,9 @@ pub struct Pass {
 pub struct SupervisorConfig {
     /// Full resync period.
     pub resync_interval: Duration,
+    /// Datasources a full resync reads and applies per step: signals that arrive meanwhile
+    /// are handled between steps, so a resync of 10,000 never holds up a publish for long.
+    pub resync_page: usize,
     /// Heartbeat (and stall check) period.
     pub heartbeat_interval: Duration,
     /// Delay before a failed reconcile is retried as a full resync.
@@ -84,6 +87,7 @@ impl Default for SupervisorConfig {
     fn default() -> Self {
         Self {
             resync_interval: Duration::from_secs(30),
+            resync_page: 1_000,
             heartbeat_interval: Duration::from_secs(10),
             retry_delay: Duration::from_secs(1),
             passes: None,
@@ -190,6 +194,18 @@ pub struct Supervisor {
     cluster: Cluster,
     /// The heartbeat write in progress, if one is.
     heartbeats: Option<JoinHandle<()>>,
+    /// The full pass under way, if one is.
+    pass: Option<FullPass>,
+}
+
+/// A full resync under way.
+struct FullPass {
+    /// The last id of the last page applied; `None` before the first.
+    after: Option<Uuid>,
+    /// When it started.
+    started: Instant,
+    /// Datasources looked at so far.
+    datasources: usize,
 }
 
 /// Heartbeats written per statement: each statement locks its rows of `datasource_state` only
@@ -238,6 +254,7 @@ impl Supervisor {
             reader: None,
             metrics: None,
             heartbeats: None,
+            pass: None,
         }
     }
 
@@ -331,6 +348,8 @@ impl Supervisor {
                     Err(e) => Err(e),
                 },
                 _ = heartbeat.tick() => self.heartbeat().await,
+                // Last: every signal that has arrived goes first.
+                () = std::future::ready(()), if self.pass.is_some() => self.resync_page().await,
             };
             self.metered(Metrics::settle_reloads);
             if let Err(e) = result {
@@ -719,30 +738,80 @@ impl Supervisor {
         Ok((named, everything))
     }
 
-    /// A full pass: every live datasource, and every worker the tables no longer want.
-    #[tracing::instrument(name = "resync", skip_all)]
+    /// Starts a full pass: every live datasource, and every worker the tables no longer want,
+    /// a page at a time ([`Self::resync_page`]); one already under way starts over.
     async fn resync(&mut self) -> Result<(), Error> {
-        let started = Instant::now();
         // Move the outbox cursor first: whatever it returns is covered by this pass.
         self.read_outbox().await?;
+        self.pass = Some(FullPass {
+            after: None,
+            started: Instant::now(),
+            datasources: 0,
+        });
+        Ok(())
+    }
+
+    /// The next page of the full pass under way: the datasources after the last page's, in id
+    /// order, applied; the workers in that id range the tables no longer list, stopped.
+    async fn resync_page(&mut self) -> Result<(), Error> {
+        let Some(after) = self.pass.as_ref().map(|p| p.after) else {
+            return Ok(());
+        };
+        let result = self.resync_step(after).await;
+        match result {
+            Ok(None) => {
+                if let Some(pass) = self.pass.take() {
+                    self.report(true, pass.datasources, pass.started);
+                }
+                Ok(())
+            }
+            Ok(Some(last)) => {
+                if let Some(pass) = &mut self.pass {
+                    pass.after = Some(last);
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.pass = None;
+                Err(e)
+            }
+        }
+    }
+
+    /// Reads and applies the page after `after`; returns its last id, `None` when it was the
+    /// last page.
+    #[tracing::instrument(name = "resync", skip(self))]
+    async fn resync_step(&mut self, after: Option<Uuid>) -> Result<Option<Uuid>, Error> {
+        let limit = self.config.resync_page.max(1);
         let rows = {
             let client = self.pool.get().await?;
-            state::desired(&**client, None, false).await?
+            let page = Which::Page {
+                after,
+                limit: limit as i64,
+            };
+            state::desired(&**client, page, false).await?
         };
+        let upto = (rows.len() >= limit)
+            .then(|| rows.last().map(|r| r.datasource_id))
+            .flatten();
+        let in_page = |id: &Uuid| after.is_none_or(|a| *id > a) && upto.is_none_or(|u| *id <= u);
         let live: HashSet<Uuid> = rows.iter().map(|r| r.datasource_id).collect();
         let gone: Vec<Uuid> = self
             .workers
             .keys()
-            .filter(|id| !live.contains(id))
+            .filter(|id| in_page(id) && !live.contains(id))
             .copied()
             .collect();
         for id in gone {
             self.stop_worker(id);
         }
-        self.failed.retain(|id, _| live.contains(id));
+        self.failed
+            .retain(|id, _| !in_page(id) || live.contains(id));
+        if let Some(pass) = &mut self.pass {
+            pass.datasources += rows.len();
+        }
         self.apply(rows, true).await?;
-        self.report(true, live.len(), started);
-        Ok(())
+        Ok(upto)
     }
 
     fn report(&self, full: bool, datasources: usize, started: Instant) {
@@ -762,7 +831,7 @@ impl Supervisor {
         let started = Instant::now();
         let rows = {
             let client = self.pool.get().await?;
-            state::desired(&**client, Some(ids), true).await?
+            state::desired(&**client, Which::Ids(ids), true).await?
         };
         self.apply(rows, false).await?;
         self.report(false, ids.len(), started);

@@ -92,6 +92,23 @@ fn stopped(s: &dsreg::db::repository::state::State) -> bool {
     s.worker_status == WorkerStatus::Stopped
 }
 
+/// Waits until `n` workers are RUNNING on version 1.
+async fn wait_all_running_on_1(db: &TestDb, n: usize, timeout: Duration) {
+    let client = db.client().await;
+    wait_for(&format!("{n} workers RUNNING on version 1"), timeout, || async {
+        let running: i64 = client
+            .query_one(
+                "SELECT count(*) FROM datasource_state WHERE worker_status = 'running' AND running_version = 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (running == n as i64).then_some(())
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn sql_publishes_and_status_changes_drive_the_worker() {
     let db = TestDb::new().await;
@@ -483,18 +500,7 @@ async fn a_thousand_datasources_published_in_one_transaction_all_run() {
         )
         .await
         .unwrap();
-    wait_for("1,000 workers RUNNING on version 1", Duration::from_secs(30), || async {
-        let running: i64 = client
-            .query_one(
-                "SELECT count(*) FROM datasource_state WHERE worker_status = 'running' AND running_version = 1",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (running == 1000).then_some(())
-    })
-    .await;
+    wait_all_running_on_1(&db, 1000, Duration::from_secs(30)).await;
     app.stop().await.unwrap();
 }
 
@@ -606,4 +612,77 @@ async fn a_publish_committed_while_the_listener_is_down_is_applied_after_postgre
     );
     app.stop().await.unwrap();
     drop(cluster);
+}
+
+#[tokio::test]
+async fn a_full_resync_goes_a_page_at_a_time_and_a_publish_meanwhile_is_not_held_up() {
+    const N: usize = 400;
+    let db = TestDb::new().await;
+    let (passes_tx, mut passes) = tokio::sync::mpsc::unbounded_channel();
+    let app = TestApp::spawn(&db.url, move |app| {
+        // One datasource a page: the pass takes hundreds of steps.
+        app.supervisor.resync_page = 1;
+        app.supervisor.passes = Some(passes_tx);
+    })
+    .await;
+    let client = db.client().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO datasources (org, project, name, kind)
+               SELECT 'acme', 'paged', 'ds-' || i, 'generator' FROM generate_series(1, {N}) i;
+             INSERT INTO datasource_versions (datasource_id, version, config)
+               SELECT id, v, jsonb_build_object('rate_per_sec', 0, 'template', jsonb_build_object('v', v))
+               FROM datasources, generate_series(1, 2) v WHERE project = 'paged';
+             UPDATE datasource_versions SET state = 'published' WHERE version = 1;"
+        ))
+        .await
+        .unwrap();
+    let ids: Vec<uuid::Uuid> = client
+        .query("SELECT id FROM datasources ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    wait_all_running_on_1(&db, N, WAIT).await;
+
+    // Changes no notification announces, which only a full pass finds: the first datasource
+    // (the first page) moves to version 2, one in the middle is archived.
+    let (first, middle, last) = (ids[0], ids[N / 2], ids[N - 1]);
+    client
+        .batch_execute(&format!(
+            "SET session_replication_role = replica;
+             UPDATE datasources SET current_version = 2 WHERE id = '{first}';
+             UPDATE datasources SET status = 'archived' WHERE id = '{middle}';
+             SET session_replication_role = DEFAULT;"
+        ))
+        .await
+        .unwrap();
+    while passes.try_recv().is_ok() {}
+    ops::reload(&db.pool, &WriteContext::actor("test"), None)
+        .await
+        .unwrap();
+    // The pass is under way once its first page is applied; the last datasource, published
+    // now, is reached by its own notification long before the pass gets to its page.
+    db.wait_for_state(first, "the first page applied", running_on(2))
+        .await;
+    db.publish_sql(last, 2).await;
+    let full = loop {
+        let pass = tokio::time::timeout(WAIT, passes.recv())
+            .await
+            .expect("the full pass ends")
+            .expect("the registry runs");
+        if pass.full {
+            break pass;
+        }
+    };
+    assert_eq!(full.datasources, N - 1, "every live datasource, once");
+    let state = db.state(last).await;
+    assert!(
+        running_on(2)(&state),
+        "the publish made during the pass was applied before it ended: {state:?}"
+    );
+    db.wait_for_state(middle, "the archived one stopped by its page", stopped)
+        .await;
+    app.stop().await.unwrap();
 }

@@ -277,28 +277,69 @@ pub struct Desired {
     pub worker_status: WorkerStatus,
 }
 
-/// The desired state of `ids` (of every live datasource when `None`), with the published
-/// configs when `with_config`. One query, whatever the number.
+/// Which datasources [`desired`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Which<'a> {
+    /// These, archived or not.
+    Ids(&'a [Uuid]),
+    /// Up to `limit` live (not archived) datasources in id order, from just after `after`
+    /// (from the first when `None`): one page of a full resync.
+    Page {
+        /// The last id of the previous page.
+        after: Option<Uuid>,
+        /// Page size.
+        limit: i64,
+    },
+}
+
+/// The columns [`desired`] reads; `$1` says whether the published config is read too.
+const DESIRED: &str =
+    "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
+            v.config, s.worker_status, s.secrets_generation, d.org, d.project
+     FROM datasources d
+     JOIN datasource_state s ON s.datasource_id = d.id
+     LEFT JOIN datasource_versions v
+            ON $1 AND v.datasource_id = d.id AND v.version = d.current_version";
+
+/// The desired state of the datasources `which` names, with the published configs when
+/// `with_config`. One query, whatever the number.
 ///
 /// # Errors
 /// The query failed.
 pub async fn desired(
     client: &impl GenericClient,
-    ids: Option<&[Uuid]>,
+    which: Which<'_>,
     with_config: bool,
 ) -> Result<Vec<Desired>, Error> {
-    let rows = client
-        .query_typed(
-            "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
-                    v.config, s.worker_status, s.secrets_generation, d.org, d.project
-             FROM datasources d
-             JOIN datasource_state s ON s.datasource_id = d.id
-             LEFT JOIN datasource_versions v
-                    ON $2 AND v.datasource_id = d.id AND v.version = d.current_version
-             WHERE CASE WHEN $1::uuid[] IS NULL THEN d.status <> 'archived' ELSE d.id = ANY($1) END",
-            &typed::params(&[&ids, &with_config]),
-        )
-        .await?;
+    let rows = match which {
+        Which::Ids(ids) => {
+            client
+                .query_typed(
+                    &format!("{DESIRED} WHERE d.id = ANY($2)"),
+                    &typed::params(&[&with_config, &ids]),
+                )
+                .await?
+        }
+        Which::Page {
+            after: Some(after),
+            limit,
+        } => client
+            .query_typed(
+                &format!(
+                    "{DESIRED} WHERE d.status <> 'archived' AND d.id > $2 ORDER BY d.id LIMIT $3"
+                ),
+                &typed::params(&[&with_config, &after, &limit]),
+            )
+            .await?,
+        Which::Page { after: None, limit } => {
+            client
+                .query_typed(
+                    &format!("{DESIRED} WHERE d.status <> 'archived' ORDER BY d.id LIMIT $2"),
+                    &typed::params(&[&with_config, &limit]),
+                )
+                .await?
+        }
+    };
     let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
     rows.iter()
         .map(|r| {
@@ -407,10 +448,11 @@ pub async fn apply_transitions(
                     SELECT u.* FROM u JOIN datasource_leases l ON l.datasource_id = u.id AND {}
                  ), locked AS (
                     -- Rows are locked in datasource order, as heartbeats lock them: the two
-                    -- never deadlock (which Postgres would break only after a second).
-                    SELECT s.datasource_id FROM datasource_state s
-                    WHERE s.datasource_id IN (SELECT id FROM fenced)
-                    ORDER BY s.datasource_id FOR UPDATE
+                    -- never deadlock (which Postgres would break only after a second). Each
+                    -- locked row carries its transition: joining two CTEs on the id instead
+                    -- costs time quadratic in the batch (5,000 rows took seconds).
+                    SELECT f.* FROM fenced f JOIN datasource_state s ON s.datasource_id = f.id
+                    ORDER BY s.datasource_id FOR UPDATE OF s
                  ), changed AS (
                     UPDATE datasource_state s SET
                         worker_status = coalesce(u.status, s.worker_status),
@@ -422,7 +464,7 @@ pub async fn apply_transitions(
                         lease_epoch = u.epoch,
                         last_event_at = now(),
                         updated_at = now()
-                    FROM fenced u JOIN locked k ON k.datasource_id = u.id
+                    FROM locked u
                     WHERE s.datasource_id = u.id
                  ), recorded AS (
                     INSERT INTO datasource_events (datasource_id, type, version, actor, payload, created_at)
@@ -486,15 +528,17 @@ pub async fn heartbeat(
                 "WITH u AS (
                     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
                  ), locked AS (
-                    -- In datasource order, as the state writer locks: never a deadlock.
-                    SELECT s.datasource_id FROM datasource_state s
-                    JOIN datasource_leases l ON l.datasource_id = s.datasource_id
-                    WHERE s.datasource_id IN (SELECT id FROM u) AND {}
+                    -- Rows are locked in datasource order, as the state writer locks them:
+                    -- never a deadlock.
+                    SELECT u.* FROM u
+                    JOIN datasource_state s ON s.datasource_id = u.id
+                    JOIN datasource_leases l ON l.datasource_id = u.id
+                    WHERE {}
                     ORDER BY s.datasource_id FOR UPDATE OF s
                  )
                  UPDATE datasource_state s SET last_heartbeat_at = now(),
                         last_progress_at = coalesce(u.progress, s.last_progress_at), metrics = u.metrics
-                 FROM u JOIN locked k ON k.datasource_id = u.id
+                 FROM locked u
                  WHERE s.datasource_id = u.id",
                 super::leases::held_by("$4")
             ),
