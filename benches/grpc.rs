@@ -80,6 +80,8 @@ async fn main() -> anyhow::Result<()> {
     let mut app = App::build(&settings, &db.url).await?;
     let (written_tx, mut written) = tokio::sync::mpsc::unbounded_channel();
     app.written = Some(written_tx);
+    let (passes_tx, mut passes) = tokio::sync::mpsc::unbounded_channel();
+    app.supervisor.passes = Some(passes_tx);
     let addr = app.grpc_addr();
     let stats = app.listener_stats.clone();
     let shutdown = CancellationToken::new();
@@ -87,8 +89,14 @@ async fn main() -> anyhow::Result<()> {
     while !stats.connected.load(std::sync::atomic::Ordering::Relaxed) {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // Settled: the start-up pass over every datasource (leases claimed, states written) is
-    // behind one publish that has reached RUNNING, since each stage handles work in order.
+    // Settled: the start-up pass over every datasource (leases claimed) has ended, and a
+    // publish made after it has reached RUNNING (its state written after the pass's).
+    while let Some(pass) = passes.recv().await {
+        if pass.full {
+            break;
+        }
+    }
+    drop(passes);
     let settle = *ids.last().expect("seeded");
     client
         .execute("SELECT dsreg_publish($1, 1)", &[&settle])
