@@ -311,35 +311,30 @@ pub async fn desired(
     which: Which<'_>,
     with_config: bool,
 ) -> Result<Vec<Desired>, Error> {
-    let rows = match which {
+    let mut params: Vec<&dyn typed::Param> = vec![&with_config];
+    let filter = match &which {
         Which::Ids(ids) => {
-            client
-                .query_typed(
-                    &format!("{DESIRED} WHERE d.id = ANY($2)"),
-                    &typed::params(&[&with_config, &ids]),
-                )
-                .await?
+            params.push(ids);
+            "d.id = ANY($2)"
         }
         Which::Page {
             after: Some(after),
             limit,
-        } => client
-            .query_typed(
-                &format!(
-                    "{DESIRED} WHERE d.status <> 'archived' AND d.id > $2 ORDER BY d.id LIMIT $3"
-                ),
-                &typed::params(&[&with_config, &after, &limit]),
-            )
-            .await?,
+        } => {
+            params.extend([after as &dyn typed::Param, limit]);
+            "d.status <> 'archived' AND d.id > $2 ORDER BY d.id LIMIT $3"
+        }
         Which::Page { after: None, limit } => {
-            client
-                .query_typed(
-                    &format!("{DESIRED} WHERE d.status <> 'archived' ORDER BY d.id LIMIT $2"),
-                    &typed::params(&[&with_config, &limit]),
-                )
-                .await?
+            params.push(limit);
+            "d.status <> 'archived' ORDER BY d.id LIMIT $2"
         }
     };
+    let rows = client
+        .query_typed(
+            &format!("{DESIRED} WHERE {filter}"),
+            &typed::params(&params),
+        )
+        .await?;
     let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
     rows.iter()
         .map(|r| {
