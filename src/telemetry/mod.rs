@@ -7,6 +7,7 @@
 pub mod metrics;
 pub mod otel;
 pub mod otlp;
+pub mod rpc;
 
 use std::io::IsTerminal;
 
@@ -61,6 +62,11 @@ pub fn init(level: Option<&str>) -> Telemetry {
             )
             .try_init()
     };
+    if installed.is_ok()
+        && let Some(exporting) = &exporting
+    {
+        exporting.activate();
+    }
     if let Some(e) = otel_error {
         tracing::error!(error = %e, "OpenTelemetry export is off: its settings are invalid");
     }
@@ -161,13 +167,14 @@ where
                     continue;
                 }
                 extensions.insert(TraceIdSeen);
-                // Starts the OpenTelemetry span if nothing has yet.
+                // Starts the OpenTelemetry span if nothing has yet. The RPC span has none of
+                // its own: its context is the one attached while the call runs.
                 tracing::dispatcher::get_default(|dispatch| {
                     tracing_opentelemetry::get_otel_context(&mut extensions, dispatch)
                 })
-                .map(|cx| cx.span().span_context().trace_id())
-                .filter(|id| *id != opentelemetry::TraceId::INVALID)
+                .map_or_else(current_trace_id, |cx| cx.span().span_context().trace_id())
             };
+            let trace_id = Some(trace_id).filter(|id| *id != opentelemetry::TraceId::INVALID);
             let Some(trace_id) = trace_id else { continue };
             // Recorded through the dispatcher, with no extension held, as `Span::record` does.
             let value = trace_id.to_string();
@@ -181,19 +188,29 @@ where
     }
 }
 
-/// The `traceparent` of `span`, when spans are exported and it has a context.
-pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    let context = span.context();
-    let otel_span = context.span();
-    let sc = otel_span.span_context();
-    sc.is_valid().then(|| {
-        format!(
-            "00-{}-{}-{:02x}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.trace_flags().to_u8()
-        )
+/// The trace id of the attached OpenTelemetry context (invalid when there is none).
+fn current_trace_id() -> opentelemetry::TraceId {
+    opentelemetry::Context::map_current(|cx| cx.span().span_context().trace_id())
+}
+
+/// The span context of the attached OpenTelemetry context, when it has a span: a call's
+/// RPC span while the call runs, when spans are exported.
+pub fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
+    opentelemetry::Context::map_current(|cx| {
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid().then(|| sc.clone())
     })
+}
+
+/// The W3C `traceparent` naming `sc`.
+pub fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
+    format!(
+        "00-{}-{}-{:02x}",
+        sc.trace_id(),
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    )
 }
 
 #[cfg(test)]

@@ -2,13 +2,15 @@
 //! spans of a registry running as the real binary. A gateway's call, the publish it makes,
 //! the reconcile that applies it and the worker restart form one trace; a SQL publisher's
 //! `dsreg.traceparent` reaches the reconcile too; a status stream's span is exported while the
-//! stream is open; with the collector down, reloads still happen and the lost spans are
-//! counted.
+//! stream is open; a span made inside a call is the call's child, and a call its caller did
+//! not sample exports nothing; with the collector down, reloads still happen and the lost
+//! spans are counted.
 
 use std::time::{Duration, Instant};
 
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::harness_client::HarnessClient;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use tonic::transport::Channel;
@@ -322,5 +324,97 @@ async fn with_the_collector_down_reloads_still_happen_and_lost_spans_are_counted
     })
     .await;
     assert!(dropped > 0);
+    server.stop().await;
+}
+
+/// `request` with a W3C `traceparent` naming span `parent` of `trace`, sampled or not.
+fn traced<T>(request: T, trace: &str, parent: &str, sampled: bool) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(request);
+    let flags = if sampled { "01" } else { "00" };
+    request.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace}-{parent}-{flags}").parse().unwrap(),
+    );
+    request
+}
+
+#[tokio::test]
+async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_nothing() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = receiver().await;
+    let server = start(&db, &otel_env(&endpoint)).await;
+    let ch = server.channel().await;
+    let created = DatasourcesClient::new(ch.clone())
+        .create_datasource(pb::CreateDatasourceRequest {
+            org: "acme".into(),
+            project: "ingest".into(),
+            name: "hook".into(),
+            kind: "webhook".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let caller = "b7ad6b7169203331";
+    let test = |trace: &str, sampled: bool| {
+        traced(
+            pb::RunTestRequest {
+                datasource_id: created.id.clone(),
+                config_json: serde_json::json!({ "transform": "#{ id: record.n }" }).to_string(),
+                samples_json: vec!["[{\"n\": 1}]".into()],
+                ..Default::default()
+            },
+            trace,
+            caller,
+            sampled,
+        )
+    };
+    // Not sampled by the caller: under the default parent-based sampler neither the call's
+    // span nor the test run's is exported.
+    let unsampled = "1af7651916cd43dd8448eb211c80319c";
+    let report = HarnessClient::new(ch.clone())
+        .run_test(test(unsampled, false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(report.inputs, 1);
+    let sampled = "2af7651916cd43dd8448eb211c80319c";
+    HarnessClient::new(ch.clone())
+        .run_test(test(sampled, true))
+        .await
+        .unwrap();
+
+    let (rpc, run) = wait_for(
+        "the RunTest span and the test run's span",
+        Duration::from_secs(15),
+        || {
+            let received = received.clone();
+            async move {
+                let got = received.0.lock().unwrap();
+                let in_trace = |name: &str| {
+                    got.iter()
+                        .find(|s| s.trace == sampled && s.name == name)
+                        .cloned()
+                };
+                Some((
+                    in_trace("dsreg.v1.Harness/RunTest")?,
+                    in_trace("harness.run")?,
+                ))
+            }
+        },
+    )
+    .await;
+    assert_eq!(rpc.parent, caller, "the RPC span continues the caller's");
+    assert_eq!(run.parent, rpc.span, "the test run is a child of the call");
+    // The calls' spans are exported from one queue in the order they ended, and the test
+    // runs' from another: what was received of the first call is all there will be.
+    let got = received.0.lock().unwrap();
+    let leaked: Vec<&str> = got
+        .iter()
+        .filter(|s| s.trace == unsampled)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert!(leaked.is_empty(), "an unsampled call exported {leaked:?}");
+    drop(got);
     server.stop().await;
 }

@@ -1130,6 +1130,15 @@ pub fn required_role(path: &str) -> Option<Role> {
         .map(|(_, role)| *role)
 }
 
+/// The path of the RPC at `path` as the permission table holds it (a `'static` string), if
+/// it is one.
+pub fn known_path(path: &str) -> Option<&'static str> {
+    PERMISSIONS
+        .iter()
+        .find(|(p, _)| *p == path)
+        .map(|(p, _)| *p)
+}
+
 // --- Development credentials --------------------------------------------------------------
 
 /// The embedded default's credentials, from [`dev_credentials`].

@@ -26,11 +26,10 @@ pub struct Call {
     pub principal: Principal,
     /// The method (`PublishVersion`).
     pub method: &'static str,
-    /// The incoming W3C `traceparent`, when well formed (once [`Call::detached`], the call's
-    /// own).
+    /// The incoming W3C `traceparent`, when well formed.
     pub incoming_trace: Option<String>,
-    /// The RPC span the call runs in (none once detached).
-    pub span: tracing::Span,
+    /// The context of the RPC span the call runs in, when spans are exported.
+    pub span: Option<opentelemetry::trace::SpanContext>,
     /// The peer's address.
     pub peer: Option<String>,
     /// The caller's deadline (`grpc-timeout`), if set.
@@ -62,7 +61,7 @@ impl Call {
             principal,
             method,
             incoming_trace,
-            span: tracing::Span::current(),
+            span: crate::telemetry::current_span_context(),
             peer: request.remote_addr().map(|a| a.to_string()),
             timeout,
         })
@@ -90,17 +89,10 @@ impl Call {
     /// the call writes continue from it), else the caller's. Worked out when asked for: most
     /// calls write nothing.
     pub fn traceparent(&self) -> Option<String> {
-        crate::telemetry::traceparent_of(&self.span).or_else(|| self.incoming_trace.clone())
-    }
-
-    /// The call for a task that outlives it (a status stream): its trace context is worked
-    /// out now, and the task holds no handle on the RPC span, which ends and is exported when
-    /// the call is answered.
-    #[must_use]
-    pub fn detached(mut self) -> Self {
-        self.incoming_trace = self.traceparent();
-        self.span = tracing::Span::none();
-        self
+        self.span
+            .as_ref()
+            .map(crate::telemetry::traceparent)
+            .or_else(|| self.incoming_trace.clone())
     }
 
     /// The trace id of the call's trace context.

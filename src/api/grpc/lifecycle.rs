@@ -238,7 +238,6 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let (tx, rx) = mpsc::channel(16);
         let mut wake = ctx.activity.subscribe_to(id);
         let shutdown = ctx.shutdown.clone();
-        let call = call.detached();
         ctx.tracker.clone().spawn(async move {
             let mut last: Option<pb::WorkerState> = None;
             loop {

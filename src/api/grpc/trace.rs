@@ -1,12 +1,21 @@
 //! The RPC span: every `dsreg.v1` call runs inside a span named after its method, a child of
 //! the caller's W3C `traceparent` when it sent one, so a gateway's trace continues here (and,
 //! through the event a publish writes, into the reconcile and the worker restart).
+//!
+//! Two spans serve it. A `tracing` span holds the call's fields for its log lines; when spans
+//! are exported, a compact OpenTelemetry span ([`crate::telemetry::rpc`]) is what the collector
+//! receives, and its context is attached while the call's future runs, so the spans and events
+//! made inside continue its trace.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
 
 use tracing::Instrument;
+
+use crate::telemetry::rpc::OpenSpan;
 
 /// Wraps the gRPC router so each call runs in its RPC span.
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,27 +35,55 @@ pub struct Traced<S> {
     inner: S,
 }
 
-/// The span of a call to `path`; `Span::none()` for health checks and reflection.
-pub fn rpc_span(path: &str, traceparent: Option<&str>) -> tracing::Span {
+/// The name of a span for a call to `path` that no served method has.
+const UNKNOWN: &str = "dsreg.v1/_OTHER";
+
+/// The span name of a call to `path` (`dsreg.v1.Service/Method`, a `'static` string); `None`
+/// for health checks and reflection, which get no span.
+fn span_name(path: &str) -> Option<&'static str> {
     if !path.starts_with("/dsreg.v1.") {
-        return tracing::Span::none();
+        return None;
     }
-    let name = &path[1..];
+    Some(super::auth::known_path(path).map_or(UNKNOWN, |p| &p[1..]))
+}
+
+/// The `tracing` span of a call to the RPC named `name`: the fields its log lines carry.
+fn log_span(name: &'static str) -> tracing::Span {
     // `dsreg.v1.Service`, `Method`.
     let (service, method) = name.rsplit_once('/').unwrap_or((name, ""));
-    let span = tracing::info_span!(
+    tracing::info_span!(
+        target: crate::telemetry::otel::RPC_TARGET,
         "rpc",
-        otel.name = name,
-        otel.kind = "server",
-        rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
         trace_id = tracing::field::Empty,
-    );
-    if let Some(traceparent) = traceparent {
-        crate::telemetry::continue_trace(&span, traceparent);
+    )
+}
+
+pin_project_lite::pin_project! {
+    /// A call's future, run inside its spans; the OpenTelemetry span ends when it completes
+    /// or is dropped.
+    pub struct TracedFuture<F> {
+        #[pin]
+        inner: tracing::instrument::Instrumented<F>,
+        span: Option<OpenSpan>,
     }
-    span
+}
+
+impl<F: Future> Future for TracedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let attached = this.span.as_ref().map(|s| s.context().clone().attach());
+        let polled = this.inner.poll(cx);
+        drop(attached);
+        if polled.is_ready() {
+            // Ends the span: the call is answered (a stream's messages follow on their own).
+            this.span.take();
+        }
+        polled
+    }
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for Traced<S>
@@ -55,19 +92,28 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = tracing::instrument::Instrumented<S::Future>;
+    type Future = TracedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let Some(name) = span_name(request.uri().path()) else {
+            return TracedFuture {
+                inner: self.inner.call(request).instrument(tracing::Span::none()),
+                span: None,
+            };
+        };
         let traceparent = request
             .headers()
             .get("traceparent")
             .and_then(|v| v.to_str().ok());
-        let span = rpc_span(request.uri().path(), traceparent);
-        self.inner.call(request).instrument(span)
+        let span = crate::telemetry::rpc::start(name, traceparent);
+        TracedFuture {
+            inner: self.inner.call(request).instrument(log_span(name)),
+            span,
+        }
     }
 }
 
@@ -76,10 +122,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_registry_calls_get_a_span() {
-        assert!(rpc_span("/grpc.health.v1.Health/Check", None).is_none());
-        // With no subscriber the span is disabled either way; the point is that naming a
-        // non-dsreg path never builds one.
-        let _ = rpc_span("/dsreg.v1.Lifecycle/GetStatus", Some("garbage"));
+    fn only_registry_calls_get_a_span_and_unknown_methods_share_one_name() {
+        assert_eq!(span_name("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(
+            span_name("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo"),
+            None
+        );
+        assert_eq!(
+            span_name("/dsreg.v1.Lifecycle/GetStatus"),
+            Some("dsreg.v1.Lifecycle/GetStatus")
+        );
+        assert_eq!(
+            span_name("/dsreg.v1.Datasources/DropEverything"),
+            Some(UNKNOWN)
+        );
+        assert_eq!(
+            span_name(&format!("/dsreg.v1.{}", "x".repeat(10_000))),
+            Some(UNKNOWN)
+        );
     }
 }
