@@ -408,13 +408,14 @@ async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_no
     assert_eq!(run.parent, rpc.span, "the test run is a child of the call");
     // The calls' spans are exported from one queue in the order they ended, and the test
     // runs' from another: what was received of the first call is all there will be.
-    let got = received.0.lock().unwrap();
-    let leaked: Vec<&str> = got
+    let leaked: Vec<String> = received
+        .0
+        .lock()
+        .unwrap()
         .iter()
         .filter(|s| s.trace == unsampled)
-        .map(|s| s.name.as_str())
+        .map(|s| s.name.clone())
         .collect();
     assert!(leaked.is_empty(), "an unsampled call exported {leaked:?}");
-    drop(got);
     server.stop().await;
 }
