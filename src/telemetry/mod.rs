@@ -213,6 +213,21 @@ pub fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
     )
 }
 
+/// Variables and their values, for [`env_of`].
+#[cfg(test)]
+pub(crate) type Pairs = &'static [(&'static str, &'static str)];
+
+/// An environment of `pairs` alone, as the settings' `from_lookup` constructors read one.
+#[cfg(test)]
+pub(crate) fn env_of(pairs: Pairs) -> impl Fn(&str) -> Option<String> {
+    move |name| {
+        pairs
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| (*v).to_owned())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -266,41 +266,36 @@ mod tests {
 
     #[test]
     fn batching_takes_the_bsp_variables_and_ignores_what_is_not_a_positive_number() {
-        let lookup = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
-        assert_eq!(
-            Batching::from_lookup(lookup(&[])),
-            Batching {
-                queue: 65_536,
-                batch: 4_096,
-                delay: Duration::from_secs(1)
-            }
-        );
-        assert_eq!(
-            Batching::from_lookup(lookup(&[
-                ("OTEL_BSP_MAX_QUEUE_SIZE", "1000"),
-                ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000"),
-                ("OTEL_BSP_SCHEDULE_DELAY", " 250 "),
-            ])),
-            Batching {
-                queue: 1_000,
-                batch: 1_000,
-                delay: Duration::from_millis(250)
-            }
-        );
-        assert_eq!(
-            Batching::from_lookup(lookup(&[
-                ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
-                ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-3"),
-                ("OTEL_BSP_SCHEDULE_DELAY", "soon"),
-            ])),
-            Batching::from_lookup(lookup(&[]))
-        );
+        let defaults = (65_536, 4_096, 1_000);
+        let cases: [(crate::telemetry::Pairs, (usize, usize, u64)); 3] = [
+            (&[], defaults),
+            (
+                &[
+                    ("OTEL_BSP_MAX_QUEUE_SIZE", "1000"),
+                    ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "5000"),
+                    ("OTEL_BSP_SCHEDULE_DELAY", " 250 "),
+                ],
+                (1_000, 1_000, 250),
+            ),
+            (
+                &[
+                    ("OTEL_BSP_MAX_QUEUE_SIZE", "0"),
+                    ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-3"),
+                    ("OTEL_BSP_SCHEDULE_DELAY", "soon"),
+                ],
+                defaults,
+            ),
+        ];
+        for (pairs, (queue, batch, delay)) in cases {
+            assert_eq!(
+                Batching::from_lookup(crate::telemetry::env_of(pairs)),
+                Batching {
+                    queue,
+                    batch,
+                    delay: Duration::from_millis(delay)
+                },
+                "{pairs:?}"
+            );
+        }
     }
 }

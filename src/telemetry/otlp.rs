@@ -970,14 +970,7 @@ mod tests {
 
     #[test]
     fn settings_come_from_the_standard_variables_and_bad_ones_are_refused_without_values() {
-        let env = |pairs: &'static [(&'static str, &'static str)]| {
-            move |name: &str| {
-                pairs
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| (*v).to_owned())
-            }
-        };
+        let env = crate::telemetry::env_of;
         let s = Settings::from_lookup(env(&[])).unwrap();
         assert_eq!(s.endpoint, "http://localhost:4317");
         assert_eq!(s.timeout, Duration::from_secs(10));
