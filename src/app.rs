@@ -289,6 +289,7 @@ impl App {
             me,
         );
         supervisor.measure(self.metrics.clone());
+        writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
         tracker.spawn(listener.run(signals, shutdown.child_token()));

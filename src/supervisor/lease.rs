@@ -14,6 +14,7 @@
 //! assigned elsewhere: it stops the worker, writes its last state, then releases the lease.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +26,32 @@ use uuid::Uuid;
 
 use crate::db::repository::leases::{self, InstanceInfo};
 use crate::telemetry::metrics::Metrics;
+
+/// Whether another instance may be live, as the latest look at the instances saw it; cheap to
+/// clone. The state writer NOTIFYs the datasources of each batch only for such others: a
+/// notifying commit holds Postgres's one NOTIFY lock through its WAL flush, so with every state
+/// write notifying, publishes queue behind state writes nobody listens for. Until the first
+/// look, and once the leases are lost, others are assumed.
+#[derive(Debug, Clone)]
+pub struct Peers(Arc<AtomicBool>);
+
+impl Default for Peers {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(true)))
+    }
+}
+
+impl Peers {
+    /// Whether another instance may be live.
+    pub fn others(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Records what a look saw.
+    pub fn saw(&self, others: bool) {
+        self.0.store(others, Ordering::Relaxed);
+    }
+}
 
 /// Lease pacing.
 #[derive(Debug, Clone)]

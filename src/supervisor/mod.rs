@@ -49,7 +49,7 @@ use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
 use crate::telemetry::metrics::Metrics;
 use crate::transform::{Limits, Transform};
-use lease::{LeaseConfig, Renewal, Renewer, Tenure};
+use lease::{LeaseConfig, Peers, Renewal, Renewer, Tenure};
 use worker::{Spec, WorkerEnv};
 
 /// A completed reconcile pass, reported to observers (benchmarks, metrics).
@@ -123,6 +123,8 @@ struct Cluster {
     released: HashMap<Uuid, Instant>,
     /// Live instances (this one included), sorted.
     live: Vec<String>,
+    /// Whether others were live at the latest look, for the state writer.
+    peers: Peers,
     /// The last balance's assignment: whether each datasource it saw is this instance's.
     assigned: HashMap<Uuid, bool>,
     /// More leases should move than one balance gives up: the next renewal balances again.
@@ -230,6 +232,7 @@ impl Supervisor {
     ) -> Self {
         let cluster = Cluster {
             live: vec![me.id.clone()],
+            peers: Peers::default(),
             me,
             config: config.leases.clone(),
             tenure: Arc::default(),
@@ -256,6 +259,11 @@ impl Supervisor {
             heartbeats: None,
             pass: None,
         }
+    }
+
+    /// Whether others were live at the latest look at the instances (see [`Peers`]).
+    pub fn peers(&self) -> Peers {
+        self.cluster.peers.clone()
     }
 
     /// Reports workers, reloads, outbox reads and passes to `metrics`.
@@ -404,6 +412,7 @@ impl Supervisor {
     /// what it saw of the others may call for a balance.
     async fn on_renewal(&mut self, renewal: Renewal) -> Result<(), Error> {
         if renewal.lost {
+            self.cluster.peers.saw(true);
             let lost = self.cluster.held.len();
             self.cluster.held.clear();
             self.cluster.draining.clear();
@@ -428,6 +437,7 @@ impl Supervisor {
         if let Err(at) = live.binary_search(&self.cluster.me.id) {
             live.insert(at, self.cluster.me.id.clone());
         }
+        self.cluster.peers.saw(live.len() > 1);
         if live != self.cluster.live
             || renewal.seen.free > 0
             || !self.cluster.draining.is_empty()

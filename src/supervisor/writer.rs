@@ -69,6 +69,7 @@ pub struct StateWriter {
     observer: Option<mpsc::UnboundedSender<Written>>,
     activity: Option<crate::outbox::Activity>,
     metrics: Option<crate::telemetry::metrics::Metrics>,
+    peers: super::lease::Peers,
 }
 
 impl StateWriter {
@@ -85,6 +86,7 @@ impl StateWriter {
                 observer: None,
                 activity: None,
                 metrics: None,
+                peers: super::lease::Peers::default(),
             },
             WriterHandle(tx),
         )
@@ -93,6 +95,12 @@ impl StateWriter {
     /// Bumps `activity` after every written batch (API waits and watches).
     pub fn signal(&mut self, activity: crate::outbox::Activity) {
         self.activity = Some(activity);
+    }
+
+    /// NOTIFYs the written batches only while `peers` says other instances may listen (by
+    /// default they always are).
+    pub fn notify_for(&mut self, peers: super::lease::Peers) {
+        self.peers = peers;
     }
 
     /// Reports every written batch to `metrics` (worker states, reloads reaching RUNNING).
@@ -198,7 +206,16 @@ impl StateWriter {
         events: &[NewEvent],
     ) -> Result<Vec<Uuid>, crate::db::Error> {
         let client = self.pool.get().await?;
-        state::apply_transitions(&**client, batch, events, &self.instance, &self.actor).await
+        let notify = self.peers.others();
+        state::apply_transitions(
+            &**client,
+            batch,
+            events,
+            &self.instance,
+            &self.actor,
+            notify,
+        )
+        .await
     }
 }
 

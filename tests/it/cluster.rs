@@ -426,7 +426,11 @@ async fn a_publish_and_lifecycle_calls_through_an_instance_that_does_not_own_the
     })
     .await;
 
-    // Stop, start and restart through it answer once the owner got there.
+    // Stop, start and restart through it answer once the owner got there: the owner, seeing
+    // another instance live, NOTIFYs its state writes.
+    let mut states = dsreg::outbox::notifications::listen(&db.url, dsreg::outbox::STATE_CHANNEL)
+        .await
+        .unwrap();
     let stopped = lifecycle
         .stop_worker(pb::LifecycleRequest {
             datasource_id: id.clone(),
@@ -455,6 +459,17 @@ async fn a_publish_and_lifecycle_calls_through_an_instance_that_does_not_own_the
         .into_inner();
     assert!(restarted.settled, "{restarted:?}");
     assert_eq!(restarted.owner_instance, owner_name);
+    let heard = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(n) = states.notifications.recv().await {
+            if n.payload() == "*" || n.payload().split(',').any(|named| named == id) {
+                return Some(n);
+            }
+        }
+        None
+    })
+    .await
+    .expect("a state notification naming the datasource");
+    assert!(heard.is_some(), "the notifications ended");
     a.stop().await;
     b.stop().await;
 }
@@ -591,18 +606,19 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         }),
         epoch,
     };
-    let apply = |me: &'static str, epoch: i64| {
+    let apply_notifying = |me: &'static str, epoch: i64, notify: bool| {
         let db = &db;
         let t = transition(epoch);
         async move {
             let event = t.event.clone().unwrap();
             let actor = format!("dsreg:{me}");
             let client = db.client().await;
-            state::apply_transitions(&**client, &[t], &[event], me, &actor)
+            state::apply_transitions(&**client, &[t], &[event], me, &actor, notify)
                 .await
                 .unwrap()
         }
     };
+    let apply = |me: &'static str, epoch: i64| apply_notifying(me, epoch, true);
     assert_eq!(apply("x", 1).await, vec![ds.id]);
     let s = db.state(ds.id).await;
     assert_eq!(s.worker_status, dsreg::domain::WorkerStatus::Init);
@@ -646,6 +662,26 @@ async fn writes_under_a_lease_that_moved_on_are_refused() {
         .expect("a state notification")
         .expect("listening");
     assert_eq!(heard.payload(), ds.id.to_string());
+    // Written with no other instance to hear it, a batch is not NOTIFYed: notifications
+    // arrive in commit order, so the marker sent after it is the next one heard.
+    assert!(apply_notifying("y", 2, false).await.is_empty());
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "NOTIFY {}, 'marker'",
+            dsreg::outbox::STATE_CHANNEL
+        ))
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(5), states.notifications.recv())
+        .await
+        .expect("the marker")
+        .expect("listening");
+    assert_eq!(
+        next.payload(),
+        "marker",
+        "a batch written for no one was NOTIFYed"
+    );
     let s = db.state(ds.id).await;
     assert_eq!(
         (s.worker_status, s.owner_instance.as_deref(), s.lease_epoch),

@@ -388,8 +388,8 @@ impl Transition {
 /// Writes many transitions (at most one per datasource: merge first) and their events in one
 /// statement, as `instance`, with `actor` on the events. Each is fenced: written only while
 /// `instance` holds the datasource's lease under the transition's epoch; the others (and
-/// their events) are refused, and their datasources returned. The datasources written are
-/// NOTIFYed on [`crate::outbox::STATE_CHANNEL`].
+/// their events) are refused, and their datasources returned. With `notify`, the datasources
+/// written are NOTIFYed on [`crate::outbox::STATE_CHANNEL`], for the other instances.
 ///
 /// # Errors
 /// The statement failed; nothing was written.
@@ -399,6 +399,7 @@ pub async fn apply_transitions(
     events: &[NewEvent],
     instance: &str,
     actor: &str,
+    notify: bool,
 ) -> Result<Vec<Uuid>, Error> {
     let ids: Vec<Uuid> = transitions.iter().map(|t| t.datasource_id).collect();
     let statuses: Vec<Option<&str>> = transitions
@@ -470,20 +471,20 @@ pub async fn apply_transitions(
                  )
                  SELECT id FROM u WHERE id NOT IN (SELECT id FROM fenced)
                  UNION ALL
-                 -- Every instance hears which states changed (API waits and watches served
-                 -- by an instance that does not own the worker): one notification a batch,
-                 -- naming up to 100 datasources, else '*'. Its row has no id.
+                 -- The other instances hear which states changed (API waits and watches
+                 -- served by an instance that does not own the worker): one notification a
+                 -- batch, naming up to 100 datasources, else '*'. Its row has no id.
                  SELECT NULL FROM (
                     SELECT pg_notify('{}', CASE WHEN count(*) <= 100
                                                 THEN string_agg(id::text, ',') ELSE '*' END)
-                    FROM fenced HAVING count(*) > 0
+                    FROM fenced HAVING count(*) > 0 AND $16
                  ) notified",
                 super::leases::fence("$8", "u.epoch"),
                 crate::outbox::STATE_CHANNEL
             ),
             &typed::params(&[
                 &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor,
-                &event_ids, &kinds, &event_versions, &payloads, &ats, &epochs,
+                &event_ids, &kinds, &event_versions, &payloads, &ats, &epochs, &notify,
             ]),
         )
         .await?;
