@@ -41,12 +41,19 @@ pub struct OpenSpan {
     parent_remote: bool,
     name: &'static str,
     start: SystemTime,
+    /// The call's gRPC status code, once answered.
+    code: Option<tonic::Code>,
 }
 
 impl OpenSpan {
     /// The context to attach while the call runs: its span is this one.
     pub fn context(&self) -> &Context {
         &self.context
+    }
+
+    /// Ends the span of a call answered with `code`.
+    pub fn answered(mut self, code: tonic::Code) {
+        self.code = Some(code);
     }
 }
 
@@ -62,6 +69,8 @@ impl Drop for OpenSpan {
                 name: self.name,
                 start: self.start,
                 end: SystemTime::now(),
+                // Dropped unanswered: the caller went away.
+                code: self.code.unwrap_or(tonic::Code::Cancelled),
             });
         }
     }
@@ -106,6 +115,7 @@ pub fn start(name: &'static str, traceparent: Option<&str>) -> Option<OpenSpan> 
         parent_remote: remote.is_some(),
         name,
         start: SystemTime::now(),
+        code: None,
     })
 }
 
@@ -118,10 +128,27 @@ struct Finished {
     name: &'static str,
     start: SystemTime,
     end: SystemTime,
+    code: tonic::Code,
+}
+
+/// Whether a server answering with `code` failed, rather than its caller (OpenTelemetry's
+/// RPC conventions): such a span's status is an error.
+fn server_failed(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 impl Finished {
-    /// The span as the SDK describes it: a server span with the RPC attributes.
+    /// The span as the SDK describes it: a server span with the RPC attributes and the
+    /// call's status code.
     fn data(&self, scope: &InstrumentationScope) -> SpanData {
         // `dsreg.v1.Service`, `Method`.
         let (service, method) = self.name.rsplit_once('/').unwrap_or((self.name, ""));
@@ -137,11 +164,16 @@ impl Finished {
                 KeyValue::new("rpc.system", "grpc"),
                 KeyValue::new("rpc.service", service),
                 KeyValue::new("rpc.method", method),
+                KeyValue::new("rpc.grpc.status_code", i64::from(self.code as i32)),
             ],
             dropped_attributes_count: 0,
             events: SpanEvents::default(),
             links: SpanLinks::default(),
-            status: Status::Unset,
+            status: if server_failed(self.code) {
+                Status::error(self.code.description())
+            } else {
+                Status::Unset
+            },
             instrumentation_scope: scope.clone(),
         }
     }
@@ -264,6 +296,7 @@ mod tests {
             name: "dsreg.v1.Lifecycle/GetStatus",
             start: SystemTime::UNIX_EPOCH,
             end: SystemTime::UNIX_EPOCH + Duration::from_millis(1),
+            code: tonic::Code::Ok,
         }
     }
 
@@ -286,7 +319,33 @@ mod tests {
             Some("dsreg.v1.Lifecycle")
         );
         assert_eq!(attribute("rpc.method").as_deref(), Some("GetStatus"));
+        assert_eq!(attribute("rpc.grpc.status_code").as_deref(), Some("0"));
+        assert_eq!(data.status, Status::Unset);
         assert_eq!(data.instrumentation_scope.name(), "dsreg");
+    }
+
+    #[test]
+    fn a_call_the_server_failed_is_an_error_and_one_the_caller_got_wrong_is_not() {
+        let scope = InstrumentationScope::builder("dsreg").build();
+        let status = |code| {
+            Finished {
+                code,
+                ..finished(1)
+            }
+            .data(&scope)
+            .status
+        };
+        assert_eq!(status(tonic::Code::NotFound), Status::Unset);
+        assert_eq!(status(tonic::Code::PermissionDenied), Status::Unset);
+        assert_eq!(status(tonic::Code::Cancelled), Status::Unset);
+        assert_eq!(
+            status(tonic::Code::Unavailable),
+            Status::error("The service is currently unavailable")
+        );
+        assert!(matches!(
+            status(tonic::Code::Internal),
+            Status::Error { .. }
+        ));
     }
 
     #[test]

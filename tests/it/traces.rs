@@ -339,7 +339,8 @@ fn traced<T>(request: T, trace: &str, parent: &str, sampled: bool) -> tonic::Req
 }
 
 #[tokio::test]
-async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_nothing() {
+async fn a_span_made_inside_a_call_is_its_child_its_code_is_recorded_and_an_unsampled_call_exports_nothing()
+ {
     let db = TestDb::new().await;
     let (endpoint, received) = receiver().await;
     let server = start(&db, &otel_env(&endpoint)).await;
@@ -383,9 +384,22 @@ async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_no
         .run_test(test(sampled, true))
         .await
         .unwrap();
+    // A call refused for the caller's mistake carries its code and is not a server error.
+    let refused = LifecycleClient::new(ch.clone())
+        .get_status(traced(
+            pb::GetStatusRequest {
+                datasource_id: uuid::Uuid::new_v4().to_string(),
+            },
+            sampled,
+            caller,
+            true,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::NotFound);
 
-    let (rpc, run) = wait_for(
-        "the RunTest span and the test run's span",
+    let (rpc, run, missing) = wait_for(
+        "the RunTest span, the test run's span and the GetStatus span",
         Duration::from_secs(15),
         || {
             let received = received.clone();
@@ -399,6 +413,7 @@ async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_no
                 Some((
                     in_trace("dsreg.v1.Harness/RunTest")?,
                     in_trace("harness.run")?,
+                    in_trace("dsreg.v1.Lifecycle/GetStatus")?,
                 ))
             }
         },
@@ -406,6 +421,11 @@ async fn a_span_made_inside_a_call_is_its_child_and_an_unsampled_call_exports_no
     .await;
     assert_eq!(rpc.parent, caller, "the RPC span continues the caller's");
     assert_eq!(run.parent, rpc.span, "the test run is a child of the call");
+    assert_eq!((rpc.grpc_code, rpc.failed), (Some(0), false));
+    assert_eq!(
+        (missing.grpc_code, missing.failed),
+        (Some(tonic::Code::NotFound as i64), false)
+    );
     // The calls' spans are exported from one queue in the order they ended, and the test
     // runs' from another: what was received of the first call is all there will be.
     let leaked: Vec<String> = received

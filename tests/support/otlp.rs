@@ -11,6 +11,8 @@ use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
 use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
+use opentelemetry_proto::tonic::common::v1::any_value::Value;
+use opentelemetry_proto::tonic::trace::v1::status::StatusCode;
 
 /// One received span: its name, and its ids in lowercase hex.
 #[derive(Debug, Clone)]
@@ -20,6 +22,10 @@ pub struct Got {
     pub span: String,
     pub parent: String,
     pub links: Vec<String>,
+    /// Its `rpc.grpc.status_code` attribute, if it has one.
+    pub grpc_code: Option<i64>,
+    /// Whether its status is an error.
+    pub failed: bool,
 }
 
 /// `bytes` in lowercase hex, in one allocation: the receiver shares the machine with what it
@@ -53,6 +59,18 @@ impl TraceService for Receiver {
                         span: hex(&span.span_id),
                         parent: hex(&span.parent_span_id),
                         links: span.links.iter().map(|l| hex(&l.trace_id)).collect(),
+                        grpc_code: span
+                            .attributes
+                            .iter()
+                            .find(|a| a.key == "rpc.grpc.status_code")
+                            .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                                Value::IntValue(n) => Some(*n),
+                                _ => None,
+                            }),
+                        failed: span
+                            .status
+                            .as_ref()
+                            .is_some_and(|s| s.code == StatusCode::Error as i32),
                     });
                 }
             }

@@ -70,7 +70,10 @@ pin_project_lite::pin_project! {
     }
 }
 
-impl<F: Future> Future for TracedFuture<F> {
+impl<F, B, E> Future for TracedFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
@@ -78,17 +81,34 @@ impl<F: Future> Future for TracedFuture<F> {
         let attached = this.span.as_ref().map(|s| s.context().clone().attach());
         let polled = this.inner.poll(cx);
         drop(attached);
-        if polled.is_ready() {
+        if let Poll::Ready(answer) = &polled
+            && let Some(span) = this.span.take()
+        {
             // Ends the span: the call is answered (a stream's messages follow on their own).
-            this.span.take();
+            span.answered(code(answer));
         }
         polled
     }
 }
 
-impl<S, B> tower_service::Service<http::Request<B>> for Traced<S>
+/// The gRPC status code of an answer. A failed call is answered with its status in the
+/// headers (a trailers-only response); one that succeeds sends its status after its message,
+/// in trailers that come after the span ends, so an answer without one is OK.
+fn code<B, E>(answer: &Result<http::Response<B>, E>) -> tonic::Code {
+    let Ok(response) = answer else {
+        return tonic::Code::Unknown;
+    };
+    response
+        .headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map_or(tonic::Code::Ok, tonic::Code::from_i32)
+}
+
+impl<S, B, RB> tower_service::Service<http::Request<B>> for Traced<S>
 where
-    S: tower_service::Service<http::Request<B>>,
+    S: tower_service::Service<http::Request<B>, Response = http::Response<RB>>,
 {
     type Response = S::Response;
     type Error = S::Error;
