@@ -14,6 +14,7 @@ use std::io::IsTerminal;
 use opentelemetry::trace::TraceContextExt;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
@@ -32,33 +33,39 @@ impl Drop for Telemetry {
 
 /// Installs the global subscriber once (later calls install nothing) with the level filter
 /// `level` (else `DSREG_LOG`, `RUST_LOG`, `info`), and OTLP export when configured.
+///
+/// Each layer has the level filter as its own (per-layer) filter, rather than one filter for
+/// all: the span export layer must not see the RPC span, and with a per-layer filter beside a
+/// global one, every callsite the global filter turns off (each `trace!` in the HTTP/2 and
+/// gRPC stacks) is reported as "sometimes" enabled, so the filters run on every one of them.
+/// With per-layer filters alone, such a callsite is off for every layer and costs nothing.
 pub fn init(level: Option<&str>) -> Telemetry {
-    let filter = level
+    let directives = level
         .map(str::to_owned)
         .or_else(|| std::env::var("DSREG_LOG").ok())
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
-    let filter = EnvFilter::try_new(&filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = || EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let (exporting, otel_error) = match otel::Exporting::from_env() {
         Ok(exporting) => (exporting, None),
         Err(e) => (None, Some(e)),
     };
-    let otel_layer = exporting.as_ref().map(otel::Exporting::layer);
-    let trace_ids = exporting.as_ref().map(|_| TraceIds);
+    let otel_layer = exporting.as_ref().map(|e| e.layer(filter()));
+    let trace_ids = exporting.as_ref().map(|_| TraceIds.with_filter(filter()));
     let registry = tracing_subscriber::registry()
-        .with(filter)
         .with(otel_layer)
         .with(trace_ids);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = if std::io::stdout().is_terminal() {
-        registry.with(fmt).try_init()
+        registry.with(fmt.with_filter(filter())).try_init()
     } else {
         registry
             .with(
                 fmt.json()
                     .flatten_event(true)
                     .with_current_span(true)
-                    .with_span_list(true),
+                    .with_span_list(true)
+                    .with_filter(filter()),
             )
             .try_init()
     };

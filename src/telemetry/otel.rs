@@ -134,19 +134,24 @@ impl Exporting {
         super::rpc::activate(&self.recorder);
     }
 
-    /// The `tracing` layer that turns spans into OpenTelemetry spans.
-    pub fn layer<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    /// The `tracing` layer that turns the spans `level` lets through into OpenTelemetry spans.
+    pub fn layer<S>(
+        &self,
+        level: tracing_subscriber::EnvFilter,
+    ) -> impl tracing_subscriber::Layer<S> + use<S>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
+        use tracing_subscriber::filter::FilterExt as _;
         // Spans carry their own fields only: no busy/idle timing, thread or source location,
         // which cost on every enter and exit of every span. Parents come from the `tracing`
         // span tree, and entering a span does not make its context current. The RPC span is
         // not seen here ([`super::rpc`] records it): a span with no parent in the tree takes
-        // the ambient context, which is the RPC span's while a call runs.
-        let rpc = tracing_subscriber::filter::Targets::new()
-            .with_default(tracing::Level::TRACE)
-            .with_target(RPC_TARGET, tracing_subscriber::filter::LevelFilter::OFF);
+        // the ambient context, which is the RPC span's while a call runs. The filter looks at
+        // the callsite alone, so each callsite's answer is worked out once.
+        let rpc = level.and(tracing_subscriber::filter::filter_fn(|meta| {
+            meta.target() != RPC_TARGET
+        }));
         tracing_opentelemetry::layer()
             .with_context_activation(false)
             .with_tracked_inactivity(false)
