@@ -45,19 +45,24 @@ pub fn init(level: Option<&str>) -> Telemetry {
         .or_else(|| std::env::var("DSREG_LOG").ok())
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
-    let filter = || EnvFilter::try_new(&directives).unwrap_or_else(|_| EnvFilter::new("info"));
     let (exporting, otel_error) = match otel::Exporting::from_env() {
         Ok(exporting) => (exporting, None),
         Err(e) => (None, Some(e)),
     };
-    let otel_layer = exporting.as_ref().map(|e| e.layer(filter()));
-    let trace_ids = exporting.as_ref().map(|_| TraceIds.with_filter(filter()));
+    let otel_layer = exporting
+        .as_ref()
+        .map(|e| e.layer(level_filter(&directives)));
+    let trace_ids = exporting
+        .as_ref()
+        .map(|_| TraceIds.with_filter(level_filter(&directives)));
     let registry = tracing_subscriber::registry()
         .with(otel_layer)
         .with(trace_ids);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = if std::io::stdout().is_terminal() {
-        registry.with(fmt.with_filter(filter())).try_init()
+        registry
+            .with(fmt.with_filter(level_filter(&directives)))
+            .try_init()
     } else {
         registry
             .with(
@@ -65,7 +70,7 @@ pub fn init(level: Option<&str>) -> Telemetry {
                     .flatten_event(true)
                     .with_current_span(true)
                     .with_span_list(true)
-                    .with_filter(filter()),
+                    .with_filter(level_filter(&directives)),
             )
             .try_init()
     };
@@ -80,6 +85,32 @@ pub fn init(level: Option<&str>) -> Telemetry {
     Telemetry {
         otel: exporting.filter(|_| installed.is_ok()),
     }
+}
+
+/// A log layer's filter for `directives`. Plain `target=level` lists (`info`,
+/// `warn,dsreg::app=debug`) become a [`Targets`](tracing_subscriber::filter::Targets), which
+/// decides once per callsite and does nothing as spans are entered and left; anything else
+/// (span and field directives) an [`EnvFilter`], which follows the spans it matches. Invalid
+/// directives fall back to `info`.
+pub type LevelFilter<S> = Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>;
+
+/// See [`LevelFilter`].
+pub fn level_filter<S>(directives: &str) -> LevelFilter<S>
+where
+    S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+{
+    match plain_targets(directives) {
+        Some(targets) => Box::new(targets),
+        None => Box::new(EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))),
+    }
+}
+
+/// `directives` as plain targets, when they are a non-empty list of `target=level` pairs.
+fn plain_targets(directives: &str) -> Option<tracing_subscriber::filter::Targets> {
+    if directives.trim().is_empty() || directives.contains(['[', ']', '{', '}']) {
+        return None;
+    }
+    directives.parse().ok()
 }
 
 /// Installs the logging subscriber without span export (tests and benchmarks).
@@ -238,6 +269,50 @@ pub(crate) fn env_of(pairs: Pairs) -> impl Fn(&str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn plain_level_directives_are_targets_and_span_directives_are_left_to_env_filter() {
+        for plain in ["info", "warn,dsreg::app=debug", "dsreg=trace", "WARN"] {
+            assert!(plain_targets(plain).is_some(), "{plain}");
+        }
+        for other in [
+            "",
+            " ",
+            "[rpc]=debug",
+            "dsreg[rpc{rpc.method=GetStatus}]=trace",
+        ] {
+            assert!(plain_targets(other).is_none(), "{other}");
+        }
+    }
+
+    /// Counts the events a layer sees.
+    struct Count(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Count {
+        fn on_event(&self, _: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_level_filter_lets_through_what_its_directives_name() {
+        for directives in ["warn,dsreg::api=debug", "warn,[call]=trace"] {
+            let seen = std::sync::Arc::default();
+            let subscriber = tracing_subscriber::registry()
+                .with(Count(std::sync::Arc::clone(&seen)).with_filter(level_filter(directives)));
+            tracing::subscriber::with_default(subscriber, || {
+                tracing::warn!(target: "dsreg::db", "counted");
+                tracing::info!(target: "dsreg::db", "filtered out");
+                tracing::debug!(target: "dsreg::api::grpc", "counted by the first");
+                tracing::info_span!("call").in_scope(|| tracing::trace!("counted by the second"));
+            });
+            assert_eq!(
+                seen.load(std::sync::atomic::Ordering::Relaxed),
+                2,
+                "{directives}"
+            );
+        }
+    }
 
     #[test]
     fn traceparents_are_checked_strictly() {

@@ -137,7 +137,7 @@ impl Exporting {
     /// The `tracing` layer that turns the spans `level` lets through into OpenTelemetry spans.
     pub fn layer<S>(
         &self,
-        level: tracing_subscriber::EnvFilter,
+        level: super::LevelFilter<S>,
     ) -> impl tracing_subscriber::Layer<S> + use<S>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
