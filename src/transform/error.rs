@@ -113,6 +113,10 @@ pub enum TransformError {
     /// or a value with no JSON form.
     #[error("transform output is invalid: {0}")]
     InvalidOutput(String),
+    /// The script engine panicked on this record (a bug in a library function meeting odd
+    /// data, such as sorting floats with a NaN among them); the message is the panic's.
+    #[error("transform panicked: {0}")]
+    Panicked(String),
     /// An output record does not match the version's `output_schema`.
     #[error("transform output violates output_schema at '{path}': {reason}")]
     SchemaViolation {
@@ -140,6 +144,7 @@ impl TransformError {
             Self::Runtime { .. } => "runtime_error",
             Self::InvalidOutput(_) => "invalid_output",
             Self::SchemaViolation { .. } => "schema_violation",
+            Self::Panicked(_) => "transform_panicked",
         }
     }
 }

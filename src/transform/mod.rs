@@ -249,10 +249,18 @@ impl Transform {
         let output = to_dynamic(record).and_then(|input| {
             let mut scope = Scope::new();
             scope.push(RECORD, input);
-            program
-                .engine
-                .eval_ast_with_scope::<Dynamic>(&mut scope, &program.ast)
-                .map_err(|e| runtime_error(*e, limits))
+            // Rhai's own functions can panic on odd data (sorting floats with a NaN among
+            // them breaks the total order `sort` needs): that is this record's failure, not
+            // the caller's. Unwinding is safe here: the engine and AST are only read during
+            // an evaluation, the scope is dropped with the call, and `Call` restores the
+            // thread's per-call state on drop.
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                program
+                    .engine
+                    .eval_ast_with_scope::<Dynamic>(&mut scope, &program.ast)
+            }))
+            .map_err(|panic| TransformError::Panicked(clip(panic_message(panic.as_ref()))))?
+            .map_err(|e| runtime_error(*e, limits))
         });
         let printed = call.finish();
         let result = output
@@ -272,6 +280,15 @@ impl Transform {
         }
         Ok(records)
     }
+}
+
+/// The text a panic carried, when it was a string.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "no message".to_owned())
 }
 
 fn compile_script(script: &str, limits: &Limits) -> Result<Program, CompileError> {

@@ -739,3 +739,33 @@ fn transform_is_send_sync_and_clone() {
 
     assert_send_sync_clone::<Transform>();
 }
+
+/// Sorts floats with NaNs among them when `record.nan` is true: Rhai's sort hands the
+/// inconsistent order to the standard library's sort, which panics on detecting it.
+const NAN_SORT: &str = r#"
+let a = [];
+for i in 0..21 {
+    if record.nan && i % 3 == 0 { a.push(parse_float("NaN")) } else { a.push(((i * 7919) % 101).to_float()) }
+}
+a.sort();
+#{ n: record.n, sorted: a.len() }
+"#;
+
+#[test]
+fn a_panic_inside_the_engine_fails_only_the_record_that_caused_it() {
+    let transform = compile(NAN_SORT);
+
+    let poisoned = transform.apply(&json!({"n": 1, "nan": true}));
+    let clean = transform.apply(&json!({"n": 2, "nan": false}));
+
+    let err = poisoned.unwrap_err();
+    assert_eq!(err.code(), "transform_panicked", "{err}");
+    assert!(err.to_string().starts_with("transform panicked: "), "{err}");
+    assert_eq!(clean, Ok(vec![json!({"n": 2, "sorted": 21})]));
+    // The thread's per-call state was restored by the unwinding: a traced call still works.
+    let (again, printed) = compile("print(\"hi\"); record").apply_traced(&json!({"n": 3}));
+    assert_eq!(
+        (again, printed),
+        (Ok(vec![json!({"n": 3})]), vec!["hi".to_owned()])
+    );
+}
