@@ -263,6 +263,8 @@ impl App {
             self.instance_id.clone(),
         );
         sink_writer.measure(self.metrics.clone());
+        sink_writer.drain_within(shutdown.clone(), grace);
+        let sink_status = sink.status();
         let ingress = Ingress::default();
         let env = WorkerEnv {
             sink,
@@ -306,6 +308,7 @@ impl App {
         let readiness = api::ready::Readiness {
             pool: self.pool.clone(),
             listener: self.listener_stats.clone(),
+            sink: sink_status,
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),

@@ -1,5 +1,6 @@
 //! Readiness, one definition for both ports: the database answers, holds the latest schema,
-//! and the LISTEN connection is up. `/readyz` answers it; gRPC health reports NOT_SERVING
+//! the LISTEN connection is up, and the sink commits (it has not been failing with nothing
+//! committed for a second). `/readyz` answers it; gRPC health reports NOT_SERVING
 //! while it fails.
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ pub struct Readiness {
     pub pool: Pool,
     /// The LISTEN connection's state.
     pub listener: Arc<ListenerStats>,
+    /// Whether the sink commits.
+    pub sink: crate::connectors::sink::SinkStatus,
 }
 
 impl Readiness {
@@ -50,6 +53,6 @@ impl Readiness {
         if !self.listener.connected.load(Ordering::Relaxed) {
             return Err("the LISTEN connection is down; reconnecting".to_owned());
         }
-        Ok(())
+        self.sink.check()
     }
 }

@@ -165,12 +165,12 @@ impl Connector for Generator {
                     .collect();
                 seq += n;
                 if !batch.is_empty() {
-                    let sent = batch.len() as u64;
                     tokio::select! {
                         () = ctx.cancel.cancelled() => return Ok(()),
                         r = ctx.sink.write(batch) => { r?; }
                     }
-                    ctx.health.records(sent);
+                    // Counted once committed, by the sink.
+                    ctx.health.progress();
                 }
             }
         })

@@ -300,7 +300,6 @@ impl Connector for HttpPoll {
                     ctx.health.progress();
                     continue;
                 };
-                let count = records.len() as u64;
                 let next_cursor = settings.cursor.as_ref().and_then(|(field, _)| {
                     records
                         .iter()
@@ -318,7 +317,7 @@ impl Connector for HttpPoll {
                 }
                 state = Value::Object(next);
                 ctx.cursor.save(&state).await?;
-                ctx.health.records(count);
+                ctx.health.progress();
             }
         })
     }

@@ -300,10 +300,10 @@ impl Connector for Webhook {
                 };
                 let (sink, health) = (ctx.sink.clone(), ctx.health.clone());
                 inflight.spawn(async move {
-                    let count = delivery.records.len() as u64;
                     match sink.write_durable(delivery.records).await {
                         Ok(outcome) => {
-                            health.records(count);
+                            // The sink counted what it committed and dead-lettered.
+                            health.progress();
                             let _ = delivery.reply.send(Ok(outcome));
                             Ok(())
                         }

@@ -100,6 +100,38 @@ impl Error {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Error::Conflict(_) | Error::Unavailable(_))
     }
+
+    /// Whether the server refused the data itself, so the same rows fail the same way on
+    /// every retry: a data exception (SQLSTATE class 22: U+0000 or untranslatable text,
+    /// values out of range), an integrity constraint (class 23) or a value too large
+    /// (class 54).
+    pub fn refuses_data(&self) -> bool {
+        match self {
+            Error::Invalid(_) => true,
+            Error::Query(e) => {
+                sqlstate(e).is_some_and(|code| matches!(code.get(..2), Some("22" | "23" | "54")))
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the database could not be reached at all (no connection, an exhausted pool):
+    /// every statement fails the same way, whatever its rows.
+    pub fn is_unreachable(&self) -> bool {
+        matches!(self, Error::Unavailable(_))
+    }
+
+    /// A one-line account for logs and dead letters: a server error's SQLSTATE and message,
+    /// without its detail (which can quote the refused row).
+    pub fn brief(&self) -> String {
+        match self {
+            Error::Query(e) => match e.as_db_error() {
+                Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            },
+            other => other.to_string(),
+        }
+    }
 }
 
 impl From<tokio_postgres::Error> for Error {

@@ -81,6 +81,10 @@ struct Inner {
     lease_renewals: Family<PassLabels, Counter>,
     leases_held: Gauge,
     instances_live: Gauge,
+    sink_failing: Gauge,
+    sink_pending: Gauge,
+    sink_failures: Family<PassLabels, Counter>,
+    sink_lost: Counter,
 }
 
 impl fmt::Debug for Metrics {
@@ -164,7 +168,34 @@ impl Metrics {
             "Registry instances alive as this instance last saw them (itself included)",
             instances_live.clone(),
         );
+        let sink_failing = Gauge::default();
+        registry.register(
+            "dsreg_sink_failing_datasources",
+            "Datasources whose records wait in the sink for a retry after a failed flush",
+            sink_failing.clone(),
+        );
+        let sink_pending = Gauge::default();
+        registry.register(
+            "dsreg_sink_pending_records",
+            "Records and dead letters waiting in the sink to be stored",
+            sink_pending.clone(),
+        );
+        let sink_failures = Family::<PassLabels, Counter>::default();
+        registry.register(
+            "dsreg_sink_flush_failures",
+            "Failed sink flush attempts, by kind (transient: retried with backoff; refused: the target refused the data, which is split to dead-letter the refused records)",
+            sink_failures.clone(),
+        );
+        let sink_lost = Counter::default();
+        registry.register(
+            "dsreg_sink_records_lost",
+            "Records the sink could store neither in its target nor as dead letters (at shutdown, or refused everywhere)",
+            sink_lost.clone(),
+        );
         // Every known series from zero, so a rate over them exists before the first event.
+        for kind in ["transient", "refused"] {
+            drop(sink_failures.get_or_create(&[("kind", kind)]));
+        }
         for what in ["records", "state"] {
             drop(fenced.get_or_create(&[("what", what)]));
         }
@@ -181,6 +212,10 @@ impl Metrics {
             lease_renewals,
             leases_held,
             instances_live,
+            sink_failing,
+            sink_pending,
+            sink_failures,
+            sink_lost,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -315,6 +350,26 @@ impl Metrics {
     /// `count` writes of `what` (`records`, `state`) were refused by their lease fence.
     pub fn writes_fenced(&self, what: &'static str, count: u64) {
         self.0.fenced.get_or_create(&[("what", what)]).inc_by(count);
+    }
+
+    /// A sink flush attempt failed: `kind` is `transient` or `refused`.
+    pub fn sink_flush_failed(&self, kind: &'static str) {
+        self.0.sink_failures.get_or_create(&[("kind", kind)]).inc();
+    }
+
+    /// `count` records could be stored nowhere.
+    pub fn sink_records_lost(&self, count: u64) {
+        self.0.sink_lost.inc_by(count);
+    }
+
+    /// The sink has `failing` datasources waiting for a retry and `pending` records waiting.
+    pub fn sink_waiting(&self, failing: u64, pending: u64) {
+        self.0
+            .sink_failing
+            .set(i64::try_from(failing).unwrap_or(i64::MAX));
+        self.0
+            .sink_pending
+            .set(i64::try_from(pending).unwrap_or(i64::MAX));
     }
 
     /// `count` leases were `kind` (`acquired`, `released`, `lost`).
@@ -490,7 +545,7 @@ impl Collector for Workers {
         encode_counters(
             e,
             "dsreg_datasource_records",
-            "Records the datasource's worker ingested.",
+            "Records of the datasource committed to the sink (after the transform).",
             &rows,
             |r| r.records,
         )?;
@@ -733,6 +788,10 @@ mod tests {
             ("dsreg_outbox_listener_reconnects", "counter"),
             ("dsreg_outbox_notifications_malformed", "counter"),
             ("dsreg_outbox_notifications_received", "counter"),
+            ("dsreg_sink_failing_datasources", "gauge"),
+            ("dsreg_sink_flush_failures", "counter"),
+            ("dsreg_sink_pending_records", "gauge"),
+            ("dsreg_sink_records_lost", "counter"),
             ("dsreg_supervisor_reconcile_duration_seconds", "histogram"),
             ("dsreg_supervisor_reload_latency_seconds", "histogram"),
         ];
