@@ -16,5 +16,6 @@ mod publish;
 mod rbac;
 mod secrets;
 mod serve;
+mod sink;
 mod supervisor;
 mod traces;
