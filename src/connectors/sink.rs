@@ -28,7 +28,7 @@
 //!   way is retried one datasource at a time, so one datasource's failure never holds
 //!   another's records. Each datasource has at most [`MAX_PENDING`] records waiting: beyond
 //!   that its own workers wait (backpressure), no one else's. The `http` target gives up
-//!   after [`HTTP_ATTEMPTS`] attempts and dead-letters the records (`sink_unavailable`); the
+//!   after [`RetryPolicy::http_attempts`] attempts and dead-letters the records (`sink_unavailable`); the
 //!   `postgres` target keeps retrying, since the database is the records' only home.
 //! - **Signals**: [`SinkStatus`] (readiness fails once the sink has failed and committed
 //!   nothing for a second) and the metrics `dsreg_sink_failing_datasources`,
@@ -64,14 +64,42 @@ const QUEUE: usize = 1_024;
 /// Records (and dead letters) one datasource's worker may have waiting in the sink; beyond
 /// it, its writes wait.
 pub const MAX_PENDING: usize = 20_000;
-/// First retry delay of a datasource whose flush failed; doubles per failure.
-const RETRY_BASE: Duration = Duration::from_millis(200);
-/// Longest retry delay (before jitter).
-const RETRY_MAX: Duration = Duration::from_secs(30);
 /// Longest `Retry-After` honoured.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
-/// Attempts at the `http` target before a datasource's waiting records are dead-lettered.
-pub const HTTP_ATTEMPTS: u32 = 10;
+/// How a datasource whose flush failed is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// First delay; doubles per failure.
+    pub base: Duration,
+    /// Longest delay (before jitter).
+    pub max: Duration,
+    /// Attempts at the `http` target before a datasource's waiting records are
+    /// dead-lettered (`sink_unavailable`).
+    pub http_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    /// 200 ms doubling to 30 s; 10 attempts at the `http` target.
+    fn default() -> Self {
+        Self {
+            base: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            http_attempts: 10,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The delay before attempt `failures + 1`: exponential from `base`, capped at `max`,
+    /// with jitter down to half so datasources failing together spread out.
+    fn delay(&self, failures: u32) -> Duration {
+        let full = self
+            .base
+            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
+            .min(self.max);
+        full.mul_f64(rand::random_range(0.5..=1.0))
+    }
+}
 /// One attempt (a statement, a POST) taking longer counts as a transient failure.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the sink may fail without committing anything before readiness says so.
@@ -434,6 +462,7 @@ pub struct SinkWriter {
     markers: Vec<(u64, oneshot::Sender<()>)>,
     next_seq: u64,
     drain: Option<(CancellationToken, Duration)>,
+    retry: RetryPolicy,
     /// While draining at shutdown: no attempt runs past this.
     deadline: Option<Instant>,
 }
@@ -474,6 +503,11 @@ impl Failure {
             retry_after: None,
             everyone,
         }
+    }
+
+    /// Whether nothing could have succeeded, whatever the rows.
+    fn is_everyones(&self) -> bool {
+        matches!(self, Failure::Transient { everyone: true, .. })
     }
 
     fn from_db(e: &crate::db::Error) -> Self {
@@ -522,6 +556,7 @@ impl Sink {
                 markers: Vec::new(),
                 next_seq: 0,
                 drain: None,
+                retry: RetryPolicy::default(),
                 deadline: None,
             },
         )
@@ -569,6 +604,11 @@ impl SinkWriter {
         self.metrics = Some(metrics);
     }
 
+    /// Retries failed datasources under `policy` instead of the default.
+    pub fn retry_with(&mut self, policy: RetryPolicy) {
+        self.retry = policy;
+    }
+
     /// The final drain after `run`'s stop token gets what remains of `grace` from when
     /// `shutdown` fires.
     pub fn drain_within(&mut self, shutdown: CancellationToken, grace: Duration) {
@@ -581,10 +621,17 @@ impl SinkWriter {
         let shutdown = self.drain.as_ref().map(|(s, _)| s.clone());
         let mut drain_by: Option<Instant> = None;
         loop {
+            if stop.is_cancelled() {
+                break;
+            }
+            if drain_by.is_none() && shutdown.as_ref().is_some_and(|s| s.is_cancelled()) {
+                let grace = self.drain.as_ref().map_or(DEFAULT_DRAIN, |(_, g)| *g);
+                drain_by = Some(Instant::now() + grace.mul_f64(0.9));
+            }
             self.settle_markers();
             self.publish_status();
             let now = Instant::now();
-            let picked = self.pick(now, false);
+            let picked = self.pick(now);
             if !picked.is_empty() {
                 self.flush_lanes(&picked).await;
                 self.receive_ready();
@@ -599,10 +646,7 @@ impl SinkWriter {
                         Some(s) => s.cancelled().await,
                         None => std::future::pending().await,
                     }
-                }, if drain_by.is_none() => {
-                    let grace = self.drain.as_ref().map_or(DEFAULT_DRAIN, |(_, g)| *g);
-                    drain_by = Some(Instant::now() + grace.mul_f64(0.9));
-                }
+                }, if drain_by.is_none() => {}
                 message = self.queue.recv() => match message {
                     Some(m) => {
                         self.take(m);
@@ -666,19 +710,29 @@ impl SinkWriter {
     }
 
     /// Datasources to flush now, oldest first, up to [`MAX_BATCH`] records (at least one
-    /// datasource); `all`: whether waiting retries are due regardless.
-    fn pick(&self, now: Instant, all: bool) -> Vec<Uuid> {
-        let mut ready: Vec<(u64, Uuid, usize)> = self
+    /// datasource) whose retry, if any, is due. Healthy datasources
+    /// go together; one retrying after a failure goes alone, once no healthy one waits.
+    fn pick(&self, now: Instant) -> Vec<Uuid> {
+        let mut ready: Vec<(bool, u64, Uuid, usize)> = self
             .lanes
             .iter()
             .filter(|(_, l)| !l.batches.is_empty())
-            .filter(|(_, l)| all || l.retry_at.is_none_or(|t| t <= now))
-            .map(|(id, l)| (l.batches.front().map_or(0, |b| b.seq), *id, l.pending()))
+            .filter(|(_, l)| l.retry_at.is_none_or(|t| t <= now))
+            .map(|(id, l)| {
+                let seq = l.batches.front().map_or(0, |b| b.seq);
+                (l.failures > 0, seq, *id, l.pending())
+            })
             .collect();
         ready.sort_unstable();
+        if let Some((true, _, id, _)) = ready.first() {
+            return vec![*id];
+        }
         let mut size = 0;
         let mut picked = Vec::new();
-        for (_, id, pending) in ready {
+        for (failing, _, id, pending) in ready {
+            if failing {
+                break;
+            }
             if !picked.is_empty() && size + pending > MAX_BATCH {
                 continue;
             }
@@ -708,29 +762,31 @@ impl SinkWriter {
         let failed = match self.settle(&mut work, items).await {
             Ok(()) => Vec::new(),
             Err((failure, rest)) => {
-                let everyone = matches!(failure, Failure::Transient { everyone: true, .. });
-                let mut by_datasource: Vec<(Uuid, Vec<Item>)> = Vec::new();
+                let mut ids: Vec<Uuid> = Vec::new();
                 for item in rest {
                     let id = work[item.batch].datasource_id;
-                    match by_datasource.iter_mut().find(|(d, _)| *d == id) {
-                        Some((_, items)) => items.push(item),
-                        None => by_datasource.push((id, vec![item])),
+                    if !ids.contains(&id) {
+                        ids.push(id);
                     }
                 }
-                if everyone || by_datasource.len() == 1 {
-                    by_datasource
-                        .into_iter()
-                        .map(|(id, _)| (id, failure.clone()))
-                        .collect()
-                } else {
-                    let mut failed = Vec::new();
-                    for (id, items) in by_datasource {
-                        if let Err((failure, _)) = self.settle(&mut work, items).await {
-                            failed.push((id, failure));
+                let mut failed = Vec::new();
+                let mut shared = (failure.is_everyones() || ids.len() == 1).then_some(failure);
+                for id in ids {
+                    if let Some(failure) = &shared {
+                        failed.push((id, failure.clone()));
+                        continue;
+                    }
+                    // The settled items are gone from `work`: what is left of a datasource's
+                    // batches is exactly what is left to do.
+                    let items = items_where(&work, |b| b.datasource_id == id);
+                    if let Err((own, _)) = self.settle(&mut work, items).await {
+                        if own.is_everyones() {
+                            shared = Some(own.clone());
                         }
+                        failed.push((id, own));
                     }
-                    failed
                 }
+                failed
             }
         };
         let now = Instant::now();
@@ -787,7 +843,10 @@ impl SinkWriter {
         };
         lane.failures = lane.failures.saturating_add(1);
         let failures = lane.failures;
-        let delay = retry_delay(failures).max(retry_after.unwrap_or_default());
+        let delay = self
+            .retry
+            .delay(failures)
+            .max(retry_after.unwrap_or_default());
         lane.retry_at = Some(now + delay);
         let records = lane.pending();
         if failures == 1 || failures.is_power_of_two() {
@@ -800,7 +859,7 @@ impl SinkWriter {
                 "sink flush failed; retrying this datasource with backoff"
             );
         }
-        if http && failures >= HTTP_ATTEMPTS {
+        if http && failures >= self.retry.http_attempts {
             // The gateway did not take them in time: they become dead letters, which the
             // registry's database stores.
             let message =
@@ -1064,11 +1123,16 @@ impl SinkWriter {
         self.queue.close();
         self.receive_ready();
         for round in 0..2 {
-            let picked = self.pick(Instant::now(), true);
-            if picked.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d) {
+            let mut waiting: Vec<(u64, Uuid)> = self
+                .lanes
+                .iter()
+                .filter_map(|(id, l)| Some((l.batches.front()?.seq, *id)))
+                .collect();
+            if waiting.is_empty() || self.deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
-            let mut queue: VecDeque<Uuid> = picked.into_iter().collect();
+            waiting.sort_unstable();
+            let mut queue: VecDeque<Uuid> = waiting.into_iter().map(|(_, id)| id).collect();
             // One pass over every waiting datasource, in groups of at most MAX_BATCH.
             while !queue.is_empty() && self.deadline.is_none_or(|d| Instant::now() < d) {
                 let group = self.pick_among(&mut queue);
@@ -1078,7 +1142,9 @@ impl SinkWriter {
                 let left: Vec<Uuid> = self.lanes.keys().copied().collect();
                 for id in left {
                     if let Some(lane) = self.lanes.get_mut(&id) {
-                        lane.failures = lane.failures.max(HTTP_ATTEMPTS - 1);
+                        lane.failures = lane
+                            .failures
+                            .max(self.retry.http_attempts.saturating_sub(1));
                     }
                     self.failed(
                         id,
@@ -1146,8 +1212,14 @@ impl SinkWriter {
 
 /// Every item of `work`: each batch's dead letters, then its records.
 fn items_of(work: &[Batch]) -> Vec<Item> {
+    items_where(work, |_| true)
+}
+
+/// The items of the batches of `work` that `wanted` picks.
+fn items_where(work: &[Batch], wanted: impl Fn(&Batch) -> bool) -> Vec<Item> {
     work.iter()
         .enumerate()
+        .filter(|(_, b)| wanted(b))
         .flat_map(|(batch, b)| {
             (0..b.dead.len())
                 .map(move |i| Item {
@@ -1195,15 +1267,6 @@ fn remove_settled(work: &mut [Batch], settled: &HashSet<Item>) {
             .map(|(_, d)| d)
             .collect();
     }
-}
-
-/// The delay before attempt `failures + 1`: exponential from [`RETRY_BASE`], capped at
-/// [`RETRY_MAX`], with jitter down to half so datasources failing together spread out.
-fn retry_delay(failures: u32) -> Duration {
-    let full = RETRY_BASE
-        .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-        .min(RETRY_MAX);
-    full.mul_f64(rand::random_range(0.5..=1.0))
 }
 
 async fn sleep_until(at: Option<Instant>) {
@@ -1355,11 +1418,13 @@ mod tests {
 
     #[test]
     fn retry_delays_grow_are_capped_and_jittered() {
+        let policy = RetryPolicy::default();
         for failures in 1..40 {
-            let d = retry_delay(failures);
-            let full = RETRY_BASE
+            let d = policy.delay(failures);
+            let full = policy
+                .base
                 .saturating_mul(1u32 << (failures - 1).min(16))
-                .min(RETRY_MAX);
+                .min(policy.max);
             assert!(d >= full / 2 && d <= full, "{failures}: {d:?}");
         }
     }

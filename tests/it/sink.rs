@@ -558,3 +558,247 @@ fn every_hostile_record_is_committed_or_dead_lettered_and_none_holds_another_dat
         app.stop().await.unwrap();
     });
 }
+
+/// Datasources `ids` leased to instance `owner` under epoch 1, for a sink used on its own.
+async fn lease(db: &TestDb, owner: &str, ids: &[Uuid]) {
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO dsreg_instances (id, leases_until) VALUES ($1, now() + interval '1 hour')",
+            &[&owner],
+        )
+        .await
+        .unwrap();
+    for id in ids {
+        client
+            .execute(
+                "INSERT INTO datasource_leases (datasource_id, owner, epoch) VALUES ($1, $2, 1)
+                 ON CONFLICT (datasource_id) DO UPDATE SET owner = $2, epoch = 1",
+                &[id, &owner],
+            )
+            .await
+            .unwrap();
+    }
+}
+
+/// A sink on `db` for instance `sink-test` with fast retries, its writer running.
+fn sink_on(
+    db: &TestDb,
+    target: dsreg::connectors::sink::Target,
+    retry: dsreg::connectors::sink::RetryPolicy,
+) -> (
+    dsreg::connectors::sink::Sink,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (sink, mut writer) =
+        dsreg::connectors::sink::Sink::new(db.pool.clone(), target, "sink-test".into());
+    writer.retry_with(retry);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(writer.run(stop.clone()));
+    (sink, stop, task)
+}
+
+fn handle(sink: &dsreg::connectors::sink::Sink, id: Uuid) -> dsreg::connectors::sink::SinkHandle {
+    let identity =
+        dsreg::transform::Transform::compile(None, None, &dsreg::transform::Limits::default())
+            .unwrap();
+    sink.handle(id, 1, 1, identity, dsreg::connectors::Health::default())
+}
+
+#[tokio::test]
+async fn flushed_returns_while_a_datasource_waits_after_failures_and_shutdown_answers_its_senders()
+{
+    let db = TestDb::new().await;
+    let held = db.datasource("held").await.id;
+    let free = db.datasource("free").await.id;
+    lease(&db, "sink-test", &[held, free]).await;
+    hold(&db, Some(held)).await;
+    let retry = dsreg::connectors::sink::RetryPolicy {
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        http_attempts: 3,
+    };
+    let (sink, stop, task) = sink_on(&db, dsreg::connectors::sink::Target::Postgres, retry);
+    let waiting = tokio::spawn({
+        let held = handle(&sink, held);
+        async move { held.write_durable(vec![json!({ "n": 1 })]).await }
+    });
+    let status = sink.status();
+    wait_for("readiness to see the sink stuck", WAIT, || async {
+        status.check().is_err().then_some(())
+    })
+    .await;
+
+    let outcome = handle(&sink, free)
+        .write_durable(vec![json!({ "n": 2 })])
+        .await
+        .expect("the other datasource commits");
+    assert_eq!((outcome.written, outcome.dead_lettered), (1, 0));
+    // What the supervisor awaits before releasing leases: answered although `held` waits.
+    tokio::time::timeout(WAIT, sink.flushed())
+        .await
+        .expect("flushed() returns while a datasource waits for a retry");
+    assert!(
+        !waiting.is_finished(),
+        "the held records are still waiting, not dropped"
+    );
+    assert_eq!(count(&db, "datasource_records", held).await, 0);
+
+    stop.cancel();
+    task.await.unwrap();
+    let answer = waiting.await.unwrap();
+    assert!(
+        answer
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("shut down before committing")),
+        "{answer:?}"
+    );
+    assert_eq!(count(&db, "datasource_records", free).await, 1);
+}
+
+/// A local gateway: 400 for a batch holding a `poison` record, 500 while `down` (with a
+/// `Retry-After` date already past), else takes the batch.
+#[derive(Default)]
+struct Gateway {
+    down: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicUsize,
+    received: std::sync::Mutex<Vec<Value>>,
+}
+
+async fn serve_gateway(gateway: std::sync::Arc<Gateway>) -> String {
+    use std::sync::atomic::Ordering;
+    async fn take(
+        axum::extract::State(gateway): axum::extract::State<std::sync::Arc<Gateway>>,
+        body: axum::body::Bytes,
+    ) -> (axum::http::StatusCode, axum::http::HeaderMap) {
+        gateway.calls.fetch_add(1, Ordering::SeqCst);
+        let mut headers = axum::http::HeaderMap::new();
+        if gateway.down.load(Ordering::SeqCst) {
+            headers.insert(
+                "retry-after",
+                "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+            );
+            return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, headers);
+        }
+        let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+        if batch.iter().any(|r| r["record"].get("poison").is_some()) {
+            return (axum::http::StatusCode::BAD_REQUEST, headers);
+        }
+        gateway.received.lock().unwrap().extend(batch);
+        (axum::http::StatusCode::OK, headers)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .route("/pipeline", axum::routing::post(take))
+        .with_state(gateway);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/pipeline")
+}
+
+fn http_target(url: String) -> dsreg::connectors::sink::Target {
+    dsreg::connectors::sink::Target::Http {
+        client: dsreg::connectors::http_client(Duration::from_secs(5)).unwrap(),
+        url,
+    }
+}
+
+#[tokio::test]
+async fn the_http_sink_splits_out_what_the_gateway_refuses_and_gives_up_within_its_bound() {
+    use std::sync::atomic::Ordering;
+    let db = TestDb::new().await;
+    let id = db.datasource("shipped").await.id;
+    lease(&db, "sink-test", &[id]).await;
+    let gateway = std::sync::Arc::new(Gateway::default());
+    let url = serve_gateway(gateway.clone()).await;
+    let retry = dsreg::connectors::sink::RetryPolicy {
+        base: Duration::from_millis(10),
+        max: Duration::from_millis(50),
+        http_attempts: 4,
+    };
+    let (sink, stop, task) = sink_on(&db, http_target(url), retry);
+    let shipped = handle(&sink, id);
+
+    let outcome = shipped
+        .write_durable(vec![
+            json!({ "n": 1 }),
+            json!({ "n": 2, "poison": true }),
+            json!({ "n": 3 }),
+        ])
+        .await
+        .unwrap();
+
+    assert_eq!((outcome.written, outcome.dead_lettered), (2, 1));
+    let received: Vec<i64> = gateway
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|r| r["record"]["n"].as_i64().unwrap())
+        .collect();
+    assert_eq!(received, [1, 3]);
+    let dead = dead_letters(&db, id).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].0, json!({ "n": 2, "poison": true }));
+    assert_eq!(dead[0].1, "unstorable");
+    assert!(dead[0].2.contains("400"), "{}", dead[0].2);
+
+    gateway.down.store(true, Ordering::SeqCst);
+    let calls = gateway.calls.load(Ordering::SeqCst);
+    let outcome = shipped
+        .write_durable(vec![json!({ "n": 4 })])
+        .await
+        .unwrap();
+
+    assert_eq!((outcome.written, outcome.dead_lettered), (0, 1));
+    assert_eq!(
+        gateway.calls.load(Ordering::SeqCst) - calls,
+        4,
+        "bounded: four attempts, then dead letters"
+    );
+    let dead = dead_letters(&db, id).await;
+    assert_eq!(dead[1].0, json!({ "n": 4 }));
+    assert_eq!(dead[1].1, "sink_unavailable");
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_cancels_the_http_sinks_retries_and_dead_letters_what_is_left() {
+    let db = TestDb::new().await;
+    let id = db.datasource("stranded").await.id;
+    lease(&db, "sink-test", &[id]).await;
+    let gateway = std::sync::Arc::new(Gateway::default());
+    gateway
+        .down
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let url = serve_gateway(gateway.clone()).await;
+    // Retries an hour apart: only shutdown can end the wait.
+    let retry = dsreg::connectors::sink::RetryPolicy {
+        base: Duration::from_secs(3_600),
+        max: Duration::from_secs(3_600),
+        http_attempts: 10,
+    };
+    let (sink, stop, task) = sink_on(&db, http_target(url), retry);
+    let waiting = tokio::spawn({
+        let stranded = handle(&sink, id);
+        async move { stranded.write_durable(vec![json!({ "n": 1 })]).await }
+    });
+    wait_for("the first attempt", WAIT, || async {
+        (gateway.calls.load(std::sync::atomic::Ordering::SeqCst) >= 1).then_some(())
+    })
+    .await;
+
+    stop.cancel();
+
+    task.await.unwrap();
+    let outcome = waiting.await.unwrap().unwrap();
+    assert_eq!((outcome.written, outcome.dead_lettered), (0, 1));
+    let dead = dead_letters(&db, id).await;
+    assert_eq!(dead.len(), 1);
+    assert_eq!(
+        (&dead[0].0, dead[0].1.as_str()),
+        (&json!({ "n": 1 }), "sink_unavailable")
+    );
+}
