@@ -148,7 +148,8 @@ impl Health {
         self.0.running_since_ms.load(Ordering::Relaxed)
     }
 
-    /// Counts `n` records ingested (and progress).
+    /// Counts `n` records committed to the sink (and progress); the sink calls it when they
+    /// are.
     pub fn records(&self, n: u64) {
         self.0.records.fetch_add(n, Ordering::Relaxed);
         self.progress();
@@ -174,7 +175,7 @@ impl Health {
         self.0.last_progress_ms.load(Ordering::Relaxed)
     }
 
-    /// Records ingested so far.
+    /// Records committed to the sink so far.
     pub fn records_total(&self) -> u64 {
         self.0.records.load(Ordering::Relaxed)
     }

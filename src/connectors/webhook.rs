@@ -6,8 +6,9 @@
 //! Secret: `webhook_secret`, the HMAC-SHA256 key; the signature header carries
 //! `sha256=<hex of HMAC(body)>`.
 //!
-//! A delivery is answered 202 only once its records are committed by the sink, so nothing
-//! accepted is lost; a full inbox is backpressure (429), a stopped worker is 503.
+//! A delivery is answered 202 only once every one of its records is committed or
+//! dead-lettered by the sink, so nothing accepted is lost; a full inbox is backpressure (429),
+//! a stopped worker is 503.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};

@@ -1,6 +1,7 @@
 //! `POST /ingest/{datasource_id}`: the webhook ingress. The body (one JSON record, an array,
 //! or NDJSON) is verified against the datasource's HMAC key and handed to its running worker;
-//! 202 is answered only once the records are committed.
+//! 202 is answered only once every record is committed or dead-lettered, with the counts of
+//! each (`written` counts output records, after the transform).
 //!
 //! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 404 unknown
 //! datasource, 413 over the size limit, 415 wrong content type, 429 inbox full (with
