@@ -71,9 +71,16 @@ pub struct SinkHandle {
     epoch: i64,
     transform: Transform,
     health: super::Health,
+    lease: super::LeaseCheck,
 }
 
 impl SinkHandle {
+    /// This handle refuses writes once `lease` no longer holds, before they reach the queue.
+    pub fn fenced(mut self, lease: super::LeaseCheck) -> Self {
+        self.lease = lease;
+        self
+    }
+
     /// Transforms `records` and queues the result for the next flush; waits while the queue
     /// is full.
     ///
@@ -106,6 +113,12 @@ impl SinkHandle {
         records: Vec<Value>,
         ack: Option<oneshot::Sender<bool>>,
     ) -> Result<Outcome, Error> {
+        if !self.lease.holds() {
+            return Err(Error::Sink(format!(
+                "refused: this instance no longer surely holds the datasource's lease (epoch {})",
+                self.epoch
+            )));
+        }
         let (records, dead) = self.apply(records).await;
         if !dead.is_empty() {
             self.health.dead_lettered(dead.len() as u64);
@@ -236,6 +249,7 @@ impl Sink {
             epoch,
             transform,
             health,
+            lease: super::LeaseCheck::always(),
         }
     }
 }

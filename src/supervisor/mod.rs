@@ -1071,6 +1071,7 @@ impl Supervisor {
         let health = Health::default();
         self.metered(|m| m.worker_started(id, kind, health.clone()));
         let previous = self.stopping.remove(&id);
+        let check = self.cluster.tenure.check(guard.clone());
         let join = self.tracker.spawn(worker::run(
             rx,
             previous,
@@ -1078,6 +1079,7 @@ impl Supervisor {
             health.clone(),
             cancel.clone(),
             guard,
+            check,
         ));
         self.failed.remove(&id);
         self.workers.insert(

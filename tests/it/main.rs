@@ -18,3 +18,4 @@ mod secrets;
 mod serve;
 mod supervisor;
 mod traces;
+mod truth;
