@@ -799,6 +799,37 @@ mod tests {
         assert_eq!(retry_after("-3", now), None);
     }
 
+    proptest::proptest! {
+        #[test]
+        fn any_retry_after_value_is_read_without_panic_and_bounded(value in "\\PC{0,40}") {
+            let now = chrono::Utc::now();
+            if let Some(after) = retry_after(&value, now) {
+                proptest::prop_assert!(after <= MAX_RETRY_AFTER);
+            }
+        }
+
+        #[test]
+        fn retry_after_seconds_and_dates_agree(seconds in 0i64..200_000, pad in 0usize..3) {
+            let now = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            let expected = Duration::from_secs(seconds as u64).min(MAX_RETRY_AFTER);
+            let spaces = " ".repeat(pad);
+            proptest::prop_assert_eq!(
+                retry_after(&format!("{spaces}{seconds}{spaces}"), now),
+                Some(expected)
+            );
+            let date = (now + chrono::Duration::seconds(seconds))
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            proptest::prop_assert_eq!(retry_after(&date, now), Some(expected));
+            let past = (now - chrono::Duration::seconds(seconds))
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            proptest::prop_assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        }
+    }
+
     #[test]
     fn failures_say_how_they_are_retried() {
         assert_eq!(Error::Source("x".into()).retry(), Retry::Backoff);

@@ -226,4 +226,38 @@ mod tests {
         }
         assert_eq!(failures.count(), 20);
     }
+
+    proptest::proptest! {
+        /// Whatever the spacing of failures and the jitter: every delay is within the cap (the
+        /// long delay for refusals), and once a crash loop, always a crash loop until a reset.
+        #[test]
+        fn delays_stay_bounded_and_a_crash_loop_holds(
+            failures in proptest::collection::vec((0u64..200_000, 0.0f64..1.0, proptest::bool::weighted(0.1)), 1..60)
+        ) {
+            let policy = policy();
+            let mut history = Failures::new(policy.clone());
+            let mut at = Instant::now();
+            let mut looping = false;
+            for (gap_ms, jitter, refused) in failures {
+                at += Duration::from_millis(gap_ms);
+                let verdict = if refused {
+                    history.refused(jitter)
+                } else {
+                    history.record(at, jitter)
+                };
+                if refused {
+                    proptest::prop_assert!(verdict.delay <= policy.permanent);
+                    proptest::prop_assert!(verdict.delay >= policy.permanent * 3 / 4);
+                } else {
+                    proptest::prop_assert!(verdict.delay <= policy.max);
+                    proptest::prop_assert!(verdict.delay >= policy.base / 2);
+                    proptest::prop_assert!(!looping || verdict.crash_loop, "a crash loop ended without a reset");
+                    looping = verdict.crash_loop;
+                    if looping {
+                        proptest::prop_assert!(verdict.delay >= policy.max * 3 / 4);
+                    }
+                }
+            }
+        }
+    }
 }

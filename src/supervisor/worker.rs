@@ -122,6 +122,8 @@ enum Next {
 enum Woke {
     Stop,
     Changed,
+    /// Time to check a rejected version again.
+    Retry,
     Working,
     Exited(Result<Result<(), Error>, tokio::task::JoinError>),
 }
@@ -135,7 +137,9 @@ enum Woke {
 /// The state it writes is the truth: `starting` from the spawn until the connector reports
 /// that it works, then `running` (which clears the last error); a failure shows until then.
 /// A new version replaces a running one only once its preflight passed (make before break);
-/// otherwise the old one keeps running and the reload is rejected.
+/// otherwise the old one keeps running, the reload is rejected, and the new version is checked
+/// again with growing delays (the backoff's base up to its cap) until it passes or another
+/// version comes.
 pub async fn run(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     previous: Option<JoinHandle<()>>,
@@ -218,13 +222,18 @@ pub async fn run(
         drop(start_span);
 
         let mut working_since: Option<Instant> = None;
+        // A new version that failed its preflight, how many times it was checked again, and
+        // when it is checked next.
+        let mut rejected: Option<(Arc<Spec>, u32, tokio::time::Instant)> = None;
         let next = loop {
+            let retry_at = rejected.as_ref().map(|(_, _, at)| *at);
             let woke = tokio::select! {
                 biased;
                 () = cancel.cancelled() => Woke::Stop,
                 changed = spec_rx.changed() => if changed.is_ok() { Woke::Changed } else { Woke::Stop },
                 r = &mut run => Woke::Exited(r),
                 () = health.until_working(), if working_since.is_none() => Woke::Working,
+                () = sleep_until(retry_at), if retry_at.is_some() => Woke::Retry,
             };
             match woke {
                 Woke::Stop => break Next::Stop,
@@ -248,8 +257,14 @@ pub async fn run(
                     running.error = Some(None);
                     env.writer.send(running);
                 }
-                Woke::Changed => {
-                    let candidate = spec_rx.borrow_and_update().clone();
+                Woke::Changed | Woke::Retry => {
+                    let (candidate, tries) = match woke {
+                        Woke::Changed => (spec_rx.borrow_and_update().clone(), 0),
+                        _ => match rejected.take() {
+                            Some((candidate, tries, _)) => (candidate, tries + 1),
+                            None => continue,
+                        },
+                    };
                     let checked = tokio::select! {
                         biased;
                         () = cancel.cancelled() => break Next::Stop,
@@ -257,7 +272,22 @@ pub async fn run(
                     };
                     match checked {
                         Ok(()) => break Next::Reload(candidate),
-                        Err(reason) => reject(&env, &spec, &candidate, reason),
+                        Err(reason) => {
+                            if tries == 0 {
+                                reject(&env, &spec, &candidate, reason);
+                            } else {
+                                tracing::debug!(datasource_id = %id, version = candidate.version, tries, reason, "the rejected version still cannot start");
+                            }
+                            // Checked again later (a resolver or network blip passes); the
+                            // running version stays meanwhile.
+                            let delay = env
+                                .backoff
+                                .base
+                                .saturating_mul(1 << tries.min(16))
+                                .min(env.backoff.max);
+                            rejected =
+                                Some((candidate, tries, tokio::time::Instant::now() + delay));
+                        }
                     }
                 }
             }
@@ -394,6 +424,14 @@ pub async fn run(
             }
             () = tokio::time::sleep(verdict.delay) => {}
         }
+    }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
     }
 }
 

@@ -90,7 +90,12 @@ impl Recorder {
     /// Serves on a port of its own; requests through it are labelled `via`. Requests sent
     /// through it as a proxy (absolute-form targets) are answered the same way.
     async fn listen(self: &Arc<Self>, via: &'static str) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.listen_at(via, "127.0.0.1:0").await
+    }
+
+    /// Like [`Self::listen`], on `addr`.
+    async fn listen_at(self: &Arc<Self>, via: &'static str, addr: &str) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let recorder = self.clone();
         let router = axum::Router::new().fallback(move |uri: axum::http::Uri| {
@@ -379,6 +384,63 @@ async fn a_reload_to_a_host_that_does_not_resolve_is_rejected_and_the_old_worker
         })
         .await;
     assert_eq!(state.error_code, None);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rejected_reload_replaces_the_old_worker_once_its_source_can_be_reached() {
+    let db = TestDb::new().await;
+    let recorder = Arc::new(Recorder::default());
+    let source = recorder.listen("source").await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("later", "http_poll").await;
+    let old = db
+        .version(
+            ds.id,
+            json!({ "url": format!("http://{source}/old"), "interval_ms": 100 }),
+        )
+        .await;
+    db.publish_sql(ds.id, old).await;
+    db.wait_for_state(ds.id, "RUNNING on the old version", |s| {
+        s.worker_status == WorkerStatus::Running && s.running_version == Some(old)
+    })
+    .await;
+
+    // A port nothing listens on yet.
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let new = db
+        .version(
+            ds.id,
+            json!({ "url": format!("http://{port}/new"), "interval_ms": 100 }),
+        )
+        .await;
+    db.publish_sql(ds.id, new).await;
+    db.wait_for_state(ds.id, "the reload rejected", |s| {
+        s.error_code.as_deref() == Some("reload_rejected") && s.running_version == Some(old)
+    })
+    .await;
+    assert!(recorder.hits("/new").is_empty());
+
+    // The new source comes up: the version that was rejected takes over by itself.
+    recorder.listen_at("new", &port.to_string()).await;
+    let state = db
+        .wait_for_state(ds.id, "RUNNING on the new version", |s| {
+            s.worker_status == WorkerStatus::Running && s.running_version == Some(new)
+        })
+        .await;
+    assert_eq!(state.error_code, None);
+    assert!(!recorder.hits("/new").is_empty());
+    let kinds = db.event_kinds(ds.id).await;
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "reload_rejected").count(),
+        1,
+        "rejected once, checked again quietly: {kinds:?}"
+    );
+    assert!(kinds.contains(&"reload_applied".to_owned()));
     app.stop().await.unwrap();
 }
 
