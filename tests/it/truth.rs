@@ -268,6 +268,80 @@ async fn a_source_answering_401_is_a_permanent_error_without_a_hot_loop() {
 }
 
 #[tokio::test]
+async fn a_server_certificate_that_does_not_verify_is_a_permanent_error() {
+    let db = TestDb::new().await;
+    // A TLS server (openssl's own) with a self-signed certificate no trust store knows.
+    let dir = tempfile::tempdir().unwrap();
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("key.pem"))
+        .arg("-out")
+        .arg(dir.path().join("cert.pem"))
+        .output()
+        .expect("openssl on the PATH");
+    assert!(made.status.success(), "{made:?}");
+    let port = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = tokio::process::Command::new("openssl")
+        .args(["s_server", "-quiet", "-www", "-accept"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-cert")
+        .arg(dir.path().join("cert.pem"))
+        .arg("-key")
+        .arg(dir.path().join("key.pem"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl s_server starts");
+    wait_for("the TLS server listening", WAIT, || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()
+            .map(|_| ())
+    })
+    .await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let id = poller(
+        &db,
+        "untrusted",
+        json!({ "url": format!("https://localhost:{port}/"), "interval_ms": 100, "retry_base_ms": 1 }),
+    )
+    .await;
+    let state = db
+        .wait_for_state(id, "the refusal on record", |s| s.error_code.is_some())
+        .await;
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("source_refused"),
+        "{state:?}"
+    );
+    assert_eq!(state.worker_status, WorkerStatus::Error);
+    let failures: Vec<_> = db
+        .events(id)
+        .await
+        .into_iter()
+        .filter(|e| e.kind == "worker_error")
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].payload["permanent"], true);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn retry_after_is_honoured_as_seconds_and_as_an_http_date() {
     let db = TestDb::new().await;
     let recorder = Arc::new(Recorder::default());
