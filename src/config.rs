@@ -312,6 +312,9 @@ impl Settings {
             max: Duration::from_millis(self.backoff_max_ms),
             crash_loop_failures: self.crash_loop_failures,
             window: Duration::from_millis(self.crash_loop_window_ms),
+            // A source that refuses (401, 404, …) is asked again after five minutes, or the
+            // cap when that is longer.
+            permanent: Duration::from_millis(self.backoff_max_ms).max(Duration::from_secs(300)),
         }
     }
 

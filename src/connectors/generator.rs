@@ -132,6 +132,8 @@ impl Connector for Generator {
         Box::pin(async move {
             let settings = parse(&ctx.config)?;
             if settings.rate == 0.0 {
+                // Idle by design: working as configured.
+                ctx.health.working();
                 ctx.cancel.cancelled().await;
                 return Ok(());
             }

@@ -8,6 +8,12 @@
 //! backoff within a poll), `max_body_bytes`, and `cursor` (`{"field", "param"}`: the highest
 //! `field` seen is sent as the query parameter `param` on the next poll).
 //!
+//! Failures are told apart: connection errors and 5xx are transient (retried within the poll,
+//! then the worker backs off); 429 and 503 with `Retry-After` (seconds or an HTTP-date) wait as
+//! long as asked; 401, 403, 404, 410 and a certificate that does not verify are permanent
+//! ([`Error::Refused`]: the worker tries again only after its long delay). Before every request
+//! the run asks whether its lease still holds, so an instance woken past its lease sends none.
+//!
 //! `ETag`/`If-None-Match` are honoured (a 304 is progress, not data). The ETag and the cursor
 //! are stored in `datasource_state.source_cursor` after the records they cover are committed,
 //! so a restart resumes where the last poll ended and writes nothing twice.
@@ -18,9 +24,13 @@ use std::time::Duration;
 use serde_json::{Map, Value, json};
 
 use super::{
-    BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext, VERSION_KEYS,
+    BoxFuture, ConfigError, Connector, Error, KindInfo, LeaseCheck, Mode, RunContext, VERSION_KEYS,
     optional_number,
 };
+
+/// The longest a `Retry-After` is waited out within one poll; a longer one ends the run with
+/// [`Error::Throttled`], so the state shows it, and the worker waits the rest.
+const MAX_WAIT_IN_POLL: Duration = Duration::from_secs(60);
 
 static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
     name: "http_poll",
@@ -251,11 +261,38 @@ impl Connector for HttpPoll {
             settings.record_path = String::new();
             settings.max_retries = 0;
             let client = super::http_client(settings.timeout)?;
-            match poll(&client, &settings, bearer.as_deref(), &json!({})).await? {
-                Some((_, mut records)) if records.len() == 1 => Ok(records.remove(0)),
-                Some((_, records)) => Ok(Value::Array(records)),
-                None => Ok(Value::Null),
+            let always = LeaseCheck::always();
+            match poll(&client, &settings, bearer.as_deref(), &json!({}), &always).await? {
+                Polled::Records(_, mut records) if records.len() == 1 => Ok(records.remove(0)),
+                Polled::Records(_, records) => Ok(Value::Array(records)),
+                Polled::NotModified | Polled::Lapsed => Ok(Value::Null),
             }
+        })
+    }
+
+    fn preflight(&self, config: &Value, within: Duration) -> BoxFuture<Result<(), String>> {
+        let parsed = parse(config);
+        Box::pin(async move {
+            let settings = parsed.map_err(|e| e.to_string())?;
+            let url = reqwest::Url::parse(&settings.url).map_err(|e| format!("config.url: {e}"))?;
+            let host = url
+                .host_str()
+                .ok_or_else(|| "config.url: has no host".to_owned())?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned();
+            let port = url
+                .port_or_known_default()
+                .ok_or_else(|| "config.url: has no port".to_owned())?;
+            let bound = within.min(settings.timeout);
+            tokio::time::timeout(bound, reach(&host, port))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "no connection to {host}:{port} within {} ms",
+                        bound.as_millis()
+                    ))
+                })
         })
     }
 
@@ -294,11 +331,19 @@ impl Connector for HttpPoll {
                 }
                 let polled = tokio::select! {
                     () = ctx.cancel.cancelled() => return Ok(()),
-                    r = poll(&client, &settings, bearer.as_deref(), &state) => r?,
+                    r = poll(&client, &settings, bearer.as_deref(), &state, &ctx.lease) => r?,
                 };
-                let Some((etag, records)) = polled else {
-                    ctx.health.progress();
-                    continue;
+                let (etag, records) = match polled {
+                    Polled::Records(etag, records) => (etag, records),
+                    Polled::NotModified => {
+                        ctx.health.progress();
+                        continue;
+                    }
+                    Polled::Lapsed => {
+                        // The lapsed lease cancels this run: nothing more goes out meanwhile.
+                        ctx.cancel.cancelled().await;
+                        return Ok(());
+                    }
                 };
                 let next_cursor = settings.cursor.as_ref().and_then(|(field, _)| {
                     records
@@ -331,33 +376,110 @@ fn compare(a: &Value, b: &Value) -> std::cmp::Ordering {
     }
 }
 
-/// One poll with retries: `None` when the source answered 304 Not Modified.
+/// What one poll found.
+enum Polled {
+    /// Records, and the ETag they came with.
+    Records(Option<String>, Vec<Value>),
+    /// 304 Not Modified.
+    NotModified,
+    /// The lease no longer surely holds: no request was sent.
+    Lapsed,
+}
+
+/// One poll with retries; before each request it asks `lease`.
 async fn poll(
     client: &reqwest::Client,
     settings: &Settings,
     bearer: Option<&str>,
     state: &Value,
-) -> Result<Option<(Option<String>, Vec<Value>)>, Error> {
+    lease: &LeaseCheck,
+) -> Result<Polled, Error> {
     let mut attempt = 0;
     loop {
-        match fetch(client, settings, bearer, state).await {
-            Ok(result) => return Ok(result),
-            Err(Fetch::Retryable(reason)) if attempt < settings.max_retries => {
-                let delay = settings.retry_base.saturating_mul(1 << attempt.min(16));
-                tracing::debug!(attempt, reason, "poll failed; retrying");
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            Err(Fetch::Retryable(reason) | Fetch::Fatal(reason)) => {
-                return Err(Error::Source(reason));
-            }
+        if !lease.holds() {
+            return Ok(Polled::Lapsed);
         }
+        let failed = match fetch(client, settings, bearer, state).await {
+            Ok(polled) => return Ok(polled),
+            Err(failed) => failed,
+        };
+        let backoff = settings.retry_base.saturating_mul(1 << attempt.min(16));
+        let delay = match failed {
+            Fetch::Retryable(reason) if attempt < settings.max_retries => {
+                tracing::debug!(attempt, reason, "poll failed; retrying");
+                backoff
+            }
+            Fetch::Throttled(reason, after)
+                if attempt < settings.max_retries && after <= MAX_WAIT_IN_POLL =>
+            {
+                tracing::debug!(
+                    attempt,
+                    reason,
+                    after_ms = after.as_millis() as u64,
+                    "poll throttled; waiting as asked"
+                );
+                backoff.max(after)
+            }
+            Fetch::Retryable(reason) | Fetch::Fatal(reason) => return Err(Error::Source(reason)),
+            Fetch::Throttled(message, after) => return Err(Error::Throttled { message, after }),
+            Fetch::Refused(reason) => return Err(Error::Refused(reason)),
+        };
+        tokio::time::sleep(delay).await;
+        attempt += 1;
     }
 }
 
+/// Why a fetch failed, by what a retry can do about it.
 enum Fetch {
+    /// May pass: a connection error, a timeout, a 5xx, a 429 that named no time.
     Retryable(String),
+    /// The source named when to ask again.
+    Throttled(String, Duration),
+    /// Will not pass by itself: 401, 403, 404, 410, a certificate that does not verify.
+    Refused(String),
+    /// An answer this config cannot use (not JSON, too large, nothing at the record path).
     Fatal(String),
+}
+
+/// Resolves `host` and opens a TCP connection to one of its addresses.
+async fn reach(host: &str, port: u16) -> Result<(), String> {
+    let addresses: Vec<std::net::SocketAddr> = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| format!("host {host} does not resolve: {e}"))?
+        .collect();
+    let mut last = format!("host {host} resolves to no address");
+    for address in addresses {
+        match tokio::net::TcpStream::connect(address).await {
+            Ok(_) => return Ok(()),
+            Err(e) => last = format!("no connection to {host}:{port} ({address}): {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Whether an error, or one it wraps, is a server certificate that did not verify.
+fn is_certificate_error(error: &(dyn std::error::Error + 'static)) -> bool {
+    let refused = |e: &(dyn std::error::Error + 'static)| {
+        e.downcast_ref::<rustls::Error>().is_some_and(|tls| {
+            matches!(
+                tls,
+                rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
+            )
+        })
+    };
+    let mut next = Some(error);
+    while let Some(e) = next {
+        // An I/O error's `source` skips the error it wraps: look at that one too.
+        let wrapped = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::get_ref)
+            .is_some_and(|inner| refused(inner) || is_certificate_error(inner));
+        if refused(e) || wrapped {
+            return true;
+        }
+        next = e.source();
+    }
+    false
 }
 
 async fn fetch(
@@ -365,7 +487,7 @@ async fn fetch(
     settings: &Settings,
     bearer: Option<&str>,
     state: &Value,
-) -> Result<Option<(Option<String>, Vec<Value>)>, Fetch> {
+) -> Result<Polled, Fetch> {
     let mut request = client.get(&settings.url);
     if let (Some((_, param)), Some(value)) = (&settings.cursor, state.get("cursor")) {
         let text = value
@@ -382,19 +504,43 @@ async fn fetch(
     if let Some(etag) = state.get("etag").and_then(Value::as_str) {
         request = request.header(reqwest::header::IF_NONE_MATCH, etag);
     }
-    // Connection failures and timeouts may pass; the URL is named, never the token.
+    // Connection failures and timeouts may pass, a certificate that does not verify will not;
+    // the URL is named, never the token.
     let response = request.send().await.map_err(|e| {
-        Fetch::Retryable(format!("GET {} failed: {}", settings.url, without_url(&e)))
+        let reason = format!("GET {} failed: {}", settings.url, without_url(&e));
+        if is_certificate_error(&e) {
+            Fetch::Refused(reason)
+        } else {
+            Fetch::Retryable(reason)
+        }
     })?;
     let status = response.status();
     if status == reqwest::StatusCode::NOT_MODIFIED {
-        return Ok(None);
+        return Ok(Polled::NotModified);
+    }
+    let answered = || format!("GET {} answered {status}", settings.url);
+    if matches!(
+        status,
+        reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE
+    ) && let Some(after) = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| super::retry_after(v, chrono::Utc::now()))
+    {
+        return Err(Fetch::Throttled(answered(), after));
     }
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
-        return Err(Fetch::Retryable(format!(
-            "GET {} answered {status}",
-            settings.url
-        )));
+        return Err(Fetch::Retryable(answered()));
+    }
+    if matches!(
+        status,
+        reqwest::StatusCode::UNAUTHORIZED
+            | reqwest::StatusCode::FORBIDDEN
+            | reqwest::StatusCode::NOT_FOUND
+            | reqwest::StatusCode::GONE
+    ) {
+        return Err(Fetch::Refused(answered()));
     }
     if !status.is_success() {
         return Err(Fetch::Fatal(format!(
@@ -437,7 +583,7 @@ async fn fetch(
             settings.record_path
         ))
     })?;
-    Ok(Some((etag, super::records_in(found))))
+    Ok(Polled::Records(etag, super::records_in(found)))
 }
 
 /// A reqwest error's text without its URL (which may carry credentials in its query).
@@ -495,6 +641,49 @@ mod tests {
         assert_eq!(
             p.required_secrets(&json!({"url": "http://x", "bearer_secret": "token"})),
             ["token"]
+        );
+    }
+
+    #[test]
+    fn certificate_errors_are_found_inside_io_errors() {
+        let bad = std::io::Error::other(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ));
+        assert!(is_certificate_error(&bad));
+        let other = std::io::Error::other(rustls::Error::HandshakeNotComplete);
+        assert!(!is_certificate_error(&other));
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert!(!is_certificate_error(&refused));
+    }
+
+    #[tokio::test]
+    async fn the_preflight_resolves_the_host_and_opens_a_connection() {
+        let p = HttpPoll::new();
+        let within = Duration::from_secs(5);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let open = listener.local_addr().unwrap();
+        assert_eq!(
+            p.preflight(&json!({"url": format!("http://{open}/x")}), within)
+                .await,
+            Ok(())
+        );
+        drop(listener);
+        let closed = p
+            .preflight(&json!({"url": format!("http://{open}/x")}), within)
+            .await
+            .unwrap_err();
+        assert!(closed.contains("no connection"), "{closed}");
+        let nowhere = p
+            .preflight(
+                &json!({"url": "http://user:pw@no-such-host.invalid/x?key=secret"}),
+                within,
+            )
+            .await
+            .unwrap_err();
+        assert!(nowhere.contains("no-such-host.invalid"), "{nowhere}");
+        assert!(
+            !nowhere.contains("secret") && !nowhere.contains("pw"),
+            "{nowhere}"
         );
     }
 

@@ -55,15 +55,51 @@ pub enum Error {
     /// The sink refused or is gone; a restart may help.
     #[error("sink failed: {0}")]
     Sink(String),
+    /// The source refused the request for a reason that does not pass by itself within
+    /// seconds (401, 403, 404, 410, a certificate that does not verify): tried again only
+    /// after the long delay, never in a hot loop.
+    #[error("source refused: {0}")]
+    Refused(String),
+    /// The source asked to be called again later (429 or 503 with `Retry-After`).
+    #[error("source throttled: {message}")]
+    Throttled {
+        /// What the source answered.
+        message: String,
+        /// How long it asked to be left alone.
+        after: Duration,
+    },
     /// The config cannot work; only a new version helps.
     #[error(transparent)]
     Config(#[from] ConfigError),
 }
 
+/// How a failure is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retry {
+    /// Transient (a connection error, a 5xx): exponential backoff, crash loop at the cap.
+    Backoff,
+    /// The source named the time: not before `after`, and not before the backoff either.
+    NotBefore(Duration),
+    /// Permanent until someone acts at the source: the long delay, no crash loop.
+    Permanent,
+    /// Only a new version helps.
+    Never,
+}
+
 impl Error {
     /// Whether restarting the worker with the same config may help.
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Error::Config(_))
+        self.retry() != Retry::Never
+    }
+
+    /// How the worker retries after this failure.
+    pub fn retry(&self) -> Retry {
+        match self {
+            Error::Source(_) | Error::Sink(_) => Retry::Backoff,
+            Error::Refused(_) => Retry::Permanent,
+            Error::Throttled { after, .. } => Retry::NotBefore(*after),
+            Error::Config(_) => Retry::Never,
+        }
     }
 
     /// A short machine-readable code for `datasource_state.error_code`.
@@ -71,8 +107,64 @@ impl Error {
         match self {
             Error::Source(_) => "source_failed",
             Error::Sink(_) => "sink_failed",
+            Error::Refused(_) => "source_refused",
+            Error::Throttled { .. } => "source_throttled",
             Error::Config(_) => "invalid_config",
         }
+    }
+}
+
+/// The longest `Retry-After` honoured: a source asking for more is asked again after this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
+
+/// The delay a `Retry-After` value asks for, in either form (delay-seconds or an HTTP-date,
+/// counted from `now`), at most [`MAX_RETRY_AFTER`]; `None` when it is neither.
+pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    let after = match value.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+            (at.with_timezone(&chrono::Utc) - now)
+                .to_std()
+                .unwrap_or(Duration::ZERO)
+        }
+    };
+    Some(after.min(MAX_RETRY_AFTER))
+}
+
+/// Whether the instance still holds the lease a worker runs under: checked right before
+/// every external action (a poll, a sink write, accepting a delivery), so an instance that
+/// wakes from a pause past its lease acts no more, even before its cancellation arrives.
+#[derive(Clone)]
+pub struct LeaseCheck(Option<Arc<dyn Fn() -> bool + Send + Sync>>);
+
+impl LeaseCheck {
+    /// A check that asks `holds`.
+    pub fn new(holds: impl Fn() -> bool + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(holds)))
+    }
+
+    /// No lease to lose (the harness, a run outside the supervisor).
+    pub fn always() -> Self {
+        Self(None)
+    }
+
+    /// Whether the lease is still surely held now.
+    pub fn holds(&self) -> bool {
+        self.0.as_ref().is_none_or(|holds| holds())
+    }
+}
+
+impl std::fmt::Debug for LeaseCheck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LeaseCheck").field(&self.holds()).finish()
+    }
+}
+
+impl Default for LeaseCheck {
+    fn default() -> Self {
+        Self::always()
     }
 }
 
@@ -110,6 +202,8 @@ pub struct Health(Arc<HealthCounters>);
 
 #[derive(Debug, Default)]
 struct HealthCounters {
+    /// Whether the current run has shown it works (see [`Health::working`]).
+    working: tokio::sync::watch::Sender<bool>,
     last_progress_ms: AtomicI64,
     running_since_ms: AtomicI64,
     starts: AtomicU64,
@@ -119,16 +213,41 @@ struct HealthCounters {
 }
 
 impl Health {
-    /// Records progress now (a record handled, a poll answered).
+    /// Records progress now (a record handled, a poll answered): the run works.
     pub fn progress(&self) {
         self.0
             .last_progress_ms
             .store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+        self.working();
     }
 
-    /// Marks the connector as running from now on (`true`, which counts a start) or not
-    /// running (`false`).
+    /// The connector reports that its run works: its first poll answered, its ingress bound,
+    /// its first record generated. Until then the worker shows `starting`, never `running`.
+    pub fn working(&self) {
+        if !*self.0.working.borrow() {
+            self.0.working.send_replace(true);
+        }
+    }
+
+    /// Whether the current run has reported that it works.
+    pub fn is_working(&self) -> bool {
+        *self.0.working.borrow()
+    }
+
+    /// Returns once the current run has reported that it works.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: it only watches.
+    pub async fn until_working(&self) {
+        let mut working = self.0.working.subscribe();
+        // The sender lives as long as `self`: the wait cannot fail.
+        let _ = working.wait_for(|w| *w).await;
+    }
+
+    /// Marks the connector as running from now on (`true`, which counts a start and waits
+    /// for the new run to report that it works) or not running (`false`).
     pub fn set_running(&self, running: bool) {
+        self.0.working.send_replace(false);
         let since = if running {
             self.0.starts.fetch_add(1, Ordering::Relaxed);
             chrono::Utc::now().timestamp_millis()
@@ -211,12 +330,21 @@ pub struct RunContext {
     pub cancel: CancellationToken,
     /// Progress reporting.
     pub health: Health,
+    /// Whether the instance still holds the datasource's lease: asked before every request
+    /// to the source.
+    pub lease: LeaseCheck,
 }
 
 impl RunContext {
     /// The plaintext of secret `name`, if the datasource has it.
     pub fn secret(&self, name: &str) -> Option<&str> {
         self.secrets.get(name).map(|s| s.expose())
+    }
+
+    /// Whether the run may act on the outside now: the lease is still surely held. A run
+    /// that may not waits for its cancellation (which the lapsed lease brings) instead.
+    pub fn may_act(&self) -> bool {
+        self.lease.holds()
     }
 }
 
@@ -356,13 +484,31 @@ pub trait Connector: Send + Sync + 'static {
         })
     }
 
+    /// Make before break: whether a run with `config` can start, checked before a hot reload
+    /// stops the running worker (for `http_poll`, the host resolves and a TCP connection
+    /// opens). The worker bounds the check by `within` too. A kind with nothing external to
+    /// reach passes.
+    ///
+    /// # Errors
+    /// Why a run with this config cannot start, without secrets in it.
+    fn preflight(
+        &self,
+        _config: &serde_json::Value,
+        _within: Duration,
+    ) -> BoxFuture<Result<(), String>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// Whether the kind can work at all (e.g. its client library initialises); cached by the
     /// catalog.
     fn health_check(&self) -> BoxFuture<Result<(), String>> {
         Box::pin(async { Ok(()) })
     }
 
-    /// Runs until `ctx.cancel` fires (then returns `Ok`) or the source fails.
+    /// Runs until `ctx.cancel` fires (then returns `Ok`) or the source fails. A run reports
+    /// through [`Health::working`] (or [`Health::progress`]) once it works; until then its
+    /// worker shows `starting`. Before every request to the outside it asks
+    /// [`RunContext::may_act`].
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>>;
 }
 
@@ -632,6 +778,90 @@ mod tests {
             )),
             ["transform"]
         );
+    }
+
+    #[test]
+    fn retry_after_reads_seconds_and_http_dates_and_is_bounded() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Mon, 05 Jan 2026 10:00:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after("Mon, 05 Jan 2026 09:00:00 GMT", now),
+            Some(Duration::ZERO),
+            "a date in the past: now"
+        );
+        assert_eq!(retry_after("99999999", now), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after("soon", now), None);
+        assert_eq!(retry_after("-3", now), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_retry_after_value_is_read_without_panic_and_bounded(value in "\\PC{0,40}") {
+            let now = chrono::Utc::now();
+            if let Some(after) = retry_after(&value, now) {
+                proptest::prop_assert!(after <= MAX_RETRY_AFTER);
+            }
+        }
+
+        #[test]
+        fn retry_after_seconds_and_dates_agree(seconds in 0i64..200_000, pad in 0usize..3) {
+            let now = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
+                .unwrap()
+                .with_timezone(&chrono::Utc);
+            let expected = Duration::from_secs(seconds as u64).min(MAX_RETRY_AFTER);
+            let spaces = " ".repeat(pad);
+            proptest::prop_assert_eq!(
+                retry_after(&format!("{spaces}{seconds}{spaces}"), now),
+                Some(expected)
+            );
+            let date = (now + chrono::Duration::seconds(seconds))
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            proptest::prop_assert_eq!(retry_after(&date, now), Some(expected));
+            let past = (now - chrono::Duration::seconds(seconds))
+                .format("%a, %d %b %Y %H:%M:%S GMT")
+                .to_string();
+            proptest::prop_assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
+        }
+    }
+
+    #[test]
+    fn failures_say_how_they_are_retried() {
+        assert_eq!(Error::Source("x".into()).retry(), Retry::Backoff);
+        assert_eq!(Error::Refused("401".into()).retry(), Retry::Permanent);
+        assert_eq!(
+            Error::Throttled {
+                message: "429".into(),
+                after: Duration::from_secs(3)
+            }
+            .retry(),
+            Retry::NotBefore(Duration::from_secs(3))
+        );
+        let config = Error::Config(ConfigError::new("url", "bad"));
+        assert_eq!(config.retry(), Retry::Never);
+        assert!(!config.is_retryable());
+        assert!(Error::Refused("401".into()).is_retryable());
+    }
+
+    #[tokio::test]
+    async fn a_run_is_not_working_until_it_says_so() {
+        let health = Health::default();
+        health.set_running(true);
+        assert!(!health.is_working());
+        let waiter = health.clone();
+        let waited = tokio::spawn(async move { waiter.until_working().await });
+        health.progress();
+        waited.await.unwrap();
+        assert!(health.is_working());
+        // A new run starts out not working again.
+        health.set_running(true);
+        assert!(!health.is_working());
     }
 
     #[tokio::test]

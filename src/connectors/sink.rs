@@ -258,9 +258,16 @@ pub struct SinkHandle {
     transform: Transform,
     health: Health,
     room: Arc<Semaphore>,
+    lease: super::LeaseCheck,
 }
 
 impl SinkHandle {
+    /// This handle refuses writes once `lease` no longer holds, before they reach the queue.
+    pub fn fenced(mut self, lease: super::LeaseCheck) -> Self {
+        self.lease = lease;
+        self
+    }
+
     /// Transforms `records` and queues the result for the next flush; waits while the queue
     /// is full or this datasource has [`MAX_PENDING`] records waiting.
     ///
@@ -298,6 +305,12 @@ impl SinkHandle {
         records: Vec<Value>,
         ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
     ) -> Result<Outcome, Error> {
+        if !self.lease.holds() {
+            return Err(Error::Sink(format!(
+                "refused: this instance no longer surely holds the datasource's lease (epoch {})",
+                self.epoch
+            )));
+        }
         let (records, dead) = self.apply(records).await?;
         let queued = Outcome {
             written: records.len(),
@@ -594,6 +607,7 @@ impl Sink {
             transform,
             health,
             room: Arc::new(Semaphore::new(MAX_PENDING)),
+            lease: super::LeaseCheck::always(),
         }
     }
 }

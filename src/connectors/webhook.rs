@@ -68,6 +68,8 @@ pub struct Inbox {
     pub max_body_bytes: usize,
     /// The header carrying the signature.
     pub signature_header: String,
+    /// Deliveries are accepted only while the worker's lease surely holds.
+    lease: super::LeaseCheck,
 }
 
 impl std::fmt::Debug for Inbox {
@@ -109,6 +111,9 @@ impl Inbox {
         &self,
         records: Vec<Value>,
     ) -> Result<oneshot::Receiver<Result<Outcome, String>>, Refusal> {
+        if !self.lease.holds() {
+            return Err(Refusal::Stopped);
+        }
         let (reply, answer) = oneshot::channel();
         self.queue
             .try_send(Delivery { records, reply })
@@ -276,8 +281,11 @@ impl Connector for Webhook {
                     key: Arc::new(key),
                     max_body_bytes: settings.max_body_bytes,
                     signature_header: settings.signature_header,
+                    lease: ctx.lease.clone(),
                 },
             );
+            // Bound: deliveries reach this run from now on.
+            ctx.health.working();
             // Deliveries are transformed and committed concurrently (the sink groups their
             // commits); each is answered when its own records are committed.
             let mut inflight = tokio::task::JoinSet::new();
@@ -343,6 +351,7 @@ mod tests {
                 key: Arc::new(key.to_vec()),
                 max_body_bytes: 10,
                 signature_header: SIGNATURE_HEADER.into(),
+                lease: crate::connectors::LeaseCheck::always(),
             },
             rx,
         )

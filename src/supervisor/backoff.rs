@@ -1,5 +1,8 @@
 //! Restart delays: exponential with jitter, capped, and crash-loop detection (too many
-//! failures within a window). Pure: the caller supplies the clock and the randomness.
+//! failures within a window; once in a crash loop a worker stays there, at the capped delay
+//! with jitter, until a run works for a window or a new version comes). Permanent failures (a
+//! source that refuses) wait the long delay instead and are no crash loop. Pure: the caller
+//! supplies the clock and the randomness.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -13,8 +16,10 @@ pub struct BackoffPolicy {
     pub max: Duration,
     /// Failures within `window` that make a crash loop.
     pub crash_loop_failures: usize,
-    /// The crash-loop window.
+    /// The crash-loop window; a run that works this long forgets the failures before it.
     pub window: Duration,
+    /// Delay after a permanent failure (a source that refuses: 401, 404, …).
+    pub permanent: Duration,
 }
 
 impl Default for BackoffPolicy {
@@ -24,6 +29,7 @@ impl Default for BackoffPolicy {
             max: Duration::from_secs(60),
             crash_loop_failures: 5,
             window: Duration::from_secs(60),
+            permanent: Duration::from_secs(300),
         }
     }
 }
@@ -45,6 +51,8 @@ pub struct Failures {
     policy: BackoffPolicy,
     recent: VecDeque<Instant>,
     consecutive: u32,
+    /// In a crash loop since the window last filled up: it holds while failures continue.
+    looping: bool,
 }
 
 impl Failures {
@@ -54,6 +62,7 @@ impl Failures {
             policy,
             recent: VecDeque::new(),
             consecutive: 0,
+            looping: false,
         }
     }
 
@@ -61,6 +70,7 @@ impl Failures {
     pub fn reset(&mut self) {
         self.recent.clear();
         self.consecutive = 0;
+        self.looping = false;
     }
 
     /// Failures since the last reset.
@@ -80,24 +90,41 @@ impl Failures {
                 break;
             }
         }
-        let crash_loop = self.recent.len() >= self.policy.crash_loop_failures;
+        self.looping |= self.recent.len() >= self.policy.crash_loop_failures;
         let exponent = (self.consecutive - 1).min(30);
         let ceiling = self
             .policy
             .base
             .saturating_mul(1u32 << exponent.min(20))
             .min(self.policy.max);
-        let delay = if crash_loop {
-            self.policy.max
+        let delay = if self.looping {
+            capped(self.policy.max, jitter)
         } else {
             ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
         };
         Verdict {
             delay,
-            crash_loop,
+            crash_loop: self.looping,
             failures: self.consecutive,
         }
     }
+
+    /// Records a permanent failure (the source refuses): the long delay, with jitter, and no
+    /// crash loop, however often it happens.
+    pub fn refused(&mut self, jitter: f64) -> Verdict {
+        self.consecutive = self.consecutive.saturating_add(1);
+        Verdict {
+            delay: capped(self.policy.permanent, jitter),
+            crash_loop: false,
+            failures: self.consecutive,
+        }
+    }
+}
+
+/// A capped delay spread over its upper quarter, so workers failing together at the cap do
+/// not restart together.
+fn capped(cap: Duration, jitter: f64) -> Duration {
+    cap.mul_f64(0.75 + 0.25 * jitter.clamp(0.0, 1.0))
 }
 
 #[cfg(test)]
@@ -110,6 +137,7 @@ mod tests {
             max: Duration::from_secs(10),
             crash_loop_failures: 5,
             window: Duration::from_secs(60),
+            permanent: Duration::from_secs(300),
         }
     }
 
@@ -152,7 +180,7 @@ mod tests {
             .collect();
         assert!(!verdicts[3].crash_loop);
         assert!(verdicts[4].crash_loop);
-        assert_eq!(verdicts[4].delay, Duration::from_secs(10));
+        assert_eq!(verdicts[4].delay, Duration::from_millis(8_750));
         assert_eq!(verdicts[4].failures, 5);
         failures.reset();
         assert_eq!(failures.count(), 0);
@@ -161,5 +189,75 @@ mod tests {
                 .record(now + Duration::from_secs(6), 0.5)
                 .crash_loop
         );
+    }
+
+    #[test]
+    fn a_crash_loop_holds_while_failures_continue_at_the_cap_with_jitter() {
+        let mut failures = Failures::new(policy());
+        let start = Instant::now();
+        for i in 0..5 {
+            failures.record(start + Duration::from_secs(i), 0.5);
+        }
+        // Failures a capped delay apart leave the window nearly empty: still a crash loop,
+        // and the delay stays at the cap, spread by the jitter.
+        let mut at = start + Duration::from_secs(5);
+        let mut delays = Vec::new();
+        for jitter in [0.0, 0.999, 0.3, 0.7, 0.0, 0.999] {
+            at += Duration::from_secs(120);
+            let verdict = failures.record(at, jitter);
+            assert!(verdict.crash_loop, "{verdict:?}");
+            assert!(verdict.delay >= Duration::from_millis(7_500), "{verdict:?}");
+            assert!(verdict.delay <= Duration::from_secs(10), "{verdict:?}");
+            delays.push(verdict.delay);
+        }
+        assert!(delays.windows(2).any(|w| w[0] != w[1]), "{delays:?}");
+        failures.reset();
+        assert!(!failures.record(at, 0.5).crash_loop);
+    }
+
+    #[test]
+    fn permanent_failures_wait_the_long_delay_and_are_no_crash_loop() {
+        let mut failures = Failures::new(policy());
+        for _ in 0..20 {
+            let verdict = failures.refused(0.5);
+            assert!(!verdict.crash_loop);
+            assert!(verdict.delay >= Duration::from_secs(225), "{verdict:?}");
+            assert!(verdict.delay <= Duration::from_secs(300), "{verdict:?}");
+        }
+        assert_eq!(failures.count(), 20);
+    }
+
+    proptest::proptest! {
+        /// Whatever the spacing of failures and the jitter: every delay is within the cap (the
+        /// long delay for refusals), and once a crash loop, always a crash loop until a reset.
+        #[test]
+        fn delays_stay_bounded_and_a_crash_loop_holds(
+            failures in proptest::collection::vec((0u64..200_000, 0.0f64..1.0, proptest::bool::weighted(0.1)), 1..60)
+        ) {
+            let policy = policy();
+            let mut history = Failures::new(policy.clone());
+            let mut at = Instant::now();
+            let mut looping = false;
+            for (gap_ms, jitter, refused) in failures {
+                at += Duration::from_millis(gap_ms);
+                let verdict = if refused {
+                    history.refused(jitter)
+                } else {
+                    history.record(at, jitter)
+                };
+                if refused {
+                    proptest::prop_assert!(verdict.delay <= policy.permanent);
+                    proptest::prop_assert!(verdict.delay >= policy.permanent * 3 / 4);
+                } else {
+                    proptest::prop_assert!(verdict.delay <= policy.max);
+                    proptest::prop_assert!(verdict.delay >= policy.base / 2);
+                    proptest::prop_assert!(!looping || verdict.crash_loop, "a crash loop ended without a reset");
+                    looping = verdict.crash_loop;
+                    if looping {
+                        proptest::prop_assert!(verdict.delay >= policy.max * 3 / 4);
+                    }
+                }
+            }
+        }
     }
 }

@@ -124,6 +124,17 @@ impl Tenure {
         self.state().token.clone()
     }
 
+    /// What a worker started under `guard` asks before every external action: the guard is
+    /// not cancelled and the leases are surely held now. Checked against the monotonic clock,
+    /// so a process woken from a pause past its leases answers no at once, before the renewer
+    /// has had a turn to cancel anything.
+    pub fn check(self: &Arc<Self>, guard: CancellationToken) -> crate::connectors::LeaseCheck {
+        let tenure = self.clone();
+        crate::connectors::LeaseCheck::new(move || {
+            !guard.is_cancelled() && tenure.until().is_some_and(|until| Instant::now() < until)
+        })
+    }
+
     /// When the leases stop being surely held, if any are.
     pub fn until(&self) -> Option<Instant> {
         self.state().until
@@ -461,6 +472,26 @@ mod tests {
         assert_eq!(tenure.until(), Some(later + safe_for));
         tenure.claimed(later + Duration::from_secs(1), safe_for);
         assert_eq!(tenure.until(), Some(later + safe_for));
+    }
+
+    #[test]
+    fn a_worker_may_act_only_while_the_leases_are_surely_held() {
+        let safe_for = Duration::from_secs(6);
+        let tenure = Arc::new(Tenure::default());
+        let check = tenure.check(tenure.guard());
+        assert!(!check.holds(), "nothing claimed yet");
+        tenure.claimed(Instant::now(), safe_for);
+        assert!(check.holds());
+        // A process woken past its deadline, before anything cancelled the workers: no.
+        let woken = Arc::new(Tenure::default());
+        let late = woken.check(woken.guard());
+        woken.claimed(Instant::now() - Duration::from_secs(7), safe_for);
+        assert!(!late.holds());
+        // Claimed again after the leases were lost: the old workers' guard stays cancelled.
+        tenure.lose();
+        tenure.claimed(Instant::now(), safe_for);
+        assert!(!check.holds());
+        assert!(tenure.check(tenure.guard()).holds());
     }
 
     #[test]

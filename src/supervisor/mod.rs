@@ -1071,6 +1071,7 @@ impl Supervisor {
         let health = Health::default();
         self.metered(|m| m.worker_started(id, kind, health.clone()));
         let previous = self.stopping.remove(&id);
+        let check = self.cluster.tenure.check(guard.clone());
         let join = self.tracker.spawn(worker::run(
             rx,
             previous,
@@ -1078,6 +1079,7 @@ impl Supervisor {
             health.clone(),
             cancel.clone(),
             guard,
+            check,
         ));
         self.failed.remove(&id);
         self.workers.insert(
@@ -1118,6 +1120,7 @@ impl Supervisor {
             let (Some(limit), true) = (worker.stall_after, running_since > 0) else {
                 continue;
             };
+            let working = worker.health.is_working();
             let idle = Duration::from_millis(
                 now_ms.saturating_sub(progress_ms.max(running_since)).max(0) as u64,
             );
@@ -1125,12 +1128,12 @@ impl Supervisor {
                 worker.stalled = true;
                 self.env
                     .writer
-                    .send(stall_transition(*id, worker.key, true, idle));
+                    .send(stall_transition(*id, worker.key, true, working, idle));
             } else if idle <= limit && worker.stalled {
                 worker.stalled = false;
                 self.env
                     .writer
-                    .send(stall_transition(*id, worker.key, false, idle));
+                    .send(stall_transition(*id, worker.key, false, working, idle));
             }
         }
         if self.heartbeats.as_ref().is_some_and(|h| !h.is_finished()) {
@@ -1210,11 +1213,19 @@ fn heartbeat_of(id: Uuid, health: &crate::connectors::Health) -> Heartbeat {
     }
 }
 
-fn stall_transition(id: Uuid, key: SpecKey, stalled: bool, idle: Duration) -> Transition {
-    let (status, kind) = if stalled {
-        (WorkerStatus::Stalled, "worker_stalled")
-    } else {
-        (WorkerStatus::Running, "worker_running")
+/// A stall, or the end of one: `running` again only if the current run has worked (a run
+/// restarted since that has not yet is `starting`).
+fn stall_transition(
+    id: Uuid,
+    key: SpecKey,
+    stalled: bool,
+    working: bool,
+    idle: Duration,
+) -> Transition {
+    let (status, kind) = match (stalled, working) {
+        (true, _) => (WorkerStatus::Stalled, "worker_stalled"),
+        (false, true) => (WorkerStatus::Running, "worker_running"),
+        (false, false) => (WorkerStatus::Starting, "worker_starting"),
     };
     worker::transition(
         id,

@@ -1,7 +1,8 @@
 //! One datasource's worker: a task that runs its connector, restarts it with backoff when it
-//! fails (a panic counts as a failure), swaps in a new spec on hot reload, and stops on its
-//! token — cooperatively, then by abort after the stop deadline. Every transition goes to
-//! the state writer with its event.
+//! fails (a panic counts as a failure; a source that refuses waits the long delay), swaps in a
+//! new spec on hot reload once the new spec's preflight passed, and stops on its token —
+//! cooperatively, then by abort after the stop deadline. Every transition goes to the state
+//! writer with its event; `running` is written only once the connector reports it works.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -17,7 +18,9 @@ use super::backoff::{BackoffPolicy, Failures};
 use super::writer::WriterHandle;
 use crate::connectors::sink::Sink;
 use crate::connectors::webhook::Ingress;
-use crate::connectors::{Connector, CursorStore, Error, Health, RunContext, SecretMap};
+use crate::connectors::{
+    Connector, CursorStore, Error, Health, LeaseCheck, Retry, RunContext, SecretMap,
+};
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::state::Transition;
 use crate::domain::WorkerStatus;
@@ -105,16 +108,38 @@ pub(super) fn transition(
     }
 }
 
+/// How long a new version's [`Connector::preflight`] may take before the reload is rejected.
+const PREFLIGHT_BOUND: Duration = Duration::from_secs(5);
+
 enum Next {
     Stop,
-    Reload,
+    /// A new spec that passed its preflight.
+    Reload(Arc<Spec>),
+    Exited(Result<Result<(), Error>, tokio::task::JoinError>),
+}
+
+/// What a run's wait ended with.
+enum Woke {
+    Stop,
+    Changed,
+    /// Time to check a rejected version again.
+    Retry,
+    Working,
     Exited(Result<Result<(), Error>, tokio::task::JoinError>),
 }
 
 /// Runs a worker until `cancel` fires. `previous` is the datasource's former worker, still
 /// stopping: this one starts only after it has finished, so a datasource never runs twice.
 /// `lease` (the parent of `cancel`) fires when the instance's leases ran out: the connector
-/// is then aborted at once rather than given the stop deadline.
+/// is then aborted at once rather than given the stop deadline; `check` says, before every
+/// external action of the connector, whether the leases still surely hold.
+///
+/// The state it writes is the truth: `starting` from the spawn until the connector reports
+/// that it works, then `running` (which clears the last error); a failure shows until then.
+/// A new version replaces a running one only once its preflight passed (make before break);
+/// otherwise the old one keeps running, the reload is rejected, and the new version is checked
+/// again with growing delays (the backoff's base up to its cap) until it passes or another
+/// version comes.
 pub async fn run(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     previous: Option<JoinHandle<()>>,
@@ -122,6 +147,7 @@ pub async fn run(
     health: Health,
     cancel: CancellationToken,
     lease: CancellationToken,
+    check: LeaseCheck,
 ) {
     if let Some(previous) = previous {
         let _ = previous.await;
@@ -157,13 +183,16 @@ pub async fn run(
             version: spec.version,
             config: spec.config.clone(),
             secrets: spec.secrets.clone(),
-            sink: env.sink.handle(
-                id,
-                spec.version,
-                spec.epoch,
-                spec.transform.clone(),
-                health.clone(),
-            ),
+            sink: env
+                .sink
+                .handle(
+                    id,
+                    spec.version,
+                    spec.epoch,
+                    spec.transform.clone(),
+                    health.clone(),
+                )
+                .fenced(check.clone()),
             cursor: CursorStore::new(
                 env.pool.clone(),
                 id,
@@ -176,10 +205,12 @@ pub async fn run(
             ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),
+            lease: check.clone(),
         };
+        // Before the spawn: the new run starts out not working.
+        health.set_running(true);
         // A connector runs in a task of its own, so a panic is caught here, not in the registry.
         let mut run = tokio::spawn(spec.connector.run(ctx));
-        health.set_running(true);
         if let Some(observer) = &env.started {
             let _ = observer.send(Started {
                 datasource_id: id,
@@ -187,30 +218,81 @@ pub async fn run(
                 at: Instant::now(),
             });
         }
-        let mut running = transition(
-            id,
-            spec.epoch,
-            WorkerStatus::Running,
-            spec.version,
-            if reloaded {
-                "reload_applied"
-            } else {
-                "worker_running"
-            },
-            json!({ "restart_count": failures.count() }),
-        );
-        running.restart_count = Some(failures.count() as i32);
-        // A healthy start after a reload clears a previous rejection or failure.
-        running.error = Some(None);
-        env.writer.send(running);
         // The start is done: the span closes (and is exported) now, not when the worker ends.
         drop(start_span);
 
-        let next = tokio::select! {
-            r = &mut run => Next::Exited(r),
-            () = cancel.cancelled() => Next::Stop,
-            changed = spec_rx.changed() => if changed.is_ok() { Next::Reload } else { Next::Stop },
+        let mut working_since: Option<Instant> = None;
+        // A new version that failed its preflight, how many times it was checked again, and
+        // when it is checked next.
+        let mut rejected: Option<(Arc<Spec>, u32, tokio::time::Instant)> = None;
+        let next = loop {
+            let retry_at = rejected.as_ref().map(|(_, _, at)| *at);
+            let woke = tokio::select! {
+                biased;
+                () = cancel.cancelled() => Woke::Stop,
+                changed = spec_rx.changed() => if changed.is_ok() { Woke::Changed } else { Woke::Stop },
+                r = &mut run => Woke::Exited(r),
+                () = health.until_working(), if working_since.is_none() => Woke::Working,
+                () = sleep_until(retry_at), if retry_at.is_some() => Woke::Retry,
+            };
+            match woke {
+                Woke::Stop => break Next::Stop,
+                Woke::Exited(r) => break Next::Exited(r),
+                Woke::Working => {
+                    working_since = Some(Instant::now());
+                    let mut running = transition(
+                        id,
+                        spec.epoch,
+                        WorkerStatus::Running,
+                        spec.version,
+                        if reloaded {
+                            "reload_applied"
+                        } else {
+                            "worker_running"
+                        },
+                        json!({ "restart_count": failures.count() }),
+                    );
+                    running.restart_count = Some(failures.count() as i32);
+                    // The connector works: the last failure or rejection is over.
+                    running.error = Some(None);
+                    env.writer.send(running);
+                }
+                Woke::Changed | Woke::Retry => {
+                    let (candidate, tries) = match woke {
+                        Woke::Changed => (spec_rx.borrow_and_update().clone(), 0),
+                        _ => match rejected.take() {
+                            Some((candidate, tries, _)) => (candidate, tries + 1),
+                            None => continue,
+                        },
+                    };
+                    let checked = tokio::select! {
+                        biased;
+                        () = cancel.cancelled() => break Next::Stop,
+                        checked = preflight(&candidate) => checked,
+                    };
+                    match checked {
+                        Ok(()) => break Next::Reload(candidate),
+                        Err(reason) => {
+                            if tries == 0 {
+                                reject(&env, &spec, &candidate, reason);
+                            } else {
+                                tracing::debug!(datasource_id = %id, version = candidate.version, tries, reason, "the rejected version still cannot start");
+                            }
+                            // Checked again later (a resolver or network blip passes); the
+                            // running version stays meanwhile.
+                            let delay = env
+                                .backoff
+                                .base
+                                .saturating_mul(1 << tries.min(16))
+                                .min(env.backoff.max);
+                            rejected =
+                                Some((candidate, tries, tokio::time::Instant::now() + delay));
+                        }
+                    }
+                }
+            }
         };
+        let worked = working_since.is_some_and(|at| at.elapsed() >= env.backoff.window);
         health.set_running(false);
         let outcome = match next {
             Next::Stop => {
@@ -228,8 +310,7 @@ pub async fn run(
                 stopped(&env, &spec, aborted, "stopped");
                 return;
             }
-            Next::Reload => {
-                let next = spec_rx.borrow_and_update().clone();
+            Next::Reload(next) => {
                 let stop_span = tracing::info_span!(
                     parent: None,
                     "worker.stop",
@@ -253,7 +334,11 @@ pub async fn run(
             Next::Exited(outcome) => outcome,
         };
         reloaded = false;
-        let (code, message, retryable) = match outcome {
+        if worked {
+            // It worked for a whole window: this failure starts a new count.
+            failures.reset();
+        }
+        let (code, message, retry) = match outcome {
             Ok(Ok(())) => {
                 // The connector finished its work (a bounded generator): stopped until a
                 // new version or a stop.
@@ -266,19 +351,29 @@ pub async fn run(
                 }
                 return;
             }
-            Ok(Err(e)) => (e.code(), e.to_string(), e.is_retryable()),
+            Ok(Err(e)) => (e.code(), e.to_string(), e.retry()),
             Err(join) if join.is_panic() => (
                 "connector_panicked",
                 "the connector panicked".to_owned(),
-                true,
+                Retry::Backoff,
             ),
             Err(_) => (
                 "connector_aborted",
                 "the connector was aborted".to_owned(),
-                true,
+                Retry::Backoff,
             ),
         };
-        let verdict = failures.record(Instant::now(), rand::random::<f64>());
+        let jitter = rand::random::<f64>();
+        let verdict = match retry {
+            Retry::Permanent => failures.refused(jitter),
+            Retry::NotBefore(after) => {
+                let mut verdict = failures.record(Instant::now(), jitter);
+                verdict.delay = verdict.delay.max(after);
+                verdict
+            }
+            Retry::Backoff | Retry::Never => failures.record(Instant::now(), jitter),
+        };
+        let retryable = retry != Retry::Never;
         let status = if verdict.crash_loop {
             WorkerStatus::CrashLoop
         } else {
@@ -296,6 +391,7 @@ pub async fn run(
                 "restart_count": verdict.failures,
                 "retry_in_ms": retryable.then_some(verdict.delay.as_millis() as u64),
                 "crash_loop": verdict.crash_loop,
+                "permanent": retry == Retry::Permanent,
             }),
         );
         failed.error = Some(Some((code.to_owned(), message)));
@@ -313,7 +409,7 @@ pub async fn run(
             return;
         }
         tokio::select! {
-            () = tokio::time::sleep(verdict.delay) => {}
+            biased;
             () = cancel.cancelled() => {
                 stopped(&env, &spec, false, "stopped");
                 return;
@@ -326,8 +422,69 @@ pub async fn run(
                 failures.reset();
                 reloaded = true;
             }
+            () = tokio::time::sleep(verdict.delay) => {}
         }
     }
+}
+
+/// Sleeps until `at`, or forever when there is none.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Make before break: whether `candidate` can start, bounded by [`PREFLIGHT_BOUND`].
+async fn preflight(candidate: &Spec) -> Result<(), String> {
+    let span = tracing::info_span!(
+        "worker.preflight",
+        datasource = %candidate.datasource_id,
+        version = candidate.version,
+    );
+    let check = candidate
+        .connector
+        .preflight(&candidate.config, PREFLIGHT_BOUND);
+    match tokio::time::timeout(PREFLIGHT_BOUND, check)
+        .instrument(span)
+        .await
+    {
+        Ok(result) => result,
+        Err(_) => Err(format!(
+            "the new version could not show within {} ms that it can start",
+            PREFLIGHT_BOUND.as_millis()
+        )),
+    }
+}
+
+/// The new version failed its preflight: the running one stays, the rejection is on record.
+fn reject(env: &WorkerEnv, running: &Spec, candidate: &Spec, reason: String) {
+    tracing::info!(
+        datasource_id = %running.datasource_id,
+        version = candidate.version,
+        running_version = running.version,
+        reason,
+        "reload rejected: the new version cannot start; the running one stays"
+    );
+    env.writer.send(Transition {
+        datasource_id: running.datasource_id,
+        epoch: running.epoch,
+        status: None,
+        running_version: None,
+        error: Some(Some(("reload_rejected".into(), reason.clone()))),
+        restart_count: None,
+        event: Some(NewEvent {
+            at: None,
+            datasource_id: Some(running.datasource_id),
+            kind: "reload_rejected".into(),
+            version: Some(candidate.version),
+            payload: json!({
+                "code": "preflight_failed",
+                "reason": reason,
+                "running_version": running.version,
+            }),
+        }),
+    });
 }
 
 /// Waits for a new spec (true) or cancellation (false).

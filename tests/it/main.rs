@@ -19,3 +19,4 @@ mod serve;
 mod sink;
 mod supervisor;
 mod traces;
+mod truth;

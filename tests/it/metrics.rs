@@ -111,6 +111,7 @@ impl Connector for Gated {
 
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>> {
         Box::pin(async move {
+            ctx.health.working();
             tokio::select! {
                 () = ctx.cancel.cancelled() => {}
                 () = GATE.notified() => {}

@@ -63,7 +63,10 @@ impl Connector for TestKind {
                     ctx.cancel.cancelled().await;
                     Ok(())
                 }
-                Behaviour::Deaf => std::future::pending().await,
+                Behaviour::Deaf => {
+                    ctx.health.working();
+                    std::future::pending().await
+                }
             }
         })
     }
