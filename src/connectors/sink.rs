@@ -675,7 +675,7 @@ impl SinkWriter {
                 batch.seq = self.next_seq;
                 self.next_seq += 1;
                 if batch.is_settled() {
-                    self.acknowledge(batch);
+                    Self::acknowledge(batch);
                 } else {
                     self.lanes
                         .entry(batch.datasource_id)
@@ -791,13 +791,14 @@ impl SinkWriter {
         };
         let now = Instant::now();
         let mut committed = false;
+        let mut fenced = 0;
         // Back to the front of their lanes, in order: what is left of unsettled batches.
         for batch in work.into_iter().rev() {
             if batch.done.written + batch.done.dead_lettered > 0 {
                 committed = true;
             }
             if batch.is_settled() {
-                self.acknowledge(batch);
+                fenced += Self::acknowledge(batch);
             } else {
                 self.lanes
                     .entry(batch.datasource_id)
@@ -821,14 +822,30 @@ impl SinkWriter {
             status.stuck_since = None;
         }
         drop(status);
+        if fenced > 0 {
+            tracing::warn!(
+                records = fenced,
+                "records refused: their worker's lease is no longer held by this instance under its epoch"
+            );
+            self.metered(|m| m.writes_fenced("records", fenced as u64));
+        }
+        // One line for a failure many datasources share, else one per datasource.
+        let quiet = failed.len() > 1;
+        if let (true, Some((_, Failure::Transient { reason, .. }))) = (quiet, failed.first()) {
+            tracing::warn!(
+                datasources = failed.len(),
+                error = %reason,
+                "sink flush failed; retrying each datasource with backoff"
+            );
+        }
         for (id, failure) in failed {
-            self.failed(id, &failure, now);
+            self.failed(id, &failure, now, quiet);
         }
         self.lanes.retain(|_, l| !l.batches.is_empty());
     }
 
     /// Records a transient failure of datasource `id`: its next attempt waits.
-    fn failed(&mut self, id: Uuid, failure: &Failure, now: Instant) {
+    fn failed(&mut self, id: Uuid, failure: &Failure, now: Instant, quiet: bool) {
         let Failure::Transient {
             reason,
             retry_after,
@@ -849,7 +866,7 @@ impl SinkWriter {
             .max(retry_after.unwrap_or_default());
         lane.retry_at = Some(now + delay);
         let records = lane.pending();
-        if failures == 1 || failures.is_power_of_two() {
+        if !quiet && failures.is_power_of_two() {
             tracing::warn!(
                 datasource_id = %id,
                 records,
@@ -1090,22 +1107,15 @@ impl SinkWriter {
         })
     }
 
-    /// Tells a settled batch's writer what became of it, and counts it.
-    fn acknowledge(&self, batch: Batch) {
+    /// Tells a settled batch's writer what became of it, and counts it; returns how many of
+    /// its records the fence refused.
+    fn acknowledge(batch: Batch) -> usize {
         let done = batch.done;
         if done.written > 0 {
             batch.health.records(done.written as u64);
         }
         if done.dead_lettered > 0 {
             batch.health.dead_lettered(done.dead_lettered as u64);
-        }
-        if batch.fenced > 0 {
-            tracing::warn!(
-                datasource_id = %batch.datasource_id,
-                records = batch.fenced,
-                "records refused: their worker's lease is no longer held by this instance under its epoch"
-            );
-            self.metered(|m| m.writes_fenced("records", batch.fenced as u64));
         }
         let answer = match (&batch.lost, batch.fenced) {
             (Some((_, reason)), _) => Err(Undelivered::Lost(reason.clone())),
@@ -1115,6 +1125,7 @@ impl SinkWriter {
         if let Some(ack) = batch.ack {
             let _ = ack.send(answer);
         }
+        batch.fenced
     }
 
     /// Shutdown: every waiting datasource gets one more attempt (the `http` target's
@@ -1150,6 +1161,7 @@ impl SinkWriter {
                         id,
                         &Failure::transient("the registry is shutting down", false),
                         Instant::now(),
+                        false,
                     );
                 }
             } else {
