@@ -31,7 +31,7 @@
 //!   after [`RetryPolicy::http_attempts`] attempts and dead-letters the records (`sink_unavailable`); the
 //!   `postgres` target keeps retrying, since the database is the records' only home.
 //! - **Signals**: [`SinkStatus`] (readiness fails once the sink has failed and committed
-//!   nothing for a second) and the metrics `dsreg_sink_failing_datasources`,
+//!   nothing for a second, its target unreachable or several datasources failing) and the metrics `dsreg_sink_failing_datasources`,
 //!   `dsreg_sink_pending_records`, `dsreg_sink_flush_failures` and `dsreg_sink_records_lost`.
 //! - **Shutdown**: after the workers stop, every waiting datasource gets one more attempt
 //!   within the shutdown grace (the `http` target's leftovers are dead-lettered); what still
@@ -410,6 +410,8 @@ struct StatusInner {
     stuck_since: Option<Instant>,
     /// The last failure's reason.
     last_error: String,
+    /// Whether the last failure was the target's, whatever the rows (it is unreachable).
+    everyone: bool,
     /// Datasources waiting after a failure.
     failing: usize,
     /// Records waiting.
@@ -417,22 +419,33 @@ struct StatusInner {
 }
 
 impl SinkStatus {
-    /// Whether the sink commits; otherwise why not.
+    /// Whether the sink commits; otherwise why not. One datasource failing on its own is
+    /// that datasource's problem (its log lines and the metrics show it), not the instance's.
     ///
     /// # Errors
-    /// The sink has failed and committed nothing for a second or more.
+    /// The sink has failed and committed nothing for a second or more, with its target
+    /// unreachable or more than one datasource failing.
     pub fn check(&self) -> Result<(), String> {
         let inner = self.lock();
         match inner.stuck_since {
-            Some(since) if since.elapsed() >= STUCK_AFTER => Err(format!(
-                "the sink has committed nothing for {} s: {} ({} datasources, {} records waiting)",
-                since.elapsed().as_secs(),
-                inner.last_error,
-                inner.failing,
-                inner.pending
-            )),
+            Some(since)
+                if since.elapsed() >= STUCK_AFTER && (inner.everyone || inner.failing > 1) =>
+            {
+                Err(format!(
+                    "the sink has committed nothing for {} s: {} ({} datasources, {} records waiting)",
+                    since.elapsed().as_secs(),
+                    inner.last_error,
+                    inner.failing,
+                    inner.pending
+                ))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Datasources whose records wait for a retry after a failed flush.
+    pub fn failing_datasources(&self) -> usize {
+        self.lock().failing
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
@@ -849,7 +862,7 @@ impl SinkWriter {
         let Failure::Transient {
             reason,
             retry_after,
-            ..
+            everyone,
         } = failure
         else {
             return;
@@ -895,6 +908,7 @@ impl SinkWriter {
         let mut status = self.status.lock();
         status.stuck_since.get_or_insert(now);
         status.last_error = reason.clone();
+        status.everyone = *everyone;
     }
 
     /// Settles `items` of `work`: attempts them together, splits what the target refuses
