@@ -31,7 +31,7 @@
 //!   after [`RetryPolicy::http_attempts`] attempts and dead-letters the records (`sink_unavailable`); the
 //!   `postgres` target keeps retrying, since the database is the records' only home.
 //! - **Signals**: [`SinkStatus`] (readiness fails once the sink has failed and committed
-//!   nothing for a second) and the metrics `dsreg_sink_failing_datasources`,
+//!   nothing for a second, its target unreachable or several datasources failing) and the metrics `dsreg_sink_failing_datasources`,
 //!   `dsreg_sink_pending_records`, `dsreg_sink_flush_failures` and `dsreg_sink_records_lost`.
 //! - **Shutdown**: after the workers stop, every waiting datasource gets one more attempt
 //!   within the shutdown grace (the `http` target's leftovers are dead-lettered); what still
@@ -423,6 +423,8 @@ struct StatusInner {
     stuck_since: Option<Instant>,
     /// The last failure's reason.
     last_error: String,
+    /// Whether the last failure was the target's, whatever the rows (it is unreachable).
+    everyone: bool,
     /// Datasources waiting after a failure.
     failing: usize,
     /// Records waiting.
@@ -430,22 +432,33 @@ struct StatusInner {
 }
 
 impl SinkStatus {
-    /// Whether the sink commits; otherwise why not.
+    /// Whether the sink commits; otherwise why not. One datasource failing on its own is
+    /// that datasource's problem (its log lines and the metrics show it), not the instance's.
     ///
     /// # Errors
-    /// The sink has failed and committed nothing for a second or more.
+    /// The sink has failed and committed nothing for a second or more, with its target
+    /// unreachable or more than one datasource failing.
     pub fn check(&self) -> Result<(), String> {
         let inner = self.lock();
         match inner.stuck_since {
-            Some(since) if since.elapsed() >= STUCK_AFTER => Err(format!(
-                "the sink has committed nothing for {} s: {} ({} datasources, {} records waiting)",
-                since.elapsed().as_secs(),
-                inner.last_error,
-                inner.failing,
-                inner.pending
-            )),
+            Some(since)
+                if since.elapsed() >= STUCK_AFTER && (inner.everyone || inner.failing > 1) =>
+            {
+                Err(format!(
+                    "the sink has committed nothing for {} s: {} ({} datasources, {} records waiting)",
+                    since.elapsed().as_secs(),
+                    inner.last_error,
+                    inner.failing,
+                    inner.pending
+                ))
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Datasources whose records wait for a retry after a failed flush.
+    pub fn failing_datasources(&self) -> usize {
+        self.lock().failing
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, StatusInner> {
@@ -689,7 +702,7 @@ impl SinkWriter {
                 batch.seq = self.next_seq;
                 self.next_seq += 1;
                 if batch.is_settled() {
-                    self.acknowledge(batch);
+                    Self::acknowledge(batch);
                 } else {
                     self.lanes
                         .entry(batch.datasource_id)
@@ -805,13 +818,14 @@ impl SinkWriter {
         };
         let now = Instant::now();
         let mut committed = false;
+        let mut fenced = 0;
         // Back to the front of their lanes, in order: what is left of unsettled batches.
         for batch in work.into_iter().rev() {
             if batch.done.written + batch.done.dead_lettered > 0 {
                 committed = true;
             }
             if batch.is_settled() {
-                self.acknowledge(batch);
+                fenced += Self::acknowledge(batch);
             } else {
                 self.lanes
                     .entry(batch.datasource_id)
@@ -835,18 +849,34 @@ impl SinkWriter {
             status.stuck_since = None;
         }
         drop(status);
+        if fenced > 0 {
+            tracing::warn!(
+                records = fenced,
+                "records refused: their worker's lease is no longer held by this instance under its epoch"
+            );
+            self.metered(|m| m.writes_fenced("records", fenced as u64));
+        }
+        // One line for a failure many datasources share, else one per datasource.
+        let quiet = failed.len() > 1;
+        if let (true, Some((_, Failure::Transient { reason, .. }))) = (quiet, failed.first()) {
+            tracing::warn!(
+                datasources = failed.len(),
+                error = %reason,
+                "sink flush failed; retrying each datasource with backoff"
+            );
+        }
         for (id, failure) in failed {
-            self.failed(id, &failure, now);
+            self.failed(id, &failure, now, quiet);
         }
         self.lanes.retain(|_, l| !l.batches.is_empty());
     }
 
     /// Records a transient failure of datasource `id`: its next attempt waits.
-    fn failed(&mut self, id: Uuid, failure: &Failure, now: Instant) {
+    fn failed(&mut self, id: Uuid, failure: &Failure, now: Instant, quiet: bool) {
         let Failure::Transient {
             reason,
             retry_after,
-            ..
+            everyone,
         } = failure
         else {
             return;
@@ -863,7 +893,7 @@ impl SinkWriter {
             .max(retry_after.unwrap_or_default());
         lane.retry_at = Some(now + delay);
         let records = lane.pending();
-        if failures == 1 || failures.is_power_of_two() {
+        if !quiet && failures.is_power_of_two() {
             tracing::warn!(
                 datasource_id = %id,
                 records,
@@ -892,6 +922,7 @@ impl SinkWriter {
         let mut status = self.status.lock();
         status.stuck_since.get_or_insert(now);
         status.last_error = reason.clone();
+        status.everyone = *everyone;
     }
 
     /// Settles `items` of `work`: attempts them together, splits what the target refuses
@@ -1104,22 +1135,15 @@ impl SinkWriter {
         })
     }
 
-    /// Tells a settled batch's writer what became of it, and counts it.
-    fn acknowledge(&self, batch: Batch) {
+    /// Tells a settled batch's writer what became of it, and counts it; returns how many of
+    /// its records the fence refused.
+    fn acknowledge(batch: Batch) -> usize {
         let done = batch.done;
         if done.written > 0 {
             batch.health.records(done.written as u64);
         }
         if done.dead_lettered > 0 {
             batch.health.dead_lettered(done.dead_lettered as u64);
-        }
-        if batch.fenced > 0 {
-            tracing::warn!(
-                datasource_id = %batch.datasource_id,
-                records = batch.fenced,
-                "records refused: their worker's lease is no longer held by this instance under its epoch"
-            );
-            self.metered(|m| m.writes_fenced("records", batch.fenced as u64));
         }
         let answer = match (&batch.lost, batch.fenced) {
             (Some((_, reason)), _) => Err(Undelivered::Lost(reason.clone())),
@@ -1129,6 +1153,7 @@ impl SinkWriter {
         if let Some(ack) = batch.ack {
             let _ = ack.send(answer);
         }
+        batch.fenced
     }
 
     /// Shutdown: every waiting datasource gets one more attempt (the `http` target's
@@ -1164,6 +1189,7 @@ impl SinkWriter {
                         id,
                         &Failure::transient("the registry is shutting down", false),
                         Instant::now(),
+                        false,
                     );
                 }
             } else {

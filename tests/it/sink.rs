@@ -340,18 +340,19 @@ async fn rows_postgres_refuses_are_split_out_and_dead_lettered_without_holding_a
     app.stop().await.unwrap();
 }
 
-/// Makes every insert of `datasource`'s records (every record, with `None`) fail with a
-/// serialization failure, a transient error, until [`heal`].
+/// Makes every insert of `datasource`'s records fail, until [`heal`], with a serialization
+/// failure (a transient error); with `None`, every record's insert, as if the database could
+/// not take connections (`cannot_connect_now`).
 async fn hold(db: &TestDb, datasource: Option<Uuid>) {
-    let only = datasource.map_or("true".to_owned(), |id| {
-        format!("NEW.datasource_id = '{id}'")
+    let (only, code) = datasource.map_or(("true".to_owned(), "57P03"), |id| {
+        (format!("NEW.datasource_id = '{id}'"), "40001")
     });
     db.client()
         .await
         .batch_execute(&format!(
             "CREATE FUNCTION test_hold() RETURNS trigger LANGUAGE plpgsql AS $$
              BEGIN
-                 IF {only} THEN RAISE EXCEPTION 'held by the test' USING ERRCODE = '40001'; END IF;
+                 IF {only} THEN RAISE EXCEPTION 'held by the test' USING ERRCODE = '{code}'; END IF;
                  RETURN NEW;
              END $$;
              CREATE TRIGGER test_hold BEFORE INSERT ON datasource_records
@@ -431,7 +432,7 @@ async fn readiness_and_the_webhook_tell_when_the_sink_cannot_commit() {
     let addr = app.http_addr.to_string();
     let hook = webhook(&db, "stuck", json!({})).await;
     hold(&db, None).await;
-    let failing = generator(&db, "stuck-nan_gen", "acme", json!({ "rate_per_sec": 50 })).await;
+    let failing = generator(&db, "stuck-gen", "acme", json!({ "rate_per_sec": 50 })).await;
 
     let body = wait_for("readiness failing on the sink", WAIT, || async {
         let (status, body) = crate::serve::http_get(&addr, "/readyz").await;
@@ -625,10 +626,15 @@ async fn flushed_returns_while_a_datasource_waits_after_failures_and_shutdown_an
         async move { held.write_durable(vec![json!({ "n": 1 })]).await }
     });
     let status = sink.status();
-    wait_for("readiness to see the sink stuck", WAIT, || async {
-        status.check().is_err().then_some(())
+    wait_for("the held datasource failing", WAIT, || async {
+        (status.failing_datasources() == 1).then_some(())
     })
     .await;
+    assert_eq!(
+        status.check(),
+        Ok(()),
+        "one datasource failing on its own does not make the instance unready"
+    );
 
     let outcome = handle(&sink, free)
         .write_durable(vec![json!({ "n": 2 })])
