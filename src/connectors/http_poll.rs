@@ -275,15 +275,10 @@ impl Connector for HttpPoll {
         Box::pin(async move {
             let settings = parsed.map_err(|e| e.to_string())?;
             let url = reqwest::Url::parse(&settings.url).map_err(|e| format!("config.url: {e}"))?;
-            let host = url
-                .host_str()
-                .ok_or_else(|| "config.url: has no host".to_owned())?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_owned();
-            let port = url
-                .port_or_known_default()
-                .ok_or_else(|| "config.url: has no port".to_owned())?;
+            // Through a proxy, the proxy is what the poll connects to (the variables reqwest
+            // itself reads).
+            let url = proxy_for(&url, |name| std::env::var(name).ok()).unwrap_or(url);
+            let (host, port) = endpoint(&url)?;
             let bound = within.min(settings.timeout);
             tokio::time::timeout(bound, reach(&host, port))
                 .await
@@ -439,6 +434,57 @@ enum Fetch {
     Refused(String),
     /// An answer this config cannot use (not JSON, too large, nothing at the record path).
     Fatal(String),
+}
+
+/// The host (without IPv6 brackets) and port a connection to `url` goes to.
+fn endpoint(url: &reqwest::Url) -> Result<(String, u16), String> {
+    let host = url
+        .host_str()
+        .ok_or_else(|| "config.url: has no host".to_owned())?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = url
+        .port_or_known_default()
+        .ok_or_else(|| "config.url: has no port".to_owned())?;
+    Ok((host, port))
+}
+
+/// The proxy a request to `url` goes through, by the usual variables (`HTTPS_PROXY` or
+/// `HTTP_PROXY` by scheme, then `ALL_PROXY`, each also lower case; `NO_PROXY` lists hosts and
+/// domains that go direct, `*` all), as `var` reads them.
+fn proxy_for(url: &reqwest::Url, var: impl Fn(&str) -> Option<String>) -> Option<reqwest::Url> {
+    let first = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|name| var(name).filter(|v| !v.trim().is_empty()))
+    };
+    let host = url
+        .host_str()?
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    let direct = first(&["NO_PROXY", "no_proxy"]).is_some_and(|list| {
+        list.split(',').map(str::trim).any(|entry| {
+            let domain = entry.trim_start_matches('.');
+            entry == "*"
+                || (!domain.is_empty() && (host == domain || host.ends_with(&format!(".{domain}"))))
+        })
+    });
+    if direct {
+        return None;
+    }
+    let by_scheme: &[&str] = if url.scheme() == "https" {
+        &["HTTPS_PROXY", "https_proxy"]
+    } else {
+        &["HTTP_PROXY", "http_proxy"]
+    };
+    let proxy = first(by_scheme).or_else(|| first(&["ALL_PROXY", "all_proxy"]))?;
+    let proxy = if proxy.contains("://") {
+        proxy
+    } else {
+        format!("http://{proxy}")
+    };
+    reqwest::Url::parse(&proxy).ok()
 }
 
 /// Resolves `host` and opens a TCP connection to one of its addresses.
@@ -684,6 +730,57 @@ mod tests {
         assert!(
             !nowhere.contains("secret") && !nowhere.contains("pw"),
             "{nowhere}"
+        );
+    }
+
+    #[test]
+    fn the_preflight_goes_to_the_proxy_the_poll_would_use() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let url = |u: &str| reqwest::Url::parse(u).unwrap();
+        let target = url("https://api.example.com/x");
+        assert_eq!(proxy_for(&target, env(&[])), None);
+        assert_eq!(
+            proxy_for(&target, env(&[("HTTPS_PROXY", "proxy.local:3128")])),
+            Some(url("http://proxy.local:3128"))
+        );
+        assert_eq!(
+            proxy_for(&target, env(&[("HTTP_PROXY", "http://p:1")])),
+            None,
+            "an http proxy is not for https"
+        );
+        assert_eq!(
+            proxy_for(&target, env(&[("all_proxy", "http://p:1")])),
+            Some(url("http://p:1"))
+        );
+        for no_proxy in ["example.com", ".example.com", "other, api.example.com", "*"] {
+            let vars = [("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", no_proxy)];
+            let var = |name: &str| {
+                vars.iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            };
+            assert_eq!(proxy_for(&target, var), None, "{no_proxy}");
+        }
+        let vars = [("HTTPS_PROXY", "http://p:1"), ("NO_PROXY", "ample.com")];
+        let var = |name: &str| {
+            vars.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| (*v).to_owned())
+        };
+        assert!(
+            proxy_for(&target, var).is_some(),
+            "a suffix is not a domain"
+        );
+        assert_eq!(
+            endpoint(&url("http://[::1]:8080/x")).unwrap(),
+            ("::1".to_owned(), 8080)
         );
     }
 

@@ -386,6 +386,14 @@ mod tests {
     }
 
     #[test]
+    fn an_inbox_whose_lease_lapsed_accepts_nothing() {
+        let (mut inbox, mut rx) = inbox(b"k");
+        inbox.lease = crate::connectors::LeaseCheck::new(|| false);
+        assert_eq!(inbox.offer(vec![json!(1)]).unwrap_err(), Refusal::Stopped);
+        assert!(rx.try_recv().is_err(), "nothing reached the worker");
+    }
+
+    #[test]
     fn a_full_inbox_is_busy_and_a_closed_one_stopped() {
         let (inbox, rx) = inbox(b"k");
         let _first = inbox.offer(vec![json!(1)]).unwrap();

@@ -156,6 +156,10 @@ pub async fn run(
     let id = spec.datasource_id;
     let mut failures = Failures::new(env.backoff.clone());
     let mut reloaded = false;
+    // A new version that failed its preflight, how many times it was checked again, and when
+    // it is checked next: it stays pending through restarts of the running version, until it
+    // passes or another version comes.
+    let mut rejected: Option<(Arc<Spec>, u32, tokio::time::Instant)> = None;
     loop {
         if cancel.is_cancelled() {
             return;
@@ -222,9 +226,6 @@ pub async fn run(
         drop(start_span);
 
         let mut working_since: Option<Instant> = None;
-        // A new version that failed its preflight, how many times it was checked again, and
-        // when it is checked next.
-        let mut rejected: Option<(Arc<Spec>, u32, tokio::time::Instant)> = None;
         let next = loop {
             let retry_at = rejected.as_ref().map(|(_, _, at)| *at);
             let woke = tokio::select! {
@@ -253,8 +254,11 @@ pub async fn run(
                         json!({ "restart_count": failures.count() }),
                     );
                     running.restart_count = Some(failures.count() as i32);
-                    // The connector works: the last failure or rejection is over.
-                    running.error = Some(None);
+                    // The connector works: the last failure is over, and so is a rejection
+                    // unless a rejected version is still waiting.
+                    if rejected.is_none() {
+                        running.error = Some(None);
+                    }
                     env.writer.send(running);
                 }
                 Woke::Changed | Woke::Retry => {
@@ -327,6 +331,7 @@ pub async fn run(
                     stopped(&env, &spec, true, "reload");
                 }
                 spec = next;
+                rejected = None;
                 failures.reset();
                 reloaded = true;
                 continue;
@@ -345,6 +350,7 @@ pub async fn run(
                 stopped(&env, &spec, false, "completed");
                 if wait_for_change(&mut spec_rx, &cancel).await {
                     spec = spec_rx.borrow_and_update().clone();
+                    rejected = None;
                     failures.reset();
                     reloaded = true;
                     continue;
@@ -401,6 +407,7 @@ pub async fn run(
             // Only a new version can help.
             if wait_for_change(&mut spec_rx, &cancel).await {
                 spec = spec_rx.borrow_and_update().clone();
+                rejected = None;
                 failures.reset();
                 reloaded = true;
                 continue;
@@ -419,6 +426,7 @@ pub async fn run(
                     return;
                 }
                 spec = spec_rx.borrow_and_update().clone();
+                    rejected = None;
                 failures.reset();
                 reloaded = true;
             }

@@ -385,6 +385,46 @@ async fn retry_after_is_honoured_as_seconds_and_as_an_http_date() {
 }
 
 #[tokio::test]
+async fn a_retry_after_longer_than_a_poll_waits_is_shown_and_waited_out_by_the_worker() {
+    let db = TestDb::new().await;
+    let recorder = Arc::new(Recorder::default());
+    let source = recorder.listen("source").await;
+    recorder.answer(
+        "/later",
+        Reply::status(429).with("retry-after", "120".into()),
+    );
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let id = poller(
+        &db,
+        "later",
+        json!({ "url": format!("http://{source}/later"), "interval_ms": 100, "retry_base_ms": 1 }),
+    )
+    .await;
+    let state = db
+        .wait_for_state(id, "the throttling on record", |s| s.error_code.is_some())
+        .await;
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("source_throttled"),
+        "{state:?}"
+    );
+    assert_eq!(state.worker_status, WorkerStatus::Error);
+    let failure = db
+        .events(id)
+        .await
+        .into_iter()
+        .find(|e| e.kind == "worker_error")
+        .unwrap();
+    assert!(
+        failure.payload["retry_in_ms"].as_u64().unwrap() >= 120_000,
+        "{failure:?}"
+    );
+    // Not asked again within the poll, nor by a restart.
+    assert_eq!(recorder.hits("/later").len(), 1);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_reload_to_a_host_that_does_not_resolve_is_rejected_and_the_old_worker_keeps_polling() {
     let db = TestDb::new().await;
     let recorder = Arc::new(Recorder::default());
