@@ -451,7 +451,11 @@ pub async fn apply_transitions(
                     ORDER BY s.datasource_id FOR UPDATE OF s
                  ), changed AS (
                     UPDATE datasource_state s SET
-                        worker_status = coalesce(u.status, s.worker_status),
+                        -- A new epoch with no status of its own (a claim) ends what the last
+                        -- owner's worker claimed: the new owner's worker has yet to work.
+                        worker_status = coalesce(u.status, CASE
+                            WHEN u.epoch <> s.lease_epoch AND s.worker_status IN ('running', 'stalled')
+                            THEN 'starting' ELSE s.worker_status END),
                         running_version = coalesce(u.version, s.running_version),
                         error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
                         error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
