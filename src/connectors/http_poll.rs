@@ -17,6 +17,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::secrets::{redact_url, redact_urls};
+
 use super::{
     BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext, VERSION_KEYS,
     optional_number,
@@ -383,9 +385,14 @@ async fn fetch(
     if let Some(etag) = state.get("etag").and_then(Value::as_str) {
         request = request.header(reqwest::header::IF_NONE_MATCH, etag);
     }
-    // Connection failures and timeouts may pass; the URL is named, never the token.
+    // Connection failures and timeouts may pass. The URL is named with its credentials
+    // (userinfo, token parameters) masked; the bearer token is never named.
     let response = request.send().await.map_err(|e| {
-        Fetch::Retryable(format!("GET {} failed: {}", settings.url, without_url(&e)))
+        Fetch::Retryable(format!(
+            "GET {} failed: {}",
+            redact_url(&settings.url),
+            without_url(&e)
+        ))
     })?;
     let status = response.status();
     if status == reqwest::StatusCode::NOT_MODIFIED {
@@ -394,13 +401,13 @@ async fn fetch(
     if status.is_server_error() || status == reqwest::StatusCode::TOO_MANY_REQUESTS {
         return Err(Fetch::Retryable(format!(
             "GET {} answered {status}",
-            settings.url
+            redact_url(&settings.url)
         )));
     }
     if !status.is_success() {
         return Err(Fetch::Fatal(format!(
             "GET {} answered {status}",
-            settings.url
+            redact_url(&settings.url)
         )));
     }
     let etag = response
@@ -441,13 +448,14 @@ async fn fetch(
     Ok(Some((etag, super::records_in(found))))
 }
 
-/// A reqwest error's text without its URL (which may carry credentials in its query).
+/// A reqwest error's text without its URL (named once, redacted, by the caller); any other
+/// URL in it (a redirect's target) is redacted.
 fn without_url(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     if let Some(url) = e.url() {
         text = text.replace(url.as_str(), "<url>");
     }
-    text
+    redact_urls(&text).into_owned()
 }
 
 #[cfg(test)]

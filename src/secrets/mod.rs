@@ -25,6 +25,7 @@
 pub mod cipher;
 pub mod keys;
 mod plaintext;
+pub mod redact;
 mod service;
 
 use std::path::PathBuf;
@@ -33,6 +34,7 @@ use uuid::Uuid;
 
 pub use keys::{EnvKeyProvider, FileKeyProvider, KeyProvider, MasterKey};
 pub use plaintext::SecretString;
+pub use redact::{redact_url, redact_urls};
 pub use service::{KeyStatus, RewrapFailure, RewrapReport, Secrets};
 
 /// What operators see of a secret (re-exported from the repository): never its value.

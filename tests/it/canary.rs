@@ -22,6 +22,12 @@ const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// A source that answers every request 401 and keeps what it was sent.
 async fn refusing_source() -> (String, Arc<Mutex<String>>) {
+    answering_source("401 Unauthorized").await
+}
+
+/// A source that answers every request with `status` (`"503 Service Unavailable"`) and an
+/// empty body, and keeps what it was sent.
+pub(crate) async fn answering_source(status: &'static str) -> (String, Arc<Mutex<String>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
@@ -35,9 +41,9 @@ async fn refusing_source() -> (String, Arc<Mutex<String>>) {
                 kept.lock()
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
-                let _ = socket
-                    .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
+                let answer =
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = socket.write_all(answer.as_bytes()).await;
             });
         }
     });
