@@ -79,6 +79,7 @@ impl TestArgs {
             config_json: config_json.unwrap_or_default(),
             samples_json,
             fetch_sample: self.fetch_sample,
+            test_secrets: Default::default(),
         };
         let client = self.client.connect().await?;
         let report = match self.timeout {

@@ -207,6 +207,11 @@ impl Connector for HttpPoll {
         parse(config).map(|_| ())
     }
 
+    fn destinations(&self, config: &Value) -> Result<Vec<super::Destination>, ConfigError> {
+        let settings = parse(config)?;
+        Ok(vec![super::Destination::of_url("url", &settings.url)?])
+    }
+
     fn required_secrets(&self, config: &Value) -> Vec<String> {
         parse(config)
             .ok()
@@ -240,12 +245,21 @@ impl Connector for HttpPoll {
         secrets: &super::SecretMap,
     ) -> BoxFuture<Result<Value, Error>> {
         let parsed = parse(config);
-        let bearer = parsed
-            .as_ref()
-            .ok()
-            .and_then(|s| s.bearer_secret.as_ref())
-            .and_then(|name| secrets.get(name))
-            .map(|s| s.expose().to_owned());
+        // A credential the config names and the run does not have is an error, never an
+        // unauthenticated fetch.
+        let bearer = match parsed.as_ref().ok().and_then(|s| s.bearer_secret.as_ref()) {
+            Some(name) => match secrets.get(name) {
+                Some(value) => Some(value.expose().to_owned()),
+                None => {
+                    let missing = Error::Config(ConfigError::new(
+                        "bearer_secret",
+                        format!("secret {name:?} is not available to this run"),
+                    ));
+                    return Box::pin(async move { Err(missing) });
+                }
+            },
+            None => None,
+        };
         Box::pin(async move {
             let mut settings = parsed?;
             // One real document, as it is: no cursor, no ETag, no record path.

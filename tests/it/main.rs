@@ -5,6 +5,7 @@ mod cli;
 mod cluster;
 mod connectors;
 mod deploy;
+mod exfiltration;
 mod files;
 mod grpc;
 mod helpers;
