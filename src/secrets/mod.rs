@@ -23,6 +23,7 @@
 //! Nothing here runs in the background; every operation ends when its future completes.
 
 pub mod cipher;
+pub mod integrity;
 pub mod keys;
 mod plaintext;
 pub mod redact;
@@ -60,6 +61,20 @@ pub enum Error {
          {key_version} (tampered, copied from another row, or a wrong key)"
     )]
     Decrypt {
+        /// The datasource.
+        datasource: Uuid,
+        /// The secret's name.
+        name: String,
+        /// The key version the row records, as stored (a corrupt row may record a
+        /// version no key can have, such as -1).
+        key_version: i64,
+    },
+    /// A row is sealed under a master key version the provider does not have.
+    #[error(
+        "secret {name:?} of datasource {datasource} is sealed under master key version \
+         {key_version}, which is not loaded: add it to DSREG_MASTER_KEYS or the key file"
+    )]
+    RowKeyNotLoaded {
         /// The datasource.
         datasource: Uuid,
         /// The secret's name.
