@@ -155,6 +155,9 @@ impl App {
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        if let Some(secrets) = &secrets {
+            check_keys(secrets, &pool, settings.skip_key_check).await?;
+        }
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -393,6 +396,33 @@ pub fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets
         return Ok(None);
     };
     Ok(Some(Arc::new(Secrets::new(provider))))
+}
+
+/// The start-up key check: every key version some row uses is loaded and opens a sample row
+/// of its own. Fails closed (naming the version, datasource and secret, never a key) unless
+/// `skip` says to start anyway, which is logged.
+///
+/// # Errors
+/// A key that does not open its rows, or a database failure.
+pub async fn check_keys(secrets: &Secrets, pool: &Pool, skip: bool) -> anyhow::Result<()> {
+    let client = pool
+        .get()
+        .await
+        .context("connecting to check the master keys")?;
+    match secrets.check(&**client).await {
+        Ok(()) => Ok(()),
+        Err(e) if skip => {
+            tracing::warn!(error = %e, "the master keys do not open the stored secrets; starting anyway (--skip-key-check): the datasources whose secrets do not open will fail");
+            Ok(())
+        }
+        Err(e @ crate::secrets::Error::Db(_)) => {
+            Err(anyhow::Error::new(e).context("checking the master keys"))
+        }
+        Err(e) => anyhow::bail!(
+            "the master keys do not open the stored secrets: {e}. Fix DSREG_MASTER_KEYS or the \
+             key file, or start anyway with --skip-key-check (DSREG_SKIP_KEY_CHECK=true)"
+        ),
+    }
 }
 
 /// The gRPC authenticator for `settings`: the configured keys; with none, the embedded

@@ -65,6 +65,13 @@ pub struct Settings {
     #[arg(long, env = "DSREG_ACTIVE_KEY_VERSION")]
     pub active_key_version: Option<u32>,
 
+    /// Start even when the master keys do not open a sample of the stored secrets (a
+    /// version some rows use is missing, or a key of the right version is wrong): the
+    /// datasources whose secrets do not open fail until the keys are fixed. By default
+    /// `serve` refuses to start then.
+    #[arg(long, env = "DSREG_SKIP_KEY_CHECK")]
+    pub skip_key_check: bool,
+
     /// Where workers' records go: `postgres` (the registry's database) or `http`.
     #[arg(long, env = "DSREG_SINK", default_value = "postgres", value_parser = ["postgres", "http"])]
     pub sink: String,

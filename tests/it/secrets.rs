@@ -668,15 +668,16 @@ async fn a_worker_meeting_a_tampered_secret_is_refused_and_the_failure_audited()
     let master_keys = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
     let ds = db.datasource_of("api", "http_poll").await.id;
     crate::helpers::put_secret(&db, master_keys, ds, "token", &canary("worker")).await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.master_keys = Some(master_keys.into());
+    // Started before the row is tampered with: the start-up check would refuse it after.
+    let app = crate::helpers::TestApp::spawn_with(settings, |_| {}).await;
     sql(
         &db,
         "UPDATE datasource_secrets SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 1)",
         &[],
     )
     .await;
-    let mut settings = crate::helpers::test_settings(&db.url);
-    settings.master_keys = Some(master_keys.into());
-    let app = crate::helpers::TestApp::spawn_with(settings, |_| {}).await;
     let v = db
         .version(
             ds,
@@ -710,4 +711,97 @@ async fn a_worker_meeting_a_tampered_secret_is_refused_and_the_failure_audited()
     assert_eq!(audits[0].2, "decrypt_failed");
     assert_eq!(audits[0].3["secret"], "token");
     app.stop().await.unwrap();
+}
+
+/// `dsreg serve` on `db` with `master_keys` (and `extra` environment), run until it exits
+/// or serves; returns its exit status (`None`: it served) and what it wrote.
+async fn serve_with_keys(
+    db: &TestDb,
+    master_keys: &str,
+    extra: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String) {
+    use tokio::io::AsyncReadExt;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"));
+    command
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--insecure-no-auth",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("DSREG_MASTER_KEYS", master_keys)
+        .env("DSREG_LOG", "info")
+        .env_remove("DSREG_SKIP_KEY_CHECK")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut text = Vec::new();
+    // Read until it exits (EOF) or says it serves.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stderr.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return false;
+            }
+            text.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&text).contains("dsreg serving") {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("dsreg serve exits or serves within 60 s");
+    let status = if served {
+        child.kill().await.unwrap();
+        None
+    } else {
+        Some(child.wait().await.unwrap())
+    };
+    let mut out = String::new();
+    let _ = stdout.read_to_string(&mut out).await;
+    (status, format!("{}{out}", String::from_utf8_lossy(&text)))
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_with_a_wrong_key_of_the_right_version() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("orders").await.id;
+    let right = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let wrong_key = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";
+    let wrong = format!("1:{wrong_key}");
+    crate::helpers::put_secret(&db, right, ds, "password", &canary("startup")).await;
+
+    let (status, output) = serve_with_keys(&db, &wrong, &[]).await;
+    let status = status.expect("serve exits instead of serving");
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("the master keys do not open the stored secrets")
+            && output.contains(&ds.to_string())
+            && output.contains("\"password\"")
+            && output.contains("--skip-key-check"),
+        "the refusal says which row and what to do: {output}"
+    );
+    assert!(
+        !output.contains(wrong_key) && !output.contains(&right[2..]),
+        "a key was printed: {output}"
+    );
+
+    // Told to start anyway, it starts and warns.
+    let (status, output) = serve_with_keys(&db, &wrong, &[("DSREG_SKIP_KEY_CHECK", "true")]).await;
+    assert!(status.is_none(), "serves with the flag: {output}");
+    assert!(output.contains("starting anyway"), "{output}");
+
+    // With the right key it starts.
+    let (status, output) = serve_with_keys(&db, right, &[]).await;
+    assert!(status.is_none(), "serves with the right key: {output}");
 }
