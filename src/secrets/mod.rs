@@ -25,6 +25,7 @@
 pub mod cipher;
 pub mod integrity;
 pub mod keys;
+pub mod kms;
 mod plaintext;
 pub mod redact;
 mod service;
@@ -34,6 +35,7 @@ use std::path::PathBuf;
 use uuid::Uuid;
 
 pub use keys::{EnvKeyProvider, FileKeyProvider, KeyProvider, MasterKey};
+pub use kms::{ExecKeyProvider, VaultKeyProvider, VaultSettings};
 pub use plaintext::SecretString;
 pub use redact::{redact_url, redact_urls};
 pub use service::{KeyStatus, RewrapFailure, RewrapReport, Secrets};
@@ -88,6 +90,15 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// An external key source (a key command, Vault) failed or gave unusable keys; names the
+    /// source and the version, never key material.
+    #[error("master keys from {origin}: {reason}")]
+    KeySource {
+        /// The command, or Vault's address.
+        origin: String,
+        /// What went wrong.
         reason: String,
     },
     /// A malformed master key list (`DSREG_MASTER_KEYS`); names the entry, never its key.

@@ -9,6 +9,7 @@ mod exfiltration;
 mod files;
 mod grpc;
 mod helpers;
+mod kms;
 mod launcher;
 mod metrics;
 mod migrations;
