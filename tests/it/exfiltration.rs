@@ -24,7 +24,7 @@ const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// A server that answers every request 200 with a JSON body echoing its `authorization`
 /// header (as an attacker's would) and keeps every request it was sent.
-async fn recorder() -> (u16, Arc<Mutex<String>>) {
+pub(crate) async fn recorder() -> (u16, Arc<Mutex<String>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let seen = Arc::new(Mutex::new(String::new()));
