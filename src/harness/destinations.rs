@@ -112,6 +112,40 @@ mod tests {
         assert!(matches!(refused, Refusal::Unsaved { .. }));
     }
 
+    proptest::proptest! {
+        /// Whatever the paths, queries and userinfo: the saved scheme, host and port are
+        /// allowed, and a change of any one of them is refused.
+        #[test]
+        fn only_the_saved_scheme_host_and_port_are_allowed(
+            https in proptest::bool::ANY,
+            host in "[a-z]{1,10}(\\.[a-z]{2,4}){0,2}",
+            port in 1u16..,
+            saved_path in "(/[a-z0-9]{0,6}){0,3}",
+            path in "(/[a-z0-9]{0,6}){0,3}",
+            query in "(\\?[a-z]{1,4}=[a-z0-9]{0,4})?",
+            user in "([a-z]{1,5}@)?",
+            other_host in "[a-z]{1,10}",
+            other_port in 1u16..,
+        ) {
+            let scheme = if https { "https" } else { "http" };
+            let saved = [config(&format!("{scheme}://{host}:{port}{saved_path}"))];
+            let same = format!("{scheme}://{user}{host}:{port}{path}{query}");
+            proptest::prop_assert!(check(&HttpPoll::new(), &config(&same), &saved).is_ok(), "{}", same);
+            let other_scheme = if https { "http" } else { "https" };
+            let mut changed = vec![format!("{other_scheme}://{host}:{port}{path}")];
+            if other_host != host {
+                changed.push(format!("{scheme}://{other_host}:{port}{path}"));
+            }
+            if other_port != port {
+                changed.push(format!("{scheme}://{host}:{other_port}{path}"));
+            }
+            for url in changed {
+                let refused = check(&HttpPoll::new(), &config(&url), &saved);
+                proptest::prop_assert!(matches!(refused, Err(Refusal::Unsaved { .. })), "{}", url);
+            }
+        }
+    }
+
     #[test]
     fn a_config_the_kind_refuses_is_a_config_error() {
         let refused = check(&HttpPoll::new(), &json!({"url": 5}), []).unwrap_err();
