@@ -3,7 +3,8 @@
 //! of their choosing; the registry refuses with PERMISSION_DENIED naming the rule, audits the
 //! refusal, and that server receives nothing. The same host and port as a saved version, on
 //! another path, is accepted. Test credentials passed in the request may go anywhere and the
-//! stored secret is then not sent. With no master key, a fetch that needs a stored secret is
+//! stored secret is then not sent. A saved source redirecting elsewhere does not carry the
+//! secret along. With no master key, a fetch that needs a stored secret is
 //! refused instead of going out without it.
 
 use std::sync::{Arc, Mutex};
@@ -308,5 +309,77 @@ async fn with_no_master_key_a_fetch_needing_a_secret_is_refused_not_sent_without
         refused.message()
     );
     assert!(seen.lock().unwrap().is_empty(), "nothing was fetched");
+    app.stop().await.unwrap();
+}
+
+/// A server that answers every request with a redirect to `target` and keeps what it was sent.
+async fn redirecting_to(target: String) -> (u16, Arc<Mutex<String>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let kept = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let kept = kept.clone();
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0; 8192];
+                let n = socket.read(&mut buf).await.unwrap_or(0);
+                kept.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+                let answer = format!(
+                    "HTTP/1.1 302 Found\r\nLocation: {target}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    (port, seen)
+}
+
+#[tokio::test]
+async fn a_saved_source_redirecting_elsewhere_does_not_carry_the_secret_along() {
+    let db = TestDb::new().await;
+    let (app, channel, _dir) = serve(&db, Some(MASTER_KEYS)).await;
+    let (attacker_port, attacker_seen) = recorder().await;
+    let (source_port, source_seen) =
+        redirecting_to(format!("http://127.0.0.1:{attacker_port}/collect")).await;
+    let stored = format!("stored-{}", uuid::Uuid::new_v4().simple());
+    let ds = db.datasource_of("api", "http_poll").await;
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds.id, "token", &stored).await;
+    let version = db
+        .version(
+            ds.id,
+            serde_json::json!({ "url": format!("http://127.0.0.1:{source_port}/"), "bearer_secret": "token" }),
+        )
+        .await;
+    let report = harness(&channel, "datasource:operator")
+        .run_test(pb::RunTestRequest {
+            datasource_id: ds.id.to_string(),
+            version,
+            fetch_sample: true,
+            ..Default::default()
+        })
+        .await
+        .expect("the redirect is followed")
+        .into_inner();
+    assert!(
+        source_seen
+            .lock()
+            .unwrap()
+            .contains(&format!("Bearer {stored}")),
+        "the saved source received the secret"
+    );
+    let attacker = attacker_seen.lock().unwrap().clone();
+    assert!(
+        attacker.contains("GET /collect"),
+        "the redirect was followed"
+    );
+    assert!(
+        !attacker.contains(&stored),
+        "the redirect target received the secret"
+    );
+    assert!(!format!("{report:?}").contains(&stored));
     app.stop().await.unwrap();
 }
