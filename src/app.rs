@@ -27,7 +27,10 @@ use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
 use crate::files::{WatchConfig, Watcher};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
-use crate::secrets::{EnvKeyProvider, FileKeyProvider, KeyProvider, Secrets};
+use crate::secrets::{
+    EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
+    VaultKeyProvider, VaultSettings, kms,
+};
 use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
@@ -151,10 +154,13 @@ impl App {
     /// # Errors
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
-        let secrets = secrets_service(settings)?;
+        let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        if let Some(secrets) = &secrets {
+            check_keys(secrets, &pool, settings.skip_key_check).await?;
+        }
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -370,16 +376,35 @@ impl App {
     }
 }
 
-/// The secrets service for `settings`: keys from `--master-keys`, from `--master-key-file`,
-/// or (embedded default only) from a development key file created on first run.
+/// The secrets service for `settings`: keys from `--master-keys`, `--master-key-file`, a key
+/// command (`--master-key-command`) or Vault (`--vault-addr`), one of them; or (embedded
+/// default only) from a development key file created on first run.
 ///
 /// # Errors
-/// The keys are malformed or the key file is unreadable or too open.
-pub fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets>>> {
+/// More than one key source; malformed keys; an unreadable or too open key file; a key
+/// command or Vault that fails at start.
+pub async fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets>>> {
+    let sources = [
+        settings.master_keys.is_some(),
+        settings.master_key_file.is_some(),
+        settings.master_key_command.is_some(),
+        settings.vault_addr.is_some(),
+    ];
+    if sources.iter().filter(|s| **s).count() > 1 {
+        anyhow::bail!(
+            "give one master key source: DSREG_MASTER_KEYS, --master-key-file, \
+             --master-key-command or --vault-addr"
+        );
+    }
     let provider: Arc<dyn KeyProvider> = if let Some(keys) = &settings.master_keys {
         Arc::new(EnvKeyProvider::parse(keys, settings.active_key_version)?)
     } else if let Some(path) = &settings.master_key_file {
         Arc::new(FileKeyProvider::load(path)?)
+    } else if let Some(command) = &settings.master_key_command {
+        let argv: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
+        Arc::new(ExecKeyProvider::load(&argv, kms::DEFAULT_TIMEOUT).await?)
+    } else if let Some(addr) = &settings.vault_addr {
+        Arc::new(VaultKeyProvider::load(&vault_settings(settings, addr)?).await?)
     } else if settings.database_url.is_none() {
         let path = settings.dev_key_file();
         if FileKeyProvider::create_dev(&path)? {
@@ -391,11 +416,61 @@ pub fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<Secrets
         Arc::new(FileKeyProvider::load(&path)?)
     } else {
         tracing::warn!(
-            "no master key configured (DSREG_MASTER_KEYS or --master-key-file): secrets cannot be stored or opened"
+            "no master key configured (DSREG_MASTER_KEYS, --master-key-file, --master-key-command or --vault-addr): secrets cannot be stored or opened"
         );
         return Ok(None);
     };
     Ok(Some(Arc::new(Secrets::new(provider))))
+}
+
+fn vault_settings(settings: &Settings, addr: &str) -> anyhow::Result<VaultSettings> {
+    let token_file = settings
+        .vault_token_file
+        .as_ref()
+        .context("--vault-addr needs --vault-token-file (DSREG_VAULT_TOKEN_FILE)")?;
+    let wrapped_keys = settings
+        .vault_wrapped_keys
+        .clone()
+        .context("--vault-addr needs --vault-wrapped-keys (DSREG_VAULT_WRAPPED_KEYS)")?;
+    let token = zeroize::Zeroizing::new(
+        std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading the Vault token file {}", token_file.display()))?,
+    );
+    Ok(VaultSettings {
+        addr: addr.to_owned(),
+        token: SecretString::new(token.trim().to_owned())?,
+        mount: settings.vault_transit_mount.clone(),
+        key_name: settings.vault_transit_key.clone(),
+        wrapped_keys,
+        timeout: kms::DEFAULT_TIMEOUT,
+    })
+}
+
+/// The start-up key check: every key version some row uses is loaded and opens a sample row
+/// of its own. Fails closed (naming the version, datasource and secret, never a key) unless
+/// `skip` says to start anyway, which is logged.
+///
+/// # Errors
+/// A key that does not open its rows, or a database failure.
+pub async fn check_keys(secrets: &Secrets, pool: &Pool, skip: bool) -> anyhow::Result<()> {
+    let client = pool
+        .get()
+        .await
+        .context("connecting to check the master keys")?;
+    match secrets.check(&**client).await {
+        Ok(()) => Ok(()),
+        Err(e) if skip => {
+            tracing::warn!(error = %e, "the master keys do not open the stored secrets; starting anyway (--skip-key-check): the datasources whose secrets do not open will fail");
+            Ok(())
+        }
+        Err(e @ crate::secrets::Error::Db(_)) => {
+            Err(anyhow::Error::new(e).context("checking the master keys"))
+        }
+        Err(e) => anyhow::bail!(
+            "the master keys do not open the stored secrets: {e}. Fix DSREG_MASTER_KEYS or the \
+             key file, or start anyway with --skip-key-check (DSREG_SKIP_KEY_CHECK=true)"
+        ),
+    }
 }
 
 /// The gRPC authenticator for `settings`: the configured keys; with none, the embedded

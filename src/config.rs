@@ -57,6 +57,34 @@ pub struct Settings {
     #[arg(long, env = "DSREG_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
 
+    /// A command that prints the master key set (`{"active": 2, "keys": {"1": "<base64>"}}`)
+    /// on stdout, run once at start without a shell (the program and its arguments, split at
+    /// spaces): any KMS CLI plugs in this way.
+    #[arg(long, env = "DSREG_MASTER_KEY_COMMAND")]
+    pub master_key_command: Option<String>,
+
+    /// Vault's address, to unwrap master keys kept wrapped by its transit engine (with
+    /// `--vault-wrapped-keys` and `--vault-token-file`); once, at start.
+    #[arg(long, env = "DSREG_VAULT_ADDR")]
+    pub vault_addr: Option<String>,
+
+    /// A file holding the Vault token (mode 0600, as a Vault agent's token sink writes it).
+    #[arg(long, env = "DSREG_VAULT_TOKEN_FILE")]
+    pub vault_token_file: Option<PathBuf>,
+
+    /// The mount of Vault's transit engine.
+    #[arg(long, env = "DSREG_VAULT_TRANSIT_MOUNT", default_value = "transit")]
+    pub vault_transit_mount: String,
+
+    /// The transit key that wrapped the master keys.
+    #[arg(long, env = "DSREG_VAULT_TRANSIT_KEY", default_value = "dsreg")]
+    pub vault_transit_key: String,
+
+    /// The wrapped key set: `{"active": 2, "keys": {"1": "vault:v1:…"}}`, each entry a transit
+    /// ciphertext of a base64 32-byte key.
+    #[arg(long, env = "DSREG_VAULT_WRAPPED_KEYS")]
+    pub vault_wrapped_keys: Option<PathBuf>,
+
     /// How gRPC callers authenticate.
     #[command(flatten)]
     pub auth: crate::api::grpc::auth::AuthSettings,
@@ -64,6 +92,13 @@ pub struct Settings {
     /// The master key version new secrets are sealed with (with `--master-keys`).
     #[arg(long, env = "DSREG_ACTIVE_KEY_VERSION")]
     pub active_key_version: Option<u32>,
+
+    /// Start even when the master keys do not open a sample of the stored secrets (a
+    /// version some rows use is missing, or a key of the right version is wrong): the
+    /// datasources whose secrets do not open fail until the keys are fixed. By default
+    /// `serve` refuses to start then.
+    #[arg(long, env = "DSREG_SKIP_KEY_CHECK")]
+    pub skip_key_check: bool,
 
     /// Where workers' records go: `postgres` (the registry's database) or `http`.
     #[arg(long, env = "DSREG_SINK", default_value = "postgres", value_parser = ["postgres", "http"])]

@@ -13,6 +13,21 @@ use super::error::usage;
 use super::input::{STDIN, parse_duration, read_config, read_sample};
 use super::table::{self, Table};
 
+/// Reads one `--test-secret NAME=PATH`.
+fn read_test_secret(arg: &str) -> anyhow::Result<(String, String)> {
+    let Some((name, path)) = arg.split_once('=') else {
+        return Err(usage(format!(
+            "--test-secret {arg:?}: give NAME=PATH (the value is read from the file)"
+        )));
+    };
+    let mut value = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("--test-secret {name}: reading {path}: {e}"))?;
+    if value.ends_with('\n') {
+        value.pop();
+    }
+    Ok((name.to_owned(), value))
+}
+
 /// The most samples one run takes.
 pub const MAX_SAMPLES: usize = 64;
 
@@ -36,6 +51,16 @@ pub struct TestArgs {
     /// With no samples, let a pull kind fetch one real sample from its source.
     #[arg(long, conflicts_with = "sample_files")]
     fetch_sample: bool,
+    /// A credential for the fetch instead of the stored secrets, as `NAME=PATH`: the value
+    /// is read from the file byte for byte (one trailing newline stripped), never given on
+    /// the command line. Stored secrets only go to destinations of a saved version; test
+    /// credentials may go anywhere. Repeat for several.
+    #[arg(
+        long = "test-secret",
+        value_name = "NAME=PATH",
+        requires = "fetch_sample"
+    )]
+    test_secrets: Vec<String>,
     /// The run's deadline, sent as the call's deadline (default: the server's own, 2 s; the
     /// server allows at most 30 s).
     #[arg(long, value_parser = parse_duration)]
@@ -73,12 +98,18 @@ impl TestArgs {
             .iter()
             .map(|path| read_sample(path))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let test_secrets = self
+            .test_secrets
+            .iter()
+            .map(|arg| read_test_secret(arg))
+            .collect::<anyhow::Result<_>>()?;
         let request = pb::RunTestRequest {
             datasource_id: self.datasource_id,
             version: self.version.unwrap_or(0),
             config_json: config_json.unwrap_or_default(),
             samples_json,
             fetch_sample: self.fetch_sample,
+            test_secrets,
         };
         let client = self.client.connect().await?;
         let report = match self.timeout {

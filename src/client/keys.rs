@@ -85,7 +85,7 @@ impl KeysArgs {
                 output,
             } => {
                 settings.check().map_err(anyhow::Error::msg)?;
-                let secrets = secrets(&settings)?;
+                let secrets = secrets(&settings).await?;
                 let batch_size = usize::try_from(batch_size).unwrap_or(usize::MAX);
                 let pool_wait = settings.pool_wait();
                 with_database(&settings, |url| async move {
@@ -98,7 +98,7 @@ impl KeysArgs {
             }
             KeysCommand::Status { settings, output } => {
                 settings.check().map_err(anyhow::Error::msg)?;
-                let secrets = secrets(&settings)?;
+                let secrets = secrets(&settings).await?;
                 with_database(&settings, |url| async move {
                     let client = db::connect(&url).await?;
                     let statuses = secrets.status(&client).await.context(
@@ -112,8 +112,8 @@ impl KeysArgs {
     }
 }
 
-fn secrets(settings: &Settings) -> anyhow::Result<Arc<Secrets>> {
-    app::secrets_service(settings)?.ok_or_else(|| {
+async fn secrets(settings: &Settings) -> anyhow::Result<Arc<Secrets>> {
+    app::secrets_service(settings).await?.ok_or_else(|| {
         anyhow::anyhow!(
             "no master key configured: set {MASTER_KEYS_ENV} or --master-key-file \
              (DSREG_MASTER_KEY_FILE)"

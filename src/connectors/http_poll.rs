@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
+use crate::secrets::{redact_url, redact_urls};
+
 use super::{
     BoxFuture, ConfigError, Connector, Error, KindInfo, LeaseCheck, Mode, RunContext, VERSION_KEYS,
     optional_number,
@@ -215,6 +217,11 @@ impl Connector for HttpPoll {
         parse(config).map(|_| ())
     }
 
+    fn destinations(&self, config: &Value) -> Result<Vec<super::Destination>, ConfigError> {
+        let settings = parse(config)?;
+        Ok(vec![super::Destination::of_url("url", &settings.url)?])
+    }
+
     fn required_secrets(&self, config: &Value) -> Vec<String> {
         parse(config)
             .ok()
@@ -248,12 +255,21 @@ impl Connector for HttpPoll {
         secrets: &super::SecretMap,
     ) -> BoxFuture<Result<Value, Error>> {
         let parsed = parse(config);
-        let bearer = parsed
-            .as_ref()
-            .ok()
-            .and_then(|s| s.bearer_secret.as_ref())
-            .and_then(|name| secrets.get(name))
-            .map(|s| s.expose().to_owned());
+        // A credential the config names and the run does not have is an error, never an
+        // unauthenticated fetch.
+        let bearer = match parsed.as_ref().ok().and_then(|s| s.bearer_secret.as_ref()) {
+            Some(name) => match secrets.get(name) {
+                Some(value) => Some(value.expose().to_owned()),
+                None => {
+                    let missing = Error::Config(ConfigError::new(
+                        "bearer_secret",
+                        format!("secret {name:?} is not available to this run"),
+                    ));
+                    return Box::pin(async move { Err(missing) });
+                }
+            },
+            None => None,
+        };
         Box::pin(async move {
             let mut settings = parsed?;
             // One real document, as it is: no cursor, no ETag, no record path.
@@ -550,10 +566,15 @@ async fn fetch(
     if let Some(etag) = state.get("etag").and_then(Value::as_str) {
         request = request.header(reqwest::header::IF_NONE_MATCH, etag);
     }
-    // Connection failures and timeouts may pass, a certificate that does not verify will not;
-    // the URL is named, never the token.
+    // Connection failures and timeouts may pass, a certificate that does not verify will not.
+    // The URL is named with its credentials (userinfo, token parameters) masked; the bearer
+    // token is never named.
     let response = request.send().await.map_err(|e| {
-        let reason = format!("GET {} failed: {}", settings.url, without_url(&e));
+        let reason = format!(
+            "GET {} failed: {}",
+            redact_url(&settings.url),
+            without_url(&e)
+        );
         if is_certificate_error(&e) {
             Fetch::Refused(reason)
         } else {
@@ -564,7 +585,7 @@ async fn fetch(
     if status == reqwest::StatusCode::NOT_MODIFIED {
         return Ok(Polled::NotModified);
     }
-    let answered = || format!("GET {} answered {status}", settings.url);
+    let answered = || format!("GET {} answered {status}", redact_url(&settings.url));
     if matches!(
         status,
         reqwest::StatusCode::TOO_MANY_REQUESTS | reqwest::StatusCode::SERVICE_UNAVAILABLE
@@ -589,10 +610,7 @@ async fn fetch(
         return Err(Fetch::Refused(answered()));
     }
     if !status.is_success() {
-        return Err(Fetch::Fatal(format!(
-            "GET {} answered {status}",
-            settings.url
-        )));
+        return Err(Fetch::Fatal(answered()));
     }
     let etag = response
         .headers()
@@ -632,13 +650,14 @@ async fn fetch(
     Ok(Polled::Records(etag, super::records_in(found)))
 }
 
-/// A reqwest error's text without its URL (which may carry credentials in its query).
+/// A reqwest error's text without its URL (named once, redacted, by the caller); any other
+/// URL in it (a redirect's target) is redacted.
 fn without_url(e: &reqwest::Error) -> String {
     let mut text = e.to_string();
     if let Some(url) = e.url() {
         text = text.replace(url.as_str(), "<url>");
     }
-    text
+    redact_urls(&text).into_owned()
 }
 
 #[cfg(test)]

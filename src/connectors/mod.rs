@@ -423,6 +423,49 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
         .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
 }
 
+/// Where a connector sends requests, and with them the datasource's credentials: the scheme,
+/// host and port of a URL (the path does not matter: a credential sent to a host can be
+/// used on every path of it).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Destination {
+    /// `http`, `https`, …
+    pub scheme: String,
+    /// The host, lower-cased (a name, an IPv4 address or a bracketed IPv6 one).
+    pub host: String,
+    /// The port, the scheme's default when the URL gives none.
+    pub port: u16,
+}
+
+impl Destination {
+    /// The destination of `url`.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] on `field` when `url` is not a URL with a host and a port.
+    pub fn of_url(field: &str, url: &str) -> Result<Self, ConfigError> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| ConfigError::new(field, format!("is not a URL: {e}")))?;
+        let host = parsed
+            .host()
+            .ok_or_else(|| ConfigError::new(field, "has no host"))?
+            .to_string()
+            .to_ascii_lowercase();
+        let port = parsed
+            .port_or_known_default()
+            .ok_or_else(|| ConfigError::new(field, "has no port and its scheme no default"))?;
+        Ok(Self {
+            scheme: parsed.scheme().to_owned(),
+            host,
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
 /// One kind of connector.
 pub trait Connector: Send + Sync + 'static {
     /// The kind's metadata.
@@ -441,6 +484,17 @@ pub trait Connector: Send + Sync + 'static {
             .iter()
             .map(|s| (*s).to_owned())
             .collect()
+    }
+
+    /// Every destination a run with this config may send requests (and credentials) to:
+    /// each URL the kind may call, the brokers it may connect to. None by default (kinds that
+    /// call nowhere). Stored secrets follow saved destinations: a config that is not saved
+    /// gets them only for destinations a saved version of its datasource has.
+    ///
+    /// # Errors
+    /// The config is refused by the kind.
+    fn destinations(&self, _config: &serde_json::Value) -> Result<Vec<Destination>, ConfigError> {
+        Ok(Vec::new())
     }
 
     /// The records the connector's logic finds in a sample payload, for the test harness:

@@ -5,6 +5,8 @@
 //! published version keeps running. Secrets are used only to fetch a real sample when asked
 //! (`http_poll`); the report holds records and script output, never secret values.
 
+pub mod destinations;
+
 use std::time::{Duration, Instant};
 
 use serde_json::Value;

@@ -168,7 +168,7 @@ pub fn open(
     let failed = || Error::Decrypt {
         datasource: binding.datasource,
         name: binding.name.to_owned(),
-        key_version: master.version(),
+        key_version: i64::from(master.version()),
     };
     let nonce: [u8; NONCE_BYTES] = nonce.try_into().map_err(|_| failed())?;
     let cipher = cipher_for(master, binding);
@@ -243,7 +243,7 @@ mod tests {
             } => {
                 assert_eq!(*datasource, b.datasource);
                 assert_eq!(name, b.name);
-                assert_eq!(*key_version, master.version());
+                assert_eq!(*key_version, i64::from(master.version()));
             }
             other => panic!("expected Decrypt, got {other:?}"),
         }

@@ -7,7 +7,8 @@
 //!
 //! # An external KMS or Vault
 //!
-//! Implement [`KeyProvider`] in an adapter (say `VaultKeyProvider`) and hand it to
+//! Two adapters exist in [`kms`](super::kms): a key command and Vault's transit engine.
+//! For another, implement [`KeyProvider`] in an adapter and hand it to
 //! [`Secrets::new`](super::Secrets::new) as `Arc<dyn KeyProvider>`; nothing else changes.
 //! The trait is synchronous and called per secret, so the adapter fetches (or unwraps, for a
 //! KMS that keeps keys wrapped) every version it serves at construction, async, with its own
@@ -118,14 +119,28 @@ pub trait KeyProvider: Send + Sync {
 
 /// A set of master keys with one active: what the built-in providers hold.
 #[derive(Clone)]
-struct KeyRing {
+pub(super) struct KeyRing {
     keys: BTreeMap<u32, MasterKey>,
     active: u32,
 }
 
+impl KeyProvider for KeyRing {
+    fn active_version(&self) -> u32 {
+        self.active
+    }
+
+    fn key(&self, version: u32) -> Result<MasterKey, Error> {
+        KeyRing::key(self, version)
+    }
+
+    fn versions(&self) -> Vec<u32> {
+        self.keys.keys().copied().collect()
+    }
+}
+
 impl KeyRing {
     /// Checks `active` (the highest when `None`) against `keys`.
-    fn new(keys: BTreeMap<u32, MasterKey>, active: Option<u32>) -> Result<Self, String> {
+    pub(super) fn new(keys: BTreeMap<u32, MasterKey>, active: Option<u32>) -> Result<Self, String> {
         let Some(&highest) = keys.keys().next_back() else {
             return Err("no keys".into());
         };
@@ -154,7 +169,7 @@ impl fmt::Debug for KeyRing {
 }
 
 /// Decodes one base64 key without leaving a decoded copy anywhere but the returned key.
-fn decode_key(version: u32, encoded: &str) -> Result<MasterKey, String> {
+pub(super) fn decode_key(version: u32, encoded: &str) -> Result<MasterKey, String> {
     // Room for any plausible mistake's length, so the error can say how long it was.
     let mut buf = Zeroizing::new([0u8; 256]);
     let len = STANDARD
@@ -382,30 +397,52 @@ fn read_ring(path: &Path) -> Result<KeyRing, Error> {
     let mut text = Zeroizing::new(String::new());
     std::io::Read::read_to_string(&mut file, &mut text)
         .map_err(|e| invalid(path, format!("{e}")))?;
-    // serde_json's messages quote at most a token; still, report only the position.
-    let parsed: KeyFileIn<'_> = serde_json::from_str(&text).map_err(|e| {
-        invalid(
-            path,
-            format!(
-                "not a key file ({{\"active\": N, \"keys\": {{\"N\": \"<base64>\"}}}}): \
-                 {:?} error at line {} column {}",
-                e.classify(),
-                e.line(),
-                e.column()
-            ),
-        )
-    })?;
+    let set = parse_key_set(&text).map_err(|reason| invalid(path, reason))?;
     let mut keys = BTreeMap::new();
-    for (version, encoded) in &parsed.keys {
-        let version: u32 = version
-            .parse()
-            .map_err(|_| invalid(path, format!("key version {version:?} is not a number")))?;
+    for (version, encoded) in &set.entries {
         keys.insert(
-            version,
-            decode_key(version, encoded).map_err(|reason| invalid(path, reason))?,
+            *version,
+            decode_key(*version, encoded).map_err(|reason| invalid(path, reason))?,
         );
     }
-    KeyRing::new(keys, Some(parsed.active)).map_err(|reason| invalid(path, reason))
+    KeyRing::new(keys, Some(set.active)).map_err(|reason| invalid(path, reason))
+}
+
+/// A key set as text: the active version and each version's entry as given (a base64 key,
+/// or a wrapped one for a KMS to open).
+pub(super) struct KeySet {
+    /// The active version.
+    pub active: u32,
+    /// (version, entry), ascending.
+    pub entries: Vec<(u32, Zeroizing<String>)>,
+}
+
+/// Parses the key set shape `{"active": 2, "keys": {"1": "…", "2": "…"}}` (key files, the
+/// output of a key command, Vault-wrapped key files). Errors name positions and versions,
+/// never an entry's text.
+pub(super) fn parse_key_set(text: &str) -> Result<KeySet, String> {
+    // serde_json's messages quote at most a token; still, report only the position.
+    let parsed: KeyFileIn<'_> = serde_json::from_str(text).map_err(|e| {
+        format!(
+            "not a key set ({{\"active\": N, \"keys\": {{\"N\": \"<base64>\"}}}}): \
+             {:?} error at line {} column {}",
+            e.classify(),
+            e.line(),
+            e.column()
+        )
+    })?;
+    let mut entries = Vec::with_capacity(parsed.keys.len());
+    for (version, entry) in &parsed.keys {
+        let version: u32 = version
+            .parse()
+            .map_err(|_| format!("key version {version:?} is not a number"))?;
+        entries.push((version, Zeroizing::new((*entry).to_owned())));
+    }
+    entries.sort_by_key(|(v, _)| *v);
+    Ok(KeySet {
+        active: parsed.active,
+        entries,
+    })
 }
 
 /// Writes `ring` to a new file next to `path` (mode 0600 from creation, synced); returns its
@@ -613,7 +650,7 @@ mod tests {
             FileKeyProvider::load(&path)
                 .unwrap_err()
                 .to_string()
-                .contains("not a key file")
+                .contains("not a key set")
         );
         write(&format!(
             "{{\"active\": 2, \"keys\": {{\"1\": \"{}\"}}}}",

@@ -23,8 +23,11 @@
 //! Nothing here runs in the background; every operation ends when its future completes.
 
 pub mod cipher;
+pub mod integrity;
 pub mod keys;
+pub mod kms;
 mod plaintext;
+pub mod redact;
 mod service;
 
 use std::path::PathBuf;
@@ -32,7 +35,9 @@ use std::path::PathBuf;
 use uuid::Uuid;
 
 pub use keys::{EnvKeyProvider, FileKeyProvider, KeyProvider, MasterKey};
+pub use kms::{ExecKeyProvider, VaultKeyProvider, VaultSettings};
 pub use plaintext::SecretString;
+pub use redact::{redact_url, redact_urls};
 pub use service::{KeyStatus, RewrapFailure, RewrapReport, Secrets};
 
 /// What operators see of a secret (re-exported from the repository): never its value.
@@ -62,6 +67,20 @@ pub enum Error {
         datasource: Uuid,
         /// The secret's name.
         name: String,
+        /// The key version the row records, as stored (a corrupt row may record a
+        /// version no key can have, such as -1).
+        key_version: i64,
+    },
+    /// A row is sealed under a master key version the provider does not have.
+    #[error(
+        "secret {name:?} of datasource {datasource} is sealed under master key version \
+         {key_version}, which is not loaded: add it to DSREG_MASTER_KEYS or the key file"
+    )]
+    RowKeyNotLoaded {
+        /// The datasource.
+        datasource: Uuid,
+        /// The secret's name.
+        name: String,
         /// The key version the row records.
         key_version: u32,
     },
@@ -71,6 +90,15 @@ pub enum Error {
         /// The file.
         path: PathBuf,
         /// What is wrong with it.
+        reason: String,
+    },
+    /// An external key source (a key command, Vault) failed or gave unusable keys; names the
+    /// source and the version, never key material.
+    #[error("master keys from {origin}: {reason}")]
+    KeySource {
+        /// The command, or Vault's address.
+        origin: String,
+        /// What went wrong.
         reason: String,
     },
     /// A malformed master key list (`DSREG_MASTER_KEYS`); names the entry, never its key.

@@ -12,6 +12,7 @@ use tokio_postgres::{GenericClient, Transaction};
 use uuid::Uuid;
 
 use super::cipher::{self, Binding};
+use super::integrity::{self, IntegrityAudit};
 use super::{Error, KeyProvider, MAX_SECRET_BYTES, SecretString, validate_name};
 use crate::db::repository::secrets::{
     self as repo, Resealed, SealedSecret, SecretMeta, TenantSealed,
@@ -25,6 +26,7 @@ pub const REWRAP_ACTOR: &str = "dsreg keys rewrap";
 #[derive(Clone)]
 pub struct Secrets {
     keys: Arc<dyn KeyProvider>,
+    integrity: Arc<IntegrityAudit>,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -63,7 +65,7 @@ pub struct RewrapFailure {
     pub datasource: Uuid,
     /// The secret's name.
     pub name: String,
-    /// Why ([`Error::Decrypt`] or [`Error::UnknownKeyVersion`]).
+    /// Why ([`Error::Decrypt`] or [`Error::RowKeyNotLoaded`]).
     pub error: Error,
 }
 
@@ -91,7 +93,18 @@ fn version_i32(v: u32) -> Result<i32, Error> {
 impl Secrets {
     /// Uses the keys of `keys`.
     pub fn new(keys: Arc<dyn KeyProvider>) -> Self {
-        Self { keys }
+        Self {
+            keys,
+            integrity: Arc::new(IntegrityAudit::new(integrity::DEFAULT_INTERVAL)),
+        }
+    }
+
+    /// Audits integrity failures at most once per datasource per `interval` (a minute by
+    /// default).
+    #[must_use]
+    pub fn with_integrity_audit_interval(mut self, interval: Duration) -> Self {
+        self.integrity = Arc::new(IntegrityAudit::new(interval));
+        self
     }
 
     /// The key provider.
@@ -187,11 +200,12 @@ impl Secrets {
     }
 
     /// Opens every secret of `datasource`, for the worker or test run that needs them. All or
-    /// nothing: the first row that does not open fails the call.
+    /// nothing: the first row that does not open fails the call, and is audited as an
+    /// integrity failure (see [`integrity`](super::integrity)).
     ///
     /// # Errors
-    /// [`Error::Decrypt`] naming the secret; [`Error::UnknownKeyVersion`] naming the version
-    /// a row needs; [`Error::Db`] (`DatasourceNotFound`, …).
+    /// [`Error::Decrypt`] naming the secret; [`Error::RowKeyNotLoaded`] naming the secret and
+    /// the version it needs; [`Error::Db`] (`DatasourceNotFound`, …).
     #[tracing::instrument(name = "secrets.open_all", skip_all, fields(datasource = %datasource))]
     pub async fn open_all(
         &self,
@@ -201,7 +215,7 @@ impl Secrets {
         let ds = datasources::get(client, datasource).await?;
         let mut out = BTreeMap::new();
         for row in repo::sealed(client, datasource).await? {
-            let value = self.open_row(
+            let opened = self.open_row(
                 &ds.org,
                 &ds.project,
                 datasource,
@@ -210,8 +224,14 @@ impl Secrets {
                 row.revision,
                 &row.nonce,
                 &row.ciphertext,
-            )?;
-            out.insert(row.name, value);
+            );
+            match opened {
+                Ok(value) => out.insert(row.name, value),
+                Err(e) => {
+                    self.integrity.record(client, &ds, &e).await;
+                    return Err(e);
+                }
+            };
         }
         Ok(out)
     }
@@ -232,9 +252,16 @@ impl Secrets {
         let version = version_u32(key_version).ok_or_else(|| Error::Decrypt {
             datasource,
             name: name.to_owned(),
-            key_version: key_version.unsigned_abs(),
+            key_version: i64::from(key_version),
         })?;
-        let key = self.keys.key(version)?;
+        let key = self.keys.key(version).map_err(|e| match e {
+            Error::UnknownKeyVersion(_) => Error::RowKeyNotLoaded {
+                datasource,
+                name: name.to_owned(),
+                key_version: version,
+            },
+            other => other,
+        })?;
         let binding = Binding {
             org,
             project,
@@ -426,6 +453,46 @@ mod tests {
                 key_version: 1
             }
             .is_retryable()
+        );
+    }
+
+    #[test]
+    fn a_row_with_a_negative_key_version_is_reported_as_it_is() {
+        let keys = crate::secrets::EnvKeyProvider::parse(
+            "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            None,
+        )
+        .unwrap();
+        let secrets = Secrets::new(Arc::new(keys));
+        let ds = Uuid::from_u128(7);
+        let err = secrets
+            .open_row("o", "p", ds, "token", -1, 1, &[0; 12], &[0; 32])
+            .unwrap_err();
+        assert!(
+            matches!(&err, Error::Decrypt { key_version: -1, name, datasource } if name == "token" && *datasource == ds),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("key version -1"), "{err}");
+    }
+
+    #[test]
+    fn a_row_under_a_version_not_loaded_names_the_datasource_and_secret() {
+        let keys = crate::secrets::EnvKeyProvider::parse(
+            "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            None,
+        )
+        .unwrap();
+        let secrets = Secrets::new(Arc::new(keys));
+        let ds = Uuid::from_u128(7);
+        let err = secrets
+            .open_row("o", "p", ds, "token", 4, 1, &[0; 12], &[0; 32])
+            .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.contains(&ds.to_string())
+                && message.contains("\"token\"")
+                && message.contains("version 4"),
+            "{message}"
         );
     }
 

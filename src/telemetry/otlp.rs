@@ -183,7 +183,12 @@ impl Exporter {
     /// The endpoint is not a usable URI.
     pub fn new(settings: &Settings) -> Result<Self, String> {
         let channel = Channel::from_shared(settings.endpoint.clone())
-            .map_err(|e| format!("the OTLP endpoint {:?}: {e}", settings.endpoint))?
+            .map_err(|e| {
+                format!(
+                    "the OTLP endpoint {:?}: {e}",
+                    crate::secrets::redact_url(&settings.endpoint)
+                )
+            })?
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout)
             .connect_lazy();

@@ -1,8 +1,10 @@
 //! The canary: a secret with a unique value is put over gRPC into a registry running as the
 //! real binary at the most verbose log level; its worker uses it against a source that refuses
-//! it, fails and retries; the harness fetches a sample with it; then every RPC's answer, every
-//! event, audit and state row and every captured log line is searched for the value. The
-//! source must have received it (so the secret really was used); nothing else may show it.
+//! it, fails and retries; the harness fetches a sample with it, is refused it for a config
+//! nobody saved that points elsewhere (that server receives nothing), and sends a test
+//! credential there instead; then every RPC's answer, every event, audit and state row and
+//! every captured log line is searched for both values. The source must have received the
+//! secret (so it really was used); nothing else may show either.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +24,12 @@ const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// A source that answers every request 401 and keeps what it was sent.
 async fn refusing_source() -> (String, Arc<Mutex<String>>) {
+    answering_source("401 Unauthorized").await
+}
+
+/// A source that answers every request with `status` (`"503 Service Unavailable"`) and an
+/// empty body, and keeps what it was sent.
+pub(crate) async fn answering_source(status: &'static str) -> (String, Arc<Mutex<String>>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen = Arc::new(Mutex::new(String::new()));
@@ -35,9 +43,9 @@ async fn refusing_source() -> (String, Arc<Mutex<String>>) {
                 kept.lock()
                     .unwrap()
                     .push_str(&String::from_utf8_lossy(&buf[..n]));
-                let _ = socket
-                    .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                    .await;
+                let answer =
+                    format!("HTTP/1.1 {status}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+                let _ = socket.write_all(answer.as_bytes()).await;
             });
         }
     });
@@ -48,6 +56,7 @@ async fn refusing_source() -> (String, Arc<Mutex<String>>) {
 async fn a_secret_value_appears_in_no_answer_row_or_log() {
     let db = TestDb::new().await;
     let canary = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    let test_canary = format!("test-canary-{}", uuid::Uuid::new_v4().simple());
     let (source, received) = refusing_source().await;
 
     let (otlp_endpoint, spans) = otlp::receiver().await;
@@ -144,6 +153,48 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
         })
         .await;
     answers.push(format!("{test:?}"));
+
+    // The harness path with a config nobody saved: to another server, the stored secret is
+    // refused and that server receives nothing; test credentials go there instead, and are
+    // swept for like the stored secret.
+    let (elsewhere, elsewhere_received) = refusing_source().await;
+    let unsaved =
+        serde_json::json!({ "url": elsewhere, "bearer_secret": "api_token", "max_retries": 0 });
+    let refused = HarnessClient::new(ch.clone())
+        .run_test(pb::RunTestRequest {
+            datasource_id: id.clone(),
+            config_json: unsaved.to_string(),
+            fetch_sample: true,
+            ..Default::default()
+        })
+        .await
+        .expect_err("stored secrets follow saved destinations");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    answers.push(format!("{refused:?}"));
+    assert!(
+        elsewhere_received.lock().unwrap().is_empty(),
+        "the unsaved destination received a request"
+    );
+    let with_test_secret = HarnessClient::new(ch.clone())
+        .run_test(pb::RunTestRequest {
+            datasource_id: id.clone(),
+            config_json: unsaved.to_string(),
+            fetch_sample: true,
+            test_secrets: [("api_token".to_owned(), test_canary.clone())].into(),
+            ..Default::default()
+        })
+        .await;
+    answers.push(format!("{with_test_secret:?}"));
+    let seen_elsewhere = elsewhere_received.lock().unwrap().clone();
+    assert!(
+        seen_elsewhere.contains(&test_canary),
+        "the test credential was used"
+    );
+    assert!(
+        !seen_elsewhere.contains(&canary),
+        "the unsaved destination received the stored secret"
+    );
+
     answers.push(format!(
         "{:?}",
         life.restart_worker(pb::LifecycleRequest {
@@ -266,6 +317,10 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
     for span in &spans {
         let text = format!("{span:?}");
         assert!(!text.contains(&canary), "a span shows the secret: {text}");
+        assert!(
+            !text.contains(&test_canary),
+            "a span shows the test credential: {text}"
+        );
     }
     assert!(
         logs.len() > 50,
@@ -277,11 +332,19 @@ async fn a_secret_value_appears_in_no_answer_row_or_log() {
             !text.contains(&canary),
             "answer/row {i} shows the secret: {text}"
         );
+        assert!(
+            !text.contains(&test_canary),
+            "answer/row {i} shows the test credential: {text}"
+        );
     }
     for line in &logs {
         assert!(
             !line.contains(&canary),
             "a log line shows the secret: {line}"
+        );
+        assert!(
+            !line.contains(&test_canary),
+            "a log line shows the test credential: {line}"
         );
     }
 }

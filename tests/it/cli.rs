@@ -952,3 +952,68 @@ async fn the_client_creates_publishes_and_lists_a_datasource() {
     assert!(table.stdout.starts_with("ID  "), "{}", table.stdout);
     assert!(table.stdout.contains("published"), "{}", table.stdout);
 }
+
+#[tokio::test]
+async fn dsreg_test_sends_a_test_credential_from_a_file_where_a_stored_one_may_not_go() {
+    let db = TestDb::new().await;
+    let (_app, url) = live_registry(&db).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (saved_port, _) = crate::exfiltration::recorder().await;
+    let (other_port, other_seen) = crate::exfiltration::recorder().await;
+    let ds = db.datasource_of("api", "http_poll").await.id;
+    let stored = canary("stored");
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds, "token", &stored).await;
+    db.version(
+        ds,
+        serde_json::json!({ "url": format!("http://127.0.0.1:{saved_port}/"), "bearer_secret": "token" }),
+    )
+    .await;
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "url": format!("http://127.0.0.1:{other_port}/"), "bearer_secret": "token" })
+            .to_string(),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let id = ds.to_string();
+
+    let refused = client(
+        dir.path(),
+        &url,
+        &["test", &id, "--config-file", &config, "--fetch-sample"],
+        None,
+    )
+    .await;
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("PERMISSION_DENIED")
+            && refused.stderr.contains("saved destinations"),
+        "{}",
+        refused.stderr
+    );
+    assert!(other_seen.lock().unwrap().is_empty());
+
+    let credential = dir.path().join("credential");
+    std::fs::write(&credential, "from-a-file\n").unwrap();
+    let test_secret = format!("token={}", credential.display());
+    let ran = client(
+        dir.path(),
+        &url,
+        &[
+            "test",
+            &id,
+            "--config-file",
+            &config,
+            "--fetch-sample",
+            "--test-secret",
+            &test_secret,
+        ],
+        None,
+    )
+    .await;
+    ran.assert_success();
+    let seen = other_seen.lock().unwrap().clone();
+    assert!(seen.contains("Bearer from-a-file\r\n"), "{seen}");
+    assert!(!seen.contains(&stored));
+}

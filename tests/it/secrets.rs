@@ -380,9 +380,20 @@ async fn after_rotation_new_writes_use_the_new_version_and_old_rows_still_open()
     let opened = open_all(&db, &v2, ds).await.unwrap();
     assert_eq!(opened["old"], old);
     assert_eq!(opened["new"], new);
-    // A registry still on the old key set cannot open the new row, and says which version.
+    // A registry still on the old key set cannot open the new row, and says which row and
+    // which version.
     let err = open_all(&db, &v1, ds).await.unwrap_err();
-    assert!(matches!(err, Error::UnknownKeyVersion(2)), "{err:?}");
+    assert!(
+        matches!(&err, Error::RowKeyNotLoaded { datasource, name, key_version: 2 } if *datasource == ds && name == "new"),
+        "{err:?}"
+    );
+    let message = err.to_string();
+    assert!(
+        message.contains(&ds.to_string())
+            && message.contains("\"new\"")
+            && message.contains("version 2"),
+        "{message}"
+    );
     v2.check(&**db.client().await).await.unwrap();
 }
 
@@ -578,4 +589,219 @@ async fn the_start_up_check_names_a_missing_or_wrong_key_version() {
         matches!(&wrong, Error::Decrypt { datasource, name, key_version: 1 } if *datasource == ds && name == "password"),
         "{wrong:?}"
     );
+}
+
+async fn integrity_audits(db: &TestDb) -> Vec<(String, String, String, serde_json::Value)> {
+    db.client()
+        .await
+        .query(
+            "SELECT actor, resource, reason, diff FROM audit_log
+             WHERE action = 'secret.integrity_failure' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tampered_row_is_audited_once_per_interval_per_datasource() {
+    let db = TestDb::new().await;
+    let a = db.datasource("orders").await.id;
+    let b = db.datasource("billing").await.id;
+    let secrets =
+        keys(&[(1, 7)]).with_integrity_audit_interval(std::time::Duration::from_secs(3600));
+    let value = canary("audited");
+    put(&db, &secrets, a, "password", &value).await;
+    put(&db, &secrets, b, "token", &canary("b")).await;
+    sql(
+        &db,
+        "UPDATE datasource_secrets SET ciphertext = set_byte(ciphertext, 3, get_byte(ciphertext, 3) # 1)
+         WHERE name = 'password'",
+        &[],
+    )
+    .await;
+
+    for _ in 0..3 {
+        assert_decrypt_error(open_all(&db, &secrets, a).await, a, "password");
+    }
+    // Another datasource's rows are not affected.
+    open_all(&db, &secrets, b).await.unwrap();
+    let audits = integrity_audits(&db).await;
+    assert_eq!(audits.len(), 1, "rate-limited to one row: {audits:?}");
+    let (actor, resource, reason, diff) = &audits[0];
+    assert_eq!(actor, "system");
+    assert_eq!(resource, &format!("datasource/{a}"));
+    assert_eq!(reason, "decrypt_failed");
+    assert_eq!(diff["secret"], "password");
+    assert_eq!(diff["key_version"], 1);
+    assert!(!format!("{audits:?}").contains(&value));
+
+    // Another datasource's failure is its own row, whatever the first one's limit.
+    sql(
+        &db,
+        "UPDATE datasource_secrets SET key_version = 5 WHERE name = 'token'",
+        &[],
+    )
+    .await;
+    assert!(matches!(
+        open_all(&db, &secrets, b).await,
+        Err(Error::RowKeyNotLoaded { key_version: 5, .. })
+    ));
+    let audits = integrity_audits(&db).await;
+    assert_eq!(audits.len(), 2, "{audits:?}");
+    assert_eq!(audits[1].1, format!("datasource/{b}"));
+    assert_eq!(audits[1].2, "key_version_not_loaded");
+    assert_eq!(audits[1].3["secret"], "token");
+
+    // After the interval, the next row counts the failures it stood for.
+    let eager = keys(&[(1, 7)]).with_integrity_audit_interval(std::time::Duration::ZERO);
+    assert_decrypt_error(open_all(&db, &eager, a).await, a, "password");
+    assert_eq!(integrity_audits(&db).await.len(), 3);
+}
+
+#[tokio::test]
+async fn a_worker_meeting_a_tampered_secret_is_refused_and_the_failure_audited() {
+    let db = TestDb::new().await;
+    let master_keys = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let ds = db.datasource_of("api", "http_poll").await.id;
+    crate::helpers::put_secret(&db, master_keys, ds, "token", &canary("worker")).await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.master_keys = Some(master_keys.into());
+    // Started before the row is tampered with: the start-up check would refuse it after.
+    let app = crate::helpers::TestApp::spawn_with(settings, |_| {}).await;
+    sql(
+        &db,
+        "UPDATE datasource_secrets SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 1)",
+        &[],
+    )
+    .await;
+    let v = db
+        .version(
+            ds,
+            serde_json::json!({ "url": "http://127.0.0.1:9/", "bearer_secret": "token" }),
+        )
+        .await;
+    db.publish_sql(ds, v).await;
+    let state = db
+        .wait_for_state(ds, "the worker refused", |s| {
+            s.error_code.as_deref() == Some("secret_unavailable")
+        })
+        .await;
+    assert!(
+        state
+            .error_message
+            .as_deref()
+            .is_some_and(|m| m.contains("\"token\"")),
+        "{state:?}"
+    );
+    let audits = crate::helpers::wait_for(
+        "the integrity audit row",
+        std::time::Duration::from_secs(10),
+        || async {
+            let audits = integrity_audits(&db).await;
+            (!audits.is_empty()).then_some(audits)
+        },
+    )
+    .await;
+    assert_eq!(audits[0].0, "system");
+    assert_eq!(audits[0].1, format!("datasource/{ds}"));
+    assert_eq!(audits[0].2, "decrypt_failed");
+    assert_eq!(audits[0].3["secret"], "token");
+    app.stop().await.unwrap();
+}
+
+/// `dsreg serve` on `db` with `master_keys` (and `extra` environment), run until it exits
+/// or serves; returns its exit status (`None`: it served) and what it wrote.
+async fn serve_with_keys(
+    db: &TestDb,
+    master_keys: &str,
+    extra: &[(&str, &str)],
+) -> (Option<std::process::ExitStatus>, String) {
+    use tokio::io::AsyncReadExt;
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"));
+    command
+        .args([
+            "serve",
+            "--http-addr",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--insecure-no-auth",
+        ])
+        .env("DATABASE_URL", &db.url)
+        .env("DSREG_MASTER_KEYS", master_keys)
+        .env("DSREG_LOG", "info")
+        .env_remove("DSREG_SKIP_KEY_CHECK")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    for (k, v) in extra {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut text = Vec::new();
+    // Read until it exits (EOF) or says it serves.
+    let served = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = stderr.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return false;
+            }
+            text.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&text).contains("dsreg serving") {
+                return true;
+            }
+        }
+    })
+    .await
+    .expect("dsreg serve exits or serves within 60 s");
+    let status = if served {
+        child.kill().await.unwrap();
+        None
+    } else {
+        Some(child.wait().await.unwrap())
+    };
+    let mut out = String::new();
+    let _ = stdout.read_to_string(&mut out).await;
+    (status, format!("{}{out}", String::from_utf8_lossy(&text)))
+}
+
+#[tokio::test]
+async fn serve_refuses_to_start_with_a_wrong_key_of_the_right_version() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("orders").await.id;
+    let right = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let wrong_key = "HyAhIiMkJSYnKCkqKywtLi8wMTIzNDU2Nzg5Ojs8PT4=";
+    let wrong = format!("1:{wrong_key}");
+    crate::helpers::put_secret(&db, right, ds, "password", &canary("startup")).await;
+
+    let (status, output) = serve_with_keys(&db, &wrong, &[]).await;
+    let status = status.expect("serve exits instead of serving");
+    assert!(!status.success(), "{output}");
+    assert!(
+        output.contains("the master keys do not open the stored secrets")
+            && output.contains(&ds.to_string())
+            && output.contains("\"password\"")
+            && output.contains("--skip-key-check"),
+        "the refusal says which row and what to do: {output}"
+    );
+    assert!(
+        !output.contains(wrong_key) && !output.contains(&right[2..]),
+        "a key was printed: {output}"
+    );
+
+    // Told to start anyway, it starts and warns.
+    let (status, output) = serve_with_keys(&db, &wrong, &[("DSREG_SKIP_KEY_CHECK", "true")]).await;
+    assert!(status.is_none(), "serves with the flag: {output}");
+    assert!(output.contains("starting anyway"), "{output}");
+
+    // With the right key it starts.
+    let (status, output) = serve_with_keys(&db, right, &[]).await;
+    assert!(status.is_none(), "serves with the right key: {output}");
 }

@@ -234,6 +234,18 @@ pub async fn finish<T>(
     }
 }
 
+/// Writes the audit row of a call that changes nothing but must be on record (a test run
+/// that opens stored secrets), before the work it records.
+///
+/// # Errors
+/// The row cannot be written (UNAVAILABLE, …): the work must not happen unrecorded.
+pub async fn record(pool: &Pool, call: &Call, audit: &Audit) -> Result<(), Status> {
+    let client = client(pool).await?;
+    audit::record(&**client, &audit.entry(call, Outcome::Ok, None))
+        .await
+        .map_err(status::db)
+}
+
 /// Audits a refused or failed call outside any transaction (best effort: a database that is
 /// down cannot take the row, and the caller gets the original error either way).
 pub async fn record_failure(pool: &Pool, call: &Call, audit: &Audit, refused: &Status) {

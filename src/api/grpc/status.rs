@@ -99,7 +99,9 @@ pub fn secrets(e: secrets::Error) -> Status {
         E::Db(e) => db(e),
         E::InvalidName(_) => invalid("name", e.to_string()),
         E::TooLarge { .. } => invalid("value", e.to_string()),
-        E::UnknownKeyVersion(_) | E::Decrypt { .. } => Status::failed_precondition(e.to_string()),
+        E::UnknownKeyVersion(_) | E::Decrypt { .. } | E::RowKeyNotLoaded { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         other => internal("the secrets operation", &other),
     }
 }
