@@ -87,6 +87,12 @@ pub enum TransformError {
     /// The script ran more operations than allowed (the limit).
     #[error("transform exceeded the limit of {0} operations")]
     TooManyOperations(u64),
+    /// The script built more memory than allowed (the limit, in bytes), callbacks included.
+    #[error("transform built more than the limit of {0} bytes of memory")]
+    Memory(usize),
+    /// The run this call belonged to ended (its deadline passed or its caller went away).
+    #[error("transform stopped: the run it belonged to ended")]
+    Cancelled,
     /// Function calls nested deeper than allowed (the limit).
     #[error("transform exceeded the limit of {0} nested function calls")]
     TooDeep(usize),
@@ -135,6 +141,8 @@ impl TransformError {
             Self::Deadline(_) => "deadline_exceeded",
             Self::TooManyOperations(_) => "too_many_operations",
             Self::TooDeep(_) => "too_deep",
+            Self::Memory(_) => "memory_limit",
+            Self::Cancelled => "cancelled",
             Self::DataTooLarge(_) => "data_too_large",
             Self::TooManyOutputs { .. } => "too_many_outputs",
             Self::Runtime { .. } => "runtime_error",

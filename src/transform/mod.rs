@@ -63,19 +63,24 @@
 //! thread.
 
 mod error;
+mod meter;
 mod sandbox;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_callbacks;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rhai::{AST, Dynamic, Engine, EvalAltResult, ParseError, ParseErrorType, Scope};
 use serde_json::Value;
 
 pub use error::{CompileError, TransformError};
+pub use meter::{Metered, live_bytes};
+pub use sandbox::Cancel;
 
 /// The name the input record has in scripts.
 const RECORD: &str = "record";
@@ -106,13 +111,17 @@ pub struct Limits {
     pub max_outputs: usize,
     /// Size of the script source.
     pub max_script_bytes: usize,
+    /// Bytes one call may hold allocated at once, everything it builds counted (values,
+    /// callback results, intermediate strings), read between operations.
+    pub max_memory_bytes: usize,
     /// Wall-clock time per record.
     pub deadline: Duration,
 }
 
 impl Default for Limits {
     /// 100,000 operations, call depth 32, expression depth 64, 64 KiB of strings, 10,000
-    /// array elements, 10,000 map entries, 1,000 outputs, 64 KiB of script, 50 ms.
+    /// array elements, 10,000 map entries, 1,000 outputs, 64 KiB of script, 32 MiB of memory,
+    /// 50 ms.
     fn default() -> Self {
         Limits {
             max_operations: 100_000,
@@ -123,6 +132,7 @@ impl Default for Limits {
             max_map_len: 10_000,
             max_outputs: 1_000,
             max_script_bytes: 64 * 1024,
+            max_memory_bytes: 32 * 1024 * 1024,
             deadline: Duration::from_millis(50),
         }
     }
@@ -223,7 +233,7 @@ impl Transform {
     /// A [`TransformError`] for this record: a limit hit, a script failure, an output that is
     /// not records, or an output that violates the schema. Other records are unaffected.
     pub fn apply(&self, record: &Value) -> Result<Vec<Value>, TransformError> {
-        self.run(record, false).0
+        self.run(record, None, false).0
     }
 
     /// Like [`Transform::apply`], also returning what the script printed with `print` and
@@ -232,12 +242,26 @@ impl Transform {
         &self,
         record: &Value,
     ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
-        self.run(record, true)
+        self.run(record, None, true)
+    }
+
+    /// Like [`Transform::apply_traced`], and stopped with [`TransformError::Cancelled`]
+    /// within a few microseconds of `cancel` being set, wherever the script is.
+    pub fn apply_traced_cancellable(
+        &self,
+        record: &Value,
+        cancel: &Cancel,
+    ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
+        if cancel.is_cancelled() {
+            return (Err(TransformError::Cancelled), Vec::new());
+        }
+        self.run(record, Some(cancel), true)
     }
 
     fn run(
         &self,
         record: &Value,
+        cancel: Option<&Cancel>,
         traced: bool,
     ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
         let inner = &*self.inner;
@@ -245,7 +269,7 @@ impl Transform {
             return (self.check(vec![record.clone()]), Vec::new());
         };
         let limits = &inner.limits;
-        let call = sandbox::Call::begin(Instant::now().checked_add(limits.deadline), traced);
+        let call = sandbox::Call::begin(limits, cancel, traced);
         let output = to_dynamic(record).and_then(|input| {
             let mut scope = Scope::new();
             scope.push(RECORD, input);
@@ -637,7 +661,14 @@ fn runtime_error(mut error: EvalAltResult, limits: &Limits) -> TransformError {
         line = Some(inner_line);
     }
     match error {
-        EvalAltResult::ErrorTerminated(..) => TransformError::Deadline(limits.deadline),
+        EvalAltResult::ErrorTerminated(token, ..) => match sandbox::Stop::from_token(&token) {
+            Some(sandbox::Stop::Operations) => {
+                TransformError::TooManyOperations(limits.max_operations)
+            }
+            Some(sandbox::Stop::Memory) => TransformError::Memory(limits.max_memory_bytes),
+            Some(sandbox::Stop::Cancelled) => TransformError::Cancelled,
+            Some(sandbox::Stop::Deadline) | None => TransformError::Deadline(limits.deadline),
+        },
         EvalAltResult::ErrorTooManyOperations(..) => {
             TransformError::TooManyOperations(limits.max_operations)
         }
