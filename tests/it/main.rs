@@ -14,6 +14,7 @@ mod migrations;
 mod outbox;
 mod publish;
 mod rbac;
+mod sandbox;
 mod secrets;
 mod serve;
 mod supervisor;

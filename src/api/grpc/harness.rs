@@ -68,6 +68,7 @@ impl pb::harness_server::Harness for HarnessService {
         drop(client);
         let report = harness::run(
             &self.0.catalog,
+            &self.0.harness_slots,
             harness::Request {
                 kind: ds.kind,
                 config,
