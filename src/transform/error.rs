@@ -39,6 +39,16 @@ pub enum CompileError {
         /// Line where the limit was hit, 1-based.
         line: Option<usize>,
     },
+    /// The script calls a function that is neither built in, registered nor defined in it.
+    #[error("transform calls unknown function {name}{}", at(*line, *column))]
+    UnknownFunction {
+        /// The function's name.
+        name: String,
+        /// Line of the call, 1-based.
+        line: Option<usize>,
+        /// Column of the call, 1-based.
+        column: Option<usize>,
+    },
     /// `output_schema` is not a valid JSON Schema (or refers to an external document, which
     /// is never fetched).
     #[error("output_schema is not a valid JSON Schema: {0}")]
@@ -53,14 +63,17 @@ impl CompileError {
             Self::NotAString
             | Self::ScriptTooLarge { .. }
             | Self::Syntax { .. }
-            | Self::TooDeep { .. } => "transform",
+            | Self::TooDeep { .. }
+            | Self::UnknownFunction { .. } => "transform",
         }
     }
 
     /// The 1-based line of the script the error is at, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
-            Self::Syntax { line, .. } | Self::TooDeep { line, .. } => *line,
+            Self::Syntax { line, .. }
+            | Self::TooDeep { line, .. }
+            | Self::UnknownFunction { line, .. } => *line,
             Self::NotAString | Self::ScriptTooLarge { .. } | Self::InvalidSchema(_) => None,
         }
     }
@@ -72,6 +85,7 @@ impl CompileError {
             Self::ScriptTooLarge { .. } => "script_too_large",
             Self::Syntax { .. } => "syntax_error",
             Self::TooDeep { .. } => "too_deep",
+            Self::UnknownFunction { .. } => "unknown_function",
             Self::InvalidSchema(_) => "invalid_schema",
         }
     }

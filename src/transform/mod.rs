@@ -62,6 +62,7 @@
 //! after, outside it); async callers batching many records should run it on a blocking
 //! thread.
 
+mod check;
 mod error;
 mod meter;
 mod sandbox;
@@ -70,6 +71,8 @@ mod sandbox;
 mod tests;
 #[cfg(test)]
 mod tests_callbacks;
+#[cfg(test)]
+mod tests_check;
 
 use std::fmt;
 use std::sync::Arc;
@@ -311,6 +314,13 @@ fn compile_script(script: &str, limits: &Limits) -> Result<Program, CompileError
     let ast = engine
         .compile_with_scope(&scope, script)
         .map_err(|e| syntax_error(e, limits))?;
+    if let Some((name, pos)) = check::unknown_call(&engine, &ast) {
+        return Err(CompileError::UnknownFunction {
+            name: clip(name),
+            line: pos.line(),
+            column: pos.position(),
+        });
+    }
     Ok(Program { engine, ast })
 }
 

@@ -280,3 +280,70 @@ async fn a_live_map_bomb_is_stopped_by_the_memory_limit() {
         assert!(message.contains("33554432 bytes"), "{message}");
     }
 }
+
+/// The fields named in a status's BadRequest details.
+fn violated_fields(status: &tonic::Status) -> Vec<String> {
+    use tonic_types::StatusExt;
+    status
+        .get_details_bad_request()
+        .map(|b| b.field_violations.into_iter().map(|v| v.field).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_call_to_an_unknown_function_is_refused_at_create_publish_and_test() {
+    let db = TestDb::new().await;
+    let (_app, ch) = crate::grpc::serve(&db).await;
+    let id = webhook(&ch).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let script = "let n = record.n;\nfrobnicate(n)";
+    let config = serde_json::json!({ "transform": script }).to_string();
+
+    let created = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: config.clone(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    // A draft written by a SQL client, which no check stood in front of.
+    let uuid: uuid::Uuid = id.parse().unwrap();
+    let v = db
+        .version(uuid, serde_json::json!({ "transform": script }))
+        .await;
+    let published = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version: v,
+        })
+        .await
+        .unwrap_err();
+    let tested = HarnessClient::new(ch.clone())
+        .run_test(test_request(&id, script, 1, Duration::from_secs(5)))
+        .await
+        .unwrap_err();
+
+    for status in [&created, &published, &tested] {
+        assert!(
+            matches!(
+                status.code(),
+                Code::InvalidArgument | Code::FailedPrecondition
+            ),
+            "{status:?}"
+        );
+        assert!(
+            status
+                .message()
+                .contains("unknown function frobnicate at line 2, column 1"),
+            "{status:?}"
+        );
+        assert_eq!(
+            violated_fields(status).first().map(String::as_str),
+            Some("config_json.transform"),
+            "{status:?}"
+        );
+    }
+    assert_eq!(created.code(), Code::InvalidArgument);
+    assert_eq!(tested.code(), Code::InvalidArgument);
+}
