@@ -6,6 +6,7 @@ mod cluster;
 mod connectors;
 mod deploy;
 mod files;
+mod fuzz;
 mod grpc;
 mod helpers;
 mod launcher;

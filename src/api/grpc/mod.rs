@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod call;
 pub mod catalog;
+pub mod codec;
 pub mod convert;
 pub mod datasources;
 pub mod events;
