@@ -311,6 +311,7 @@ impl App {
         let readiness = api::ready::Readiness {
             pool: self.pool.clone(),
             listener: self.listener_stats.clone(),
+            gauge: self.metrics.ready(),
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),

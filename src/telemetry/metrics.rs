@@ -81,6 +81,7 @@ struct Inner {
     lease_renewals: Family<PassLabels, Counter>,
     leases_held: Gauge,
     instances_live: Gauge,
+    ready: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -164,6 +165,12 @@ impl Metrics {
             "Registry instances alive as this instance last saw them (itself included)",
             instances_live.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "dsreg_ready",
+            "Whether this instance can serve (1) or not (0), as /readyz and gRPC health say: the database answers with the latest schema and the LISTEN connection is up; re-checked every second",
+            ready.clone(),
+        );
         // Every known series from zero, so a rate over them exists before the first event.
         for what in ["records", "state"] {
             drop(fenced.get_or_create(&[("what", what)]));
@@ -181,6 +188,7 @@ impl Metrics {
             lease_renewals,
             leases_held,
             instances_live,
+            ready,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -332,6 +340,11 @@ impl Metrics {
             .lease_renewals
             .get_or_create(&[("outcome", outcome)])
             .inc();
+    }
+
+    /// The gauge readiness checks write their outcome to (`dsreg_ready`).
+    pub fn ready(&self) -> Gauge {
+        self.0.ready.clone()
     }
 
     /// This instance now holds `leases` and sees `instances` alive.
@@ -733,6 +746,7 @@ mod tests {
             ("dsreg_outbox_listener_reconnects", "counter"),
             ("dsreg_outbox_notifications_malformed", "counter"),
             ("dsreg_outbox_notifications_received", "counter"),
+            ("dsreg_ready", "gauge"),
             ("dsreg_supervisor_reconcile_duration_seconds", "histogram"),
             ("dsreg_supervisor_reload_latency_seconds", "histogram"),
         ];

@@ -39,18 +39,28 @@
 //!
 //! Scripts get Rhai's standard library minus clocks, `sleep`, `exit` and reflection. There is
 //! no file, network, process or environment access, `eval` is disabled and the crate builds
-//! Rhai with `no_module`, so `import` does not parse. `print`/`debug` never reach stdout:
-//! [`Transform::apply_traced`] returns them, [`Transform::apply`] drops them. Every limit in
-//! [`Limits`] is enforced by the engine while the script runs, the deadline included (checked
-//! from the engine's progress hook, per call, so threads sharing one [`Transform`] do not
-//! share deadlines). String, array and map limits apply to the total inside one value: an
-//! array of maps counts every map entry, and a record's strings count together.
+//! Rhai with `no_module`, so `import` does not parse. A call to a function that is neither
+//! built in nor defined in the script is refused at compile time, with its name and position
+//! (calls through function pointers are resolved when they run). `print`/`debug` never reach
+//! stdout: [`Transform::apply_traced`] returns them, [`Transform::apply`] drops them.
 //!
-//! Rhai measures a value after each operation, so one operation can build more than a limit
-//! before it is refused: `replace`, which could multiply a string, is shadowed by a version
-//! that checks first; `array.map` building a new long string per element is the worst case
-//! left, and the deadline bounds it. Output is measured again on the way out, since a map
-//! grown key by key (`m[k] = v`) is not measured by Rhai until it is passed on.
+//! Every limit in [`Limits`] holds per record, wherever the script runs — callbacks of `map`,
+//! `filter`, `reduce` and the like, nested at any depth, included. Rhai runs callbacks on a
+//! copy of its run state and does not carry their operation count back, so the sandbox keeps
+//! its own budget per call, per thread, fed by the engine's progress hook (called at every
+//! operation): the operation count is checked at every operation; the deadline, the cancel
+//! flag of [`Transform::apply_traced_cancellable`] and the memory the call holds (counted by
+//! the process's allocator, [`Metered`]) every 64 operations. A stopped call stays stopped:
+//! `try`/`catch` cannot catch it, and every later operation stops again.
+//!
+//! String, array and map limits apply to the total inside one value: an array of maps counts
+//! every map entry, and a record's strings count together. Rhai measures a value after each
+//! operation that makes it, so one operation can build more than a size limit before it is
+//! refused: `replace`, which could multiply a string, is shadowed by a version that checks
+//! first; a native function collecting callback results (`array.map` building a long string
+//! per element) is bounded by the memory limit, checked between its callbacks. Output is
+//! measured again on the way out, since a map grown key by key (`m[k] = v`) is not measured
+//! by Rhai until it is passed on.
 //!
 //! Output converts back to JSON: `()` is `null`, characters are strings, BLOBs are arrays of
 //! numbers; NaN, infinities and function pointers are [`TransformError::InvalidOutput`], as is
