@@ -74,6 +74,24 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
+/// The nice value of a test-run thread of process `pid`, if one is running.
+fn harness_thread_nice(pid: u32) -> Option<i64> {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != "dsreg-harness" {
+            continue;
+        }
+        // Field 19 of the line is the nice value: the 17th after the name.
+        return stat[close + 2..].split(' ').nth(16)?.parse().ok();
+    }
+    None
+}
+
 /// The peak resident memory of process `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -151,6 +169,12 @@ async fn harness_runs_past_their_deadline_stop_and_excess_runs_are_refused() {
             tokio::spawn(async move { harness.run_test(request).await })
         })
         .collect();
+    // While they run, their threads run below the registry's own priority.
+    let nice = wait_for("a test run's thread", Duration::from_secs(5), || async {
+        harness_thread_nice(pid)
+    })
+    .await;
+    assert_eq!(nice, 10);
     let mut codes = Vec::new();
     for run in runs {
         codes.push(
