@@ -119,12 +119,24 @@ impl Slots {
         }
     }
 
-    fn take(&self) -> Result<OwnedSemaphorePermit, Error> {
+    /// Takes a slot for one run, before anything else of the run is done.
+    ///
+    /// # Errors
+    /// [`Error::Busy`] when every slot is taken.
+    pub fn take(&self) -> Result<Slot, Error> {
         self.semaphore
             .clone()
             .try_acquire_owned()
+            .map(|permit| Slot { _permit: permit })
             .map_err(|_| Error::Busy(self.max))
     }
+}
+
+/// One run's place among [`Slots`], given back when the run's work has stopped.
+#[derive(Debug)]
+pub struct Slot {
+    /// Held, never read: dropping it frees the slot.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// The nice value of a test run's thread: below the registry's own threads (nice 0).
@@ -157,7 +169,7 @@ pub const MAX_DEADLINE: Duration = Duration::from_secs(30);
 /// Memory the outputs of one run may hold: records past it are not run, and a warning says so.
 pub const MAX_OUTPUT_BYTES: i64 = 16 * 1024 * 1024;
 
-/// Runs `request` once in one of `slots`. The transform runs on the blocking pool under
+/// Runs `request` once in `slot` (see [`Slots::take`]). The transform runs on the blocking pool under
 /// `limits` (its per-record deadline) and the whole run under `deadline` (`None`:
 /// [`DEFAULT_DEADLINE`]; capped at [`MAX_DEADLINE`]).
 ///
@@ -170,12 +182,11 @@ pub const MAX_OUTPUT_BYTES: i64 = 16 * 1024 * 1024;
 #[tracing::instrument(name = "harness.run", skip_all, fields(kind = %request.kind, samples = request.samples.len()))]
 pub async fn run(
     catalog: &Catalog,
-    slots: &Slots,
+    slot: Slot,
     request: Request,
     limits: &Limits,
     deadline: Option<Duration>,
 ) -> Result<Report, Error> {
-    let slot = slots.take()?;
     let deadline = deadline.unwrap_or(DEFAULT_DEADLINE).min(MAX_DEADLINE);
     let cancel = CancelOnDrop(Cancel::new());
     let result = tokio::time::timeout(
@@ -192,7 +203,7 @@ async fn run_within(
     catalog: &Catalog,
     request: Request,
     limits: &Limits,
-    slot: OwnedSemaphorePermit,
+    slot: Slot,
     cancel: &Cancel,
 ) -> Result<Report, Error> {
     let started = Instant::now();
