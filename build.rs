@@ -25,6 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // prost's codec, except that a request that does not decode is INVALID_ARGUMENT.
+        .codec_path("crate::api::grpc::codec::Codec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -142,6 +142,8 @@ pub struct App {
     pub sink_target: Target,
     /// Limits of test runs' transforms.
     pub limits: crate::transform::Limits,
+    /// The test runs allowed at once.
+    pub harness_slots: crate::harness::Slots,
     /// Verifies gRPC callers' tokens.
     pub auth: Authenticator,
     /// A folder of datasource files to keep the database in step with.
@@ -195,6 +197,9 @@ impl App {
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             limits: settings.transform_limits(),
+            harness_slots: crate::harness::Slots::new(
+                usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
+            ),
             auth,
             file_sync: None,
         })
@@ -315,6 +320,7 @@ impl App {
             pool: self.pool.clone(),
             listener: self.listener_stats.clone(),
             sink: sink_status,
+            gauge: self.metrics.ready(),
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
@@ -338,6 +344,7 @@ impl App {
             catalog: grpc_catalog,
             secrets: grpc_secrets,
             limits: self.limits,
+            harness_slots: self.harness_slots,
             activity: self.listener_stats.activity.clone(),
             listener_stats: self.listener_stats.clone(),
             instance_id: self.instance_id,

@@ -108,21 +108,54 @@ pub struct Settings {
     #[arg(long, env = "DSREG_SINK_URL")]
     pub sink_url: Option<String>,
 
-    /// Transform limit: operations per record.
+    /// Transform limit: operations per record, the script's callbacks (`map`, `filter`,
+    /// `reduce`, …) at any depth included.
     #[arg(long, env = "DSREG_TRANSFORM_MAX_OPERATIONS", default_value_t = Limits::default().max_operations)]
     pub transform_max_operations: u64,
 
-    /// Transform limit: wall-clock time per record, in milliseconds.
+    /// Transform limit: wall-clock time per record, in milliseconds, checked every 64
+    /// operations wherever the script is (callbacks included).
     #[arg(long, env = "DSREG_TRANSFORM_DEADLINE_MS", default_value_t = Limits::default().deadline.as_millis() as u64)]
     pub transform_deadline_ms: u64,
 
-    /// Transform limit: bytes of one string.
+    /// Transform limit: bytes of string data in one value (all strings inside one array or
+    /// map together).
     #[arg(long, env = "DSREG_TRANSFORM_MAX_STRING_BYTES", default_value_t = Limits::default().max_string_bytes)]
     pub transform_max_string_bytes: usize,
 
-    /// Transform limit: items of one array (and outputs of one record).
+    /// Transform limit: elements of one array, nested arrays included.
     #[arg(long, env = "DSREG_TRANSFORM_MAX_ARRAY_LEN", default_value_t = Limits::default().max_array_len)]
     pub transform_max_array_len: usize,
+
+    /// Transform limit: entries of one object map, nested maps included.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_MAP_LEN", default_value_t = Limits::default().max_map_len)]
+    pub transform_max_map_len: usize,
+
+    /// Transform limit: output records one input record may produce.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_OUTPUTS", default_value_t = Limits::default().max_outputs)]
+    pub transform_max_outputs: usize,
+
+    /// Transform limit: nested function calls (recursion depth).
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_CALL_DEPTH", default_value_t = Limits::default().max_call_depth)]
+    pub transform_max_call_depth: usize,
+
+    /// Transform limit: nesting of expressions in a script, checked when it compiles.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_EXPR_DEPTH", default_value_t = Limits::default().max_expr_depth)]
+    pub transform_max_expr_depth: usize,
+
+    /// Transform limit: bytes of a script's source.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_SCRIPT_BYTES", default_value_t = Limits::default().max_script_bytes)]
+    pub transform_max_script_bytes: usize,
+
+    /// Transform limit: bytes one record's script may hold allocated at once (everything it
+    /// builds, callback results included), checked every 64 operations.
+    #[arg(long, env = "DSREG_TRANSFORM_MAX_MEMORY_BYTES", default_value_t = Limits::default().max_memory_bytes)]
+    pub transform_max_memory_bytes: usize,
+
+    /// Test runs (`RunTest`) executing at once; more get RESOURCE_EXHAUSTED. A run holds its
+    /// slot until its records have stopped running, past its deadline included.
+    #[arg(long, env = "DSREG_HARNESS_MAX_CONCURRENT_RUNS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    pub harness_max_concurrent_runs: u64,
 
     /// Full resync period, in milliseconds.
     #[arg(long, env = "DSREG_RESYNC_INTERVAL_MS", default_value_t = 30_000)]
@@ -313,7 +346,12 @@ impl Settings {
             deadline: Duration::from_millis(self.transform_deadline_ms),
             max_string_bytes: self.transform_max_string_bytes,
             max_array_len: self.transform_max_array_len,
-            ..Limits::default()
+            max_map_len: self.transform_max_map_len,
+            max_outputs: self.transform_max_outputs,
+            max_call_depth: self.transform_max_call_depth,
+            max_expr_depth: self.transform_max_expr_depth,
+            max_script_bytes: self.transform_max_script_bytes,
+            max_memory_bytes: self.transform_max_memory_bytes,
         }
     }
 
@@ -381,8 +419,22 @@ impl Settings {
         if self.backoff_max_ms < self.backoff_base_ms {
             return Err("--backoff-max-ms must not be below --backoff-base-ms".into());
         }
+        let limits = self.transform_limits();
+        let sizes = [
+            ("--transform-max-string-bytes", limits.max_string_bytes),
+            ("--transform-max-array-len", limits.max_array_len),
+            ("--transform-max-map-len", limits.max_map_len),
+            ("--transform-max-outputs", limits.max_outputs),
+            ("--transform-max-call-depth", limits.max_call_depth),
+            ("--transform-max-expr-depth", limits.max_expr_depth),
+            ("--transform-max-script-bytes", limits.max_script_bytes),
+            ("--transform-max-memory-bytes", limits.max_memory_bytes),
+        ];
         if self.transform_deadline_ms == 0 || self.transform_max_operations == 0 {
             return Err("transform limits must be positive".into());
+        }
+        if let Some((flag, _)) = sizes.iter().find(|(_, value)| *value == 0) {
+            return Err(format!("{flag} must be positive"));
         }
         self.sink_target()?;
         self.auth.check().map_err(|e| e.to_string())?;

@@ -33,6 +33,7 @@ pub mod telemetry;
 pub mod transform;
 
 /// mimalloc serves the many small, short-lived allocations of transforms, JSON records and
-/// RPCs faster than the system allocator; set here so tests and benchmarks run on it too.
+/// RPCs faster than the system allocator; set here so tests and benchmarks run on it too. The
+/// meter around it counts each thread's live bytes for the transforms' memory limit.
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: transform::Metered<mimalloc::MiMalloc> = transform::Metered(mimalloc::MiMalloc);

@@ -24,6 +24,8 @@ pub struct Readiness {
     pub listener: Arc<ListenerStats>,
     /// Whether the sink commits.
     pub sink: crate::connectors::sink::SinkStatus,
+    /// Where each check's outcome is published (`dsreg_ready` on `/metrics`).
+    pub gauge: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Readiness {
@@ -32,6 +34,12 @@ impl Readiness {
     /// # Errors
     /// The reason, for `/readyz` and the log.
     pub async fn check(&self) -> Result<(), String> {
+        let result = self.probe().await;
+        self.gauge.set(i64::from(result.is_ok()));
+        result
+    }
+
+    async fn probe(&self) -> Result<(), String> {
         let probe = async {
             let client = self
                 .pool

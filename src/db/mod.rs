@@ -152,6 +152,15 @@ impl From<tokio_postgres::Error> for Error {
         {
             return Error::Conflict(db.message().to_owned());
         }
+        // Text with a NUL byte (or other bytes Postgres cannot hold as text or jsonb): the value
+        // came from a caller; the API checks named fields first, this catches any other.
+        if *code == SqlState::CHARACTER_NOT_IN_REPERTOIRE
+            || *code == SqlState::UNTRANSLATABLE_CHARACTER
+        {
+            return Error::Invalid(
+                "a text value holds a character Postgres cannot store (NUL, \\u0000)".to_owned(),
+            );
+        }
         if *code == SqlState::CHECK_VIOLATION || *code == SqlState::NOT_NULL_VIOLATION {
             return Error::Invalid(
                 db.constraint()

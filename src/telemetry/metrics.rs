@@ -85,6 +85,7 @@ struct Inner {
     sink_pending: Gauge,
     sink_failures: Family<PassLabels, Counter>,
     sink_lost: Counter,
+    ready: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -192,6 +193,12 @@ impl Metrics {
             "Records the sink could store neither in its target nor as dead letters (at shutdown, or refused everywhere)",
             sink_lost.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "dsreg_ready",
+            "Whether this instance can serve (1) or not (0), as /readyz and gRPC health say: the database answers with the latest schema and the LISTEN connection is up; re-checked every second",
+            ready.clone(),
+        );
         // Every known series from zero, so a rate over them exists before the first event.
         for kind in ["transient", "refused"] {
             drop(sink_failures.get_or_create(&[("kind", kind)]));
@@ -216,6 +223,7 @@ impl Metrics {
             sink_pending,
             sink_failures,
             sink_lost,
+            ready,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -387,6 +395,11 @@ impl Metrics {
             .lease_renewals
             .get_or_create(&[("outcome", outcome)])
             .inc();
+    }
+
+    /// The gauge readiness checks write their outcome to (`dsreg_ready`).
+    pub fn ready(&self) -> Gauge {
+        self.0.ready.clone()
     }
 
     /// This instance now holds `leases` and sees `instances` alive.
@@ -792,6 +805,7 @@ mod tests {
             ("dsreg_sink_flush_failures", "counter"),
             ("dsreg_sink_pending_records", "gauge"),
             ("dsreg_sink_records_lost", "counter"),
+            ("dsreg_ready", "gauge"),
             ("dsreg_supervisor_reconcile_duration_seconds", "histogram"),
             ("dsreg_supervisor_reload_latency_seconds", "histogram"),
         ];

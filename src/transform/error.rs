@@ -39,6 +39,16 @@ pub enum CompileError {
         /// Line where the limit was hit, 1-based.
         line: Option<usize>,
     },
+    /// The script calls a function that is neither built in, registered nor defined in it.
+    #[error("transform calls unknown function {name}{}", at(*line, *column))]
+    UnknownFunction {
+        /// The function's name.
+        name: String,
+        /// Line of the call, 1-based.
+        line: Option<usize>,
+        /// Column of the call, 1-based.
+        column: Option<usize>,
+    },
     /// `output_schema` is not a valid JSON Schema (or refers to an external document, which
     /// is never fetched).
     #[error("output_schema is not a valid JSON Schema: {0}")]
@@ -53,14 +63,17 @@ impl CompileError {
             Self::NotAString
             | Self::ScriptTooLarge { .. }
             | Self::Syntax { .. }
-            | Self::TooDeep { .. } => "transform",
+            | Self::TooDeep { .. }
+            | Self::UnknownFunction { .. } => "transform",
         }
     }
 
     /// The 1-based line of the script the error is at, when known.
     pub fn line(&self) -> Option<usize> {
         match self {
-            Self::Syntax { line, .. } | Self::TooDeep { line, .. } => *line,
+            Self::Syntax { line, .. }
+            | Self::TooDeep { line, .. }
+            | Self::UnknownFunction { line, .. } => *line,
             Self::NotAString | Self::ScriptTooLarge { .. } | Self::InvalidSchema(_) => None,
         }
     }
@@ -72,6 +85,7 @@ impl CompileError {
             Self::ScriptTooLarge { .. } => "script_too_large",
             Self::Syntax { .. } => "syntax_error",
             Self::TooDeep { .. } => "too_deep",
+            Self::UnknownFunction { .. } => "unknown_function",
             Self::InvalidSchema(_) => "invalid_schema",
         }
     }
@@ -87,6 +101,12 @@ pub enum TransformError {
     /// The script ran more operations than allowed (the limit).
     #[error("transform exceeded the limit of {0} operations")]
     TooManyOperations(u64),
+    /// The script built more memory than allowed (the limit, in bytes), callbacks included.
+    #[error("transform built more than the limit of {0} bytes of memory")]
+    Memory(usize),
+    /// The run this call belonged to ended (its deadline passed or its caller went away).
+    #[error("transform stopped: the run it belonged to ended")]
+    Cancelled,
     /// Function calls nested deeper than allowed (the limit).
     #[error("transform exceeded the limit of {0} nested function calls")]
     TooDeep(usize),
@@ -139,6 +159,8 @@ impl TransformError {
             Self::Deadline(_) => "deadline_exceeded",
             Self::TooManyOperations(_) => "too_many_operations",
             Self::TooDeep(_) => "too_deep",
+            Self::Memory(_) => "memory_limit",
+            Self::Cancelled => "cancelled",
             Self::DataTooLarge(_) => "data_too_large",
             Self::TooManyOutputs { .. } => "too_many_outputs",
             Self::Runtime { .. } => "runtime_error",

@@ -39,18 +39,28 @@
 //!
 //! Scripts get Rhai's standard library minus clocks, `sleep`, `exit` and reflection. There is
 //! no file, network, process or environment access, `eval` is disabled and the crate builds
-//! Rhai with `no_module`, so `import` does not parse. `print`/`debug` never reach stdout:
-//! [`Transform::apply_traced`] returns them, [`Transform::apply`] drops them. Every limit in
-//! [`Limits`] is enforced by the engine while the script runs, the deadline included (checked
-//! from the engine's progress hook, per call, so threads sharing one [`Transform`] do not
-//! share deadlines). String, array and map limits apply to the total inside one value: an
-//! array of maps counts every map entry, and a record's strings count together.
+//! Rhai with `no_module`, so `import` does not parse. A call to a function that is neither
+//! built in nor defined in the script is refused at compile time, with its name and position
+//! (calls through function pointers are resolved when they run). `print`/`debug` never reach
+//! stdout: [`Transform::apply_traced`] returns them, [`Transform::apply`] drops them.
 //!
-//! Rhai measures a value after each operation, so one operation can build more than a limit
-//! before it is refused: `replace`, which could multiply a string, is shadowed by a version
-//! that checks first; `array.map` building a new long string per element is the worst case
-//! left, and the deadline bounds it. Output is measured again on the way out, since a map
-//! grown key by key (`m[k] = v`) is not measured by Rhai until it is passed on.
+//! Every limit in [`Limits`] holds per record, wherever the script runs — callbacks of `map`,
+//! `filter`, `reduce` and the like, nested at any depth, included. Rhai runs callbacks on a
+//! copy of its run state and does not carry their operation count back, so the sandbox keeps
+//! its own budget per call, per thread, fed by the engine's progress hook (called at every
+//! operation): the operation count is checked at every operation; the deadline, the cancel
+//! flag of [`Transform::apply_traced_cancellable`] and the memory the call holds (counted by
+//! the process's allocator, [`Metered`]) every 64 operations. A stopped call stays stopped:
+//! `try`/`catch` cannot catch it, and every later operation stops again.
+//!
+//! String, array and map limits apply to the total inside one value: an array of maps counts
+//! every map entry, and a record's strings count together. Rhai measures a value after each
+//! operation that makes it, so one operation can build more than a size limit before it is
+//! refused: `replace`, which could multiply a string, is shadowed by a version that checks
+//! first; a native function collecting callback results (`array.map` building a long string
+//! per element) is bounded by the memory limit, checked between its callbacks. Output is
+//! measured again on the way out, since a map grown key by key (`m[k] = v`) is not measured
+//! by Rhai until it is passed on.
 //!
 //! Output converts back to JSON: `()` is `null`, characters are strings, BLOBs are arrays of
 //! numbers; NaN, infinities and function pointers are [`TransformError::InvalidOutput`], as is
@@ -62,20 +72,28 @@
 //! after, outside it); async callers batching many records should run it on a blocking
 //! thread.
 
+mod check;
 mod error;
+mod meter;
 mod sandbox;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_callbacks;
+#[cfg(test)]
+mod tests_check;
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rhai::{AST, Dynamic, Engine, EvalAltResult, ParseError, ParseErrorType, Scope};
 use serde_json::Value;
 
 pub use error::{CompileError, TransformError};
+pub use meter::{Metered, live_bytes};
+pub use sandbox::Cancel;
 
 /// The name the input record has in scripts.
 const RECORD: &str = "record";
@@ -106,13 +124,17 @@ pub struct Limits {
     pub max_outputs: usize,
     /// Size of the script source.
     pub max_script_bytes: usize,
+    /// Bytes one call may hold allocated at once, everything it builds counted (values,
+    /// callback results, intermediate strings), read between operations.
+    pub max_memory_bytes: usize,
     /// Wall-clock time per record.
     pub deadline: Duration,
 }
 
 impl Default for Limits {
     /// 100,000 operations, call depth 32, expression depth 64, 64 KiB of strings, 10,000
-    /// array elements, 10,000 map entries, 1,000 outputs, 64 KiB of script, 50 ms.
+    /// array elements, 10,000 map entries, 1,000 outputs, 64 KiB of script, 32 MiB of memory,
+    /// 50 ms.
     fn default() -> Self {
         Limits {
             max_operations: 100_000,
@@ -123,6 +145,7 @@ impl Default for Limits {
             max_map_len: 10_000,
             max_outputs: 1_000,
             max_script_bytes: 64 * 1024,
+            max_memory_bytes: 32 * 1024 * 1024,
             deadline: Duration::from_millis(50),
         }
     }
@@ -223,7 +246,7 @@ impl Transform {
     /// A [`TransformError`] for this record: a limit hit, a script failure, an output that is
     /// not records, or an output that violates the schema. Other records are unaffected.
     pub fn apply(&self, record: &Value) -> Result<Vec<Value>, TransformError> {
-        self.run(record, false).0
+        self.run(record, None, false).0
     }
 
     /// Like [`Transform::apply`], also returning what the script printed with `print` and
@@ -232,12 +255,26 @@ impl Transform {
         &self,
         record: &Value,
     ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
-        self.run(record, true)
+        self.run(record, None, true)
+    }
+
+    /// Like [`Transform::apply_traced`], and stopped with [`TransformError::Cancelled`]
+    /// within a few microseconds of `cancel` being set, wherever the script is.
+    pub fn apply_traced_cancellable(
+        &self,
+        record: &Value,
+        cancel: &Cancel,
+    ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
+        if cancel.is_cancelled() {
+            return (Err(TransformError::Cancelled), Vec::new());
+        }
+        self.run(record, Some(cancel), true)
     }
 
     fn run(
         &self,
         record: &Value,
+        cancel: Option<&Cancel>,
         traced: bool,
     ) -> (Result<Vec<Value>, TransformError>, Vec<String>) {
         let inner = &*self.inner;
@@ -245,7 +282,7 @@ impl Transform {
             return (self.check(vec![record.clone()]), Vec::new());
         };
         let limits = &inner.limits;
-        let call = sandbox::Call::begin(Instant::now().checked_add(limits.deadline), traced);
+        let call = sandbox::Call::begin(limits, cancel, traced);
         let output = to_dynamic(record).and_then(|input| {
             let mut scope = Scope::new();
             scope.push(RECORD, input);
@@ -304,6 +341,13 @@ fn compile_script(script: &str, limits: &Limits) -> Result<Program, CompileError
     let ast = engine
         .compile_with_scope(&scope, script)
         .map_err(|e| syntax_error(e, limits))?;
+    if let Some((name, pos)) = check::unknown_call(&engine, &ast) {
+        return Err(CompileError::UnknownFunction {
+            name: clip(name),
+            line: pos.line(),
+            column: pos.position(),
+        });
+    }
     Ok(Program { engine, ast })
 }
 
@@ -654,7 +698,14 @@ fn runtime_error(mut error: EvalAltResult, limits: &Limits) -> TransformError {
         line = Some(inner_line);
     }
     match error {
-        EvalAltResult::ErrorTerminated(..) => TransformError::Deadline(limits.deadline),
+        EvalAltResult::ErrorTerminated(token, ..) => match sandbox::Stop::from_token(&token) {
+            Some(sandbox::Stop::Operations) => {
+                TransformError::TooManyOperations(limits.max_operations)
+            }
+            Some(sandbox::Stop::Memory) => TransformError::Memory(limits.max_memory_bytes),
+            Some(sandbox::Stop::Cancelled) => TransformError::Cancelled,
+            Some(sandbox::Stop::Deadline) | None => TransformError::Deadline(limits.deadline),
+        },
         EvalAltResult::ErrorTooManyOperations(..) => {
             TransformError::TooManyOperations(limits.max_operations)
         }

@@ -1,12 +1,14 @@
 //! The Rhai engine a transform runs in, and the per-call state its hooks read.
 //!
 //! The engine is built once per [`Transform`](super::Transform) and shared by every thread
-//! that applies it, so what differs per call (the deadline, whether `print` is captured)
-//! lives in thread-locals set by [`Call::begin`] around one evaluation. Rhai evaluates on
-//! the caller's thread, so the hooks see the state of the call that triggered them.
+//! that applies it, so what differs per call (its operation, time and memory budget, its
+//! cancel flag, whether `print` is captured) lives in thread-locals set by [`Call::begin`]
+//! around one evaluation. Rhai evaluates on the caller's thread, callbacks included, so the
+//! hooks see the state of the call that triggered them.
 
-use std::cell::{Cell, RefCell};
-use std::sync::OnceLock;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use rhai::packages::{
@@ -16,14 +18,15 @@ use rhai::packages::{
 };
 use rhai::{Dynamic, Engine, EvalAltResult, ImmutableString, NativeCallContext};
 
-use super::Limits;
+use super::{Limits, meter};
 
 /// Variables alive at once. Loops reuse theirs, so this bounds the memory a script can pin
 /// with distinct `let`s (each value is itself capped by the size limits).
 pub(super) const MAX_VARIABLES: usize = 1_000;
-/// The deadline is read every this many operations (a power of two): an operation costs tens
-/// of nanoseconds, `Instant::now()` about twenty, so this keeps the check under 1 %.
-const DEADLINE_CHECK_EVERY: u64 = 256;
+/// The clock, the cancel flag and the memory meter are read every this many operations (a
+/// power of two): an operation costs tens of nanoseconds, `Instant::now()` about twenty, so
+/// this keeps the checks under 1 % while a stopped call ends within a few microseconds.
+const CHECK_EVERY: u64 = 64;
 /// Captured `print`/`debug` output per call, so a printing loop cannot grow it unbounded.
 const MAX_TRACE_LINES: usize = 1_000;
 const MAX_TRACE_BYTES: usize = 64 * 1024;
@@ -74,15 +77,11 @@ pub(super) fn engine(limits: &Limits) -> Engine {
     engine.set_max_map_size(limits.max_map_len.max(1));
     engine.set_max_variables(MAX_VARIABLES);
     register_checked_replace(&mut engine);
-    engine.on_progress(|operations| {
-        if operations % DEADLINE_CHECK_EVERY != 0 {
-            return None;
-        }
-        match DEADLINE.with(Cell::get) {
-            Some(deadline) if Instant::now() >= deadline => Some(Dynamic::UNIT),
-            _ => None,
-        }
-    });
+    // Rhai runs `map`/`filter`/`reduce`/… callbacks on a copy of its run state and does not
+    // carry their operation count back, so its own count (and any check keyed to it) restarts
+    // in every callback. The hook is called for every operation wherever it runs, so the
+    // call's own budget, counted here, holds inside callbacks at any depth.
+    engine.on_progress(|_| progress());
     engine.on_print(|text| trace(|| text.to_owned()));
     engine.on_debug(|text, _source, pos| {
         trace(|| match pos.line() {
@@ -149,9 +148,115 @@ fn replace_checked(
     Ok(())
 }
 
+/// Why the progress hook stopped a call. It travels to the caller as the termination token
+/// of Rhai's `ErrorTerminated`, which scripts cannot catch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stop {
+    /// The call ran more operations than [`Limits::max_operations`], callbacks included.
+    Operations,
+    /// The call ran past its deadline.
+    Deadline,
+    /// The caller gave up on the call (its [`Cancel`] was set).
+    Cancelled,
+    /// The call built more than [`Limits::max_memory_bytes`].
+    Memory,
+}
+
+impl Stop {
+    const ALL: [Stop; 4] = [
+        Stop::Operations,
+        Stop::Deadline,
+        Stop::Cancelled,
+        Stop::Memory,
+    ];
+
+    fn token(self) -> Dynamic {
+        Dynamic::from_int(self as i64)
+    }
+
+    /// The reason a termination token stands for.
+    pub(super) fn from_token(token: &Dynamic) -> Option<Stop> {
+        let n = token.as_int().ok()?;
+        Stop::ALL.into_iter().find(|stop| *stop as i64 == n)
+    }
+}
+
+/// A flag a caller sets to stop calls it no longer waits for; calls check it from the
+/// progress hook, so a running script stops within [`CHECK_EVERY`] operations.
+#[derive(Debug, Clone, Default)]
+pub struct Cancel(Arc<AtomicBool>);
+
+impl Cancel {
+    /// A flag not yet set.
+    pub fn new() -> Cancel {
+        Cancel::default()
+    }
+
+    /// Stops every call running under this flag, and every later one.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Cancel::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// What one call may still spend. Kept per thread rather than in Rhai's run state, which
+/// callbacks get a copy of: nothing a script does can reset it.
+struct Budget {
+    operations: u64,
+    max_operations: u64,
+    deadline: Option<Instant>,
+    cancel: Option<Cancel>,
+    /// The thread's live bytes when the call began.
+    memory_base: i64,
+    max_memory: i64,
+    /// Once stopped, every later operation stops too (nothing can swallow the stop).
+    stopped: Option<Stop>,
+}
+
+impl Budget {
+    fn check(&self) -> Option<Stop> {
+        if self.cancel.as_ref().is_some_and(Cancel::is_cancelled) {
+            return Some(Stop::Cancelled);
+        }
+        if meter::live_bytes().wrapping_sub(self.memory_base) > self.max_memory {
+            return Some(Stop::Memory);
+        }
+        match self.deadline {
+            Some(deadline) if Instant::now() >= deadline => Some(Stop::Deadline),
+            _ => None,
+        }
+    }
+}
+
+/// The progress hook: runs at every operation Rhai evaluates, in callbacks too.
+fn progress() -> Option<Dynamic> {
+    BUDGET.with(|budget| {
+        let mut budget = budget.borrow_mut();
+        // No budget: the engine is evaluating outside a call (constant folding at compile).
+        let budget = budget.as_mut()?;
+        if let Some(stop) = budget.stopped {
+            return Some(stop.token());
+        }
+        budget.operations += 1;
+        let stop = if budget.operations > budget.max_operations {
+            Some(Stop::Operations)
+        } else if budget.operations % CHECK_EVERY == 0 {
+            budget.check()
+        } else {
+            None
+        };
+        budget.stopped = stop;
+        stop.map(Stop::token)
+    })
+}
+
 thread_local! {
-    /// The deadline of the evaluation running on this thread, if any.
-    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// The budget of the evaluation running on this thread, if any.
+    static BUDGET: RefCell<Option<Budget>> = const { RefCell::new(None) };
     /// Where `print`/`debug` go during a traced evaluation; `None` discards them.
     static TRACE: RefCell<Option<Trace>> = const { RefCell::new(None) };
 }
@@ -179,20 +284,29 @@ fn trace(line: impl FnOnce() -> String) {
 }
 
 /// The per-call state of one evaluation on this thread; restores the previous state on drop,
-/// so a panic cannot leave a stale deadline behind.
+/// so a panic cannot leave a stale budget behind.
 pub(super) struct Call {
-    previous_deadline: Option<Instant>,
+    previous_budget: Option<Budget>,
     previous_trace: Option<Trace>,
 }
 
 impl Call {
-    /// Arms `deadline` (none when it does not fit in an `Instant`) and, when `traced`,
-    /// starts capturing `print`/`debug`.
-    pub(super) fn begin(deadline: Option<Instant>, traced: bool) -> Call {
-        let previous_deadline = DEADLINE.with(|d| d.replace(deadline));
+    /// Arms the budget of one call under `limits` (a deadline that does not fit in an
+    /// `Instant` is none) and, when `traced`, starts capturing `print`/`debug`.
+    pub(super) fn begin(limits: &Limits, cancel: Option<&Cancel>, traced: bool) -> Call {
+        let budget = Budget {
+            operations: 0,
+            max_operations: limits.max_operations.max(1),
+            deadline: Instant::now().checked_add(limits.deadline),
+            cancel: cancel.cloned(),
+            memory_base: meter::live_bytes(),
+            max_memory: i64::try_from(limits.max_memory_bytes).unwrap_or(i64::MAX),
+            stopped: None,
+        };
+        let previous_budget = BUDGET.with(|b| b.replace(Some(budget)));
         let previous_trace = TRACE.with(|t| t.replace(traced.then(Trace::default)));
         Call {
-            previous_deadline,
+            previous_budget,
             previous_trace,
         }
     }
@@ -216,7 +330,8 @@ impl Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
-        DEADLINE.with(|d| d.set(self.previous_deadline));
+        let previous_budget = self.previous_budget.take();
+        BUDGET.with(|b| *b.borrow_mut() = previous_budget);
         let previous = self.previous_trace.take();
         TRACE.with(|t| *t.borrow_mut() = previous);
     }

@@ -530,13 +530,21 @@ fn import_is_refused() {
 #[test]
 fn sleep_and_clocks_are_not_available() {
     for script in ["sleep(10); record", "timestamp(); record"] {
-        let err = compile(script).apply(&json!({})).unwrap_err();
+        let err = Transform::compile(Some(script), None, &Limits::default()).unwrap_err();
 
         assert!(
-            matches!(&err, TransformError::Runtime { message, .. } if message.contains("not found")),
+            matches!(&err, CompileError::UnknownFunction { line: Some(1), .. }),
             "{script}: {err:?}"
         );
     }
+    // Called through a pointer, which no compile-time check can follow, they are not found.
+    let err = compile("let f = Fn(\"sleep\"); f.call(10); record")
+        .apply(&json!({}))
+        .unwrap_err();
+    assert!(
+        matches!(&err, TransformError::Runtime { message, .. } if message.contains("not found")),
+        "{err:?}"
+    );
 }
 
 #[test]

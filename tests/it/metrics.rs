@@ -353,6 +353,11 @@ async fn the_scrape_is_openmetrics_with_registry_series_and_passes_promtool() {
         .unwrap()
         .into_inner();
 
+    // Readiness is a series too, written by each check (gRPC health checks every second).
+    wait_for_scrape(&app, "the registry scraped as ready", |text| {
+        (value(text, "dsreg_ready") == Some(1.0)).then_some(())
+    })
+    .await;
     let text = wait_for_scrape(&app, "the publish's reload measured", |text| {
         let running = format!(
             "dsreg_datasource_worker_state{{datasource=\"{id}\",kind=\"generator\",state=\"running\"}}"

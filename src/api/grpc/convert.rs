@@ -72,7 +72,7 @@ pub fn json_document(field: &str, value: &str, max: usize) -> Result<serde_json:
     if value.trim().is_empty() {
         return Err(invalid(field, "must not be empty"));
     }
-    serde_json::from_str(value).map_err(|e| {
+    let doc: serde_json::Value = serde_json::from_str(value).map_err(|e| {
         invalid(
             field,
             format!(
@@ -82,10 +82,46 @@ pub fn json_document(field: &str, value: &str, max: usize) -> Result<serde_json:
                 e.classify_name()
             ),
         )
-    })
+    })?;
+    if let Some(path) = nul_at(&doc, &mut String::new()) {
+        return Err(invalid(
+            field,
+            format!("holds a NUL character (\\u0000) at '{path}', which cannot be stored"),
+        ));
+    }
+    Ok(doc)
 }
 
-/// Checks a free-text field's length.
+/// The JSON Pointer of the first key or string in `value` holding a NUL character: Postgres
+/// stores neither in `text` nor in `jsonb`.
+fn nul_at(value: &serde_json::Value, path: &mut String) -> Option<String> {
+    match value {
+        serde_json::Value::String(s) if s.contains('\0') => Some(path.clone()),
+        serde_json::Value::Array(items) => items.iter().enumerate().find_map(|(i, item)| {
+            let len = path.len();
+            path.push_str(&format!("/{i}"));
+            let found = nul_at(item, path);
+            path.truncate(len);
+            found
+        }),
+        serde_json::Value::Object(fields) => fields.iter().find_map(|(key, item)| {
+            let len = path.len();
+            path.push('/');
+            path.push_str(&key.replace('~', "~0").replace('/', "~1"));
+            let found = if key.contains('\0') {
+                Some(path.clone())
+            } else {
+                nul_at(item, path)
+            };
+            path.truncate(len);
+            found
+        }),
+        _ => None,
+    }
+}
+
+/// Checks a free-text field's length, and that it holds no NUL character (Postgres text
+/// cannot).
 ///
 /// # Errors
 /// INVALID_ARGUMENT naming `field`.
@@ -94,6 +130,12 @@ pub fn text(field: &str, value: &str, max: usize) -> Result<(), Status> {
         return Err(invalid(
             field,
             format!("is {} bytes; at most {max} allowed", value.len()),
+        ));
+    }
+    if value.contains('\0') {
+        return Err(invalid(
+            field,
+            "holds a NUL character, which cannot be stored",
         ));
     }
     Ok(())

@@ -131,6 +131,8 @@ impl pb::harness_server::Harness for HarnessService {
         request: Request<pb::RunTestRequest>,
     ) -> Result<Response<pb::RunTestResponse>, Status> {
         let call = Call::of(&request, "RunTest")?;
+        // A slot first: a refused run costs no database work.
+        let slot = self.0.harness_slots.take().map_err(status::harness)?;
         let r = request.into_inner();
         let id = convert::id("datasource_id", &r.datasource_id)?;
         if r.samples_json.len() > MAX_SAMPLES {
@@ -180,6 +182,7 @@ impl pb::harness_server::Harness for HarnessService {
         drop(client);
         let report = harness::run(
             &self.0.catalog,
+            slot,
             harness::Request {
                 kind: ds.kind,
                 config,

@@ -6,6 +6,7 @@
 pub mod auth;
 pub mod call;
 pub mod catalog;
+pub mod codec;
 pub mod convert;
 pub mod datasources;
 pub mod events;
@@ -63,6 +64,8 @@ pub struct Ctx {
     pub secrets: Option<Arc<crate::secrets::Secrets>>,
     /// Limits of test runs' transforms.
     pub limits: Limits,
+    /// The test runs allowed at once.
+    pub harness_slots: crate::harness::Slots,
     /// Bumped when workers' states or the outbox change.
     pub activity: Activity,
     /// The listener's counters.

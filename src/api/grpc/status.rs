@@ -115,6 +115,8 @@ pub fn harness(e: harness::Error) -> Status {
         E::Compile(c) => invalid("config_json.transform", c.to_string()),
         E::Deadline(_) => Status::deadline_exceeded(e.to_string()),
         E::Fetch(_) => Status::failed_precondition(e.to_string()),
+        E::Busy(_) => Status::resource_exhausted(e.to_string()),
+        E::Failed => Status::internal(e.to_string()),
     }
 }
 
