@@ -5,6 +5,7 @@
 //! progress through its [`Health`] handle and writes records to its [`sink::SinkHandle`]. It
 //! does not decide when it runs (that is the supervisor's) nor map data (the transform's).
 
+pub mod contain;
 pub mod generator;
 pub mod http_poll;
 pub mod sink;
@@ -462,19 +463,34 @@ impl Catalog {
             )),
             None => {}
         }
-        if problems.is_empty()
-            && let Err(e) = connector.validate(config)
-        {
-            problems.push(e);
+        // The kind's code runs contained: a config it panics on is refused, naming the panic.
+        let refused = |e: contain::Panicked| ConfigError::new("", e.to_string());
+        if problems.is_empty() {
+            match contain::contain("validate", || connector.validate(config)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(e),
+                Err(e) => problems.push(refused(e)),
+            }
         }
-        if let Err(e) = crate::transform::Transform::from_config(config, limits) {
-            problems.push(ConfigError {
+        match contain::contain("transform", || {
+            crate::transform::Transform::from_config(config, limits)
+        }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(ConfigError {
                 line: e.line(),
                 ..ConfigError::new(e.field(), e.to_string())
-            });
+            }),
+            Err(e) => problems.push(refused(e)),
         }
-        for missing in connector
-            .required_secrets(config)
+        let required =
+            match contain::contain("required_secrets", || connector.required_secrets(config)) {
+                Ok(required) => required,
+                Err(e) => {
+                    problems.push(refused(e));
+                    Vec::new()
+                }
+            };
+        for missing in required
             .into_iter()
             .filter(|name| !secret_names.contains(name))
         {
@@ -555,6 +571,35 @@ pub(crate) fn optional_number(
                 format!("must be a non-negative number, got {v}"),
             )),
         },
+    }
+}
+
+/// Reads an optional integer field of a config object, `default` when absent, refused unless
+/// it is a whole number from `min` to `max` (a JSON number written `5.0` counts as whole, as in
+/// JSON Schema).
+///
+/// # Errors
+/// The field is present but not a whole number within the bounds.
+pub(crate) fn integer_in(
+    config: &serde_json::Value,
+    field: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let refused = || ConfigError::new(field, format!("must be an integer from {min} to {max}"));
+    match config.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => {
+            if let Some(n) = v.as_u64() {
+                return (min..=max).contains(&n).then_some(n).ok_or_else(refused);
+            }
+            match v.as_f64() {
+                // Bounds below 2^53 are exact as floats, so the comparison is exact too.
+                Some(n) if n.fract() == 0.0 && n >= min as f64 && n <= max as f64 => Ok(n as u64),
+                _ => Err(refused()),
+            }
+        }
     }
 }
 

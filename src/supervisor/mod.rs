@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::connectors::contain::{Panicked, contain};
 use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
@@ -922,7 +923,7 @@ impl Supervisor {
             .filter(|(row, _)| {
                 let connector = self.catalog.get(&row.kind);
                 let config = row.config.as_ref();
-                matches!((connector, config), (Some(c), Some(config)) if !c.required_secrets(config).is_empty())
+                matches!((connector, config), (Some(c), Some(config)) if contain("required_secrets", || c.required_secrets(config)).is_ok_and(|r| !r.is_empty()))
             })
             .map(|(row, _)| row.datasource_id)
             .collect();
@@ -958,8 +959,7 @@ impl Supervisor {
     fn converge(&mut self, row: Desired, key: SpecKey, secrets: Option<Result<SecretMap, String>>) {
         let id = row.datasource_id;
         match self.build(&row, key, secrets) {
-            Ok(spec) => {
-                let stall_after = spec.connector.stall_after(&spec.config);
+            Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.key = key;
@@ -1012,13 +1012,16 @@ impl Supervisor {
         }
     }
 
-    /// Builds a worker spec from the tables, or says why it cannot run.
+    /// Builds a worker spec and its stall limit from the tables, or says why it cannot run.
+    /// The kind's code runs contained: a config that makes it panic is refused like an
+    /// invalid one, as this datasource's error.
     fn build(
         &self,
         row: &Desired,
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
-    ) -> Result<Spec, (&'static str, String)> {
+    ) -> Result<(Spec, Option<Duration>), (&'static str, String)> {
+        let panicked = |e: Panicked| ("connector_panicked", e.to_string());
         let connector = self
             .catalog
             .get(&row.kind)
@@ -1033,22 +1036,28 @@ impl Supervisor {
             .config
             .clone()
             .ok_or_else(|| ("invalid_config", format!("version {} has no config", key.0)))?;
-        connector
-            .validate(&config)
+        contain("validate", || connector.validate(&config))
+            .map_err(panicked)?
             .map_err(|e| ("invalid_config", e.to_string()))?;
-        let transform = Transform::from_config(&config, &self.config.limits)
-            .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let transform = contain("transform", || {
+            Transform::from_config(&config, &self.config.limits)
+        })
+        .map_err(panicked)?
+        .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let stall_after =
+            contain("stall_after", || connector.stall_after(&config)).map_err(panicked)?;
+        let required = contain("required_secrets", || connector.required_secrets(&config))
+            .map_err(panicked)?;
         let secrets = secrets
             .unwrap_or_else(|| Ok(SecretMap::default()))
             .map_err(|e| ("secret_unavailable", e))?;
-        if let Some(missing) = connector
-            .required_secrets(&config)
+        if let Some(missing) = required
             .into_iter()
             .find(|name| !secrets.contains_key(name))
         {
             return Err(("secret_missing", format!("secret {missing:?} is missing")));
         }
-        Ok(Spec {
+        let spec = Spec {
             datasource_id: row.datasource_id,
             version: key.0,
             generation: key.1,
@@ -1058,7 +1067,8 @@ impl Supervisor {
             transform,
             secrets,
             trace: tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
-        })
+        };
+        Ok((spec, stall_after))
     }
 
     fn start_worker(&mut self, spec: Spec, key: SpecKey, stall_after: Option<Duration>) {

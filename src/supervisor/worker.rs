@@ -177,8 +177,12 @@ pub async fn run(
             cancel: run_cancel.clone(),
             health: health.clone(),
         };
-        // A connector runs in a task of its own, so a panic is caught here, not in the registry.
-        let mut run = tokio::spawn(spec.connector.run(ctx));
+        // A connector runs in a task of its own (its `run` called there too), so a panic is
+        // caught here, not in the registry.
+        let connector = spec.connector.clone();
+        let mut run = tokio::spawn(crate::telemetry::panics::scoped(id, async move {
+            connector.run(ctx).await
+        }));
         health.set_running(true);
         if let Some(observer) = &env.started {
             let _ = observer.send(Started {

@@ -1,9 +1,11 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
+mod bounds;
 mod canary;
 mod cli;
 mod cluster;
 mod connectors;
+mod containment;
 mod deploy;
 mod files;
 mod grpc;

@@ -113,6 +113,8 @@ pub fn harness(e: harness::Error) -> Status {
         E::Compile(c) => invalid("config_json.transform", c.to_string()),
         E::Deadline(_) => Status::deadline_exceeded(e.to_string()),
         E::Fetch(_) => Status::failed_precondition(e.to_string()),
+        // The kind's code cannot handle this config or sample: the caller's input to change.
+        E::Panicked(_) => invalid("config_json", e.to_string()),
     }
 }
 
