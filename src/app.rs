@@ -295,17 +295,40 @@ impl App {
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));
-        {
-            let shutdown = shutdown.child_token();
-            // Workers write to the sink until they stop; the sink drains after them.
+        let fatal = Arc::new(api::ready::Fatal::default());
+        // The supervisor is supervised: its task ending before shutdown (a panic in it) makes
+        // the process unready and then end with an error, for the orchestrator to restart it.
+        // Its leases are no longer renewed and its workers are aborted as it unwinds.
+        let supervisor_ended = {
+            let supervisor_task = tracker.spawn(supervisor.run(signals_rx, shutdown.child_token()));
+            let (fatal, shutdown) = (fatal.clone(), shutdown.clone());
             tracker.spawn(async move {
-                supervisor.run(signals_rx, shutdown).await;
+                let ended = supervisor_task.await;
+                // Workers write to the sink until they stop; the sink drains after them.
                 sink_stop.cancel();
-            });
-        }
+                if shutdown.is_cancelled() && ended.is_ok() {
+                    return None;
+                }
+                let reason = match ended {
+                    Err(e) if e.is_panic() => format!(
+                        "the supervisor stopped: it panicked ({})",
+                        crate::connectors::contain::message_of(&*e.into_panic())
+                    ),
+                    Err(e) => format!("the supervisor stopped: {e}"),
+                    Ok(()) => "the supervisor stopped unexpectedly".to_owned(),
+                };
+                tracing::error!(
+                    reason = %reason,
+                    "not ready: no worker can be started or stopped any more; leases are no longer renewed and the process exits"
+                );
+                fatal.set(reason.clone());
+                Some(reason)
+            })
+        };
         let readiness = api::ready::Readiness {
             pool: self.pool.clone(),
             listener: self.listener_stats.clone(),
+            fatal,
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
@@ -347,6 +370,7 @@ impl App {
         tracker.close();
         let served = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
+            Ok(Some(reason)) = supervisor_ended => Err(anyhow::anyhow!(reason)),
             r = async { tokio::join!(http, grpc) } => {
                 let (h, g) = r;
                 h.context("HTTP task")

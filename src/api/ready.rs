@@ -1,6 +1,6 @@
-//! Readiness, one definition for both ports: the database answers, holds the latest schema,
-//! and the LISTEN connection is up. `/readyz` answers it; gRPC health reports NOT_SERVING
-//! while it fails.
+//! Readiness, one definition for both ports: no essential task has ended ([`Fatal`]), the
+//! database answers, holds the latest schema, and the LISTEN connection is up. `/readyz`
+//! answers it; gRPC health reports NOT_SERVING while it fails.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -14,13 +14,32 @@ use crate::outbox::listener::ListenerStats;
 /// How long a readiness probe waits for the database.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why an essential task (the supervisor) ended while the process was meant to run: set
+/// once, never cleared — the process is on its way out and exits non-zero.
+#[derive(Debug, Default)]
+pub struct Fatal(std::sync::OnceLock<String>);
+
+impl Fatal {
+    /// Records why the process can no longer do its work (the first reason is kept).
+    pub fn set(&self, reason: String) {
+        let _ = self.0.set(reason);
+    }
+
+    /// The reason, once set.
+    pub fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
 /// What readiness looks at; cheap to clone.
 #[derive(Clone)]
 pub struct Readiness {
-    /// The pool the registry serves from.
+    /// The pool readiness probes use (the control plane's, which workers cannot take).
     pub pool: Pool,
     /// The LISTEN connection's state.
     pub listener: Arc<ListenerStats>,
+    /// Set when an essential task ended unexpectedly.
+    pub fatal: Arc<Fatal>,
 }
 
 impl Readiness {
@@ -29,6 +48,9 @@ impl Readiness {
     /// # Errors
     /// The reason, for `/readyz` and the log.
     pub async fn check(&self) -> Result<(), String> {
+        if let Some(reason) = self.fatal.reason() {
+            return Err(reason.to_owned());
+        }
         let probe = async {
             let client = self
                 .pool
@@ -51,5 +73,29 @@ impl Readiness {
             return Err("the LISTEN connection is down; reconnecting".to_owned());
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ended_supervisor_makes_the_process_unready_before_anything_else_is_asked() {
+        // No database behind the pool: the fatal reason is answered without asking it.
+        let readiness = Readiness {
+            pool: db::pool("postgres://127.0.0.1:1/none", 1, Duration::from_millis(10)).unwrap(),
+            listener: Arc::default(),
+            fatal: Arc::default(),
+        };
+        assert!(readiness.check().await.unwrap_err().contains("database"));
+        readiness
+            .fatal
+            .set("the supervisor stopped: it panicked (bug)".into());
+        readiness.fatal.set("a later reason".into());
+        assert_eq!(
+            readiness.check().await.unwrap_err(),
+            "the supervisor stopped: it panicked (bug)"
+        );
     }
 }

@@ -82,6 +82,9 @@ pub struct SupervisorConfig {
     pub limits: Limits,
     /// Lease pacing.
     pub leases: LeaseConfig,
+    /// Fault injection for tests of the supervision path: when this fires, the supervisor's
+    /// task panics, as a bug in it would. `None` in production.
+    pub fault: Option<CancellationToken>,
 }
 
 impl Default for SupervisorConfig {
@@ -94,7 +97,18 @@ impl Default for SupervisorConfig {
             passes: None,
             limits: Limits::default(),
             leases: LeaseConfig::default(),
+            fault: None,
         }
+    }
+}
+
+/// Ends this instance's tenure when dropped: every worker is aborted at once, so a supervisor
+/// task that ends (a panic unwinding through it included) leaves nothing running without it.
+struct AbortWorkersOnDrop(Arc<Tenure>);
+
+impl Drop for AbortWorkersOnDrop {
+    fn drop(&mut self) {
+        self.0.guard().cancel();
     }
 }
 
@@ -287,6 +301,11 @@ impl Supervisor {
     ) {
         self.wait_out_namesake(&shutdown).await;
         let renewer_stop = CancellationToken::new();
+        // However this task ends (a panic included), the leases stop being renewed and the
+        // workers stop: another instance can take over once the leases lapse.
+        let _renewer_stop = renewer_stop.clone().drop_guard();
+        let _abort_workers = AbortWorkersOnDrop(self.cluster.tenure.clone());
+        let fault = self.config.fault.clone().unwrap_or_default();
         {
             let (renewer, renewals) = Renewer::new(
                 self.pool.clone(),
@@ -334,6 +353,9 @@ impl Supervisor {
             let result = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                () = fault.cancelled(), if self.config.fault.is_some() => {
+                    panic!("fault injected into the supervisor")
+                }
                 Ok(()) = renewals.changed() => {
                     let renewal = renewals.borrow_and_update().clone();
                     match renewal {

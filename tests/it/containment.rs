@@ -192,3 +192,27 @@ async fn the_api_refuses_configs_that_would_panic_naming_the_field() {
     assert!(ready(&app).await);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_supervisor_that_dies_stops_its_workers_and_the_process_ends_with_an_error() {
+    let db = TestDb::new().await;
+    let fault = tokio_util::sync::CancellationToken::new();
+    let inject = fault.clone();
+    let app = TestApp::spawn(&db.url, move |app| {
+        app.supervisor.fault = Some(inject);
+    })
+    .await;
+    let ds = db.datasource("working").await;
+    let v = db.version(ds.id, json!({ "rate_per_sec": 200 })).await;
+    db.publish_sql(ds.id, v).await;
+    records_beyond(&db, ds.id, v, 0).await;
+    assert!(ready(&app).await);
+
+    fault.cancel();
+    let ended = app.finished(WAIT).await;
+    let error = format!("{:#}", ended.expect_err("the process ends with an error"));
+    assert!(
+        error.contains("the supervisor stopped") && error.contains("fault injected"),
+        "{error}"
+    );
+}
