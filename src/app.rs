@@ -39,6 +39,11 @@ use crate::telemetry::metrics::Metrics;
 /// two or four readers made smaller batches, more statements, and slower calls).
 const STATUS_READERS: usize = 1;
 
+/// Connections of the control plane's own pool: lease renewal, the state writer, the
+/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool,
+/// so the registry opens this many more connections than `--pool-size`).
+pub const CONTROL_POOL_SIZE: usize = 4;
+
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 
@@ -110,6 +115,8 @@ pub struct App {
     http: TcpListener,
     grpc: TcpListener,
     pool: Pool,
+    /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
+    control: Pool,
     schema_version: i32,
     instance_id: String,
     /// Where other instances and clients reach this one's gRPC API.
@@ -155,6 +162,7 @@ impl App {
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -171,6 +179,7 @@ impl App {
             http,
             grpc,
             pool,
+            control,
             schema_version,
             instance_id: settings
                 .instance_id
@@ -235,7 +244,7 @@ impl App {
             .context("connecting the LISTEN connection")?;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) =
-            StateWriter::new(self.pool.clone(), self.instance_id.clone());
+            StateWriter::new(self.control.clone(), self.instance_id.clone());
         if let Some(written) = self.written {
             writer.observe(written);
         }
@@ -271,7 +280,11 @@ impl App {
             stop_deadline: self.stop_deadline,
             instance: self.instance_id.clone(),
             started: self.started,
-            pool: self.pool.clone(),
+            // Half the pool at most for cursors: reconciles, the sink and the API keep the rest.
+            pool: crate::connectors::CursorDb::new(
+                self.pool.clone(),
+                self.pool.status().max_size / 2,
+            ),
             ingress: ingress.clone(),
         };
         let me = crate::db::repository::leases::InstanceInfo {
@@ -289,6 +302,7 @@ impl App {
             me,
         );
         supervisor.measure(self.metrics.clone());
+        supervisor.control_plane(self.control.clone());
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
@@ -326,7 +340,7 @@ impl App {
             })
         };
         let readiness = api::ready::Readiness {
-            pool: self.pool.clone(),
+            pool: self.control.clone(),
             listener: self.listener_stats.clone(),
             fatal,
         };
@@ -387,6 +401,7 @@ impl App {
             );
         }
         self.pool.close();
+        self.control.close();
         served
     }
 }

@@ -195,6 +195,8 @@ fn reconcile_span(datasources: usize, traces: &[String]) -> tracing::Span {
 /// Reconciles this instance's workers with the tables.
 pub struct Supervisor {
     pool: Pool,
+    /// The control plane's connections (leases, heartbeats), which worker I/O cannot take.
+    control: Pool,
     catalog: Catalog,
     config: SupervisorConfig,
     env: WorkerEnv,
@@ -261,6 +263,7 @@ impl Supervisor {
         Self {
             cluster,
             secrets,
+            control: pool.clone(),
             pool,
             catalog,
             config,
@@ -274,6 +277,12 @@ impl Supervisor {
             heartbeats: None,
             pass: None,
         }
+    }
+
+    /// Takes leases, renews them and writes heartbeats on `pool` (a small pool of the
+    /// control plane's own) rather than the pool reconciles and workers share.
+    pub fn control_plane(&mut self, pool: Pool) {
+        self.control = pool;
     }
 
     /// Whether others were live at the latest look at the instances (see [`Peers`]).
@@ -308,7 +317,7 @@ impl Supervisor {
         let fault = self.config.fault.clone().unwrap_or_default();
         {
             let (renewer, renewals) = Renewer::new(
-                self.pool.clone(),
+                self.control.clone(),
                 self.cluster.me.clone(),
                 self.cluster.config.clone(),
                 self.cluster.tenure.clone(),
@@ -399,7 +408,7 @@ impl Supervisor {
     async fn wait_out_namesake(&self, shutdown: &CancellationToken) {
         let mut said = false;
         loop {
-            let left = match self.pool.get().await {
+            let left = match self.control.get().await {
                 Ok(client) => leases::live_for(&**client, &self.cluster.me.id).await,
                 Err(e) => Err(e.into()),
             };
@@ -427,7 +436,7 @@ impl Supervisor {
     }
 
     async fn register(&self) -> Result<(), Error> {
-        let client = self.pool.get().await?;
+        let client = self.control.get().await?;
         leases::register(&**client, &self.cluster.me).await
     }
 
@@ -533,7 +542,7 @@ impl Supervisor {
             .released
             .retain(|_, at| at.elapsed() < ttl.saturating_mul(2));
         let (mut live, standings) = {
-            let client = self.pool.get().await?;
+            let client = self.control.get().await?;
             (
                 leases::live_instances(&**client).await?,
                 leases::standings(&**client).await?,
@@ -627,7 +636,7 @@ impl Supervisor {
         }
         let sent = Instant::now();
         let claimed = {
-            let mut client = self.pool.get().await?;
+            let mut client = self.control.get().await?;
             leases::claim(&mut client, &self.cluster.me.id, ids).await?
         };
         if claimed.is_empty() {
@@ -676,7 +685,7 @@ impl Supervisor {
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
         let released = {
-            let mut client = self.pool.get().await?;
+            let mut client = self.control.get().await?;
             leases::release(&mut client, &self.cluster.me.id, &done, Release::Retired).await?
         };
         let now = Instant::now();
@@ -694,7 +703,7 @@ impl Supervisor {
     async fn sign_off(&mut self) -> Result<(), Error> {
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
-        let mut client = self.pool.get().await?;
+        let mut client = self.control.get().await?;
         let released = leases::sign_off(&mut client, &self.cluster.me.id).await?;
         self.cluster.held.clear();
         self.metered(|m| m.lease_moves("released", released as u64));
@@ -1169,7 +1178,7 @@ impl Supervisor {
             tracing::debug!("the last heartbeat write is still going: this one is skipped");
             return Ok(());
         }
-        let pool = self.pool.clone();
+        let pool = self.control.clone();
         let me = self.cluster.me.id.clone();
         let statements = beats.len().div_ceil(HEARTBEATS_PER_STATEMENT).max(1);
         let spacing = self.config.heartbeat_interval / HEARTBEAT_SPREAD / statements as u32;

@@ -73,8 +73,8 @@ pub struct WorkerEnv {
     pub instance: String,
     /// Start observer.
     pub started: Option<mpsc::UnboundedSender<Started>>,
-    /// For the pull sources' cursors.
-    pub pool: deadpool_postgres::Pool,
+    /// For the pull sources' cursors (bounded slots on the shared pool).
+    pub pool: crate::connectors::CursorDb,
     /// The push sources' inboxes.
     pub ingress: Ingress,
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use dsreg::connectors::sink::{Sink, Target};
 use dsreg::connectors::webhook::Ingress;
-use dsreg::connectors::{Catalog, CursorStore, Health, RunContext};
+use dsreg::connectors::{Catalog, CursorDb, CursorStore, Health, RunContext};
 use dsreg::secrets::SecretString;
 use dsreg::transform::{Limits, Transform};
 use proptest::prelude::*;
@@ -124,7 +124,7 @@ async fn short_run(
         secrets: Arc::new(secrets),
         sink: sink.handle(id, 1, 1, transform, health.clone()),
         cursor: CursorStore::new(
-            db.pool.clone(),
+            CursorDb::new(db.pool.clone(), 2),
             id,
             dsreg::db::repository::state::Writer {
                 generation: 0,

@@ -6,6 +6,7 @@ mod cli;
 mod cluster;
 mod connectors;
 mod containment;
+mod control_plane;
 mod deploy;
 mod files;
 mod grpc;
