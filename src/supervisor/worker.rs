@@ -210,12 +210,21 @@ pub async fn run(
         // The start is done: the span closes (and is exported) now, not when the worker ends.
         drop(start_span);
 
+        // Biased: a stop wins over the connector's own return, which the same cancellation
+        // causes (it would otherwise be recorded as `completed` about a third of the time).
         let next = tokio::select! {
-            r = &mut run => Next::Exited(r),
+            biased;
             () = cancel.cancelled() => Next::Stop,
+            r = &mut run => Next::Exited(r),
             changed = spec_rx.changed() => if changed.is_ok() { Next::Reload } else { Next::Stop },
         };
         health.set_running(false);
+        // The connector may have returned just as the stop came: still a stop (its task has
+        // ended, so there is nothing left to wait for).
+        if matches!(next, Next::Exited(_)) && cancel.is_cancelled() {
+            stopped(&env, &spec, false, "stopped");
+            return;
+        }
         let outcome = match next {
             Next::Stop => {
                 let stop_span =

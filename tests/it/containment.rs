@@ -216,3 +216,29 @@ async fn a_supervisor_that_dies_stops_its_workers_and_the_process_ends_with_an_e
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn after_a_restart_with_an_invalid_published_version_no_version_is_named_running() {
+    let db = TestDb::new().await;
+    let app = spawn(&db).await;
+    let ds = db.datasource("restarted").await;
+    let v1 = db.version(ds.id, json!({ "rate_per_sec": 0 })).await;
+    db.publish_sql(ds.id, v1).await;
+    db.wait_for_state(ds.id, "v1 running", |s| {
+        s.worker_status == WorkerStatus::Running && s.running_version == Some(v1)
+    })
+    .await;
+    app.stop().await.unwrap();
+
+    let v2 = db.version(ds.id, json!({ "rate_per_sec": 1e-19 })).await;
+    db.publish_sql(ds.id, v2).await;
+    let app = spawn(&db).await;
+    let state = db
+        .wait_for_state(ds.id, "the invalid version refused", |s| {
+            s.worker_status == WorkerStatus::Error
+        })
+        .await;
+    assert_eq!(state.error_code.as_deref(), Some("invalid_config"));
+    assert_eq!(state.running_version, None, "{state:?}");
+    app.stop().await.unwrap();
+}

@@ -19,5 +19,6 @@ mod publish;
 mod rbac;
 mod secrets;
 mod serve;
+mod stop_reasons;
 mod supervisor;
 mod traces;
