@@ -12,6 +12,7 @@ mod files;
 mod grpc;
 mod helpers;
 mod launcher;
+mod log_hygiene;
 mod metrics;
 mod migrations;
 mod outbox;
