@@ -78,3 +78,43 @@ async fn disabled_and_shut_down_workers_are_recorded_as_stopped_not_completed() 
     );
     assert!(!reasons.iter().any(|r| r == "completed"), "{reasons:?}");
 }
+
+#[tokio::test]
+async fn an_open_health_watch_does_not_hold_the_shutdown() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    // Long enough that a shutdown held to the grace would outlast the wait below.
+    settings.shutdown_grace_ms = 120_000;
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut watch = tonic_health::pb::health_client::HealthClient::new(channel)
+        .watch(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status, ServingStatus::Serving as i32);
+
+    let stopping = tokio::spawn(app.stop());
+    let mut last = first.status;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(message)) = watch.message().await {
+            last = message.status;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the watch stream ended with the shutdown");
+    assert_eq!(last, ServingStatus::NotServing as i32);
+    tokio::time::timeout(Duration::from_secs(30), stopping)
+        .await
+        .expect("the registry stopped without waiting out the grace")
+        .unwrap()
+        .unwrap();
+}
