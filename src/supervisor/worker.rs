@@ -23,6 +23,11 @@ use crate::db::repository::state::Transition;
 use crate::domain::WorkerStatus;
 use crate::transform::Transform;
 
+/// Worker failure log lines, across all workers: at most this many a second, each with the
+/// count held back (a thousand workers failing together must not flood the log).
+static FAILURE_LINES: crate::telemetry::throttle::Throttle =
+    crate::telemetry::throttle::Throttle::new(20);
+
 /// What a worker runs: a validated version of a datasource.
 #[derive(Clone)]
 pub struct Spec {
@@ -292,6 +297,18 @@ pub async fn run(
             ),
         };
         let verdict = failures.record(Instant::now(), rand::random::<f64>());
+        if let Some(suppressed) = FAILURE_LINES.admit() {
+            tracing::warn!(
+                datasource_id = %id,
+                version = spec.version,
+                code,
+                message = %message,
+                restart_count = verdict.failures,
+                crash_loop = verdict.crash_loop,
+                suppressed,
+                "worker failed"
+            );
+        }
         let status = if verdict.crash_loop {
             WorkerStatus::CrashLoop
         } else {

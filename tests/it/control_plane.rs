@@ -130,3 +130,44 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
     assert_eq!(errors, 0, "no worker failed waiting for a connection");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_transaction_holding_the_outbox_horizon_shows_live_with_its_pid_and_age() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let http = dsreg::connectors::http_client(Duration::from_secs(10)).unwrap();
+    let mut holder = db.client().await;
+    let tx = holder.transaction().await.unwrap();
+    let pid: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Taking a transaction id makes it hold the horizon.
+    tx.batch_execute("SELECT pg_current_xact_id()")
+        .await
+        .unwrap();
+
+    wait_for(
+        "the holder's pid and age on /metrics",
+        Duration::from_secs(15),
+        || async {
+            let shown = metric(&http, &app, "dsreg_outbox_horizon_holder_pid").await;
+            let age = metric(&http, &app, "dsreg_outbox_horizon_age_seconds").await;
+            (shown == f64::from(pid) && age > 0.0).then_some(())
+        },
+    )
+    .await;
+
+    tx.commit().await.unwrap();
+    wait_for(
+        "the holder gone from /metrics",
+        Duration::from_secs(15),
+        || async {
+            let shown = metric(&http, &app, "dsreg_outbox_horizon_holder_pid").await;
+            (shown != f64::from(pid)).then_some(())
+        },
+    )
+    .await;
+    app.stop().await.unwrap();
+}
