@@ -4,8 +4,13 @@
 //! Shutdown order: gRPC health NOT_SERVING and both servers stop accepting, the listener
 //! stops → the supervisor stops reconciling and stops every worker (each within its stop
 //! deadline) → the state writer writes their final states → the sink drains → tracker
-//! drained (bounded by the grace period) → pool closed → the embedded cluster stopped, if
+//! drained (bounded by the grace period) → pools closed → the embedded cluster stopped, if
 //! this process started it.
+//!
+//! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
+//! fail with the reason, and the run then stops everything and returns that error, so the
+//! process exits non-zero. The control plane (leases, heartbeats, state writes, readiness) has
+//! a pool of its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
