@@ -4,8 +4,13 @@
 //! Shutdown order: gRPC health NOT_SERVING and both servers stop accepting, the listener
 //! stops → the supervisor stops reconciling and stops every worker (each within its stop
 //! deadline) → the state writer writes their final states → the sink drains → tracker
-//! drained (bounded by the grace period) → pool closed → the embedded cluster stopped, if
+//! drained (bounded by the grace period) → pools closed → the embedded cluster stopped, if
 //! this process started it.
+//!
+//! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
+//! fail with the reason, and the run then stops everything and returns that error, so the
+//! process exits non-zero. The control plane (leases, heartbeats, state writes, readiness) has
+//! a pool of its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,6 +46,11 @@ use crate::telemetry::metrics::Metrics;
 /// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
 /// two or four readers made smaller batches, more statements, and slower calls).
 const STATUS_READERS: usize = 1;
+
+/// Connections of the control plane's own pool: lease renewal, the state writer, the
+/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool,
+/// so the registry opens this many more connections than `--pool-size`).
+pub const CONTROL_POOL_SIZE: usize = 4;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
@@ -113,6 +123,8 @@ pub struct App {
     http: TcpListener,
     grpc: TcpListener,
     pool: Pool,
+    /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
+    control: Pool,
     schema_version: i32,
     instance_id: String,
     /// Where other instances and clients reach this one's gRPC API.
@@ -163,6 +175,7 @@ impl App {
         if let Some(secrets) = &secrets {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
+        let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -179,6 +192,7 @@ impl App {
             http,
             grpc,
             pool,
+            control,
             schema_version,
             instance_id: settings
                 .instance_id
@@ -246,7 +260,7 @@ impl App {
             .context("connecting the LISTEN connection")?;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) =
-            StateWriter::new(self.pool.clone(), self.instance_id.clone());
+            StateWriter::new(self.control.clone(), self.instance_id.clone());
         if let Some(written) = self.written {
             writer.observe(written);
         }
@@ -284,7 +298,11 @@ impl App {
             stop_deadline: self.stop_deadline,
             instance: self.instance_id.clone(),
             started: self.started,
-            pool: self.pool.clone(),
+            // Half the pool at most for cursors: reconciles, the sink and the API keep the rest.
+            pool: crate::connectors::CursorDb::new(
+                self.pool.clone(),
+                self.pool.status().max_size / 2,
+            ),
             ingress: ingress.clone(),
         };
         let me = crate::db::repository::leases::InstanceInfo {
@@ -302,25 +320,49 @@ impl App {
             me,
         );
         supervisor.measure(self.metrics.clone());
+        supervisor.control_plane(self.control.clone());
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));
-        {
-            let shutdown = shutdown.child_token();
-            // Workers write to the sink until they stop; the sink drains after them.
+        let fatal = Arc::new(api::ready::Fatal::default());
+        // The supervisor is supervised: its task ending before shutdown (a panic in it) makes
+        // the process unready and then end with an error, for the orchestrator to restart it.
+        // Its leases are no longer renewed and its workers are aborted as it unwinds.
+        let supervisor_ended = {
+            let supervisor_task = tracker.spawn(supervisor.run(signals_rx, shutdown.child_token()));
+            let (fatal, shutdown) = (fatal.clone(), shutdown.clone());
             tracker.spawn(async move {
-                supervisor.run(signals_rx, shutdown).await;
+                let ended = supervisor_task.await;
+                // Workers write to the sink until they stop; the sink drains after them.
                 sink_stop.cancel();
-            });
-        }
+                if shutdown.is_cancelled() && ended.is_ok() {
+                    return None;
+                }
+                let reason = match ended {
+                    Err(e) if e.is_panic() => format!(
+                        "the supervisor stopped: it panicked ({})",
+                        crate::connectors::contain::message_of(&*e.into_panic())
+                    ),
+                    Err(e) => format!("the supervisor stopped: {e}"),
+                    Ok(()) => "the supervisor stopped unexpectedly".to_owned(),
+                };
+                tracing::error!(
+                    reason = %reason,
+                    "not ready: no worker can be started or stopped any more; leases are no longer renewed and the process exits"
+                );
+                fatal.set(reason.clone());
+                Some(reason)
+            })
+        };
         let readiness = api::ready::Readiness {
-            pool: self.pool.clone(),
+            pool: self.control.clone(),
             listener: self.listener_stats.clone(),
             sink: sink_status,
             gauge: self.metrics.ready(),
+            fatal,
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
@@ -363,6 +405,7 @@ impl App {
         tracker.close();
         let served = tokio::select! {
             () = shutdown.cancelled() => Ok(()),
+            Ok(Some(reason)) = supervisor_ended => Err(anyhow::anyhow!(reason)),
             r = async { tokio::join!(http, grpc) } => {
                 let (h, g) = r;
                 h.context("HTTP task")
@@ -379,6 +422,7 @@ impl App {
             );
         }
         self.pool.close();
+        self.control.close();
         served
     }
 }

@@ -6,6 +6,8 @@ use clap::Parser;
 fn main() -> std::process::ExitCode {
     let cli = dsreg::cli::Cli::parse();
     let telemetry = dsreg::telemetry::init(cli.log_level());
+    // Panics become structured, throttled log lines (contained ones included).
+    dsreg::telemetry::panics::install_hook();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

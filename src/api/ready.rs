@@ -1,7 +1,7 @@
-//! Readiness, one definition for both ports: the database answers, holds the latest schema,
-//! the LISTEN connection is up, and the sink commits (it has not been failing with nothing
-//! committed for a second). `/readyz` answers it; gRPC health reports NOT_SERVING
-//! while it fails.
+//! Readiness, one definition for both ports: no essential task has ended ([`Fatal`]), the
+//! database answers, holds the latest schema, the LISTEN connection is up, and the sink commits
+//! (it has not been failing with nothing committed for a second). `/readyz` answers it; gRPC
+//! health reports NOT_SERVING while it fails.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -15,10 +15,27 @@ use crate::outbox::listener::ListenerStats;
 /// How long a readiness probe waits for the database.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// Why an essential task (the supervisor) ended while the process was meant to run: set
+/// once, never cleared — the process is on its way out and exits non-zero.
+#[derive(Debug, Default)]
+pub struct Fatal(std::sync::OnceLock<String>);
+
+impl Fatal {
+    /// Records why the process can no longer do its work (the first reason is kept).
+    pub fn set(&self, reason: String) {
+        let _ = self.0.set(reason);
+    }
+
+    /// The reason, once set.
+    pub fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
 /// What readiness looks at; cheap to clone.
 #[derive(Clone)]
 pub struct Readiness {
-    /// The pool the registry serves from.
+    /// The pool readiness probes use (the control plane's, which workers cannot take).
     pub pool: Pool,
     /// The LISTEN connection's state.
     pub listener: Arc<ListenerStats>,
@@ -26,6 +43,8 @@ pub struct Readiness {
     pub sink: crate::connectors::sink::SinkStatus,
     /// Where each check's outcome is published (`dsreg_ready` on `/metrics`).
     pub gauge: prometheus_client::metrics::gauge::Gauge,
+    /// Set when an essential task ended unexpectedly.
+    pub fatal: Arc<Fatal>,
 }
 
 impl Readiness {
@@ -40,6 +59,9 @@ impl Readiness {
     }
 
     async fn probe(&self) -> Result<(), String> {
+        if let Some(reason) = self.fatal.reason() {
+            return Err(reason.to_owned());
+        }
         let probe = async {
             let client = self
                 .pool
@@ -62,5 +84,31 @@ impl Readiness {
             return Err("the LISTEN connection is down; reconnecting".to_owned());
         }
         self.sink.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_ended_supervisor_makes_the_process_unready_before_anything_else_is_asked() {
+        // No database behind the pool: the fatal reason is answered without asking it.
+        let readiness = Readiness {
+            pool: db::pool("postgres://127.0.0.1:1/none", 1, Duration::from_millis(10)).unwrap(),
+            listener: Arc::default(),
+            sink: Default::default(),
+            gauge: Default::default(),
+            fatal: Arc::default(),
+        };
+        assert!(readiness.check().await.unwrap_err().contains("database"));
+        readiness
+            .fatal
+            .set("the supervisor stopped: it panicked (bug)".into());
+        readiness.fatal.set("a later reason".into());
+        assert_eq!(
+            readiness.check().await.unwrap_err(),
+            "the supervisor stopped: it panicked (bug)"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The `generator` kind: synthetic records at a configured rate, for demos, tests and load.
 //!
-//! Config: `rate_per_sec` (default 1; 0 idles), `count` (stop emitting after this many),
+//! Config: `rate_per_sec` (default 1; 0 idles; otherwise from [`MIN_RATE`] to [`MAX_RATE`]),
+//! `count` (stop emitting after this many),
 //! `template` (an object merged into every record, which also carries `seq`).
 
 use std::sync::LazyLock;
@@ -15,6 +16,10 @@ use super::{
 
 /// Highest accepted rate.
 pub const MAX_RATE: f64 = 1_000_000.0;
+/// Lowest accepted rate other than 0: one record every 1,000 s. Below it the tick and the
+/// stall limit (both `1 / rate`) leave what a `Duration` can hold, and a generator that slow
+/// is an idle one.
+pub const MIN_RATE: f64 = 0.001;
 /// Shortest pause between batches; higher rates emit several records per tick.
 const MIN_TICK: Duration = Duration::from_millis(10);
 
@@ -26,7 +31,12 @@ static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
         "type": "object",
         "additionalProperties": false,
         "properties": {
-            "rate_per_sec": { "type": "number", "minimum": 0, "maximum": MAX_RATE, "default": 1 },
+            "rate_per_sec": {
+                "type": "number",
+                "maximum": MAX_RATE,
+                "anyOf": [{ "const": 0 }, { "minimum": MIN_RATE }],
+                "default": 1
+            },
             "count": { "type": "integer", "minimum": 0 },
             "template": { "type": "object" }
         }
@@ -68,10 +78,10 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         }
     }
     let rate = optional_number(config, "rate_per_sec")?.unwrap_or(1.0);
-    if rate > MAX_RATE {
+    if rate > MAX_RATE || (rate != 0.0 && rate < MIN_RATE) {
         return Err(ConfigError::new(
             "rate_per_sec",
-            format!("must be at most {MAX_RATE}"),
+            format!("must be 0 (idle) or from {MIN_RATE} to {MAX_RATE}"),
         ));
     }
     let count = match config.get("count") {

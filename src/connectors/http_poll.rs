@@ -27,7 +27,7 @@ use crate::secrets::{redact_url, redact_urls};
 
 use super::{
     BoxFuture, ConfigError, Connector, Error, KindInfo, LeaseCheck, Mode, RunContext, VERSION_KEYS,
-    optional_number,
+    integer_in,
 };
 
 /// The longest a `Retry-After` is waited out within one poll; a longer one ends the run with
@@ -88,14 +88,7 @@ fn millis(
     min: u64,
     max: u64,
 ) -> Result<Duration, ConfigError> {
-    let value = optional_number(config, field)?.unwrap_or(default as f64);
-    if value.fract() != 0.0 || value < min as f64 || value > max as f64 {
-        return Err(ConfigError::new(
-            field,
-            format!("must be an integer from {min} to {max}"),
-        ));
-    }
-    Ok(Duration::from_millis(value as u64))
+    integer_in(config, field, default, min, max).map(Duration::from_millis)
 }
 
 fn string(config: &Value, field: &str) -> Result<Option<String>, ConfigError> {
@@ -190,13 +183,10 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         bearer_secret: string(config, "bearer_secret")?,
         record_path,
         timeout: millis(config, "timeout_ms", 10_000, 100, 300_000)?,
-        max_retries: optional_number(config, "max_retries")?
-            .unwrap_or(3.0)
-            .min(20.0) as u32,
+        // At most 20 (checked), so the cast keeps the value.
+        max_retries: integer_in(config, "max_retries", 3, 0, 20)? as u32,
         retry_base: millis(config, "retry_base_ms", 200, 1, 60_000)?,
-        max_body_bytes: optional_number(config, "max_body_bytes")?
-            .unwrap_or(10_485_760.0)
-            .clamp(1.0, 104_857_600.0) as usize,
+        max_body_bytes: integer_in(config, "max_body_bytes", 10_485_760, 1, 104_857_600)? as usize,
         cursor,
     })
 }

@@ -5,6 +5,7 @@
 //! progress through its [`Health`] handle and writes records to its [`sink::SinkHandle`]. It
 //! does not decide when it runs (that is the supervisor's) nor map data (the transform's).
 
+pub mod contain;
 pub mod generator;
 pub mod http_poll;
 pub mod sink;
@@ -348,10 +349,49 @@ impl RunContext {
     }
 }
 
+/// The database every worker's cursor store shares: a pool, and slots bounding how many
+/// cursor reads and saves use it at once. Thousands of pull workers starting together queue
+/// for a slot (without a deadline) instead of taking every connection and failing on the
+/// pool's wait timeout; the rest of the pool stays free for reconciles, the sink and the API.
+#[derive(Clone)]
+pub struct CursorDb {
+    pool: deadpool_postgres::Pool,
+    slots: Arc<tokio::sync::Semaphore>,
+}
+
+impl CursorDb {
+    /// Cursor I/O on `pool`, at most `slots` (at least one) at a time.
+    pub fn new(pool: deadpool_postgres::Pool, slots: usize) -> Self {
+        Self {
+            pool,
+            slots: Arc::new(tokio::sync::Semaphore::new(slots.max(1))),
+        }
+    }
+
+    /// A connection, once a slot is free; the slot is held as long as the connection.
+    async fn get(&self, doing: &str) -> Result<(deadpool_postgres::Client, SlotPermit), Error> {
+        let permit = self
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            // The semaphore is never closed.
+            .map_err(|_| Error::Source(format!("{doing}: the registry is stopping")))?;
+        let client = self
+            .pool
+            .get()
+            .await
+            .map_err(|e| Error::Source(format!("{doing}: {e}")))?;
+        Ok((client, permit))
+    }
+}
+
+type SlotPermit = tokio::sync::OwnedSemaphorePermit;
+
 /// A datasource's source position (`datasource_state.source_cursor`).
 #[derive(Clone)]
 pub struct CursorStore {
-    pool: deadpool_postgres::Pool,
+    db: CursorDb,
     datasource_id: Uuid,
     writer: crate::db::repository::state::Writer,
 }
@@ -360,12 +400,12 @@ impl CursorStore {
     /// The store of `datasource_id` for the worker `writer` (its restart generation, instance
     /// and lease epoch).
     pub fn new(
-        pool: deadpool_postgres::Pool,
+        db: CursorDb,
         datasource_id: Uuid,
         writer: crate::db::repository::state::Writer,
     ) -> Self {
         Self {
-            pool,
+            db,
             datasource_id,
             writer,
         }
@@ -376,11 +416,7 @@ impl CursorStore {
     /// # Errors
     /// [`Error::Source`] when the database cannot be read.
     pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Source(format!("reading the cursor: {e}")))?;
+        let (client, _slot) = self.db.get("reading the cursor").await?;
         crate::db::repository::state::load_cursor(&**client, self.datasource_id)
             .await
             .map_err(|e| Error::Source(format!("reading the cursor: {e}")))
@@ -392,11 +428,7 @@ impl CursorStore {
     /// # Errors
     /// [`Error::Source`] when the database cannot be written.
     pub async fn save(&self, cursor: &serde_json::Value) -> Result<(), Error> {
-        let client = self
-            .pool
-            .get()
-            .await
-            .map_err(|e| Error::Source(format!("saving the cursor: {e}")))?;
+        let (client, _slot) = self.db.get("saving the cursor").await?;
         crate::db::repository::state::save_cursor(
             &**client,
             self.datasource_id,
@@ -411,16 +443,31 @@ impl CursorStore {
 
 /// An HTTP client for connectors and sinks: rustls with the ring provider, the given timeout.
 ///
+/// Built once per timeout and shared (a clone shares the connection pool): building one sets
+/// up a TLS configuration, CPU work that thousands of workers starting at once would
+/// otherwise repeat on the runtime's threads, starving lease renewal and readiness.
+///
 /// # Errors
 /// [`Error::Source`] when the TLS stack cannot be set up.
 pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
+    static CLIENTS: std::sync::Mutex<BTreeMap<Duration, reqwest::Client>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    // The map holds finished clients only: a holder that panicked left nothing half-done.
+    let mut clients = CLIENTS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(client) = clients.get(&timeout) {
+        return Ok(client.clone());
+    }
     // Installing twice is refused and harmless.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
+    let client = reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout.min(Duration::from_secs(10)))
         .build()
-        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
+        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))?;
+    clients.insert(timeout, client.clone());
+    Ok(client)
 }
 
 /// Where a connector sends requests, and with them the datasource's credentials: the scheme,
@@ -663,19 +710,34 @@ impl Catalog {
             )),
             None => {}
         }
-        if problems.is_empty()
-            && let Err(e) = connector.validate(config)
-        {
-            problems.push(e);
+        // The kind's code runs contained: a config it panics on is refused, naming the panic.
+        let refused = |e: contain::Panicked| ConfigError::new("", e.to_string());
+        if problems.is_empty() {
+            match contain::contain("validate", || connector.validate(config)) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => problems.push(e),
+                Err(e) => problems.push(refused(e)),
+            }
         }
-        if let Err(e) = crate::transform::Transform::from_config(config, limits) {
-            problems.push(ConfigError {
+        match contain::contain("transform", || {
+            crate::transform::Transform::from_config(config, limits)
+        }) {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => problems.push(ConfigError {
                 line: e.line(),
                 ..ConfigError::new(e.field(), e.to_string())
-            });
+            }),
+            Err(e) => problems.push(refused(e)),
         }
-        for missing in connector
-            .required_secrets(config)
+        let required =
+            match contain::contain("required_secrets", || connector.required_secrets(config)) {
+                Ok(required) => required,
+                Err(e) => {
+                    problems.push(refused(e));
+                    Vec::new()
+                }
+            };
+        for missing in required
             .into_iter()
             .filter(|name| !secret_names.contains(name))
         {
@@ -756,6 +818,35 @@ pub(crate) fn optional_number(
                 format!("must be a non-negative number, got {v}"),
             )),
         },
+    }
+}
+
+/// Reads an optional integer field of a config object, `default` when absent, refused unless
+/// it is a whole number from `min` to `max` (a JSON number written `5.0` counts as whole, as in
+/// JSON Schema).
+///
+/// # Errors
+/// The field is present but not a whole number within the bounds.
+pub(crate) fn integer_in(
+    config: &serde_json::Value,
+    field: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let refused = || ConfigError::new(field, format!("must be an integer from {min} to {max}"));
+    match config.get(field) {
+        None | Some(serde_json::Value::Null) => Ok(default),
+        Some(v) => {
+            if let Some(n) = v.as_u64() {
+                return (min..=max).contains(&n).then_some(n).ok_or_else(refused);
+            }
+            match v.as_f64() {
+                // Bounds below 2^53 are exact as floats, so the comparison is exact too.
+                Some(n) if n.fract() == 0.0 && n >= min as f64 && n <= max as f64 => Ok(n as u64),
+                _ => Err(refused()),
+            }
+        }
     }
 }
 

@@ -22,8 +22,7 @@ use uuid::Uuid;
 
 use super::sink::Outcome;
 use super::{
-    BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext, VERSION_KEYS,
-    optional_number,
+    BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext, VERSION_KEYS, integer_in,
 };
 
 /// The secret holding the HMAC key.
@@ -217,21 +216,14 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
             "unknown field for kind webhook",
         ));
     }
-    let max_body_bytes =
-        optional_number(config, "max_body_bytes")?.unwrap_or(DEFAULT_MAX_BODY as f64);
-    if max_body_bytes < 1.0 || max_body_bytes > MAX_BODY_LIMIT as f64 {
-        return Err(ConfigError::new(
-            "max_body_bytes",
-            format!("must be from 1 to {MAX_BODY_LIMIT}"),
-        ));
-    }
-    let queue_capacity = optional_number(config, "queue_capacity")?.unwrap_or(DEFAULT_QUEUE as f64);
-    if !(1.0..=65_536.0).contains(&queue_capacity) {
-        return Err(ConfigError::new(
-            "queue_capacity",
-            "must be from 1 to 65536",
-        ));
-    }
+    let max_body_bytes = integer_in(
+        config,
+        "max_body_bytes",
+        DEFAULT_MAX_BODY as u64,
+        1,
+        MAX_BODY_LIMIT as u64,
+    )?;
+    let queue_capacity = integer_in(config, "queue_capacity", DEFAULT_QUEUE as u64, 1, 65_536)?;
     let signature_header = match config.get("signature_header") {
         None | Some(Value::Null) => SIGNATURE_HEADER.to_owned(),
         Some(Value::String(s)) if axum::http::HeaderName::from_bytes(s.as_bytes()).is_ok() => {

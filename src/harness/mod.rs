@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::connectors::contain::{Panicked, contain};
 use crate::connectors::{Catalog, ConfigError, SecretMap};
 use crate::transform::{self, Cancel, Limits, Transform};
 
@@ -93,6 +94,9 @@ pub enum Error {
     /// The run's blocking work failed (it panicked).
     #[error("the test run failed")]
     Failed,
+    /// The kind's code panicked on this config or sample.
+    #[error(transparent)]
+    Panicked(#[from] Panicked),
 }
 
 impl Error {
@@ -212,13 +216,21 @@ async fn run_within(
     let connector = catalog
         .get(&request.kind)
         .ok_or_else(|| Error::UnknownKind(request.kind.clone()))?;
-    connector.validate(&request.config)?;
-    let transform = Transform::from_config(&request.config, limits)?;
+    contain("validate", || connector.validate(&request.config))??;
+    let transform = contain("transform", || {
+        Transform::from_config(&request.config, limits)
+    })??;
     let mut samples = request.samples;
     if samples.is_empty() && request.fetch_sample {
-        let fetched = connector
-            .fetch_sample(&request.config, &request.secrets)
+        // In a task of its own, so a panic while fetching is this run's error.
+        let fetch = connector.clone();
+        let (config, secrets) = (request.config.clone(), request.secrets.clone());
+        let fetched = tokio::spawn(async move { fetch.fetch_sample(&config, &secrets).await })
             .await
+            .map_err(|e| match e.try_into_panic() {
+                Ok(payload) => Error::Panicked(Panicked::from_payload("fetch_sample", &*payload)),
+                Err(e) => Error::Fetch(format!("the fetch was cancelled: {e}")),
+            })?
             .map_err(|e| Error::Fetch(e.to_string()))?;
         samples.push(fetched);
     }
@@ -226,11 +238,15 @@ async fn run_within(
     let mut positions = Vec::new();
     let mut inputs = Vec::new();
     if samples.is_empty() {
-        inputs = connector.sample_records(&request.config, None)?;
+        inputs = contain("sample_records", || {
+            connector.sample_records(&request.config, None)
+        })??;
         positions.extend((0..inputs.len()).map(|i| (0, i)));
     }
     for (n, sample) in samples.iter().enumerate() {
-        let found = connector.sample_records(&request.config, Some(sample))?;
+        let found = contain("sample_records", || {
+            connector.sample_records(&request.config, Some(sample))
+        })??;
         positions.extend((0..found.len()).map(|i| (n, i)));
         inputs.extend(found);
     }
@@ -274,7 +290,21 @@ async fn run_within(
                 ));
                 break;
             }
-            let (result, printed) = transform.apply_traced_cancellable(record, &cancel);
+            // A record the transform panics on is that record's rejection, not the run's.
+            let (result, printed) = match contain("transform", || {
+                transform.apply_traced_cancellable(record, &cancel)
+            }) {
+                Ok(traced) => traced,
+                Err(panicked) => {
+                    rejected.push(Rejected {
+                        sample,
+                        index,
+                        code: "transform_panicked",
+                        message: panicked.to_string(),
+                    });
+                    continue;
+                }
+            };
             logs.extend(printed);
             match result {
                 Ok(out) => outputs.extend(out),

@@ -21,6 +21,10 @@ use super::notifications::{Listening, listen_with};
 use super::{CHANNEL, STATE_CHANNEL};
 use crate::db::Error;
 
+/// Malformed-notification log lines: one a second at most.
+static MALFORMED_LINES: crate::telemetry::throttle::Throttle =
+    crate::telemetry::throttle::Throttle::new(1);
+
 /// What the listener tells the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
@@ -250,8 +254,18 @@ impl Listener {
                         let payload = notification.payload();
                         self.stats.received.fetch_add(1, Ordering::Relaxed);
                         let signal = parse_payload(payload).unwrap_or_else(|reason| {
-                            self.stats.malformed.fetch_add(1, Ordering::Relaxed);
-                            tracing::warn!(reason, bytes = payload.len(), "malformed notification on {CHANNEL}; treated as a wake-up");
+                            let total = self.stats.malformed.fetch_add(1, Ordering::Relaxed) + 1;
+                            // Any role that can connect can send these: one line a second at most,
+                            // with what was held back; the counter has them all.
+                            if let Some(suppressed) = MALFORMED_LINES.admit() {
+                                tracing::warn!(
+                                    reason,
+                                    bytes = payload.len(),
+                                    suppressed,
+                                    total,
+                                    "malformed notification on {CHANNEL}; treated as a wake-up"
+                                );
+                            }
                             Signal::Hint(None)
                         });
                         match &signal {

@@ -38,6 +38,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 use uuid::Uuid;
 
+use crate::connectors::contain::{Panicked, contain};
 use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
@@ -81,6 +82,9 @@ pub struct SupervisorConfig {
     pub limits: Limits,
     /// Lease pacing.
     pub leases: LeaseConfig,
+    /// Fault injection for tests of the supervision path: when this fires, the supervisor's
+    /// task panics, as a bug in it would. `None` in production.
+    pub fault: Option<CancellationToken>,
 }
 
 impl Default for SupervisorConfig {
@@ -93,7 +97,18 @@ impl Default for SupervisorConfig {
             passes: None,
             limits: Limits::default(),
             leases: LeaseConfig::default(),
+            fault: None,
         }
+    }
+}
+
+/// Ends this instance's tenure when dropped: every worker is aborted at once, so a supervisor
+/// task that ends (a panic unwinding through it included) leaves nothing running without it.
+struct AbortWorkersOnDrop(Arc<Tenure>);
+
+impl Drop for AbortWorkersOnDrop {
+    fn drop(&mut self) {
+        self.0.guard().cancel();
     }
 }
 
@@ -180,6 +195,8 @@ fn reconcile_span(datasources: usize, traces: &[String]) -> tracing::Span {
 /// Reconciles this instance's workers with the tables.
 pub struct Supervisor {
     pool: Pool,
+    /// The control plane's connections (leases, heartbeats), which worker I/O cannot take.
+    control: Pool,
     catalog: Catalog,
     config: SupervisorConfig,
     env: WorkerEnv,
@@ -246,6 +263,7 @@ impl Supervisor {
         Self {
             cluster,
             secrets,
+            control: pool.clone(),
             pool,
             catalog,
             config,
@@ -259,6 +277,12 @@ impl Supervisor {
             heartbeats: None,
             pass: None,
         }
+    }
+
+    /// Takes leases, renews them and writes heartbeats on `pool` (a small pool of the
+    /// control plane's own) rather than the pool reconciles and workers share.
+    pub fn control_plane(&mut self, pool: Pool) {
+        self.control = pool;
     }
 
     /// Whether others were live at the latest look at the instances (see [`Peers`]).
@@ -286,9 +310,14 @@ impl Supervisor {
     ) {
         self.wait_out_namesake(&shutdown).await;
         let renewer_stop = CancellationToken::new();
+        // However this task ends (a panic included), the leases stop being renewed and the
+        // workers stop: another instance can take over once the leases lapse.
+        let _renewer_stop = renewer_stop.clone().drop_guard();
+        let _abort_workers = AbortWorkersOnDrop(self.cluster.tenure.clone());
+        let fault = self.config.fault.clone().unwrap_or_default();
         {
             let (renewer, renewals) = Renewer::new(
-                self.pool.clone(),
+                self.control.clone(),
                 self.cluster.me.clone(),
                 self.cluster.config.clone(),
                 self.cluster.tenure.clone(),
@@ -333,6 +362,9 @@ impl Supervisor {
             let result = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => break,
+                () = fault.cancelled(), if self.config.fault.is_some() => {
+                    panic!("fault injected into the supervisor")
+                }
                 Ok(()) = renewals.changed() => {
                     let renewal = renewals.borrow_and_update().clone();
                     match renewal {
@@ -376,7 +408,7 @@ impl Supervisor {
     async fn wait_out_namesake(&self, shutdown: &CancellationToken) {
         let mut said = false;
         loop {
-            let left = match self.pool.get().await {
+            let left = match self.control.get().await {
                 Ok(client) => leases::live_for(&**client, &self.cluster.me.id).await,
                 Err(e) => Err(e.into()),
             };
@@ -404,7 +436,7 @@ impl Supervisor {
     }
 
     async fn register(&self) -> Result<(), Error> {
-        let client = self.pool.get().await?;
+        let client = self.control.get().await?;
         leases::register(&**client, &self.cluster.me).await
     }
 
@@ -510,7 +542,7 @@ impl Supervisor {
             .released
             .retain(|_, at| at.elapsed() < ttl.saturating_mul(2));
         let (mut live, standings) = {
-            let client = self.pool.get().await?;
+            let client = self.control.get().await?;
             (
                 leases::live_instances(&**client).await?,
                 leases::standings(&**client).await?,
@@ -604,7 +636,7 @@ impl Supervisor {
         }
         let sent = Instant::now();
         let claimed = {
-            let mut client = self.pool.get().await?;
+            let mut client = self.control.get().await?;
             leases::claim(&mut client, &self.cluster.me.id, ids).await?
         };
         if claimed.is_empty() {
@@ -653,7 +685,7 @@ impl Supervisor {
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
         let released = {
-            let mut client = self.pool.get().await?;
+            let mut client = self.control.get().await?;
             leases::release(&mut client, &self.cluster.me.id, &done, Release::Retired).await?
         };
         let now = Instant::now();
@@ -671,7 +703,7 @@ impl Supervisor {
     async fn sign_off(&mut self) -> Result<(), Error> {
         self.env.sink.flushed().await;
         self.env.writer.flushed().await;
-        let mut client = self.pool.get().await?;
+        let mut client = self.control.get().await?;
         let released = leases::sign_off(&mut client, &self.cluster.me.id).await?;
         self.cluster.held.clear();
         self.metered(|m| m.lease_moves("released", released as u64));
@@ -922,7 +954,7 @@ impl Supervisor {
             .filter(|(row, _)| {
                 let connector = self.catalog.get(&row.kind);
                 let config = row.config.as_ref();
-                matches!((connector, config), (Some(c), Some(config)) if !c.required_secrets(config).is_empty())
+                matches!((connector, config), (Some(c), Some(config)) if contain("required_secrets", || c.required_secrets(config)).is_ok_and(|r| !r.is_empty()))
             })
             .map(|(row, _)| row.datasource_id)
             .collect();
@@ -958,8 +990,7 @@ impl Supervisor {
     fn converge(&mut self, row: Desired, key: SpecKey, secrets: Option<Result<SecretMap, String>>) {
         let id = row.datasource_id;
         match self.build(&row, key, secrets) {
-            Ok(spec) => {
-                let stall_after = spec.connector.stall_after(&spec.config);
+            Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.key = key;
@@ -1012,13 +1043,16 @@ impl Supervisor {
         }
     }
 
-    /// Builds a worker spec from the tables, or says why it cannot run.
+    /// Builds a worker spec and its stall limit from the tables, or says why it cannot run.
+    /// The kind's code runs contained: a config that makes it panic is refused like an
+    /// invalid one, as this datasource's error.
     fn build(
         &self,
         row: &Desired,
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
-    ) -> Result<Spec, (&'static str, String)> {
+    ) -> Result<(Spec, Option<Duration>), (&'static str, String)> {
+        let panicked = |e: Panicked| ("connector_panicked", e.to_string());
         let connector = self
             .catalog
             .get(&row.kind)
@@ -1033,22 +1067,28 @@ impl Supervisor {
             .config
             .clone()
             .ok_or_else(|| ("invalid_config", format!("version {} has no config", key.0)))?;
-        connector
-            .validate(&config)
+        contain("validate", || connector.validate(&config))
+            .map_err(panicked)?
             .map_err(|e| ("invalid_config", e.to_string()))?;
-        let transform = Transform::from_config(&config, &self.config.limits)
-            .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let transform = contain("transform", || {
+            Transform::from_config(&config, &self.config.limits)
+        })
+        .map_err(panicked)?
+        .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let stall_after =
+            contain("stall_after", || connector.stall_after(&config)).map_err(panicked)?;
+        let required = contain("required_secrets", || connector.required_secrets(&config))
+            .map_err(panicked)?;
         let secrets = secrets
             .unwrap_or_else(|| Ok(SecretMap::default()))
             .map_err(|e| ("secret_unavailable", e))?;
-        if let Some(missing) = connector
-            .required_secrets(&config)
+        if let Some(missing) = required
             .into_iter()
             .find(|name| !secrets.contains_key(name))
         {
             return Err(("secret_missing", format!("secret {missing:?} is missing")));
         }
-        Ok(Spec {
+        let spec = Spec {
             datasource_id: row.datasource_id,
             version: key.0,
             generation: key.1,
@@ -1058,7 +1098,8 @@ impl Supervisor {
             transform,
             secrets,
             trace: tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
-        })
+        };
+        Ok((spec, stall_after))
     }
 
     fn start_worker(&mut self, spec: Spec, key: SpecKey, stall_after: Option<Duration>) {
@@ -1140,7 +1181,7 @@ impl Supervisor {
             tracing::debug!("the last heartbeat write is still going: this one is skipped");
             return Ok(());
         }
-        let pool = self.pool.clone();
+        let pool = self.control.clone();
         let me = self.cluster.me.id.clone();
         let statements = beats.len().div_ceil(HEARTBEATS_PER_STATEMENT).max(1);
         let spacing = self.config.heartbeat_interval / HEARTBEAT_SPREAD / statements as u32;

@@ -26,6 +26,11 @@ use crate::db::repository::state::Transition;
 use crate::domain::WorkerStatus;
 use crate::transform::Transform;
 
+/// Worker failure log lines, across all workers: at most this many a second, each with the
+/// count held back (a thousand workers failing together must not flood the log).
+static FAILURE_LINES: crate::telemetry::throttle::Throttle =
+    crate::telemetry::throttle::Throttle::new(20);
+
 /// What a worker runs: a validated version of a datasource.
 #[derive(Clone)]
 pub struct Spec {
@@ -76,8 +81,8 @@ pub struct WorkerEnv {
     pub instance: String,
     /// Start observer.
     pub started: Option<mpsc::UnboundedSender<Started>>,
-    /// For the pull sources' cursors.
-    pub pool: deadpool_postgres::Pool,
+    /// For the pull sources' cursors (bounded slots on the shared pool).
+    pub pool: crate::connectors::CursorDb,
     /// The push sources' inboxes.
     pub ingress: Ingress,
 }
@@ -213,8 +218,12 @@ pub async fn run(
         };
         // Before the spawn: the new run starts out not working.
         health.set_running(true);
-        // A connector runs in a task of its own, so a panic is caught here, not in the registry.
-        let mut run = tokio::spawn(spec.connector.run(ctx));
+        // A connector runs in a task of its own (its `run` called there too), so a panic is
+        // caught here, not in the registry.
+        let connector = spec.connector.clone();
+        let mut run = tokio::spawn(crate::telemetry::panics::scoped(id, async move {
+            connector.run(ctx).await
+        }));
         if let Some(observer) = &env.started {
             let _ = observer.send(Started {
                 datasource_id: id,
@@ -298,6 +307,12 @@ pub async fn run(
         };
         let worked = working_since.is_some_and(|at| at.elapsed() >= env.backoff.window);
         health.set_running(false);
+        // The connector may have returned just as the stop came: still a stop (its task has
+        // ended, so there is nothing left to wait for).
+        if matches!(next, Next::Exited(_)) && cancel.is_cancelled() {
+            stopped(&env, &spec, false, "stopped");
+            return;
+        }
         let outcome = match next {
             Next::Stop => {
                 let stop_span =
@@ -380,6 +395,18 @@ pub async fn run(
             Retry::Backoff | Retry::Never => failures.record(Instant::now(), jitter),
         };
         let retryable = retry != Retry::Never;
+        if let Some(suppressed) = FAILURE_LINES.admit() {
+            tracing::warn!(
+                datasource_id = %id,
+                version = spec.version,
+                code,
+                message = %message,
+                restart_count = verdict.failures,
+                crash_loop = verdict.crash_loop,
+                suppressed,
+                "worker failed"
+            );
+        }
         let status = if verdict.crash_loop {
             WorkerStatus::CrashLoop
         } else {

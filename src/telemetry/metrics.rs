@@ -86,6 +86,8 @@ struct Inner {
     sink_failures: Family<PassLabels, Counter>,
     sink_lost: Counter,
     ready: Gauge,
+    horizon_age: Gauge<f64, std::sync::atomic::AtomicU64>,
+    horizon_pid: Gauge,
 }
 
 impl fmt::Debug for Metrics {
@@ -118,6 +120,19 @@ impl Metrics {
             "Time from the commit of an outbox event to the supervisor reading it",
             Unit::Seconds,
             outbox_lag.clone(),
+        );
+        let horizon_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register_with_unit(
+            "dsreg_outbox_horizon_age",
+            "How long the oldest open writing transaction of the server has held the outbox horizon (events of later transactions wait for it), read at each scrape; 0 when none is open",
+            Unit::Seconds,
+            horizon_age.clone(),
+        );
+        let horizon_pid = Gauge::default();
+        registry.register(
+            "dsreg_outbox_horizon_holder_pid",
+            "The backend pid of that transaction (pg_stat_activity.pid); 0 when none is open",
+            horizon_pid.clone(),
         );
         let reconcile: Histograms<PassLabels> = Family::new_with_constructor(fast_histogram);
         registry.register_with_unit(
@@ -224,6 +239,8 @@ impl Metrics {
             sink_failures,
             sink_lost,
             ready,
+            horizon_age,
+            horizon_pid,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -232,6 +249,14 @@ impl Metrics {
             rpc_requests,
             rpc_duration,
         }))
+    }
+
+    /// The transaction holding the outbox horizon, as read now: its pid and age in seconds
+    /// (`None`: no writing transaction is open).
+    pub fn outbox_horizon(&self, holder: Option<(i32, f64)>) {
+        let (pid, age) = holder.unwrap_or((0, 0.0));
+        self.0.horizon_pid.set(i64::from(pid));
+        self.0.horizon_age.set(age);
     }
 
     /// The scrape: every metric in the OpenMetrics text format, `# EOF` included.
@@ -796,6 +821,8 @@ mod tests {
             ("dsreg_lease_renewals", "counter"),
             ("dsreg_leases_held", "gauge"),
             ("dsreg_otel_spans_dropped", "counter"),
+            ("dsreg_outbox_horizon_age_seconds", "gauge"),
+            ("dsreg_outbox_horizon_holder_pid", "gauge"),
             ("dsreg_outbox_lag_seconds", "histogram"),
             ("dsreg_outbox_listener_connected", "gauge"),
             ("dsreg_outbox_listener_reconnects", "counter"),

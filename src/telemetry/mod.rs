@@ -7,7 +7,9 @@
 pub mod metrics;
 pub mod otel;
 pub mod otlp;
+pub mod panics;
 pub mod rpc;
+pub mod throttle;
 
 use std::io::IsTerminal;
 

@@ -335,6 +335,26 @@ impl TestApp {
             .expect("a graceful stop returns the run's result")
     }
 
+    /// Waits (up to `timeout`) for the registry to end on its own, without asking it to stop,
+    /// and returns the run's result.
+    pub async fn finished(mut self, timeout: Duration) -> anyhow::Result<()> {
+        let _ = self.stop.take().expect("running").send(true);
+        let thread = self.thread.take().expect("running");
+        let joined = tokio::time::timeout(
+            timeout,
+            tokio::task::spawn_blocking(move || thread.join().expect("app thread")),
+        )
+        .await;
+        match joined {
+            Ok(joined) => joined.unwrap().expect("the run's result"),
+            Err(_) => {
+                // Stop it so the test's database can be dropped, then fail.
+                self.shutdown.cancel();
+                panic!("the registry did not end on its own within {timeout:?}");
+            }
+        }
+    }
+
     /// Kills the registry: every task dropped where it stands, nothing written on the way out.
     pub async fn crash(mut self) {
         let _ = self.stop.take().expect("running").send(false);

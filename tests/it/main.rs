@@ -1,9 +1,12 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
+mod bounds;
 mod canary;
 mod cli;
 mod cluster;
 mod connectors;
+mod containment;
+mod control_plane;
 mod deploy;
 mod exfiltration;
 mod files;
@@ -12,6 +15,7 @@ mod grpc;
 mod helpers;
 mod kms;
 mod launcher;
+mod log_hygiene;
 mod metrics;
 mod migrations;
 mod outbox;
@@ -22,6 +26,7 @@ mod sandbox;
 mod secrets;
 mod serve;
 mod sink;
+mod stop_reasons;
 mod supervisor;
 mod traces;
 mod truth;

@@ -153,7 +153,11 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let sink = Arc::new(AuditDenials(ctx.pool.clone()));
-    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = tonic_health::server::HealthReporter::new();
+    let health_service = tonic_health::pb::health_server::HealthServer::new(DrainingHealth {
+        inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
+        shutdown: shutdown.clone(),
+    });
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
         .await;
@@ -244,6 +248,49 @@ pub async fn serve(
             draining,
         )
         .await
+}
+
+/// The standard health service, except that `Watch` streams end at shutdown (after telling
+/// the watcher NOT_SERVING): an open stream would otherwise hold the server's graceful stop
+/// for the whole grace period.
+struct DrainingHealth {
+    inner: tonic_health::server::HealthService,
+    shutdown: CancellationToken,
+}
+
+type HealthStream = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = Result<tonic_health::pb::HealthCheckResponse, tonic::Status>,
+            > + Send,
+    >,
+>;
+
+#[tonic::async_trait]
+impl tonic_health::pb::health_server::Health for DrainingHealth {
+    async fn check(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<tonic_health::pb::HealthCheckResponse>, tonic::Status> {
+        self.inner.check(request).await
+    }
+
+    type WatchStream = HealthStream;
+
+    async fn watch(
+        &self,
+        request: tonic::Request<tonic_health::pb::HealthCheckRequest>,
+    ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
+        use futures_util::StreamExt;
+        let statuses = self.inner.watch(request).await?.into_inner();
+        let last = tonic_health::pb::HealthCheckResponse {
+            status: tonic_health::pb::health_check_response::ServingStatus::NotServing as i32,
+        };
+        let stream = statuses
+            .take_until(self.shutdown.clone().cancelled_owned())
+            .chain(futures_util::stream::once(async move { Ok(last) }));
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
 }
 
 /// Writes every denied call to `audit_log`, within a bounded time.

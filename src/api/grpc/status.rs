@@ -117,6 +117,8 @@ pub fn harness(e: harness::Error) -> Status {
         E::Fetch(_) => Status::failed_precondition(e.to_string()),
         E::Busy(_) => Status::resource_exhausted(e.to_string()),
         E::Failed => Status::internal(e.to_string()),
+        // The kind's code cannot handle this config or sample: the caller's input to change.
+        E::Panicked(_) => invalid("config_json", e.to_string()),
     }
 }
 

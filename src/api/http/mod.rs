@@ -41,6 +41,9 @@ pub fn router(state: HttpState) -> Router {
         .with_state(Arc::new(state))
 }
 
+/// How long a scrape waits for the outbox horizon reading.
+const HORIZON_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
 async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
     match state.readiness.check().await {
         Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
@@ -52,6 +55,18 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
 }
 
 async fn scrape(State(state): State<Arc<HttpState>>) -> Response {
+    // The outbox horizon is read live, so a transaction holding it open shows while it does
+    // (not only once its events are finally read). A database that does not answer in time
+    // leaves the last reading.
+    let read = async {
+        let client = state.pool.get().await.ok()?;
+        crate::db::repository::events::horizon_holder(&**client)
+            .await
+            .ok()
+    };
+    if let Ok(Some(holder)) = tokio::time::timeout(HORIZON_READ_TIMEOUT, read).await {
+        state.metrics.outbox_horizon(holder);
+    }
     match state.metrics.encode() {
         Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Err(e) => {

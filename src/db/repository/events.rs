@@ -226,6 +226,25 @@ pub async fn read_safe(
     Ok(SafePage { events, horizon })
 }
 
+/// The oldest transaction holding the outbox horizon back (the one with the oldest
+/// transaction id still running, in any database of the server): its backend pid and how long
+/// it has been open. `None` when no writing transaction is open.
+///
+/// # Errors
+/// The query failed.
+pub async fn horizon_holder(client: &impl GenericClient) -> Result<Option<(i32, f64)>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8
+             FROM pg_stat_activity
+             WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
+             ORDER BY age(backend_xid) DESC LIMIT 1",
+            &[],
+        )
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get::<_, f64>(1).max(0.0))))
+}
+
 /// The current snapshot horizon (where a new reader starts).
 ///
 /// # Errors

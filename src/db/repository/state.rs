@@ -362,7 +362,8 @@ pub struct Transition {
     pub datasource_id: Uuid,
     /// New status.
     pub status: Option<WorkerStatus>,
-    /// New running version.
+    /// New running version. With a new `status` and no version, nothing runs: the running
+    /// version is cleared, so it only ever names what runs.
     pub running_version: Option<i32>,
     /// `Some(None)` clears the error; `Some(Some((code, message)))` sets it.
     pub error: Option<Option<(String, String)>>,
@@ -456,7 +457,9 @@ pub async fn apply_transitions(
                         worker_status = coalesce(u.status, CASE
                             WHEN u.epoch <> s.lease_epoch AND s.worker_status IN ('running', 'stalled')
                             THEN 'starting' ELSE s.worker_status END),
-                        running_version = coalesce(u.version, s.running_version),
+                        -- A new status naming no version: nothing of this datasource runs.
+                        running_version = CASE WHEN u.status IS NOT NULL AND u.version IS NULL THEN NULL
+                                               ELSE coalesce(u.version, s.running_version) END,
                         error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
                         error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
                         restart_count = coalesce(u.restarts, s.restart_count),

@@ -1,0 +1,64 @@
+//! Panics as log lines: the process's panic hook writes each panic as one structured ERROR
+//! event (message, location, thread, and the datasource whose connector code was running,
+//! when one is in scope), at most [`PANIC_LINES_PER_SEC`] a second, with a count of those held
+//! back, instead of the default hook's unthrottled plain text on stderr. The code that caught
+//! the panic (a worker, [`crate::connectors::contain`]) turns it into that datasource's error.
+
+use std::future::Future;
+
+use uuid::Uuid;
+
+use super::throttle::Throttle;
+
+/// Panic lines written per second at most.
+pub const PANIC_LINES_PER_SEC: u32 = 10;
+
+static PANIC_LINES: Throttle = Throttle::new(PANIC_LINES_PER_SEC);
+
+tokio::task_local! {
+    static DATASOURCE: Uuid;
+}
+
+/// Runs `work` (a datasource's connector code) with `datasource` named in any panic line it
+/// causes.
+pub async fn scoped<F: Future>(datasource: Uuid, work: F) -> F::Output {
+    DATASOURCE.scope(datasource, work).await
+}
+
+/// The datasource whose code runs on this task, if any.
+pub fn current_datasource() -> Option<Uuid> {
+    DATASOURCE.try_with(|id| *id).ok()
+}
+
+/// Replaces the process's panic hook with the structured, throttled one.
+pub fn install_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let Some(suppressed) = PANIC_LINES.admit() else {
+            return;
+        };
+        let message = crate::connectors::contain::message_of(info.payload());
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        match current_datasource() {
+            Some(datasource_id) => tracing::error!(
+                %datasource_id,
+                panic.message = %message,
+                panic.location = %location,
+                thread,
+                suppressed,
+                "panic in a datasource's connector code; the datasource records it as its error"
+            ),
+            None => tracing::error!(
+                panic.message = %message,
+                panic.location = %location,
+                thread,
+                suppressed,
+                "panic"
+            ),
+        }
+    }));
+}
