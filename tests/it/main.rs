@@ -12,6 +12,7 @@ mod launcher;
 mod metrics;
 mod migrations;
 mod outbox;
+mod pgtls;
 mod publish;
 mod rbac;
 mod secrets;
