@@ -9,12 +9,15 @@
 pub mod embedded;
 pub mod migrations;
 pub mod repository;
+pub mod tls;
 
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+
+pub use tls::Target;
 use uuid::Uuid;
 
 /// What went wrong talking to the database, in the registry's terms.
@@ -134,15 +137,59 @@ impl Error {
     }
 }
 
+/// Whether an error without a server answer came from the path to the server: the
+/// connection is closed, or an I/O error (refused, reset, timed out, a TLS handshake) lies in
+/// its cause chain. Decided by error kinds, never by message text.
+fn is_transport(e: &tokio_postgres::Error) -> bool {
+    if e.is_closed() {
+        return true;
+    }
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if c.is::<std::io::Error>() || c.is::<rustls::Error>() {
+            return true;
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// The cause of a failed statement or connection in words: the server's SQLSTATE, message,
+/// detail and hint when it answered, else the error and its cause chain (`connection refused`,
+/// the certificate problem). Never the connection string.
+pub fn cause(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        let mut out = format!("SQLSTATE {}: {}", db.code().code(), db.message());
+        if let Some(detail) = db.detail() {
+            out.push_str(&format!(" ({detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            out.push_str(&format!("; hint: {hint}"));
+        }
+        return out;
+    }
+    let mut out = e.to_string();
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+/// A failed connect to `target` as [`Error::Unavailable`] naming the server (host and port,
+/// user, database; never the password) and the cause, with the server's SQLSTATE.
+pub fn connect_error(target: &str, e: &tokio_postgres::Error) -> Error {
+    Error::Unavailable(format!("cannot connect to {target}: {}", cause(e)))
+}
+
 impl From<tokio_postgres::Error> for Error {
     fn from(e: tokio_postgres::Error) -> Self {
         let Some(db) = e.as_db_error() else {
             // No server error: the connection broke or could not be made.
-            return if e.is_closed()
-                || e.to_string().contains("connect")
-                || e.to_string().contains("I/O")
-            {
-                Error::Unavailable(e.to_string())
+            return if is_transport(&e) {
+                Error::Unavailable(cause(&e))
             } else {
                 Error::Query(e)
             };
@@ -169,11 +216,17 @@ impl From<tokio_postgres::Error> for Error {
                     .to_owned(),
             );
         }
-        if *code == SqlState::ADMIN_SHUTDOWN
+        // Connection exceptions (class 08), an operator or crash shutdown (57P01..57P03),
+        // too many connections, and the refusals of a connect: a wrong password or a
+        // pg_hba.conf rejection (class 28), an unknown database (3D000).
+        if matches!(code.code().get(..2), Some("08" | "28"))
+            || *code == SqlState::ADMIN_SHUTDOWN
+            || *code == SqlState::CRASH_SHUTDOWN
             || *code == SqlState::CANNOT_CONNECT_NOW
             || *code == SqlState::TOO_MANY_CONNECTIONS
+            || *code == SqlState::INVALID_CATALOG_NAME
         {
-            return Error::Unavailable(db.message().to_owned());
+            return Error::Unavailable(cause(&e));
         }
         Error::Query(e)
     }
@@ -181,8 +234,17 @@ impl From<tokio_postgres::Error> for Error {
 
 impl From<deadpool_postgres::PoolError> for Error {
     fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
         // A pooled connection that cannot be made or recycled: the database is unreachable.
-        Error::Unavailable(e.to_string())
+        // Said in the database's words, not the pool's.
+        Error::Unavailable(match e {
+            PoolError::Backend(e) => format!("cannot connect to the database: {}", cause(&e)),
+            PoolError::Timeout(_) => {
+                "no database connection became free or could be opened in time".to_owned()
+            }
+            PoolError::Closed => "the connection pool is closed".to_owned(),
+            PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => e.to_string(),
+        })
     }
 }
 
@@ -196,17 +258,23 @@ pub(crate) fn constraint(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().and_then(|db| db.constraint())
 }
 
-/// Builds a pool for `url` (`max_size` connections, checked out within `wait`).
+impl From<tls::TlsError> for Error {
+    fn from(e: tls::TlsError) -> Self {
+        Error::Invalid(e.to_string())
+    }
+}
+
+/// Builds a pool for `url` (`max_size` connections, checked out within `wait`), with TLS as
+/// the URL's `sslmode` and the `PGSSL*` variables say ([`tls`]).
 ///
 /// # Errors
-/// [`Error::Invalid`] for a malformed URL.
+/// [`Error::Invalid`] for a malformed URL or certificates that cannot be loaded.
 pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+    let target = Target::parse(url)?;
+    let tls = target.tls_blocking()?;
     let manager = Manager::from_config(
-        config,
-        NoTls,
+        target.config,
+        tls,
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -220,15 +288,28 @@ pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
         .map_err(|e| Error::Invalid(format!("database pool: {e}")))
 }
 
-/// Opens one connection outside the pool (migrations, the listener); its driver task runs
+/// Opens one connection outside the pool (migrations, the CLI); its driver task runs
 /// until the client is dropped.
 ///
 /// # Errors
-/// [`Error::Unavailable`] when the server cannot be reached.
+/// [`Error::Invalid`] for a malformed URL or certificates that cannot be loaded,
+/// [`Error::Unavailable`] naming the server and the cause when it cannot be reached or
+/// refuses the connection.
 pub async fn connect(url: &str) -> Result<Client, Error> {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    connect_to(&Target::parse(url)?).await
+}
+
+/// [`connect`] for a parsed target.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_to(target: &Target) -> Result<Client, Error> {
+    let tls = target.tls().await?;
+    let (client, connection) = target
+        .config
+        .connect(tls)
         .await
-        .map_err(|e| Error::Unavailable(e.to_string()))?;
+        .map_err(|e| connect_error(&target.describe(), &e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");

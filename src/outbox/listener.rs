@@ -132,18 +132,17 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
 }
 
 async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
-    let mut pg: tokio_postgres::Config = config
-        .url
-        .parse()
-        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
+    let mut target = crate::db::Target::parse(&config.url)?;
     // Keepalive finds a silently dead peer even when nothing is being sent.
-    pg.keepalives(true)
+    target
+        .config
+        .keepalives(true)
         .keepalives_idle(Duration::from_secs(5))
         .keepalives_interval(Duration::from_secs(1))
         .keepalives_retries(3)
         .connect_timeout(Duration::from_secs(5))
         .application_name("dsreg-listener");
-    let listening = listen_with(&pg, CHANNEL).await?;
+    let listening = listen_with(&target, CHANNEL).await?;
     listening
         .client
         .batch_execute(&format!("LISTEN {STATE_CHANNEL}"))

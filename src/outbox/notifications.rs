@@ -3,9 +3,9 @@
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tokio_postgres::{AsyncMessage, Client, NoTls, Notification};
+use tokio_postgres::{AsyncMessage, Client, Notification};
 
-use crate::db::Error;
+use crate::db::{Error, Target};
 
 /// A connection listening on one channel, and the notifications it receives. The receiver
 /// ends when the connection does.
@@ -22,24 +22,21 @@ pub struct Listening {
 /// [`Error::Invalid`] for a malformed URL, [`Error::Unavailable`] when the server cannot be
 /// reached.
 pub async fn listen(url: &str, channel: &str) -> Result<Listening, Error> {
-    let config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| Error::Invalid(format!("database URL: {e}")))?;
-    listen_with(&config, channel).await
+    listen_with(&Target::parse(url)?, channel).await
 }
 
-/// Connects with `config` and LISTENs on `channel`.
+/// Connects to `target` (TLS as its `sslmode` says) and LISTENs on `channel`.
 ///
 /// # Errors
-/// [`Error::Unavailable`] when the server cannot be reached.
-pub async fn listen_with(
-    config: &tokio_postgres::Config,
-    channel: &str,
-) -> Result<Listening, Error> {
-    let (client, mut connection) = config
-        .connect(NoTls)
+/// [`Error::Invalid`] for certificates that cannot be loaded, [`Error::Unavailable`] naming
+/// the server and the cause when it cannot be reached or refuses the connection.
+pub async fn listen_with(target: &Target, channel: &str) -> Result<Listening, Error> {
+    let tls = target.tls().await?;
+    let (client, mut connection) = target
+        .config
+        .connect(tls)
         .await
-        .map_err(|e| Error::Unavailable(e.to_string()))?;
+        .map_err(|e| crate::db::connect_error(&target.describe(), &e))?;
     let (tx, notifications) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -52,7 +49,7 @@ pub async fn listen_with(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    tracing::warn!(error = %e, "listening connection failed");
+                    tracing::warn!(error = %crate::db::cause(&e), "listening connection failed");
                     break;
                 }
             }

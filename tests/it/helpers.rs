@@ -114,6 +114,24 @@ impl TestDb {
         }
     }
 
+    /// A fresh database on the server of `admin_url` (any server, say one that requires
+    /// TLS), migrated from scratch.
+    pub async fn on_server(admin_url: &str) -> Self {
+        let name = format!("t_{}", uuid::Uuid::new_v4().simple());
+        dsreg::db::create_database(admin_url, &name, None)
+            .await
+            .expect("creating the test database");
+        let url = with_database(admin_url, &name);
+        dsreg::app::migrate(&url).await.expect("migrating");
+        let pool = dsreg::db::pool(&url, 16, Duration::from_secs(10)).expect("pool");
+        Self {
+            name,
+            url,
+            pool,
+            admin_url: admin_url.to_owned(),
+        }
+    }
+
     /// A pooled client.
     pub async fn client(&self) -> deadpool_postgres::Client {
         self.pool.get().await.expect("pooled client")

@@ -19,6 +19,7 @@ mod log_hygiene;
 mod metrics;
 mod migrations;
 mod outbox;
+mod pgtls;
 mod publish;
 mod rbac;
 mod redaction;
