@@ -828,11 +828,11 @@ mod tests {
             ("dsreg_outbox_listener_reconnects", "counter"),
             ("dsreg_outbox_notifications_malformed", "counter"),
             ("dsreg_outbox_notifications_received", "counter"),
+            ("dsreg_ready", "gauge"),
             ("dsreg_sink_failing_datasources", "gauge"),
             ("dsreg_sink_flush_failures", "counter"),
             ("dsreg_sink_pending_records", "gauge"),
             ("dsreg_sink_records_lost", "counter"),
-            ("dsreg_ready", "gauge"),
             ("dsreg_supervisor_reconcile_duration_seconds", "histogram"),
             ("dsreg_supervisor_reload_latency_seconds", "histogram"),
         ];
