@@ -462,3 +462,19 @@ async fn publishes_reach_workers_over_tls_listener_included() {
     assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_statement_says_the_servers_code_and_message() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let e = dsreg::db::Error::from(
+        client
+            .query_one("SELECT 1 / 0", &[])
+            .await
+            .expect_err("division by zero"),
+    );
+    let said = e.to_string();
+    assert!(said.contains("22012"), "{said}");
+    assert!(said.contains("division by zero"), "{said}");
+    assert!(!e.is_unreachable(), "{said}");
+}
