@@ -93,8 +93,8 @@ pub enum Error {
     /// The embedded cluster could not be launched.
     #[error(transparent)]
     Launch(#[from] embedded::LaunchError),
-    /// Any other database error.
-    #[error("database error: {0}")]
+    /// Any other database error: the server's SQLSTATE and message, or the client's error.
+    #[error("database error: {}", summary(.0))]
     Query(#[source] tokio_postgres::Error),
 }
 
@@ -128,10 +128,7 @@ impl Error {
     /// without its detail (which can quote the refused row).
     pub fn brief(&self) -> String {
         match self {
-            Error::Query(e) => match e.as_db_error() {
-                Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
-                None => e.to_string(),
-            },
+            Error::Query(e) => summary(e),
             other => other.to_string(),
         }
     }
@@ -152,6 +149,15 @@ fn is_transport(e: &tokio_postgres::Error) -> bool {
         cause = c.source();
     }
     false
+}
+
+/// A server error's SQLSTATE and message without its detail (which can quote a refused row),
+/// or a client error with its cause chain.
+fn summary(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("SQLSTATE {}: {}", db.code().code(), db.message()),
+        None => cause(e),
+    }
 }
 
 /// The cause of a failed statement or connection in words: the server's SQLSTATE, message,

@@ -462,3 +462,74 @@ async fn publishes_reach_workers_over_tls_listener_included() {
     assert!(sessions.iter().all(|(_, ssl)| *ssl), "{sessions:?}");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_statement_says_the_servers_code_and_message() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let e = dsreg::db::Error::from(
+        client
+            .query_one("SELECT 1 / 0", &[])
+            .await
+            .expect_err("division by zero"),
+    );
+    let said = e.to_string();
+    assert!(said.contains("22012"), "{said}");
+    assert!(said.contains("division by zero"), "{said}");
+    assert!(!e.is_unreachable(), "{said}");
+}
+
+#[tokio::test]
+async fn the_binary_migrates_over_verify_full_and_says_why_it_cannot_connect() {
+    let tls = tls_cluster().await;
+    let ca = tls.file("ca.crt");
+    dsreg::db::create_database(
+        &tls.url("localhost", "postgres", "sslmode=require"),
+        "cli",
+        None,
+    )
+    .await
+    .unwrap();
+    let migrate = |url: String| {
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
+            .arg("migrate")
+            .env("DATABASE_URL", url)
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSSLROOTCERT")
+            .output()
+    };
+    let done = migrate(tls.url(
+        "localhost",
+        "cli",
+        &format!("sslmode=verify-full&sslrootcert={ca}"),
+    ))
+    .await
+    .unwrap();
+    assert!(done.status.success(), "{done:?}");
+
+    let wrong = tls.url("localhost", "cli", "sslmode=verify-full").replacen(
+        "dsreg:",
+        "dsreg:wrong-pw-7q",
+        1,
+    );
+    // The CA from the environment, as libpq reads PGSSLROOTCERT.
+    let refused = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
+        .arg("migrate")
+        .env("DATABASE_URL", &wrong)
+        .env("PGSSLROOTCERT", &ca)
+        .env_remove("PGSSLMODE")
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success(), "{refused:?}");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("28P01"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("localhost:{}", tls.port())),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("wrong-pw-7q"),
+        "the password leaked: {stderr}"
+    );
+}
