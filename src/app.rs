@@ -141,6 +141,8 @@ pub struct App {
     pub limits: crate::transform::Limits,
     /// Verifies gRPC callers' tokens.
     pub auth: Authenticator,
+    /// What one caller may hold of the gRPC port.
+    pub rpc_limits: api::grpc::limits::RpcLimits,
     /// A folder of datasource files to keep the database in step with.
     pub file_sync: Option<WatchConfig>,
 }
@@ -189,6 +191,7 @@ impl App {
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             limits: settings.transform_limits(),
+            rpc_limits: settings.rpc_limits(),
             auth,
             file_sync: None,
         })
@@ -336,6 +339,14 @@ impl App {
             shutdown: shutdown.child_token(),
             tracker: tracker.clone(),
             readiness,
+            feed: api::grpc::feed::Feed::start(
+                self.pool.clone(),
+                self.listener_stats.activity.clone(),
+                &tracker,
+                shutdown.child_token(),
+            ),
+            streams: api::grpc::limits::StreamSlots::new(self.rpc_limits.streams_per_caller),
+            rpc_limits: self.rpc_limits,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

@@ -1,5 +1,6 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
+mod abuse;
 mod canary;
 mod cli;
 mod cluster;

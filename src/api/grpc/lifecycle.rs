@@ -229,6 +229,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<StateStream>, Status> {
         let call = Call::of(&request, "WatchStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let slot = self.0.streams.open(&call.principal)?;
         let ctx = self.0.clone();
         // Checked before the stream starts, so an unknown id is an error, not an empty stream.
         {
@@ -239,6 +240,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let mut wake = ctx.activity.subscribe_to(id);
         let shutdown = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
+            let _slot = slot;
             let mut last: Option<pb::WorkerState> = None;
             loop {
                 let read = read(&ctx, &call, id)

@@ -9,9 +9,11 @@ pub mod catalog;
 pub mod convert;
 pub mod datasources;
 pub mod events;
+pub mod feed;
 pub mod harness;
 pub mod layer;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod page;
 pub mod principal;
@@ -77,6 +79,12 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     /// Whether the registry can serve (gRPC health follows it).
     pub readiness: crate::api::ready::Readiness,
+    /// The outbox follower every event watch reads from.
+    pub feed: Arc<feed::Feed>,
+    /// Open streams per caller.
+    pub streams: limits::StreamSlots,
+    /// The port's limits.
+    pub rpc_limits: limits::RpcLimits,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -201,9 +209,13 @@ pub async fn serve(
         };
     }
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
         .layer(trace::TraceLayer)
         .layer(metrics::RpcMetricsLayer::new(metrics))
         .layer(layer::AuthLayer::new(auth, sink))
+        .layer(limits::ConcurrencyLayer::new(
+            ctx.rpc_limits.concurrent_calls,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service!(
