@@ -167,3 +167,289 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
         .unwrap_err();
     assert_eq!(again.code(), Code::ResourceExhausted);
 }
+
+// --- Keys that rotate --------------------------------------------------------------------
+
+fn fixture(name: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/auth")
+        .join(name)
+}
+
+/// The JWK of a P-256 public key in a PEM fixture.
+fn ec_jwk(public_pem: &str, kid: &str) -> serde_json::Value {
+    use base64::Engine;
+    use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+    let pem = std::fs::read_to_string(fixture(public_pem)).unwrap();
+    let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    let der = STANDARD.decode(body).unwrap();
+    let point = &der[der.len() - 65..];
+    serde_json::json!({
+        "kty": "EC", "crv": "P-256", "kid": kid, "use": "sig", "alg": "ES256",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..]),
+    })
+}
+
+fn write_jwks(path: &std::path::Path, keys: &[serde_json::Value]) {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// An ES256 token signed by the private key of a fixture, naming `kid`.
+fn es256_token(private_pem: &str, kid: &str, sub: &str) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+    header.kid = Some(kid.to_owned());
+    let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(fixture(private_pem)).unwrap())
+        .unwrap();
+    jsonwebtoken::encode(&header, &claims(sub, "datasource:viewer"), &key).unwrap()
+}
+
+/// A registry verifying ES256 tokens against the JWKS file `jwks`, re-read every `ttl_secs`.
+async fn serve_jwks(db: &TestDb, jwks: &std::path::Path, ttl_secs: u64) -> TestApp {
+    let mut settings = test_settings(&db.url);
+    settings.auth.insecure_no_auth = false;
+    settings.auth.auth_jwks_file = Some(jwks.to_owned());
+    settings.auth.auth_algorithms = vec![jsonwebtoken::Algorithm::ES256];
+    settings.auth.auth_issuer = Some("test".into());
+    settings.auth.auth_audience = Some("dsreg".into());
+    settings.auth.auth_jwks_ttl_secs = ttl_secs;
+    TestApp::spawn_with(settings, |_| {}).await
+}
+
+async fn get_info(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
+    let mut client = pb::registry_client::RegistryClient::new(channel.clone());
+    let mut request = authorized(pb::GetInfoRequest {}, token);
+    request.set_timeout(Duration::from_secs(3));
+    client.get_info(request).await.map(|_| ())
+}
+
+#[tokio::test]
+async fn a_key_removed_from_the_jwks_file_stops_verifying_within_the_ttl() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(
+        &jwks,
+        &[
+            ec_jwk("ec-public.pem", "k1"),
+            ec_jwk("ec2-public.pem", "k2"),
+        ],
+    );
+    let app = serve_jwks(&db, &jwks, 1).await;
+    let ch = channel(&app).await;
+    let k1 = es256_token("ec-private.pem", "k1", "alice");
+    let k2 = es256_token("ec2-private.pem", "k2", "bob");
+    get_info(&ch, &k1).await.unwrap();
+    get_info(&ch, &k2).await.unwrap();
+
+    // The issuer retires k2.
+    write_jwks(&jwks, &[ec_jwk("ec-public.pem", "k1")]);
+    let refused = wait_for("k2 to stop verifying", Duration::from_secs(15), || {
+        let (ch, k2) = (ch.clone(), k2.clone());
+        async move { get_info(&ch, &k2).await.err() }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unauthenticated);
+    get_info(&ch, &k1).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_hanging_jwks_read_holds_up_no_call_with_a_cached_key() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    write_jwks(&jwks, &[ec_jwk("ec-public.pem", "k1")]);
+    let app = serve_jwks(&db, &jwks, 3600).await;
+    let ch = channel(&app).await;
+    let k1 = es256_token("ec-private.pem", "k1", "alice");
+    get_info(&ch, &k1).await.unwrap();
+
+    // The file becomes a pipe no one writes: opening it for reading blocks.
+    std::fs::remove_file(&jwks).unwrap();
+    let fifo = std::ffi::CString::new(jwks.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+
+    // More unknown-kid calls than the registry has runtime threads.
+    let unknown: Vec<_> = (0..4)
+        .map(|i| {
+            let ch = ch.clone();
+            let token = es256_token("ec-private.pem", &format!("new-{i}"), "mallory");
+            tokio::spawn(async move {
+                let mut client = pb::registry_client::RegistryClient::new(ch);
+                let mut request = authorized(pb::GetInfoRequest {}, &token);
+                request.set_timeout(Duration::from_secs(30));
+                client.get_info(request).await.map(|_| ())
+            })
+        })
+        .collect();
+    // Calls with a cached key, and the health endpoint, are answered meanwhile.
+    for _ in 0..20 {
+        get_info(&ch, &k1).await.unwrap();
+    }
+    let http = app.http_addr.to_string();
+    let health = tokio::time::timeout(
+        Duration::from_secs(3),
+        crate::serve::http_get(&http, "/healthz"),
+    )
+    .await
+    .expect("healthz answers");
+    assert_eq!(health.0, 200);
+    for call in unknown {
+        let refused = call.await.unwrap().unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated);
+    }
+    // Release the blocked read: open the pipe for writing and close it.
+    let path = jwks.clone();
+    tokio::task::spawn_blocking(move || drop(std::fs::OpenOptions::new().write(true).open(path)))
+        .await
+        .unwrap();
+    get_info(&ch, &k1).await.unwrap();
+}
+
+// --- Time claims and denials -------------------------------------------------------------
+
+/// The reasons of the denied audit rows, oldest first.
+async fn denial_reasons(db: &TestDb) -> Vec<String> {
+    db.client()
+        .await
+        .query(
+            "SELECT coalesce(reason, '') FROM audit_log WHERE outcome = 'denied' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn every_forged_token_gets_one_answer_and_the_reason_goes_only_to_the_audit() {
+    let db = TestDb::new().await;
+    let (mut settings, _dir) = hs256_settings(&db);
+    settings.auth.auth_max_token_age_secs = Some(3600);
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ch = channel(&app).await;
+    let now = chrono::Utc::now().timestamp();
+    let with = |key: &str, value: serde_json::Value| {
+        let mut c = claims("forger", "datasource:admin");
+        c[key] = value;
+        issue_token(SECRET, &c)
+    };
+    let without = |key: &str| {
+        let mut c = claims("forger", "datasource:admin");
+        c.as_object_mut().unwrap().remove(key);
+        issue_token(SECRET, &c)
+    };
+    let header_of = |header: serde_json::Value| {
+        use base64::Engine;
+        use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let good = token("forger", "datasource:admin");
+        let rest = good.split_once('.').unwrap().1;
+        format!("{}.{rest}", URL_SAFE_NO_PAD.encode(header.to_string()))
+    };
+    let forged: Vec<(&str, Option<String>)> = vec![
+        ("no token", None),
+        ("basic auth", Some("Basic eDp5".into())),
+        ("empty bearer", Some("Bearer ".into())),
+        ("garbage", Some("Bearer garbage".into())),
+        ("oversized", Some(format!("Bearer {}", "a".repeat(9_000)))),
+        (
+            "wrong key",
+            Some(format!(
+                "Bearer {}",
+                issue_token(
+                    b"another-secret-0123456789abcdef-0123456789",
+                    &claims("forger", "datasource:admin")
+                )
+            )),
+        ),
+        (
+            "alg none",
+            Some(format!(
+                "Bearer {}",
+                header_of(serde_json::json!({"alg": "none", "typ": "JWT"}))
+            )),
+        ),
+        (
+            "alg RS256",
+            Some(format!(
+                "Bearer {}",
+                header_of(serde_json::json!({"alg": "RS256", "typ": "JWT"}))
+            )),
+        ),
+        (
+            "expired",
+            Some(format!("Bearer {}", with("exp", (now - 3600).into()))),
+        ),
+        (
+            "not yet valid",
+            Some(format!("Bearer {}", with("nbf", (now + 3600).into()))),
+        ),
+        (
+            "issued ten years ahead",
+            Some(format!(
+                "Bearer {}",
+                with("iat", (now + 10 * 365 * 86_400).into())
+            )),
+        ),
+        (
+            "older than the maximum age",
+            Some(format!("Bearer {}", with("iat", (now - 7200).into()))),
+        ),
+        ("no iat", Some(format!("Bearer {}", without("iat")))),
+        ("no exp", Some(format!("Bearer {}", without("exp")))),
+        (
+            "wrong issuer",
+            Some(format!("Bearer {}", with("iss", "evil".into()))),
+        ),
+        (
+            "wrong audience",
+            Some(format!("Bearer {}", with("aud", "other".into()))),
+        ),
+        (
+            "empty sub",
+            Some(format!("Bearer {}", with("sub", "".into()))),
+        ),
+    ];
+    let mut messages = std::collections::BTreeSet::new();
+    let mut client = pb::registry_client::RegistryClient::new(ch.clone());
+    for (what, authorization) in &forged {
+        let mut request = tonic::Request::new(pb::GetInfoRequest {});
+        if let Some(value) = authorization {
+            request
+                .metadata_mut()
+                .insert("authorization", value.parse().unwrap());
+        }
+        let refused = client.get_info(request).await.unwrap_err();
+        assert_eq!(refused.code(), Code::Unauthenticated, "{what}: {refused:?}");
+        messages.insert(refused.message().to_owned());
+    }
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    // Each denial's reason is in the audit, and tells the cases apart.
+    let reasons = denial_reasons(&db).await;
+    assert_eq!(reasons.len(), forged.len(), "{reasons:?}");
+    let distinct: std::collections::BTreeSet<_> = reasons.iter().collect();
+    assert!(distinct.len() >= 12, "{reasons:#?}");
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("iat") && r.contains("future")),
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("maximum token age")),
+        "{reasons:#?}"
+    );
+
+    // A token issued now, and one a little ahead within the leeway, are fine.
+    get_info(&ch, &token("alice", "datasource:viewer"))
+        .await
+        .unwrap();
+    get_info(&ch, &with("iat", (now + 10).into()))
+        .await
+        .unwrap();
+}

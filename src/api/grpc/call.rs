@@ -46,7 +46,7 @@ impl Call {
             .extensions()
             .get::<Principal>()
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("no credentials"))?;
+            .ok_or_else(|| Status::unauthenticated(super::auth::UNAUTHENTICATED_MESSAGE))?;
         let metadata = request.metadata();
         let incoming_trace = metadata
             .get("traceparent")

@@ -158,6 +158,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     let sink = Arc::new(AuditDenials(ctx.pool.clone()));
+    ctx.tracker
+        .spawn(auth.clone().run_refresh(ctx.shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_service_status("", tonic_health::ServingStatus::Serving)
