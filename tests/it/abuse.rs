@@ -453,3 +453,44 @@ async fn every_forged_token_gets_one_answer_and_the_reason_goes_only_to_the_audi
         .await
         .unwrap();
 }
+
+/// POSTs a signed-looking JSON body to the webhook ingress; returns the status and body.
+async fn post_ingest(http: &str, id: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let body = r#"{"n":1}"#;
+    let mut stream = tokio::net::TcpStream::connect(http).await.unwrap();
+    stream
+        .write_all(
+            format!(
+                "POST /ingest/{id} HTTP/1.1\r\nHost: dsreg\r\nConnection: close\r\n\
+                 content-type: application/json\r\nx-dsreg-signature: sha256=00\r\n\
+                 content-length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = response
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_owned();
+    (status, body)
+}
+
+#[tokio::test]
+async fn the_webhook_answers_alike_for_every_id_that_is_not_a_running_webhook() {
+    let db = TestDb::new().await;
+    let generator = db.datasource("not-a-webhook").await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let http = app.http_addr.to_string();
+    let missing = post_ingest(&http, &uuid::Uuid::new_v4().to_string()).await;
+    assert_eq!(missing.0, 404, "{missing:?}");
+    for id in [generator.id.to_string(), "not-a-uuid".to_owned()] {
+        assert_eq!(post_ingest(&http, &id).await, missing, "{id}");
+    }
+}
