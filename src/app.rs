@@ -347,6 +347,11 @@ impl App {
             ),
             streams: api::grpc::limits::StreamSlots::new(self.rpc_limits.streams_per_caller),
             rpc_limits: self.rpc_limits,
+            auditor: api::grpc::auditor::Auditor::start(
+                self.pool.clone(),
+                &tracker,
+                shutdown.child_token(),
+            ),
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

@@ -48,7 +48,7 @@ impl EventsService {
             id => {
                 let id = convert::id("datasource_id", id)?;
                 let client = call::client(&self.0.pool).await?;
-                visible(&**client, call, id, Check::Read(&self.0.pool)).await?;
+                visible(&**client, call, id, Check::Read(&self.0.auditor)).await?;
                 Some(id)
             }
         };

@@ -3,6 +3,7 @@
 //! code stays in [`pb`]. Served until the shutdown token is cancelled; health flips to
 //! NOT_SERVING first.
 
+pub mod auditor;
 pub mod auth;
 pub mod call;
 pub mod catalog;
@@ -85,6 +86,8 @@ pub struct Ctx {
     pub streams: limits::StreamSlots,
     /// The port's limits.
     pub rpc_limits: limits::RpcLimits,
+    /// Writes denials to the audit log off the answer's path.
+    pub auditor: auditor::Auditor,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -157,7 +160,7 @@ pub async fn serve(
     metrics: crate::telemetry::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let sink = Arc::new(AuditDenials(ctx.pool.clone()));
+    let sink = Arc::new(AuditDenials(ctx.auditor.clone()));
     ctx.tracker
         .spawn(auth.clone().run_refresh(ctx.shutdown.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -257,38 +260,38 @@ pub async fn serve(
         .await
 }
 
-/// Writes every denied call to `audit_log`, within a bounded time.
-struct AuditDenials(Pool);
+/// Hands every call the auth layer refuses to the auditor: no database work on the answer's
+/// path.
+struct AuditDenials(auditor::Auditor);
 
 impl layer::DenialSink for AuditDenials {
     fn record(&self, denial: layer::Denial) -> layer::BoxFuture<()> {
-        let pool = self.0.clone();
-        Box::pin(async move {
-            let entry = crate::db::repository::audit::AuditEntry {
-                actor: denial.actor,
-                action: denial.action,
-                resource: denial.resource,
-                org: None,
-                project: None,
-                version: None,
-                outcome: crate::db::repository::audit::Outcome::Denied,
-                reason: Some(format!("{:?}: {}", denial.code, denial.reason)),
-                diff: denial.peer.map(|p| serde_json::json!({ "peer": p })),
-                trace_id: denial.trace_id,
-            };
-            let write = async {
-                let client = pool.get().await.map_err(crate::db::Error::from)?;
-                crate::db::repository::audit::record(&**client, &entry).await
-            };
-            match tokio::time::timeout(std::time::Duration::from_secs(2), write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, action = %entry.action, "auditing a denied call failed")
-                }
-                Err(_) => {
-                    tracing::warn!(action = %entry.action, "auditing a denied call timed out")
-                }
-            }
-        })
+        use crate::db::repository::audit::{AuditContext, AuditEntry, Outcome};
+        tracing::info!(
+            actor = %denial.actor,
+            action = %denial.action,
+            code = ?denial.code,
+            reason = %denial.reason,
+            "call denied"
+        );
+        let entry = AuditEntry {
+            actor: denial.actor,
+            action: denial.action,
+            resource: denial.resource,
+            org: None,
+            project: None,
+            version: None,
+            outcome: Outcome::Denied,
+            reason: Some(format!("{:?}: {}", denial.code, denial.reason)),
+            diff: denial.peer.map(|p| serde_json::json!({ "peer": p })),
+            trace_id: denial.trace_id.or_else(|| Some(auditor::new_trace_id())),
+        };
+        let context = AuditContext {
+            reason_class: Some(status::code_name(denial.code).to_owned()),
+            via: "grpc",
+            ..AuditContext::default()
+        };
+        self.0.deny(entry, context);
+        Box::pin(std::future::ready(()))
     }
 }

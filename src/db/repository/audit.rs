@@ -2,6 +2,7 @@
 //! Diff summaries name fields, never secret values.
 
 use chrono::{DateTime, Utc};
+use uuid::Uuid;
 
 use super::GenericClient;
 use super::typed;
@@ -53,15 +54,58 @@ pub struct AuditEntry {
     pub trace_id: Option<String>,
 }
 
+/// What an audit row says beyond [`AuditEntry`]: the caller's tenant, the target's id, the
+/// reason class and how the request came in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditContext {
+    /// The caller's organisation (`*` for every one); `None` when the caller is unknown.
+    pub caller_org: Option<String>,
+    /// The caller's projects, when limited.
+    pub caller_projects: Option<Vec<String>>,
+    /// The datasource the request names.
+    pub target_id: Option<Uuid>,
+    /// The class of the reason (`UNAUTHENTICATED`, `NOT_FOUND`, ...), for outcomes other than
+    /// ok.
+    pub reason_class: Option<String>,
+    /// How the request came in: `grpc`, `http`, `dsreg` (the registry's own work).
+    pub via: &'static str,
+}
+
+impl Default for AuditContext {
+    fn default() -> Self {
+        Self {
+            caller_org: None,
+            caller_projects: None,
+            target_id: None,
+            reason_class: None,
+            via: "dsreg",
+        }
+    }
+}
+
 /// Writes one audit row.
 ///
 /// # Errors
 /// The query failed.
 pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(), Error> {
+    record_in(client, entry, &AuditContext::default()).await
+}
+
+/// Writes one audit row with its context.
+///
+/// # Errors
+/// The query failed.
+pub async fn record_in(
+    client: &impl GenericClient,
+    entry: &AuditEntry,
+    context: &AuditContext,
+) -> Result<(), Error> {
     client
         .execute_typed(
-            "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason, diff, trace_id)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason,
+                                    diff, trace_id, caller_org, caller_projects, target_id,
+                                    reason_class, via)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)",
             &typed::params(&[
                 &entry.actor,
                 &entry.action,
@@ -73,6 +117,54 @@ pub async fn record(client: &impl GenericClient, entry: &AuditEntry) -> Result<(
                 &entry.reason,
                 &entry.diff,
                 &entry.trace_id,
+                &context.caller_org,
+                &context.caller_projects,
+                &context.target_id,
+                &context.reason_class,
+                &context.via,
+            ]),
+        )
+        .await?;
+    Ok(())
+}
+
+/// Adds `count` denials to the aggregated row of their caller, action, reason and the current
+/// minute (created by the first): a flood of denials grows the table by one row per minute.
+///
+/// # Errors
+/// The query failed.
+pub async fn record_denials(
+    client: &impl GenericClient,
+    entry: &AuditEntry,
+    context: &AuditContext,
+    count: i32,
+) -> Result<(), Error> {
+    client
+        .execute_typed(
+            "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason,
+                                    diff, trace_id, caller_org, caller_projects, target_id,
+                                    reason_class, via, count, last_at, window_start)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                     now(), date_trunc('minute', now()))
+             ON CONFLICT (actor, action, reason, window_start) WHERE window_start IS NOT NULL
+             DO UPDATE SET count = audit_log.count + EXCLUDED.count, last_at = EXCLUDED.last_at",
+            &typed::params(&[
+                &entry.actor,
+                &entry.action,
+                &entry.resource,
+                &entry.org,
+                &entry.project,
+                &entry.version,
+                &entry.outcome.as_str(),
+                &entry.reason,
+                &entry.diff,
+                &entry.trace_id,
+                &context.caller_org,
+                &context.caller_projects,
+                &context.target_id,
+                &context.reason_class,
+                &context.via,
+                &count,
             ]),
         )
         .await?;
