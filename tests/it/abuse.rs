@@ -778,3 +778,72 @@ async fn sql_publishes_are_audited_by_the_trigger_with_the_database_role() {
     assert_eq!(row.get::<_, Option<i32>>("version"), Some(v));
     assert_eq!(row.get::<_, Option<String>>("trace_id").unwrap().len(), 32);
 }
+
+#[tokio::test]
+async fn the_readme_sql_publisher_role_publishes_and_cannot_touch_the_audit() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("orders").await;
+    let v = db
+        .version(
+            ds.id,
+            serde_json::json!({ "rate_per_sec": 0, "template": { "n": 1 } }),
+        )
+        .await;
+    // The README's grants, for a role of this test's own (roles are cluster-wide).
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("CREATE ROLE sql_publisher")
+        .expect("the README's grants");
+    let end = start + readme[start..].find("```").unwrap();
+    let role = format!("sql_publisher_{}", uuid::Uuid::new_v4().simple());
+    let grants = readme[start..end]
+        .replace("sql_publisher", &role)
+        .replace("'…'", "'publisher-password'");
+    db.client().await.batch_execute(&grants).await.unwrap();
+
+    let mut config: tokio_postgres::Config = db.url.parse().unwrap();
+    config.user(&role).password("publisher-password");
+    let (mut publisher, connection) = config.connect(tokio_postgres::NoTls).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let tx = publisher.transaction().await.unwrap();
+    tx.execute("SELECT set_config('dsreg.actor', 'release-bot', true)", &[])
+        .await
+        .unwrap();
+    tx.execute("SELECT dsreg_publish($1, $2)", &[&ds.id, &v])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for statement in [
+        "UPDATE audit_log SET actor = 'nobody'",
+        "DELETE FROM audit_log",
+        "INSERT INTO audit_log (actor, action, resource, outcome) VALUES ('x', 'y', 'z', 'ok')",
+        "SELECT count(*) FROM audit_log",
+    ] {
+        let refused = publisher.execute(statement, &[]).await.unwrap_err();
+        assert_eq!(
+            refused.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{statement}: {refused:?}"
+        );
+    }
+    drop(publisher);
+    let _ = connection.await;
+
+    let row = db
+        .client()
+        .await
+        .query_one(
+            "SELECT actor, db_role FROM audit_log WHERE via = 'sql' AND target_id = $1",
+            &[&ds.id],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "release-bot");
+    assert_eq!(row.get::<_, String>(1), role);
+    db.client()
+        .await
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role};"))
+        .await
+        .unwrap();
+}
