@@ -78,3 +78,12 @@ $$;
 CREATE TRIGGER datasource_events_audit_sql
     AFTER INSERT ON datasource_events
     FOR EACH ROW EXECUTE FUNCTION dsreg_audit_sql_publish();
+
+-- The key page tokens are signed with, shared by every instance on this database (a token
+-- from one instance pages on at another). 32 bytes from two random UUIDs' random bits.
+CREATE TABLE dsreg_page_key (
+    one boolean PRIMARY KEY DEFAULT true CHECK (one),
+    key bytea   NOT NULL CHECK (length(key) = 32)
+);
+INSERT INTO dsreg_page_key (key)
+SELECT decode(replace(gen_random_uuid()::text, '-', '') || replace(gen_random_uuid()::text, '-', ''), 'hex');

@@ -143,6 +143,8 @@ pub struct App {
     pub auth: Authenticator,
     /// What one caller may hold of the gRPC port.
     pub rpc_limits: api::grpc::limits::RpcLimits,
+    /// Signs page tokens.
+    page_key: api::grpc::page::PageKey,
     /// A folder of datasource files to keep the database in step with.
     pub file_sync: Option<WatchConfig>,
 }
@@ -157,6 +159,12 @@ impl App {
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;
         let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let page_key = {
+            let client = pool.get().await.context("connecting to the database")?;
+            api::grpc::page::PageKey::load(&**client)
+                .await
+                .context("reading the page token key")?
+        };
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -192,6 +200,7 @@ impl App {
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             limits: settings.transform_limits(),
             rpc_limits: settings.rpc_limits(),
+            page_key,
             auth,
             file_sync: None,
         })
@@ -352,6 +361,7 @@ impl App {
                 &tracker,
                 shutdown.child_token(),
             ),
+            page_key: self.page_key,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

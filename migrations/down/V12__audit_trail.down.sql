@@ -1,3 +1,4 @@
+DROP TABLE dsreg_page_key;
 DROP TRIGGER datasource_events_audit_sql ON datasource_events;
 DROP FUNCTION dsreg_audit_sql_publish();
 DROP TRIGGER audit_log_no_truncate ON audit_log;

@@ -847,3 +847,52 @@ async fn the_readme_sql_publisher_role_publishes_and_cannot_touch_the_audit() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_page_token_with_a_rewritten_position_is_refused() {
+    use base64::Engine;
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let db = TestDb::new().await;
+    for name in ["a-orders", "b-orders", "c-orders"] {
+        db.datasource(name).await;
+    }
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let mut client = pb::datasources_client::DatasourcesClient::new(channel(&app).await);
+    let first = client
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(first.datasources.len(), 1);
+    let token = first.next_page_token;
+    // The token as issued pages on.
+    let second = client
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 1,
+            page_token: token.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(second.datasources[0].name, "b-orders");
+    // Its position rewritten by the holder (skip ahead to after "b-orders").
+    let mut decoded: serde_json::Value =
+        serde_json::from_slice(&URL_SAFE_NO_PAD.decode(&token).unwrap()).unwrap();
+    let text = decoded.to_string().replace("a-orders", "b-orders");
+    decoded = serde_json::from_str(&text).unwrap();
+    let forged = URL_SAFE_NO_PAD.encode(decoded.to_string());
+    let refused = client
+        .list_datasources(pb::ListDatasourcesRequest {
+            page_size: 1,
+            page_token: forged,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(refused.message().contains("page_token"), "{refused:?}");
+}

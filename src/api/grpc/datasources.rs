@@ -264,7 +264,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             }
             filter.org = Some(org.to_owned());
         }
-        let fingerprint = page::fingerprint(&format!(
+        let fingerprint = format!(
             "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
             filter.org,
             filter.project,
@@ -274,8 +274,11 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             filter.tag,
             filter.name_prefix,
             call.principal.subject
-        ));
-        filter.after = page::decode::<(String, Uuid)>(&r.page_token, &fingerprint)?;
+        );
+        filter.after = self
+            .0
+            .page_key
+            .decode::<(String, Uuid)>(&r.page_token, &fingerprint)?;
         let client = call::client(&self.0.pool).await?;
         let mut rows = datasources::list(&client, &filter)
             .await
@@ -283,7 +286,10 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&(last.name.clone(), last.id), &fingerprint),
+            Some(last) if more => self
+                .0
+                .page_key
+                .encode(&(last.name.clone(), last.id), &fingerprint),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListDatasourcesResponse {

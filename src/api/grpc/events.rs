@@ -85,11 +85,11 @@ impl pb::events_server::Events for EventsService {
             .as_ref()
             .map(|t| convert::from_timestamp("until", t))
             .transpose()?;
-        let fingerprint = page::fingerprint(&format!(
+        let fingerprint = format!(
             "{:?}|{:?}|{:?}|{:?}|{}",
             filter.datasource_id, filter.kinds, filter.since, filter.until, call.principal.subject
-        ));
-        filter.after_id = page::decode::<i64>(&r.page_token, &fingerprint)?;
+        );
+        filter.after_id = self.0.page_key.decode::<i64>(&r.page_token, &fingerprint)?;
         filter.limit = limit + 1;
         let client = call::client(&self.0.pool).await?;
         let mut rows = events::list(&**client, &filter)
@@ -99,7 +99,7 @@ impl pb::events_server::Events for EventsService {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&last.id, &fingerprint),
+            Some(last) if more => self.0.page_key.encode(&last.id, &fingerprint),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListEventsResponse {

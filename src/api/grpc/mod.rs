@@ -88,6 +88,8 @@ pub struct Ctx {
     pub rpc_limits: limits::RpcLimits,
     /// Writes denials to the audit log off the answer's path.
     pub auditor: auditor::Auditor,
+    /// Signs page tokens.
+    pub page_key: page::PageKey,
 }
 
 /// The `Registry` service: the instance's identity and figures.
