@@ -896,3 +896,81 @@ async fn a_page_token_with_a_rewritten_position_is_refused() {
     assert_eq!(refused.code(), Code::InvalidArgument);
     assert!(refused.message().contains("page_token"), "{refused:?}");
 }
+
+#[tokio::test]
+async fn admins_read_their_tenants_audit_trail_page_by_page() {
+    let db = TestDb::new().await;
+    let ours = uuid::Uuid::new_v4();
+    db.client()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO audit_log (actor, action, resource, org, project, outcome, target_id)
+             VALUES ('a', 'PublishVersion', 'datasource/{ours}', 'acme', 'web', 'ok', '{ours}'),
+                    ('b', 'UpdateDatasource', 'datasource/{ours}', 'acme', 'web', 'error', '{ours}'),
+                    ('c', 'GetDatasource', 'datasource/{ours}', 'acme', 'web', 'denied', '{ours}'),
+                    ('d', 'PublishVersion', 'datasource/x', 'globex', 'web', 'ok', NULL),
+                    ('e', 'GetInfo', '/dsreg.v1.Registry/GetInfo', NULL, NULL, 'denied', NULL)"
+        ))
+        .await
+        .unwrap();
+    let (settings, _dir) = hs256_settings(&db);
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let mut client = pb::audit_client::AuditClient::new(channel(&app).await);
+    let admin = token("admin@acme", "datasource:admin");
+    let list = |page_token: String, outcome: &str| {
+        authorized(
+            pb::ListAuditRequest {
+                page_size: 2,
+                page_token,
+                outcome: outcome.to_owned(),
+                ..Default::default()
+            },
+            &admin,
+        )
+    };
+    let first = client
+        .list_audit(list(String::new(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .list_audit(list(first.next_page_token.clone(), ""))
+        .await
+        .unwrap()
+        .into_inner();
+    let actors: Vec<_> = first
+        .records
+        .iter()
+        .chain(&second.records)
+        .map(|r| r.actor.as_str())
+        .collect();
+    assert_eq!(actors, ["c", "b", "a"], "newest first, acme's only");
+    assert!(second.next_page_token.is_empty());
+    assert!(
+        first
+            .records
+            .iter()
+            .all(|r| r.org == "acme" && r.target_id == ours.to_string())
+    );
+    let denied = client
+        .list_audit(list(String::new(), "denied"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(denied.records.len(), 1);
+    assert_eq!(denied.records[0].actor, "c");
+    let bad = client
+        .list_audit(list(String::new(), "maybe"))
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    // Viewers and operators may not read it.
+    let refused = client
+        .list_audit(authorized(
+            pb::ListAuditRequest::default(),
+            &token("op@acme", "datasource:operator"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied);
+}

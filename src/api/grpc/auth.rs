@@ -1344,6 +1344,7 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Registry/GetInfo", Role::Viewer),
     ("/dsreg.v1.Registry/GetRegistryMetrics", Role::Viewer),
     ("/dsreg.v1.Registry/ListInstances", Role::Operator),
+    ("/dsreg.v1.Audit/ListAudit", Role::Admin),
     ("/dsreg.v1.Catalog/ListKinds", Role::Viewer),
     ("/dsreg.v1.Catalog/GetKindHealth", Role::Viewer),
     ("/dsreg.v1.Datasources/CreateDatasource", Role::Admin),

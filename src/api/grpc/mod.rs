@@ -3,6 +3,7 @@
 //! code stays in [`pb`]. Served until the shutdown token is cancelled; health flips to
 //! NOT_SERVING first.
 
+pub mod audit;
 pub mod auditor;
 pub mod auth;
 pub mod call;
@@ -248,6 +249,10 @@ pub async fn serve(
         .add_service(service!(
             secrets_server::SecretsServer,
             secrets::SecretsService(ctx.clone())
+        ))
+        .add_service(service!(
+            audit_server::AuditServer,
+            audit::AuditService(ctx.clone())
         ))
         .add_service(service!(
             catalog_server::CatalogServer,

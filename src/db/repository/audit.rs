@@ -20,7 +20,8 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    fn as_str(self) -> &'static str {
+    /// Its name in the table: `ok`, `denied`, `error`.
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Ok => "ok",
             Outcome::Denied => "denied",
@@ -245,6 +246,108 @@ pub async fn recent(
                     trace_id: r.get("trace_id"),
                 },
             )
+        })
+        .collect())
+}
+
+/// Filters of [`list`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    /// Only rows of targets in this organisation (and, without `projects`, rows of callers
+    /// of it); `None`: every row.
+    pub org: Option<String>,
+    /// Only rows of targets in these projects.
+    pub projects: Option<Vec<String>>,
+    /// Only rows about this datasource.
+    pub target_id: Option<Uuid>,
+    /// Only rows with this outcome.
+    pub outcome: Option<String>,
+    /// Only rows older than this id (the page's keyset position).
+    pub before_id: Option<i64>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// One row as read back.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRow {
+    /// Its id.
+    pub id: i64,
+    /// When.
+    pub at: DateTime<Utc>,
+    /// The row.
+    pub entry: AuditEntry,
+    /// Its context.
+    pub caller_org: Option<String>,
+    /// The target datasource.
+    pub target_id: Option<Uuid>,
+    /// The reason class.
+    pub reason_class: Option<String>,
+    /// How it came in.
+    pub via: String,
+    /// The database role that wrote it.
+    pub db_role: String,
+    /// Calls it counts.
+    pub count: i32,
+}
+
+/// Audit rows, newest first.
+///
+/// # Errors
+/// The query failed.
+pub async fn list(
+    client: &impl GenericClient,
+    filter: &AuditFilter,
+) -> Result<Vec<AuditRow>, Error> {
+    let rows = client
+        .query_typed(
+            "SELECT id, at, actor, action, resource, org, project, version, outcome, reason, diff,
+                    trace_id, caller_org, target_id, reason_class, via, db_role, count
+             FROM audit_log
+             WHERE ($1::text IS NULL
+                    OR (org = $1 AND ($2::text[] IS NULL OR project = ANY($2)))
+                    OR ($2::text[] IS NULL AND caller_org = $1))
+               AND ($3::uuid IS NULL OR target_id = $3)
+               AND ($4::text IS NULL OR outcome = $4)
+               AND ($5::bigint IS NULL OR id < $5)
+             ORDER BY id DESC LIMIT $6",
+            &typed::params(&[
+                &filter.org,
+                &filter.projects,
+                &filter.target_id,
+                &filter.outcome,
+                &filter.before_id,
+                &filter.limit,
+            ]),
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| AuditRow {
+            id: r.get("id"),
+            at: r.get("at"),
+            entry: AuditEntry {
+                actor: r.get("actor"),
+                action: r.get("action"),
+                resource: r.get("resource"),
+                org: r.get("org"),
+                project: r.get("project"),
+                version: r.get("version"),
+                outcome: match r.get::<_, &str>("outcome") {
+                    "ok" => Outcome::Ok,
+                    "denied" => Outcome::Denied,
+                    _ => Outcome::Error,
+                },
+                reason: r.get("reason"),
+                diff: r.get("diff"),
+                trace_id: r.get("trace_id"),
+            },
+            caller_org: r.get("caller_org"),
+            target_id: r.get("target_id"),
+            reason_class: r.get("reason_class"),
+            via: r.get("via"),
+            db_role: r.get("db_role"),
+            count: r.get("count"),
         })
         .collect())
 }
