@@ -974,3 +974,25 @@ async fn admins_read_their_tenants_audit_trail_page_by_page() {
         .unwrap_err();
     assert_eq!(refused.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn an_oversized_authorization_header_is_refused_on_its_call_and_the_connection_lives() {
+    let db = TestDb::new().await;
+    let (settings, _dir) = hs256_settings(&db);
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ch = channel(&app).await;
+    let mut client = pb::registry_client::RegistryClient::new(ch.clone());
+    let mut request = tonic::Request::new(pb::GetInfoRequest {});
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", "a".repeat(40 * 1024)).parse().unwrap(),
+    );
+    let refused = client.get_info(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::Unauthenticated, "{refused:?}");
+    // The same connection serves the next call.
+    get_info(&ch, &token("alice", "datasource:viewer"))
+        .await
+        .unwrap();
+    let reasons = denial_reasons(&db, 1).await;
+    assert!(reasons[0].contains("longer than"), "{reasons:?}");
+}

@@ -52,6 +52,12 @@ pub mod pb {
 /// refused before they are buffered.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
+/// The largest HTTP/2 header list a request may send: above the longest token the auth layer
+/// reads (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED,
+/// audited) rather than by the transport. Far larger header blocks trip HTTP/2's own flood
+/// guard, which closes the connection.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 /// How often gRPC health re-checks readiness.
 const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -218,6 +224,7 @@ pub async fn serve(
     }
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(trace::TraceLayer)
         .layer(metrics::RpcMetricsLayer::new(metrics))
         .layer(layer::AuthLayer::new(auth, sink))
