@@ -996,3 +996,66 @@ async fn an_oversized_authorization_header_is_refused_on_its_call_and_the_connec
     let reasons = denial_reasons(&db, 1).await;
     assert!(reasons[0].contains("longer than"), "{reasons:?}");
 }
+
+/// `t=…,v1=…,id=…` for `body` signed now under `key`.
+fn stamped_signature(key: &[u8], t: i64, id: &str, body: &[u8]) -> String {
+    use hmac::{KeyInit, Mac};
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).unwrap();
+    mac.update(format!("{t}.{id}.").as_bytes());
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("t={t},v1={hex},id={id}")
+}
+
+#[tokio::test]
+async fn a_webhook_delivery_with_an_id_is_accepted_once_and_a_stale_one_refused() {
+    const KEY: &str = "whsec-abuse-key";
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.master_keys = Some(crate::connectors::MASTER_KEYS.to_owned());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ds = db.datasource_of("hook", "webhook").await;
+    crate::helpers::put_secret(
+        &db,
+        crate::connectors::MASTER_KEYS,
+        ds.id,
+        "webhook_secret",
+        KEY,
+    )
+    .await;
+    let v = db
+        .version(ds.id, serde_json::json!({ "queue_capacity": 64 }))
+        .await;
+    db.publish_sql(ds.id, v).await;
+    db.wait_for_state(ds.id, "webhook RUNNING", |s| {
+        s.worker_status == dsreg::domain::WorkerStatus::Running && s.running_version == Some(v)
+    })
+    .await;
+    let client = dsreg::connectors::http_client(Duration::from_secs(30)).unwrap();
+    let url = format!("http://{}/ingest/{}", app.http_addr, ds.id);
+    let body = br#"{"n": 1}"#;
+    let send = |signature: String| {
+        let request = client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("x-dsreg-signature", signature)
+            .body(body.to_vec());
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let signature = stamped_signature(KEY.as_bytes(), now, "delivery-1", body);
+    assert_eq!(send(signature.clone()).await, 202);
+    for _ in 0..200 {
+        assert_eq!(send(signature.clone()).await, 409);
+    }
+    assert_eq!(db.records(ds.id, v).await, 1);
+    // Outside the window, even a new id is refused.
+    let stale = stamped_signature(KEY.as_bytes(), now - 3600, "delivery-2", body);
+    assert_eq!(send(stale).await, 401);
+    assert_eq!(db.records(ds.id, v).await, 1);
+}

@@ -74,9 +74,28 @@ pub(super) async fn ingest(
     let signature = headers
         .get(inbox.signature_header.as_str())
         .and_then(|v| v.to_str().ok());
-    if inbox.verify(&bytes, signature).is_err() {
-        return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature");
-    }
+    let reserved = match inbox.verify(&bytes, signature) {
+        Ok(reserved) => reserved,
+        Err(Refusal::Stale) => {
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                "the signature's timestamp is outside the tolerance window",
+            );
+        }
+        Err(Refusal::Replayed) => {
+            return answer(
+                StatusCode::CONFLICT,
+                "this delivery id was already accepted",
+            );
+        }
+        Err(Refusal::Busy) => {
+            return answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many delivery ids within the window; retry later",
+            );
+        }
+        Err(_) => return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature"),
+    };
     let records = match parse(&bytes, ndjson) {
         Ok(records) => records,
         Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
@@ -102,15 +121,18 @@ pub(super) async fn ingest(
         }
     };
     match tokio::time::timeout(COMMIT_WAIT, committed).await {
-        Ok(Ok(Ok(outcome))) => (
-            StatusCode::ACCEPTED,
-            axum::Json(json!({
-                "accepted": count,
-                "written": outcome.written,
-                "dead_lettered": outcome.dead_lettered,
-            })),
-        )
-            .into_response(),
+        Ok(Ok(Ok(outcome))) => {
+            reserved.keep();
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({
+                    "accepted": count,
+                    "written": outcome.written,
+                    "dead_lettered": outcome.dead_lettered,
+                })),
+            )
+                .into_response()
+        }
         _ => answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "the records were not committed; retry",
