@@ -158,6 +158,10 @@ pub struct App {
     pub harness_slots: crate::harness::Slots,
     /// Verifies gRPC callers' tokens.
     pub auth: Authenticator,
+    /// What one caller may hold of the gRPC port.
+    pub rpc_limits: api::grpc::limits::RpcLimits,
+    /// Signs page tokens.
+    page_key: api::grpc::page::PageKey,
     /// A folder of datasource files to keep the database in step with.
     pub file_sync: Option<WatchConfig>,
 }
@@ -176,6 +180,12 @@ impl App {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
         let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let page_key = {
+            let client = pool.get().await.context("connecting to the database")?;
+            api::grpc::page::PageKey::load(&**client)
+                .await
+                .context("reading the page token key")?
+        };
         let listener_stats = Arc::<ListenerStats>::default();
         let metrics = Metrics::new(pool.clone(), listener_stats.clone());
         let http = TcpListener::bind(settings.http_addr)
@@ -214,6 +224,8 @@ impl App {
             harness_slots: crate::harness::Slots::new(
                 usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
             ),
+            rpc_limits: settings.rpc_limits(),
+            page_key,
             auth,
             file_sync: None,
         })
@@ -394,6 +406,20 @@ impl App {
             shutdown: shutdown.child_token(),
             tracker: tracker.clone(),
             readiness,
+            feed: api::grpc::feed::Feed::start(
+                self.pool.clone(),
+                self.listener_stats.activity.clone(),
+                &tracker,
+                shutdown.child_token(),
+            ),
+            streams: api::grpc::limits::StreamSlots::new(self.rpc_limits.streams_per_caller),
+            rpc_limits: self.rpc_limits,
+            auditor: api::grpc::auditor::Auditor::start(
+                self.pool.clone(),
+                &tracker,
+                shutdown.child_token(),
+            ),
+            page_key: self.page_key,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

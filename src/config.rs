@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::api::grpc::limits::RpcLimits;
 use crate::connectors::sink::Target;
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
@@ -204,6 +205,19 @@ pub struct Settings {
     /// The crash-loop window, in milliseconds.
     #[arg(long, env = "DSREG_CRASH_LOOP_WINDOW_MS", default_value_t = 60_000)]
     pub crash_loop_window_ms: u64,
+
+    /// Streams (`WatchEvents`, `WatchStatus`) one caller (token subject) may hold open at
+    /// once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "DSREG_GRPC_MAX_STREAMS_PER_CALLER", default_value_t = RpcLimits::default().streams_per_caller, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub grpc_max_streams_per_caller: usize,
+
+    /// HTTP/2 streams one gRPC connection may have in flight.
+    #[arg(long, env = "DSREG_GRPC_MAX_STREAMS_PER_CONNECTION", default_value_t = RpcLimits::default().streams_per_connection, value_parser = clap::value_parser!(u32).range(1..))]
+    pub grpc_max_streams_per_connection: u32,
+
+    /// gRPC handlers running at once across all connections; later calls wait their turn.
+    #[arg(long, env = "DSREG_GRPC_MAX_CONCURRENT_CALLS", default_value_t = RpcLimits::default().concurrent_calls, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
+    pub grpc_max_concurrent_calls: usize,
 }
 
 /// An instance id: 1 to 128 letters, digits, `.`, `_`, `-` or `:`.
@@ -297,6 +311,15 @@ impl Settings {
         settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings
+    }
+
+    /// The limits of the gRPC port.
+    pub fn rpc_limits(&self) -> RpcLimits {
+        RpcLimits {
+            streams_per_caller: self.grpc_max_streams_per_caller,
+            streams_per_connection: self.grpc_max_streams_per_connection,
+            concurrent_calls: self.grpc_max_concurrent_calls,
+        }
     }
 
     /// The folder of the embedded default's development signing key and admin token.

@@ -69,7 +69,15 @@ pub struct Inbox {
     pub signature_header: String,
     /// Deliveries are accepted only while the worker's lease surely holds.
     lease: super::LeaseCheck,
+    /// Delivery ids seen within the tolerance window, with their timestamps.
+    seen: Arc<std::sync::Mutex<HashMap<String, i64>>>,
 }
+
+/// How far a timestamped signature's `t` may be from the registry's clock, in seconds.
+pub const SIGNATURE_TOLERANCE_SECS: i64 = 300;
+/// Delivery ids remembered at once per webhook; beyond it, a delivery with an id is refused
+/// until older ones leave the window (memory stays bounded).
+const MAX_SEEN_IDS: usize = 100_000;
 
 impl std::fmt::Debug for Inbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -85,6 +93,10 @@ impl std::fmt::Debug for Inbox {
 pub enum Refusal {
     /// Missing or wrong signature.
     BadSignature,
+    /// A timestamped signature outside the tolerance window.
+    Stale,
+    /// A delivery id already accepted within the tolerance window.
+    Replayed,
     /// The inbox is full.
     Busy,
     /// The worker stopped.
@@ -92,17 +104,83 @@ pub enum Refusal {
 }
 
 impl Inbox {
-    /// Checks `signature` (`sha256=<hex>`) against the body, in constant time.
-    pub fn verify(&self, body: &[u8], signature: Option<&str>) -> Result<(), Refusal> {
-        let hex = signature
-            .and_then(|s| s.trim().strip_prefix("sha256="))
-            .ok_or(Refusal::BadSignature)?;
-        let expected = decode_hex(hex).ok_or(Refusal::BadSignature)?;
+    /// Checks `signature` against the body, in constant time: `sha256=<hex>` (HMAC of the
+    /// body), or `t=<unix seconds>,v1=<hex>[,id=<delivery id>]` (HMAC of `<t>.<body>`, or of
+    /// `<t>.<id>.<body>` with an id), whose `t` must be within
+    /// [`SIGNATURE_TOLERANCE_SECS`] of now and whose id must not have been seen within that
+    /// window (a replay).
+    ///
+    /// A delivery id is reserved by the returned [`Reserved`]: kept once the delivery is
+    /// accepted ([`Reserved::keep`]), released when it is dropped, so a sender may retry a
+    /// delivery that was refused after its signature checked out.
+    pub fn verify(&self, body: &[u8], signature: Option<&str>) -> Result<Reserved, Refusal> {
+        self.verify_at(body, signature, chrono::Utc::now().timestamp())
+    }
+
+    fn verify_at(
+        &self,
+        body: &[u8],
+        signature: Option<&str>,
+        now: i64,
+    ) -> Result<Reserved, Refusal> {
+        let mut reserved = Reserved {
+            seen: Arc::clone(&self.seen),
+            id: None,
+        };
+        let signature = signature.map(str::trim).ok_or(Refusal::BadSignature)?;
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.key).map_err(|_| Refusal::BadSignature)?;
+        if let Some(hex) = signature.strip_prefix("sha256=") {
+            let expected = decode_hex(hex).ok_or(Refusal::BadSignature)?;
+            mac.update(body);
+            return mac
+                .verify_slice(&expected)
+                .map(|()| reserved)
+                .map_err(|_| Refusal::BadSignature);
+        }
+        let (mut t, mut v1, mut id) = (None, None, None);
+        for part in signature.split(',') {
+            match part.trim().split_once('=') {
+                Some(("t", value)) if t.is_none() => t = value.parse::<i64>().ok(),
+                Some(("v1", value)) if v1.is_none() => v1 = decode_hex(value),
+                Some(("id", value)) if id.is_none() && !value.is_empty() && value.len() <= 128 => {
+                    id = Some(value);
+                }
+                _ => return Err(Refusal::BadSignature),
+            }
+        }
+        let (Some(t), Some(expected)) = (t, v1) else {
+            return Err(Refusal::BadSignature);
+        };
+        mac.update(t.to_string().as_bytes());
+        mac.update(b".");
+        if let Some(id) = id {
+            mac.update(id.as_bytes());
+            mac.update(b".");
+        }
         mac.update(body);
         mac.verify_slice(&expected)
-            .map_err(|_| Refusal::BadSignature)
+            .map_err(|_| Refusal::BadSignature)?;
+        if (now - t).abs() > SIGNATURE_TOLERANCE_SECS {
+            return Err(Refusal::Stale);
+        }
+        if let Some(id) = id {
+            // A map of timestamps: consistent after a panic elsewhere.
+            let mut seen = self
+                .seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            seen.retain(|_, at| (now - *at).abs() <= SIGNATURE_TOLERANCE_SECS);
+            if seen.contains_key(id) {
+                return Err(Refusal::Replayed);
+            }
+            if seen.len() >= MAX_SEEN_IDS {
+                return Err(Refusal::Busy);
+            }
+            seen.insert(id.to_owned(), t);
+            reserved.id = Some(id.to_owned());
+        }
+        Ok(reserved)
     }
 
     /// Hands records to the worker without waiting for room.
@@ -121,6 +199,31 @@ impl Inbox {
                 mpsc::error::TrySendError::Closed(_) => Refusal::Stopped,
             })?;
         Ok(answer)
+    }
+}
+
+/// A delivery id held while its delivery is in hand; released on drop unless kept.
+#[derive(Debug)]
+pub struct Reserved {
+    seen: Arc<std::sync::Mutex<HashMap<String, i64>>>,
+    id: Option<String>,
+}
+
+impl Reserved {
+    /// The delivery was accepted: its id stays seen for the tolerance window.
+    pub fn keep(mut self) {
+        self.id = None;
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        if let Some(id) = self.id.take() {
+            self.seen
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&id);
+        }
     }
 }
 
@@ -274,6 +377,7 @@ impl Connector for Webhook {
                     max_body_bytes: settings.max_body_bytes,
                     signature_header: settings.signature_header,
                     lease: ctx.lease.clone(),
+                    seen: Arc::default(),
                 },
             );
             // Bound: deliveries reach this run from now on.
@@ -335,6 +439,78 @@ impl Connector for Webhook {
 mod tests {
     use super::*;
 
+    /// `t=…,v1=…[,id=…]` for `body` signed at `t`.
+    fn stamped(key: &[u8], t: i64, id: Option<&str>, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{t}.").as_bytes());
+        if let Some(id) = id {
+            mac.update(format!("{id}.").as_bytes());
+        }
+        mac.update(body);
+        let hex: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        match id {
+            Some(id) => format!("t={t},v1={hex},id={id}"),
+            None => format!("t={t},v1={hex}"),
+        }
+    }
+
+    #[test]
+    fn timestamped_signatures_are_checked_against_the_window_and_ids_are_not_replayed() {
+        let key = b"webhook-key";
+        let (inbox, _rx) = inbox(key);
+        let body = br#"{"n":1}"#;
+        let now = 1_800_000_000;
+        let verify = |signature: &str| inbox.verify_at(body, Some(signature), now);
+        // The plain form still works; the timestamped one within the window.
+        assert!(inbox.verify_at(body, Some(&sign(key, body)), now).is_ok());
+        assert!(verify(&stamped(key, now - 299, None, body)).is_ok());
+        assert_eq!(
+            verify(&stamped(key, now - 301, None, body)).unwrap_err(),
+            Refusal::Stale
+        );
+        assert_eq!(
+            verify(&stamped(key, now + 301, None, body)).unwrap_err(),
+            Refusal::Stale
+        );
+        assert_eq!(
+            verify(&stamped(b"other", now, None, body)).unwrap_err(),
+            Refusal::BadSignature
+        );
+        // The timestamp and the id are signed: changing either breaks the signature.
+        let signed = stamped(key, now, Some("d-1"), body);
+        assert_eq!(
+            verify(&signed.replace("id=d-1", "id=d-2")).unwrap_err(),
+            Refusal::BadSignature
+        );
+        assert_eq!(
+            verify(&signed.replace(&format!("t={now}"), &format!("t={}", now - 1))).unwrap_err(),
+            Refusal::BadSignature
+        );
+        for garbage in ["", "t=1", "v1=00", "t=x,v1=00", "t=1,v1=00,t=2", "sha1=00"] {
+            assert_eq!(
+                verify(garbage).unwrap_err(),
+                Refusal::BadSignature,
+                "{garbage}"
+            );
+        }
+        // A delivery refused after its signature checked out may be sent again.
+        drop(verify(&signed).unwrap());
+        let accepted = verify(&signed).unwrap();
+        // Once accepted, the same id is a replay, whatever else is held.
+        assert_eq!(verify(&signed).unwrap_err(), Refusal::Replayed);
+        accepted.keep();
+        assert_eq!(verify(&signed).unwrap_err(), Refusal::Replayed);
+        // Another id is fine.
+        verify(&stamped(key, now, Some("d-2"), body))
+            .unwrap()
+            .keep();
+    }
+
     fn inbox(key: &[u8]) -> (Inbox, mpsc::Receiver<Delivery>) {
         let (queue, rx) = mpsc::channel(1);
         (
@@ -344,6 +520,7 @@ mod tests {
                 max_body_bytes: 10,
                 signature_header: SIGNATURE_HEADER.into(),
                 lease: crate::connectors::LeaseCheck::always(),
+                seen: Arc::default(),
             },
             rx,
         )
@@ -353,14 +530,14 @@ mod tests {
     fn signatures_verify_only_for_the_same_key_and_body() {
         let (inbox, _rx) = inbox(b"k1");
         let body = br#"{"a":1}"#;
-        assert_eq!(inbox.verify(body, Some(&sign(b"k1", body))), Ok(()));
+        assert!(inbox.verify(body, Some(&sign(b"k1", body))).is_ok());
         assert_eq!(
-            inbox.verify(body, Some(&sign(b"k2", body))),
-            Err(Refusal::BadSignature)
+            inbox.verify(body, Some(&sign(b"k2", body))).unwrap_err(),
+            Refusal::BadSignature
         );
         assert_eq!(
-            inbox.verify(b"{}", Some(&sign(b"k1", body))),
-            Err(Refusal::BadSignature)
+            inbox.verify(b"{}", Some(&sign(b"k1", body))).unwrap_err(),
+            Refusal::BadSignature
         );
         for bad in [
             None,
@@ -370,8 +547,8 @@ mod tests {
             Some("sha256=abc"),
         ] {
             assert_eq!(
-                inbox.verify(body, bad),
-                Err(Refusal::BadSignature),
+                inbox.verify(body, bad).unwrap_err(),
+                Refusal::BadSignature,
                 "{bad:?}"
             );
         }

@@ -63,6 +63,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "instance_leases",
         include_str!("../../migrations/down/V10__instance_leases.down.sql"),
     ),
+    (
+        12,
+        "audit_trail",
+        include_str!("../../migrations/down/V12__audit_trail.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

@@ -792,18 +792,24 @@ async fn the_client_finds_the_local_registry_and_its_admin_token_in_the_data_fol
     for ran in [&info, &listed, &refused, &env_token] {
         assert!(!ran.mentions(token.trim()) && !ran.mentions(foreign_token.trim()));
     }
-    let denials: Vec<(String, String)> = db
-        .client()
-        .await
-        .query(
-            "SELECT actor, action FROM audit_log WHERE outcome = 'denied' ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    // Denials are written off the answer's path: wait for both.
+    let denials: Vec<(String, String)> =
+        crate::helpers::wait_for("two denial rows", Duration::from_secs(5), || async {
+            let rows: Vec<(String, String)> = db
+                .client()
+                .await
+                .query(
+                    "SELECT actor, action FROM audit_log WHERE outcome = 'denied' ORDER BY action DESC",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            (rows.len() >= 2).then_some(rows)
+        })
+        .await;
     assert_eq!(
         denials,
         [

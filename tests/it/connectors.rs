@@ -374,11 +374,12 @@ async fn the_webhook_answers_every_case_and_loses_nothing_it_accepted() {
         s.worker_status == WorkerStatus::Stopped
     })
     .await;
+    // A webhook that is not running answers as an id that does not exist.
     assert_eq!(
         post(&addr, &id, "application/json", body, Some(sign(key, body)))
             .await
             .0,
-        503
+        404
     );
     app.stop().await.unwrap();
 }

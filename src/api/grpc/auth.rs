@@ -3,9 +3,10 @@
 //!
 //! - [`AuthSettings`]: the `--auth-*` flags; [`AuthSettings::check`] says what contradicts.
 //! - [`Authenticator`]: verifies `authorization: Bearer <jwt>` (signature under a pinned
-//!   algorithm, `exp`, `nbf`, `iss`, `aud`) and turns the claims into a [`Principal`]. Keys come
-//!   from one source: an HS256 secret file, PEM public keys, or a JWKS file that is read again
-//!   when a token names an unknown `kid` (at most once per [`JWKS_REREAD_INTERVAL`]).
+//!   algorithm, `exp`, `nbf`, `iat`, `iss`, `aud`) and turns the claims into a [`Principal`].
+//!   Keys come from one source: an HS256 secret file, PEM public keys, or a JWKS file read
+//!   again on a schedule and when a token names an unknown `kid` (at most once per
+//!   [`JWKS_REREAD_INTERVAL`]), on a blocking thread, one read at a time, with a timeout.
 //! - [`required_role`]: the permission of every `dsreg.v1` RPC, in one static table.
 //! - [`dev_credentials`]: the embedded default's secret and admin token.
 //!
@@ -20,9 +21,10 @@
 //! | `org` | required; `"*"` is every organisation |
 //! | `projects` | optional array; absent or containing `"*"` is every project of the org |
 //! | `exp`, `iss`, `aud` | required; `nbf` is checked when present |
+//! | `iat` | not in the future beyond the leeway; required, and at most that old, with a maximum token age |
 //!
-//! Nothing here runs in the background: there is nothing to stop. The only I/O is reading key
-//! files, at start-up and on a JWKS re-read.
+//! The only background work is [`Authenticator::run_refresh`] (JWKS only), which stops with
+//! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -32,7 +34,7 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -49,6 +51,9 @@ use super::principal::{Principal, Role, Tenant};
 /// The shortest gap between two JWKS re-reads caused by unknown key ids, so a flood of tokens
 /// with made-up `kid`s cannot keep the registry reading the file.
 pub const JWKS_REREAD_INTERVAL: Duration = Duration::from_secs(30);
+
+/// How long a JWKS read may take before the keys already loaded are kept.
+pub const JWKS_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The issuer of the embedded default's development tokens.
 pub const DEV_ISSUER: &str = "dsreg-dev";
@@ -103,7 +108,7 @@ pub struct AuthSettings {
     pub auth_public_key: Vec<PathBuf>,
 
     /// A JWKS file (`{"keys": [...]}`) of RSA and EC public keys, chosen by the token's `kid`;
-    /// an unknown `kid` makes the file be read again, at most every 30 s.
+    /// read again every `--auth-jwks-ttl-secs`, and on an unknown `kid` at most every 30 s.
     #[arg(long, env = "DSREG_AUTH_JWKS_FILE")]
     pub auth_jwks_file: Option<PathBuf>,
 
@@ -121,9 +126,20 @@ pub struct AuthSettings {
     #[arg(long, env = "DSREG_AUTH_AUDIENCE")]
     pub auth_audience: Option<String>,
 
-    /// Clock skew allowed on `exp` and `nbf`, in seconds (at most 300).
+    /// Clock skew allowed on `exp`, `nbf` and `iat`, in seconds (at most 300); a token issued
+    /// (`iat`) further in the future is refused.
     #[arg(long, env = "DSREG_AUTH_LEEWAY_SECS", default_value_t = 30)]
     pub auth_leeway_secs: u64,
+
+    /// The oldest token accepted, in seconds since its `iat` (which it must then carry);
+    /// unset: any age until `exp`.
+    #[arg(long, env = "DSREG_AUTH_MAX_TOKEN_AGE_SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_max_token_age_secs: Option<u64>,
+
+    /// How often a JWKS file is read again, in seconds: a key removed from it stops verifying
+    /// within this time.
+    #[arg(long, env = "DSREG_AUTH_JWKS_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub auth_jwks_ttl_secs: u64,
 
     /// Serve the gRPC port without authentication: every caller is an admin of every tenant.
     /// For local experiments only.
@@ -304,8 +320,9 @@ fn key_file_error(path: &Path, reason: impl Into<String>) -> AuthSetupError {
 
 // --- Denials ------------------------------------------------------------------------------
 
-/// Why a request is refused. Messages are safe to send to the client: they never contain the
-/// token or key material.
+/// Why a request is refused. Reasons never contain the token or key material; an
+/// unauthenticated one reaches only the log and the audit row (the client gets
+/// [`UNAUTHENTICATED_MESSAGE`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Denied {
     /// No usable credentials: missing or malformed `authorization`, bad signature, wrong
@@ -360,10 +377,15 @@ impl Denied {
     }
 }
 
+/// The one answer to every token that does not verify: which check failed goes to the log and
+/// the audit row only, so a caller cannot probe algorithms, key ids or signatures.
+pub const UNAUTHENTICATED_MESSAGE: &str =
+    "not authenticated: send `authorization: Bearer <token>` with a valid token";
+
 impl From<Denied> for tonic::Status {
     fn from(denied: Denied) -> Self {
         match denied {
-            Denied::Unauthenticated(reason) => tonic::Status::unauthenticated(reason),
+            Denied::Unauthenticated(_) => tonic::Status::unauthenticated(UNAUTHENTICATED_MESSAGE),
             Denied::PermissionDenied { reason, .. } => tonic::Status::permission_denied(reason),
         }
     }
@@ -379,6 +401,7 @@ pub struct Authenticator {
 }
 
 struct Verifier {
+    times: TimeRules,
     pinned: Vec<Algorithm>,
     /// `"RS256, ES256"`, for messages.
     pinned_text: String,
@@ -390,7 +413,7 @@ enum KeySource {
     /// against each key that can verify its algorithm.
     Fixed(Vec<VerifyingKey>),
     /// Keys chosen by `kid`.
-    Jwks(Box<Jwks>),
+    Jwks(Arc<Jwks>),
 }
 
 struct VerifyingKey {
@@ -417,16 +440,31 @@ impl VerifyingKey {
 
 type KeyMap = HashMap<String, Arc<VerifyingKey>>;
 
+/// A JWKS file's keys, re-read on a schedule ([`Authenticator::run_refresh`]) and for an
+/// unknown `kid`. Reads run on a blocking thread with a timeout, one at a time; a call whose
+/// key is cached never waits for one.
 struct Jwks {
     path: PathBuf,
     pinned: Vec<Algorithm>,
     template: Validation,
+    /// How often the file is read again.
+    ttl: Duration,
     /// Swapped whole on a re-read; readers clone the one key they need and drop the lock.
     keys: RwLock<Arc<KeyMap>>,
-    /// When an unknown `kid` last caused a re-read. Held while re-reading, so concurrent
-    /// requests with the same new `kid` wait for one read instead of each doing their own.
-    last_reread: Mutex<Option<Instant>>,
+    /// Single flight: held (across the read) by the one request or tick reading the file;
+    /// holds when an unknown `kid` last caused a read.
+    reading: tokio::sync::Mutex<Option<Instant>>,
+    /// A read still running on its blocking thread (it outlived its timeout): no new one
+    /// starts until it ends, so a hung file costs one thread.
+    busy: Arc<std::sync::atomic::AtomicBool>,
     rereads: AtomicU64,
+}
+
+/// Why the JWKS file is read.
+#[derive(Debug, Clone, Copy)]
+enum Reread {
+    Scheduled,
+    UnknownKid,
 }
 
 impl Jwks {
@@ -440,19 +478,15 @@ impl Jwks {
             .cloned()
     }
 
-    /// Reads the file again for an unknown `kid`, unless it was re-read less than
-    /// [`JWKS_REREAD_INTERVAL`] ago; returns the key if the file has it now. A file that no
-    /// longer parses keeps the keys already loaded.
+    /// Reads the file again for an unknown `kid`, unless an unknown `kid` caused a read less
+    /// than [`JWKS_REREAD_INTERVAL`] ago; returns the key if the file has it now.
     ///
-    /// The file is small and local and read at most once per interval, so it is read inline:
-    /// nothing awaits between taking the slot and installing the keys, which keeps a cancelled
-    /// request from spending the slot without updating the keys.
-    fn reread_for(&self, kid: &str) -> Option<Arc<VerifyingKey>> {
-        let mut last = self
-            .last_reread
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        // Another request may have re-read the file while this one waited for the lock.
+    /// # Cancel safety
+    /// Cancel safe: the read runs on its own thread, and a cancelled wait gives up only this
+    /// request's answer (the keys are installed by whichever request or tick reads next).
+    async fn reread_for(self: &Arc<Self>, kid: &str) -> Option<Arc<VerifyingKey>> {
+        let mut last = self.reading.lock().await;
+        // Another request may have re-read the file while this one waited.
         if let Some(key) = self.get(kid) {
             return Some(key);
         }
@@ -461,24 +495,56 @@ impl Jwks {
             return None;
         }
         *last = Some(now);
+        self.read(Reread::UnknownKid).await;
+        self.get(kid)
+    }
+
+    /// Reads the file again on the schedule.
+    async fn refresh(self: &Arc<Self>) {
+        let _turn = self.reading.lock().await;
+        self.read(Reread::Scheduled).await;
+    }
+
+    /// Reads the file on a blocking thread, within [`JWKS_READ_TIMEOUT`], and installs its
+    /// keys; a file that cannot be read or no longer parses keeps the keys already loaded.
+    /// The caller holds `reading`.
+    async fn read(self: &Arc<Self>, why: Reread) {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                path = %self.path.display(),
+                "the previous JWKS read has not finished; keeping the keys already loaded"
+            );
+            return;
+        }
         self.rereads.fetch_add(1, Ordering::Relaxed);
-        match read_jwks(&self.path, &self.pinned, &self.template) {
-            Ok((keys, skipped)) => {
+        let jwks = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || {
+            let read = read_jwks(&jwks.path, &jwks.pinned, &jwks.template);
+            jwks.busy.store(false, Ordering::Release);
+            read
+        });
+        let reason = match tokio::time::timeout(JWKS_READ_TIMEOUT, read).await {
+            Ok(Ok(Ok((keys, skipped)))) => {
                 tracing::info!(
                     path = %self.path.display(),
                     keys = keys.len(),
                     skipped,
-                    "re-read the JWKS file for an unknown key id"
+                    ?why,
+                    "re-read the JWKS file"
                 );
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
+                return;
             }
-            Err(reason) => tracing::warn!(
-                path = %self.path.display(),
-                %reason,
-                "the JWKS file could not be re-read; keeping the keys already loaded"
-            ),
-        }
-        self.get(kid)
+            Ok(Ok(Err(reason))) => reason,
+            Ok(Err(panicked)) => format!("the read failed: {panicked}"),
+            Err(_) => format!("no answer within {JWKS_READ_TIMEOUT:?}"),
+        };
+        tracing::warn!(
+            path = %self.path.display(),
+            %reason,
+            ?why,
+            "the JWKS file could not be re-read; keeping the keys already loaded"
+        );
     }
 }
 
@@ -489,7 +555,11 @@ impl fmt::Debug for Authenticator {
         };
         let source = match &verifier.keys {
             KeySource::Fixed(keys) => format!("{} fixed key(s)", keys.len()),
-            KeySource::Jwks(jwks) => format!("JWKS {}", jwks.path.display()),
+            KeySource::Jwks(jwks) => format!(
+                "JWKS {} (re-read every {:?})",
+                jwks.path.display(),
+                jwks.ttl
+            ),
         };
         f.debug_struct("Authenticator")
             .field("keys", &source)
@@ -558,17 +628,23 @@ impl Authenticator {
                          pinned algorithm are ignored"
                     );
                 }
-                KeySource::Jwks(Box::new(Jwks {
+                KeySource::Jwks(Arc::new(Jwks {
                     path: path.to_owned(),
                     pinned: pinned.clone(),
                     template,
+                    ttl: Duration::from_secs(settings.auth_jwks_ttl_secs),
                     keys: RwLock::new(Arc::new(keys)),
-                    last_reread: Mutex::new(None),
+                    reading: tokio::sync::Mutex::new(None),
+                    busy: Arc::default(),
                     rereads: AtomicU64::new(0),
                 }))
             }
         };
-        Ok(Self::with_keys(pinned, keys))
+        let times = TimeRules {
+            leeway_secs: settings.auth_leeway_secs.min(MAX_LEEWAY_SECS),
+            max_age_secs: settings.auth_max_token_age_secs,
+        };
+        Ok(Self::with_keys(pinned, keys, times))
     }
 
     /// An authenticator that lets every request in as [`Principal::insecure`]
@@ -587,10 +663,14 @@ impl Authenticator {
             vec![Algorithm::HS256],
             &template,
         );
-        Self::with_keys(vec![Algorithm::HS256], KeySource::Fixed(vec![key]))
+        let times = TimeRules {
+            leeway_secs: 30,
+            max_age_secs: None,
+        };
+        Self::with_keys(vec![Algorithm::HS256], KeySource::Fixed(vec![key]), times)
     }
 
-    fn with_keys(pinned: Vec<Algorithm>, keys: KeySource) -> Self {
+    fn with_keys(pinned: Vec<Algorithm>, keys: KeySource, times: TimeRules) -> Self {
         let pinned_text = pinned
             .iter()
             .map(|a| format!("{a:?}"))
@@ -598,6 +678,7 @@ impl Authenticator {
             .join(", ");
         Self {
             verifier: Some(Arc::new(Verifier {
+                times,
                 pinned,
                 pinned_text,
                 keys,
@@ -611,33 +692,80 @@ impl Authenticator {
     }
 
     /// Verifies `authorization` (the raw `authorization` metadata value, `Bearer <jwt>`) and
-    /// returns the caller. Insecure authenticators return [`Principal::insecure`] for anything.
+    /// returns the caller; a token naming a JWKS `kid` that is not loaded waits for a re-read
+    /// of the file (see [`Jwks`]). Insecure authenticators return [`Principal::insecure`] for
+    /// anything.
     ///
     /// # Errors
     /// [`Denied::Unauthenticated`] for a missing or malformed header, a bad signature, an
-    /// algorithm that is not pinned, an unknown `kid`, an expired or not yet valid token, a
-    /// wrong issuer or audience, missing `exp`/`sub`/`iss`/`aud`;
-    /// [`Denied::PermissionDenied`] for a verified token without a datasource role or tenant.
+    /// algorithm that is not pinned, an unknown `kid`, an expired or not yet valid token, an
+    /// `iat` in the future or too long ago, a wrong issuer or audience, missing
+    /// `exp`/`sub`/`iss`/`aud`; [`Denied::PermissionDenied`] for a verified token without a
+    /// datasource role or tenant.
     ///
     /// # Cancel safety
-    /// Cancel safe: it holds no state across an await.
+    /// Cancel safe: a re-read runs on its own thread.
     pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Principal, Denied> {
-        self.authenticate_now(authorization)
+        match self.try_authenticate(authorization) {
+            Attempt::Done(result) => result,
+            Attempt::NeedsKey(wait) => wait.finish().await,
+        }
     }
 
-    /// [`Authenticator::authenticate`] on the calling thread: it never waits on I/O except a
-    /// JWKS re-read for an unknown `kid` (a small local file, at most once per
-    /// [`JWKS_REREAD_INTERVAL`]). The auth layer calls this so an accepted request needs no
-    /// extra future.
+    /// [`Authenticator::authenticate`] with the keys already loaded, on the calling thread,
+    /// without I/O; an unknown `kid` is refused without reading the JWKS file.
     ///
     /// # Errors
     /// As [`Authenticator::authenticate`].
     pub fn authenticate_now(&self, authorization: Option<&str>) -> Result<Principal, Denied> {
+        match self.try_authenticate(authorization) {
+            Attempt::Done(result) => result,
+            Attempt::NeedsKey(_) => Err(Denied::unauthenticated(UNKNOWN_KID)),
+        }
+    }
+
+    /// Verifies with the keys already loaded, without I/O; says when the token names a key
+    /// that a re-read of the JWKS file may bring. The auth layer calls this so a request whose
+    /// key is cached needs no extra future and never waits on a read.
+    pub fn try_authenticate(&self, authorization: Option<&str>) -> Attempt {
         let Some(verifier) = &self.verifier else {
-            return Ok(Principal::insecure());
+            return Attempt::Done(Ok(Principal::insecure()));
         };
-        let token = bearer_token(authorization)?;
-        verifier.verify(token)
+        let token = match bearer_token(authorization) {
+            Ok(token) => token,
+            Err(denied) => return Attempt::Done(Err(denied)),
+        };
+        match verifier.verify(token) {
+            Ok(principal) => Attempt::Done(Ok(principal)),
+            Err(Unverified::Denied(denied)) => Attempt::Done(Err(denied)),
+            Err(Unverified::UnknownKid { jwks, kid }) => Attempt::NeedsKey(KeyWait {
+                verifier: Arc::clone(verifier),
+                jwks,
+                kid,
+                token: token.to_owned(),
+            }),
+        }
+    }
+
+    /// Re-reads a JWKS file every `--auth-jwks-ttl-secs` until `shutdown`, so a key removed
+    /// from the file stops verifying within that time; returns at once for other key sources.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn run_refresh(self, shutdown: tokio_util::sync::CancellationToken) {
+        let Some(KeySource::Jwks(jwks)) = self.verifier.as_deref().map(|v| &v.keys) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep(jwks.ttl) => {}
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = jwks.refresh() => {}
+            }
+        }
     }
 
     #[cfg(test)]
@@ -649,10 +777,62 @@ impl Authenticator {
     }
 }
 
+/// What verifying with the loaded keys found.
+pub enum Attempt {
+    /// The answer.
+    Done(Result<Principal, Denied>),
+    /// The token names a JWKS key that is not loaded: re-read the file, then verify.
+    NeedsKey(KeyWait),
+}
+
+/// A token waiting for a JWKS re-read.
+pub struct KeyWait {
+    verifier: Arc<Verifier>,
+    jwks: Arc<Jwks>,
+    kid: String,
+    token: String,
+}
+
+impl KeyWait {
+    /// Re-reads the JWKS file (single flight, rate limited, with a timeout) and verifies the
+    /// token with the key it brings.
+    ///
+    /// # Errors
+    /// As [`Authenticator::authenticate`].
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn finish(self) -> Result<Principal, Denied> {
+        let key = self
+            .jwks
+            .reread_for(&self.kid)
+            .await
+            .ok_or_else(|| Denied::unauthenticated(UNKNOWN_KID))?;
+        match self.verifier.verify_with(&key, &self.token) {
+            Ok(principal) => Ok(principal),
+            Err(Unverified::Denied(denied)) => Err(denied),
+            Err(Unverified::UnknownKid { .. }) => Err(Denied::unauthenticated(UNKNOWN_KID)),
+        }
+    }
+}
+
+const UNKNOWN_KID: &str = "the token's key id (kid) is unknown";
+
+/// Why the loaded keys did not verify a token.
+enum Unverified {
+    Denied(Denied),
+    UnknownKid { jwks: Arc<Jwks>, kid: String },
+}
+
+impl From<Denied> for Unverified {
+    fn from(denied: Denied) -> Self {
+        Unverified::Denied(denied)
+    }
+}
+
 impl Verifier {
-    fn verify(&self, token: &str) -> Result<Principal, Denied> {
-        let header = peek_header(token)?;
-        let algorithm = header
+    fn algorithm(&self, header: &PeekedHeader) -> Result<Algorithm, Denied> {
+        header
             .alg
             .filter(|a| self.pinned.contains(a))
             .ok_or_else(|| {
@@ -660,17 +840,22 @@ impl Verifier {
                     "the token's signature algorithm is not accepted; this server accepts {}",
                     self.pinned_text
                 ))
-            })?;
+            })
+    }
+
+    fn verify(&self, token: &str) -> Result<Principal, Unverified> {
+        let header = peek_header(token)?;
+        let algorithm = self.algorithm(&header)?;
         match &self.keys {
             KeySource::Fixed(keys) => {
                 let mut mismatch = None;
                 for key in keys.iter().filter(|k| k.accepts(algorithm)) {
                     match key.decode(token) {
-                        Ok(claims) => return principal_from(claims),
+                        Ok(claims) => return Ok(self.principal(claims)?),
                         // With several keys (a rotation), the next one may be the signer.
                         Err(e) if is_signature_mismatch(&e) => mismatch = Some(e),
                         // The signature verified; the claims did not.
-                        Err(e) => return Err(denial_of(&e)),
+                        Err(e) => return Err(denial_of(&e).into()),
                     }
                 }
                 Err(match mismatch {
@@ -678,26 +863,90 @@ impl Verifier {
                     None => Denied::unauthenticated(format!(
                         "no key of this server verifies {algorithm:?} tokens"
                     )),
-                })
+                }
+                .into())
             }
             KeySource::Jwks(jwks) => {
                 let kid = header.kid.ok_or_else(|| {
                     Denied::unauthenticated("the token names no key id (kid) in its header")
                 })?;
-                let key = jwks
-                    .get(&kid)
-                    .or_else(|| jwks.reread_for(&kid))
-                    .ok_or_else(|| {
-                        Denied::unauthenticated("the token's key id (kid) is unknown")
-                    })?;
-                if !key.accepts(algorithm) {
-                    return Err(Denied::unauthenticated(
-                        "the token's signature algorithm does not match its key",
-                    ));
+                match jwks.get(&kid) {
+                    Some(key) => self.verify_with(&key, token),
+                    None => Err(Unverified::UnknownKid {
+                        jwks: Arc::clone(jwks),
+                        kid,
+                    }),
                 }
-                principal_from(key.decode(token).map_err(|e| denial_of(&e))?)
             }
         }
+    }
+
+    /// Verifies `token` with the JWKS key its `kid` names.
+    fn verify_with(&self, key: &VerifyingKey, token: &str) -> Result<Principal, Unverified> {
+        let algorithm = self.algorithm(&peek_header(token)?)?;
+        if !key.accepts(algorithm) {
+            return Err(Denied::unauthenticated(
+                "the token's signature algorithm does not match its key",
+            )
+            .into());
+        }
+        let claims = key.decode(token).map_err(|e| denial_of(&e))?;
+        Ok(self.principal(claims)?)
+    }
+
+    /// The caller of verified claims, once their times are checked.
+    fn principal(&self, claims: Claims) -> Result<Principal, Denied> {
+        self.times.check(claims.iat.as_ref(), now_secs())?;
+        principal_from(claims)
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    jsonwebtoken::get_current_timestamp()
+}
+
+/// The `iat` rules (`exp` and `nbf` are checked by [`Validation`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TimeRules {
+    /// Clock skew allowed, in seconds.
+    leeway_secs: u64,
+    /// The oldest `iat` accepted, in seconds before now; `None`: any (then `iat` is optional).
+    max_age_secs: Option<u64>,
+}
+
+impl TimeRules {
+    /// Checks the `iat` claim at `now`: a number, not in the future beyond the leeway, and
+    /// (with a maximum age) present and recent enough.
+    fn check(&self, iat: Option<&serde_json::Value>, now: u64) -> Result<(), Denied> {
+        let iat = match iat {
+            None if self.max_age_secs.is_some() => {
+                return Err(Denied::unauthenticated("the token has no iat claim"));
+            }
+            None => return Ok(()),
+            Some(value) => value
+                .as_u64()
+                .or_else(|| {
+                    value
+                        .as_f64()
+                        .filter(|f| f.is_finite() && *f >= 0.0)
+                        .map(|f| f as u64)
+                })
+                .ok_or_else(|| Denied::unauthenticated("the token's iat claim is malformed"))?,
+        };
+        if iat > now.saturating_add(self.leeway_secs) {
+            return Err(Denied::unauthenticated(
+                "the token's iat claim is in the future",
+            ));
+        }
+        if let Some(max_age) = self.max_age_secs
+            && now.saturating_sub(iat) > max_age.saturating_add(self.leeway_secs)
+        {
+            return Err(Denied::unauthenticated(
+                "the token is older than the maximum token age",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -833,6 +1082,9 @@ struct Claims {
     org: Option<String>,
     #[serde(default)]
     projects: Option<Vec<String>>,
+    /// Checked by [`TimeRules`]: kept raw so a malformed value is a clear refusal.
+    #[serde(default)]
+    iat: Option<serde_json::Value>,
 }
 
 fn principal_from(claims: Claims) -> Result<Principal, Denied> {
@@ -841,6 +1093,7 @@ fn principal_from(claims: Claims) -> Result<Principal, Denied> {
         roles,
         org,
         projects,
+        iat: _,
     } = claims;
     if sub.trim().is_empty() {
         return Err(Denied::unauthenticated("the token's sub claim is empty"));
@@ -1091,6 +1344,7 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Registry/GetInfo", Role::Viewer),
     ("/dsreg.v1.Registry/GetRegistryMetrics", Role::Viewer),
     ("/dsreg.v1.Registry/ListInstances", Role::Operator),
+    ("/dsreg.v1.Audit/ListAudit", Role::Admin),
     ("/dsreg.v1.Catalog/ListKinds", Role::Viewer),
     ("/dsreg.v1.Catalog/GetKindHealth", Role::Viewer),
     ("/dsreg.v1.Datasources/CreateDatasource", Role::Admin),
@@ -1821,6 +2075,49 @@ mod tests {
         );
     }
 
+    #[test]
+    fn iat_is_refused_in_the_future_beyond_the_leeway_and_older_than_the_maximum_age() {
+        let now = 1_800_000_000;
+        let any_age = TimeRules {
+            leeway_secs: 30,
+            max_age_secs: None,
+        };
+        let hour = TimeRules {
+            leeway_secs: 30,
+            max_age_secs: Some(3600),
+        };
+        let cases: [(TimeRules, Option<Value>, Option<&str>); 10] = [
+            (any_age, None, None),
+            (any_age, Some(json!(now)), None),
+            (any_age, Some(json!(now + 30)), None),
+            (any_age, Some(json!(now + 31)), Some("future")),
+            (
+                any_age,
+                Some(json!(now + 10 * 365 * 86_400)),
+                Some("future"),
+            ),
+            (any_age, Some(json!("yesterday")), Some("malformed")),
+            (any_age, Some(json!(-5)), Some("malformed")),
+            (hour, None, Some("no iat")),
+            (hour, Some(json!(now - 3600 - 30)), None),
+            (
+                hour,
+                Some(json!(now - 3600 - 31)),
+                Some("maximum token age"),
+            ),
+        ];
+        for (rules, iat, refused) in cases {
+            match (rules.check(iat.as_ref(), now), refused) {
+                (Ok(()), None) => {}
+                (Err(denied), Some(needle)) => {
+                    assert_eq!(denied.code(), tonic::Code::Unauthenticated);
+                    assert!(denied.message().contains(needle), "{iat:?}: {denied}");
+                }
+                (result, _) => panic!("{iat:?} under {rules:?}: {result:?}"),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn jwks_keys_are_chosen_by_kid_and_an_unknown_kid_rereads_the_file_once() {
         let dir = tempfile::tempdir().unwrap();
@@ -1931,7 +2228,7 @@ mod tests {
         let Some(KeySource::Jwks(jwks)) = auth.verifier.as_deref().map(|v| &v.keys) else {
             panic!("not a JWKS authenticator");
         };
-        let mut last = jwks.last_reread.lock().unwrap();
+        let mut last = jwks.reading.try_lock().unwrap();
         *last = last.and_then(|at| at.checked_sub(by));
     }
 

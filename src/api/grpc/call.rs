@@ -10,7 +10,7 @@ use tonic::{Request, Status};
 
 use super::principal::Principal;
 use super::status;
-use crate::db::repository::audit::{self, AuditEntry, Outcome};
+use crate::db::repository::audit::{self, AuditContext, AuditEntry, Outcome};
 use crate::db::repository::datasources::Datasource;
 use crate::db::repository::{self as repo, WriteContext};
 
@@ -46,7 +46,7 @@ impl Call {
             .extensions()
             .get::<Principal>()
             .cloned()
-            .ok_or_else(|| Status::unauthenticated("no credentials"))?;
+            .ok_or_else(|| Status::unauthenticated(super::auth::UNAUTHENTICATED_MESSAGE))?;
         let metadata = request.metadata();
         let incoming_trace = metadata
             .get("traceparent")
@@ -144,6 +144,8 @@ pub struct Audit {
     pub diff: Option<serde_json::Value>,
     /// The call was refused because the datasource is outside the caller's tenant.
     pub denied: bool,
+    /// The datasource the request names.
+    pub target: Option<uuid::Uuid>,
 }
 
 impl Audit {
@@ -153,11 +155,13 @@ impl Audit {
             resource: format!("datasource/{}", ds.id),
             org: Some(ds.org.clone()),
             project: Some(ds.project.clone()),
+            target: Some(ds.id),
             ..Self::default()
         }
     }
 
-    fn entry(&self, call: &Call, outcome: Outcome, reason: Option<String>) -> AuditEntry {
+    /// The row of `call` with `outcome`.
+    pub fn entry(&self, call: &Call, outcome: Outcome, reason: Option<String>) -> AuditEntry {
         let mut diff = self.diff.clone();
         if let Some(peer) = &call.peer {
             let d = diff.get_or_insert_with(|| serde_json::json!({}));
@@ -175,7 +179,22 @@ impl Audit {
             outcome,
             reason,
             diff,
-            trace_id: call.trace_id(),
+            // A row with no trace id cannot be matched with anything: give it one.
+            trace_id: call
+                .trace_id()
+                .or_else(|| Some(super::auditor::new_trace_id())),
+        }
+    }
+
+    /// The rest of the row: the caller's tenant, the target, the reason class.
+    pub fn context(&self, call: &Call, refused: Option<&Status>) -> AuditContext {
+        let tenant = &call.principal.tenant;
+        AuditContext {
+            caller_org: Some(tenant.org().unwrap_or("*").to_owned()),
+            caller_projects: tenant.projects().map(<[String]>::to_vec),
+            target_id: self.target,
+            reason_class: refused.map(|s| status::code_name(s.code()).to_owned()),
+            via: "grpc",
         }
     }
 }
@@ -213,9 +232,13 @@ pub async fn finish<T>(
 ) -> Result<T, Status> {
     match result {
         Ok(value) => {
-            audit::record(&tx, &audit.entry(call, Outcome::Ok, None))
-                .await
-                .map_err(status::db)?;
+            audit::record_in(
+                &tx,
+                &audit.entry(call, Outcome::Ok, None),
+                &audit.context(call, None),
+            )
+            .await
+            .map_err(status::db)?;
             tx.commit().await.map_err(|e| status::db(e.into()))?;
             tracing::info!(
                 action = call.method,
@@ -259,9 +282,10 @@ pub async fn record_failure(pool: &Pool, call: &Call, audit: &Audit, refused: &S
         outcome,
         Some(format!("{:?}: {}", refused.code(), refused.message())),
     );
+    let context = audit.context(call, Some(refused));
     match pool.get().await {
         Ok(client) => {
-            if let Err(e) = audit::record(&**client, &entry).await {
+            if let Err(e) = audit::record_in(&**client, &entry, &context).await {
                 tracing::warn!(error = %e, action = call.method, "writing the audit row failed");
             }
         }

@@ -24,8 +24,8 @@ pub struct DatasourcesService(pub Arc<Ctx>);
 
 /// How a tenant refusal is audited.
 pub enum Check<'a> {
-    /// A read: the refusal is audited on its own, through this pool.
-    Read(&'a deadpool_postgres::Pool),
+    /// A read: the refusal is audited off the answer's path, through this auditor.
+    Read(&'a super::auditor::Auditor),
     /// A mutation: the refusal is marked on its audit, written when the call finishes.
     Write(&'a mut Audit),
 }
@@ -60,6 +60,7 @@ pub async fn on_datasource<T>(
 ) -> Result<T, Status> {
     let mut audit = Audit {
         resource: format!("datasource/{id}"),
+        target: Some(id),
         ..Audit::default()
     };
     let mut client = call::client(pool).await?;
@@ -81,23 +82,29 @@ pub async fn admit(ds: Datasource, call: &Call, check: Check<'_>) -> Result<Data
     let seen = call.sees(&ds);
     match check {
         Check::Write(audit) => {
+            // The target's tenant is recorded whether or not the caller may see it.
             let fresh = Audit::datasource(&ds);
             audit.resource = fresh.resource;
-            if seen {
-                audit.org = fresh.org;
-                audit.project = fresh.project;
-            } else {
-                audit.denied = true;
-            }
+            audit.org = fresh.org;
+            audit.project = fresh.project;
+            audit.target = fresh.target;
+            audit.denied = !seen;
         }
-        Check::Read(pool) if !seen => {
+        Check::Read(auditor) if !seen => {
             let audit = Audit {
-                resource: format!("datasource/{id}"),
                 denied: true,
-                ..Audit::default()
+                ..Audit::datasource(&ds)
             };
             let refused = status::datasource_not_found(id);
-            call::record_failure(pool, call, &audit, &refused).await;
+            let reason = format!("{:?}: {}", refused.code(), refused.message());
+            auditor.deny(
+                audit.entry(
+                    call,
+                    crate::db::repository::audit::Outcome::Denied,
+                    Some(reason),
+                ),
+                audit.context(call, Some(&refused)),
+            );
             return Err(refused);
         }
         Check::Read(_) => {}
@@ -224,7 +231,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let call = Call::of(&request, "GetDatasource")?;
         let id = convert::id("id", &request.get_ref().id)?;
         let client = call::client(&self.0.pool).await?;
-        let ds = visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
+        let ds = visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
         Ok(Response::new(convert::datasource(ds)))
     }
 
@@ -257,7 +264,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             }
             filter.org = Some(org.to_owned());
         }
-        let fingerprint = page::fingerprint(&format!(
+        let fingerprint = format!(
             "{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{:?}|{}",
             filter.org,
             filter.project,
@@ -267,8 +274,11 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             filter.tag,
             filter.name_prefix,
             call.principal.subject
-        ));
-        filter.after = page::decode::<(String, Uuid)>(&r.page_token, &fingerprint)?;
+        );
+        filter.after = self
+            .0
+            .page_key
+            .decode::<(String, Uuid)>(&r.page_token, &fingerprint)?;
         let client = call::client(&self.0.pool).await?;
         let mut rows = datasources::list(&client, &filter)
             .await
@@ -276,7 +286,10 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&(last.name.clone(), last.id), &fingerprint),
+            Some(last) if more => self
+                .0
+                .page_key
+                .encode(&(last.name.clone(), last.id), &fingerprint),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListDatasourcesResponse {
@@ -405,7 +418,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let r = request.into_inner();
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
         let v = versions::get(&**client, id, r.version)
             .await
             .map_err(status::db)?;
@@ -419,7 +432,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         let call = Call::of(&request, "ListVersions")?;
         let id = convert::id("datasource_id", &request.get_ref().datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
         let all = versions::list(&**client, id).await.map_err(status::db)?;
         Ok(Response::new(pb::ListVersionsResponse {
             versions: all.into_iter().map(convert::version).collect(),

@@ -1,33 +1,23 @@
 //! The `Events` service: history pages and the live watch.
 //!
 //! The watch delivers events in id order with no gap and no duplicate, so a client resumes
-//! from its last id. Ids are taken in one order and committed in another; an id is final
-//! (visible, or never to be) once every transaction that could hold it has ended. Event ids
-//! are taken after the writer's xid (migration V5), so when a read sees ids up to `m`, every
-//! transaction holding a lower id had an xid below that read's `xmax`; a later read whose
-//! `xmin` has reached that `xmax` proves them all finished, and re-reading up to `m` then
-//! returns every event up to `m` for good. With no transaction running (`xmin == xmax`) the
-//! first read is already final.
+//! from its last id: what the process's [`feed`] already passed is read from the table (final
+//! there), the rest comes from the feed. An idle watch does no database work.
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures_util::Stream;
-use tokio::sync::mpsc;
+use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Response, Status};
 
 use super::call::{self, Call};
 use super::datasources::{Check, visible};
 use super::lifecycle::tokio_stream_from;
 use super::status::{self, invalid};
-use super::{Ctx, convert, page, pb};
+use super::{Ctx, convert, feed, limits, page, pb};
 use crate::db::repository::events::{self, EventFilter};
 
-/// Events per watch read.
-const WATCH_BATCH: i64 = 500;
-/// How often an idle watch re-reads when nothing wakes it.
-const WATCH_POLL: Duration = Duration::from_millis(200);
 /// Most types in a filter.
 const MAX_TYPES: usize = 32;
 
@@ -58,7 +48,7 @@ impl EventsService {
             id => {
                 let id = convert::id("datasource_id", id)?;
                 let client = call::client(&self.0.pool).await?;
-                visible(&**client, call, id, Check::Read(&self.0.pool)).await?;
+                visible(&**client, call, id, Check::Read(&self.0.auditor)).await?;
                 Some(id)
             }
         };
@@ -95,11 +85,11 @@ impl pb::events_server::Events for EventsService {
             .as_ref()
             .map(|t| convert::from_timestamp("until", t))
             .transpose()?;
-        let fingerprint = page::fingerprint(&format!(
+        let fingerprint = format!(
             "{:?}|{:?}|{:?}|{:?}|{}",
             filter.datasource_id, filter.kinds, filter.since, filter.until, call.principal.subject
-        ));
-        filter.after_id = page::decode::<i64>(&r.page_token, &fingerprint)?;
+        );
+        filter.after_id = self.0.page_key.decode::<i64>(&r.page_token, &fingerprint)?;
         filter.limit = limit + 1;
         let client = call::client(&self.0.pool).await?;
         let mut rows = events::list(&**client, &filter)
@@ -109,7 +99,7 @@ impl pb::events_server::Events for EventsService {
         let more = rows.len() as i64 > limit;
         rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
         let next_page_token = match rows.last() {
-            Some(last) if more => page::encode(&last.id, &fingerprint),
+            Some(last) if more => self.0.page_key.encode(&last.id, &fingerprint),
             _ => String::new(),
         };
         Ok(Response::new(pb::ListEventsResponse {
@@ -129,8 +119,8 @@ impl pb::events_server::Events for EventsService {
         if r.after_id < 0 {
             return Err(invalid("after_id", "must not be negative"));
         }
-        let mut filter = self.filter(&call, &r.datasource_id, r.types).await?;
-        filter.limit = WATCH_BATCH;
+        let slot = self.0.streams.open(&call.principal)?;
+        let filter = self.filter(&call, &r.datasource_id, r.types).await?;
         let ctx = self.0.clone();
         let start = if r.after_id > 0 {
             r.after_id
@@ -139,80 +129,81 @@ impl pb::events_server::Events for EventsService {
             let client = call::client(&ctx.pool).await?;
             events::last_id(&**client).await.map_err(status::db)?
         };
-        let (tx, rx) = mpsc::channel(WATCH_BATCH as usize);
-        ctx.tracker.clone().spawn(watch(ctx, filter, start, tx));
+        let (tx, rx) = mpsc::channel(feed::BATCH as usize);
+        ctx.tracker
+            .clone()
+            .spawn(watch(ctx, filter, start, tx, slot));
         Ok(Response::new(Box::pin(tokio_stream_from(rx))))
     }
 }
 
-/// Feeds `tx` with the events after `cursor` until the client goes or the server stops.
+/// Feeds `tx` with the events after `cursor` until the client goes or the server stops: those
+/// the feed already passed are read from the table, later ones come from the feed. The
+/// stream's `slot` is held until it ends.
 async fn watch(
     ctx: Arc<Ctx>,
     mut filter: EventFilter,
     mut cursor: i64,
     tx: mpsc::Sender<Result<pb::Event, Status>>,
+    _slot: limits::StreamSlot,
 ) {
-    let mut wake = ctx.activity.subscribe();
-    // A read that saw ids up to `.0`, waiting for every transaction below its xmax `.1`.
-    let mut pending: Option<(i64, i64)> = None;
     loop {
-        filter.after_id = Some(cursor);
-        filter.through_id = pending.map(|(m, _)| m);
-        let read = async {
-            let client = call::client(&ctx.pool).await?;
-            events::list(&**client, &filter).await.map_err(status::db)
-        }
-        .await;
-        let page = match read {
-            Ok(page) => page,
-            Err(e) => {
-                let _ = tx.send(Err(e)).await;
-                return;
+        let joined = tokio::select! {
+            () = ctx.shutdown.cancelled() => return,
+            () = tx.closed() => return,
+            joined = ctx.feed.join() => joined,
+        };
+        let mut rx = joined.rx;
+        // Every event up to `joined.cursor` is final: the table has it for good.
+        while cursor < joined.cursor {
+            filter.after_id = Some(cursor);
+            filter.through_id = Some(joined.cursor);
+            filter.limit = feed::BATCH;
+            let read = async {
+                let client = call::client(&ctx.pool).await?;
+                events::list(&**client, &filter).await.map_err(status::db)
             }
-        };
-        let last = page.events.last().map(|e| e.id);
-        let full = page.events.len() as i64 >= filter.limit;
-        let settle = match pending {
-            Some((_, xmax)) => page.xmin >= xmax,
-            None => page.xmin == page.xmax,
-        };
-        let mut progressed = false;
-        if settle {
-            let upto = pending.map(|(m, _)| m).or(last);
-            for event in page.events {
+            .await;
+            let page = match read {
+                Ok(page) => page.events,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            let full = page.len() as i64 >= filter.limit;
+            for event in page {
+                cursor = event.id;
                 if tx.send(Ok(convert::event(event))).await.is_err() {
                     return;
                 }
             }
-            if let Some(upto) = upto {
-                // A full page stops at its last row; otherwise every id up to `upto` is done.
-                cursor = if full {
-                    last.unwrap_or(upto)
-                } else {
-                    upto.max(cursor)
-                };
-                progressed = true;
+            if !full {
+                cursor = joined.cursor;
             }
-            pending = None;
-        } else if pending.is_none()
-            && let Some(m) = last
-        {
-            pending = Some((m, page.xmax));
-            progressed = true;
         }
-        if progressed && (full || pending.is_some()) {
-            // More to read, or waiting on running transactions: look again soon.
-            tokio::select! {
+        loop {
+            let batch = tokio::select! {
                 () = ctx.shutdown.cancelled() => return,
                 () = tx.closed() => return,
-                () = tokio::time::sleep(Duration::from_millis(2)) => {}
+                batch = rx.recv() => batch,
+            };
+            match batch {
+                Ok(batch) => {
+                    for scoped in &batch.events {
+                        if scoped.event.id > cursor && scoped.matches(&filter) {
+                            let event = convert::event(scoped.event.clone());
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    cursor = cursor.max(batch.through);
+                }
+                // Fell behind the feed's buffer: read the gap from the table.
+                Err(broadcast::error::RecvError::Lagged(_)) => break,
+                Err(broadcast::error::RecvError::Closed) => return,
             }
-            continue;
-        }
-        tokio::select! {
-            () = ctx.shutdown.cancelled() => return,
-            () = tx.closed() => return,
-            _ = tokio::time::timeout(if pending.is_some() { Duration::from_millis(5) } else { WATCH_POLL }, wake.changed()) => {}
         }
     }
 }

@@ -151,7 +151,7 @@ impl pb::harness_server::Harness for HarnessService {
             .collect::<Result<Vec<_>, _>>()?;
         let test_secrets = test_secrets(r.test_secrets)?;
         let client = call::client(&self.0.pool).await?;
-        let ds = visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
+        let ds = visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
         let (config, version) = if !r.config_json.is_empty() {
             (
                 convert::json_object("config_json", &r.config_json, MAX_CONFIG_BYTES)?,

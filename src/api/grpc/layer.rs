@@ -26,7 +26,7 @@ use futures_util::future::Either;
 use tonic::codegen::http;
 use tower_service::Service;
 
-use super::auth::{Authenticator, Denied, required_role};
+use super::auth::{Attempt, Authenticator, Denied, required_role};
 use super::principal::Principal;
 
 /// A boxed, sendable future.
@@ -41,7 +41,8 @@ pub struct Denial {
     pub action: String,
     /// The full gRPC path, e.g. `/dsreg.v1.Datasources/PublishVersion`.
     pub resource: String,
-    /// Why, as sent to the client.
+    /// Why, for the audit (an unauthenticated client is told only
+    /// [`super::auth::UNAUTHENTICATED_MESSAGE`]).
     pub reason: String,
     /// `UNAUTHENTICATED` or `PERMISSION_DENIED`.
     pub code: tonic::Code,
@@ -145,13 +146,16 @@ impl<S> std::fmt::Debug for AuthService<S> {
 
 impl<S, B, R> Service<http::Request<B>> for AuthService<S>
 where
-    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S: Service<http::Request<B>, Response = http::Response<R>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: Send + 'static,
     R: Default + Send + 'static,
 {
     type Response = http::Response<R>;
     type Error = S::Error;
-    /// Accepted requests go straight to the inner future; only denials are boxed.
+    /// Accepted requests go straight to the inner future; denials and requests waiting for a
+    /// key re-read are boxed.
     type Future = Either<S::Future, BoxFuture<Result<http::Response<R>, S::Error>>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
@@ -163,20 +167,58 @@ where
         if passes_without_auth(path) {
             return Either::Left(self.inner.call(request));
         }
-        match authorize(&self.shared.authenticator, &request) {
-            Ok(principal) => {
-                request.extensions_mut().insert(principal);
-                Either::Left(self.inner.call(request))
-            }
-            Err(denied) => {
-                let denial = denial_of(&request, &denied);
-                let recorded = self.shared.sink.record(denial);
+        let attempt = match authorization_of(&request) {
+            Ok(authorization) => self.shared.authenticator.try_authenticate(authorization),
+            Err(denied) => Attempt::Done(Err(denied)),
+        };
+        match attempt {
+            Attempt::Done(result) => match result.and_then(|p| permitted(p, path)) {
+                Ok(principal) => {
+                    request.extensions_mut().insert(principal);
+                    Either::Left(self.inner.call(request))
+                }
+                Err(denied) => Either::Right(self.deny(&request, denied)),
+            },
+            Attempt::NeedsKey(wait) => {
+                // The service polled ready is the one that must be called: keep it, leave a
+                // clone in its place (the tower pattern for calling from a future).
+                let clone = self.inner.clone();
+                let mut inner = std::mem::replace(&mut self.inner, clone);
+                let shared = Arc::clone(&self.shared);
                 Either::Right(Box::pin(async move {
-                    recorded.await;
-                    Ok(tonic::Status::from(denied).into_http())
+                    let path = request.uri().path().to_owned();
+                    match wait.finish().await.and_then(|p| permitted(p, &path)) {
+                        Ok(principal) => {
+                            request.extensions_mut().insert(principal);
+                            inner.call(request).await
+                        }
+                        Err(denied) => {
+                            let recorded = shared.sink.record(denial_of(&request, &denied));
+                            recorded.await;
+                            Ok(tonic::Status::from(denied).into_http())
+                        }
+                    }
                 }))
             }
         }
+    }
+}
+
+impl<S> AuthService<S> {
+    fn deny<B, R, E>(
+        &self,
+        request: &http::Request<B>,
+        denied: Denied,
+    ) -> BoxFuture<Result<http::Response<R>, E>>
+    where
+        R: Default + Send + 'static,
+        E: Send + 'static,
+    {
+        let recorded = self.shared.sink.record(denial_of(request, &denied));
+        Box::pin(async move {
+            recorded.await;
+            Ok(tonic::Status::from(denied).into_http())
+        })
     }
 }
 
@@ -184,21 +226,20 @@ fn passes_without_auth(path: &str) -> bool {
     path.starts_with("/grpc.health.v1.Health/") || path.starts_with("/grpc.reflection.")
 }
 
-/// Authenticates the request and checks its role for the path.
-fn authorize<B>(
-    authenticator: &Authenticator,
-    request: &http::Request<B>,
-) -> Result<Principal, Denied> {
-    let authorization = match request.headers().get(http::header::AUTHORIZATION) {
-        None => None,
-        Some(value) => Some(value.to_str().map_err(|_| {
+/// The `authorization` metadata, if any.
+fn authorization_of<B>(request: &http::Request<B>) -> Result<Option<&str>, Denied> {
+    match request.headers().get(http::header::AUTHORIZATION) {
+        None => Ok(None),
+        Some(value) => value.to_str().map(Some).map_err(|_| {
             Denied::Unauthenticated(
                 "the authorization metadata must be `Bearer <token>` in ASCII".to_owned(),
             )
-        })?),
-    };
-    let principal = authenticator.authenticate_now(authorization)?;
-    let path = request.uri().path();
+        }),
+    }
+}
+
+/// Checks the caller's role for the path.
+fn permitted(principal: Principal, path: &str) -> Result<Principal, Denied> {
     let Some(needed) = required_role(path) else {
         return Err(Denied::permission_denied(
             "this method has no permission defined; it is refused",
@@ -448,15 +489,23 @@ mod tests {
             let response = h.send(GET_STATUS, header).await;
             let status = status_of(&response).expect("a denial");
             assert_eq!(status.code(), Code::Unauthenticated, "{header:?}");
-            assert!(status.message().contains(needle), "{header:?}: {status:?}");
+            // One answer for every failure; the reason is in the audit only.
+            assert_eq!(
+                status.message(),
+                super::super::auth::UNAUTHENTICATED_MESSAGE
+            );
             let denials = h.sink.taken();
+            assert!(
+                denials[0].reason.contains(needle),
+                "{header:?}: {denials:?}"
+            );
             assert_eq!(
                 denials,
                 [Denial {
                     actor: "anonymous".into(),
                     action: "GetStatus".into(),
                     resource: GET_STATUS.into(),
-                    reason: status.message().into(),
+                    reason: denials[0].reason.clone(),
                     code: Code::Unauthenticated,
                     peer: None,
                     trace_id: Some(TRACE_ID.into()),

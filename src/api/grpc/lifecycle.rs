@@ -100,7 +100,7 @@ impl LifecycleService {
 /// queued at the same time (see [`super::reads`]).
 async fn read(ctx: &Ctx, call: &Call, id: Uuid) -> Result<(Datasource, State), Status> {
     let (ds, s) = ctx.reads.read(id).await?;
-    Ok((admit(ds, call, Check::Read(&ctx.pool)).await?, s))
+    Ok((admit(ds, call, Check::Read(&ctx.auditor)).await?, s))
 }
 
 fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<Uuid, Status> {
@@ -229,16 +229,18 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<StateStream>, Status> {
         let call = Call::of(&request, "WatchStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
+        let slot = self.0.streams.open(&call.principal)?;
         let ctx = self.0.clone();
         // Checked before the stream starts, so an unknown id is an error, not an empty stream.
         {
             let client = call::client(&ctx.pool).await?;
-            visible(&**client, &call, id, Check::Read(&ctx.pool)).await?;
+            visible(&**client, &call, id, Check::Read(&ctx.auditor)).await?;
         }
         let (tx, rx) = mpsc::channel(16);
         let mut wake = ctx.activity.subscribe_to(id);
         let shutdown = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
+            let _slot = slot;
             let mut last: Option<pb::WorkerState> = None;
             loop {
                 let read = read(&ctx, &call, id)

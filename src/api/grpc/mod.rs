@@ -3,6 +3,8 @@
 //! code stays in [`pb`]. Served until the shutdown token is cancelled; health flips to
 //! NOT_SERVING first.
 
+pub mod audit;
+pub mod auditor;
 pub mod auth;
 pub mod call;
 pub mod catalog;
@@ -10,9 +12,11 @@ pub mod codec;
 pub mod convert;
 pub mod datasources;
 pub mod events;
+pub mod feed;
 pub mod harness;
 pub mod layer;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod page;
 pub mod principal;
@@ -49,6 +53,12 @@ pub mod pb {
 /// refused before they are buffered.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
+/// The largest HTTP/2 header list a request may send: above the longest token the auth layer
+/// reads (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED,
+/// audited) rather than by the transport. Far larger header blocks trip HTTP/2's own flood
+/// guard, which closes the connection.
+pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+
 /// How often gRPC health re-checks readiness.
 const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -80,6 +90,16 @@ pub struct Ctx {
     pub tracker: TaskTracker,
     /// Whether the registry can serve (gRPC health follows it).
     pub readiness: crate::api::ready::Readiness,
+    /// The outbox follower every event watch reads from.
+    pub feed: Arc<feed::Feed>,
+    /// Open streams per caller.
+    pub streams: limits::StreamSlots,
+    /// The port's limits.
+    pub rpc_limits: limits::RpcLimits,
+    /// Writes denials to the audit log off the answer's path.
+    pub auditor: auditor::Auditor,
+    /// Signs page tokens.
+    pub page_key: page::PageKey,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -152,7 +172,9 @@ pub async fn serve(
     metrics: crate::telemetry::metrics::Metrics,
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
-    let sink = Arc::new(AuditDenials(ctx.pool.clone()));
+    let sink = Arc::new(AuditDenials(ctx.auditor.clone()));
+    ctx.tracker
+        .spawn(auth.clone().run_refresh(ctx.shutdown.clone()));
     let health = tonic_health::server::HealthReporter::new();
     let health_service = tonic_health::pb::health_server::HealthServer::new(DrainingHealth {
         inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
@@ -208,9 +230,14 @@ pub async fn serve(
         };
     }
     tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
+        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(trace::TraceLayer)
         .layer(metrics::RpcMetricsLayer::new(metrics))
         .layer(layer::AuthLayer::new(auth, sink))
+        .layer(limits::ConcurrencyLayer::new(
+            ctx.rpc_limits.concurrent_calls,
+        ))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(service!(
@@ -236,6 +263,10 @@ pub async fn serve(
         .add_service(service!(
             secrets_server::SecretsServer,
             secrets::SecretsService(ctx.clone())
+        ))
+        .add_service(service!(
+            audit_server::AuditServer,
+            audit::AuditService(ctx.clone())
         ))
         .add_service(service!(
             catalog_server::CatalogServer,
@@ -293,38 +324,38 @@ impl tonic_health::pb::health_server::Health for DrainingHealth {
     }
 }
 
-/// Writes every denied call to `audit_log`, within a bounded time.
-struct AuditDenials(Pool);
+/// Hands every call the auth layer refuses to the auditor: no database work on the answer's
+/// path.
+struct AuditDenials(auditor::Auditor);
 
 impl layer::DenialSink for AuditDenials {
     fn record(&self, denial: layer::Denial) -> layer::BoxFuture<()> {
-        let pool = self.0.clone();
-        Box::pin(async move {
-            let entry = crate::db::repository::audit::AuditEntry {
-                actor: denial.actor,
-                action: denial.action,
-                resource: denial.resource,
-                org: None,
-                project: None,
-                version: None,
-                outcome: crate::db::repository::audit::Outcome::Denied,
-                reason: Some(format!("{:?}: {}", denial.code, denial.reason)),
-                diff: denial.peer.map(|p| serde_json::json!({ "peer": p })),
-                trace_id: denial.trace_id,
-            };
-            let write = async {
-                let client = pool.get().await.map_err(crate::db::Error::from)?;
-                crate::db::repository::audit::record(&**client, &entry).await
-            };
-            match tokio::time::timeout(std::time::Duration::from_secs(2), write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %e, action = %entry.action, "auditing a denied call failed")
-                }
-                Err(_) => {
-                    tracing::warn!(action = %entry.action, "auditing a denied call timed out")
-                }
-            }
-        })
+        use crate::db::repository::audit::{AuditContext, AuditEntry, Outcome};
+        tracing::info!(
+            actor = %denial.actor,
+            action = %denial.action,
+            code = ?denial.code,
+            reason = %denial.reason,
+            "call denied"
+        );
+        let entry = AuditEntry {
+            actor: denial.actor,
+            action: denial.action,
+            resource: denial.resource,
+            org: None,
+            project: None,
+            version: None,
+            outcome: Outcome::Denied,
+            reason: Some(format!("{:?}: {}", denial.code, denial.reason)),
+            diff: denial.peer.map(|p| serde_json::json!({ "peer": p })),
+            trace_id: denial.trace_id.or_else(|| Some(auditor::new_trace_id())),
+        };
+        let context = AuditContext {
+            reason_class: Some(status::code_name(denial.code).to_owned()),
+            via: "grpc",
+            ..AuditContext::default()
+        };
+        self.0.deny(entry, context);
+        Box::pin(std::future::ready(()))
     }
 }

@@ -1,62 +1,120 @@
-//! Opaque page tokens: the keyset position of the last row served and a fingerprint of the
-//! filters it was served under. A token is refused with other filters; a forged one can only
-//! move the position, never widen what the caller may see (the tenant scope is applied to
-//! every query, not carried in the token).
+//! Opaque page tokens: the keyset position of the last row served, bound by a keyed MAC to
+//! the filters it was served under. A token is refused with other filters, and one not made
+//! by a registry of this database (its key is in `dsreg_page_key`, shared by every instance)
+//! is refused outright; even a forged one could only move the position, never widen what the
+//! caller may see (the tenant scope is applied to every query, not carried in the token).
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, KeyInit, Mac};
 use serde::{Serialize, de::DeserializeOwned};
-use sha2::{Digest, Sha256};
+use sha2::Sha256;
 use tonic::Status;
+use zeroize::Zeroizing;
 
 use super::status::invalid;
 
 /// The longest token accepted.
 const MAX_TOKEN: usize = 1024;
+/// Bytes of MAC a token carries.
+const MAC_BYTES: usize = 16;
 
-/// A fingerprint of `filters` (any stable rendering of them).
-pub fn fingerprint(filters: &str) -> String {
-    let digest = Sha256::digest(filters.as_bytes());
-    digest[..8].iter().map(|b| format!("{b:02x}")).collect()
+/// The key page tokens are signed with.
+#[derive(Clone)]
+pub struct PageKey(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for PageKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PageKey(..)")
+    }
 }
 
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Token<P> {
     p: P,
-    f: String,
+    m: String,
 }
 
-/// Encodes `position` under the filters' fingerprint.
-pub fn encode<P: Serialize>(position: &P, fingerprint: &str) -> String {
-    let token = Token {
-        p: position,
-        f: fingerprint.to_owned(),
-    };
-    // Serialising plain data to JSON cannot fail.
-    URL_SAFE_NO_PAD.encode(serde_json::to_vec(&token).unwrap_or_default())
-}
+impl PageKey {
+    /// A key of these bytes.
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
 
-/// Decodes a token (`None` for the first page).
-///
-/// # Errors
-/// INVALID_ARGUMENT on `page_token` when malformed or issued under other filters.
-pub fn decode<P: DeserializeOwned>(token: &str, fingerprint: &str) -> Result<Option<P>, Status> {
-    if token.is_empty() {
-        return Ok(None);
+    /// The database's key (created by migration V12).
+    ///
+    /// # Errors
+    /// The query failed.
+    pub async fn load(
+        client: &impl crate::db::repository::GenericClient,
+    ) -> Result<Self, crate::db::Error> {
+        let row = client
+            .query_one("SELECT key FROM dsreg_page_key", &[])
+            .await?;
+        Ok(Self::new(row.get(0)))
     }
-    let bad = || invalid("page_token", "is not a page token of this listing");
-    if token.len() > MAX_TOKEN {
-        return Err(bad());
+
+    /// The MAC of a position (as JSON) under `filters` (any stable rendering of them, the
+    /// caller included).
+    fn mac(&self, position: &[u8], filters: &str) -> String {
+        // HMAC takes keys of any length.
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC accepts any key");
+        mac.update(&(filters.len() as u64).to_be_bytes());
+        mac.update(filters.as_bytes());
+        mac.update(position);
+        let tag = mac.finalize().into_bytes();
+        URL_SAFE_NO_PAD.encode(&tag[..MAC_BYTES])
     }
-    let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
-    let decoded: Token<P> = serde_json::from_slice(&bytes).map_err(|_| bad())?;
-    if decoded.f != fingerprint {
-        return Err(invalid(
-            "page_token",
-            "was issued for other filters; start again without it",
-        ));
+
+    /// Encodes `position` for the listing of `filters`.
+    pub fn encode<P: Serialize>(&self, position: &P, filters: &str) -> String {
+        // Serialising plain data to JSON cannot fail.
+        let p = serde_json::to_value(position).unwrap_or_default();
+        let m = self.mac(p.to_string().as_bytes(), filters);
+        URL_SAFE_NO_PAD.encode(serde_json::to_vec(&Token { p, m }).unwrap_or_default())
     }
-    Ok(Some(decoded.p))
+
+    /// Decodes a token (`None` for the first page).
+    ///
+    /// # Errors
+    /// INVALID_ARGUMENT on `page_token` when malformed, forged, or issued for other filters
+    /// or another caller.
+    pub fn decode<P: DeserializeOwned>(
+        &self,
+        token: &str,
+        filters: &str,
+    ) -> Result<Option<P>, Status> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let bad = || {
+            invalid(
+                "page_token",
+                "is not a page token of this listing (or was issued for other filters); start \
+                 again without it",
+            )
+        };
+        if token.len() > MAX_TOKEN {
+            return Err(bad());
+        }
+        let bytes = URL_SAFE_NO_PAD.decode(token).map_err(|_| bad())?;
+        let decoded: Token<serde_json::Value> =
+            serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        let expected = self.mac(decoded.p.to_string().as_bytes(), filters);
+        // Compared in constant time: the MAC must not be guessable byte by byte.
+        let same = expected.len() == decoded.m.len()
+            && expected
+                .bytes()
+                .zip(decoded.m.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if !same {
+            return Err(bad());
+        }
+        serde_json::from_value(decoded.p)
+            .map(Some)
+            .map_err(|_| bad())
+    }
 }
 
 /// A page size: 0 means `default`, at most `max`.
@@ -76,17 +134,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn tokens_round_trip_and_refuse_other_filters_and_garbage() {
-        let f = fingerprint("org=acme");
-        let t = encode(&("orders".to_owned(), 7_i64), &f);
+    fn tokens_round_trip_and_refuse_other_filters_forgeries_and_garbage() {
+        let key = PageKey::new(vec![7; 32]);
+        let f = "org=acme|alice";
+        let t = key.encode(&("orders".to_owned(), 7_i64), f);
         assert_eq!(
-            decode::<(String, i64)>(&t, &f).unwrap(),
+            key.decode::<(String, i64)>(&t, f).unwrap(),
             Some(("orders".to_owned(), 7))
         );
-        assert!(decode::<(String, i64)>(&t, &fingerprint("org=other")).is_err());
-        assert!(decode::<(String, i64)>("!!!", &f).is_err());
-        assert!(decode::<(String, i64)>(&"A".repeat(5000), &f).is_err());
-        assert_eq!(decode::<(String, i64)>("", &f).unwrap(), None);
+        assert!(key.decode::<(String, i64)>(&t, "org=other|alice").is_err());
+        // Another key (another database) does not accept it.
+        assert!(
+            PageKey::new(vec![8; 32])
+                .decode::<(String, i64)>(&t, f)
+                .is_err()
+        );
+        // A position rewritten without the key is refused.
+        let forged = URL_SAFE_NO_PAD.encode(
+            serde_json::json!({"p": ["zzz", 1], "m": "AAAAAAAAAAAAAAAAAAAAAA"}).to_string(),
+        );
+        assert!(key.decode::<(String, i64)>(&forged, f).is_err());
+        assert!(key.decode::<(String, i64)>("!!!", f).is_err());
+        assert!(key.decode::<(String, i64)>(&"A".repeat(5000), f).is_err());
+        assert_eq!(key.decode::<(String, i64)>("", f).unwrap(), None);
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl pb::secrets_server::Secrets for SecretsService {
         let call = Call::of(&request, "ListSecrets")?;
         let id = convert::id("datasource_id", &request.get_ref().datasource_id)?;
         let client = call::client(&self.0.pool).await?;
-        visible(&**client, &call, id, Check::Read(&self.0.pool)).await?;
+        visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
         let rows = crate::db::repository::secrets::list(&**client, id)
             .await
             .map_err(status::db)?;

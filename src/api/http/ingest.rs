@@ -3,9 +3,10 @@
 //! 202 is answered only once every record is committed or dead-lettered, with the counts of
 //! each (`written` counts output records, after the transform).
 //!
-//! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 404 unknown
-//! datasource, 413 over the size limit, 415 wrong content type, 429 inbox full (with
-//! `Retry-After`), 503 worker not running.
+//! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 404 for every id
+//! that is not a webhook running here (missing, another kind, disabled, stopped: one answer),
+//! 413 over the size limit, 415 wrong content type, 429 inbox full (with `Retry-After`), 503
+//! the worker stopped while the delivery was in hand.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,11 +20,12 @@ use uuid::Uuid;
 
 use super::HttpState;
 use crate::connectors::webhook::Refusal;
-use crate::db::repository::datasources;
-use crate::domain::DatasourceStatus;
 
 /// How long a delivery may wait for its commit before the sender is told to retry.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
+
+/// The answer for every id that is not a webhook running here.
+const NOT_A_WEBHOOK: &str = "no webhook datasource is running at this address";
 
 fn answer(status: StatusCode, message: &str) -> Response {
     (status, axum::Json(json!({ "error": message }))).into_response()
@@ -35,11 +37,14 @@ pub(super) async fn ingest(
     headers: HeaderMap,
     body: Body,
 ) -> Response {
-    let Ok(id) = Uuid::parse_str(&datasource) else {
-        return answer(StatusCode::NOT_FOUND, "unknown datasource");
-    };
-    let Some(inbox) = state.ingress.inbox(id) else {
-        return not_running(&state, id).await;
+    // Every id that is not a webhook running here gets the same answer, without a database
+    // read: a sender cannot tell a missing id from another kind, a disabled datasource or
+    // another tenant's.
+    let Some(inbox) = Uuid::parse_str(&datasource)
+        .ok()
+        .and_then(|id| state.ingress.inbox(id))
+    else {
+        return answer(StatusCode::NOT_FOUND, NOT_A_WEBHOOK);
     };
     let ndjson = match headers
         .get(header::CONTENT_TYPE)
@@ -70,9 +75,28 @@ pub(super) async fn ingest(
     let signature = headers
         .get(inbox.signature_header.as_str())
         .and_then(|v| v.to_str().ok());
-    if inbox.verify(&bytes, signature).is_err() {
-        return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature");
-    }
+    let reserved = match inbox.verify(&bytes, signature) {
+        Ok(reserved) => reserved,
+        Err(Refusal::Stale) => {
+            return answer(
+                StatusCode::UNAUTHORIZED,
+                "the signature's timestamp is outside the tolerance window",
+            );
+        }
+        Err(Refusal::Replayed) => {
+            return answer(
+                StatusCode::CONFLICT,
+                "this delivery id was already accepted",
+            );
+        }
+        Err(Refusal::Busy) => {
+            return answer(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many delivery ids within the window; retry later",
+            );
+        }
+        Err(_) => return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature"),
+    };
     let records = match parse(&bytes, ndjson) {
         Ok(records) => records,
         Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
@@ -98,42 +122,21 @@ pub(super) async fn ingest(
         }
     };
     match tokio::time::timeout(COMMIT_WAIT, committed).await {
-        Ok(Ok(Ok(outcome))) => (
-            StatusCode::ACCEPTED,
-            axum::Json(json!({
-                "accepted": count,
-                "written": outcome.written,
-                "dead_lettered": outcome.dead_lettered,
-            })),
-        )
-            .into_response(),
+        Ok(Ok(Ok(outcome))) => {
+            reserved.keep();
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(json!({
+                    "accepted": count,
+                    "written": outcome.written,
+                    "dead_lettered": outcome.dead_lettered,
+                })),
+            )
+                .into_response()
+        }
         _ => answer(
             StatusCode::SERVICE_UNAVAILABLE,
             "the records were not committed; retry",
-        ),
-    }
-}
-
-/// 404 for a datasource that does not exist (or is archived), 503 for one whose worker is
-/// not running here.
-async fn not_running(state: &HttpState, id: Uuid) -> Response {
-    let Ok(client) = state.pool.get().await else {
-        return answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the registry cannot reach its database",
-        );
-    };
-    match datasources::get(&**client, id).await {
-        Ok(ds) if ds.status != DatasourceStatus::Archived => answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the datasource's worker is not running",
-        ),
-        Ok(_) | Err(crate::db::Error::DatasourceNotFound(_)) => {
-            answer(StatusCode::NOT_FOUND, "unknown datasource")
-        }
-        Err(_) => answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the registry cannot reach its database",
         ),
     }
 }

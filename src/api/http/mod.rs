@@ -21,7 +21,7 @@ use crate::telemetry::metrics::{self, Metrics};
 /// What the HTTP handlers share.
 #[derive(Clone)]
 pub struct HttpState {
-    /// The pool (readiness, unknown-datasource checks).
+    /// The pool.
     pub pool: Pool,
     /// The running webhook workers' inboxes.
     pub ingress: Ingress,

@@ -13,6 +13,8 @@ use super::typed;
 use crate::db::Error;
 
 const COLUMNS: &str = "id, datasource_id, type, version, actor, payload, traceparent, xid::text::bigint AS xid, created_at";
+/// [`COLUMNS`] of `datasource_events ev` in a join.
+const EV_COLUMNS: &str = "ev.id, ev.datasource_id, ev.type, ev.version, ev.actor, ev.payload, ev.traceparent, ev.xid::text::bigint AS xid, ev.created_at";
 
 /// One outbox / history row.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +135,66 @@ pub struct HistoryPage {
 /// # Errors
 /// The query failed.
 pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<HistoryPage, Error> {
+    let page = list_scoped(client, filter).await?;
+    Ok(HistoryPage {
+        events: page.events.into_iter().map(|s| s.event).collect(),
+        xmin: page.xmin,
+        xmax: page.xmax,
+    })
+}
+
+/// An event with the tenant of its datasource (`None` for registry-wide events and events
+/// of datasources that no longer exist).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScopedEvent {
+    /// The event.
+    pub event: Event,
+    /// Its datasource's organisation.
+    pub org: Option<String>,
+    /// Its datasource's project.
+    pub project: Option<String>,
+}
+
+impl ScopedEvent {
+    /// Whether `filter`'s datasource, types and tenant admit this event (its id bounds and
+    /// times are not looked at): the same rule as [`list`]'s query, for events already read.
+    pub fn matches(&self, filter: &EventFilter) -> bool {
+        let e = &self.event;
+        filter
+            .datasource_id
+            .is_none_or(|id| e.datasource_id == Some(id))
+            && (filter.kinds.is_empty() || filter.kinds.contains(&e.kind))
+            && filter
+                .org
+                .as_ref()
+                .is_none_or(|org| self.org.as_ref() == Some(org))
+            && filter
+                .projects
+                .as_ref()
+                .is_none_or(|projects| self.project.as_ref().is_some_and(|p| projects.contains(p)))
+            && ((filter.org.is_none() && filter.projects.is_none()) || self.org.is_some())
+    }
+}
+
+/// [`HistoryPage`] with each event's tenant.
+#[derive(Debug)]
+pub struct ScopedPage {
+    /// The events, by id.
+    pub events: Vec<ScopedEvent>,
+    /// The snapshot's `xmin`: every transaction below it had finished.
+    pub xmin: i64,
+    /// The snapshot's `xmax`: every transaction at or above it started after the read.
+    pub xmax: i64,
+}
+
+/// [`list`] with each event's tenant.
+///
+/// # Errors
+/// The query failed.
+pub async fn list_scoped(
+    client: &impl GenericClient,
+    filter: &EventFilter,
+) -> Result<ScopedPage, Error> {
     let rows = client
         .query(
             &format!(
@@ -141,18 +203,18 @@ pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<H
                             pg_snapshot_xmax(s)::text::bigint AS snap_xmax
                      FROM pg_current_snapshot() s)
                  SELECT snap.snap_xmin, snap.snap_xmax, e.* FROM snap LEFT JOIN LATERAL (
-                     SELECT {COLUMNS} FROM datasource_events ev
-                     WHERE ($1::uuid IS NULL OR datasource_id = $1)
-                       AND (cardinality($2::text[]) = 0 OR type = ANY($2))
-                       AND ($3::bigint IS NULL OR id > $3)
-                       AND ($4::timestamptz IS NULL OR created_at >= $4)
-                       AND ($5::timestamptz IS NULL OR created_at < $5)
-                       AND ($7::bigint IS NULL OR id <= $7)
-                       AND (($8::text IS NULL AND $9::text[] IS NULL) OR EXISTS (
-                             SELECT 1 FROM datasources d WHERE d.id = ev.datasource_id
+                     SELECT {EV_COLUMNS}, d.org AS ds_org, d.project AS ds_project
+                     FROM datasource_events ev LEFT JOIN datasources d ON d.id = ev.datasource_id
+                     WHERE ($1::uuid IS NULL OR ev.datasource_id = $1)
+                       AND (cardinality($2::text[]) = 0 OR ev.type = ANY($2))
+                       AND ($3::bigint IS NULL OR ev.id > $3)
+                       AND ($4::timestamptz IS NULL OR ev.created_at >= $4)
+                       AND ($5::timestamptz IS NULL OR ev.created_at < $5)
+                       AND ($7::bigint IS NULL OR ev.id <= $7)
+                       AND (($8::text IS NULL AND $9::text[] IS NULL) OR (d.id IS NOT NULL
                                AND ($8::text IS NULL OR d.org = $8)
                                AND ($9::text[] IS NULL OR d.project = ANY($9))))
-                     ORDER BY id
+                     ORDER BY ev.id
                      LIMIT $6
                  ) e ON true"
             ),
@@ -175,9 +237,13 @@ pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<H
     let events = rows
         .iter()
         .filter(|r| r.get::<_, Option<i64>>("id").is_some())
-        .map(Event::from_row)
+        .map(|r| ScopedEvent {
+            event: Event::from_row(r),
+            org: r.get("ds_org"),
+            project: r.get("ds_project"),
+        })
         .collect();
-    Ok(HistoryPage { events, xmin, xmax })
+    Ok(ScopedPage { events, xmin, xmax })
 }
 
 /// One page of the outbox query.
@@ -257,6 +323,21 @@ pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> 
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The current snapshot's `xmin` and `xmax`.
+///
+/// # Errors
+/// The query failed.
+pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
+             FROM pg_current_snapshot() s",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
 }
 
 /// The newest id taken so far (0 when none): where a watch of only new events starts.

@@ -48,7 +48,9 @@ pub async fn begin<'a>(
 ) -> Result<Transaction<'a>, Error> {
     let tx = client.transaction().await?;
     tx.execute_typed(
-        "SELECT set_config('dsreg.actor', $1, true), set_config('dsreg.traceparent', $2, true)",
+        // `dsreg.via` tells the audit trigger that dsreg audits this write itself.
+        "SELECT set_config('dsreg.actor', $1, true), set_config('dsreg.traceparent', $2, true),
+                set_config('dsreg.via', 'dsreg', true)",
         &typed::params(&[&ctx.actor, &ctx.traceparent.as_deref().unwrap_or_default()]),
     )
     .await?;
