@@ -1,7 +1,7 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
-mod bounds;
 mod abuse;
+mod bounds;
 mod canary;
 mod cli;
 mod cluster;
