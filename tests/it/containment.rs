@@ -161,10 +161,9 @@ async fn a_config_that_would_panic_is_that_datasources_error_and_every_other_wor
     app.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn the_api_refuses_configs_that_would_panic_naming_the_field() {
-    let db = TestDb::new().await;
-    let app = spawn(&db).await;
+/// The checks `CreateVersion`, `PublishVersion`, file imports and the harness run.
+#[test]
+fn publish_checks_refuse_configs_that_would_panic_naming_the_field() {
     let catalog = dsreg::connectors::Catalog::builtin();
     let problems = catalog
         .check(
@@ -177,20 +176,20 @@ async fn the_api_refuses_configs_that_would_panic_naming_the_field() {
     assert_eq!(problems[0].field, "rate_per_sec");
     let mut with_panic = catalog.clone();
     with_panic.register(Arc::new(Treacherous));
-    let problems = with_panic
-        .check(
-            "treacherous",
-            &json!({ "panic_in": "validate" }),
-            &[],
-            &dsreg::transform::Limits::default(),
-        )
-        .unwrap_err();
-    assert!(
-        problems[0].reason.contains("validate panicked"),
-        "{problems:?}"
-    );
-    assert!(ready(&app).await);
-    app.stop().await.unwrap();
+    for method in ["validate", "required_secrets"] {
+        let problems = with_panic
+            .check(
+                "treacherous",
+                &json!({ "panic_in": method }),
+                &[],
+                &dsreg::transform::Limits::default(),
+            )
+            .unwrap_err();
+        assert!(
+            problems[0].reason.contains(&format!("{method} panicked")),
+            "{problems:?}"
+        );
+    }
 }
 
 #[tokio::test]
