@@ -14,25 +14,6 @@ use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
 
 const SECRET: &[u8] = b"abuse-test-secret-0123456789abcdef-0123456789";
 
-/// Settings of a registry that verifies HS256 tokens of issuer `test` for audience `dsreg`;
-/// the secret file lives in the returned folder.
-fn hs256_settings(db: &TestDb) -> (dsreg::config::Settings, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("hs256.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let mut settings = test_settings(&db.url);
-    settings.auth.insecure_no_auth = false;
-    settings.auth.auth_hs256_secret_file = Some(secret_file);
-    settings.auth.auth_issuer = Some("test".into());
-    settings.auth.auth_audience = Some("dsreg".into());
-    (settings, dir)
-}
-
 fn claims(sub: &str, role: &str) -> serde_json::Value {
     let now = chrono::Utc::now().timestamp();
     serde_json::json!({
@@ -66,7 +47,7 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
     const CAP: usize = 40;
     let db = TestDb::new().await;
     let ds = db.datasource("orders").await;
-    let (mut settings, _dir) = hs256_settings(&db);
+    let (mut settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     settings.grpc_max_streams_per_caller = CAP;
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let flooder = token("flooder", "datasource:viewer");
@@ -338,7 +319,7 @@ async fn denial_reasons(db: &TestDb, n: i64) -> Vec<String> {
 #[tokio::test]
 async fn every_forged_token_gets_one_answer_and_the_reason_goes_only_to_the_audit() {
     let db = TestDb::new().await;
-    let (mut settings, _dir) = hs256_settings(&db);
+    let (mut settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     settings.auth.auth_max_token_age_secs = Some(3600);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let ch = channel(&app).await;
@@ -543,7 +524,7 @@ async fn audit_log_refuses_update_delete_and_truncate() {
 async fn a_flood_of_ten_thousand_forged_tokens_writes_a_bounded_number_of_rows() {
     const FLOOD: i64 = 10_000;
     let db = TestDb::new().await;
-    let (settings, _dir) = hs256_settings(&db);
+    let (settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let forged = issue_token(
         b"another-secret-0123456789abcdef-0123456789",
@@ -591,7 +572,7 @@ async fn a_flood_of_ten_thousand_forged_tokens_writes_a_bounded_number_of_rows()
 async fn audit_rows_name_the_caller_the_target_and_a_trace_for_each_denial_class() {
     let db = TestDb::new().await;
     let ds = db.datasource("orders").await;
-    let (settings, _dir) = hs256_settings(&db);
+    let (settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let ch = channel(&app).await;
     let globex = |role: &str| {
@@ -913,7 +894,7 @@ async fn admins_read_their_tenants_audit_trail_page_by_page() {
         ))
         .await
         .unwrap();
-    let (settings, _dir) = hs256_settings(&db);
+    let (settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let mut client = pb::audit_client::AuditClient::new(channel(&app).await);
     let admin = token("admin@acme", "datasource:admin");
@@ -978,7 +959,7 @@ async fn admins_read_their_tenants_audit_trail_page_by_page() {
 #[tokio::test]
 async fn an_oversized_authorization_header_is_refused_on_its_call_and_the_connection_lives() {
     let db = TestDb::new().await;
-    let (settings, _dir) = hs256_settings(&db);
+    let (settings, _dir) = crate::helpers::hs256_settings(&db, SECRET);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let ch = channel(&app).await;
     let mut client = pb::registry_client::RegistryClient::new(ch.clone());

@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::helpers::{TestApp, TestDb, test_settings};
+use crate::helpers::{TestApp, TestDb};
 
 const SECRET: &[u8] = b"exfiltration-test-secret-0123456789abcdef-0123";
 const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
@@ -88,19 +88,7 @@ fn bearer(role: &str) -> Bearer {
 
 /// A registry verifying HS256 tokens, with `master_keys` (none: no key configured).
 async fn serve(db: &TestDb, master_keys: Option<&str>) -> (TestApp, Channel, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("hs256.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let mut settings = test_settings(&db.url);
-    settings.auth.insecure_no_auth = false;
-    settings.auth.auth_hs256_secret_file = Some(secret_file);
-    settings.auth.auth_issuer = Some("test".into());
-    settings.auth.auth_audience = Some("dsreg".into());
+    let (mut settings, dir) = crate::helpers::hs256_settings(db, SECRET);
     settings.master_keys = master_keys.map(str::to_owned);
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let channel = Channel::from_shared(format!("http://{}", app.grpc_addr))

@@ -4,61 +4,13 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, BufMut};
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use prost::Message;
 use rand::{Rng, SeedableRng};
 use tonic::Code;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
-use crate::helpers::TestDb;
-
-/// Sends and receives message bytes as they are.
-#[derive(Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn encode(&mut self, item: Vec<u8>, buf: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        buf.put_slice(&item);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-
-    fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        Ok(Some(buf.copy_to_bytes(buf.remaining()).to_vec()))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::default()
-    }
-}
+use crate::helpers::{RawCodec, TestDb};
 
 /// Every method of every `dsreg.v1` service, as a request path.
 fn methods() -> Vec<String> {
@@ -163,7 +115,7 @@ async fn random_and_mutated_bytes_to_every_rpc_never_answer_internal() {
             request.set_timeout(Duration::from_secs(2));
             let answer = tokio::time::timeout(Duration::from_secs(5), async {
                 let response = grpc
-                    .server_streaming(request, path.parse().unwrap(), Raw)
+                    .server_streaming(request, path.parse().unwrap(), RawCodec)
                     .await?;
                 let mut stream = response.into_inner();
                 // A watch that decoded stays open: its first answer (or none) is enough.

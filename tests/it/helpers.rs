@@ -558,3 +558,66 @@ pub mod otlp;
 #[path = "../support/serve_process.rs"]
 mod serve_process;
 pub use serve_process::ServeProcess;
+
+/// Settings of a registry that verifies HS256 tokens signed with `secret`, of issuer `test`
+/// for audience `dsreg`; the secret file lives in the returned folder.
+pub fn hs256_settings(db: &TestDb, secret: &[u8]) -> (dsreg::config::Settings, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("hs256.secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    std::fs::set_permissions(
+        &secret_file,
+        std::os::unix::fs::PermissionsExt::from_mode(0o600),
+    )
+    .unwrap();
+    let mut settings = test_settings(&db.url);
+    settings.auth.insecure_no_auth = false;
+    settings.auth.auth_hs256_secret_file = Some(secret_file);
+    settings.auth.auth_issuer = Some("test".into());
+    settings.auth.auth_audience = Some("dsreg".into());
+    (settings, dir)
+}
+
+/// Sends raw protobuf bytes and reads raw bytes back, so any RPC can be called by path with
+/// any body.
+#[derive(Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = Vec<u8>;
+    type Encoder = RawCodec;
+    type Decoder = RawCodec;
+    fn encoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+    fn decoder(&mut self) -> RawCodec {
+        RawCodec
+    }
+}
+
+impl tonic::codec::Encoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        bytes::BufMut::put_slice(dst, &item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawCodec {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Vec<u8>>, tonic::Status> {
+        let mut out = vec![0; bytes::Buf::remaining(src)];
+        bytes::Buf::copy_to_slice(src, &mut out);
+        Ok(Some(out))
+    }
+}

@@ -7,33 +7,19 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use bytes::{Buf, BufMut};
 use dsreg::api::grpc::auth::issue_token;
 use dsreg::api::grpc::pb;
 use tonic::Code;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 
-use crate::helpers::{TestApp, TestDb, test_settings};
+use crate::helpers::{RawCodec, TestApp, TestDb};
 
 const SECRET: &[u8] = b"rbac-test-secret-0123456789abcdef-0123456789";
 const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
 /// A registry that verifies HS256 tokens of issuer `test` for audience `dsreg`.
 async fn serve(db: &TestDb) -> (TestApp, Channel, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let secret_file = dir.path().join("hs256.secret");
-    std::fs::write(&secret_file, SECRET).unwrap();
-    std::fs::set_permissions(
-        &secret_file,
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
-    let mut settings = test_settings(&db.url);
-    settings.auth.insecure_no_auth = false;
-    settings.auth.auth_hs256_secret_file = Some(secret_file);
-    settings.auth.auth_issuer = Some("test".into());
-    settings.auth.auth_audience = Some("dsreg".into());
+    let (mut settings, dir) = crate::helpers::hs256_settings(db, SECRET);
     settings.master_keys = Some(MASTER_KEYS.into());
     let app = TestApp::spawn_with(settings, |_| {}).await;
     let channel = Channel::from_shared(format!("http://{}", app.grpc_addr))
@@ -127,42 +113,6 @@ fn rpcs() -> Vec<(String, u8)> {
     out
 }
 
-/// Sends raw protobuf bytes and reads raw bytes back, so any RPC can be called by path.
-#[derive(Clone, Copy, Default)]
-struct Raw;
-
-impl Codec for Raw {
-    type Encode = Vec<u8>;
-    type Decode = Vec<u8>;
-    type Encoder = Raw;
-    type Decoder = Raw;
-    fn encoder(&mut self) -> Raw {
-        Raw
-    }
-    fn decoder(&mut self) -> Raw {
-        Raw
-    }
-}
-
-impl Encoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn encode(&mut self, item: Vec<u8>, dst: &mut EncodeBuf<'_>) -> Result<(), tonic::Status> {
-        dst.put_slice(&item);
-        Ok(())
-    }
-}
-
-impl Decoder for Raw {
-    type Item = Vec<u8>;
-    type Error = tonic::Status;
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Vec<u8>>, tonic::Status> {
-        let mut out = vec![0; src.remaining()];
-        src.copy_to_slice(&mut out);
-        Ok(Some(out))
-    }
-}
-
 /// Calls `path` with a body whose field 1 is `first` (every dsreg request is fine with that:
 /// field 1 is an id, a name or absent), with `token`; returns the status code.
 async fn call(channel: &Channel, path: &str, token: Option<&str>, first: &str) -> Code {
@@ -180,7 +130,7 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>, first: &str) -
     let path: tonic::codegen::http::uri::PathAndQuery = path.parse().unwrap();
     let streaming = path.path().contains("Watch");
     if streaming {
-        match grpc.server_streaming(request, path, Raw).await {
+        match grpc.server_streaming(request, path, RawCodec).await {
             Ok(mut stream) => stream
                 .get_mut()
                 .message()
@@ -190,7 +140,7 @@ async fn call(channel: &Channel, path: &str, token: Option<&str>, first: &str) -
             Err(s) => s.code(),
         }
     } else {
-        grpc.unary(request, path, Raw)
+        grpc.unary(request, path, RawCodec)
             .await
             .err()
             .map_or(Code::Ok, |s| s.code())
