@@ -10,8 +10,6 @@ use serde_json::json;
 
 use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
 
-const WORKERS: usize = 3_000;
-
 /// A source answering every GET with no records; counts the requests.
 async fn serve_empty(requests: Arc<AtomicUsize>) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -43,6 +41,17 @@ async fn metric(client: &reqwest::Client, app: &TestApp, name: &str) -> f64 {
 
 #[tokio::test]
 async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_lease() {
+    pull_workers_published_at_once_on_a_small_pool(3_000).await;
+}
+
+#[tokio::test]
+async fn ten_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_lease() {
+    pull_workers_published_at_once_on_a_small_pool(10_000).await;
+}
+
+/// `workers` http_poll datasources published in one transaction on a pool of 4: every worker
+/// polls and saves its cursor, no lease is lost, readiness never fails, no worker errors.
+async fn pull_workers_published_at_once_on_a_small_pool(workers: usize) {
     let db = TestDb::new().await;
     let requests = Arc::new(AtomicUsize::new(0));
     let url = serve_empty(requests.clone()).await;
@@ -78,7 +87,7 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
         .await
         .batch_execute(&format!(
             "INSERT INTO datasources (org, project, name, kind)
-               SELECT 'acme', 'pull', 'ds-' || i, 'http_poll' FROM generate_series(1, {WORKERS}) i;
+               SELECT 'acme', 'pull', 'ds-' || i, 'http_poll' FROM generate_series(1, {workers}) i;
              INSERT INTO datasource_versions (datasource_id, version, config)
                SELECT id, 1, '{config}'::jsonb FROM datasources WHERE project = 'pull';
              UPDATE datasource_versions SET state = 'published';"
@@ -89,8 +98,8 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
     // Every worker has read its cursor, polled once and saved its cursor.
     let client = db.client().await;
     wait_for(
-        &format!("{WORKERS} workers polled and saved their cursors"),
-        Duration::from_secs(120),
+        &format!("{workers} workers polled and saved their cursors"),
+        Duration::from_secs(300),
         || async {
             let saved: i64 = client
                 .query_one(
@@ -100,7 +109,7 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
                 .await
                 .unwrap()
                 .get(0);
-            (saved == WORKERS as i64 && requests.load(Ordering::Relaxed) >= WORKERS).then_some(())
+            (saved == workers as i64 && requests.load(Ordering::Relaxed) >= workers).then_some(())
         },
     )
     .await;
