@@ -1017,7 +1017,7 @@ async fn a_webhook_delivery_with_an_id_is_accepted_once_and_a_stale_one_refused(
         s.worker_status == dsreg::domain::WorkerStatus::Running && s.running_version == Some(v)
     })
     .await;
-    let client = dsreg::connectors::http_client(Duration::from_secs(30)).unwrap();
+    let client = crate::helpers::http_client(Duration::from_secs(30)).unwrap();
     let url = format!("http://{}/ingest/{}", app.http_addr, ds.id);
     let body = br#"{"n": 1}"#;
     let send = |signature: String| {

@@ -202,7 +202,7 @@ async fn post(
 }
 
 fn reqwest_client() -> reqwest::Client {
-    dsreg::connectors::http_client(Duration::from_secs(30)).unwrap()
+    crate::helpers::http_client(Duration::from_secs(30)).unwrap()
 }
 
 #[tokio::test]

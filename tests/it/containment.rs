@@ -70,7 +70,7 @@ async fn spawn(db: &TestDb) -> TestApp {
 }
 
 async fn ready(app: &TestApp) -> bool {
-    dsreg::connectors::http_client(Duration::from_secs(5))
+    crate::helpers::http_client(Duration::from_secs(5))
         .unwrap()
         .get(format!("http://{}/readyz", app.http_addr))
         .send()

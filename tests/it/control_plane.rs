@@ -58,7 +58,7 @@ async fn pull_workers_published_at_once_on_a_small_pool(workers: usize) {
     let mut settings = test_settings(&db.url);
     settings.pool_size = 4;
     let app = TestApp::spawn_with(settings, |_| {}).await;
-    let http = dsreg::connectors::http_client(Duration::from_secs(10)).unwrap();
+    let http = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
 
     // Readiness is probed throughout the start.
     let probing = tokio_util::sync::CancellationToken::new();
@@ -144,7 +144,7 @@ async fn pull_workers_published_at_once_on_a_small_pool(workers: usize) {
 async fn a_transaction_holding_the_outbox_horizon_shows_live_with_its_pid_and_age() {
     let db = TestDb::new().await;
     let app = TestApp::spawn(&db.url, |_| {}).await;
-    let http = dsreg::connectors::http_client(Duration::from_secs(10)).unwrap();
+    let http = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
     let mut holder = db.client().await;
     let tx = holder.transaction().await.unwrap();
     let pid: i32 = tx

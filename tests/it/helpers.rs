@@ -621,3 +621,11 @@ impl tonic::codec::Decoder for RawCodec {
         Ok(Some(out))
     }
 }
+
+/// A fresh HTTP client for a test's own calls: its pooled connections belong to the test's
+/// runtime, never to one an earlier test has already shut down (the registry's shared client
+/// is per process, and each test has a runtime of its own).
+pub fn http_client(timeout: Duration) -> Result<reqwest::Client, reqwest::Error> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().timeout(timeout).build()
+}

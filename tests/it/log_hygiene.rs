@@ -11,7 +11,7 @@ const FLOOD: usize = 600;
 async fn a_flood_of_malformed_notifications_is_counted_and_logged_once_a_second() {
     let db = TestDb::new().await;
     let serve = ServeProcess::start(&db.url, &[]).await;
-    let http = dsreg::connectors::http_client(Duration::from_secs(10)).unwrap();
+    let http = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
     let sent = Instant::now();
     db.client()
         .await
@@ -21,24 +21,36 @@ async fn a_flood_of_malformed_notifications_is_counted_and_logged_once_a_second(
         .await
         .unwrap();
     let metrics_url = format!("http://{}/metrics", serve.http_addr);
-    wait_for(
+    let last = std::sync::Mutex::new(String::new());
+    let counted = wait_for(
         "every malformed notification counted",
-        Duration::from_secs(120),
+        Duration::from_secs(200),
         || async {
             let text = http
                 .get(&metrics_url)
                 .send()
                 .await
+                .map_err(|e| *last.lock().unwrap() = format!("scrape failed: {e}"))
                 .ok()?
                 .text()
                 .await
                 .ok()?;
-            text.lines()
-                .any(|l| l == format!("dsreg_outbox_notifications_malformed_total {FLOOD}"))
-                .then_some(())
+            let line = text
+                .lines()
+                .find(|l| l.starts_with("dsreg_outbox_notifications_malformed_total "))
+                .unwrap_or("no malformed counter")
+                .to_owned();
+            let done = line == format!("dsreg_outbox_notifications_malformed_total {FLOOD}");
+            *last.lock().unwrap() = line;
+            done.then_some(())
         },
-    )
-    .await;
+    );
+    if tokio::time::timeout(Duration::from_secs(125), counted)
+        .await
+        .is_err()
+    {
+        panic!("last seen: {}", last.lock().unwrap());
+    }
     let elapsed = sent.elapsed();
     let lines: Vec<serde_json::Value> = serve
         .logs

@@ -67,7 +67,7 @@ async fn generator(db: &TestDb, name: &str, org: &str, config: Value) -> Uuid {
 
 /// POSTs a signed JSON body to a webhook; the status and the answer.
 async fn deliver(app: &TestApp, id: Uuid, body: &[u8]) -> (u16, Value) {
-    let response = dsreg::connectors::http_client(Duration::from_secs(60))
+    let response = crate::helpers::http_client(Duration::from_secs(60))
         .unwrap()
         .post(format!("http://{}/ingest/{id}", app.http_addr))
         .header("content-type", "application/json")
@@ -705,7 +705,7 @@ async fn serve_gateway(gateway: std::sync::Arc<Gateway>) -> String {
 
 fn http_target(url: String) -> dsreg::connectors::sink::Target {
     dsreg::connectors::sink::Target::Http {
-        client: dsreg::connectors::http_client(Duration::from_secs(5)).unwrap(),
+        client: crate::helpers::http_client(Duration::from_secs(5)).unwrap(),
         url,
     }
 }
