@@ -1,11 +1,14 @@
 //! Answers that tell what happened, through the real gRPC API and the real `dsreg` binary: a
 //! rollback runs the publish checks and is refused like the publish, a rollback answers its
-//! `rolled_back` event (whichever way it moves) and the CLI says it rolled back.
+//! `rolled_back` event (whichever way it moves) and the CLI says it rolled back, and a restart
+//! answers the state it produced (a refused one is not `running, settled`).
 
 use std::path::Path;
+use std::time::Duration;
 
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::secrets_client::SecretsClient;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -13,7 +16,7 @@ use uuid::Uuid;
 
 use crate::cli::{Ran, dsreg, run};
 use crate::grpc::serve;
-use crate::helpers::TestDb;
+use crate::helpers::{TestDb, wait_for};
 
 /// `dsreg <args> --server <url>`, no token, run to its end.
 async fn client(dir: &Path, url: &str, args: &[&str]) -> Ran {
@@ -282,4 +285,85 @@ async fn a_rollback_answers_its_rolled_back_event_and_the_cli_says_it_rolled_bac
     );
     assert_eq!(version_events(&db, &id).await, events);
     assert_eq!(current_version(&mut ds, &id).await, v1);
+}
+
+/// A source on a local port that answers every poll with an empty page.
+async fn empty_source() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/", axum::routing::get(|| async { "[]" }));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/")
+}
+
+#[tokio::test]
+async fn a_refused_restart_answers_its_refusal_not_running_and_settled() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel.clone());
+    let mut life = LifecycleClient::new(channel);
+    let id = create(&mut ds, "poll-restart", "http_poll").await;
+    secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+            value: "restart-canary-91c2".into(),
+        })
+        .await
+        .unwrap();
+    let source = empty_source().await;
+    let (v1, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token", "interval_ms": 100 }),
+    )
+    .await;
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    wait_for("the poller to run", Duration::from_secs(30), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
+        }
+    })
+    .await;
+    // The secret the running version needs goes away: a restart cannot build the worker.
+    secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+        })
+        .await
+        .unwrap();
+
+    let answer = life
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cli = client(dir.path(), &url, &["worker", "restart", &id]).await;
+
+    assert!(
+        !answer.settled,
+        "a refused restart is not settled: {answer:?}"
+    );
+    assert_eq!(answer.error_code, "reload_rejected", "{answer:?}");
+    assert!(
+        !answer.error_message.contains("restart-canary-91c2"),
+        "{answer:?}"
+    );
+    assert_eq!(cli.status.code(), Some(1), "{}", cli.stdout);
+    assert!(
+        cli.stderr.contains("is not restarted: reload_rejected"),
+        "{}",
+        cli.stderr
+    );
 }
