@@ -367,3 +367,61 @@ async fn a_refused_restart_answers_its_refusal_not_running_and_settled() {
         cli.stderr
     );
 }
+
+#[tokio::test]
+async fn an_archived_datasource_refuses_a_publish_and_a_secret_for_being_archived_first() {
+    let db = TestDb::new().await;
+    let (_app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let id = create(&mut ds, "poll-archived", "http_poll").await;
+    // Needs a secret that is not stored: the publish has two reasons to refuse.
+    let version = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json:
+                serde_json::json!({ "url": "http://127.0.0.1:9/", "bearer_secret": "token" })
+                    .to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    ds.archive_datasource(pb::ArchiveDatasourceRequest {
+        id: id.clone(),
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+
+    let publish = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version,
+        })
+        .await
+        .unwrap_err();
+    let put = secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+            value: "archived-canary-5d0e".into(),
+        })
+        .await
+        .unwrap_err();
+    let listed = secrets
+        .list_secrets(pb::ListSecretsRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let archived = format!("datasource {id} is archived");
+    for refused in [&publish, &put] {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(refused.message(), archived);
+    }
+    assert!(listed.secrets.is_empty(), "nothing was stored: {listed:?}");
+}

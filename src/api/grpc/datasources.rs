@@ -73,6 +73,18 @@ pub async fn on_datasource<T>(
     call::finish(pool, tx, call, &audit, result).await
 }
 
+/// Refuses a change that only a live datasource takes (a publish, a secret): an archived one
+/// is refused for that first, before anything about the request itself.
+///
+/// # Errors
+/// FAILED_PRECONDITION for an archived datasource.
+pub fn live(ds: &Datasource) -> Result<(), Status> {
+    if ds.status == DatasourceStatus::Archived {
+        return Err(status::db(crate::db::Error::DatasourceArchived(ds.id)));
+    }
+    Ok(())
+}
+
 /// The tenant check of [`visible`] on a datasource already read.
 ///
 /// # Errors
@@ -124,17 +136,20 @@ fn tags(values: Vec<String>) -> Result<Vec<String>, Status> {
 impl DatasourcesService {
     /// Checks a config against its kind: JSON Schema, the kind's own checks, the transform.
     /// Missing secrets are checked at publish, not here.
-    /// The checks every publish runs, rollbacks included: `version`'s config is valid for the
-    /// datasource's kind and every secret it needs is stored.
+    /// The checks every publish runs, rollbacks included: the datasource is not archived,
+    /// `version`'s config is valid for the datasource's kind and every secret it needs is
+    /// stored.
     ///
     /// # Errors
-    /// FAILED_PRECONDITION naming each problem; NOT_FOUND for an unknown version.
+    /// FAILED_PRECONDITION (archived first, then each config problem); NOT_FOUND for an
+    /// unknown version.
     async fn check_publishable(
         &self,
         tx: &Transaction<'_>,
         ds: &Datasource,
         version: i32,
     ) -> Result<(), Status> {
+        live(ds)?;
         let v = versions::get(tx, ds.id, version)
             .await
             .map_err(status::db)?;
