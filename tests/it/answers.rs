@@ -425,3 +425,63 @@ async fn an_archived_datasource_refuses_a_publish_and_a_secret_for_being_archive
     }
     assert!(listed.secrets.is_empty(), "nothing was stored: {listed:?}");
 }
+
+#[tokio::test]
+async fn a_restart_of_a_failing_worker_answers_its_failure() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut life = LifecycleClient::new(channel);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source = format!("http://{}/", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let id = create(&mut ds, "poll-failing", "http_poll").await;
+    publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "interval_ms": 100, "max_retries": 0 }),
+    )
+    .await;
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    wait_for("the poller to fail", Duration::from_secs(30), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (!s.error_code.is_empty() && s.status != pb::WorkerStatus::Running as i32).then_some(())
+        }
+    })
+    .await;
+
+    let answer = life
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cli = client(dir.path(), &url, &["worker", "restart", &id]).await;
+
+    assert!(!answer.settled, "{answer:?}");
+    assert_ne!(
+        answer.status,
+        pb::WorkerStatus::Running as i32,
+        "{answer:?}"
+    );
+    assert!(!answer.error_code.is_empty(), "{answer:?}");
+    assert_eq!(cli.status.code(), Some(1), "{}", cli.stdout);
+    assert!(
+        cli.stderr
+            .contains(&format!("is not restarted: {}", answer.error_code)),
+        "the CLI names the failure: {}",
+        cli.stderr
+    );
+}
