@@ -184,6 +184,15 @@ impl WorkerArgs {
             }
         };
         printer.one(&state, detail)?;
+        if !state.settled && !state.error_code.is_empty() {
+            bail!(
+                "the worker of {} is not {wanted}: {} (status {}); see `dsreg status get {}`",
+                state.datasource_id,
+                state.error_code,
+                worker_status(state.status),
+                state.datasource_id
+            );
+        }
         if !state.settled {
             bail!(
                 "the worker of {} is not {wanted} yet (status {}) at the call's deadline; follow \

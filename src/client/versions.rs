@@ -204,7 +204,7 @@ impl VersionArgs {
                 let published = client
                     .unary(svc.rollback_version(client.request(request)))
                     .await?;
-                printer.one(&published, published_text)
+                printer.one(&published, rolled_back_text)
             }
         }
     }
@@ -260,7 +260,22 @@ pub fn detail(version: &pb::Version) -> String {
     text
 }
 
-/// What a publish or rollback did.
+/// What a rollback did.
+pub fn rolled_back_text(rolled_back: &pb::PublishResponse) -> String {
+    if rolled_back.event_id == 0 {
+        format!(
+            "version {} of {} already was the published one; nothing rolled back\n",
+            rolled_back.version, rolled_back.datasource_id
+        )
+    } else {
+        format!(
+            "rolled back {} to version {} (event {})\n",
+            rolled_back.datasource_id, rolled_back.version, rolled_back.event_id
+        )
+    }
+}
+
+/// What a publish did.
 pub fn published_text(published: &pb::PublishResponse) -> String {
     if published.event_id == 0 {
         format!(
@@ -309,5 +324,20 @@ mod tests {
         );
         published.event_id = 0;
         assert!(published_text(&published).contains("already published"));
+    }
+
+    #[test]
+    fn a_rollback_says_it_rolled_back_or_that_nothing_moved() {
+        let mut rolled_back = pb::PublishResponse {
+            datasource_id: "d1".into(),
+            version: 1,
+            event_id: 18,
+        };
+        assert_eq!(
+            rolled_back_text(&rolled_back),
+            "rolled back d1 to version 1 (event 18)\n"
+        );
+        rolled_back.event_id = 0;
+        assert!(rolled_back_text(&rolled_back).contains("nothing rolled back"));
     }
 }

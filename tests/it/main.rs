@@ -1,6 +1,7 @@
 //! Integration tests: one binary, one throwaway Postgres cluster per run, a database per test.
 
 mod abuse;
+mod answers;
 mod bounds;
 mod canary;
 mod cli;

@@ -135,7 +135,7 @@ async fn rollback_writes_rolled_back_archives_the_newer_version_and_moves_curren
     let tx = repo::begin(&mut client, &WriteContext::actor("ops"))
         .await
         .unwrap();
-    let now = versions::rollback(&tx, ds.id, None).await.unwrap();
+    let now = versions::rollback(&tx, ds.id, None).await.unwrap().version;
     tx.commit().await.unwrap();
 
     assert_eq!(now, v[1]);
@@ -164,13 +164,20 @@ async fn rollback_writes_rolled_back_archives_the_newer_version_and_moves_curren
     let tx = repo::begin(&mut client, &WriteContext::actor("ops"))
         .await
         .unwrap();
-    assert_eq!(
-        versions::rollback(&tx, ds.id, Some(v[0])).await.unwrap(),
-        v[0]
+    let moved = versions::rollback(&tx, ds.id, Some(v[0])).await.unwrap();
+    assert_eq!(moved.version, v[0]);
+    assert!(
+        moved.event.is_some(),
+        "a rollback that moved names its event"
     );
+    let again = versions::rollback(&tx, ds.id, Some(v[0])).await.unwrap();
     assert_eq!(
-        versions::rollback(&tx, ds.id, Some(v[0])).await.unwrap(),
-        v[0]
+        again,
+        versions::RolledBack {
+            version: v[0],
+            event: None
+        },
+        "the target already current: nothing written"
     );
     tx.commit().await.unwrap();
     let kinds: Vec<String> = events_of(&db, ds.id)

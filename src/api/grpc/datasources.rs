@@ -73,6 +73,18 @@ pub async fn on_datasource<T>(
     call::finish(pool, tx, call, &audit, result).await
 }
 
+/// Refuses a change that only a live datasource takes (a publish, a secret): an archived one
+/// is refused for that first, before anything about the request itself.
+///
+/// # Errors
+/// FAILED_PRECONDITION for an archived datasource.
+pub fn live(ds: &Datasource) -> Result<(), Status> {
+    if ds.status == DatasourceStatus::Archived {
+        return Err(status::db(crate::db::Error::DatasourceArchived(ds.id)));
+    }
+    Ok(())
+}
+
 /// The tenant check of [`visible`] on a datasource already read.
 ///
 /// # Errors
@@ -124,6 +136,33 @@ fn tags(values: Vec<String>) -> Result<Vec<String>, Status> {
 impl DatasourcesService {
     /// Checks a config against its kind: JSON Schema, the kind's own checks, the transform.
     /// Missing secrets are checked at publish, not here.
+    /// The checks every publish runs, rollbacks included: the datasource is not archived,
+    /// `version`'s config is valid for the datasource's kind and every secret it needs is
+    /// stored.
+    ///
+    /// # Errors
+    /// FAILED_PRECONDITION (archived first, then each config problem); NOT_FOUND for an
+    /// unknown version.
+    async fn check_publishable(
+        &self,
+        tx: &Transaction<'_>,
+        ds: &Datasource,
+        version: i32,
+    ) -> Result<(), Status> {
+        live(ds)?;
+        let v = versions::get(tx, ds.id, version)
+            .await
+            .map_err(status::db)?;
+        let secret_names: Vec<String> = secret_rows::list(tx, ds.id)
+            .await
+            .map_err(status::db)?
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        self.check_config(&ds.kind, &v.config, Some(&secret_names))
+            .map_err(|p| config_violations(tonic::Code::FailedPrecondition, p))
+    }
+
     fn check_config(
         &self,
         kind: &str,
@@ -477,15 +516,7 @@ impl pb::datasources_server::Datasources for DatasourcesService {
         }
         let event = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
             audit.version = Some(r.version);
-            let v = versions::get(tx, id, r.version).await.map_err(status::db)?;
-            let secret_names: Vec<String> = secret_rows::list(tx, id)
-                .await
-                .map_err(status::db)?
-                .into_iter()
-                .map(|m| m.name)
-                .collect();
-            self.check_config(&ds.kind, &v.config, Some(&secret_names))
-                .map_err(|p| config_violations(tonic::Code::FailedPrecondition, p))?;
+            self.check_publishable(tx, &ds, r.version).await?;
             let event = versions::publish(tx, id, r.version)
                 .await
                 .map_err(status::db)?;
@@ -515,19 +546,23 @@ impl pb::datasources_server::Datasources for DatasourcesService {
             ));
         }
         let to = (r.to_version > 0).then_some(r.to_version);
-        let version = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
+        let done = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
             audit.version = to;
-            let now = versions::rollback(tx, id, to).await.map_err(status::db)?;
-            audit.version = Some(now);
-            audit.diff =
-                Some(serde_json::json!({ "rolled_back_to": now, "previous": ds.current_version }));
-            Ok(now)
+            // The target is resolved by `dsreg_rollback`; its checks run inside the same
+            // transaction, so a refused rollback leaves nothing behind.
+            let done = versions::rollback(tx, id, to).await.map_err(status::db)?;
+            audit.version = Some(done.version);
+            self.check_publishable(tx, &ds, done.version).await?;
+            audit.diff = Some(
+                serde_json::json!({ "rolled_back_to": done.version, "previous": ds.current_version }),
+            );
+            Ok(done)
         })
         .await?;
         Ok(Response::new(pb::PublishResponse {
             datasource_id: id.to_string(),
-            version,
-            event_id: 0,
+            version: done.version,
+            event_id: done.event.unwrap_or(0),
         }))
     }
 }

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use futures_util::Stream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -17,7 +17,7 @@ use super::datasources::{Check, admit, on_datasource, visible};
 use super::status;
 use super::{Ctx, convert, pb};
 use crate::db::repository::datasources::Datasource;
-use crate::db::repository::state::{self, State};
+use crate::db::repository::state::{self, State, WorkerOutcome};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 
 /// How often a wait re-reads the state when nothing wakes it (a worker owned by another
@@ -31,26 +31,45 @@ pub struct LifecycleService(pub Arc<Ctx>);
 /// What a lifecycle call waits for.
 #[derive(Debug, Clone, Copy)]
 enum Goal {
-    /// Running the published version (when there is one to run), changed since `after`.
-    Running { after: Option<DateTime<Utc>> },
+    /// Running the published version (when there is one to run); with `after`, a start of the
+    /// worker recorded after that event (the request's own), so what an earlier run did never
+    /// answers for this request.
+    Running { after: Option<i64> },
     /// Not running.
     Stopped,
 }
 
-fn reached(goal: Goal, ds: &Datasource, s: &State) -> bool {
+/// Where a wait stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reached {
+    /// The state the call asked for.
+    Yes,
+    /// Not yet: keep waiting.
+    NotYet,
+    /// The request ended otherwise (the restart was refused, or the worker failed): the
+    /// answer is the state it produced, not settled.
+    Failed,
+}
+
+fn reached(goal: Goal, ds: &Datasource, s: &State, outcome: Option<WorkerOutcome>) -> Reached {
     let can_run = ds.status == DatasourceStatus::Active
         && s.desired == DesiredState::Running
         && ds.current_version.is_some();
+    let running =
+        s.worker_status == WorkerStatus::Running && s.running_version == ds.current_version;
     match goal {
-        Goal::Running { after } => {
-            if !can_run {
-                return true;
-            }
-            s.worker_status == WorkerStatus::Running
-                && s.running_version == ds.current_version
-                && after.is_none_or(|t| s.updated_at > t)
+        Goal::Running { .. } if !can_run => Reached::Yes,
+        Goal::Running { after: None } if running => Reached::Yes,
+        Goal::Running { after: None } => Reached::NotYet,
+        Goal::Running { after: Some(_) } => match outcome {
+            Some(WorkerOutcome::Failed) => Reached::Failed,
+            Some(WorkerOutcome::Running) if running => Reached::Yes,
+            _ => Reached::NotYet,
+        },
+        Goal::Stopped if matches!(s.worker_status, WorkerStatus::Stopped | WorkerStatus::Init) => {
+            Reached::Yes
         }
-        Goal::Stopped => matches!(s.worker_status, WorkerStatus::Stopped | WorkerStatus::Init),
+        Goal::Stopped => Reached::NotYet,
     }
 }
 
@@ -61,9 +80,18 @@ impl LifecycleService {
         let until = tokio::time::Instant::now() + call.wait_budget();
         loop {
             let (ds, s) = read(&self.0, call, id).await?;
-            let done = reached(goal, &ds, &s);
-            if done || tokio::time::Instant::now() >= until {
-                return Ok(convert::worker_state(&ds, s, done));
+            let outcome = match goal {
+                Goal::Running { after: Some(mark) } => {
+                    let client = call::client(&self.0.pool).await?;
+                    state::outcome_since(&**client, id, mark)
+                        .await
+                        .map_err(status::db)?
+                }
+                _ => None,
+            };
+            let reached = reached(goal, &ds, &s, outcome);
+            if reached != Reached::NotYet || tokio::time::Instant::now() >= until {
+                return Ok(convert::worker_state(&ds, s, reached == Reached::Yes));
             }
             let _ = tokio::time::timeout_at(
                 until.min(tokio::time::Instant::now() + POLL),
@@ -82,7 +110,7 @@ impl LifecycleService {
         write: impl AsyncFnOnce(
             &tokio_postgres::Transaction<'_>,
             &Datasource,
-        ) -> Result<Option<DateTime<Utc>>, Status>,
+        ) -> Result<Option<i64>, Status>,
     ) -> Result<Response<pb::WorkerState>, Status> {
         let after = on_datasource(&self.0.pool, &call, id, async |tx, ds, _| {
             write(tx, &ds).await
@@ -107,14 +135,13 @@ fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<
     convert::id("datasource_id", value(request.get_ref()))
 }
 
-/// The state row's `updated_at` right after a restart request in `tx`.
-async fn restarted_at(
+/// The mark of a restart request in `tx`: its last event, after which the worker's answer to
+/// it is recorded.
+async fn restart_mark(
     tx: &tokio_postgres::Transaction<'_>,
     id: Uuid,
-) -> Result<Option<DateTime<Utc>>, Status> {
-    Ok(Some(
-        state::get(tx, id).await.map_err(status::db)?.updated_at,
-    ))
+) -> Result<Option<i64>, Status> {
+    Ok(Some(state::request_mark(tx, id).await.map_err(status::db)?))
 }
 
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerState, Status>> + Send>>;
@@ -159,7 +186,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let id = datasource_id(&request, |r| &r.datasource_id)?;
         self.act(call, id, Goal::Running { after: None }, async |tx, _| {
             state::request_restart(tx, id).await.map_err(status::db)?;
-            restarted_at(tx, id).await
+            restart_mark(tx, id).await
         })
         .await
     }
@@ -205,7 +232,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
                 state::request_backfill(tx, id, from.as_ref())
                     .await
                     .map_err(status::db)?;
-                restarted_at(tx, id).await
+                restart_mark(tx, id).await
             },
         )
         .await

@@ -7,7 +7,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroizing;
 
 use super::call::{self, Call};
-use super::datasources::{Check, on_datasource, visible};
+use super::datasources::{Check, live, on_datasource, visible};
 use super::status::{self, invalid};
 use super::{Ctx, convert, pb};
 use crate::secrets::{MAX_SECRET_BYTES, SecretMeta, SecretString, Secrets};
@@ -59,7 +59,8 @@ impl pb::secrets_server::Secrets for SecretsService {
         let value =
             SecretString::from_utf8(value).ok_or_else(|| invalid("value", "must be UTF-8 text"))?;
         let secrets = self.secrets()?.clone();
-        let m = on_datasource(&self.0.pool, &call, id, async |tx, _ds, audit| {
+        let m = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
+            live(&ds)?;
             audit.diff = Some(serde_json::json!({ "secret": name, "value": "changed" }));
             secrets
                 .put(tx, id, &name, &value)

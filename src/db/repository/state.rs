@@ -228,6 +228,56 @@ pub async fn request_restart(tx: &Transaction<'_>, datasource: Uuid) -> Result<i
     Ok(generation)
 }
 
+/// The last event this transaction wrote for `datasource` (0 when none): the mark after which
+/// [`outcome_since`] looks for what a request produced.
+///
+/// # Errors
+/// The query failed.
+pub async fn request_mark(tx: &Transaction<'_>, datasource: Uuid) -> Result<i64, Error> {
+    Ok(tx
+        .query_one(
+            "SELECT coalesce(max(id), 0) FROM datasource_events \
+              WHERE datasource_id = $1 AND xid = pg_current_xact_id()",
+            &[&datasource],
+        )
+        .await?
+        .get(0))
+}
+
+/// How a worker's last start since a request ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerOutcome {
+    /// It runs (`worker_running`, `reload_applied`).
+    Running,
+    /// It failed or was refused (`worker_error`, `reload_rejected`).
+    Failed,
+}
+
+/// The newest start or failure of `datasource`'s worker recorded after event `after_id`, or
+/// `None` while there is none yet.
+///
+/// # Errors
+/// The query failed.
+pub async fn outcome_since(
+    client: &impl GenericClient,
+    datasource: Uuid,
+    after_id: i64,
+) -> Result<Option<WorkerOutcome>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT type FROM datasource_events \
+              WHERE datasource_id = $1 AND id > $2 \
+                AND type IN ('worker_running', 'reload_applied', 'worker_error', 'reload_rejected') \
+              ORDER BY id DESC LIMIT 1",
+            &[&datasource, &after_id],
+        )
+        .await?;
+    Ok(row.map(|row| match row.get::<_, &str>(0) {
+        "worker_running" | "reload_applied" => WorkerOutcome::Running,
+        _ => WorkerOutcome::Failed,
+    }))
+}
+
 /// Asks every owner to re-read the tables for `datasource` (a `reload_requested` event); with
 /// `None`, for every datasource (a full resync everywhere).
 ///

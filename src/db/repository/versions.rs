@@ -275,8 +275,23 @@ pub async fn publish(
     Ok(row.get(0))
 }
 
-/// Rolls back to `to` (or to the previous published version) through `dsreg_rollback`;
-/// returns the version now published.
+/// What a rollback did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RolledBack {
+    /// The version now published.
+    pub version: i32,
+    /// The `rolled_back` outbox event, or `None` when the target already was the published
+    /// version (nothing changed).
+    pub event: Option<i64>,
+}
+
+/// Rolls back to `to` (or to the previous published version) through `dsreg_rollback`.
+///
+/// The publish triggers name the event by direction (`published` when the target is newer
+/// than the current version, or when none is current); a rollback is a rollback whichever way
+/// it goes, so the event this transaction wrote is named `rolled_back` before it commits.
+/// Listeners read the type from the table (a notification is only a hint), so they see the
+/// committed name.
 ///
 /// # Errors
 /// [`Error::NoEarlierVersion`], [`Error::NeverPublished`], and those of [`publish`].
@@ -284,7 +299,16 @@ pub async fn rollback(
     tx: &Transaction<'_>,
     datasource: Uuid,
     to: Option<i32>,
-) -> Result<i32, Error> {
+) -> Result<RolledBack, Error> {
+    // Events this transaction already wrote for the datasource are not this rollback's.
+    let before: i64 = tx
+        .query_typed_one(
+            "SELECT coalesce(max(id), 0) FROM datasource_events \
+              WHERE datasource_id = $1 AND xid = pg_current_xact_id()",
+            &typed::params(&[&datasource]),
+        )
+        .await?
+        .get(0);
     let row = tx
         .query_typed_one(
             "SELECT dsreg_rollback($1, $2)",
@@ -292,5 +316,19 @@ pub async fn rollback(
         )
         .await
         .map_err(|e| map_error(e, datasource, to))?;
-    Ok(row.get(0))
+    let version: i32 = row.get(0);
+    let event = tx
+        .query_typed_opt(
+            "UPDATE datasource_events SET type = 'rolled_back' \
+              WHERE id = (SELECT max(id) FROM datasource_events \
+                           WHERE datasource_id = $1 AND xid = pg_current_xact_id() \
+                             AND id > $3 AND type IN ('published', 'rolled_back') \
+                             AND version = $2) \
+             RETURNING id",
+            &typed::params(&[&datasource, &version, &before]),
+        )
+        .await
+        .map_err(|e| map_error(e, datasource, Some(version)))?
+        .map(|row| row.get(0));
+    Ok(RolledBack { version, event })
 }

@@ -1,0 +1,487 @@
+//! Answers that tell what happened, through the real gRPC API and the real `dsreg` binary: a
+//! rollback runs the publish checks and is refused like the publish, a rollback answers its
+//! `rolled_back` event (whichever way it moves) and the CLI says it rolled back, and a restart
+//! answers the state it produced (a refused one is not `running, settled`).
+
+use std::path::Path;
+use std::time::Duration;
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use dsreg::api::grpc::pb::secrets_client::SecretsClient;
+use tonic::Code;
+use tonic::transport::Channel;
+use uuid::Uuid;
+
+use crate::cli::{Ran, dsreg, run};
+use crate::grpc::serve;
+use crate::helpers::{TestDb, wait_for};
+
+/// `dsreg <args> --server <url>`, no token, run to its end.
+async fn client(dir: &Path, url: &str, args: &[&str]) -> Ran {
+    let mut command = dsreg(dir);
+    command.args(args).args(["--server", url]);
+    run(command, None).await
+}
+
+/// Creates a datasource of `kind` and returns its id.
+async fn create(ds: &mut DatasourcesClient<Channel>, name: &str, kind: &str) -> String {
+    ds.create_datasource(pb::CreateDatasourceRequest {
+        org: "acme".into(),
+        project: "ingest".into(),
+        name: name.into(),
+        kind: kind.into(),
+        owner: "team-data".into(),
+        tags: Vec::new(),
+        description: String::new(),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .id
+}
+
+/// Creates a version with `config` and publishes it; returns its number and event id.
+async fn publish(
+    ds: &mut DatasourcesClient<Channel>,
+    id: &str,
+    config: serde_json::Value,
+) -> (i32, i64) {
+    let version = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.to_owned(),
+            config_json: config.to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    let published = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.to_owned(),
+            version,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    (version, published.event_id)
+}
+
+async fn current_version(ds: &mut DatasourcesClient<Channel>, id: &str) -> i32 {
+    ds.get_datasource(pb::GetDatasourceRequest { id: id.to_owned() })
+        .await
+        .unwrap()
+        .into_inner()
+        .current_version
+}
+
+/// (id, type, version) of the datasource's version events (publishes, rollbacks,
+/// unpublishes), oldest first; worker events come and go on their own time.
+async fn version_events(db: &TestDb, datasource: &str) -> Vec<(i64, String, Option<i32>)> {
+    db.events(Uuid::parse_str(datasource).unwrap())
+        .await
+        .into_iter()
+        .filter(|e| ["published", "rolled_back", "unpublished"].contains(&e.kind.as_str()))
+        .map(|e| (e.id, e.kind, e.version))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rollback_to_a_version_whose_secret_was_deleted_is_refused_like_its_publish() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let id = create(&mut ds, "poll-secret", "http_poll").await;
+    let put = pb::PutSecretRequest {
+        datasource_id: id.clone(),
+        name: "token".into(),
+        value: "rollback-canary-7f3a".into(),
+    };
+    secrets.put_secret(put.clone()).await.unwrap();
+    // Port 9 (discard) on loopback: nothing answers, and nothing here depends on polling.
+    let source = "http://127.0.0.1:9/";
+    let (with_secret, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token" }),
+    )
+    .await;
+    let (without, _) = publish(&mut ds, &id, serde_json::json!({ "url": source })).await;
+    secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+        })
+        .await
+        .unwrap();
+    let before = version_events(&db, &id).await;
+
+    let publish_refused = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version: with_secret,
+        })
+        .await
+        .unwrap_err();
+    let rollback_refused = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: 0,
+        })
+        .await
+        .unwrap_err();
+    let explicit_refused = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: with_secret,
+        })
+        .await
+        .unwrap_err();
+    let cli_refused = client(dir.path(), &url, &["version", "rollback", &id]).await;
+
+    assert_eq!(publish_refused.code(), Code::FailedPrecondition);
+    assert!(
+        publish_refused.message().contains("token"),
+        "the publish names the missing secret: {}",
+        publish_refused.message()
+    );
+    for refused in [&rollback_refused, &explicit_refused] {
+        assert_eq!(refused.code(), publish_refused.code());
+        assert_eq!(refused.message(), publish_refused.message());
+        assert_eq!(refused.details(), publish_refused.details());
+    }
+    assert_eq!(cli_refused.status.code(), Some(1), "{}", cli_refused.stderr);
+    assert!(
+        cli_refused.stderr.contains(&format!(
+            "FAILED_PRECONDITION: {}",
+            publish_refused.message()
+        )),
+        "{}",
+        cli_refused.stderr
+    );
+    assert_eq!(
+        current_version(&mut ds, &id).await,
+        without,
+        "the running version stays"
+    );
+    assert_eq!(
+        version_events(&db, &id).await,
+        before,
+        "a refused rollback writes no event"
+    );
+
+    // With the secret back the same rollback goes through.
+    secrets.put_secret(put).await.unwrap();
+    let rolled_back = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rolled_back.version, with_secret);
+    assert_eq!(current_version(&mut ds, &id).await, with_secret);
+    let last = version_events(&db, &id).await.pop().unwrap();
+    assert_eq!(
+        last,
+        (
+            rolled_back.event_id,
+            "rolled_back".to_owned(),
+            Some(with_secret)
+        )
+    );
+}
+
+#[tokio::test]
+async fn a_rollback_answers_its_rolled_back_event_and_the_cli_says_it_rolled_back() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel);
+    let id = create(&mut ds, "gen-rollback", "generator").await;
+    let config = |rate: u32| serde_json::json!({ "rate_per_sec": rate, "template": { "n": 1 } });
+    let (v1, _) = publish(&mut ds, &id, config(0)).await;
+    let (v2, _) = publish(&mut ds, &id, config(1)).await;
+    let (v3, published) = publish(&mut ds, &id, config(2)).await;
+    assert_ne!(published, 0);
+
+    // Back to the previous version over gRPC.
+    let back = ds
+        .rollback_version(pb::RollbackVersionRequest {
+            datasource_id: id.clone(),
+            to_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(back.version, v2);
+    assert_eq!(
+        version_events(&db, &id).await.pop().unwrap(),
+        (back.event_id, "rolled_back".to_owned(), Some(v2)),
+        "the answer names the rollback's own event"
+    );
+
+    // Forward again to a version published before, by the CLI: still a rollback.
+    let forward = client(
+        dir.path(),
+        &url,
+        &["version", "rollback", &id, "--to-version", &v3.to_string()],
+    )
+    .await;
+    forward.assert_success();
+    let (event, kind, version) = version_events(&db, &id).await.pop().unwrap();
+    assert_eq!((kind.as_str(), version), ("rolled_back", Some(v3)));
+    assert_eq!(
+        forward.stdout,
+        format!("rolled back {id} to version {v3} (event {event})\n")
+    );
+
+    // Back to the first, as JSON.
+    let first = client(
+        dir.path(),
+        &url,
+        &[
+            "version",
+            "rollback",
+            &id,
+            "--to-version",
+            &v1.to_string(),
+            "-o",
+            "json",
+        ],
+    )
+    .await;
+    first.assert_success();
+    let answer = &first.json_lines()[0];
+    let (event, kind, version) = version_events(&db, &id).await.pop().unwrap();
+    assert_eq!((kind.as_str(), version), ("rolled_back", Some(v1)));
+    assert_eq!(answer["version"], v1);
+    assert_eq!(
+        answer["event_id"]
+            .as_i64()
+            .or_else(|| answer["event_id"].as_str().and_then(|s| s.parse().ok())),
+        Some(event)
+    );
+
+    // The target already current: nothing moves and the CLI says so.
+    let events = version_events(&db, &id).await;
+    let again = client(
+        dir.path(),
+        &url,
+        &["version", "rollback", &id, "--to-version", &v1.to_string()],
+    )
+    .await;
+    again.assert_success();
+    assert_eq!(
+        again.stdout,
+        format!("version {v1} of {id} already was the published one; nothing rolled back\n")
+    );
+    assert_eq!(version_events(&db, &id).await, events);
+    assert_eq!(current_version(&mut ds, &id).await, v1);
+}
+
+/// A source on a local port that answers every poll with an empty page.
+async fn empty_source() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new().route("/", axum::routing::get(|| async { "[]" }));
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/")
+}
+
+#[tokio::test]
+async fn a_refused_restart_answers_its_refusal_not_running_and_settled() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel.clone());
+    let mut life = LifecycleClient::new(channel);
+    let id = create(&mut ds, "poll-restart", "http_poll").await;
+    secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+            value: "restart-canary-91c2".into(),
+        })
+        .await
+        .unwrap();
+    let source = empty_source().await;
+    let (v1, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token", "interval_ms": 100 }),
+    )
+    .await;
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    wait_for("the poller to run", Duration::from_secs(30), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
+        }
+    })
+    .await;
+    // The secret the running version needs goes away: a restart cannot build the worker.
+    secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+        })
+        .await
+        .unwrap();
+
+    let answer = life
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cli = client(dir.path(), &url, &["worker", "restart", &id]).await;
+
+    assert!(
+        !answer.settled,
+        "a refused restart is not settled: {answer:?}"
+    );
+    assert_eq!(answer.error_code, "reload_rejected", "{answer:?}");
+    assert!(
+        !answer.error_message.contains("restart-canary-91c2"),
+        "{answer:?}"
+    );
+    assert_eq!(cli.status.code(), Some(1), "{}", cli.stdout);
+    assert!(
+        cli.stderr.contains("is not restarted: reload_rejected"),
+        "{}",
+        cli.stderr
+    );
+}
+
+#[tokio::test]
+async fn an_archived_datasource_refuses_a_publish_and_a_secret_for_being_archived_first() {
+    let db = TestDb::new().await;
+    let (_app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let id = create(&mut ds, "poll-archived", "http_poll").await;
+    // Needs a secret that is not stored: the publish has two reasons to refuse.
+    let version = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json:
+                serde_json::json!({ "url": "http://127.0.0.1:9/", "bearer_secret": "token" })
+                    .to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .version;
+    ds.archive_datasource(pb::ArchiveDatasourceRequest {
+        id: id.clone(),
+        etag: String::new(),
+    })
+    .await
+    .unwrap();
+
+    let publish = ds
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version,
+        })
+        .await
+        .unwrap_err();
+    let put = secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+            value: "archived-canary-5d0e".into(),
+        })
+        .await
+        .unwrap_err();
+    let listed = secrets
+        .list_secrets(pb::ListSecretsRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    let archived = format!("datasource {id} is archived");
+    for refused in [&publish, &put] {
+        assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+        assert_eq!(refused.message(), archived);
+    }
+    assert!(listed.secrets.is_empty(), "nothing was stored: {listed:?}");
+}
+
+#[tokio::test]
+async fn a_restart_of_a_failing_worker_answers_its_failure() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut life = LifecycleClient::new(channel);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source = format!("http://{}/", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let id = create(&mut ds, "poll-failing", "http_poll").await;
+    publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "interval_ms": 100, "max_retries": 0 }),
+    )
+    .await;
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    wait_for("the poller to fail", Duration::from_secs(30), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (!s.error_code.is_empty() && s.status != pb::WorkerStatus::Running as i32).then_some(())
+        }
+    })
+    .await;
+
+    let answer = life
+        .restart_worker(pb::LifecycleRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let cli = client(dir.path(), &url, &["worker", "restart", &id]).await;
+
+    assert!(!answer.settled, "{answer:?}");
+    assert_ne!(
+        answer.status,
+        pb::WorkerStatus::Running as i32,
+        "{answer:?}"
+    );
+    assert!(!answer.error_code.is_empty(), "{answer:?}");
+    assert_eq!(cli.status.code(), Some(1), "{}", cli.stdout);
+    assert!(
+        cli.stderr
+            .contains(&format!("is not restarted: {}", answer.error_code)),
+        "the CLI names the failure: {}",
+        cli.stderr
+    );
+}
