@@ -67,10 +67,11 @@ impl Readiness {
                 .pool
                 .get()
                 .await
-                .map_err(|e| format!("database unreachable: {e}"))?;
+                .map_err(|e| db::Error::from(e).to_string())?;
+            // Said in the database's words (its SQLSTATE and message), not the pool's.
             let applied = db::migrations::current_version(&client)
                 .await
-                .map_err(|e| format!("database unreachable: {e}"))?;
+                .map_err(|e| e.to_string())?;
             let wanted = db::migrations::latest_known();
             if applied < wanted {
                 return Err(format!("schema at migration {applied}, {wanted} expected"));
