@@ -355,17 +355,33 @@ async fn a_refused_restart_answers_its_refusal_not_running_and_settled() {
         !answer.settled,
         "a refused restart is not settled: {answer:?}"
     );
-    assert_eq!(answer.error_code, "reload_rejected", "{answer:?}");
+    // On a loaded machine the call's wait may end before the refusal is written: then the
+    // answer is "not settled" with no error yet, which is true too.
+    assert!(
+        answer.error_code.is_empty() || answer.error_code == "reload_rejected",
+        "{answer:?}"
+    );
     assert!(
         !answer.error_message.contains("restart-canary-91c2"),
         "{answer:?}"
     );
     assert_eq!(cli.status.code(), Some(1), "{}", cli.stdout);
     assert!(
-        cli.stderr.contains("is not restarted: reload_rejected"),
+        cli.stderr.contains("is not restarted: reload_rejected")
+            || cli.stderr.contains("at the call's deadline"),
         "{}",
         cli.stderr
     );
+    // The refusal is what the state then says.
+    wait_for("the refusal on the state", Duration::from_secs(30), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.error_code == "reload_rejected").then_some(())
+        }
+    })
+    .await;
 }
 
 #[tokio::test]

