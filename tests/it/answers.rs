@@ -1,7 +1,8 @@
 //! Answers that tell what happened, through the real gRPC API and the real `dsreg` binary: a
 //! rollback runs the publish checks and is refused like the publish, a rollback answers its
 //! `rolled_back` event (whichever way it moves) and the CLI says it rolled back, and a restart
-//! answers the state it produced (a refused one is not `running, settled`).
+//! answers the state it produced (a refused one is not `running, settled`), and a secret put or
+//! deleted reaches the running worker.
 
 use std::path::Path;
 use std::time::Duration;
@@ -500,4 +501,130 @@ async fn a_restart_of_a_failing_worker_answers_its_failure() {
         "the CLI names the failure: {}",
         cli.stderr
     );
+}
+
+/// A source answering `[]` that remembers every `Authorization` header it was sent.
+async fn recording_source() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record.lock().unwrap().push(auth);
+                "[]"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}/"), seen)
+}
+
+async fn put_token(secrets: &mut SecretsClient<Channel>, id: &str, value: &str) {
+    secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.to_owned(),
+            name: "token".into(),
+            value: value.into(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn wait_for_bearer(seen: &std::sync::Mutex<Vec<String>>, token: &str) {
+    let wanted = format!("Bearer {token}");
+    wait_for(
+        &format!("the source to be sent {token}"),
+        Duration::from_secs(60),
+        || {
+            let found = seen.lock().unwrap().iter().any(|a| *a == wanted);
+            async move { found.then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_rotated_secret_reaches_the_running_worker_and_a_put_back_one_revives_it() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel.clone());
+    let id = create(&mut ds, "poll-rotate", "http_poll").await;
+    put_token(&mut secrets, &id, "first-token-5d1e").await;
+    let (source, seen) = recording_source().await;
+    let (v1, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token", "interval_ms": 100 }),
+    )
+    .await;
+    wait_for_bearer(&seen, "first-token-5d1e").await;
+
+    // A rotation reaches the worker that is running, without a restart or a publish.
+    put_token(&mut secrets, &id, "second-token-77ab").await;
+    wait_for_bearer(&seen, "second-token-77ab").await;
+
+    // Deleting the secret the published version needs is answered with a warning naming it.
+    let deleted = secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted, "{deleted:?}");
+    assert!(
+        deleted
+            .warning
+            .contains(&format!("published version {v1} needs secret token")),
+        "{deleted:?}"
+    );
+    assert!(!deleted.warning.contains("second-token"), "{deleted:?}");
+
+    // A fresh instance cannot build the worker without it: the state says so.
+    app.stop().await.unwrap();
+    let (app, channel) = serve(&db).await;
+    let life = LifecycleClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    let failed = wait_for(
+        "the worker to fail for the secret",
+        Duration::from_secs(60),
+        || {
+            let mut life = life.clone();
+            let status = status.clone();
+            async move {
+                let s = life.get_status(status).await.unwrap().into_inner();
+                (s.status == pb::WorkerStatus::Error as i32).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(failed.error_message.contains("token"), "{failed:?}");
+
+    // Putting it back revives the worker, with the new value, and no restart call.
+    put_token(&mut secrets, &id, "third-token-0c4f").await;
+    wait_for_bearer(&seen, "third-token-0c4f").await;
+    wait_for("the worker to run again", Duration::from_secs(60), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
+        }
+    })
+    .await;
+    app.stop().await.unwrap();
 }
