@@ -545,7 +545,7 @@ async fn wait_for_bearer(seen: &std::sync::Mutex<Vec<String>>, token: &str) {
         &format!("the source to be sent {token}"),
         Duration::from_secs(60),
         || {
-            let found = seen.lock().unwrap().iter().any(|a| *a == wanted);
+            let found = seen.lock().unwrap().contains(&wanted);
             async move { found.then_some(()) }
         },
     )
