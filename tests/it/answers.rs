@@ -628,3 +628,48 @@ async fn a_rotated_secret_reaches_the_running_worker_and_a_put_back_one_revives_
     .await;
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn update_version_edits_drafts_only_and_leaves_a_published_comment_alone() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel);
+    let id = create(&mut ds, "edit-published", "generator").await;
+    let config = serde_json::json!({ "rate_per_sec": 1, "template": { "n": 1 } });
+    let (v1, _) = publish(&mut ds, &id, config.clone()).await;
+    let update = |comment: &str| pb::UpdateVersionRequest {
+        datasource_id: id.clone(),
+        version: v1,
+        config_json: config.to_string(),
+        comment: comment.into(),
+    };
+
+    let refused = ds
+        .update_version(update("rewritten history"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("is published; only a draft can be edited"),
+        "{refused:?}"
+    );
+    let versions = ds
+        .list_versions(pb::ListVersionsRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let published = versions.iter().find(|v| v.version == v1).unwrap();
+    assert_eq!(published.comment, "", "{published:?}");
+
+    // A version that does not exist is NOT_FOUND, not a precondition.
+    let mut missing = update("x");
+    missing.version = v1 + 10;
+    let absent = ds.update_version(missing).await.unwrap_err();
+    assert_eq!(absent.code(), Code::NotFound, "{absent:?}");
+    app.stop().await.unwrap();
+}
