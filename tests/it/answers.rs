@@ -673,3 +673,60 @@ async fn update_version_edits_drafts_only_and_leaves_a_published_comment_alone()
     assert_eq!(absent.code(), Code::NotFound, "{absent:?}");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn events_watch_after_id_zero_replays_from_the_first_event_and_an_unknown_type_is_a_usage_error()
+ {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let id = create(&mut ds, "replayed", "generator").await;
+    let first = version_events(&db, &id).await;
+    assert!(first.is_empty(), "{first:?}");
+    let created = db.events(Uuid::parse_str(&id).unwrap()).await[0].id;
+
+    let mut child = dsreg(dir.path())
+        .args(["events", "watch", "--datasource", &id, "--after-id", "0"])
+        .args(["-o", "json", "--server", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the watch prints the history")
+        .unwrap()
+        .expect("a line");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["id"].as_i64(), Some(created), "{event}");
+    assert_eq!(event["type"], "created", "{event}");
+    child.kill().await.unwrap();
+
+    for args in [
+        &["events", "list", "--type", "publishd"][..],
+        &["events", "watch", "--type", "publishd"][..],
+    ] {
+        let ran = client(dir.path(), &url, args).await;
+        assert_eq!(ran.status.code(), Some(2), "{args:?}: {}", ran.stderr);
+        assert!(ran.stderr.contains("publishd"), "{}", ran.stderr);
+        assert!(ran.stderr.contains("published"), "{}", ran.stderr);
+    }
+    // The server refuses it too, naming the field, for callers other than the CLI.
+    let mut events = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
+    let refused = events
+        .list_events(pb::ListEventsRequest {
+            types: vec!["publishd".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("types"), "{refused:?}");
+    app.stop().await.unwrap();
+}

@@ -666,7 +666,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .watch_events(pb::WatchEventsRequest {
             datasource_id: id.clone(),
             types: vec![],
-            after_id: 1,
+            after_id: Some(1),
         })
         .await
         .unwrap()
@@ -697,7 +697,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .watch_events(pb::WatchEventsRequest {
             datasource_id: id.clone(),
             types: vec![],
-            after_id: *got.last().unwrap(),
+            after_id: Some(*got.last().unwrap()),
         })
         .await
         .unwrap()
@@ -711,7 +711,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .filter(|i| *i > 1)
         .collect();
     while got.len() < all.len() {
-        let e = tokio::time::timeout(Duration::from_secs(10), resumed.message())
+        let e = tokio::time::timeout(Duration::from_secs(60), resumed.message())
             .await
             .unwrap()
             .unwrap()
