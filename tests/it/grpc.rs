@@ -685,7 +685,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
     });
     let mut got = Vec::new();
     while got.len() < 8 {
-        let e = tokio::time::timeout(Duration::from_secs(10), first.message())
+        let e = tokio::time::timeout(Duration::from_secs(60), first.message())
             .await
             .unwrap()
             .unwrap()
@@ -857,7 +857,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         let id = created.id.clone();
         async move { ds.get_datasource(pb::GetDatasourceRequest { id }).await }
     };
-    let down = wait_for("UNAVAILABLE", Duration::from_secs(10), || async {
+    let down = wait_for("UNAVAILABLE", Duration::from_secs(60), || async {
         get().await.err().filter(|e| e.code() == Code::Unavailable)
     })
     .await;
@@ -865,7 +865,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         !down.message().contains(&name),
         "internal detail leaked: {down:?}"
     );
-    let (code, body) = wait_for("/readyz failing", Duration::from_secs(10), || async {
+    let (code, body) = wait_for("/readyz failing", Duration::from_secs(60), || async {
         let (code, body) = crate::serve::http_get(&http, "/readyz").await;
         (code == 503).then_some((code, body))
     })
@@ -873,7 +873,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
     assert!(body.contains("not ready"), "{code} {body}");
     wait_for(
         "gRPC health NOT_SERVING",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async { (serving().await == Some(NOT_SERVING)).then_some(()) },
     )
     .await;
@@ -883,7 +883,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         ))
         .await
         .unwrap();
-    wait_for("recovery", Duration::from_secs(10), || async {
+    wait_for("recovery", Duration::from_secs(60), || async {
         get().await.ok()
     })
     .await;
@@ -893,7 +893,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
     .await;
     wait_for(
         "gRPC health SERVING again",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async { (serving().await == Some(SERVING)).then_some(()) },
     )
     .await;
@@ -996,7 +996,7 @@ async fn watch_status_streams_the_state_then_every_change() {
     let v = publish_generator(&mut ds, &id, 5).await;
     let mut seen = Vec::new();
     while !seen.contains(&(pb::WorkerStatus::Running as i32)) {
-        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        let next = tokio::time::timeout(Duration::from_secs(60), watch.message())
             .await
             .expect("a change within 10 s")
             .unwrap()
@@ -1009,7 +1009,7 @@ async fn watch_status_streams_the_state_then_every_change() {
     .await
     .unwrap();
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        let next = tokio::time::timeout(Duration::from_secs(60), watch.message())
             .await
             .expect("a change within 10 s")
             .unwrap()
