@@ -328,9 +328,25 @@ async fn versions_publish_over_grpc_and_the_worker_runs_the_answered_state() {
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::InvalidArgument);
-    assert!(
-        violated_field(&wrong).starts_with("config_json."),
+    assert_eq!(
+        violated_field(&wrong),
+        "config_json.rate_per_sec",
         "{wrong:?}"
+    );
+    // A key the kind does not have is named by itself, not by the object holding it.
+    let unknown = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: "{\"rate_per_sec\": 1, \"rate_per_second\": 2}".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_field(&unknown),
+        "config_json.rate_per_second",
+        "{unknown:?}"
     );
     let huge = ds
         .create_version(pb::CreateVersionRequest {
@@ -556,7 +572,13 @@ async fn a_version_needing_a_missing_secret_is_not_published() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(violated_field(&refused), "config_json.secrets.api_token");
+    // Named by the key the user wrote, the secret by its name.
+    assert_eq!(violated_field(&refused), "config_json.bearer_secret");
+    assert!(
+        refused.message().contains("\"api_token\""),
+        "{}",
+        refused.message()
+    );
 
     let canary = format!("canary-{}", uuid::Uuid::new_v4());
     let meta = secrets

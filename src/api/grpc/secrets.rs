@@ -58,12 +58,15 @@ async fn still_required(
         .map_err(status::db)?
         .remove(&ds.id)
         .unwrap_or_default();
-    let field = format!("secrets.{name}");
     let needed = ctx
         .catalog
         .check(&ds.kind, &published.config, &left, &ctx.limits)
         .err()
-        .is_some_and(|problems| problems.iter().any(|p| p.field == field));
+        .is_some_and(|problems| {
+            problems
+                .iter()
+                .any(|p| p.missing_secret.as_deref() == Some(name))
+        });
     Ok(if needed {
         format!(
             "published version {version} needs secret {name}: its worker keeps the credentials it holds, \
