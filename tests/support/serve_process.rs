@@ -87,6 +87,7 @@ impl ServeProcess {
     /// notification sent from now on is received.
     pub async fn ready(&self) {
         let url = format!("http://{}/readyz", self.http_addr);
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .timeout(std::time::Duration::from_secs(5))
             .build()
