@@ -4,9 +4,12 @@
 //! - [`AuthSettings`]: the `--auth-*` flags; [`AuthSettings::check`] says what contradicts.
 //! - [`Authenticator`]: verifies `authorization: Bearer <jwt>` (signature under a pinned
 //!   algorithm, `exp`, `nbf`, `iat`, `iss`, `aud`) and turns the claims into a [`Principal`].
-//!   Keys come from one source: an HS256 secret file, PEM public keys, or a JWKS file read
-//!   again on a schedule and when a token names an unknown `kid` (at most once per
-//!   [`JWKS_REREAD_INTERVAL`]), on a blocking thread, one read at a time, with a timeout.
+//!   Keys come from one source: an HS256 secret file, PEM public keys, or a JWKS — a file, a
+//!   URL, or the `jwks_uri` of an OpenID Connect issuer's discovery document. A JWKS is read
+//!   again on a schedule (a file every `--auth-jwks-ttl-secs`, a URL for its `Cache-Control`
+//!   max-age within [`JWKS_MIN_TTL`]..[`JWKS_MAX_TTL`]) and when a token names an unknown `kid`
+//!   (at most once per [`JWKS_REREAD_INTERVAL`]), one read at a time, with a timeout; a read
+//!   that fails keeps the keys already loaded.
 //! - [`required_role`]: the permission of every `dsreg.v1` RPC, in one static table.
 //! - [`dev_credentials`]: the embedded default's secret and admin token.
 //!
@@ -24,7 +27,9 @@
 //! | `iat` | not in the future beyond the leeway; required, and at most that old, with a maximum token age |
 //!
 //! The only background work is [`Authenticator::run_refresh`] (JWKS only), which stops with
-//! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read.
+//! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read,
+//! and fetching a JWKS (and the discovery document) over HTTPS with the process's shared HTTP
+//! client.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -52,8 +57,25 @@ use super::principal::{Principal, Role, Tenant};
 /// with made-up `kid`s cannot keep the registry reading the file.
 pub const JWKS_REREAD_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How long a JWKS read may take before the keys already loaded are kept.
+/// How long a JWKS read (for a URL: the discovery document and the JWKS together) may take
+/// before the keys already loaded are kept.
 pub const JWKS_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shortest time keys fetched from a URL are kept, whatever `Cache-Control` says
+/// (`no-cache` and `max-age=0` included): an identity provider cannot make every instance
+/// fetch on every call.
+pub const JWKS_MIN_TTL: Duration = Duration::from_secs(5);
+
+/// The longest time keys fetched from a URL are kept before they are fetched again, whatever
+/// `Cache-Control` says: a removed key stops verifying within a day at worst.
+pub const JWKS_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The path of an OpenID Connect issuer's discovery document.
+const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+
+/// The key source flags, for messages.
+const KEY_SOURCE_FLAGS: &str = "--auth-hs256-secret-file, --auth-public-key, --auth-jwks-file, \
+                                --auth-jwks-url or --auth-oidc-issuer";
 
 /// The issuer of the embedded default's development tokens.
 pub const DEV_ISSUER: &str = "dsreg-dev";
@@ -112,6 +134,24 @@ pub struct AuthSettings {
     #[arg(long, env = "DSREG_AUTH_JWKS_FILE")]
     pub auth_jwks_file: Option<PathBuf>,
 
+    /// An `https://` URL of a JWKS of RSA and EC public keys (an identity provider's
+    /// `jwks_uri`), chosen by the token's `kid`; kept for the answer's `Cache-Control` max-age
+    /// (5 s to 24 h; `--auth-jwks-ttl-secs` without one), fetched again on an unknown `kid` at
+    /// most every 30 s; while it cannot be reached the keys already fetched keep working.
+    #[arg(long, env = "DSREG_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+
+    /// An OpenID Connect issuer (`https://…`): its keys are the JWKS at the `jwks_uri` of
+    /// `<issuer>/.well-known/openid-configuration`, kept as with `--auth-jwks-url`. The issuer
+    /// is the required `iss` claim unless `--auth-issuer` is given.
+    #[arg(long, env = "DSREG_AUTH_OIDC_ISSUER")]
+    pub auth_oidc_issuer: Option<String>,
+
+    /// PEM CA certificates that alone are trusted for `--auth-jwks-url` and
+    /// `--auth-oidc-issuer`; default: the system's roots.
+    #[arg(long, env = "DSREG_AUTH_JWKS_CA_FILE")]
+    pub auth_jwks_ca_file: Option<PathBuf>,
+
     /// The accepted signature algorithms, comma separated (e.g. `RS256,ES256`); tokens signed
     /// with any other, `none` included, are refused. Default: HS256 with a secret file, RS256
     /// with public keys or a JWKS file.
@@ -137,7 +177,8 @@ pub struct AuthSettings {
     pub auth_max_token_age_secs: Option<u64>,
 
     /// How often a JWKS file is read again, in seconds: a key removed from it stops verifying
-    /// within this time.
+    /// within this time. Also how long keys fetched from `--auth-jwks-url` or
+    /// `--auth-oidc-issuer` are kept when the answer has no `Cache-Control` max-age.
     #[arg(long, env = "DSREG_AUTH_JWKS_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub auth_jwks_ttl_secs: u64,
 
@@ -164,6 +205,8 @@ enum SourceKind<'a> {
     Secret(&'a Path),
     PublicKeys(&'a [PathBuf]),
     Jwks(&'a Path),
+    JwksUrl(&'a str),
+    OidcIssuer(&'a str),
 }
 
 impl SourceKind<'_> {
@@ -172,6 +215,8 @@ impl SourceKind<'_> {
             SourceKind::Secret(_) => "--auth-hs256-secret-file",
             SourceKind::PublicKeys(_) => "--auth-public-key",
             SourceKind::Jwks(_) => "--auth-jwks-file",
+            SourceKind::JwksUrl(_) => "--auth-jwks-url",
+            SourceKind::OidcIssuer(_) => "--auth-oidc-issuer",
         }
     }
 }
@@ -188,7 +233,20 @@ impl AuthSettings {
         if let Some(path) = &self.auth_jwks_file {
             sources.push(SourceKind::Jwks(path));
         }
+        if let Some(url) = &self.auth_jwks_url {
+            sources.push(SourceKind::JwksUrl(url));
+        }
+        if let Some(issuer) = &self.auth_oidc_issuer {
+            sources.push(SourceKind::OidcIssuer(issuer));
+        }
         sources
+    }
+
+    /// The required `iss` claim: `--auth-issuer`, or else the OpenID Connect issuer.
+    fn issuer(&self) -> Option<&str> {
+        self.auth_issuer
+            .as_deref()
+            .or(self.auth_oidc_issuer.as_deref())
     }
 
     /// Whether a key source is configured. Without one (and without `--insecure-no-auth`) the
@@ -242,22 +300,43 @@ impl AuthSettings {
                 ("--auth-algorithms", !self.auth_algorithms.is_empty()),
                 ("--auth-issuer", self.auth_issuer.is_some()),
                 ("--auth-audience", self.auth_audience.is_some()),
+                ("--auth-jwks-ca-file", self.auth_jwks_ca_file.is_some()),
             ]
             .into_iter()
             .find_map(|(flag, given)| given.then_some(flag));
             return match stray {
                 Some(flag) => Err(settings_error(format!(
-                    "{flag} needs a key source: --auth-hs256-secret-file, --auth-public-key \
-                     or --auth-jwks-file"
+                    "{flag} needs a key source: {KEY_SOURCE_FLAGS}"
                 ))),
                 None => Ok(()),
             };
         };
+        match source {
+            SourceKind::JwksUrl(url) => {
+                https_url(url).map_err(|reason| {
+                    settings_error(format!("--auth-jwks-url {url:?}: {reason}"))
+                })?;
+            }
+            SourceKind::OidcIssuer(issuer) => {
+                discovery_url(issuer).map_err(|reason| {
+                    settings_error(format!("--auth-oidc-issuer {issuer:?}: {reason}"))
+                })?;
+            }
+            SourceKind::Secret(_) | SourceKind::PublicKeys(_) | SourceKind::Jwks(_)
+                if self.auth_jwks_ca_file.is_some() =>
+            {
+                return Err(settings_error(format!(
+                    "--auth-jwks-ca-file is for --auth-jwks-url or --auth-oidc-issuer, not {}",
+                    source.flag()
+                )));
+            }
+            _ => {}
+        }
         for (flag, value) in [
-            ("--auth-issuer", &self.auth_issuer),
-            ("--auth-audience", &self.auth_audience),
+            ("--auth-issuer", self.issuer()),
+            ("--auth-audience", self.auth_audience.as_deref()),
         ] {
-            if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+            if value.is_none_or(|v| v.trim().is_empty()) {
                 return Err(settings_error(format!(
                     "{flag} is required with {}",
                     source.flag()
@@ -267,7 +346,10 @@ impl AuthSettings {
         for algorithm in self.algorithms() {
             let fits = match source {
                 SourceKind::Secret(_) => HMAC_ALGORITHMS.contains(&algorithm),
-                SourceKind::PublicKeys(_) | SourceKind::Jwks(_) => {
+                SourceKind::PublicKeys(_)
+                | SourceKind::Jwks(_)
+                | SourceKind::JwksUrl(_)
+                | SourceKind::OidcIssuer(_) => {
                     !HMAC_ALGORITHMS.contains(&algorithm) && algorithm != Algorithm::EdDSA
                 }
             };
@@ -305,6 +387,9 @@ pub enum AuthSetupError {
     /// The operating system's random source failed.
     #[error("cannot generate random bytes: {0}")]
     Random(String),
+    /// The HTTPS client for a JWKS URL or an OpenID Connect issuer cannot be set up.
+    #[error("cannot set up the HTTPS client for the identity provider: {0}")]
+    Client(String),
 }
 
 fn settings_error(reason: String) -> AuthSetupError {
@@ -440,27 +525,75 @@ impl VerifyingKey {
 
 type KeyMap = HashMap<String, Arc<VerifyingKey>>;
 
-/// A JWKS file's keys, re-read on a schedule ([`Authenticator::run_refresh`]) and for an
-/// unknown `kid`. Reads run on a blocking thread with a timeout, one at a time; a call whose
-/// key is cached never waits for one.
+/// A JWKS's keys, read again on a schedule ([`Authenticator::run_refresh`]) and for an unknown
+/// `kid`, whatever the source (a file or a URL). Reads run one at a time with a timeout; a call
+/// whose key is cached never waits for one.
 struct Jwks {
-    path: PathBuf,
+    origin: Origin,
     pinned: Vec<Algorithm>,
     template: Validation,
-    /// How often the file is read again.
-    ttl: Duration,
+    /// How long keys are kept without a `Cache-Control` max-age (for a file: always).
+    default_ttl: Duration,
+    /// How long the keys last read are kept before the next scheduled read, in milliseconds.
+    ttl_ms: AtomicU64,
     /// Swapped whole on a re-read; readers clone the one key they need and drop the lock.
     keys: RwLock<Arc<KeyMap>>,
-    /// Single flight: held (across the read) by the one request or tick reading the file;
+    /// Single flight: held (across the read) by the one request or tick reading the keys;
     /// holds when an unknown `kid` last caused a read.
     reading: tokio::sync::Mutex<Option<Instant>>,
-    /// A read still running on its blocking thread (it outlived its timeout): no new one
+    /// A file read still running on its blocking thread (it outlived its timeout): no new one
     /// starts until it ends, so a hung file costs one thread.
     busy: Arc<std::sync::atomic::AtomicBool>,
     rereads: AtomicU64,
 }
 
-/// Why the JWKS file is read.
+/// Where a JWKS comes from.
+enum Origin {
+    File(PathBuf),
+    Remote(Remote),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Remote(remote) => match &remote.target {
+                Target::Jwks(url) => write!(f, "{url}"),
+                Target::Discovery { document, .. } => write!(f, "{document}"),
+            },
+        }
+    }
+}
+
+/// A JWKS served over HTTPS.
+struct Remote {
+    /// The process's shared client (or one trusting `--auth-jwks-ca-file` only).
+    client: reqwest::Client,
+    target: Target,
+    /// The discovery document's `jwks_uri`, until a fetch from it fails.
+    discovered: std::sync::Mutex<Option<reqwest::Url>>,
+}
+
+/// The URL given: the JWKS itself, or an issuer's discovery document.
+enum Target {
+    Jwks(reqwest::Url),
+    Discovery {
+        document: reqwest::Url,
+        /// The `issuer` the document must name.
+        issuer: String,
+    },
+}
+
+/// What one read of a JWKS brought.
+struct Loaded {
+    keys: KeyMap,
+    /// Keys ignored: without a `kid`, for encryption, of another type, for no pinned algorithm.
+    skipped: usize,
+    /// The answer's `Cache-Control` max-age (a URL only).
+    max_age: Option<Duration>,
+}
+
+/// Why a JWKS is read.
 #[derive(Debug, Clone, Copy)]
 enum Reread {
     Scheduled,
@@ -468,6 +601,26 @@ enum Reread {
 }
 
 impl Jwks {
+    fn new(
+        origin: Origin,
+        keys: KeyMap,
+        pinned: Vec<Algorithm>,
+        template: Validation,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            origin,
+            pinned,
+            template,
+            default_ttl: ttl,
+            ttl_ms: AtomicU64::new(millis(ttl)),
+            keys: RwLock::new(Arc::new(keys)),
+            reading: tokio::sync::Mutex::new(None),
+            busy: Arc::default(),
+            rereads: AtomicU64::new(0),
+        }
+    }
+
     fn get(&self, kid: &str) -> Option<Arc<VerifyingKey>> {
         // The map behind the lock is replaced whole, never edited in place: a poisoned lock
         // still holds a consistent map.
@@ -478,15 +631,28 @@ impl Jwks {
             .cloned()
     }
 
-    /// Reads the file again for an unknown `kid`, unless an unknown `kid` caused a read less
-    /// than [`JWKS_REREAD_INTERVAL`] ago; returns the key if the file has it now.
+    /// Whether no key has been loaded yet (a URL before its first successful fetch).
+    fn is_empty(&self) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// How long the keys last read are kept.
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Reads the keys again for an unknown `kid`, unless an unknown `kid` caused a read less
+    /// than [`JWKS_REREAD_INTERVAL`] ago; returns the key if the set has it now.
     ///
     /// # Cancel safety
-    /// Cancel safe: the read runs on its own thread, and a cancelled wait gives up only this
-    /// request's answer (the keys are installed by whichever request or tick reads next).
+    /// Cancel safe: a cancelled wait gives up only this request's answer (a file read runs on
+    /// its own thread; the keys are installed by whichever request or tick reads next).
     async fn reread_for(self: &Arc<Self>, kid: &str) -> Option<Arc<VerifyingKey>> {
         let mut last = self.reading.lock().await;
-        // Another request may have re-read the file while this one waited.
+        // Another request may have read the keys while this one waited.
         if let Some(key) = self.get(kid) {
             return Some(key);
         }
@@ -499,53 +665,268 @@ impl Jwks {
         self.get(kid)
     }
 
-    /// Reads the file again on the schedule.
-    async fn refresh(self: &Arc<Self>) {
+    /// Reads the keys again on the schedule; says whether the read succeeded.
+    async fn refresh(self: &Arc<Self>) -> bool {
         let _turn = self.reading.lock().await;
-        self.read(Reread::Scheduled).await;
+        self.read(Reread::Scheduled).await
     }
 
-    /// Reads the file on a blocking thread, within [`JWKS_READ_TIMEOUT`], and installs its
-    /// keys; a file that cannot be read or no longer parses keeps the keys already loaded.
-    /// The caller holds `reading`.
-    async fn read(self: &Arc<Self>, why: Reread) {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            tracing::warn!(
-                path = %self.path.display(),
-                "the previous JWKS read has not finished; keeping the keys already loaded"
-            );
-            return;
-        }
-        self.rereads.fetch_add(1, Ordering::Relaxed);
-        let jwks = Arc::clone(self);
-        let read = tokio::task::spawn_blocking(move || {
-            let read = read_jwks(&jwks.path, &jwks.pinned, &jwks.template);
-            jwks.busy.store(false, Ordering::Release);
-            read
-        });
-        let reason = match tokio::time::timeout(JWKS_READ_TIMEOUT, read).await {
-            Ok(Ok(Ok((keys, skipped)))) => {
+    /// Reads the set within [`JWKS_READ_TIMEOUT`] and installs its keys; a set that cannot be
+    /// read or no longer parses keeps the keys already loaded. The caller holds `reading`.
+    async fn read(self: &Arc<Self>, why: Reread) -> bool {
+        let loaded = match &self.origin {
+            Origin::File(path) => {
+                if self.busy.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        source = %self.origin,
+                        "the previous JWKS read has not finished; keeping the keys already loaded"
+                    );
+                    return false;
+                }
+                self.rereads.fetch_add(1, Ordering::Relaxed);
+                self.read_file(path.clone()).await
+            }
+            Origin::Remote(remote) => {
+                self.rereads.fetch_add(1, Ordering::Relaxed);
+                tokio::time::timeout(
+                    JWKS_READ_TIMEOUT,
+                    remote.fetch(&self.pinned, &self.template),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")))
+            }
+        };
+        match loaded {
+            Ok(Loaded {
+                keys,
+                skipped,
+                max_age,
+            }) => {
+                let ttl = match &self.origin {
+                    Origin::File(_) => self.default_ttl,
+                    Origin::Remote(_) => max_age
+                        .unwrap_or(self.default_ttl)
+                        .clamp(JWKS_MIN_TTL, JWKS_MAX_TTL),
+                };
+                self.ttl_ms.store(millis(ttl), Ordering::Relaxed);
                 tracing::info!(
-                    path = %self.path.display(),
+                    source = %self.origin,
                     keys = keys.len(),
                     skipped,
                     ?why,
-                    "re-read the JWKS file"
+                    ?ttl,
+                    "read the JWKS"
                 );
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
-                return;
+                true
             }
-            Ok(Ok(Err(reason))) => reason,
-            Ok(Err(panicked)) => format!("the read failed: {panicked}"),
-            Err(_) => format!("no answer within {JWKS_READ_TIMEOUT:?}"),
+            Err(reason) => {
+                tracing::warn!(
+                    source = %self.origin,
+                    %reason,
+                    ?why,
+                    "the JWKS could not be read; keeping the keys already loaded"
+                );
+                false
+            }
+        }
+    }
+
+    /// Reads the file on a blocking thread; the caller has set `busy`.
+    async fn read_file(self: &Arc<Self>, path: PathBuf) -> Result<Loaded, String> {
+        let jwks = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || {
+            let read = read_jwks(&path, &jwks.pinned, &jwks.template);
+            jwks.busy.store(false, Ordering::Release);
+            read
+        });
+        match tokio::time::timeout(JWKS_READ_TIMEOUT, read).await {
+            Ok(Ok(Ok((keys, skipped)))) => Ok(Loaded {
+                keys,
+                skipped,
+                max_age: None,
+            }),
+            Ok(Ok(Err(reason))) => Err(reason),
+            Ok(Err(panicked)) => Err(format!("the read failed: {panicked}")),
+            Err(_) => Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")),
+        }
+    }
+}
+
+impl Remote {
+    /// Fetches the JWKS (after the discovery document, for an issuer whose `jwks_uri` is not
+    /// known yet) and parses it.
+    async fn fetch(&self, pinned: &[Algorithm], template: &Validation) -> Result<Loaded, String> {
+        let url = self.jwks_url().await?;
+        let fetched = get_json(&self.client, &url).await;
+        if fetched.is_err() {
+            // The provider may have moved its keys: ask the discovery document again next time.
+            *self
+                .discovered
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = None;
+        }
+        let (body, max_age) = fetched?;
+        let (keys, skipped) =
+            parse_jwks(&body, pinned, template).map_err(|reason| format!("{url}: {reason}"))?;
+        Ok(Loaded {
+            keys,
+            skipped,
+            max_age,
+        })
+    }
+
+    /// The JWKS URL: the one given, or the issuer's `jwks_uri`.
+    async fn jwks_url(&self) -> Result<reqwest::Url, String> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            issuer: String,
+            jwks_uri: String,
+        }
+        let (document, issuer) = match &self.target {
+            Target::Jwks(url) => return Ok(url.clone()),
+            Target::Discovery { document, issuer } => (document, issuer),
         };
-        tracing::warn!(
-            path = %self.path.display(),
-            %reason,
-            ?why,
-            "the JWKS file could not be re-read; keeping the keys already loaded"
+        if let Some(url) = self
+            .discovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            return Ok(url);
+        }
+        let (body, _) = get_json(&self.client, document).await?;
+        let discovery: Discovery = serde_json::from_slice(&body).map_err(|e| {
+            format!(
+                "{document}: not an OpenID Connect discovery document with issuer and jwks_uri: \
+                 {}",
+                json_error(&e)
+            )
+        })?;
+        if discovery.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
+            return Err(format!(
+                "{document}: names the issuer {:?}, not {issuer:?}",
+                discovery.issuer
+            ));
+        }
+        let url = https_url(&discovery.jwks_uri)
+            .map_err(|reason| format!("{document}: its jwks_uri {reason}"))?;
+        *self
+            .discovered
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(url.clone());
+        Ok(url)
+    }
+}
+
+/// GETs `url`: a 2xx answer over HTTPS, its body (at most 1 MiB) and its `Cache-Control`
+/// max-age.
+async fn get_json(
+    client: &reqwest::Client,
+    url: &reqwest::Url,
+) -> Result<(Vec<u8>, Option<Duration>), String> {
+    use reqwest::header::{ACCEPT, CACHE_CONTROL};
+    let mut response = client
+        .get(url.clone())
+        .header(ACCEPT, "application/json")
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {}", error_chain(&e.without_url())))?;
+    // A redirect must not downgrade the keys' integrity to plaintext.
+    if response.url().scheme() != "https" {
+        return Err(format!("{url}: redirected to a URL that is not https"));
+    }
+    let status = response.status();
+    if !status.is_success() {
+        return Err(format!("{url}: the server answered {status}"));
+    }
+    let max_age = response
+        .headers()
+        .get_all(CACHE_CONTROL)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .find_map(cache_lifetime);
+    let limit = usize::try_from(MAX_KEY_FILE_BYTES).unwrap_or(usize::MAX);
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| format!("{url}: {}", error_chain(&e.without_url())))?
+    {
+        if body.len() + chunk.len() > limit {
+            return Err(format!("{url}: the answer is larger than {limit} bytes"));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body, max_age))
+}
+
+/// How long a `Cache-Control` value lets an answer be kept: its `max-age`, or zero for
+/// `no-cache` and `no-store`; `None` when it says neither.
+fn cache_lifetime(value: &str) -> Option<Duration> {
+    let mut max_age = None;
+    for directive in value.split(',').map(str::trim) {
+        let (name, argument) = directive
+            .split_once('=')
+            .map_or((directive, None), |(n, a)| (n.trim(), Some(a.trim())));
+        if name.eq_ignore_ascii_case("no-cache") || name.eq_ignore_ascii_case("no-store") {
+            return Some(Duration::ZERO);
+        }
+        if name.eq_ignore_ascii_case("max-age")
+            && let Some(seconds) = argument.and_then(|a| a.trim_matches('"').parse::<u64>().ok())
+        {
+            max_age.get_or_insert(Duration::from_secs(seconds));
+        }
+    }
+    max_age
+}
+
+/// An `https://` URL with a host.
+fn https_url(value: &str) -> Result<reqwest::Url, String> {
+    let url = reqwest::Url::parse(value.trim()).map_err(|e| format!("is not a URL: {e}"))?;
+    if url.scheme() != "https" {
+        return Err(
+            "must be an https:// URL: keys fetched over plaintext could be forged".to_owned(),
         );
     }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err("has no host".to_owned());
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("must not carry credentials".to_owned());
+    }
+    Ok(url)
+}
+
+/// The discovery document of an OpenID Connect issuer.
+fn discovery_url(issuer: &str) -> Result<reqwest::Url, String> {
+    let base = https_url(issuer)?;
+    if base.query().is_some() || base.fragment().is_some() {
+        return Err("an issuer has no query or fragment".to_owned());
+    }
+    https_url(&format!(
+        "{}{DISCOVERY_PATH}",
+        base.as_str().trim_end_matches('/')
+    ))
+}
+
+/// An error and its causes, `: `-separated.
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Debug for Authenticator {
@@ -555,11 +936,9 @@ impl fmt::Debug for Authenticator {
         };
         let source = match &verifier.keys {
             KeySource::Fixed(keys) => format!("{} fixed key(s)", keys.len()),
-            KeySource::Jwks(jwks) => format!(
-                "JWKS {} (re-read every {:?})",
-                jwks.path.display(),
-                jwks.ttl
-            ),
+            KeySource::Jwks(jwks) => {
+                format!("JWKS {} (read again after {:?})", jwks.origin, jwks.ttl())
+            }
         };
         f.debug_struct("Authenticator")
             .field("keys", &source)
@@ -590,15 +969,13 @@ impl Authenticator {
                 );
                 return Ok(Self::insecure());
             }
-            return Err(settings_error(
-                "no key source: give --auth-hs256-secret-file, --auth-public-key or \
-                 --auth-jwks-file, or --insecure-no-auth"
-                    .to_owned(),
-            ));
+            return Err(settings_error(format!(
+                "no key source: give {KEY_SOURCE_FLAGS}, or --insecure-no-auth"
+            )));
         };
         let pinned = settings.algorithms();
         // check() made sure both are present.
-        let issuer = settings.auth_issuer.as_deref().unwrap_or_default();
+        let issuer = settings.issuer().unwrap_or_default();
         let audience = settings.auth_audience.as_deref().unwrap_or_default();
         let template = validation_template(issuer, audience, settings.auth_leeway_secs);
         let keys = match source {
@@ -628,17 +1005,30 @@ impl Authenticator {
                          pinned algorithm are ignored"
                     );
                 }
-                KeySource::Jwks(Arc::new(Jwks {
-                    path: path.to_owned(),
-                    pinned: pinned.clone(),
+                KeySource::Jwks(Arc::new(Jwks::new(
+                    Origin::File(path.to_owned()),
+                    keys,
+                    pinned.clone(),
                     template,
-                    ttl: Duration::from_secs(settings.auth_jwks_ttl_secs),
-                    keys: RwLock::new(Arc::new(keys)),
-                    reading: tokio::sync::Mutex::new(None),
-                    busy: Arc::default(),
-                    rereads: AtomicU64::new(0),
-                }))
+                    Duration::from_secs(settings.auth_jwks_ttl_secs),
+                )))
             }
+            // check() made sure these are https URLs.
+            SourceKind::JwksUrl(url) => remote_jwks(
+                Target::Jwks(https_url(url).map_err(settings_error)?),
+                settings,
+                &pinned,
+                template,
+            )?,
+            SourceKind::OidcIssuer(issuer) => remote_jwks(
+                Target::Discovery {
+                    document: discovery_url(issuer).map_err(settings_error)?,
+                    issuer: issuer.trim().to_owned(),
+                },
+                settings,
+                &pinned,
+                template,
+            )?,
         };
         let times = TimeRules {
             leeway_secs: settings.auth_leeway_secs.min(MAX_LEEWAY_SECS),
@@ -747,8 +1137,11 @@ impl Authenticator {
         }
     }
 
-    /// Re-reads a JWKS file every `--auth-jwks-ttl-secs` until `shutdown`, so a key removed
-    /// from the file stops verifying within that time; returns at once for other key sources.
+    /// Reads a JWKS again whenever its keys' time is up (a file every `--auth-jwks-ttl-secs`,
+    /// a URL for its `Cache-Control` max-age), until `shutdown`, so a removed key stops
+    /// verifying within that time; a URL's first fetch is at once. A failed read is tried
+    /// again within [`JWKS_REREAD_INTERVAL`], keeping the keys already loaded. Returns at once
+    /// for other key sources.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -756,15 +1149,25 @@ impl Authenticator {
         let Some(KeySource::Jwks(jwks)) = self.verifier.as_deref().map(|v| &v.keys) else {
             return;
         };
+        let mut wait = if jwks.is_empty() {
+            Duration::ZERO
+        } else {
+            jwks.ttl()
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(jwks.ttl) => {}
+                () = tokio::time::sleep(wait) => {}
             }
-            tokio::select! {
+            let read = tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = jwks.refresh() => {}
-            }
+                read = jwks.refresh() => read,
+            };
+            wait = if read {
+                jwks.ttl()
+            } else {
+                jwks.ttl().min(JWKS_REREAD_INTERVAL)
+            };
         }
     }
 
@@ -1265,22 +1668,35 @@ fn read_jwks(
     pinned: &[Algorithm],
     template: &Validation,
 ) -> Result<(KeyMap, usize), String> {
-    #[derive(Deserialize)]
-    struct RawSet {
-        keys: Vec<serde_json::Value>,
-    }
     let bytes = read_public_file(path).map_err(|e| match e {
         AuthSetupError::KeyFile { reason, .. } => reason,
         other => other.to_string(),
     })?;
-    let set: RawSet = serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "not a JWKS ({{\"keys\": [...]}}): {:?} error at line {} column {}",
-            e.classify(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    parse_jwks(&bytes, pinned, template)
+}
+
+/// Where a JSON document fails to parse, without quoting it.
+fn json_error(error: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
+}
+
+/// The usable keys of a JWKS document and how many were skipped.
+fn parse_jwks(
+    bytes: &[u8],
+    pinned: &[Algorithm],
+    template: &Validation,
+) -> Result<(KeyMap, usize), String> {
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: RawSet = serde_json::from_slice(bytes)
+        .map_err(|e| format!("not a JWKS ({{\"keys\": [...]}}): {}", json_error(&e)))?;
     let mut keys = KeyMap::new();
     let mut skipped = 0;
     for value in set.keys {
@@ -1299,6 +1715,47 @@ fn read_jwks(
         ));
     }
     Ok((keys, skipped))
+}
+
+/// The key set served at `target`, empty until its first fetch: that is the refresh task's
+/// first step (or that of a call before it), so the process starts while the identity
+/// provider is down, and refuses every token until a fetch succeeds.
+fn remote_jwks(
+    target: Target,
+    settings: &AuthSettings,
+    pinned: &[Algorithm],
+    template: Validation,
+) -> Result<KeySource, AuthSetupError> {
+    let origin = Origin::Remote(Remote {
+        client: jwks_client(settings.auth_jwks_ca_file.as_deref())?,
+        target,
+        discovered: std::sync::Mutex::new(None),
+    });
+    tracing::info!(source = %origin, "token keys come from the identity provider");
+    Ok(KeySource::Jwks(Arc::new(Jwks::new(
+        origin,
+        KeyMap::new(),
+        pinned.to_vec(),
+        template,
+        Duration::from_secs(settings.auth_jwks_ttl_secs),
+    ))))
+}
+
+/// The HTTPS client for a JWKS URL or an issuer: the process's shared client, or with
+/// `--auth-jwks-ca-file` one that trusts only that file's certificates.
+fn jwks_client(ca_file: Option<&Path>) -> Result<reqwest::Client, AuthSetupError> {
+    let Some(path) = ca_file else {
+        return crate::connectors::http_client(JWKS_READ_TIMEOUT)
+            .map_err(|e| AuthSetupError::Client(e.to_string()));
+    };
+    let pem = read_public_file(path)?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| key_file_error(path, format!("not PEM certificates: {}", error_chain(&e))))?;
+    if roots.is_empty() {
+        return Err(key_file_error(path, "holds no PEM certificate"));
+    }
+    crate::connectors::http_client_trusting(JWKS_READ_TIMEOUT, roots)
+        .map_err(|e| AuthSetupError::Client(e.to_string()))
 }
 
 fn jwks_key(
@@ -2615,5 +3072,170 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn identity_provider_flags_need_https_and_fit_the_other_flags() {
+        let oidc = settings(&[
+            "--auth-oidc-issuer",
+            "https://idp.example/realms/x/",
+            "--auth-audience",
+            "dsreg",
+        ])
+        .unwrap();
+        oidc.check().unwrap();
+        assert_eq!(oidc.issuer(), Some("https://idp.example/realms/x/"));
+        assert_eq!(oidc.algorithms(), [Algorithm::RS256]);
+        assert_eq!(
+            discovery_url("https://idp.example/realms/x/")
+                .unwrap()
+                .as_str(),
+            "https://idp.example/realms/x/.well-known/openid-configuration"
+        );
+        let explicit = settings(&[
+            "--auth-oidc-issuer",
+            "https://idp.example",
+            "--auth-issuer",
+            "other",
+            "--auth-audience",
+            "dsreg",
+        ])
+        .unwrap();
+        assert_eq!(explicit.issuer(), Some("other"));
+        settings(&[
+            "--auth-jwks-url",
+            "https://idp.example/keys",
+            "--auth-issuer",
+            "i",
+            "--auth-audience",
+            "a",
+            "--auth-jwks-ca-file",
+            "ca.pem",
+        ])
+        .unwrap()
+        .check()
+        .unwrap();
+
+        let wrong: [(&[&str], &str); 7] = [
+            (
+                &[
+                    "--auth-jwks-url",
+                    "http://idp.example/keys",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                ],
+                "must be an https:// URL",
+            ),
+            (
+                &[
+                    "--auth-jwks-url",
+                    "https://u:p@idp.example/keys",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                ],
+                "must not carry credentials",
+            ),
+            (
+                &["--auth-oidc-issuer", "idp.example", "--auth-audience", "a"],
+                "--auth-oidc-issuer \"idp.example\": is not a URL",
+            ),
+            (
+                &[
+                    "--auth-jwks-url",
+                    "https://idp.example/keys",
+                    "--auth-audience",
+                    "a",
+                ],
+                "--auth-issuer is required with --auth-jwks-url",
+            ),
+            (
+                &[
+                    "--auth-oidc-issuer",
+                    "https://idp.example",
+                    "--auth-jwks-file",
+                    "j",
+                ],
+                "not both --auth-jwks-file and --auth-oidc-issuer",
+            ),
+            (
+                &[
+                    "--auth-jwks-file",
+                    "j",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                    "--auth-jwks-ca-file",
+                    "c",
+                ],
+                "--auth-jwks-ca-file is for --auth-jwks-url or --auth-oidc-issuer",
+            ),
+            (
+                &["--auth-jwks-ca-file", "c"],
+                "--auth-jwks-ca-file needs a key source",
+            ),
+        ];
+        for (args, needle) in wrong {
+            let err = settings(args).unwrap().check().unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn cache_control_gives_max_age_or_zero_for_no_cache() {
+        let cases: [(&str, Option<u64>); 8] = [
+            ("max-age=300", Some(300)),
+            ("public, max-age=60, must-revalidate", Some(60)),
+            ("Max-Age = \"15\"", Some(15)),
+            ("no-cache", Some(0)),
+            ("max-age=600, no-store", Some(0)),
+            ("public", None),
+            ("max-age=soon", None),
+            ("", None),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(
+                cache_lifetime(value),
+                expected.map(Duration::from_secs),
+                "{value:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever other directives surround it, `max-age=N` gives N; and no value makes
+        /// the parser fail.
+        #[test]
+        fn max_age_is_found_among_any_directives(
+            before in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,6})?", 0..4),
+            after in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,6})?", 0..4),
+            seconds in 0u64..10_000_000,
+            junk in "\\PC{0,64}",
+        ) {
+            let _ = cache_lifetime(&junk);
+            let name = |d: &String| d.split('=').next().unwrap_or_default().to_owned();
+            let no_cache = before
+                .iter()
+                .chain(&after)
+                .any(|d| ["no-cache", "no-store"].contains(&name(d).as_str()));
+            let earlier_age = before.iter().any(|d| name(d) == "max-age" && d.contains('='));
+            let value = before
+                .iter()
+                .cloned()
+                .chain(std::iter::once(format!("max-age={seconds}")))
+                .chain(after.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(", ");
+            let found = cache_lifetime(&value);
+            if no_cache {
+                proptest::prop_assert_eq!(found, Some(Duration::ZERO));
+            } else if !earlier_age {
+                proptest::prop_assert_eq!(found, Some(Duration::from_secs(seconds)));
+            }
+        }
     }
 }
