@@ -29,7 +29,7 @@
 //! The only background work is [`Authenticator::run_refresh`] (JWKS only), which stops with
 //! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read,
 //! and fetching a JWKS (and the discovery document) over HTTPS with the process's shared HTTP
-//! client.
+//! client ([`super::idp`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -51,6 +51,7 @@ use rand::TryRngCore;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::idp::{Provider, discovery_url, error_chain, https_url};
 use super::principal::{Principal, Role, Tenant};
 
 /// The shortest gap between two JWKS re-reads caused by unknown key ids, so a flood of tokens
@@ -69,9 +70,6 @@ pub const JWKS_MIN_TTL: Duration = Duration::from_secs(5);
 /// The longest time keys fetched from a URL are kept before they are fetched again, whatever
 /// `Cache-Control` says: a removed key stops verifying within a day at worst.
 pub const JWKS_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
-
-/// The path of an OpenID Connect issuer's discovery document.
-const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
 
 /// The key source flags, for messages.
 const KEY_SOURCE_FLAGS: &str = "--auth-hs256-secret-file, --auth-public-key, --auth-jwks-file, \
@@ -550,38 +548,16 @@ struct Jwks {
 /// Where a JWKS comes from.
 enum Origin {
     File(PathBuf),
-    Remote(Remote),
+    Remote(Provider),
 }
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Origin::File(path) => write!(f, "{}", path.display()),
-            Origin::Remote(remote) => match &remote.target {
-                Target::Jwks(url) => write!(f, "{url}"),
-                Target::Discovery { document, .. } => write!(f, "{document}"),
-            },
+            Origin::Remote(provider) => write!(f, "{provider}"),
         }
     }
-}
-
-/// A JWKS served over HTTPS.
-struct Remote {
-    /// The process's shared client (or one trusting `--auth-jwks-ca-file` only).
-    client: reqwest::Client,
-    target: Target,
-    /// The discovery document's `jwks_uri`, until a fetch from it fails.
-    discovered: std::sync::Mutex<Option<reqwest::Url>>,
-}
-
-/// The URL given: the JWKS itself, or an issuer's discovery document.
-enum Target {
-    Jwks(reqwest::Url),
-    Discovery {
-        document: reqwest::Url,
-        /// The `issuer` the document must name.
-        issuer: String,
-    },
 }
 
 /// What one read of a JWKS brought.
@@ -686,14 +662,19 @@ impl Jwks {
                 self.rereads.fetch_add(1, Ordering::Relaxed);
                 self.read_file(path.clone()).await
             }
-            Origin::Remote(remote) => {
+            Origin::Remote(provider) => {
                 self.rereads.fetch_add(1, Ordering::Relaxed);
-                tokio::time::timeout(
-                    JWKS_READ_TIMEOUT,
-                    remote.fetch(&self.pinned, &self.template),
-                )
-                .await
-                .unwrap_or_else(|_| Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")))
+                match tokio::time::timeout(JWKS_READ_TIMEOUT, provider.fetch()).await {
+                    Ok(Ok(fetched)) => parse_jwks(&fetched.body, &self.pinned, &self.template)
+                        .map(|(keys, skipped)| Loaded {
+                            keys,
+                            skipped,
+                            max_age: fetched.max_age,
+                        })
+                        .map_err(|reason| format!("{}: {reason}", fetched.url)),
+                    Ok(Err(failed)) => Err(failed.to_string()),
+                    Err(_) => Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")),
+                }
             }
         };
         match loaded {
@@ -751,178 +732,6 @@ impl Jwks {
             Err(_) => Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")),
         }
     }
-}
-
-impl Remote {
-    /// Fetches the JWKS (after the discovery document, for an issuer whose `jwks_uri` is not
-    /// known yet) and parses it.
-    async fn fetch(&self, pinned: &[Algorithm], template: &Validation) -> Result<Loaded, String> {
-        let url = self.jwks_url().await?;
-        let fetched = get_json(&self.client, &url).await;
-        if fetched.is_err() {
-            // The provider may have moved its keys: ask the discovery document again next time.
-            *self
-                .discovered
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
-        }
-        let (body, max_age) = fetched?;
-        let (keys, skipped) =
-            parse_jwks(&body, pinned, template).map_err(|reason| format!("{url}: {reason}"))?;
-        Ok(Loaded {
-            keys,
-            skipped,
-            max_age,
-        })
-    }
-
-    /// The JWKS URL: the one given, or the issuer's `jwks_uri`.
-    async fn jwks_url(&self) -> Result<reqwest::Url, String> {
-        #[derive(Deserialize)]
-        struct Discovery {
-            issuer: String,
-            jwks_uri: String,
-        }
-        let (document, issuer) = match &self.target {
-            Target::Jwks(url) => return Ok(url.clone()),
-            Target::Discovery { document, issuer } => (document, issuer),
-        };
-        if let Some(url) = self
-            .discovered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
-        {
-            return Ok(url);
-        }
-        let (body, _) = get_json(&self.client, document).await?;
-        let discovery: Discovery = serde_json::from_slice(&body).map_err(|e| {
-            format!(
-                "{document}: not an OpenID Connect discovery document with issuer and jwks_uri: \
-                 {}",
-                json_error(&e)
-            )
-        })?;
-        if discovery.issuer.trim_end_matches('/') != issuer.trim_end_matches('/') {
-            return Err(format!(
-                "{document}: names the issuer {:?}, not {issuer:?}",
-                discovery.issuer
-            ));
-        }
-        let url = https_url(&discovery.jwks_uri)
-            .map_err(|reason| format!("{document}: its jwks_uri {reason}"))?;
-        *self
-            .discovered
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(url.clone());
-        Ok(url)
-    }
-}
-
-/// GETs `url`: a 2xx answer over HTTPS, its body (at most 1 MiB) and its `Cache-Control`
-/// max-age.
-async fn get_json(
-    client: &reqwest::Client,
-    url: &reqwest::Url,
-) -> Result<(Vec<u8>, Option<Duration>), String> {
-    use reqwest::header::{ACCEPT, CACHE_CONTROL};
-    let mut response = client
-        .get(url.clone())
-        .header(ACCEPT, "application/json")
-        .send()
-        .await
-        .map_err(|e| format!("{url}: {}", error_chain(&e.without_url())))?;
-    // A redirect must not downgrade the keys' integrity to plaintext.
-    if response.url().scheme() != "https" {
-        return Err(format!("{url}: redirected to a URL that is not https"));
-    }
-    let status = response.status();
-    if !status.is_success() {
-        return Err(format!("{url}: the server answered {status}"));
-    }
-    let max_age = response
-        .headers()
-        .get_all(CACHE_CONTROL)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .find_map(cache_lifetime);
-    let limit = usize::try_from(MAX_KEY_FILE_BYTES).unwrap_or(usize::MAX);
-    let mut body = Vec::new();
-    while let Some(chunk) = response
-        .chunk()
-        .await
-        .map_err(|e| format!("{url}: {}", error_chain(&e.without_url())))?
-    {
-        if body.len() + chunk.len() > limit {
-            return Err(format!("{url}: the answer is larger than {limit} bytes"));
-        }
-        body.extend_from_slice(&chunk);
-    }
-    Ok((body, max_age))
-}
-
-/// How long a `Cache-Control` value lets an answer be kept: its `max-age`, or zero for
-/// `no-cache` and `no-store`; `None` when it says neither.
-fn cache_lifetime(value: &str) -> Option<Duration> {
-    let mut max_age = None;
-    for directive in value.split(',').map(str::trim) {
-        let (name, argument) = directive
-            .split_once('=')
-            .map_or((directive, None), |(n, a)| (n.trim(), Some(a.trim())));
-        if name.eq_ignore_ascii_case("no-cache") || name.eq_ignore_ascii_case("no-store") {
-            return Some(Duration::ZERO);
-        }
-        if name.eq_ignore_ascii_case("max-age")
-            && let Some(seconds) = argument.and_then(|a| a.trim_matches('"').parse::<u64>().ok())
-        {
-            max_age.get_or_insert(Duration::from_secs(seconds));
-        }
-    }
-    max_age
-}
-
-/// An `https://` URL with a host.
-fn https_url(value: &str) -> Result<reqwest::Url, String> {
-    let url = reqwest::Url::parse(value.trim()).map_err(|e| format!("is not a URL: {e}"))?;
-    if url.scheme() != "https" {
-        return Err(
-            "must be an https:// URL: keys fetched over plaintext could be forged".to_owned(),
-        );
-    }
-    if url.host_str().is_none_or(str::is_empty) {
-        return Err("has no host".to_owned());
-    }
-    if !url.username().is_empty() || url.password().is_some() {
-        return Err("must not carry credentials".to_owned());
-    }
-    Ok(url)
-}
-
-/// The discovery document of an OpenID Connect issuer.
-fn discovery_url(issuer: &str) -> Result<reqwest::Url, String> {
-    let base = https_url(issuer)?;
-    if base.query().is_some() || base.fragment().is_some() {
-        return Err("an issuer has no query or fragment".to_owned());
-    }
-    https_url(&format!(
-        "{}{DISCOVERY_PATH}",
-        base.as_str().trim_end_matches('/')
-    ))
-}
-
-/// An error and its causes, `: `-separated.
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        let cause_text = cause.to_string();
-        if !text.contains(&cause_text) {
-            text.push_str(": ");
-            text.push_str(&cause_text);
-        }
-        source = cause.source();
-    }
-    text
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -1014,21 +823,16 @@ impl Authenticator {
                 )))
             }
             // check() made sure these are https URLs.
-            SourceKind::JwksUrl(url) => remote_jwks(
-                Target::Jwks(https_url(url).map_err(settings_error)?),
-                settings,
-                &pinned,
-                template,
-            )?,
-            SourceKind::OidcIssuer(issuer) => remote_jwks(
-                Target::Discovery {
-                    document: discovery_url(issuer).map_err(settings_error)?,
-                    issuer: issuer.trim().to_owned(),
-                },
-                settings,
-                &pinned,
-                template,
-            )?,
+            SourceKind::JwksUrl(url) => {
+                let client = jwks_client(settings.auth_jwks_ca_file.as_deref())?;
+                let provider = Provider::jwks_url(client, url).map_err(settings_error)?;
+                remote_jwks(provider, settings, &pinned, template)
+            }
+            SourceKind::OidcIssuer(issuer) => {
+                let client = jwks_client(settings.auth_jwks_ca_file.as_deref())?;
+                let provider = Provider::oidc_issuer(client, issuer).map_err(settings_error)?;
+                remote_jwks(provider, settings, &pinned, template)
+            }
         };
         let times = TimeRules {
             leeway_secs: settings.auth_leeway_secs.min(MAX_LEEWAY_SECS),
@@ -1721,24 +1525,20 @@ fn parse_jwks(
 /// first step (or that of a call before it), so the process starts while the identity
 /// provider is down, and refuses every token until a fetch succeeds.
 fn remote_jwks(
-    target: Target,
+    provider: Provider,
     settings: &AuthSettings,
     pinned: &[Algorithm],
     template: Validation,
-) -> Result<KeySource, AuthSetupError> {
-    let origin = Origin::Remote(Remote {
-        client: jwks_client(settings.auth_jwks_ca_file.as_deref())?,
-        target,
-        discovered: std::sync::Mutex::new(None),
-    });
+) -> KeySource {
+    let origin = Origin::Remote(provider);
     tracing::info!(source = %origin, "token keys come from the identity provider");
-    Ok(KeySource::Jwks(Arc::new(Jwks::new(
+    KeySource::Jwks(Arc::new(Jwks::new(
         origin,
         KeyMap::new(),
         pinned.to_vec(),
         template,
         Duration::from_secs(settings.auth_jwks_ttl_secs),
-    ))))
+    )))
 }
 
 /// The HTTPS client for a JWKS URL or an issuer: the process's shared client, or with
@@ -3086,12 +2886,6 @@ mod tests {
         oidc.check().unwrap();
         assert_eq!(oidc.issuer(), Some("https://idp.example/realms/x/"));
         assert_eq!(oidc.algorithms(), [Algorithm::RS256]);
-        assert_eq!(
-            discovery_url("https://idp.example/realms/x/")
-                .unwrap()
-                .as_str(),
-            "https://idp.example/realms/x/.well-known/openid-configuration"
-        );
         let explicit = settings(&[
             "--auth-oidc-issuer",
             "https://idp.example",
@@ -3182,60 +2976,6 @@ mod tests {
         for (args, needle) in wrong {
             let err = settings(args).unwrap().check().unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
-        }
-    }
-
-    #[test]
-    fn cache_control_gives_max_age_or_zero_for_no_cache() {
-        let cases: [(&str, Option<u64>); 8] = [
-            ("max-age=300", Some(300)),
-            ("public, max-age=60, must-revalidate", Some(60)),
-            ("Max-Age = \"15\"", Some(15)),
-            ("no-cache", Some(0)),
-            ("max-age=600, no-store", Some(0)),
-            ("public", None),
-            ("max-age=soon", None),
-            ("", None),
-        ];
-        for (value, expected) in cases {
-            assert_eq!(
-                cache_lifetime(value),
-                expected.map(Duration::from_secs),
-                "{value:?}"
-            );
-        }
-    }
-
-    proptest::proptest! {
-        /// Whatever other directives surround it, `max-age=N` gives N; and no value makes
-        /// the parser fail.
-        #[test]
-        fn max_age_is_found_among_any_directives(
-            before in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,6})?", 0..4),
-            after in proptest::collection::vec("[a-z-]{1,12}(=[a-z0-9]{1,6})?", 0..4),
-            seconds in 0u64..10_000_000,
-            junk in "\\PC{0,64}",
-        ) {
-            let _ = cache_lifetime(&junk);
-            let name = |d: &String| d.split('=').next().unwrap_or_default().to_owned();
-            let no_cache = before
-                .iter()
-                .chain(&after)
-                .any(|d| ["no-cache", "no-store"].contains(&name(d).as_str()));
-            let earlier_age = before.iter().any(|d| name(d) == "max-age" && d.contains('='));
-            let value = before
-                .iter()
-                .cloned()
-                .chain(std::iter::once(format!("max-age={seconds}")))
-                .chain(after.iter().cloned())
-                .collect::<Vec<_>>()
-                .join(", ");
-            let found = cache_lifetime(&value);
-            if no_cache {
-                proptest::prop_assert_eq!(found, Some(Duration::ZERO));
-            } else if !earlier_age {
-                proptest::prop_assert_eq!(found, Some(Duration::from_secs(seconds)));
-            }
         }
     }
 }

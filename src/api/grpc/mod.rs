@@ -14,6 +14,7 @@ pub mod datasources;
 pub mod events;
 pub mod feed;
 pub mod harness;
+pub mod idp;
 pub mod layer;
 pub mod lifecycle;
 pub mod limits;
