@@ -334,3 +334,59 @@ async fn a_provider_whose_certificate_is_not_trusted_gives_no_keys() {
     assert_refused(&ch, &token("ec-private.pem", "k1", &idp.base)).await;
     assert_eq!(idp.state.discovery_requests.load(Ordering::Relaxed), 0);
 }
+
+#[tokio::test]
+async fn the_binary_refuses_a_provider_url_that_is_not_https_naming_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = |args: &[&str], env: Option<(&str, &str)>| {
+        let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"));
+        command
+            .env_remove("DATABASE_URL")
+            .env("DSREG_DATA_DIR", dir.path())
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+            ])
+            .args(args)
+            .kill_on_drop(true);
+        if let Some((name, value)) = env {
+            command.env(name, value);
+        }
+        async move {
+            let output = tokio::time::timeout(WAIT, command.output())
+                .await
+                .expect("dsreg exits")
+                .unwrap();
+            assert!(!output.status.success());
+            String::from_utf8_lossy(&output.stderr).into_owned()
+        }
+    };
+    let flag = refused(
+        &[
+            "--auth-jwks-url",
+            "http://127.0.0.1:9/keys",
+            "--auth-issuer",
+            "i",
+            "--auth-audience",
+            "dsreg",
+        ],
+        None,
+    )
+    .await;
+    assert!(
+        flag.contains("--auth-jwks-url") && flag.contains("must be an https:// URL"),
+        "{flag}"
+    );
+    let env = refused(
+        &["--auth-audience", "dsreg"],
+        Some(("DSREG_AUTH_OIDC_ISSUER", "http://127.0.0.1:9")),
+    )
+    .await;
+    assert!(
+        env.contains("--auth-oidc-issuer") && env.contains("must be an https:// URL"),
+        "{env}"
+    );
+}
