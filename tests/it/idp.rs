@@ -27,6 +27,8 @@ struct IdpState {
     max_age: AtomicU64,
     /// Answer 503 to everything (an outage behind a load balancer).
     failing: AtomicBool,
+    /// The discovery document's `issuer`, when not the server's own URL.
+    claimed_issuer: Mutex<Option<String>>,
     discovery_requests: AtomicUsize,
     jwks_requests: AtomicUsize,
     /// Connections whose TLS handshake failed.
@@ -144,7 +146,9 @@ async fn answer(
         ("503 Service Unavailable", json!({"error": "down"}), None)
     } else if path == "/.well-known/openid-configuration" {
         state.discovery_requests.fetch_add(1, Ordering::Relaxed);
-        let document = json!({ "issuer": base, "jwks_uri": format!("{base}/keys") });
+        let issuer = state.claimed_issuer.lock().unwrap().clone();
+        let issuer = issuer.as_deref().unwrap_or(base);
+        let document = json!({ "issuer": issuer, "jwks_uri": format!("{base}/keys") });
         ("200 OK", document, None)
     } else if path == "/keys" {
         state.jwks_requests.fetch_add(1, Ordering::Relaxed);
@@ -388,5 +392,24 @@ async fn the_binary_refuses_a_provider_url_that_is_not_https_naming_the_flag() {
     assert!(
         env.contains("--auth-oidc-issuer") && env.contains("must be an https:// URL"),
         "{env}"
+    );
+}
+
+#[tokio::test]
+async fn a_discovery_document_naming_another_issuer_gives_no_keys() {
+    let db = TestDb::new().await;
+    let idp = Idp::start(vec![ec_jwk("ec-public.pem", "k1")], 3600).await;
+    *idp.state.claimed_issuer.lock().unwrap() = Some("https://evil.example".to_owned());
+    let app = serve(&db, &idp, Source::Issuer, true).await;
+    let ch = channel(&app).await;
+    wait_for("the discovery document to be read", WAIT, || async {
+        (idp.state.discovery_requests.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+    assert_refused(&ch, &token("ec-private.pem", "k1", &idp.base)).await;
+    assert_eq!(
+        idp.jwks_requests(),
+        0,
+        "keys fetched from an unverified document"
     );
 }
