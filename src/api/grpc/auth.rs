@@ -2978,4 +2978,49 @@ mod tests {
             assert!(err.contains(needle), "{args:?}: {err}");
         }
     }
+
+    #[tokio::test]
+    async fn a_provider_source_starts_without_keys_and_a_bad_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |ca: &Path| {
+            settings(&[
+                "--auth-jwks-url",
+                "https://idp.example/keys",
+                "--auth-issuer",
+                ISSUER,
+                "--auth-audience",
+                AUDIENCE,
+                "--auth-algorithms",
+                "ES256",
+                "--auth-jwks-ca-file",
+                ca.to_str().unwrap(),
+            ])
+            .unwrap()
+        };
+        let junk = dir.path().join("ca.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let err = Authenticator::from_settings(&args(&junk))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&junk.display().to_string()), "{err}");
+        assert!(err.contains("certificate"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        let err = Authenticator::from_settings(&args(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+
+        // Without a CA file: the system's roots; no fetch before the first call or tick.
+        let mut plain = args(&junk);
+        plain.auth_jwks_ca_file = None;
+        let auth = Authenticator::from_settings(&plain).unwrap();
+        assert_eq!(auth.jwks_rereads(), 0);
+        let token = sign(
+            Algorithm::ES256,
+            &ec_signer("ec-private.pem"),
+            Some("k1"),
+            &claims_for(Role::Admin),
+        );
+        assert_unauthenticated(auth.authenticate_now(Some(&bearer(&token))), "kid");
+    }
 }
