@@ -7,6 +7,7 @@
 
 pub mod contain;
 pub mod generator;
+pub mod http;
 pub mod http_poll;
 pub mod sink;
 pub mod webhook;
@@ -439,35 +440,6 @@ impl CursorStore {
         .map(|_| ())
         .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
     }
-}
-
-/// An HTTP client for connectors and sinks: rustls with the ring provider, the given timeout.
-///
-/// Built once per timeout and shared (a clone shares the connection pool): building one sets
-/// up a TLS configuration, CPU work that thousands of workers starting at once would
-/// otherwise repeat on the runtime's threads, starving lease renewal and readiness.
-///
-/// # Errors
-/// [`Error::Source`] when the TLS stack cannot be set up.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
-    static CLIENTS: std::sync::Mutex<BTreeMap<Duration, reqwest::Client>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    // The map holds finished clients only: a holder that panicked left nothing half-done.
-    let mut clients = CLIENTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(client) = clients.get(&timeout) {
-        return Ok(client.clone());
-    }
-    // Installing twice is refused and harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .build()
-        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))?;
-    clients.insert(timeout, client.clone());
-    Ok(client)
 }
 
 /// Where a connector sends requests, and with them the datasource's credentials: the scheme,

@@ -1,0 +1,110 @@
+//! A publish reaches real connectors: many `http_poll` workers started by one publish all poll
+//! a local server, through the process's one HTTP client.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use dsreg::domain::WorkerStatus;
+use serde_json::json;
+
+use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A local source answering every path with one record, counting the GETs per path.
+async fn serve_counting() -> (String, Arc<Mutex<BTreeMap<String, usize>>>) {
+    use axum::extract::State;
+    type Seen = Arc<Mutex<BTreeMap<String, usize>>>;
+    async fn handler(State(seen): State<Seen>, uri: axum::http::Uri) -> String {
+        *seen
+            .lock()
+            .unwrap()
+            .entry(uri.path().to_owned())
+            .or_default() += 1;
+        json!({ "items": [{ "path": uri.path() }] }).to_string()
+    }
+    let seen: Seen = Arc::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .fallback(handler)
+        .with_state(seen.clone());
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}"), seen)
+}
+
+#[tokio::test]
+async fn two_hundred_http_poll_workers_started_in_one_publish_all_poll_a_local_server() {
+    const N: usize = 200;
+    let db = TestDb::new().await;
+    let (base, seen) = serve_counting().await;
+    let app = TestApp::spawn_with(test_settings(&db.url), |_| {}).await;
+    let mut drafts = Vec::with_capacity(N);
+    for i in 0..N {
+        let ds = db.datasource_of(&format!("poller-{i}"), "http_poll").await;
+        // Every worker its own path and its own timeout: one client serves them all.
+        let v = db
+            .version(
+                ds.id,
+                json!({
+                    "url": format!("{base}/source/{i}"),
+                    "interval_ms": 3_600_000,
+                    "timeout_ms": 5_000 + i,
+                    "record_path": "/items",
+                }),
+            )
+            .await;
+        drafts.push((ds.id, v));
+    }
+
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    for (id, v) in &drafts {
+        tx.execute("SELECT dsreg_publish($1, $2)", &[id, v])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let missing = |seen: &BTreeMap<String, usize>| {
+        (0..N)
+            .filter(|i| !seen.contains_key(&format!("/source/{i}")))
+            .count()
+    };
+    wait_for("a GET from every new worker", WAIT, || async {
+        (missing(&seen.lock().unwrap()) == 0).then_some(())
+    })
+    .await;
+    wait_for("every worker running", WAIT, || async {
+        let running: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM datasource_state WHERE worker_status = $1",
+                &[&WorkerStatus::Running.as_str()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (running == N as i64).then_some(())
+    })
+    .await;
+    let polled: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT datasource_id) FROM datasource_records",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(polled, N as i64, "every worker's record reached the sink");
+    assert_eq!(
+        dsreg::connectors::http::clients_built(),
+        1,
+        "one HTTP client in the process, whatever the workers' timeouts"
+    );
+    app.stop().await.unwrap();
+}
