@@ -395,6 +395,9 @@ pub struct CursorStore {
     db: CursorDb,
     datasource_id: Uuid,
     writer: crate::db::repository::state::Writer,
+    /// The position as the supervisor read it with the desired state, when that read is
+    /// surely current: the first [`CursorStore::load`] takes it instead of reading again.
+    known: Arc<std::sync::Mutex<Option<Option<serde_json::Value>>>>,
 }
 
 impl CursorStore {
@@ -409,14 +412,36 @@ impl CursorStore {
             db,
             datasource_id,
             writer,
+            known: Arc::default(),
         }
     }
 
-    /// The saved position, if any.
+    /// The store, with the position already read (`Some(None)`: known to be empty) for its
+    /// first [`CursorStore::load`]; `None` reads it then.
+    #[must_use]
+    pub fn with_known(self, known: Option<Option<serde_json::Value>>) -> Self {
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
+        self
+    }
+
+    /// The saved position, if any: the one the store was made with on the first call,
+    /// otherwise read from the database.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be read.
     pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
+        // Taken once: a later load (a retry within the run) reads what was saved since.
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(known) = known {
+            return Ok(known);
+        }
         let (client, _slot) = self.db.get("reading the cursor").await?;
         crate::db::repository::state::load_cursor(&**client, self.datasource_id)
             .await
@@ -827,6 +852,31 @@ mod tests {
     use super::*;
     use crate::transform::Limits;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_known_cursor_is_served_once_without_the_database_then_read_from_it() {
+        // A pool on a port nothing listens on: any read fails.
+        let pool = crate::db::pool(
+            "postgres://dsreg@127.0.0.1:1/none",
+            1,
+            Duration::from_millis(200),
+        )
+        .expect("a pool is made without connecting");
+        let writer = crate::db::repository::state::Writer {
+            generation: 0,
+            instance: "i".into(),
+            epoch: 1,
+        };
+        let store = CursorStore::new(CursorDb::new(pool, 1), Uuid::new_v4(), writer)
+            .with_known(Some(Some(json!({ "cursor": 7 }))));
+        assert_eq!(store.load().await.unwrap(), Some(json!({ "cursor": 7 })));
+        assert!(
+            store.load().await.is_err(),
+            "a second load reads what was saved since"
+        );
+        let empty = store.clone().with_known(Some(None));
+        assert_eq!(empty.load().await.unwrap(), None);
+    }
 
     fn fields(result: Result<(), Vec<ConfigError>>) -> Vec<String> {
         result.unwrap_err().into_iter().map(|e| e.field).collect()

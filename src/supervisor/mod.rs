@@ -564,7 +564,12 @@ impl Supervisor {
             .filter(|s| !self.cluster.held.contains_key(&s.datasource_id))
             .map(|s| s.datasource_id)
             .collect();
-        let mut wake = self.claim(&free).await?;
+        let mut wake: Vec<Uuid> = self
+            .claim(&free)
+            .await?
+            .into_iter()
+            .map(|c| c.datasource_id)
+            .collect();
 
         // Draining ones assigned back here stay.
         let back: Vec<Uuid> = self
@@ -630,7 +635,7 @@ impl Supervisor {
 
     /// Claims the leases of `ids` that are free; returns those claimed. Each claim's owner and
     /// epoch go to the datasource's state.
-    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<Uuid>, Error> {
+    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<leases::Claimed>, Error> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -665,7 +670,7 @@ impl Supervisor {
             });
         }
         self.metered(|m| m.lease_moves("acquired", claimed.len() as u64));
-        Ok(claimed.into_iter().map(|c| c.datasource_id).collect())
+        Ok(claimed)
     }
 
     /// Releases the draining leases whose workers have stopped, after their last records and
@@ -888,7 +893,16 @@ impl Supervisor {
             .map(|r| r.datasource_id)
             .filter(|id| !self.cluster.held.contains_key(id) && self.cluster.takes(*id))
             .collect();
-        self.claim(&unheld).await?;
+        // A lease held before (epoch above 1) may have had a worker elsewhere that saved a
+        // source position after the read above: those workers read theirs when they start.
+        // The others' positions come with the read.
+        let taken_over: HashSet<Uuid> = self
+            .claim(&unheld)
+            .await?
+            .into_iter()
+            .filter(|c| c.epoch > 1)
+            .map(|c| c.datasource_id)
+            .collect();
         let mut need_config = Vec::new();
         let mut to_build = Vec::new();
         for row in rows {
@@ -934,9 +948,14 @@ impl Supervisor {
             }
         }
         let mut secrets = self.open_secrets(&to_build).await;
-        for (row, key) in to_build {
+        for (mut row, key) in to_build {
             let opened = secrets.remove(&row.datasource_id);
-            self.converge(row, key, opened);
+            let cursor = if taken_over.contains(&row.datasource_id) {
+                None
+            } else {
+                Some(row.source_cursor.take())
+            };
+            self.converge(row, key, opened, cursor);
         }
         if !need_config.is_empty() {
             Box::pin(self.reconcile(&need_config)).await?;
@@ -987,9 +1006,16 @@ impl Supervisor {
 
     /// Starts, or hot-reloads, a datasource whose tables want `key`: the new spec is built
     /// and validated first; an invalid one never touches a running worker.
-    fn converge(&mut self, row: Desired, key: SpecKey, secrets: Option<Result<SecretMap, String>>) {
+    /// `cursor` is the source position read with `row`, when that read is surely current.
+    fn converge(
+        &mut self,
+        row: Desired,
+        key: SpecKey,
+        secrets: Option<Result<SecretMap, String>>,
+        cursor: Option<Option<serde_json::Value>>,
+    ) {
         let id = row.datasource_id;
-        match self.build(&row, key, secrets) {
+        match self.build(&row, key, secrets, cursor) {
             Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
@@ -1051,6 +1077,7 @@ impl Supervisor {
         row: &Desired,
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
+        cursor: Option<Option<serde_json::Value>>,
     ) -> Result<(Spec, Option<Duration>), (&'static str, String)> {
         let panicked = |e: Panicked| ("connector_panicked", e.to_string());
         let connector = self
@@ -1097,6 +1124,7 @@ impl Supervisor {
             connector,
             transform,
             secrets,
+            cursor,
             trace: tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
         };
         Ok((spec, stall_after))
