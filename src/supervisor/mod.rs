@@ -116,6 +116,29 @@ impl Drop for AbortWorkersOnDrop {
 /// generation and lease epoch.
 type SpecKey = (i32, i64, i64, i64);
 
+/// A version's compiled transform, or the refusal (code, reason) it earns.
+type Compiled = Result<Transform, (&'static str, String)>;
+
+/// Scripts at least this long compile on the blocking pool, several at once, rather than in
+/// the reconcile loop on the runtime: a big script takes milliseconds of CPU, and a thousand
+/// of them would hold the loop (and the runtime thread under it) for seconds. Shorter ones
+/// compile in microseconds, less than the hand-off would cost.
+const COMPILE_INLINE_BYTES: usize = 4 * 1024;
+
+/// Compiles the transform of `config`, contained: a panic is this version's refusal.
+fn compile(config: &serde_json::Value, limits: &Limits) -> Compiled {
+    contain("transform", || Transform::from_config(config, limits))
+        .map_err(|e: Panicked| ("connector_panicked", e.to_string()))?
+        .map_err(|e| ("invalid_transform", e.to_string()))
+}
+
+fn script_len(config: Option<&serde_json::Value>) -> usize {
+    config
+        .and_then(|c| c.get("transform"))
+        .and_then(serde_json::Value::as_str)
+        .map_or(0, str::len)
+}
+
 /// A lease this instance holds.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -948,19 +971,56 @@ impl Supervisor {
             }
         }
         let mut secrets = self.open_secrets(&to_build).await;
+        let mut compiled = self.compile_big(&to_build).await;
         for (mut row, key) in to_build {
             let opened = secrets.remove(&row.datasource_id);
+            let transform = compiled.remove(&row.datasource_id);
             let cursor = if taken_over.contains(&row.datasource_id) {
                 None
             } else {
                 Some(row.source_cursor.take())
             };
-            self.converge(row, key, opened, cursor);
+            self.converge(row, key, opened, cursor, transform);
         }
         if !need_config.is_empty() {
             Box::pin(self.reconcile(&need_config)).await?;
         }
         Ok(())
+    }
+
+    /// Compiles the big transforms of `rows` on the blocking pool, spread over the machine's
+    /// cores; the others are compiled when their spec is built.
+    async fn compile_big(&self, rows: &[(Desired, SpecKey)]) -> HashMap<Uuid, Compiled> {
+        let big: Vec<(Uuid, serde_json::Value)> = rows
+            .iter()
+            .filter(|(row, _)| script_len(row.config.as_ref()) >= COMPILE_INLINE_BYTES)
+            .filter_map(|(row, _)| Some((row.datasource_id, row.config.clone()?)))
+            .collect();
+        if big.is_empty() {
+            return HashMap::new();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let per_task = big.len().div_ceil(cores);
+        let mut tasks = Vec::new();
+        let mut big = big.into_iter().peekable();
+        while big.peek().is_some() {
+            let chunk: Vec<_> = big.by_ref().take(per_task).collect();
+            let limits = self.config.limits.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                chunk
+                    .into_iter()
+                    .map(|(id, config)| (id, compile(&config, &limits)))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut compiled = HashMap::new();
+        for task in tasks {
+            // A chunk whose thread failed is compiled inline when its specs are built.
+            if let Ok(done) = task.await {
+                compiled.extend(done);
+            }
+        }
+        compiled
     }
 
     /// Opens the secrets of the datasources whose configs need some, in one query.
@@ -1006,16 +1066,18 @@ impl Supervisor {
 
     /// Starts, or hot-reloads, a datasource whose tables want `key`: the new spec is built
     /// and validated first; an invalid one never touches a running worker.
-    /// `cursor` is the source position read with `row`, when that read is surely current.
+    /// `cursor` is the source position read with `row`, when that read is surely current;
+    /// `transform` the version's transform when it was compiled already.
     fn converge(
         &mut self,
         row: Desired,
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
         cursor: Option<Option<serde_json::Value>>,
+        transform: Option<Compiled>,
     ) {
         let id = row.datasource_id;
-        match self.build(&row, key, secrets, cursor) {
+        match self.build(&row, key, secrets, cursor, transform) {
             Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
@@ -1078,6 +1140,7 @@ impl Supervisor {
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
         cursor: Option<Option<serde_json::Value>>,
+        transform: Option<Compiled>,
     ) -> Result<(Spec, Option<Duration>), (&'static str, String)> {
         let panicked = |e: Panicked| ("connector_panicked", e.to_string());
         let connector = self
@@ -1097,11 +1160,7 @@ impl Supervisor {
         contain("validate", || connector.validate(&config))
             .map_err(panicked)?
             .map_err(|e| ("invalid_config", e.to_string()))?;
-        let transform = contain("transform", || {
-            Transform::from_config(&config, &self.config.limits)
-        })
-        .map_err(panicked)?
-        .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let transform = transform.unwrap_or_else(|| compile(&config, &self.config.limits))?;
         let stall_after =
             contain("stall_after", || connector.stall_after(&config)).map_err(panicked)?;
         let required = contain("required_secrets", || connector.required_secrets(&config))

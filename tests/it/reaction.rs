@@ -108,3 +108,83 @@ async fn two_hundred_http_poll_workers_started_in_one_publish_all_poll_a_local_s
     );
     app.stop().await.unwrap();
 }
+
+/// A script of about `lines` statements: the record's `seq`, plus the sum of 0..lines, as `n`.
+fn long_script(lines: usize, broken: bool) -> String {
+    let mut script = String::from("let n = record.seq;\n");
+    for i in 0..lines {
+        script.push_str(&format!("n += {i}; // step {i} of a long mapping\n"));
+    }
+    script.push_str(if broken { "#{ n: n " } else { "#{ n: n }" });
+    script
+}
+
+#[tokio::test]
+async fn big_transforms_published_together_compile_and_run_and_a_broken_one_is_refused_alone() {
+    const N: usize = 8;
+    const LINES: usize = 200;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn_with(test_settings(&db.url), |_| {}).await;
+    let script = long_script(LINES, false);
+    assert!(
+        script.len() > 4 * 1024,
+        "long enough to compile off the runtime"
+    );
+    let mut drafts = Vec::new();
+    for i in 0..N {
+        let ds = db.datasource(&format!("mapped-{i}")).await;
+        let v = db
+            .version(
+                ds.id,
+                json!({ "rate_per_sec": 100, "count": 3, "template": {}, "transform": script }),
+            )
+            .await;
+        drafts.push((ds.id, v));
+    }
+    let broken = db.datasource("broken").await;
+    let broken_v = db
+        .version(
+            broken.id,
+            json!({ "rate_per_sec": 100, "count": 3, "template": {}, "transform": long_script(LINES, true) }),
+        )
+        .await;
+
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    for (id, v) in drafts.iter().chain([&(broken.id, broken_v)]) {
+        tx.execute("SELECT dsreg_publish($1, $2)", &[id, v])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let sum: i64 = (0..LINES as i64).sum();
+    for (id, _) in &drafts {
+        let out = wait_for("three transformed records", WAIT, || async {
+            let rows = db
+                .client()
+                .await
+                .query(
+                    "SELECT record FROM datasource_records WHERE datasource_id = $1 ORDER BY id",
+                    &[id],
+                )
+                .await
+                .unwrap();
+            (rows.len() == 3).then(|| {
+                rows.iter()
+                    .map(|r| r.get::<_, serde_json::Value>(0))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .await;
+        assert_eq!(out[0], json!({ "n": sum }));
+        assert_eq!(out[2], json!({ "n": 2 + sum }));
+    }
+    let state = db
+        .wait_for_state(broken.id, "refused as invalid_transform", |s| {
+            s.error_code.as_deref() == Some("invalid_transform")
+        })
+        .await;
+    assert_eq!(state.worker_status, WorkerStatus::Error);
+    app.stop().await.unwrap();
+}
