@@ -188,3 +188,74 @@ async fn big_transforms_published_together_compile_and_run_and_a_broken_one_is_r
     assert_eq!(state.worker_status, WorkerStatus::Error);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn webhooks_published_together_open_their_own_secrets_and_a_tampered_one_is_refused_alone() {
+    const N: usize = 6;
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.master_keys = Some(crate::connectors::MASTER_KEYS.to_owned());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let mut hooks = Vec::new();
+    for i in 0..N {
+        let ds = db.datasource_of(&format!("hook-{i}"), "webhook").await;
+        let key = format!("key-of-hook-{i}");
+        crate::helpers::put_secret(
+            &db,
+            crate::connectors::MASTER_KEYS,
+            ds.id,
+            "webhook_secret",
+            &key,
+        )
+        .await;
+        let v = db.version(ds.id, json!({})).await;
+        hooks.push((ds.id, v, key));
+    }
+    let tampered = hooks[N / 2].0;
+    db.client()
+        .await
+        .execute(
+            "UPDATE datasource_secrets SET ciphertext = set_byte(ciphertext, 0, get_byte(ciphertext, 0) # 1)
+             WHERE datasource_id = $1",
+            &[&tampered],
+        )
+        .await
+        .unwrap();
+
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    for (id, v, _) in &hooks {
+        tx.execute("SELECT dsreg_publish($1, $2)", &[id, v])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let state = db
+        .wait_for_state(tampered, "the tampered one refused", |s| {
+            s.worker_status == WorkerStatus::Error
+        })
+        .await;
+    assert_eq!(state.error_code.as_deref(), Some("secret_unavailable"));
+    let http = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
+    let body = br#"[{"n":1}]"#;
+    for (id, _, key) in hooks.iter().filter(|(id, _, _)| *id != tampered) {
+        db.wait_for_state(*id, "RUNNING", |s| s.worker_status == WorkerStatus::Running)
+            .await;
+        // Each accepts a post signed with its own key, and only with it.
+        let post = |key: String| {
+            http.post(format!("http://{}/ingest/{id}", app.http_addr))
+                .header("content-type", "application/json")
+                .header(
+                    "x-dsreg-signature",
+                    dsreg::connectors::webhook::sign(key.as_bytes(), body),
+                )
+                .body(body.to_vec())
+                .send()
+        };
+        assert_eq!(post(key.clone()).await.unwrap().status().as_u16(), 202);
+        let other = hooks.iter().find(|(o, _, _)| o != id).unwrap().2.clone();
+        assert_eq!(post(other).await.unwrap().status().as_u16(), 401);
+    }
+    app.stop().await.unwrap();
+}
