@@ -172,6 +172,9 @@ impl App {
     /// # Errors
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
+        // The one HTTP client (its root store read from disk) is built here, on a blocking
+        // thread, before any worker, sink or key provider asks for it.
+        crate::connectors::http::prepare().await;
         let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
         let schema_version = migrate(url).await?;

@@ -389,8 +389,7 @@ impl Settings {
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err("--sink-url must be http or https".into());
                 }
-                let client = crate::connectors::http_client(Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let client = crate::connectors::http::client().map_err(|e| e.to_string())?;
                 Ok(Target::Http {
                     client,
                     url: url.clone(),

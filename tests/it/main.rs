@@ -25,6 +25,7 @@ mod outbox;
 mod pgtls;
 mod publish;
 mod rbac;
+mod reaction;
 mod redaction;
 mod sandbox;
 mod secrets;
