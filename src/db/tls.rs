@@ -849,6 +849,24 @@ mod tests {
 
     proptest::proptest! {
         #[test]
+        fn a_connect_timeout_reads_as_libpq_reads_it_in_both_forms(seconds in -5i64..100_000) {
+            let expected = u64::try_from(seconds)
+                .ok()
+                .filter(|s| *s > 0)
+                .map(|s| std::time::Duration::from_secs(s.max(2)));
+            for url in [
+                format!("postgres://u@db/app?connect_timeout={seconds}"),
+                format!("host=db user=u dbname=app connect_timeout={seconds}"),
+            ] {
+                let t = Target::parse_with_env(&url, &ConnectOptions::default(), no_env).unwrap();
+                proptest::prop_assert_eq!(t.connect.connect_timeout, expected);
+                proptest::prop_assert_eq!(t.connect_bound(), expected);
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
         fn key_value_values_round_trip(value in "[ -~]{0,40}") {
             let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
             let parsed = key_values(&format!("sslrootcert='{quoted}' host=x")).unwrap();

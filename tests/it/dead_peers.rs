@@ -295,3 +295,38 @@ async fn a_connect_to_a_server_that_never_answers_ends_within_its_bound() {
         "the startup options carry the statement timeout"
     );
 }
+
+/// The binary's own connect: `dsreg migrate` against a server that accepts and never answers
+/// exits non-zero within its `--db-connect-timeout-ms`, naming the server, not the password.
+#[tokio::test]
+async fn the_cli_gives_up_on_a_silent_server_within_its_flag() {
+    let db = TestDb::new().await;
+    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
+    let proxy = SilentProxy::start(upstream).await;
+    proxy.silence();
+    let (proxied, _) = through(&db.url, proxy.addr);
+    let run = tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
+        .args(["migrate", "--db-connect-timeout-ms", "2000"])
+        .env("DATABASE_URL", &proxied)
+        .env("DSREG_LOG", "error")
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(WAIT, run)
+        .await
+        .expect("dsreg migrate ends by itself")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains(&proxy.addr.to_string()), "{stderr}");
+    assert!(stderr.contains("no answer within 2s"), "{stderr}");
+    if let Some(password) = dsreg::db::Target::parse(&db.url)
+        .unwrap()
+        .config
+        .get_password()
+    {
+        assert!(
+            !stderr.contains(&*String::from_utf8_lossy(password)),
+            "{stderr}"
+        );
+    }
+}
