@@ -119,11 +119,7 @@ pub async fn migrate(url: &str) -> anyhow::Result<i32> {
 /// # Errors
 /// Connection or migration failure.
 pub async fn migrate_with(url: &str, bounds: &db::ConnectOptions) -> anyhow::Result<i32> {
-    let bounds = db::ConnectOptions {
-        statement_timeout: None,
-        ..*bounds
-    };
-    let mut client = db::connect_with(url, &bounds)
+    let mut client = db::connect_with(url, &bounds.without_statement_timeout())
         .await
         .context("connecting to migrate")?;
     let applied = db::migrations::migrate_up(&mut client).await?;

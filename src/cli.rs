@@ -159,11 +159,7 @@ async fn migrate(
 ) -> anyhow::Result<()> {
     match down_to {
         Some(target) => {
-            let bounds = db::ConnectOptions {
-                statement_timeout: None,
-                ..*bounds
-            };
-            let mut client = db::connect_with(url, &bounds).await?;
+            let mut client = db::connect_with(url, &bounds.without_statement_timeout()).await?;
             let reverted = db::migrations::migrate_down(&mut client, target).await?;
             println!("reverted migrations {reverted:?}; schema now at {target}");
         }

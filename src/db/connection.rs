@@ -92,6 +92,17 @@ fn secs(key: &str, value: &str) -> Result<Option<Duration>, TlsError> {
 }
 
 impl ConnectOptions {
+    /// These bounds without a `statement_timeout`, for the work that takes as long as it
+    /// takes: migrations (which may rewrite a large table) and creating a database from a
+    /// template.
+    #[must_use]
+    pub fn without_statement_timeout(self) -> Self {
+        Self {
+            statement_timeout: None,
+            ..self
+        }
+    }
+
     /// These options with what the connection string sets (`found`: the [`URL_KEYS`] it
     /// had) in libpq's meaning: `connect_timeout` in seconds (0 or less: unbounded; 1 counts
     /// as 2, as libpq), `keepalives` 0 or 1, `keepalives_idle` and `keepalives_interval` in

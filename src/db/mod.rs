@@ -411,16 +411,8 @@ pub async fn handshake(
     connected.map_err(|e| connect_error(&target.describe(), &e))
 }
 
-/// The bounds of an administrative connection: the defaults without a `statement_timeout`
-/// (creating a database from a template copies it, which takes as long as it takes).
-fn admin_bounds() -> ConnectOptions {
-    ConnectOptions {
-        statement_timeout: None,
-        ..ConnectOptions::default()
-    }
-}
-
-/// Creates `database` on the server of `admin_url` unless it exists (`template` to clone).
+/// Creates `database` on the server of `admin_url` unless it exists (`template` to clone),
+/// without a statement timeout: copying a template takes as long as it takes.
 ///
 /// # Errors
 /// The server refused.
@@ -429,7 +421,11 @@ pub async fn create_database(
     database: &str,
     template: Option<&str>,
 ) -> Result<(), Error> {
-    let client = connect_with(admin_url, &admin_bounds()).await?;
+    let client = connect_with(
+        admin_url,
+        &ConnectOptions::default().without_statement_timeout(),
+    )
+    .await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
         .await?
@@ -453,7 +449,11 @@ pub async fn create_database(
 /// # Errors
 /// The server refused.
 pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), Error> {
-    let client = connect_with(admin_url, &admin_bounds()).await?;
+    let client = connect_with(
+        admin_url,
+        &ConnectOptions::default().without_statement_timeout(),
+    )
+    .await?;
     client
         .batch_execute(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
