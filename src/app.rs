@@ -104,12 +104,24 @@ impl Database {
     }
 }
 
-/// Applies pending migrations on `url`; returns the schema version.
+/// Applies pending migrations on `url` with the default connection bounds; returns the
+/// schema version.
 ///
 /// # Errors
 /// Connection or migration failure.
 pub async fn migrate(url: &str) -> anyhow::Result<i32> {
-    let mut client = db::connect(url).await.context("connecting to migrate")?;
+    migrate_with(url, &db::ConnectOptions::default()).await
+}
+
+/// [`migrate`] with `bounds`, except that no `statement_timeout` is set: a migration may
+/// rewrite a large table.
+///
+/// # Errors
+/// Connection or migration failure.
+pub async fn migrate_with(url: &str, bounds: &db::ConnectOptions) -> anyhow::Result<i32> {
+    let mut client = db::connect_with(url, &bounds.without_statement_timeout())
+        .await
+        .context("connecting to migrate")?;
     let applied = db::migrations::migrate_up(&mut client).await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
@@ -177,12 +189,13 @@ impl App {
         crate::connectors::http::prepare().await;
         let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
-        let schema_version = migrate(url).await?;
-        let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let bounds = settings.connect_options();
+        let schema_version = migrate_with(url, &bounds).await?;
+        let pool = db::pool_with(url, &bounds, settings.pool_size, settings.pool_wait())?;
         if let Some(secrets) = &secrets {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
-        let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
             api::grpc::page::PageKey::load(&**client)
@@ -216,7 +229,10 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
-            listener: ListenerConfig::new(url),
+            listener: ListenerConfig {
+                connect: bounds,
+                ..ListenerConfig::new(url)
+            },
             listener_stats,
             metrics,
             started: None,

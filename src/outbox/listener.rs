@@ -64,6 +64,8 @@ pub struct ListenerConfig {
     pub backoff_base: Duration,
     /// Reconnect delay cap.
     pub backoff_max: Duration,
+    /// The connection's bounds (connect, keepalives, statements).
+    pub connect: crate::db::ConnectOptions,
 }
 
 impl ListenerConfig {
@@ -75,6 +77,7 @@ impl ListenerConfig {
             check_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            connect: crate::db::ConnectOptions::default(),
         }
     }
 }
@@ -132,16 +135,10 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
 }
 
 async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
-    let mut target = crate::db::Target::parse(&config.url)?;
-    // Keepalive finds a silently dead peer even when nothing is being sent.
-    target
-        .config
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(5))
-        .keepalives_interval(Duration::from_secs(1))
-        .keepalives_retries(3)
-        .connect_timeout(Duration::from_secs(5))
-        .application_name("dsreg-listener");
+    // The bounds every connection has: the whole startup within the connect timeout,
+    // keepalives for a peer gone silent while nothing is sent.
+    let mut target = crate::db::Target::parse_with(&config.url, &config.connect)?;
+    target.config.application_name("dsreg-listener");
     let listening = listen_with(&target, CHANNEL).await?;
     listening
         .client
