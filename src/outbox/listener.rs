@@ -120,7 +120,10 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
             datasource_id: Some(id),
             traceparent: Some(trace),
             ..
-        } if crate::telemetry::valid_traceparent(&trace) => Ok(Signal::Traced(id, trace)),
+        } => Ok(match crate::telemetry::normalized_traceparent(&trace) {
+            Some(trace) => Signal::Traced(id, trace),
+            None => Signal::Hint(Some(id)),
+        }),
         Payload {
             id: Some(_),
             kind: Some(_),
