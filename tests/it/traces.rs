@@ -670,3 +670,76 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_later_version_traceparent_is_audited_and_continued_over_grpc_and_sql_alike() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = receiver().await;
+    let server = start(&db, &otel_env(&endpoint)).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    let uuid: uuid::Uuid = id.parse().unwrap();
+
+    // A SQL publisher's version-01 trace context: audited, and the reconcile continues it.
+    let sql_trace = "3cf92f3577b34da6a3ce929d0e0e4736";
+    let publisher = "00f067aa0ba902b7";
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL dsreg.traceparent = '01-{sql_trace}-{publisher}-01'"
+    ))
+    .await
+    .unwrap();
+    tx.execute("SELECT dsreg_publish($1, 1)", &[&uuid])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    running_on(&ch, &id, 1).await;
+    span_in(&received, "reconcile", sql_trace, Some(publisher)).await;
+
+    // A gateway's version-01 header: the call continues its trace, and so does the reconcile.
+    let grpc_trace = "3df92f3577b34da6a3ce929d0e0e4736";
+    let caller = "b7ad6b7169203331";
+    let mut publish = tonic::Request::new(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: 2,
+    });
+    publish.metadata_mut().insert(
+        "traceparent",
+        format!("01-{grpc_trace}-{caller}-01").parse().unwrap(),
+    );
+    DatasourcesClient::new(ch.clone())
+        .publish_version(publish)
+        .await
+        .unwrap();
+    running_on(&ch, &id, 2).await;
+    let rpc = span_in(
+        &received,
+        "dsreg.v1.Datasources/PublishVersion",
+        grpc_trace,
+        Some(caller),
+    )
+    .await;
+    span_in(&received, "reconcile", grpc_trace, Some(&rpc.span)).await;
+
+    // Both are audited in the trace they continued.
+    let audited: Vec<(String, String)> = db
+        .client()
+        .await
+        .query(
+            "SELECT action, trace_id FROM audit_log WHERE target_id = $1 AND trace_id IS NOT NULL",
+            &[&uuid],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for trace in [sql_trace, grpc_trace] {
+        assert!(
+            audited.iter().any(|(_, t)| t == trace),
+            "no audit row in trace {trace}: {audited:?}"
+        );
+    }
+    server.stop().await;
+}
