@@ -328,6 +328,18 @@ async fn with_the_collector_down_reloads_still_happen_and_lost_spans_are_counted
     })
     .await;
     assert!(dropped > 0);
+    // The failure is logged, with what the exporter said.
+    wait_for("the failed export logged", Duration::from_secs(60), || {
+        let logs = server.logs.clone();
+        async move {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("exporting spans to the OTLP collector failed"))
+                .cloned()
+        }
+    })
+    .await;
     server.stop().await;
 }
 
@@ -467,8 +479,9 @@ async fn span_in(received: &Receiver, name: &str, trace: &str, parent: Option<&s
     .await
 }
 
-/// A CA and a certificate for `localhost` it signed, made with the `openssl` CLI: the
-/// directory holding them, the server's certificate and key, and the CA file's path.
+/// A CA and a certificate for `localhost` it signed, made with the `openssl` CLI, and a
+/// client certificate it signed (`client.crt`, `client.key`) that the collector requires:
+/// the directory holding them, the server's TLS settings, and the CA file's path.
 fn collector_certificates() -> (tempfile::TempDir, ServerTls, String) {
     let dir = tempfile::tempdir().unwrap();
     crate::pgtls::ca(dir.path(), "collector-ca");
@@ -479,21 +492,31 @@ fn collector_certificates() -> (tempfile::TempDir, ServerTls, String) {
         "localhost",
         "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
     );
+    crate::pgtls::leaf(
+        dir.path(),
+        "collector-ca",
+        "client",
+        "dsreg",
+        "extendedKeyUsage=clientAuth\n",
+    );
     let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
     let tls = ServerTls {
         cert: read("collector.crt"),
         key: read("collector.key"),
+        client_ca: Some(read("collector-ca.crt")),
     };
     let ca = dir.path().join("collector-ca.crt").display().to_string();
     (dir, tls, ca)
 }
 
-/// A registry exporting to a TLS collector over `protocol` (`grpc` or `http/protobuf`) with
-/// gzip and a header the collector checks: a gateway's publish, its reconcile and the worker's
-/// start arrive as one trace, every export compressed and carrying the header.
+/// A registry exporting to a collector over mutual TLS and `protocol` (`grpc` or
+/// `http/protobuf`) with gzip and a header the collector checks: a gateway's publish, its
+/// reconcile and the worker's start arrive as one trace, every export compressed and carrying
+/// the header.
 async fn a_publish_reaches_a_tls_collector_in_one_trace(protocol: &str) {
     let db = TestDb::new().await;
-    let (_certs, tls, ca) = collector_certificates();
+    let (certs, tls, ca) = collector_certificates();
+    let client = |name: &str| certs.path().join(name).display().to_string();
     let token = "t0ken-of-the-collector";
     let behaviour = Behaviour {
         header: Some(("x-collector-token".to_owned(), token.to_owned())),
@@ -508,6 +531,11 @@ async fn a_publish_reaches_a_tls_collector_in_one_trace(protocol: &str) {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
         ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
         ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", ca),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            client("client.crt"),
+        ),
+        ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", client("client.key")),
         (
             "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
             format!("x-collector-token={token}"),
@@ -610,12 +638,12 @@ async fn a_publish_reaches_a_tls_collector_in_one_trace(protocol: &str) {
 }
 
 #[tokio::test]
-async fn a_publish_reaches_a_tls_collector_over_grpc_with_gzip_and_a_header_in_one_trace() {
+async fn a_publish_reaches_a_mutual_tls_collector_over_grpc_with_gzip_and_a_header_in_one_trace() {
     a_publish_reaches_a_tls_collector_in_one_trace("grpc").await;
 }
 
 #[tokio::test]
-async fn a_publish_reaches_a_tls_collector_over_http_with_gzip_and_a_header_in_one_trace() {
+async fn a_publish_reaches_a_mutual_tls_collector_over_http_with_gzip_and_a_header_in_one_trace() {
     a_publish_reaches_a_tls_collector_in_one_trace("http/protobuf").await;
 }
 

@@ -161,11 +161,13 @@ impl TraceService for Receiver {
     }
 }
 
-/// A server certificate and its key, PEM.
+/// A server certificate and its key, PEM, and the CA a client's certificate must be signed
+/// by, when clients must present one (mutual TLS).
 #[derive(Debug, Clone)]
 pub struct ServerTls {
     pub cert: Vec<u8>,
     pub key: Vec<u8>,
+    pub client_ca: Option<Vec<u8>>,
 }
 
 /// An OTLP/gRPC receiver on a free port; returns its endpoint and what it received.
@@ -217,14 +219,27 @@ pub async fn http_receiver(behaviour: Behaviour, tls: Option<ServerTls>) -> (Str
             .collect::<Result<Vec<_>, _>>()
             .unwrap();
         let key = PrivateKeyDer::from_pem_slice(&tls.key).unwrap();
-        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .unwrap();
+        let builder = match &tls.client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca) {
+                    roots.add(cert.unwrap()).unwrap();
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                )
+                .build()
+                .unwrap();
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_single_cert(certs, key).unwrap();
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         tokio_rustls::TlsAcceptor::from(Arc::new(config))
     });
