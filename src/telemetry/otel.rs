@@ -66,7 +66,9 @@ fn export_failed(spans: u64, message: &str) {
         tracing::warn!(
             spans,
             held_back,
-            error = %message,
+            // A URL in the message (the endpoint, as the HTTP client names it) is shown
+            // without its credentials.
+            error = %crate::secrets::redact_urls(message),
             "exporting spans to the OTLP collector failed; they are lost"
         );
     }
@@ -81,7 +83,7 @@ fn export_partly_rejected(rejected: u64, message: &str) {
         tracing::warn!(
             rejected,
             held_back,
-            collector_message = %message,
+            collector_message = %crate::secrets::redact_urls(message),
             "the OTLP collector rejected part of a span export"
         );
     }

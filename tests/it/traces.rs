@@ -771,3 +771,45 @@ async fn a_later_version_traceparent_is_audited_and_continued_over_grpc_and_sql_
     }
     server.stop().await;
 }
+
+#[tokio::test]
+async fn a_credential_in_the_collectors_url_is_in_no_log_line() {
+    let db = TestDb::new().await;
+    // A port nothing listens on, behind a URL carrying credentials.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!(
+            "http://otlp:s3cret-password@{}/v1/traces?token=s3cret-token",
+            listener.local_addr().unwrap()
+        )
+    };
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", dead),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),
+    ];
+    let server = start(&db, &env).await;
+    let ch = server.channel().await;
+    generator_with_two_versions(&ch, "orders").await;
+    wait_for("the failed export logged", Duration::from_secs(60), || {
+        let logs = server.logs.clone();
+        async move {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("exporting spans to the OTLP collector failed"))
+                .cloned()
+        }
+    })
+    .await;
+    let logs = server.logs.lock().unwrap().clone();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("spans are exported over OTLP")),
+        "start-up names where spans go"
+    );
+    let leaked: Vec<&String> = logs.iter().filter(|l| l.contains("s3cret")).collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
+    server.stop().await;
+}
