@@ -297,6 +297,28 @@ fn percent_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
+/// Takes `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` and `OTEL_EXPORTER_OTLP_COMPRESSION` out of
+/// the environment when they ask for no compression (`none`, the specification's word, or a
+/// traces-specific `none` over a general `gzip`): `opentelemetry-otlp` reads them itself when
+/// it is not given a compression, knows only `gzip` and `zstd`, and refuses to build with any
+/// other value. [`Settings`] reads them first; the exporter is given gzip when they ask for it.
+///
+/// # Safety
+/// Changes the process's environment: call it before any other thread starts, as `main`
+/// does first.
+pub unsafe fn drop_compression_none() {
+    let var = |name: &str| std::env::var(name).ok();
+    if Settings::from_lookup(var).is_ok_and(|s| !s.gzip) {
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ] {
+            // SAFETY: no other thread runs yet (the caller's contract).
+            unsafe { std::env::remove_var(name) };
+        }
+    }
+}
+
 /// Whether the environment asks for span export.
 fn wanted(var: impl Fn(&str) -> Option<String>) -> bool {
     let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());

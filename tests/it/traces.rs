@@ -661,6 +661,9 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
     .await;
     let mut env = otel_env(&endpoint);
     env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()));
+    // The specification's word for no compression.
+    env.push(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none".to_owned()));
+    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
     let server = start(&db, &env).await;
     let ch = server.channel().await;
     generator_with_two_versions(&ch, "orders").await;
@@ -695,6 +698,14 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
     assert!(
         !received.0.lock().unwrap().is_empty(),
         "spans were received"
+    );
+    assert_eq!(
+        received
+            .1
+            .gzipped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the traces-specific none wins over the general gzip"
     );
     server.stop().await;
 }
