@@ -38,6 +38,20 @@ use tonic::codegen::http;
 
 use super::throttle::Throttle;
 
+/// Why span export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A variable's value is unusable; the message names the variable, never a header's value.
+    #[error("{0}")]
+    Setting(String),
+    /// A certificate or key file a variable names cannot be used.
+    #[error("{0}")]
+    File(String),
+    /// The exporter, its HTTP client or its runtime could not be built.
+    #[error("{0}")]
+    Build(String),
+}
+
 /// Spans lost: their batch could not be exported, or the collector rejected them.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
@@ -138,7 +152,7 @@ impl Settings {
     ///
     /// # Errors
     /// A setting is malformed; the message names the variable, never a header's value.
-    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, String> {
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
         let setting = |name: &str| {
             let traces = format!("OTEL_EXPORTER_OTLP_TRACES_{name}");
             let general = format!("OTEL_EXPORTER_OTLP_{name}");
@@ -156,7 +170,9 @@ impl Settings {
             Some((_, p)) if p == "http/protobuf" => Protocol::HttpProtobuf,
             Some((_, p)) if p == "http/json" => Protocol::HttpJson,
             Some((name, p)) => {
-                return Err(format!("{name}={p}: not grpc, http/protobuf or http/json"));
+                return Err(Error::Setting(format!(
+                    "{name}={p}: not grpc, http/protobuf or http/json"
+                )));
             }
         };
         let traces_endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
@@ -178,11 +194,11 @@ impl Settings {
         let shown = crate::secrets::redact_url(&endpoint);
         let uri: http::Uri = endpoint
             .parse()
-            .map_err(|e| format!("{name} {shown:?} is not a URL: {e}"))?;
+            .map_err(|e| Error::Setting(format!("{name} {shown:?} is not a URL: {e}")))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
-            return Err(format!(
+            return Err(Error::Setting(format!(
                 "{name} {shown:?} is not an http:// or https:// URL with a host"
-            ));
+            )));
         }
         let file = |name: &str| setting(name).map(|(_, v)| PathBuf::from(v));
         let ca = file("CERTIFICATE");
@@ -190,18 +206,20 @@ impl Settings {
             (Some(cert), Some(key)) => Some((cert, key)),
             (None, None) => None,
             _ => {
-                return Err(
+                return Err(Error::Setting(
                     "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
                      (or their TRACES_ forms) go together"
                         .to_owned(),
-                );
+                ));
             }
         };
         let gzip = match setting("COMPRESSION") {
             None => false,
             Some((_, c)) if c == "gzip" => true,
             Some((_, c)) if c == "none" => false,
-            Some((name, c)) => return Err(format!("{name}={c}: not gzip or none")),
+            Some((name, c)) => {
+                return Err(Error::Setting(format!("{name}={c}: not gzip or none")));
+            }
         };
         let timeout = match setting("TIMEOUT") {
             None => Duration::from_secs(10),
@@ -210,11 +228,15 @@ impl Settings {
                 .ok()
                 .filter(|ms| *ms > 0)
                 .map(Duration::from_millis)
-                .ok_or_else(|| format!("{name}: not a positive number of milliseconds"))?,
+                .ok_or_else(|| {
+                    Error::Setting(format!("{name}: not a positive number of milliseconds"))
+                })?,
         };
         let header_names = match setting("HEADERS") {
             None => Vec::new(),
-            Some((name, v)) => header_names(&v).map_err(|e| format!("{name}: {e}"))?,
+            Some((name, v)) => {
+                header_names(&v).map_err(|e| Error::Setting(format!("{name}: {e}")))?
+            }
         };
         Ok(Self {
             protocol,
@@ -235,9 +257,9 @@ impl Settings {
     ///
     /// # Errors
     /// A file cannot be read; the message names it.
-    fn tls_files(&self) -> Result<TlsFiles, String> {
+    fn tls_files(&self) -> Result<TlsFiles, Error> {
         let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|e| format!("reading {}: {e}", path.display()))
+            std::fs::read(path).map_err(|e| Error::File(format!("reading {}: {e}", path.display())))
         };
         let ca = self.ca.as_ref().map(read).transpose()?;
         let identity = match &self.identity {
@@ -340,7 +362,7 @@ impl Exporting {
     /// # Errors
     /// The settings are unusable (a malformed endpoint, an unreadable certificate, no
     /// runtime).
-    pub fn from_env() -> Result<Option<Self>, String> {
+    pub fn from_env() -> Result<Option<Self>, Error> {
         let var = |name: &str| std::env::var(name).ok();
         if !wanted(var) {
             return Ok(None);
@@ -351,7 +373,7 @@ impl Exporting {
             .thread_name("dsreg-otlp")
             .enable_all()
             .build()
-            .map_err(|e| format!("the span export runtime: {e}"))?;
+            .map_err(|e| Error::Build(format!("the span export runtime: {e}")))?;
         let named = var("OTEL_SERVICE_NAME").is_some()
             || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
         let resource = if named {
@@ -435,7 +457,7 @@ impl Exporting {
 
 /// The `opentelemetry-otlp` exporter `settings` describe. Headers come from the variables,
 /// read by the crate itself.
-fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporter, String> {
+fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporter, Error> {
     let compression = settings
         .gzip
         .then_some(opentelemetry_otlp::Compression::Gzip);
@@ -485,10 +507,10 @@ fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporte
         }
     };
     built.map_err(|e| {
-        format!(
+        Error::Build(format!(
             "the OTLP exporter for {}: {e}",
             crate::secrets::redact_url(&settings.endpoint)
-        )
+        ))
     })
 }
 
@@ -505,31 +527,32 @@ impl Http {
         settings: &Settings,
         ca: Option<Vec<u8>>,
         identity: Option<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, Error> {
         // Installing twice is refused and harmless.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let mut builder = reqwest::Client::builder()
             .timeout(settings.timeout)
             .connect_timeout(settings.timeout);
         if let (Some(ca), Some(path)) = (ca, &settings.ca) {
-            let certs = reqwest::Certificate::from_pem_bundle(&ca)
-                .map_err(|e| format!("{}: not PEM certificates: {e}", path.display()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&ca).map_err(|e| {
+                Error::File(format!("{}: not PEM certificates: {e}", path.display()))
+            })?;
             builder = builder.tls_certs_only(certs);
         }
         if let (Some((mut cert, key)), Some((path, _))) = (identity, &settings.identity) {
             cert.push(b'\n');
             cert.extend_from_slice(&key);
             let identity = reqwest::Identity::from_pem(&cert).map_err(|e| {
-                format!(
+                Error::File(format!(
                     "{} and its key: not a PEM certificate and key: {e}",
                     path.display()
-                )
+                ))
             })?;
             builder = builder.identity(identity);
         }
         let client = builder
             .build()
-            .map_err(|e| format!("the OTLP/HTTP client: {e}"))?;
+            .map_err(|e| Error::Build(format!("the OTLP/HTTP client: {e}")))?;
         Ok(Self {
             client,
             json: settings.protocol == Protocol::HttpJson,
@@ -799,7 +822,9 @@ mod tests {
             ),
         ];
         for (pairs, says) in cases {
-            let e = Settings::from_lookup(env_of(pairs)).unwrap_err();
+            let e = Settings::from_lookup(env_of(pairs))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(says), "{pairs:?}: {e}");
             assert!(!e.contains("s3cret"), "{e}");
         }
