@@ -509,8 +509,8 @@ fn collector_certificates() -> (tempfile::TempDir, ServerTls, String) {
     (dir, tls, ca)
 }
 
-/// A registry exporting to a collector over mutual TLS and `protocol` (`grpc` or
-/// `http/protobuf`) with gzip and a header the collector checks: a gateway's publish, its
+/// A registry exporting to a collector over mutual TLS and `protocol` (`grpc`,
+/// `http/protobuf` or `http/json`) with gzip and a header the collector checks: a gateway's publish, its
 /// reconcile and the worker's start arrive as one trace, every export compressed and carrying
 /// the header.
 async fn a_publish_reaches_a_tls_collector_in_one_trace(protocol: &str) {
@@ -645,6 +645,12 @@ async fn a_publish_reaches_a_mutual_tls_collector_over_grpc_with_gzip_and_a_head
 #[tokio::test]
 async fn a_publish_reaches_a_mutual_tls_collector_over_http_with_gzip_and_a_header_in_one_trace() {
     a_publish_reaches_a_tls_collector_in_one_trace("http/protobuf").await;
+}
+
+#[tokio::test]
+async fn a_publish_reaches_a_mutual_tls_collector_over_http_json_with_gzip_and_a_header_in_one_trace()
+ {
+    a_publish_reaches_a_tls_collector_in_one_trace("http/json").await;
 }
 
 #[tokio::test]

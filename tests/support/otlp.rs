@@ -1,6 +1,6 @@
 //! Real OTLP trace receivers, built from the OpenTelemetry collector protocol, that keep what
 //! they receive: for tests and benchmarks of span export. One speaks OTLP/gRPC (tonic), the
-//! other OTLP/HTTP with protobuf bodies (`POST /v1/traces`, hyper); either can serve TLS with
+//! other OTLP/HTTP with protobuf or JSON bodies (`POST /v1/traces`, hyper); either can serve TLS with
 //! a certificate the test made, accept gzip, require a header and answer with a partial
 //! success.
 
@@ -205,7 +205,7 @@ pub async fn grpc_receiver(behaviour: Behaviour, tls: Option<ServerTls>) -> (Str
     (endpoint, receiver)
 }
 
-/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf) behaving as `behaviour` says, over TLS
+/// An OTLP/HTTP receiver (`POST /v1/traces`, protobuf or JSON) behaving as `behaviour` says, over TLS
 /// when `tls` is given (its endpoint then names `localhost`); returns its base URL (without
 /// `/v1/traces`) and what it received.
 pub async fn http_receiver(behaviour: Behaviour, tls: Option<ServerTls>) -> (String, Receiver) {
@@ -324,6 +324,21 @@ async fn answer(
             return status(400, Vec::new());
         }
         body = plain;
+    }
+    let json = headers
+        .get("content-type")
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if json {
+        let Ok(export) = serde_json::from_slice::<ExportTraceServiceRequest>(&body) else {
+            return status(400, Vec::new());
+        };
+        let answer = serde_json::to_vec(&receiver.keep(export)).unwrap();
+        let mut response = status(200, answer);
+        response.headers_mut().insert(
+            "content-type",
+            hyper::header::HeaderValue::from_static("application/json"),
+        );
+        return response;
     }
     let Ok(export) = ExportTraceServiceRequest::decode(&body[..]) else {
         return status(400, Vec::new());
