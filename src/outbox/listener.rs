@@ -326,6 +326,15 @@ mod tests {
             parse_payload(&traced),
             Ok(Signal::Traced(id, trace.to_owned()))
         );
+        // A later W3C version is read as the gRPC header is, and handed on as version 00.
+        let later = format!(
+            r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "01{}"}}"#,
+            &trace[2..]
+        );
+        assert_eq!(
+            parse_payload(&later),
+            Ok(Signal::Traced(id, trace.to_owned()))
+        );
         // A malformed trace context is ignored, the wake-up kept.
         let forged = format!(
             r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "x\nEVIL"}}"#
