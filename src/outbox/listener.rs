@@ -123,7 +123,10 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
             datasource_id: Some(id),
             traceparent: Some(trace),
             ..
-        } if crate::telemetry::valid_traceparent(&trace) => Ok(Signal::Traced(id, trace)),
+        } => Ok(match crate::telemetry::normalized_traceparent(&trace) {
+            Some(trace) => Signal::Traced(id, trace),
+            None => Signal::Hint(Some(id)),
+        }),
         Payload {
             id: Some(_),
             kind: Some(_),
@@ -318,6 +321,15 @@ mod tests {
         );
         assert_eq!(
             parse_payload(&traced),
+            Ok(Signal::Traced(id, trace.to_owned()))
+        );
+        // A later W3C version is read as the gRPC header is, and handed on as version 00.
+        let later = format!(
+            r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "01{}"}}"#,
+            &trace[2..]
+        );
+        assert_eq!(
+            parse_payload(&later),
             Ok(Signal::Traced(id, trace.to_owned()))
         );
         // A malformed trace context is ignored, the wake-up kept.

@@ -674,7 +674,13 @@ impl Collector for Listener {
         }
         ConstCounter::new(super::otel::dropped_spans()).encode(encoder.encode_descriptor(
             "dsreg_otel_spans_dropped",
-            "Spans lost because their batch could not be exported to the OTLP collector.",
+            "Spans lost because their batch could not be exported to the OTLP collector, or the collector rejected them.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(super::otel::failed_exports()).encode(encoder.encode_descriptor(
+            "dsreg_otel_export_failures",
+            "Span exports to the OTLP collector that failed or that it answered with a partial success.",
             None,
             MetricType::Counter,
         )?)?;
@@ -820,6 +826,7 @@ mod tests {
             ("dsreg_lease_moves", "counter"),
             ("dsreg_lease_renewals", "counter"),
             ("dsreg_leases_held", "gauge"),
+            ("dsreg_otel_export_failures", "counter"),
             ("dsreg_otel_spans_dropped", "counter"),
             ("dsreg_outbox_horizon_age_seconds", "gauge"),
             ("dsreg_outbox_horizon_holder_pid", "gauge"),
