@@ -87,3 +87,80 @@ async fn the_reader_pages_through_a_large_burst_without_losing_or_repeating_rows
     assert_eq!(ids.len(), 2500);
     assert!(reader.read(&**client).await.unwrap().is_empty());
 }
+
+/// The value of the counter `name` on `app`'s `/metrics`.
+async fn counter(app: &crate::helpers::TestApp, name: &str) -> f64 {
+    let (status, body) = crate::serve::http_get(&app.http_addr.to_string(), "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("{name} not on /metrics"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_malformed_traceparent_set_in_sql_is_dropped_from_the_event_and_counted() {
+    let db = TestDb::new().await;
+    let app = crate::helpers::TestApp::spawn(&db.url, |_| {}).await;
+    let name = "dsreg_outbox_invalid_traceparent_total";
+    assert_eq!(counter(&app, name).await, 0.0);
+    let ds = db.datasource("orders").await;
+    let first = db
+        .version(ds.id, serde_json::json!({ "rate_per_sec": 5 }))
+        .await;
+    let second = db
+        .version(ds.id, serde_json::json!({ "rate_per_sec": 6 }))
+        .await;
+    let good = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let junk = "z".repeat(10_000);
+    let mut client = db.client().await;
+    for (version, traceparent) in [(first, junk.as_str()), (second, good)] {
+        let tx = client.transaction().await.unwrap();
+        tx.execute(
+            "SELECT set_config('dsreg.traceparent', $1, true)",
+            &[&traceparent],
+        )
+        .await
+        .unwrap();
+        tx.execute(
+            "UPDATE datasource_versions SET state = 'published'
+              WHERE datasource_id = $1 AND version = $2",
+            &[&ds.id, &version],
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+
+    // Both publishes were written; the junk one untraced and marked.
+    let rows = client
+        .query(
+            "SELECT version, traceparent, traceparent_invalid FROM datasource_events
+              WHERE type = 'published' ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: Vec<(i32, Option<String>, bool)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        seen,
+        [(first, None, true), (second, Some(good.to_owned()), false)]
+    );
+    // The registry read both and counted the one.
+    crate::helpers::wait_for(
+        "the running second version",
+        std::time::Duration::from_secs(60),
+        || async {
+            let state = db.state(ds.id).await;
+            (state.running_version == Some(second)).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(counter(&app, name).await, 1.0);
+    app.stop().await.unwrap();
+}

@@ -371,3 +371,67 @@ async fn a_call_to_an_unknown_function_is_refused_at_create_publish_and_test() {
     assert_eq!(created.code(), Code::InvalidArgument);
     assert_eq!(tested.code(), Code::InvalidArgument);
 }
+
+/// A script whose `sort` hands the standard library an inconsistent order (NaN among
+/// floats): the sort panics inside Rhai.
+const NAN_SORT: &str = r#"
+    let a = [];
+    for i in 0..21 {
+        if i % 3 == 0 { a.push(parse_float("NaN")) } else { a.push(((i * 7919) % 101).to_float()) }
+    }
+    a.sort();
+    record
+"#;
+
+#[tokio::test]
+async fn a_panic_provoked_from_outside_is_one_structured_log_line_and_counted() {
+    let db = TestDb::new().await;
+    let server = ServeProcess::start(&db.url, &[]).await;
+    let ch = server.channel().await;
+    let id = webhook(&ch).await;
+    let panics = || async {
+        let (status, body) = crate::serve::http_get(&server.http_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix("dsreg_panics_total "))
+            .expect("dsreg_panics_total on /metrics")
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(panics().await, 0.0);
+
+    let answer = HarnessClient::new(ch.clone())
+        .run_test(test_request(&id, NAN_SORT, 1, Duration::from_secs(30)))
+        .await
+        .expect("the run answers")
+        .into_inner();
+    assert!(answer.outputs_json.is_empty(), "{:?}", answer.outputs_json);
+    assert_eq!(answer.rejected.len(), 1, "the record is rejected, not lost");
+
+    // The panic is counted and written as one JSON line at ERROR naming where it happened.
+    assert_eq!(panics().await, 1.0);
+    wait_for("the panic's log line", Duration::from_secs(60), || async {
+        let logs = server.logs.lock().unwrap();
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|line| line["panic.location"].is_string())
+    })
+    .await;
+    let logs = server.logs.lock().unwrap().clone();
+    let lines: Vec<serde_json::Value> = logs
+        .iter()
+        .filter(|l| l.contains("panic.location"))
+        .map(|l| serde_json::from_str(l).expect("the panic's line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["level"], "ERROR", "{}", lines[0]);
+    assert!(
+        lines[0]["panic.message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        lines[0]
+    );
+    server.stop().await;
+}
