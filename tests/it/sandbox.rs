@@ -8,6 +8,7 @@ use std::time::Duration;
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use dsreg::api::grpc::pb::harness_client::HarnessClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::db::repository::state::State;
 use dsreg::domain::WorkerStatus;
 use tonic::Code;
@@ -433,5 +434,77 @@ async fn a_panic_provoked_from_outside_is_one_structured_log_line_and_counted() 
         "{}",
         lines[0]
     );
+    server.stop().await;
+}
+
+/// Never ends on its own: only the deadline (or the operation limit) stops it.
+const SPIN: &str = "let n = 0; loop { n += 1; }";
+
+#[tokio::test]
+async fn get_status_is_answered_while_twenty_hostile_harness_runs_are_in_flight() {
+    let db = TestDb::new().await;
+    let server = ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_HARNESS_MAX_CONCURRENT_RUNS", "20"),
+            ("DSREG_TRANSFORM_DEADLINE_MS", "60000"),
+            ("DSREG_TRANSFORM_MAX_OPERATIONS", "1000000000000"),
+        ],
+    )
+    .await;
+    let ch = server.channel().await;
+    let id = webhook(&ch).await;
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(20));
+
+    // Twenty hostile runs at once (runaway loops, nested closures, output bombs), each cut
+    // off by its caller's 5 s deadline.
+    let harness_ch = server.channel().await;
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let script = [SPIN, NESTED_REDUCE, MAP_BOMB][i % 3];
+            let mut harness = HarnessClient::new(harness_ch.clone());
+            let request = test_request(&id, script, 1_000, Duration::from_secs(5));
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let answer = harness.run_test(request).await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+
+    // A bystander on its own connection: every GetStatus is answered while they run.
+    let mut lifecycle = LifecycleClient::new(server.channel().await);
+    let mut answered_during = 0;
+    while in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        let mut request = tonic::Request::new(pb::GetStatusRequest {
+            datasource_id: id.clone(),
+        });
+        request.set_timeout(Duration::from_secs(30));
+        let state = lifecycle
+            .get_status(request)
+            .await
+            .expect("GetStatus is answered during the runs")
+            .into_inner();
+        assert_eq!(state.datasource_id, id);
+        if in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            answered_during += 1;
+        }
+    }
+    assert!(
+        answered_during >= 5,
+        "{answered_during} GetStatus calls answered while runs were in flight"
+    );
+    for run in runs {
+        let code = run
+            .await
+            .unwrap()
+            .expect_err("no hostile run completes")
+            .code();
+        assert!(
+            matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+            "{code:?}"
+        );
+    }
     server.stop().await;
 }
