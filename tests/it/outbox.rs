@@ -164,3 +164,72 @@ async fn a_malformed_traceparent_set_in_sql_is_dropped_from_the_event_and_counte
     assert_eq!(counter(&app, name).await, 1.0);
     app.stop().await.unwrap();
 }
+
+/// Generated trace contexts, well formed, mutated and arbitrary, set with `dsreg.traceparent`
+/// on an event's transaction: each is either stored as given or dropped and marked, never
+/// both and never neither; every one the registry's parser accepts is stored.
+#[test]
+fn every_trace_context_set_in_sql_is_either_stored_or_marked_invalid() {
+    use proptest::prelude::*;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = runtime.block_on(TestDb::new());
+    let client = runtime.block_on(db.client());
+    let well_formed = ("[0-9a-f]{32}", "[0-9a-f]{16}", "0[01]")
+        .prop_map(|(trace, span, flags)| format!("00-{trace}-{span}-{flags}"));
+    let mutated = (well_formed.clone(), 0usize..55, any::<char>()).prop_map(|(v, at, c)| {
+        let mut chars: Vec<char> = v.chars().collect();
+        chars[at] = c;
+        chars.into_iter().collect::<String>()
+    });
+    let values = prop_oneof![
+        well_formed,
+        mutated,
+        ".{0,80}",
+        "[0-9a-fA-F-]{50,60}",
+        Just("z".repeat(10_000)),
+    ]
+    .prop_map(|v: String| v.replace('\0', ""));
+    let mut runner = proptest::test_runner::TestRunner::new(proptest::test_runner::Config {
+        cases: 200,
+        failure_persistence: None,
+        ..Default::default()
+    });
+    runner
+        .run(&values, |value| {
+            let (stored, invalid): (Option<String>, bool) = runtime.block_on(async {
+                client.batch_execute("BEGIN").await.unwrap();
+                client
+                    .execute(
+                        "SELECT set_config('dsreg.traceparent', $1, true)",
+                        &[&value],
+                    )
+                    .await
+                    .unwrap();
+                let row = client
+                    .query_one(
+                        "INSERT INTO datasource_events (type) VALUES ('probe')
+                         RETURNING traceparent, traceparent_invalid",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                client.batch_execute("ROLLBACK").await.unwrap();
+                (row.get(0), row.get(1))
+            });
+            match &stored {
+                Some(kept) => {
+                    prop_assert_eq!(kept, &value);
+                    prop_assert!(!invalid, "{:?} stored and marked", value);
+                }
+                None => prop_assert_eq!(invalid, !value.is_empty(), "{:?}", value),
+            }
+            if dsreg::telemetry::valid_traceparent(&value) {
+                prop_assert_eq!(stored.as_deref(), Some(value.as_str()));
+            }
+            Ok(())
+        })
+        .unwrap();
+}
