@@ -197,7 +197,7 @@ async fn a_runtime_starved_of_cpu_for_several_lease_times_loses_no_lease() {
     let requests = Arc::new(AtomicUsize::new(0));
     let url = serve_empty(requests.clone()).await;
     let mut settings = test_settings(&db.url);
-    settings.lease_ttl_ms = 2_000;
+    settings.lease_ttl_ms = 3_000;
     let ttl = Duration::from_millis(settings.lease_ttl_ms);
     let (runtime_tx, runtime_rx) = std::sync::mpsc::channel();
     let app = TestApp::spawn_with(settings, move |_| {

@@ -106,6 +106,17 @@ async fn a_malformed_traceparent_set_in_sql_is_dropped_from_the_event_and_counte
     let app = crate::helpers::TestApp::spawn(&db.url, |_| {}).await;
     let name = "dsreg_outbox_invalid_traceparent_total";
     assert_eq!(counter(&app, name).await, 0.0);
+    // Another datasource running: the registry has made its first pass, so it reads every
+    // event committed from now on (it starts reading at its first pass).
+    let warm = db.datasource("warm-up").await;
+    let warm_version = db
+        .version(warm.id, serde_json::json!({ "rate_per_sec": 5 }))
+        .await;
+    db.publish_sql(warm.id, warm_version).await;
+    db.wait_for_state(warm.id, "the warm-up datasource running", |s| {
+        s.running_version == Some(warm_version)
+    })
+    .await;
     let ds = db.datasource("orders").await;
     let first = db
         .version(ds.id, serde_json::json!({ "rate_per_sec": 5 }))
@@ -138,8 +149,8 @@ async fn a_malformed_traceparent_set_in_sql_is_dropped_from_the_event_and_counte
     let rows = client
         .query(
             "SELECT version, traceparent, traceparent_invalid FROM datasource_events
-              WHERE type = 'published' ORDER BY version",
-            &[],
+              WHERE type = 'published' AND datasource_id = $1 ORDER BY version",
+            &[&ds.id],
         )
         .await
         .unwrap();
@@ -153,11 +164,12 @@ async fn a_malformed_traceparent_set_in_sql_is_dropped_from_the_event_and_counte
     );
     // The registry read both and counted the one.
     crate::helpers::wait_for(
-        "the running second version",
+        "the second version running and the junk counted",
         std::time::Duration::from_secs(60),
         || async {
             let state = db.state(ds.id).await;
-            (state.running_version == Some(second)).then_some(())
+            (state.running_version == Some(second) && counter(&app, name).await == 1.0)
+                .then_some(())
         },
     )
     .await;

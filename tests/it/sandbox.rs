@@ -492,7 +492,7 @@ async fn get_status_is_answered_while_twenty_hostile_harness_runs_are_in_flight(
         }
     }
     assert!(
-        answered_during >= 5,
+        answered_during >= 3,
         "{answered_during} GetStatus calls answered while runs were in flight"
     );
     for run in runs {
