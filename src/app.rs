@@ -47,9 +47,10 @@ use crate::telemetry::metrics::Metrics;
 /// two or four readers made smaller batches, more statements, and slower calls).
 const STATUS_READERS: usize = 1;
 
-/// Connections of the control plane's own pool: lease renewal, the state writer, the
-/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool,
-/// so the registry opens this many more connections than `--pool-size`).
+/// Connections of the control plane's own pool: lease claims, the state writer, the
+/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool
+/// and the lease renewer's own connection, so the registry opens this many plus one more
+/// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
@@ -137,6 +138,9 @@ pub struct App {
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The lease renewer's connection, used only on the renewer's own thread (one more
+    /// connection than the two pools).
+    renewal: Pool,
     schema_version: i32,
     instance_id: String,
     /// Where other instances and clients reach this one's gRPC API.
@@ -196,6 +200,7 @@ impl App {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
         let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
             api::grpc::page::PageKey::load(&**client)
@@ -219,6 +224,7 @@ impl App {
             grpc,
             pool,
             control,
+            renewal,
             schema_version,
             instance_id: settings
                 .instance_id
@@ -352,6 +358,7 @@ impl App {
         );
         supervisor.measure(self.metrics.clone());
         supervisor.control_plane(self.control.clone());
+        supervisor.renew_on(self.renewal.clone());
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
@@ -468,6 +475,7 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.renewal.close();
         served
     }
 }

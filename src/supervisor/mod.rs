@@ -220,6 +220,8 @@ pub struct Supervisor {
     pool: Pool,
     /// The control plane's connections (leases, heartbeats), which worker I/O cannot take.
     control: Pool,
+    /// The lease renewer's own connection, opened and driven on its own thread.
+    renewal: Pool,
     catalog: Catalog,
     config: SupervisorConfig,
     env: WorkerEnv,
@@ -287,6 +289,7 @@ impl Supervisor {
             cluster,
             secrets,
             control: pool.clone(),
+            renewal: pool.clone(),
             pool,
             catalog,
             config,
@@ -306,6 +309,13 @@ impl Supervisor {
     /// control plane's own) rather than the pool reconciles and workers share.
     pub fn control_plane(&mut self, pool: Pool) {
         self.control = pool;
+    }
+
+    /// Renews the leases on `pool`, a pool of one connection that nothing else uses: it is
+    /// opened and driven on the renewer's own thread, so a starved shared runtime cannot
+    /// delay a renewal.
+    pub fn renew_on(&mut self, pool: Pool) {
+        self.renewal = pool;
     }
 
     /// Whether others were live at the latest look at the instances (see [`Peers`]).
@@ -340,14 +350,27 @@ impl Supervisor {
         let fault = self.config.fault.clone().unwrap_or_default();
         {
             let (renewer, renewals) = Renewer::new(
-                self.control.clone(),
+                self.renewal.clone(),
                 self.cluster.me.clone(),
                 self.cluster.config.clone(),
                 self.cluster.tenure.clone(),
                 self.metrics.clone(),
             );
             self.cluster.renewals = Some(renewals);
-            self.tracker.spawn(renewer.run(renewer_stop.clone()));
+            // On a thread of its own, so no load on the shared runtime delays a renewal.
+            match renewer.spawn_on_own_thread(renewer_stop.clone()) {
+                Ok(finished) => {
+                    self.tracker.spawn(async move {
+                        let _ = finished.await;
+                    });
+                }
+                Err(e) => {
+                    // Without a renewer no lease can be held: end, and let the process exit
+                    // non-zero as for any other end of the supervisor.
+                    tracing::error!(error = %e, "cannot start the lease renewer's thread");
+                    return;
+                }
+            }
         }
         if let Err(e) = self.register().await {
             tracing::warn!(error = %e, "registering this instance failed; the renewals retry");
