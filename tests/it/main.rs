@@ -10,6 +10,7 @@ mod connectors;
 mod containment;
 mod control_plane;
 mod deploy;
+mod edge_tls;
 mod exfiltration;
 mod files;
 mod fuzz;

@@ -161,12 +161,14 @@ impl pb::registry_server::Registry for RegistryService {
 }
 
 /// Serves the gRPC services on `listener` until `shutdown` is cancelled, counting every call
-/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins.
+/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins. Over TLS with `tls`
+/// (only), plaintext without.
 ///
 /// # Errors
 /// The transport failed.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<crate::api::tls::ServerTls>>,
     ctx: Arc<Ctx>,
     auth: auth::Authenticator,
     metrics: crate::telemetry::metrics::Metrics,
@@ -229,7 +231,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         };
     }
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
         .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
         .layer(trace::TraceLayer)
@@ -271,14 +273,27 @@ pub async fn serve(
         .add_service(service!(
             catalog_server::CatalogServer,
             catalog::CatalogService(ctx.clone())
-        ))
-        .serve_with_incoming_shutdown(
-            // Small streamed messages (status and event watches) go out at once, not after
-            // a delayed acknowledgement.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            draining,
-        )
-        .await
+        ));
+    match tls {
+        Some(tls) => {
+            // The accept loop sets TCP_NODELAY before the handshake, as below.
+            let incoming =
+                crate::api::tls::TlsIncoming::start(listener, tls, shutdown.child_token(), "grpc");
+            router
+                .serve_with_incoming_shutdown(incoming, draining)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Small streamed messages (status and event watches) go out at once, not
+                    // after a delayed acknowledgement.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    draining,
+                )
+                .await
+        }
+    }
 }
 
 /// The standard health service, except that `Watch` streams end at shutdown (after telling
