@@ -159,12 +159,17 @@ impl TlsFiles {
     }
 }
 
-/// A PEM error's reason; a missing section reads as `missing`, an I/O error as itself.
+/// A PEM error's reason, in words that never quote the file (a key file's lines are
+/// secret); a missing section reads as `missing`.
 fn reason_of(error: &rustls::pki_types::pem::Error, missing: &str) -> String {
+    use rustls::pki_types::pem::Error;
     match error {
-        rustls::pki_types::pem::Error::NoItemsFound => missing.to_owned(),
-        rustls::pki_types::pem::Error::Io(e) => e.to_string(),
-        other => format!("{other:?}"),
+        Error::NoItemsFound => missing.to_owned(),
+        Error::Io(e) => e.to_string(),
+        Error::MissingSectionEnd { .. } => "a PEM section has no END line".to_owned(),
+        Error::IllegalSectionStart { .. } => "a malformed PEM BEGIN line".to_owned(),
+        Error::Base64Decode(_) => "a PEM section is not valid base64".to_owned(),
+        _ => "not a usable PEM file".to_owned(),
     }
 }
 
@@ -378,7 +383,42 @@ impl axum::serve::Listener for TlsIncoming {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Whatever a certificate or key file holds (PEM-framed or not), loading it fails with
+        /// the option and the path and never a line of the file.
+        #[test]
+        fn unusable_files_are_refused_without_quoting_them(
+            body in "[A-Za-z0-9+/=]{12,64}",
+            framing in 0usize..4,
+            which in 0usize..2,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let files = TlsFiles {
+                option: "--http-tls",
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                client_ca: None,
+            };
+            let text = match framing {
+                0 => body.clone(),
+                1 => format!("-----BEGIN PRIVATE KEY-----\n{body}\n"),
+                2 => format!("-----BEGIN PRIVATE KEY-----\n{body}!\n-----END PRIVATE KEY-----\n"),
+                _ => format!("-----BEGIN {body}\n"),
+            };
+            let (bad, other) = if which == 0 { (&files.cert, &files.key) } else { (&files.key, &files.cert) };
+            std::fs::write(bad, &text).unwrap();
+            std::fs::write(other, format!("-----BEGIN CERTIFICATE-----\n{body}\n-----END CERTIFICATE-----\n")).unwrap();
+            let error = ServerTls::load(files.clone(), &[ALPN_HTTP1]).unwrap_err().to_string();
+            prop_assert!(error.contains("--http-tls-"), "{}", error);
+            prop_assert!(!error.contains(&body), "{}", error);
+        }
+    }
 
     #[test]
     fn missing_and_empty_files_name_the_option_and_the_file() {
