@@ -104,8 +104,14 @@ async fn grpc_over_tls_serves_clients_trusting_its_ca_and_no_one_else() {
     grpc_tls(&mut settings, d, false);
     let app = TestApp::spawn_with(settings, |_| {}).await;
 
+    // Clients that connect and never finish a handshake do not hold up the next one.
+    let mut silent = Vec::new();
+    for _ in 0..8 {
+        silent.push(tokio::net::TcpStream::connect(app.grpc_addr).await.unwrap());
+    }
     let id = info(app.grpc_addr, &file(d, "ca.crt"), None).await.unwrap();
     assert!(!id.is_empty());
+    drop(silent);
 
     let refused = info(app.grpc_addr, &file(d, "other-ca.crt"), None)
         .await
@@ -304,6 +310,41 @@ async fn the_http_port_over_tls_answers_readiness_and_takes_webhooks() {
     assert!(error.contains("certificate"), "{error}");
     let (status, _) = plaintext_get(app.http_addr).await;
     assert_ne!(status, Some(200), "a plaintext request gets no answer");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_http_port_with_a_client_ca_refuses_clients_without_its_certificate() {
+    let pki = pki();
+    let d = pki.path();
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.http_tls_cert = Some(file(d, "server.crt"));
+    settings.http_tls_key = Some(file(d, "server.key"));
+    settings.http_tls_client_ca = Some(file(d, "client-ca.crt"));
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = |identity: Option<&str>| {
+        let ca =
+            reqwest::Certificate::from_pem(&std::fs::read(file(d, "ca.crt")).unwrap()).unwrap();
+        let mut builder = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .tls_certs_only([ca]);
+        if let Some(name) = identity {
+            let mut pem = std::fs::read(file(d, &format!("{name}.crt"))).unwrap();
+            pem.extend(std::fs::read(file(d, &format!("{name}.key"))).unwrap());
+            builder = builder.identity(reqwest::Identity::from_pem(&pem).unwrap());
+        }
+        builder.build().unwrap()
+    };
+    let url = format!("https://{}/readyz", app.http_addr);
+
+    let ready = client(Some("client")).get(&url).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    for identity in [None, Some("stranger")] {
+        let refused = client(identity).get(&url).send().await;
+        assert!(refused.is_err(), "{identity:?}: {refused:?}");
+    }
     app.stop().await.unwrap();
 }
 
