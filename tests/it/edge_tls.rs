@@ -193,6 +193,36 @@ async fn bare_handshake(addr: SocketAddr, ca: &Path) -> String {
 }
 
 #[tokio::test]
+async fn a_call_refused_over_tls_is_audited_with_the_callers_address() {
+    let pki = pki();
+    let d = pki.path();
+    let db = TestDb::new().await;
+    let (mut settings, _secret) =
+        crate::helpers::hs256_settings(&db, b"edge-tls-hs256-secret-of-32-bytes-at-least");
+    grpc_tls(&mut settings, d, false);
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+
+    let refused = info(app.grpc_addr, &file(d, "ca.crt"), None)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("Unauthenticated"), "{refused}");
+    let peer: String = wait_for("the denial's audit row", Duration::from_secs(60), || async {
+        db.client()
+            .await
+            .query_opt(
+                "SELECT diff->>'peer' FROM audit_log WHERE outcome = 'denied' AND action = 'GetInfo'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .map(|row| row.get::<_, Option<String>>(0).unwrap_or_default())
+    })
+    .await;
+    assert!(peer.starts_with("127.0.0.1:"), "peer {peer:?}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restart() {
     let pki = pki();
     let d = pki.path();
