@@ -259,6 +259,11 @@ impl App {
         grpc_url(self.grpc_addr(), self.grpc_tls.is_some())
     }
 
+    /// Whether the gRPC port speaks TLS.
+    pub fn grpc_is_tls(&self) -> bool {
+        self.grpc_tls.is_some()
+    }
+
     /// Whether the HTTP port speaks TLS.
     pub fn http_is_tls(&self) -> bool {
         self.http_tls.is_some()
@@ -653,7 +658,8 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
         tracing::info!(
             http = %app.http_addr(),
             http_tls = app.http_is_tls(),
-            grpc = %app.grpc_url(),
+            grpc = %app.grpc_addr(),
+            grpc_tls = app.grpc_is_tls(),
             database = %where_db,
             "dsreg serving"
         );

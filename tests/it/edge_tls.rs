@@ -378,6 +378,58 @@ async fn the_http_port_with_a_client_ca_refuses_clients_without_its_certificate(
     app.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn dsreg_serve_takes_its_certificates_from_the_environment() {
+    let pki = pki();
+    let d = pki.path();
+    let db = TestDb::new().await;
+    let (cert, key) = (file(d, "server.crt"), file(d, "server.key"));
+    let (cert, key) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let serve = crate::helpers::ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_GRPC_TLS_CERT", cert),
+            ("DSREG_GRPC_TLS_KEY", key),
+            ("DSREG_HTTP_TLS_CERT", cert),
+            ("DSREG_HTTP_TLS_KEY", key),
+        ],
+    )
+    .await;
+    let ca = file(d, "ca.crt");
+
+    let data = tempfile::tempdir().unwrap();
+    let mut command = dsreg(data.path());
+    let server = format!("https://{}", serve.grpc_addr);
+    command.args(["info", "-o", "json", "--server", &server]);
+    command.env("DSREG_CA_FILE", &ca);
+    run(command, None).await.assert_success();
+
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let ready = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .tls_certs_only([reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap()])
+        .build()
+        .unwrap()
+        .get(format!("https://{}/readyz", serve.http_addr))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+    let serving = serve
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|line| line.contains("dsreg serving"))
+        .cloned()
+        .unwrap();
+    assert!(
+        serving.contains(r#""grpc_tls":true"#) && serving.contains(r#""http_tls":true"#),
+        "{serving}"
+    );
+    serve.stop().await;
+}
+
 /// A plaintext `GET /readyz` on a TLS port: the status line's code, if any answer parses.
 async fn plaintext_get(addr: SocketAddr) -> (Option<u16>, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
