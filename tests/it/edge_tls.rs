@@ -278,6 +278,27 @@ async fn a_rotated_certificate_is_served_to_the_next_connection_without_a_restar
     app.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_key_that_does_not_match_its_certificate_refuses_to_start_naming_both_options() {
+    let pki = pki();
+    let d = pki.path();
+    let db = TestDb::new().await;
+    let mut settings = test_settings(&db.url);
+    settings.grpc_tls_cert = Some(file(d, "server.crt"));
+    settings.grpc_tls_key = Some(file(d, "client.key"));
+    let Err(error) = TestApp::try_spawn_with(settings, |_| {}).await else {
+        panic!("a registry started with another certificate's key");
+    };
+    let error = format!("{error:#}");
+    assert!(
+        error.contains("--grpc-tls-cert") && error.contains("--grpc-tls-key"),
+        "{error}"
+    );
+    let key = std::fs::read_to_string(file(d, "client.key")).unwrap();
+    let body = key.lines().nth(1).unwrap();
+    assert!(!error.contains(body), "{error}");
+}
+
 fn replace(from: &Path, to: &Path) {
     let staged = to.with_extension("new");
     std::fs::copy(from, &staged).unwrap();
