@@ -151,6 +151,19 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_its_client_ca() {
     // server's alert, before any HTTP/2.
     let refusal = bare_handshake(app.grpc_addr, &ca).await;
     assert!(refusal.to_lowercase().contains("certificate"), "{refusal}");
+
+    // The client CA file is re-read when it changes, like the certificate: the stranger's CA
+    // replaces it.
+    replace(&file(d, "other-ca.crt"), &file(d, "client-ca.crt"));
+    wait_for(
+        "the rotated client CA admits its clients",
+        Duration::from_secs(60),
+        || async { info(app.grpc_addr, &ca, Some((&cert, &key))).await.ok() },
+    )
+    .await;
+    let (cert, key) = (file(d, "client.crt"), file(d, "client.key"));
+    let old = info(app.grpc_addr, &ca, Some((&cert, &key))).await;
+    assert!(old.is_err(), "a client of the replaced CA: {old:?}");
     app.stop().await.unwrap();
 }
 
