@@ -37,6 +37,11 @@ pub const MAX_HANDSHAKES: usize = 256;
 /// How long a client has to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Refused and timed-out handshakes are logged (with the peer and rustls's reason: an unknown
+/// CA, no client certificate) at this many lines a second at most: anyone can cause them.
+static REFUSALS: crate::telemetry::throttle::Throttle =
+    crate::telemetry::throttle::Throttle::new(5);
+
 /// Established connections waiting for the server to take them.
 const BACKLOG: usize = 64;
 
@@ -339,10 +344,14 @@ async fn accept_loop(
                     let _ = tx.send((stream, peer)).await;
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(port, peer = %peer, error = %e, "TLS handshake refused");
+                    if let Some(held_back) = REFUSALS.admit() {
+                        tracing::info!(port, peer = %peer, error = %e, held_back, "TLS handshake refused");
+                    }
                 }
                 Err(_) => {
-                    tracing::debug!(port, peer = %peer, "TLS handshake timed out");
+                    if let Some(held_back) = REFUSALS.admit() {
+                        tracing::info!(port, peer = %peer, held_back, "TLS handshake timed out");
+                    }
                 }
             }
         });

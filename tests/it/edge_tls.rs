@@ -461,6 +461,25 @@ async fn dsreg_serve_takes_its_certificates_from_the_environment() {
         serving.contains(r#""grpc_tls":true"#) && serving.contains(r#""http_tls":true"#),
         "{serving}"
     );
+
+    // A client that does not trust the certificate is refused, and the refusal is logged.
+    let mut command = dsreg(data.path());
+    command.args(["info", "--server", &server]);
+    assert_eq!(run(command, None).await.status.code(), Some(1));
+    wait_for(
+        "the refusal's log line",
+        Duration::from_secs(60),
+        || async {
+            serve
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|line| line.contains("TLS handshake refused") && line.contains("grpc"))
+                .then_some(())
+        },
+    )
+    .await;
     serve.stop().await;
 }
 
