@@ -16,6 +16,7 @@ mod files;
 mod fuzz;
 mod grpc;
 mod helpers;
+mod idp;
 mod kms;
 mod launcher;
 mod log_hygiene;
