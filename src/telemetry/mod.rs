@@ -146,6 +146,9 @@ impl Extractor for Fields<'_> {
 /// of trace context: gRPC metadata, the SQL `dsreg.traceparent` and notification payloads
 /// all come through here.
 pub fn span_context(traceparent: &str, tracestate: Option<&str>) -> SpanContext {
+    if !w3c_shape(traceparent) {
+        return SpanContext::empty_context();
+    }
     let fields = Fields {
         traceparent,
         tracestate,
@@ -155,6 +158,27 @@ pub fn span_context(traceparent: &str, tracestate: Option<&str>) -> SpanContext 
         .span()
         .span_context()
         .clone()
+}
+
+/// Whether `value` has the shape the W3C grammar gives a `traceparent` and the schema's
+/// `dsreg_valid_traceparent` stores: `vv-<32 hex>-<16 hex>-ff`, lowercase, 55 characters. The
+/// propagator alone also takes short ids (`1-a-1-…`), which the database would then drop:
+/// every path must agree on what is a trace context.
+fn w3c_shape(value: &str) -> bool {
+    let b = value.as_bytes();
+    let hex = |r: std::ops::Range<usize>| {
+        b[r].iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+    };
+    b.len() == 55
+        && b[2] == b'-'
+        && b[35] == b'-'
+        && b[52] == b'-'
+        && hex(0..2)
+        && hex(3..35)
+        && hex(36..52)
+        && hex(53..55)
+        && &b[0..2] != b"ff"
 }
 
 /// The context a request's W3C `traceparent` and `tracestate` headers name (no span when
@@ -349,10 +373,10 @@ mod tests {
         assert!(valid_traceparent(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         ));
-        // A later version is read, its extra fields ignored.
+        // A later version is read and written back as version 00.
         for later in [
             "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
-            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
         ] {
             assert_eq!(
                 normalized_traceparent(later).as_deref(),
@@ -366,6 +390,12 @@ mod tests {
             "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            // Extra fields are not read, in any version: the database stores the 55-character
+            // form only, and every path agrees with it.
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds",
+            // Short ids, which the propagator alone would take.
+            "1-a-1-A-A-A0--A0A-00AA0aa0---Aa0-a00aA-A0aA0A-Aa-a",
+            "01-a-1-01",
             "00-xyz-00f067aa0ba902b7-01",
             "garbage",
             "",

@@ -140,7 +140,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
     };
     let rpc = wait_for(
         "the RPC span, a child of the gateway's",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         find(
             "dsreg.v1.Datasources/PublishVersion",
             trace.to_owned(),
@@ -150,13 +150,13 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
     .await;
     let reconcile = wait_for(
         "the reconcile span, a child of the RPC's",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         find("reconcile", trace.to_owned(), Some(rpc.span.clone())),
     )
     .await;
     wait_for(
         "the worker's stop and start, children of the reconcile",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || {
             let received = received.clone();
             let reconcile = reconcile.span.clone();
@@ -199,7 +199,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
         .to_owned();
     wait_for(
         "the create call's span, in the trace its log line names",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         find("dsreg.v1.Datasources/CreateDatasource", logged, None),
     )
     .await;
@@ -223,7 +223,7 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
     assert!(stream.message().await.unwrap().is_some(), "a first state");
     wait_for(
         "the WatchStatus span, with its stream open",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         find(
             "dsreg.v1.Lifecycle/WatchStatus",
             watch_trace.to_owned(),
@@ -259,7 +259,7 @@ async fn a_sql_publish_with_a_traceparent_is_reconciled_in_the_publishers_trace(
     running_on(&ch, &id, 1).await;
     let reconcile = wait_for(
         "the reconcile span in the publisher's trace",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || {
             let received = received.clone();
             async move {
@@ -315,7 +315,7 @@ async fn with_the_collector_down_reloads_still_happen_and_lost_spans_are_counted
         reloads < Duration::from_secs(5),
         "five reloads took {reloads:?} with the collector down"
     );
-    let dropped = wait_for("lost spans counted", Duration::from_secs(15), || {
+    let dropped = wait_for("lost spans counted", Duration::from_secs(60), || {
         let ch = ch.clone();
         async move {
             let m = RegistryClient::new(ch)
@@ -416,7 +416,7 @@ async fn a_span_made_inside_a_call_is_its_child_its_code_is_recorded_and_an_unsa
 
     let (rpc, run, missing) = wait_for(
         "the RunTest span, the test run's span and the GetStatus span",
-        Duration::from_secs(15),
+        Duration::from_secs(60),
         || {
             let received = received.clone();
             async move {
