@@ -19,6 +19,27 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Postgres URL of the LISTEN connection (the main URL when unset): a direct connection
+    /// to the primary when `--database-url` goes through a transaction-mode pooler
+    /// (PgBouncer), where LISTEN never receives anything. TLS as its own `sslmode` says.
+    #[arg(long, env = "DSREG_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// How often a notification is sent through the pool to check that the LISTEN connection
+    /// receives it, in milliseconds (the first check runs at start).
+    #[arg(long, env = "DSREG_NOTIFICATION_CHECK_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub notification_check_interval_ms: u64,
+
+    /// How long that notification may take to arrive before the notification path counts as
+    /// broken, in milliseconds.
+    #[arg(long, env = "DSREG_NOTIFICATION_CHECK_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub notification_check_timeout_ms: u64,
+
+    /// How often the outbox is read while the notification path is not known to work, in
+    /// milliseconds: publishes still converge, at this pace instead of at once.
+    #[arg(long, env = "DSREG_OUTBOX_POLL_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub outbox_poll_interval_ms: u64,
+
     /// Folder for the embedded cluster (`<data-dir>/pg`) and local state.
     #[arg(long, env = "DSREG_DATA_DIR", default_value = ".dsreg")]
     pub data_dir: PathBuf,
@@ -337,6 +358,22 @@ impl Settings {
         self.data_dir.join("pg")
     }
 
+    /// The LISTEN connection's URL: `--listen-database-url`, else `url` (the main one).
+    pub fn listen_url(&self, url: &str) -> String {
+        self.listen_database_url
+            .clone()
+            .unwrap_or_else(|| url.to_owned())
+    }
+
+    /// The notification path's self-test and the fallback poll.
+    pub fn notification_check(&self) -> crate::outbox::selftest::SelfTestConfig {
+        crate::outbox::selftest::SelfTestConfig {
+            interval: Duration::from_millis(self.notification_check_interval_ms),
+            timeout: Duration::from_millis(self.notification_check_timeout_ms),
+            poll_interval: Duration::from_millis(self.outbox_poll_interval_ms),
+        }
+    }
+
     /// Pool checkout deadline.
     pub fn pool_wait(&self) -> Duration {
         Duration::from_millis(self.pool_wait_ms)
@@ -463,6 +500,15 @@ impl Settings {
         self.auth.check().map_err(|e| e.to_string())?;
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
+        }
+        if self.listen_database_url.is_some() && self.database_url.is_none() {
+            return Err(
+                "--listen-database-url needs --database-url (the embedded database is always direct)"
+                    .into(),
+            );
+        }
+        if self.listen_database_url.as_deref().is_some_and(str::is_empty) {
+            return Err("DSREG_LISTEN_DATABASE_URL is set but empty; unset it to listen on DATABASE_URL".into());
         }
         if self.database_url.as_deref().is_some_and(str::is_empty) {
             return Err(
