@@ -507,8 +507,15 @@ impl Settings {
                     .into(),
             );
         }
-        if self.listen_database_url.as_deref().is_some_and(str::is_empty) {
-            return Err("DSREG_LISTEN_DATABASE_URL is set but empty; unset it to listen on DATABASE_URL".into());
+        if self
+            .listen_database_url
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return Err(
+                "DSREG_LISTEN_DATABASE_URL is set but empty; unset it to listen on DATABASE_URL"
+                    .into(),
+            );
         }
         if self.database_url.as_deref().is_some_and(str::is_empty) {
             return Err(

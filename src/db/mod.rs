@@ -11,6 +11,7 @@ pub mod migrations;
 pub mod repository;
 pub mod tls;
 
+use crate::db::repository::typed;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -335,7 +336,10 @@ pub async fn create_database(
 ) -> Result<(), Error> {
     let client = connect(admin_url).await?;
     let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .query_typed_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &typed::params(&[&database]),
+        )
         .await?
         .is_some();
     if !exists {

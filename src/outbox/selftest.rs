@@ -126,7 +126,9 @@ impl NotificationPath {
         let before = std::mem::replace(&mut *self.verdict(), now.clone());
         match (&before, &now) {
             (Verdict::Broken(_), Verdict::Working) => {
-                tracing::info!("notifications reach the LISTEN connection again; outbox polling stops");
+                tracing::info!(
+                    "notifications reach the LISTEN connection again; outbox polling stops"
+                );
             }
             (Verdict::Unchecked | Verdict::Working, Verdict::Broken(cause)) => {
                 tracing::warn!(cause = %cause, "the notification path is broken; polling the outbox");

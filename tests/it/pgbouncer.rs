@@ -19,7 +19,10 @@ pub struct PgBouncer {
 }
 
 /// Server sessions PgBouncer keeps per database and user: fewer than the registry's pool, so
-/// client transactions really are multiplexed onto shared sessions.
+/// client transactions really are multiplexed onto shared sessions. All are kept open and
+/// handed out in turn (`server_round_robin`), so consecutive transactions of one client land
+/// on different sessions: anything that leans on session state fails at once instead of by
+/// chance.
 const SERVER_SESSIONS: usize = 3;
 
 fn binary() -> PathBuf {
@@ -73,6 +76,8 @@ impl PgBouncer {
                  admin_users = {user}\n\
                  pool_mode = transaction\n\
                  default_pool_size = {SERVER_SESSIONS}\n\
+                 min_pool_size = {SERVER_SESSIONS}\n\
+                 server_round_robin = 1\n\
                  max_client_conn = 1000\n\
                  ignore_startup_parameters = extra_float_digits\n\
                  logfile = {}\n",
@@ -148,7 +153,9 @@ impl PgBouncer {
         messages
             .iter()
             .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) if row.get("database") == Some(database) => {
+                tokio_postgres::SimpleQueryMessage::Row(row)
+                    if row.get("database") == Some(database) =>
+                {
                     row.get("total_xact_count").and_then(|n| n.parse().ok())
                 }
                 _ => None,
@@ -158,7 +165,8 @@ impl PgBouncer {
 
     /// The end of PgBouncer's log, for failure messages.
     pub fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default();
+        let log =
+            std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(20)..].join("\n")
     }

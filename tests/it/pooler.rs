@@ -73,9 +73,17 @@ async fn the_pool_runs_through_a_transaction_pooler_with_the_listener_direct() {
     .await;
     let http = app.http_addr.to_string();
     let (code, body) = http_get(&http, "/readyz").await;
-    assert_eq!((code, body.as_str()), (200, "ready\n"), "{}", bouncer.log_tail());
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "ready\n"),
+        "{}",
+        bouncer.log_tail()
+    );
     let (_, metrics) = http_get(&http, "/metrics").await;
-    assert!(metrics.contains("\ndsreg_notification_path_ok 1\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ndsreg_notification_path_ok 1\n"),
+        "{metrics}"
+    );
     // The registry's statements did go through the pooler.
     assert!(bouncer.transactions(&db.name).await > 0);
     app.stop().await.unwrap();
@@ -100,9 +108,15 @@ async fn a_listener_behind_a_transaction_pooler_is_reported_and_publishes_conver
     )
     .await;
     assert!(reason.contains("--listen-database-url"), "{reason}");
-    assert!(!reason.contains(&bouncer.url(&db.name)), "no URL in {reason}");
+    assert!(
+        !reason.contains(&bouncer.url(&db.name)),
+        "no URL in {reason}"
+    );
     let (_, metrics) = http_get(&http, "/metrics").await;
-    assert!(metrics.contains("\ndsreg_notification_path_ok 0\n"), "{metrics}");
+    assert!(
+        metrics.contains("\ndsreg_notification_path_ok 0\n"),
+        "{metrics}"
+    );
     assert!(
         !metrics.contains("\ndsreg_notification_path_failures_total 0\n"),
         "{metrics}"

@@ -50,6 +50,23 @@ typed! {
     DateTime<Utc> => TIMESTAMPTZ, TIMESTAMPTZ_ARRAY;
 }
 
+// Bytes are `bytea`, not an array of anything.
+impl Typed for [u8] {
+    const TYPE: Type = Type::BYTEA;
+}
+
+impl Element for [u8] {
+    const ARRAY: Type = Type::BYTEA_ARRAY;
+}
+
+impl Typed for Vec<u8> {
+    const TYPE: Type = Type::BYTEA;
+}
+
+impl Element for Vec<u8> {
+    const ARRAY: Type = Type::BYTEA_ARRAY;
+}
+
 impl<T: Typed + ?Sized> Typed for &T {
     const TYPE: Type = T::TYPE;
 }
@@ -109,7 +126,11 @@ mod tests {
         let json = serde_json::json!({});
         let payloads = vec![&json];
         let at: Option<DateTime<Utc>> = None;
+        let bytes = vec![1u8, 2];
+        let byte_rows: Vec<&[u8]> = vec![&bytes];
         let types: Vec<Type> = params(&[
+            &bytes,
+            &byte_rows,
             &id,
             &ids,
             &slice,
@@ -129,6 +150,8 @@ mod tests {
         assert_eq!(
             types,
             [
+                Type::BYTEA,
+                Type::BYTEA_ARRAY,
                 Type::UUID,
                 Type::UUID_ARRAY,
                 Type::UUID_ARRAY,
