@@ -546,6 +546,56 @@ mod tests {
     }
 
     #[test]
+    fn the_listener_has_its_own_url_only_next_to_a_database_url() {
+        let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://pooler/x"]).unwrap();
+        assert_eq!(
+            cli.settings.listen_url("postgres://pooler/x"),
+            "postgres://pooler/x"
+        );
+        let check = cli.settings.notification_check();
+        assert_eq!(
+            (check.interval, check.timeout, check.poll_interval),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+                Duration::from_secs(1)
+            )
+        );
+        let cli = Cli::try_parse_from([
+            "dsreg",
+            "--database-url",
+            "postgres://pooler/x",
+            "--listen-database-url",
+            "postgres://primary/x",
+            "--outbox-poll-interval-ms",
+            "250",
+        ])
+        .unwrap();
+        assert!(cli.settings.check().is_ok());
+        assert_eq!(
+            cli.settings.listen_url("postgres://pooler/x"),
+            "postgres://primary/x"
+        );
+        assert_eq!(
+            cli.settings.notification_check().poll_interval,
+            Duration::from_millis(250)
+        );
+        let alone = Cli::try_parse_from(["dsreg", "--listen-database-url", "postgres://primary/x"])
+            .unwrap();
+        assert!(
+            alone
+                .settings
+                .check()
+                .unwrap_err()
+                .contains("--listen-database-url needs --database-url")
+        );
+        assert!(
+            Cli::try_parse_from(["dsreg", "--outbox-poll-interval-ms", "0"]).is_err(),
+            "a zero poll interval is refused"
+        );
+    }
+
+    #[test]
     fn a_zero_pool_is_refused() {
         let cli = Cli::try_parse_from(["dsreg", "--pool-size", "0"]).unwrap();
         assert!(cli.settings.check().unwrap_err().contains("--pool-size"));

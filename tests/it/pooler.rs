@@ -6,8 +6,11 @@
 
 use std::time::Duration;
 
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use dsreg::domain::WorkerStatus;
 use serde_json::json;
+use tonic::transport::Channel;
 use uuid::Uuid;
 
 use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
@@ -17,6 +20,14 @@ use crate::serve::http_get;
 /// Datasources published at once: more than PgBouncer's server sessions, so the registry's
 /// statements share them.
 const DATASOURCES: usize = 8;
+
+async fn grpc(app: &TestApp) -> Channel {
+    Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the gRPC port")
+}
 
 fn running_on(version: i32) -> impl Fn(&dsreg::db::repository::state::State) -> bool {
     move |s| s.worker_status == WorkerStatus::Running && s.running_version == Some(version)
@@ -63,6 +74,52 @@ async fn the_pool_runs_through_a_transaction_pooler_with_the_listener_direct() {
     })
     .await;
     publish_and_wait(&db, &ids, 150, "hot reload").await;
+
+    // The API's writes go through the pooler too: create, version, publish.
+    let mut api = DatasourcesClient::new(grpc(&app).await);
+    let created = api
+        .create_datasource(pb::CreateDatasourceRequest {
+            org: "acme".into(),
+            project: "pooled".into(),
+            name: "by-api".into(),
+            kind: "generator".into(),
+            owner: "team-data".into(),
+            tags: vec!["eu".into()],
+            description: "through a transaction pooler".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let version = api
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: created.id.clone(),
+            config_json: json!({ "rate_per_sec": 50 }).to_string(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    api.publish_version(pb::PublishVersionRequest {
+        datasource_id: created.id.clone(),
+        version: version.version,
+    })
+    .await
+    .unwrap();
+    db.wait_for_state(
+        created.id.parse().unwrap(),
+        "the API's publish RUNNING",
+        running_on(version.version),
+    )
+    .await;
+    let listed = api
+        .list_datasources(pb::ListDatasourcesRequest {
+            org: "acme".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed.datasources.len(), DATASOURCES + 1);
 
     // The direct listener receives what the pool sends: the path works, the registry is ready.
     wait_for(
@@ -122,6 +179,22 @@ async fn a_listener_behind_a_transaction_pooler_is_reported_and_publishes_conver
         "{metrics}"
     );
 
+    let health = tonic_health::pb::health_client::HealthClient::new(grpc(&app).await);
+    wait_for("gRPC health NOT_SERVING", Duration::from_secs(30), || {
+        let mut health = health.clone();
+        async move {
+            let status = health
+                .check(tonic_health::pb::HealthCheckRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .status;
+            (status == tonic_health::pb::health_check_response::ServingStatus::NotServing as i32)
+                .then_some(())
+        }
+    })
+    .await;
+
     // Publishes still reach running workers: the outbox is polled.
     let mut ids = Vec::new();
     for n in 0..DATASOURCES {
@@ -136,4 +209,26 @@ async fn a_listener_behind_a_transaction_pooler_is_reported_and_publishes_conver
         "the path stays reported broken while nothing arrives"
     );
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn migrations_run_through_a_transaction_pooler() {
+    let db = TestDb::new().await;
+    let admin = crate::helpers::with_database(&db.url, "postgres");
+    let name = format!("m_{}", Uuid::new_v4().simple());
+    dsreg::db::create_database(&admin, &name, None)
+        .await
+        .unwrap();
+    let bouncer = PgBouncer::transaction_mode(&db.url).await;
+    let migrated = dsreg::app::migrate(&bouncer.url(&name)).await;
+    let direct = dsreg::db::connect(&crate::helpers::with_database(&admin, &name))
+        .await
+        .unwrap();
+    let version = dsreg::db::migrations::current_version(&direct).await;
+    drop(direct);
+    drop(bouncer);
+    dsreg::db::drop_database(&admin, &name).await.unwrap();
+    let latest = dsreg::db::migrations::latest_known();
+    assert_eq!(migrated.unwrap(), latest);
+    assert_eq!(version.unwrap(), latest);
 }
