@@ -268,6 +268,23 @@ mod tests {
         assert_eq!(path.failures(), 2);
     }
 
+    proptest::proptest! {
+        /// Whatever anyone NOTIFYs on the probe channel, a token-sized payload is recorded
+        /// verbatim and anything longer leaves the last one in place.
+        #[test]
+        fn any_payload_is_recorded_verbatim_or_ignored(payloads in proptest::collection::vec(".{0,100}", 1..8)) {
+            let path = NotificationPath::default();
+            let mut last = String::new();
+            for payload in &payloads {
+                path.received(payload);
+                if payload.len() <= MAX_TOKEN_BYTES {
+                    last = payload.clone();
+                }
+                proptest::prop_assert_eq!(&*path.received.borrow(), &last);
+            }
+        }
+    }
+
     #[test]
     fn only_token_sized_payloads_are_recorded() {
         let path = NotificationPath::default();

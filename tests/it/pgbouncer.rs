@@ -142,14 +142,22 @@ impl PgBouncer {
         )
     }
 
-    /// Transactions PgBouncer has passed to `database` (its admin console's `SHOW STATS`).
-    pub async fn transactions(&self, database: &str) -> u64 {
+    /// Runs `command` on PgBouncer's admin console (`PAUSE db`, `RESUME db`, `SHOW STATS`).
+    pub async fn admin(&self, command: &str) -> Vec<tokio_postgres::SimpleQueryMessage> {
         let (client, connection) =
             tokio_postgres::connect(&self.url("pgbouncer"), tokio_postgres::NoTls)
                 .await
                 .expect("pgbouncer's admin console");
         tokio::spawn(connection);
-        let messages = client.simple_query("SHOW STATS").await.unwrap();
+        client
+            .simple_query(command)
+            .await
+            .unwrap_or_else(|e| panic!("pgbouncer {command}: {e}"))
+    }
+
+    /// Transactions PgBouncer has passed to `database` (its admin console's `SHOW STATS`).
+    pub async fn transactions(&self, database: &str) -> u64 {
+        let messages = self.admin("SHOW STATS").await;
         messages
             .iter()
             .find_map(|m| match m {

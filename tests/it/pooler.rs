@@ -232,3 +232,58 @@ async fn migrations_run_through_a_transaction_pooler() {
     assert_eq!(migrated.unwrap(), latest);
     assert_eq!(version.unwrap(), latest);
 }
+
+#[tokio::test]
+async fn a_path_that_heals_is_reported_working_again_and_notifications_take_over() {
+    let db = TestDb::new().await;
+    let bouncer = PgBouncer::transaction_mode(&db.url).await;
+    let mut settings = without_resync(&bouncer.url(&db.name));
+    settings.listen_database_url = Some(db.url.clone());
+    settings.notification_check_interval_ms = 1_000;
+    settings.notification_check_timeout_ms = 2_000;
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let http = app.http_addr.to_string();
+    let path = &app.listener_stats.path;
+    wait_for(
+        "the first self-test to pass",
+        Duration::from_secs(60),
+        || async { path.working().then_some(()) },
+    )
+    .await;
+
+    // The pooler holds every statement: the token cannot even be sent.
+    bouncer.admin(&format!("PAUSE {}", db.name)).await;
+    let cause = wait_for("the self-test to fail", Duration::from_secs(30), || async {
+        path.problem()
+    })
+    .await;
+    assert!(
+        cause.contains("could not be sent through the pool"),
+        "{cause}"
+    );
+    assert!(path.failures() > 0);
+    let (code, _) = http_get(&http, "/readyz").await;
+    assert_eq!(code, 503);
+
+    bouncer.admin(&format!("RESUME {}", db.name)).await;
+    wait_for(
+        "the self-test to pass again",
+        Duration::from_secs(60),
+        || async { path.working().then_some(()) },
+    )
+    .await;
+    let (code, body) = wait_for("ready again", Duration::from_secs(30), || async {
+        let (code, body) = http_get(&http, "/readyz").await;
+        (code == 200).then_some((code, body))
+    })
+    .await;
+    assert_eq!((code, body.as_str()), (200, "ready\n"));
+    let (_, metrics) = http_get(&http, "/metrics").await;
+    assert!(
+        metrics.contains("\ndsreg_notification_path_ok 1\n"),
+        "{metrics}"
+    );
+    let ds = db.datasource("after-healing").await;
+    publish_and_wait(&db, &[ds.id], 100, "publish after healing").await;
+    app.stop().await.unwrap();
+}
