@@ -220,6 +220,10 @@ impl Connector for HttpPoll {
             .collect()
     }
 
+    fn secret_field(&self, config: &Value, name: &str) -> Option<String> {
+        (config.get("bearer_secret")?.as_str()? == name).then(|| "bearer_secret".to_owned())
+    }
+
     fn sample_records(
         &self,
         config: &Value,

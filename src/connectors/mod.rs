@@ -34,6 +34,8 @@ pub struct ConfigError {
     pub reason: String,
     /// The 1-based line within the field's own text (a transform script), when known.
     pub line: Option<usize>,
+    /// The name of a required secret that is not stored, when that is the problem.
+    pub missing_secret: Option<String>,
 }
 
 impl ConfigError {
@@ -43,6 +45,7 @@ impl ConfigError {
             field: field.into(),
             reason: reason.into(),
             line: None,
+            missing_secret: None,
         }
     }
 }
@@ -513,6 +516,29 @@ impl std::fmt::Display for Destination {
     }
 }
 
+/// The config key a schema violation is about, as the user wrote it (`template.x`): a missing
+/// required property or an unexpected one is named by itself, not by the object holding it.
+fn schema_field(e: &jsonschema::ValidationError<'_>) -> String {
+    let path = e.instance_path().to_string();
+    let mut field = path.trim_start_matches('/').replace('/', ".");
+    let named = match e.kind() {
+        jsonschema::error::ValidationErrorKind::Required { property } => {
+            property.as_str().map(str::to_owned)
+        }
+        jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+            unexpected.first().cloned()
+        }
+        _ => None,
+    };
+    if let Some(name) = named {
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(&name);
+    }
+    field
+}
+
 /// One kind of connector.
 pub trait Connector: Send + Sync + 'static {
     /// The kind's metadata.
@@ -531,6 +557,12 @@ pub trait Connector: Send + Sync + 'static {
             .iter()
             .map(|s| (*s).to_owned())
             .collect()
+    }
+
+    /// The config key that names the required secret `name`, when the config names it (a
+    /// `bearer_secret: token`); `None` for a secret the kind always needs.
+    fn secret_field(&self, _config: &serde_json::Value, _name: &str) -> Option<String> {
+        None
     }
 
     /// Every destination a run with this config may send requests (and credentials) to:
@@ -697,13 +729,11 @@ impl Catalog {
             object.retain(|k, _| !VERSION_KEYS.contains(&k.as_str()));
         }
         match self.schemas.get(kind).map(|s| s.as_ref()) {
-            Some(Ok(schema)) => problems.extend(schema.iter_errors(&own).map(|e| {
-                let path = e.instance_path().to_string();
-                ConfigError::new(
-                    path.trim_start_matches('/').replace('/', "."),
-                    e.to_string(),
-                )
-            })),
+            Some(Ok(schema)) => problems.extend(
+                schema
+                    .iter_errors(&own)
+                    .map(|e| ConfigError::new(schema_field(&e), e.to_string())),
+            ),
             Some(Err(e)) => problems.push(ConfigError::new(
                 "kind",
                 format!("the kind's own schema is invalid: {e}"),
@@ -741,10 +771,21 @@ impl Catalog {
             .into_iter()
             .filter(|name| !secret_names.contains(name))
         {
-            problems.push(ConfigError::new(
-                format!("secrets.{missing}"),
-                "this secret is required; put it before publishing",
-            ));
+            let field =
+                contain::contain("secret_field", || connector.secret_field(config, &missing))
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| format!("secrets.{missing}"));
+            problems.push(ConfigError {
+                missing_secret: Some(missing.clone()),
+                ..ConfigError::new(
+                    field,
+                    format!(
+                        "needs the secret {missing:?}, which is not stored for this datasource; \
+                         put it before publishing"
+                    ),
+                )
+            });
         }
         if problems.is_empty() {
             Ok(())
@@ -884,7 +925,16 @@ mod tests {
                 &[],
                 &limits
             )),
-            ["secrets.token"]
+            ["bearer_secret"]
+        );
+        // A missing required key, and an unknown one, are named by themselves.
+        assert_eq!(
+            fields(catalog.check("http_poll", &json!({}), &[], &limits)),
+            ["url"]
+        );
+        assert_eq!(
+            fields(catalog.check("generator", &json!({ "rat_per_sec": 1 }), &[], &limits)),
+            ["rat_per_sec"]
         );
         assert!(
             catalog

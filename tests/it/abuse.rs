@@ -65,7 +65,7 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
             pb::WatchEventsRequest {
                 datasource_id: String::new(),
                 types: vec![],
-                after_id: 0,
+                after_id: None,
             },
             &flooder,
         );
@@ -95,7 +95,7 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
             pb::WatchEventsRequest {
                 datasource_id: ds.id.to_string(),
                 types: vec![],
-                after_id: 0,
+                after_id: None,
             },
             &bystander,
         ))

@@ -141,12 +141,20 @@ pub async fn delete(tx: &Transaction<'_>, datasource: Uuid, name: &str) -> Resul
     Ok(deleted)
 }
 
+/// Bumps the datasource's `secrets_generation` (the running worker's key includes it, so the
+/// supervisor rebuilds the worker with the new set) and writes `secret_changed`.
 async fn secret_changed(
     tx: &Transaction<'_>,
     datasource: Uuid,
     name: &str,
     op: &str,
 ) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE datasource_state SET secrets_generation = secrets_generation + 1
+         WHERE datasource_id = $1",
+        &[&datasource],
+    )
+    .await?;
     events::append(
         tx,
         &[NewEvent {
