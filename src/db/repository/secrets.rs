@@ -149,10 +149,10 @@ async fn secret_changed(
     name: &str,
     op: &str,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_typed(
         "UPDATE datasource_state SET secrets_generation = secrets_generation + 1
          WHERE datasource_id = $1",
-        &[&datasource],
+        &typed::params(&[&datasource]),
     )
     .await?;
     events::append(
