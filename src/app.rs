@@ -580,8 +580,9 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     }
     if settings.database_url.is_some() {
         anyhow::bail!(
-            "no token verification keys configured: give --auth-hs256-secret-file, --auth-public-key or \
-             --auth-jwks-file (with --auth-issuer and --auth-audience), or --insecure-no-auth for a local trial"
+            "no token verification keys configured: give --auth-hs256-secret-file, --auth-public-key, \
+             --auth-jwks-file or --auth-jwks-url (with --auth-issuer and --auth-audience), or \
+             --auth-oidc-issuer (with --auth-audience), or --insecure-no-auth for a local trial"
         );
     }
     let dev = dev_credentials(&settings.dev_auth_dir())?;

@@ -93,6 +93,12 @@ impl Cli {
         self.log_level.as_deref()
     }
 
+    /// Whether the command is the long-running service, whose output is its log: a fatal
+    /// error is then a log line like every other, not text among JSON lines.
+    pub fn is_service(&self) -> bool {
+        matches!(self.command, Command::Serve { .. })
+    }
+
     /// Runs the chosen command. A client usage error is reported as clap reports its own and
     /// exits with code 2; a closed stdout ends the command successfully.
     ///

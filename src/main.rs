@@ -18,14 +18,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let service = cli.is_service();
     let result = runtime.block_on(cli.run());
     drop(runtime);
-    drop(telemetry);
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if service => {
+            tracing::error!(error = %format!("{e:#}"), "dsreg stopped: fatal error");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("dsreg: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    drop(telemetry);
+    code
 }

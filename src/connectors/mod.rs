@@ -462,15 +462,36 @@ pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
     if let Some(client) = clients.get(&timeout) {
         return Ok(client.clone());
     }
-    // Installing twice is refused and harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
+    let client = client_builder(timeout)
         .build()
         .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))?;
     clients.insert(timeout, client.clone());
     Ok(client)
+}
+
+/// An HTTP client like [`http_client`]'s that trusts only the certificates `roots` (a private
+/// CA), not the system's. Not shared: the caller keeps it.
+///
+/// # Errors
+/// [`Error::Source`] when the TLS stack cannot be set up.
+pub fn http_client_trusting(
+    timeout: Duration,
+    roots: Vec<reqwest::Certificate>,
+) -> Result<reqwest::Client, Error> {
+    client_builder(timeout)
+        .tls_certs_only(roots)
+        .build()
+        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
+}
+
+/// The settings every HTTP client of the process shares: rustls with the ring provider, the
+/// timeout, a connect timeout of at most 10 s.
+fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    // Installing twice is refused and harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
 }
 
 /// Where a connector sends requests, and with them the datasource's credentials: the scheme,

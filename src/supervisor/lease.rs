@@ -288,7 +288,7 @@ impl Renewer {
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, renewing, "lease renewal failed"),
                 Err(_) => tracing::warn!(
-                    timeout = ?self.config.look_every(),
+                    timeout_ms = self.config.look_every().as_millis() as u64,
                     renewing,
                     "lease renewal timed out"
                 ),

@@ -26,7 +26,7 @@ fn token(sub: &str, role: &str) -> String {
     issue_token(SECRET, &claims(sub, role))
 }
 
-async fn channel(app: &TestApp) -> Channel {
+pub(crate) async fn channel(app: &TestApp) -> Channel {
     Channel::from_shared(format!("http://{}", app.grpc_addr))
         .unwrap()
         .connect()
@@ -34,7 +34,7 @@ async fn channel(app: &TestApp) -> Channel {
         .unwrap()
 }
 
-fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -151,14 +151,14 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
 
 // --- Keys that rotate --------------------------------------------------------------------
 
-fn fixture(name: &str) -> std::path::PathBuf {
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/auth")
         .join(name)
 }
 
 /// The JWK of a P-256 public key in a PEM fixture.
-fn ec_jwk(public_pem: &str, kid: &str) -> serde_json::Value {
+pub(crate) fn ec_jwk(public_pem: &str, kid: &str) -> serde_json::Value {
     use base64::Engine;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     let pem = std::fs::read_to_string(fixture(public_pem)).unwrap();
@@ -199,7 +199,7 @@ async fn serve_jwks(db: &TestDb, jwks: &std::path::Path, ttl_secs: u64) -> TestA
     TestApp::spawn_with(settings, |_| {}).await
 }
 
-async fn get_info(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
+pub(crate) async fn get_info(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
     let mut client = pb::registry_client::RegistryClient::new(channel.clone());
     let mut request = authorized(pb::GetInfoRequest {}, token);
     request.set_timeout(Duration::from_secs(3));

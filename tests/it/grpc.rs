@@ -946,52 +946,114 @@ async fn an_oversized_message_is_refused() {
     assert!(err.message().contains("too large"), "{err:?}");
 }
 
-#[tokio::test]
-async fn health_and_reflection_answer_without_a_token() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// Every service the port serves, as reflection lists it and health names it.
+const SERVED: &[&str] = &[
+    "dsreg.v1.Datasources",
+    "dsreg.v1.Lifecycle",
+    "dsreg.v1.Harness",
+    "dsreg.v1.Events",
+    "dsreg.v1.Secrets",
+    "dsreg.v1.Audit",
+    "dsreg.v1.Catalog",
+    "dsreg.v1.Registry",
+];
 
+#[tokio::test]
+async fn health_answers_for_the_server_and_for_each_service_by_name_without_a_token() {
     let db = TestDb::new().await;
     let (_app, ch) = serve(&db).await;
-    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    for service in std::iter::once("").chain(SERVED.iter().copied()) {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e:?}"))
+            .into_inner();
+        assert_eq!(answer.status, SERVING, "{service:?}");
+    }
+    let unknown = health
         .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
+            service: "dsreg.v1.Nothing".to_owned(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        health.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = ServerReflectionClient::new(ch)
-        .server_reflection_info(futures_util::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("not a list of services");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in [
-        "dsreg.v1.Datasources",
-        "dsreg.v1.Lifecycle",
-        "dsreg.v1.Harness",
-        "dsreg.v1.Events",
-        "dsreg.v1.Secrets",
-        "dsreg.v1.Catalog",
-        "dsreg.v1.Registry",
-    ] {
-        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+}
+
+/// Reflection v1 and v1alpha answer a `grpcurl list` and a `grpcurl describe` alike, without
+/// a token: the request each version's generated client sends, and the services each lists.
+macro_rules! reflect {
+    ($version:ident, $ch:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("dsreg.v1.Datasources".to_owned()),
+        ]
+        .map(|message| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        });
+        let mut stream = ServerReflectionClient::new($ch)
+            .server_reflection_info(futures_util::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("not a list of services");
+        };
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("not the file of dsreg.v1.Datasources");
+        };
+        let files: Vec<prost_types::FileDescriptorProto> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+            .collect();
+        let described = files.iter().any(|f| {
+            f.package() == "dsreg.v1" && f.service.iter().any(|s| s.name() == "Datasources")
+        });
+        assert!(
+            described,
+            "Datasources not described by {}",
+            stringify!($version)
+        );
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_and_describe_every_service_without_a_token() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let v1alpha = reflect!(v1alpha, ch.clone());
+    let mut v1 = reflect!(v1, ch);
+    for service in SERVED.iter().chain(&[
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        assert!(
+            v1alpha.iter().any(|n| n == service),
+            "{service} in {v1alpha:?}"
+        );
     }
+    let mut sorted = v1alpha.clone();
+    sorted.sort();
+    v1.sort();
+    assert_eq!(v1, sorted, "v1 and v1alpha list the same services");
 }
 
 #[tokio::test]

@@ -15,6 +15,7 @@ mod files;
 mod fuzz;
 mod grpc;
 mod helpers;
+mod idp;
 mod kms;
 mod launcher;
 mod log_hygiene;

@@ -244,7 +244,7 @@ pub async fn finish<T>(
                 action = call.method,
                 actor = %call.principal.subject,
                 resource = %audit.resource,
-                version = ?audit.version,
+                version = audit.version,
                 "change committed"
             );
             Ok(value)

@@ -14,6 +14,7 @@ pub mod datasources;
 pub mod events;
 pub mod feed;
 pub mod harness;
+pub mod idp;
 pub mod layer;
 pub mod lifecycle;
 pub mod limits;
@@ -180,13 +181,13 @@ pub async fn serve(
         inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
         shutdown: shutdown.clone(),
     });
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+    let reflection = reflection_builder()
         .build_v1()
-        .expect("the build's own descriptor set is valid");
+        .expect("the build's own descriptor sets are valid");
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .expect("the build's own descriptor sets are valid");
     // Health follows readiness (checked every second) until shutdown, then NOT_SERVING.
     let draining = {
         let shutdown = shutdown.clone();
@@ -212,14 +213,12 @@ pub async fn serve(
                             } else {
                                 tracing::info!("ready again: gRPC health SERVING");
                             }
-                            health.set_service_status("", status).await;
+                            set_health(&health, status).await;
                         }
                     }
                 }
             }
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health, tonic_health::ServingStatus::NotServing).await;
         }
     };
     macro_rules! service {
@@ -240,6 +239,7 @@ pub async fn serve(
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service!(
             registry_server::RegistryServer,
             RegistryService(ctx.clone())
@@ -279,6 +279,42 @@ pub async fn serve(
             draining,
         )
         .await
+}
+
+/// The `dsreg.v1` services of the port, by their full names: gRPC health answers for each of
+/// them as for `""` (the whole server), and all follow readiness together.
+pub const SERVICE_NAMES: &[&str] = &[
+    pb::registry_server::SERVICE_NAME,
+    pb::datasources_server::SERVICE_NAME,
+    pb::lifecycle_server::SERVICE_NAME,
+    pb::harness_server::SERVICE_NAME,
+    pb::events_server::SERVICE_NAME,
+    pb::secrets_server::SERVICE_NAME,
+    pb::audit_server::SERVICE_NAME,
+    pb::catalog_server::SERVICE_NAME,
+];
+
+/// Sets the health of the server (`""`) and of every service in [`SERVICE_NAMES`] at once.
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+/// What reflection describes, for both its v1 and its v1alpha service (grpcurl and the stock
+/// Python client ask v1alpha): the `dsreg.v1` services, health and reflection itself, so that
+/// both versions list the same services.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false)
 }
 
 /// The standard health service, except that `Watch` streams end at shutdown (after telling
