@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use crate::helpers::wait_for;
 
-/// A running PgBouncer; stopped when dropped.
+/// A running PgBouncer; stopped when dropped. Configured as an operator would for a client
+/// that sends startup `options` (PgBouncer before 1.20 refuses any; later ones any but the
+/// few they track): ignored, so a statement timeout set there does not hold behind it.
 pub struct PgBouncer {
     child: Child,
     port: u16,
@@ -79,7 +81,7 @@ impl PgBouncer {
                  min_pool_size = {SERVER_SESSIONS}\n\
                  server_round_robin = 1\n\
                  max_client_conn = 1000\n\
-                 ignore_startup_parameters = extra_float_digits\n\
+                 ignore_startup_parameters = extra_float_digits,options\n\
                  logfile = {}\n",
                 path("userlist.txt"),
                 path("pgbouncer.log"),
