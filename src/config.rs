@@ -538,14 +538,6 @@ mod tests {
     }
 
     #[test]
-    fn defaults_are_local_and_valid() {
-        let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://x"]).unwrap();
-        assert_eq!(cli.settings.http_addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(cli.settings.pg_data_dir(), PathBuf::from(".dsreg/pg"));
-        assert!(cli.settings.check().is_ok());
-    }
-
-    #[test]
     fn the_listener_has_its_own_url_only_next_to_a_database_url() {
         let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://pooler/x"]).unwrap();
         assert_eq!(
@@ -593,6 +585,14 @@ mod tests {
             Cli::try_parse_from(["dsreg", "--outbox-poll-interval-ms", "0"]).is_err(),
             "a zero poll interval is refused"
         );
+    }
+
+    #[test]
+    fn defaults_are_local_and_valid() {
+        let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://x"]).unwrap();
+        assert_eq!(cli.settings.http_addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(cli.settings.pg_data_dir(), PathBuf::from(".dsreg/pg"));
+        assert!(cli.settings.check().is_ok());
     }
 
     #[test]

@@ -11,7 +11,6 @@ pub mod migrations;
 pub mod repository;
 pub mod tls;
 
-use crate::db::repository::typed;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
@@ -338,7 +337,7 @@ pub async fn create_database(
     let exists = client
         .query_typed_opt(
             "SELECT 1 FROM pg_database WHERE datname = $1",
-            &typed::params(&[&database]),
+            &repository::typed::params(&[&database]),
         )
         .await?
         .is_some();
