@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
+use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -47,9 +48,10 @@ use crate::telemetry::metrics::Metrics;
 /// two or four readers made smaller batches, more statements, and slower calls).
 const STATUS_READERS: usize = 1;
 
-/// Connections of the control plane's own pool: lease renewal, the state writer, the
-/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool,
-/// so the registry opens this many more connections than `--pool-size`).
+/// Connections of the control plane's own pool: lease claims, the state writer, the
+/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool
+/// and the lease renewer's own connection, so the registry opens this many plus one more
+/// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
@@ -104,12 +106,24 @@ impl Database {
     }
 }
 
-/// Applies pending migrations on `url`; returns the schema version.
+/// Applies pending migrations on `url` with the default connection bounds; returns the
+/// schema version.
 ///
 /// # Errors
 /// Connection or migration failure.
 pub async fn migrate(url: &str) -> anyhow::Result<i32> {
-    let mut client = db::connect(url).await.context("connecting to migrate")?;
+    migrate_with(url, &db::ConnectOptions::default()).await
+}
+
+/// [`migrate`] with `bounds`, except that no `statement_timeout` is set: a migration may
+/// rewrite a large table.
+///
+/// # Errors
+/// Connection or migration failure.
+pub async fn migrate_with(url: &str, bounds: &db::ConnectOptions) -> anyhow::Result<i32> {
+    let mut client = db::connect_with(url, &bounds.without_statement_timeout())
+        .await
+        .context("connecting to migrate")?;
     let applied = db::migrations::migrate_up(&mut client).await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
@@ -122,9 +136,16 @@ pub async fn migrate(url: &str) -> anyhow::Result<i32> {
 pub struct App {
     http: TcpListener,
     grpc: TcpListener,
+    /// The HTTP port's TLS; plaintext when `None`.
+    http_tls: Option<Arc<ServerTls>>,
+    /// The gRPC port's TLS; plaintext when `None`.
+    grpc_tls: Option<Arc<ServerTls>>,
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The lease renewer's connection, used only on the renewer's own thread (one more
+    /// connection than the two pools).
+    renewal: Pool,
     schema_version: i32,
     instance_id: String,
     /// Where other instances and clients reach this one's gRPC API.
@@ -174,14 +195,21 @@ impl App {
     /// # Errors
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
+        // The one HTTP client (its root store read from disk) is built here, on a blocking
+        // thread, before any worker, sink or key provider asks for it.
+        crate::connectors::http::prepare().await;
         let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
-        let schema_version = migrate(url).await?;
-        let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let grpc_tls = server_tls(settings.grpc_tls(), ALPN_H2).await?;
+        let http_tls = server_tls(settings.http_tls(), ALPN_HTTP1).await?;
+        let bounds = settings.connect_options();
+        let schema_version = migrate_with(url, &bounds).await?;
+        let pool = db::pool_with(url, &bounds, settings.pool_size, settings.pool_wait())?;
         if let Some(secrets) = &secrets {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
-        let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
             api::grpc::page::PageKey::load(&**client)
@@ -198,13 +226,16 @@ impl App {
             .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
         let advertise = match &settings.advertise_addr {
             Some(addr) => addr.clone(),
-            None => format!("http://{}", grpc.local_addr()?),
+            None => grpc_url(grpc.local_addr()?, grpc_tls.is_some()),
         };
         Ok(Self {
             http,
             grpc,
+            http_tls,
+            grpc_tls,
             pool,
             control,
+            renewal,
             schema_version,
             instance_id: settings
                 .instance_id
@@ -215,7 +246,10 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
-            listener: ListenerConfig::new(settings.listen_url(url)),
+            listener: ListenerConfig {
+                connect: bounds,
+                ..ListenerConfig::new(settings.listen_url(url))
+            },
             listener_stats,
             notification_check: settings.notification_check(),
             metrics,
@@ -246,6 +280,21 @@ impl App {
         self.grpc
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The gRPC port's URL: `https://` when it speaks TLS, `http://` otherwise.
+    pub fn grpc_url(&self) -> String {
+        grpc_url(self.grpc_addr(), self.grpc_tls.is_some())
+    }
+
+    /// Whether the gRPC port speaks TLS.
+    pub fn grpc_is_tls(&self) -> bool {
+        self.grpc_tls.is_some()
+    }
+
+    /// Whether the HTTP port speaks TLS.
+    pub fn http_is_tls(&self) -> bool {
+        self.http_tls.is_some()
     }
 
     /// This process's instance id.
@@ -336,6 +385,7 @@ impl App {
         );
         supervisor.measure(self.metrics.clone());
         supervisor.control_plane(self.control.clone());
+        supervisor.renew_on(self.renewal.clone());
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
@@ -395,6 +445,7 @@ impl App {
         };
         let http = tracker.spawn(api::http::serve(
             self.http,
+            self.http_tls,
             api::http::router(http_state),
             shutdown.child_token(),
         ));
@@ -434,6 +485,7 @@ impl App {
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,
+            self.grpc_tls,
             grpc_ctx,
             self.auth,
             self.metrics,
@@ -460,8 +512,34 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.renewal.close();
         served
     }
+}
+
+/// `https://addr` for a TLS port, `http://addr` for a plaintext one.
+fn grpc_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{addr}")
+}
+
+/// A port's TLS from its files (read on a blocking thread), or `None` for plaintext.
+///
+/// # Errors
+/// Inconsistent options, or files that do not load.
+async fn server_tls(
+    files: Result<Option<TlsFiles>, String>,
+    alpn: &'static [u8],
+) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    let Some(files) = files.map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let option = files.option;
+    let tls = tokio::task::spawn_blocking(move || ServerTls::load(files, &[alpn]))
+        .await
+        .context("TLS loader task")?
+        .with_context(|| format!("loading the {option}-* files"))?;
+    Ok(Some(tls))
 }
 
 /// The secrets service for `settings`: keys from `--master-keys`, `--master-key-file`, a key
@@ -616,11 +694,18 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
             Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
             None => "DATABASE_URL".to_owned(),
         };
-        tracing::info!(http = %app.http_addr(), grpc = %app.grpc_addr(), database = %where_db, "dsreg serving");
+        tracing::info!(
+            http = %app.http_addr(),
+            http_tls = app.http_is_tls(),
+            grpc = %app.grpc_addr(),
+            grpc_tls = app.grpc_is_tls(),
+            database = %where_db,
+            "dsreg serving"
+        );
         if database.cluster.is_some() {
             // Where the command-line client finds the embedded default's server.
             let path = settings.data_dir.join(GRPC_ADDR_FILE);
-            if let Err(e) = std::fs::write(&path, format!("http://{}\n", app.grpc_addr())) {
+            if let Err(e) = std::fs::write(&path, format!("{}\n", app.grpc_url())) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot record the gRPC address for the client");
             }
         }

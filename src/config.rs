@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::grpc::limits::RpcLimits;
+use crate::api::tls::TlsFiles;
 use crate::connectors::sink::Target;
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
@@ -56,6 +57,34 @@ pub struct Settings {
     #[arg(long, env = "DSREG_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
 
+    /// The gRPC port's TLS certificate chain (PEM, leaf first); with `--grpc-tls-key` the
+    /// port speaks TLS only. Re-read when the file changes. Plaintext when unset.
+    #[arg(long, env = "DSREG_GRPC_TLS_CERT", value_name = "PATH")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// The gRPC port's TLS private key (PEM). Re-read when the file changes.
+    #[arg(long, env = "DSREG_GRPC_TLS_KEY", value_name = "PATH")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) gRPC clients' certificates must be signed by: mutual TLS, a
+    /// client without such a certificate is refused at the handshake.
+    #[arg(long, env = "DSREG_GRPC_TLS_CLIENT_CA", value_name = "PATH")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
+    /// The HTTP port's TLS certificate chain (PEM, leaf first); with `--http-tls-key` the port
+    /// (health, readiness, metrics, webhooks) speaks HTTPS only. Plaintext when unset.
+    #[arg(long, env = "DSREG_HTTP_TLS_CERT", value_name = "PATH")]
+    pub http_tls_cert: Option<PathBuf>,
+
+    /// The HTTP port's TLS private key (PEM).
+    #[arg(long, env = "DSREG_HTTP_TLS_KEY", value_name = "PATH")]
+    pub http_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) HTTP clients' certificates must be signed by (mutual TLS on the
+    /// HTTP port: probes and webhook senders need a certificate too).
+    #[arg(long, env = "DSREG_HTTP_TLS_CLIENT_CA", value_name = "PATH")]
+    pub http_tls_client_ca: Option<PathBuf>,
+
     /// Connections in the database pool; by default three per CPU (4 to 64): more connections
     /// than the machine can run at once only queue inside Postgres.
     #[arg(long, env = "DSREG_POOL_SIZE", default_value_t = default_pool_size())]
@@ -64,6 +93,39 @@ pub struct Settings {
     /// How long a request waits for a pooled connection, in milliseconds.
     #[arg(long, env = "DSREG_POOL_WAIT_MS", default_value_t = 5_000)]
     pub pool_wait_ms: u64,
+
+    /// How long opening a database connection may take, TCP, TLS and authentication
+    /// together, in milliseconds (per host; 0: unbounded). A `connect_timeout` in the URL wins.
+    #[arg(long, env = "DSREG_DB_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub db_connect_timeout_ms: u64,
+
+    /// The server's `statement_timeout` for dsreg's connections, in milliseconds (0: the
+    /// server's own), sent in the startup options so it holds through a transaction pooler.
+    /// A `statement_timeout` in the URL's `options` wins.
+    #[arg(long, env = "DSREG_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+
+    /// Idle time before a database connection's first TCP keepalive, in milliseconds (whole
+    /// seconds, at least one). A `keepalives_idle` in the URL wins; `keepalives=0` turns
+    /// keepalives off.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_IDLE_MS", default_value_t = 10_000)]
+    pub db_keepalive_idle_ms: u64,
+
+    /// Time between unanswered TCP keepalives, in milliseconds (whole seconds, at least one).
+    /// A `keepalives_interval` in the URL wins.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_INTERVAL_MS", default_value_t = 2_000)]
+    pub db_keepalive_interval_ms: u64,
+
+    /// Unanswered TCP keepalives before a database connection is dropped. A
+    /// `keepalives_count` in the URL wins.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_COUNT", default_value_t = 3)]
+    pub db_keepalive_count: u32,
+
+    /// How long data sent to the database may stay unacknowledged before the connection is
+    /// dropped (`TCP_USER_TIMEOUT`), in milliseconds (0: the system's). A `tcp_user_timeout`
+    /// in the URL wins.
+    #[arg(long, env = "DSREG_DB_TCP_USER_TIMEOUT_MS", default_value_t = 20_000)]
+    pub db_tcp_user_timeout_ms: u64,
 
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "DSREG_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
@@ -241,6 +303,29 @@ pub struct Settings {
     pub grpc_max_concurrent_calls: usize,
 }
 
+/// One port's TLS files from its three options (named `<option>-cert`, `-key`, `-client-ca`).
+fn tls_files(
+    option: &'static str,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    client_ca: Option<&PathBuf>,
+) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            option,
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.cloned(),
+        })),
+        (None, None) if client_ca.is_none() => Ok(None),
+        (None, None) => Err(format!(
+            "{option}-client-ca needs {option}-cert and {option}-key (mutual TLS is TLS)"
+        )),
+        (Some(_), None) => Err(format!("{option}-cert needs {option}-key")),
+        (None, Some(_)) => Err(format!("{option}-key needs {option}-cert")),
+    }
+}
+
 /// An instance id: 1 to 128 letters, digits, `.`, `_`, `-` or `:`.
 fn instance_id(value: &str) -> Result<String, String> {
     let ok = (1..=128).contains(&value.len())
@@ -334,6 +419,32 @@ impl Settings {
         settings
     }
 
+    /// The gRPC port's TLS files; `None` for plaintext.
+    ///
+    /// # Errors
+    /// A certificate without a key, a key without a certificate, or a client CA without both.
+    pub fn grpc_tls(&self) -> Result<Option<TlsFiles>, String> {
+        tls_files(
+            "--grpc-tls",
+            self.grpc_tls_cert.as_ref(),
+            self.grpc_tls_key.as_ref(),
+            self.grpc_tls_client_ca.as_ref(),
+        )
+    }
+
+    /// The HTTP port's TLS files; `None` for plaintext.
+    ///
+    /// # Errors
+    /// As [`Settings::grpc_tls`].
+    pub fn http_tls(&self) -> Result<Option<TlsFiles>, String> {
+        tls_files(
+            "--http-tls",
+            self.http_tls_cert.as_ref(),
+            self.http_tls_key.as_ref(),
+            self.http_tls_client_ca.as_ref(),
+        )
+    }
+
     /// The limits of the gRPC port.
     pub fn rpc_limits(&self) -> RpcLimits {
         RpcLimits {
@@ -377,6 +488,20 @@ impl Settings {
     /// Pool checkout deadline.
     pub fn pool_wait(&self) -> Duration {
         Duration::from_millis(self.pool_wait_ms)
+    }
+
+    /// The bounds of every database connection (the URL's own parameters win).
+    pub fn connect_options(&self) -> crate::db::ConnectOptions {
+        use crate::db::connection::millis_or_none;
+        crate::db::ConnectOptions {
+            connect_timeout: millis_or_none(self.db_connect_timeout_ms),
+            statement_timeout: millis_or_none(self.db_statement_timeout_ms),
+            keepalives: true,
+            keepalive_idle: Duration::from_millis(self.db_keepalive_idle_ms),
+            keepalive_interval: Duration::from_millis(self.db_keepalive_interval_ms),
+            keepalive_count: self.db_keepalive_count,
+            tcp_user_timeout: millis_or_none(self.db_tcp_user_timeout_ms),
+        }
     }
 
     /// Shutdown grace period.
@@ -426,8 +551,7 @@ impl Settings {
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err("--sink-url must be http or https".into());
                 }
-                let client = crate::connectors::http_client(Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let client = crate::connectors::http::client().map_err(|e| e.to_string())?;
                 Ok(Target::Http {
                     client,
                     url: url.clone(),
@@ -476,6 +600,16 @@ impl Settings {
                 return Err(format!("{flag} must be positive"));
             }
         }
+        for (flag, value) in [
+            ("--db-keepalive-idle-ms", self.db_keepalive_idle_ms),
+            ("--db-keepalive-interval-ms", self.db_keepalive_interval_ms),
+        ] {
+            if value < 1_000 {
+                return Err(format!(
+                    "{flag} must be at least 1000 (keepalives count whole seconds)"
+                ));
+            }
+        }
         if self.backoff_max_ms < self.backoff_base_ms {
             return Err("--backoff-max-ms must not be below --backoff-base-ms".into());
         }
@@ -497,6 +631,8 @@ impl Settings {
             return Err(format!("{flag} must be positive"));
         }
         self.sink_target()?;
+        self.grpc_tls()?;
+        self.http_tls()?;
         self.auth.check().map_err(|e| e.to_string())?;
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
@@ -593,6 +729,70 @@ mod tests {
         assert_eq!(cli.settings.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(cli.settings.pg_data_dir(), PathBuf::from(".dsreg/pg"));
         assert!(cli.settings.check().is_ok());
+    }
+
+    #[test]
+    fn database_bounds_default_to_seconds_and_zero_unbounds() {
+        let cli = Cli::try_parse_from(["dsreg"]).unwrap();
+        assert_eq!(
+            cli.settings.connect_options(),
+            crate::db::ConnectOptions::default()
+        );
+        let cli = Cli::try_parse_from([
+            "dsreg",
+            "--db-connect-timeout-ms",
+            "0",
+            "--db-statement-timeout-ms",
+            "0",
+            "--db-tcp-user-timeout-ms",
+            "1500",
+        ])
+        .unwrap();
+        let options = cli.settings.connect_options();
+        assert_eq!(options.connect_timeout, None);
+        assert_eq!(options.statement_timeout, None);
+        assert_eq!(options.tcp_user_timeout, Some(Duration::from_millis(1500)));
+        let cli = Cli::try_parse_from(["dsreg", "--db-keepalive-idle-ms", "500"]).unwrap();
+        assert!(
+            cli.settings
+                .check()
+                .unwrap_err()
+                .contains("--db-keepalive-idle-ms")
+        );
+    }
+
+    #[test]
+    fn tls_options_come_in_pairs_and_mutual_tls_needs_tls() {
+        let parse = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(std::iter::once("dsreg").chain(args.iter().copied())).unwrap();
+            cli.settings
+        };
+        assert_eq!(parse(&[]).grpc_tls(), Ok(None));
+        let both = parse(&["--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem"]);
+        let files = both.grpc_tls().unwrap().unwrap();
+        assert_eq!(
+            (files.cert, files.key, files.client_ca),
+            ("c.pem".into(), "k.pem".into(), None)
+        );
+        assert_eq!(both.http_tls(), Ok(None));
+        for (args, refusal) in [
+            (
+                &["--grpc-tls-cert", "c.pem"][..],
+                "--grpc-tls-cert needs --grpc-tls-key",
+            ),
+            (
+                &["--http-tls-key", "k.pem"],
+                "--http-tls-key needs --http-tls-cert",
+            ),
+            (
+                &["--http-tls-client-ca", "ca.pem"],
+                "--http-tls-client-ca needs --http-tls-cert",
+            ),
+        ] {
+            let error = parse(args).check().unwrap_err();
+            assert!(error.contains(refusal), "{args:?}: {error}");
+        }
     }
 
     #[test]

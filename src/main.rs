@@ -5,6 +5,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = dsreg::cli::Cli::parse();
+    // SAFETY: no other thread has started yet.
+    unsafe { dsreg::telemetry::otel::drop_compression_none() };
     let telemetry = dsreg::telemetry::init(cli.log_level());
     // Panics become structured, throttled log lines (contained ones included).
     dsreg::telemetry::panics::install_hook();

@@ -7,6 +7,7 @@
 
 pub mod contain;
 pub mod generator;
+pub mod http;
 pub mod http_poll;
 pub mod sink;
 pub mod webhook;
@@ -397,6 +398,9 @@ pub struct CursorStore {
     db: CursorDb,
     datasource_id: Uuid,
     writer: crate::db::repository::state::Writer,
+    /// The position as the supervisor read it with the desired state, when that read is
+    /// surely current: the first [`CursorStore::load`] takes it instead of reading again.
+    known: Arc<std::sync::Mutex<Option<Option<serde_json::Value>>>>,
 }
 
 impl CursorStore {
@@ -411,14 +415,36 @@ impl CursorStore {
             db,
             datasource_id,
             writer,
+            known: Arc::default(),
         }
     }
 
-    /// The saved position, if any.
+    /// The store, with the position already read (`Some(None)`: known to be empty) for its
+    /// first [`CursorStore::load`]; `None` reads it then.
+    #[must_use]
+    pub fn with_known(self, known: Option<Option<serde_json::Value>>) -> Self {
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
+        self
+    }
+
+    /// The saved position, if any: the one the store was made with on the first call,
+    /// otherwise read from the database.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be read.
     pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
+        // Taken once: a later load (a retry within the run) reads what was saved since.
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(known) = known {
+            return Ok(known);
+        }
         let (client, _slot) = self.db.get("reading the cursor").await?;
         crate::db::repository::state::load_cursor(&**client, self.datasource_id)
             .await
@@ -442,56 +468,6 @@ impl CursorStore {
         .map(|_| ())
         .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
     }
-}
-
-/// An HTTP client for connectors and sinks: rustls with the ring provider, the given timeout.
-///
-/// Built once per timeout and shared (a clone shares the connection pool): building one sets
-/// up a TLS configuration, CPU work that thousands of workers starting at once would
-/// otherwise repeat on the runtime's threads, starving lease renewal and readiness.
-///
-/// # Errors
-/// [`Error::Source`] when the TLS stack cannot be set up.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
-    static CLIENTS: std::sync::Mutex<BTreeMap<Duration, reqwest::Client>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    // The map holds finished clients only: a holder that panicked left nothing half-done.
-    let mut clients = CLIENTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(client) = clients.get(&timeout) {
-        return Ok(client.clone());
-    }
-    let client = client_builder(timeout)
-        .build()
-        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))?;
-    clients.insert(timeout, client.clone());
-    Ok(client)
-}
-
-/// An HTTP client like [`http_client`]'s that trusts only the certificates `roots` (a private
-/// CA), not the system's. Not shared: the caller keeps it.
-///
-/// # Errors
-/// [`Error::Source`] when the TLS stack cannot be set up.
-pub fn http_client_trusting(
-    timeout: Duration,
-    roots: Vec<reqwest::Certificate>,
-) -> Result<reqwest::Client, Error> {
-    client_builder(timeout)
-        .tls_certs_only(roots)
-        .build()
-        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
-}
-
-/// The settings every HTTP client of the process shares: rustls with the ring provider, the
-/// timeout, a connect timeout of at most 10 s.
-fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
-    // Installing twice is refused and harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
 }
 
 /// Where a connector sends requests, and with them the datasource's credentials: the scheme,
@@ -917,6 +893,31 @@ mod tests {
     use super::*;
     use crate::transform::Limits;
     use serde_json::json;
+
+    #[tokio::test]
+    async fn a_known_cursor_is_served_once_without_the_database_then_read_from_it() {
+        // A pool on a port nothing listens on: any read fails.
+        let pool = crate::db::pool(
+            "postgres://dsreg@127.0.0.1:1/none",
+            1,
+            Duration::from_millis(200),
+        )
+        .expect("a pool is made without connecting");
+        let writer = crate::db::repository::state::Writer {
+            generation: 0,
+            instance: "i".into(),
+            epoch: 1,
+        };
+        let store = CursorStore::new(CursorDb::new(pool, 1), Uuid::new_v4(), writer)
+            .with_known(Some(Some(json!({ "cursor": 7 }))));
+        assert_eq!(store.load().await.unwrap(), Some(json!({ "cursor": 7 })));
+        assert!(
+            store.load().await.is_err(),
+            "a second load reads what was saved since"
+        );
+        let empty = store.clone().with_known(Some(None));
+        assert_eq!(empty.load().await.unwrap(), None);
+    }
 
     fn fields(result: Result<(), Vec<ConfigError>>) -> Vec<String> {
         result.unwrap_err().into_iter().map(|e| e.field).collect()

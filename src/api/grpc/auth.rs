@@ -1545,7 +1545,7 @@ fn remote_jwks(
 /// `--auth-jwks-ca-file` one that trusts only that file's certificates.
 fn jwks_client(ca_file: Option<&Path>) -> Result<reqwest::Client, AuthSetupError> {
     let Some(path) = ca_file else {
-        return crate::connectors::http_client(JWKS_READ_TIMEOUT)
+        return crate::connectors::http::client()
             .map_err(|e| AuthSetupError::Client(e.to_string()));
     };
     let pem = read_public_file(path)?;
@@ -1554,7 +1554,7 @@ fn jwks_client(ca_file: Option<&Path>) -> Result<reqwest::Client, AuthSetupError
     if roots.is_empty() {
         return Err(key_file_error(path, "holds no PEM certificate"));
     }
-    crate::connectors::http_client_trusting(JWKS_READ_TIMEOUT, roots)
+    crate::connectors::http::client_trusting(roots)
         .map_err(|e| AuthSetupError::Client(e.to_string()))
 }
 

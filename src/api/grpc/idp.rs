@@ -207,6 +207,7 @@ async fn get(client: &reqwest::Client, url: &Url) -> Result<Fetched, FetchError>
     };
     let mut response = client
         .get(url.clone())
+        .timeout(super::auth::JWKS_READ_TIMEOUT)
         .header(ACCEPT, "application/json")
         .send()
         .await

@@ -54,11 +54,25 @@ pub mod pb {
 /// refused before they are buffered.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
-/// The largest HTTP/2 header list a request may send: above the longest token the auth layer
-/// reads (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED,
-/// audited) rather than by the transport. Far larger header blocks trip HTTP/2's own flood
-/// guard, which closes the connection.
-pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// The largest header list a call may carry: above the longest token the auth layer reads
+/// (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED, audited);
+/// larger lists are answered RESOURCE_EXHAUSTED on their call
+/// ([`limits::HeaderSizeLayer`]).
+pub const MAX_HEADER_LIST_BYTES: usize = 64 * 1024;
+
+/// The largest header list the HTTP/2 transport decodes: beyond it (up to four times it) the
+/// stream is refused (HTTP 431 and REFUSED_STREAM) and the connection serves on; beyond four
+/// times it, HTTP/2's abuse guard closes the connection. So an 8 MB header is refused on its
+/// stream, not by closing the connection with every call on it.
+pub const TRANSPORT_HEADER_LIST_BYTES: u32 = 4 * 1024 * 1024;
+
+/// The largest HTTP/2 frame a client may send. HTTP/2's CONTINUATION flood guard allows a
+/// header block five continuation frames after its first (at these limits), and clients cut
+/// header blocks at the frame size the server announces: at 2 MiB a frame, header blocks up to
+/// 12 MiB get an answer on their stream. A connection decodes one header block at a time, so
+/// this bounds what one connection can make the server hold for headers (flow control keeps
+/// bounding data frames).
+pub const MAX_FRAME_BYTES: u32 = 2 * 1024 * 1024;
 
 /// How often gRPC health re-checks readiness.
 const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -162,12 +176,14 @@ impl pb::registry_server::Registry for RegistryService {
 }
 
 /// Serves the gRPC services on `listener` until `shutdown` is cancelled, counting every call
-/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins.
+/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins. Over TLS with `tls`
+/// (only), plaintext without.
 ///
 /// # Errors
 /// The transport failed.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<crate::api::tls::ServerTls>>,
     ctx: Arc<Ctx>,
     auth: auth::Authenticator,
     metrics: crate::telemetry::metrics::Metrics,
@@ -228,11 +244,13 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         };
     }
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_header_list_size(TRANSPORT_HEADER_LIST_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .layer(trace::TraceLayer)
         .layer(metrics::RpcMetricsLayer::new(metrics))
+        .layer(limits::HeaderSizeLayer::new(MAX_HEADER_LIST_BYTES))
         .layer(layer::AuthLayer::new(auth, sink))
         .layer(limits::ConcurrencyLayer::new(
             ctx.rpc_limits.concurrent_calls,
@@ -271,14 +289,27 @@ pub async fn serve(
         .add_service(service!(
             catalog_server::CatalogServer,
             catalog::CatalogService(ctx.clone())
-        ))
-        .serve_with_incoming_shutdown(
-            // Small streamed messages (status and event watches) go out at once, not after
-            // a delayed acknowledgement.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            draining,
-        )
-        .await
+        ));
+    match tls {
+        Some(tls) => {
+            // The accept loop sets TCP_NODELAY before the handshake, as below.
+            let incoming =
+                crate::api::tls::TlsIncoming::start(listener, tls, shutdown.child_token(), "grpc");
+            router
+                .serve_with_incoming_shutdown(incoming, draining)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Small streamed messages (status and event watches) go out at once, not
+                    // after a delayed acknowledgement.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    draining,
+                )
+                .await
+        }
+    }
 }
 
 /// The `dsreg.v1` services of the port, by their full names: gRPC health answers for each of

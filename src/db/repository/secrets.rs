@@ -186,6 +186,24 @@ pub async fn sealed(
     Ok(rows.iter().map(sealed_from_row).collect())
 }
 
+/// The sealed secrets of each of `datasources`, in one query, by datasource then name.
+///
+/// # Errors
+/// The query failed.
+pub async fn sealed_many(
+    client: &impl GenericClient,
+    datasources: &[Uuid],
+) -> Result<Vec<SealedSecret>, Error> {
+    let rows = client
+        .query_typed(
+            "SELECT datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint
+             FROM datasource_secrets WHERE datasource_id = ANY($1) ORDER BY datasource_id, name",
+            &typed::params(&[&datasources]),
+        )
+        .await?;
+    Ok(rows.iter().map(sealed_from_row).collect())
+}
+
 /// The names of the secrets of each of `datasources`, sorted, by datasource.
 ///
 /// # Errors
