@@ -162,6 +162,8 @@ pub struct App {
     pub listener: ListenerConfig,
     /// The listener's counters.
     pub listener_stats: Arc<ListenerStats>,
+    /// The notification path's self-test and the outbox poll standing in for it.
+    pub notification_check: crate::outbox::selftest::SelfTestConfig,
     /// The metrics `/metrics` serves; it reads the pool and the listener's counters as they
     /// were at build.
     metrics: Metrics,
@@ -246,9 +248,10 @@ impl App {
             stop_deadline: settings.stop_deadline(),
             listener: ListenerConfig {
                 connect: bounds,
-                ..ListenerConfig::new(url)
+                ..ListenerConfig::new(settings.listen_url(url))
             },
             listener_stats,
+            notification_check: settings.notification_check(),
             metrics,
             started: None,
             written: None,
@@ -386,6 +389,14 @@ impl App {
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
+        tracker.spawn(
+            crate::outbox::selftest::SelfTest::new(
+                self.control.clone(),
+                self.listener_stats.clone(),
+                self.notification_check,
+            )
+            .run(signals.clone(), shutdown.child_token()),
+        );
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));

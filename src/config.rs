@@ -20,6 +20,27 @@ pub struct Settings {
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
 
+    /// Postgres URL of the LISTEN connection (the main URL when unset): a direct connection
+    /// to the primary when `--database-url` goes through a transaction-mode pooler
+    /// (PgBouncer), where LISTEN never receives anything. TLS as its own `sslmode` says.
+    #[arg(long, env = "DSREG_LISTEN_DATABASE_URL", hide_env_values = true)]
+    pub listen_database_url: Option<String>,
+
+    /// How often a notification is sent through the pool to check that the LISTEN connection
+    /// receives it, in milliseconds (the first check runs at start).
+    #[arg(long, env = "DSREG_NOTIFICATION_CHECK_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub notification_check_interval_ms: u64,
+
+    /// How long that notification may take to arrive before the notification path counts as
+    /// broken, in milliseconds.
+    #[arg(long, env = "DSREG_NOTIFICATION_CHECK_TIMEOUT_MS", default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub notification_check_timeout_ms: u64,
+
+    /// How often the outbox is read while the notification path is not known to work, in
+    /// milliseconds: publishes still converge, at this pace instead of at once.
+    #[arg(long, env = "DSREG_OUTBOX_POLL_INTERVAL_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub outbox_poll_interval_ms: u64,
+
     /// Folder for the embedded cluster (`<data-dir>/pg`) and local state.
     #[arg(long, env = "DSREG_DATA_DIR", default_value = ".dsreg")]
     pub data_dir: PathBuf,
@@ -448,6 +469,22 @@ impl Settings {
         self.data_dir.join("pg")
     }
 
+    /// The LISTEN connection's URL: `--listen-database-url`, else `url` (the main one).
+    pub fn listen_url(&self, url: &str) -> String {
+        self.listen_database_url
+            .clone()
+            .unwrap_or_else(|| url.to_owned())
+    }
+
+    /// The notification path's self-test and the fallback poll.
+    pub fn notification_check(&self) -> crate::outbox::selftest::SelfTestConfig {
+        crate::outbox::selftest::SelfTestConfig {
+            interval: Duration::from_millis(self.notification_check_interval_ms),
+            timeout: Duration::from_millis(self.notification_check_timeout_ms),
+            poll_interval: Duration::from_millis(self.outbox_poll_interval_ms),
+        }
+    }
+
     /// Pool checkout deadline.
     pub fn pool_wait(&self) -> Duration {
         Duration::from_millis(self.pool_wait_ms)
@@ -600,6 +637,22 @@ impl Settings {
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
         }
+        if self.listen_database_url.is_some() && self.database_url.is_none() {
+            return Err(
+                "--listen-database-url needs --database-url (the embedded database is always direct)"
+                    .into(),
+            );
+        }
+        if self
+            .listen_database_url
+            .as_deref()
+            .is_some_and(str::is_empty)
+        {
+            return Err(
+                "DSREG_LISTEN_DATABASE_URL is set but empty; unset it to listen on DATABASE_URL"
+                    .into(),
+            );
+        }
         if self.database_url.as_deref().is_some_and(str::is_empty) {
             return Err(
                 "DATABASE_URL is set but empty; unset it to use the embedded database".into(),
@@ -618,6 +671,56 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         settings: Settings,
+    }
+
+    #[test]
+    fn the_listener_has_its_own_url_only_next_to_a_database_url() {
+        let cli = Cli::try_parse_from(["dsreg", "--database-url", "postgres://pooler/x"]).unwrap();
+        assert_eq!(
+            cli.settings.listen_url("postgres://pooler/x"),
+            "postgres://pooler/x"
+        );
+        let check = cli.settings.notification_check();
+        assert_eq!(
+            (check.interval, check.timeout, check.poll_interval),
+            (
+                Duration::from_secs(10),
+                Duration::from_secs(5),
+                Duration::from_secs(1)
+            )
+        );
+        let cli = Cli::try_parse_from([
+            "dsreg",
+            "--database-url",
+            "postgres://pooler/x",
+            "--listen-database-url",
+            "postgres://primary/x",
+            "--outbox-poll-interval-ms",
+            "250",
+        ])
+        .unwrap();
+        assert!(cli.settings.check().is_ok());
+        assert_eq!(
+            cli.settings.listen_url("postgres://pooler/x"),
+            "postgres://primary/x"
+        );
+        assert_eq!(
+            cli.settings.notification_check().poll_interval,
+            Duration::from_millis(250)
+        );
+        let alone = Cli::try_parse_from(["dsreg", "--listen-database-url", "postgres://primary/x"])
+            .unwrap();
+        assert!(
+            alone
+                .settings
+                .check()
+                .unwrap_err()
+                .contains("--listen-database-url needs --database-url")
+        );
+        assert!(
+            Cli::try_parse_from(["dsreg", "--outbox-poll-interval-ms", "0"]).is_err(),
+            "a zero poll interval is refused"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Readiness, one definition for both ports: no essential task has ended ([`Fatal`]), the
-//! database answers, holds the latest schema, the LISTEN connection is up, and the sink commits
+//! database answers, holds the latest schema, the LISTEN connection is up and receives what is
+//! sent through the pool (the last self-test passed, [`crate::outbox::selftest`]), and the sink commits
 //! (it has not been failing with nothing committed for a second). `/readyz` answers it; gRPC
 //! health reports NOT_SERVING while it fails.
 
@@ -83,6 +84,9 @@ impl Readiness {
             .unwrap_or_else(|_| Err(format!("database did not answer within {PROBE_TIMEOUT:?}")))?;
         if !self.listener.connected.load(Ordering::Relaxed) {
             return Err("the LISTEN connection is down; reconnecting".to_owned());
+        }
+        if let Some(cause) = self.listener.path.problem() {
+            return Err(format!("the notification path is broken: {cause}"));
         }
         self.sink.check()
     }

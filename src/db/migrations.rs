@@ -2,6 +2,7 @@
 //! applied with refinery, and their reverse scripts in `migrations/down/`, applied newest
 //! first by [`migrate_down`] (refinery itself only goes forward).
 
+use crate::db::repository::typed;
 use tokio_postgres::Client;
 
 use super::Error;
@@ -104,7 +105,7 @@ pub async fn current_version(client: &Client) -> Result<i32, Error> {
     // One statement in the common case (readiness asks every second); a database never
     // migrated has no history table.
     match client
-        .query_one(
+        .query_typed_one(
             &format!("SELECT coalesce(max(version), 0) FROM {HISTORY_TABLE}"),
             &[],
         )
@@ -157,9 +158,9 @@ pub async fn migrate_down(client: &mut Client, target: i32) -> Result<Vec<i32>, 
         tx.batch_execute(sql)
             .await
             .map_err(|e| Error::Migration(format!("reverting V{current}__{name}: {e}")))?;
-        tx.execute(
+        tx.execute_typed(
             &format!("DELETE FROM {HISTORY_TABLE} WHERE version = $1"),
-            &[&current],
+            &typed::params(&[&current]),
         )
         .await?;
         tx.commit().await?;

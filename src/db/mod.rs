@@ -427,7 +427,10 @@ pub async fn create_database(
     )
     .await?;
     let exists = client
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
+        .query_typed_opt(
+            "SELECT 1 FROM pg_database WHERE datname = $1",
+            &repository::typed::params(&[&database]),
+        )
         .await?
         .is_some();
     if !exists {

@@ -18,6 +18,7 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::notifications::{Listening, listen_with};
+use super::selftest::PROBE_CHANNEL;
 use super::{CHANNEL, STATE_CHANNEL};
 use crate::db::Error;
 
@@ -49,6 +50,8 @@ pub struct ListenerStats {
     pub connected: AtomicBool,
     /// Bumped on every notification.
     pub activity: super::Activity,
+    /// Whether notifications sent through the pool arrive here ([`super::selftest`]).
+    pub path: super::selftest::NotificationPath,
 }
 
 /// Listener settings.
@@ -145,7 +148,7 @@ async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
     let listening = listen_with(&target, CHANNEL).await?;
     listening
         .client
-        .batch_execute(&format!("LISTEN {STATE_CHANNEL}"))
+        .batch_execute(&format!("LISTEN {STATE_CHANNEL}; LISTEN {PROBE_CHANNEL}"))
         .await?;
     Ok(listening)
 }
@@ -242,6 +245,9 @@ impl Listener {
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 message = connected.notifications.recv() => match message {
+                    Some(notification) if notification.channel() == PROBE_CHANNEL => {
+                        self.stats.path.received(notification.payload());
+                    }
                     Some(notification) if notification.channel() == STATE_CHANNEL => {
                         // Worker states written (by any instance): wake waits and watches only.
                         match parse_state_payload(notification.payload()) {

@@ -1,11 +1,12 @@
 //! The outbox side of the data path: the reader that turns committed `datasource_events`
-//! rows into an ordered stream without skipping a row committed out of id order, and the
-//! dedicated LISTEN connection that wakes it.
+//! rows into an ordered stream without skipping a row committed out of id order, the
+//! dedicated LISTEN connection that wakes it, and the self-test of that notification path.
 
 pub mod activity;
 pub mod listener;
 pub mod notifications;
 pub mod reader;
+pub mod selftest;
 
 pub use activity::Activity;
 pub use reader::OutboxReader;

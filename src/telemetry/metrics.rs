@@ -664,6 +664,18 @@ impl Collector for Listener {
             None,
             MetricType::Gauge,
         )?)?;
+        ConstGauge::new(i64::from(stats.path.working())).encode(encoder.encode_descriptor(
+            "dsreg_notification_path_ok",
+            "1 while the last self-test's notification, sent through the pool, reached the LISTEN connection in time; 0 while it did not (the outbox is then polled) or before the first check.",
+            None,
+            MetricType::Gauge,
+        )?)?;
+        ConstCounter::new(stats.path.failures()).encode(encoder.encode_descriptor(
+            "dsreg_notification_path_failures",
+            "Self-tests of the notification path that failed (the token was not sent, or did not arrive in time).",
+            None,
+            MetricType::Counter,
+        )?)?;
         for (name, help, value) in [
             (
                 "dsreg_outbox_listener_reconnects",
@@ -843,6 +855,8 @@ mod tests {
             ("dsreg_lease_moves", "counter"),
             ("dsreg_lease_renewals", "counter"),
             ("dsreg_leases_held", "gauge"),
+            ("dsreg_notification_path_failures", "counter"),
+            ("dsreg_notification_path_ok", "gauge"),
             ("dsreg_otel_export_failures", "counter"),
             ("dsreg_otel_spans_dropped", "counter"),
             ("dsreg_outbox_horizon_age_seconds", "gauge"),

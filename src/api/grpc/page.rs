@@ -49,7 +49,7 @@ impl PageKey {
         client: &impl crate::db::repository::GenericClient,
     ) -> Result<Self, crate::db::Error> {
         let row = client
-            .query_one("SELECT key FROM dsreg_page_key", &[])
+            .query_typed_one("SELECT key FROM dsreg_page_key", &[])
             .await?;
         Ok(Self::new(row.get(0)))
     }

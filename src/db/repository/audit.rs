@@ -194,15 +194,14 @@ pub async fn record_many(client: &impl GenericClient, entries: &[AuditEntry]) ->
     let versions: Vec<Option<i32>> = entries.iter().map(|e| e.version).collect();
     let diffs: Vec<Option<&serde_json::Value>> = entries.iter().map(|e| e.diff.as_ref()).collect();
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO audit_log (actor, action, resource, org, project, version, outcome, reason, diff, trace_id)
              SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
                                   $6::int[], $7::text[], $8::text[], $9::jsonb[], $10::text[])",
-            &[
+            &typed::params(&[
                 &actors, &actions, &resources, &orgs, &projects, &versions, &outcomes, &reasons,
                 &diffs, &traces,
-            ],
-        )
+            ]),)
         .await?;
     Ok(())
 }
@@ -217,11 +216,10 @@ pub async fn recent(
     limit: i64,
 ) -> Result<Vec<(DateTime<Utc>, AuditEntry)>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT at, actor, action, resource, org, project, version, outcome, reason, diff, trace_id
              FROM audit_log WHERE ($1::text IS NULL OR resource = $1) ORDER BY id DESC LIMIT $2",
-            &[&resource, &limit],
-        )
+            &typed::params(&[&resource, &limit]),)
         .await?;
     Ok(rows
         .iter()

@@ -97,13 +97,13 @@ pub struct NewDatasource {
 /// [`Error::NameTaken`] when a live datasource of the tenant has the name.
 pub async fn create(tx: &Transaction<'_>, new: &NewDatasource) -> Result<Datasource, Error> {
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "INSERT INTO datasources (org, project, name, kind, owner, tags, description, created_by, updated_by)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, dsreg_actor(), dsreg_actor())
                  RETURNING {COLUMNS}"
             ),
-            &[
+            &typed::params(&[
                 &new.org.as_str(),
                 &new.project.as_str(),
                 &new.name.as_str(),
@@ -111,8 +111,7 @@ pub async fn create(tx: &Transaction<'_>, new: &NewDatasource) -> Result<Datasou
                 &new.owner,
                 &new.tags,
                 &new.description,
-            ],
-        )
+            ]),)
         .await
         .map_err(|e| {
             if constraint(&e) == Some("datasources_name_live_key") {
@@ -157,15 +156,14 @@ pub async fn by_names(
     let projects: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
     let names: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM datasources
                  WHERE (org, project, name) IN (SELECT * FROM unnest($1::text[], $2::text[], $3::text[]))
                  ORDER BY id{}",
                 if lock { " FOR UPDATE" } else { "" }
             ),
-            &[&orgs, &projects, &names],
-        )
+            &typed::params(&[&orgs, &projects, &names]),)
         .await?;
     rows.iter().map(Datasource::from_row).collect()
 }
@@ -203,8 +201,7 @@ pub async fn list(
     client: &deadpool_postgres::ClientWrapper,
     filter: &ListFilter,
 ) -> Result<Vec<Datasource>, Error> {
-    use tokio_postgres::types::ToSql;
-    type Param<'a> = &'a (dyn ToSql + Sync);
+    type Param<'a> = &'a dyn typed::Param;
     let prefix = filter.name_prefix.as_ref().map(|p| {
         format!(
             "{}%",
@@ -214,8 +211,10 @@ pub async fn list(
         )
     });
     let status = filter.status.map(DatasourceStatus::as_str);
-    // Only the filters in use reach the statement, so each combination is one statement,
-    // prepared once per pooled connection and planned once by the server.
+    // Only the filters in use reach the statement, so each combination is one simple
+    // statement the server plans for what it filters on. It goes out with its parameters'
+    // types, unnamed: nothing is kept on the server session (a transaction pooler may hand
+    // the next statement to another).
     let mut conditions: Vec<String> = Vec::new();
     let mut params: Vec<Param<'_>> = Vec::new();
     let optional: [(&str, Option<Param<'_>>); 8] = [
@@ -262,8 +261,7 @@ pub async fn list(
         },
         params.len()
     );
-    let statement = client.prepare_cached(&sql).await?;
-    let rows = client.query(&statement, &params).await?;
+    let rows = client.query_typed(&sql, &typed::params(&params)).await?;
     rows.iter().map(Datasource::from_row).collect()
 }
 
@@ -273,7 +271,7 @@ pub async fn list(
 /// The query failed.
 pub async fn live_ids(client: &impl GenericClient) -> Result<Vec<Uuid>, Error> {
     let rows = client
-        .query("SELECT id FROM datasources WHERE status <> 'archived'", &[])
+        .query_typed("SELECT id FROM datasources WHERE status <> 'archived'", &[])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
@@ -303,9 +301,9 @@ pub async fn update(
     expected_revision: Option<i64>,
 ) -> Result<Datasource, Error> {
     let current = tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT revision, status FROM datasources WHERE id = $1 FOR UPDATE",
-            &[&id],
+            &typed::params(&[&id]),
         )
         .await?
         .ok_or(Error::DatasourceNotFound(id))?;
@@ -323,7 +321,7 @@ pub async fn update(
         return Err(Error::DatasourceArchived(id));
     }
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "UPDATE datasources SET
                     owner = coalesce($2, owner),
@@ -334,13 +332,13 @@ pub async fn update(
                  WHERE id = $1
                  RETURNING {COLUMNS}"
             ),
-            &[
+            &typed::params(&[
                 &id,
                 &patch.owner,
                 &patch.tags,
                 &patch.description,
                 &patch.status.map(DatasourceStatus::as_str),
-            ],
+            ]),
         )
         .await
         .map_err(|e| {

@@ -4,7 +4,7 @@
 
 use uuid::Uuid;
 
-use super::GenericClient;
+use super::{GenericClient, typed};
 use crate::db::Error;
 
 /// Expired rows a claim takes back besides its own, so the table stays as small as the
@@ -23,7 +23,7 @@ pub async fn claim(
     expires_at: i64,
 ) -> Result<bool, Error> {
     let claimed = client
-        .query_opt(
+        .query_typed_opt(
             "WITH expired AS (
                  DELETE FROM webhook_delivery_ids
                   WHERE ctid IN (SELECT ctid FROM webhook_delivery_ids
@@ -35,7 +35,7 @@ pub async fn claim(
                 SET expires_at = EXCLUDED.expires_at
               WHERE d.expires_at < now()
              RETURNING 1",
-            &[&datasource, &id, &expires_at, &EXPIRED_PER_CLAIM],
+            &typed::params(&[&datasource, &id, &expires_at, &EXPIRED_PER_CLAIM]),
         )
         .await?;
     Ok(claimed.is_some())
@@ -48,9 +48,9 @@ pub async fn claim(
 /// The statement failed.
 pub async fn release(client: &impl GenericClient, datasource: Uuid, id: &str) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "DELETE FROM webhook_delivery_ids WHERE datasource_id = $1 AND delivery_id = $2",
-            &[&datasource, &id],
+            &typed::params(&[&datasource, &id]),
         )
         .await?;
     Ok(())

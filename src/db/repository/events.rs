@@ -88,12 +88,12 @@ pub async fn append(client: &impl GenericClient, events: &[NewEvent]) -> Result<
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO datasource_events (datasource_id, type, version, payload, created_at)
              SELECT id, type, version, payload, coalesce(at, clock_timestamp())
              FROM unnest($1::uuid[], $2::text[], $3::int[], $4::jsonb[], $5::timestamptz[])
                   AS e(id, type, version, payload, at)",
-            &[&ids, &kinds, &versions, &payloads, &ats],
+            &typed::params(&[&ids, &kinds, &versions, &payloads, &ats]),
         )
         .await?;
     Ok(())
@@ -199,7 +199,7 @@ pub async fn list_scoped(
     filter: &EventFilter,
 ) -> Result<ScopedPage, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "WITH snap AS (
                      SELECT pg_snapshot_xmin(s)::text::bigint AS snap_xmin,
@@ -221,7 +221,7 @@ pub async fn list_scoped(
                      LIMIT $6
                  ) e ON true"
             ),
-            &[
+            &typed::params(&[
                 &filter.datasource_id,
                 &filter.kinds,
                 &filter.after_id,
@@ -231,7 +231,7 @@ pub async fn list_scoped(
                 &filter.through_id,
                 &filter.org,
                 &filter.projects,
-            ],
+            ]),
         )
         .await?;
     let (xmin, xmax) = rows
@@ -303,7 +303,7 @@ pub async fn read_safe(
 /// The query failed.
 pub async fn horizon_holder(client: &impl GenericClient) -> Result<Option<(i32, f64)>, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT pid, extract(epoch FROM clock_timestamp() - xact_start)::float8
              FROM pg_stat_activity
              WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
@@ -320,7 +320,7 @@ pub async fn horizon_holder(client: &impl GenericClient) -> Result<Option<(i32, 
 /// The query failed.
 pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
             &[],
         )
@@ -334,7 +334,7 @@ pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> 
 /// The query failed.
 pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
              FROM pg_current_snapshot() s",
             &[],
@@ -349,7 +349,7 @@ pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), 
 /// The query failed.
 pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq",
             &[],
         )

@@ -3,6 +3,7 @@
 //! version and revision right after the write. `files` compares them with the datasource now
 //! to tell a file edit from a database change, and both at once (a conflict).
 
+use super::typed;
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
@@ -66,11 +67,11 @@ pub async fn get_many(
     datasources: &[Uuid],
 ) -> Result<HashMap<Uuid, SyncRow>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM datasource_file_sync s WHERE s.datasource_id = ANY($1)"
             ),
-            &[&datasources],
+            &typed::params(&[&datasources]),
         )
         .await?;
     Ok(rows
@@ -102,7 +103,7 @@ pub async fn live_under(
         })
         .collect();
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS}, {DATASOURCE} FROM datasource_file_sync s
                  JOIN datasources d ON d.id = s.datasource_id AND d.status <> 'archived'
@@ -110,7 +111,7 @@ pub async fn live_under(
                  ORDER BY s.path, s.datasource_id",
                 DATASOURCE = super::datasources::COLUMNS,
             ),
-            &[&prefixes, &files],
+            &typed::params(&[&prefixes, &files]),
         )
         .await?;
     rows.iter()
@@ -130,7 +131,7 @@ pub async fn record(tx: &Transaction<'_>, synced: &[Synced<'_>]) -> Result<(), E
     let ids: Vec<Uuid> = synced.iter().map(|s| s.datasource_id).collect();
     let paths: Vec<&str> = synced.iter().map(|s| s.path).collect();
     let hashes: Vec<&str> = synced.iter().map(|s| s.content_hash).collect();
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO datasource_file_sync (datasource_id, path, content_hash, synced_version, synced_revision)
          SELECT d.id, u.path, u.hash, d.current_version, d.revision
          FROM unnest($1::uuid[], $2::text[], $3::text[]) AS u(id, path, hash)
@@ -139,8 +140,7 @@ pub async fn record(tx: &Transaction<'_>, synced: &[Synced<'_>]) -> Result<(), E
             path = excluded.path, content_hash = excluded.content_hash,
             synced_version = excluded.synced_version, synced_revision = excluded.synced_revision,
             synced_at = now()",
-        &[&ids, &paths, &hashes],
-    )
+        &typed::params(&[&ids, &paths, &hashes]),)
     .await?;
     Ok(())
 }
@@ -153,9 +153,9 @@ pub async fn forget(tx: &Transaction<'_>, datasources: &[Uuid]) -> Result<(), Er
     if datasources.is_empty() {
         return Ok(());
     }
-    tx.execute(
+    tx.execute_typed(
         "DELETE FROM datasource_file_sync WHERE datasource_id = ANY($1)",
-        &[&datasources],
+        &typed::params(&[&datasources]),
     )
     .await?;
     Ok(())

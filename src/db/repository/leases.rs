@@ -10,6 +10,7 @@
 //! and are checked against the lease in the same statement ([`fence`]), so an instance that
 //! lost a lease (frozen, cut off) cannot write as its owner any more.
 
+use super::typed;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -54,13 +55,13 @@ pub async fn holding(
     let ids: Vec<Uuid> = pairs.iter().map(|(id, _)| *id).collect();
     let epochs: Vec<i64> = pairs.iter().map(|(_, e)| *e).collect();
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT q.id, q.epoch FROM unnest($2::uuid[], $3::bigint[]) AS q(id, epoch)
                  JOIN datasource_leases l ON l.datasource_id = q.id AND {}",
                 fence("$1", "q.epoch")
             ),
-            &[&owner, &ids, &epochs],
+            &typed::params(&[&owner, &ids, &epochs]),
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -109,11 +110,11 @@ fn millis(ttl: Duration) -> i64 {
 /// The statement failed.
 pub async fn register(client: &impl GenericClient, me: &InstanceInfo) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO dsreg_instances (id, address, version) VALUES ($1, $2, $3)
              ON CONFLICT (id) DO UPDATE SET address = $2, version = $3, heartbeat_at = now(),
                                             stopped_at = NULL",
-            &[&me.id, &me.address, &me.version],
+            &typed::params(&[&me.id, &me.address, &me.version]),
         )
         .await?;
     Ok(())
@@ -137,12 +138,12 @@ pub struct Renewed {
 /// The query failed.
 pub async fn live_for(client: &impl GenericClient, id: &str) -> Result<Option<Duration>, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!(
                 "SELECT (extract(epoch FROM leases_until - now()) * 1000)::bigint
                  FROM dsreg_instances WHERE id = $1 AND {LIVE}"
             ),
-            &[&id],
+            &typed::params(&[&id]),
         )
         .await?;
     Ok(row.map(|r| Duration::from_millis(u64::try_from(r.get::<_, i64>(0)).unwrap_or(0))))
@@ -191,7 +192,7 @@ pub async fn renew(
     ttl: Duration,
 ) -> Result<Renewed, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "WITH was AS (
                     SELECT coalesce((SELECT {LIVE} FROM dsreg_instances WHERE id = $1), false) AS live
@@ -215,8 +216,7 @@ pub async fn renew(
                  {}",
                 seen_sql()
             ),
-            &[&me.id, &millis(ttl), &me.address, &me.version],
-        )
+            &typed::params(&[&me.id, &millis(ttl), &me.address, &me.version]),)
         .await?;
     Ok(seen(&rows))
 }
@@ -227,7 +227,9 @@ pub async fn renew(
 /// # Errors
 /// The query failed.
 pub async fn look(client: &impl GenericClient, me: &str) -> Result<Renewed, Error> {
-    let rows = client.query(&seen_sql(), &[&me]).await?;
+    let rows = client
+        .query_typed(&seen_sql(), &typed::params(&[&me]))
+        .await?;
     Ok(seen(&rows))
 }
 
@@ -237,7 +239,7 @@ pub async fn look(client: &impl GenericClient, me: &str) -> Result<Renewed, Erro
 /// The query failed.
 pub async fn live_instances(client: &impl GenericClient) -> Result<Vec<String>, Error> {
     let rows = client
-        .query(&format!("{} ORDER BY id", live_ids()), &[])
+        .query_typed(&format!("{} ORDER BY id", live_ids()), &[])
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
@@ -249,7 +251,7 @@ pub async fn live_instances(client: &impl GenericClient) -> Result<Vec<String>, 
 /// The query failed.
 pub async fn instances(client: &impl GenericClient) -> Result<Vec<Instance>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT i.id, i.address, i.version, i.started_at, i.heartbeat_at, i.stopped_at,
                         {LIVE},
@@ -293,7 +295,7 @@ pub struct Standing {
 /// The query failed.
 pub async fn standings(client: &impl GenericClient) -> Result<Vec<Standing>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT d.id, CASE WHEN l.owner IN ({}) THEN l.owner END
                  FROM datasources d LEFT JOIN datasource_leases l ON l.datasource_id = d.id
@@ -341,7 +343,7 @@ async fn begin<'a>(client: &'a mut Client, me: &str) -> Result<Transaction<'a>, 
 pub async fn claim(client: &mut Client, me: &str, ids: &[Uuid]) -> Result<Vec<Claimed>, Error> {
     let tx = begin(client, me).await?;
     let rows = tx
-        .query(
+        .query_typed(
             &format!(
                 "WITH before AS (
                     SELECT datasource_id, owner FROM datasource_leases WHERE datasource_id = ANY($2)
@@ -366,7 +368,7 @@ pub async fn claim(client: &mut Client, me: &str, ids: &[Uuid]) -> Result<Vec<Cl
                  FROM claimed c LEFT JOIN before b USING (datasource_id)",
                 live_ids()
             ),
-            &[&me, &ids],
+            &typed::params(&[&me, &ids]),
         )
         .await?;
     let claimed: Vec<Claimed> = rows
@@ -440,7 +442,7 @@ async fn release_in(
 ) -> Result<Vec<Uuid>, Error> {
     let ids: Vec<Uuid> = moves.iter().map(|(id, _)| *id).collect();
     let rows = tx
-        .query(
+        .query_typed(
             "WITH mine AS (
                 SELECT datasource_id FROM datasource_leases
                 WHERE owner = $1 AND datasource_id = ANY($2)
@@ -449,7 +451,7 @@ async fn release_in(
              UPDATE datasource_leases l SET owner = NULL
              FROM mine WHERE l.datasource_id = mine.datasource_id
              RETURNING l.datasource_id, l.epoch",
-            &[&me, &ids],
+            &typed::params(&[&me, &ids]),
         )
         .await?;
     let released: Vec<(Uuid, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
@@ -481,18 +483,18 @@ async fn release_in(
 pub async fn sign_off(client: &mut Client, me: &str) -> Result<usize, Error> {
     let tx = begin(client, me).await?;
     let held: Vec<(Uuid, Option<String>)> = tx
-        .query(
+        .query_typed(
             "SELECT datasource_id FROM datasource_leases WHERE owner = $1",
-            &[&me],
+            &typed::params(&[&me]),
         )
         .await?
         .iter()
         .map(|r| (r.get(0), None))
         .collect();
     let released = release_in(&tx, me, &held, Release::Shutdown).await?;
-    tx.execute(
+    tx.execute_typed(
         "UPDATE dsreg_instances SET stopped_at = now(), leases_until = '-infinity' WHERE id = $1",
-        &[&me],
+        &typed::params(&[&me]),
     )
     .await?;
     tx.commit().await?;

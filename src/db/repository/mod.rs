@@ -63,7 +63,10 @@ pub async fn begin<'a>(
 /// # Errors
 /// The database is unreachable.
 pub async fn set_actor(tx: &Transaction<'_>, actor: &str) -> Result<(), Error> {
-    tx.execute("SELECT set_config('dsreg.actor', $1, true)", &[&actor])
-        .await?;
+    tx.execute_typed(
+        "SELECT set_config('dsreg.actor', $1, true)",
+        &typed::params(&[&actor]),
+    )
+    .await?;
     Ok(())
 }

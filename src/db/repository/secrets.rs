@@ -86,10 +86,9 @@ pub async fn next_revision(
     name: &str,
 ) -> Result<i64, Error> {
     let row = tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT revision FROM datasource_secrets WHERE datasource_id = $1 AND name = $2 FOR UPDATE",
-            &[&datasource, &name],
-        )
+            &typed::params(&[&datasource, &name]),)
         .await?;
     Ok(row.map_or(1, |r| r.get::<_, i64>(0) + 1))
 }
@@ -100,14 +99,14 @@ pub async fn next_revision(
 /// # Errors
 /// [`Error::DatasourceNotFound`], [`Error::Invalid`] for a bad name or oversized value.
 pub async fn put(tx: &Transaction<'_>, secret: &SealedSecret) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_typed(
         "INSERT INTO datasource_secrets (datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint, created_by)
          VALUES ($1, $2, $3, $4, $5, $6, $7, dsreg_actor())
          ON CONFLICT (datasource_id, name) DO UPDATE SET
             key_version = excluded.key_version, nonce = excluded.nonce, ciphertext = excluded.ciphertext,
             revision = excluded.revision, fingerprint = excluded.fingerprint,
             rotated_by = dsreg_actor(), rotated_at = now()",
-        &[
+        &typed::params(&[
             &secret.datasource_id,
             &secret.name,
             &secret.key_version,
@@ -115,8 +114,7 @@ pub async fn put(tx: &Transaction<'_>, secret: &SealedSecret) -> Result<(), Erro
             &secret.ciphertext,
             &secret.revision,
             &secret.fingerprint,
-        ],
-    )
+        ]),)
     .await
     .map_err(|e| match crate::db::sqlstate(&e) {
         Some("23503") => Error::DatasourceNotFound(secret.datasource_id),
@@ -131,9 +129,9 @@ pub async fn put(tx: &Transaction<'_>, secret: &SealedSecret) -> Result<(), Erro
 /// The query failed.
 pub async fn delete(tx: &Transaction<'_>, datasource: Uuid, name: &str) -> Result<bool, Error> {
     let deleted = tx
-        .execute(
+        .execute_typed(
             "DELETE FROM datasource_secrets WHERE datasource_id = $1 AND name = $2",
-            &[&datasource, &name],
+            &typed::params(&[&datasource, &name]),
         )
         .await?
         > 0;
@@ -151,10 +149,10 @@ async fn secret_changed(
     name: &str,
     op: &str,
 ) -> Result<(), Error> {
-    tx.execute(
+    tx.execute_typed(
         "UPDATE datasource_state SET secrets_generation = secrets_generation + 1
          WHERE datasource_id = $1",
-        &[&datasource],
+        &typed::params(&[&datasource]),
     )
     .await?;
     events::append(
@@ -179,10 +177,10 @@ pub async fn sealed(
     datasource: Uuid,
 ) -> Result<Vec<SealedSecret>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint
              FROM datasource_secrets WHERE datasource_id = $1 ORDER BY name",
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?;
     Ok(rows.iter().map(sealed_from_row).collect())
@@ -197,10 +195,10 @@ pub async fn sealed_many(
     datasources: &[Uuid],
 ) -> Result<Vec<SealedSecret>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint
              FROM datasource_secrets WHERE datasource_id = ANY($1) ORDER BY datasource_id, name",
-            &[&datasources],
+            &typed::params(&[&datasources]),
         )
         .await?;
     Ok(rows.iter().map(sealed_from_row).collect())
@@ -215,10 +213,10 @@ pub async fn names(
     datasources: &[Uuid],
 ) -> Result<std::collections::HashMap<Uuid, Vec<String>>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT datasource_id, name FROM datasource_secrets
              WHERE datasource_id = ANY($1) ORDER BY datasource_id, name",
-            &[&datasources],
+            &typed::params(&[&datasources]),
         )
         .await?;
     let mut names: std::collections::HashMap<Uuid, Vec<String>> = Default::default();
@@ -337,7 +335,7 @@ pub async fn lock_batch(
     limit: i64,
 ) -> Result<Vec<TenantSealed>, Error> {
     let rows = tx
-        .query(
+        .query_typed(
             // The batch is picked from the secrets' primary key alone, then joined: joined in
             // one query, the planner may drive from `datasources` and rescan every datasource
             // before the cursor (seconds per batch at 100,000 rows).
@@ -353,7 +351,7 @@ pub async fn lock_batch(
                  FROM s JOIN datasources d ON d.id = s.datasource_id
                  ORDER BY s.datasource_id, s.name"
             ),
-            &[&active, &after.0, &after.1, &limit],
+            &typed::params(&[&active, &after.0, &after.1, &limit]),
         )
         .await?;
     Ok(rows.iter().map(tenant_sealed).collect())
@@ -399,7 +397,7 @@ pub async fn rewrite(tx: &Transaction<'_>, rows: &[Resealed]) -> Result<u64, Err
     let ciphertexts: Vec<&[u8]> = rows.iter().map(|r| r.ciphertext.as_slice()).collect();
     let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
     Ok(tx
-        .execute(
+        .execute_typed(
             "UPDATE datasource_secrets AS s
              SET key_version = u.key_version, nonce = u.nonce, ciphertext = u.ciphertext,
                  revision = u.revision
@@ -407,7 +405,7 @@ pub async fn rewrite(tx: &Transaction<'_>, rows: &[Resealed]) -> Result<u64, Err
                   AS u(datasource_id, name, key_version, nonce, ciphertext, revision)
              WHERE s.datasource_id = u.datasource_id AND s.name = u.name
                AND s.revision = u.revision - 1",
-            &[&ids, &names, &versions, &nonces, &ciphertexts, &revisions],
+            &typed::params(&[&ids, &names, &versions, &nonces, &ciphertexts, &revisions]),
         )
         .await?)
 }
@@ -418,9 +416,9 @@ pub async fn rewrite(tx: &Transaction<'_>, rows: &[Resealed]) -> Result<u64, Err
 /// The query failed.
 pub async fn count_not_on(client: &impl GenericClient, version: i32) -> Result<i64, Error> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             "SELECT count(*) FROM datasource_secrets WHERE key_version <> $1",
-            &[&version],
+            &typed::params(&[&version]),
         )
         .await?
         .get(0))
@@ -432,7 +430,7 @@ pub async fn count_not_on(client: &impl GenericClient, version: i32) -> Result<i
 /// The query failed.
 pub async fn count_by_version(client: &impl GenericClient) -> Result<Vec<(i32, i64)>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT key_version, count(*) FROM datasource_secrets
              GROUP BY key_version ORDER BY key_version",
             &[],
@@ -450,14 +448,14 @@ pub async fn sample(
     version: i32,
 ) -> Result<Option<TenantSealed>, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!(
                 "SELECT {TENANT_SEALED}
                  FROM datasource_secrets s JOIN datasources d ON d.id = s.datasource_id
                  WHERE s.key_version = $1
                  LIMIT 1"
             ),
-            &[&version],
+            &typed::params(&[&version]),
         )
         .await?;
     Ok(row.as_ref().map(tenant_sealed))

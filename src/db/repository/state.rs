@@ -118,8 +118,8 @@ static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(
     )
 });
 
-/// Datasources and their runtime states in one statement, prepared once per pooled
-/// connection: the API's hottest read (concurrent status reads share it). Ids that name no
+/// Datasources and their runtime states in one statement, sent with its parameter types in
+/// one round trip: the API's hottest read (concurrent status reads share it). Ids that name no
 /// datasource are missing from the answer.
 ///
 /// # Errors
@@ -128,8 +128,9 @@ pub async fn with_datasources(
     client: &deadpool_postgres::ClientWrapper,
     datasources: &[Uuid],
 ) -> Result<HashMap<Uuid, (super::datasources::Datasource, State)>, Error> {
-    let statement = client.prepare_cached(&WITH_DATASOURCES).await?;
-    let rows = client.query(&statement, &[&datasources]).await?;
+    let rows = client
+        .query_typed(&WITH_DATASOURCES, &typed::params(&[&datasources]))
+        .await?;
     let mut found = HashMap::with_capacity(rows.len());
     for row in &rows {
         let datasource = super::datasources::Datasource::from_row(row)?;
@@ -145,9 +146,9 @@ pub async fn with_datasources(
 /// [`Error::DatasourceNotFound`].
 pub async fn get(client: &impl GenericClient, datasource: Uuid) -> Result<State, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {COLUMNS} FROM datasource_state WHERE datasource_id = $1"),
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?
         .ok_or(Error::DatasourceNotFound(datasource))?;
@@ -174,10 +175,10 @@ pub async fn set_desired(
     desired: DesiredState,
 ) -> Result<Outcome, Error> {
     let changed = tx
-        .query_opt(
+        .query_typed_opt(
             "UPDATE datasource_state SET desired = $2, updated_at = now()
              WHERE datasource_id = $1 AND desired <> $2 RETURNING 1",
-            &[&datasource, &desired.as_str()],
+            &typed::params(&[&datasource, &desired.as_str()]),
         )
         .await?
         .is_some();
@@ -206,11 +207,10 @@ pub async fn set_desired(
 /// [`Error::DatasourceNotFound`].
 pub async fn request_restart(tx: &Transaction<'_>, datasource: Uuid) -> Result<i64, Error> {
     let generation: i64 = tx
-        .query_opt(
+        .query_typed_opt(
             "UPDATE datasource_state SET restart_generation = restart_generation + 1, updated_at = now()
              WHERE datasource_id = $1 RETURNING restart_generation",
-            &[&datasource],
-        )
+            &typed::params(&[&datasource]),)
         .await?
         .ok_or(Error::DatasourceNotFound(datasource))?
         .get(0);
@@ -235,10 +235,10 @@ pub async fn request_restart(tx: &Transaction<'_>, datasource: Uuid) -> Result<i
 /// The query failed.
 pub async fn request_mark(tx: &Transaction<'_>, datasource: Uuid) -> Result<i64, Error> {
     Ok(tx
-        .query_one(
+        .query_typed_one(
             "SELECT coalesce(max(id), 0) FROM datasource_events \
               WHERE datasource_id = $1 AND xid = pg_current_xact_id()",
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?
         .get(0))
@@ -264,13 +264,12 @@ pub async fn outcome_since(
     after_id: i64,
 ) -> Result<Option<WorkerOutcome>, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT type FROM datasource_events \
               WHERE datasource_id = $1 AND id > $2 \
                 AND type IN ('worker_running', 'reload_applied', 'worker_error', 'reload_rejected') \
               ORDER BY id DESC LIMIT 1",
-            &[&datasource, &after_id],
-        )
+            &typed::params(&[&datasource, &after_id]),)
         .await?;
     Ok(row.map(|row| match row.get::<_, &str>(0) {
         "worker_running" | "reload_applied" => WorkerOutcome::Running,
@@ -581,7 +580,7 @@ pub async fn heartbeat(
     let progress: Vec<Option<DateTime<Utc>>> = beats.iter().map(|b| b.last_progress_at).collect();
     let metrics: Vec<&serde_json::Value> = beats.iter().map(|b| &b.metrics).collect();
     client
-        .execute(
+        .execute_typed(
             &format!(
                 "WITH u AS (
                     SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::jsonb[]) AS u(id, progress, metrics)
@@ -600,8 +599,7 @@ pub async fn heartbeat(
                  WHERE s.datasource_id = u.id",
                 super::leases::held_by("$4")
             ),
-            &[&ids, &progress, &metrics, &instance],
-        )
+            &typed::params(&[&ids, &progress, &metrics, &instance]),)
         .await?;
     Ok(())
 }
@@ -615,9 +613,9 @@ pub async fn load_cursor(
     datasource: Uuid,
 ) -> Result<Option<serde_json::Value>, Error> {
     Ok(client
-        .query_opt(
+        .query_typed_opt(
             "SELECT source_cursor FROM datasource_state WHERE datasource_id = $1",
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?
         .and_then(|r| r.get(0)))
@@ -649,7 +647,7 @@ pub async fn save_cursor(
     cursor: &serde_json::Value,
 ) -> Result<bool, Error> {
     let saved = client
-        .execute(
+        .execute_typed(
             &format!(
                 "UPDATE datasource_state s SET source_cursor = $3
                  FROM datasource_leases l
@@ -657,13 +655,13 @@ pub async fn save_cursor(
                    AND l.datasource_id = $1 AND {}",
                 super::leases::fence("$4", "$5")
             ),
-            &[
+            &typed::params(&[
                 &datasource,
                 &writer.generation,
                 cursor,
                 &writer.instance,
                 &writer.epoch,
-            ],
+            ]),
         )
         .await?;
     Ok(saved == 1)
@@ -680,9 +678,9 @@ pub async fn request_backfill(
     datasource: Uuid,
     from: Option<&serde_json::Value>,
 ) -> Result<i64, Error> {
-    tx.execute(
+    tx.execute_typed(
         "UPDATE datasource_state SET source_cursor = $2 WHERE datasource_id = $1",
-        &[&datasource, &from],
+        &typed::params(&[&datasource, &from]),
     )
     .await?;
     let generation = request_restart(tx, datasource).await?;
@@ -710,14 +708,14 @@ pub async fn counts(
     projects: Option<&[String]>,
 ) -> Result<(i64, Vec<(String, i64)>), Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT s.worker_status, count(*) FROM datasources d
              JOIN datasource_state s ON s.datasource_id = d.id
              WHERE d.status <> 'archived'
                AND ($1::text IS NULL OR d.org = $1)
                AND ($2::text[] IS NULL OR d.project = ANY($2))
              GROUP BY s.worker_status",
-            &[&org, &projects],
+            &typed::params(&[&org, &projects]),
         )
         .await?;
     let by_status: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();

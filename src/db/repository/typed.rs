@@ -50,6 +50,23 @@ typed! {
     DateTime<Utc> => TIMESTAMPTZ, TIMESTAMPTZ_ARRAY;
 }
 
+// Bytes are `bytea`, not an array of anything.
+impl Typed for [u8] {
+    const TYPE: Type = Type::BYTEA;
+}
+
+impl Element for [u8] {
+    const ARRAY: Type = Type::BYTEA_ARRAY;
+}
+
+impl Typed for Vec<u8> {
+    const TYPE: Type = Type::BYTEA;
+}
+
+impl Element for Vec<u8> {
+    const ARRAY: Type = Type::BYTEA_ARRAY;
+}
+
 impl<T: Typed + ?Sized> Typed for &T {
     const TYPE: Type = T::TYPE;
 }
@@ -99,6 +116,54 @@ pub fn params<'a>(params: &'a [&'a dyn Param]) -> Vec<(&'a (dyn ToSql + Sync), T
 mod tests {
     use super::*;
 
+    /// Behind a transaction-mode pooler the statements of one client land on different server
+    /// sessions, so a statement prepared by name in one is missing in the next: every
+    /// statement goes out unnamed (`*_typed`, `simple_query`, `batch_execute`). This finds the
+    /// calls that would prepare one by name: `query`, `query_one`, `query_opt` or `execute`
+    /// given SQL text, and `prepare` / `prepare_cached`.
+    #[test]
+    fn no_statement_is_prepared_by_name() {
+        fn visit(dir: &std::path::Path, found: &mut Vec<String>) {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    visit(&path, found);
+                    continue;
+                }
+                if path.extension().is_none_or(|e| e != "rs") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Code under test may prepare freely.
+                let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+                let flat: String = code.split_whitespace().collect::<Vec<_>>().join(" ");
+                for call in [".query(", ".query_one(", ".query_opt(", ".execute("] {
+                    for (at, _) in flat.match_indices(call) {
+                        let rest = flat[at + call.len()..].trim_start();
+                        if rest.starts_with('"') || rest.starts_with("&format!") {
+                            found.push(format!(
+                                "{}: {}",
+                                path.display(),
+                                &flat[at..(at + 80).min(flat.len())]
+                            ));
+                        }
+                    }
+                }
+                for call in [".prepare(", ".prepare_cached(", ".prepare_typed("] {
+                    if flat.contains(call) {
+                        found.push(format!("{}: {call}", path.display()));
+                    }
+                }
+            }
+        }
+        let mut found = Vec::new();
+        visit(
+            &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            &mut found,
+        );
+        assert!(found.is_empty(), "statements prepared by name: {found:#?}");
+    }
+
     #[test]
     fn parameters_are_sent_as_the_types_of_their_rust_values() {
         let id = Uuid::nil();
@@ -109,7 +174,11 @@ mod tests {
         let json = serde_json::json!({});
         let payloads = vec![&json];
         let at: Option<DateTime<Utc>> = None;
+        let bytes = vec![1u8, 2];
+        let byte_rows: Vec<&[u8]> = vec![&bytes];
         let types: Vec<Type> = params(&[
+            &bytes,
+            &byte_rows,
             &id,
             &ids,
             &slice,
@@ -129,6 +198,8 @@ mod tests {
         assert_eq!(
             types,
             [
+                Type::BYTEA,
+                Type::BYTEA_ARRAY,
                 Type::UUID,
                 Type::UUID_ARRAY,
                 Type::UUID_ARRAY,

@@ -104,9 +104,9 @@ pub async fn create_draft(
 ) -> Result<Version, Error> {
     // Locking the datasource row serialises version numbering per datasource.
     let status: String = tx
-        .query_opt(
+        .query_typed_opt(
             "SELECT status FROM datasources WHERE id = $1 FOR UPDATE",
-            &[&datasource],
+            &typed::params(&[&datasource]),
         )
         .await?
         .ok_or(Error::DatasourceNotFound(datasource))?
@@ -115,15 +115,14 @@ pub async fn create_draft(
         return Err(Error::DatasourceArchived(datasource));
     }
     let row = tx
-        .query_one(
+        .query_typed_one(
             &format!(
                 "INSERT INTO datasource_versions (datasource_id, version, config, comment, created_by)
                  SELECT $1, coalesce(max(version), 0) + 1, $2, $3, dsreg_actor()
                  FROM datasource_versions WHERE datasource_id = $1
                  RETURNING {COLUMNS}"
             ),
-            &[&datasource, config, &comment],
-        )
+            &typed::params(&[&datasource, config, &comment]),)
         .await
         .map_err(|e| map_error(e, datasource, None))?;
     Version::from_row(&row)
@@ -141,13 +140,13 @@ pub async fn update_draft(
     comment: &str,
 ) -> Result<Version, Error> {
     let row = tx
-        .query_opt(
+        .query_typed_opt(
             &format!(
                 "UPDATE datasource_versions SET config = $3, comment = $4
                  WHERE datasource_id = $1 AND version = $2 AND state = 'draft'
                  RETURNING {COLUMNS}"
             ),
-            &[&datasource, &version, config, &comment],
+            &typed::params(&[&datasource, &version, config, &comment]),
         )
         .await
         .map_err(|e| map_error(e, datasource, Some(version)))?;
@@ -196,10 +195,9 @@ pub async fn published(
     datasource: Uuid,
 ) -> Result<Option<Version>, Error> {
     client
-        .query_opt(
+        .query_typed_opt(
             &format!("SELECT {COLUMNS} FROM datasource_versions WHERE datasource_id = $1 AND state = 'published'"),
-            &[&datasource],
-        )
+            &typed::params(&[&datasource]),)
         .await?
         .as_ref()
         .map(Version::from_row)
@@ -216,7 +214,7 @@ pub async fn heads(
     datasources: &[Uuid],
 ) -> Result<HashMap<Uuid, Heads>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM datasource_versions
                  WHERE datasource_id = ANY($1)
@@ -225,7 +223,7 @@ pub async fn heads(
                         WHERE datasource_id = ANY($1) GROUP BY datasource_id))
                  ORDER BY datasource_id, version"
             ),
-            &[&datasources],
+            &typed::params(&[&datasources]),
         )
         .await?;
     let mut heads: HashMap<Uuid, Heads> = HashMap::new();
@@ -256,10 +254,9 @@ pub struct Heads {
 /// The query failed.
 pub async fn list(client: &impl GenericClient, datasource: Uuid) -> Result<Vec<Version>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!("SELECT {COLUMNS} FROM datasource_versions WHERE datasource_id = $1 ORDER BY version DESC"),
-            &[&datasource],
-        )
+            &typed::params(&[&datasource]),)
         .await?;
     rows.iter().map(Version::from_row).collect()
 }
