@@ -137,6 +137,8 @@ pub struct App {
     pub backoff: BackoffPolicy,
     /// How long a stopping worker gets before it is aborted.
     pub stop_deadline: Duration,
+    /// How old a transaction holding the outbox horizon may grow before the log names it.
+    pub horizon_warn_after: Duration,
     /// The LISTEN connection's settings.
     pub listener: ListenerConfig,
     /// The listener's counters.
@@ -214,6 +216,7 @@ impl App {
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
             listener: ListenerConfig::new(url),
+            horizon_warn_after: Duration::from_millis(settings.outbox_horizon_warn_after_ms),
             listener_stats,
             metrics,
             started: None,
@@ -337,6 +340,13 @@ impl App {
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
         tracker.spawn(listener.run(signals, shutdown.child_token()));
+        let pressure = crate::outbox::pressure::PressureWatch::new(
+            self.control.clone(),
+            self.horizon_warn_after,
+            Some(self.metrics.clone()),
+        );
+        let pressure_state = pressure.state();
+        tracker.spawn(pressure.run(shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));
         let fatal = Arc::new(api::ready::Fatal::default());
@@ -375,6 +385,7 @@ impl App {
             sink: sink_status,
             gauge: self.metrics.ready(),
             fatal,
+            pressure: pressure_state,
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
