@@ -342,3 +342,95 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
     drop(primary);
     drop(standby);
 }
+
+/// A PostgreSQL client tool of `data`'s version, run as this process's user.
+fn client_tool(data: &Path, name: &str) -> Command {
+    let version = std::fs::read_to_string(data.join("PG_VERSION")).unwrap();
+    let bin = PathBuf::from(format!("/usr/lib/postgresql/{}/bin", version.trim())).join(name);
+    Command::new(if bin.exists() { bin } else { name.into() })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_a_dump_applies_publishes_and_never_reads_its_history_again() {
+    // History written after transaction ids a fresh cluster will not reach for a while.
+    let source = TestDb::new().await;
+    source
+        .client()
+        .await
+        .batch_execute(
+            "DO $$ BEGIN FOR i IN 1..3000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+        )
+        .await
+        .unwrap();
+    for i in 0..40 {
+        let ds = source.datasource(&format!("old-{i}")).await;
+        let v = source.version(ds.id, json!({ "rate_per_sec": 0 })).await;
+        source.publish_sql(ds.id, v).await;
+    }
+
+    // Dumped, and restored into a database of a fresh cluster.
+    let fresh = node().await;
+    let dumps = tempfile::tempdir().unwrap();
+    let dump = dumps.path().join("dsreg.dump");
+    let mut pg_dump = client_tool(&fresh.data, "pg_dump");
+    pg_dump
+        .args(["-Fc", "-f"])
+        .arg(&dump)
+        .args(["-d", &source.url]);
+    tokio::task::spawn_blocking(move || run(pg_dump, "pg_dump"))
+        .await
+        .unwrap();
+    dsreg::db::create_database(&fresh.cluster.url("postgres"), "restored", None)
+        .await
+        .unwrap();
+    let url = fresh.cluster.url("restored");
+    let mut pg_restore = client_tool(&fresh.data, "pg_restore");
+    pg_restore.args(["--no-owner", "-d", &url]).arg(&dump);
+    tokio::task::spawn_blocking(move || run(pg_restore, "pg_restore"))
+        .await
+        .unwrap();
+    let restored = client(&url).await;
+    let (history, future): (i64, i64) = {
+        let row = restored
+            .query_one(
+                "SELECT count(*), count(*) FILTER (WHERE xid > pg_current_xact_id())
+                 FROM datasource_events WHERE dsreg_event_wakes(type)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(
+        future >= 40,
+        "the restored history has xids the fresh cluster has not reached ({future} of {history})"
+    );
+
+    let app = TestApp::spawn(&url, |_| {}).await;
+    // The fixture's helpers, pointed at the restored database.
+    let mut db = TestDb::on_server(&fresh.cluster.url("postgres")).await;
+    db.pool = dsreg::db::pool(&url, 4, Duration::from_secs(10)).unwrap();
+
+    // Publishes apply.
+    let first = db.datasource("after-restore").await;
+    let v = db.version(first.id, json!({ "rate_per_sec": 0 })).await;
+    db.publish_sql(first.id, v).await;
+    wait_running(&db, first.id, v, "a datasource published after the restore").await;
+
+    // And reading the outbox costs what the new events cost, not the restored history.
+    let before = counter(&metrics(&app).await, "dsreg_outbox_rows_read_total");
+    let second = db.datasource("and-another").await;
+    let v2 = db.version(second.id, json!({ "rate_per_sec": 0 })).await;
+    db.publish_sql(second.id, v2).await;
+    wait_running(&db, second.id, v2, "another datasource published").await;
+    let read = counter(&metrics(&app).await, "dsreg_outbox_rows_read_total") - before;
+    assert!(
+        read < future as f64,
+        "{read} rows read for one publish; the restored history has {future} rows with future xids"
+    );
+
+    app.stop().await.unwrap();
+    drop(restored);
+    drop(db);
+    drop(fresh);
+}
