@@ -22,6 +22,7 @@ mod log_hygiene;
 mod long_transactions;
 mod metrics;
 mod migrations;
+mod notify_queue;
 mod outbox;
 mod pgtls;
 mod publish;
