@@ -12,8 +12,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use dsreg::db::embedded::{ClusterOptions, EmbeddedCluster, SUPERUSER};
-use dsreg::db::repository::{self as repo, WriteContext, datasources, versions};
-use dsreg::domain::{Name, WorkerStatus};
+use dsreg::db::repository::{self as repo, WriteContext, versions};
+use dsreg::domain::WorkerStatus;
 use serde_json::json;
 
 use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
@@ -155,36 +155,22 @@ async fn client(url: &str) -> tokio_postgres::Client {
     dsreg::db::connect(url).await.expect("a connection")
 }
 
-/// Creates `names` and publishes a version of each, all in one transaction.
-async fn publish_many(db: &TestDb, names: &[String]) -> Vec<(uuid::Uuid, i32)> {
+/// Publishes a new version of each of `ids`, all in one transaction; returns the versions.
+async fn publish_many(db: &TestDb, ids: &[uuid::Uuid]) -> Vec<i32> {
     let mut client = db.client().await;
     let tx = repo::begin(&mut client, &WriteContext::actor("test"))
         .await
         .unwrap();
-    let mut ids = Vec::new();
-    for name in names {
-        let ds = datasources::create(
-            &tx,
-            &datasources::NewDatasource {
-                org: Name::parse("org", "acme").unwrap(),
-                project: Name::parse("project", "core").unwrap(),
-                name: Name::parse("name", name).unwrap(),
-                kind: "generator".into(),
-                owner: "team-a".into(),
-                tags: vec![],
-                description: String::new(),
-            },
-        )
-        .await
-        .unwrap();
-        let v = versions::create_draft(&tx, ds.id, &json!({ "rate_per_sec": 0 }), "")
+    let mut published = Vec::new();
+    for id in ids {
+        let v = versions::create_draft(&tx, *id, &json!({ "rate_per_sec": 0 }), "")
             .await
             .unwrap();
-        versions::publish(&tx, ds.id, v.version).await.unwrap();
-        ids.push((ds.id, v.version));
+        versions::publish(&tx, *id, v.version).await.unwrap();
+        published.push(v.version);
     }
     tx.commit().await.unwrap();
-    ids
+    published
 }
 
 async fn running(db: &TestDb, id: uuid::Uuid) -> Option<i32> {
@@ -258,6 +244,17 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
     let v1 = db.version(kept.id, json!({ "rate_per_sec": 0 })).await;
     db.publish_sql(kept.id, v1).await;
     wait_running(&db, kept.id, v1, "kept on v1").await;
+    // Twenty more, running: their leases are held, so only the outbox tells of a new version.
+    let mut fleet = Vec::new();
+    for i in 0..20 {
+        let ds = db.datasource(&format!("fleet-{i}")).await;
+        let v = db.version(ds.id, json!({ "rate_per_sec": 0 })).await;
+        db.publish_sql(ds.id, v).await;
+        fleet.push((ds.id, v));
+    }
+    for (i, (id, v)) in fleet.iter().enumerate() {
+        wait_running(&db, *id, *v, &format!("fleet-{i} on its first version")).await;
+    }
     let runs_before = {
         let p = client(&with_db(&primary.cluster, &db.name)).await;
         let s = client(&with_db(&standby.cluster, &db.name)).await;
@@ -281,7 +278,7 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
     client(&with_db(&primary.cluster, &db.name))
         .await
         .batch_execute(
-            "DO $$ BEGIN FOR i IN 1..200 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
+            "DO $$ BEGIN FOR i IN 1..2000 LOOP PERFORM pg_current_xact_id(); COMMIT; END LOOP; END $$",
         )
         .await
         .unwrap();
@@ -324,11 +321,12 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
     })
     .await;
 
-    // One transaction publishes 20 datasources on the new primary: each one applies.
-    let names: Vec<String> = (0..20).map(|i| format!("after-{i}")).collect();
-    let published = publish_many(&db, &names).await;
-    for (name, (id, v)) in names.iter().zip(&published) {
-        wait_running(&db, *id, *v, name).await;
+    // One transaction publishes a new version of 20 datasources on the new primary (16 are
+    // named by notifications, the rest only by the outbox): each one applies.
+    let ids: Vec<uuid::Uuid> = fleet.iter().map(|(id, _)| *id).collect();
+    let published = publish_many(&db, &ids).await;
+    for (i, (id, v)) in ids.iter().zip(&published).enumerate() {
+        wait_running(&db, *id, *v, &format!("fleet-{i} on its new version")).await;
     }
     let text = metrics(&app).await;
     assert!(
