@@ -234,6 +234,14 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         };
         let last = page.events.last().map(|e| e.event.id);
         let full = page.events.len() as i64 >= filter.limit;
+        // One server's xmax never goes back; when it does, another history answers (a
+        // promoted standby reusing xids) and a wait for the old xmax might never end: the
+        // transactions that could hold a lower id are this server's, below its own xmax.
+        if let Some((m, xmax)) = pending
+            && page.xmax < xmax
+        {
+            pending = Some((m, page.xmax));
+        }
         let settle = match pending {
             Some((_, xmax)) => page.xmin >= xmax,
             None => page.xmin == page.xmax,
