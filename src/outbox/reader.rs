@@ -232,7 +232,7 @@ mod tests {
 
     fn server(system_identifier: i64, timeline: Option<&str>) -> ServerIdentity {
         ServerIdentity {
-            system_identifier,
+            system_identifier: Some(system_identifier),
             timeline: timeline.map(str::to_owned),
         }
     }

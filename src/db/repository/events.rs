@@ -251,17 +251,22 @@ pub async fn list_scoped(
 /// a new identifier. Transaction ids are only comparable between reads of the same identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerIdentity {
-    /// `pg_control_system().system_identifier`.
-    pub system_identifier: i64,
+    /// `pg_control_system().system_identifier`; `None` where an operator revoked the function
+    /// from the registry's role (the timeline and the horizon still tell histories apart).
+    pub system_identifier: Option<i64>,
     /// The timeline WAL is written on now; `None` on a server in recovery (it writes none).
     pub timeline: Option<String>,
 }
 
 impl std::fmt::Display for ServerIdentity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.system_identifier {
+            Some(id) => write!(f, "system {id}")?,
+            None => write!(f, "system ?")?,
+        }
         match &self.timeline {
-            Some(tl) => write!(f, "system {} timeline {}", self.system_identifier, tl),
-            None => write!(f, "system {} (in recovery)", self.system_identifier),
+            Some(tl) => write!(f, " timeline {tl}"),
+            None => write!(f, " (in recovery)"),
         }
     }
 }
@@ -319,8 +324,11 @@ pub async fn anchor(client: &impl GenericClient) -> Result<Anchor, Error> {
 }
 
 /// Columns `system_identifier` and `timeline` naming the server (see [`ServerIdentity`]);
-/// `pg_current_wal_lsn()` fails during recovery, hence the guard.
-const IDENTITY: &str = "(SELECT system_identifier FROM pg_control_system()) AS system_identifier,
+/// `pg_current_wal_lsn()` fails during recovery and `pg_control_system()` where it was revoked,
+/// hence the guards.
+const IDENTITY: &str =
+    "CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
+          THEN (pg_control_system()).system_identifier END AS system_identifier,
      CASE WHEN pg_is_in_recovery() THEN NULL
           ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline";
 
