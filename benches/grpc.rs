@@ -4,12 +4,18 @@
 //!
 //! - GetStatus: requests per second and latency percentiles;
 //! - ListDatasources, 100 per page, over 10,000 datasources (each stream walks the pages);
-//! - PublishVersion RPC sent → the worker's state written as RUNNING on that version.
+//! - PublishVersion RPC sent → the worker's state written as RUNNING on that version;
+//! - a bystander's GetStatus (one call at a time, on a connection of its own) idle, then while
+//!   2,000 idle streams are open (1,000 `WatchEvents`, 1,000 `WatchStatus`, on 10
+//!   connections), target p99 within 1.5× of idle;
+//! - the same bystander while 20 hostile test runs (runaway loops, nested closures, output
+//!   bombs) are in flight, target p99 within 2× of idle.
 //!
 //! `cargo bench --bench grpc`; `GRPC_BENCH_SECONDS` sets each throughput window (10),
 //! `GRPC_BENCH_PACED_SECONDS` each paced publish run (30: a p99 over a few seconds is the
 //! worst handful of publishes, set by whatever else the machine did in those seconds),
-//! `GRPC_BENCH_PARTS` which parts run (`status,list,publish`, all by default).
+//! `GRPC_BENCH_PARTS` which parts run (`status,list,publish,idle_streams,hostile_harness`, all
+//! by default).
 
 mod common;
 
@@ -19,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::api::grpc::pb::events_client::EventsClient;
+use dsreg::api::grpc::pb::harness_client::HarnessClient;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::app::App;
 use dsreg::config::Settings;
@@ -39,6 +47,12 @@ const VERSIONS: usize = 3;
 const PACED_RATES: [f64; 2] = [100.0, 250.0];
 /// Calls made before each throughput window, not counted.
 const WARM_UP: Duration = Duration::from_secs(1);
+/// Idle streams the bystander figure opens: half `WatchEvents`, half `WatchStatus`.
+const IDLE_STREAMS: usize = 2_000;
+/// Connections the idle streams are spread over (within the per-connection stream limit).
+const IDLE_CHANNELS: usize = 10;
+/// Hostile test runs in flight during the second bystander figure.
+const HOSTILE_RUNS: usize = 20;
 
 type Authed = InterceptedService<Channel, Bearer>;
 
@@ -77,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
     settings.auth.auth_hs256_secret_file = Some(secret_file);
     settings.auth.auth_issuer = Some("bench".into());
     settings.auth.auth_audience = Some("dsreg".into());
+    // One bench principal opens every idle stream; the test runs of the hostile part all fit.
+    settings.grpc_max_streams_per_caller = IDLE_STREAMS * 2;
+    settings.harness_max_concurrent_runs = HOSTILE_RUNS as u64;
     let mut app = App::build(&settings, &db.url).await?;
     let (written_tx, mut written) = tokio::sync::mpsc::unbounded_channel();
     app.written = Some(written_tx);
@@ -246,6 +263,112 @@ async fn main() -> anyhow::Result<()> {
         ));
     }
 
+    // A bystander's GetStatus idle, then beside 2,000 idle streams, then beside 20 hostile
+    // test runs.
+    if runs("idle_streams") || runs("hostile_harness") {
+        let bystander = InterceptedService::new(
+            Channel::from_shared(format!("http://{addr}"))?
+                .connect()
+                .await?,
+            bearer.clone(),
+        );
+        let bystander = LifecycleClient::new(bystander);
+        let target = ids[0].to_string();
+        let idle = bystander_latencies(&bystander, &target, window).await;
+        rows.push(latency_row("bystander GetStatus, idle", &idle, "-"));
+        let idle_p99 = common::quantile(&idle, 0.99);
+        if runs("idle_streams") {
+            let mut idle_channels = Vec::with_capacity(IDLE_CHANNELS);
+            for _ in 0..IDLE_CHANNELS {
+                idle_channels.push(
+                    Channel::from_shared(format!("http://{addr}"))?
+                        .connect()
+                        .await?,
+                );
+            }
+            let (mut events, mut states) = (Vec::new(), Vec::new());
+            for i in 0..IDLE_STREAMS {
+                let ch = InterceptedService::new(
+                    idle_channels[i % IDLE_CHANNELS].clone(),
+                    bearer.clone(),
+                );
+                if i % 2 == 0 {
+                    events.push(
+                        EventsClient::new(ch)
+                            .watch_events(pb::WatchEventsRequest::default())
+                            .await?
+                            .into_inner(),
+                    );
+                } else {
+                    states.push(
+                        LifecycleClient::new(ch)
+                            .watch_status(pb::GetStatusRequest {
+                                datasource_id: ids[i % ids.len()].to_string(),
+                            })
+                            .await?
+                            .into_inner(),
+                    );
+                }
+            }
+            let loaded = bystander_latencies(&bystander, &target, window).await;
+            rows.push(ratio_row(
+                &format!("bystander GetStatus, {IDLE_STREAMS} idle streams open"),
+                &loaded,
+                idle_p99,
+                "p99 ≤ 1.5× idle",
+            ));
+            drop((events, states));
+        }
+        if runs("hostile_harness") {
+            let hook: uuid::Uuid = client
+                .query_one(
+                    "INSERT INTO datasources (org, project, name, kind)
+                     VALUES ('bench', 'api', 'bench-harness-hook', 'webhook') RETURNING id",
+                    &[],
+                )
+                .await?
+                .get(0);
+            let hook = hook.to_string();
+            let stop = CancellationToken::new();
+            let mut hostile = Vec::new();
+            for i in 0..HOSTILE_RUNS {
+                let mut harness = HarnessClient::new(channel(i));
+                let (hook, stop) = (hook.clone(), stop.clone());
+                hostile.push(tokio::spawn(async move {
+                    // Each run is cut off by its caller's deadline and sent again, until the
+                    // figure is taken.
+                    while !stop.is_cancelled() {
+                        let mut request = tonic::Request::new(pb::RunTestRequest {
+                            datasource_id: hook.clone(),
+                            config_json: serde_json::json!({
+                                "transform": HOSTILE_SCRIPTS[i % HOSTILE_SCRIPTS.len()]
+                            })
+                            .to_string(),
+                            samples_json: vec![
+                                serde_json::Value::Array(vec![serde_json::json!({}); 100])
+                                    .to_string(),
+                            ],
+                            ..Default::default()
+                        });
+                        request.set_timeout(Duration::from_secs(2));
+                        let _ = harness.run_test(request).await;
+                    }
+                }));
+            }
+            let loaded = bystander_latencies(&bystander, &target, window).await;
+            rows.push(ratio_row(
+                &format!("bystander GetStatus, {HOSTILE_RUNS} hostile test runs in flight"),
+                &loaded,
+                idle_p99,
+                "p99 ≤ 2× idle",
+            ));
+            stop.cancel();
+            for run in hostile {
+                run.await?;
+            }
+        }
+    }
+
     common::print_table(
         "grpc: the API over loopback, 64 concurrent streams, bearer tokens",
         &rows,
@@ -253,6 +376,53 @@ async fn main() -> anyhow::Result<()> {
     shutdown.cancel();
     running.await??;
     Ok(())
+}
+
+/// Scripts of the hostile test runs: a runaway loop, closures nested past the operation
+/// count, an output bomb built through `map`.
+const HOSTILE_SCRIPTS: [&str; 3] = [
+    "let n = 0; loop { n += 1; }",
+    "let a = []; a.pad(3000, 1); let b = a; #{ n: a.reduce(|s, x| s + b.reduce(|t, y| t + 1, 0), 0) }",
+    "let s = \"\"; s.pad(60000, 'x'); let a = []; a.pad(10000, 0); #{ out: a.map(|x| s + x) }",
+];
+
+/// One caller's GetStatus of `target`, one call at a time, for a warm-up and then `window`;
+/// the sorted milliseconds of the calls in the window.
+async fn bystander_latencies(
+    client: &LifecycleClient<Authed>,
+    target: &str,
+    window: Duration,
+) -> Vec<f64> {
+    let mut client = client.clone();
+    let measured_from = Instant::now() + WARM_UP;
+    let deadline = measured_from + window;
+    let mut latencies = Vec::new();
+    while Instant::now() < deadline {
+        let t = Instant::now();
+        client
+            .get_status(pb::GetStatusRequest {
+                datasource_id: target.to_owned(),
+            })
+            .await
+            .expect("the bystander's call succeeds");
+        if t >= measured_from {
+            latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    latencies
+}
+
+/// A latency row with its p99 as a multiple of `baseline_p99`.
+fn ratio_row(
+    figure: &str,
+    sorted: &[f64],
+    baseline_p99: f64,
+    target: &str,
+) -> (String, String, String) {
+    let (figure, value, target) = latency_row(figure, sorted, target);
+    let ratio = common::quantile(sorted, 0.99) / baseline_p99.max(f64::MIN_POSITIVE);
+    (figure, format!("{value}; p99 {ratio:.2}× idle"), target)
 }
 
 /// Runs `STREAMS` loops of the call `make(i)` builds for `WARM_UP`, then for `window`;

@@ -1,7 +1,9 @@
 //! `otel`: what exporting traces costs. The real `dsreg serve` binary runs on the same durable
-//! Postgres with no OTLP endpoint (tracing off) and exporting every span to a live OTLP
-//! receiver, in alternating rounds (off then on, on then off, ...) so that drift in the
-//! machine's speed falls on both alike, and the same load runs against each:
+//! Postgres three ways: with no OTLP endpoint (tracing off), exporting through
+//! `opentelemetry-otlp` to a live OTLP/gRPC receiver with the default sampler (every span),
+//! and the same with `OTEL_TRACES_SAMPLER=parentbased_traceidratio` at 0.1, in rounds whose
+//! order rotates (off, default, ratio; default, ratio, off; ...) so that drift in the
+//! machine's speed falls on all alike, and the same load runs against each:
 //!
 //! - reload latency: PublishVersion (or a rollback) sent → the worker RUNNING on it, as the
 //!   client sees it through WatchStatus, one reload at a time (all rounds' samples pooled);
@@ -111,28 +113,36 @@ async fn main() -> anyhow::Result<()> {
         ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
         ("OTEL_SERVICE_NAME", "dsreg-bench"),
     ];
+    let sampled = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_SERVICE_NAME", "dsreg-bench"),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+    ];
+    let setups: [(&str, &[(&str, &str)]); 3] =
+        [("off", &[]), ("default", &exporting), ("ratio", &sampled)];
 
-    let mut off = Run::default();
-    let mut on = Run::default();
+    let mut runs: [Run; 3] = Default::default();
     for round in 0..rounds {
-        for exported in [round % 2 == 1, round % 2 == 0] {
-            let (run, env, name) = if exported {
-                (&mut on, &exporting[..], "on")
-            } else {
-                (&mut off, &[][..], "off")
-            };
+        for k in 0..setups.len() {
+            let which = (round + k) % setups.len();
+            let (name, env) = setups[which];
             let project = format!("{name}-{round}");
-            run.add(measure(&db.url, &client, &project, env, reloads, window).await?);
+            runs[which].add(measure(&db.url, &client, &project, env, reloads, window).await?);
         }
     }
-    let (off, on) = (off.finish(), on.finish());
+    let [off, on, ratio] = runs.map(Run::finish);
     let spans = received.0.lock().map(|g| g.len()).unwrap_or(0);
 
     let q = |v: &[f64], p: f64| common::quantile(v, p);
     let pct = |off: f64, on: f64| format!("{:+.1}%", (on - off) / off * 100.0);
-    let rows = vec![
-        (
-            format!("reload latency p50 ({rounds} × {reloads} reloads, one at a time)"),
+    let mut rows = Vec::new();
+    for (label, on) in [
+        ("exported, default sampler", &on),
+        ("exported, parentbased_traceidratio 0.1", &ratio),
+    ] {
+        rows.push((
+            format!("{label}: reload latency p50 ({rounds} × {reloads} reloads, one at a time)"),
             format!(
                 "off {:.2} ms, exported {:.2} ms ({})",
                 q(&off.reload, 0.5),
@@ -140,20 +150,20 @@ async fn main() -> anyhow::Result<()> {
                 pct(q(&off.reload, 0.5), q(&on.reload, 0.5))
             ),
             "overhead ≤ 10%".to_owned(),
-        ),
-        (
-            "reload latency p99".to_owned(),
+        ));
+        rows.push((
+            format!("{label}: reload latency p99"),
             format!(
                 "off {:.2} ms, exported {:.2} ms ({})",
                 q(&off.reload, 0.99),
                 q(&on.reload, 0.99),
                 pct(q(&off.reload, 0.99), q(&on.reload, 0.99))
             ),
-            "overhead ≤ 10%".to_owned(),
-        ),
-        (
+            "-".to_owned(),
+        ));
+        rows.push((
             format!(
-                "GetStatus, {STREAMS} streams: median of {rounds} rounds (change, median of the rounds' changes)"
+                "{label}: GetStatus, {STREAMS} streams, median of {rounds} rounds (change: median of the rounds' changes)"
             ),
             format!(
                 "off {:.0}/s, exported {:.0}/s ({}); rounds off {}, exported {}",
@@ -163,35 +173,35 @@ async fn main() -> anyhow::Result<()> {
                 list(&off.rates),
                 list(&on.rates),
             ),
-            "overhead ≤ 10%".to_owned(),
-        ),
-        (
-            "registry CPU time per GetStatus (user + system; medians as above)".to_owned(),
+            "-".to_owned(),
+        ));
+        rows.push((
+            format!("{label}: registry CPU time per GetStatus (user + system; medians as above)"),
             format!(
                 "off {:.1} µs, exported {:.1} µs ({})",
                 median(off.cpu.clone()),
                 median(on.cpu.clone()),
                 paired(&off.cpu, &on.cpu)
             ),
-            "overhead ≤ 10%".to_owned(),
-        ),
-        (
-            "GetStatus latency p99".to_owned(),
+            "-".to_owned(),
+        ));
+        rows.push((
+            format!("{label}: GetStatus latency p99"),
             format!(
                 "off {:.2} ms, exported {:.2} ms",
                 q(&off.status, 0.99),
                 q(&on.status, 0.99)
             ),
             "-".to_owned(),
-        ),
-        (
-            "spans received by the OTLP receiver".to_owned(),
-            spans.to_string(),
-            "> 0".to_owned(),
-        ),
-    ];
+        ));
+    }
+    rows.push((
+        "spans received by the OTLP receiver".to_owned(),
+        spans.to_string(),
+        "> 0".to_owned(),
+    ));
     common::print_table(
-        "otel: tracing off versus exported to a live OTLP receiver",
+        "otel: tracing off versus exported to a live OTLP receiver (opentelemetry-otlp, gRPC)",
         &rows,
     );
     Ok(())

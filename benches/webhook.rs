@@ -82,6 +82,7 @@ impl Load {
                     let body = serde_json::to_vec(&records)?;
                     let response = http
                         .post(&url)
+                        .timeout(Duration::from_secs(30))
                         .header("content-type", "application/json")
                         .header("x-dsreg-signature", sign(HMAC_KEY, &body))
                         .body(body)
@@ -177,7 +178,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
 
-    let http = dsreg::connectors::http_client(Duration::from_secs(30))?;
+    let http = dsreg::connectors::http::client()?;
     let url = format!("http://{addr}/ingest/{id}");
     let load = Load {
         http,

@@ -47,9 +47,10 @@ use crate::telemetry::metrics::Metrics;
 /// two or four readers made smaller batches, more statements, and slower calls).
 const STATUS_READERS: usize = 1;
 
-/// Connections of the control plane's own pool: lease renewal, the state writer, the
-/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool,
-/// so the registry opens this many more connections than `--pool-size`).
+/// Connections of the control plane's own pool: lease claims, the state writer, the
+/// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool
+/// and the lease renewer's own connection, so the registry opens this many plus one more
+/// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
@@ -104,12 +105,24 @@ impl Database {
     }
 }
 
-/// Applies pending migrations on `url`; returns the schema version.
+/// Applies pending migrations on `url` with the default connection bounds; returns the
+/// schema version.
 ///
 /// # Errors
 /// Connection or migration failure.
 pub async fn migrate(url: &str) -> anyhow::Result<i32> {
-    let mut client = db::connect(url).await.context("connecting to migrate")?;
+    migrate_with(url, &db::ConnectOptions::default()).await
+}
+
+/// [`migrate`] with `bounds`, except that no `statement_timeout` is set: a migration may
+/// rewrite a large table.
+///
+/// # Errors
+/// Connection or migration failure.
+pub async fn migrate_with(url: &str, bounds: &db::ConnectOptions) -> anyhow::Result<i32> {
+    let mut client = db::connect_with(url, &bounds.without_statement_timeout())
+        .await
+        .context("connecting to migrate")?;
     let applied = db::migrations::migrate_up(&mut client).await?;
     if !applied.is_empty() {
         tracing::info!(?applied, "migrations applied");
@@ -125,6 +138,9 @@ pub struct App {
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The lease renewer's connection, used only on the renewer's own thread (one more
+    /// connection than the two pools).
+    renewal: Pool,
     schema_version: i32,
     instance_id: String,
     /// Where other instances and clients reach this one's gRPC API.
@@ -174,14 +190,19 @@ impl App {
     /// # Errors
     /// Migration, pool or bind failures.
     pub async fn build(settings: &Settings, url: &str) -> anyhow::Result<Self> {
+        // The one HTTP client (its root store read from disk) is built here, on a blocking
+        // thread, before any worker, sink or key provider asks for it.
+        crate::connectors::http::prepare().await;
         let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
-        let schema_version = migrate(url).await?;
-        let pool = db::pool(url, settings.pool_size, settings.pool_wait())?;
+        let bounds = settings.connect_options();
+        let schema_version = migrate_with(url, &bounds).await?;
+        let pool = db::pool_with(url, &bounds, settings.pool_size, settings.pool_wait())?;
         if let Some(secrets) = &secrets {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
-        let control = db::pool(url, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
             api::grpc::page::PageKey::load(&**client)
@@ -205,6 +226,7 @@ impl App {
             grpc,
             pool,
             control,
+            renewal,
             schema_version,
             instance_id: settings
                 .instance_id
@@ -215,7 +237,10 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
-            listener: ListenerConfig::new(url),
+            listener: ListenerConfig {
+                connect: bounds,
+                ..ListenerConfig::new(url)
+            },
             horizon_warn_after: Duration::from_millis(settings.outbox_horizon_warn_after_ms),
             listener_stats,
             metrics,
@@ -336,6 +361,7 @@ impl App {
         );
         supervisor.measure(self.metrics.clone());
         supervisor.control_plane(self.control.clone());
+        supervisor.renew_on(self.renewal.clone());
         writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
@@ -460,6 +486,7 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.renewal.close();
         served
     }
 }
@@ -580,8 +607,9 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     }
     if settings.database_url.is_some() {
         anyhow::bail!(
-            "no token verification keys configured: give --auth-hs256-secret-file, --auth-public-key or \
-             --auth-jwks-file (with --auth-issuer and --auth-audience), or --insecure-no-auth for a local trial"
+            "no token verification keys configured: give --auth-hs256-secret-file, --auth-public-key, \
+             --auth-jwks-file or --auth-jwks-url (with --auth-issuer and --auth-audience), or \
+             --auth-oidc-issuer (with --auth-audience), or --insecure-no-auth for a local trial"
         );
     }
     let dev = dev_credentials(&settings.dev_auth_dir())?;

@@ -93,6 +93,12 @@ impl Cli {
         self.log_level.as_deref()
     }
 
+    /// Whether the command is the long-running service, whose output is its log: a fatal
+    /// error is then a log line like every other, not text among JSON lines.
+    pub fn is_service(&self) -> bool {
+        matches!(self.command, Command::Serve { .. })
+    }
+
     /// Runs the chosen command. A client usage error is reported as clap reports its own and
     /// exits with code 2; a closed stdout ends the command successfully.
     ///
@@ -120,7 +126,7 @@ impl Cli {
             Command::Migrate { settings, down_to } => {
                 settings.check().map_err(anyhow::Error::msg)?;
                 let database = app::Database::open(&settings).await?;
-                let result = migrate(&database.url, down_to).await;
+                let result = migrate(&database.url, &settings.connect_options(), down_to).await;
                 database.close().await;
                 result
             }
@@ -152,15 +158,19 @@ impl Cli {
     }
 }
 
-async fn migrate(url: &str, down_to: Option<i32>) -> anyhow::Result<()> {
+async fn migrate(
+    url: &str,
+    bounds: &db::ConnectOptions,
+    down_to: Option<i32>,
+) -> anyhow::Result<()> {
     match down_to {
         Some(target) => {
-            let mut client = db::connect(url).await?;
+            let mut client = db::connect_with(url, &bounds.without_statement_timeout()).await?;
             let reverted = db::migrations::migrate_down(&mut client, target).await?;
             println!("reverted migrations {reverted:?}; schema now at {target}");
         }
         None => {
-            let version = app::migrate(url).await?;
+            let version = app::migrate_with(url, bounds).await?;
             println!("schema at migration {version}");
         }
     }

@@ -44,6 +44,39 @@ pub struct Settings {
     #[arg(long, env = "DSREG_POOL_WAIT_MS", default_value_t = 5_000)]
     pub pool_wait_ms: u64,
 
+    /// How long opening a database connection may take, TCP, TLS and authentication
+    /// together, in milliseconds (per host; 0: unbounded). A `connect_timeout` in the URL wins.
+    #[arg(long, env = "DSREG_DB_CONNECT_TIMEOUT_MS", default_value_t = 5_000)]
+    pub db_connect_timeout_ms: u64,
+
+    /// The server's `statement_timeout` for dsreg's connections, in milliseconds (0: the
+    /// server's own), sent in the startup options so it holds through a transaction pooler.
+    /// A `statement_timeout` in the URL's `options` wins.
+    #[arg(long, env = "DSREG_DB_STATEMENT_TIMEOUT_MS", default_value_t = 30_000)]
+    pub db_statement_timeout_ms: u64,
+
+    /// Idle time before a database connection's first TCP keepalive, in milliseconds (whole
+    /// seconds, at least one). A `keepalives_idle` in the URL wins; `keepalives=0` turns
+    /// keepalives off.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_IDLE_MS", default_value_t = 10_000)]
+    pub db_keepalive_idle_ms: u64,
+
+    /// Time between unanswered TCP keepalives, in milliseconds (whole seconds, at least one).
+    /// A `keepalives_interval` in the URL wins.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_INTERVAL_MS", default_value_t = 2_000)]
+    pub db_keepalive_interval_ms: u64,
+
+    /// Unanswered TCP keepalives before a database connection is dropped. A
+    /// `keepalives_count` in the URL wins.
+    #[arg(long, env = "DSREG_DB_KEEPALIVE_COUNT", default_value_t = 3)]
+    pub db_keepalive_count: u32,
+
+    /// How long data sent to the database may stay unacknowledged before the connection is
+    /// dropped (`TCP_USER_TIMEOUT`), in milliseconds (0: the system's). A `tcp_user_timeout`
+    /// in the URL wins.
+    #[arg(long, env = "DSREG_DB_TCP_USER_TIMEOUT_MS", default_value_t = 20_000)]
+    pub db_tcp_user_timeout_ms: u64,
+
     /// How long shutdown waits for in-flight work, in milliseconds.
     #[arg(long, env = "DSREG_SHUTDOWN_GRACE_MS", default_value_t = 10_000)]
     pub shutdown_grace_ms: u64,
@@ -352,6 +385,20 @@ impl Settings {
         Duration::from_millis(self.pool_wait_ms)
     }
 
+    /// The bounds of every database connection (the URL's own parameters win).
+    pub fn connect_options(&self) -> crate::db::ConnectOptions {
+        use crate::db::connection::millis_or_none;
+        crate::db::ConnectOptions {
+            connect_timeout: millis_or_none(self.db_connect_timeout_ms),
+            statement_timeout: millis_or_none(self.db_statement_timeout_ms),
+            keepalives: true,
+            keepalive_idle: Duration::from_millis(self.db_keepalive_idle_ms),
+            keepalive_interval: Duration::from_millis(self.db_keepalive_interval_ms),
+            keepalive_count: self.db_keepalive_count,
+            tcp_user_timeout: millis_or_none(self.db_tcp_user_timeout_ms),
+        }
+    }
+
     /// Shutdown grace period.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
@@ -399,8 +446,7 @@ impl Settings {
                 if !matches!(parsed.scheme(), "http" | "https") {
                     return Err("--sink-url must be http or https".into());
                 }
-                let client = crate::connectors::http_client(Duration::from_secs(30))
-                    .map_err(|e| e.to_string())?;
+                let client = crate::connectors::http::client().map_err(|e| e.to_string())?;
                 Ok(Target::Http {
                     client,
                     url: url.clone(),
@@ -447,6 +493,16 @@ impl Settings {
         ] {
             if value == 0 {
                 return Err(format!("{flag} must be positive"));
+            }
+        }
+        for (flag, value) in [
+            ("--db-keepalive-idle-ms", self.db_keepalive_idle_ms),
+            ("--db-keepalive-interval-ms", self.db_keepalive_interval_ms),
+        ] {
+            if value < 1_000 {
+                return Err(format!(
+                    "{flag} must be at least 1000 (keepalives count whole seconds)"
+                ));
             }
         }
         if self.backoff_max_ms < self.backoff_base_ms {
@@ -500,6 +556,36 @@ mod tests {
         assert_eq!(cli.settings.http_addr.to_string(), "127.0.0.1:8080");
         assert_eq!(cli.settings.pg_data_dir(), PathBuf::from(".dsreg/pg"));
         assert!(cli.settings.check().is_ok());
+    }
+
+    #[test]
+    fn database_bounds_default_to_seconds_and_zero_unbounds() {
+        let cli = Cli::try_parse_from(["dsreg"]).unwrap();
+        assert_eq!(
+            cli.settings.connect_options(),
+            crate::db::ConnectOptions::default()
+        );
+        let cli = Cli::try_parse_from([
+            "dsreg",
+            "--db-connect-timeout-ms",
+            "0",
+            "--db-statement-timeout-ms",
+            "0",
+            "--db-tcp-user-timeout-ms",
+            "1500",
+        ])
+        .unwrap();
+        let options = cli.settings.connect_options();
+        assert_eq!(options.connect_timeout, None);
+        assert_eq!(options.statement_timeout, None);
+        assert_eq!(options.tcp_user_timeout, Some(Duration::from_millis(1500)));
+        let cli = Cli::try_parse_from(["dsreg", "--db-keepalive-idle-ms", "500"]).unwrap();
+        assert!(
+            cli.settings
+                .check()
+                .unwrap_err()
+                .contains("--db-keepalive-idle-ms")
+        );
     }
 
     #[test]

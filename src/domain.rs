@@ -24,6 +24,32 @@ impl InvalidField {
     }
 }
 
+/// Every type of event the outbox holds: those the schema's triggers write and those the
+/// registry writes. A filter naming anything else is a mistake, not an empty result.
+pub const EVENT_TYPES: &[&str] = &[
+    "created",
+    "published",
+    "rolled_back",
+    "unpublished",
+    "enabled",
+    "disabled",
+    "archived",
+    "desired_changed",
+    "secret_changed",
+    "reload_requested",
+    "backfill_requested",
+    "lease_acquired",
+    "lease_released",
+    "sync_conflict",
+    "worker_starting",
+    "worker_running",
+    "worker_stalled",
+    "worker_error",
+    "worker_stopped",
+    "reload_applied",
+    "reload_rejected",
+];
+
 /// An org, project or datasource name: 1-128 characters of `[A-Za-z0-9_.-]`, starting with a
 /// letter or digit.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -5,6 +5,8 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = dsreg::cli::Cli::parse();
+    // SAFETY: no other thread has started yet.
+    unsafe { dsreg::telemetry::otel::drop_compression_none() };
     let telemetry = dsreg::telemetry::init(cli.log_level());
     // Panics become structured, throttled log lines (contained ones included).
     dsreg::telemetry::panics::install_hook();
@@ -18,14 +20,20 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let service = cli.is_service();
     let result = runtime.block_on(cli.run());
     drop(runtime);
-    drop(telemetry);
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if service => {
+            tracing::error!(error = %format!("{e:#}"), "dsreg stopped: fatal error");
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("dsreg: {e:#}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    drop(telemetry);
+    code
 }

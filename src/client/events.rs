@@ -57,9 +57,10 @@ enum EventsCommand {
     Watch {
         #[command(flatten)]
         filter: Filter,
-        /// Start after this event id (history first, then live); default: new events only.
-        #[arg(long, default_value_t = 0)]
-        after_id: i64,
+        /// Start after this event id (history first, then live; 0: from the first event);
+        /// default: new events only.
+        #[arg(long, value_parser = clap::value_parser!(i64).range(0..))]
+        after_id: Option<i64>,
     },
 }
 
@@ -69,7 +70,7 @@ struct Filter {
     #[arg(long, value_name = "ID")]
     datasource: Option<String>,
     /// Only events of this type (repeat for several): published, rolled_back, worker_running, …
-    #[arg(long = "type", value_name = "TYPE")]
+    #[arg(long = "type", value_name = "TYPE", value_parser = clap::builder::PossibleValuesParser::new(crate::domain::EVENT_TYPES))]
     types: Vec<String>,
 }
 
@@ -139,7 +140,10 @@ async fn watch(
     let last_id = Cell::new(request.after_id);
     follow(
         client,
-        || format!("after event {}", last_id.get()),
+        || match last_id.get() {
+            Some(id) => format!("after event {id}"),
+            None => "from new events".to_owned(),
+        },
         |client| {
             let mut events = client.events();
             let request = pb::WatchEventsRequest {
@@ -149,7 +153,9 @@ async fn watch(
             async move { events.watch_events(tonic::Request::new(request)).await }
         },
         |event: pb::Event| {
-            last_id.set(last_id.get().max(event.id));
+            last_id.set(Some(
+                last_id.get().map_or(event.id, |last| last.max(event.id)),
+            ));
             if printer.is_json() {
                 printer.json(&event.to_json())
             } else {

@@ -102,7 +102,7 @@ pub struct ExportArgs {
 }
 
 fn syncer(settings: &Settings, url: &str) -> anyhow::Result<Syncer> {
-    let pool = db::pool(url, 2, settings.pool_wait())?;
+    let pool = db::pool_with(url, &settings.connect_options(), 2, settings.pool_wait())?;
     Ok(Syncer::new(
         pool,
         Catalog::builtin(),
@@ -310,7 +310,7 @@ impl SyncArgs {
         let printer = Printer::new(self.output);
         let settings = self.settings.clone();
         with_database(&self.settings, |url| async move {
-            let pool = db::pool(&url, 2, settings.pool_wait())?;
+            let pool = db::pool_with(&url, &settings.connect_options(), 2, settings.pool_wait())?;
             let mut watcher = Watcher::new(
                 pool.clone(),
                 Catalog::builtin(),
@@ -397,7 +397,7 @@ impl ExportArgs {
         let printer = Printer::new(self.output);
         let settings = self.settings.clone();
         with_database(&self.settings, |url| async move {
-            let pool = db::pool(&url, 2, settings.pool_wait())?;
+            let pool = db::pool_with(&url, &settings.connect_options(), 2, settings.pool_wait())?;
             let result = export::export(&pool, &options).await;
             pool.close();
             let report = result.context("exporting datasources")?;

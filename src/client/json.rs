@@ -184,7 +184,7 @@ impl ToJson for pb::SecretMeta {
 
 impl ToJson for pb::DeleteSecretResponse {
     fn to_json(&self) -> Value {
-        json!({ "deleted": self.deleted })
+        json!({ "deleted": self.deleted, "warning": self.warning })
     }
 }
 

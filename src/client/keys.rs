@@ -88,8 +88,9 @@ impl KeysArgs {
                 let secrets = secrets(&settings).await?;
                 let batch_size = usize::try_from(batch_size).unwrap_or(usize::MAX);
                 let pool_wait = settings.pool_wait();
+                let bounds = settings.connect_options();
                 with_database(&settings, |url| async move {
-                    let pool = db::pool(&url, 2, pool_wait)?;
+                    let pool = db::pool_with(&url, &bounds, 2, pool_wait)?;
                     let result = rewrap(&secrets, &pool, batch_size, Printer::new(output)).await;
                     pool.close();
                     result
@@ -99,8 +100,9 @@ impl KeysArgs {
             KeysCommand::Status { settings, output } => {
                 settings.check().map_err(anyhow::Error::msg)?;
                 let secrets = secrets(&settings).await?;
+                let bounds = settings.connect_options();
                 with_database(&settings, |url| async move {
-                    let client = db::connect(&url).await?;
+                    let client = db::connect_with(&url, &bounds).await?;
                     let statuses = secrets.status(&client).await.context(
                         "reading key versions (is the database migrated? `dsreg migrate`)",
                     )?;

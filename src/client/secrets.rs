@@ -101,7 +101,12 @@ impl SecretArgs {
                     .unary(client.secrets().delete_secret(client.request(request)))
                     .await?;
                 printer.one(&deleted, |d| {
-                    if d.deleted {
+                    if d.deleted && !d.warning.is_empty() {
+                        format!(
+                            "deleted secret {name} of {datasource_id}\nwarning: {}\n",
+                            table::clean(&d.warning)
+                        )
+                    } else if d.deleted {
                         format!("deleted secret {name} of {datasource_id}\n")
                     } else {
                         format!("no secret {name} on {datasource_id}; nothing deleted\n")

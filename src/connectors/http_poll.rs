@@ -220,6 +220,10 @@ impl Connector for HttpPoll {
             .collect()
     }
 
+    fn secret_field(&self, config: &Value, name: &str) -> Option<String> {
+        (config.get("bearer_secret")?.as_str()? == name).then(|| "bearer_secret".to_owned())
+    }
+
     fn sample_records(
         &self,
         config: &Value,
@@ -266,7 +270,7 @@ impl Connector for HttpPoll {
             settings.cursor = None;
             settings.record_path = String::new();
             settings.max_retries = 0;
-            let client = super::http_client(settings.timeout)?;
+            let client = super::http::client()?;
             let always = LeaseCheck::always();
             match poll(&client, &settings, bearer.as_deref(), &json!({}), &always).await? {
                 Polled::Records(_, mut records) if records.len() == 1 => Ok(records.remove(0)),
@@ -308,7 +312,7 @@ impl Connector for HttpPoll {
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>> {
         Box::pin(async move {
             let settings = parse(&ctx.config)?;
-            let client = super::http_client(settings.timeout)?;
+            let client = super::http::client()?;
             let bearer = match &settings.bearer_secret {
                 Some(name) => Some(
                     ctx.secret(name)
@@ -540,7 +544,7 @@ async fn fetch(
     bearer: Option<&str>,
     state: &Value,
 ) -> Result<Polled, Fetch> {
-    let mut request = client.get(&settings.url);
+    let mut request = client.get(&settings.url).timeout(settings.timeout);
     if let (Some((_, param)), Some(value)) = (&settings.cursor, state.get("cursor")) {
         let text = value
             .as_str()

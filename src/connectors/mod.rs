@@ -7,6 +7,7 @@
 
 pub mod contain;
 pub mod generator;
+pub mod http;
 pub mod http_poll;
 pub mod sink;
 pub mod webhook;
@@ -34,6 +35,8 @@ pub struct ConfigError {
     pub reason: String,
     /// The 1-based line within the field's own text (a transform script), when known.
     pub line: Option<usize>,
+    /// The name of a required secret that is not stored, when that is the problem.
+    pub missing_secret: Option<String>,
 }
 
 impl ConfigError {
@@ -43,6 +46,7 @@ impl ConfigError {
             field: field.into(),
             reason: reason.into(),
             line: None,
+            missing_secret: None,
         }
     }
 }
@@ -394,6 +398,9 @@ pub struct CursorStore {
     db: CursorDb,
     datasource_id: Uuid,
     writer: crate::db::repository::state::Writer,
+    /// The position as the supervisor read it with the desired state, when that read is
+    /// surely current: the first [`CursorStore::load`] takes it instead of reading again.
+    known: Arc<std::sync::Mutex<Option<Option<serde_json::Value>>>>,
 }
 
 impl CursorStore {
@@ -408,14 +415,36 @@ impl CursorStore {
             db,
             datasource_id,
             writer,
+            known: Arc::default(),
         }
     }
 
-    /// The saved position, if any.
+    /// The store, with the position already read (`Some(None)`: known to be empty) for its
+    /// first [`CursorStore::load`]; `None` reads it then.
+    #[must_use]
+    pub fn with_known(self, known: Option<Option<serde_json::Value>>) -> Self {
+        *self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
+        self
+    }
+
+    /// The saved position, if any: the one the store was made with on the first call,
+    /// otherwise read from the database.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be read.
     pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
+        // Taken once: a later load (a retry within the run) reads what was saved since.
+        let known = self
+            .known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        if let Some(known) = known {
+            return Ok(known);
+        }
         let (client, _slot) = self.db.get("reading the cursor").await?;
         crate::db::repository::state::load_cursor(&**client, self.datasource_id)
             .await
@@ -439,35 +468,6 @@ impl CursorStore {
         .map(|_| ())
         .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
     }
-}
-
-/// An HTTP client for connectors and sinks: rustls with the ring provider, the given timeout.
-///
-/// Built once per timeout and shared (a clone shares the connection pool): building one sets
-/// up a TLS configuration, CPU work that thousands of workers starting at once would
-/// otherwise repeat on the runtime's threads, starving lease renewal and readiness.
-///
-/// # Errors
-/// [`Error::Source`] when the TLS stack cannot be set up.
-pub fn http_client(timeout: Duration) -> Result<reqwest::Client, Error> {
-    static CLIENTS: std::sync::Mutex<BTreeMap<Duration, reqwest::Client>> =
-        std::sync::Mutex::new(BTreeMap::new());
-    // The map holds finished clients only: a holder that panicked left nothing half-done.
-    let mut clients = CLIENTS
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
-    if let Some(client) = clients.get(&timeout) {
-        return Ok(client.clone());
-    }
-    // Installing twice is refused and harmless.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(timeout)
-        .connect_timeout(timeout.min(Duration::from_secs(10)))
-        .build()
-        .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))?;
-    clients.insert(timeout, client.clone());
-    Ok(client)
 }
 
 /// Where a connector sends requests, and with them the datasource's credentials: the scheme,
@@ -513,6 +513,29 @@ impl std::fmt::Display for Destination {
     }
 }
 
+/// The config key a schema violation is about, as the user wrote it (`template.x`): a missing
+/// required property or an unexpected one is named by itself, not by the object holding it.
+fn schema_field(e: &jsonschema::ValidationError<'_>) -> String {
+    let path = e.instance_path().to_string();
+    let mut field = path.trim_start_matches('/').replace('/', ".");
+    let named = match e.kind() {
+        jsonschema::error::ValidationErrorKind::Required { property } => {
+            property.as_str().map(str::to_owned)
+        }
+        jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
+            unexpected.first().cloned()
+        }
+        _ => None,
+    };
+    if let Some(name) = named {
+        if !field.is_empty() {
+            field.push('.');
+        }
+        field.push_str(&name);
+    }
+    field
+}
+
 /// One kind of connector.
 pub trait Connector: Send + Sync + 'static {
     /// The kind's metadata.
@@ -531,6 +554,12 @@ pub trait Connector: Send + Sync + 'static {
             .iter()
             .map(|s| (*s).to_owned())
             .collect()
+    }
+
+    /// The config key that names the required secret `name`, when the config names it (a
+    /// `bearer_secret: token`); `None` for a secret the kind always needs.
+    fn secret_field(&self, _config: &serde_json::Value, _name: &str) -> Option<String> {
+        None
     }
 
     /// Every destination a run with this config may send requests (and credentials) to:
@@ -697,13 +726,11 @@ impl Catalog {
             object.retain(|k, _| !VERSION_KEYS.contains(&k.as_str()));
         }
         match self.schemas.get(kind).map(|s| s.as_ref()) {
-            Some(Ok(schema)) => problems.extend(schema.iter_errors(&own).map(|e| {
-                let path = e.instance_path().to_string();
-                ConfigError::new(
-                    path.trim_start_matches('/').replace('/', "."),
-                    e.to_string(),
-                )
-            })),
+            Some(Ok(schema)) => problems.extend(
+                schema
+                    .iter_errors(&own)
+                    .map(|e| ConfigError::new(schema_field(&e), e.to_string())),
+            ),
             Some(Err(e)) => problems.push(ConfigError::new(
                 "kind",
                 format!("the kind's own schema is invalid: {e}"),
@@ -741,10 +768,21 @@ impl Catalog {
             .into_iter()
             .filter(|name| !secret_names.contains(name))
         {
-            problems.push(ConfigError::new(
-                format!("secrets.{missing}"),
-                "this secret is required; put it before publishing",
-            ));
+            let field =
+                contain::contain("secret_field", || connector.secret_field(config, &missing))
+                    .ok()
+                    .flatten()
+                    .unwrap_or_else(|| format!("secrets.{missing}"));
+            problems.push(ConfigError {
+                missing_secret: Some(missing.clone()),
+                ..ConfigError::new(
+                    field,
+                    format!(
+                        "needs the secret {missing:?}, which is not stored for this datasource; \
+                         put it before publishing"
+                    ),
+                )
+            });
         }
         if problems.is_empty() {
             Ok(())
@@ -856,6 +894,31 @@ mod tests {
     use crate::transform::Limits;
     use serde_json::json;
 
+    #[tokio::test]
+    async fn a_known_cursor_is_served_once_without_the_database_then_read_from_it() {
+        // A pool on a port nothing listens on: any read fails.
+        let pool = crate::db::pool(
+            "postgres://dsreg@127.0.0.1:1/none",
+            1,
+            Duration::from_millis(200),
+        )
+        .expect("a pool is made without connecting");
+        let writer = crate::db::repository::state::Writer {
+            generation: 0,
+            instance: "i".into(),
+            epoch: 1,
+        };
+        let store = CursorStore::new(CursorDb::new(pool, 1), Uuid::new_v4(), writer)
+            .with_known(Some(Some(json!({ "cursor": 7 }))));
+        assert_eq!(store.load().await.unwrap(), Some(json!({ "cursor": 7 })));
+        assert!(
+            store.load().await.is_err(),
+            "a second load reads what was saved since"
+        );
+        let empty = store.clone().with_known(Some(None));
+        assert_eq!(empty.load().await.unwrap(), None);
+    }
+
     fn fields(result: Result<(), Vec<ConfigError>>) -> Vec<String> {
         result.unwrap_err().into_iter().map(|e| e.field).collect()
     }
@@ -884,7 +947,16 @@ mod tests {
                 &[],
                 &limits
             )),
-            ["secrets.token"]
+            ["bearer_secret"]
+        );
+        // A missing required key, and an unknown one, are named by themselves.
+        assert_eq!(
+            fields(catalog.check("http_poll", &json!({}), &[], &limits)),
+            ["url"]
+        );
+        assert_eq!(
+            fields(catalog.check("generator", &json!({ "rat_per_sec": 1 }), &[], &limits)),
+            ["rat_per_sec"]
         );
         assert!(
             catalog

@@ -1348,6 +1348,7 @@ async fn post(
     let body = serde_json::to_vec(&body).map_err(|e| Failure::Refused(e.to_string()))?;
     let response = client
         .post(url)
+        .timeout(ATTEMPT_TIMEOUT)
         .header(reqwest::header::CONTENT_TYPE, "application/json")
         .body(body)
         .send()

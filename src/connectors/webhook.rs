@@ -126,6 +126,7 @@ impl Inbox {
         let mut reserved = Reserved {
             seen: Arc::clone(&self.seen),
             id: None,
+            expires_at: 0,
         };
         let signature = signature.map(str::trim).ok_or(Refusal::BadSignature)?;
         let mut mac =
@@ -179,6 +180,7 @@ impl Inbox {
             }
             seen.insert(id.to_owned(), t);
             reserved.id = Some(id.to_owned());
+            reserved.expires_at = t + SIGNATURE_TOLERANCE_SECS;
         }
         Ok(reserved)
     }
@@ -207,9 +209,18 @@ impl Inbox {
 pub struct Reserved {
     seen: Arc<std::sync::Mutex<HashMap<String, i64>>>,
     id: Option<String>,
+    /// When the id leaves the window (Unix seconds): its signature's `t` is stale by then.
+    expires_at: i64,
 }
 
 impl Reserved {
+    /// The delivery id and when it leaves the tolerance window (Unix seconds), when the
+    /// signature carried one: the id to claim across instances as well
+    /// ([`crate::db::repository::deliveries::claim`]).
+    pub fn delivery_id(&self) -> Option<(&str, i64)> {
+        self.id.as_deref().map(|id| (id, self.expires_at))
+    }
+
     /// The delivery was accepted: its id stays seen for the tolerance window.
     pub fn keep(mut self) {
         self.id = None;

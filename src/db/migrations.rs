@@ -68,6 +68,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "audit_trail",
         include_str!("../../migrations/down/V12__audit_trail.down.sql"),
     ),
+    (
+        13,
+        "replay_ids_and_invalid_traceparents",
+        include_str!("../../migrations/down/V13__replay_ids_and_invalid_traceparents.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

@@ -6,17 +6,20 @@
 //! Errors are [`Error`]: known constraint violations and the schema's own SQLSTATEs
 //! (`DSR01`..) become domain variants here, so no caller inspects SQLSTATE.
 
+pub mod connection;
 pub mod embedded;
 pub mod migrations;
 pub mod repository;
 pub mod tls;
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::Client;
+use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::{Client, Connection, Socket};
 
+pub use connection::ConnectOptions;
 pub use tls::Target;
 use uuid::Uuid;
 
@@ -277,8 +280,11 @@ impl From<deadpool_postgres::PoolError> for Error {
         // Said in the database's words, not the pool's.
         Error::Unavailable(match e {
             PoolError::Backend(e) => format!("cannot connect to the database: {}", cause(&e)),
+            PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                "no database connection became free in time".to_owned()
+            }
             PoolError::Timeout(_) => {
-                "no database connection became free or could be opened in time".to_owned()
+                "cannot connect to the database: no answer within the connect timeout (TCP, TLS and authentication)".to_owned()
             }
             PoolError::Closed => "the connection pool is closed".to_owned(),
             PoolError::NoRuntimeSpecified | PoolError::PostCreateHook(_) => e.to_string(),
@@ -302,14 +308,41 @@ impl From<tls::TlsError> for Error {
     }
 }
 
+/// Pooled connections idle at least this long are checked with an empty query before use.
+const CHECK_AFTER_IDLE: Duration = Duration::from_secs(1);
+
+/// The bound of that check when connects are unbounded.
+const UNBOUNDED_CHECK: Duration = Duration::from_secs(5);
+
+/// Builds a pool for `url` with the default bounds ([`pool_with`]).
+///
+/// # Errors
+/// As [`pool_with`].
+pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
+    pool_with(url, &ConnectOptions::default(), max_size, wait)
+}
+
 /// Builds a pool for `url` (`max_size` connections, checked out within `wait`), with TLS as
-/// the URL's `sslmode` and the `PGSSL*` variables say ([`tls`]).
+/// the URL's `sslmode` and the `PGSSL*` variables say ([`tls`]) and `bounds` for what the URL
+/// does not set ([`connection`]). A new connection is given up on after the connect bound; a
+/// connection that idled is checked with an empty query within the same bound before it is
+/// handed out, and once one fails that check, those idle since before the failure are
+/// dropped unchecked: against a database gone silent a checkout costs one check and one
+/// connect, not one check per idle connection.
 ///
 /// # Errors
 /// [`Error::Invalid`] for a malformed URL or certificates that cannot be loaded.
-pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
-    let target = Target::parse(url)?;
+pub fn pool_with(
+    url: &str,
+    bounds: &ConnectOptions,
+    max_size: usize,
+    wait: Duration,
+) -> Result<Pool, Error> {
+    let target = Target::parse_with(url, bounds)?;
     let tls = target.tls_blocking()?;
+    let connect = target.connect_bound();
+    let check = connect.unwrap_or(UNBOUNDED_CHECK);
+    let failed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
     let manager = Manager::from_config(
         target.config,
         tls,
@@ -321,20 +354,57 @@ pub fn pool(url: &str, max_size: usize, wait: Duration) -> Result<Pool, Error> {
         .max_size(max_size)
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .wait_timeout(Some(wait))
-        .create_timeout(Some(wait))
+        .create_timeout(connect)
+        .recycle_timeout(Some(check))
+        .pre_recycle(Hook::async_fn(move |client, metrics| {
+            let failed_at = failed_at.clone();
+            Box::pin(async move {
+                let last_used = metrics.recycled.unwrap_or(metrics.created);
+                if last_used.elapsed() < CHECK_AFTER_IDLE {
+                    return Ok(());
+                }
+                let failed = *failed_at.lock().unwrap_or_else(PoisonError::into_inner);
+                if failed.is_some_and(|failed| last_used < failed) {
+                    return Err(HookError::message(
+                        "idle since before a connection of the pool failed its check",
+                    ));
+                }
+                match tokio::time::timeout(check, client.simple_query("")).await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => {
+                        *failed_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Instant::now());
+                        Err(HookError::Backend(e))
+                    }
+                    Err(_) => {
+                        *failed_at.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some(Instant::now());
+                        Err(HookError::message("no answer to the connection check"))
+                    }
+                }
+            })
+        }))
         .build()
         .map_err(|e| Error::Invalid(format!("database pool: {e}")))
 }
 
-/// Opens one connection outside the pool (migrations, the CLI); its driver task runs
-/// until the client is dropped.
+/// Opens one connection outside the pool (migrations, the CLI) with the default bounds; its
+/// driver task runs until the client is dropped.
 ///
 /// # Errors
 /// [`Error::Invalid`] for a malformed URL or certificates that cannot be loaded,
 /// [`Error::Unavailable`] naming the server and the cause when it cannot be reached or
-/// refuses the connection.
+/// refuses the connection, or does not finish the startup within the connect bound.
 pub async fn connect(url: &str) -> Result<Client, Error> {
-    connect_to(&Target::parse(url)?).await
+    connect_with(url, &ConnectOptions::default()).await
+}
+
+/// [`connect`] with `bounds` for what the URL does not set.
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_with(url: &str, bounds: &ConnectOptions) -> Result<Client, Error> {
+    connect_to(&Target::parse_with(url, bounds)?).await
 }
 
 /// [`connect`] for a parsed target.
@@ -342,12 +412,7 @@ pub async fn connect(url: &str) -> Result<Client, Error> {
 /// # Errors
 /// As [`connect`].
 pub async fn connect_to(target: &Target) -> Result<Client, Error> {
-    let tls = target.tls().await?;
-    let (client, connection) = target
-        .config
-        .connect(tls)
-        .await
-        .map_err(|e| connect_error(&target.describe(), &e))?;
+    let (client, connection) = handshake(target).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection closed");
@@ -356,7 +421,30 @@ pub async fn connect_to(target: &Target) -> Result<Client, Error> {
     Ok(client)
 }
 
-/// Creates `database` on the server of `admin_url` unless it exists (`template` to clone).
+/// A connection to `target` and its driver (which the caller runs): TCP, TLS and
+/// authentication together within [`Target::connect_bound`].
+///
+/// # Errors
+/// As [`connect`].
+pub async fn handshake(
+    target: &Target,
+) -> Result<(Client, Connection<Socket, tls::RustlsStream<Socket>>), Error> {
+    let tls = target.tls().await?;
+    let connecting = target.config.connect(tls);
+    let connected = match target.connect_bound() {
+        Some(bound) => tokio::time::timeout(bound, connecting).await.map_err(|_| {
+            Error::Unavailable(format!(
+                "cannot connect to {}: no answer within {bound:?} (TCP, TLS and authentication)",
+                target.describe()
+            ))
+        })?,
+        None => connecting.await,
+    };
+    connected.map_err(|e| connect_error(&target.describe(), &e))
+}
+
+/// Creates `database` on the server of `admin_url` unless it exists (`template` to clone),
+/// without a statement timeout: copying a template takes as long as it takes.
 ///
 /// # Errors
 /// The server refused.
@@ -365,7 +453,11 @@ pub async fn create_database(
     database: &str,
     template: Option<&str>,
 ) -> Result<(), Error> {
-    let client = connect(admin_url).await?;
+    let client = connect_with(
+        admin_url,
+        &ConnectOptions::default().without_statement_timeout(),
+    )
+    .await?;
     let exists = client
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&database])
         .await?
@@ -389,7 +481,11 @@ pub async fn create_database(
 /// # Errors
 /// The server refused.
 pub async fn drop_database(admin_url: &str, database: &str) -> Result<(), Error> {
-    let client = connect(admin_url).await?;
+    let client = connect_with(
+        admin_url,
+        &ConnectOptions::default().without_statement_timeout(),
+    )
+    .await?;
     client
         .batch_execute(&format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",

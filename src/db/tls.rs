@@ -47,6 +47,8 @@ use rustls::{
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_postgres::tls::{ChannelBinding, MakeTlsConnect, TlsConnect};
 
+use super::connection::{ConnectOptions, URL_KEYS};
+
 /// A connection string that cannot be used, or certificate material that cannot be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -245,13 +247,18 @@ fn file_error(
     }
 }
 
-/// A connection string split into what tokio-postgres understands and the TLS options.
+/// A connection string split into what tokio-postgres understands, the TLS options and the
+/// connection's bounds.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// Everything but the TLS files, with `ssl_mode` set from [`TlsOptions::mode`].
+    /// Everything but the TLS files, with `ssl_mode` set from [`TlsOptions::mode`] and the
+    /// bounds of [`Target::connect`] applied.
     pub config: tokio_postgres::Config,
     /// The TLS options.
     pub tls: TlsOptions,
+    /// The bounds: the caller's, with what the connection string sets
+    /// ([`super::connection`]).
+    pub connect: ConnectOptions,
 }
 
 const TLS_KEYS: [&str; 4] = ["sslmode", "sslrootcert", "sslcert", "sslkey"];
@@ -263,18 +270,27 @@ impl Target {
     /// # Errors
     /// [`TlsError::Url`] for a malformed string or an unknown `sslmode`.
     pub fn parse(url: &str) -> Result<Self, TlsError> {
-        Self::parse_with_env(url, |name| std::env::var(name).ok())
+        Self::parse_with(url, &ConnectOptions::default())
     }
 
-    /// [`Target::parse`] with the variables from `env`.
+    /// [`Target::parse`] with `bounds` for what the connection string leaves unset.
     ///
     /// # Errors
-    /// As [`Target::parse`].
+    /// As [`Target::parse`], and a bound in the string that is not a number.
+    pub fn parse_with(url: &str, bounds: &ConnectOptions) -> Result<Self, TlsError> {
+        Self::parse_with_env(url, bounds, |name| std::env::var(name).ok())
+    }
+
+    /// [`Target::parse_with`] with the variables from `env`.
+    ///
+    /// # Errors
+    /// As [`Target::parse_with`].
     pub fn parse_with_env(
         url: &str,
+        bounds: &ConnectOptions,
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Self, TlsError> {
-        let (rest, mut found) = split_tls_params(url)?;
+        let (rest, mut found) = split_params(url)?;
         for (key, var) in
             TLS_KEYS
                 .iter()
@@ -303,7 +319,22 @@ impl Target {
             .parse()
             .map_err(|e: tokio_postgres::Error| TlsError::Url(e.to_string()))?;
         config.ssl_mode(tls.tokio_mode());
-        Ok(Target { config, tls })
+        let connect = bounds.with_url(&found)?;
+        connect.apply(&mut config);
+        Ok(Target {
+            config,
+            tls,
+            connect,
+        })
+    }
+
+    /// How long one connect may take in all (TCP, TLS, authentication, startup): the
+    /// connect timeout per host named; `None` when unbounded.
+    pub fn connect_bound(&self) -> Option<std::time::Duration> {
+        let hosts = u32::try_from(self.config.get_hosts().len().max(1)).unwrap_or(u32::MAX);
+        self.connect
+            .connect_timeout
+            .map(|timeout| timeout.saturating_mul(hosts))
     }
 
     /// The TLS connector for this target, its certificates read on a blocking thread the
@@ -397,9 +428,14 @@ fn load_cached(options: &TlsOptions) -> Result<MakeRustls, TlsError> {
     Ok(made)
 }
 
-/// Removes the TLS parameters from a connection string: the rest (for tokio-postgres) and
-/// the removed `key → value`s.
-fn split_tls_params(url: &str) -> Result<(String, HashMap<String, String>), TlsError> {
+/// Whether dsreg reads this connection string parameter itself (TLS and the bounds).
+fn taken(key: &str) -> bool {
+    TLS_KEYS.contains(&key) || URL_KEYS.contains(&key)
+}
+
+/// Removes the TLS parameters and the bounds from a connection string: the rest (for
+/// tokio-postgres) and the removed `key → value`s.
+fn split_params(url: &str) -> Result<(String, HashMap<String, String>), TlsError> {
     let mut found = HashMap::new();
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         let Some((base, query)) = url.split_once('?') else {
@@ -409,7 +445,7 @@ fn split_tls_params(url: &str) -> Result<(String, HashMap<String, String>), TlsE
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
             let key_plain = percent_decode(key)?;
-            if TLS_KEYS.contains(&key_plain.as_str()) {
+            if taken(&key_plain) {
                 found.insert(key_plain, percent_decode(value)?);
             } else {
                 kept.push(pair);
@@ -424,7 +460,7 @@ fn split_tls_params(url: &str) -> Result<(String, HashMap<String, String>), TlsE
     }
     let mut kept = Vec::new();
     for (key, value) in key_values(url)? {
-        if TLS_KEYS.contains(&key.as_str()) {
+        if taken(&key) {
             found.insert(key, value);
         } else {
             let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
@@ -695,6 +731,7 @@ mod tests {
     fn url_tls_parameters_are_taken_out_and_the_rest_parsed() {
         let t = Target::parse_with_env(
             "postgres://u:p@db.example:6432/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&application_name=x&sslcert=/c.pem&sslkey=/k.pem",
+            &ConnectOptions::default(),
             no_env,
         )
         .unwrap();
@@ -714,6 +751,7 @@ mod tests {
     fn key_value_form_with_quotes() {
         let t = Target::parse_with_env(
             r"host=db port=5433 user=u password='it\'s' dbname=app sslmode=verify-ca sslrootcert='/a b/ca.pem'",
+            &ConnectOptions::default(),
             no_env,
         )
         .unwrap();
@@ -730,27 +768,43 @@ mod tests {
             "PGSSLROOTCERT" => Some("system".to_owned()),
             _ => None,
         };
-        let t = Target::parse_with_env("postgres://db/app", env).unwrap();
+        let t =
+            Target::parse_with_env("postgres://db/app", &ConnectOptions::default(), env).unwrap();
         assert_eq!(t.tls.mode, SslMode::Require);
         assert_eq!(t.tls.root_cert, Some(RootCert::System));
         assert_eq!(t.tls.verify(), Verify::Chain);
-        let t = Target::parse_with_env("postgres://db/app?sslmode=disable", env).unwrap();
+        let t = Target::parse_with_env(
+            "postgres://db/app?sslmode=disable",
+            &ConnectOptions::default(),
+            env,
+        )
+        .unwrap();
         assert_eq!(t.tls.mode, SslMode::Disable);
     }
 
     #[test]
     fn default_is_prefer_and_unknown_modes_are_refused() {
-        let t = Target::parse_with_env("postgres://db/app", no_env).unwrap();
+        let t = Target::parse_with_env("postgres://db/app", &ConnectOptions::default(), no_env)
+            .unwrap();
         assert_eq!(t.tls.mode, SslMode::Prefer);
         assert_eq!(t.tls.verify(), Verify::Nothing);
-        let err = Target::parse_with_env("postgres://db/app?sslmode=verify-everything", no_env)
-            .unwrap_err();
+        let err = Target::parse_with_env(
+            "postgres://db/app?sslmode=verify-everything",
+            &ConnectOptions::default(),
+            no_env,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("verify-everything"), "{err}");
     }
 
     #[test]
     fn description_names_hosts_and_ports_never_the_password() {
-        let t = Target::parse_with_env("postgres://u:hunter2@a:1,b:2/app", no_env).unwrap();
+        let t = Target::parse_with_env(
+            "postgres://u:hunter2@a:1,b:2/app",
+            &ConnectOptions::default(),
+            no_env,
+        )
+        .unwrap();
         let d = t.describe();
         assert!(
             d.contains("a:1") && d.contains("b:2") && d.contains("database app"),
@@ -759,13 +813,65 @@ mod tests {
         assert!(!d.contains("hunter2"), "{d}");
     }
 
+    #[test]
+    fn bounds_in_the_string_win_in_libpq_units_in_both_forms() {
+        for url in [
+            "postgres://u@a:1,b:2/app?connect_timeout=3&tcp_user_timeout=2500&keepalives_count=7&options=-c%20statement_timeout%3D1s",
+            "host=a,b port=1,2 user=u dbname=app connect_timeout=3 tcp_user_timeout=2500 keepalives_count=7 options='-c statement_timeout=1s'",
+        ] {
+            let t = Target::parse_with_env(url, &ConnectOptions::default(), no_env).unwrap();
+            assert_eq!(
+                t.config.get_tcp_user_timeout(),
+                Some(&std::time::Duration::from_millis(2500)),
+                "{url}"
+            );
+            assert_eq!(t.config.get_keepalives_retries(), Some(7), "{url}");
+            assert_eq!(
+                t.config.get_options(),
+                Some("-c statement_timeout=1s"),
+                "{url}"
+            );
+            // Each of the two hosts gets the connect timeout.
+            assert_eq!(
+                t.connect_bound(),
+                Some(std::time::Duration::from_secs(6)),
+                "{url}"
+            );
+        }
+        let bad = Target::parse_with_env(
+            "postgres://db/app?keepalives_idle=later",
+            &ConnectOptions::default(),
+            no_env,
+        )
+        .unwrap_err();
+        assert!(bad.to_string().contains("keepalives_idle"), "{bad}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_connect_timeout_reads_as_libpq_reads_it_in_both_forms(seconds in -5i64..100_000) {
+            let expected = u64::try_from(seconds)
+                .ok()
+                .filter(|s| *s > 0)
+                .map(|s| std::time::Duration::from_secs(s.max(2)));
+            for url in [
+                format!("postgres://u@db/app?connect_timeout={seconds}"),
+                format!("host=db user=u dbname=app connect_timeout={seconds}"),
+            ] {
+                let t = Target::parse_with_env(&url, &ConnectOptions::default(), no_env).unwrap();
+                proptest::prop_assert_eq!(t.connect.connect_timeout, expected);
+                proptest::prop_assert_eq!(t.connect_bound(), expected);
+            }
+        }
+    }
+
     proptest::proptest! {
         #[test]
         fn key_value_values_round_trip(value in "[ -~]{0,40}") {
             let quoted = value.replace('\\', "\\\\").replace('\'', "\\'");
             let parsed = key_values(&format!("sslrootcert='{quoted}' host=x")).unwrap();
             proptest::prop_assert_eq!(&parsed[0], &("sslrootcert".to_owned(), value.clone()));
-            let t = Target::parse_with_env(&format!("host=x password='{quoted}' sslkey='{quoted}' sslcert=c"), no_env).unwrap();
+            let t = Target::parse_with_env(&format!("host=x password='{quoted}' sslkey='{quoted}' sslcert=c"), &ConnectOptions::default(), no_env).unwrap();
             proptest::prop_assert_eq!(t.config.get_password(), Some(value.as_bytes()));
             proptest::prop_assert_eq!(t.tls.key, Some(PathBuf::from(&value)));
         }

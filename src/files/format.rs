@@ -280,7 +280,7 @@ impl Reader<'_> {
         if let Err(problems) = catalog.check(&kind, &config, &secrets, limits) {
             for p in problems {
                 let (field, line) = self.config_field(&p.field, p.line, map.contains_key("config"));
-                let reason = if p.field.starts_with("secrets.") {
+                let reason = if p.missing_secret.is_some() {
                     "this secret is required by the config: list it under secrets (and put its \
                      value with `dsreg secret put`)"
                         .to_owned()

@@ -187,11 +187,11 @@ fn log(report: &Report) {
         tracing::info!(
             action = step.action.as_str(),
             datasource = %step.key,
-            id = ?step.datasource,
-            version = ?step.version,
+            id = step.datasource.map(tracing::field::display),
+            version = step.version,
             file = %step.path.display(),
-            conflict = ?step.conflict.as_ref().map(|c| c.resolution.as_str()),
-            waiting_for_secrets = ?step.waiting_for,
+            conflict = step.conflict.as_ref().map(|c| c.resolution.as_str()),
+            waiting_for_secrets = step.waiting_for.join(","),
             "file sync"
         );
     }

@@ -64,6 +64,8 @@ pub struct ListenerConfig {
     pub backoff_base: Duration,
     /// Reconnect delay cap.
     pub backoff_max: Duration,
+    /// The connection's bounds (connect, keepalives, statements).
+    pub connect: crate::db::ConnectOptions,
 }
 
 impl ListenerConfig {
@@ -75,6 +77,7 @@ impl ListenerConfig {
             check_timeout: Duration::from_secs(2),
             backoff_base: Duration::from_millis(100),
             backoff_max: Duration::from_secs(5),
+            connect: crate::db::ConnectOptions::default(),
         }
     }
 }
@@ -120,7 +123,10 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
             datasource_id: Some(id),
             traceparent: Some(trace),
             ..
-        } if crate::telemetry::valid_traceparent(&trace) => Ok(Signal::Traced(id, trace)),
+        } => Ok(match crate::telemetry::normalized_traceparent(&trace) {
+            Some(trace) => Signal::Traced(id, trace),
+            None => Signal::Hint(Some(id)),
+        }),
         Payload {
             id: Some(_),
             kind: Some(_),
@@ -132,16 +138,10 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
 }
 
 async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
-    let mut target = crate::db::Target::parse(&config.url)?;
-    // Keepalive finds a silently dead peer even when nothing is being sent.
-    target
-        .config
-        .keepalives(true)
-        .keepalives_idle(Duration::from_secs(5))
-        .keepalives_interval(Duration::from_secs(1))
-        .keepalives_retries(3)
-        .connect_timeout(Duration::from_secs(5))
-        .application_name("dsreg-listener");
+    // The bounds every connection has: the whole startup within the connect timeout,
+    // keepalives for a peer gone silent while nothing is sent.
+    let mut target = crate::db::Target::parse_with(&config.url, &config.connect)?;
+    target.config.application_name("dsreg-listener");
     // Notifications come from the primary only: unless the URL says otherwise, a multi-host
     // URL (`host=a,b`) finds the read-write server, and after a failover the new one.
     if !config.url.contains("target_session_attrs") {
@@ -328,6 +328,15 @@ mod tests {
         );
         assert_eq!(
             parse_payload(&traced),
+            Ok(Signal::Traced(id, trace.to_owned()))
+        );
+        // A later W3C version is read as the gRPC header is, and handed on as version 00.
+        let later = format!(
+            r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "01{}"}}"#,
+            &trace[2..]
+        );
+        assert_eq!(
+            parse_payload(&later),
             Ok(Signal::Traced(id, trace.to_owned()))
         );
         // A malformed trace context is ignored, the wake-up kept.

@@ -25,18 +25,15 @@ pub async fn listen(url: &str, channel: &str) -> Result<Listening, Error> {
     listen_with(&Target::parse(url)?, channel).await
 }
 
-/// Connects to `target` (TLS as its `sslmode` says) and LISTENs on `channel`.
+/// Connects to `target` (TLS as its `sslmode` says, within its connect bound) and LISTENs on
+/// `channel`.
 ///
 /// # Errors
 /// [`Error::Invalid`] for certificates that cannot be loaded, [`Error::Unavailable`] naming
-/// the server and the cause when it cannot be reached or refuses the connection.
+/// the server and the cause when it cannot be reached, refuses the connection or does not
+/// finish the startup in time.
 pub async fn listen_with(target: &Target, channel: &str) -> Result<Listening, Error> {
-    let tls = target.tls().await?;
-    let (client, mut connection) = target
-        .config
-        .connect(tls)
-        .await
-        .map_err(|e| crate::db::connect_error(&target.describe(), &e))?;
+    let (client, mut connection) = crate::db::handshake(target).await?;
     let (tx, notifications) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));

@@ -164,12 +164,13 @@ impl VaultKeyProvider {
             settings.mount.trim_matches('/'),
             settings.key_name
         );
-        let client = crate::connectors::http_client(settings.timeout)
-            .map_err(|e| failed(&source, e.to_string()))?;
+        let client =
+            crate::connectors::http::client().map_err(|e| failed(&source, e.to_string()))?;
         let mut keys = BTreeMap::new();
         for (version, wrapped) in &set.entries {
             let answer = client
                 .post(&url)
+                .timeout(settings.timeout)
                 .header("X-Vault-Token", settings.token.expose())
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(serde_json::json!({ "ciphertext": wrapped.as_str() }).to_string())

@@ -236,6 +236,67 @@ impl Secrets {
         Ok(out)
     }
 
+    /// Opens every secret of each of `datasources` (id, org, project) with one query. A
+    /// datasource with a secret that does not open is opened again alone by
+    /// [`Secrets::open_all`], which records the failure for the integrity audit and returns it.
+    #[tracing::instrument(name = "secrets.open_many", skip_all, fields(datasources = datasources.len()))]
+    pub async fn open_many(
+        &self,
+        client: &impl GenericClient,
+        datasources: &[(Uuid, &str, &str)],
+    ) -> std::collections::HashMap<Uuid, Result<BTreeMap<String, SecretString>, Error>> {
+        let ids: Vec<Uuid> = datasources.iter().map(|(id, _, _)| *id).collect();
+        // A query that failed leaves every datasource to be opened alone (and to say why).
+        let sealed = repo::sealed_many(client, &ids).await.unwrap_or_default();
+        let tenants: std::collections::HashMap<Uuid, (&str, &str)> = datasources
+            .iter()
+            .map(|(id, org, project)| (*id, (*org, *project)))
+            .collect();
+        let found: std::collections::HashSet<Uuid> =
+            sealed.iter().map(|row| row.datasource_id).collect();
+        // A datasource with no row here is opened alone: none stored, or the query failed.
+        let mut opened: std::collections::HashMap<Uuid, Option<BTreeMap<String, SecretString>>> =
+            ids.iter()
+                .map(|id| (*id, found.contains(id).then(BTreeMap::new)))
+                .collect();
+        for row in sealed {
+            let (Some(&(org, project)), Some(Some(out))) = (
+                tenants.get(&row.datasource_id),
+                opened.get_mut(&row.datasource_id),
+            ) else {
+                continue;
+            };
+            let value = self.open_row(
+                org,
+                project,
+                row.datasource_id,
+                &row.name,
+                row.key_version,
+                row.revision,
+                &row.nonce,
+                &row.ciphertext,
+            );
+            match value {
+                Ok(value) => {
+                    out.insert(row.name, value);
+                }
+                // Dropped here (zeroized), opened again alone below.
+                Err(_) => {
+                    opened.insert(row.datasource_id, None);
+                }
+            }
+        }
+        let mut out = std::collections::HashMap::with_capacity(opened.len());
+        for (id, secrets) in opened {
+            let result = match secrets {
+                Some(secrets) => Ok(secrets),
+                None => self.open_all(client, id).await,
+            };
+            out.insert(id, result);
+        }
+        out
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn open_row(
         &self,

@@ -12,6 +12,10 @@
 //! per instance, so that an instance joining or leaving moves only the share that must move.
 //! The supervisor claims what is assigned to it and free, and drains, a few per tick, what is
 //! assigned elsewhere: it stops the worker, writes its last state, then releases the lease.
+//!
+//! The renewer runs on a thread of its own with its own runtime and connection
+//! ([`Renewer::spawn_on_own_thread`]): workers saturating the shared runtime's threads or the
+//! pools cannot make this instance miss a renewal and fence itself.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -288,12 +292,40 @@ impl Renewer {
                 }
                 Ok(Err(e)) => tracing::warn!(error = %e, renewing, "lease renewal failed"),
                 Err(_) => tracing::warn!(
-                    timeout = ?self.config.look_every(),
+                    timeout_ms = self.config.look_every().as_millis() as u64,
                     renewing,
                     "lease renewal timed out"
                 ),
             }
         }
+    }
+
+    /// Runs [`Renewer::run`] on a thread of its own with a single-threaded runtime, so that
+    /// nothing the shared runtime does (thousands of workers starting, CPU-bound work on its
+    /// threads) can delay a renewal: its pool should be one that only it uses, whose
+    /// connections are then opened and driven on that thread too. The receiver completes when
+    /// the thread has stopped (after `stop`, or if the renewer panicked).
+    ///
+    /// # Errors
+    /// The runtime or the thread cannot be created.
+    pub fn spawn_on_own_thread(
+        self,
+        stop: CancellationToken,
+    ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .thread_name("dsreg-lease-renewer")
+            .build()?;
+        let (done, finished) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("dsreg-lease-renewer".to_owned())
+            .spawn(move || {
+                runtime.block_on(self.run(stop));
+                // Its tasks (the connection drivers) end before the thread says it stopped.
+                drop(runtime);
+                let _ = done.send(());
+            })?;
+        Ok(finished)
     }
 
     /// A renewal, or (`renewing` false) a look.

@@ -116,6 +116,29 @@ impl Drop for AbortWorkersOnDrop {
 /// generation and lease epoch.
 type SpecKey = (i32, i64, i64, i64);
 
+/// A version's compiled transform, or the refusal (code, reason) it earns.
+type Compiled = Result<Transform, (&'static str, String)>;
+
+/// Scripts at least this long compile on the blocking pool, several at once, rather than in
+/// the reconcile loop on the runtime: a big script takes milliseconds of CPU, and a thousand
+/// of them would hold the loop (and the runtime thread under it) for seconds. Shorter ones
+/// compile in microseconds, less than the hand-off would cost.
+const COMPILE_INLINE_BYTES: usize = 4 * 1024;
+
+/// Compiles the transform of `config`, contained: a panic is this version's refusal.
+fn compile(config: &serde_json::Value, limits: &Limits) -> Compiled {
+    contain("transform", || Transform::from_config(config, limits))
+        .map_err(|e: Panicked| ("connector_panicked", e.to_string()))?
+        .map_err(|e| ("invalid_transform", e.to_string()))
+}
+
+fn script_len(config: Option<&serde_json::Value>) -> usize {
+    config
+        .and_then(|c| c.get("transform"))
+        .and_then(serde_json::Value::as_str)
+        .map_or(0, str::len)
+}
+
 /// A lease this instance holds.
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -197,6 +220,8 @@ pub struct Supervisor {
     pool: Pool,
     /// The control plane's connections (leases, heartbeats), which worker I/O cannot take.
     control: Pool,
+    /// The lease renewer's own connection, opened and driven on its own thread.
+    renewal: Pool,
     catalog: Catalog,
     config: SupervisorConfig,
     env: WorkerEnv,
@@ -264,6 +289,7 @@ impl Supervisor {
             cluster,
             secrets,
             control: pool.clone(),
+            renewal: pool.clone(),
             pool,
             catalog,
             config,
@@ -283,6 +309,13 @@ impl Supervisor {
     /// control plane's own) rather than the pool reconciles and workers share.
     pub fn control_plane(&mut self, pool: Pool) {
         self.control = pool;
+    }
+
+    /// Renews the leases on `pool`, a pool of one connection that nothing else uses: it is
+    /// opened and driven on the renewer's own thread, so a starved shared runtime cannot
+    /// delay a renewal.
+    pub fn renew_on(&mut self, pool: Pool) {
+        self.renewal = pool;
     }
 
     /// Whether others were live at the latest look at the instances (see [`Peers`]).
@@ -317,14 +350,27 @@ impl Supervisor {
         let fault = self.config.fault.clone().unwrap_or_default();
         {
             let (renewer, renewals) = Renewer::new(
-                self.control.clone(),
+                self.renewal.clone(),
                 self.cluster.me.clone(),
                 self.cluster.config.clone(),
                 self.cluster.tenure.clone(),
                 self.metrics.clone(),
             );
             self.cluster.renewals = Some(renewals);
-            self.tracker.spawn(renewer.run(renewer_stop.clone()));
+            // On a thread of its own, so no load on the shared runtime delays a renewal.
+            match renewer.spawn_on_own_thread(renewer_stop.clone()) {
+                Ok(finished) => {
+                    self.tracker.spawn(async move {
+                        let _ = finished.await;
+                    });
+                }
+                Err(e) => {
+                    // Without a renewer no lease can be held: end, and let the process exit
+                    // non-zero as for any other end of the supervisor.
+                    tracing::error!(error = %e, "cannot start the lease renewer's thread");
+                    return;
+                }
+            }
         }
         if let Err(e) = self.register().await {
             tracing::warn!(error = %e, "registering this instance failed; the renewals retry");
@@ -564,7 +610,12 @@ impl Supervisor {
             .filter(|s| !self.cluster.held.contains_key(&s.datasource_id))
             .map(|s| s.datasource_id)
             .collect();
-        let mut wake = self.claim(&free).await?;
+        let mut wake: Vec<Uuid> = self
+            .claim(&free)
+            .await?
+            .into_iter()
+            .map(|c| c.datasource_id)
+            .collect();
 
         // Draining ones assigned back here stay.
         let back: Vec<Uuid> = self
@@ -630,7 +681,7 @@ impl Supervisor {
 
     /// Claims the leases of `ids` that are free; returns those claimed. Each claim's owner and
     /// epoch go to the datasource's state.
-    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<Uuid>, Error> {
+    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<leases::Claimed>, Error> {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
@@ -665,7 +716,7 @@ impl Supervisor {
             });
         }
         self.metered(|m| m.lease_moves("acquired", claimed.len() as u64));
-        Ok(claimed.into_iter().map(|c| c.datasource_id).collect())
+        Ok(claimed)
     }
 
     /// Releases the draining leases whose workers have stopped, after their last records and
@@ -902,7 +953,16 @@ impl Supervisor {
             .map(|r| r.datasource_id)
             .filter(|id| !self.cluster.held.contains_key(id) && self.cluster.takes(*id))
             .collect();
-        self.claim(&unheld).await?;
+        // A lease held before (epoch above 1) may have had a worker elsewhere that saved a
+        // source position after the read above: those workers read theirs when they start.
+        // The others' positions come with the read.
+        let taken_over: HashSet<Uuid> = self
+            .claim(&unheld)
+            .await?
+            .into_iter()
+            .filter(|c| c.epoch > 1)
+            .map(|c| c.datasource_id)
+            .collect();
         let mut need_config = Vec::new();
         let mut to_build = Vec::new();
         for row in rows {
@@ -948,9 +1008,16 @@ impl Supervisor {
             }
         }
         let mut secrets = self.open_secrets(&to_build).await;
-        for (row, key) in to_build {
+        let mut compiled = self.compile_big(&to_build).await;
+        for (mut row, key) in to_build {
             let opened = secrets.remove(&row.datasource_id);
-            self.converge(row, key, opened);
+            let transform = compiled.remove(&row.datasource_id);
+            let cursor = if taken_over.contains(&row.datasource_id) {
+                None
+            } else {
+                Some(row.source_cursor.take())
+            };
+            self.converge(row, key, opened, cursor, transform);
         }
         if !need_config.is_empty() {
             Box::pin(self.reconcile(&need_config)).await?;
@@ -958,19 +1025,55 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Opens the secrets of the datasources whose configs need some, in one query.
+    /// Compiles the big transforms of `rows` on the blocking pool, spread over the machine's
+    /// cores; the others are compiled when their spec is built.
+    async fn compile_big(&self, rows: &[(Desired, SpecKey)]) -> HashMap<Uuid, Compiled> {
+        let big: Vec<(Uuid, serde_json::Value)> = rows
+            .iter()
+            .filter(|(row, _)| script_len(row.config.as_ref()) >= COMPILE_INLINE_BYTES)
+            .filter_map(|(row, _)| Some((row.datasource_id, row.config.clone()?)))
+            .collect();
+        if big.is_empty() {
+            return HashMap::new();
+        }
+        let cores = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let per_task = big.len().div_ceil(cores);
+        let mut tasks = Vec::new();
+        let mut big = big.into_iter().peekable();
+        while big.peek().is_some() {
+            let chunk: Vec<_> = big.by_ref().take(per_task).collect();
+            let limits = self.config.limits.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                chunk
+                    .into_iter()
+                    .map(|(id, config)| (id, compile(&config, &limits)))
+                    .collect::<Vec<_>>()
+            }));
+        }
+        let mut compiled = HashMap::new();
+        for task in tasks {
+            // A chunk whose thread failed is compiled inline when its specs are built.
+            if let Ok(done) = task.await {
+                compiled.extend(done);
+            }
+        }
+        compiled
+    }
+
+    /// Opens the secrets of the datasources whose configs need some, in one query (a
+    /// datasource whose secrets do not open costs one more, which records why).
     async fn open_secrets(
         &self,
         rows: &[(Desired, SpecKey)],
     ) -> HashMap<Uuid, Result<SecretMap, String>> {
-        let needing: Vec<Uuid> = rows
+        let needing: Vec<(Uuid, &str, &str)> = rows
             .iter()
             .filter(|(row, _)| {
                 let connector = self.catalog.get(&row.kind);
                 let config = row.config.as_ref();
                 matches!((connector, config), (Some(c), Some(config)) if contain("required_secrets", || c.required_secrets(config)).is_ok_and(|r| !r.is_empty()))
             })
-            .map(|(row, _)| row.datasource_id)
+            .map(|(row, _)| (row.datasource_id, row.org.as_str(), row.project.as_str()))
             .collect();
         if needing.is_empty() {
             return HashMap::new();
@@ -978,7 +1081,7 @@ impl Supervisor {
         let Some(service) = &self.secrets else {
             return needing
                 .into_iter()
-                .map(|id| (id, Err("no secrets key is configured".to_owned())))
+                .map(|(id, _, _)| (id, Err("no secrets key is configured".to_owned())))
                 .collect();
         };
         let client = match self.pool.get().await {
@@ -987,23 +1090,33 @@ impl Supervisor {
                 let reason = format!("secrets unavailable: {e}");
                 return needing
                     .into_iter()
-                    .map(|id| (id, Err(reason.clone())))
+                    .map(|(id, _, _)| (id, Err(reason.clone())))
                     .collect();
             }
         };
-        let mut opened = HashMap::with_capacity(needing.len());
-        for id in needing {
-            let result = service.open_all(&**client, id).await;
-            opened.insert(id, result.map(Arc::new).map_err(|e| e.to_string()));
-        }
-        opened
+        // The tenants come with the desired state: one query for every datasource's secrets.
+        service
+            .open_many(&**client, &needing)
+            .await
+            .into_iter()
+            .map(|(id, result)| (id, result.map(Arc::new).map_err(|e| e.to_string())))
+            .collect()
     }
 
     /// Starts, or hot-reloads, a datasource whose tables want `key`: the new spec is built
     /// and validated first; an invalid one never touches a running worker.
-    fn converge(&mut self, row: Desired, key: SpecKey, secrets: Option<Result<SecretMap, String>>) {
+    /// `cursor` is the source position read with `row`, when that read is surely current;
+    /// `transform` the version's transform when it was compiled already.
+    fn converge(
+        &mut self,
+        row: Desired,
+        key: SpecKey,
+        secrets: Option<Result<SecretMap, String>>,
+        cursor: Option<Option<serde_json::Value>>,
+        transform: Option<Compiled>,
+    ) {
         let id = row.datasource_id;
-        match self.build(&row, key, secrets) {
+        match self.build(&row, key, secrets, cursor, transform) {
             Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
                 if let Some(worker) = self.workers.get_mut(&id) {
@@ -1065,6 +1178,8 @@ impl Supervisor {
         row: &Desired,
         key: SpecKey,
         secrets: Option<Result<SecretMap, String>>,
+        cursor: Option<Option<serde_json::Value>>,
+        transform: Option<Compiled>,
     ) -> Result<(Spec, Option<Duration>), (&'static str, String)> {
         let panicked = |e: Panicked| ("connector_panicked", e.to_string());
         let connector = self
@@ -1084,11 +1199,7 @@ impl Supervisor {
         contain("validate", || connector.validate(&config))
             .map_err(panicked)?
             .map_err(|e| ("invalid_config", e.to_string()))?;
-        let transform = contain("transform", || {
-            Transform::from_config(&config, &self.config.limits)
-        })
-        .map_err(panicked)?
-        .map_err(|e| ("invalid_transform", e.to_string()))?;
+        let transform = transform.unwrap_or_else(|| compile(&config, &self.config.limits))?;
         let stall_after =
             contain("stall_after", || connector.stall_after(&config)).map_err(panicked)?;
         let required = contain("required_secrets", || connector.required_secrets(&config))
@@ -1111,6 +1222,7 @@ impl Supervisor {
             connector,
             transform,
             secrets,
+            cursor,
             trace: tracing_opentelemetry::OpenTelemetrySpanExt::context(&tracing::Span::current()),
         };
         Ok((spec, stall_after))

@@ -50,6 +50,10 @@ pub struct Spec {
     pub transform: Transform,
     /// The datasource's secrets, opened for this run.
     pub secrets: SecretMap,
+    /// The source position read with the desired state, when that read is surely current
+    /// (`Some(None)`: none saved); a fresh worker's first run starts from it without reading
+    /// it again.
+    pub cursor: Option<Option<serde_json::Value>>,
     /// The trace context of the reconcile that asked for it: the worker's start and stop
     /// spans are its children (a context, not the span, so the reconcile span can close).
     pub trace: opentelemetry::Context,
@@ -154,10 +158,20 @@ pub async fn run(
     lease: CancellationToken,
     check: LeaseCheck,
 ) {
+    // A former worker may have saved a position after the supervisor read it: then the
+    // first run reads it too.
+    let ran_before = previous.is_some();
     if let Some(previous) = previous {
         let _ = previous.await;
     }
     let mut spec = spec_rx.borrow_and_update().clone();
+    // Only the first run starts from the position read with the spec: restarts and reloads
+    // follow runs that may have moved it.
+    let mut known_cursor = if ran_before {
+        None
+    } else {
+        spec.cursor.clone()
+    };
     let id = spec.datasource_id;
     let mut failures = Failures::new(env.backoff.clone());
     let mut reloaded = false;
@@ -210,7 +224,8 @@ pub async fn run(
                     instance: env.instance.clone(),
                     epoch: spec.epoch,
                 },
-            ),
+            )
+            .with_known(known_cursor.take()),
             ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),

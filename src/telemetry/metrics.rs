@@ -73,6 +73,7 @@ struct Inner {
     reloads: Mutex<Reloads>,
     reload_latency: Histogram,
     outbox_lag: Histogram,
+    invalid_traceparents: Counter,
     reconcile: Histograms<PassLabels>,
     rpc_requests: Family<RpcLabels, Counter>,
     rpc_duration: Histograms<RpcLabels>,
@@ -123,6 +124,17 @@ impl Metrics {
             "Time from the commit of an outbox event to the supervisor reading it",
             Unit::Seconds,
             outbox_lag.clone(),
+        );
+        let invalid_traceparents = Counter::default();
+        registry.register(
+            "dsreg_outbox_invalid_traceparent",
+            "Outbox events read whose writer set a malformed trace context (dsreg.traceparent), which was dropped: the event was written untraced",
+            invalid_traceparents.clone(),
+        );
+        registry.register(
+            "dsreg_panics",
+            "Panics anywhere in the process (each also logged as one structured ERROR line, at most 10 a second)",
+            crate::telemetry::panics::counter(),
         );
         let horizon_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         registry.register_with_unit(
@@ -269,6 +281,7 @@ impl Metrics {
             reloads: Mutex::default(),
             reload_latency,
             outbox_lag,
+            invalid_traceparents,
             reconcile,
             rpc_requests,
             rpc_duration,
@@ -349,6 +362,9 @@ impl Metrics {
             self.0
                 .outbox_lag
                 .observe(seconds_between(event.created_at, at));
+            if event.traceparent_invalid {
+                self.0.invalid_traceparents.inc();
+            }
             if let Some(id) = event.datasource_id {
                 reloads
                     .triggers
@@ -713,7 +729,13 @@ impl Collector for Listener {
         }
         ConstCounter::new(super::otel::dropped_spans()).encode(encoder.encode_descriptor(
             "dsreg_otel_spans_dropped",
-            "Spans lost because their batch could not be exported to the OTLP collector.",
+            "Spans lost because their batch could not be exported to the OTLP collector, or the collector rejected them.",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(super::otel::failed_exports()).encode(encoder.encode_descriptor(
+            "dsreg_otel_export_failures",
+            "Span exports to the OTLP collector that failed or that it answered with a partial success.",
             None,
             MetricType::Counter,
         )?)?;
@@ -800,6 +822,7 @@ mod tests {
             actor: "test".into(),
             payload: serde_json::json!({}),
             traceparent: None,
+            traceparent_invalid: false,
             xid: 1,
             created_at,
         }
@@ -859,9 +882,11 @@ mod tests {
             ("dsreg_lease_moves", "counter"),
             ("dsreg_lease_renewals", "counter"),
             ("dsreg_leases_held", "gauge"),
+            ("dsreg_otel_export_failures", "counter"),
             ("dsreg_otel_spans_dropped", "counter"),
             ("dsreg_outbox_horizon_age_seconds", "gauge"),
             ("dsreg_outbox_horizon_holder_pid", "gauge"),
+            ("dsreg_outbox_invalid_traceparent", "counter"),
             ("dsreg_outbox_lag_seconds", "histogram"),
             ("dsreg_outbox_listener_connected", "gauge"),
             ("dsreg_outbox_listener_reconnects", "counter"),
@@ -870,6 +895,7 @@ mod tests {
             ("dsreg_outbox_notify_queue_usage_ratio", "gauge"),
             ("dsreg_outbox_reanchors", "counter"),
             ("dsreg_outbox_rows_read", "counter"),
+            ("dsreg_panics", "counter"),
             ("dsreg_ready", "gauge"),
             ("dsreg_sink_failing_datasources", "gauge"),
             ("dsreg_sink_flush_failures", "counter"),

@@ -1,19 +1,21 @@
 //! Telemetry: the `tracing` subscriber (JSON logs when stdout is not a terminal, readable
 //! text when it is; level from `--log-level`, `DSREG_LOG` or `RUST_LOG`, `info` by default),
 //! OpenTelemetry export of spans over OTLP when the standard `OTEL_*` variables name an
-//! endpoint ([`otel`]), W3C trace-context helpers, and the Prometheus registry served at
-//! `/metrics` ([`metrics`]).
+//! endpoint ([`otel`]), W3C trace context read and written by OpenTelemetry's
+//! `TraceContextPropagator` alone (gRPC metadata, the SQL `dsreg.traceparent`, notification
+//! payloads), and the Prometheus registry served at `/metrics` ([`metrics`]).
 
 pub mod metrics;
 pub mod otel;
-pub mod otlp;
 pub mod panics;
-pub mod rpc;
 pub mod throttle;
 
 use std::io::IsTerminal;
 
-use opentelemetry::trace::TraceContextExt;
+use opentelemetry::propagation::{Extractor, TextMapPropagator as _};
+use opentelemetry::trace::{SpanContext, TraceContextExt};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use tonic::codegen::http;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
@@ -37,8 +39,7 @@ impl Drop for Telemetry {
 /// `level` (else `DSREG_LOG`, `RUST_LOG`, `info`), and OTLP export when configured.
 ///
 /// Each layer has the level filter as its own (per-layer) filter, rather than one filter for
-/// all: the span export layer must not see the RPC span, and with a per-layer filter beside a
-/// global one, every callsite the global filter turns off (each `trace!` in the HTTP/2 and
+/// all: with a per-layer filter beside a global one, every callsite the global filter turns off (each `trace!` in the HTTP/2 and
 /// gRPC stacks) is reported as "sometimes" enabled, so the filters run on every one of them.
 /// With per-layer filters alone, such a callsite is off for every layer and costs nothing.
 pub fn init(level: Option<&str>) -> Telemetry {
@@ -79,7 +80,7 @@ pub fn init(level: Option<&str>) -> Telemetry {
     if installed.is_ok()
         && let Some(exporting) = &exporting
     {
-        exporting.activate();
+        exporting.announce();
     }
     if let Some(e) = otel_error {
         tracing::error!(error = %e, "OpenTelemetry export is off: its settings are invalid");
@@ -120,44 +121,73 @@ pub fn init_logging() {
     std::mem::forget(init(None));
 }
 
-/// Whether `value` is a W3C `traceparent` (version 00, non-zero ids).
-pub fn valid_traceparent(value: &str) -> bool {
-    let parts: Vec<&str> = value.split('-').collect();
-    let hex = |s: &str, n: usize| {
-        s.len() == n
-            && s.bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    };
-    parts.len() == 4
-        && parts[0] == "00"
-        && hex(parts[1], 32)
-        && hex(parts[2], 16)
-        && hex(parts[3], 2)
-        && parts[1].bytes().any(|b| b != b'0')
-        && parts[2].bytes().any(|b| b != b'0')
+/// The two W3C trace-context fields, as a propagator reads them.
+struct Fields<'a> {
+    traceparent: &'a str,
+    tracestate: Option<&'a str>,
 }
 
-/// The remote span context a `traceparent` names (invalid when malformed).
-pub fn span_context(traceparent: &str) -> opentelemetry::trace::SpanContext {
-    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
-    if !valid_traceparent(traceparent) {
-        return SpanContext::empty_context();
+impl Extractor for Fields<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => Some(self.traceparent),
+            "tracestate" => self.tracestate,
+            _ => None,
+        }
     }
-    let parts: Vec<&str> = traceparent.split('-').collect();
-    let (Ok(trace), Ok(span), Ok(flags)) = (
-        TraceId::from_hex(parts[1]),
-        SpanId::from_hex(parts[2]),
-        u8::from_str_radix(parts[3], 16),
-    ) else {
-        return SpanContext::empty_context();
+
+    fn keys(&self) -> Vec<&str> {
+        vec!["traceparent", "tracestate"]
+    }
+}
+
+/// The remote span context a W3C `traceparent` (with its `tracestate`) names, as
+/// OpenTelemetry's `TraceContextPropagator` reads it; invalid when malformed. The one parser
+/// of trace context: gRPC metadata, the SQL `dsreg.traceparent` and notification payloads
+/// all come through here.
+pub fn span_context(traceparent: &str, tracestate: Option<&str>) -> SpanContext {
+    let fields = Fields {
+        traceparent,
+        tracestate,
     };
-    SpanContext::new(trace, span, TraceFlags::new(flags), true, TraceState::NONE)
+    TraceContextPropagator::new()
+        .extract(&fields)
+        .span()
+        .span_context()
+        .clone()
+}
+
+/// The context a request's W3C `traceparent` and `tracestate` headers name (no span when
+/// they are absent or malformed).
+pub fn context_of_headers(headers: &http::HeaderMap) -> opentelemetry::Context {
+    let Some(traceparent) = headers.get("traceparent").and_then(|v| v.to_str().ok()) else {
+        return opentelemetry::Context::new();
+    };
+    let tracestate = headers.get("tracestate").and_then(|v| v.to_str().ok());
+    let remote = span_context(traceparent, tracestate);
+    if remote.is_valid() {
+        opentelemetry::Context::new().with_remote_span_context(remote)
+    } else {
+        opentelemetry::Context::new()
+    }
+}
+
+/// Whether `value` is a well-formed W3C `traceparent` ([`span_context`] reads a span from it).
+pub fn valid_traceparent(value: &str) -> bool {
+    span_context(value, None).is_valid()
+}
+
+/// A well-formed `traceparent` as this service writes it (version `00`), or `None`: later
+/// versions are read as W3C says and stored in the one form every reader takes.
+pub fn normalized_traceparent(value: &str) -> Option<String> {
+    let sc = span_context(value, None);
+    sc.is_valid().then(|| traceparent(&sc))
 }
 
 /// Makes the span named by `traceparent` the parent of `span`. A malformed value changes
 /// nothing.
 pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
-    let remote = span_context(traceparent);
+    let remote = span_context(traceparent, None);
     if remote.is_valid() {
         let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
     }
@@ -173,7 +203,7 @@ pub fn child_of(span: &tracing::Span, context: &opentelemetry::Context) {
 /// Links `span` to each span named in `traceparents` (a batch that serves several traces).
 pub fn link_traces<'a>(span: &tracing::Span, traceparents: impl IntoIterator<Item = &'a str>) {
     for traceparent in traceparents {
-        let remote = span_context(traceparent);
+        let remote = span_context(traceparent, None);
         if remote.is_valid() {
             span.add_link(remote);
         }
@@ -207,8 +237,7 @@ where
                     continue;
                 }
                 extensions.insert(TraceIdSeen);
-                // Starts the OpenTelemetry span if nothing has yet. The RPC span has none of
-                // its own: its context is the one attached while the call runs.
+                // Starts the OpenTelemetry span if nothing has yet.
                 tracing::dispatcher::get_default(|dispatch| {
                     tracing_opentelemetry::get_otel_context(&mut extensions, dispatch)
                 })
@@ -233,18 +262,17 @@ fn current_trace_id() -> opentelemetry::TraceId {
     opentelemetry::Context::map_current(|cx| cx.span().span_context().trace_id())
 }
 
-/// The span context of the attached OpenTelemetry context, when it has a span: a call's
-/// RPC span while the call runs, when spans are exported.
-pub fn current_span_context() -> Option<opentelemetry::trace::SpanContext> {
-    opentelemetry::Context::map_current(|cx| {
-        let span = cx.span();
-        let sc = span.span_context();
-        sc.is_valid().then(|| sc.clone())
-    })
+/// The span context of the current `tracing` span's OpenTelemetry span, when spans are
+/// exported: inside a call, its RPC span or a span made inside it.
+pub fn current_span_context() -> Option<SpanContext> {
+    let context = tracing::Span::current().context();
+    let span = context.span();
+    let sc = span.span_context();
+    sc.is_valid().then(|| sc.clone())
 }
 
 /// The W3C `traceparent` naming `sc`.
-pub fn traceparent(sc: &opentelemetry::trace::SpanContext) -> String {
+pub fn traceparent(sc: &SpanContext) -> String {
     format!(
         "00-{}-{}-{:02x}",
         sc.trace_id(),
@@ -317,23 +345,68 @@ mod tests {
     }
 
     #[test]
-    fn traceparents_are_checked_strictly() {
+    fn traceparents_are_read_as_w3c_says() {
         assert!(valid_traceparent(
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
         ));
+        // A later version is read, its extra fields ignored.
+        for later in [
+            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds",
+        ] {
+            assert_eq!(
+                normalized_traceparent(later).as_deref(),
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                "{later}"
+            );
+        }
         for bad in [
             "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
             "00-xyz-00f067aa0ba902b7-01",
             "garbage",
             "",
         ] {
             assert!(!valid_traceparent(bad), "{bad}");
+            assert_eq!(normalized_traceparent(bad), None, "{bad}");
         }
-        let sc = span_context("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        let sc = span_context(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            Some("vendor=abc"),
+        );
         assert!(sc.is_valid() && sc.is_remote() && sc.is_sampled());
-        assert!(!span_context("nonsense").is_valid());
+        assert_eq!(sc.trace_state().get("vendor"), Some("abc"));
+        assert!(!span_context("nonsense", None).is_valid());
+    }
+
+    proptest::proptest! {
+        /// Whatever the input, a value read as valid is written back as one that reads the
+        /// same.
+        #[test]
+        fn what_is_read_is_written_back_the_same(
+            version in "[0-9a-f]{2}",
+            trace in "[0-9a-fA-F]{32}",
+            span in "[0-9a-f]{16}",
+            flags in "[0-9a-f]{2}",
+            tail in proptest::option::of("[a-z0-9-]{0,12}"),
+        ) {
+            let value = match &tail {
+                Some(t) => format!("{version}-{trace}-{span}-{flags}-{t}"),
+                None => format!("{version}-{trace}-{span}-{flags}"),
+            };
+            let sc = span_context(&value, None);
+            if let Some(written) = normalized_traceparent(&value) {
+                let again = span_context(&written, None);
+                proptest::prop_assert!(again.is_valid());
+                proptest::prop_assert_eq!(again.trace_id(), sc.trace_id());
+                proptest::prop_assert_eq!(again.span_id(), sc.span_id());
+                proptest::prop_assert_eq!(again.is_sampled(), sc.is_sampled());
+            } else {
+                proptest::prop_assert!(!sc.is_valid());
+            }
+        }
     }
 }

@@ -1,17 +1,28 @@
-//! OpenTelemetry span export over OTLP/gRPC, configured by the standard variables:
-//! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) turns it on,
-//! `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (`dsreg` by default),
-//! `OTEL_TRACES_SAMPLER` / `_ARG` sample, `OTEL_BSP_*` tune batching, and
-//! `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true` turn it off. With no endpoint
+//! OpenTelemetry span export through `opentelemetry-otlp`, configured by the standard
+//! variables. `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` or `OTEL_EXPORTER_OTLP_ENDPOINT` turns it
+//! on; `OTEL_TRACES_EXPORTER=none` or `OTEL_SDK_DISABLED=true` turn it off. With no endpoint
 //! nothing is built: spans cost what `tracing` costs without a subscriber layer.
 //!
-//! Spans are exported in batches from the SDK's own thread, encoded there straight into the
-//! protocol's wire format ([`super::otlp`]) and sent through a small runtime of their own, so
-//! exporting never runs on, or waits for, the registry's tasks; a collector that is down
-//! costs the spans of each failed batch, counted by [`dropped_spans`] with those it rejects.
-//! RPC spans take a shorter road of their own ([`super::rpc`]) to the same encoder and
-//! connection, batched alike.
+//! Every setting is read traces-specific variable first (`OTEL_EXPORTER_OTLP_TRACES_X`, then
+//! `OTEL_EXPORTER_OTLP_X`):
+//!
+//! - `PROTOCOL`: `grpc` (the default, port 4317), `http/protobuf` or `http/json` (port 4318;
+//!   the general endpoint gets `/v1/traces` appended, the traces one is used as it is);
+//! - `ENDPOINT`: `http://` or `https://` (TLS through rustls, the system's roots unless
+//!   `CERTIFICATE` names a CA file; `CLIENT_CERTIFICATE` and `CLIENT_KEY` for mutual TLS);
+//! - `HEADERS` (`key=value,…`, values percent-encoded), `COMPRESSION` (`gzip` or `none`),
+//!   `TIMEOUT` (milliseconds, 10,000 by default).
+//!
+//! `OTEL_SERVICE_NAME` / `OTEL_RESOURCE_ATTRIBUTES` name the service (`dsreg` by default),
+//! `OTEL_TRACES_SAMPLER` / `_ARG` sample (the SDK reads them), and `OTEL_BSP_*` tune batching.
+//!
+//! The SDK's batch processor exports from a thread of its own; requests go out through a
+//! small runtime of their own, so exporting never runs on, or waits for, the registry's
+//! tasks. A batch that fails costs its spans; they are counted ([`dropped_spans`]) with those a
+//! collector rejects in a partial success, and both are logged (rate-limited) with the
+//! collector's message.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -19,119 +30,399 @@ use std::time::Duration;
 use tracing_subscriber::Layer as _;
 
 use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanExporter};
+use tonic::codegen::http;
 
-/// Spans lost because their batch could not be exported.
+use super::throttle::Throttle;
+
+/// Why span export could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A variable's value is unusable; the message names the variable, never a header's value.
+    #[error("{0}")]
+    Setting(String),
+    /// A certificate or key file a variable names cannot be used.
+    #[error("{0}")]
+    File(String),
+    /// The exporter, its HTTP client or its runtime could not be built.
+    #[error("{0}")]
+    Build(String),
+}
+
+/// Spans lost: their batch could not be exported, or the collector rejected them.
 static DROPPED: AtomicU64 = AtomicU64::new(0);
 
-/// Spans lost because their batch could not be exported (the collector down or too slow).
+/// Export requests that failed or that the collector answered with a partial success.
+static FAILED: AtomicU64 = AtomicU64::new(0);
+
+/// At most this many export failures are logged a second.
+static FAILURE_LOG: Throttle = Throttle::new(1);
+
+/// Spans lost because their batch could not be exported (the collector down, too slow, or
+/// refusing them) or because the collector rejected them.
 pub fn dropped_spans() -> u64 {
     DROPPED.load(Ordering::Relaxed)
 }
 
-/// Counts `spans` lost.
-pub(super) fn count_dropped(spans: u64) {
-    DROPPED.fetch_add(spans, Ordering::Relaxed);
+/// Export requests that failed or were partly rejected.
+pub fn failed_exports() -> u64 {
+    FAILED.load(Ordering::Relaxed)
 }
 
-/// The target of the RPC span `tracing` makes for a call's log lines; the OpenTelemetry
-/// layer leaves it to [`super::rpc`].
+/// Counts and logs (rate-limited) an export of `spans` that failed with `message`.
+fn export_failed(spans: u64, message: &str) {
+    DROPPED.fetch_add(spans, Ordering::Relaxed);
+    FAILED.fetch_add(1, Ordering::Relaxed);
+    if let Some(held_back) = FAILURE_LOG.admit() {
+        tracing::warn!(
+            spans,
+            held_back,
+            // A URL in the message (the endpoint, as the HTTP client names it) is shown
+            // without its credentials.
+            error = %crate::secrets::redact_urls(message),
+            "exporting spans to the OTLP collector failed; they are lost"
+        );
+    }
+}
+
+/// Counts and logs (rate-limited) an export the collector answered with a partial success:
+/// `rejected` spans refused, with `message`.
+fn export_partly_rejected(rejected: u64, message: &str) {
+    DROPPED.fetch_add(rejected, Ordering::Relaxed);
+    FAILED.fetch_add(1, Ordering::Relaxed);
+    if let Some(held_back) = FAILURE_LOG.admit() {
+        tracing::warn!(
+            rejected,
+            held_back,
+            collector_message = %crate::secrets::redact_urls(message),
+            "the OTLP collector rejected part of a span export"
+        );
+    }
+}
+
+/// The target of the RPC span each call runs in.
 pub const RPC_TARGET: &str = "dsreg::rpc";
 
+/// How spans travel to the collector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// OTLP/gRPC.
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies.
+    HttpProtobuf,
+    /// OTLP/HTTP with JSON bodies.
+    HttpJson,
+}
+
+impl Protocol {
+    /// The name the `PROTOCOL` variables use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Grpc => "grpc",
+            Self::HttpProtobuf => "http/protobuf",
+            Self::HttpJson => "http/json",
+        }
+    }
+}
+
+/// The exporter's settings, read from the standard variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// How spans travel.
+    pub protocol: Protocol,
+    /// Where they go: the full URL for OTLP/HTTP (`…/v1/traces`).
+    pub endpoint: String,
+    /// The CA file the collector's certificate is checked against (else the system's roots).
+    pub ca: Option<PathBuf>,
+    /// The certificate and key presented to the collector (mutual TLS).
+    pub identity: Option<(PathBuf, PathBuf)>,
+    /// Whether requests are gzip-compressed.
+    pub gzip: bool,
+    /// How long one export may take.
+    pub timeout: Duration,
+    /// The names of the headers sent (never their values, often a credential).
+    pub header_names: Vec<String>,
+}
+
+impl Settings {
+    /// The settings `var` (a lookup of an environment variable) gives.
+    ///
+    /// # Errors
+    /// A setting is malformed; the message names the variable, never a header's value.
+    pub fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Result<Self, Error> {
+        let setting = |name: &str| {
+            let traces = format!("OTEL_EXPORTER_OTLP_TRACES_{name}");
+            let general = format!("OTEL_EXPORTER_OTLP_{name}");
+            let set = |n: String| {
+                var(&n)
+                    .map(|v| v.trim().to_owned())
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (n, v))
+            };
+            set(traces).or_else(|| set(general))
+        };
+        let protocol = match setting("PROTOCOL") {
+            None => Protocol::Grpc,
+            Some((_, p)) if p == "grpc" => Protocol::Grpc,
+            Some((_, p)) if p == "http/protobuf" => Protocol::HttpProtobuf,
+            Some((_, p)) if p == "http/json" => Protocol::HttpJson,
+            Some((name, p)) => {
+                return Err(Error::Setting(format!(
+                    "{name}={p}: not grpc, http/protobuf or http/json"
+                )));
+            }
+        };
+        let traces_endpoint = var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty());
+        let general_endpoint = var("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty());
+        let (name, endpoint) = match (traces_endpoint, general_endpoint, protocol) {
+            (Some(e), _, _) => ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", e),
+            (None, Some(e), Protocol::Grpc) => ("OTEL_EXPORTER_OTLP_ENDPOINT", e),
+            (None, Some(e), _) => (
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+                format!("{}/v1/traces", e.trim_end_matches('/')),
+            ),
+            (None, None, Protocol::Grpc) => ("the default", "http://localhost:4317".to_owned()),
+            (None, None, _) => ("the default", "http://localhost:4318/v1/traces".to_owned()),
+        };
+        let shown = crate::secrets::redact_url(&endpoint);
+        let uri: http::Uri = endpoint
+            .parse()
+            .map_err(|e| Error::Setting(format!("{name} {shown:?} is not a URL: {e}")))?;
+        if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
+            return Err(Error::Setting(format!(
+                "{name} {shown:?} is not an http:// or https:// URL with a host"
+            )));
+        }
+        let file = |name: &str| setting(name).map(|(_, v)| PathBuf::from(v));
+        let ca = file("CERTIFICATE");
+        let identity = match (file("CLIENT_CERTIFICATE"), file("CLIENT_KEY")) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            _ => {
+                return Err(Error::Setting(
+                    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY \
+                     (or their TRACES_ forms) go together"
+                        .to_owned(),
+                ));
+            }
+        };
+        let gzip = match setting("COMPRESSION") {
+            None => false,
+            Some((_, c)) if c == "gzip" => true,
+            Some((_, c)) if c == "none" => false,
+            Some((name, c)) => {
+                return Err(Error::Setting(format!("{name}={c}: not gzip or none")));
+            }
+        };
+        let timeout = match setting("TIMEOUT") {
+            None => Duration::from_secs(10),
+            Some((name, v)) => v
+                .parse::<u64>()
+                .ok()
+                .filter(|ms| *ms > 0)
+                .map(Duration::from_millis)
+                .ok_or_else(|| {
+                    Error::Setting(format!("{name}: not a positive number of milliseconds"))
+                })?,
+        };
+        let header_names = match setting("HEADERS") {
+            None => Vec::new(),
+            Some((name, v)) => {
+                header_names(&v).map_err(|e| Error::Setting(format!("{name}: {e}")))?
+            }
+        };
+        Ok(Self {
+            protocol,
+            endpoint,
+            ca,
+            identity,
+            gzip,
+            timeout,
+            header_names,
+        })
+    }
+
+    fn tls(&self) -> bool {
+        self.endpoint.starts_with("https://")
+    }
+
+    /// The PEM files the TLS settings name: the CA, the client's certificate and key.
+    ///
+    /// # Errors
+    /// A file cannot be read; the message names it.
+    fn tls_files(&self) -> Result<TlsFiles, Error> {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).map_err(|e| Error::File(format!("reading {}: {e}", path.display())))
+        };
+        let ca = self.ca.as_ref().map(read).transpose()?;
+        let identity = match &self.identity {
+            Some((cert, key)) => Some((read(cert)?, read(key)?)),
+            None => None,
+        };
+        Ok(TlsFiles { ca, identity })
+    }
+}
+
+/// The contents of the PEM files the TLS settings name.
+#[derive(Default)]
+struct TlsFiles {
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+/// The names in a `key=value,…` header list, checked as the exporter will send them. Errors
+/// name the entry by position, never by its value (a header is often a credential).
+fn header_names(list: &str) -> Result<Vec<String>, String> {
+    let mut names = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        let entry = entry.trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let Some((key, value)) = entry.split_once('=') else {
+            return Err(format!("entry {} is not key=value", i + 1));
+        };
+        let key = key.trim();
+        let value = percent_decode(value.trim())
+            .ok_or_else(|| format!("entry {}: a malformed percent escape", i + 1))?;
+        if http::HeaderName::from_bytes(key.as_bytes()).is_err()
+            || http::HeaderValue::from_str(&value).is_err()
+        {
+            return Err(format!("entry {}: not a valid header", i + 1));
+        }
+        names.push(key.to_ascii_lowercase());
+    }
+    Ok(names)
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Takes `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` and `OTEL_EXPORTER_OTLP_COMPRESSION` out of
+/// the environment when they ask for no compression (`none`, the specification's word, or a
+/// traces-specific `none` over a general `gzip`): `opentelemetry-otlp` reads them itself when
+/// it is not given a compression, knows only `gzip` and `zstd`, and refuses to build with any
+/// other value. [`Settings`] reads them first; the exporter is given gzip when they ask for it.
+///
+/// # Safety
+/// Changes the process's environment: call it before any other thread starts, as `main`
+/// does first.
+pub unsafe fn drop_compression_none() {
+    let var = |name: &str| std::env::var(name).ok();
+    if Settings::from_lookup(var).is_ok_and(|s| !s.gzip) {
+        for name in [
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ] {
+            // SAFETY: no other thread runs yet (the caller's contract).
+            unsafe { std::env::remove_var(name) };
+        }
+    }
+}
+
 /// Whether the environment asks for span export.
-fn wanted() -> bool {
-    let set = |name: &str| std::env::var(name).is_ok_and(|v| !v.trim().is_empty());
-    let off = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-        || std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v.eq_ignore_ascii_case("none"));
+fn wanted(var: impl Fn(&str) -> Option<String>) -> bool {
+    let set = |name: &str| var(name).is_some_and(|v| !v.trim().is_empty());
+    let off = var("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+        || var("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
     !off && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
 }
 
-/// Live span export: the tracer provider, the RPC span recorder and the thread draining it,
-/// and the runtime their exporter talks through.
+/// Live span export: the tracer provider and the runtime its exporter talks through.
 pub struct Exporting {
     provider: SdkTracerProvider,
-    recorder: Arc<super::rpc::Recorder>,
-    draining: std::thread::JoinHandle<()>,
     runtime: tokio::runtime::Runtime,
+    settings: Settings,
 }
 
 impl Exporting {
     /// Builds export from the environment; `None` when no endpoint is set.
     ///
     /// # Errors
-    /// The settings are unusable (a malformed endpoint, no runtime).
-    pub fn from_env() -> Result<Option<Self>, String> {
-        if !wanted() {
+    /// The settings are unusable (a malformed endpoint, an unreadable certificate, no
+    /// runtime).
+    pub fn from_env() -> Result<Option<Self>, Error> {
+        let var = |name: &str| std::env::var(name).ok();
+        if !wanted(var) {
             return Ok(None);
         }
+        let settings = Settings::from_lookup(var)?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("dsreg-otlp")
             .enable_all()
             .build()
-            .map_err(|e| format!("the span export runtime: {e}"))?;
-        let settings = super::otlp::Settings::from_lookup(|name| std::env::var(name).ok())?;
-        let named = std::env::var("OTEL_SERVICE_NAME").is_ok()
-            || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| v.contains("service.name="));
+            .map_err(|e| Error::Build(format!("the span export runtime: {e}")))?;
+        let named = var("OTEL_SERVICE_NAME").is_some()
+            || var("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|v| v.contains("service.name="));
         let resource = if named {
             Resource::builder().build()
         } else {
             Resource::builder().with_service_name("dsreg").build()
         };
         let mut exporter = {
+            // The gRPC channel and the HTTP client start their tasks on the export runtime.
             let _inside = runtime.enter();
-            super::otlp::Exporter::new(&settings)?
+            build_exporter(&settings)?
         };
         exporter.set_resource(&resource);
-        let exporter = Arc::new(exporter);
-        let batching = Batching::from_env();
         let counting = Counting {
-            inner: exporter.clone(),
+            inner: Arc::new(exporter),
             runtime: runtime.handle().clone(),
         };
         let provider = SdkTracerProvider::builder()
             .with_span_processor(
                 BatchSpanProcessor::builder(counting)
-                    .with_batch_config(batching.config())
+                    .with_batch_config(Batching::from_lookup(var).config())
                     .build(),
             )
             .with_resource(resource)
             .build();
-        let recorder = Arc::new(super::rpc::Recorder::new(
-            opentelemetry_sdk::trace::Config::default().sampler,
-            batching.queue,
-            batching.batch,
-            batching.delay,
-        ));
-        let draining = {
-            let recorder = recorder.clone();
-            let handle = runtime.handle().clone();
-            std::thread::Builder::new()
-                .name("dsreg-otlp-rpc".into())
-                .spawn(move || {
-                    recorder.drain(|batch| {
-                        let spans = batch.len() as u64;
-                        let request = exporter.encode(&batch);
-                        drop(batch);
-                        // Failures are counted; nothing else waits on them.
-                        let _ = counted(spans, handle.block_on(exporter.send(request)));
-                    });
-                })
-                .map_err(|e| format!("the RPC span export thread: {e}"))?
-        };
         Ok(Some(Self {
             provider,
-            recorder,
-            draining,
             runtime,
+            settings,
         }))
     }
 
-    /// Makes calls record their RPC spans here; done once this export's layer is installed.
-    pub fn activate(&self) {
-        super::rpc::activate(&self.recorder);
+    /// Says once, in the log, where spans go and how.
+    pub fn announce(&self) {
+        let s = &self.settings;
+        let var = |name: &str| std::env::var(name).ok();
+        tracing::info!(
+            endpoint = %crate::secrets::redact_url(&s.endpoint),
+            protocol = s.protocol.name(),
+            tls = s.tls(),
+            ca = s.ca.as_ref().map(|p| p.display().to_string()),
+            client_certificate = s.identity.is_some(),
+            compression = if s.gzip { "gzip" } else { "none" },
+            timeout_ms = u64::try_from(s.timeout.as_millis()).unwrap_or(u64::MAX),
+            headers = ?s.header_names,
+            sampler = var("OTEL_TRACES_SAMPLER").unwrap_or_else(|| "parentbased_always_on".to_owned()),
+            sampler_arg = var("OTEL_TRACES_SAMPLER_ARG"),
+            "spans are exported over OTLP"
+        );
     }
 
     /// The `tracing` layer that turns the spans `level` lets through into OpenTelemetry spans.
@@ -142,31 +433,21 @@ impl Exporting {
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
-        use tracing_subscriber::filter::FilterExt as _;
         // Spans carry their own fields only: no busy/idle timing, thread or source location,
         // which cost on every enter and exit of every span. Parents come from the `tracing`
-        // span tree, and entering a span does not make its context current. The RPC span is
-        // not seen here ([`super::rpc`] records it): a span with no parent in the tree takes
-        // the ambient context, which is the RPC span's while a call runs. The filter looks at
-        // the callsite alone, so each callsite's answer is worked out once.
-        let rpc = level.and(tracing_subscriber::filter::filter_fn(|meta| {
-            meta.target() != RPC_TARGET
-        }));
+        // span tree (a call's RPC span is the root of what the call does), and entering a
+        // span does not make its context current.
         tracing_opentelemetry::layer()
             .with_context_activation(false)
             .with_tracked_inactivity(false)
             .with_threads(false)
             .with_location(false)
             .with_tracer(self.provider.tracer("dsreg"))
-            .with_filter(rpc)
+            .with_filter(level)
     }
 
     /// Flushes what is queued (bounded by the exporter's timeout) and stops export.
     pub fn shutdown(self) {
-        self.recorder.stop();
-        if self.draining.join().is_err() {
-            eprintln!("dsreg: the RPC span export thread panicked");
-        }
         if let Err(e) = self.provider.shutdown() {
             eprintln!("dsreg: flushing spans on exit: {e}");
         }
@@ -174,10 +455,174 @@ impl Exporting {
     }
 }
 
+/// The `opentelemetry-otlp` exporter `settings` describe. Headers come from the variables,
+/// read by the crate itself.
+fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporter, Error> {
+    let compression = settings
+        .gzip
+        .then_some(opentelemetry_otlp::Compression::Gzip);
+    let TlsFiles { ca, identity } = if settings.tls() {
+        settings.tls_files()?
+    } else {
+        TlsFiles::default()
+    };
+    let built = match settings.protocol {
+        Protocol::Grpc => {
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_tonic()
+                .with_endpoint(settings.endpoint.clone())
+                .with_timeout(settings.timeout);
+            if let Some(compression) = compression {
+                builder = builder.with_compression(compression);
+            }
+            if settings.tls() {
+                let mut tls = tonic::transport::ClientTlsConfig::new();
+                tls = match ca {
+                    Some(ca) => tls.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                    None => tls.with_native_roots(),
+                };
+                if let Some((cert, key)) = identity {
+                    tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                builder = builder.with_tls_config(tls);
+            }
+            builder.build()
+        }
+        Protocol::HttpProtobuf | Protocol::HttpJson => {
+            let client = Http::new(settings, ca, identity)?;
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_http_client(client)
+                .with_protocol(if settings.protocol == Protocol::HttpJson {
+                    opentelemetry_otlp::Protocol::HttpJson
+                } else {
+                    opentelemetry_otlp::Protocol::HttpBinary
+                })
+                .with_endpoint(settings.endpoint.clone())
+                .with_timeout(settings.timeout);
+            if let Some(compression) = compression {
+                builder = builder.with_compression(compression);
+            }
+            builder.build()
+        }
+    };
+    built.map_err(|e| {
+        Error::Build(format!(
+            "the OTLP exporter for {}: {e}",
+            crate::secrets::redact_url(&settings.endpoint)
+        ))
+    })
+}
+
+/// The HTTP client OTLP/HTTP exports go through: the service's `reqwest` (rustls with the
+/// ring provider), which also reads a collector's partial success from its answer.
+#[derive(Debug, Clone)]
+struct Http {
+    client: reqwest::Client,
+    json: bool,
+}
+
+impl Http {
+    fn new(
+        settings: &Settings,
+        ca: Option<Vec<u8>>,
+        identity: Option<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<Self, Error> {
+        // Installing twice is refused and harmless.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let mut builder = reqwest::Client::builder()
+            .timeout(settings.timeout)
+            .connect_timeout(settings.timeout);
+        if let (Some(ca), Some(path)) = (ca, &settings.ca) {
+            let certs = reqwest::Certificate::from_pem_bundle(&ca).map_err(|e| {
+                Error::File(format!("{}: not PEM certificates: {e}", path.display()))
+            })?;
+            builder = builder.tls_certs_only(certs);
+        }
+        if let (Some((mut cert, key)), Some((path, _))) = (identity, &settings.identity) {
+            cert.push(b'\n');
+            cert.extend_from_slice(&key);
+            let identity = reqwest::Identity::from_pem(&cert).map_err(|e| {
+                Error::File(format!(
+                    "{} and its key: not a PEM certificate and key: {e}",
+                    path.display()
+                ))
+            })?;
+            builder = builder.identity(identity);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| Error::Build(format!("the OTLP/HTTP client: {e}")))?;
+        Ok(Self {
+            client,
+            json: settings.protocol == Protocol::HttpJson,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl opentelemetry_http::HttpClient for Http {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let request = reqwest::Request::try_from(request)?;
+        let response = self.client.execute(request).await?;
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await?;
+        if status.is_success()
+            && let Some((rejected, message)) = partial_success(&body, self.json)
+        {
+            export_partly_rejected(rejected, &message);
+        }
+        let mut answer = http::Response::builder().status(status);
+        if let Some(h) = answer.headers_mut() {
+            *h = headers;
+        }
+        Ok(answer.body(body)?)
+    }
+}
+
+/// The partial success an OTLP/HTTP answer reports, when it reports one: the spans rejected
+/// and the collector's message.
+fn partial_success(body: &[u8], json: bool) -> Option<(u64, String)> {
+    if body.is_empty() {
+        return None;
+    }
+    let (rejected, message) = if json {
+        let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
+        let partial = answer.get("partialSuccess")?;
+        let rejected = match partial.get("rejectedSpans") {
+            Some(serde_json::Value::String(n)) => n.parse().ok()?,
+            Some(n) => n.as_u64()?,
+            None => 0,
+        };
+        let message = partial
+            .get("errorMessage")
+            .and_then(serde_json::Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        (rejected, message)
+    } else {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
+        use prost::Message as _;
+        let partial = ExportTraceServiceResponse::decode(body)
+            .ok()?
+            .partial_success?;
+        (
+            u64::try_from(partial.rejected_spans).unwrap_or(0),
+            partial.error_message,
+        )
+    };
+    (rejected > 0 || !message.is_empty()).then_some((rejected, message))
+}
+
 /// Batching as `OTEL_BSP_*` set it, with defaults for a server that makes a span per call:
 /// a queue of 65,536 spans (the SDK's 2,048 fills in 50 ms at 40,000 calls a second and drops
 /// what follows), exported when 4,096 are waiting or a second has passed. A value that is not
-/// a positive whole number is ignored.
+/// a positive whole number is ignored. `OTEL_BSP_EXPORT_TIMEOUT` and
+/// `OTEL_BSP_MAX_CONCURRENT_EXPORTS` are the SDK's to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Batching {
     queue: usize,
@@ -186,10 +631,6 @@ struct Batching {
 }
 
 impl Batching {
-    fn from_env() -> Self {
-        Self::from_lookup(|name| std::env::var(name).ok())
-    }
-
     fn from_lookup(var: impl Fn(&str) -> Option<String>) -> Self {
         let number = |name: &str, default: usize| {
             var(name)
@@ -215,38 +656,21 @@ impl Batching {
     }
 }
 
-/// The outcome of exporting `spans`: their count is added to the dropped when the batch
-/// failed, and the collector's count of those it rejected when it did not.
-fn counted(spans: u64, result: Result<super::otlp::Exported, OTelSdkError>) -> OTelSdkResult {
-    match result {
-        Ok(exported) => {
-            count_dropped(exported.rejected);
-            Ok(())
-        }
-        Err(e) => {
-            count_dropped(spans);
-            Err(e)
-        }
-    }
-}
-
-/// Encodes each batch on the SDK's export thread, sends it on the export runtime, and counts
-/// the spans of failed batches and those the collector rejected.
+/// Runs each export of the wrapped exporter on the export runtime, and counts and logs the
+/// batches that fail.
 #[derive(Debug)]
-struct Counting {
-    inner: Arc<super::otlp::Exporter>,
+struct Counting<E> {
+    inner: Arc<E>,
     runtime: tokio::runtime::Handle,
 }
 
-impl SpanExporter for Counting {
+impl<E: SpanExporter + 'static> SpanExporter for Counting<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
-        let request = self.inner.encode(&batch);
-        drop(batch);
         let inner = self.inner.clone();
         let exported = self
             .runtime
-            .spawn(async move { inner.send(request).await })
+            .spawn(async move { inner.export(batch).await })
             .await;
         let result = match exported {
             Ok(result) => result,
@@ -254,20 +678,23 @@ impl SpanExporter for Counting {
                 "span export task: {e}"
             ))),
         };
-        counted(spans, result)
+        if let Err(e) = &result {
+            export_failed(spans, &e.to_string());
+        }
+        result
     }
 
     fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
     }
 
-    // The exporter was given the provider's resource when it was made, as the RPC spans'
-    // thread shares it.
+    // The exporter was given the provider's resource before it was wrapped.
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::env_of;
 
     #[test]
     fn batching_takes_the_bsp_variables_and_ignores_what_is_not_a_positive_number() {
@@ -293,7 +720,7 @@ mod tests {
         ];
         for (pairs, (queue, batch, delay)) in cases {
             assert_eq!(
-                Batching::from_lookup(crate::telemetry::env_of(pairs)),
+                Batching::from_lookup(env_of(pairs)),
                 Batching {
                     queue,
                     batch,
@@ -302,5 +729,163 @@ mod tests {
                 "{pairs:?}"
             );
         }
+    }
+
+    #[test]
+    fn settings_come_from_the_standard_variables_traces_specific_first() {
+        let s = Settings::from_lookup(env_of(&[])).unwrap();
+        assert_eq!(
+            (s.protocol, s.endpoint.as_str(), s.gzip, s.timeout),
+            (
+                Protocol::Grpc,
+                "http://localhost:4317",
+                false,
+                Duration::from_secs(10)
+            )
+        );
+        let s = Settings::from_lookup(env_of(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://general:4318/"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
+            (
+                "OTEL_EXPORTER_OTLP_HEADERS",
+                "Authorization=Bearer%20s3cret, x-tenant = a ",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "2500"),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", "/etc/ca.pem"),
+            ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE", "/etc/c.pem"),
+            ("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/c.key"),
+        ]))
+        .unwrap();
+        assert_eq!(s.protocol, Protocol::HttpProtobuf);
+        assert_eq!(s.endpoint, "https://general:4318/v1/traces");
+        assert!(s.gzip && s.tls());
+        assert_eq!(s.timeout, Duration::from_millis(2500));
+        assert_eq!(s.header_names, vec!["authorization", "x-tenant"]);
+        assert_eq!(s.ca, Some(PathBuf::from("/etc/ca.pem")));
+        assert_eq!(
+            s.identity,
+            Some((PathBuf::from("/etc/c.pem"), PathBuf::from("/etc/c.key")))
+        );
+        // The traces endpoint is used as it is, whatever the protocol.
+        let s = Settings::from_lookup(env_of(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://general:4318"),
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "http://traces:9999/in",
+            ),
+            ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "http/json"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (s.protocol, s.endpoint.as_str()),
+            (Protocol::HttpJson, "http://traces:9999/in")
+        );
+    }
+
+    #[test]
+    fn bad_settings_are_refused_naming_the_variable_and_never_a_header_value() {
+        let cases: [(crate::telemetry::Pairs, &str); 8] = [
+            (
+                &[("OTEL_EXPORTER_OTLP_PROTOCOL", "thrift")],
+                "OTEL_EXPORTER_OTLP_PROTOCOL=thrift",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "zstd")],
+                "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION=zstd",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_ENDPOINT", "ftp://collector:21")],
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_TIMEOUT", "soon")],
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ),
+            (
+                &[(
+                    "OTEL_EXPORTER_OTLP_HEADERS",
+                    "Authorization=Bearer%zzs3cret",
+                )],
+                "entry 1",
+            ),
+            (&[("OTEL_EXPORTER_OTLP_HEADERS", "ok=1,s3cret")], "entry 2"),
+            (
+                &[("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "ok=1,x=s3%01cret")],
+                "entry 2",
+            ),
+            (
+                &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/s3cret.key")],
+                "go together",
+            ),
+        ];
+        for (pairs, says) in cases {
+            let e = Settings::from_lookup(env_of(pairs))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{pairs:?}: {e}");
+            assert!(!e.contains("s3cret"), "{e}");
+        }
+    }
+
+    #[test]
+    fn export_is_wanted_only_with_an_endpoint_and_not_turned_off() {
+        assert!(!wanted(env_of(&[])));
+        assert!(wanted(env_of(&[(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "http://c:4317"
+        )])));
+        for off in [
+            ("OTEL_SDK_DISABLED", "true"),
+            ("OTEL_TRACES_EXPORTER", "none"),
+        ] {
+            let pairs: crate::telemetry::Pairs = match off.0 {
+                "OTEL_SDK_DISABLED" => &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_SDK_DISABLED", "true"),
+                ],
+                _ => &[
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4317"),
+                    ("OTEL_TRACES_EXPORTER", "none"),
+                ],
+            };
+            assert!(!wanted(env_of(pairs)), "{off:?}");
+        }
+    }
+
+    #[test]
+    fn a_partial_success_is_read_from_protobuf_and_json_answers() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message as _;
+        let answer = ExportTraceServiceResponse {
+            partial_success: Some(ExportTracePartialSuccess {
+                rejected_spans: 3,
+                error_message: "spans too old".into(),
+            }),
+        }
+        .encode_to_vec();
+        assert_eq!(
+            partial_success(&answer, false),
+            Some((3, "spans too old".to_owned()))
+        );
+        let full = ExportTraceServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec();
+        assert_eq!(partial_success(&full, false), None);
+        assert_eq!(partial_success(b"", false), None);
+        assert_eq!(
+            partial_success(
+                br#"{"partialSuccess":{"rejectedSpans":"2","errorMessage":"no"}}"#,
+                true
+            ),
+            Some((2, "no".to_owned()))
+        );
+        assert_eq!(partial_success(br#"{"partialSuccess":{}}"#, true), None);
+        assert_eq!(partial_success(b"{}", true), None);
     }
 }

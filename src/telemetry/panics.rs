@@ -1,10 +1,14 @@
 //! Panics as log lines: the process's panic hook writes each panic as one structured ERROR
 //! event (message, location, thread, and the datasource whose connector code was running,
 //! when one is in scope), at most [`PANIC_LINES_PER_SEC`] a second, with a count of those held
-//! back, instead of the default hook's unthrottled plain text on stderr. The code that caught
+//! back, instead of the default hook's unthrottled plain text on stderr; every panic, written
+//! or held back, is counted (`dsreg_panics_total`). The code that caught
 //! the panic (a worker, [`crate::connectors::contain`]) turns it into that datasource's error.
 
 use std::future::Future;
+use std::sync::LazyLock;
+
+use prometheus_client::metrics::counter::Counter;
 
 use uuid::Uuid;
 
@@ -14,6 +18,14 @@ use super::throttle::Throttle;
 pub const PANIC_LINES_PER_SEC: u32 = 10;
 
 static PANIC_LINES: Throttle = Throttle::new(PANIC_LINES_PER_SEC);
+
+/// Every panic of the process, written or held back (`dsreg_panics_total`).
+static PANICS: LazyLock<Counter> = LazyLock::new(Counter::default);
+
+/// The process's panic counter, for the metrics registry (clones share the count).
+pub fn counter() -> Counter {
+    PANICS.clone()
+}
 
 tokio::task_local! {
     static DATASOURCE: Uuid;
@@ -33,6 +45,7 @@ pub fn current_datasource() -> Option<Uuid> {
 /// Replaces the process's panic hook with the structured, throttled one.
 pub fn install_hook() {
     std::panic::set_hook(Box::new(|info| {
+        PANICS.inc();
         let Some(suppressed) = PANIC_LINES.admit() else {
             return;
         };

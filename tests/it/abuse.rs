@@ -26,7 +26,7 @@ fn token(sub: &str, role: &str) -> String {
     issue_token(SECRET, &claims(sub, role))
 }
 
-async fn channel(app: &TestApp) -> Channel {
+pub(crate) async fn channel(app: &TestApp) -> Channel {
     Channel::from_shared(format!("http://{}", app.grpc_addr))
         .unwrap()
         .connect()
@@ -34,7 +34,7 @@ async fn channel(app: &TestApp) -> Channel {
         .unwrap()
 }
 
-fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
+pub(crate) fn authorized<T>(message: T, token: &str) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request
         .metadata_mut()
@@ -65,7 +65,7 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
             pb::WatchEventsRequest {
                 datasource_id: String::new(),
                 types: vec![],
-                after_id: 0,
+                after_id: None,
             },
             &flooder,
         );
@@ -95,7 +95,7 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
             pb::WatchEventsRequest {
                 datasource_id: ds.id.to_string(),
                 types: vec![],
-                after_id: 0,
+                after_id: None,
             },
             &bystander,
         ))
@@ -151,14 +151,14 @@ async fn a_stream_flood_is_capped_per_caller_and_a_bystander_is_still_served() {
 
 // --- Keys that rotate --------------------------------------------------------------------
 
-fn fixture(name: &str) -> std::path::PathBuf {
+pub(crate) fn fixture(name: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/fixtures/auth")
         .join(name)
 }
 
 /// The JWK of a P-256 public key in a PEM fixture.
-fn ec_jwk(public_pem: &str, kid: &str) -> serde_json::Value {
+pub(crate) fn ec_jwk(public_pem: &str, kid: &str) -> serde_json::Value {
     use base64::Engine;
     use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
     let pem = std::fs::read_to_string(fixture(public_pem)).unwrap();
@@ -199,7 +199,7 @@ async fn serve_jwks(db: &TestDb, jwks: &std::path::Path, ttl_secs: u64) -> TestA
     TestApp::spawn_with(settings, |_| {}).await
 }
 
-async fn get_info(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
+pub(crate) async fn get_info(channel: &Channel, token: &str) -> Result<(), tonic::Status> {
     let mut client = pb::registry_client::RegistryClient::new(channel.clone());
     let mut request = authorized(pb::GetInfoRequest {}, token);
     request.set_timeout(Duration::from_secs(3));
@@ -1039,4 +1039,137 @@ async fn a_webhook_delivery_with_an_id_is_accepted_once_and_a_stale_one_refused(
     let stale = stamped_signature(KEY.as_bytes(), now - 3600, "delivery-2", body);
     assert_eq!(send(stale).await, 401);
     assert_eq!(db.records(ds.id, v).await, 1);
+}
+
+#[tokio::test]
+async fn a_webhook_delivery_accepted_by_one_instance_is_a_replay_on_another() {
+    const KEY: &str = "whsec-abuse-key";
+    let db = TestDb::new().await;
+    let spawn = |name: &str| {
+        let mut settings = test_settings(&db.url);
+        settings.master_keys = Some(crate::connectors::MASTER_KEYS.to_owned());
+        settings.instance_id = Some(name.to_owned());
+        settings.lease_ttl_ms = 3_000;
+        TestApp::spawn_with(settings, |_| {})
+    };
+    let mut apps = vec![spawn("a").await, spawn("b").await];
+    let ds = db.datasource_of("hook", "webhook").await;
+    crate::helpers::put_secret(
+        &db,
+        crate::connectors::MASTER_KEYS,
+        ds.id,
+        "webhook_secret",
+        KEY,
+    )
+    .await;
+    let v = db.version(ds.id, serde_json::json!({})).await;
+    db.publish_sql(ds.id, v).await;
+    let owner = db
+        .wait_for_state(ds.id, "webhook RUNNING", |s| {
+            s.worker_status == dsreg::domain::WorkerStatus::Running && s.running_version == Some(v)
+        })
+        .await
+        .owner_instance
+        .expect("the running webhook has an owner");
+    let client = crate::helpers::http_client(Duration::from_secs(30)).unwrap();
+    let body = br#"{"n": 1}"#;
+    let send = |app: &TestApp, signature: String| {
+        let request = client
+            .post(format!("http://{}/ingest/{}", app.http_addr, ds.id))
+            .header("content-type", "application/json")
+            .header("x-dsreg-signature", signature)
+            .body(body.to_vec());
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let now = chrono::Utc::now().timestamp();
+    let signature = stamped_signature(KEY.as_bytes(), now, "delivery-1", body);
+    let (first, other) = if owner == "a" { (0, 1) } else { (1, 0) };
+    assert_eq!(send(&apps[first], signature.clone()).await, 202);
+
+    // The owner stops; the other instance takes the webhook over and refuses the replay.
+    let survivor = apps.remove(other);
+    apps.remove(0).stop().await.unwrap();
+    let survivor_id = if owner == "a" { "b" } else { "a" };
+    db.wait_for_state(ds.id, "the webhook RUNNING on the other instance", |s| {
+        s.worker_status == dsreg::domain::WorkerStatus::Running
+            && s.owner_instance.as_deref() == Some(survivor_id)
+    })
+    .await;
+    assert_eq!(
+        send(&survivor, signature).await,
+        409,
+        "the replay is refused"
+    );
+    let fresh = stamped_signature(KEY.as_bytes(), now, "delivery-2", body);
+    assert_eq!(send(&survivor, fresh).await, 202, "a new id is accepted");
+    assert_eq!(db.records(ds.id, v).await, 2);
+    survivor.stop().await.unwrap();
+}
+
+/// A TCP relay to `target` counting the connections it accepts; its address.
+async fn counting_relay(
+    target: std::net::SocketAddr,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            accepted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn an_eight_megabyte_header_is_refused_on_its_call_and_the_connection_serves_on() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let relay = counting_relay(app.grpc_addr, accepted.clone()).await;
+    let ch = Channel::from_shared(format!("http://{relay}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = pb::registry_client::RegistryClient::new(ch.clone());
+    // A first call: the client has the server's settings (its frame size) from then on.
+    client.get_info(pb::GetInfoRequest {}).await.unwrap();
+
+    let mut request = tonic::Request::new(pb::GetInfoRequest {});
+    request
+        .metadata_mut()
+        .insert("x-padding", "a".repeat(8 << 20).parse().unwrap());
+    let refused = client.get_info(request).await.unwrap_err();
+    // HTTP 431 on its stream (no gRPC status: tonic reports it as UNKNOWN naming the 431).
+    assert_eq!(refused.code(), Code::Unknown, "{refused:?}");
+    assert!(refused.message().contains("431"), "{refused:?}");
+    // A header list the transport decodes but a call may not carry: answered on the call.
+    let mut request = tonic::Request::new(pb::GetInfoRequest {});
+    request
+        .metadata_mut()
+        .insert("x-padding", "a".repeat(1 << 20).parse().unwrap());
+    let refused = client.get_info(request).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(refused.message().contains("at most 65536"), "{refused:?}");
+
+    // The same connection serves the next calls, and other clients are served.
+    for _ in 0..3 {
+        client.get_info(pb::GetInfoRequest {}).await.unwrap();
+    }
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "every call went over the one connection"
+    );
+    let other = channel(&app).await;
+    pb::registry_client::RegistryClient::new(other)
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap();
 }

@@ -1,7 +1,8 @@
 //! Answers that tell what happened, through the real gRPC API and the real `dsreg` binary: a
 //! rollback runs the publish checks and is refused like the publish, a rollback answers its
 //! `rolled_back` event (whichever way it moves) and the CLI says it rolled back, and a restart
-//! answers the state it produced (a refused one is not `running, settled`).
+//! answers the state it produced (a refused one is not `running, settled`), and a secret put or
+//! deleted reaches the running worker.
 
 use std::path::Path;
 use std::time::Duration;
@@ -500,4 +501,232 @@ async fn a_restart_of_a_failing_worker_answers_its_failure() {
         "the CLI names the failure: {}",
         cli.stderr
     );
+}
+
+/// A source answering `[]` that remembers every `Authorization` header it was sent.
+async fn recording_source() -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = seen.clone();
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                record.lock().unwrap().push(auth);
+                "[]"
+            }
+        }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    (format!("http://{addr}/"), seen)
+}
+
+async fn put_token(secrets: &mut SecretsClient<Channel>, id: &str, value: &str) {
+    secrets
+        .put_secret(pb::PutSecretRequest {
+            datasource_id: id.to_owned(),
+            name: "token".into(),
+            value: value.into(),
+        })
+        .await
+        .unwrap();
+}
+
+async fn wait_for_bearer(seen: &std::sync::Mutex<Vec<String>>, token: &str) {
+    let wanted = format!("Bearer {token}");
+    wait_for(
+        &format!("the source to be sent {token}"),
+        Duration::from_secs(60),
+        || {
+            let found = seen.lock().unwrap().contains(&wanted);
+            async move { found.then_some(()) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_rotated_secret_reaches_the_running_worker_and_a_put_back_one_revives_it() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel.clone());
+    let id = create(&mut ds, "poll-rotate", "http_poll").await;
+    put_token(&mut secrets, &id, "first-token-5d1e").await;
+    let (source, seen) = recording_source().await;
+    let (v1, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token", "interval_ms": 100 }),
+    )
+    .await;
+    wait_for_bearer(&seen, "first-token-5d1e").await;
+
+    // A rotation reaches the worker that is running, without a restart or a publish.
+    put_token(&mut secrets, &id, "second-token-77ab").await;
+    wait_for_bearer(&seen, "second-token-77ab").await;
+
+    // Deleting the secret the published version needs is answered with a warning naming it.
+    let deleted = secrets
+        .delete_secret(pb::DeleteSecretRequest {
+            datasource_id: id.clone(),
+            name: "token".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(deleted.deleted, "{deleted:?}");
+    assert!(
+        deleted
+            .warning
+            .contains(&format!("published version {v1} needs secret token")),
+        "{deleted:?}"
+    );
+    assert!(!deleted.warning.contains("second-token"), "{deleted:?}");
+
+    // A fresh instance cannot build the worker without it: the state says so.
+    app.stop().await.unwrap();
+    let (app, channel) = serve(&db).await;
+    let life = LifecycleClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let status = pb::GetStatusRequest {
+        datasource_id: id.clone(),
+    };
+    let failed = wait_for(
+        "the worker to fail for the secret",
+        Duration::from_secs(60),
+        || {
+            let mut life = life.clone();
+            let status = status.clone();
+            async move {
+                let s = life.get_status(status).await.unwrap().into_inner();
+                (s.status == pb::WorkerStatus::Error as i32).then_some(s)
+            }
+        },
+    )
+    .await;
+    assert!(failed.error_message.contains("token"), "{failed:?}");
+
+    // Putting it back revives the worker, with the new value, and no restart call.
+    put_token(&mut secrets, &id, "third-token-0c4f").await;
+    wait_for_bearer(&seen, "third-token-0c4f").await;
+    wait_for("the worker to run again", Duration::from_secs(60), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
+        }
+    })
+    .await;
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn update_version_edits_drafts_only_and_leaves_a_published_comment_alone() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(channel);
+    let id = create(&mut ds, "edit-published", "generator").await;
+    let config = serde_json::json!({ "rate_per_sec": 1, "template": { "n": 1 } });
+    let (v1, _) = publish(&mut ds, &id, config.clone()).await;
+    let update = |comment: &str| pb::UpdateVersionRequest {
+        datasource_id: id.clone(),
+        version: v1,
+        config_json: config.to_string(),
+        comment: comment.into(),
+    };
+
+    let refused = ds
+        .update_version(update("rewritten history"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("is published; only a draft can be edited"),
+        "{refused:?}"
+    );
+    let versions = ds
+        .list_versions(pb::ListVersionsRequest {
+            datasource_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    let published = versions.iter().find(|v| v.version == v1).unwrap();
+    assert_eq!(published.comment, "", "{published:?}");
+
+    // A version that does not exist is NOT_FOUND, not a precondition.
+    let mut missing = update("x");
+    missing.version = v1 + 10;
+    let absent = ds.update_version(missing).await.unwrap_err();
+    assert_eq!(absent.code(), Code::NotFound, "{absent:?}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn events_watch_after_id_zero_replays_from_the_first_event_and_an_unknown_type_is_a_usage_error()
+ {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let id = create(&mut ds, "replayed", "generator").await;
+    let first = version_events(&db, &id).await;
+    assert!(first.is_empty(), "{first:?}");
+    let created = db.events(Uuid::parse_str(&id).unwrap()).await[0].id;
+
+    let mut child = dsreg(dir.path())
+        .args(["events", "watch", "--datasource", &id, "--after-id", "0"])
+        .args(["-o", "json", "--server", &url])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let line = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+        .await
+        .expect("the watch prints the history")
+        .unwrap()
+        .expect("a line");
+    let event: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(event["id"].as_i64(), Some(created), "{event}");
+    assert_eq!(event["type"], "created", "{event}");
+    child.kill().await.unwrap();
+
+    for args in [
+        &["events", "list", "--type", "publishd"][..],
+        &["events", "watch", "--type", "publishd"][..],
+    ] {
+        let ran = client(dir.path(), &url, args).await;
+        assert_eq!(ran.status.code(), Some(2), "{args:?}: {}", ran.stderr);
+        assert!(ran.stderr.contains("publishd"), "{}", ran.stderr);
+        assert!(ran.stderr.contains("published"), "{}", ran.stderr);
+    }
+    // The server refuses it too, naming the field, for callers other than the CLI.
+    let mut events = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
+    let refused = events
+        .list_events(pb::ListEventsRequest {
+            types: vec!["publishd".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(refused.message().contains("types"), "{refused:?}");
+    app.stop().await.unwrap();
 }

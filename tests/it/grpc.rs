@@ -328,9 +328,25 @@ async fn versions_publish_over_grpc_and_the_worker_runs_the_answered_state() {
         .await
         .unwrap_err();
     assert_eq!(wrong.code(), Code::InvalidArgument);
-    assert!(
-        violated_field(&wrong).starts_with("config_json."),
+    assert_eq!(
+        violated_field(&wrong),
+        "config_json.rate_per_sec",
         "{wrong:?}"
+    );
+    // A key the kind does not have is named by itself, not by the object holding it.
+    let unknown = ds
+        .create_version(pb::CreateVersionRequest {
+            datasource_id: id.clone(),
+            config_json: "{\"rate_per_sec\": 1, \"rate_per_second\": 2}".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::InvalidArgument);
+    assert_eq!(
+        violated_field(&unknown),
+        "config_json.rate_per_second",
+        "{unknown:?}"
     );
     let huge = ds
         .create_version(pb::CreateVersionRequest {
@@ -556,7 +572,13 @@ async fn a_version_needing_a_missing_secret_is_not_published() {
         .await
         .unwrap_err();
     assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert_eq!(violated_field(&refused), "config_json.secrets.api_token");
+    // Named by the key the user wrote, the secret by its name.
+    assert_eq!(violated_field(&refused), "config_json.bearer_secret");
+    assert!(
+        refused.message().contains("\"api_token\""),
+        "{}",
+        refused.message()
+    );
 
     let canary = format!("canary-{}", uuid::Uuid::new_v4());
     let meta = secrets
@@ -666,7 +688,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .watch_events(pb::WatchEventsRequest {
             datasource_id: id.clone(),
             types: vec![],
-            after_id: 1,
+            after_id: Some(1),
         })
         .await
         .unwrap()
@@ -685,7 +707,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
     });
     let mut got = Vec::new();
     while got.len() < 8 {
-        let e = tokio::time::timeout(Duration::from_secs(10), first.message())
+        let e = tokio::time::timeout(Duration::from_secs(60), first.message())
             .await
             .unwrap()
             .unwrap()
@@ -697,7 +719,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .watch_events(pb::WatchEventsRequest {
             datasource_id: id.clone(),
             types: vec![],
-            after_id: *got.last().unwrap(),
+            after_id: Some(*got.last().unwrap()),
         })
         .await
         .unwrap()
@@ -711,7 +733,7 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .filter(|i| *i > 1)
         .collect();
     while got.len() < all.len() {
-        let e = tokio::time::timeout(Duration::from_secs(10), resumed.message())
+        let e = tokio::time::timeout(Duration::from_secs(60), resumed.message())
             .await
             .unwrap()
             .unwrap()
@@ -857,7 +879,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         let id = created.id.clone();
         async move { ds.get_datasource(pb::GetDatasourceRequest { id }).await }
     };
-    let down = wait_for("UNAVAILABLE", Duration::from_secs(10), || async {
+    let down = wait_for("UNAVAILABLE", Duration::from_secs(60), || async {
         get().await.err().filter(|e| e.code() == Code::Unavailable)
     })
     .await;
@@ -865,7 +887,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         !down.message().contains(&name),
         "internal detail leaked: {down:?}"
     );
-    let (code, body) = wait_for("/readyz failing", Duration::from_secs(10), || async {
+    let (code, body) = wait_for("/readyz failing", Duration::from_secs(60), || async {
         let (code, body) = crate::serve::http_get(&http, "/readyz").await;
         (code == 503).then_some((code, body))
     })
@@ -873,7 +895,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
     assert!(body.contains("not ready"), "{code} {body}");
     wait_for(
         "gRPC health NOT_SERVING",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async { (serving().await == Some(NOT_SERVING)).then_some(()) },
     )
     .await;
@@ -883,7 +905,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
         ))
         .await
         .unwrap();
-    wait_for("recovery", Duration::from_secs(10), || async {
+    wait_for("recovery", Duration::from_secs(60), || async {
         get().await.ok()
     })
     .await;
@@ -893,7 +915,7 @@ async fn a_database_that_is_down_is_unavailable_and_not_ready_and_recovers() {
     .await;
     wait_for(
         "gRPC health SERVING again",
-        Duration::from_secs(10),
+        Duration::from_secs(60),
         || async { (serving().await == Some(SERVING)).then_some(()) },
     )
     .await;
@@ -924,52 +946,114 @@ async fn an_oversized_message_is_refused() {
     assert!(err.message().contains("too large"), "{err:?}");
 }
 
-#[tokio::test]
-async fn health_and_reflection_answer_without_a_token() {
-    use tonic_reflection::pb::v1::ServerReflectionRequest;
-    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
-    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
-    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+/// Every service the port serves, as reflection lists it and health names it.
+const SERVED: &[&str] = &[
+    "dsreg.v1.Datasources",
+    "dsreg.v1.Lifecycle",
+    "dsreg.v1.Harness",
+    "dsreg.v1.Events",
+    "dsreg.v1.Secrets",
+    "dsreg.v1.Audit",
+    "dsreg.v1.Catalog",
+    "dsreg.v1.Registry",
+];
 
+#[tokio::test]
+async fn health_answers_for_the_server_and_for_each_service_by_name_without_a_token() {
     let db = TestDb::new().await;
     let (_app, ch) = serve(&db).await;
-    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+    let mut health = tonic_health::pb::health_client::HealthClient::new(ch);
+    for service in std::iter::once("").chain(SERVED.iter().copied()) {
+        let answer = health
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: service.to_owned(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health of {service:?}: {e:?}"))
+            .into_inner();
+        assert_eq!(answer.status, SERVING, "{service:?}");
+    }
+    let unknown = health
         .check(tonic_health::pb::HealthCheckRequest {
-            service: String::new(),
+            service: "dsreg.v1.Nothing".to_owned(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(
-        health.status,
-        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
-    );
-    let request = ServerReflectionRequest {
-        host: String::new(),
-        message_request: Some(MessageRequest::ListServices(String::new())),
-    };
-    let mut stream = ServerReflectionClient::new(ch)
-        .server_reflection_info(futures_util::stream::iter([request]))
-        .await
-        .unwrap()
-        .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        stream.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("not a list of services");
-    };
-    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
-    for service in [
-        "dsreg.v1.Datasources",
-        "dsreg.v1.Lifecycle",
-        "dsreg.v1.Harness",
-        "dsreg.v1.Events",
-        "dsreg.v1.Secrets",
-        "dsreg.v1.Catalog",
-        "dsreg.v1.Registry",
-    ] {
-        assert!(names.iter().any(|n| n == service), "{service} in {names:?}");
+        .unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+}
+
+/// Reflection v1 and v1alpha answer a `grpcurl list` and a `grpcurl describe` alike, without
+/// a token: the request each version's generated client sends, and the services each lists.
+macro_rules! reflect {
+    ($version:ident, $ch:expr) => {{
+        use tonic_reflection::pb::$version::ServerReflectionRequest;
+        use tonic_reflection::pb::$version::server_reflection_client::ServerReflectionClient;
+        use tonic_reflection::pb::$version::server_reflection_request::MessageRequest;
+        use tonic_reflection::pb::$version::server_reflection_response::MessageResponse;
+
+        let requests = [
+            MessageRequest::ListServices(String::new()),
+            MessageRequest::FileContainingSymbol("dsreg.v1.Datasources".to_owned()),
+        ]
+        .map(|message| ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(message),
+        });
+        let mut stream = ServerReflectionClient::new($ch)
+            .server_reflection_info(futures_util::stream::iter(requests))
+            .await
+            .unwrap()
+            .into_inner();
+        let Some(MessageResponse::ListServicesResponse(list)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("not a list of services");
+        };
+        let Some(MessageResponse::FileDescriptorResponse(files)) =
+            stream.message().await.unwrap().unwrap().message_response
+        else {
+            panic!("not the file of dsreg.v1.Datasources");
+        };
+        let files: Vec<prost_types::FileDescriptorProto> = files
+            .file_descriptor_proto
+            .iter()
+            .map(|b| prost::Message::decode(b.as_slice()).unwrap())
+            .collect();
+        let described = files.iter().any(|f| {
+            f.package() == "dsreg.v1" && f.service.iter().any(|s| s.name() == "Datasources")
+        });
+        assert!(
+            described,
+            "Datasources not described by {}",
+            stringify!($version)
+        );
+        list.service
+            .into_iter()
+            .map(|s| s.name)
+            .collect::<Vec<String>>()
+    }};
+}
+
+#[tokio::test]
+async fn reflection_v1_and_v1alpha_list_and_describe_every_service_without_a_token() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let v1alpha = reflect!(v1alpha, ch.clone());
+    let mut v1 = reflect!(v1, ch);
+    for service in SERVED.iter().chain(&[
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ]) {
+        assert!(
+            v1alpha.iter().any(|n| n == service),
+            "{service} in {v1alpha:?}"
+        );
     }
+    let mut sorted = v1alpha.clone();
+    sorted.sort();
+    v1.sort();
+    assert_eq!(v1, sorted, "v1 and v1alpha list the same services");
 }
 
 #[tokio::test]
@@ -996,7 +1080,7 @@ async fn watch_status_streams_the_state_then_every_change() {
     let v = publish_generator(&mut ds, &id, 5).await;
     let mut seen = Vec::new();
     while !seen.contains(&(pb::WorkerStatus::Running as i32)) {
-        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        let next = tokio::time::timeout(Duration::from_secs(60), watch.message())
             .await
             .expect("a change within 10 s")
             .unwrap()
@@ -1009,7 +1093,7 @@ async fn watch_status_streams_the_state_then_every_change() {
     .await
     .unwrap();
     loop {
-        let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        let next = tokio::time::timeout(Duration::from_secs(60), watch.message())
             .await
             .expect("a change within 10 s")
             .unwrap()

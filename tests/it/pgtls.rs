@@ -57,7 +57,7 @@ fn openssl(dir: &Path, args: &[&str]) {
 }
 
 /// A CA `name`.crt/.key.
-fn ca(dir: &Path, name: &str) {
+pub(crate) fn ca(dir: &Path, name: &str) {
     openssl(
         dir,
         &[
@@ -81,7 +81,7 @@ fn ca(dir: &Path, name: &str) {
 }
 
 /// A certificate `name`.crt/.key for `cn`, signed by `ca`, with the extensions in `ext`.
-fn leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
+pub(crate) fn leaf(dir: &Path, ca: &str, name: &str, cn: &str, ext: &str) {
     std::fs::write(dir.join(format!("{name}.ext")), ext).unwrap();
     openssl(
         dir,

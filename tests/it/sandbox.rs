@@ -8,6 +8,7 @@ use std::time::Duration;
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use dsreg::api::grpc::pb::harness_client::HarnessClient;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::db::repository::state::State;
 use dsreg::domain::WorkerStatus;
 use tonic::Code;
@@ -370,4 +371,140 @@ async fn a_call_to_an_unknown_function_is_refused_at_create_publish_and_test() {
     }
     assert_eq!(created.code(), Code::InvalidArgument);
     assert_eq!(tested.code(), Code::InvalidArgument);
+}
+
+/// A script whose `sort` hands the standard library an inconsistent order (NaN among
+/// floats): the sort panics inside Rhai.
+const NAN_SORT: &str = r#"
+    let a = [];
+    for i in 0..21 {
+        if i % 3 == 0 { a.push(parse_float("NaN")) } else { a.push(((i * 7919) % 101).to_float()) }
+    }
+    a.sort();
+    record
+"#;
+
+#[tokio::test]
+async fn a_panic_provoked_from_outside_is_one_structured_log_line_and_counted() {
+    let db = TestDb::new().await;
+    let server = ServeProcess::start(&db.url, &[]).await;
+    let ch = server.channel().await;
+    let id = webhook(&ch).await;
+    let panics = || async {
+        let (status, body) = crate::serve::http_get(&server.http_addr, "/metrics").await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix("dsreg_panics_total "))
+            .expect("dsreg_panics_total on /metrics")
+            .trim()
+            .parse::<f64>()
+            .unwrap()
+    };
+    assert_eq!(panics().await, 0.0);
+
+    let answer = HarnessClient::new(ch.clone())
+        .run_test(test_request(&id, NAN_SORT, 1, Duration::from_secs(30)))
+        .await
+        .expect("the run answers")
+        .into_inner();
+    assert!(answer.outputs_json.is_empty(), "{:?}", answer.outputs_json);
+    assert_eq!(answer.rejected.len(), 1, "the record is rejected, not lost");
+
+    // The panic is counted and written as one JSON line at ERROR naming where it happened.
+    assert_eq!(panics().await, 1.0);
+    wait_for("the panic's log line", Duration::from_secs(60), || async {
+        let logs = server.logs.lock().unwrap();
+        logs.iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|line| line["panic.location"].is_string())
+    })
+    .await;
+    let logs = server.logs.lock().unwrap().clone();
+    let lines: Vec<serde_json::Value> = logs
+        .iter()
+        .filter(|l| l.contains("panic.location"))
+        .map(|l| serde_json::from_str(l).expect("the panic's line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["level"], "ERROR", "{}", lines[0]);
+    assert!(
+        lines[0]["panic.message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()),
+        "{}",
+        lines[0]
+    );
+    server.stop().await;
+}
+
+/// Never ends on its own: only the deadline (or the operation limit) stops it.
+const SPIN: &str = "let n = 0; loop { n += 1; }";
+
+#[tokio::test]
+async fn get_status_is_answered_while_twenty_hostile_harness_runs_are_in_flight() {
+    let db = TestDb::new().await;
+    let server = ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_HARNESS_MAX_CONCURRENT_RUNS", "20"),
+            ("DSREG_TRANSFORM_DEADLINE_MS", "60000"),
+            ("DSREG_TRANSFORM_MAX_OPERATIONS", "1000000000000"),
+        ],
+    )
+    .await;
+    let ch = server.channel().await;
+    let id = webhook(&ch).await;
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(20));
+
+    // Twenty hostile runs at once (runaway loops, nested closures, output bombs), each cut
+    // off by its caller's 5 s deadline.
+    let harness_ch = server.channel().await;
+    let runs: Vec<_> = (0..20)
+        .map(|i| {
+            let script = [SPIN, NESTED_REDUCE, MAP_BOMB][i % 3];
+            let mut harness = HarnessClient::new(harness_ch.clone());
+            let request = test_request(&id, script, 1_000, Duration::from_secs(5));
+            let in_flight = in_flight.clone();
+            tokio::spawn(async move {
+                let answer = harness.run_test(request).await;
+                in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                answer
+            })
+        })
+        .collect();
+
+    // A bystander on its own connection: every GetStatus is answered while they run.
+    let mut lifecycle = LifecycleClient::new(server.channel().await);
+    let mut answered_during = 0;
+    while in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+        let mut request = tonic::Request::new(pb::GetStatusRequest {
+            datasource_id: id.clone(),
+        });
+        request.set_timeout(Duration::from_secs(30));
+        let state = lifecycle
+            .get_status(request)
+            .await
+            .expect("GetStatus is answered during the runs")
+            .into_inner();
+        assert_eq!(state.datasource_id, id);
+        if in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            answered_during += 1;
+        }
+    }
+    assert!(
+        answered_during >= 3,
+        "{answered_during} GetStatus calls answered while runs were in flight"
+    );
+    for run in runs {
+        let code = run
+            .await
+            .unwrap()
+            .expect_err("no hostile run completes")
+            .code();
+        assert!(
+            matches!(code, Code::DeadlineExceeded | Code::Cancelled),
+            "{code:?}"
+        );
+    }
+    server.stop().await;
 }

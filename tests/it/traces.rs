@@ -4,7 +4,9 @@
 //! `dsreg.traceparent` reaches the reconcile too; a status stream's span is exported while the
 //! stream is open; a span made inside a call is the call's child, and a call its caller did
 //! not sample exports nothing; with the collector down, reloads still happen and the lost
-//! spans are counted.
+//! spans are counted. Collectors behind TLS (a CA the test makes), over OTLP/gRPC and
+//! OTLP/HTTP, with gzip and a header they check, get the same one trace; a collector's partial
+//! success is logged with its message and counted.
 
 use std::time::{Duration, Instant};
 
@@ -15,7 +17,9 @@ use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use tonic::transport::Channel;
 
-use crate::helpers::otlp::receiver;
+use crate::helpers::otlp::{
+    Behaviour, Got, Receiver, ServerTls, grpc_receiver, http_receiver, receiver,
+};
 use crate::helpers::{ServeProcess, TestDb, wait_for};
 
 fn otel_env(endpoint: &str) -> Vec<(&'static str, String)> {
@@ -324,6 +328,18 @@ async fn with_the_collector_down_reloads_still_happen_and_lost_spans_are_counted
     })
     .await;
     assert!(dropped > 0);
+    // The failure is logged, with what the exporter said.
+    wait_for("the failed export logged", Duration::from_secs(60), || {
+        let logs = server.logs.clone();
+        async move {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("exporting spans to the OTLP collector failed"))
+                .cloned()
+        }
+    })
+    .await;
     server.stop().await;
 }
 
@@ -437,5 +453,380 @@ async fn a_span_made_inside_a_call_is_its_child_its_code_is_recorded_and_an_unsa
         .map(|s| s.name.clone())
         .collect();
     assert!(leaked.is_empty(), "an unsampled call exported {leaked:?}");
+    server.stop().await;
+}
+
+/// The span named `name` in `trace` (a child of `parent`, when given), once received.
+async fn span_in(received: &Receiver, name: &str, trace: &str, parent: Option<&str>) -> Got {
+    wait_for(
+        &format!("the span {name} in trace {trace}"),
+        Duration::from_secs(60),
+        || {
+            let received = received.clone();
+            async move {
+                received
+                    .0
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|s| {
+                        s.name == name && s.trace == trace && parent.is_none_or(|p| s.parent == p)
+                    })
+                    .cloned()
+            }
+        },
+    )
+    .await
+}
+
+/// A CA and a certificate for `localhost` it signed, made with the `openssl` CLI, and a
+/// client certificate it signed (`client.crt`, `client.key`) that the collector requires:
+/// the directory holding them, the server's TLS settings, and the CA file's path.
+fn collector_certificates() -> (tempfile::TempDir, ServerTls, String) {
+    let dir = tempfile::tempdir().unwrap();
+    crate::pgtls::ca(dir.path(), "collector-ca");
+    crate::pgtls::leaf(
+        dir.path(),
+        "collector-ca",
+        "collector",
+        "localhost",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+    );
+    crate::pgtls::leaf(
+        dir.path(),
+        "collector-ca",
+        "client",
+        "dsreg",
+        "extendedKeyUsage=clientAuth\n",
+    );
+    let read = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+    let tls = ServerTls {
+        cert: read("collector.crt"),
+        key: read("collector.key"),
+        client_ca: Some(read("collector-ca.crt")),
+    };
+    let ca = dir.path().join("collector-ca.crt").display().to_string();
+    (dir, tls, ca)
+}
+
+/// A registry exporting to a collector over mutual TLS and `protocol` (`grpc`,
+/// `http/protobuf` or `http/json`) with gzip and a header the collector checks: a gateway's publish, its
+/// reconcile and the worker's start arrive as one trace, every export compressed and carrying
+/// the header.
+async fn a_publish_reaches_a_tls_collector_in_one_trace(protocol: &str) {
+    let db = TestDb::new().await;
+    let (certs, tls, ca) = collector_certificates();
+    let client = |name: &str| certs.path().join(name).display().to_string();
+    let token = "t0ken-of-the-collector";
+    let behaviour = Behaviour {
+        header: Some(("x-collector-token".to_owned(), token.to_owned())),
+        ..Behaviour::default()
+    };
+    let (endpoint, received) = if protocol == "grpc" {
+        grpc_receiver(behaviour, Some(tls)).await
+    } else {
+        http_receiver(behaviour, Some(tls)).await
+    };
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.clone()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol.to_owned()),
+        ("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", ca),
+        (
+            "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+            client("client.crt"),
+        ),
+        ("OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY", client("client.key")),
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_HEADERS",
+            format!("x-collector-token={token}"),
+        ),
+        ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "10000".to_owned()),
+        ("OTEL_SERVICE_NAME", "dsreg-test".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+    ];
+    let server = start(&db, &env).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    DatasourcesClient::new(ch.clone())
+        .publish_version(pb::PublishVersionRequest {
+            datasource_id: id.clone(),
+            version: 1,
+        })
+        .await
+        .unwrap();
+    running_on(&ch, &id, 1).await;
+    // The gateway's trace: publish version 2 (a hot reload of the running worker).
+    let trace = "7af7651916cd43dd8448eb211c80319c";
+    let caller = "b7ad6b7169203331";
+    DatasourcesClient::new(ch.clone())
+        .publish_version(traced(
+            pb::PublishVersionRequest {
+                datasource_id: id.clone(),
+                version: 2,
+            },
+            trace,
+            caller,
+            true,
+        ))
+        .await
+        .unwrap();
+    running_on(&ch, &id, 2).await;
+
+    let rpc = span_in(
+        &received,
+        "dsreg.v1.Datasources/PublishVersion",
+        trace,
+        Some(caller),
+    )
+    .await;
+    let reconcile = span_in(&received, "reconcile", trace, Some(&rpc.span)).await;
+    span_in(&received, "worker.start", trace, Some(&reconcile.span)).await;
+    // The RPC span follows the RPC conventions.
+    let attribute = |key: &str| {
+        rpc.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(attribute("rpc.system"), Some("grpc"));
+    assert_eq!(attribute("rpc.service"), Some("dsreg.v1.Datasources"));
+    assert_eq!(attribute("rpc.method"), Some("PublishVersion"));
+    assert_eq!(attribute("network.peer.address"), Some("127.0.0.1"));
+    assert!(
+        attribute("server.address").is_some(),
+        "{:?}",
+        rpc.attributes
+    );
+    assert_eq!(rpc.grpc_code, Some(0));
+
+    let seen = &received.1;
+    let requests = seen.requests.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(requests > 0);
+    assert_eq!(
+        seen.gzipped.load(std::sync::atomic::Ordering::Relaxed),
+        requests,
+        "every export is gzip-compressed"
+    );
+    assert_eq!(
+        seen.refused.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "every export carries the header"
+    );
+    // Start-up says once where spans go, and the header's value is in no log line.
+    let logs = server.logs.lock().unwrap().clone();
+    let announced: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("spans are exported over OTLP"))
+        .collect();
+    assert_eq!(announced.len(), 1, "{announced:?}");
+    assert!(
+        announced[0].contains(&format!(
+            "localhost:{}",
+            endpoint.rsplit(':').next().unwrap()
+        )) && announced[0].contains(protocol)
+            && announced[0].contains("gzip")
+            && announced[0].contains("x-collector-token"),
+        "{}",
+        announced[0]
+    );
+    assert!(
+        !logs.iter().any(|l| l.contains(token)),
+        "the collector's header value was logged"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_publish_reaches_a_mutual_tls_collector_over_grpc_with_gzip_and_a_header_in_one_trace() {
+    a_publish_reaches_a_tls_collector_in_one_trace("grpc").await;
+}
+
+#[tokio::test]
+async fn a_publish_reaches_a_mutual_tls_collector_over_http_with_gzip_and_a_header_in_one_trace() {
+    a_publish_reaches_a_tls_collector_in_one_trace("http/protobuf").await;
+}
+
+#[tokio::test]
+async fn a_publish_reaches_a_mutual_tls_collector_over_http_json_with_gzip_and_a_header_in_one_trace()
+ {
+    a_publish_reaches_a_tls_collector_in_one_trace("http/json").await;
+}
+
+#[tokio::test]
+async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
+    let db = TestDb::new().await;
+    let message = "span rejected: attribute value too long";
+    let (endpoint, received) = http_receiver(
+        Behaviour {
+            partial: Some((1, message.to_owned())),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut env = otel_env(&endpoint);
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()));
+    // The specification's word for no compression.
+    env.push(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none".to_owned()));
+    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
+    let server = start(&db, &env).await;
+    let ch = server.channel().await;
+    generator_with_two_versions(&ch, "orders").await;
+    wait_for(
+        "the collector's message in the log",
+        Duration::from_secs(60),
+        || {
+            let logs = server.logs.clone();
+            async move {
+                logs.lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains(message) && l.contains("rejected part of a span export"))
+                    .cloned()
+            }
+        },
+    )
+    .await;
+    let dropped = wait_for("rejected spans counted", Duration::from_secs(60), || {
+        let ch = ch.clone();
+        async move {
+            let m = RegistryClient::new(ch)
+                .get_registry_metrics(pb::GetRegistryMetricsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            (m.spans_dropped > 0).then_some(m.spans_dropped)
+        }
+    })
+    .await;
+    assert!(dropped > 0);
+    assert!(
+        !received.0.lock().unwrap().is_empty(),
+        "spans were received"
+    );
+    assert_eq!(
+        received
+            .1
+            .gzipped
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "the traces-specific none wins over the general gzip"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_later_version_traceparent_is_audited_and_continued_over_grpc_and_sql_alike() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = receiver().await;
+    let server = start(&db, &otel_env(&endpoint)).await;
+    let ch = server.channel().await;
+    let id = generator_with_two_versions(&ch, "orders").await;
+    let uuid: uuid::Uuid = id.parse().unwrap();
+
+    // A SQL publisher's version-01 trace context: audited, and the reconcile continues it.
+    let sql_trace = "3cf92f3577b34da6a3ce929d0e0e4736";
+    let publisher = "00f067aa0ba902b7";
+    let mut client = db.client().await;
+    let tx = client.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "SET LOCAL dsreg.traceparent = '01-{sql_trace}-{publisher}-01'"
+    ))
+    .await
+    .unwrap();
+    tx.execute("SELECT dsreg_publish($1, 1)", &[&uuid])
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    running_on(&ch, &id, 1).await;
+    span_in(&received, "reconcile", sql_trace, Some(publisher)).await;
+
+    // A gateway's version-01 header: the call continues its trace, and so does the reconcile.
+    let grpc_trace = "3df92f3577b34da6a3ce929d0e0e4736";
+    let caller = "b7ad6b7169203331";
+    let mut publish = tonic::Request::new(pb::PublishVersionRequest {
+        datasource_id: id.clone(),
+        version: 2,
+    });
+    publish.metadata_mut().insert(
+        "traceparent",
+        format!("01-{grpc_trace}-{caller}-01").parse().unwrap(),
+    );
+    DatasourcesClient::new(ch.clone())
+        .publish_version(publish)
+        .await
+        .unwrap();
+    running_on(&ch, &id, 2).await;
+    let rpc = span_in(
+        &received,
+        "dsreg.v1.Datasources/PublishVersion",
+        grpc_trace,
+        Some(caller),
+    )
+    .await;
+    span_in(&received, "reconcile", grpc_trace, Some(&rpc.span)).await;
+
+    // Both are audited in the trace they continued.
+    let audited: Vec<(String, String)> = db
+        .client()
+        .await
+        .query(
+            "SELECT action, trace_id FROM audit_log WHERE target_id = $1 AND trace_id IS NOT NULL",
+            &[&uuid],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    for trace in [sql_trace, grpc_trace] {
+        assert!(
+            audited.iter().any(|(_, t)| t == trace),
+            "no audit row in trace {trace}: {audited:?}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_credential_in_the_collectors_url_is_in_no_log_line() {
+    let db = TestDb::new().await;
+    // A port nothing listens on, behind a URL carrying credentials.
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!(
+            "http://otlp:s3cret-password@{}/v1/traces?token=s3cret-token",
+            listener.local_addr().unwrap()
+        )
+    };
+    let env = vec![
+        ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", dead),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "50".to_owned()),
+        ("OTEL_EXPORTER_OTLP_TIMEOUT", "1000".to_owned()),
+    ];
+    let server = start(&db, &env).await;
+    let ch = server.channel().await;
+    generator_with_two_versions(&ch, "orders").await;
+    wait_for("the failed export logged", Duration::from_secs(60), || {
+        let logs = server.logs.clone();
+        async move {
+            logs.lock()
+                .unwrap()
+                .iter()
+                .find(|l| l.contains("exporting spans to the OTLP collector failed"))
+                .cloned()
+        }
+    })
+    .await;
+    let logs = server.logs.lock().unwrap().clone();
+    assert!(
+        logs.iter()
+            .any(|l| l.contains("spans are exported over OTLP")),
+        "start-up names where spans go"
+    );
+    let leaked: Vec<&String> = logs.iter().filter(|l| l.contains("s3cret")).collect();
+    assert!(leaked.is_empty(), "{leaked:?}");
     server.stop().await;
 }

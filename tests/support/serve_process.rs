@@ -83,6 +83,33 @@ impl ServeProcess {
         }
     }
 
+    /// Waits (up to 60 s) until `/readyz` answers 200: the listener is connected, so a
+    /// notification sent from now on is received.
+    pub async fn ready(&self) {
+        let url = format!("http://{}/readyz", self.http_addr);
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let client = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(5))
+            .build()
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ok = client
+                .get(&url)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if ok {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{url} not ready within 60 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// A channel to its gRPC port.
     pub async fn channel(&self) -> tonic::transport::Channel {
         tonic::transport::Channel::from_shared(format!("http://{}", self.grpc_addr))

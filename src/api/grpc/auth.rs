@@ -4,9 +4,12 @@
 //! - [`AuthSettings`]: the `--auth-*` flags; [`AuthSettings::check`] says what contradicts.
 //! - [`Authenticator`]: verifies `authorization: Bearer <jwt>` (signature under a pinned
 //!   algorithm, `exp`, `nbf`, `iat`, `iss`, `aud`) and turns the claims into a [`Principal`].
-//!   Keys come from one source: an HS256 secret file, PEM public keys, or a JWKS file read
-//!   again on a schedule and when a token names an unknown `kid` (at most once per
-//!   [`JWKS_REREAD_INTERVAL`]), on a blocking thread, one read at a time, with a timeout.
+//!   Keys come from one source: an HS256 secret file, PEM public keys, or a JWKS — a file, a
+//!   URL, or the `jwks_uri` of an OpenID Connect issuer's discovery document. A JWKS is read
+//!   again on a schedule (a file every `--auth-jwks-ttl-secs`, a URL for its `Cache-Control`
+//!   max-age within [`JWKS_MIN_TTL`]..[`JWKS_MAX_TTL`]) and when a token names an unknown `kid`
+//!   (at most once per [`JWKS_REREAD_INTERVAL`]), one read at a time, with a timeout; a read
+//!   that fails keeps the keys already loaded.
 //! - [`required_role`]: the permission of every `dsreg.v1` RPC, in one static table.
 //! - [`dev_credentials`]: the embedded default's secret and admin token.
 //!
@@ -24,7 +27,9 @@
 //! | `iat` | not in the future beyond the leeway; required, and at most that old, with a maximum token age |
 //!
 //! The only background work is [`Authenticator::run_refresh`] (JWKS only), which stops with
-//! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read.
+//! its shutdown token. The only I/O is reading key files, at start-up and on a JWKS re-read,
+//! and fetching a JWKS (and the discovery document) over HTTPS with the process's shared HTTP
+//! client ([`super::idp`]).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -46,14 +51,29 @@ use rand::TryRngCore;
 use serde::Deserialize;
 use zeroize::Zeroizing;
 
+use super::idp::{Provider, discovery_url, error_chain, https_url};
 use super::principal::{Principal, Role, Tenant};
 
 /// The shortest gap between two JWKS re-reads caused by unknown key ids, so a flood of tokens
 /// with made-up `kid`s cannot keep the registry reading the file.
 pub const JWKS_REREAD_INTERVAL: Duration = Duration::from_secs(30);
 
-/// How long a JWKS read may take before the keys already loaded are kept.
+/// How long a JWKS read (for a URL: the discovery document and the JWKS together) may take
+/// before the keys already loaded are kept.
 pub const JWKS_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The shortest time keys fetched from a URL are kept, whatever `Cache-Control` says
+/// (`no-cache` and `max-age=0` included): an identity provider cannot make every instance
+/// fetch on every call.
+pub const JWKS_MIN_TTL: Duration = Duration::from_secs(5);
+
+/// The longest time keys fetched from a URL are kept before they are fetched again, whatever
+/// `Cache-Control` says: a removed key stops verifying within a day at worst.
+pub const JWKS_MAX_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The key source flags, for messages.
+const KEY_SOURCE_FLAGS: &str = "--auth-hs256-secret-file, --auth-public-key, --auth-jwks-file, \
+                                --auth-jwks-url or --auth-oidc-issuer";
 
 /// The issuer of the embedded default's development tokens.
 pub const DEV_ISSUER: &str = "dsreg-dev";
@@ -112,6 +132,24 @@ pub struct AuthSettings {
     #[arg(long, env = "DSREG_AUTH_JWKS_FILE")]
     pub auth_jwks_file: Option<PathBuf>,
 
+    /// An `https://` URL of a JWKS of RSA and EC public keys (an identity provider's
+    /// `jwks_uri`), chosen by the token's `kid`; kept for the answer's `Cache-Control` max-age
+    /// (5 s to 24 h; `--auth-jwks-ttl-secs` without one), fetched again on an unknown `kid` at
+    /// most every 30 s; while it cannot be reached the keys already fetched keep working.
+    #[arg(long, env = "DSREG_AUTH_JWKS_URL")]
+    pub auth_jwks_url: Option<String>,
+
+    /// An OpenID Connect issuer (`https://…`): its keys are the JWKS at the `jwks_uri` of
+    /// `<issuer>/.well-known/openid-configuration`, kept as with `--auth-jwks-url`. The issuer
+    /// is the required `iss` claim unless `--auth-issuer` is given.
+    #[arg(long, env = "DSREG_AUTH_OIDC_ISSUER")]
+    pub auth_oidc_issuer: Option<String>,
+
+    /// PEM CA certificates that alone are trusted for `--auth-jwks-url` and
+    /// `--auth-oidc-issuer`; default: the system's roots.
+    #[arg(long, env = "DSREG_AUTH_JWKS_CA_FILE")]
+    pub auth_jwks_ca_file: Option<PathBuf>,
+
     /// The accepted signature algorithms, comma separated (e.g. `RS256,ES256`); tokens signed
     /// with any other, `none` included, are refused. Default: HS256 with a secret file, RS256
     /// with public keys or a JWKS file.
@@ -137,7 +175,8 @@ pub struct AuthSettings {
     pub auth_max_token_age_secs: Option<u64>,
 
     /// How often a JWKS file is read again, in seconds: a key removed from it stops verifying
-    /// within this time.
+    /// within this time. Also how long keys fetched from `--auth-jwks-url` or
+    /// `--auth-oidc-issuer` are kept when the answer has no `Cache-Control` max-age.
     #[arg(long, env = "DSREG_AUTH_JWKS_TTL_SECS", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub auth_jwks_ttl_secs: u64,
 
@@ -164,6 +203,8 @@ enum SourceKind<'a> {
     Secret(&'a Path),
     PublicKeys(&'a [PathBuf]),
     Jwks(&'a Path),
+    JwksUrl(&'a str),
+    OidcIssuer(&'a str),
 }
 
 impl SourceKind<'_> {
@@ -172,6 +213,8 @@ impl SourceKind<'_> {
             SourceKind::Secret(_) => "--auth-hs256-secret-file",
             SourceKind::PublicKeys(_) => "--auth-public-key",
             SourceKind::Jwks(_) => "--auth-jwks-file",
+            SourceKind::JwksUrl(_) => "--auth-jwks-url",
+            SourceKind::OidcIssuer(_) => "--auth-oidc-issuer",
         }
     }
 }
@@ -188,7 +231,20 @@ impl AuthSettings {
         if let Some(path) = &self.auth_jwks_file {
             sources.push(SourceKind::Jwks(path));
         }
+        if let Some(url) = &self.auth_jwks_url {
+            sources.push(SourceKind::JwksUrl(url));
+        }
+        if let Some(issuer) = &self.auth_oidc_issuer {
+            sources.push(SourceKind::OidcIssuer(issuer));
+        }
         sources
+    }
+
+    /// The required `iss` claim: `--auth-issuer`, or else the OpenID Connect issuer.
+    fn issuer(&self) -> Option<&str> {
+        self.auth_issuer
+            .as_deref()
+            .or(self.auth_oidc_issuer.as_deref())
     }
 
     /// Whether a key source is configured. Without one (and without `--insecure-no-auth`) the
@@ -242,22 +298,43 @@ impl AuthSettings {
                 ("--auth-algorithms", !self.auth_algorithms.is_empty()),
                 ("--auth-issuer", self.auth_issuer.is_some()),
                 ("--auth-audience", self.auth_audience.is_some()),
+                ("--auth-jwks-ca-file", self.auth_jwks_ca_file.is_some()),
             ]
             .into_iter()
             .find_map(|(flag, given)| given.then_some(flag));
             return match stray {
                 Some(flag) => Err(settings_error(format!(
-                    "{flag} needs a key source: --auth-hs256-secret-file, --auth-public-key \
-                     or --auth-jwks-file"
+                    "{flag} needs a key source: {KEY_SOURCE_FLAGS}"
                 ))),
                 None => Ok(()),
             };
         };
+        match source {
+            SourceKind::JwksUrl(url) => {
+                https_url(url).map_err(|reason| {
+                    settings_error(format!("--auth-jwks-url {url:?}: {reason}"))
+                })?;
+            }
+            SourceKind::OidcIssuer(issuer) => {
+                discovery_url(issuer).map_err(|reason| {
+                    settings_error(format!("--auth-oidc-issuer {issuer:?}: {reason}"))
+                })?;
+            }
+            SourceKind::Secret(_) | SourceKind::PublicKeys(_) | SourceKind::Jwks(_)
+                if self.auth_jwks_ca_file.is_some() =>
+            {
+                return Err(settings_error(format!(
+                    "--auth-jwks-ca-file is for --auth-jwks-url or --auth-oidc-issuer, not {}",
+                    source.flag()
+                )));
+            }
+            _ => {}
+        }
         for (flag, value) in [
-            ("--auth-issuer", &self.auth_issuer),
-            ("--auth-audience", &self.auth_audience),
+            ("--auth-issuer", self.issuer()),
+            ("--auth-audience", self.auth_audience.as_deref()),
         ] {
-            if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+            if value.is_none_or(|v| v.trim().is_empty()) {
                 return Err(settings_error(format!(
                     "{flag} is required with {}",
                     source.flag()
@@ -267,7 +344,10 @@ impl AuthSettings {
         for algorithm in self.algorithms() {
             let fits = match source {
                 SourceKind::Secret(_) => HMAC_ALGORITHMS.contains(&algorithm),
-                SourceKind::PublicKeys(_) | SourceKind::Jwks(_) => {
+                SourceKind::PublicKeys(_)
+                | SourceKind::Jwks(_)
+                | SourceKind::JwksUrl(_)
+                | SourceKind::OidcIssuer(_) => {
                     !HMAC_ALGORITHMS.contains(&algorithm) && algorithm != Algorithm::EdDSA
                 }
             };
@@ -305,6 +385,9 @@ pub enum AuthSetupError {
     /// The operating system's random source failed.
     #[error("cannot generate random bytes: {0}")]
     Random(String),
+    /// The HTTPS client for a JWKS URL or an OpenID Connect issuer cannot be set up.
+    #[error("cannot set up the HTTPS client for the identity provider: {0}")]
+    Client(String),
 }
 
 fn settings_error(reason: String) -> AuthSetupError {
@@ -440,27 +523,53 @@ impl VerifyingKey {
 
 type KeyMap = HashMap<String, Arc<VerifyingKey>>;
 
-/// A JWKS file's keys, re-read on a schedule ([`Authenticator::run_refresh`]) and for an
-/// unknown `kid`. Reads run on a blocking thread with a timeout, one at a time; a call whose
-/// key is cached never waits for one.
+/// A JWKS's keys, read again on a schedule ([`Authenticator::run_refresh`]) and for an unknown
+/// `kid`, whatever the source (a file or a URL). Reads run one at a time with a timeout; a call
+/// whose key is cached never waits for one.
 struct Jwks {
-    path: PathBuf,
+    origin: Origin,
     pinned: Vec<Algorithm>,
     template: Validation,
-    /// How often the file is read again.
-    ttl: Duration,
+    /// How long keys are kept without a `Cache-Control` max-age (for a file: always).
+    default_ttl: Duration,
+    /// How long the keys last read are kept before the next scheduled read, in milliseconds.
+    ttl_ms: AtomicU64,
     /// Swapped whole on a re-read; readers clone the one key they need and drop the lock.
     keys: RwLock<Arc<KeyMap>>,
-    /// Single flight: held (across the read) by the one request or tick reading the file;
+    /// Single flight: held (across the read) by the one request or tick reading the keys;
     /// holds when an unknown `kid` last caused a read.
     reading: tokio::sync::Mutex<Option<Instant>>,
-    /// A read still running on its blocking thread (it outlived its timeout): no new one
+    /// A file read still running on its blocking thread (it outlived its timeout): no new one
     /// starts until it ends, so a hung file costs one thread.
     busy: Arc<std::sync::atomic::AtomicBool>,
     rereads: AtomicU64,
 }
 
-/// Why the JWKS file is read.
+/// Where a JWKS comes from.
+enum Origin {
+    File(PathBuf),
+    Remote(Provider),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "{}", path.display()),
+            Origin::Remote(provider) => write!(f, "{provider}"),
+        }
+    }
+}
+
+/// What one read of a JWKS brought.
+struct Loaded {
+    keys: KeyMap,
+    /// Keys ignored: without a `kid`, for encryption, of another type, for no pinned algorithm.
+    skipped: usize,
+    /// The answer's `Cache-Control` max-age (a URL only).
+    max_age: Option<Duration>,
+}
+
+/// Why a JWKS is read.
 #[derive(Debug, Clone, Copy)]
 enum Reread {
     Scheduled,
@@ -468,6 +577,26 @@ enum Reread {
 }
 
 impl Jwks {
+    fn new(
+        origin: Origin,
+        keys: KeyMap,
+        pinned: Vec<Algorithm>,
+        template: Validation,
+        ttl: Duration,
+    ) -> Self {
+        Self {
+            origin,
+            pinned,
+            template,
+            default_ttl: ttl,
+            ttl_ms: AtomicU64::new(millis(ttl)),
+            keys: RwLock::new(Arc::new(keys)),
+            reading: tokio::sync::Mutex::new(None),
+            busy: Arc::default(),
+            rereads: AtomicU64::new(0),
+        }
+    }
+
     fn get(&self, kid: &str) -> Option<Arc<VerifyingKey>> {
         // The map behind the lock is replaced whole, never edited in place: a poisoned lock
         // still holds a consistent map.
@@ -478,15 +607,28 @@ impl Jwks {
             .cloned()
     }
 
-    /// Reads the file again for an unknown `kid`, unless an unknown `kid` caused a read less
-    /// than [`JWKS_REREAD_INTERVAL`] ago; returns the key if the file has it now.
+    /// Whether no key has been loaded yet (a URL before its first successful fetch).
+    fn is_empty(&self) -> bool {
+        self.keys
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
+    }
+
+    /// How long the keys last read are kept.
+    fn ttl(&self) -> Duration {
+        Duration::from_millis(self.ttl_ms.load(Ordering::Relaxed))
+    }
+
+    /// Reads the keys again for an unknown `kid`, unless an unknown `kid` caused a read less
+    /// than [`JWKS_REREAD_INTERVAL`] ago; returns the key if the set has it now.
     ///
     /// # Cancel safety
-    /// Cancel safe: the read runs on its own thread, and a cancelled wait gives up only this
-    /// request's answer (the keys are installed by whichever request or tick reads next).
+    /// Cancel safe: a cancelled wait gives up only this request's answer (a file read runs on
+    /// its own thread; the keys are installed by whichever request or tick reads next).
     async fn reread_for(self: &Arc<Self>, kid: &str) -> Option<Arc<VerifyingKey>> {
         let mut last = self.reading.lock().await;
-        // Another request may have re-read the file while this one waited.
+        // Another request may have read the keys while this one waited.
         if let Some(key) = self.get(kid) {
             return Some(key);
         }
@@ -499,53 +641,101 @@ impl Jwks {
         self.get(kid)
     }
 
-    /// Reads the file again on the schedule.
-    async fn refresh(self: &Arc<Self>) {
+    /// Reads the keys again on the schedule; says whether the read succeeded.
+    async fn refresh(self: &Arc<Self>) -> bool {
         let _turn = self.reading.lock().await;
-        self.read(Reread::Scheduled).await;
+        self.read(Reread::Scheduled).await
     }
 
-    /// Reads the file on a blocking thread, within [`JWKS_READ_TIMEOUT`], and installs its
-    /// keys; a file that cannot be read or no longer parses keeps the keys already loaded.
-    /// The caller holds `reading`.
-    async fn read(self: &Arc<Self>, why: Reread) {
-        if self.busy.swap(true, Ordering::AcqRel) {
-            tracing::warn!(
-                path = %self.path.display(),
-                "the previous JWKS read has not finished; keeping the keys already loaded"
-            );
-            return;
-        }
-        self.rereads.fetch_add(1, Ordering::Relaxed);
-        let jwks = Arc::clone(self);
-        let read = tokio::task::spawn_blocking(move || {
-            let read = read_jwks(&jwks.path, &jwks.pinned, &jwks.template);
-            jwks.busy.store(false, Ordering::Release);
-            read
-        });
-        let reason = match tokio::time::timeout(JWKS_READ_TIMEOUT, read).await {
-            Ok(Ok(Ok((keys, skipped)))) => {
+    /// Reads the set within [`JWKS_READ_TIMEOUT`] and installs its keys; a set that cannot be
+    /// read or no longer parses keeps the keys already loaded. The caller holds `reading`.
+    async fn read(self: &Arc<Self>, why: Reread) -> bool {
+        let loaded = match &self.origin {
+            Origin::File(path) => {
+                if self.busy.swap(true, Ordering::AcqRel) {
+                    tracing::warn!(
+                        source = %self.origin,
+                        "the previous JWKS read has not finished; keeping the keys already loaded"
+                    );
+                    return false;
+                }
+                self.rereads.fetch_add(1, Ordering::Relaxed);
+                self.read_file(path.clone()).await
+            }
+            Origin::Remote(provider) => {
+                self.rereads.fetch_add(1, Ordering::Relaxed);
+                match tokio::time::timeout(JWKS_READ_TIMEOUT, provider.fetch()).await {
+                    Ok(Ok(fetched)) => parse_jwks(&fetched.body, &self.pinned, &self.template)
+                        .map(|(keys, skipped)| Loaded {
+                            keys,
+                            skipped,
+                            max_age: fetched.max_age,
+                        })
+                        .map_err(|reason| format!("{}: {reason}", fetched.url)),
+                    Ok(Err(failed)) => Err(failed.to_string()),
+                    Err(_) => Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")),
+                }
+            }
+        };
+        match loaded {
+            Ok(Loaded {
+                keys,
+                skipped,
+                max_age,
+            }) => {
+                let ttl = match &self.origin {
+                    Origin::File(_) => self.default_ttl,
+                    Origin::Remote(_) => max_age
+                        .unwrap_or(self.default_ttl)
+                        .clamp(JWKS_MIN_TTL, JWKS_MAX_TTL),
+                };
+                self.ttl_ms.store(millis(ttl), Ordering::Relaxed);
                 tracing::info!(
-                    path = %self.path.display(),
+                    source = %self.origin,
                     keys = keys.len(),
                     skipped,
                     ?why,
-                    "re-read the JWKS file"
+                    ?ttl,
+                    "read the JWKS"
                 );
                 *self.keys.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(keys);
-                return;
+                true
             }
-            Ok(Ok(Err(reason))) => reason,
-            Ok(Err(panicked)) => format!("the read failed: {panicked}"),
-            Err(_) => format!("no answer within {JWKS_READ_TIMEOUT:?}"),
-        };
-        tracing::warn!(
-            path = %self.path.display(),
-            %reason,
-            ?why,
-            "the JWKS file could not be re-read; keeping the keys already loaded"
-        );
+            Err(reason) => {
+                tracing::warn!(
+                    source = %self.origin,
+                    %reason,
+                    ?why,
+                    "the JWKS could not be read; keeping the keys already loaded"
+                );
+                false
+            }
+        }
     }
+
+    /// Reads the file on a blocking thread; the caller has set `busy`.
+    async fn read_file(self: &Arc<Self>, path: PathBuf) -> Result<Loaded, String> {
+        let jwks = Arc::clone(self);
+        let read = tokio::task::spawn_blocking(move || {
+            let read = read_jwks(&path, &jwks.pinned, &jwks.template);
+            jwks.busy.store(false, Ordering::Release);
+            read
+        });
+        match tokio::time::timeout(JWKS_READ_TIMEOUT, read).await {
+            Ok(Ok(Ok((keys, skipped)))) => Ok(Loaded {
+                keys,
+                skipped,
+                max_age: None,
+            }),
+            Ok(Ok(Err(reason))) => Err(reason),
+            Ok(Err(panicked)) => Err(format!("the read failed: {panicked}")),
+            Err(_) => Err(format!("no answer within {JWKS_READ_TIMEOUT:?}")),
+        }
+    }
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 impl fmt::Debug for Authenticator {
@@ -555,11 +745,9 @@ impl fmt::Debug for Authenticator {
         };
         let source = match &verifier.keys {
             KeySource::Fixed(keys) => format!("{} fixed key(s)", keys.len()),
-            KeySource::Jwks(jwks) => format!(
-                "JWKS {} (re-read every {:?})",
-                jwks.path.display(),
-                jwks.ttl
-            ),
+            KeySource::Jwks(jwks) => {
+                format!("JWKS {} (read again after {:?})", jwks.origin, jwks.ttl())
+            }
         };
         f.debug_struct("Authenticator")
             .field("keys", &source)
@@ -590,15 +778,13 @@ impl Authenticator {
                 );
                 return Ok(Self::insecure());
             }
-            return Err(settings_error(
-                "no key source: give --auth-hs256-secret-file, --auth-public-key or \
-                 --auth-jwks-file, or --insecure-no-auth"
-                    .to_owned(),
-            ));
+            return Err(settings_error(format!(
+                "no key source: give {KEY_SOURCE_FLAGS}, or --insecure-no-auth"
+            )));
         };
         let pinned = settings.algorithms();
         // check() made sure both are present.
-        let issuer = settings.auth_issuer.as_deref().unwrap_or_default();
+        let issuer = settings.issuer().unwrap_or_default();
         let audience = settings.auth_audience.as_deref().unwrap_or_default();
         let template = validation_template(issuer, audience, settings.auth_leeway_secs);
         let keys = match source {
@@ -628,16 +814,24 @@ impl Authenticator {
                          pinned algorithm are ignored"
                     );
                 }
-                KeySource::Jwks(Arc::new(Jwks {
-                    path: path.to_owned(),
-                    pinned: pinned.clone(),
+                KeySource::Jwks(Arc::new(Jwks::new(
+                    Origin::File(path.to_owned()),
+                    keys,
+                    pinned.clone(),
                     template,
-                    ttl: Duration::from_secs(settings.auth_jwks_ttl_secs),
-                    keys: RwLock::new(Arc::new(keys)),
-                    reading: tokio::sync::Mutex::new(None),
-                    busy: Arc::default(),
-                    rereads: AtomicU64::new(0),
-                }))
+                    Duration::from_secs(settings.auth_jwks_ttl_secs),
+                )))
+            }
+            // check() made sure these are https URLs.
+            SourceKind::JwksUrl(url) => {
+                let client = jwks_client(settings.auth_jwks_ca_file.as_deref())?;
+                let provider = Provider::jwks_url(client, url).map_err(settings_error)?;
+                remote_jwks(provider, settings, &pinned, template)
+            }
+            SourceKind::OidcIssuer(issuer) => {
+                let client = jwks_client(settings.auth_jwks_ca_file.as_deref())?;
+                let provider = Provider::oidc_issuer(client, issuer).map_err(settings_error)?;
+                remote_jwks(provider, settings, &pinned, template)
             }
         };
         let times = TimeRules {
@@ -747,8 +941,11 @@ impl Authenticator {
         }
     }
 
-    /// Re-reads a JWKS file every `--auth-jwks-ttl-secs` until `shutdown`, so a key removed
-    /// from the file stops verifying within that time; returns at once for other key sources.
+    /// Reads a JWKS again whenever its keys' time is up (a file every `--auth-jwks-ttl-secs`,
+    /// a URL for its `Cache-Control` max-age), until `shutdown`, so a removed key stops
+    /// verifying within that time; a URL's first fetch is at once. A failed read is tried
+    /// again within [`JWKS_REREAD_INTERVAL`], keeping the keys already loaded. Returns at once
+    /// for other key sources.
     ///
     /// # Cancel safety
     /// Cancel safe.
@@ -756,15 +953,25 @@ impl Authenticator {
         let Some(KeySource::Jwks(jwks)) = self.verifier.as_deref().map(|v| &v.keys) else {
             return;
         };
+        let mut wait = if jwks.is_empty() {
+            Duration::ZERO
+        } else {
+            jwks.ttl()
+        };
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(jwks.ttl) => {}
+                () = tokio::time::sleep(wait) => {}
             }
-            tokio::select! {
+            let read = tokio::select! {
                 () = shutdown.cancelled() => return,
-                () = jwks.refresh() => {}
-            }
+                read = jwks.refresh() => read,
+            };
+            wait = if read {
+                jwks.ttl()
+            } else {
+                jwks.ttl().min(JWKS_REREAD_INTERVAL)
+            };
         }
     }
 
@@ -1265,22 +1472,35 @@ fn read_jwks(
     pinned: &[Algorithm],
     template: &Validation,
 ) -> Result<(KeyMap, usize), String> {
-    #[derive(Deserialize)]
-    struct RawSet {
-        keys: Vec<serde_json::Value>,
-    }
     let bytes = read_public_file(path).map_err(|e| match e {
         AuthSetupError::KeyFile { reason, .. } => reason,
         other => other.to_string(),
     })?;
-    let set: RawSet = serde_json::from_slice(&bytes).map_err(|e| {
-        format!(
-            "not a JWKS ({{\"keys\": [...]}}): {:?} error at line {} column {}",
-            e.classify(),
-            e.line(),
-            e.column()
-        )
-    })?;
+    parse_jwks(&bytes, pinned, template)
+}
+
+/// Where a JSON document fails to parse, without quoting it.
+fn json_error(error: &serde_json::Error) -> String {
+    format!(
+        "{:?} error at line {} column {}",
+        error.classify(),
+        error.line(),
+        error.column()
+    )
+}
+
+/// The usable keys of a JWKS document and how many were skipped.
+fn parse_jwks(
+    bytes: &[u8],
+    pinned: &[Algorithm],
+    template: &Validation,
+) -> Result<(KeyMap, usize), String> {
+    #[derive(Deserialize)]
+    struct RawSet {
+        keys: Vec<serde_json::Value>,
+    }
+    let set: RawSet = serde_json::from_slice(bytes)
+        .map_err(|e| format!("not a JWKS ({{\"keys\": [...]}}): {}", json_error(&e)))?;
     let mut keys = KeyMap::new();
     let mut skipped = 0;
     for value in set.keys {
@@ -1299,6 +1519,43 @@ fn read_jwks(
         ));
     }
     Ok((keys, skipped))
+}
+
+/// The key set served at `target`, empty until its first fetch: that is the refresh task's
+/// first step (or that of a call before it), so the process starts while the identity
+/// provider is down, and refuses every token until a fetch succeeds.
+fn remote_jwks(
+    provider: Provider,
+    settings: &AuthSettings,
+    pinned: &[Algorithm],
+    template: Validation,
+) -> KeySource {
+    let origin = Origin::Remote(provider);
+    tracing::info!(source = %origin, "token keys come from the identity provider");
+    KeySource::Jwks(Arc::new(Jwks::new(
+        origin,
+        KeyMap::new(),
+        pinned.to_vec(),
+        template,
+        Duration::from_secs(settings.auth_jwks_ttl_secs),
+    )))
+}
+
+/// The HTTPS client for a JWKS URL or an issuer: the process's shared client, or with
+/// `--auth-jwks-ca-file` one that trusts only that file's certificates.
+fn jwks_client(ca_file: Option<&Path>) -> Result<reqwest::Client, AuthSetupError> {
+    let Some(path) = ca_file else {
+        return crate::connectors::http::client()
+            .map_err(|e| AuthSetupError::Client(e.to_string()));
+    };
+    let pem = read_public_file(path)?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| key_file_error(path, format!("not PEM certificates: {}", error_chain(&e))))?;
+    if roots.is_empty() {
+        return Err(key_file_error(path, "holds no PEM certificate"));
+    }
+    crate::connectors::http::client_trusting(roots)
+        .map_err(|e| AuthSetupError::Client(e.to_string()))
 }
 
 fn jwks_key(
@@ -2615,5 +2872,155 @@ mod tests {
                 .await
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn identity_provider_flags_need_https_and_fit_the_other_flags() {
+        let oidc = settings(&[
+            "--auth-oidc-issuer",
+            "https://idp.example/realms/x/",
+            "--auth-audience",
+            "dsreg",
+        ])
+        .unwrap();
+        oidc.check().unwrap();
+        assert_eq!(oidc.issuer(), Some("https://idp.example/realms/x/"));
+        assert_eq!(oidc.algorithms(), [Algorithm::RS256]);
+        let explicit = settings(&[
+            "--auth-oidc-issuer",
+            "https://idp.example",
+            "--auth-issuer",
+            "other",
+            "--auth-audience",
+            "dsreg",
+        ])
+        .unwrap();
+        assert_eq!(explicit.issuer(), Some("other"));
+        settings(&[
+            "--auth-jwks-url",
+            "https://idp.example/keys",
+            "--auth-issuer",
+            "i",
+            "--auth-audience",
+            "a",
+            "--auth-jwks-ca-file",
+            "ca.pem",
+        ])
+        .unwrap()
+        .check()
+        .unwrap();
+
+        let wrong: [(&[&str], &str); 7] = [
+            (
+                &[
+                    "--auth-jwks-url",
+                    "http://idp.example/keys",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                ],
+                "must be an https:// URL",
+            ),
+            (
+                &[
+                    "--auth-jwks-url",
+                    "https://u:p@idp.example/keys",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                ],
+                "must not carry credentials",
+            ),
+            (
+                &["--auth-oidc-issuer", "idp.example", "--auth-audience", "a"],
+                "--auth-oidc-issuer \"idp.example\": is not a URL",
+            ),
+            (
+                &[
+                    "--auth-jwks-url",
+                    "https://idp.example/keys",
+                    "--auth-audience",
+                    "a",
+                ],
+                "--auth-issuer is required with --auth-jwks-url",
+            ),
+            (
+                &[
+                    "--auth-oidc-issuer",
+                    "https://idp.example",
+                    "--auth-jwks-file",
+                    "j",
+                ],
+                "not both --auth-jwks-file and --auth-oidc-issuer",
+            ),
+            (
+                &[
+                    "--auth-jwks-file",
+                    "j",
+                    "--auth-issuer",
+                    "i",
+                    "--auth-audience",
+                    "a",
+                    "--auth-jwks-ca-file",
+                    "c",
+                ],
+                "--auth-jwks-ca-file is for --auth-jwks-url or --auth-oidc-issuer",
+            ),
+            (
+                &["--auth-jwks-ca-file", "c"],
+                "--auth-jwks-ca-file needs a key source",
+            ),
+        ];
+        for (args, needle) in wrong {
+            let err = settings(args).unwrap().check().unwrap_err().to_string();
+            assert!(err.contains(needle), "{args:?}: {err}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_provider_source_starts_without_keys_and_a_bad_ca_file_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = |ca: &Path| {
+            settings(&[
+                "--auth-jwks-url",
+                "https://idp.example/keys",
+                "--auth-issuer",
+                ISSUER,
+                "--auth-audience",
+                AUDIENCE,
+                "--auth-algorithms",
+                "ES256",
+                "--auth-jwks-ca-file",
+                ca.to_str().unwrap(),
+            ])
+            .unwrap()
+        };
+        let junk = dir.path().join("ca.pem");
+        std::fs::write(&junk, "not a certificate\n").unwrap();
+        let err = Authenticator::from_settings(&args(&junk))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&junk.display().to_string()), "{err}");
+        assert!(err.contains("certificate"), "{err}");
+        let missing = dir.path().join("missing.pem");
+        let err = Authenticator::from_settings(&args(&missing))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&missing.display().to_string()), "{err}");
+
+        // Without a CA file: the system's roots; no fetch before the first call or tick.
+        let mut plain = args(&junk);
+        plain.auth_jwks_ca_file = None;
+        let auth = Authenticator::from_settings(&plain).unwrap();
+        assert_eq!(auth.jwks_rereads(), 0);
+        let token = sign(
+            Algorithm::ES256,
+            &ec_signer("ec-private.pem"),
+            Some("k1"),
+            &claims_for(Role::Admin),
+        );
+        assert_unauthenticated(auth.authenticate_now(Some(&bearer(&token))), "kid");
     }
 }

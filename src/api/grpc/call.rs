@@ -26,7 +26,7 @@ pub struct Call {
     pub principal: Principal,
     /// The method (`PublishVersion`).
     pub method: &'static str,
-    /// The incoming W3C `traceparent`, when well formed.
+    /// The incoming W3C `traceparent`, when well formed, in the form this service writes.
     pub incoming_trace: Option<String>,
     /// The context of the RPC span the call runs in, when spans are exported.
     pub span: Option<opentelemetry::trace::SpanContext>,
@@ -51,8 +51,7 @@ impl Call {
         let incoming_trace = metadata
             .get("traceparent")
             .and_then(|v| v.to_str().ok())
-            .filter(|v| crate::telemetry::valid_traceparent(v))
-            .map(str::to_owned);
+            .and_then(crate::telemetry::normalized_traceparent);
         let timeout = metadata
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
@@ -244,7 +243,7 @@ pub async fn finish<T>(
                 action = call.method,
                 actor = %call.principal.subject,
                 resource = %audit.resource,
-                version = ?audit.version,
+                version = audit.version,
                 "change committed"
             );
             Ok(value)

@@ -175,7 +175,7 @@ impl DatasourcesService {
             Err(problems) => {
                 let problems: Vec<_> = problems
                     .into_iter()
-                    .filter(|p| secrets.is_some() || !p.field.starts_with("secrets."))
+                    .filter(|p| secrets.is_some() || p.missing_secret.is_none())
                     .collect();
                 if problems.is_empty() {
                     Ok(())
@@ -189,13 +189,17 @@ impl DatasourcesService {
 
 fn config_violations(code: tonic::Code, problems: Vec<crate::connectors::ConfigError>) -> Status {
     let mut details = tonic_types::ErrorDetails::new();
+    let path = |field: &str| match field {
+        "" => "config_json".to_owned(),
+        f => format!("config_json.{f}"),
+    };
     let message = problems
         .iter()
-        .map(|p| format!("config_json.{}: {}", p.field, p.reason))
+        .map(|p| format!("{}: {}", path(&p.field), p.reason))
         .collect::<Vec<_>>()
         .join("; ");
     for p in problems {
-        details.add_bad_request_violation(format!("config_json.{}", p.field), p.reason);
+        details.add_bad_request_violation(path(&p.field), p.reason);
     }
     <Status as tonic_types::StatusExt>::with_error_details(code, message, details)
 }

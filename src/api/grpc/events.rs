@@ -40,8 +40,18 @@ impl EventsService {
                 format!("{} types; at most {MAX_TYPES}", types.len()),
             ));
         }
-        if let Some(bad) = types.iter().find(|t| t.is_empty() || t.len() > 64) {
-            return Err(invalid("types", format!("{bad:?} is not an event type")));
+        if let Some(bad) = types
+            .iter()
+            .find(|t| !crate::domain::EVENT_TYPES.contains(&t.as_str()))
+        {
+            let shown: String = bad.chars().take(64).collect();
+            return Err(invalid(
+                "types",
+                format!(
+                    "{shown:?} is not an event type; one of {}",
+                    crate::domain::EVENT_TYPES.join(", ")
+                ),
+            ));
         }
         let datasource = match datasource_id {
             "" => None,
@@ -116,14 +126,14 @@ impl pb::events_server::Events for EventsService {
     ) -> Result<Response<EventStream>, Status> {
         let call = Call::of(&request, "WatchEvents")?;
         let r = request.into_inner();
-        if r.after_id < 0 {
+        if r.after_id.is_some_and(|id| id < 0) {
             return Err(invalid("after_id", "must not be negative"));
         }
         let slot = self.0.streams.open(&call.principal)?;
         let filter = self.filter(&call, &r.datasource_id, r.types).await?;
         let ctx = self.0.clone();
-        let start = if r.after_id > 0 {
-            r.after_id
+        let start = if let Some(after) = r.after_id {
+            after
         } else {
             // Only new events: start after the newest id taken so far.
             let client = call::client(&ctx.pool).await?;

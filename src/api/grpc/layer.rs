@@ -275,8 +275,7 @@ fn denial_of<B>(request: &http::Request<B>, denied: &Denied) -> Denial {
         .headers()
         .get("traceparent")
         .and_then(|v| v.to_str().ok())
-        .and_then(trace_id_of)
-        .map(str::to_owned);
+        .and_then(trace_id_of);
     Denial {
         actor: denied.subject().unwrap_or("anonymous").to_owned(),
         action: method_name(path).to_owned(),
@@ -288,30 +287,10 @@ fn denial_of<B>(request: &http::Request<B>, denied: &Denied) -> Denial {
     }
 }
 
-/// The trace id of a W3C `traceparent` (`00-<32 hex>-<16 hex>-<2 hex>`), if well formed:
-/// lowercase hex, ids not all zero, version not `ff`; later versions may append fields.
-fn trace_id_of(traceparent: &str) -> Option<&str> {
-    let value = traceparent.trim();
-    let bytes = value.as_bytes();
-    let is_hex = |s: &[u8]| s.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-    if bytes.len() < 55 || bytes[2] != b'-' || bytes[35] != b'-' || bytes[52] != b'-' {
-        return None;
-    }
-    let (version, trace_id, parent_id, flags) =
-        (&bytes[..2], &bytes[3..35], &bytes[36..52], &bytes[53..55]);
-    let well_formed = is_hex(version)
-        && version != b"ff"
-        && is_hex(trace_id)
-        && trace_id.iter().any(|b| *b != b'0')
-        && is_hex(parent_id)
-        && parent_id.iter().any(|b| *b != b'0')
-        && is_hex(flags)
-        && (if version == b"00" {
-            bytes.len() == 55
-        } else {
-            bytes.len() == 55 || bytes[55] == b'-'
-        });
-    well_formed.then(|| &value[3..35])
+/// The trace id of a well-formed W3C `traceparent`, as the one trace-context parser reads it.
+fn trace_id_of(traceparent: &str) -> Option<String> {
+    let sc = crate::telemetry::span_context(traceparent, None);
+    sc.is_valid().then(|| sc.trace_id().to_string())
 }
 
 #[cfg(test)]
@@ -604,9 +583,9 @@ mod tests {
     #[test]
     fn trace_ids_come_only_from_well_formed_traceparents() {
         let good = format!("00-{TRACE_ID}-00f067aa0ba902b7-01");
-        assert_eq!(trace_id_of(&good), Some(TRACE_ID));
+        assert_eq!(trace_id_of(&good).as_deref(), Some(TRACE_ID));
         assert_eq!(
-            trace_id_of(&format!("01-{TRACE_ID}-00f067aa0ba902b7-01-future")),
+            trace_id_of(&format!("01-{TRACE_ID}-00f067aa0ba902b7-01-future")).as_deref(),
             Some(TRACE_ID)
         );
         for bad in [

@@ -1,7 +1,8 @@
 //! What one caller may hold of the gRPC port: open streams per principal ([`StreamSlots`])
 //! and handlers running at once across the process ([`ConcurrencyLayer`]); with the HTTP/2
 //! per-connection stream limit (set on the server), a flood of streams or calls from one
-//! client leaves room for everyone else. Nothing here runs in the background.
+//! client leaves room for everyone else; and the size of a request's headers
+//! ([`HeaderSizeLayer`]). Nothing here runs in the background.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -152,6 +153,78 @@ where
             let _turn = permits.acquire_owned().await;
             handler.await
         })
+    }
+}
+
+/// A tower layer that answers RESOURCE_EXHAUSTED, on its own call, to a request whose
+/// headers (counted as HTTP/2 counts a header list: name, value and 32 bytes a field) exceed
+/// a limit: the transport admits much larger header lists so that they get an answer rather
+/// than a closed connection, and this keeps what a handler sees small.
+#[derive(Debug, Clone, Copy)]
+pub struct HeaderSizeLayer {
+    max: usize,
+}
+
+impl HeaderSizeLayer {
+    /// Header lists of at most `max` bytes pass.
+    pub fn new(max: usize) -> Self {
+        Self { max }
+    }
+}
+
+impl<S> tower_layer::Layer<S> for HeaderSizeLayer {
+    type Service = HeaderSize<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        HeaderSize {
+            inner,
+            max: self.max,
+        }
+    }
+}
+
+/// The service of [`HeaderSizeLayer`].
+#[derive(Debug, Clone)]
+pub struct HeaderSize<S> {
+    inner: S,
+    max: usize,
+}
+
+/// The size of `headers` as HTTP/2 counts a header list (RFC 9113, 6.5.2).
+pub fn header_list_size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
+impl<S, B, R> Service<http::Request<B>> for HeaderSize<S>
+where
+    S: Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    R: Default + Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = BoxFuture<Result<http::Response<R>, S::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let size = header_list_size(request.headers());
+        if size > self.max {
+            let max = self.max;
+            return Box::pin(async move {
+                Ok(Status::resource_exhausted(format!(
+                    "the request's headers are {size} bytes; at most {max} are accepted"
+                ))
+                .into_http())
+            });
+        }
+        Box::pin(self.inner.call(request))
     }
 }
 

@@ -14,6 +14,7 @@ pub mod datasources;
 pub mod events;
 pub mod feed;
 pub mod harness;
+pub mod idp;
 pub mod layer;
 pub mod lifecycle;
 pub mod limits;
@@ -53,11 +54,25 @@ pub mod pb {
 /// refused before they are buffered.
 pub const MAX_MESSAGE_BYTES: usize = 2 * 1024 * 1024;
 
-/// The largest HTTP/2 header list a request may send: above the longest token the auth layer
-/// reads (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED,
-/// audited) rather than by the transport. Far larger header blocks trip HTTP/2's own flood
-/// guard, which closes the connection.
-pub const MAX_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// The largest header list a call may carry: above the longest token the auth layer reads
+/// (8 KiB), so an oversized `authorization` is refused on its call (UNAUTHENTICATED, audited);
+/// larger lists are answered RESOURCE_EXHAUSTED on their call
+/// ([`limits::HeaderSizeLayer`]).
+pub const MAX_HEADER_LIST_BYTES: usize = 64 * 1024;
+
+/// The largest header list the HTTP/2 transport decodes: beyond it (up to four times it) the
+/// stream is refused (HTTP 431 and REFUSED_STREAM) and the connection serves on; beyond four
+/// times it, HTTP/2's abuse guard closes the connection. So an 8 MB header is refused on its
+/// stream, not by closing the connection with every call on it.
+pub const TRANSPORT_HEADER_LIST_BYTES: u32 = 4 * 1024 * 1024;
+
+/// The largest HTTP/2 frame a client may send. HTTP/2's CONTINUATION flood guard allows a
+/// header block five continuation frames after its first (at these limits), and clients cut
+/// header blocks at the frame size the server announces: at 2 MiB a frame, header blocks up to
+/// 12 MiB get an answer on their stream. A connection decodes one header block at a time, so
+/// this bounds what one connection can make the server hold for headers (flow control keeps
+/// bounding data frames).
+pub const MAX_FRAME_BYTES: u32 = 2 * 1024 * 1024;
 
 /// How often gRPC health re-checks readiness.
 const READINESS_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
@@ -180,13 +195,13 @@ pub async fn serve(
         inner: tonic_health::server::HealthService::from_health_reporter(health.clone()),
         shutdown: shutdown.clone(),
     });
-    health
-        .set_service_status("", tonic_health::ServingStatus::Serving)
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+    set_health(&health, tonic_health::ServingStatus::Serving).await;
+    let reflection = reflection_builder()
         .build_v1()
-        .expect("the build's own descriptor set is valid");
+        .expect("the build's own descriptor sets are valid");
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .expect("the build's own descriptor sets are valid");
     // Health follows readiness (checked every second) until shutdown, then NOT_SERVING.
     let draining = {
         let shutdown = shutdown.clone();
@@ -212,14 +227,12 @@ pub async fn serve(
                             } else {
                                 tracing::info!("ready again: gRPC health SERVING");
                             }
-                            health.set_service_status("", status).await;
+                            set_health(&health, status).await;
                         }
                     }
                 }
             }
-            health
-                .set_service_status("", tonic_health::ServingStatus::NotServing)
-                .await;
+            set_health(&health, tonic_health::ServingStatus::NotServing).await;
         }
     };
     macro_rules! service {
@@ -231,15 +244,18 @@ pub async fn serve(
     }
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
-        .http2_max_header_list_size(MAX_HEADER_LIST_BYTES)
+        .http2_max_header_list_size(TRANSPORT_HEADER_LIST_BYTES)
+        .max_frame_size(MAX_FRAME_BYTES)
         .layer(trace::TraceLayer)
         .layer(metrics::RpcMetricsLayer::new(metrics))
+        .layer(limits::HeaderSizeLayer::new(MAX_HEADER_LIST_BYTES))
         .layer(layer::AuthLayer::new(auth, sink))
         .layer(limits::ConcurrencyLayer::new(
             ctx.rpc_limits.concurrent_calls,
         ))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(service!(
             registry_server::RegistryServer,
             RegistryService(ctx.clone())
@@ -279,6 +295,42 @@ pub async fn serve(
             draining,
         )
         .await
+}
+
+/// The `dsreg.v1` services of the port, by their full names: gRPC health answers for each of
+/// them as for `""` (the whole server), and all follow readiness together.
+pub const SERVICE_NAMES: &[&str] = &[
+    pb::registry_server::SERVICE_NAME,
+    pb::datasources_server::SERVICE_NAME,
+    pb::lifecycle_server::SERVICE_NAME,
+    pb::harness_server::SERVICE_NAME,
+    pb::events_server::SERVICE_NAME,
+    pb::secrets_server::SERVICE_NAME,
+    pb::audit_server::SERVICE_NAME,
+    pb::catalog_server::SERVICE_NAME,
+];
+
+/// Sets the health of the server (`""`) and of every service in [`SERVICE_NAMES`] at once.
+async fn set_health(
+    health: &tonic_health::server::HealthReporter,
+    status: tonic_health::ServingStatus,
+) {
+    health.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        health.set_service_status(*name, status).await;
+    }
+}
+
+/// What reflection describes, for both its v1 and its v1alpha service (grpcurl and the stock
+/// Python client ask v1alpha): the `dsreg.v1` services, health and reflection itself, so that
+/// both versions list the same services.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET)
+        .include_reflection_service(false)
 }
 
 /// The standard health service, except that `Watch` streams end at shutdown (after telling

@@ -10,6 +10,9 @@ use super::call::{self, Call};
 use super::datasources::{Check, live, on_datasource, visible};
 use super::status::{self, invalid};
 use super::{Ctx, convert, pb};
+use crate::db::repository::datasources::Datasource;
+use crate::db::repository::secrets as repo;
+use crate::db::repository::versions;
 use crate::secrets::{MAX_SECRET_BYTES, SecretMeta, SecretString, Secrets};
 
 /// The service.
@@ -34,6 +37,44 @@ fn meta(m: SecretMeta) -> pb::SecretMeta {
         created_at: Some(convert::timestamp(m.created_at)),
         rotated_at: m.rotated_at.map(convert::timestamp),
     }
+}
+
+/// A warning when the published version of `ds` still needs the secret `name` just deleted
+/// (the kind's own check of its config against the secrets that are left), else empty.
+async fn still_required(
+    ctx: &Ctx,
+    tx: &tokio_postgres::Transaction<'_>,
+    ds: &Datasource,
+    name: &str,
+) -> Result<String, Status> {
+    let Some(version) = ds.current_version else {
+        return Ok(String::new());
+    };
+    let published = versions::get(tx, ds.id, version)
+        .await
+        .map_err(status::db)?;
+    let left = repo::names(tx, &[ds.id])
+        .await
+        .map_err(status::db)?
+        .remove(&ds.id)
+        .unwrap_or_default();
+    let needed = ctx
+        .catalog
+        .check(&ds.kind, &published.config, &left, &ctx.limits)
+        .err()
+        .is_some_and(|problems| {
+            problems
+                .iter()
+                .any(|p| p.missing_secret.as_deref() == Some(name))
+        });
+    Ok(if needed {
+        format!(
+            "published version {version} needs secret {name}: its worker keeps the credentials it holds, \
+             but cannot be restarted or reloaded until the secret is put back"
+        )
+    } else {
+        String::new()
+    })
 }
 
 #[tonic::async_trait]
@@ -79,15 +120,22 @@ impl pb::secrets_server::Secrets for SecretsService {
         let r = request.into_inner();
         let id = convert::id("datasource_id", &r.datasource_id)?;
         let secrets = self.secrets()?.clone();
-        let deleted = on_datasource(&self.0.pool, &call, id, async |tx, _ds, audit| {
+        let ctx = self.0.clone();
+        let (deleted, warning) = on_datasource(&self.0.pool, &call, id, async |tx, ds, audit| {
             audit.diff = Some(serde_json::json!({ "secret": r.name, "value": "deleted" }));
-            secrets
+            let deleted = secrets
                 .delete(tx, id, &r.name)
                 .await
-                .map_err(status::secrets)
+                .map_err(status::secrets)?;
+            let warning = if deleted {
+                still_required(&ctx, tx, &ds, &r.name).await?
+            } else {
+                String::new()
+            };
+            Ok((deleted, warning))
         })
         .await?;
-        Ok(Response::new(pb::DeleteSecretResponse { deleted }))
+        Ok(Response::new(pb::DeleteSecretResponse { deleted, warning }))
     }
 
     async fn list_secrets(

@@ -1,21 +1,21 @@
-//! The RPC span: every `dsreg.v1` call runs inside a span named after its method, a child of
-//! the caller's W3C `traceparent` when it sent one, so a gateway's trace continues here (and,
-//! through the event a publish writes, into the reconcile and the worker restart).
+//! The RPC span: every `dsreg.v1` call runs inside a `tracing` span that follows
+//! OpenTelemetry's RPC conventions (`rpc.system`, `rpc.service`, `rpc.method`,
+//! `rpc.grpc.status_code`, `server.address`, `network.peer.address`), named after its method
+//! and a child of the caller's W3C `traceparent` / `tracestate` when it sent them, so a
+//! gateway's trace continues here (and, through the event a publish writes, into the
+//! reconcile and the worker restart).
 //!
-//! Two spans serve it. A `tracing` span holds the call's fields for its log lines; when spans
-//! are exported, a compact OpenTelemetry span ([`crate::telemetry::rpc`]) is what the collector
-//! receives, and its context is attached while the call's future runs, so the spans and events
-//! made inside continue its trace.
+//! It is a span like every other: its log lines carry its fields, and when spans are exported
+//! the `tracing-opentelemetry` layer turns it into the call's server span, with the spans made
+//! inside the call as its children. The span ends when the call is answered (a stream's
+//! messages follow on their own).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tonic::codegen::http;
-
-use tracing::Instrument;
-
-use crate::telemetry::rpc::OpenSpan;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 /// Wraps the gRPC router so each call runs in its RPC span.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,26 +47,106 @@ fn span_name(path: &str) -> Option<&'static str> {
     Some(super::auth::known_path(path).map_or(UNKNOWN, |p| &p[1..]))
 }
 
-/// The `tracing` span of a call to the RPC named `name`: the fields its log lines carry.
-fn log_span(name: &'static str) -> tracing::Span {
+/// The address of the peer of `request`, as the transport knows it.
+fn peer_of<B>(request: &http::Request<B>) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    let extensions = request.extensions();
+    extensions
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr)
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(|info| info.get_ref().remote_addr())
+        })
+}
+
+/// The RPC span of `request`, a call to the RPC named `name`.
+fn rpc_span<B>(name: &'static str, request: &http::Request<B>) -> tracing::Span {
     // `dsreg.v1.Service`, `Method`.
     let (service, method) = name.rsplit_once('/').unwrap_or((name, ""));
-    tracing::info_span!(
+    let server = request.uri().host().or_else(|| {
+        request
+            .headers()
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .map(|host| host.rsplit_once(':').map_or(host, |(h, _)| h))
+    });
+    let peer = peer_of(request);
+    let span = tracing::info_span!(
         target: crate::telemetry::otel::RPC_TARGET,
         "rpc",
+        otel.name = name,
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
         rpc.service = service,
         rpc.method = method,
+        rpc.grpc.status_code = tracing::field::Empty,
+        server.address = server,
+        network.peer.address = peer.map(|p| tracing::field::display(p.ip())),
+        network.peer.port = peer.map(|p| p.port()),
         trace_id = tracing::field::Empty,
+    );
+    if !span.is_disabled() && request.headers().contains_key("traceparent") {
+        let _ = span.set_parent(crate::telemetry::context_of_headers(request.headers()));
+    }
+    span
+}
+
+/// A call's RPC span, ended with the call's status code when the call is answered, or as
+/// `CANCELLED` when the call is dropped unanswered (the caller went away).
+#[derive(Debug)]
+struct CallSpan {
+    span: tracing::Span,
+    answered: bool,
+}
+
+impl CallSpan {
+    fn answered(mut self, code: tonic::Code) {
+        record(&self.span, code);
+        self.answered = true;
+    }
+}
+
+impl Drop for CallSpan {
+    fn drop(&mut self) {
+        if !self.answered {
+            record(&self.span, tonic::Code::Cancelled);
+        }
+    }
+}
+
+/// Records a call's status code on its span; a code the server is to blame for makes the
+/// span an error (OpenTelemetry's RPC conventions).
+fn record(span: &tracing::Span, code: tonic::Code) {
+    span.record("rpc.grpc.status_code", code as i64);
+    if server_failed(code) {
+        span.record("otel.status_code", "error");
+    }
+}
+
+/// Whether a server answering with `code` failed, rather than its caller.
+fn server_failed(code: tonic::Code) -> bool {
+    use tonic::Code;
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
     )
 }
 
 pin_project_lite::pin_project! {
-    /// A call's future, run inside its spans; the OpenTelemetry span ends when it completes
-    /// or is dropped.
+    /// A call's future, run inside its span; the span ends when the call is answered or the
+    /// future is dropped.
     pub struct TracedFuture<F> {
         #[pin]
-        inner: tracing::instrument::Instrumented<F>,
-        span: Option<OpenSpan>,
+        inner: F,
+        span: Option<CallSpan>,
     }
 }
 
@@ -78,13 +158,13 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let attached = this.span.as_ref().map(|s| s.context().clone().attach());
-        let polled = this.inner.poll(cx);
-        drop(attached);
+        let polled = match this.span.as_ref() {
+            Some(call) => call.span.in_scope(|| this.inner.poll(cx)),
+            None => this.inner.poll(cx),
+        };
         if let Poll::Ready(answer) = &polled
             && let Some(span) = this.span.take()
         {
-            // Ends the span: the call is answered (a stream's messages follow on their own).
             span.answered(code(answer));
         }
         polled
@@ -121,18 +201,19 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let Some(name) = span_name(request.uri().path()) else {
             return TracedFuture {
-                inner: self.inner.call(request).instrument(tracing::Span::none()),
+                inner: self.inner.call(request),
                 span: None,
             };
         };
-        let traceparent = request
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok());
-        let span = crate::telemetry::rpc::start(name, traceparent);
+        let span = rpc_span(name, &request);
+        // The inner services (auth, limits, the method) start inside the span.
+        let inner = span.in_scope(|| self.inner.call(request));
         TracedFuture {
-            inner: self.inner.call(request).instrument(log_span(name)),
-            span,
+            inner,
+            span: Some(CallSpan {
+                span,
+                answered: false,
+            }),
         }
     }
 }
@@ -160,5 +241,22 @@ mod tests {
             span_name(&format!("/dsreg.v1.{}", "x".repeat(10_000))),
             Some(UNKNOWN)
         );
+    }
+
+    #[test]
+    fn a_call_the_server_failed_is_an_error_and_one_the_caller_got_wrong_is_not() {
+        use tonic::Code;
+        for code in [
+            Code::Ok,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::InvalidArgument,
+            Code::Cancelled,
+        ] {
+            assert!(!server_failed(code), "{code:?}");
+        }
+        for code in [Code::Unavailable, Code::Internal, Code::Unknown] {
+            assert!(server_failed(code), "{code:?}");
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! 202 is answered only once every record is committed or dead-lettered, with the counts of
 //! each (`written` counts output records, after the transform).
 //!
-//! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 404 for every id
+//! Answers: 202 accepted, 400 malformed body, 401 bad or missing signature, 409 a delivery id
+//! already accepted (by any instance: ids are claimed in Postgres), 404 for every id
 //! that is not a webhook running here (missing, another kind, disabled, stopped: one answer),
 //! 413 over the size limit, 415 wrong content type, 429 inbox full (with `Retry-After`), 503
 //! the worker stopped while the delivery was in hand.
@@ -20,6 +21,7 @@ use uuid::Uuid;
 
 use super::HttpState;
 use crate::connectors::webhook::Refusal;
+use crate::db::repository::deliveries;
 
 /// How long a delivery may wait for its commit before the sender is told to retry.
 const COMMIT_WAIT: Duration = Duration::from_secs(30);
@@ -40,9 +42,9 @@ pub(super) async fn ingest(
     // Every id that is not a webhook running here gets the same answer, without a database
     // read: a sender cannot tell a missing id from another kind, a disabled datasource or
     // another tenant's.
-    let Some(inbox) = Uuid::parse_str(&datasource)
+    let Some((datasource, inbox)) = Uuid::parse_str(&datasource)
         .ok()
-        .and_then(|id| state.ingress.inbox(id))
+        .and_then(|id| Some((id, state.ingress.inbox(id)?)))
     else {
         return answer(StatusCode::NOT_FOUND, NOT_A_WEBHOOK);
     };
@@ -83,12 +85,7 @@ pub(super) async fn ingest(
                 "the signature's timestamp is outside the tolerance window",
             );
         }
-        Err(Refusal::Replayed) => {
-            return answer(
-                StatusCode::CONFLICT,
-                "this delivery id was already accepted",
-            );
-        }
+        Err(Refusal::Replayed) => return replayed(),
         Err(Refusal::Busy) => {
             return answer(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -97,9 +94,60 @@ pub(super) async fn ingest(
         }
         Err(_) => return answer(StatusCode::UNAUTHORIZED, "missing or invalid signature"),
     };
-    let records = match parse(&bytes, ndjson) {
+    // The id is this instance's now; it must also be no other instance's (a replay sent to
+    // another instance behind the same load balancer, or after the datasource moved).
+    let shared = match reserved.delivery_id() {
+        Some((id, expires_at)) => {
+            let claimed = match state.pool.get().await {
+                Ok(client) => deliveries::claim(&**client, datasource, id, expires_at).await,
+                Err(e) => Err(e.into()),
+            };
+            match claimed {
+                Ok(true) => Some(id.to_owned()),
+                Ok(false) => return replayed(),
+                Err(e) => {
+                    tracing::warn!(%datasource, error = %e, "cannot claim a webhook delivery id");
+                    return answer(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "the delivery id could not be checked; retry",
+                    );
+                }
+            }
+        }
+        None => None,
+    };
+    let (response, accepted) = deliver(&inbox, &bytes, ndjson, reserved).await;
+    if let (false, Some(id)) = (accepted, shared) {
+        // Not accepted: the sender may send it again, here or elsewhere.
+        let released = match state.pool.get().await {
+            Ok(client) => deliveries::release(&**client, datasource, &id).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = released {
+            tracing::warn!(%datasource, error = %e, "cannot release a webhook delivery id; it expires with its window");
+        }
+    }
+    response
+}
+
+fn replayed() -> Response {
+    answer(
+        StatusCode::CONFLICT,
+        "this delivery id was already accepted",
+    )
+}
+
+/// Parses the verified body and hands its records to the worker; answers when they are
+/// committed. True when the delivery was accepted (its id then stays seen).
+async fn deliver(
+    inbox: &crate::connectors::webhook::Inbox,
+    bytes: &[u8],
+    ndjson: bool,
+    reserved: crate::connectors::webhook::Reserved,
+) -> (Response, bool) {
+    let records = match parse(bytes, ndjson) {
         Ok(records) => records,
-        Err(reason) => return answer(StatusCode::BAD_REQUEST, &reason),
+        Err(reason) => return (answer(StatusCode::BAD_REQUEST, &reason), false),
     };
     let count = records.len();
     let committed = match inbox.offer(records) {
@@ -112,19 +160,22 @@ pub(super) async fn ingest(
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
-            return response;
+            return (response, false);
         }
         Err(_) => {
-            return answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the datasource's worker is not running",
+            return (
+                answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the datasource's worker is not running",
+                ),
+                false,
             );
         }
     };
     match tokio::time::timeout(COMMIT_WAIT, committed).await {
         Ok(Ok(Ok(outcome))) => {
             reserved.keep();
-            (
+            let response = (
                 StatusCode::ACCEPTED,
                 axum::Json(json!({
                     "accepted": count,
@@ -132,11 +183,15 @@ pub(super) async fn ingest(
                     "dead_lettered": outcome.dead_lettered,
                 })),
             )
-                .into_response()
+                .into_response();
+            (response, true)
         }
-        _ => answer(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the records were not committed; retry",
+        _ => (
+            answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the records were not committed; retry",
+            ),
+            false,
         ),
     }
 }

@@ -12,9 +12,9 @@ use super::GenericClient;
 use super::typed;
 use crate::db::Error;
 
-const COLUMNS: &str = "id, datasource_id, type, version, actor, payload, traceparent, xid::text::bigint AS xid, created_at";
+const COLUMNS: &str = "id, datasource_id, type, version, actor, payload, traceparent, traceparent_invalid, xid::text::bigint AS xid, created_at";
 /// [`COLUMNS`] of `datasource_events ev` in a join.
-const EV_COLUMNS: &str = "ev.id, ev.datasource_id, ev.type, ev.version, ev.actor, ev.payload, ev.traceparent, ev.xid::text::bigint AS xid, ev.created_at";
+const EV_COLUMNS: &str = "ev.id, ev.datasource_id, ev.type, ev.version, ev.actor, ev.payload, ev.traceparent, ev.traceparent_invalid, ev.xid::text::bigint AS xid, ev.created_at";
 
 /// One outbox / history row.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,6 +33,8 @@ pub struct Event {
     pub payload: serde_json::Value,
     /// The W3C trace context of the writing transaction.
     pub traceparent: Option<String>,
+    /// Whether the writer set a trace context that was dropped as malformed.
+    pub traceparent_invalid: bool,
     /// The writing transaction's id.
     pub xid: i64,
     /// When it was written.
@@ -49,6 +51,7 @@ impl Event {
             actor: row.get("actor"),
             payload: row.get("payload"),
             traceparent: row.get("traceparent"),
+            traceparent_invalid: row.get("traceparent_invalid"),
             xid: row.get("xid"),
             created_at: row.get("created_at"),
         }

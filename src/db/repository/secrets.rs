@@ -143,12 +143,20 @@ pub async fn delete(tx: &Transaction<'_>, datasource: Uuid, name: &str) -> Resul
     Ok(deleted)
 }
 
+/// Bumps the datasource's `secrets_generation` (the running worker's key includes it, so the
+/// supervisor rebuilds the worker with the new set) and writes `secret_changed`.
 async fn secret_changed(
     tx: &Transaction<'_>,
     datasource: Uuid,
     name: &str,
     op: &str,
 ) -> Result<(), Error> {
+    tx.execute(
+        "UPDATE datasource_state SET secrets_generation = secrets_generation + 1
+         WHERE datasource_id = $1",
+        &[&datasource],
+    )
+    .await?;
     events::append(
         tx,
         &[NewEvent {
@@ -175,6 +183,24 @@ pub async fn sealed(
             "SELECT datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint
              FROM datasource_secrets WHERE datasource_id = $1 ORDER BY name",
             &[&datasource],
+        )
+        .await?;
+    Ok(rows.iter().map(sealed_from_row).collect())
+}
+
+/// The sealed secrets of each of `datasources`, in one query, by datasource then name.
+///
+/// # Errors
+/// The query failed.
+pub async fn sealed_many(
+    client: &impl GenericClient,
+    datasources: &[Uuid],
+) -> Result<Vec<SealedSecret>, Error> {
+    let rows = client
+        .query(
+            "SELECT datasource_id, name, key_version, nonce, ciphertext, revision, fingerprint
+             FROM datasource_secrets WHERE datasource_id = ANY($1) ORDER BY datasource_id, name",
+            &[&datasources],
         )
         .await?;
     Ok(rows.iter().map(sealed_from_row).collect())

@@ -325,6 +325,9 @@ pub struct Desired {
     pub config: Option<serde_json::Value>,
     /// The last recorded worker status.
     pub worker_status: WorkerStatus,
+    /// The saved source position, read with the config (`None` without it, or when none is
+    /// saved).
+    pub source_cursor: Option<serde_json::Value>,
 }
 
 /// Which datasources [`desired`] reads.
@@ -345,14 +348,15 @@ pub enum Which<'a> {
 /// The columns [`desired`] reads; `$1` says whether the published config is read too.
 const DESIRED: &str =
     "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
-            v.config, s.worker_status, s.secrets_generation, d.org, d.project
+            v.config, s.worker_status, s.secrets_generation, d.org, d.project,
+            CASE WHEN $1 THEN s.source_cursor END
      FROM datasources d
      JOIN datasource_state s ON s.datasource_id = d.id
      LEFT JOIN datasource_versions v
             ON $1 AND v.datasource_id = d.id AND v.version = d.current_version";
 
-/// The desired state of the datasources `which` names, with the published configs when
-/// `with_config`. One query, whatever the number.
+/// The desired state of the datasources `which` names, with the published configs and the
+/// saved source positions when `with_config`. One query, whatever the number.
 ///
 /// # Errors
 /// The query failed.
@@ -400,6 +404,7 @@ pub async fn desired(
                 secrets_generation: r.get(8),
                 org: r.get(9),
                 project: r.get(10),
+                source_cursor: r.get(11),
             })
         })
         .collect()

@@ -144,18 +144,28 @@ pub async fn update_draft(
         .query_opt(
             &format!(
                 "UPDATE datasource_versions SET config = $3, comment = $4
-                 WHERE datasource_id = $1 AND version = $2
+                 WHERE datasource_id = $1 AND version = $2 AND state = 'draft'
                  RETURNING {COLUMNS}"
             ),
             &[&datasource, &version, config, &comment],
         )
         .await
-        .map_err(|e| map_error(e, datasource, Some(version)))?
-        .ok_or(Error::VersionNotFound {
-            datasource,
-            version,
-        })?;
-    Version::from_row(&row)
+        .map_err(|e| map_error(e, datasource, Some(version)))?;
+    match row {
+        Some(row) => Version::from_row(&row),
+        // Not a draft (its comment too is part of what was published), or not there at all.
+        None => {
+            let existing = get(tx, datasource, version).await?;
+            Err(Error::VersionNotDraft {
+                datasource,
+                version,
+                reason: format!(
+                    "is {}; only a draft can be edited (create a new version instead)",
+                    existing.state.as_str()
+                ),
+            })
+        }
+    }
 }
 
 /// Reads one version.
