@@ -25,6 +25,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
+use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -135,6 +136,10 @@ pub async fn migrate_with(url: &str, bounds: &db::ConnectOptions) -> anyhow::Res
 pub struct App {
     http: TcpListener,
     grpc: TcpListener,
+    /// The HTTP port's TLS; plaintext when `None`.
+    http_tls: Option<Arc<ServerTls>>,
+    /// The gRPC port's TLS; plaintext when `None`.
+    grpc_tls: Option<Arc<ServerTls>>,
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
@@ -195,6 +200,8 @@ impl App {
         crate::connectors::http::prepare().await;
         let secrets = secrets_service(settings).await?;
         let auth = authenticator(settings)?;
+        let grpc_tls = server_tls(settings.grpc_tls(), ALPN_H2).await?;
+        let http_tls = server_tls(settings.http_tls(), ALPN_HTTP1).await?;
         let bounds = settings.connect_options();
         let schema_version = migrate_with(url, &bounds).await?;
         let pool = db::pool_with(url, &bounds, settings.pool_size, settings.pool_wait())?;
@@ -219,11 +226,13 @@ impl App {
             .with_context(|| format!("binding the gRPC port {}", settings.grpc_addr))?;
         let advertise = match &settings.advertise_addr {
             Some(addr) => addr.clone(),
-            None => format!("http://{}", grpc.local_addr()?),
+            None => grpc_url(grpc.local_addr()?, grpc_tls.is_some()),
         };
         Ok(Self {
             http,
             grpc,
+            http_tls,
+            grpc_tls,
             pool,
             control,
             renewal,
@@ -271,6 +280,21 @@ impl App {
         self.grpc
             .local_addr()
             .expect("a bound listener has an address")
+    }
+
+    /// The gRPC port's URL: `https://` when it speaks TLS, `http://` otherwise.
+    pub fn grpc_url(&self) -> String {
+        grpc_url(self.grpc_addr(), self.grpc_tls.is_some())
+    }
+
+    /// Whether the gRPC port speaks TLS.
+    pub fn grpc_is_tls(&self) -> bool {
+        self.grpc_tls.is_some()
+    }
+
+    /// Whether the HTTP port speaks TLS.
+    pub fn http_is_tls(&self) -> bool {
+        self.http_tls.is_some()
     }
 
     /// This process's instance id.
@@ -421,6 +445,7 @@ impl App {
         };
         let http = tracker.spawn(api::http::serve(
             self.http,
+            self.http_tls,
             api::http::router(http_state),
             shutdown.child_token(),
         ));
@@ -460,6 +485,7 @@ impl App {
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,
+            self.grpc_tls,
             grpc_ctx,
             self.auth,
             self.metrics,
@@ -489,6 +515,31 @@ impl App {
         self.renewal.close();
         served
     }
+}
+
+/// `https://addr` for a TLS port, `http://addr` for a plaintext one.
+fn grpc_url(addr: SocketAddr, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{addr}")
+}
+
+/// A port's TLS from its files (read on a blocking thread), or `None` for plaintext.
+///
+/// # Errors
+/// Inconsistent options, or files that do not load.
+async fn server_tls(
+    files: Result<Option<TlsFiles>, String>,
+    alpn: &'static [u8],
+) -> anyhow::Result<Option<Arc<ServerTls>>> {
+    let Some(files) = files.map_err(anyhow::Error::msg)? else {
+        return Ok(None);
+    };
+    let option = files.option;
+    let tls = tokio::task::spawn_blocking(move || ServerTls::load(files, &[alpn]))
+        .await
+        .context("TLS loader task")?
+        .with_context(|| format!("loading the {option}-* files"))?;
+    Ok(Some(tls))
 }
 
 /// The secrets service for `settings`: keys from `--master-keys`, `--master-key-file`, a key
@@ -643,11 +694,18 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
             Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
             None => "DATABASE_URL".to_owned(),
         };
-        tracing::info!(http = %app.http_addr(), grpc = %app.grpc_addr(), database = %where_db, "dsreg serving");
+        tracing::info!(
+            http = %app.http_addr(),
+            http_tls = app.http_is_tls(),
+            grpc = %app.grpc_addr(),
+            grpc_tls = app.grpc_is_tls(),
+            database = %where_db,
+            "dsreg serving"
+        );
         if database.cluster.is_some() {
             // Where the command-line client finds the embedded default's server.
             let path = settings.data_dir.join(GRPC_ADDR_FILE);
-            if let Err(e) = std::fs::write(&path, format!("http://{}\n", app.grpc_addr())) {
+            if let Err(e) = std::fs::write(&path, format!("{}\n", app.grpc_url())) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot record the gRPC address for the client");
             }
         }

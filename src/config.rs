@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::api::grpc::limits::RpcLimits;
+use crate::api::tls::TlsFiles;
 use crate::connectors::sink::Target;
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
@@ -34,6 +35,34 @@ pub struct Settings {
     /// Address of the gRPC port.
     #[arg(long, env = "DSREG_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// The gRPC port's TLS certificate chain (PEM, leaf first); with `--grpc-tls-key` the
+    /// port speaks TLS only. Re-read when the file changes. Plaintext when unset.
+    #[arg(long, env = "DSREG_GRPC_TLS_CERT", value_name = "PATH")]
+    pub grpc_tls_cert: Option<PathBuf>,
+
+    /// The gRPC port's TLS private key (PEM). Re-read when the file changes.
+    #[arg(long, env = "DSREG_GRPC_TLS_KEY", value_name = "PATH")]
+    pub grpc_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) gRPC clients' certificates must be signed by: mutual TLS, a
+    /// client without such a certificate is refused at the handshake.
+    #[arg(long, env = "DSREG_GRPC_TLS_CLIENT_CA", value_name = "PATH")]
+    pub grpc_tls_client_ca: Option<PathBuf>,
+
+    /// The HTTP port's TLS certificate chain (PEM, leaf first); with `--http-tls-key` the port
+    /// (health, readiness, metrics, webhooks) speaks HTTPS only. Plaintext when unset.
+    #[arg(long, env = "DSREG_HTTP_TLS_CERT", value_name = "PATH")]
+    pub http_tls_cert: Option<PathBuf>,
+
+    /// The HTTP port's TLS private key (PEM).
+    #[arg(long, env = "DSREG_HTTP_TLS_KEY", value_name = "PATH")]
+    pub http_tls_key: Option<PathBuf>,
+
+    /// CA certificates (PEM) HTTP clients' certificates must be signed by (mutual TLS on the
+    /// HTTP port: probes and webhook senders need a certificate too).
+    #[arg(long, env = "DSREG_HTTP_TLS_CLIENT_CA", value_name = "PATH")]
+    pub http_tls_client_ca: Option<PathBuf>,
 
     /// Connections in the database pool; by default three per CPU (4 to 64): more connections
     /// than the machine can run at once only queue inside Postgres.
@@ -263,6 +292,29 @@ pub struct Settings {
     pub grpc_max_concurrent_calls: usize,
 }
 
+/// One port's TLS files from its three options (named `<option>-cert`, `-key`, `-client-ca`).
+fn tls_files(
+    option: &'static str,
+    cert: Option<&PathBuf>,
+    key: Option<&PathBuf>,
+    client_ca: Option<&PathBuf>,
+) -> Result<Option<TlsFiles>, String> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            option,
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.cloned(),
+        })),
+        (None, None) if client_ca.is_none() => Ok(None),
+        (None, None) => Err(format!(
+            "{option}-client-ca needs {option}-cert and {option}-key (mutual TLS is TLS)"
+        )),
+        (Some(_), None) => Err(format!("{option}-cert needs {option}-key")),
+        (None, Some(_)) => Err(format!("{option}-key needs {option}-cert")),
+    }
+}
+
 /// An instance id: 1 to 128 letters, digits, `.`, `_`, `-` or `:`.
 fn instance_id(value: &str) -> Result<String, String> {
     let ok = (1..=128).contains(&value.len())
@@ -354,6 +406,32 @@ impl Settings {
         settings.http_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings.grpc_addr = SocketAddr::from(([127, 0, 0, 1], 0));
         settings
+    }
+
+    /// The gRPC port's TLS files; `None` for plaintext.
+    ///
+    /// # Errors
+    /// A certificate without a key, a key without a certificate, or a client CA without both.
+    pub fn grpc_tls(&self) -> Result<Option<TlsFiles>, String> {
+        tls_files(
+            "--grpc-tls",
+            self.grpc_tls_cert.as_ref(),
+            self.grpc_tls_key.as_ref(),
+            self.grpc_tls_client_ca.as_ref(),
+        )
+    }
+
+    /// The HTTP port's TLS files; `None` for plaintext.
+    ///
+    /// # Errors
+    /// As [`Settings::grpc_tls`].
+    pub fn http_tls(&self) -> Result<Option<TlsFiles>, String> {
+        tls_files(
+            "--http-tls",
+            self.http_tls_cert.as_ref(),
+            self.http_tls_key.as_ref(),
+            self.http_tls_client_ca.as_ref(),
+        )
     }
 
     /// The limits of the gRPC port.
@@ -526,6 +604,8 @@ impl Settings {
             return Err(format!("{flag} must be positive"));
         }
         self.sink_target()?;
+        self.grpc_tls()?;
+        self.http_tls()?;
         self.auth.check().map_err(|e| e.to_string())?;
         if self.crash_loop_failures == 0 {
             return Err("--crash-loop-failures must be positive".into());
@@ -586,6 +666,40 @@ mod tests {
                 .unwrap_err()
                 .contains("--db-keepalive-idle-ms")
         );
+    }
+
+    #[test]
+    fn tls_options_come_in_pairs_and_mutual_tls_needs_tls() {
+        let parse = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(std::iter::once("dsreg").chain(args.iter().copied())).unwrap();
+            cli.settings
+        };
+        assert_eq!(parse(&[]).grpc_tls(), Ok(None));
+        let both = parse(&["--grpc-tls-cert", "c.pem", "--grpc-tls-key", "k.pem"]);
+        let files = both.grpc_tls().unwrap().unwrap();
+        assert_eq!(
+            (files.cert, files.key, files.client_ca),
+            ("c.pem".into(), "k.pem".into(), None)
+        );
+        assert_eq!(both.http_tls(), Ok(None));
+        for (args, refusal) in [
+            (
+                &["--grpc-tls-cert", "c.pem"][..],
+                "--grpc-tls-cert needs --grpc-tls-key",
+            ),
+            (
+                &["--http-tls-key", "k.pem"],
+                "--http-tls-key needs --http-tls-cert",
+            ),
+            (
+                &["--http-tls-client-ca", "ca.pem"],
+                "--http-tls-client-ca needs --http-tls-cert",
+            ),
+        ] {
+            let error = parse(args).check().unwrap_err();
+            assert!(error.contains(refusal), "{args:?}: {error}");
+        }
     }
 
     #[test]

@@ -1,7 +1,12 @@
 //! Where the registry is, which token goes with every call, and the connected [`Client`].
 //!
 //! The server address, first found: `--server`, `DSREG_SERVER`, then `<data-dir>/grpc.addr`
-//! (written by a local `dsreg serve` at start-up). The token, first found: `--token-file`,
+//! (written by a local `dsreg serve` at start-up). An `https://` server is reached over TLS,
+//! verified against the system's root certificates, or only against `--ca-file`
+//! (`DSREG_CA_FILE`) when given; `--client-cert`/`--client-key` (`DSREG_CLIENT_CERT`,
+//! `DSREG_CLIENT_KEY`) present a client certificate to a server that asks for one. Those
+//! options with an `http://` server are refused rather than ignored (the calls would be
+//! plaintext). The token, first found: `--token-file`,
 //! `DSREG_TOKEN`, `DSREG_TOKEN_FILE`, then `<data-dir>/auth/admin.token`, the local
 //! registry's admin token, sent only to the address in `<data-dir>/grpc.addr` so it never
 //! leaves for another server. A token is never taken from argv (it would show in `ps` and
@@ -15,7 +20,7 @@ use anyhow::{Context, bail};
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use zeroize::Zeroizing;
 
 use super::error::CallError;
@@ -25,6 +30,12 @@ use crate::secrets::SecretString;
 
 /// Environment variable naming the server (`http://127.0.0.1:50051`).
 pub const SERVER_ENV: &str = "DSREG_SERVER";
+/// Environment variable naming the CA certificates (PEM) to verify an `https://` server with.
+pub const CA_FILE_ENV: &str = "DSREG_CA_FILE";
+/// Environment variable naming the client certificate (PEM) for mutual TLS.
+pub const CLIENT_CERT_ENV: &str = "DSREG_CLIENT_CERT";
+/// Environment variable naming the client certificate's private key (PEM).
+pub const CLIENT_KEY_ENV: &str = "DSREG_CLIENT_KEY";
 /// Environment variable holding the bearer token itself.
 pub const TOKEN_ENV: &str = "DSREG_TOKEN";
 /// Environment variable naming a file that holds the bearer token.
@@ -45,10 +56,25 @@ const DEADLINE_SLACK: Duration = Duration::from_secs(5);
 /// subcommand (`dsreg datasource --server URL list` and `dsreg datasource list --server URL`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct ClientArgs {
-    /// The registry's gRPC URL, `http://host:port` [env: DSREG_SERVER] (default: the address
-    /// a local `dsreg serve` wrote to <data-dir>/grpc.addr).
+    /// The registry's gRPC URL, `http://host:port` or `https://host:port` (TLS) [env:
+    /// DSREG_SERVER] (default: the address a local `dsreg serve` wrote to
+    /// <data-dir>/grpc.addr).
     #[arg(long, global = true, value_name = "URL")]
     pub server: Option<String>,
+
+    /// CA certificates (PEM) an `https://` server's certificate must chain to, instead of the
+    /// system's root certificates [env: DSREG_CA_FILE].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub ca_file: Option<PathBuf>,
+
+    /// A client certificate (PEM) for a server that requires one (mutual TLS), with
+    /// `--client-key` [env: DSREG_CLIENT_CERT].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub client_cert: Option<PathBuf>,
+
+    /// The client certificate's private key (PEM) [env: DSREG_CLIENT_KEY].
+    #[arg(long, global = true, value_name = "PATH")]
+    pub client_key: Option<PathBuf>,
 
     /// A file holding the bearer token [env: DSREG_TOKEN_FILE]. Tokens are never taken on the
     /// command line: use this, or DSREG_TOKEN. Default: the local registry's
@@ -110,10 +136,12 @@ impl std::fmt::Display for Origin {
 /// A resolved server and token.
 #[derive(Debug)]
 pub struct Target {
-    /// The server's URL, `http://host:port`.
+    /// The server's URL, `http://host:port` or `https://host:port`.
     pub url: String,
     /// Where the URL came from.
     pub url_from: Origin,
+    /// How to reach an `https://` server; `None` for `http://`.
+    pub tls: Option<ClientTls>,
     /// The bearer token, if any (redacted in `Debug`).
     pub token: Option<SecretString>,
     /// Where the token came from.
@@ -149,6 +177,7 @@ pub fn resolve(args: &ClientArgs, env: impl Fn(&str) -> Option<String>) -> anyho
             addr_file.display()
         );
     };
+    let tls = client_tls(args, &env, &url, &url_from)?;
     let local_url = local.as_deref().and_then(|s| normalize_url(s).ok());
     let (token, token_from) = if let Some(path) = &args.token_file {
         (Some(read_token(path)?), Some(Origin::Flag("--token-file")))
@@ -172,29 +201,98 @@ pub fn resolve(args: &ClientArgs, env: impl Fn(&str) -> Option<String>) -> anyho
     Ok(Target {
         url,
         url_from,
+        tls,
         token,
         token_from,
     })
 }
 
-/// `http://host:port` from what a person typed: `host:port` gets `http://`, a trailing `/` is
-/// dropped; other schemes are refused (this client speaks plaintext HTTP/2; put a
-/// TLS-terminating proxy in front for anything else).
+/// The TLS files of a client: where the roots come from and the client certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientTls {
+    /// CA certificates (PEM) to trust instead of the system's roots, and where the path came
+    /// from.
+    pub ca_file: Option<(PathBuf, Origin)>,
+    /// The client certificate and key (PEM) for mutual TLS.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+/// The TLS settings for `url`: flags first, then the environment. `None` for `http://`,
+/// where any TLS option is refused (it would be silently unused).
+fn client_tls(
+    args: &ClientArgs,
+    env: &impl Fn(&str) -> Option<String>,
+    url: &str,
+    url_from: &Origin,
+) -> anyhow::Result<Option<ClientTls>> {
+    let pick = |flag: &Option<PathBuf>, name: &'static str, var: &'static str| {
+        flag.clone()
+            .map(|path| (path, Origin::Flag(name)))
+            .or_else(|| env(var).map(|path| (PathBuf::from(path), Origin::Env(var))))
+    };
+    let ca_file = pick(&args.ca_file, "--ca-file", CA_FILE_ENV);
+    let cert = pick(&args.client_cert, "--client-cert", CLIENT_CERT_ENV);
+    let key = pick(&args.client_key, "--client-key", CLIENT_KEY_ENV);
+    if url.starts_with("http://") {
+        if let Some((_, origin)) = [&ca_file, &cert, &key].into_iter().flatten().next() {
+            bail!(
+                "{origin} is set but the server {url} (from {url_from}) is plaintext: use \
+                 https://host:port for a TLS server, or unset {origin}"
+            );
+        }
+        return Ok(None);
+    }
+    let identity = match (cert, key) {
+        (Some((cert, _)), Some((key, _))) => Some((cert, key)),
+        (None, None) => None,
+        (Some((_, origin)), None) => bail!("{origin} needs --client-key ({CLIENT_KEY_ENV})"),
+        (None, Some((_, origin))) => bail!("{origin} needs --client-cert ({CLIENT_CERT_ENV})"),
+    };
+    Ok(Some(ClientTls { ca_file, identity }))
+}
+
+impl ClientTls {
+    /// The tonic configuration: the roots and the client certificate read from their files.
+    ///
+    /// # Errors
+    /// A file that cannot be read (named with its option; the contents are never shown).
+    fn config(&self) -> anyhow::Result<ClientTlsConfig> {
+        let read = |path: &Path, what: &str| {
+            std::fs::read(path).with_context(|| format!("reading the {what} {}", path.display()))
+        };
+        let mut config = ClientTlsConfig::new();
+        config = match &self.ca_file {
+            Some((path, origin)) => config.ca_certificate(Certificate::from_pem(read(
+                path,
+                &format!("CA file ({origin})"),
+            )?)),
+            None => config.with_native_roots(),
+        };
+        if let Some((cert, key)) = &self.identity {
+            let cert = read(cert, "client certificate")?;
+            let key = Zeroizing::new(read(key, "client key")?);
+            config = config.identity(Identity::from_pem(cert, &*key));
+        }
+        Ok(config)
+    }
+}
+
+/// `http://host:port` or `https://host:port` from what a person typed: `host:port` gets
+/// `http://`, a trailing `/` is dropped; other schemes are refused.
 ///
 /// # Errors
-/// An empty, `https://` or otherwise unusable address.
+/// An empty or otherwise unusable address.
 pub fn normalize_url(raw: &str) -> anyhow::Result<String> {
     let raw = raw.trim();
     if raw.is_empty() {
         bail!("the server address is empty");
     }
     let url = match raw.split_once("://") {
-        Some(("http", _)) => raw.to_owned(),
-        Some(("https", _)) => bail!(
-            "{raw}: this client speaks plaintext gRPC (http://) only; reach a TLS endpoint \
-             through a local proxy"
+        Some(("http" | "https", _)) => raw.to_owned(),
+        Some((scheme, _)) => bail!(
+            "{raw}: unsupported scheme {scheme:?}; use http://host:port, or https://host:port \
+             for TLS"
         ),
-        Some((scheme, _)) => bail!("{raw}: unsupported scheme {scheme:?}; use http://host:port"),
         None => format!("http://{raw}"),
     };
     let url = url.trim_end_matches('/').to_owned();
@@ -297,7 +395,13 @@ impl Client {
     /// The server cannot be reached (the message names the address and where it came from).
     pub async fn connect(target: &Target) -> anyhow::Result<Self> {
         let auth = Auth::new(target.token.as_ref())?;
-        let endpoint = Endpoint::from_shared(target.url.clone())?
+        let mut endpoint = Endpoint::from_shared(target.url.clone())?;
+        if let Some(tls) = &target.tls {
+            endpoint = endpoint
+                .tls_config(tls.config()?)
+                .context("the TLS settings")?;
+        }
+        let endpoint = endpoint
             .connect_timeout(CONNECT_TIMEOUT)
             .tcp_nodelay(true)
             // Watches idle for long stretches; pings notice a dead connection so the watch
@@ -433,6 +537,9 @@ mod tests {
     fn args(dir: &Path) -> ClientArgs {
         ClientArgs {
             server: None,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
             token_file: None,
             data_dir: dir.to_owned(),
             output: Output::Table,
@@ -578,14 +685,68 @@ mod tests {
             "http://127.0.0.1:50051"
         );
         assert_eq!(normalize_url(" http://h:1/ ").unwrap(), "http://h:1");
-        assert!(
-            normalize_url("https://h:1")
-                .unwrap_err()
-                .to_string()
-                .contains("plaintext")
-        );
+        assert_eq!(normalize_url("https://h:1/").unwrap(), "https://h:1");
         assert!(normalize_url("ftp://h:1").is_err());
         assert!(normalize_url("").is_err());
+    }
+
+    #[test]
+    fn tls_options_follow_flags_then_environment_and_only_apply_to_https() {
+        let dir = data_dir("https://127.0.0.1:50051", Some("admin-token"));
+        let mut a = args(dir.path());
+        let t = resolve(&a, env(&[])).unwrap();
+        assert_eq!(
+            t.tls,
+            Some(ClientTls {
+                ca_file: None,
+                identity: None
+            })
+        );
+        assert_eq!(
+            token(&t),
+            Some("admin-token"),
+            "the local registry over TLS"
+        );
+
+        let t = resolve(
+            &a,
+            env(&[
+                (CA_FILE_ENV, "/env/ca.pem"),
+                (CLIENT_CERT_ENV, "/env/c.pem"),
+                (CLIENT_KEY_ENV, "/env/k.pem"),
+            ]),
+        )
+        .unwrap();
+        let tls = t.tls.unwrap();
+        assert_eq!(
+            tls.ca_file,
+            Some(("/env/ca.pem".into(), Origin::Env(CA_FILE_ENV)))
+        );
+        assert_eq!(
+            tls.identity,
+            Some(("/env/c.pem".into(), "/env/k.pem".into()))
+        );
+
+        a.ca_file = Some("/flag/ca.pem".into());
+        let t = resolve(&a, env(&[(CA_FILE_ENV, "/env/ca.pem")])).unwrap();
+        assert_eq!(
+            t.tls.unwrap().ca_file,
+            Some(("/flag/ca.pem".into(), Origin::Flag("--ca-file")))
+        );
+
+        a.client_cert = Some("/flag/c.pem".into());
+        let error = resolve(&a, env(&[])).unwrap_err().to_string();
+        assert!(error.contains("--client-key"), "{error}");
+
+        let plain = data_dir("http://127.0.0.1:50051", None);
+        let error = resolve(&args(plain.path()), env(&[(CA_FILE_ENV, "/env/ca.pem")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains(CA_FILE_ENV) && error.contains("plaintext"),
+            "{error}"
+        );
+        assert_eq!(resolve(&args(plain.path()), env(&[])).unwrap().tls, None);
     }
 
     #[test]

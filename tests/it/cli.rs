@@ -30,6 +30,9 @@ pub(crate) fn dsreg(data_dir: &Path) -> Command {
     for name in [
         "DATABASE_URL",
         "DSREG_SERVER",
+        "DSREG_CA_FILE",
+        "DSREG_CLIENT_CERT",
+        "DSREG_CLIENT_KEY",
         "DSREG_TOKEN",
         "DSREG_TOKEN_FILE",
         "DSREG_MASTER_KEYS",

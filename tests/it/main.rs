@@ -11,6 +11,7 @@ mod containment;
 mod control_plane;
 mod dead_peers;
 mod deploy;
+mod edge_tls;
 mod exfiltration;
 mod failover;
 mod files;

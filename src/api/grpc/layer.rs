@@ -259,6 +259,19 @@ fn permitted(principal: Principal, path: &str) -> Result<Principal, Denied> {
     Ok(principal)
 }
 
+/// The caller's address, over plaintext or TLS.
+pub fn peer_addr(extensions: &http::Extensions) -> Option<std::net::SocketAddr> {
+    use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+    extensions
+        .get::<TcpConnectInfo>()
+        .or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+        .and_then(TcpConnectInfo::remote_addr)
+}
+
 /// `PublishVersion` of `/dsreg.v1.Datasources/PublishVersion`.
 fn method_name(path: &str) -> &str {
     path.rsplit_once('/').map_or(path, |(_, method)| method)
@@ -266,11 +279,7 @@ fn method_name(path: &str) -> &str {
 
 fn denial_of<B>(request: &http::Request<B>, denied: &Denied) -> Denial {
     let path = request.uri().path();
-    let peer = request
-        .extensions()
-        .get::<tonic::transport::server::TcpConnectInfo>()
-        .and_then(|info| info.remote_addr())
-        .map(|addr| addr.to_string());
+    let peer = peer_addr(request.extensions()).map(|addr| addr.to_string());
     let trace_id = request
         .headers()
         .get("traceparent")

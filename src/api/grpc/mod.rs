@@ -176,12 +176,14 @@ impl pb::registry_server::Registry for RegistryService {
 }
 
 /// Serves the gRPC services on `listener` until `shutdown` is cancelled, counting every call
-/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins.
+/// in `metrics`; health reports NOT_SERVING as soon as shutdown begins. Over TLS with `tls`
+/// (only), plaintext without.
 ///
 /// # Errors
 /// The transport failed.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<crate::api::tls::ServerTls>>,
     ctx: Arc<Ctx>,
     auth: auth::Authenticator,
     metrics: crate::telemetry::metrics::Metrics,
@@ -242,7 +244,7 @@ pub async fn serve(
                 .max_encoding_message_size(MAX_MESSAGE_BYTES)
         };
     }
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .max_concurrent_streams(Some(ctx.rpc_limits.streams_per_connection))
         .http2_max_header_list_size(TRANSPORT_HEADER_LIST_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
@@ -287,14 +289,27 @@ pub async fn serve(
         .add_service(service!(
             catalog_server::CatalogServer,
             catalog::CatalogService(ctx.clone())
-        ))
-        .serve_with_incoming_shutdown(
-            // Small streamed messages (status and event watches) go out at once, not after
-            // a delayed acknowledgement.
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            draining,
-        )
-        .await
+        ));
+    match tls {
+        Some(tls) => {
+            // The accept loop sets TCP_NODELAY before the handshake, as below.
+            let incoming =
+                crate::api::tls::TlsIncoming::start(listener, tls, shutdown.child_token(), "grpc");
+            router
+                .serve_with_incoming_shutdown(incoming, draining)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(
+                    // Small streamed messages (status and event watches) go out at once, not
+                    // after a delayed acknowledgement.
+                    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    draining,
+                )
+                .await
+        }
+    }
 }
 
 /// The `dsreg.v1` services of the port, by their full names: gRPC health answers for each of

@@ -1,6 +1,7 @@
 //! The HTTP port: `/healthz` (the process is alive), `/readyz` (the database answers and the
 //! schema is migrated), `/metrics` (Prometheus, OpenMetrics text) and the webhook ingress
-//! `POST /ingest/{datasource_id}`. Served until the shutdown token is cancelled.
+//! `POST /ingest/{datasource_id}`. Served until the shutdown token is cancelled, over TLS when
+//! the port has a certificate (`--http-tls-*`).
 
 mod ingest;
 
@@ -15,6 +16,7 @@ use deadpool_postgres::Pool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::tls::{ServerTls, TlsIncoming};
 use crate::connectors::webhook::Ingress;
 use crate::telemetry::metrics::{self, Metrics};
 
@@ -82,16 +84,24 @@ async fn scrape(State(state): State<Arc<HttpState>>) -> Response {
     }
 }
 
-/// Serves `router` on `listener` until `shutdown` is cancelled.
+/// Serves `router` on `listener` until `shutdown` is cancelled: over TLS with `tls` (only),
+/// plaintext without.
 ///
 /// # Errors
 /// The listener failed.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<Arc<ServerTls>>,
     router: Router,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
+    if let Some(tls) = tls {
+        let incoming = TlsIncoming::start(listener, tls, shutdown.child_token(), "http");
+        return axum::serve(incoming, router)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    }
     // Small answers (202s, probes) go out at once, not after a delayed acknowledgement.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
