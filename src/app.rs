@@ -158,6 +158,8 @@ pub struct App {
     pub backoff: BackoffPolicy,
     /// How long a stopping worker gets before it is aborted.
     pub stop_deadline: Duration,
+    /// How old a transaction holding the outbox horizon may grow before the log names it.
+    pub horizon_warn_after: Duration,
     /// The LISTEN connection's settings.
     pub listener: ListenerConfig,
     /// The listener's counters.
@@ -250,6 +252,7 @@ impl App {
                 connect: bounds,
                 ..ListenerConfig::new(settings.listen_url(url))
             },
+            horizon_warn_after: Duration::from_millis(settings.outbox_horizon_warn_after_ms),
             listener_stats,
             notification_check: settings.notification_check(),
             metrics,
@@ -398,6 +401,13 @@ impl App {
             .run(signals.clone(), shutdown.child_token()),
         );
         tracker.spawn(listener.run(signals, shutdown.child_token()));
+        let pressure = crate::outbox::pressure::PressureWatch::new(
+            self.control.clone(),
+            self.horizon_warn_after,
+            Some(self.metrics.clone()),
+        );
+        let pressure_state = pressure.state();
+        tracker.spawn(pressure.run(shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));
         let fatal = Arc::new(api::ready::Fatal::default());
@@ -436,6 +446,7 @@ impl App {
             sink: sink_status,
             gauge: self.metrics.ready(),
             fatal,
+            pressure: pressure_state,
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),

@@ -245,6 +245,16 @@ pub struct Settings {
     #[arg(long, env = "DSREG_RESYNC_INTERVAL_MS", default_value_t = 30_000)]
     pub resync_interval_ms: u64,
 
+    /// How old the oldest open transaction of the database server (any database) may grow,
+    /// in milliseconds, before the log names it: while it is open, events committed after it
+    /// wait, so reloads and the event feed stall.
+    #[arg(
+        long,
+        env = "DSREG_OUTBOX_HORIZON_WARN_AFTER_MS",
+        default_value_t = 30_000
+    )]
+    pub outbox_horizon_warn_after_ms: u64,
+
     /// Worker heartbeat period, in milliseconds (each heartbeat is written 1,000 workers a
     /// statement, spread over a quarter of the period).
     #[arg(long, env = "DSREG_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]

@@ -46,6 +46,8 @@ pub struct Readiness {
     pub gauge: prometheus_client::metrics::gauge::Gauge,
     /// Set when an essential task ended unexpectedly.
     pub fatal: Arc<Fatal>,
+    /// What holds the outbox back (warnings, not failures).
+    pub pressure: Arc<crate::outbox::pressure::PressureState>,
 }
 
 impl Readiness {
@@ -57,6 +59,11 @@ impl Readiness {
         let result = self.probe().await;
         self.gauge.set(i64::from(result.is_ok()));
         result
+    }
+
+    /// What is worth an operator's attention while ready (a filling NOTIFY queue).
+    pub fn warnings(&self) -> Vec<String> {
+        self.pressure.warnings()
     }
 
     async fn probe(&self) -> Result<(), String> {
@@ -105,6 +112,7 @@ mod tests {
             sink: Default::default(),
             gauge: Default::default(),
             fatal: Arc::default(),
+            pressure: Arc::default(),
         };
         assert!(readiness.check().await.unwrap_err().contains("database"));
         readiness

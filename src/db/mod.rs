@@ -87,6 +87,11 @@ pub enum Error {
     /// A concurrent writer won; the operation can be retried.
     #[error("concurrent update conflict: {0}")]
     Conflict(String),
+    /// The transaction could not commit because the server's NOTIFY queue is full (a listening
+    /// session stopped reading); nothing of it was written, and it can be retried once the
+    /// queue drains.
+    #[error("the database's NOTIFY queue is full; the transaction was rolled back")]
+    NotifyQueueFull,
     /// The database cannot be reached or the pool is exhausted; retryable.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -104,7 +109,10 @@ pub enum Error {
 impl Error {
     /// Whether the same operation may succeed if retried later.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Conflict(_) | Error::Unavailable(_))
+        matches!(
+            self,
+            Error::Conflict(_) | Error::Unavailable(_) | Error::NotifyQueueFull
+        )
     }
 
     /// Whether the server refused the data itself, so the same rows fail the same way on
@@ -185,6 +193,30 @@ pub fn cause(e: &tokio_postgres::Error) -> String {
         cause = c.source();
     }
     out
+}
+
+/// Commits `tx`. A COMMIT refused with SQLSTATE 54000 (`program_limit_exceeded`) is the
+/// server's NOTIFY queue being full: Postgres queues a transaction's notifications at commit,
+/// before the commit is recorded, so the transaction rolled back whole.
+///
+/// # Errors
+/// [`Error::NotifyQueueFull`], or the commit's error.
+pub async fn commit(tx: tokio_postgres::Transaction<'_>) -> Result<(), Error> {
+    tx.commit().await.map_err(commit_error)
+}
+
+/// What a failed COMMIT means (see [`commit`]).
+pub fn commit_error(e: tokio_postgres::Error) -> Error {
+    match e.code() {
+        Some(code) if is_notify_queue_full(code) => Error::NotifyQueueFull,
+        _ => Error::from(e),
+    }
+}
+
+/// Whether a COMMIT refused with `code` was refused for a full NOTIFY queue: the limit a commit
+/// itself exceeds (the registry's schema has no deferred trigger that could raise 54000).
+fn is_notify_queue_full(code: &SqlState) -> bool {
+    *code == SqlState::PROGRAM_LIMIT_EXCEEDED
 }
 
 /// A failed connect to `target` as [`Error::Unavailable`] naming the server (host and port,

@@ -145,6 +145,13 @@ async fn connect(config: &ListenerConfig) -> Result<Listening, Error> {
     // keepalives for a peer gone silent while nothing is sent.
     let mut target = crate::db::Target::parse_with(&config.url, &config.connect)?;
     target.config.application_name("dsreg-listener");
+    // Notifications come from the primary only: unless the URL says otherwise, a multi-host
+    // URL (`host=a,b`) finds the read-write server, and after a failover the new one.
+    if !config.url.contains("target_session_attrs") {
+        target
+            .config
+            .target_session_attrs(tokio_postgres::config::TargetSessionAttrs::ReadWrite);
+    }
     let listening = listen_with(&target, CHANNEL).await?;
     listening
         .client

@@ -5,6 +5,7 @@
 pub mod activity;
 pub mod listener;
 pub mod notifications;
+pub mod pressure;
 pub mod reader;
 pub mod selftest;
 

@@ -6,12 +6,21 @@
 //! transaction below it had finished, so no new row can appear below it. Rows at or above it
 //! are read as soon as they are visible (low latency) and remembered until the horizon passes
 //! them, so each is returned exactly once.
+//!
+//! Transaction ids mean something on one server's history only. A standby promoted after its
+//! primary died reuses the xids the primary had handed out but never shipped, and a database
+//! restored from a dump carries rows whose xids the new cluster has not reached. So every read
+//! also names the server that answered (system identifier and timeline); when that changes, or
+//! the horizon goes backwards, the reader re-anchors on the server now answering (a new
+//! horizon, nothing remembered) and says so, and its caller catches up on the tables. Rows
+//! inherited from another cluster are fenced off once, when the reader anchors (see
+//! [`Fence`]), so they are never read, let alone on every read.
 
 use std::collections::HashMap;
 
 use crate::db::Error;
 use crate::db::repository::GenericClient;
-use crate::db::repository::events::{self, Event};
+use crate::db::repository::events::{self, Anchor, Event, Fence, ServerIdentity};
 
 /// Rows per query page.
 const PAGE: i64 = 1000;
@@ -20,9 +29,56 @@ const PAGE: i64 = 1000;
 #[derive(Debug)]
 pub struct OutboxReader {
     horizon: i64,
+    fence: Fence,
+    server: ServerIdentity,
     wakes_only: bool,
     /// Ids already returned whose transaction is at or above the horizon, with that xid.
     seen: HashMap<i64, i64>,
+    /// Rows the outbox query returned, over the reader's life.
+    rows_read: u64,
+}
+
+/// What one [`OutboxReader::read`] found.
+#[derive(Debug, Default)]
+pub struct Read {
+    /// The events that became visible since the last read, by id.
+    pub events: Vec<Event>,
+    /// Set when the server or its history changed since the last read: the reader started
+    /// over from the present, so whatever was committed before it is only in the tables.
+    pub reanchored: Option<Reanchored>,
+}
+
+/// Why a reader started over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reanchored {
+    /// Another server, or another timeline of it, answered (a failover, a restore).
+    ServerChanged {
+        /// The server of the last read.
+        from: ServerIdentity,
+        /// The server answering now.
+        to: ServerIdentity,
+    },
+    /// The snapshot horizon went backwards, which one server's history never does.
+    HorizonBackwards {
+        /// The cursor before.
+        from: i64,
+        /// The horizon the server reported.
+        to: i64,
+    },
+}
+
+impl std::fmt::Display for Reanchored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reanchored::ServerChanged { from, to } => {
+                write!(f, "the database server changed from {from} to {to}")
+            }
+            Reanchored::HorizonBackwards { from, to } => write!(
+                f,
+                "the transaction horizon went back from {from} to {to} (another server answered)"
+            ),
+        }
+    }
 }
 
 impl OutboxReader {
@@ -32,16 +88,19 @@ impl OutboxReader {
     /// # Errors
     /// The query failed.
     pub async fn from_now(client: &impl GenericClient) -> Result<Self, Error> {
-        Ok(Self::from_horizon(events::current_horizon(client).await?))
-    }
-
-    /// A reader that returns every event of transactions at or after `horizon`.
-    pub fn from_horizon(horizon: i64) -> Self {
-        Self {
+        let Anchor {
             horizon,
+            fence,
+            server,
+        } = events::anchor(client).await?;
+        Ok(Self {
+            horizon,
+            fence,
+            server,
             wakes_only: false,
             seen: HashMap::new(),
-        }
+            rows_read: 0,
+        })
     }
 
     /// Restricts the reader to events that call for a reconcile (not the workers' own).
@@ -55,7 +114,14 @@ impl OutboxReader {
         self.horizon
     }
 
-    /// Returns the events that became visible since the last read, by id.
+    /// Rows the outbox query returned so far (returned events, and rows already returned
+    /// once that a read passed over): what reading costs.
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read
+    }
+
+    /// Returns the events that became visible since the last read, by id; or, when another
+    /// server or timeline answers, none, having re-anchored on it.
     ///
     /// # Cancel safety
     /// Cancel safe: the cursor only moves after a complete read, so an interrupted read is
@@ -63,16 +129,27 @@ impl OutboxReader {
     ///
     /// # Errors
     /// The query failed; the cursor is unchanged.
-    pub async fn read(&mut self, client: &impl GenericClient) -> Result<Vec<Event>, Error> {
+    pub async fn read(&mut self, client: &impl GenericClient) -> Result<Read, Error> {
         let mut fresh = Vec::new();
         let mut after_id = 0;
         // The first page's snapshot is the oldest of the sweep, so its horizon is the one
         // every later page also honours.
         let mut sweep_horizon = None;
         loop {
-            let page =
-                events::read_safe(client, self.horizon, after_id, PAGE, self.wakes_only).await?;
+            let page = events::read_safe(
+                client,
+                self.horizon,
+                self.fence,
+                after_id,
+                PAGE,
+                self.wakes_only,
+            )
+            .await?;
+            if let Some(change) = self.changed(&page.server, page.horizon) {
+                return self.reanchor(client, change).await;
+            }
             sweep_horizon.get_or_insert(page.horizon);
+            self.rows_read += page.events.len() as u64;
             let full = page.events.len() as i64 == PAGE;
             if let Some(last) = page.events.last() {
                 after_id = last.id;
@@ -86,12 +163,104 @@ impl OutboxReader {
                 break;
             }
         }
-        let horizon = sweep_horizon.unwrap_or(self.horizon).max(self.horizon);
+        let horizon = sweep_horizon.unwrap_or(self.horizon);
         for event in &fresh {
             self.seen.insert(event.id, event.xid);
         }
         self.seen.retain(|_, xid| *xid >= horizon);
         self.horizon = horizon;
-        Ok(fresh)
+        Ok(Read {
+            events: fresh,
+            reanchored: None,
+        })
+    }
+
+    /// Whether a page read from `server` at `horizon` comes from another history than the
+    /// reader's cursor.
+    fn changed(&self, server: &ServerIdentity, horizon: i64) -> Option<Reanchored> {
+        if *server != self.server {
+            return Some(Reanchored::ServerChanged {
+                from: self.server.clone(),
+                to: server.clone(),
+            });
+        }
+        (horizon < self.horizon).then_some(Reanchored::HorizonBackwards {
+            from: self.horizon,
+            to: horizon,
+        })
+    }
+
+    /// Starts over on the server `client` talks to now.
+    async fn reanchor(
+        &mut self,
+        client: &impl GenericClient,
+        change: Reanchored,
+    ) -> Result<Read, Error> {
+        let Anchor {
+            horizon,
+            fence,
+            server,
+        } = events::anchor(client).await?;
+        self.horizon = horizon;
+        self.fence = fence;
+        self.server = server;
+        self.seen.clear();
+        Ok(Read {
+            events: Vec::new(),
+            reanchored: Some(change),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reader(horizon: i64, server: ServerIdentity) -> OutboxReader {
+        OutboxReader {
+            horizon,
+            fence: Fence {
+                last_id: 0,
+                next_xid: horizon,
+            },
+            server,
+            wakes_only: false,
+            seen: HashMap::new(),
+            rows_read: 0,
+        }
+    }
+
+    fn server(system_identifier: i64, timeline: Option<&str>) -> ServerIdentity {
+        ServerIdentity {
+            system_identifier: Some(system_identifier),
+            timeline: timeline.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn another_timeline_another_system_or_a_horizon_going_back_is_another_history() {
+        let here = server(7, Some("00000001"));
+        let r = reader(1000, here.clone());
+        assert_eq!(r.changed(&here, 1000), None);
+        assert_eq!(r.changed(&here, 1500), None);
+        assert!(matches!(
+            r.changed(&server(7, Some("00000002")), 1500),
+            Some(Reanchored::ServerChanged { .. })
+        ));
+        assert!(matches!(
+            r.changed(&server(8, Some("00000001")), 1500),
+            Some(Reanchored::ServerChanged { .. })
+        ));
+        assert!(matches!(
+            r.changed(&server(7, None), 1500),
+            Some(Reanchored::ServerChanged { .. })
+        ));
+        assert_eq!(
+            r.changed(&here, 999),
+            Some(Reanchored::HorizonBackwards {
+                from: 1000,
+                to: 999
+            })
+        );
     }
 }

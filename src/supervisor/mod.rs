@@ -816,8 +816,22 @@ impl Supervisor {
                 .reader
                 .insert(OutboxReader::from_now(&**client).await?.wakes_only()),
         };
-        let events = reader.read(&**client).await?;
-        self.metered(|m| m.outbox_read(&events, chrono::Utc::now()));
+        let before = reader.rows_read();
+        let read = reader.read(&**client).await?;
+        let rows = reader.rows_read() - before;
+        let events = read.events;
+        self.metered(|m| {
+            m.outbox_read(&events, chrono::Utc::now());
+            m.outbox_rows_read(rows);
+        });
+        if let Some(change) = read.reanchored {
+            // Transaction ids from before mean nothing on this history: whatever was
+            // committed there is caught up on from the tables, and what only the lost history
+            // had applied is reverted by the same pass.
+            tracing::warn!(%change, "the outbox reader started over; catching up on the tables");
+            self.metered(|m| m.outbox_reanchored());
+            return Ok((HashMap::new(), true));
+        }
         let everything = events.iter().any(|e| e.datasource_id.is_none());
         let mut named: HashMap<Uuid, Option<String>> = HashMap::new();
         for event in events {

@@ -89,6 +89,9 @@ struct Inner {
     ready: Gauge,
     horizon_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     horizon_pid: Gauge,
+    outbox_rows: Counter,
+    outbox_reanchors: Counter,
+    notify_queue: Gauge<f64, std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for Metrics {
@@ -145,6 +148,24 @@ impl Metrics {
             "dsreg_outbox_horizon_holder_pid",
             "The backend pid of that transaction (pg_stat_activity.pid); 0 when none is open",
             horizon_pid.clone(),
+        );
+        let outbox_rows = Counter::default();
+        registry.register(
+            "dsreg_outbox_rows_read",
+            "Rows the supervisor's outbox reads returned from the database (what reading the outbox costs)",
+            outbox_rows.clone(),
+        );
+        let outbox_reanchors = Counter::default();
+        registry.register(
+            "dsreg_outbox_reanchors",
+            "Times the outbox reader started over because another server, timeline or history answered (failover, restore)",
+            outbox_reanchors.clone(),
+        );
+        let notify_queue = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+        registry.register(
+            "dsreg_outbox_notify_queue_usage_ratio",
+            "The share of the database server's NOTIFY queue in use (pg_notification_queue_usage(), 0 to 1), read every second; above 0.5 readiness warns, at 1 publishes fail",
+            notify_queue.clone(),
         );
         let reconcile: Histograms<PassLabels> = Family::new_with_constructor(fast_histogram);
         registry.register_with_unit(
@@ -253,6 +274,9 @@ impl Metrics {
             ready,
             horizon_age,
             horizon_pid,
+            outbox_rows,
+            outbox_reanchors,
+            notify_queue,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -349,6 +373,21 @@ impl Metrics {
                     .or_insert(event.created_at);
             }
         }
+    }
+
+    /// An outbox read returned `rows` rows.
+    pub fn outbox_rows_read(&self, rows: u64) {
+        self.0.outbox_rows.inc_by(rows);
+    }
+
+    /// The share of the server's NOTIFY queue in use, 0 to 1.
+    pub fn notify_queue_usage(&self, usage: f64) {
+        self.0.notify_queue.set(usage);
+    }
+
+    /// The outbox reader started over on another server or history.
+    pub fn outbox_reanchored(&self) {
+        self.0.outbox_reanchors.inc();
     }
 
     /// The supervisor started, or hot-reloaded, the worker of `datasource` on `version`.
@@ -867,6 +906,9 @@ mod tests {
             ("dsreg_outbox_listener_reconnects", "counter"),
             ("dsreg_outbox_notifications_malformed", "counter"),
             ("dsreg_outbox_notifications_received", "counter"),
+            ("dsreg_outbox_notify_queue_usage_ratio", "gauge"),
+            ("dsreg_outbox_reanchors", "counter"),
+            ("dsreg_outbox_rows_read", "counter"),
             ("dsreg_panics", "counter"),
             ("dsreg_ready", "gauge"),
             ("dsreg_sink_failing_datasources", "gauge"),

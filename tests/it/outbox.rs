@@ -42,23 +42,23 @@ async fn the_reader_returns_a_row_committed_late_and_never_passes_it_while_uncom
             .map(|e| e.id)
             .collect()
     };
-    let first = reader.read(&**reader_client).await.unwrap();
+    let first = reader.read(&**reader_client).await.unwrap().events;
     assert_eq!(published(first), [id_b]);
     assert!(
         reader.horizon() <= xid_a,
         "the cursor must not pass the open transaction"
     );
     // Reading again while A is open returns nothing new and still holds the cursor.
-    assert!(published(reader.read(&**reader_client).await.unwrap()).is_empty());
+    assert!(published(reader.read(&**reader_client).await.unwrap().events).is_empty());
     assert!(reader.horizon() <= xid_a);
 
     tx_a.commit().await.unwrap();
-    let second = reader.read(&**reader_client).await.unwrap();
+    let second = reader.read(&**reader_client).await.unwrap().events;
     assert_eq!(published(second), [id_a], "the late row, exactly once");
     // The horizon is cluster-wide: other tests' open transactions may hold it back briefly.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
     while reader.horizon() <= xid_a {
-        let again = published(reader.read(&**reader_client).await.unwrap());
+        let again = published(reader.read(&**reader_client).await.unwrap().events);
         assert!(again.is_empty(), "nothing twice: {again:?}");
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -80,12 +80,12 @@ async fn the_reader_pages_through_a_large_burst_without_losing_or_repeating_rows
         )
         .await
         .unwrap();
-    let events = reader.read(&**client).await.unwrap();
+    let events = reader.read(&**client).await.unwrap().events;
     assert_eq!(events.len(), 2500);
     let mut ids: Vec<i64> = events.iter().map(|e| e.id).collect();
     ids.dedup();
     assert_eq!(ids.len(), 2500);
-    assert!(reader.read(&**client).await.unwrap().is_empty());
+    assert!(reader.read(&**client).await.unwrap().events.is_empty());
 }
 
 /// The value of the counter `name` on `app`'s `/metrics`.

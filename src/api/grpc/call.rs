@@ -238,7 +238,7 @@ pub async fn finish<T>(
             )
             .await
             .map_err(status::db)?;
-            tx.commit().await.map_err(|e| status::db(e.into()))?;
+            crate::db::commit(tx).await.map_err(status::db)?;
             tracing::info!(
                 action = call.method,
                 actor = %call.principal.subject,

@@ -32,8 +32,12 @@ pub const BATCH: i64 = 500;
 /// How often the follower reads when nothing wakes it (events written by another instance's
 /// state writer are not notified).
 const FALLBACK_POLL: Duration = Duration::from_millis(200);
-/// How soon the follower reads again while a transaction that may hold a lower id runs.
-const SETTLE_POLL: Duration = Duration::from_millis(5);
+/// How soon the follower first reads again while a transaction that may hold a lower id runs;
+/// each further read waits twice as long, up to [`SETTLE_MAX`], so a long transaction costs a
+/// read a second, not two hundred. A notification (a commit) wakes it at once.
+const SETTLE_FIRST: Duration = Duration::from_millis(5);
+/// The longest wait between reads while a transaction holds the feed back.
+const SETTLE_MAX: Duration = Duration::from_secs(1);
 /// Batches a slow stream may fall behind before it re-reads from the table.
 const BUFFER: usize = 256;
 /// The wait after a failed read.
@@ -167,6 +171,7 @@ async fn starting_point(pool: &Pool, shutdown: &CancellationToken) -> Option<i64
         Ok((last, xmax))
     })
     .await?;
+    let mut wait = SETTLE_FIRST;
     loop {
         let (xmin, _) = retrying(shutdown, || async {
             let client = pool.get().await.map_err(crate::db::Error::from)?;
@@ -178,8 +183,9 @@ async fn starting_point(pool: &Pool, shutdown: &CancellationToken) -> Option<i64
         }
         tokio::select! {
             () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(SETTLE_POLL) => {}
+            () = tokio::time::sleep(wait) => {}
         }
+        wait = (wait * 2).min(SETTLE_MAX);
     }
 }
 
@@ -193,6 +199,7 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
     let mut cursor: Option<i64> = None;
     // A read that saw ids up to `.0`, waiting for every transaction below its xmax `.1`.
     let mut pending: Option<(i64, i64)> = None;
+    let mut settle_wait = SETTLE_FIRST;
     loop {
         // Idle while no stream listens: the table keeps what a later stream needs.
         while feed.listeners() == 0 {
@@ -227,6 +234,14 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         };
         let last = page.events.last().map(|e| e.event.id);
         let full = page.events.len() as i64 >= filter.limit;
+        // One server's xmax never goes back; when it does, another history answers (a
+        // promoted standby reusing xids) and a wait for the old xmax might never end: the
+        // transactions that could hold a lower id are this server's, below its own xmax.
+        if let Some((m, xmax)) = pending
+            && page.xmax < xmax
+        {
+            pending = Some((m, page.xmax));
+        }
         let settle = match pending {
             Some((_, xmax)) => page.xmin >= xmax,
             None => page.xmin == page.xmax,
@@ -257,8 +272,11 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
             continue;
         }
         let pause = if pending.is_some() {
-            SETTLE_POLL
+            let pause = settle_wait;
+            settle_wait = (settle_wait * 2).min(SETTLE_MAX);
+            pause
         } else {
+            settle_wait = SETTLE_FIRST;
             FALLBACK_POLL
         };
         tokio::select! {

@@ -62,6 +62,9 @@ pub fn internal(context: &str, cause: &dyn std::error::Error) -> Status {
     Status::internal(format!("{context} failed; see the registry's log"))
 }
 
+/// The retry delay suggested when the database's NOTIFY queue is full.
+const NOTIFY_QUEUE_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Maps a database error.
 pub fn db(e: db::Error) -> Status {
     use db::Error as E;
@@ -83,6 +86,14 @@ pub fn db(e: db::Error) -> Status {
         | E::NeverPublished { .. }
         | E::VersionNotDraft { .. } => Status::failed_precondition(e.to_string()),
         E::Conflict(_) => Status::aborted(e.to_string()),
+        E::NotifyQueueFull => {
+            tracing::warn!(error = %e, "a change was refused at COMMIT");
+            Status::with_error_details(
+                Code::Unavailable,
+                "the database's notification queue is full, so nothing was written; retry later",
+                ErrorDetails::with_retry_info(Some(NOTIFY_QUEUE_RETRY)),
+            )
+        }
         E::Unavailable(_) => {
             tracing::warn!(error = %e, "database unavailable");
             Status::unavailable("the registry's database is unavailable; retry later")
@@ -135,6 +146,18 @@ mod tests {
             .expect("bad request details");
         assert_eq!(bad.field_violations[0].field, "name");
         assert_eq!(bad.field_violations[0].description, "must not be empty");
+    }
+
+    #[test]
+    fn a_full_notify_queue_is_unavailable_with_a_retry_hint() {
+        let status = db(db::Error::NotifyQueueFull);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(
+            status.message().contains("nothing was written"),
+            "{status:?}"
+        );
+        let retry = status.get_details_retry_info().expect("retry info");
+        assert_eq!(retry.retry_delay, Some(NOTIFY_QUEUE_RETRY));
     }
 
     #[test]

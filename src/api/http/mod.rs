@@ -48,7 +48,13 @@ const HORIZON_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
     match state.readiness.check().await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Ok(()) => {
+            let mut body = "ready\n".to_owned();
+            for warning in state.readiness.warnings() {
+                body.push_str(&format!("warning: {warning}\n"));
+            }
+            (StatusCode::OK, body)
+        }
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {reason}\n"),

@@ -249,6 +249,99 @@ pub async fn list_scoped(
     Ok(ScopedPage { events, xmin, xmax })
 }
 
+/// Which server, and which history of it, answered a statement: a promoted standby keeps its
+/// primary's system identifier but starts a new timeline; a cluster restored from a dump has
+/// a new identifier. Transaction ids are only comparable between reads of the same identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerIdentity {
+    /// `pg_control_system().system_identifier`; `None` where an operator revoked the function
+    /// from the registry's role (the timeline and the horizon still tell histories apart).
+    pub system_identifier: Option<i64>,
+    /// The timeline WAL is written on now; `None` on a server in recovery (it writes none).
+    pub timeline: Option<String>,
+}
+
+impl std::fmt::Display for ServerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.system_identifier {
+            Some(id) => write!(f, "system {id}")?,
+            None => write!(f, "system ?")?,
+        }
+        match &self.timeline {
+            Some(tl) => write!(f, " timeline {tl}"),
+            None => write!(f, " (in recovery)"),
+        }
+    }
+}
+
+/// The history an outbox reader inherits when it starts on a server: rows whose ids were
+/// taken before it started (`id <= last_id`) while their xid is at or above `next_xid`, an
+/// xid not yet assigned at that moment. No transaction of this server can have written such a
+/// row (a writer takes its xid before its id), so they are rows restored from another
+/// cluster, whose xids mean nothing here, and the reader never reads them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fence {
+    /// The newest event id taken before `next_xid` was.
+    pub last_id: i64,
+    /// An xid assigned after `last_id` was read.
+    pub next_xid: i64,
+}
+
+/// Where an outbox reader starts on the server it is connected to.
+#[derive(Debug, Clone)]
+pub struct Anchor {
+    /// The snapshot horizon to read from.
+    pub horizon: i64,
+    /// Rows inherited from another cluster, never to be read.
+    pub fence: Fence,
+    /// The server.
+    pub server: ServerIdentity,
+}
+
+/// Reads where a new outbox reader starts: the newest id first, then an xid (one is
+/// consumed), then the horizon and the server's identity; three short statements.
+///
+/// # Errors
+/// The query failed.
+pub async fn anchor(client: &impl GenericClient) -> Result<Anchor, Error> {
+    // The order matters: every id up to `last_id` was taken by a transaction holding its xid
+    // already, so below the xid assigned afterwards.
+    let last_id = last_id(client).await?;
+    let next_xid: i64 = client
+        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .await?
+        .get(0);
+    let row = client
+        .query_one(
+            &format!(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon, {IDENTITY}"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(Anchor {
+        horizon: row.get("horizon"),
+        fence: Fence { last_id, next_xid },
+        server: identity_of(&row),
+    })
+}
+
+/// Columns `system_identifier` and `timeline` naming the server (see [`ServerIdentity`]);
+/// `pg_current_wal_lsn()` fails during recovery and `pg_control_system()` where it was revoked,
+/// hence the guards.
+const IDENTITY: &str =
+    "CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
+          THEN (pg_control_system()).system_identifier END AS system_identifier,
+     CASE WHEN pg_is_in_recovery() THEN NULL
+          ELSE substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8) END AS timeline";
+
+fn identity_of(row: &Row) -> ServerIdentity {
+    ServerIdentity {
+        system_identifier: row.get("system_identifier"),
+        timeline: row.get("timeline"),
+    }
+}
+
 /// One page of the outbox query.
 #[derive(Debug)]
 pub struct SafePage {
@@ -257,42 +350,67 @@ pub struct SafePage {
     /// The statement snapshot's `xmin`: every transaction below it had finished when the
     /// page was read, so none can add rows below it any more.
     pub horizon: i64,
+    /// The server that answered.
+    pub server: ServerIdentity,
 }
 
 /// Reads committed events written by transactions at or after `horizon`, with ids greater
-/// than `after_id`, up to `limit` (only those that call for a reconcile when `wakes_only`);
-/// and the snapshot horizon of that same statement.
+/// than `after_id`, up to `limit` (only those that call for a reconcile when `wakes_only`),
+/// leaving out the rows behind `fence`; and the snapshot horizon and server of that same
+/// statement.
 ///
 /// # Errors
 /// The query failed.
 pub async fn read_safe(
     client: &impl GenericClient,
     horizon: i64,
+    fence: Fence,
     after_id: i64,
     limit: i64,
     wakes_only: bool,
 ) -> Result<SafePage, Error> {
     // One statement, one snapshot: the events and the horizon are consistent with each other.
+    // The two ranges (xids below the fence's, ids above it) are what the xid index and the
+    // primary key each answer, so fenced rows are never visited.
     let rows = client
         .query_typed(
             &format!(
-                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon)
-                 SELECT snap.horizon, e.* FROM snap LEFT JOIN LATERAL (
+                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon, {IDENTITY})
+                 SELECT snap.*, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {COLUMNS} FROM datasource_events
-                     WHERE xid >= $1::text::xid8 AND id > $2 AND (NOT $4 OR dsreg_event_wakes(type))
+                     WHERE ((xid >= $1::text::xid8 AND xid < $5::text::xid8)
+                            OR (id > $6 AND xid >= $1::text::xid8))
+                       AND id > $2 AND (NOT $4 OR dsreg_event_wakes(type))
                      ORDER BY id LIMIT $3
                  ) e ON true"
             ),
-            &typed::params(&[&horizon.to_string(), &after_id, &limit, &wakes_only]),
+            &typed::params(&[
+                &horizon.to_string(),
+                &after_id,
+                &limit,
+                &wakes_only,
+                &fence.next_xid.to_string(),
+                &fence.last_id,
+            ]),
         )
         .await?;
-    let horizon = rows.first().map_or(horizon, |r| r.get::<_, i64>("horizon"));
+    let Some(first) = rows.first() else {
+        return Err(Error::Unavailable(
+            "the outbox query returned no snapshot row".to_owned(),
+        ));
+    };
+    let horizon = first.get::<_, i64>("horizon");
+    let server = identity_of(first);
     let events = rows
         .iter()
         .filter(|r| r.get::<_, Option<i64>>("id").is_some())
         .map(Event::from_row)
         .collect();
-    Ok(SafePage { events, horizon })
+    Ok(SafePage {
+        events,
+        horizon,
+        server,
+    })
 }
 
 /// The oldest transaction holding the outbox horizon back (the one with the oldest
@@ -355,4 +473,55 @@ pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
         )
         .await?;
     Ok(row.get(0))
+}
+
+/// The oldest open transaction holding an xid, anywhere on the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Holder {
+    /// Its backend's pid (`pg_stat_activity.pid`).
+    pub pid: i32,
+    /// The database it is connected to.
+    pub database: Option<String>,
+    /// How long its transaction has been open, in seconds.
+    pub age_seconds: f64,
+}
+
+/// What holds the outbox back, read in one statement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pressure {
+    /// The transaction holding the outbox horizon back (events of later transactions are
+    /// final only once it ends); `None` when no transaction holds an xid. Transactions of
+    /// other roles are seen only with `pg_read_all_stats` (or `pg_monitor`).
+    pub holder: Option<Holder>,
+    /// `pg_notification_queue_usage()`: the share of the server's NOTIFY queue in use, 0 to 1.
+    pub queue_usage: f64,
+}
+
+/// Reads [`Pressure`].
+///
+/// # Errors
+/// The query failed.
+pub async fn pressure(client: &impl GenericClient) -> Result<Pressure, Error> {
+    let row = client
+        .query_one(
+            "SELECT pg_notification_queue_usage() AS queue, h.pid, h.datname, h.age
+             FROM (SELECT 1) one LEFT JOIN LATERAL (
+                 SELECT pid, datname::text AS datname,
+                        extract(epoch FROM clock_timestamp() - xact_start)::float8 AS age
+                 FROM pg_stat_activity
+                 WHERE backend_xid IS NOT NULL AND xact_start IS NOT NULL
+                 ORDER BY age(backend_xid) DESC LIMIT 1
+             ) h ON true",
+            &[],
+        )
+        .await?;
+    let holder = row.get::<_, Option<i32>>("pid").map(|pid| Holder {
+        pid,
+        database: row.get("datname"),
+        age_seconds: row.get::<_, Option<f64>>("age").unwrap_or(0.0).max(0.0),
+    });
+    Ok(Pressure {
+        holder,
+        queue_usage: row.get("queue"),
+    })
 }
