@@ -308,11 +308,11 @@ pub async fn anchor(client: &impl GenericClient) -> Result<Anchor, Error> {
     // already, so below the xid assigned afterwards.
     let last_id = last_id(client).await?;
     let next_xid: i64 = client
-        .query_one("SELECT pg_current_xact_id()::text::bigint", &[])
+        .query_typed_one("SELECT pg_current_xact_id()::text::bigint", &[])
         .await?
         .get(0);
     let row = client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon, {IDENTITY}"
             ),
@@ -503,7 +503,7 @@ pub struct Pressure {
 /// The query failed.
 pub async fn pressure(client: &impl GenericClient) -> Result<Pressure, Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT pg_notification_queue_usage() AS queue, h.pid, h.datname, h.age
              FROM (SELECT 1) one LEFT JOIN LATERAL (
                  SELECT pid, datname::text AS datname,
