@@ -180,6 +180,30 @@ impl TestDb {
     }
 }
 
+/// A Postgres server of one test's own, stopped and removed when dropped (after the test's
+/// databases: declare it first). For tests whose transactions reach past their database: an
+/// xid held open holds back the horizon of every database on its server, a lagging listener
+/// fills the server's one NOTIFY queue; on the run's shared server they would stall the event
+/// feeds of every other test.
+pub struct OwnServer(EmbeddedCluster);
+
+impl OwnServer {
+    /// Starts one.
+    pub async fn start() -> Self {
+        init_test_log();
+        let cluster = tokio::task::spawn_blocking(EmbeddedCluster::start_temporary)
+            .await
+            .unwrap()
+            .expect("a server of the test's own");
+        Self(cluster)
+    }
+
+    /// A fresh migrated database on it.
+    pub async fn db(&self) -> TestDb {
+        TestDb::on_server(&self.0.url("postgres")).await
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         self.pool.close();

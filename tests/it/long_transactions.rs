@@ -8,7 +8,7 @@ use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::events_client::EventsClient;
 use tonic::transport::Channel;
 
-use crate::helpers::{ServeProcess, TestDb, wait_for};
+use crate::helpers::{OwnServer, ServeProcess, wait_for};
 
 /// Generous: the machine may be busy; the waits end as soon as the condition holds.
 const WAIT: Duration = Duration::from_secs(60);
@@ -32,8 +32,10 @@ fn gauge(text: &str, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_in_another_database_shows_in_the_gauge_and_the_log_and_the_feed_catches_up()
 {
-    let db = TestDb::new().await;
-    let other = TestDb::new().await;
+    // The open transaction holds back every database of its server: a server of its own.
+    let server = OwnServer::start().await;
+    let db = server.db().await;
+    let other = server.db().await;
     let serve = ServeProcess::start(
         &db.url,
         &[

@@ -10,7 +10,7 @@ use tonic::Code;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
-use crate::helpers::{TestApp, TestDb, wait_for};
+use crate::helpers::{OwnServer, TestApp, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -24,7 +24,9 @@ async fn channel(app: &TestApp) -> Channel {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_notify_queue_usage_is_a_metric_that_rises_while_a_listener_lags() {
-    let db = TestDb::new().await;
+    // The NOTIFY queue and the horizon are the server's: a server of its own.
+    let server = OwnServer::start().await;
+    let db = server.db().await;
     let app = TestApp::spawn(&db.url, |_| {}).await;
     let http = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
     let usage = || async {
@@ -67,7 +69,9 @@ async fn the_notify_queue_usage_is_a_metric_that_rises_while_a_listener_lags() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_publish_refused_at_commit_for_a_full_notify_queue_is_unavailable_and_writes_nothing() {
-    let db = TestDb::new().await;
+    // The NOTIFY queue and the horizon are the server's: a server of its own.
+    let server = OwnServer::start().await;
+    let db = server.db().await;
     let app = TestApp::spawn(&db.url, |_| {}).await;
     let mut ds = DatasourcesClient::new(channel(&app).await);
     let created = ds
