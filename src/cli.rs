@@ -177,12 +177,169 @@ async fn migrate(
     Ok(())
 }
 
+/// The client's flags that take a value (`--server URL`), as written before the command.
+const CLIENT_VALUE_FLAGS: &[&str] = &[
+    "--server",
+    "--ca-file",
+    "--client-cert",
+    "--client-key",
+    "--token-file",
+    "--data-dir",
+    "--output",
+    "-o",
+];
+
+/// Parses the command line. The client's connection and output flags (`-o json`,
+/// `--server URL`, `--token-file PATH`, ...) are global: written before the command
+/// (`dsreg -o json datasource list`) they are read as if written after it.
+pub fn parse() -> Cli {
+    Cli::parse_from(client_flags_after_the_command(std::env::args_os()))
+}
+
+/// `args` with the client flags written between the program name and the command moved after
+/// the command's name, where each command reads them. Anything else is left where it is, so
+/// clap reports it as it would.
+pub fn client_flags_after_the_command(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    let mut args = args.into_iter();
+    let mut out: Vec<std::ffi::OsString> = args.next().into_iter().collect();
+    let mut hoisted = Vec::new();
+    let mut rest: Vec<std::ffi::OsString> = args.collect();
+    let mut i = 0;
+    while i < rest.len() {
+        let Some(arg) = rest[i].to_str() else { break };
+        let name = arg.split_once('=').map_or(arg, |(n, _)| n);
+        let joined_short = arg.starts_with("-o") && arg.len() > 2 && !arg.starts_with("--");
+        if CLIENT_VALUE_FLAGS.contains(&name) && !arg.contains('=') && !joined_short {
+            // The flag and its value.
+            let end = (i + 2).min(rest.len());
+            hoisted.extend(rest.drain(i..end));
+        } else if CLIENT_VALUE_FLAGS.contains(&name) || joined_short {
+            hoisted.push(rest.remove(i));
+        } else if arg == "--log-level" {
+            i += 2;
+        } else if arg.starts_with('-') {
+            i += 1;
+        } else {
+            // The command: the flags go right after its name.
+            let after = i + 1;
+            rest.splice(after..after, hoisted.drain(..));
+            break;
+        }
+    }
+    // No command: leave them for clap to report.
+    out.append(&mut hoisted);
+    out.append(&mut rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("dsreg").chain(args.iter().copied()))
+    }
+
+    fn moved(args: &[&str]) -> Vec<String> {
+        client_flags_after_the_command(
+            std::iter::once("dsreg")
+                .chain(args.iter().copied())
+                .map(std::ffi::OsString::from),
+        )
+        .into_iter()
+        .map(|a| a.into_string().unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn client_flags_before_the_command_are_read_after_it() {
+        assert_eq!(
+            moved(&["-o", "json", "--server", "http://h:1", "datasource", "list"]),
+            [
+                "dsreg",
+                "datasource",
+                "-o",
+                "json",
+                "--server",
+                "http://h:1",
+                "list"
+            ]
+        );
+        assert_eq!(
+            moved(&[
+                "--log-level",
+                "debug",
+                "-ojson",
+                "--token-file=t",
+                "events",
+                "list"
+            ]),
+            [
+                "dsreg",
+                "--log-level",
+                "debug",
+                "events",
+                "-ojson",
+                "--token-file=t",
+                "list"
+            ]
+        );
+        // Already after the command, or no client flag: unchanged.
+        for args in [
+            &["datasource", "list", "-o", "json"][..],
+            &["serve", "--data-dir", "d"],
+            &["--help"],
+        ] {
+            let mut expected = vec!["dsreg"];
+            expected.extend_from_slice(args);
+            assert_eq!(moved(args), expected);
+        }
+        let cli = Cli::try_parse_from(moved(&["-o", "json", "datasource", "list"])).unwrap();
+        assert!(matches!(cli.command, Command::Datasource(_)));
+        // A client flag before a command that has none is refused as clap refuses it.
+        assert!(Cli::try_parse_from(moved(&["-o", "json", "serve"])).is_err());
+    }
+
+    /// The README's list of `serve`'s environment variables is the flags' own: a flag added
+    /// or renamed without the README, or a name the README keeps after its flag went, fails.
+    #[test]
+    fn the_readme_lists_every_environment_variable_of_serve_and_no_other() {
+        let readme = include_str!("../README.md");
+        let start = readme
+            .find("Every flag has an environment variable")
+            .expect("the README's list");
+        let paragraph = &readme[start..start + readme[start..].find("\n\n").unwrap()];
+        let listed: std::collections::BTreeSet<&str> = paragraph
+            .split('`')
+            .skip(1)
+            .step_by(2)
+            .filter(|w| w.starts_with("DSREG_") || *w == "DATABASE_URL")
+            .collect();
+        let command = Cli::command();
+        let serve = command
+            .get_subcommands()
+            .find(|c| c.get_name() == "serve")
+            .unwrap();
+        let flags: std::collections::BTreeSet<String> = serve
+            .get_arguments()
+            .filter_map(|a| a.get_env()?.to_str().map(str::to_owned))
+            .collect();
+        // Read by the log set-up, not a flag of `serve`.
+        let outside = ["DSREG_LOG"];
+        let missing: Vec<&String> = flags
+            .iter()
+            .filter(|f| !listed.contains(f.as_str()))
+            .collect();
+        let stale: Vec<&&str> = listed
+            .iter()
+            .filter(|l| !flags.contains(**l) && !outside.contains(*l))
+            .collect();
+        assert!(
+            missing.is_empty() && stale.is_empty(),
+            "README: add {missing:?}, remove {stale:?}"
+        );
     }
 
     #[test]

@@ -49,7 +49,8 @@ pub struct Settings {
     #[arg(long, env = "DSREG_PG_PORT")]
     pub pg_port: Option<u16>,
 
-    /// Address of the HTTP port (`/healthz`, `/readyz`).
+    /// Address of the HTTP port: `/healthz`, `/readyz`, `/metrics` and the webhook ingress
+    /// (`POST /ingest/{datasource}`).
     #[arg(long, env = "DSREG_HTTP_ADDR", default_value = "127.0.0.1:8080")]
     pub http_addr: SocketAddr,
 

@@ -1,10 +1,8 @@
 //! The `dsreg` binary: parse the command line, set up telemetry, run the command on a Tokio
 //! runtime, flush telemetry, map the result to an exit code.
 
-use clap::Parser;
-
 fn main() -> std::process::ExitCode {
-    let cli = dsreg::cli::Cli::parse();
+    let cli = dsreg::cli::parse();
     // SAFETY: no other thread has started yet.
     unsafe { dsreg::telemetry::otel::drop_compression_none() };
     let telemetry = dsreg::telemetry::init(cli.log_level());

@@ -44,7 +44,7 @@ pub struct TestArgs {
     /// An unsaved config to try instead, a JSON object: a file, or `-` for stdin.
     #[arg(long, value_name = "PATH|-")]
     config_file: Option<String>,
-    /// A sample payload as the source would deliver it, one JSON document: a file, or `-`
+    /// A sample payload as the source would deliver it, one JSON document or NDJSON: a file, or `-`
     /// for stdin (repeat for several, at most 64).
     #[arg(long = "sample-file", value_name = "PATH|-")]
     sample_files: Vec<String>,

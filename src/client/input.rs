@@ -64,9 +64,35 @@ pub fn check_config(text: &str) -> anyhow::Result<()> {
 /// Unreadable or not JSON.
 pub fn read_sample(path: &str) -> anyhow::Result<String> {
     let text = read_text(path)?;
-    serde_json::from_str::<serde_json::Value>(&text)
-        .with_context(|| format!("{}: a sample is one JSON document", describe(path)))?;
-    Ok(text.trim().to_owned())
+    sample_of(&text).with_context(|| {
+        format!(
+            "{}: a sample is one JSON document, or NDJSON (one per line)",
+            describe(path)
+        )
+    })
+}
+
+/// A sample's text as the harness takes it: one JSON document as written, or NDJSON (one
+/// document per line, as a webhook body may be) as the JSON array of its documents, which
+/// every kind reads as the same records.
+fn sample_of(text: &str) -> anyhow::Result<String> {
+    let one = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(_) => return Ok(text.trim().to_owned()),
+        Err(e) => e,
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    if lines.len() < 2 {
+        return Err(one.into());
+    }
+    let documents = lines
+        .iter()
+        .enumerate()
+        .map(|(i, line)| {
+            serde_json::from_str::<serde_json::Value>(line)
+                .with_context(|| format!("line {}", i + 1))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(serde_json::Value::Array(documents).to_string())
 }
 
 /// Where a secret value comes from. There is deliberately no argv variant: a value on the
@@ -196,6 +222,18 @@ pub fn parse_json(text: &str) -> Result<String, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_sample_is_one_document_or_ndjson() {
+        assert_eq!(super::sample_of(" {\"a\": 1}\n").unwrap(), "{\"a\": 1}");
+        assert_eq!(
+            super::sample_of("{\"a\":1}\n\n{\"a\":2}\n").unwrap(),
+            r#"[{"a":1},{"a":2}]"#
+        );
+        let bad = super::sample_of("{\"a\":1}\n{oops}\n").unwrap_err();
+        assert!(format!("{bad:#}").contains("line 2"), "{bad:#}");
+        assert!(super::sample_of("{oops").is_err());
+    }
+
     use super::*;
 
     #[test]

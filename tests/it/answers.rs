@@ -730,3 +730,28 @@ async fn events_watch_after_id_zero_replays_from_the_first_event_and_an_unknown_
     assert!(refused.message().contains("types"), "{refused:?}");
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn client_flags_are_read_before_the_command_as_after_it() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel);
+    let id = create(&mut ds, "global-flags", "generator").await;
+    // Before the command, as after it.
+    for args in [
+        &["-o", "json", "--server", &url, "datasource", "list"][..],
+        &["datasource", "list", "-o", "json", "--server", &url],
+        &["--output=json", "datasource", "--server", &url, "list"],
+    ] {
+        let mut command = dsreg(dir.path());
+        command.args(args);
+        let ran = run(command, None).await;
+        assert_eq!(ran.status.code(), Some(0), "{args:?}: {}", ran.stderr);
+        let listed: serde_json::Value = serde_json::from_str(ran.stdout.lines().next().unwrap())
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {}", ran.stdout));
+        assert_eq!(listed["id"], id.as_str(), "{args:?}");
+    }
+    app.stop().await.unwrap();
+}

@@ -239,47 +239,29 @@ async fn a_workers_records_restarts_and_state_are_scraped_and_vanish_with_it() {
     GATE.notify_one();
 }
 
-/// The `Content-Type` of `GET /metrics`.
-async fn content_type(app: &TestApp) -> String {
+/// The `Content-Type` and body of `GET /metrics` sent with `accept` (no header: `None`).
+async fn scrape_accepting(app: &TestApp, accept: Option<&str>) -> (String, String) {
     let mut stream = tokio::net::TcpStream::connect(app.http_addr).await.unwrap();
+    let accept = accept.map_or(String::new(), |a| format!("Accept: {a}\r\n"));
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: dsreg\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET /metrics HTTP/1.1\r\nHost: dsreg\r\n{accept}Connection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .unwrap();
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
-    let head = response.split("\r\n\r\n").next().unwrap();
-    head.lines()
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let content_type = head
+        .lines()
         .find_map(|line| {
             let (name, value) = line.split_once(':')?;
             name.eq_ignore_ascii_case("content-type")
                 .then(|| value.trim().to_owned())
         })
-        .expect("a content type")
-}
-
-/// The scrape in the Prometheus text format `promtool` parses: OpenMetrics names a counter
-/// family without its `_total` suffix, which that format requires; nothing else differs for
-/// the metrics served here (`# UNIT` and `# EOF` read as comments).
-fn as_prometheus_text(openmetrics: &str) -> String {
-    let counters: Vec<&str> = openmetrics
-        .lines()
-        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
-        .collect();
-    openmetrics
-        .lines()
-        .map(|line| {
-            for prefix in ["# HELP ", "# TYPE "] {
-                if let Some(rest) = line.strip_prefix(prefix) {
-                    let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
-                    if counters.contains(&name) {
-                        return format!("{prefix}{name}_total {tail}\n");
-                    }
-                }
-            }
-            format!("{line}\n")
-        })
-        .collect()
+        .expect("a content type");
+    (content_type, body.to_owned())
 }
 
 /// Runs `promtool check metrics` on `text`; returns its exit status and output.
@@ -302,7 +284,7 @@ async fn promtool_check(text: &str) -> (std::process::ExitStatus, String) {
 }
 
 #[tokio::test]
-async fn the_scrape_is_openmetrics_with_registry_series_and_passes_promtool() {
+async fn the_scrape_is_in_the_format_asked_for_with_registry_series_and_passes_promtool() {
     let db = TestDb::new().await;
     let (app, ch) = crate::grpc::serve(&db).await;
     // A worker that the start-up pass starts is not measured, and that pass goes a page at a
@@ -422,11 +404,25 @@ async fn the_scrape_is_openmetrics_with_registry_series_and_passes_promtool() {
         );
     }
 
+    // The format asked for: OpenMetrics to a Prometheus server, the text format otherwise,
+    // which `promtool check metrics` reads.
+    let prometheus_accept = "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+    let (open_type, open_text) = scrape_accepting(&app, Some(prometheus_accept)).await;
     assert_eq!(
-        content_type(&app).await,
+        open_type,
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
-    assert!(text.ends_with("# EOF\n"));
-    let (status, said) = promtool_check(&as_prometheus_text(&text)).await;
-    assert!(status.success(), "promtool check metrics: {said}\n{text}");
+    assert!(open_text.ends_with("# EOF\n"), "{open_text}");
+    assert!(open_text.contains("# TYPE dsreg_grpc_requests counter"));
+    for accept in [None, Some("text/plain;version=0.0.4"), Some("*/*")] {
+        let (plain_type, plain) = scrape_accepting(&app, accept).await;
+        assert_eq!(
+            plain_type, "text/plain; version=0.0.4; charset=utf-8",
+            "{accept:?}"
+        );
+        assert!(plain.contains("# TYPE dsreg_grpc_requests_total counter"));
+        assert!(!plain.contains("# EOF"));
+        let (status, said) = promtool_check(&plain).await;
+        assert!(status.success(), "promtool check metrics: {said}\n{plain}");
+    }
 }

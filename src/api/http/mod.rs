@@ -1,5 +1,5 @@
 //! The HTTP port: `/healthz` (the process is alive), `/readyz` (the database answers and the
-//! schema is migrated), `/metrics` (Prometheus, OpenMetrics text) and the webhook ingress
+//! schema is migrated), `/metrics` (OpenMetrics to scrapers that ask for it, the Prometheus text format otherwise) and the webhook ingress
 //! `POST /ingest/{datasource_id}`. Served until the shutdown token is cancelled, over TLS when
 //! the port has a certificate (`--http-tls-*`).
 
@@ -62,7 +62,7 @@ async fn readyz(State(state): State<Arc<HttpState>>) -> (StatusCode, String) {
     }
 }
 
-async fn scrape(State(state): State<Arc<HttpState>>) -> Response {
+async fn scrape(State(state): State<Arc<HttpState>>, headers: axum::http::HeaderMap) -> Response {
     // The outbox horizon is read live, so a transaction holding it open shows while it does
     // (not only once its events are finally read). A database that does not answer in time
     // leaves the last reading.
@@ -76,7 +76,15 @@ async fn scrape(State(state): State<Arc<HttpState>>) -> Response {
         state.metrics.outbox_horizon(holder);
     }
     match state.metrics.encode() {
-        Ok(text) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
+        Ok(text) => {
+            let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+            if metrics::wants_openmetrics(accept) {
+                ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response()
+            } else {
+                let text = metrics::to_prometheus_text(&text);
+                ([(header::CONTENT_TYPE, metrics::TEXT_CONTENT_TYPE)], text).into_response()
+            }
+        }
         Err(e) => {
             tracing::warn!(error = %e, "encoding the metrics failed");
             StatusCode::INTERNAL_SERVER_ERROR.into_response()
