@@ -592,7 +592,11 @@ pub async fn secrets_service(settings: &Settings) -> anyhow::Result<Option<Arc<S
         let argv: Vec<String> = command.split_whitespace().map(str::to_owned).collect();
         Arc::new(ExecKeyProvider::load(&argv, kms::DEFAULT_TIMEOUT).await?)
     } else if let Some(addr) = &settings.vault_addr {
-        Arc::new(VaultKeyProvider::load(&vault_settings(settings, addr)?).await?)
+        let client = crate::connectors::http::client().map_err(|e| {
+            let addr = crate::telemetry::redact::redact_url(addr);
+            anyhow::anyhow!("the HTTP client for Vault at {addr}: {e}")
+        })?;
+        Arc::new(VaultKeyProvider::load(&vault_settings(settings, addr)?, client).await?)
     } else if settings.database_url.is_none() {
         let path = settings.dev_key_file();
         if FileKeyProvider::create_dev(&path)? {

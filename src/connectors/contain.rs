@@ -27,16 +27,7 @@ impl Panicked {
     }
 }
 
-/// The message a panic payload carries: `panic!("…")` gives a `&str` or a `String`.
-pub fn message_of(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        (*s).to_owned()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_owned()
-    }
-}
+pub use crate::telemetry::panics::message_of;
 
 /// Runs `f`, connector or transform code named `what`; a panic in it is returned as
 /// [`Panicked`].

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value, json};
 
-use crate::secrets::{redact_url, redact_urls};
+use crate::telemetry::redact::{redact_url, redact_urls};
 
 use super::{
     BoxFuture, ConfigError, Connector, Error, KindInfo, LeaseCheck, Mode, RunContext, VERSION_KEYS,

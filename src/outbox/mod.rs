@@ -16,6 +16,4 @@ pub use reader::OutboxReader;
 /// The channel the schema's trigger NOTIFYs.
 pub const CHANNEL: &str = "dsreg_events";
 
-/// The channel the state writer NOTIFYs with the datasources whose worker state it wrote
-/// (comma-separated ids, or `*` for many): it wakes API waits and watches on every instance.
-pub const STATE_CHANNEL: &str = "dsreg_state";
+pub use crate::db::repository::state::STATE_CHANNEL;

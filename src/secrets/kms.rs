@@ -143,13 +143,13 @@ struct DecryptData {
 
 impl VaultKeyProvider {
     /// Reads the wrapped key set and unwraps every version through
-    /// `POST {addr}/v1/{mount}/decrypt/{key_name}`.
+    /// `POST {addr}/v1/{mount}/decrypt/{key_name}`, sent with `client`.
     ///
     /// # Errors
     /// [`Error::KeySource`] naming Vault's address (credentials masked) or the wrapped key
     /// file: unreadable or malformed file, Vault unreachable, a refusal (with Vault's own
     /// error text), or an unwrapped key that is not 32 bytes.
-    pub async fn load(settings: &VaultSettings) -> Result<Self, Error> {
+    pub async fn load(settings: &VaultSettings, client: reqwest::Client) -> Result<Self, Error> {
         let file_source = format!("the wrapped key file {}", settings.wrapped_keys.display());
         let text = Zeroizing::new(
             tokio::fs::read_to_string(&settings.wrapped_keys)
@@ -164,8 +164,6 @@ impl VaultKeyProvider {
             settings.mount.trim_matches('/'),
             settings.key_name
         );
-        let client =
-            crate::connectors::http::client().map_err(|e| failed(&source, e.to_string()))?;
         let mut keys = BTreeMap::new();
         for (version, wrapped) in &set.entries {
             let answer = client

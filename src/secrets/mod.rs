@@ -27,17 +27,16 @@ pub mod integrity;
 pub mod keys;
 pub mod kms;
 mod plaintext;
-pub mod redact;
 mod service;
 
 use std::path::PathBuf;
 
 use uuid::Uuid;
 
+pub use crate::telemetry::redact::{redact_url, redact_urls};
 pub use keys::{EnvKeyProvider, FileKeyProvider, KeyProvider, MasterKey};
 pub use kms::{ExecKeyProvider, VaultKeyProvider, VaultSettings};
 pub use plaintext::SecretString;
-pub use redact::{redact_url, redact_urls};
 pub use service::{KeyStatus, RewrapFailure, RewrapReport, Secrets};
 
 /// What operators see of a secret (re-exported from the repository): never its value.

@@ -8,6 +8,7 @@
 pub mod metrics;
 pub mod otel;
 pub mod panics;
+pub mod redact;
 pub mod throttle;
 
 use std::io::IsTerminal;

@@ -82,7 +82,7 @@ fn export_failed(spans: u64, message: &str) {
             held_back,
             // A URL in the message (the endpoint, as the HTTP client names it) is shown
             // without its credentials.
-            error = %crate::secrets::redact_urls(message),
+            error = %super::redact::redact_urls(message),
             "exporting spans to the OTLP collector failed; they are lost"
         );
     }
@@ -97,7 +97,7 @@ fn export_partly_rejected(rejected: u64, message: &str) {
         tracing::warn!(
             rejected,
             held_back,
-            collector_message = %crate::secrets::redact_urls(message),
+            collector_message = %super::redact::redact_urls(message),
             "the OTLP collector rejected part of a span export"
         );
     }
@@ -191,7 +191,7 @@ impl Settings {
             (None, None, Protocol::Grpc) => ("the default", "http://localhost:4317".to_owned()),
             (None, None, _) => ("the default", "http://localhost:4318/v1/traces".to_owned()),
         };
-        let shown = crate::secrets::redact_url(&endpoint);
+        let shown = super::redact::redact_url(&endpoint);
         let uri: http::Uri = endpoint
             .parse()
             .map_err(|e| Error::Setting(format!("{name} {shown:?} is not a URL: {e}")))?;
@@ -411,7 +411,7 @@ impl Exporting {
         let s = &self.settings;
         let var = |name: &str| std::env::var(name).ok();
         tracing::info!(
-            endpoint = %crate::secrets::redact_url(&s.endpoint),
+            endpoint = %super::redact::redact_url(&s.endpoint),
             protocol = s.protocol.name(),
             tls = s.tls(),
             ca = s.ca.as_ref().map(|p| p.display().to_string()),
@@ -509,7 +509,7 @@ fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporte
     built.map_err(|e| {
         Error::Build(format!(
             "the OTLP exporter for {}: {e}",
-            crate::secrets::redact_url(&settings.endpoint)
+            super::redact::redact_url(&settings.endpoint)
         ))
     })
 }

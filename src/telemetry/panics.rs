@@ -49,7 +49,7 @@ pub fn install_hook() {
         let Some(suppressed) = PANIC_LINES.admit() else {
             return;
         };
-        let message = crate::connectors::contain::message_of(info.payload());
+        let message = message_of(info.payload());
         let location = info
             .location()
             .map(|l| format!("{}:{}", l.file(), l.line()))
@@ -74,4 +74,15 @@ pub fn install_hook() {
             ),
         }
     }));
+}
+
+/// The message a panic payload carries: `panic!("…")` gives a `&str` or a `String`.
+pub fn message_of(payload: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
 }

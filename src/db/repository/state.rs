@@ -440,11 +440,15 @@ impl Transition {
     }
 }
 
+/// The channel the state writer NOTIFYs with the datasources whose worker state it wrote
+/// (comma-separated ids, or `*` for many): it wakes API waits and watches on every instance.
+pub const STATE_CHANNEL: &str = "dsreg_state";
+
 /// Writes many transitions (at most one per datasource: merge first) and their events in one
 /// statement, as `instance`, with `actor` on the events. Each is fenced: written only while
 /// `instance` holds the datasource's lease under the transition's epoch; the others (and
 /// their events) are refused, and their datasources returned. With `notify`, the datasources
-/// written are NOTIFYed on [`crate::outbox::STATE_CHANNEL`], for the other instances.
+/// written are NOTIFYed on [`STATE_CHANNEL`], for the other instances.
 ///
 /// # Errors
 /// The statement failed; nothing was written.
@@ -541,7 +545,7 @@ pub async fn apply_transitions(
                     FROM fenced HAVING count(*) > 0 AND $16
                  ) notified",
                 super::leases::fence("$8", "u.epoch"),
-                crate::outbox::STATE_CHANNEL
+                STATE_CHANNEL
             ),
             &typed::params(&[
                 &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor,
