@@ -337,13 +337,15 @@ impl App {
             .await
             .context("connecting the LISTEN connection")?;
         let tracker = TaskTracker::new();
-        let (mut writer, writer_handle) =
-            StateWriter::new(self.control.clone(), self.instance_id.clone());
+        let (mut writer, writer_handle) = StateWriter::new(
+            self.control.clone(),
+            self.instance_id.clone(),
+            Some(self.listener_stats.activity.clone()),
+            Some(self.metrics.clone()),
+        );
         if let Some(written) = self.written {
             writer.observe(written);
         }
-        writer.signal(self.listener_stats.activity.clone());
-        writer.measure(self.metrics.clone());
         let grpc_catalog = self.catalog.clone();
         if let Some(config) = self.file_sync {
             let watcher = Watcher::new(
@@ -364,8 +366,8 @@ impl App {
             self.pool.clone(),
             self.sink_target,
             self.instance_id.clone(),
+            Some(self.metrics.clone()),
         );
-        sink_writer.measure(self.metrics.clone());
         sink_writer.drain_within(shutdown.clone(), grace);
         let sink_status = sink.status();
         let ingress = Ingress::default();

@@ -562,8 +562,14 @@ impl Sink {
     /// A sink writing to `target` (dead letters always go to `pool`'s database) on behalf of
     /// `instance`'s workers, and the writer that must run for it to drain. Every batch is
     /// fenced by its worker's lease: what an instance writes for a datasource it no longer
-    /// holds, or under an old epoch, is refused.
-    pub fn new(pool: Pool, target: Target, instance: String) -> (Self, SinkWriter) {
+    /// holds, or under an old epoch, is refused. Refused (fenced) records, failures, waiting
+    /// and lost records are counted in `metrics`.
+    pub fn new(
+        pool: Pool,
+        target: Target,
+        instance: String,
+        metrics: Option<crate::telemetry::metrics::Metrics>,
+    ) -> (Self, SinkWriter) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let status = SinkStatus::default();
         (
@@ -576,7 +582,7 @@ impl Sink {
                 target,
                 instance,
                 queue: rx,
-                metrics: None,
+                metrics,
                 status,
                 lanes: HashMap::new(),
                 markers: Vec::new(),
@@ -626,11 +632,6 @@ impl Sink {
 }
 
 impl SinkWriter {
-    /// Counts refused (fenced) records, failures, waiting and lost records in `metrics`.
-    pub fn measure(&mut self, metrics: crate::telemetry::metrics::Metrics) {
-        self.metrics = Some(metrics);
-    }
-
     /// Retries failed datasources under `policy` instead of the default.
     pub fn retry_with(&mut self, policy: RetryPolicy) {
         self.retry = policy;

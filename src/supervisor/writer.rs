@@ -74,8 +74,15 @@ pub struct StateWriter {
 }
 
 impl StateWriter {
-    /// A writer for `instance` and the handle that feeds it.
-    pub fn new(pool: Pool, instance: String) -> (Self, WriterHandle) {
+    /// A writer for `instance` and the handle that feeds it. After every written batch it
+    /// bumps `activity` (API waits and watches) and reports the batch to `metrics` (worker
+    /// states, reloads reaching RUNNING).
+    pub fn new(
+        pool: Pool,
+        instance: String,
+        activity: Option<crate::outbox::Activity>,
+        metrics: Option<crate::telemetry::metrics::Metrics>,
+    ) -> (Self, WriterHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = format!("dsreg:{instance}");
         (
@@ -85,28 +92,18 @@ impl StateWriter {
                 instance,
                 actor,
                 observer: None,
-                activity: None,
-                metrics: None,
+                activity,
+                metrics,
                 peers: super::lease::Peers::default(),
             },
             WriterHandle(tx),
         )
     }
 
-    /// Bumps `activity` after every written batch (API waits and watches).
-    pub fn signal(&mut self, activity: crate::outbox::Activity) {
-        self.activity = Some(activity);
-    }
-
     /// NOTIFYs the written batches only while `peers` says other instances may listen (by
     /// default they always are).
     pub fn notify_for(&mut self, peers: super::lease::Peers) {
         self.peers = peers;
-    }
-
-    /// Reports every written batch to `metrics` (worker states, reloads reaching RUNNING).
-    pub fn measure(&mut self, metrics: crate::telemetry::metrics::Metrics) {
-        self.metrics = Some(metrics);
     }
 
     /// Reports every written batch to `observer` (benchmarks and tests).

@@ -387,13 +387,13 @@ impl Exporting {
             build_exporter(&settings)?
         };
         exporter.set_resource(&resource);
-        let counting = Counting {
+        let metered = MeteredExporter {
             inner: Arc::new(exporter),
             runtime: runtime.handle().clone(),
         };
         let provider = SdkTracerProvider::builder()
             .with_span_processor(
-                BatchSpanProcessor::builder(counting)
+                BatchSpanProcessor::builder(metered)
                     .with_batch_config(Batching::from_lookup(var).config())
                     .build(),
             )
@@ -659,12 +659,12 @@ impl Batching {
 /// Runs each export of the wrapped exporter on the export runtime, and counts and logs the
 /// batches that fail.
 #[derive(Debug)]
-struct Counting<E> {
+struct MeteredExporter<E> {
     inner: Arc<E>,
     runtime: tokio::runtime::Handle,
 }
 
-impl<E: SpanExporter + 'static> SpanExporter for Counting<E> {
+impl<E: SpanExporter + 'static> SpanExporter for MeteredExporter<E> {
     async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
         let inner = self.inner.clone();
