@@ -773,10 +773,11 @@ async fn the_binary_imports_with_a_dry_run_a_plan_and_problems_and_exports() {
         "{}",
         exported.stdout
     );
+    // The key `n` is quoted: YAML 1.1 readers take a plain `n` for false.
     assert_eq!(
         std::fs::read_to_string(out.join("acme/shop/orders.yaml")).unwrap(),
         "org: acme\nproject: shop\nname: orders\nkind: generator\nstatus: active\n\
-         owner: team-shop\ntags:\n  - shop\nconfig:\n  rate_per_sec: 1\n  template:\n    n: 1\n"
+         owner: team-shop\ntags:\n  - shop\nconfig:\n  rate_per_sec: 1\n  template:\n    \"n\": 1\n"
     );
 }
 
