@@ -773,7 +773,13 @@ impl Collector for Listener {
         )?)?;
         ConstCounter::new(stats.path.failures()).encode(encoder.encode_descriptor(
             "dsreg_notification_path_failures",
-            "Self-tests of the notification path that failed (the token was not sent, or did not arrive in time).",
+            "Self-tests of the notification path whose token did not arrive in time (or the server refused to send it).",
+            None,
+            MetricType::Counter,
+        )?)?;
+        ConstCounter::new(stats.path.untested()).encode(encoder.encode_descriptor(
+            "dsreg_notification_path_untested",
+            "Self-tests of the notification path that could not send their token (no pooled connection free in time); they leave the verdict as it was.",
             None,
             MetricType::Counter,
         )?)?;
@@ -981,6 +987,7 @@ mod tests {
             ("dsreg_lease_renewals", "counter"),
             ("dsreg_leases_held", "gauge"),
             ("dsreg_notification_path_failures", "counter"),
+            ("dsreg_notification_path_untested", "counter"),
             ("dsreg_notification_path_ok", "gauge"),
             ("dsreg_otel_export_failures", "counter"),
             ("dsreg_otel_spans_dropped", "counter"),
