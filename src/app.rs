@@ -9,8 +9,11 @@
 //!
 //! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
 //! fail with the reason, and the run then stops everything and returns that error, so the
-//! process exits non-zero. The control plane (leases, heartbeats, state writes, readiness) has
-//! a pool of its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take.
+//! process exits non-zero. The control plane (leases, heartbeats, state writes) has a pool of
+//! its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take; the health checks (readiness,
+//! the notification self-test, the outbox pressure watch) have one more
+//! ([`PROBE_POOL_SIZE`]), so a control plane busy starting thousands of workers is not
+//! reported as a database that does not answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -53,6 +56,10 @@ const STATUS_READERS: usize = 1;
 /// and the lease renewer's own connection, so the registry opens this many plus one more
 /// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
+
+/// Connections of the health checks' pool: readiness, the notification self-test and the
+/// outbox pressure watch, each a short statement at a time.
+pub const PROBE_POOL_SIZE: usize = 2;
 
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
@@ -143,6 +150,8 @@ pub struct App {
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The health checks' pool ([`PROBE_POOL_SIZE`]).
+    probe: Pool,
     /// The lease renewer's connection, used only on the renewer's own thread (one more
     /// connection than the two pools).
     renewal: Pool,
@@ -211,6 +220,7 @@ impl App {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
         let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let probe = db::pool_with(url, &bounds, PROBE_POOL_SIZE, settings.pool_wait())?;
         let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
@@ -237,6 +247,7 @@ impl App {
             grpc_tls,
             pool,
             control,
+            probe,
             renewal,
             schema_version,
             instance_id: settings
@@ -394,7 +405,7 @@ impl App {
         let sink_stop = CancellationToken::new();
         tracker.spawn(
             crate::outbox::selftest::SelfTest::new(
-                self.control.clone(),
+                self.probe.clone(),
                 self.listener_stats.clone(),
                 self.notification_check,
             )
@@ -402,7 +413,7 @@ impl App {
         );
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         let pressure = crate::outbox::pressure::PressureWatch::new(
-            self.control.clone(),
+            self.probe.clone(),
             self.horizon_warn_after,
             Some(self.metrics.clone()),
         );
@@ -441,7 +452,7 @@ impl App {
             })
         };
         let readiness = api::ready::Readiness {
-            pool: self.control.clone(),
+            pool: self.probe.clone(),
             listener: self.listener_stats.clone(),
             sink: sink_status,
             gauge: self.metrics.ready(),
@@ -523,6 +534,7 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.probe.close();
         self.renewal.close();
         served
     }

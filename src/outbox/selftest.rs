@@ -145,14 +145,15 @@ impl NotificationPath {
     }
 
     /// Records a check's outcome; logs when the path turns suspect, breaks or works again.
-    fn record(&self, outcome: Result<(), Failure>) {
+    /// Returns whether the path is now suspect (one missed token: check again at once).
+    fn record(&self, outcome: Result<(), Failure>) -> bool {
         let mut verdict = self.verdict();
         let now = match outcome {
             Ok(()) => Verdict::Working,
             Err(Failure::Untested(cause)) => {
                 self.untested.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(cause = %cause, "the notification self-test could not send its token");
-                return;
+                return false;
             }
             Err(Failure::Missed(cause)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
@@ -168,6 +169,7 @@ impl NotificationPath {
                 }
             }
         };
+        let suspect = matches!(now, Verdict::Suspect(..));
         let before = std::mem::replace(&mut *verdict, now.clone());
         drop(verdict);
         match (&before, &now) {
@@ -187,6 +189,7 @@ impl NotificationPath {
             }
             _ => {}
         }
+        suspect
     }
 }
 
@@ -222,13 +225,14 @@ impl SelfTest {
         }
     }
 
+    /// A check at start and every interval; after a missed token, the next check follows at
+    /// once, so a broken path is reported within about two timeouts.
     async fn checks(&self) {
-        let mut tick = tokio::time::interval(self.config.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for count in 0u64.. {
-            tick.tick().await;
             let outcome = self.check(&format!("{}:{count}", self.me.simple())).await;
-            self.stats.path.record(outcome);
+            if !self.stats.path.record(outcome) {
+                tokio::time::sleep(self.config.interval).await;
+            }
         }
     }
 
