@@ -46,6 +46,17 @@ use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::telemetry::metrics::Metrics;
 
+/// An instance's metrics: the registry, reading the database pool's usage and the LISTEN
+/// connection's counters at each scrape.
+pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>) -> Metrics {
+    Metrics::new(vec![
+        Box::new(crate::db::metrics::PoolMetrics(pool.clone())),
+        Box::new(crate::outbox::metrics::ListenerMetrics(Arc::clone(
+            listener,
+        ))),
+    ])
+}
+
 /// Reader tasks coalescing status reads. One: every read queued while its statement runs
 /// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
 /// two or four readers made smaller batches, more statements, and slower calls).
@@ -229,7 +240,7 @@ impl App {
                 .context("reading the page token key")?
         };
         let listener_stats = Arc::<ListenerStats>::default();
-        let metrics = Metrics::new(pool.clone(), listener_stats.clone());
+        let metrics = metrics(&pool, &listener_stats);
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
@@ -758,5 +769,140 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::connectors::Health;
+    use crate::telemetry::metrics::{Identity, NAMES};
+
+    /// `# TYPE` of every family in a scrape, with its `# HELP`.
+    fn families(text: &str) -> BTreeMap<String, (String, String)> {
+        let mut help = HashMap::new();
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, text) = rest.split_once(' ').unwrap();
+                help.insert(name.to_owned(), text.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                let help = help.get(name).cloned().unwrap_or_default();
+                out.insert(name.to_owned(), (kind.to_owned(), help));
+            }
+        }
+        out
+    }
+
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn an_instance_serves_every_listed_family_with_its_type_and_a_sentence_of_help() {
+        let pool = crate::db::pool(
+            "postgres://localhost/unused",
+            4,
+            std::time::Duration::from_secs(1),
+        )
+        .expect("a pool is built without connecting");
+        let m = metrics(&pool, &Arc::default());
+        let id = Uuid::new_v4();
+        let health = Health::default();
+        health.set_running(true);
+        health.records(3);
+        m.worker_started(id, "generator", Arc::new(health));
+        m.worker_identity(
+            id,
+            Identity {
+                org: "acme".into(),
+                project: "shop".into(),
+                version: 7,
+            },
+        );
+        m.rpc_handled(
+            "/dsreg.v1.Registry/GetInfo",
+            "OK",
+            std::time::Duration::from_millis(2),
+        );
+        // A labelled family is written once it has a series.
+        m.reconcile_pass(true, std::time::Duration::from_millis(5));
+        let text = m.encode().unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        let found = families(&text);
+        let served: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(name, (kind, _))| (name.as_str(), kind.as_str()))
+            .collect();
+        let listed: BTreeMap<String, &str> = NAMES
+            .iter()
+            .map(|f| (f.family(), f.kind.as_str()))
+            .collect();
+        let listed: Vec<(&str, &str)> = listed.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        let unlisted: Vec<_> = served.iter().filter(|f| !listed.contains(f)).collect();
+        let missing: Vec<_> = listed.iter().filter(|f| !served.contains(f)).collect();
+        assert!(
+            unlisted.is_empty() && missing.is_empty(),
+            "served but not in NAMES: {unlisted:?}; in NAMES but not served: {missing:?}"
+        );
+        assert_eq!(listed.len(), NAMES.len(), "a family is listed twice");
+        for (name, (_, help)) in &found {
+            assert!(
+                help.len() > 10 && help.ends_with('.') && !help.ends_with(".."),
+                "{name}: help {help:?}"
+            );
+            if name.ends_with("_seconds") {
+                assert!(text.contains(&format!("# UNIT {name} seconds\n")), "{name}");
+            }
+        }
+
+        let labels = format!("{{datasource=\"{id}\",kind=\"generator\"}}");
+        assert_eq!(
+            sample(&text, &format!("dsreg_datasource_records_total{labels}")),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, &format!("dsreg_datasource_restarts_total{labels}")),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "dsreg_datasource_worker_state{{datasource=\"{id}\",kind=\"generator\",state=\"starting\"}}"
+                )
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"shop\",kind=\"generator\",version=\"7\"}}"
+                )
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "dsreg_grpc_requests_total{method=\"/dsreg.v1.Registry/GetInfo\",code=\"OK\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "dsreg_db_pool_max_connections"), Some(4.0));
+
+        m.worker_stopped(id);
+        let text = m.encode().unwrap();
+        assert!(!text.contains(&id.to_string()), "{text}");
+        assert!(text.contains("# TYPE dsreg_datasource_records counter\n"));
+        assert!(text.contains("# TYPE dsreg_datasource_info gauge\n"));
     }
 }

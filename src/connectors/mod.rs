@@ -310,6 +310,29 @@ impl Health {
     }
 }
 
+/// The worker's series on `/metrics` read these.
+impl crate::telemetry::metrics::Figures for Health {
+    fn records(&self) -> u64 {
+        self.records_total()
+    }
+
+    fn errors(&self) -> u64 {
+        self.errors_total()
+    }
+
+    fn dead_lettered(&self) -> u64 {
+        self.dead_lettered_total()
+    }
+
+    fn restarts(&self) -> u64 {
+        self.starts_total().saturating_sub(1)
+    }
+
+    fn last_progress_ms(&self) -> i64 {
+        Health::last_progress_ms(self)
+    }
+}
+
 /// A worker's decrypted secrets, by name. Plaintext lives only here, in values that redact
 /// themselves and are zeroized when the last worker run holding them ends.
 pub type SecretMap = Arc<BTreeMap<String, crate::secrets::SecretString>>;
