@@ -4,8 +4,8 @@
 //! Config: `url` (http or https), `interval_ms`, `headers` (an object of strings),
 //! `bearer_secret` (the name of the datasource secret holding a bearer token), `record_path`
 //! (a JSON pointer to the records: an array gives many, an object one), `timeout_ms`,
-//! `max_retries` and `retry_base_ms` (5xx and connection errors are retried with exponential
-//! backoff within a poll), `max_body_bytes`, and `cursor` (`{"field", "param"}`: the highest
+//! `max_retries` and `retry_base_ms` (5xx and connection errors are retried within a poll,
+//! doubling from `retry_base_ms` up to a minute, with jitter), `max_body_bytes`, and `cursor` (`{"field", "param"}`: the highest
 //! `field` seen is sent as the query parameter `param` on the next poll).
 //!
 //! Failures are told apart: connection errors and 5xx are transient (retried within the poll,
@@ -399,7 +399,10 @@ async fn poll(
     state: &Value,
     lease: &LeaseCheck,
 ) -> Result<Polled, Error> {
-    let mut attempt = 0;
+    let mut retries = crate::backoff::Retries::new(crate::backoff::Exponential::new(
+        settings.retry_base,
+        MAX_WAIT_IN_POLL,
+    ));
     loop {
         if !lease.holds() {
             return Ok(Polled::Lapsed);
@@ -408,7 +411,8 @@ async fn poll(
             Ok(polled) => return Ok(polled),
             Err(failed) => failed,
         };
-        let backoff = settings.retry_base.saturating_mul(1 << attempt.min(16));
+        let attempt = retries.failures();
+        let backoff = retries.failed(rand::random::<f64>());
         let delay = match failed {
             Fetch::Retryable(reason) if attempt < settings.max_retries => {
                 tracing::debug!(attempt, reason, "poll failed; retrying");
@@ -429,8 +433,8 @@ async fn poll(
             Fetch::Throttled(message, after) => return Err(Error::Throttled { message, after }),
             Fetch::Refused(reason) => return Err(Error::Refused(reason)),
         };
+        // The caller races the whole poll against the run's cancel token.
         tokio::time::sleep(delay).await;
-        attempt += 1;
     }
 }
 
@@ -587,7 +591,7 @@ async fn fetch(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| super::retry_after(v, chrono::Utc::now()))
+        .and_then(|v| super::retry_after(v, std::time::SystemTime::now()))
     {
         return Err(Fetch::Throttled(answered(), after));
     }
