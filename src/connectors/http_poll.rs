@@ -303,9 +303,8 @@ impl Connector for HttpPoll {
 
     fn stall_after(&self, config: &Value) -> Option<Duration> {
         let settings = parse(config).ok()?;
-        let retries = settings
-            .retry_base
-            .saturating_mul(1 << settings.max_retries.min(16));
+        let pacing = pacing(&settings);
+        let retries: Duration = (1..=settings.max_retries).map(|n| pacing.ceiling(n)).sum();
         Some((settings.interval + settings.timeout * (settings.max_retries + 1) + retries) * 3)
     }
 
@@ -391,6 +390,12 @@ enum Polled {
     Lapsed,
 }
 
+/// How the retries within one poll are paced: doubling from `retry_base_ms`, at most
+/// [`MAX_WAIT_IN_POLL`] apart.
+fn pacing(settings: &Settings) -> crate::backoff::Exponential {
+    crate::backoff::Exponential::new(settings.retry_base, MAX_WAIT_IN_POLL)
+}
+
 /// One poll with retries; before each request it asks `lease`.
 async fn poll(
     client: &reqwest::Client,
@@ -399,10 +404,7 @@ async fn poll(
     state: &Value,
     lease: &LeaseCheck,
 ) -> Result<Polled, Error> {
-    let mut retries = crate::backoff::Retries::new(crate::backoff::Exponential::new(
-        settings.retry_base,
-        MAX_WAIT_IN_POLL,
-    ));
+    let mut retries = crate::backoff::Retries::new(pacing(settings));
     loop {
         if !lease.holds() {
             return Ok(Polled::Lapsed);
@@ -799,6 +801,27 @@ mod tests {
             endpoint(&url("http://[::1]:8080/x")).unwrap(),
             ("::1".to_owned(), 8080)
         );
+    }
+
+    #[test]
+    fn the_stall_threshold_covers_a_polls_whole_retry_schedule() {
+        let config = |base_ms: u64, retries: u32| {
+            json!({
+                "url": "http://example.test/",
+                "interval_ms": 1_000,
+                "timeout_ms": 1_000,
+                "retry_base_ms": base_ms,
+                "max_retries": retries,
+            })
+        };
+        // 100 ms, 200 ms, 400 ms of retries: (1 s + 4 × 1 s + 0.7 s) × 3.
+        assert_eq!(
+            HttpPoll.stall_after(&config(100, 3)),
+            Some(Duration::from_millis(17_100))
+        );
+        // The longest schedule: 20 retries a minute apart at most, not 2^20 minutes.
+        let longest = HttpPoll.stall_after(&config(60_000, 20)).unwrap();
+        assert_eq!(longest, (Duration::from_secs(1 + 21 + 20 * 60)) * 3);
     }
 
     #[test]
