@@ -738,6 +738,31 @@ mod tests {
     }
 
     #[test]
+    fn a_malformed_escape_in_a_parameter_is_refused_without_echoing_its_value() {
+        for (url, named) in [
+            ("postgres://h/app?sslkey=%+1-canary-k3y", "sslkey"),
+            ("postgres://h/app?sslrootcert=%zzcanary-k3y", "sslrootcert"),
+            ("postgres://h/app?sslmode=%ff%fecanary-k3y", "sslmode"),
+        ] {
+            let error = Target::parse_with_env(url, &ConnectOptions::default(), no_env)
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(error.contains(named), "{error}");
+            assert!(!error.contains("canary-k3y"), "{error}");
+        }
+        let error = Target::parse_with_env(
+            "postgres://h/app?ssl%+1mode=require",
+            &ConnectOptions::default(),
+            no_env,
+        )
+        .err()
+        .expect("a malformed name is refused too")
+        .to_string();
+        assert!(error.contains("ssl%+1mode"), "{error}");
+    }
+
+    #[test]
     fn key_value_form_with_quotes() {
         let t = Target::parse_with_env(
             r"host=db port=5433 user=u password='it\'s' dbname=app sslmode=verify-ca sslrootcert='/a b/ca.pem'",
