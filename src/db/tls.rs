@@ -744,21 +744,21 @@ mod tests {
             ("postgres://h/app?sslrootcert=%zzcanary-k3y", "sslrootcert"),
             ("postgres://h/app?sslmode=%ff%fecanary-k3y", "sslmode"),
         ] {
-            let error = Target::parse_with_env(url, &ConnectOptions::default(), no_env)
-                .err()
-                .expect("refused")
-                .to_string();
+            let Err(error) = Target::parse_with_env(url, &ConnectOptions::default(), no_env) else {
+                panic!("{url} is refused");
+            };
+            let error = error.to_string();
             assert!(error.contains(named), "{error}");
             assert!(!error.contains("canary-k3y"), "{error}");
         }
-        let error = Target::parse_with_env(
+        let Err(error) = Target::parse_with_env(
             "postgres://h/app?ssl%+1mode=require",
             &ConnectOptions::default(),
             no_env,
-        )
-        .err()
-        .expect("a malformed name is refused too")
-        .to_string();
+        ) else {
+            panic!("a malformed name is refused too");
+        };
+        let error = error.to_string();
         assert!(error.contains("ssl%+1mode"), "{error}");
     }
 
