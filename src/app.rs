@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
 use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
+use crate::backoff::BackoffPolicy;
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -40,7 +41,6 @@ use crate::secrets::{
     EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
     VaultKeyProvider, VaultSettings, kms,
 };
-use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};

@@ -479,4 +479,47 @@ mod tests {
         );
         assert!(parse(&["test", "d", "--version", "2", "--config-file", "c.json"]).is_err());
     }
+
+    #[test]
+    fn client_durations_take_a_unit_and_server_flags_count_milliseconds() {
+        for timeout in ["500ms", "2s", "1m", "1m 30s"] {
+            assert!(
+                parse(&["worker", "start", "d", "--timeout", timeout]).is_ok(),
+                "{timeout}"
+            );
+            assert!(
+                parse(&["test", "d", "--sample-file", "a", "--timeout", timeout]).is_ok(),
+                "{timeout}"
+            );
+        }
+        for bare in ["10", "+2s", "0s", "soon"] {
+            let error = parse(&["worker", "start", "d", "--timeout", bare]).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bare}"
+            );
+        }
+        let error = parse(&["worker", "start", "d", "--timeout", "10"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("give a unit"), "{error}");
+        let Command::Serve { settings, .. } = parse(&[
+            "serve",
+            "--backoff-base-ms",
+            "500",
+            "--backoff-max-ms",
+            "2000",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("serve parses as serve");
+        };
+        assert_eq!(
+            settings.backoff().base,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(settings.backoff().max, std::time::Duration::from_secs(2));
+    }
 }

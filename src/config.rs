@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use crate::api::grpc::limits::RpcLimits;
 use crate::api::tls::TlsFiles;
+use crate::backoff::BackoffPolicy;
 use crate::connectors::sink::Target;
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
-use crate::supervisor::backoff::BackoffPolicy;
 use crate::transform::Limits;
 
 /// How `dsreg` reaches its database and where it serves.
