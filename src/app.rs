@@ -5,7 +5,7 @@
 //! stops → the supervisor stops reconciling and stops every worker (each within its stop
 //! deadline) → the state writer writes their final states → the sink drains → tracker
 //! drained (bounded by the grace period) → pools closed → the embedded cluster stopped, if
-//! this process started it.
+//! this process owns it (started it, or adopted one a killed process left running).
 //!
 //! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
 //! fail with the reason, and the run then stops everything and returns that error, so the
@@ -79,17 +79,31 @@ pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 pub struct Database {
     /// The connection URL.
     pub url: String,
-    /// The launched cluster, stopped when this is dropped (if this process started it).
+    /// The launched cluster, stopped when this is dropped (if this process owns it).
     pub cluster: Option<embedded::EmbeddedCluster>,
 }
 
 impl Database {
     /// Uses `DATABASE_URL`, or launches (or reuses) the embedded cluster and makes sure its
-    /// `dsreg` database exists.
+    /// `dsreg` database exists. A cluster another process owns (a running `dsreg serve`) is
+    /// reused and left running.
     ///
     /// # Errors
     /// The cluster could not be launched, or the database could not be created.
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, false).await
+    }
+
+    /// [`Self::open`] for `dsreg serve`, the embedded cluster's one owner: refused, naming
+    /// the running owner's pid, when another process owns the data folder.
+    ///
+    /// # Errors
+    /// As [`Self::open`].
+    pub async fn open_owned(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, true).await
+    }
+
+    async fn open_with(settings: &Settings, exclusive: bool) -> anyhow::Result<Self> {
         if let Some(url) = &settings.database_url {
             return Ok(Self {
                 url: url.clone(),
@@ -100,10 +114,15 @@ impl Database {
             port: settings.pg_port,
             ..embedded::ClusterOptions::durable(settings.pg_data_dir())
         };
-        let cluster =
-            tokio::task::spawn_blocking(move || embedded::EmbeddedCluster::start(&options))
-                .await
-                .context("launcher task")??;
+        let cluster = tokio::task::spawn_blocking(move || {
+            if exclusive {
+                embedded::EmbeddedCluster::start_exclusive(&options)
+            } else {
+                embedded::EmbeddedCluster::start(&options)
+            }
+        })
+        .await
+        .context("launcher task")??;
         db::create_database(&cluster.url("postgres"), embedded::DATABASE, None)
             .await
             .context("creating the dsreg database in the embedded cluster")?;
@@ -113,7 +132,7 @@ impl Database {
         })
     }
 
-    /// Stops the embedded cluster if this process started it.
+    /// Stops the embedded cluster if this process owns it.
     pub async fn close(mut self) {
         if let Some(mut cluster) = self.cluster.take() {
             let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
@@ -178,6 +197,8 @@ pub struct App {
     pub backoff: BackoffPolicy,
     /// How long a stopping worker gets before it is aborted.
     pub stop_deadline: Duration,
+    /// How long a stopped or silent instance's row is kept; older ones go at start.
+    pub dead_instance_retention: Duration,
     /// How old a transaction holding the outbox horizon may grow before the log names it.
     pub horizon_warn_after: Duration,
     /// The LISTEN connection's settings.
@@ -270,6 +291,7 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
+            dead_instance_retention: settings.dead_instance_retention(),
             listener: ListenerConfig {
                 connect: bounds,
                 ..ListenerConfig::new(settings.listen_url(url))
@@ -347,6 +369,7 @@ impl App {
         let listener = Listener::connect(self.listener.clone(), self.listener_stats.clone())
             .await
             .context("connecting the LISTEN connection")?;
+        prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) =
             StateWriter::new(self.control.clone(), self.instance_id.clone());
@@ -708,6 +731,26 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     Ok(dev.authenticator)
 }
 
+/// Deletes the rows of instances dead for longer than `retention`, so `dsreg_instances` does
+/// not grow by a row per start. A failure is logged: the rows wait for the next start.
+async fn prune_dead_instances(pool: &Pool, retention: Duration) {
+    let pruned = match pool.get().await {
+        Ok(client) => db::repository::leases::prune_dead(&**client, retention).await,
+        Err(e) => Err(e.into()),
+    };
+    match pruned {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            pruned = n,
+            retention_secs = retention.as_secs(),
+            "deleted the rows of instances dead for longer than the retention"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "pruning dead instances failed; the next start retries")
+        }
+    }
+}
+
 /// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM; with a sync folder,
 /// keep the database in step with its datasource files too.
 ///
@@ -720,7 +763,7 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
     {
         anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
     }
-    let database = Database::open(&settings).await?;
+    let database = Database::open_owned(&settings).await?;
     let result = async {
         let mut app = App::build(&settings, &database.url).await?;
         app.file_sync = file_sync;

@@ -27,6 +27,7 @@ mod metrics;
 mod migrations;
 mod notify_queue;
 mod outbox;
+mod owned_cluster;
 mod pgbouncer;
 mod pgtls;
 mod pooler;
