@@ -42,3 +42,4 @@ mod stop_reasons;
 mod supervisor;
 mod traces;
 mod truth;
+mod validate;
