@@ -76,6 +76,8 @@ enum Command {
     Info(client::catalog::InfoArgs),
     /// The registry instances sharing the database, and the datasource leases each holds.
     Instances(client::catalog::InstancesArgs),
+    /// Check a config for a kind (or a datasource) without saving it: every problem at once.
+    Validate(client::validate::ValidateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +156,7 @@ impl Cli {
             Command::Kinds(args) => args.run().await,
             Command::Info(args) => args.run().await,
             Command::Instances(args) => args.run().await,
+            Command::Validate(args) => args.run().await,
         }
     }
 }

@@ -780,14 +780,13 @@ impl Catalog {
             }),
             Err(e) => problems.push(refused(e)),
         }
-        let required =
-            match contain::contain("required_secrets", || connector.required_secrets(config)) {
-                Ok(required) => required,
-                Err(e) => {
-                    problems.push(refused(e));
-                    Vec::new()
-                }
-            };
+        let required = match self.secrets_needed(kind, config) {
+            Ok(required) => required,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
         for missing in required
             .into_iter()
             .filter(|name| !secret_names.contains(name))
@@ -813,6 +812,22 @@ impl Catalog {
         } else {
             Err(problems)
         }
+    }
+
+    /// The secrets `config` needs for `kind`, by name (none for an unknown kind).
+    ///
+    /// # Errors
+    /// The kind's code panicked on this config: the refusal, naming the panic.
+    pub fn secrets_needed(
+        &self,
+        kind: &str,
+        config: &serde_json::Value,
+    ) -> Result<Vec<String>, ConfigError> {
+        let Some(connector) = self.get(kind) else {
+            return Ok(Vec::new());
+        };
+        contain::contain("required_secrets", || connector.required_secrets(config))
+            .map_err(|e| ConfigError::new("", e.to_string()))
     }
 
     /// The kind's health, checked at most once per `max_age` (the API's default is 60 s).

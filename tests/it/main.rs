@@ -43,3 +43,4 @@ mod stop_reasons;
 mod supervisor;
 mod traces;
 mod truth;
+mod validate;
