@@ -5,12 +5,15 @@
 //! stops → the supervisor stops reconciling and stops every worker (each within its stop
 //! deadline) → the state writer writes their final states → the sink drains → tracker
 //! drained (bounded by the grace period) → pools closed → the embedded cluster stopped, if
-//! this process started it.
+//! this process owns it (started it, or adopted one a killed process left running).
 //!
 //! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
 //! fail with the reason, and the run then stops everything and returns that error, so the
-//! process exits non-zero. The control plane (leases, heartbeats, state writes, readiness) has
-//! a pool of its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take.
+//! process exits non-zero. The control plane (leases, heartbeats, state writes) has a pool of
+//! its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take; the health checks (readiness,
+//! the notification self-test, the outbox pressure watch) have one more
+//! ([`PROBE_POOL_SIZE`]), so a control plane busy starting thousands of workers is not
+//! reported as a database that does not answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
 use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
+use crate::backoff::BackoffPolicy;
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -37,7 +41,6 @@ use crate::secrets::{
     EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
     VaultKeyProvider, VaultSettings, kms,
 };
-use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
@@ -65,6 +68,10 @@ const STATUS_READERS: usize = 1;
 /// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
 
+/// Connections of the health checks' pool: readiness, the notification self-test and the
+/// outbox pressure watch, each a short statement at a time.
+pub const PROBE_POOL_SIZE: usize = 2;
+
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 
@@ -72,17 +79,31 @@ pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 pub struct Database {
     /// The connection URL.
     pub url: String,
-    /// The launched cluster, stopped when this is dropped (if this process started it).
+    /// The launched cluster, stopped when this is dropped (if this process owns it).
     pub cluster: Option<embedded::EmbeddedCluster>,
 }
 
 impl Database {
     /// Uses `DATABASE_URL`, or launches (or reuses) the embedded cluster and makes sure its
-    /// `dsreg` database exists.
+    /// `dsreg` database exists. A cluster another process owns (a running `dsreg serve`) is
+    /// reused and left running.
     ///
     /// # Errors
     /// The cluster could not be launched, or the database could not be created.
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, false).await
+    }
+
+    /// [`Self::open`] for `dsreg serve`, the embedded cluster's one owner: refused, naming
+    /// the running owner's pid, when another process owns the data folder.
+    ///
+    /// # Errors
+    /// As [`Self::open`].
+    pub async fn open_owned(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, true).await
+    }
+
+    async fn open_with(settings: &Settings, exclusive: bool) -> anyhow::Result<Self> {
         if let Some(url) = &settings.database_url {
             return Ok(Self {
                 url: url.clone(),
@@ -93,10 +114,15 @@ impl Database {
             port: settings.pg_port,
             ..embedded::ClusterOptions::durable(settings.pg_data_dir())
         };
-        let cluster =
-            tokio::task::spawn_blocking(move || embedded::EmbeddedCluster::start(&options))
-                .await
-                .context("launcher task")??;
+        let cluster = tokio::task::spawn_blocking(move || {
+            if exclusive {
+                embedded::EmbeddedCluster::start_exclusive(&options)
+            } else {
+                embedded::EmbeddedCluster::start(&options)
+            }
+        })
+        .await
+        .context("launcher task")??;
         db::create_database(&cluster.url("postgres"), embedded::DATABASE, None)
             .await
             .context("creating the dsreg database in the embedded cluster")?;
@@ -106,7 +132,7 @@ impl Database {
         })
     }
 
-    /// Stops the embedded cluster if this process started it.
+    /// Stops the embedded cluster if this process owns it.
     pub async fn close(mut self) {
         if let Some(mut cluster) = self.cluster.take() {
             let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
@@ -154,6 +180,8 @@ pub struct App {
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The health checks' pool ([`PROBE_POOL_SIZE`]).
+    probe: Pool,
     /// The lease renewer's connection, used only on the renewer's own thread (one more
     /// connection than the two pools).
     renewal: Pool,
@@ -169,6 +197,8 @@ pub struct App {
     pub backoff: BackoffPolicy,
     /// How long a stopping worker gets before it is aborted.
     pub stop_deadline: Duration,
+    /// How long a stopped or silent instance's row is kept; older ones go at start.
+    pub dead_instance_retention: Duration,
     /// How old a transaction holding the outbox horizon may grow before the log names it.
     pub horizon_warn_after: Duration,
     /// The LISTEN connection's settings.
@@ -222,6 +252,7 @@ impl App {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
         let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let probe = db::pool_with(url, &bounds, PROBE_POOL_SIZE, settings.pool_wait())?;
         let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
@@ -248,6 +279,7 @@ impl App {
             grpc_tls,
             pool,
             control,
+            probe,
             renewal,
             schema_version,
             instance_id: settings
@@ -259,6 +291,7 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
+            dead_instance_retention: settings.dead_instance_retention(),
             listener: ListenerConfig {
                 connect: bounds,
                 ..ListenerConfig::new(settings.listen_url(url))
@@ -336,6 +369,7 @@ impl App {
         let listener = Listener::connect(self.listener.clone(), self.listener_stats.clone())
             .await
             .context("connecting the LISTEN connection")?;
+        prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) = StateWriter::new(
             self.control.clone(),
@@ -407,7 +441,7 @@ impl App {
         let sink_stop = CancellationToken::new();
         tracker.spawn(
             crate::outbox::selftest::SelfTest::new(
-                self.control.clone(),
+                self.probe.clone(),
                 self.listener_stats.clone(),
                 self.notification_check,
             )
@@ -415,7 +449,7 @@ impl App {
         );
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         let pressure = crate::outbox::pressure::PressureWatch::new(
-            self.control.clone(),
+            self.probe.clone(),
             self.horizon_warn_after,
             Some(self.metrics.clone()),
         );
@@ -454,7 +488,7 @@ impl App {
             })
         };
         let readiness = api::ready::Readiness {
-            pool: self.control.clone(),
+            pool: self.probe.clone(),
             listener: self.listener_stats.clone(),
             sink: sink_status,
             gauge: self.metrics.ready(),
@@ -536,6 +570,7 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.probe.close();
         self.renewal.close();
         served
     }
@@ -702,6 +737,26 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     Ok(dev.authenticator)
 }
 
+/// Deletes the rows of instances dead for longer than `retention`, so `dsreg_instances` does
+/// not grow by a row per start. A failure is logged: the rows wait for the next start.
+async fn prune_dead_instances(pool: &Pool, retention: Duration) {
+    let pruned = match pool.get().await {
+        Ok(client) => db::repository::leases::prune_dead(&**client, retention).await,
+        Err(e) => Err(e.into()),
+    };
+    match pruned {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            pruned = n,
+            retention_secs = retention.as_secs(),
+            "deleted the rows of instances dead for longer than the retention"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "pruning dead instances failed; the next start retries")
+        }
+    }
+}
+
 /// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM; with a sync folder,
 /// keep the database in step with its datasource files too.
 ///
@@ -714,7 +769,7 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
     {
         anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
     }
-    let database = Database::open(&settings).await?;
+    let database = Database::open_owned(&settings).await?;
     let result = async {
         let mut app = App::build(&settings, &database.url).await?;
         app.file_sync = file_sync;

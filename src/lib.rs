@@ -18,16 +18,19 @@
 //! - [`db`]: pool, migrations, the embedded Postgres launcher, the repositories.
 //! - [`telemetry`](crate::telemetry): logging, redaction, panics and the Prometheus registry:
 //!   a sink the layers above write to, reading none of them.
-//! - [`domain`]: names and states as types.
+//! - [`backoff`]: the one retry policy every retrying loop paces itself with.
+//! - [`domain`]: names and states as types; [`encoding`]: strict percent and hex decoders.
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connectors;
 pub mod db;
 pub mod domain;
+pub mod encoding;
 pub mod files;
 pub mod harness;
 pub mod outbox;
@@ -63,6 +66,8 @@ mod layering {
         "transform",
         "db",
         "telemetry",
+        "backoff",
+        "encoding",
         "domain",
     ];
 
@@ -73,7 +78,13 @@ mod layering {
         for line in text.lines().filter(|l| !l.trim_start().starts_with("//")) {
             let mut rest = line;
             while let Some(at) = rest.find("crate::") {
+                // `crate::` itself, not the tail of a name like `some_crate::`.
+                let path_start =
+                    !rest[..at].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_');
                 rest = &rest[at + "crate::".len()..];
+                if !path_start {
+                    continue;
+                }
                 let names: Vec<&str> = match rest.strip_prefix('{') {
                     Some(group) => group
                         .split('}')
@@ -146,7 +157,8 @@ mod layering {
     #[test]
     fn paths_are_read_from_single_and_grouped_uses() {
         let text = "use crate::db::Pool;\nuse crate::{api, telemetry::metrics};\n\
-                    // crate::cli in a comment\nlet x = crate::outbox::CHANNEL;\n";
+                    // crate::cli in a comment\nlet x = crate::outbox::CHANNEL;\n\
+                    use other_crate::app;\n";
         let found: Vec<String> = named_modules(text).into_iter().collect();
         assert_eq!(found, ["api", "db", "outbox", "telemetry"]);
     }

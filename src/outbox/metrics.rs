@@ -26,6 +26,8 @@ impl Collector for ListenerMetrics {
             .encode(names::NOTIFICATION_PATH_OK.describe(&mut encoder)?)?;
         ConstCounter::new(stats.path.failures())
             .encode(names::NOTIFICATION_PATH_FAILURES.describe(&mut encoder)?)?;
+        ConstCounter::new(stats.path.untested())
+            .encode(names::NOTIFICATION_PATH_UNTESTED.describe(&mut encoder)?)?;
         for (family, value) in [
             (&names::LISTENER_RECONNECTS, &stats.reconnects),
             (&names::NOTIFICATIONS_RECEIVED, &stats.received),

@@ -18,7 +18,6 @@
 //! gets the stop deadline, then is aborted), waits for them, writes their final states,
 //! releases its leases, and returns.
 
-pub mod backoff;
 pub mod lease;
 pub mod ops;
 pub mod worker;

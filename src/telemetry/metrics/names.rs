@@ -314,7 +314,13 @@ pub const NOTIFICATION_PATH_OK: Family = family(
 pub const NOTIFICATION_PATH_FAILURES: Family = family(
     "dsreg_notification_path_failures",
     Counter,
-    "Self-tests of the notification path that failed (the token was not sent, or did not arrive in time)",
+    "Self-tests of the notification path whose token did not arrive in time (or the server refused to send it)",
+);
+/// Notification path checks that could not send their token.
+pub const NOTIFICATION_PATH_UNTESTED: Family = family(
+    "dsreg_notification_path_untested",
+    Counter,
+    "Self-tests of the notification path that could not send their token (no pooled connection free in time); they leave the verdict as it was",
 );
 /// LISTEN reconnects.
 pub const LISTENER_RECONNECTS: Family = family(
@@ -411,6 +417,7 @@ pub const NAMES: &[Family] = &[
     LISTENER_CONNECTED,
     NOTIFICATION_PATH_OK,
     NOTIFICATION_PATH_FAILURES,
+    NOTIFICATION_PATH_UNTESTED,
     LISTENER_RECONNECTS,
     NOTIFICATIONS_RECEIVED,
     NOTIFICATIONS_MALFORMED,
