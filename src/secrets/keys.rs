@@ -19,8 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -29,6 +28,7 @@ use rand::TryRngCore;
 use zeroize::Zeroizing;
 
 use super::Error;
+use super::private_file::{Existing, write_private};
 
 /// The environment variable the config layer reads for [`EnvKeyProvider::parse`].
 pub const MASTER_KEYS_ENV: &str = "DSREG_MASTER_KEYS";
@@ -314,19 +314,8 @@ impl FileKeyProvider {
         let key = MasterKey::generate(1)?;
         let ring = KeyRing::new(BTreeMap::from([(1, key)]), Some(1))
             .map_err(|reason| invalid(path, reason))?;
-        let tmp = write_temp(path, &ring)?;
-        // A hard link fails if the name exists: a concurrent start keeps the first file, and a
-        // crash never leaves a half-written key file under the real name.
-        let linked = std::fs::hard_link(&tmp, path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                sync_parent(path);
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(invalid(path, format!("cannot create: {e}"))),
-        }
+        // A concurrent start keeps the first file.
+        write_ring(path, &ring, Existing::Keep)
     }
 
     /// Adds a new random version (one above the highest) to the key file at `path` and makes
@@ -345,12 +334,7 @@ impl FileKeyProvider {
             .ok_or_else(|| invalid(path, "no key version left".into()))?;
         ring.keys.insert(version, MasterKey::generate(version)?);
         ring.active = version;
-        let tmp = write_temp(path, &ring)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            invalid(path, format!("cannot replace: {e}"))
-        })?;
-        sync_parent(path);
+        write_ring(path, &ring, Existing::Replace)?;
         Ok(version)
     }
 }
@@ -445,30 +429,16 @@ pub(super) fn parse_key_set(text: &str) -> Result<KeySet, String> {
     })
 }
 
-/// Writes `ring` to a new file next to `path` (mode 0600 from creation, synced); returns its
-/// name.
-fn write_temp(path: &Path, ring: &KeyRing) -> Result<PathBuf, Error> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| invalid(path, format!("cannot create its folder: {e}")))?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| invalid(path, "not a file name".into()))?;
-    let mut random = [0u8; 8];
-    rand::rngs::OsRng
-        .try_fill_bytes(&mut random)
-        .map_err(|e| Error::Random(e.to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        u64::from_le_bytes(random)
-    ));
+/// Writes `ring` as a key file at `path` (mode 0600; its folder mode 0700 if missing);
+/// returns whether it was written (see [`Existing`]).
+fn write_ring(path: &Path, ring: &KeyRing, existing: Existing) -> Result<bool, Error> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| invalid(path, format!("cannot create its folder: {e}")))?;
+    }
     let mut json = Zeroizing::new(String::from("{\n  \"active\": "));
     json.push_str(&ring.active.to_string());
     json.push_str(",\n  \"keys\": {");
@@ -480,29 +450,8 @@ fn write_temp(path: &Path, ring: &KeyRing) -> Result<PathBuf, Error> {
         json.push('"');
     }
     json.push_str("\n  }\n}\n");
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(json.as_bytes())?;
-        file.sync_all()
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        invalid(path, format!("cannot write {}: {e}", tmp.display()))
-    })?;
-    Ok(tmp)
-}
-
-/// Makes a rename or link durable; best effort (some filesystems refuse to sync folders).
-fn sync_parent(path: &Path) {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
-    }
+    write_private(path, json.as_bytes(), existing)
+        .map_err(|e| invalid(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]

@@ -27,6 +27,7 @@ pub mod integrity;
 pub mod keys;
 pub mod kms;
 mod plaintext;
+pub mod private_file;
 pub mod redact;
 mod service;
 

@@ -1,8 +1,7 @@
 //! The embedded default's development credentials: an HS256 secret and an admin token under
 //! `<data-dir>/auth`, created once and issued again before the token expires.
 
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -16,6 +15,7 @@ use super::claims::{Claims, principal_from};
 use super::key_files::read_secret_file;
 use super::settings::{AuthSetupError, key_file_error};
 use super::verify::{Authenticator, validation_template};
+use crate::secrets::private_file::{Existing, write_private};
 
 /// The issuer of the embedded default's development tokens.
 pub const DEV_ISSUER: &str = "dsreg-dev";
@@ -80,7 +80,7 @@ pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, AuthSetupError> {
             .map_err(|e| AuthSetupError::Random(e.to_string()))?;
         let mut text = Zeroizing::new(STANDARD.encode(random.as_ref()));
         text.push('\n');
-        write_private(&secret_file, text.as_bytes(), Replace::No)?
+        write_credential(&secret_file, text.as_bytes(), Existing::Keep)?
     };
     let secret = read_secret_file(&secret_file)?;
     let authenticator = Authenticator::hs256(&secret, DEV_ISSUER, DEV_AUDIENCE);
@@ -99,7 +99,7 @@ pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, AuthSetupError> {
         });
         let mut token = Zeroizing::new(issue_token(&secret, &claims));
         token.push('\n');
-        write_private(&token_file, token.as_bytes(), Replace::Yes)?;
+        write_credential(&token_file, token.as_bytes(), Existing::Replace)?;
     }
     Ok(DevCredentials {
         secret_file,
@@ -135,70 +135,10 @@ pub fn issue_token(secret: &[u8], claims: &serde_json::Value) -> String {
     .expect("HS256 signing of a JSON value cannot fail")
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) enum Replace {
-    /// Keep an existing file (returns `false`).
-    No,
-    /// Replace it atomically.
-    Yes,
-}
-
-/// Writes `bytes` to `path` with mode 0600 from creation, through a synced temporary file
-/// linked (or renamed) into place, so a crash never leaves a half-written file under the real
-/// name. Returns whether the file was written.
-pub(super) fn write_private(
-    path: &Path,
-    bytes: &[u8],
-    replace: Replace,
-) -> Result<bool, AuthSetupError> {
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| key_file_error(path, "not a file name"))?;
-    let mut random = [0u8; 8];
-    rand::rngs::OsRng
-        .try_fill_bytes(&mut random)
-        .map_err(|e| AuthSetupError::Random(e.to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        u64::from_le_bytes(random)
-    ));
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(key_file_error(
-            path,
-            format!("cannot write {}: {e}", tmp.display()),
-        ));
-    }
-    let placed = match replace {
-        Replace::Yes => std::fs::rename(&tmp, path).map(|()| true),
-        // A hard link fails if the name exists: a concurrent first run keeps the first file.
-        Replace::No => match std::fs::hard_link(&tmp, path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(e),
-        },
-    };
-    let _ = std::fs::remove_file(&tmp);
-    let placed = placed.map_err(|e| key_file_error(path, format!("cannot create: {e}")))?;
-    // Makes the link or rename durable; best effort (some filesystems refuse to sync folders).
-    if let Ok(dir) = std::fs::File::open(dir) {
-        let _ = dir.sync_all();
-    }
-    Ok(placed)
+/// Writes a development credential file (mode 0600, whole or not at all).
+fn write_credential(path: &Path, bytes: &[u8], existing: Existing) -> Result<bool, AuthSetupError> {
+    write_private(path, bytes, existing)
+        .map_err(|e| key_file_error(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]
