@@ -29,6 +29,7 @@ use zeroize::Zeroizing;
 
 use super::Error;
 use super::private_file::{Existing, write_private};
+use super::zeroized;
 
 /// The environment variable the config layer reads for [`EnvKeyProvider::parse`].
 pub const MASTER_KEYS_ENV: &str = "DSREG_MASTER_KEYS";
@@ -429,6 +430,28 @@ pub(super) fn parse_key_set(text: &str) -> Result<KeySet, String> {
     })
 }
 
+/// The key file's JSON of `ring`, built in one allocation (see [`zeroized::concat`]).
+fn ring_json(ring: &KeyRing) -> Zeroizing<String> {
+    let active = ring.active.to_string();
+    let entries: Vec<(String, Zeroizing<String>)> = ring
+        .keys
+        .iter()
+        .map(|(version, key)| (version.to_string(), key.to_base64()))
+        .collect();
+    let mut parts = vec!["{\n  \"active\": ", active.as_str(), ",\n  \"keys\": {"];
+    for (i, (version, key)) in entries.iter().enumerate() {
+        parts.extend([
+            if i == 0 { "\n    \"" } else { ",\n    \"" },
+            version.as_str(),
+            "\": \"",
+            key.as_str(),
+            "\"",
+        ]);
+    }
+    parts.push("\n  }\n}\n");
+    zeroized::concat(&parts)
+}
+
 /// Writes `ring` as a key file at `path` (mode 0600; its folder mode 0700 if missing);
 /// returns whether it was written (see [`Existing`]).
 fn write_ring(path: &Path, ring: &KeyRing, existing: Existing) -> Result<bool, Error> {
@@ -439,17 +462,7 @@ fn write_ring(path: &Path, ring: &KeyRing, existing: Existing) -> Result<bool, E
             .create(dir)
             .map_err(|e| invalid(path, format!("cannot create its folder: {e}")))?;
     }
-    let mut json = Zeroizing::new(String::from("{\n  \"active\": "));
-    json.push_str(&ring.active.to_string());
-    json.push_str(",\n  \"keys\": {");
-    for (i, (version, key)) in ring.keys.iter().enumerate() {
-        json.push_str(if i == 0 { "\n    \"" } else { ",\n    \"" });
-        json.push_str(&version.to_string());
-        json.push_str("\": \"");
-        json.push_str(&key.to_base64());
-        json.push('"');
-    }
-    json.push_str("\n  }\n}\n");
+    let json = ring_json(ring);
     write_private(path, json.as_bytes(), existing)
         .map_err(|e| invalid(path, format!("cannot write: {e}")))
 }
@@ -615,5 +628,28 @@ mod tests {
         assert!(message.contains("decodes to 16 bytes"), "{message}");
         let missing = FileKeyProvider::load(dir.path().join("absent.json")).unwrap_err();
         assert!(missing.to_string().contains("absent.json"));
+    }
+
+    #[test]
+    fn the_key_file_json_never_outgrows_its_first_allocation() {
+        let keys = (1..=5)
+            .map(|v| (v, MasterKey::generate(v).unwrap()))
+            .collect::<BTreeMap<_, _>>();
+        let ring = KeyRing::new(keys, Some(4)).unwrap();
+        let json = ring_json(&ring);
+        assert_eq!(
+            json.capacity(),
+            json.len(),
+            "the key file text was reallocated"
+        );
+        let set = parse_key_set(&json).unwrap();
+        assert_eq!(set.active, 4);
+        assert_eq!(set.entries.len(), 5);
+        for (version, entry) in &set.entries {
+            assert_eq!(
+                decode_key(*version, entry).unwrap().bytes(),
+                ring.key(*version).unwrap().bytes()
+            );
+        }
     }
 }

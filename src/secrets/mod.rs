@@ -30,6 +30,7 @@ mod plaintext;
 pub mod private_file;
 pub mod redact;
 mod service;
+pub mod zeroized;
 
 use std::path::PathBuf;
 

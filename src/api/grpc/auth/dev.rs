@@ -16,6 +16,7 @@ use super::key_files::read_secret_file;
 use super::settings::{AuthSetupError, key_file_error};
 use super::verify::{Authenticator, validation_template};
 use crate::secrets::private_file::{Existing, write_private};
+use crate::secrets::zeroized;
 
 /// The issuer of the embedded default's development tokens.
 pub const DEV_ISSUER: &str = "dsreg-dev";
@@ -78,8 +79,7 @@ pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, AuthSetupError> {
         rand::rngs::OsRng
             .try_fill_bytes(random.as_mut())
             .map_err(|e| AuthSetupError::Random(e.to_string()))?;
-        let mut text = Zeroizing::new(STANDARD.encode(random.as_ref()));
-        text.push('\n');
+        let text = secret_file_text(random.as_ref());
         write_credential(&secret_file, text.as_bytes(), Existing::Keep)?
     };
     let secret = read_secret_file(&secret_file)?;
@@ -97,9 +97,12 @@ pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, AuthSetupError> {
             "iat": now,
             "exp": now + DEV_TOKEN_LIFETIME_SECS,
         });
-        let mut token = Zeroizing::new(issue_token(&secret, &claims));
-        token.push('\n');
-        write_credential(&token_file, token.as_bytes(), Existing::Replace)?;
+        let token = Zeroizing::new(issue_token(&secret, &claims));
+        write_credential(
+            &token_file,
+            token_file_text(&token).as_bytes(),
+            Existing::Replace,
+        )?;
     }
     Ok(DevCredentials {
         secret_file,
@@ -133,6 +136,17 @@ pub fn issue_token(secret: &[u8], claims: &serde_json::Value) -> String {
         &EncodingKey::from_secret(secret),
     )
     .expect("HS256 signing of a JSON value cannot fail")
+}
+
+/// The secret file's text: `random` in standard base64 and a newline.
+fn secret_file_text(random: &[u8]) -> Zeroizing<String> {
+    let encoded = Zeroizing::new(STANDARD.encode(random));
+    zeroized::concat(&[&encoded, "\n"])
+}
+
+/// The token file's text: the token and a newline.
+fn token_file_text(token: &str) -> Zeroizing<String> {
+    zeroized::concat(&[token, "\n"])
 }
 
 /// Writes a development credential file (mode 0600, whole or not at all).
@@ -213,6 +227,26 @@ mod tests {
                 .authenticate(Some(&bearer(fresh.trim())))
                 .await
                 .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_secret_and_token_texts_never_outgrow_their_first_allocation() {
+        let secret = secret_file_text(&[7u8; DEV_SECRET_BYTES]);
+        assert_eq!(secret.len(), 65);
+        assert!(secret.ends_with('\n'));
+        assert_eq!(
+            secret.capacity(),
+            secret.len(),
+            "the secret text was reallocated"
+        );
+        let token = Zeroizing::new(issue_token(SECRET, &claims_for(Role::Admin)));
+        let text = token_file_text(&token);
+        assert_eq!(text.trim_end(), token.as_str());
+        assert_eq!(
+            text.capacity(),
+            text.len(),
+            "the token text was reallocated"
         );
     }
 }
