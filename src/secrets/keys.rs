@@ -19,8 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use base64::Engine;
@@ -29,6 +28,8 @@ use rand::TryRngCore;
 use zeroize::Zeroizing;
 
 use super::Error;
+use super::private_file::{Existing, write_private};
+use super::zeroized;
 
 /// The environment variable the config layer reads for [`EnvKeyProvider::parse`].
 pub const MASTER_KEYS_ENV: &str = "DSREG_MASTER_KEYS";
@@ -314,19 +315,8 @@ impl FileKeyProvider {
         let key = MasterKey::generate(1)?;
         let ring = KeyRing::new(BTreeMap::from([(1, key)]), Some(1))
             .map_err(|reason| invalid(path, reason))?;
-        let tmp = write_temp(path, &ring)?;
-        // A hard link fails if the name exists: a concurrent start keeps the first file, and a
-        // crash never leaves a half-written key file under the real name.
-        let linked = std::fs::hard_link(&tmp, path);
-        let _ = std::fs::remove_file(&tmp);
-        match linked {
-            Ok(()) => {
-                sync_parent(path);
-                Ok(true)
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(invalid(path, format!("cannot create: {e}"))),
-        }
+        // A concurrent start keeps the first file.
+        write_ring(path, &ring, Existing::Keep)
     }
 
     /// Adds a new random version (one above the highest) to the key file at `path` and makes
@@ -345,12 +335,7 @@ impl FileKeyProvider {
             .ok_or_else(|| invalid(path, "no key version left".into()))?;
         ring.keys.insert(version, MasterKey::generate(version)?);
         ring.active = version;
-        let tmp = write_temp(path, &ring)?;
-        std::fs::rename(&tmp, path).map_err(|e| {
-            let _ = std::fs::remove_file(&tmp);
-            invalid(path, format!("cannot replace: {e}"))
-        })?;
-        sync_parent(path);
+        write_ring(path, &ring, Existing::Replace)?;
         Ok(version)
     }
 }
@@ -445,64 +430,41 @@ pub(super) fn parse_key_set(text: &str) -> Result<KeySet, String> {
     })
 }
 
-/// Writes `ring` to a new file next to `path` (mode 0600 from creation, synced); returns its
-/// name.
-fn write_temp(path: &Path, ring: &KeyRing) -> Result<PathBuf, Error> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|e| invalid(path, format!("cannot create its folder: {e}")))?;
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| invalid(path, "not a file name".into()))?;
-    let mut random = [0u8; 8];
-    rand::rngs::OsRng
-        .try_fill_bytes(&mut random)
-        .map_err(|e| Error::Random(e.to_string()))?;
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        file_name.to_string_lossy(),
-        u64::from_le_bytes(random)
-    ));
-    let mut json = Zeroizing::new(String::from("{\n  \"active\": "));
-    json.push_str(&ring.active.to_string());
-    json.push_str(",\n  \"keys\": {");
-    for (i, (version, key)) in ring.keys.iter().enumerate() {
-        json.push_str(if i == 0 { "\n    \"" } else { ",\n    \"" });
-        json.push_str(&version.to_string());
-        json.push_str("\": \"");
-        json.push_str(&key.to_base64());
-        json.push('"');
+/// The key file's JSON of `ring`, built in one allocation (see [`zeroized::concat`]).
+fn ring_json(ring: &KeyRing) -> Zeroizing<String> {
+    let active = ring.active.to_string();
+    let entries: Vec<(String, Zeroizing<String>)> = ring
+        .keys
+        .iter()
+        .map(|(version, key)| (version.to_string(), key.to_base64()))
+        .collect();
+    let mut parts = vec!["{\n  \"active\": ", active.as_str(), ",\n  \"keys\": {"];
+    for (i, (version, key)) in entries.iter().enumerate() {
+        parts.extend([
+            if i == 0 { "\n    \"" } else { ",\n    \"" },
+            version.as_str(),
+            "\": \"",
+            key.as_str(),
+            "\"",
+        ]);
     }
-    json.push_str("\n  }\n}\n");
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(json.as_bytes())?;
-        file.sync_all()
-    })();
-    written.map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        invalid(path, format!("cannot write {}: {e}", tmp.display()))
-    })?;
-    Ok(tmp)
+    parts.push("\n  }\n}\n");
+    zeroized::concat(&parts)
 }
 
-/// Makes a rename or link durable; best effort (some filesystems refuse to sync folders).
-fn sync_parent(path: &Path) {
-    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty())
-        && let Ok(dir) = std::fs::File::open(dir)
-    {
-        let _ = dir.sync_all();
+/// Writes `ring` as a key file at `path` (mode 0600; its folder mode 0700 if missing);
+/// returns whether it was written (see [`Existing`]).
+fn write_ring(path: &Path, ring: &KeyRing, existing: Existing) -> Result<bool, Error> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| invalid(path, format!("cannot create its folder: {e}")))?;
     }
+    let json = ring_json(ring);
+    write_private(path, json.as_bytes(), existing)
+        .map_err(|e| invalid(path, format!("cannot write: {e}")))
 }
 
 #[cfg(test)]
@@ -666,5 +628,28 @@ mod tests {
         assert!(message.contains("decodes to 16 bytes"), "{message}");
         let missing = FileKeyProvider::load(dir.path().join("absent.json")).unwrap_err();
         assert!(missing.to_string().contains("absent.json"));
+    }
+
+    #[test]
+    fn the_key_file_json_never_outgrows_its_first_allocation() {
+        let keys = (1..=5)
+            .map(|v| (v, MasterKey::generate(v).unwrap()))
+            .collect::<BTreeMap<_, _>>();
+        let ring = KeyRing::new(keys, Some(4)).unwrap();
+        let json = ring_json(&ring);
+        assert_eq!(
+            json.capacity(),
+            json.len(),
+            "the key file text was reallocated"
+        );
+        let set = parse_key_set(&json).unwrap();
+        assert_eq!(set.active, 4);
+        assert_eq!(set.entries.len(), 5);
+        for (version, entry) in &set.entries {
+            assert_eq!(
+                decode_key(*version, entry).unwrap().bytes(),
+                ring.key(*version).unwrap().bytes()
+            );
+        }
     }
 }

@@ -27,7 +27,9 @@ pub mod integrity;
 pub mod keys;
 pub mod kms;
 mod plaintext;
+pub mod private_file;
 mod service;
+pub mod zeroized;
 
 use std::path::PathBuf;
 

@@ -1026,3 +1026,101 @@ async fn dsreg_test_sends_a_test_credential_from_a_file_where_a_stored_one_may_n
     assert!(seen.contains("Bearer from-a-file\r\n"), "{seen}");
     assert!(!seen.contains(&stored));
 }
+
+/// `dsreg serve` with the auth flags and variables of `args` and `env`, nothing else of auth
+/// inherited.
+async fn serve_with_auth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran {
+    let mut command = dsreg(dir);
+    for name in [
+        "DSREG_AUTH_HS256_SECRET_FILE",
+        "DSREG_AUTH_PUBLIC_KEY",
+        "DSREG_AUTH_JWKS_FILE",
+        "DSREG_AUTH_JWKS_URL",
+        "DSREG_AUTH_OIDC_ISSUER",
+        "DSREG_AUTH_JWKS_CA_FILE",
+        "DSREG_AUTH_ALGORITHMS",
+        "DSREG_AUTH_ISSUER",
+        "DSREG_AUTH_AUDIENCE",
+        "DSREG_AUTH_LEEWAY_SECS",
+        "DSREG_INSECURE_NO_AUTH",
+    ] {
+        command.env_remove(name);
+    }
+    command.arg("serve").args(args).envs(env.iter().copied());
+    run(command, None).await
+}
+
+#[tokio::test]
+async fn serve_refuses_auth_flags_that_do_not_go_together_with_a_usage_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let claims = ["--auth-issuer", "i", "--auth-audience", "a"];
+    let cases: [(&[&str], &[(&str, &str)], &[&str]); 6] = [
+        (
+            &[
+                &["--auth-hs256-secret-file", "s", "--auth-jwks-file", "j"][..],
+                &claims,
+            ]
+            .concat(),
+            &[],
+            &[
+                "--auth-hs256-secret-file",
+                "--auth-jwks-file",
+                "cannot be used with",
+            ],
+        ),
+        (
+            &[&["--insecure-no-auth"][..], &claims].concat(),
+            &[("DSREG_AUTH_JWKS_FILE", "j")],
+            &[
+                "--insecure-no-auth",
+                "--auth-jwks-file",
+                "cannot be used with",
+            ],
+        ),
+        (
+            &["--auth-jwks-file", "j", "--auth-audience", "a"],
+            &[],
+            &["--auth-issuer", "required"],
+        ),
+        (
+            &["--auth-audience", "a"],
+            &[],
+            &["--auth-hs256-secret-file", "--auth-oidc-issuer", "required"],
+        ),
+        (
+            &[
+                &["--auth-jwks-file", "j", "--auth-jwks-ca-file", "c"][..],
+                &claims,
+            ]
+            .concat(),
+            &[],
+            &["--auth-jwks-url", "--auth-oidc-issuer", "required"],
+        ),
+        (
+            &[
+                &["--auth-jwks-file", "j", "--auth-leeway-secs", "301"][..],
+                &claims,
+            ]
+            .concat(),
+            &[],
+            &["--auth-leeway-secs", "301"],
+        ),
+    ];
+    for (args, env, needles) in cases {
+        let ran = serve_with_auth(dir.path(), args, env).await;
+        assert_eq!(
+            ran.status.code(),
+            Some(2),
+            "{args:?} {env:?}: {}",
+            ran.stderr
+        );
+        assert!(ran.stderr.starts_with("error: "), "{}", ran.stderr);
+        assert!(ran.stderr.contains("try '--help'"), "{}", ran.stderr);
+        for needle in needles {
+            assert!(ran.stderr.contains(needle), "{args:?}: {}", ran.stderr);
+        }
+    }
+    // Nothing was started: no embedded cluster, no development credentials.
+    assert!(!dir.path().join("pg").exists());
+    assert!(!dir.path().join("auth").exists());
+}
