@@ -380,6 +380,13 @@ impl Metrics {
         );
     }
 
+    /// The live counters of `datasource`'s worker, while it runs on this instance.
+    pub fn worker_health(&self, datasource: Uuid) -> Option<Health> {
+        lock(&self.0.workers.0)
+            .get(&datasource)
+            .map(|w| w.health.clone())
+    }
+
     /// The worker of `datasource` is stopping for good: its series and any reload awaiting it
     /// are dropped.
     pub fn worker_stopped(&self, datasource: Uuid) {
