@@ -5,12 +5,15 @@
 //! stops → the supervisor stops reconciling and stops every worker (each within its stop
 //! deadline) → the state writer writes their final states → the sink drains → tracker
 //! drained (bounded by the grace period) → pools closed → the embedded cluster stopped, if
-//! this process started it.
+//! this process owns it (started it, or adopted one a killed process left running).
 //!
 //! The supervisor is supervised: its task ending before shutdown (a panic) makes readiness
 //! fail with the reason, and the run then stops everything and returns that error, so the
-//! process exits non-zero. The control plane (leases, heartbeats, state writes, readiness) has
-//! a pool of its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take.
+//! process exits non-zero. The control plane (leases, heartbeats, state writes) has a pool of
+//! its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take; the health checks (readiness,
+//! the notification self-test, the outbox pressure watch) have one more
+//! ([`PROBE_POOL_SIZE`]), so a control plane busy starting thousands of workers is not
+//! reported as a database that does not answer.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -26,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use crate::api;
 use crate::api::grpc::auth::{Authenticator, dev_credentials};
 use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
+use crate::backoff::BackoffPolicy;
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
@@ -37,11 +41,21 @@ use crate::secrets::{
     EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
     VaultKeyProvider, VaultSettings, kms,
 };
-use crate::supervisor::backoff::BackoffPolicy;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::telemetry::metrics::Metrics;
+
+/// An instance's metrics: the registry, reading the database pool's usage and the LISTEN
+/// connection's counters at each scrape.
+pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>) -> Metrics {
+    Metrics::new(vec![
+        Box::new(crate::db::metrics::PoolMetrics(pool.clone())),
+        Box::new(crate::outbox::metrics::ListenerMetrics(Arc::clone(
+            listener,
+        ))),
+    ])
+}
 
 /// Reader tasks coalescing status reads. One: every read queued while its statement runs
 /// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
@@ -54,6 +68,10 @@ const STATUS_READERS: usize = 1;
 /// connections than `--pool-size`).
 pub const CONTROL_POOL_SIZE: usize = 4;
 
+/// Connections of the health checks' pool: readiness, the notification self-test and the
+/// outbox pressure watch, each a short statement at a time.
+pub const PROBE_POOL_SIZE: usize = 2;
+
 /// The file in the data folder holding the embedded default's gRPC address, for the client.
 pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 
@@ -61,17 +79,31 @@ pub const GRPC_ADDR_FILE: &str = "grpc.addr";
 pub struct Database {
     /// The connection URL.
     pub url: String,
-    /// The launched cluster, stopped when this is dropped (if this process started it).
+    /// The launched cluster, stopped when this is dropped (if this process owns it).
     pub cluster: Option<embedded::EmbeddedCluster>,
 }
 
 impl Database {
     /// Uses `DATABASE_URL`, or launches (or reuses) the embedded cluster and makes sure its
-    /// `dsreg` database exists.
+    /// `dsreg` database exists. A cluster another process owns (a running `dsreg serve`) is
+    /// reused and left running.
     ///
     /// # Errors
     /// The cluster could not be launched, or the database could not be created.
     pub async fn open(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, false).await
+    }
+
+    /// [`Self::open`] for `dsreg serve`, the embedded cluster's one owner: refused, naming
+    /// the running owner's pid, when another process owns the data folder.
+    ///
+    /// # Errors
+    /// As [`Self::open`].
+    pub async fn open_owned(settings: &Settings) -> anyhow::Result<Self> {
+        Self::open_with(settings, true).await
+    }
+
+    async fn open_with(settings: &Settings, exclusive: bool) -> anyhow::Result<Self> {
         if let Some(url) = &settings.database_url {
             return Ok(Self {
                 url: url.clone(),
@@ -82,10 +114,15 @@ impl Database {
             port: settings.pg_port,
             ..embedded::ClusterOptions::durable(settings.pg_data_dir())
         };
-        let cluster =
-            tokio::task::spawn_blocking(move || embedded::EmbeddedCluster::start(&options))
-                .await
-                .context("launcher task")??;
+        let cluster = tokio::task::spawn_blocking(move || {
+            if exclusive {
+                embedded::EmbeddedCluster::start_exclusive(&options)
+            } else {
+                embedded::EmbeddedCluster::start(&options)
+            }
+        })
+        .await
+        .context("launcher task")??;
         db::create_database(&cluster.url("postgres"), embedded::DATABASE, None)
             .await
             .context("creating the dsreg database in the embedded cluster")?;
@@ -95,7 +132,7 @@ impl Database {
         })
     }
 
-    /// Stops the embedded cluster if this process started it.
+    /// Stops the embedded cluster if this process owns it.
     pub async fn close(mut self) {
         if let Some(mut cluster) = self.cluster.take() {
             let stopped = tokio::task::spawn_blocking(move || cluster.stop()).await;
@@ -143,6 +180,8 @@ pub struct App {
     pool: Pool,
     /// The control plane's pool ([`CONTROL_POOL_SIZE`]).
     control: Pool,
+    /// The health checks' pool ([`PROBE_POOL_SIZE`]).
+    probe: Pool,
     /// The lease renewer's connection, used only on the renewer's own thread (one more
     /// connection than the two pools).
     renewal: Pool,
@@ -158,6 +197,8 @@ pub struct App {
     pub backoff: BackoffPolicy,
     /// How long a stopping worker gets before it is aborted.
     pub stop_deadline: Duration,
+    /// How long a stopped or silent instance's row is kept; older ones go at start.
+    pub dead_instance_retention: Duration,
     /// How old a transaction holding the outbox horizon may grow before the log names it.
     pub horizon_warn_after: Duration,
     /// The LISTEN connection's settings.
@@ -211,6 +252,7 @@ impl App {
             check_keys(secrets, &pool, settings.skip_key_check).await?;
         }
         let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
+        let probe = db::pool_with(url, &bounds, PROBE_POOL_SIZE, settings.pool_wait())?;
         let instance_id = settings
             .instance_id
             .clone()
@@ -230,7 +272,7 @@ impl App {
                 .context("reading the page token key")?
         };
         let listener_stats = Arc::<ListenerStats>::default();
-        let metrics = Metrics::new(pool.clone(), listener_stats.clone());
+        let metrics = metrics(&pool, &listener_stats);
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
@@ -248,6 +290,7 @@ impl App {
             grpc_tls,
             pool,
             control,
+            probe,
             renewal,
             schema_version,
             instance_id,
@@ -256,6 +299,7 @@ impl App {
             supervisor: settings.supervisor(),
             backoff: settings.backoff(),
             stop_deadline: settings.stop_deadline(),
+            dead_instance_retention: settings.dead_instance_retention(),
             listener: ListenerConfig {
                 connect: bounds,
                 ..ListenerConfig::new(settings.listen_url(url))
@@ -333,6 +377,7 @@ impl App {
         let listener = Listener::connect(self.listener.clone(), self.listener_stats.clone())
             .await
             .context("connecting the LISTEN connection")?;
+        prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) =
             StateWriter::new(self.control.clone(), self.instance_id.clone());
@@ -402,7 +447,7 @@ impl App {
         let sink_stop = CancellationToken::new();
         tracker.spawn(
             crate::outbox::selftest::SelfTest::new(
-                self.control.clone(),
+                self.probe.clone(),
                 self.listener_stats.clone(),
                 self.notification_check,
             )
@@ -410,7 +455,7 @@ impl App {
         );
         tracker.spawn(listener.run(signals, shutdown.child_token()));
         let pressure = crate::outbox::pressure::PressureWatch::new(
-            self.control.clone(),
+            self.probe.clone(),
             self.horizon_warn_after,
             Some(self.metrics.clone()),
         );
@@ -449,7 +494,7 @@ impl App {
             })
         };
         let readiness = api::ready::Readiness {
-            pool: self.control.clone(),
+            pool: self.probe.clone(),
             listener: self.listener_stats.clone(),
             sink: sink_status,
             gauge: self.metrics.ready(),
@@ -532,6 +577,7 @@ impl App {
         }
         self.pool.close();
         self.control.close();
+        self.probe.close();
         self.renewal.close();
         served
     }
@@ -694,6 +740,26 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
     Ok(dev.authenticator)
 }
 
+/// Deletes the rows of instances dead for longer than `retention`, so `dsreg_instances` does
+/// not grow by a row per start. A failure is logged: the rows wait for the next start.
+async fn prune_dead_instances(pool: &Pool, retention: Duration) {
+    let pruned = match pool.get().await {
+        Ok(client) => db::repository::leases::prune_dead(&**client, retention).await,
+        Err(e) => Err(e.into()),
+    };
+    match pruned {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            pruned = n,
+            retention_secs = retention.as_secs(),
+            "deleted the rows of instances dead for longer than the retention"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "pruning dead instances failed; the next start retries")
+        }
+    }
+}
+
 /// `dsreg serve`: open the database, build, run until SIGINT/SIGTERM; with a sync folder,
 /// keep the database in step with its datasource files too.
 ///
@@ -706,7 +772,7 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
     {
         anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
     }
-    let database = Database::open(&settings).await?;
+    let database = Database::open_owned(&settings).await?;
     let result = async {
         let mut app = App::build(&settings, &database.url).await?;
         app.file_sync = file_sync;
@@ -755,5 +821,140 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashMap};
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::connectors::Health;
+    use crate::telemetry::metrics::{Identity, NAMES};
+
+    /// `# TYPE` of every family in a scrape, with its `# HELP`.
+    fn families(text: &str) -> BTreeMap<String, (String, String)> {
+        let mut help = HashMap::new();
+        let mut out = BTreeMap::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# HELP ") {
+                let (name, text) = rest.split_once(' ').unwrap();
+                help.insert(name.to_owned(), text.to_owned());
+            } else if let Some(rest) = line.strip_prefix("# TYPE ") {
+                let (name, kind) = rest.split_once(' ').unwrap();
+                let help = help.get(name).cloned().unwrap_or_default();
+                out.insert(name.to_owned(), (kind.to_owned(), help));
+            }
+        }
+        out
+    }
+
+    fn sample(text: &str, prefix: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix)?.trim().parse().ok())
+    }
+
+    #[test]
+    fn an_instance_serves_every_listed_family_with_its_type_and_a_sentence_of_help() {
+        let pool = crate::db::pool(
+            "postgres://localhost/unused",
+            4,
+            std::time::Duration::from_secs(1),
+        )
+        .expect("a pool is built without connecting");
+        let m = metrics(&pool, &Arc::default());
+        let id = Uuid::new_v4();
+        let health = Health::default();
+        health.set_running(true);
+        health.records(3);
+        m.worker_started(id, "generator", Arc::new(health));
+        m.worker_identity(
+            id,
+            Identity {
+                org: "acme".into(),
+                project: "shop".into(),
+                version: 7,
+            },
+        );
+        m.rpc_handled(
+            "/dsreg.v1.Registry/GetInfo",
+            "OK",
+            std::time::Duration::from_millis(2),
+        );
+        // A labelled family is written once it has a series.
+        m.reconcile_pass(true, std::time::Duration::from_millis(5));
+        let text = m.encode().unwrap();
+        assert!(text.ends_with("# EOF\n"), "{text}");
+
+        let found = families(&text);
+        let served: Vec<(&str, &str)> = found
+            .iter()
+            .map(|(name, (kind, _))| (name.as_str(), kind.as_str()))
+            .collect();
+        let listed: BTreeMap<String, &str> = NAMES
+            .iter()
+            .map(|f| (f.family(), f.kind.as_str()))
+            .collect();
+        let listed: Vec<(&str, &str)> = listed.iter().map(|(n, k)| (n.as_str(), *k)).collect();
+        let unlisted: Vec<_> = served.iter().filter(|f| !listed.contains(f)).collect();
+        let missing: Vec<_> = listed.iter().filter(|f| !served.contains(f)).collect();
+        assert!(
+            unlisted.is_empty() && missing.is_empty(),
+            "served but not in NAMES: {unlisted:?}; in NAMES but not served: {missing:?}"
+        );
+        assert_eq!(listed.len(), NAMES.len(), "a family is listed twice");
+        for (name, (_, help)) in &found {
+            assert!(
+                help.len() > 10 && help.ends_with('.') && !help.ends_with(".."),
+                "{name}: help {help:?}"
+            );
+            if name.ends_with("_seconds") {
+                assert!(text.contains(&format!("# UNIT {name} seconds\n")), "{name}");
+            }
+        }
+
+        let labels = format!("{{datasource=\"{id}\",kind=\"generator\"}}");
+        assert_eq!(
+            sample(&text, &format!("dsreg_datasource_records_total{labels}")),
+            Some(3.0)
+        );
+        assert_eq!(
+            sample(&text, &format!("dsreg_datasource_restarts_total{labels}")),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "dsreg_datasource_worker_state{{datasource=\"{id}\",kind=\"generator\",state=\"starting\"}}"
+                )
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(
+                    "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"shop\",kind=\"generator\",version=\"7\"}}"
+                )
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                "dsreg_grpc_requests_total{method=\"/dsreg.v1.Registry/GetInfo\",code=\"OK\"}"
+            ),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "dsreg_db_pool_max_connections"), Some(4.0));
+
+        m.worker_stopped(id);
+        let text = m.encode().unwrap();
+        assert!(!text.contains(&id.to_string()), "{text}");
+        assert!(text.contains("# TYPE dsreg_datasource_records counter\n"));
+        assert!(text.contains("# TYPE dsreg_datasource_info gauge\n"));
     }
 }

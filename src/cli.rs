@@ -76,6 +76,8 @@ enum Command {
     Info(client::catalog::InfoArgs),
     /// The registry instances sharing the database, and the datasource leases each holds.
     Instances(client::catalog::InstancesArgs),
+    /// Check a config for a kind (or a datasource) without saving it: every problem at once.
+    Validate(client::validate::ValidateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -154,6 +156,7 @@ impl Cli {
             Command::Kinds(args) => args.run().await,
             Command::Info(args) => args.run().await,
             Command::Instances(args) => args.run().await,
+            Command::Validate(args) => args.run().await,
         }
     }
 }
@@ -478,5 +481,48 @@ mod tests {
             .is_ok()
         );
         assert!(parse(&["test", "d", "--version", "2", "--config-file", "c.json"]).is_err());
+    }
+
+    #[test]
+    fn client_durations_take_a_unit_and_server_flags_count_milliseconds() {
+        for timeout in ["500ms", "2s", "1m", "1m 30s"] {
+            assert!(
+                parse(&["worker", "start", "d", "--timeout", timeout]).is_ok(),
+                "{timeout}"
+            );
+            assert!(
+                parse(&["test", "d", "--sample-file", "a", "--timeout", timeout]).is_ok(),
+                "{timeout}"
+            );
+        }
+        for bare in ["10", "+2s", "0s", "soon"] {
+            let error = parse(&["worker", "start", "d", "--timeout", bare]).unwrap_err();
+            assert_eq!(
+                error.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{bare}"
+            );
+        }
+        let error = parse(&["worker", "start", "d", "--timeout", "10"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("give a unit"), "{error}");
+        let Command::Serve { settings, .. } = parse(&[
+            "serve",
+            "--backoff-base-ms",
+            "500",
+            "--backoff-max-ms",
+            "2000",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("serve parses as serve");
+        };
+        assert_eq!(
+            settings.backoff().base,
+            std::time::Duration::from_millis(500)
+        );
+        assert_eq!(settings.backoff().max, std::time::Duration::from_secs(2));
     }
 }

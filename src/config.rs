@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use crate::api::grpc::limits::RpcLimits;
 use crate::api::tls::TlsFiles;
+use crate::backoff::BackoffPolicy;
 use crate::connectors::sink::Target;
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
-use crate::supervisor::backoff::BackoffPolicy;
 use crate::transform::Limits;
 
 /// How `dsreg` reaches its database and where it serves.
@@ -296,6 +296,15 @@ pub struct Settings {
     #[arg(long, env = "DSREG_LEASE_MOVES_PER_TICK", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub lease_moves_per_tick: u64,
 
+    /// How long a stopped or silent instance stays listed (`dsreg instances`), in seconds:
+    /// older rows of `dsreg_instances` are deleted at every start.
+    #[arg(
+        long,
+        env = "DSREG_DEAD_INSTANCE_RETENTION_SECS",
+        default_value_t = 86_400
+    )]
+    pub dead_instance_retention_secs: u64,
+
     /// The crash-loop window, in milliseconds.
     #[arg(long, env = "DSREG_CRASH_LOOP_WINDOW_MS", default_value_t = 60_000)]
     pub crash_loop_window_ms: u64,
@@ -513,6 +522,11 @@ impl Settings {
             keepalive_count: self.db_keepalive_count,
             tcp_user_timeout: millis_or_none(self.db_tcp_user_timeout_ms),
         }
+    }
+
+    /// How long a dead instance's row is kept.
+    pub fn dead_instance_retention(&self) -> Duration {
+        Duration::from_secs(self.dead_instance_retention_secs)
     }
 
     /// Shutdown grace period.

@@ -3,7 +3,8 @@
 //!
 //! Map of the crate (dependencies point inward: `api` → `supervisor` → `connectors` → `db`):
 //! - [`cli`](crate::cli) parses the command line; [`config`] holds every setting; [`app`] wires and runs.
-//! - [`domain`]: names and states as types.
+//! - [`backoff`]: the one retry policy every retrying loop paces itself with.
+//! - [`domain`]: names and states as types; [`encoding`]: strict percent and hex decoders.
 //! - [`db`]: pool, migrations, the embedded Postgres launcher, the repositories.
 //! - [`outbox`]: the LISTEN connection and the outbox reader that never skips an event
 //!   committed out of order.
@@ -18,12 +19,14 @@
 
 pub mod api;
 pub mod app;
+pub mod backoff;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod connectors;
 pub mod db;
 pub mod domain;
+pub mod encoding;
 pub mod files;
 pub mod harness;
 pub mod outbox;

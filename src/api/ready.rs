@@ -36,7 +36,8 @@ impl Fatal {
 /// What readiness looks at; cheap to clone.
 #[derive(Clone)]
 pub struct Readiness {
-    /// The pool readiness probes use (the control plane's, which workers cannot take).
+    /// The pool readiness probes use (the health checks' own, which neither workers nor the
+    /// control plane can take).
     pub pool: Pool,
     /// The LISTEN connection's state.
     pub listener: Arc<ListenerStats>,

@@ -79,7 +79,7 @@ impl InstancesArgs {
             };
             table.row([
                 id,
-                table::yes(i.live).to_owned(),
+                liveness(i).to_owned(),
                 table::thousands(u64::try_from(i.leases).unwrap_or(0)),
                 i.address.clone(),
                 i.version.clone(),
@@ -88,6 +88,16 @@ impl InstancesArgs {
             ]);
         }
         printer.text(&table.render())
+    }
+}
+
+/// The LIVE column: a dead instance says how it died (a clean stop, or silence: killed,
+/// frozen, cut off).
+fn liveness(instance: &pb::Instance) -> &'static str {
+    match (instance.live, instance.stopped_at.is_some()) {
+        (true, _) => "yes",
+        (false, true) => "no (stopped)",
+        (false, false) => "no (silent)",
     }
 }
 

@@ -10,9 +10,8 @@ use std::cell::Cell;
 use std::future::Future;
 use std::time::Duration;
 
-use rand::Rng;
-
 use crate::api::grpc::pb;
+use crate::backoff::{Exponential, Retries};
 
 use super::connect::{Client, ClientArgs};
 use super::error::CallError;
@@ -177,55 +176,13 @@ pub async fn until_ctrl_c(work: impl Future<Output = anyhow::Result<()>>) -> any
     }
 }
 
-/// Reconnect pacing: doubling from `base` to `max`, reset by progress.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Duration::from_millis(250), Duration::from_secs(5))
-    }
-}
-
-impl Backoff {
-    /// Starting at `base`, capped at `max`.
-    pub fn new(base: Duration, max: Duration) -> Self {
-        Self {
-            base,
-            max,
-            next: base,
-        }
-    }
-
-    /// The next delay before jitter; each call doubles the following one up to the cap.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.next;
-        self.next = (self.next * 2).min(self.max);
-        delay
-    }
-
-    /// The next delay with jitter: somewhere in its upper half, so clients cut off together
-    /// do not come back together.
-    pub fn next_jittered(&mut self) -> Duration {
-        let delay = self.next_delay();
-        let half = delay / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-
-    /// Back to `base` (after an item arrived: the connection works).
-    pub fn reset(&mut self) {
-        self.next = self.base;
-    }
-}
+/// Reconnect pacing: 250 ms doubling up to 5 s, jittered, started over by progress.
+const RECONNECT: Exponential = Exponential::new(Duration::from_millis(250), Duration::from_secs(5));
 
 /// Follows a server stream until it is refused for good or `on_item` fails: `open` starts it
 /// (called again after each reconnect, so it can resume where the last one stopped); a stream
 /// that ends or breaks with a retryable code is reopened on a fresh connection after a
-/// [`Backoff`] delay, with a note on stderr naming `position()`.
+/// [`RECONNECT`] delay, with a note on stderr naming `position()`.
 ///
 /// # Errors
 /// A non-retryable [`CallError`]; `on_item`'s error (say, stdout closed).
@@ -242,7 +199,7 @@ where
     F: FnMut(&Client) -> Fut,
     Fut: Future<Output = Result<tonic::Response<tonic::Streaming<T>>, tonic::Status>>,
 {
-    let mut backoff = Backoff::default();
+    let mut backoff = Retries::new(RECONNECT);
     let mut reconnect = false;
     loop {
         let ended = async {
@@ -255,7 +212,7 @@ where
             }
             let mut stream = open(client).await.map_err(CallError::from)?.into_inner();
             while let Some(item) = stream.message().await.map_err(CallError::from)? {
-                backoff.reset();
+                backoff.succeeded();
                 on_item(item)?;
             }
             anyhow::Ok(())
@@ -268,7 +225,7 @@ where
                 _ => return Err(e),
             },
         };
-        let delay = backoff.next_jittered();
+        let delay = backoff.failed(rand::random::<f64>());
         note(&format!(
             "watch interrupted ({}); reconnecting in {} ms, {}",
             table::clean(&reason),
@@ -332,24 +289,6 @@ fn compact(json: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_doubles_to_its_cap_and_resets_after_progress() {
-        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(2));
-        let delays: Vec<u128> = (0..6).map(|_| backoff.next_delay().as_millis()).collect();
-        assert_eq!(delays, [250, 500, 1_000, 2_000, 2_000, 2_000]);
-        backoff.reset();
-        assert_eq!(backoff.next_delay(), Duration::from_millis(250));
-    }
-
-    #[test]
-    fn jitter_stays_in_the_upper_half() {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
-        for _ in 0..100 {
-            let delay = backoff.next_jittered();
-            assert!(delay >= Duration::from_millis(500) && delay <= Duration::from_secs(1));
-        }
-    }
 
     #[test]
     fn an_event_line_shows_its_payload_on_one_line() {

@@ -161,27 +161,17 @@ pub fn read_secret_from(
     Ok(value)
 }
 
-/// Parses a duration: `500ms`, `30s`, `2m`, `1h`, or plain seconds (`10`, `1.5`); positive.
+/// Parses a duration the way people write one, with its unit (`500ms`, `2s`, `1m`, `1h 30m`;
+/// humantime's grammar); positive. A bare number is refused: the server's flags count
+/// milliseconds (`*_ms`) while a command line would mean seconds, so the unit is spelled out.
 ///
 /// # Errors
 /// A message for clap.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let number: f64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration (500ms, 30s, 2m, 1h)"))?;
-    let seconds = match unit.trim() {
-        "" | "s" | "sec" => number,
-        "ms" => number / 1_000.0,
-        "m" | "min" => number * 60.0,
-        "h" => number * 3_600.0,
-        other => return Err(format!("unknown unit {other:?} (use ms, s, m or h)")),
-    };
-    let duration = Duration::try_from_secs_f64(seconds).map_err(|e| e.to_string())?;
+    let duration = humantime::parse_duration(text).map_err(|e| {
+        format!("{text:?} is not a duration ({e}): give a unit, as in 500ms, 2s, 1m or 1h")
+    })?;
     if duration.is_zero() {
         return Err("the duration must be positive".into());
     }
@@ -275,8 +265,16 @@ mod tests {
     fn durations_take_units() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("10").unwrap(), Duration::from_secs(10));
-        assert_eq!(parse_duration("1.5").unwrap(), Duration::from_millis(1_500));
+        assert_eq!(parse_duration("2s").unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_duration("1m").unwrap(), Duration::from_secs(60));
+        assert_eq!(parse_duration("1m 30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_duration("10").is_err(), "a bare number names no unit");
+        assert!(
+            parse_duration("1.5").is_err(),
+            "a bare number names no unit"
+        );
+        assert!(parse_duration("+2s").is_err());
+        assert!(parse_duration("-2s").is_err());
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3_600));
         assert!(parse_duration("0s").is_err());

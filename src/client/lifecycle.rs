@@ -475,4 +475,77 @@ mod tests {
             "  error       running v2 / published v3  desired running  restarts 1  failures 4  error config: bad url"
         );
     }
+
+    #[test]
+    fn a_bulk_restart_reads_as_a_row_per_worker_and_a_count() {
+        let answer = pb::RestartWorkersResponse {
+            workers: vec![
+                pb::WorkerState {
+                    datasource_id: "d1".into(),
+                    status: pb::WorkerStatus::Running as i32,
+                    running_version: 2,
+                    published_version: 2,
+                    restarts_requested: 3,
+                    settled: true,
+                    ..Default::default()
+                },
+                pb::WorkerState {
+                    datasource_id: "d2".into(),
+                    status: pb::WorkerStatus::Error as i32,
+                    published_version: 1,
+                    restarts_requested: 1,
+                    failures_since_healthy: 2,
+                    error_code: "invalid_transform".into(),
+                    ..Default::default()
+                },
+            ],
+            dry_run: false,
+        };
+        let text = restarts_table(&answer);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 4, "{text}");
+        assert!(lines[0].starts_with("DATASOURCE"), "{text}");
+        assert!(
+            lines[1].starts_with("d1") && lines[1].contains("yes"),
+            "{text}"
+        );
+        assert!(
+            lines[2].starts_with("d2") && lines[2].ends_with("invalid_transform"),
+            "{text}"
+        );
+        assert_eq!(lines[3], "2 restarted");
+        let dry = restarts_table(&pb::RestartWorkersResponse {
+            dry_run: true,
+            ..answer
+        });
+        assert!(
+            dry.contains("WOULD RESTART") && dry.ends_with("2 would restart\n"),
+            "{dry}"
+        );
+    }
+
+    #[test]
+    fn failed_selects_every_failing_status_once() {
+        let filter = RestartFilter {
+            failed: true,
+            status: vec!["error".into()],
+            kind: Some("generator".into()),
+            org: None,
+            project: None,
+            tag: None,
+            id: vec![],
+            dry_run: true,
+        };
+        let request = filter.request();
+        assert_eq!(
+            request.statuses,
+            vec![
+                pb::WorkerStatus::Error as i32,
+                pb::WorkerStatus::CrashLoop as i32,
+                pb::WorkerStatus::Stalled as i32
+            ]
+        );
+        assert_eq!(request.kind, "generator");
+        assert!(request.dry_run);
+    }
 }

@@ -30,6 +30,7 @@ pub mod output;
 pub mod progress;
 pub mod secrets;
 pub mod table;
+pub mod validate;
 pub mod versions;
 
 pub use connect::{Client, ClientArgs};

@@ -4,8 +4,8 @@
 //! Config: `url` (http or https), `interval_ms`, `headers` (an object of strings),
 //! `bearer_secret` (the name of the datasource secret holding a bearer token), `record_path`
 //! (a JSON pointer to the records: an array gives many, an object one), `timeout_ms`,
-//! `max_retries` and `retry_base_ms` (5xx and connection errors are retried with exponential
-//! backoff within a poll), `max_body_bytes`, and `cursor` (`{"field", "param"}`: the highest
+//! `max_retries` and `retry_base_ms` (5xx and connection errors are retried within a poll,
+//! doubling from `retry_base_ms` up to a minute, with jitter), `max_body_bytes`, and `cursor` (`{"field", "param"}`: the highest
 //! `field` seen is sent as the query parameter `param` on the next poll).
 //!
 //! Failures are told apart: connection errors and 5xx are transient (retried within the poll,
@@ -303,9 +303,8 @@ impl Connector for HttpPoll {
 
     fn stall_after(&self, config: &Value) -> Option<Duration> {
         let settings = parse(config).ok()?;
-        let retries = settings
-            .retry_base
-            .saturating_mul(1 << settings.max_retries.min(16));
+        let pacing = pacing(&settings);
+        let retries: Duration = (1..=settings.max_retries).map(|n| pacing.ceiling(n)).sum();
         Some((settings.interval + settings.timeout * (settings.max_retries + 1) + retries) * 3)
     }
 
@@ -391,6 +390,12 @@ enum Polled {
     Lapsed,
 }
 
+/// How the retries within one poll are paced: doubling from `retry_base_ms`, at most
+/// [`MAX_WAIT_IN_POLL`] apart.
+fn pacing(settings: &Settings) -> crate::backoff::Exponential {
+    crate::backoff::Exponential::new(settings.retry_base, MAX_WAIT_IN_POLL)
+}
+
 /// One poll with retries; before each request it asks `lease`.
 async fn poll(
     client: &reqwest::Client,
@@ -399,7 +404,7 @@ async fn poll(
     state: &Value,
     lease: &LeaseCheck,
 ) -> Result<Polled, Error> {
-    let mut attempt = 0;
+    let mut retries = crate::backoff::Retries::new(pacing(settings));
     loop {
         if !lease.holds() {
             return Ok(Polled::Lapsed);
@@ -408,7 +413,8 @@ async fn poll(
             Ok(polled) => return Ok(polled),
             Err(failed) => failed,
         };
-        let backoff = settings.retry_base.saturating_mul(1 << attempt.min(16));
+        let attempt = retries.failures();
+        let backoff = retries.failed(rand::random::<f64>());
         let delay = match failed {
             Fetch::Retryable(reason) if attempt < settings.max_retries => {
                 tracing::debug!(attempt, reason, "poll failed; retrying");
@@ -429,8 +435,8 @@ async fn poll(
             Fetch::Throttled(message, after) => return Err(Error::Throttled { message, after }),
             Fetch::Refused(reason) => return Err(Error::Refused(reason)),
         };
+        // The caller races the whole poll against the run's cancel token.
         tokio::time::sleep(delay).await;
-        attempt += 1;
     }
 }
 
@@ -587,7 +593,7 @@ async fn fetch(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| super::retry_after(v, chrono::Utc::now()))
+        .and_then(|v| super::retry_after(v, std::time::SystemTime::now()))
     {
         return Err(Fetch::Throttled(answered(), after));
     }
@@ -795,6 +801,27 @@ mod tests {
             endpoint(&url("http://[::1]:8080/x")).unwrap(),
             ("::1".to_owned(), 8080)
         );
+    }
+
+    #[test]
+    fn the_stall_threshold_covers_a_polls_whole_retry_schedule() {
+        let config = |base_ms: u64, retries: u32| {
+            json!({
+                "url": "http://example.test/",
+                "interval_ms": 1_000,
+                "timeout_ms": 1_000,
+                "retry_base_ms": base_ms,
+                "max_retries": retries,
+            })
+        };
+        // 100 ms, 200 ms, 400 ms of retries: (1 s + 4 × 1 s + 0.7 s) × 3.
+        assert_eq!(
+            HttpPoll.stall_after(&config(100, 3)),
+            Some(Duration::from_millis(17_100))
+        );
+        // The longest schedule: 20 retries a minute apart at most, not 2^20 minutes.
+        let longest = HttpPoll.stall_after(&config(60_000, 20)).unwrap();
+        assert_eq!(longest, (Duration::from_secs(1 + 21 + 20 * 60)) * 3);
     }
 
     #[test]

@@ -122,18 +122,19 @@ impl Error {
 /// The longest `Retry-After` honoured: a source asking for more is asked again after this.
 pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3_600);
 
-/// The delay a `Retry-After` value asks for, in either form (delay-seconds or an HTTP-date,
-/// counted from `now`), at most [`MAX_RETRY_AFTER`]; `None` when it is neither.
-pub fn retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+/// The delay a `Retry-After` value asks for, in either form (delay-seconds, digits only, or
+/// an HTTP-date in any of its three formats, counted from `now`), at most
+/// [`MAX_RETRY_AFTER`]; `None` when it is neither. A date in the past asks for no wait.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
     let value = value.trim();
-    let after = match value.parse::<u64>() {
-        Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => {
-            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-            (at.with_timezone(&chrono::Utc) - now)
-                .to_std()
-                .unwrap_or(Duration::ZERO)
-        }
+    let after = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        // Digits only: more than u64 seconds is still "longer than the cap".
+        Duration::from_secs(value.parse::<u64>().unwrap_or(u64::MAX))
+    } else {
+        httpdate::parse_http_date(value)
+            .ok()?
+            .duration_since(now)
+            .unwrap_or(Duration::ZERO)
     };
     Some(after.min(MAX_RETRY_AFTER))
 }
@@ -307,6 +308,29 @@ impl Health {
     /// Errors so far.
     pub fn errors_total(&self) -> u64 {
         self.0.errors.load(Ordering::Relaxed)
+    }
+}
+
+/// The worker's series on `/metrics` read these.
+impl crate::telemetry::metrics::Figures for Health {
+    fn records(&self) -> u64 {
+        self.records_total()
+    }
+
+    fn errors(&self) -> u64 {
+        self.errors_total()
+    }
+
+    fn dead_lettered(&self) -> u64 {
+        self.dead_lettered_total()
+    }
+
+    fn restarts(&self) -> u64 {
+        self.starts_total().saturating_sub(1)
+    }
+
+    fn last_progress_ms(&self) -> i64 {
+        Health::last_progress_ms(self)
     }
 }
 
@@ -756,14 +780,13 @@ impl Catalog {
             }),
             Err(e) => problems.push(refused(e)),
         }
-        let required =
-            match contain::contain("required_secrets", || connector.required_secrets(config)) {
-                Ok(required) => required,
-                Err(e) => {
-                    problems.push(refused(e));
-                    Vec::new()
-                }
-            };
+        let required = match self.secrets_needed(kind, config) {
+            Ok(required) => required,
+            Err(e) => {
+                problems.push(e);
+                Vec::new()
+            }
+        };
         for missing in required
             .into_iter()
             .filter(|name| !secret_names.contains(name))
@@ -789,6 +812,22 @@ impl Catalog {
         } else {
             Err(problems)
         }
+    }
+
+    /// The secrets `config` needs for `kind`, by name (none for an unknown kind).
+    ///
+    /// # Errors
+    /// The kind's code panicked on this config: the refusal, naming the panic.
+    pub fn secrets_needed(
+        &self,
+        kind: &str,
+        config: &serde_json::Value,
+    ) -> Result<Vec<String>, ConfigError> {
+        let Some(connector) = self.get(kind) else {
+            return Ok(Vec::new());
+        };
+        contain::contain("required_secrets", || connector.required_secrets(config))
+            .map_err(|e| ConfigError::new("", e.to_string()))
     }
 
     /// The kind's health, checked at most once per `max_age` (the API's default is 60 s).
@@ -999,13 +1038,21 @@ mod tests {
 
     #[test]
     fn retry_after_reads_seconds_and_http_dates_and_is_bounded() {
-        let now = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
-            .unwrap()
-            .with_timezone(&chrono::Utc);
+        // 2026-01-05T10:00:00Z.
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_767_607_200);
         assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
         assert_eq!(
             retry_after("Mon, 05 Jan 2026 10:00:30 GMT", now),
             Some(Duration::from_secs(30))
+        );
+        // The obsolete forms an HTTP-date may still take.
+        assert_eq!(
+            retry_after("Monday, 05-Jan-26 10:01:00 GMT", now),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            retry_after("Mon Jan  5 10:00:05 2026", now),
+            Some(Duration::from_secs(5))
         );
         assert_eq!(
             retry_after("Mon, 05 Jan 2026 09:00:00 GMT", now),
@@ -1013,37 +1060,44 @@ mod tests {
             "a date in the past: now"
         );
         assert_eq!(retry_after("99999999", now), Some(MAX_RETRY_AFTER));
-        assert_eq!(retry_after("soon", now), None);
-        assert_eq!(retry_after("-3", now), None);
+        assert_eq!(
+            retry_after("99999999999999999999999", now),
+            Some(MAX_RETRY_AFTER)
+        );
+        for refused in [
+            "soon",
+            "-3",
+            "+3",
+            "3s",
+            "",
+            "1e3",
+            "Mon, 05 Jan 2026 10:00:30 +0100",
+        ] {
+            assert_eq!(retry_after(refused, now), None, "{refused:?}");
+        }
     }
 
     proptest::proptest! {
         #[test]
         fn any_retry_after_value_is_read_without_panic_and_bounded(value in "\\PC{0,40}") {
-            let now = chrono::Utc::now();
+            let now = std::time::SystemTime::now();
             if let Some(after) = retry_after(&value, now) {
                 proptest::prop_assert!(after <= MAX_RETRY_AFTER);
             }
         }
 
         #[test]
-        fn retry_after_seconds_and_dates_agree(seconds in 0i64..200_000, pad in 0usize..3) {
-            let now = chrono::DateTime::parse_from_rfc3339("2026-01-05T10:00:00Z")
-                .unwrap()
-                .with_timezone(&chrono::Utc);
-            let expected = Duration::from_secs(seconds as u64).min(MAX_RETRY_AFTER);
+        fn retry_after_seconds_and_dates_agree(seconds in 0u64..200_000, pad in 0usize..3) {
+            let now = std::time::UNIX_EPOCH + Duration::from_secs(1_767_607_200);
+            let expected = Duration::from_secs(seconds).min(MAX_RETRY_AFTER);
             let spaces = " ".repeat(pad);
             proptest::prop_assert_eq!(
                 retry_after(&format!("{spaces}{seconds}{spaces}"), now),
                 Some(expected)
             );
-            let date = (now + chrono::Duration::seconds(seconds))
-                .format("%a, %d %b %Y %H:%M:%S GMT")
-                .to_string();
+            let date = httpdate::fmt_http_date(now + Duration::from_secs(seconds));
             proptest::prop_assert_eq!(retry_after(&date, now), Some(expected));
-            let past = (now - chrono::Duration::seconds(seconds))
-                .format("%a, %d %b %Y %H:%M:%S GMT")
-                .to_string();
+            let past = httpdate::fmt_http_date(now - Duration::from_secs(seconds));
             proptest::prop_assert_eq!(retry_after(&past, now), Some(Duration::ZERO));
         }
     }

@@ -57,6 +57,8 @@ use crate::db::repository::leases;
 use crate::db::repository::records::{self, SinkColumns};
 use crate::transform::Transform;
 
+/// Longest `Retry-After` a gateway is obeyed for (a longer one is cut to this).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// Records per flush at most.
 const MAX_BATCH: usize = 5_000;
 /// Queue capacity, in batches sent by workers.
@@ -64,8 +66,6 @@ const QUEUE: usize = 1_024;
 /// Records (and dead letters) one datasource's worker may have waiting in the sink; beyond
 /// it, its writes wait.
 pub const MAX_PENDING: usize = 20_000;
-/// Longest `Retry-After` honoured.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 /// How a datasource whose flush failed is retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
@@ -93,11 +93,7 @@ impl RetryPolicy {
     /// The delay before attempt `failures + 1`: exponential from `base`, capped at `max`,
     /// with jitter down to half so datasources failing together spread out.
     fn delay(&self, failures: u32) -> Duration {
-        let full = self
-            .base
-            .saturating_mul(1u32 << failures.saturating_sub(1).min(16))
-            .min(self.max);
-        full.mul_f64(rand::random_range(0.5..=1.0))
+        crate::backoff::Exponential::new(self.base, self.max).delay(failures, rand::random::<f64>())
     }
 }
 /// One attempt (a statement, a POST) taking longer counts as a transient failure.
@@ -1372,28 +1368,13 @@ async fn post(
         .headers()
         .get(reqwest::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| retry_after(v, std::time::SystemTime::now()));
+        .and_then(|v| super::retry_after(v, std::time::SystemTime::now()))
+        .map(|after| after.min(MAX_RETRY_AFTER));
     Err(Failure::Transient {
         reason,
         retry_after,
         everyone: false,
     })
-}
-
-/// A `Retry-After` value, in either form (delay seconds or an HTTP date), as a wait from
-/// `now`, capped at [`MAX_RETRY_AFTER`].
-pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<Duration> {
-    let value = value.trim();
-    let wait = match value.parse::<u64>() {
-        Ok(seconds) => Duration::from_secs(seconds),
-        Err(_) => {
-            let at = chrono::DateTime::parse_from_rfc2822(value).ok()?;
-            let at = std::time::SystemTime::UNIX_EPOCH
-                + Duration::from_secs(u64::try_from(at.timestamp()).ok()?);
-            at.duration_since(now).unwrap_or_default()
-        }
-    };
-    Some(wait.min(MAX_RETRY_AFTER))
 }
 
 #[cfg(test)]
@@ -1438,23 +1419,6 @@ mod tests {
     fn dead_letter_messages_have_nul_escaped() {
         let d = DeadLetter::new(json!(1), "x", "bad \u{0} here");
         assert_eq!(d.message, "bad \\u0000 here");
-    }
-
-    #[test]
-    fn retry_after_reads_seconds_and_http_dates() {
-        let now = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_445_412_480);
-        assert_eq!(retry_after("7", now), Some(Duration::from_secs(7)));
-        // 2015-10-21 07:28:00 GMT is `now`; 07:28:30 is half a minute later.
-        assert_eq!(
-            retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
-            Some(Duration::from_secs(30))
-        );
-        assert_eq!(
-            retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now),
-            Some(Duration::ZERO)
-        );
-        assert_eq!(retry_after("99999", now), Some(MAX_RETRY_AFTER));
-        assert_eq!(retry_after("soon", now), None);
     }
 
     #[test]

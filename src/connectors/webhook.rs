@@ -132,7 +132,7 @@ impl Inbox {
         let mut mac =
             Hmac::<Sha256>::new_from_slice(&self.key).map_err(|_| Refusal::BadSignature)?;
         if let Some(hex) = signature.strip_prefix("sha256=") {
-            let expected = decode_hex(hex).ok_or(Refusal::BadSignature)?;
+            let expected = crate::encoding::hex_decode(hex).ok_or(Refusal::BadSignature)?;
             mac.update(body);
             return mac
                 .verify_slice(&expected)
@@ -143,7 +143,7 @@ impl Inbox {
         for part in signature.split(',') {
             match part.trim().split_once('=') {
                 Some(("t", value)) if t.is_none() => t = value.parse::<i64>().ok(),
-                Some(("v1", value)) if v1.is_none() => v1 = decode_hex(value),
+                Some(("v1", value)) if v1.is_none() => v1 = crate::encoding::hex_decode(value),
                 Some(("id", value)) if id.is_none() && !value.is_empty() && value.len() <= 128 => {
                     id = Some(value);
                 }
@@ -236,16 +236,6 @@ impl Drop for Reserved {
                 .remove(&id);
         }
     }
-}
-
-fn decode_hex(hex: &str) -> Option<Vec<u8>> {
-    if !hex.len().is_multiple_of(2) || hex.len() > 128 {
-        return None;
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
-        .collect()
 }
 
 /// The signature a sender puts in the header for `body` under `key`: `sha256=<hex>`.
@@ -563,6 +553,60 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    /// A signature spelled with a sign in a hex pair (`+a` for `0a`) is not the signature.
+    #[test]
+    fn a_signature_with_a_signed_hex_pair_is_refused() {
+        let key = b"k1";
+        let (inbox, _rx) = inbox(key);
+        let now = 1_800_000_000;
+        // A body whose signatures both hold a pair starting with `0` at a pair boundary.
+        let leading_zero = |hex: &str| {
+            (0..hex.len())
+                .step_by(2)
+                .find(|i| hex.as_bytes()[*i] == b'0')
+        };
+        let (body, plain, stamped_form, at_plain, at_stamped) = (0..10_000u32)
+            .find_map(|n| {
+                let body = format!("{{\"n\":{n}}}").into_bytes();
+                let plain = sign(key, &body);
+                let stamped_form = stamped(key, now, None, &body);
+                let at_plain = leading_zero(plain.strip_prefix("sha256=")?)? + "sha256=".len();
+                let v1 = stamped_form.find("v1=")? + 3;
+                let at_stamped = leading_zero(&stamped_form[v1..])? + v1;
+                Some((body, plain, stamped_form, at_plain, at_stamped))
+            })
+            .expect("some body signs with a 0 at a pair boundary");
+        let signed_pair = |signature: &str, at: usize| {
+            let mut s = signature.to_owned();
+            s.replace_range(at..=at, "+");
+            s
+        };
+        assert!(inbox.verify_at(&body, Some(&plain), now).is_ok());
+        assert!(
+            inbox
+                .verify_at(
+                    &body,
+                    Some(&plain.to_ascii_uppercase().replace("SHA256=", "sha256=")),
+                    now
+                )
+                .is_ok(),
+            "either case"
+        );
+        assert_eq!(
+            inbox
+                .verify_at(&body, Some(&signed_pair(&plain, at_plain)), now)
+                .unwrap_err(),
+            Refusal::BadSignature
+        );
+        assert_eq!(
+            inbox
+                .verify_at(&body, Some(&signed_pair(&stamped_form, at_stamped)), now)
+                .unwrap_err(),
+            Refusal::BadSignature
+        );
+        assert!(inbox.verify_at(&body, Some(&stamped_form), now).is_ok());
     }
 
     #[test]

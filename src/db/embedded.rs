@@ -3,10 +3,17 @@
 //! benches.
 //!
 //! It owns one data folder: `initdb` on first use, a start on 127.0.0.1 on a free port (and
-//! a socket inside the data folder), and a stop when its owner shuts down. A cluster that is
-//! already running on the folder is reused, not started twice, and is left running by
-//! whoever reused it. When the process runs as root, the server runs as an unprivileged user
-//! (`postgres` unless `DSREG_PG_USER` names another) and the folder is handed to that user.
+//! a socket inside the data folder), and a stop when its owner shuts down.
+//!
+//! One process owns a folder's cluster: the one holding an exclusive OS file lock
+//! (`flock`) on `dsreg.lock` in the folder, held for the life of its [`EmbeddedCluster`]
+//! and released by the kernel when the process ends, however it ends. The owner starts the
+//! server, or adopts one left running by an owner that was killed, and stops it when it
+//! shuts down. A launcher that finds the lock held either refuses
+//! ([`EmbeddedCluster::start_exclusive`], naming the owner's pid) or reuses the running server
+//! and leaves it running ([`EmbeddedCluster::start`]). When the
+//! process runs as root, the server runs as an unprivileged user (`postgres` unless
+//! `DSREG_PG_USER` names another) and the folder is handed to that user.
 //!
 //! Every call here is blocking (it runs `initdb` and `pg_ctl`); async callers use
 //! `spawn_blocking`. It does not own the schema (see `db::migrations`).
@@ -27,6 +34,8 @@ pub const DATABASE: &str = "dsreg";
 const PASSWORD_FILE: &str = "dsreg.password";
 const SERVER_CONF: &str = "dsreg.conf";
 const SERVER_LOG: &str = "dsreg-server.log";
+/// The file in the data folder whose `flock` marks the owning process (it holds the pid).
+pub const LOCK_FILE: &str = "dsreg.lock";
 const PG_LIB_DIR: &str = "/usr/lib/postgresql";
 const INSTALL_HINT: &str = "install the PostgreSQL server (Debian/Ubuntu: `apt-get install postgresql`), \
      put its bin folder on PATH, or set DATABASE_URL to use an existing database";
@@ -84,6 +93,17 @@ pub enum LaunchError {
         dir: PathBuf,
         /// The parent folder that blocks it.
         blocked: PathBuf,
+    },
+    /// Another process owns the folder's cluster (holds its lock) and `exclusive` was asked.
+    #[error(
+        "another dsreg process{} already owns the embedded PostgreSQL in {dir}; stop it first, or give this one another --data-dir",
+        .pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    InUse {
+        /// The data folder.
+        dir: PathBuf,
+        /// The owner's pid, as it wrote it in the lock file (absent while it is writing it).
+        pid: Option<u32>,
     },
     /// No cluster is running on the folder (for `dsreg db url`).
     #[error("no embedded PostgreSQL is running on {0}; start one with `dsreg serve`")]
@@ -158,6 +178,9 @@ pub struct EmbeddedCluster {
     password: String,
     run_as: Option<ServerUser>,
     started_here: bool,
+    /// The folder's lock, while this process owns the cluster (it then stops it, whether it
+    /// started it or adopted it); dropped after the stop in [`Drop`].
+    lock: Option<OwnerLock>,
     remove_on_stop: Option<PathBuf>,
     stopped: bool,
 }
@@ -168,21 +191,52 @@ impl fmt::Debug for EmbeddedCluster {
             .field("data_dir", &self.data_dir)
             .field("port", &self.port)
             .field("started_here", &self.started_here)
+            .field("owned", &self.lock.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl EmbeddedCluster {
-    /// Creates the cluster if the folder holds none, starts it unless it already runs, and
-    /// makes sure the `dsreg` database exists.
+    /// Takes the folder's lock when no other process holds it, creates the cluster if the
+    /// folder holds none, starts it unless it already runs, and makes sure the `dsreg`
+    /// database exists. With the lock, a server already running is one a killed owner left
+    /// behind: it is adopted, and stopped with this cluster. Without it (another process
+    /// owns the folder), the running server is reused and left running.
     ///
     /// # Errors
     /// Any [`LaunchError`]: binaries missing, port in use, a folder owned by someone else, a
-    /// server that will not start (with the tail of its log).
+    /// server that will not start (with the tail of its log); [`LaunchError::InUse`] when
+    /// another process owns the folder and its server is not running yet.
     pub fn start(options: &ClusterOptions) -> Result<Self, LaunchError> {
+        Self::launch(options, false)
+    }
+
+    /// [`Self::start`] for the folder's one owner (`dsreg serve`): refused with
+    /// [`LaunchError::InUse`], naming the owner's pid, when another process owns the folder.
+    ///
+    /// # Errors
+    /// As [`Self::start`].
+    pub fn start_exclusive(options: &ClusterOptions) -> Result<Self, LaunchError> {
+        Self::launch(options, true)
+    }
+
+    fn launch(options: &ClusterOptions, exclusive: bool) -> Result<Self, LaunchError> {
         let run_as = server_user()?;
         let data_dir = absolute(&options.data_dir)?;
         prepare_folder(&data_dir, run_as.as_ref())?;
+        let lock = match OwnerLock::try_take(&data_dir)? {
+            Taken::Owner(lock) => Some(lock),
+            Taken::HeldBy(pid) if exclusive => {
+                return Err(LaunchError::InUse { dir: data_dir, pid });
+            }
+            Taken::HeldBy(pid) => {
+                // The owner starts the server; another process never does, so two never do.
+                if running_port(&data_dir).is_none() {
+                    return Err(LaunchError::InUse { dir: data_dir, pid });
+                }
+                None
+            }
+        };
         let bin_dir = find_bin_dir(cluster_version(&data_dir).as_deref(), &data_dir)?;
         let mut cluster = Self {
             bin_dir,
@@ -191,6 +245,7 @@ impl EmbeddedCluster {
             password: String::new(),
             run_as,
             started_here: false,
+            lock,
             remove_on_stop: None,
             stopped: false,
         };
@@ -200,6 +255,13 @@ impl EmbeddedCluster {
         cluster.password = read_trimmed(&cluster.data_dir.join(PASSWORD_FILE))?;
         if let Some(port) = running_port(&cluster.data_dir) {
             cluster.port = port;
+            if cluster.lock.is_some() {
+                tracing::warn!(
+                    data_dir = %cluster.data_dir.display(),
+                    port,
+                    "adopting the embedded PostgreSQL a previous dsreg process left running (it was killed); it is stopped at shutdown"
+                );
+            }
         } else {
             cluster.start_server(options)?;
         }
@@ -222,7 +284,7 @@ impl EmbeddedCluster {
             port: None,
             throwaway: true,
         };
-        match Self::start(&options) {
+        match Self::launch(&options, true) {
             Ok(mut cluster) => {
                 cluster.remove_on_stop = Some(parent);
                 Ok(cluster)
@@ -244,9 +306,15 @@ impl EmbeddedCluster {
         &self.data_dir
     }
 
-    /// Whether this process started the server (and so stops it).
+    /// Whether this process started the server.
     pub fn started_here(&self) -> bool {
         self.started_here
+    }
+
+    /// Whether this process owns the server (holds the folder's lock), and so stops it:
+    /// it started it, or adopted one a killed owner left running.
+    pub fn owned(&self) -> bool {
+        self.lock.is_some()
     }
 
     /// A connection URL for `database` (with the superuser's password).
@@ -257,8 +325,8 @@ impl EmbeddedCluster {
         )
     }
 
-    /// Stops the server if this process started it, and removes a temporary folder.
-    /// Safe to call twice.
+    /// Stops the server if this process owns it (started or adopted it), then lets the
+    /// folder's lock go, and removes a temporary folder. Safe to call twice.
     ///
     /// # Errors
     /// `pg_ctl stop` failed.
@@ -267,7 +335,7 @@ impl EmbeddedCluster {
             return Ok(());
         }
         self.stopped = true;
-        if self.started_here {
+        if self.lock.is_some() {
             let mode = if self.remove_on_stop.is_some() {
                 "immediate"
             } else {
@@ -280,8 +348,11 @@ impl EmbeddedCluster {
                 .output()
                 .map_err(io_err("running pg_ctl stop in", &self.data_dir))?;
             if !output.status.success() && running_port(&self.data_dir).is_some() {
+                // Still running: the lock stays held, so no other process adopts it while
+                // it may yet be stopping.
                 return Err(self.tool_error("pg_ctl stop", &output));
             }
+            self.lock = None;
         }
         if let Some(parent) = self.remove_on_stop.take() {
             fs::remove_dir_all(&parent).map_err(io_err("removing", &parent))?;
@@ -474,6 +545,57 @@ impl Drop for EmbeddedCluster {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {
             tracing::warn!(error = %e, "stopping the embedded PostgreSQL failed");
+        }
+        // The lock goes after the stop: no other process adopts a server still stopping.
+        self.lock.take();
+    }
+}
+
+/// The exclusive `flock` on a data folder's [`LOCK_FILE`], holding this process's pid.
+/// The kernel releases it when the file is closed, so a killed owner never leaves a stale
+/// lock; the file's descriptor is close-on-exec, so the server's processes do not inherit it.
+struct OwnerLock {
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+/// Whether the folder's lock was taken.
+enum Taken {
+    /// This process owns the folder now.
+    Owner(OwnerLock),
+    /// Another process does; its pid as it recorded it.
+    HeldBy(Option<u32>),
+}
+
+impl OwnerLock {
+    fn try_take(data_dir: &Path) -> Result<Taken, LaunchError> {
+        use std::io::Write;
+        let path = data_dir.join(LOCK_FILE);
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err("opening", &path))?;
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => {
+                let mut file: &fs::File = &lock;
+                file.set_len(0)
+                    .and_then(|()| writeln!(file, "{}", std::process::id()))
+                    .map_err(io_err("writing", &path))?;
+                Ok(Taken::Owner(Self { _lock: lock }))
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                let pid = fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse().ok());
+                Ok(Taken::HeldBy(pid))
+            }
+            Err((_, errno)) => Err(LaunchError::Io {
+                what: "locking",
+                path,
+                source: errno.into(),
+            }),
         }
     }
 }

@@ -74,6 +74,11 @@ const DOWN: &[(i32, &str, &str)] = &[
         "replay_ids_and_invalid_traceparents",
         include_str!("../../migrations/down/V13__replay_ids_and_invalid_traceparents.down.sql"),
     ),
+    (
+        15,
+        "day2_operations",
+        include_str!("../../migrations/down/V15__day2_operations.down.sql"),
+    ),
 ];
 
 /// The table refinery records applied migrations in.

@@ -8,6 +8,7 @@
 
 pub mod connection;
 pub mod embedded;
+pub mod metrics;
 pub mod migrations;
 pub mod repository;
 pub mod tls;

@@ -444,9 +444,19 @@ fn split_params(url: &str) -> Result<(String, HashMap<String, String>), TlsError
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-            let key_plain = percent_decode(key)?;
+            let key_plain = crate::encoding::percent_decode_strict(key).ok_or_else(|| {
+                TlsError::Url(format!(
+                    "bad percent escape or not UTF-8 in the parameter name {key:?}"
+                ))
+            })?;
             if taken(&key_plain) {
-                found.insert(key_plain, percent_decode(value)?);
+                // The value is not echoed: it may be a credential.
+                let value = crate::encoding::percent_decode_strict(value).ok_or_else(|| {
+                    TlsError::Url(format!(
+                        "bad percent escape or not UTF-8 in the value of {key_plain}"
+                    ))
+                })?;
+                found.insert(key_plain, value);
             } else {
                 kept.push(pair);
             }
@@ -514,26 +524,6 @@ fn key_values(s: &str) -> Result<Vec<(String, String)>, TlsError> {
         }
         out.push((key, value));
     }
-}
-
-fn percent_decode(s: &str) -> Result<String, TlsError> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = s
-                .get(i + 1..i + 3)
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| TlsError::Url(format!("bad percent escape in {s:?}")))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| TlsError::Url(format!("{s:?} is not UTF-8")))
 }
 
 /// Accepts any certificate (`prefer`, `require` without a root): encryption without
@@ -745,6 +735,31 @@ mod tests {
             t.config.get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
+    }
+
+    #[test]
+    fn a_malformed_escape_in_a_parameter_is_refused_without_echoing_its_value() {
+        for (url, named) in [
+            ("postgres://h/app?sslkey=%+1-canary-k3y", "sslkey"),
+            ("postgres://h/app?sslrootcert=%zzcanary-k3y", "sslrootcert"),
+            ("postgres://h/app?sslmode=%ff%fecanary-k3y", "sslmode"),
+        ] {
+            let Err(error) = Target::parse_with_env(url, &ConnectOptions::default(), no_env) else {
+                panic!("{url} is refused");
+            };
+            let error = error.to_string();
+            assert!(error.contains(named), "{error}");
+            assert!(!error.contains("canary-k3y"), "{error}");
+        }
+        let Err(error) = Target::parse_with_env(
+            "postgres://h/app?ssl%+1mode=require",
+            &ConnectOptions::default(),
+            no_env,
+        ) else {
+            panic!("a malformed name is refused too");
+        };
+        let error = error.to_string();
+        assert!(error.contains("ssl%+1mode"), "{error}");
     }
 
     #[test]

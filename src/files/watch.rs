@@ -19,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::sync::{Mode, Options, Report, Syncer};
 use super::{ConflictPolicy, Error};
+use crate::backoff::{Exponential, Retries};
 use crate::connectors::Catalog;
 use crate::transform::Limits;
 
@@ -101,10 +102,15 @@ impl Watcher {
             .map_err(|e| watch_error(&dir, &e))?;
         tracing::info!(dir = %dir.display(), conflict = self.config.conflict.as_str(), prune = self.config.prune, "watching datasource files");
 
-        let mut retry = Retry::default();
+        // After a failed pass: 1 s, doubling up to the rescan interval.
+        let mut retries = Retries::new(Exponential::new(
+            Duration::from_secs(1),
+            self.config.rescan_interval.max(Duration::from_secs(1)),
+        ));
+        let mut retry_at: Option<Instant> = None;
         let mut next_rescan = Instant::now();
         loop {
-            let wait_retry = retry.at.unwrap_or(next_rescan).min(next_rescan);
+            let wake = retry_at.map_or(next_rescan, |at| at.min(next_rescan));
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 Some(()) = changes.recv() => {
@@ -112,31 +118,38 @@ impl Watcher {
                         break;
                     }
                 }
-                () = tokio::time::sleep_until(wait_retry) => {}
+                () = tokio::time::sleep_until(wake) => {}
             }
-            let ok = self.pass(&dir).await;
-            retry.after(ok, self.config.rescan_interval);
+            // Dropping a pass rolls its transaction back: stopping mid-pass is safe.
+            let ok = tokio::select! {
+                () = shutdown.cancelled() => break,
+                ok = self.pass(&dir) => ok,
+            };
+            retry_at = if ok {
+                retries.succeeded();
+                None
+            } else {
+                Some(Instant::now() + retries.failed(rand::random::<f64>()))
+            };
             next_rescan = Instant::now() + self.config.rescan_interval;
         }
         drop(watcher);
         Ok(())
     }
 
-    /// Waits until no change has come for the debounce time (at most [`MAX_DEBOUNCES`] of
-    /// them); false when shutdown came first.
+    /// Waits until the burst of changes that just began is over (see [`Debounce`]); false
+    /// when shutdown came first.
     async fn settle(
         &self,
         changes: &mut mpsc::UnboundedReceiver<()>,
         shutdown: &CancellationToken,
     ) -> bool {
-        let debounce = self.config.debounce;
-        let latest = Instant::now() + debounce * MAX_DEBOUNCES;
-        let mut quiet_at = Instant::now() + debounce;
+        let mut burst = Debounce::new(self.config.debounce, Instant::now());
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return false,
-                () = tokio::time::sleep_until(quiet_at.min(latest)) => return true,
-                Some(()) = changes.recv() => quiet_at = Instant::now() + debounce,
+                () = tokio::time::sleep_until(burst.due_at()) => return true,
+                Some(()) = changes.recv() => burst.changed(Instant::now()),
             }
         }
     }
@@ -200,21 +213,122 @@ fn log(report: &Report) {
     }
 }
 
-/// When to try again after a failed pass: 1 s, doubling up to the rescan interval.
-#[derive(Debug, Default)]
-struct Retry {
-    at: Option<Instant>,
-    delay: Duration,
+/// One burst of changes, as a pure state machine (the caller tells the time): the pass is
+/// due once no change has come for the debounce `window`, or [`MAX_DEBOUNCES`] windows after
+/// the burst began, whichever is first, so a folder that never goes quiet is still synced.
+#[derive(Debug, Clone, Copy)]
+struct Debounce {
+    window: Duration,
+    began: Instant,
+    last: Instant,
 }
 
-impl Retry {
-    fn after(&mut self, ok: bool, cap: Duration) {
-        if ok {
-            self.at = None;
-            self.delay = Duration::ZERO;
-        } else {
-            self.delay = (self.delay * 2).max(Duration::from_secs(1)).min(cap);
-            self.at = Some(Instant::now() + self.delay);
+impl Debounce {
+    /// A burst whose first change came at `now`.
+    fn new(window: Duration, now: Instant) -> Self {
+        Self {
+            window,
+            began: now,
+            last: now,
+        }
+    }
+
+    /// Another change, at `now`.
+    fn changed(&mut self, now: Instant) {
+        self.last = self.last.max(now);
+    }
+
+    /// When the pass is due.
+    fn due_at(&self) -> Instant {
+        (self.last + self.window).min(self.began + self.window * MAX_DEBOUNCES)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WINDOW: Duration = Duration::from_millis(100);
+
+    /// The times at which passes run for changes at `changes` (sorted), as the watcher runs
+    /// them: a pass when a burst's due time comes before its next change.
+    fn passes(changes: &[Instant]) -> Vec<Instant> {
+        let mut passes = Vec::new();
+        let mut burst: Option<Debounce> = None;
+        for &at in changes {
+            match &mut burst {
+                Some(b) if at < b.due_at() => b.changed(at),
+                _ => {
+                    if let Some(b) = burst.take() {
+                        passes.push(b.due_at());
+                    }
+                    burst = Some(Debounce::new(WINDOW, at));
+                }
+            }
+        }
+        passes.extend(burst.map(|b| b.due_at()));
+        passes
+    }
+
+    #[test]
+    fn saves_closer_than_the_window_are_one_pass_after_the_last() {
+        let start = Instant::now();
+        let saves: Vec<Instant> = (0..10u32).map(|i| start + WINDOW * 3 / 10 * i).collect();
+        assert_eq!(passes(&saves), [saves[9] + WINDOW]);
+    }
+
+    #[test]
+    fn a_gap_longer_than_the_window_ends_the_burst() {
+        let start = Instant::now();
+        let saves = [start, start + WINDOW / 2, start + WINDOW * 2];
+        assert_eq!(
+            passes(&saves),
+            [start + WINDOW / 2 + WINDOW, start + WINDOW * 3]
+        );
+    }
+
+    #[test]
+    fn a_folder_that_never_goes_quiet_is_synced_every_ten_windows() {
+        let start = Instant::now();
+        let saves: Vec<Instant> = (0..100u32).map(|i| start + WINDOW / 2 * i).collect();
+        let passes = passes(&saves);
+        assert_eq!(passes[0], start + WINDOW * MAX_DEBOUNCES);
+        assert!(passes.len() >= 4, "{passes:?}");
+    }
+
+    proptest::proptest! {
+        /// Whatever the gaps: a pass is due within a window of a burst's last change and never
+        /// later than ten windows after it began; changes closer than the window never get
+        /// two passes unless the burst outlasts ten windows.
+        #[test]
+        fn a_burst_is_due_after_its_last_change_within_its_bounds(
+            gaps in proptest::collection::vec(0u64..250, 1..40),
+        ) {
+            let start = Instant::now();
+            let mut at = start;
+            let mut burst = Debounce::new(WINDOW, start);
+            for gap in &gaps {
+                at += Duration::from_millis(*gap);
+                if at >= burst.due_at() {
+                    burst = Debounce::new(WINDOW, at);
+                } else {
+                    burst.changed(at);
+                }
+                let due = burst.due_at();
+                proptest::prop_assert!(due > at);
+                proptest::prop_assert!(due <= at + WINDOW);
+                proptest::prop_assert!(due <= burst.began + WINDOW * MAX_DEBOUNCES);
+            }
+            if gaps.iter().all(|g| *g < WINDOW.as_millis() as u64) && gaps.iter().sum::<u64>() < 900 {
+                let times: Vec<Instant> = gaps
+                    .iter()
+                    .scan(start, |t, g| {
+                        *t += Duration::from_millis(*g);
+                        Some(*t)
+                    })
+                    .collect();
+                proptest::prop_assert_eq!(passes(&times).len(), 1);
+            }
         }
     }
 }

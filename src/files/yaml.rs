@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use serde_json::{Map, Number, Value};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser, Tag};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::{Yaml, YamlEmitter};
 
 /// Deepest nesting of mappings and sequences accepted.
 pub const MAX_DEPTH: usize = 64;
@@ -360,136 +361,136 @@ fn float(text: &str) -> Result<Value, String> {
         .ok_or_else(|| format!("{text} is not a number JSON can hold"))
 }
 
-/// Writes `value` as a YAML document (a mapping or sequence at the top, in block style), such
-/// that [`parse`] gives `value` back.
+/// Writes `value` as a YAML document (a mapping or sequence at the top, in block style) with
+/// `yaml-rust2`'s emitter, such that [`parse`] gives `value` back, and so does a YAML 1.1
+/// reader (PyYAML, yamllint, most Go tools): a string is left plain only when neither schema
+/// types it (`yes`, `off`, `y`, `~`, `1_000`, `2024-01-31` are quoted), multi-line strings are
+/// literal blocks when that reads back exactly, and floats carry the `.` and signed exponent
+/// YAML 1.1 needs to see a number.
 pub fn emit(value: &Value) -> String {
-    let mut out = String::new();
+    let mut text = String::new();
+    let mut emitter = YamlEmitter::new(&mut text);
+    emitter.multiline_strings(true);
+    // Invariant: the emitter fails only when its writer does, and a String never does.
+    emitter
+        .dump(&node(value))
+        .expect("writing YAML to a String cannot fail");
+    let mut out = text.strip_prefix("---\n").unwrap_or(&text).to_owned();
+    out.push('\n');
+    out
+}
+
+/// The emitter's node for `value`. A string the emitter would write plain although a YAML
+/// reader types it goes in as [`Yaml::Real`], whose text the emitter writes as it is: the
+/// only way to hand it a scalar already quoted.
+fn node(value: &Value) -> Yaml {
     match value {
-        Value::Object(map) if !map.is_empty() => emit_mapping(&mut out, map, 0, false),
-        Value::Array(items) if !items.is_empty() => emit_sequence(&mut out, items, 0),
-        scalar => {
-            emit_inline(&mut out, scalar);
-            out.push('\n');
+        Value::Null => Yaml::Null,
+        Value::Bool(b) => Yaml::Boolean(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Yaml::Integer(i),
+            None if n.is_u64() => Yaml::Real(n.to_string()),
+            None => Yaml::Real(yaml11_float(&n.to_string())),
+        },
+        Value::String(s) if plain(s) || literal_block(s) => Yaml::String(s.clone()),
+        Value::String(s) => Yaml::Real(double_quoted(s)),
+        Value::Array(items) => Yaml::Array(items.iter().map(node).collect()),
+        Value::Object(map) => Yaml::Hash(
+            map.iter()
+                .map(|(k, v)| {
+                    let key = if plain(k) {
+                        Yaml::String(k.clone())
+                    } else {
+                        Yaml::Real(double_quoted(k))
+                    };
+                    (key, node(v))
+                })
+                .collect(),
+        ),
+    }
+}
+
+/// A JSON float's text as both schemas read it: YAML 1.1 wants a `.` in the mantissa and a
+/// sign in the exponent (`1e300` is a string to it; `1.0e+300` a float to both).
+fn yaml11_float(json: &str) -> String {
+    let (mantissa, exponent) = match json.find(['e', 'E']) {
+        Some(at) => (&json[..at], Some(&json[at + 1..])),
+        None => (json, None),
+    };
+    let mut out = mantissa.to_owned();
+    if !out.contains('.') {
+        out.push_str(".0");
+    }
+    if let Some(exponent) = exponent {
+        out.push('e');
+        if !exponent.starts_with(['-', '+']) {
+            out.push('+');
         }
+        out.push_str(exponent);
     }
     out
 }
 
-fn indent(out: &mut String, level: usize) {
-    out.extend(std::iter::repeat_n(' ', level * 2));
+/// The plain scalars YAML 1.1 reads as booleans or null, beside the core schema's.
+const YAML11_WORDS: &[&str] = &[
+    "y", "Y", "yes", "Yes", "YES", "n", "N", "no", "No", "NO", "on", "On", "ON", "off", "Off",
+    "OFF",
+];
+
+/// Whether `s` may be written plain: it starts with a letter, `_` or `/` (so no number, date,
+/// sexagesimal or `.inf` form of either schema), holds only letters, digits, `_-./+` and inner
+/// spaces, and neither the core schema nor YAML 1.1 types it.
+fn plain(s: &str) -> bool {
+    s.chars()
+        .next()
+        .is_some_and(|c| c.is_alphabetic() || c == '_' || c == '/')
+        && !s.ends_with(' ')
+        && s.chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | '+' | ' '))
+        && !YAML11_WORDS.contains(&s)
+        && resolve_plain(s) == Ok(Value::String(s.to_owned()))
 }
 
-/// A mapping at `level`; with `inline_first`, its first key goes where the output stands (after
-/// a sequence's `- `).
-fn emit_mapping(out: &mut String, map: &Map<String, Value>, level: usize, inline_first: bool) {
-    for (i, (key, value)) in map.iter().enumerate() {
-        if i > 0 || !inline_first {
-            indent(out, level);
-        }
-        emit_string(out, key);
-        out.push(':');
-        emit_nested(out, value, level);
-    }
+/// Whether a character may stand as it is in a YAML document (`c-printable`), and is not one
+/// YAML 1.1 takes for a line break or a byte order mark.
+fn printable(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\u{20}'..='\u{7e}' | '\u{a0}'..='\u{d7ff}' | '\u{e000}'..='\u{fffd}' | '\u{10000}'..)
+        && !matches!(c, '\u{2028}' | '\u{2029}' | '\u{feff}')
 }
 
-fn emit_sequence(out: &mut String, items: &[Value], level: usize) {
-    for item in items {
-        indent(out, level);
-        match item {
-            Value::Object(map) if !map.is_empty() => {
-                out.push_str("- ");
-                emit_mapping(out, map, level + 1, true);
-            }
-            _ => {
-                out.push('-');
-                emit_nested(out, item, level);
-            }
-        }
-    }
-}
-
-/// A value after `key:` or `-`: nested collections on the next lines, one level deeper;
-/// multi-line strings as literal blocks; everything else on the same line.
-fn emit_nested(out: &mut String, value: &Value, level: usize) {
-    match value {
-        Value::Object(map) if !map.is_empty() => {
-            out.push('\n');
-            emit_mapping(out, map, level + 1, false);
-        }
-        Value::Array(items) if !items.is_empty() => {
-            out.push('\n');
-            emit_sequence(out, items, level + 1);
-        }
-        Value::String(s) if literal_block(s) => {
-            let (body, trailing) = match s.trim_end_matches('\n') {
-                body if body.len() + 1 == s.len() => (body, ""),
-                body if body.len() == s.len() => (body, "-"),
-                body => (body, "+"),
-            };
-            out.push_str(" |");
-            out.push_str(trailing);
-            out.push('\n');
-            for line in body.split('\n') {
-                if !line.is_empty() {
-                    indent(out, level + 1);
-                    out.push_str(line);
-                }
-                out.push('\n');
-            }
-            // Keep-chomping (`|+`) ends with the extra empty lines it keeps.
-            for _ in 1..s.len() - body.len() {
-                out.push('\n');
-            }
-        }
-        other => {
-            out.push(' ');
-            emit_inline(out, other);
-            out.push('\n');
-        }
-    }
-}
-
-/// Whether `s` reads back the same as a literal block: several lines, no carriage returns or
-/// other control characters but tabs, and a first line that does not start with a space
-/// (which would need an explicit indentation indicator).
+/// Whether `s` reads back the same as the emitter's literal block (`|` or `|-`, one line per
+/// line): several lines, at most one trailing newline, printable characters only, no carriage
+/// return, a first line that is not empty and does not start with a space (which would need
+/// an indentation indicator) and no line of only spaces.
 fn literal_block(s: &str) -> bool {
-    let body = s.trim_end_matches('\n');
+    let body = s.strip_suffix('\n').unwrap_or(s);
     body.contains('\n')
-        && !body.starts_with([' ', '\t'])
-        && !s.chars().any(|c| c.is_control() && c != '\n' && c != '\t')
-        && !s.contains(['\u{2028}', '\u{2029}', '\u{85}', '\u{feff}'])
+        && !body.ends_with('\n')
+        && !body.starts_with(['\n', ' ', '\t'])
+        && s.chars().all(printable)
         && !body
             .split('\n')
             .any(|line| line.trim().is_empty() && !line.is_empty())
 }
 
-fn emit_inline(out: &mut String, value: &Value) {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Number(n) => out.push_str(&n.to_string()),
-        Value::String(s) => emit_string(out, s),
-        Value::Array(_) => out.push_str("[]"),
-        Value::Object(_) => out.push_str("{}"),
+/// `s` as a double-quoted scalar: `"` and `\` escaped, and every character that may not stand
+/// as it is written as `\uXXXX` (or `\UXXXXXXXX`).
+fn double_quoted(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\t' => out.push_str("\\t"),
+            c if printable(c) => out.push(c),
+            c if u32::from(c) <= 0xffff => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push_str(&format!("\\U{:08x}", u32::from(c))),
+        }
     }
-}
-
-/// A string plain when that reads back as the same string, double-quoted (JSON escapes are
-/// YAML's too) otherwise.
-fn emit_string(out: &mut String, s: &str) {
-    let plain = s
-        .chars()
-        .next()
-        .is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '/')
-        && !s.ends_with(' ')
-        && s.chars()
-            .all(|c| c.is_alphanumeric() || matches!(c, '_' | '-' | '.' | '/' | '+' | ' '))
-        && resolve_plain(s) == Ok(Value::String(s.to_owned()));
-    if plain {
-        out.push_str(s);
-    } else {
-        out.push_str(&Value::String(s.to_owned()).to_string());
-    }
+    out.push('"');
+    out
 }
 
 #[cfg(test)]
@@ -592,5 +593,211 @@ mod tests {
             text.contains("multi:\n  - |-\n    two\n    lines\n"),
             "{text}"
         );
+    }
+
+    /// Values as a YAML 1.1 reader (PyYAML) reads `text`, as JSON.
+    fn read_as_yaml11(text: &str) -> Value {
+        use std::io::Write as _;
+        let mut child = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import json, sys, yaml; print(json.dumps(yaml.safe_load(sys.stdin.read())))",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with PyYAML (Debian python3-yaml) reads the emitted YAML");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(text.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "PyYAML refused:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    #[test]
+    fn words_yaml11_types_are_quoted() {
+        let words = [
+            "y",
+            "Y",
+            "yes",
+            "Yes",
+            "YES",
+            "n",
+            "N",
+            "no",
+            "No",
+            "NO",
+            "on",
+            "On",
+            "ON",
+            "off",
+            "Off",
+            "OFF",
+            "true",
+            "True",
+            "FALSE",
+            "null",
+            "Null",
+            "~",
+            "",
+            "1_000",
+            "0b101",
+            "1:30",
+            "2024-01-31",
+            "0o17",
+            "017",
+            "+.inf",
+            ".NaN",
+            "=",
+            "<<",
+        ];
+        let value = json!({ "words": &words[..], "y": "key y", "on": "key on" });
+        let text = emit(&value);
+        for word in words.iter().filter(|w| !w.is_empty()) {
+            assert!(
+                text.contains(&format!("- \"{word}\"\n")),
+                "{word} is not quoted:\n{text}"
+            );
+        }
+        assert!(text.contains("\"y\": key y\n"), "{text}");
+        assert!(text.contains("\"on\": key on\n"), "{text}");
+        assert_eq!(one(&text).value, value);
+        assert_eq!(read_as_yaml11(&text), value, "{text}");
+    }
+
+    #[test]
+    fn numbers_read_back_as_numbers_in_both_schemas() {
+        let value = json!([
+            0,
+            -1,
+            1.5,
+            1e300,
+            -2.5e-8,
+            3.0,
+            i64::MIN,
+            18446744073709551615u64
+        ]);
+        let text = emit(&value);
+        assert_eq!(one(&text).value, value, "{text}");
+        let back = read_as_yaml11(&text);
+        let back: Vec<f64> = back
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let expected: Vec<f64> = value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(back, expected, "{text}");
+    }
+
+    fn tricky_string() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::prelude::*;
+        prop_oneof![
+            prop::sample::select(vec![
+                "yes",
+                "no",
+                "on",
+                "off",
+                "y",
+                "n",
+                "Y",
+                "N",
+                "YES",
+                "Off",
+                "true",
+                "False",
+                "null",
+                "~",
+                "NULL",
+                "",
+                " ",
+                "-",
+                "- a",
+                "? x",
+                "#",
+                "a #b",
+                "a: b",
+                "a:b",
+                ":",
+                "1",
+                "-1",
+                "007",
+                "0x1f",
+                "0o17",
+                "0b11",
+                "1_000",
+                "1e3",
+                "1.0",
+                ".5",
+                "+1",
+                "1:20",
+                "2024-01-31",
+                ".inf",
+                "-.Inf",
+                ".nan",
+                "=",
+                "<<",
+                "!tag",
+                "&a",
+                "*a",
+                "%x",
+                "@x",
+                "`x",
+                "|",
+                ">",
+                "'",
+                "\"",
+                "\\",
+                "\t",
+                "\n",
+                "\r\n",
+                "\u{85}",
+                "\u{2028}",
+                "\u{feff}",
+                "\u{7f}",
+                "\u{0}",
+            ])
+            .prop_map(str::to_owned),
+            "[ a-z0-9:#\\-?'\"\\\\~.\n\t]{0,16}",
+            "( ?[a-zA-Z0-9]{1,4}(: |\n| #|\n\n)?){1,4}\n{0,3}",
+            any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(48))]
+
+        /// Generated string values (and keys) come back unchanged through this reader and
+        /// through a YAML 1.1 reader.
+        #[test]
+        fn strings_round_trip_through_both_readers(
+            values in proptest::collection::vec(tricky_string(), 1..12),
+            keys in proptest::collection::vec(tricky_string(), 0..4),
+        ) {
+            let mut map = Map::new();
+            map.insert("list".to_owned(), json!(values));
+            map.insert("nested".to_owned(), json!([{ "deep": { "x": values } }, values]));
+            for (i, key) in keys.into_iter().enumerate() {
+                map.insert(key, json!(values[i % values.len()]));
+            }
+            let value = Value::Object(map);
+            let text = emit(&value);
+            proptest::prop_assert_eq!(&one(&text).value, &value, "emitted:\n{}", text);
+            proptest::prop_assert_eq!(&read_as_yaml11(&text), &value, "emitted:\n{}", text);
+        }
     }
 }

@@ -20,6 +20,7 @@ use uuid::Uuid;
 use super::notifications::{Listening, listen_with};
 use super::selftest::PROBE_CHANNEL;
 use super::{CHANNEL, STATE_CHANNEL};
+use crate::backoff::{Exponential, Retries, sleep_unless};
 use crate::db::Error;
 
 /// Malformed-notification log lines: one a second at most.
@@ -193,30 +194,31 @@ impl Listener {
         signals: mpsc::UnboundedSender<Signal>,
         shutdown: CancellationToken,
     ) {
-        let mut attempt: u32 = 0;
+        let mut retries = Retries::new(Exponential::new(
+            self.config.backoff_base,
+            self.config.backoff_max,
+        ));
         loop {
             let Some(connected) = self.connection.take() else {
-                // Reconnect with capped exponential backoff and jitter.
-                let ceiling = self
-                    .config
-                    .backoff_base
-                    .saturating_mul(1 << attempt.min(16))
-                    .min(self.config.backoff_max);
-                let delay = ceiling.mul_f64(0.5 + 0.5 * rand::random::<f64>());
-                attempt += 1;
+                let delay = retries.failed(rand::random::<f64>());
+                let attempt = retries.failures();
                 tracing::info!(
                     attempt,
                     delay_ms = delay.as_millis() as u64,
                     "listener reconnecting"
                 );
-                tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    () = tokio::time::sleep(delay) => {}
+                if !sleep_unless(delay, &shutdown).await {
+                    return;
                 }
                 let reconnect = tracing::info_span!("listener.reconnect", attempt);
-                match connect(&self.config).instrument(reconnect).await {
+                let connecting = connect(&self.config).instrument(reconnect);
+                let connected = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    connected = connecting => connected,
+                };
+                match connected {
                     Ok(c) => {
-                        attempt = 0;
+                        retries.succeeded();
                         self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                         self.stats.connected.store(true, Ordering::Relaxed);
                         tracing::info!("listener reconnected");

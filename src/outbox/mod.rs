@@ -4,6 +4,7 @@
 
 pub mod activity;
 pub mod listener;
+pub mod metrics;
 pub mod notifications;
 pub mod pressure;
 pub mod reader;

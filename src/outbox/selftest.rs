@@ -6,10 +6,16 @@
 //! pool), on a read-only replica (NOTIFY is not replicated), or on a half-open connection. So
 //! at start and then every [`SelfTestConfig::interval`], a token of this instance's is
 //! NOTIFYed on [`PROBE_CHANNEL`] through the pool, and the listener must deliver it within
-//! [`SelfTestConfig::timeout`]. The verdict lives in [`NotificationPath`]: readiness and gRPC
-//! health report a broken path with its cause, `/metrics` shows it, and until a check passes
-//! the supervisor is woken every [`SelfTestConfig::poll_interval`] to read the outbox, so
-//! publishes converge at that pace instead of waiting for the next full resync.
+//! [`SelfTestConfig::timeout`]. The verdict lives in [`NotificationPath`]: after one missed
+//! token the path is suspect and the supervisor is woken every
+//! [`SelfTestConfig::poll_interval`] to read the outbox, so publishes converge at that pace
+//! instead of waiting for the next full resync; after [`MISSES_TO_BROKEN`] missed tokens in a
+//! row readiness and gRPC health report a broken path with its cause, and `/metrics` shows it,
+//! until a token arrives again.
+//!
+//! A check that cannot even send its token (no pooled connection free within the timeout, as
+//! when thousands of workers start on a small pool) says nothing about the notification path:
+//! it leaves the verdict as it was and is counted apart.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,6 +31,10 @@ use crate::db::repository::typed;
 
 /// The channel self-test tokens are sent on.
 pub const PROBE_CHANNEL: &str = "dsreg_probe";
+
+/// Missed tokens in a row before the path is reported broken: one late token on a machine
+/// short of CPU only makes it suspect (and the outbox polled).
+pub const MISSES_TO_BROKEN: u32 = 2;
 
 /// Longest token payload the listener records (a token is an instance's uuid and a count).
 const MAX_TOKEN_BYTES: usize = 64;
@@ -57,8 +67,21 @@ enum Verdict {
     Unchecked,
     /// The last token arrived in time.
     Working,
-    /// The last check failed, for this reason.
+    /// The last this many tokens did not arrive (fewer than [`MISSES_TO_BROKEN`]); the outbox
+    /// is polled meanwhile.
+    Suspect(u32, String),
+    /// [`MISSES_TO_BROKEN`] or more tokens in a row did not arrive, the last for this reason.
     Broken(String),
+}
+
+/// Why a check did not pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Failure {
+    /// The token was sent and did not arrive, or the server refused to send it.
+    Missed(String),
+    /// The token could not be sent at all (the pool had no connection free): the path was not
+    /// tested.
+    Untested(String),
 }
 
 /// Whether notifications sent through the pool reach the LISTEN connection; shared by the
@@ -69,6 +92,7 @@ pub struct NotificationPath {
     received: watch::Sender<String>,
     verdict: Mutex<Verdict>,
     failures: AtomicU64,
+    untested: AtomicU64,
 }
 
 impl Default for NotificationPath {
@@ -77,6 +101,7 @@ impl Default for NotificationPath {
             received: watch::Sender::new(String::new()),
             verdict: Mutex::new(Verdict::Unchecked),
             failures: AtomicU64::new(0),
+            untested: AtomicU64::new(0),
         }
     }
 }
@@ -101,40 +126,70 @@ impl NotificationPath {
         *self.verdict() == Verdict::Working
     }
 
-    /// Why the last check failed, when it did.
+    /// Why the path is reported broken, when it is.
     pub fn problem(&self) -> Option<String> {
         match &*self.verdict() {
             Verdict::Broken(cause) => Some(cause.clone()),
-            Verdict::Unchecked | Verdict::Working => None,
+            Verdict::Unchecked | Verdict::Working | Verdict::Suspect(..) => None,
         }
     }
 
-    /// Checks that failed since start.
+    /// Checks whose token did not arrive, since start.
     pub fn failures(&self) -> u64 {
         self.failures.load(Ordering::Relaxed)
     }
 
-    /// Records a check's outcome; logs when the path breaks or works again.
-    fn record(&self, outcome: Result<(), String>) {
+    /// Checks that could not send their token (the path untested), since start.
+    pub fn untested(&self) -> u64 {
+        self.untested.load(Ordering::Relaxed)
+    }
+
+    /// Records a check's outcome; logs when the path turns suspect, breaks or works again.
+    /// Returns whether the path is now suspect (one missed token: check again at once).
+    fn record(&self, outcome: Result<(), Failure>) -> bool {
+        let mut verdict = self.verdict();
         let now = match outcome {
             Ok(()) => Verdict::Working,
-            Err(cause) => {
+            Err(Failure::Untested(cause)) => {
+                self.untested.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(cause = %cause, "the notification self-test could not send its token");
+                return false;
+            }
+            Err(Failure::Missed(cause)) => {
                 self.failures.fetch_add(1, Ordering::Relaxed);
-                Verdict::Broken(cause)
+                let misses = match &*verdict {
+                    Verdict::Suspect(misses, _) => misses + 1,
+                    Verdict::Broken(_) => MISSES_TO_BROKEN,
+                    Verdict::Unchecked | Verdict::Working => 1,
+                };
+                if misses >= MISSES_TO_BROKEN {
+                    Verdict::Broken(cause)
+                } else {
+                    Verdict::Suspect(misses, cause)
+                }
             }
         };
-        let before = std::mem::replace(&mut *self.verdict(), now.clone());
+        let suspect = matches!(now, Verdict::Suspect(..));
+        let before = std::mem::replace(&mut *verdict, now.clone());
+        drop(verdict);
         match (&before, &now) {
-            (Verdict::Broken(_), Verdict::Working) => {
+            (Verdict::Broken(_) | Verdict::Suspect(..), Verdict::Working) => {
                 tracing::info!(
                     "notifications reach the LISTEN connection again; outbox polling stops"
                 );
             }
-            (Verdict::Unchecked | Verdict::Working, Verdict::Broken(cause)) => {
+            (Verdict::Unchecked | Verdict::Working, Verdict::Suspect(_, cause)) => {
+                tracing::info!(cause = %cause, "a notification self-test token did not arrive; polling the outbox until one does");
+            }
+            (
+                Verdict::Unchecked | Verdict::Working | Verdict::Suspect(..),
+                Verdict::Broken(cause),
+            ) => {
                 tracing::warn!(cause = %cause, "the notification path is broken; polling the outbox");
             }
             _ => {}
         }
+        suspect
     }
 }
 
@@ -170,13 +225,14 @@ impl SelfTest {
         }
     }
 
+    /// A check at start and every interval; after a missed token, the next check follows at
+    /// once, so a broken path is reported within about two timeouts.
     async fn checks(&self) {
-        let mut tick = tokio::time::interval(self.config.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         for count in 0u64.. {
-            tick.tick().await;
             let outcome = self.check(&format!("{}:{count}", self.me.simple())).await;
-            self.stats.path.record(outcome);
+            if !self.stats.path.record(outcome) {
+                tokio::time::sleep(self.config.interval).await;
+            }
         }
     }
 
@@ -197,11 +253,25 @@ impl SelfTest {
     }
 
     /// Sends `token` through the pool and waits for the listener to receive it.
-    async fn check(&self, token: &str) -> Result<(), String> {
+    async fn check(&self, token: &str) -> Result<(), Failure> {
         let mut arrived = self.stats.path.received.subscribe();
         arrived.mark_unchanged();
+        let client = match tokio::time::timeout(self.config.timeout, self.pool.get()).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return Err(Failure::Untested(format!(
+                    "no pooled connection to send a notification: {}",
+                    crate::db::Error::from(e)
+                )));
+            }
+            Err(_) => {
+                return Err(Failure::Untested(format!(
+                    "no pooled connection was free within {:?}",
+                    self.config.timeout
+                )));
+            }
+        };
         let send = async {
-            let client = self.pool.get().await?;
             client
                 .execute_typed(
                     "SELECT pg_notify($1, $2)",
@@ -213,17 +283,18 @@ impl SelfTest {
         match tokio::time::timeout(self.config.timeout, send).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => {
-                return Err(format!(
+                return Err(Failure::Missed(format!(
                     "a notification could not be sent through the pool: {e}"
-                ));
+                )));
             }
             Err(_) => {
-                return Err(format!(
+                return Err(Failure::Missed(format!(
                     "a notification could not be sent through the pool within {:?}",
                     self.config.timeout
-                ));
+                )));
             }
         }
+        drop(client);
         let delivered = async {
             while arrived.changed().await.is_ok() {
                 if *arrived.borrow_and_update() == token {
@@ -236,14 +307,14 @@ impl SelfTest {
         tokio::time::timeout(self.config.timeout, delivered)
             .await
             .map_err(|_| {
-                format!(
+                Failure::Missed(format!(
                     "a notification sent through the pool did not reach the LISTEN connection \
                      within {:?} (is the listener behind a transaction-mode pooler, on a \
                      read-only replica or on a dead connection? --listen-database-url gives it \
                      a direct connection to the primary); the outbox is read every {:?} \
                      meanwhile",
                     self.config.timeout, self.config.poll_interval
-                )
+                ))
             })
     }
 }
@@ -253,19 +324,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_verdict_follows_the_last_check_and_failures_are_counted() {
+    fn one_missed_token_makes_the_path_suspect_and_two_in_a_row_broken() {
         let path = NotificationPath::default();
         assert!(!path.working());
         assert_eq!(path.problem(), None, "unchecked is no problem yet");
-        path.record(Err("no token".into()));
-        path.record(Err("still none".into()));
+        path.record(Err(Failure::Missed("no token".into())));
+        assert!(!path.working(), "a suspect path is polled");
+        assert_eq!(path.problem(), None, "one late token is not reported");
+        path.record(Err(Failure::Missed("still none".into())));
         assert_eq!(path.problem().as_deref(), Some("still none"));
-        assert!(!path.working());
-        assert_eq!(path.failures(), 2);
+        path.record(Err(Failure::Missed("and again".into())));
+        assert_eq!(path.problem().as_deref(), Some("and again"));
+        assert_eq!(path.failures(), 3);
         path.record(Ok(()));
         assert!(path.working());
         assert_eq!(path.problem(), None);
-        assert_eq!(path.failures(), 2);
+        assert_eq!(path.failures(), 3);
+        // After a token arrived, one miss is again only suspect.
+        path.record(Err(Failure::Missed("late".into())));
+        assert_eq!(path.problem(), None);
+        assert!(!path.working());
+    }
+
+    #[test]
+    fn a_check_that_could_not_send_leaves_the_verdict_as_it_was() {
+        let path = NotificationPath::default();
+        path.record(Ok(()));
+        path.record(Err(Failure::Untested("pool busy".into())));
+        assert!(path.working());
+        assert_eq!((path.failures(), path.untested()), (0, 1));
+        path.record(Err(Failure::Missed("no token".into())));
+        path.record(Err(Failure::Untested("pool busy".into())));
+        path.record(Err(Failure::Missed("no token again".into())));
+        assert_eq!(
+            path.problem().as_deref(),
+            Some("no token again"),
+            "an untested check neither breaks nor resets a run of misses"
+        );
+        assert_eq!((path.failures(), path.untested()), (2, 2));
     }
 
     proptest::proptest! {

@@ -114,43 +114,8 @@ fn redact_params(params: &str, out: &mut String) {
 
 /// Whether a parameter name looks like a credential's.
 pub fn is_credential_name(name: &str) -> bool {
-    let decoded = percent_decode(name).to_ascii_lowercase();
+    let decoded = crate::encoding::form_decode_lossy(name).to_ascii_lowercase();
     CREDENTIAL_NAMES.iter().any(|word| decoded.contains(word))
-}
-
-/// `+` as space and `%XX` as its byte; anything malformed is kept as it is.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
-                    .ok()
-                    .and_then(|h| u8::from_str_radix(h, 16).ok());
-                match hex {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]

@@ -18,7 +18,6 @@
 //! gets the stop deadline, then is aborted), waits for them, writes their final states,
 //! releases its leases, and returns.
 
-pub mod backoff;
 pub mod lease;
 pub mod ops;
 pub mod worker;
@@ -48,7 +47,7 @@ use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
-use crate::telemetry::metrics::Metrics;
+use crate::telemetry::metrics::{EventRead, Identity, Metrics};
 use crate::transform::{Limits, Transform};
 use lease::{LeaseConfig, Peers, Renewal, Renewer, Tenure};
 use worker::{Spec, WorkerEnv};
@@ -821,7 +820,12 @@ impl Supervisor {
         let rows = reader.rows_read() - before;
         let events = read.events;
         self.metered(|m| {
-            m.outbox_read(&events, chrono::Utc::now());
+            let read = events.iter().map(|e| EventRead {
+                datasource: e.datasource_id,
+                created_at: e.created_at,
+                invalid_traceparent: e.traceparent_invalid,
+            });
+            m.outbox_read(read, chrono::Utc::now());
             m.outbox_rows_read(rows);
         });
         if let Some(change) = read.reanchored {
@@ -1119,6 +1123,11 @@ impl Supervisor {
         match self.build(&row, key, secrets, cursor, transform) {
             Ok((spec, stall_after)) => {
                 self.metered(|m| m.reload_ordered(id, key.0));
+                let identity = Identity {
+                    org: row.org.clone(),
+                    project: row.project.clone(),
+                    version: key.0,
+                };
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.key = key;
                     worker.rejected = None;
@@ -1128,6 +1137,7 @@ impl Supervisor {
                 } else {
                     self.start_worker(spec, key, stall_after);
                 }
+                self.metered(|m| m.worker_identity(id, identity));
             }
             Err((code, reason)) => {
                 tracing::info!(datasource_id = %id, version = key.0, code, reason, "published version refused");
@@ -1236,7 +1246,7 @@ impl Supervisor {
         let guard = self.cluster.tenure.guard();
         let cancel = guard.child_token();
         let health = Health::default();
-        self.metered(|m| m.worker_started(id, kind, health.clone()));
+        self.metered(|m| m.worker_started(id, kind, Arc::new(health.clone())));
         let previous = self.stopping.remove(&id);
         let check = self.cluster.tenure.check(guard.clone());
         let join = self.tracker.spawn(worker::run(

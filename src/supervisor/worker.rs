@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::backoff::{BackoffPolicy, Failures};
 use super::writer::WriterHandle;
+use crate::backoff::{BackoffPolicy, Failures};
 use crate::connectors::sink::Sink;
 use crate::connectors::webhook::Ingress;
 use crate::connectors::{
@@ -308,11 +308,7 @@ pub async fn run(
                             }
                             // Checked again later (a resolver or network blip passes); the
                             // running version stays meanwhile.
-                            let delay = env
-                                .backoff
-                                .base
-                                .saturating_mul(1 << tries.min(16))
-                                .min(env.backoff.max);
+                            let delay = env.backoff.exponential().ceiling(tries + 1);
                             rejected =
                                 Some((candidate, tries, tokio::time::Instant::now() + delay));
                         }

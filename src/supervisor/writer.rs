@@ -17,6 +17,7 @@ use uuid::Uuid;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::state::{self, Transition};
 use crate::domain::WorkerStatus;
+use crate::telemetry::metrics::StateWritten;
 
 /// Most transitions written per statement.
 const MAX_BATCH: usize = 5_000;
@@ -169,7 +170,15 @@ impl StateWriter {
                         activity.bump_for(batch.iter().map(|t| t.datasource_id));
                     }
                     if let Some(metrics) = &self.metrics {
-                        metrics.states_written(&batch, chrono::Utc::now());
+                        let written: Vec<StateWritten> = batch
+                            .iter()
+                            .map(|t| StateWritten {
+                                datasource: t.datasource_id,
+                                status: t.status,
+                                running_version: t.running_version,
+                            })
+                            .collect();
+                        metrics.states_written(&written, chrono::Utc::now());
                     }
                     if let Some(observer) = &self.observer {
                         let states = batch

@@ -290,7 +290,7 @@ fn header_names(list: &str) -> Result<Vec<String>, String> {
             return Err(format!("entry {} is not key=value", i + 1));
         };
         let key = key.trim();
-        let value = percent_decode(value.trim())
+        let value = crate::encoding::percent_decode_strict(value.trim())
             .ok_or_else(|| format!("entry {}: a malformed percent escape", i + 1))?;
         if http::HeaderName::from_bytes(key.as_bytes()).is_err()
             || http::HeaderValue::from_str(&value).is_err()
@@ -300,23 +300,6 @@ fn header_names(list: &str) -> Result<Vec<String>, String> {
         names.push(key.to_ascii_lowercase());
     }
     Ok(names)
-}
-
-fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
 }
 
 /// Takes `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` and `OTEL_EXPORTER_OTLP_COMPRESSION` out of

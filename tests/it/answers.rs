@@ -70,6 +70,25 @@ async fn publish(
     (version, published.event_id)
 }
 
+/// Waits until the worker of `status` runs `version`.
+async fn running_on(
+    life: &LifecycleClient<Channel>,
+    status: &pb::GetStatusRequest,
+    version: i32,
+    what: &str,
+) {
+    wait_for(what, Duration::from_secs(60), || {
+        let mut life = life.clone();
+        let status = status.clone();
+        async move {
+            let s = life.get_status(status).await.unwrap().into_inner();
+            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == version)
+                .then_some(())
+        }
+    })
+    .await;
+}
+
 async fn current_version(ds: &mut DatasourcesClient<Channel>, id: &str) -> i32 {
     ds.get_datasource(pb::GetDatasourceRequest { id: id.to_owned() })
         .await
@@ -325,15 +344,7 @@ async fn a_refused_restart_answers_its_refusal_not_running_and_settled() {
     let status = pb::GetStatusRequest {
         datasource_id: id.clone(),
     };
-    wait_for("the poller to run", Duration::from_secs(30), || {
-        let mut life = life.clone();
-        let status = status.clone();
-        async move {
-            let s = life.get_status(status).await.unwrap().into_inner();
-            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
-        }
-    })
-    .await;
+    running_on(&life, &status, v1, "the poller to run").await;
     // The secret the running version needs goes away: a restart cannot build the worker.
     secrets
         .delete_secret(pb::DeleteSecretRequest {
@@ -617,15 +628,7 @@ async fn a_rotated_secret_reaches_the_running_worker_and_a_put_back_one_revives_
     // Putting it back revives the worker, with the new value, and no restart call.
     put_token(&mut secrets, &id, "third-token-0c4f").await;
     wait_for_bearer(&seen, "third-token-0c4f").await;
-    wait_for("the worker to run again", Duration::from_secs(60), || {
-        let mut life = life.clone();
-        let status = status.clone();
-        async move {
-            let s = life.get_status(status).await.unwrap().into_inner();
-            (s.status == pb::WorkerStatus::Running as i32 && s.running_version == v1).then_some(())
-        }
-    })
-    .await;
+    running_on(&life, &status, v1, "the worker to run again").await;
     app.stop().await.unwrap();
 }
 

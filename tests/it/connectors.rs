@@ -711,3 +711,40 @@ async fn a_tampered_secret_keeps_the_worker_from_starting_and_flags_the_datasour
     );
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_webhook_signature_spelled_with_a_sign_in_a_hex_pair_is_refused_over_the_port() {
+    let db = TestDb::new().await;
+    let app = spawn(&db).await;
+    let addr = app.http_addr.to_string();
+    let ds = db.datasource_of("signed", "webhook").await;
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds.id, "webhook_secret", WEBHOOK_KEY).await;
+    let v = db.version(ds.id, json!({})).await;
+    db.publish_sql(ds.id, v).await;
+    db.wait_for_state(ds.id, "webhook RUNNING", running_on(v))
+        .await;
+    let id = ds.id.to_string();
+    let key = WEBHOOK_KEY.as_bytes();
+    // A body whose signature has a pair `0x`, which a lax hex reader also takes as `+x`.
+    let (body, signed, at) = (0..10_000u32)
+        .find_map(|n| {
+            let body = format!(r#"[{{"n": {n}}}]"#).into_bytes();
+            let signed = sign(key, &body);
+            let hex_at = "sha256=".len();
+            let at = (hex_at..signed.len())
+                .step_by(2)
+                .find(|i| signed.as_bytes()[*i] == b'0')?;
+            Some((body, signed, at))
+        })
+        .expect("some body signs with a 0 at a pair boundary");
+    let mut lax = signed.clone();
+    lax.replace_range(at..=at, "+");
+
+    let (status, _, _) = post(&addr, &id, "application/json", &body, Some(lax)).await;
+
+    assert_eq!(status, 401, "a sign is not a hex digit");
+    assert!(records(&db, ds.id).await.is_empty(), "nothing was taken");
+    let (status, _, _) = post(&addr, &id, "application/json", &body, Some(signed)).await;
+    assert_eq!(status, 202, "the same body, signed as sent");
+    app.stop().await.unwrap();
+}

@@ -15,34 +15,29 @@ use dsreg::api::grpc::principal::{Role, Tenant};
 use dsreg::secrets::{FileKeyProvider, KeyProvider};
 use serde_json::Value;
 
-// The registry's metric names: this block is the one place to align with the names `/metrics`
-// serves. The dashboard may query only these, and shows each of them.
-const RECORDS: &str = "dsreg_datasource_records_total";
-const ERRORS: &str = "dsreg_datasource_errors_total";
-const DEAD_LETTERED: &str = "dsreg_datasource_dead_lettered_total";
-const RESTARTS: &str = "dsreg_datasource_restarts_total";
-const WORKER_STATE: &str = "dsreg_datasource_worker_state";
-const RELOAD_LATENCY: &str = "dsreg_supervisor_reload_latency_seconds";
-const LISTENER_CONNECTED: &str = "dsreg_outbox_listener_connected";
-const LISTENER_RECONNECTS: &str = "dsreg_outbox_listener_reconnects_total";
-const RPC_REQUESTS: &str = "dsreg_grpc_requests_total";
-const RPC_DURATION: &str = "dsreg_grpc_request_duration_seconds";
-const LEASES_HELD: &str = "dsreg_leases_held";
-const LEASE_MOVES: &str = "dsreg_lease_moves_total";
-const METRICS: &[&str] = &[
-    RECORDS,
-    ERRORS,
-    DEAD_LETTERED,
-    RESTARTS,
-    WORKER_STATE,
-    RELOAD_LATENCY,
-    LISTENER_CONNECTED,
-    LISTENER_RECONNECTS,
-    RPC_REQUESTS,
-    RPC_DURATION,
-    LEASES_HELD,
-    LEASE_MOVES,
+use dsreg::telemetry::metrics::names::{self as registry, Family};
+
+/// The registry's families the dashboard shows, each of them; their names come from the
+/// registry's own list, so renaming one there fails the dashboard checks here.
+const SHOWN: &[Family] = &[
+    registry::DATASOURCE_RECORDS,
+    registry::DATASOURCE_ERRORS,
+    registry::DATASOURCE_DEAD_LETTERED,
+    registry::DATASOURCE_RESTARTS,
+    registry::DATASOURCE_WORKER_STATE,
+    registry::RELOAD_LATENCY,
+    registry::LISTENER_CONNECTED,
+    registry::LISTENER_RECONNECTS,
+    registry::RPC_REQUESTS,
+    registry::RPC_DURATION,
+    registry::LEASES_HELD,
+    registry::LEASE_MOVES,
 ];
+
+/// The sample names of [`SHOWN`], as queries name them. The dashboard may query only these.
+fn metrics() -> Vec<String> {
+    SHOWN.iter().map(Family::sample).collect()
+}
 
 /// The metric labels the dashboard groups and filters by (`le` is the histogram buckets').
 /// `instance` is the one Prometheus puts on every scraped series.
@@ -353,13 +348,13 @@ fn dsreg_names(query: &str) -> BTreeSet<String> {
 
 /// The listed metric a queried series belongs to: itself, or the histogram whose `_bucket`,
 /// `_sum` or `_count` series it is.
-fn listed_metric(series: &str) -> Option<&'static str> {
-    METRICS.iter().copied().find(|metric| {
+fn listed_metric(series: &str) -> Option<String> {
+    metrics().into_iter().find(|metric| {
         series == *metric
             || (!metric.ends_with("_total")
                 && ["_bucket", "_sum", "_count"]
                     .iter()
-                    .any(|suffix| series.strip_suffix(suffix) == Some(metric)))
+                    .any(|suffix| series.strip_suffix(suffix) == Some(metric.as_str())))
     })
 }
 
@@ -798,33 +793,57 @@ fn the_dashboard_has_a_panel_for_each_signal() {
             "panel ids are unique"
         );
     }
+    let [
+        records,
+        errors,
+        dead_lettered,
+        restarts,
+        worker_state,
+        reload_latency,
+        listener_connected,
+        listener_reconnects,
+        rpc_requests,
+        rpc_duration,
+    ] = [
+        registry::DATASOURCE_RECORDS,
+        registry::DATASOURCE_ERRORS,
+        registry::DATASOURCE_DEAD_LETTERED,
+        registry::DATASOURCE_RESTARTS,
+        registry::DATASOURCE_WORKER_STATE,
+        registry::RELOAD_LATENCY,
+        registry::LISTENER_CONNECTED,
+        registry::LISTENER_RECONNECTS,
+        registry::RPC_REQUESTS,
+        registry::RPC_DURATION,
+    ]
+    .map(|f| f.sample());
     // Each panel, and what one of its queries must contain.
     let required: &[(&str, &[&str])] = &[
-        ("Ingest rate", &[&format!("sum(rate({RECORDS}"), "[1m]"]),
+        ("Ingest rate", &[&format!("sum(rate({records}"), "[1m]"]),
         (
             "Ingest rate",
-            &[&format!("by (datasource) (rate({RECORDS}"), "[1m]"],
+            &[&format!("by (datasource) (rate({records}"), "[1m]"],
         ),
-        ("Errors", &[&format!("rate({ERRORS}"), "[5m]"]),
-        ("Dead letters", &[DEAD_LETTERED]),
-        ("Worker restarts", &[RESTARTS]),
-        ("Worker states", &[&format!("by (state) ({WORKER_STATE}")]),
+        ("Errors", &[&format!("rate({errors}"), "[5m]"]),
+        ("Dead letters", &[&dead_lettered]),
+        ("Worker restarts", &[&restarts]),
+        ("Worker states", &[&format!("by (state) ({worker_state}")]),
         (
             "Reload latency",
-            &["histogram_quantile(", &format!("({RELOAD_LATENCY}_bucket")],
+            &["histogram_quantile(", &format!("({reload_latency}_bucket")],
         ),
-        ("Listener connected", &[LISTENER_CONNECTED]),
-        ("Listener reconnects", &[LISTENER_RECONNECTS]),
+        ("Listener connected", &[&listener_connected]),
+        ("Listener reconnects", &[&listener_reconnects]),
         (
             "RPC rate by method",
-            &[&format!("by (method) (rate({RPC_REQUESTS}")],
+            &[&format!("by (method) (rate({rpc_requests}")],
         ),
         (
             "RPC latency by method",
             &[
                 "histogram_quantile(",
                 "by (method, le)",
-                &format!("({RPC_DURATION}_bucket"),
+                &format!("({rpc_duration}_bucket"),
             ],
         ),
     ];
@@ -850,7 +869,7 @@ fn the_dashboard_queries_every_registry_metric_and_no_other() {
     for query in &queries {
         for series in dsreg_names(query) {
             let metric = listed_metric(&series).unwrap_or_else(|| {
-                panic!("the dashboard queries {series}, which is not in METRICS: {query}")
+                panic!("the dashboard queries {series}, which is not in SHOWN: {query}")
             });
             shown.insert(metric);
         }
@@ -861,7 +880,10 @@ fn the_dashboard_queries_every_registry_metric_and_no_other() {
             );
         }
     }
-    let missing: Vec<_> = METRICS.iter().filter(|m| !shown.contains(*m)).collect();
+    let missing: Vec<_> = metrics()
+        .into_iter()
+        .filter(|m| !shown.contains(m))
+        .collect();
     assert!(
         missing.is_empty(),
         "the dashboard does not show {missing:?}"

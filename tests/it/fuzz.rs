@@ -156,13 +156,7 @@ async fn nul_characters_are_refused_before_the_database_naming_the_field() {
     let (_app, ch) = crate::grpc::serve(&db).await;
     let mut ds = DatasourcesClient::new(ch.clone());
     let id = ds
-        .create_datasource(pb::CreateDatasourceRequest {
-            org: "acme".into(),
-            project: "ingest".into(),
-            name: "nul".into(),
-            kind: "generator".into(),
-            ..Default::default()
-        })
+        .create_datasource(crate::grpc::create_req("nul"))
         .await
         .unwrap()
         .into_inner()

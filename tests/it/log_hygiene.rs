@@ -115,13 +115,7 @@ async fn a_committed_change_logs_its_version_as_a_number_and_no_debug_text() {
         .await
         .unwrap();
     let id = ds
-        .create_datasource(pb::CreateDatasourceRequest {
-            org: "acme".into(),
-            project: "ingest".into(),
-            name: "logged".into(),
-            kind: "generator".into(),
-            ..Default::default()
-        })
+        .create_datasource(crate::grpc::create_req("logged"))
         .await
         .unwrap()
         .into_inner()

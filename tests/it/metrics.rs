@@ -351,6 +351,16 @@ async fn the_scrape_is_in_the_format_asked_for_with_registry_series_and_passes_p
         .then(|| text.to_owned())
     })
     .await;
+    // The datasource is named once for joins: tenant, kind and the version it runs.
+    let info = format!(
+        "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"metrics\",kind=\"generator\",version=\"1\"}}"
+    );
+    assert_eq!(value(&text, &info), Some(1.0), "{text}");
+    assert_eq!(
+        text.matches("dsreg_datasource_info{").count(),
+        1,
+        "one series per datasource running here: {text}"
+    );
     let latency = value(&text, "dsreg_supervisor_reload_latency_seconds_sum").unwrap();
     assert!((0.0..15.0).contains(&latency), "{latency}");
     assert!(

@@ -12,7 +12,7 @@ use tokio::process::{Child, Command};
 
 const DSREG: &str = env!("CARGO_BIN_EXE_dsreg");
 
-fn dsreg(data_dir: &Path) -> Command {
+pub fn dsreg(data_dir: &Path) -> Command {
     let mut command = Command::new(DSREG);
     command
         .env_remove("DATABASE_URL")
@@ -23,7 +23,7 @@ fn dsreg(data_dir: &Path) -> Command {
 }
 
 /// Starts `dsreg serve` on free ports; returns the child and its HTTP address once it serves.
-async fn serve(data_dir: &Path) -> (Child, String) {
+pub async fn serve(data_dir: &Path) -> (Child, String) {
     let mut child = dsreg(data_dir)
         .args([
             "serve",
@@ -72,7 +72,7 @@ pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-async fn db_url(data_dir: &Path) -> String {
+pub async fn db_url(data_dir: &Path) -> String {
     let output = dsreg(data_dir).args(["db", "url"]).output().await.unwrap();
     assert!(
         output.status.success(),
@@ -82,7 +82,7 @@ async fn db_url(data_dir: &Path) -> String {
     String::from_utf8(output.stdout).unwrap().trim().to_owned()
 }
 
-async fn terminate(mut child: Child) {
+pub async fn terminate(mut child: Child) {
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(Duration::from_secs(30), child.wait())

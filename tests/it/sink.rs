@@ -808,3 +808,151 @@ async fn shutdown_cancels_the_http_sinks_retries_and_dead_letters_what_is_left()
         (&json!({ "n": 1 }), "sink_unavailable")
     );
 }
+
+/// A local gateway that answers 503 with `Retry-After` as an HTTP-date `ask_for` after the
+/// answer while `down`, and takes batches otherwise; it keeps when each call came and the
+/// date it asked for.
+struct Throttling {
+    down: std::sync::atomic::AtomicBool,
+    ask_for: Duration,
+    calls: std::sync::Mutex<Vec<std::time::SystemTime>>,
+    asked: std::sync::Mutex<Vec<std::time::SystemTime>>,
+    received: std::sync::Mutex<Vec<Value>>,
+}
+
+impl Throttling {
+    fn new(ask_for: Duration) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            down: std::sync::atomic::AtomicBool::new(true),
+            ask_for,
+            calls: std::sync::Mutex::default(),
+            asked: std::sync::Mutex::default(),
+            received: std::sync::Mutex::default(),
+        })
+    }
+
+    fn calls(&self) -> Vec<std::time::SystemTime> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+async fn serve_throttling(gateway: std::sync::Arc<Throttling>) -> String {
+    async fn take(
+        axum::extract::State(gateway): axum::extract::State<std::sync::Arc<Throttling>>,
+        body: axum::body::Bytes,
+    ) -> (axum::http::StatusCode, axum::http::HeaderMap) {
+        let now = std::time::SystemTime::now();
+        gateway.calls.lock().unwrap().push(now);
+        let mut headers = axum::http::HeaderMap::new();
+        if gateway.down.load(std::sync::atomic::Ordering::SeqCst) {
+            let date = httpdate::fmt_http_date(now + gateway.ask_for);
+            // What the date means, at the one-second resolution an HTTP-date has.
+            gateway
+                .asked
+                .lock()
+                .unwrap()
+                .push(httpdate::parse_http_date(&date).unwrap());
+            headers.insert("retry-after", date.parse().unwrap());
+            return (axum::http::StatusCode::SERVICE_UNAVAILABLE, headers);
+        }
+        let batch: Vec<Value> = serde_json::from_slice(&body).unwrap();
+        gateway.received.lock().unwrap().extend(batch);
+        (axum::http::StatusCode::OK, headers)
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .route("/pipeline", axum::routing::post(take))
+        .with_state(gateway);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/pipeline")
+}
+
+#[tokio::test]
+async fn the_http_sink_retries_after_the_date_a_503_asks_for_and_not_before() {
+    let db = TestDb::new().await;
+    let id = db.datasource("throttled").await.id;
+    lease(&db, "sink-test", &[id]).await;
+    let gateway = Throttling::new(Duration::from_secs(3));
+    let url = serve_throttling(gateway.clone()).await;
+    // Its own delays are milliseconds: only the date can hold the retry back.
+    let retry = dsreg::connectors::sink::RetryPolicy {
+        base: Duration::from_millis(10),
+        max: Duration::from_millis(20),
+        http_attempts: 10,
+    };
+    let (sink, stop, task) = sink_on(&db, http_target(url), retry);
+    let waiting = tokio::spawn({
+        let throttled = handle(&sink, id);
+        async move { throttled.write_durable(vec![json!({ "n": 1 })]).await }
+    });
+    wait_for("the first attempt", WAIT, || async {
+        (!gateway.calls().is_empty()).then_some(())
+    })
+    .await;
+
+    gateway
+        .down
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+
+    let outcome = tokio::time::timeout(Duration::from_secs(60), waiting)
+        .await
+        .expect("the retry came")
+        .unwrap()
+        .unwrap();
+    assert_eq!((outcome.written, outcome.dead_lettered), (1, 0));
+    let calls = gateway.calls();
+    let asked = gateway.asked.lock().unwrap().clone();
+    assert_eq!((calls.len(), asked.len()), (2, 1), "one 503, one retry");
+    assert!(
+        calls[1] >= asked[0],
+        "retried at {:?}, before the {:?} asked for",
+        httpdate::fmt_http_date(calls[1]),
+        httpdate::fmt_http_date(asked[0])
+    );
+    assert_eq!(
+        gateway.received.lock().unwrap()[0]["record"],
+        json!({ "n": 1 })
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_worker_stopped_while_its_http_sink_waits_to_retry_stops_and_the_registry_too() {
+    let db = TestDb::new().await;
+    // Two minutes asked for each time: only stopping can end the wait.
+    let gateway = Throttling::new(Duration::from_secs(120));
+    let mut settings = test_settings(&db.url);
+    settings.sink = "http".into();
+    settings.sink_url = Some(serve_throttling(gateway.clone()).await);
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let id = generator(
+        &db,
+        "stuck",
+        "org-a",
+        json!({ "rate_per_sec": 100, "count": 5 }),
+    )
+    .await;
+    db.wait_for_state(id, "RUNNING", |s| s.worker_status == WorkerStatus::Running)
+        .await;
+    wait_for("the gateway's first 503", WAIT, || async {
+        (!gateway.calls().is_empty()).then_some(())
+    })
+    .await;
+
+    db.set_status(id, "disabled").await;
+
+    db.wait_for_state(id, "STOPPED while the sink waits", |s| {
+        s.worker_status == WorkerStatus::Stopped
+    })
+    .await;
+    tokio::time::timeout(Duration::from_secs(60), app.stop())
+        .await
+        .expect("the registry stops while the sink waits to retry")
+        .unwrap();
+    assert!(
+        gateway.received.lock().unwrap().is_empty(),
+        "the gateway never took anything"
+    );
+}

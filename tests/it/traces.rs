@@ -236,7 +236,6 @@ async fn a_gateway_call_its_publish_the_reconcile_and_the_worker_restart_are_one
 }
 
 #[tokio::test]
-#[ignore = "misses its 60 s bound in about half the full-suite runs on a 2-core machine, cause not found; run with --ignored"]
 async fn a_sql_publish_with_a_traceparent_is_reconciled_in_the_publishers_trace() {
     let db = TestDb::new().await;
     let (endpoint, received) = receiver().await;

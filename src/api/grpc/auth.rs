@@ -1630,6 +1630,7 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Secrets/PutSecret", Role::Admin),
     ("/dsreg.v1.Secrets/DeleteSecret", Role::Admin),
     ("/dsreg.v1.Secrets/ListSecrets", Role::Viewer),
+    ("/dsreg.v1.Catalog/ValidateConfig", Role::Viewer),
 ];
 
 /// The role the RPC at `path` (`/dsreg.v1.<Service>/<Method>`) needs: Viewer for reads,

@@ -5,10 +5,13 @@ use std::time::Duration;
 
 use tonic::{Request, Response, Status};
 
-use super::call::Call;
-use super::status::invalid;
+use super::call::{self, Call};
+use super::convert::MAX_CONFIG_BYTES;
+use super::datasources::{Check, visible};
+use super::status::{self, invalid};
 use super::{Ctx, convert, pb};
-use crate::connectors::Mode;
+use crate::connectors::{ConfigError, Mode};
+use crate::db::repository::secrets as secret_rows;
 
 /// How long a kind's health check is reused.
 const HEALTH_MAX_AGE: Duration = Duration::from_secs(60);
@@ -62,5 +65,100 @@ impl pb::catalog_server::Catalog for CatalogService {
             detail: health.detail,
             checked_at: Some(convert::timestamp(checked_at)),
         }))
+    }
+
+    async fn validate_config(
+        &self,
+        request: Request<pb::ValidateConfigRequest>,
+    ) -> Result<Response<pb::ValidateConfigResponse>, Status> {
+        let call = Call::of(&request, "ValidateConfig")?;
+        let r = request.into_inner();
+        let config = convert::json_object("config_json", &r.config_json, MAX_CONFIG_BYTES)?;
+        // With a datasource, its kind and stored secret names; without, the kind named.
+        let (kind, stored) = if r.datasource_id.is_empty() {
+            (r.kind, None)
+        } else {
+            let id = convert::id("datasource_id", &r.datasource_id)?;
+            let client = call::client(&self.0.pool).await?;
+            let ds = visible(&**client, &call, id, Check::Read(&self.0.auditor)).await?;
+            if !r.kind.is_empty() && r.kind != ds.kind {
+                return Err(invalid(
+                    "kind",
+                    format!(
+                        "is {:?}, but datasource {id} is of kind {:?}; leave it empty",
+                        r.kind, ds.kind
+                    ),
+                ));
+            }
+            let names: Vec<String> = secret_rows::list(&**client, id)
+                .await
+                .map_err(status::db)?
+                .into_iter()
+                .map(|m| m.name)
+                .collect();
+            (ds.kind, Some(names))
+        };
+        if kind.is_empty() {
+            return Err(invalid("kind", "must not be empty without datasource_id"));
+        }
+        if self.0.catalog.get(&kind).is_none() {
+            let known: Vec<&str> = self.0.catalog.kinds().map(|k| k.name).collect();
+            return Err(invalid(
+                "kind",
+                format!(
+                    "unknown connector kind {kind:?}; known kinds: {}",
+                    known.join(", ")
+                ),
+            ));
+        }
+        Ok(Response::new(validation(
+            &self.0.catalog,
+            &self.0.limits,
+            &kind,
+            &config,
+            stored.as_deref(),
+        )))
+    }
+}
+
+/// Checks `config` for `kind` as a publish would; `stored`: the datasource's stored secret
+/// names, when a datasource is named (a missing secret is then a problem; otherwise it is only
+/// listed as missing).
+fn validation(
+    catalog: &crate::connectors::Catalog,
+    limits: &crate::transform::Limits,
+    kind: &str,
+    config: &serde_json::Value,
+    stored: Option<&[String]>,
+) -> pb::ValidateConfigResponse {
+    let names = stored.unwrap_or_default();
+    let problems: Vec<ConfigError> = match catalog.check(kind, config, names, limits) {
+        Ok(()) => Vec::new(),
+        Err(problems) => problems
+            .into_iter()
+            .filter(|p| stored.is_some() || p.missing_secret.is_none())
+            .collect(),
+    };
+    // A panic while listing secrets is among the problems already.
+    let needed = catalog.secrets_needed(kind, config).unwrap_or_default();
+    let missing = needed
+        .iter()
+        .filter(|n| !names.contains(n))
+        .cloned()
+        .collect();
+    pb::ValidateConfigResponse {
+        valid: problems.is_empty(),
+        kind: kind.to_owned(),
+        problems: problems
+            .into_iter()
+            .map(|p| pb::ConfigProblem {
+                field: p.field,
+                reason: p.reason,
+                line: p.line.map_or(0, |l| u32::try_from(l).unwrap_or(u32::MAX)),
+                missing_secret: p.missing_secret.unwrap_or_default(),
+            })
+            .collect(),
+        secrets_needed: needed,
+        secrets_missing: missing,
     }
 }

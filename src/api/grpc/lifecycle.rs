@@ -286,13 +286,13 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         // A worker of this instance answers with its counters now; another instance's, with
         // the snapshot its last heartbeat wrote (snapshot_at says when).
         let live = (s.owner_instance.as_deref() == Some(self.0.instance_id.as_str()))
-            .then(|| self.0.metrics.worker_health(id))
+            .then(|| self.0.metrics.worker_figures(id))
             .flatten();
         let (records, dead_lettered, errors, progress, snapshot_at) = match &live {
             Some(h) => (
-                h.records_total(),
-                h.dead_lettered_total(),
-                h.errors_total(),
+                h.records(),
+                h.dead_lettered(),
+                h.errors(),
                 chrono::DateTime::from_timestamp_millis(h.last_progress_ms())
                     .filter(|_| h.last_progress_ms() > 0),
                 Utc::now(),

@@ -120,6 +120,26 @@ pub async fn register(client: &impl GenericClient, me: &InstanceInfo) -> Result<
     Ok(())
 }
 
+/// Deletes the rows of instances that stopped, or went silent, more than `retention` ago
+/// (never a live one); returns how many went. Their leases are already free: a lease holds
+/// only while its owner is live.
+///
+/// # Errors
+/// The statement failed.
+pub async fn prune_dead(client: &impl GenericClient, retention: Duration) -> Result<u64, Error> {
+    Ok(client
+        .execute_typed(
+            &format!(
+                "DELETE FROM dsreg_instances
+                 WHERE NOT ({LIVE})
+                   AND greatest(stopped_at, heartbeat_at)
+                       < now() - $1::bigint * interval '1 millisecond'"
+            ),
+            &typed::params(&[&millis(retention)]),
+        )
+        .await?)
+}
+
 /// What one renewal saw.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Renewed {

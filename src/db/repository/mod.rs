@@ -4,6 +4,7 @@
 
 pub mod audit;
 pub mod datasources;
+pub mod dead_letters;
 pub mod deliveries;
 pub mod events;
 pub mod file_sync;

@@ -1,11 +1,95 @@
-//! Restart delays: exponential with jitter, capped, and crash-loop detection (too many
-//! failures within a window; once in a crash loop a worker stays there, at the capped delay
-//! with jitter, until a run works for a window or a new version comes). Permanent failures (a
-//! source that refuses) wait the long delay instead and are no crash loop. Pure: the caller
-//! supplies the clock and the randomness.
+//! Retry pacing, one policy for every loop that tries again: [`Exponential`] (a delay
+//! doubling from a base up to a cap, spread by jitter) with [`Retries`] for a loop retrying
+//! one thing until it works (the outbox listener's reconnects, the sink's flushes, an
+//! `http_poll` within a poll, the file watcher's passes, the CLI's event follower), and
+//! [`Failures`] for a worker's restarts, which adds crash-loop detection (too many failures
+//! within a window; once in a crash loop a worker stays there, at the capped delay with
+//! jitter, until a run works for a window or a new version comes). Permanent failures (a
+//! source that refuses) wait the long delay instead and are no crash loop.
+//!
+//! Pure: the caller supplies the clock and the randomness, so the schedule is tested without
+//! timers. The loops sleep with [`sleep_unless`], which wakes on their shutdown token.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+/// A delay doubling from `base` per failure up to `max`, spread by jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exponential {
+    /// The delay after the first failure (before jitter).
+    pub base: Duration,
+    /// The cap (before jitter).
+    pub max: Duration,
+}
+
+impl Exponential {
+    /// Doubling from `base` up to `max`.
+    pub const fn new(base: Duration, max: Duration) -> Self {
+        Self { base, max }
+    }
+
+    /// The delay after `failures` failures in a row (the first is 1), before jitter:
+    /// `base * 2^(failures - 1)`, at most `max`.
+    pub fn ceiling(&self, failures: u32) -> Duration {
+        let exponent = failures.saturating_sub(1).min(20);
+        self.base.saturating_mul(1u32 << exponent).min(self.max)
+    }
+
+    /// The delay after `failures` failures in a row, spread over the upper half of
+    /// [`Self::ceiling`] by `jitter` in [0, 1], so that loops failing together do not retry
+    /// together.
+    pub fn delay(&self, failures: u32, jitter: f64) -> Duration {
+        self.ceiling(failures)
+            .mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+}
+
+/// A loop retrying one thing until it works: failures since the last success.
+#[derive(Debug, Clone)]
+pub struct Retries {
+    policy: Exponential,
+    failures: u32,
+}
+
+impl Retries {
+    /// No failures yet.
+    pub const fn new(policy: Exponential) -> Self {
+        Self {
+            policy,
+            failures: 0,
+        }
+    }
+
+    /// Records a failure; the delay before the next attempt, spread by `jitter` in [0, 1].
+    pub fn failed(&mut self, jitter: f64) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        self.policy.delay(self.failures, jitter)
+    }
+
+    /// Forgets the failures: the thing worked.
+    pub fn succeeded(&mut self) {
+        self.failures = 0;
+    }
+
+    /// Failures since the last success.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+}
+
+/// Sleeps for `delay` unless `shutdown` fires first; false when it did.
+///
+/// # Cancel safety
+/// Cancel safe: it holds nothing but the timer.
+pub async fn sleep_unless(delay: Duration, shutdown: &CancellationToken) -> bool {
+    tokio::select! {
+        biased;
+        () = shutdown.cancelled() => false,
+        () = tokio::time::sleep(delay) => true,
+    }
+}
 
 /// How restarts are paced.
 #[derive(Debug, Clone)]
@@ -20,6 +104,13 @@ pub struct BackoffPolicy {
     pub window: Duration,
     /// Delay after a permanent failure (a source that refuses: 401, 404, …).
     pub permanent: Duration,
+}
+
+impl BackoffPolicy {
+    /// The restart delays before a crash loop.
+    pub fn exponential(&self) -> Exponential {
+        Exponential::new(self.base, self.max)
+    }
 }
 
 impl Default for BackoffPolicy {
@@ -91,16 +182,10 @@ impl Failures {
             }
         }
         self.looping |= self.recent.len() >= self.policy.crash_loop_failures;
-        let exponent = (self.consecutive - 1).min(30);
-        let ceiling = self
-            .policy
-            .base
-            .saturating_mul(1u32 << exponent.min(20))
-            .min(self.policy.max);
         let delay = if self.looping {
             capped(self.policy.max, jitter)
         } else {
-            ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+            self.policy.exponential().delay(self.consecutive, jitter)
         };
         Verdict {
             delay,
@@ -227,7 +312,54 @@ mod tests {
         assert_eq!(failures.count(), 20);
     }
 
+    #[test]
+    fn a_retrying_loop_doubles_to_the_cap_in_the_upper_half_and_starts_over_after_success() {
+        let mut retries = Retries::new(Exponential::new(
+            Duration::from_millis(250),
+            Duration::from_secs(2),
+        ));
+        let full: Vec<u128> = (0..6).map(|_| retries.failed(1.0).as_millis()).collect();
+        assert_eq!(full, [250, 500, 1_000, 2_000, 2_000, 2_000]);
+        assert_eq!(retries.failures(), 6);
+        assert_eq!(retries.failed(0.0), Duration::from_secs(1), "half the cap");
+        retries.succeeded();
+        assert_eq!(retries.failures(), 0);
+        assert_eq!(retries.failed(1.0), Duration::from_millis(250));
+    }
+
+    #[tokio::test]
+    async fn a_backoff_sleep_wakes_on_shutdown() {
+        let shutdown = CancellationToken::new();
+        assert!(sleep_unless(Duration::from_millis(1), &shutdown).await);
+        let sleeping = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { sleep_unless(Duration::from_secs(3_600), &shutdown).await }
+        });
+        tokio::task::yield_now().await;
+        shutdown.cancel();
+        assert!(!sleeping.await.unwrap(), "shutdown came first");
+    }
+
     proptest::proptest! {
+        /// Whatever the policy, the failures and the jitter: a delay is within the upper half
+        /// of its ceiling, ceilings never shrink as failures grow, and none passes the cap.
+        #[test]
+        fn exponential_delays_stay_in_their_band(
+            base_ms in 1u64..100_000,
+            max_ms in 1u64..10_000_000,
+            failures in 1u32..100,
+            jitter in 0.0f64..=1.0,
+        ) {
+            let policy = Exponential::new(Duration::from_millis(base_ms), Duration::from_millis(max_ms));
+            let ceiling = policy.ceiling(failures);
+            let delay = policy.delay(failures, jitter);
+            proptest::prop_assert!(ceiling <= policy.max);
+            proptest::prop_assert!(ceiling >= policy.base.min(policy.max));
+            proptest::prop_assert!(policy.ceiling(failures + 1) >= ceiling);
+            proptest::prop_assert!(delay <= ceiling);
+            proptest::prop_assert!(delay >= ceiling / 2);
+        }
+
         /// Whatever the spacing of failures and the jitter: every delay is within the cap (the
         /// long delay for refusals), and once a crash loop, always a crash loop until a reset.
         #[test]
