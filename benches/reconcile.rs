@@ -198,10 +198,10 @@ async fn main() -> anyhow::Result<()> {
     let mut resyncs = Vec::new();
     for _ in 0..5 {
         while observed.passes.try_recv().is_ok() {}
-        dsreg::supervisor::ops::reload(
+        dsreg::supervisor::ops::apply(
             &dsreg::db::pool(&db.url, 1, Duration::from_secs(5))?,
             &dsreg::db::repository::WriteContext::actor("bench"),
-            None,
+            &dsreg::supervisor::ops::Op::Reload(None),
         )
         .await?;
         let pass = loop {

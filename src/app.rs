@@ -253,7 +253,18 @@ impl App {
         }
         let control = db::pool_with(url, &bounds, CONTROL_POOL_SIZE, settings.pool_wait())?;
         let probe = db::pool_with(url, &bounds, PROBE_POOL_SIZE, settings.pool_wait())?;
-        let renewal = db::pool_with(url, &bounds, 1, settings.pool_wait())?;
+        let instance_id = settings
+            .instance_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        // Named after the instance, so the others see in `pg_stat_activity` whether it lives.
+        let renewal = db::pool_named(
+            url,
+            &bounds,
+            1,
+            settings.pool_wait(),
+            &crate::db::repository::state::renewer_application_name(&instance_id),
+        )?;
         let page_key = {
             let client = pool.get().await.context("connecting to the database")?;
             api::grpc::page::PageKey::load(&**client)
@@ -282,10 +293,7 @@ impl App {
             probe,
             renewal,
             schema_version,
-            instance_id: settings
-                .instance_id
-                .clone()
-                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+            instance_id,
             advertise,
             catalog: Catalog::builtin(),
             supervisor: settings.supervisor(),
@@ -540,6 +548,7 @@ impl App {
                 shutdown.child_token(),
             ),
             page_key: self.page_key,
+            metrics: self.metrics.clone(),
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

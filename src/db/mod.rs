@@ -339,7 +339,26 @@ pub fn pool_with(
     max_size: usize,
     wait: Duration,
 ) -> Result<Pool, Error> {
-    let target = Target::parse_with(url, bounds)?;
+    pool_of(Target::parse_with(url, bounds)?, max_size, wait)
+}
+
+/// As [`pool_with`], its connections opened with `application_name` (whatever the URL says).
+///
+/// # Errors
+/// As [`pool_with`].
+pub fn pool_named(
+    url: &str,
+    bounds: &ConnectOptions,
+    max_size: usize,
+    wait: Duration,
+    application_name: &str,
+) -> Result<Pool, Error> {
+    let mut target = Target::parse_with(url, bounds)?;
+    target.config.application_name(application_name);
+    pool_of(target, max_size, wait)
+}
+
+fn pool_of(target: Target, max_size: usize, wait: Duration) -> Result<Pool, Error> {
     let tls = target.tls_blocking()?;
     let connect = target.connect_bound();
     let check = connect.unwrap_or(UNBOUNDED_CHECK);

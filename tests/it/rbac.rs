@@ -178,7 +178,7 @@ async fn every_rpc_with_every_credential_gets_its_code_and_every_denial_is_audit
     let db = TestDb::new().await;
     let (_app, channel, _dir) = serve(&db).await;
     let rpcs = rpcs();
-    assert_eq!(rpcs.len(), 32, "the proto files list every RPC: {rpcs:?}");
+    assert_eq!(rpcs.len(), 33, "the proto files list every RPC: {rpcs:?}");
     // An id nobody has: allowed calls answer NOT_FOUND or INVALID_ARGUMENT, never a denial.
     let nobody = uuid::Uuid::new_v4().to_string();
     let mut failures = Vec::new();
@@ -280,6 +280,8 @@ async fn another_tenants_datasource_is_not_found_from_every_rpc_and_never_listed
             && !path.starts_with("/dsreg.v1.Registry/")
             && !path.starts_with("/dsreg.v1.Catalog/")
             && !path.contains("UpdateDatasource")
+            // Selects by filter; its tenancy is checked with full requests below.
+            && !path.contains("RestartWorkers")
             || path.contains("ListVersions")
             || path.contains("ListSecrets")
             || path.contains("ListEvents")
@@ -305,6 +307,36 @@ async fn another_tenants_datasource_is_not_found_from_every_rpc_and_never_listed
     }
     assert!(id_rpcs >= 20, "{id_rpcs}");
     assert!(leaks.is_empty(), "{}", leaks.join("\n"));
+    // A restart by filter never selects another tenant's datasource, named or not.
+    let mut lifecycle = pb::lifecycle_client::LifecycleClient::with_interceptor(
+        channel.clone(),
+        with(acme.clone()),
+    );
+    for request in [
+        pb::RestartWorkersRequest {
+            datasource_ids: vec![theirs.id.clone()],
+            ..Default::default()
+        },
+        pb::RestartWorkersRequest {
+            org: "globex".into(),
+            ..Default::default()
+        },
+        pb::RestartWorkersRequest {
+            kind: "generator".into(),
+            dry_run: true,
+            ..Default::default()
+        },
+    ] {
+        let answer = lifecycle
+            .restart_workers(request.clone())
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            answer.workers.iter().all(|w| w.datasource_id != theirs.id),
+            "{request:?} selected another tenant's datasource: {answer:?}"
+        );
+    }
     let created = mine
         .create_version(pb::CreateVersionRequest {
             datasource_id: theirs.id.clone(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 use dsreg::connectors::{BoxFuture, ConfigError, Connector, Error, KindInfo, Mode, RunContext};
 use dsreg::db::repository::WriteContext;
 use dsreg::domain::WorkerStatus;
-use dsreg::supervisor::ops;
+use dsreg::supervisor::ops::{self, Op};
 use serde_json::json;
 
 use crate::helpers::{TestApp, TestDb, wait_for};
@@ -333,7 +333,7 @@ async fn a_worker_without_progress_is_stalled_and_one_that_ignores_stop_is_abort
         s.worker_status == WorkerStatus::Running
     })
     .await;
-    ops::stop(&db.pool, &WriteContext::actor("ops"), deaf.id)
+    ops::apply(&db.pool, &WriteContext::actor("ops"), &Op::Stop(deaf.id))
         .await
         .unwrap();
     db.wait_for_state(deaf.id, "STOPPED after the deadline", stopped)
@@ -359,25 +359,36 @@ async fn lifecycle_operations_are_idempotent_and_applied_through_the_tables() {
     let ctx = WriteContext::actor("ops");
 
     assert_eq!(
-        ops::start(&db.pool, &ctx, ds.id).await.unwrap(),
+        ops::apply(&db.pool, &ctx, &Op::Start(ds.id))
+            .await
+            .unwrap()
+            .outcome,
         dsreg::db::repository::state::Outcome::Unchanged
     );
     assert_eq!(
-        ops::stop(&db.pool, &ctx, ds.id).await.unwrap(),
+        ops::apply(&db.pool, &ctx, &Op::Stop(ds.id))
+            .await
+            .unwrap()
+            .outcome,
         dsreg::db::repository::state::Outcome::Changed
     );
     assert_eq!(
-        ops::stop(&db.pool, &ctx, ds.id).await.unwrap(),
+        ops::apply(&db.pool, &ctx, &Op::Stop(ds.id))
+            .await
+            .unwrap()
+            .outcome,
         dsreg::db::repository::state::Outcome::Unchanged
     );
     db.wait_for_state(ds.id, "STOPPED", stopped).await;
-    ops::start(&db.pool, &ctx, ds.id).await.unwrap();
+    ops::apply(&db.pool, &ctx, &Op::Start(ds.id)).await.unwrap();
     db.wait_for_state(ds.id, "RUNNING again", running_on(v))
         .await;
 
     let starts = |kinds: Vec<String>| kinds.iter().filter(|k| *k == "worker_starting").count();
     let before = starts(db.event_kinds(ds.id).await);
-    ops::restart(&db.pool, &ctx, ds.id).await.unwrap();
+    ops::apply(&db.pool, &ctx, &Op::Restart(ds.id))
+        .await
+        .unwrap();
     wait_for("a restart", WAIT, || async {
         (starts(db.event_kinds(ds.id).await) > before).then_some(())
     })
@@ -387,8 +398,10 @@ async fn lifecycle_operations_are_idempotent_and_applied_through_the_tables() {
 
     // A reload with nothing changed restarts nothing.
     let before = starts(db.event_kinds(ds.id).await);
-    ops::reload(&db.pool, &ctx, Some(ds.id)).await.unwrap();
-    ops::reload(&db.pool, &ctx, None).await.unwrap();
+    ops::apply(&db.pool, &ctx, &Op::Reload(Some(ds.id)))
+        .await
+        .unwrap();
+    ops::apply(&db.pool, &ctx, &Op::Reload(None)).await.unwrap();
     let marker = db.datasource("marker").await;
     let mv = db.version(marker.id, json!({ "rate_per_sec": 0 })).await;
     db.publish_sql(marker.id, mv).await;
@@ -396,7 +409,7 @@ async fn lifecycle_operations_are_idempotent_and_applied_through_the_tables() {
         .await;
     assert_eq!(starts(db.event_kinds(ds.id).await), before);
     assert!(matches!(
-        ops::stop(&db.pool, &ctx, uuid::Uuid::new_v4()).await,
+        ops::apply(&db.pool, &ctx, &Op::Stop(uuid::Uuid::new_v4())).await,
         Err(dsreg::db::Error::DatasourceNotFound(_))
     ));
     app.stop().await.unwrap();
@@ -662,7 +675,7 @@ async fn a_full_resync_goes_a_page_at_a_time_and_a_publish_meanwhile_is_not_held
         .await
         .unwrap();
     while passes.try_recv().is_ok() {}
-    ops::reload(&db.pool, &WriteContext::actor("test"), None)
+    ops::apply(&db.pool, &WriteContext::actor("test"), &Op::Reload(None))
         .await
         .unwrap();
     // The pass is under way once its first page is applied; the last datasource, published

@@ -19,6 +19,7 @@ use super::{Ctx, convert, pb};
 use crate::db::repository::datasources::Datasource;
 use crate::db::repository::state::{self, State, WorkerOutcome};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
+use crate::supervisor::ops::{self, Op};
 
 /// How often a wait re-reads the state when nothing wakes it (a worker owned by another
 /// instance).
@@ -101,23 +102,30 @@ impl LifecycleService {
         }
     }
 
-    /// Runs one lifecycle write in an audited transaction, then waits for `goal`.
+    /// Runs one lifecycle operation in an audited transaction (after `check` admits the
+    /// datasource), then waits for `goal`.
     async fn act(
         &self,
         call: Call,
-        id: Uuid,
+        op: Op,
         goal: Goal,
-        write: impl AsyncFnOnce(
-            &tokio_postgres::Transaction<'_>,
-            &Datasource,
-        ) -> Result<Option<i64>, Status>,
+        check: impl FnOnce(&Datasource) -> Result<(), Status>,
     ) -> Result<Response<pb::WorkerState>, Status> {
-        let after = on_datasource(&self.0.pool, &call, id, async |tx, ds, _| {
-            write(tx, &ds).await
+        let id = match &op {
+            Op::Start(id) | Op::Stop(id) | Op::Restart(id) | Op::Backfill(id, _) => *id,
+            Op::Reload(id) => {
+                id.ok_or_else(|| Status::invalid_argument("datasource_id is required"))?
+            }
+        };
+        let applied = on_datasource(&self.0.pool, &call, id, async |tx, ds, _| {
+            check(&ds)?;
+            ops::write(tx, &op).await.map_err(status::db)
         })
         .await?;
         let goal = match goal {
-            Goal::Running { .. } => Goal::Running { after },
+            Goal::Running { .. } => Goal::Running {
+                after: applied.mark,
+            },
             other => other,
         };
         Ok(Response::new(self.wait(&call, id, goal).await?))
@@ -135,15 +143,6 @@ fn datasource_id<T>(request: &Request<T>, value: impl Fn(&T) -> &str) -> Result<
     convert::id("datasource_id", value(request.get_ref()))
 }
 
-/// The mark of a restart request in `tx`: its last event, after which the worker's answer to
-/// it is recorded.
-async fn restart_mark(
-    tx: &tokio_postgres::Transaction<'_>,
-    id: Uuid,
-) -> Result<Option<i64>, Status> {
-    Ok(Some(state::request_mark(tx, id).await.map_err(status::db)?))
-}
-
 type StateStream = Pin<Box<dyn Stream<Item = Result<pb::WorkerState, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -154,13 +153,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "StartWorker")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
-            state::set_desired(tx, id, DesiredState::Running)
-                .await
-                .map_err(status::db)?;
-            Ok(None)
-        })
-        .await
+        let goal = Goal::Running { after: None };
+        self.act(call, Op::Start(id), goal, |_| Ok(())).await
     }
 
     async fn stop_worker(
@@ -169,13 +163,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "StopWorker")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        self.act(call, id, Goal::Stopped, async |tx, _| {
-            state::set_desired(tx, id, DesiredState::Stopped)
-                .await
-                .map_err(status::db)?;
-            Ok(None)
-        })
-        .await
+        self.act(call, Op::Stop(id), Goal::Stopped, |_| Ok(()))
+            .await
     }
 
     async fn restart_worker(
@@ -184,11 +173,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "RestartWorker")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
-            state::request_restart(tx, id).await.map_err(status::db)?;
-            restart_mark(tx, id).await
-        })
-        .await
+        let goal = Goal::Running { after: None };
+        self.act(call, Op::Restart(id), goal, |_| Ok(())).await
     }
 
     async fn reload_worker(
@@ -197,13 +183,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
     ) -> Result<Response<pb::WorkerState>, Status> {
         let call = Call::of(&request, "ReloadWorker")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
-        self.act(call, id, Goal::Running { after: None }, async |tx, _| {
-            state::request_reload(tx, Some(id))
-                .await
-                .map_err(status::db)?;
-            Ok(None)
-        })
-        .await
+        let goal = Goal::Running { after: None };
+        self.act(call, Op::Reload(Some(id)), goal, |_| Ok(())).await
     }
 
     async fn backfill(
@@ -216,25 +197,18 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
             "" => None,
             json => Some(convert::json_document("from_cursor_json", json, 64 * 1024)?),
         };
-        let catalog = self.0.catalog.clone();
-        self.act(
-            call,
-            id,
-            Goal::Running { after: None },
-            async move |tx, ds| {
-                let can = catalog.get(&ds.kind).is_some_and(|c| c.info().can_backfill);
-                if !can {
-                    return Err(Status::failed_precondition(format!(
-                        "connector kind {} cannot backfill",
-                        ds.kind
-                    )));
-                }
-                state::request_backfill(tx, id, from.as_ref())
-                    .await
-                    .map_err(status::db)?;
-                restart_mark(tx, id).await
-            },
-        )
+        let catalog = &self.0.catalog;
+        let goal = Goal::Running { after: None };
+        self.act(call, Op::Backfill(id, from), goal, |ds| {
+            if catalog.get(&ds.kind).is_some_and(|c| c.info().can_backfill) {
+                Ok(())
+            } else {
+                Err(Status::failed_precondition(format!(
+                    "connector kind {} cannot backfill",
+                    ds.kind
+                )))
+            }
+        })
         .await
     }
 
@@ -309,20 +283,179 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
                 .and_then(serde_json::Value::as_u64)
                 .unwrap_or(0)
         };
-        let lag = s.last_progress_at.map_or(0.0, |t| {
+        // A worker of this instance answers with its counters now; another instance's, with
+        // the snapshot its last heartbeat wrote (snapshot_at says when).
+        let live = (s.owner_instance.as_deref() == Some(self.0.instance_id.as_str()))
+            .then(|| self.0.metrics.worker_figures(id))
+            .flatten();
+        let (records, dead_lettered, errors, progress, snapshot_at) = match &live {
+            Some(h) => (
+                h.records(),
+                h.dead_lettered(),
+                h.errors(),
+                chrono::DateTime::from_timestamp_millis(h.last_progress_ms())
+                    .filter(|_| h.last_progress_ms() > 0),
+                Utc::now(),
+            ),
+            None => (
+                count("records_total"),
+                count("dead_lettered_total"),
+                count("errors_total"),
+                s.last_progress_at,
+                s.updated_at,
+            ),
+        };
+        let lag = progress.map_or(0.0, |t| {
             (Utc::now() - t).num_milliseconds().max(0) as f64 / 1000.0
         });
         Ok(Response::new(pb::DatasourceMetrics {
             datasource_id: id.to_string(),
-            records_total: count("records_total"),
-            dead_lettered_total: count("dead_lettered_total"),
-            errors_total: count("errors_total"),
+            records_total: records,
+            dead_lettered_total: dead_lettered,
+            errors_total: errors,
             restart_count: s.restart_count,
+            failures_since_healthy: s.restart_count,
+            restarts_requested: s.restart_generation,
             lag_seconds: lag,
             last_event_at: s.last_event_at.map(convert::timestamp),
-            snapshot_at: Some(convert::timestamp(s.updated_at)),
+            snapshot_at: Some(convert::timestamp(snapshot_at)),
         }))
     }
+
+    async fn restart_workers(
+        &self,
+        request: Request<pb::RestartWorkersRequest>,
+    ) -> Result<Response<pb::RestartWorkersResponse>, Status> {
+        let call = Call::of(&request, "RestartWorkers")?;
+        let r = request.into_inner();
+        let dry_run = r.dry_run;
+        let selection = selection(&call, r)?;
+        let ids = {
+            let client = call::client(&self.0.pool).await?;
+            state::select(&**client, &selection)
+                .await
+                .map_err(status::db)?
+        };
+        if ids.len() > MAX_RESTARTS {
+            return Err(Status::failed_precondition(format!(
+                "more than {MAX_RESTARTS} datasources match; narrow the filter"
+            )));
+        }
+        if dry_run {
+            let mut found = {
+                let client = call::client(&self.0.pool).await?;
+                state::with_datasources(&client, &ids)
+                    .await
+                    .map_err(status::db)?
+            };
+            let workers = ids
+                .iter()
+                .filter_map(|id| found.remove(id))
+                .map(|(ds, s)| convert::worker_state(&ds, s, false))
+                .collect();
+            return Ok(Response::new(pb::RestartWorkersResponse {
+                workers,
+                dry_run,
+            }));
+        }
+        // Each restart is its own audited write, as RestartWorker's; the waits run together.
+        let mut marks = Vec::with_capacity(ids.len());
+        for id in ids {
+            let op = Op::Restart(id);
+            let written = on_datasource(&self.0.pool, &call, id, async |tx, _, _| {
+                ops::write(tx, &op).await.map_err(status::db)
+            })
+            .await;
+            match written {
+                Ok(applied) => marks.push((id, applied.mark)),
+                // Gone since it was selected: nothing to restart.
+                Err(e) if e.code() == tonic::Code::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let waits = marks
+            .into_iter()
+            .map(|(id, after)| self.wait(&call, id, Goal::Running { after }));
+        let workers = futures_util::future::join_all(waits)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Response::new(pb::RestartWorkersResponse {
+            workers,
+            dry_run,
+        }))
+    }
+}
+
+/// The most datasources one `RestartWorkers` call restarts.
+const MAX_RESTARTS: usize = 1_000;
+
+/// The longest filter value `RestartWorkers` takes.
+const MAX_FILTER: usize = 256;
+
+/// What a `RestartWorkers` request selects, within the caller's tenant.
+fn selection(call: &Call, r: pb::RestartWorkersRequest) -> Result<state::Selection, Status> {
+    let statuses = r
+        .statuses
+        .iter()
+        .enumerate()
+        .map(|(i, s)| match pb::WorkerStatus::try_from(*s) {
+            Ok(pb::WorkerStatus::Error) => Ok(WorkerStatus::Error),
+            Ok(pb::WorkerStatus::CrashLoop) => Ok(WorkerStatus::CrashLoop),
+            Ok(pb::WorkerStatus::Stalled) => Ok(WorkerStatus::Stalled),
+            _ => Err(status::invalid(
+                &format!("statuses[{i}]"),
+                "selects ERROR, CRASH_LOOP or STALLED workers only",
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    if r.datasource_ids.len() > MAX_RESTARTS {
+        return Err(status::invalid(
+            "datasource_ids",
+            format!("names more than {MAX_RESTARTS} datasources"),
+        ));
+    }
+    let ids = r
+        .datasource_ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| convert::id(&format!("datasource_ids[{i}]"), id))
+        .collect::<Result<Vec<_>, _>>()?;
+    let text = |field: &str, value: String| {
+        if value.len() > MAX_FILTER {
+            return Err(status::invalid(
+                field,
+                format!("is longer than {MAX_FILTER} bytes"),
+            ));
+        }
+        Ok((!value.is_empty()).then_some(value))
+    };
+    let kind = text("kind", r.kind)?;
+    let org = text("org", r.org)?;
+    let project = text("project", r.project)?;
+    let tag = text("tag", r.tag)?;
+    if statuses.is_empty()
+        && ids.is_empty()
+        && [&kind, &org, &project, &tag].iter().all(|f| f.is_none())
+    {
+        return Err(status::invalid(
+            "statuses",
+            "give at least one filter (statuses, kind, org, project, tag or datasource_ids)",
+        ));
+    }
+    let tenant = &call.principal.tenant;
+    Ok(state::Selection {
+        statuses,
+        kind,
+        org,
+        project,
+        tag,
+        ids: (!ids.is_empty()).then_some(ids),
+        tenant_org: tenant.org().map(str::to_owned),
+        tenant_projects: tenant.projects().map(<[String]>::to_vec),
+        // One more than allowed, to tell a selection that is too big.
+        limit: MAX_RESTARTS as i64 + 1,
+    })
 }
 
 /// A stream of what a channel receives.

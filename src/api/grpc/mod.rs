@@ -115,6 +115,8 @@ pub struct Ctx {
     pub auditor: auditor::Auditor,
     /// Signs page tokens.
     pub page_key: page::PageKey,
+    /// This instance's metrics, which hold the live counters of the workers it runs.
+    pub metrics: crate::telemetry::metrics::Metrics,
 }
 
 /// The `Registry` service: the instance's identity and figures.

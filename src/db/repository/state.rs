@@ -51,6 +51,8 @@ pub struct State {
     pub metrics: serde_json::Value,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// Whether the owner is alive (see [`owner_live`]); `None` where the read did not look.
+    pub owner_live: Option<bool>,
 }
 
 impl State {
@@ -80,6 +82,7 @@ impl State {
             restart_count: row.get("restart_count"),
             metrics: row.get("metrics"),
             updated_at: row.get("updated_at"),
+            owner_live: row.row.try_get(col("owner_live").as_str()).ok(),
         })
     }
 }
@@ -100,6 +103,42 @@ impl Prefixed<'_> {
     }
 }
 
+/// The prefix of the `application_name` of each instance's lease renewer connection, followed
+/// by the instance id (see [`renewer_application_name`]).
+pub const RENEWER_APPLICATION: &str = "dsreg-renewer ";
+
+/// The `application_name` the lease renewer of instance `id` connects with. Postgres keeps 63
+/// bytes of it; [`owner_live`] takes a name cut that short for the prefix it is.
+pub fn renewer_application_name(id: &str) -> String {
+    let mut name = format!("{RENEWER_APPLICATION}{id}");
+    let mut end = name.len().min(63);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    name.truncate(end);
+    name
+}
+
+/// The SQL condition that the owner of state row `s` is alive: it holds the lease, and — when the
+/// database shows renewer sessions at all (a pooler in transaction mode hides them) — its
+/// lease renewer's session is open. A killed instance's connections close with it, so it is
+/// seen gone at once rather than when its lease runs out.
+pub fn owner_live() -> String {
+    format!(
+        "(s.owner_instance IS NOT NULL \
+         AND EXISTS (SELECT 1 FROM datasource_leases l WHERE l.datasource_id = s.datasource_id \
+                     AND {}) \
+         AND (EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = current_database() \
+                      AND a.application_name LIKE 'dsreg-renewer %' \
+                      AND starts_with('dsreg-renewer ' || s.owner_instance, a.application_name) \
+                      AND (a.application_name = 'dsreg-renewer ' || s.owner_instance \
+                           OR octet_length(a.application_name) >= 60)) \
+              OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = current_database() \
+                      AND a.application_name LIKE 'dsreg-renewer %')))",
+        super::leases::held_by("s.owner_instance")
+    )
+}
+
 /// The statement of [`with_datasources`]: the datasource's columns as they are, the state's
 /// prefixed with `s_`.
 static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
@@ -112,9 +151,11 @@ static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(
         .map(|c| format!("s.{0} AS s_{0}", c.trim()))
         .collect();
     format!(
-        "SELECT {}, {} FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = ANY($1)",
+        "SELECT {}, {}, {} AS s_owner_live \
+         FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = ANY($1)",
         d.join(", "),
-        s.join(", ")
+        s.join(", "),
+        owner_live()
     )
 });
 
@@ -724,4 +765,67 @@ pub async fn counts(
         .await?;
     let by_status: Vec<(String, i64)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
     Ok((by_status.iter().map(|(_, n)| n).sum(), by_status))
+}
+
+/// Which workers a bulk restart selects: those of active datasources matching every filter
+/// given, within the tenant given.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Worker statuses (empty: any).
+    pub statuses: Vec<WorkerStatus>,
+    /// A connector kind.
+    pub kind: Option<String>,
+    /// An organisation.
+    pub org: Option<String>,
+    /// A project.
+    pub project: Option<String>,
+    /// A tag.
+    pub tag: Option<String>,
+    /// Datasource ids.
+    pub ids: Option<Vec<Uuid>>,
+    /// The caller's organisation, when it is limited to one.
+    pub tenant_org: Option<String>,
+    /// The caller's projects, when it is limited to some.
+    pub tenant_projects: Option<Vec<String>>,
+    /// At most this many, by id.
+    pub limit: i64,
+}
+
+/// The datasources `selection` selects, by id.
+///
+/// # Errors
+/// The query failed.
+pub async fn select(
+    client: &impl GenericClient,
+    selection: &Selection,
+) -> Result<Vec<Uuid>, Error> {
+    let statuses: Option<Vec<&str>> = (!selection.statuses.is_empty())
+        .then(|| selection.statuses.iter().map(|s| s.as_str()).collect());
+    let rows = client
+        .query_typed(
+            "SELECT d.id FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id
+             WHERE d.status = 'active'
+               AND ($1::text[] IS NULL OR s.worker_status = ANY($1))
+               AND ($2::text IS NULL OR d.kind = $2)
+               AND ($3::text IS NULL OR d.org = $3)
+               AND ($4::text IS NULL OR d.project = $4)
+               AND ($5::text IS NULL OR d.tags @> ARRAY[$5])
+               AND ($6::uuid[] IS NULL OR d.id = ANY($6))
+               AND ($7::text IS NULL OR d.org = $7)
+               AND ($8::text[] IS NULL OR d.project = ANY($8))
+             ORDER BY d.id LIMIT $9",
+            &typed::params(&[
+                &statuses,
+                &selection.kind,
+                &selection.org,
+                &selection.project,
+                &selection.tag,
+                &selection.ids,
+                &selection.tenant_org,
+                &selection.tenant_projects,
+                &selection.limit,
+            ]),
+        )
+        .await?;
+    Ok(rows.iter().map(|r| r.get(0)).collect())
 }

@@ -271,6 +271,13 @@ impl Metrics {
         }
     }
 
+    /// The live figures of `datasource`'s worker, while it runs on this instance.
+    pub fn worker_figures(&self, datasource: Uuid) -> Option<Arc<dyn Figures>> {
+        lock(&self.0.workers.0)
+            .get(&datasource)
+            .map(|w| w.figures.clone())
+    }
+
     /// The worker of `datasource` is stopping for good: its series and any reload awaiting it
     /// are dropped.
     pub fn worker_stopped(&self, datasource: Uuid) {

@@ -33,6 +33,7 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Lifecycle/GetStatus", Role::Viewer),
     ("/dsreg.v1.Lifecycle/WatchStatus", Role::Viewer),
     ("/dsreg.v1.Lifecycle/GetDatasourceMetrics", Role::Viewer),
+    ("/dsreg.v1.Lifecycle/RestartWorkers", Role::Operator),
     ("/dsreg.v1.Secrets/PutSecret", Role::Admin),
     ("/dsreg.v1.Secrets/DeleteSecret", Role::Admin),
     ("/dsreg.v1.Secrets/ListSecrets", Role::Viewer),
