@@ -416,14 +416,22 @@ impl CursorDb {
 
 type SlotPermit = tokio::sync::OwnedSemaphorePermit;
 
-/// A datasource's source position (`datasource_state.source_cursor`).
+/// A datasource's source position (`datasource_state.source_cursor`), and what its worker
+/// knows of it.
+///
+/// The runs of one worker share that knowledge (clones share it): the position as the
+/// supervisor read it with the desired state, then as each run read or saved it. Only the
+/// datasource's worker writes the position while it holds the lease; a backfill moves the
+/// restart generation on (and with it every save of the old generation is refused), so a new
+/// generation starts from the position read with it ([`CursorStore::reset`]). A reload or a
+/// restart under the same generation thus starts from what the last run left without reading
+/// the database, and a save of the position already stored writes nothing.
 #[derive(Clone)]
 pub struct CursorStore {
     db: CursorDb,
     datasource_id: Uuid,
     writer: crate::db::repository::state::Writer,
-    /// The position as the supervisor read it with the desired state, when that read is
-    /// surely current: the first [`CursorStore::load`] takes it instead of reading again.
+    /// The stored position when known (`Some(None)`: known to be empty); `None`: read it.
     known: Arc<std::sync::Mutex<Option<Option<serde_json::Value>>>>,
 }
 
@@ -443,54 +451,79 @@ impl CursorStore {
         }
     }
 
-    /// The store, with the position already read (`Some(None)`: known to be empty) for its
-    /// first [`CursorStore::load`]; `None` reads it then.
+    fn known(&self) -> std::sync::MutexGuard<'_, Option<Option<serde_json::Value>>> {
+        self.known
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The store, with the position already read (`Some(None)`: known to be empty); `None`
+    /// reads it at the next [`CursorStore::load`].
     #[must_use]
     pub fn with_known(self, known: Option<Option<serde_json::Value>>) -> Self {
-        *self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = known;
+        self.reset(known);
         self
     }
 
-    /// The saved position, if any: the one the store was made with on the first call,
-    /// otherwise read from the database.
+    /// Replaces what is known of the stored position (for every clone).
+    pub fn reset(&self, known: Option<Option<serde_json::Value>>) {
+        *self.known() = known;
+    }
+
+    /// The same store (sharing what is known) for a run of `writer`.
+    #[must_use]
+    pub fn for_writer(&self, writer: crate::db::repository::state::Writer) -> Self {
+        Self {
+            writer,
+            ..self.clone()
+        }
+    }
+
+    /// The saved position, if any: the known one, otherwise read from the database.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be read.
     pub async fn load(&self) -> Result<Option<serde_json::Value>, Error> {
-        // Taken once: a later load (a retry within the run) reads what was saved since.
-        let known = self
-            .known
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
-        if let Some(known) = known {
+        if let Some(known) = self.known().clone() {
             return Ok(known);
         }
         let (client, _slot) = self.db.get("reading the cursor").await?;
-        crate::db::repository::state::load_cursor(&**client, self.datasource_id)
+        let read = crate::db::repository::state::load_cursor(&**client, self.datasource_id)
             .await
-            .map_err(|e| Error::Source(format!("reading the cursor: {e}")))
+            .map_err(|e| Error::Source(format!("reading the cursor: {e}")))?;
+        *self.known() = Some(read.clone());
+        Ok(read)
     }
 
-    /// Saves the position; a worker superseded by a restart or backfill, or whose instance no
-    /// longer holds the lease under its epoch, saves nothing.
+    /// Saves the position (nothing to write when it is the one known to be stored); a
+    /// worker superseded by a restart or backfill, or whose instance no longer holds the
+    /// lease under its epoch, saves nothing.
     ///
     /// # Errors
     /// [`Error::Source`] when the database cannot be written.
     pub async fn save(&self, cursor: &serde_json::Value) -> Result<(), Error> {
+        {
+            let mut known = self.known();
+            if known.as_ref().is_some_and(|k| k.as_ref() == Some(cursor)) {
+                return Ok(());
+            }
+            // Unknown until the write is known to have landed: a save interrupted or failed
+            // may or may not have.
+            *known = None;
+        }
         let (client, _slot) = self.db.get("saving the cursor").await?;
-        crate::db::repository::state::save_cursor(
+        let saved = crate::db::repository::state::save_cursor(
             &**client,
             self.datasource_id,
             &self.writer,
             cursor,
         )
         .await
-        .map(|_| ())
-        .map_err(|e| Error::Source(format!("saving the cursor: {e}")))
+        .map_err(|e| Error::Source(format!("saving the cursor: {e}")))?;
+        if saved {
+            *self.known() = Some(Some(cursor.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -641,7 +674,8 @@ pub trait Connector: Send + Sync + 'static {
     /// Make before break: whether a run with `config` can start, checked before a hot reload
     /// stops the running worker (for `http_poll`, the host resolves and a TCP connection
     /// opens). The worker bounds the check by `within` too. A kind with nothing external to
-    /// reach passes.
+    /// reach passes. Skipped when the running version works against the same
+    /// [`Connector::destinations`], which shows them reachable.
     ///
     /// # Errors
     /// Why a run with this config cannot start, without secrets in it.
@@ -934,8 +968,8 @@ mod tests {
     use serde_json::json;
 
     #[tokio::test]
-    async fn a_known_cursor_is_served_once_without_the_database_then_read_from_it() {
-        // A pool on a port nothing listens on: any read fails.
+    async fn a_known_cursor_is_served_without_the_database_until_a_save_may_have_changed_it() {
+        // A pool on a port nothing listens on: any read or write fails.
         let pool = crate::db::pool(
             "postgres://dsreg@127.0.0.1:1/none",
             1,
@@ -947,15 +981,23 @@ mod tests {
             instance: "i".into(),
             epoch: 1,
         };
-        let store = CursorStore::new(CursorDb::new(pool, 1), Uuid::new_v4(), writer)
+        let store = CursorStore::new(CursorDb::new(pool, 1), Uuid::new_v4(), writer.clone())
             .with_known(Some(Some(json!({ "cursor": 7 }))));
         assert_eq!(store.load().await.unwrap(), Some(json!({ "cursor": 7 })));
-        assert!(
-            store.load().await.is_err(),
-            "a second load reads what was saved since"
-        );
+        // Another run of the same worker shares what is known.
+        let next_run = store.for_writer(crate::db::repository::state::Writer {
+            generation: 0,
+            ..writer
+        });
+        assert_eq!(next_run.load().await.unwrap(), Some(json!({ "cursor": 7 })));
+        // Saving the stored position writes nothing.
+        next_run.save(&json!({ "cursor": 7 })).await.unwrap();
+        // A save that fails leaves the position unknown: the next load reads it.
+        assert!(next_run.save(&json!({ "cursor": 8 })).await.is_err());
+        assert!(store.load().await.is_err(), "read from the database");
         let empty = store.clone().with_known(Some(None));
         assert_eq!(empty.load().await.unwrap(), None);
+        assert_eq!(store.load().await.unwrap(), None, "clones share it");
     }
 
     fn fields(result: Result<(), Vec<ConfigError>>) -> Vec<String> {

@@ -1,8 +1,9 @@
 //! The listener: a dedicated connection (never from the pool) that LISTENs on
 //! [`super::CHANNEL`] and turns notifications into [`Signal`]s for the supervisor.
 //!
-//! A notification is a hint, never a delivery: its payload may name a datasource to look at
-//! first, and anything unparsable is counted, logged and still wakes the reader. The first
+//! A notification is a hint, never a delivery: its payload may name an event and its
+//! datasource to look at first, and anything unparsable is counted, logged and still wakes
+//! the reader. The first
 //! connect fails fast; after that the listener reconnects with capped exponential backoff and
 //! jitter, and every (re)connect is followed by [`Signal::Reconnected`] so the supervisor
 //! catches up on whatever it missed. A half-open connection is found by TCP keepalive and a
@@ -30,10 +31,20 @@ static MALFORMED_LINES: crate::telemetry::throttle::Throttle =
 /// What the listener tells the supervisor.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Signal {
-    /// Something was committed; look at this datasource first when the payload named one.
-    Hint(Option<Uuid>),
-    /// An event of this datasource was committed by a writer in this W3C trace.
-    Traced(Uuid, String),
+    /// Something was committed that the payload does not name (a burst folded into one
+    /// notification, an event of no datasource, a payload that does not parse): read the
+    /// outbox now.
+    Wake,
+    /// Event `event` of `datasource` was committed, by a writer in the W3C trace `trace` when
+    /// it was traced: the datasource can be looked at without reading the outbox first.
+    Event {
+        /// The event's id.
+        event: i64,
+        /// Its datasource.
+        datasource: Uuid,
+        /// Its writer's trace context, when well formed.
+        trace: Option<String>,
+    },
     /// The connection was (re)established after a gap: catch up on everything.
     Reconnected,
 }
@@ -120,23 +131,24 @@ pub fn parse_payload(payload: &str) -> Result<Signal, String> {
     match parsed {
         Payload {
             more: Some(true), ..
-        } => Ok(Signal::Hint(None)),
+        } => Ok(Signal::Wake),
         Payload {
-            id: Some(_),
+            id: Some(event),
             kind: Some(_),
-            datasource_id: Some(id),
-            traceparent: Some(trace),
+            datasource_id: Some(datasource),
+            traceparent,
             ..
-        } => Ok(match crate::telemetry::normalized_traceparent(&trace) {
-            Some(trace) => Signal::Traced(id, trace),
-            None => Signal::Hint(Some(id)),
+        } => Ok(Signal::Event {
+            event,
+            datasource,
+            trace: traceparent.and_then(|t| crate::telemetry::normalized_traceparent(&t)),
         }),
         Payload {
             id: Some(_),
             kind: Some(_),
-            datasource_id,
+            datasource_id: None,
             ..
-        } => Ok(Signal::Hint(datasource_id)),
+        } => Ok(Signal::Wake),
         _ => Err("neither an event nor a 'more' marker".to_owned()),
     }
 }
@@ -280,13 +292,13 @@ impl Listener {
                                     "malformed notification on {CHANNEL}; treated as a wake-up"
                                 );
                             }
-                            Signal::Hint(None)
+                            Signal::Wake
                         });
                         match &signal {
-                            Signal::Hint(Some(id)) | Signal::Traced(id, _) => {
-                                self.stats.activity.bump_for([*id]);
+                            Signal::Event { datasource, .. } => {
+                                self.stats.activity.bump_for([*datasource]);
                             }
-                            Signal::Hint(None) | Signal::Reconnected => self.stats.activity.bump(),
+                            Signal::Wake | Signal::Reconnected => self.stats.activity.bump(),
                         }
                         if signals.send(signal).is_err() {
                             return None;
@@ -324,34 +336,33 @@ mod tests {
     fn payloads_from_the_trigger_parse_and_anything_else_is_refused() {
         let id = Uuid::new_v4();
         let event = format!(r#"{{"id": 7, "datasource_id": "{id}", "type": "published"}}"#);
-        assert_eq!(parse_payload(&event), Ok(Signal::Hint(Some(id))));
+        let named = |event: i64, trace: Option<&str>| Signal::Event {
+            event,
+            datasource: id,
+            trace: trace.map(str::to_owned),
+        };
+        assert_eq!(parse_payload(&event), Ok(named(7, None)));
         assert_eq!(
             parse_payload(r#"{"id": 8, "datasource_id": null, "type": "reload_requested"}"#),
-            Ok(Signal::Hint(None))
+            Ok(Signal::Wake)
         );
-        assert_eq!(parse_payload(r#"{"more":true}"#), Ok(Signal::Hint(None)));
+        assert_eq!(parse_payload(r#"{"more":true}"#), Ok(Signal::Wake));
         let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let traced = format!(
             r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "{trace}"}}"#
         );
-        assert_eq!(
-            parse_payload(&traced),
-            Ok(Signal::Traced(id, trace.to_owned()))
-        );
+        assert_eq!(parse_payload(&traced), Ok(named(9, Some(trace))));
         // A later W3C version is read as the gRPC header is, and handed on as version 00.
         let later = format!(
             r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "01{}"}}"#,
             &trace[2..]
         );
-        assert_eq!(
-            parse_payload(&later),
-            Ok(Signal::Traced(id, trace.to_owned()))
-        );
+        assert_eq!(parse_payload(&later), Ok(named(9, Some(trace))));
         // A malformed trace context is ignored, the wake-up kept.
         let forged = format!(
             r#"{{"id": 9, "datasource_id": "{id}", "type": "published", "traceparent": "x\nEVIL"}}"#
         );
-        assert_eq!(parse_payload(&forged), Ok(Signal::Hint(Some(id))));
+        assert_eq!(parse_payload(&forged), Ok(named(9, None)));
         for bad in [
             "garbage",
             "",

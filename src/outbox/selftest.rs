@@ -245,7 +245,7 @@ impl SelfTest {
             if self.stats.path.working() {
                 continue;
             }
-            if signals.send(Signal::Hint(None)).is_err() {
+            if signals.send(Signal::Wake).is_err() {
                 return;
             }
             self.stats.activity.bump();

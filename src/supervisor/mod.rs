@@ -239,7 +239,17 @@ pub struct Supervisor {
     heartbeats: Option<JoinHandle<()>>,
     /// The full pass under way, if one is.
     pass: Option<FullPass>,
+    /// Events reconciled through their notifications since the last outbox read.
+    handled: HashSet<i64>,
+    /// When the outbox is read next for what the notifications did not name.
+    catch_up_at: Option<Instant>,
 }
+
+/// How long after a reconcile woken by notifications the outbox is read for anything they
+/// did not name: the read is off the reloads' path, and one read serves every batch of
+/// notifications in between. (A lost notification costs this long plus the periodic resync
+/// at most; a burst folded into one notification is read at once.)
+const CATCH_UP_DELAY: Duration = Duration::from_millis(20);
 
 /// A full resync under way.
 struct FullPass {
@@ -301,6 +311,8 @@ impl Supervisor {
             metrics: None,
             heartbeats: None,
             pass: None,
+            handled: HashSet::new(),
+            catch_up_at: None,
         }
     }
 
@@ -427,6 +439,9 @@ impl Supervisor {
                 () = tokio::time::sleep_until(retry_at) => {
                     retry_at = far();
                     self.resync().await
+                }
+                () = tokio::time::sleep_until(self.catch_up_at.unwrap_or_else(far)), if self.catch_up_at.is_some() => {
+                    self.catch_up().await
                 }
                 _ = resync.tick() => match self.balance().await {
                     Ok(()) => self.resync().await,
@@ -760,53 +775,68 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Reconciles the datasources the notifications name at once; the outbox is read now
+    /// when one named nothing (a folded burst, an event of no datasource), otherwise soon
+    /// after ([`CATCH_UP_DELAY`]), off the path of the reloads, once for every batch in
+    /// between.
     async fn on_signals(&mut self, batch: Vec<Signal>) -> Result<(), Error> {
         if batch.contains(&Signal::Reconnected) {
             return self.resync().await;
         }
-        let mut hinted: HashSet<Uuid> = HashSet::new();
+        let mut hinted: Vec<Uuid> = Vec::new();
+        let mut events: Vec<i64> = Vec::new();
         let mut traces: Vec<String> = Vec::new();
+        let mut wake = false;
         for signal in batch {
             match signal {
-                Signal::Hint(Some(id)) => {
-                    hinted.insert(id);
+                Signal::Event {
+                    event,
+                    datasource,
+                    trace,
+                } => {
+                    if !hinted.contains(&datasource) {
+                        hinted.push(datasource);
+                    }
+                    events.push(event);
+                    traces.extend(trace);
                 }
-                Signal::Traced(id, trace) => {
-                    hinted.insert(id);
-                    traces.push(trace);
-                }
-                Signal::Hint(None) | Signal::Reconnected => {}
+                Signal::Wake | Signal::Reconnected => wake = true,
             }
         }
-        // The payload names the datasource: look at it first, then at the outbox for the
-        // rest (bulk publishes, events whose notification was folded).
         if !hinted.is_empty() {
-            let ids: Vec<Uuid> = hinted.iter().copied().collect();
-            let span = reconcile_span(ids.len(), &traces);
-            self.reconcile(&ids).instrument(span).await?;
+            let span = reconcile_span(hinted.len(), &traces);
+            self.reconcile(&hinted).instrument(span).await?;
+            // Their events are handled: the outbox read passes over them.
+            self.handled.extend(events);
         }
+        if wake {
+            self.catch_up().await
+        } else {
+            self.catch_up_at
+                .get_or_insert_with(|| Instant::now() + CATCH_UP_DELAY);
+            Ok(())
+        }
+    }
+
+    /// Reads the outbox and reconciles what it names that no notification handled already.
+    async fn catch_up(&mut self) -> Result<(), Error> {
+        self.catch_up_at = None;
         let (events, everything) = self.read_outbox().await?;
         if everything {
             return self.resync().await;
         }
-        let rest: Vec<Uuid> = events
-            .keys()
-            .filter(|id| !hinted.contains(id))
-            .copied()
-            .collect();
-        if !rest.is_empty() {
-            let traces: Vec<String> = rest
-                .iter()
-                .filter_map(|id| events.get(id).cloned().flatten())
-                .collect();
+        if !events.is_empty() {
+            let rest: Vec<Uuid> = events.keys().copied().collect();
+            let traces: Vec<String> = events.into_values().flatten().collect();
             let span = reconcile_span(rest.len(), &traces);
             self.reconcile(&rest).instrument(span).await?;
         }
         Ok(())
     }
 
-    /// Reads new waking events; returns the datasources they name, each with the trace
-    /// context of its latest traced event, and whether one asked for a full resync.
+    /// Reads new waking events (but those already reconciled through their notifications);
+    /// returns the datasources they name, each with the trace context of its latest traced
+    /// event, and whether one asked for a full resync.
     async fn read_outbox(&mut self) -> Result<(HashMap<Uuid, Option<String>>, bool), Error> {
         let client = self.pool.get().await?;
         let reader = match &mut self.reader {
@@ -818,7 +848,7 @@ impl Supervisor {
         let before = reader.rows_read();
         let read = reader.read(&**client).await?;
         let rows = reader.rows_read() - before;
-        let events = read.events;
+        let mut events = read.events;
         self.metered(|m| {
             let read = events.iter().map(|e| EventRead {
                 datasource: e.datasource_id,
@@ -828,6 +858,10 @@ impl Supervisor {
             m.outbox_read(read, chrono::Utc::now());
             m.outbox_rows_read(rows);
         });
+        // Events reconciled through their notifications are done. A notification comes after
+        // its commit, so each of them is in this read or was in an earlier one: forgotten now.
+        let handled = std::mem::take(&mut self.handled);
+        events.retain(|e| !handled.contains(&e.id));
         if let Some(change) = read.reanchored {
             // Transaction ids from before mean nothing on this history: whatever was
             // committed there is caught up on from the tables, and what only the lost history
@@ -854,6 +888,7 @@ impl Supervisor {
     async fn resync(&mut self) -> Result<(), Error> {
         // Move the outbox cursor first: whatever it returns is covered by this pass.
         self.read_outbox().await?;
+        self.catch_up_at = None;
         self.pass = Some(FullPass {
             after: None,
             started: Instant::now(),

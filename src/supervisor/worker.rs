@@ -148,7 +148,8 @@ enum Woke {
 /// A new version replaces a running one only once its preflight passed (make before break);
 /// otherwise the old one keeps running, the reload is rejected, and the new version is checked
 /// again with growing delays (the backoff's base up to its cap) until it passes or another
-/// version comes.
+/// version comes. A new version that reaches the same endpoints as a running version that
+/// works needs no preflight: the running one shows they can be reached.
 pub async fn run(
     mut spec_rx: watch::Receiver<Arc<Spec>>,
     previous: Option<JoinHandle<()>>,
@@ -165,14 +166,16 @@ pub async fn run(
         let _ = previous.await;
     }
     let mut spec = spec_rx.borrow_and_update().clone();
-    // Only the first run starts from the position read with the spec: restarts and reloads
-    // follow runs that may have moved it.
-    let mut known_cursor = if ran_before {
-        None
-    } else {
-        spec.cursor.clone()
-    };
     let id = spec.datasource_id;
+    // What every run of this worker knows of the source position: first the one read with
+    // the spec, then what each run read or saved, so a reload or a restart starts without
+    // reading it again.
+    let cursor =
+        CursorStore::new(env.pool.clone(), id, writer_of(&env, &spec)).with_known(if ran_before {
+            None
+        } else {
+            spec.cursor.clone()
+        });
     let mut failures = Failures::new(env.backoff.clone());
     let mut reloaded = false;
     // A new version that failed its preflight, how many times it was checked again, and when
@@ -216,16 +219,7 @@ pub async fn run(
                     health.clone(),
                 )
                 .fenced(check.clone()),
-            cursor: CursorStore::new(
-                env.pool.clone(),
-                id,
-                crate::db::repository::state::Writer {
-                    generation: spec.generation,
-                    instance: env.instance.clone(),
-                    epoch: spec.epoch,
-                },
-            )
-            .with_known(known_cursor.take()),
+            cursor: cursor.for_writer(writer_of(&env, &spec)),
             ingress: env.ingress.clone(),
             cancel: run_cancel.clone(),
             health: health.clone(),
@@ -293,10 +287,17 @@ pub async fn run(
                             None => continue,
                         },
                     };
-                    let checked = tokio::select! {
-                        biased;
-                        () = cancel.cancelled() => break Next::Stop,
-                        checked = preflight(&candidate) => checked,
+                    let checked = if health.is_working() && same_reach(&spec, &candidate) {
+                        // The running version works against the very endpoints the new one
+                        // names: they are reachable, and another connection shows nothing
+                        // more.
+                        Ok(())
+                    } else {
+                        tokio::select! {
+                            biased;
+                            () = cancel.cancelled() => break Next::Stop,
+                            checked = preflight(&candidate) => checked,
+                        }
                     };
                     match checked {
                         Ok(()) => break Next::Reload(candidate),
@@ -356,6 +357,7 @@ pub async fn run(
                 if aborted {
                     stopped(&env, &spec, true, "reload");
                 }
+                adopt(&cursor, &spec, &next);
                 spec = next;
                 rejected = None;
                 failures.reset();
@@ -375,7 +377,9 @@ pub async fn run(
                 // new version or a stop.
                 stopped(&env, &spec, false, "completed");
                 if wait_for_change(&mut spec_rx, &cancel).await {
-                    spec = spec_rx.borrow_and_update().clone();
+                    let next = spec_rx.borrow_and_update().clone();
+                    adopt(&cursor, &spec, &next);
+                    spec = next;
                     rejected = None;
                     failures.reset();
                     reloaded = true;
@@ -444,7 +448,9 @@ pub async fn run(
         if !retryable {
             // Only a new version can help.
             if wait_for_change(&mut spec_rx, &cancel).await {
-                spec = spec_rx.borrow_and_update().clone();
+                let next = spec_rx.borrow_and_update().clone();
+                adopt(&cursor, &spec, &next);
+                spec = next;
                 rejected = None;
                 failures.reset();
                 reloaded = true;
@@ -463,13 +469,33 @@ pub async fn run(
                 if changed.is_err() {
                     return;
                 }
-                spec = spec_rx.borrow_and_update().clone();
-                    rejected = None;
+                let next = spec_rx.borrow_and_update().clone();
+                adopt(&cursor, &spec, &next);
+                spec = next;
+                rejected = None;
                 failures.reset();
                 reloaded = true;
             }
             () = tokio::time::sleep(verdict.delay) => {}
         }
+    }
+}
+
+/// Whose cursor saves a run of `spec` makes.
+fn writer_of(env: &WorkerEnv, spec: &Spec) -> crate::db::repository::state::Writer {
+    crate::db::repository::state::Writer {
+        generation: spec.generation,
+        instance: env.instance.clone(),
+        epoch: spec.epoch,
+    }
+}
+
+/// A new spec under another restart generation or lease epoch (a restart or backfill asked
+/// for, a lease taken again) starts from the position read with it: what the runs before
+/// knew may have been replaced by the backfill.
+fn adopt(cursor: &CursorStore, old: &Spec, new: &Spec) {
+    if (old.generation, old.epoch) != (new.generation, new.epoch) {
+        cursor.reset(new.cursor.clone());
     }
 }
 
@@ -479,6 +505,23 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
+}
+
+/// Whether `candidate` reaches exactly the endpoints `running` does (same kind, the same
+/// non-empty [`Connector::destinations`]): then a running version that works shows they can
+/// be reached. The kind's code runs contained: a panic is "not known to be the same".
+fn same_reach(running: &Spec, candidate: &Spec) -> bool {
+    if running.connector.info().name != candidate.connector.info().name {
+        return false;
+    }
+    let of = |spec: &Spec| {
+        crate::connectors::contain::contain("destinations", || {
+            spec.connector.destinations(&spec.config)
+        })
+        .ok()
+        .and_then(Result::ok)
+    };
+    matches!((of(running), of(candidate)), (Some(a), Some(b)) if !a.is_empty() && a == b)
 }
 
 /// Make before break: whether `candidate` can start, bounded by [`PREFLIGHT_BOUND`].

@@ -346,8 +346,10 @@ async fn the_scrape_is_in_the_format_asked_for_with_registry_series_and_passes_p
         );
         // The reload-latency pairing can miss a reload whose worker reports working before
         // the order is recorded; the histogram is checked for its range, not its count.
+        // The outbox is read shortly after the reconcile the notification woke.
         (value(text, &running) == Some(1.0)
-            && value(text, "dsreg_supervisor_reload_latency_seconds_count").is_some())
+            && value(text, "dsreg_supervisor_reload_latency_seconds_count").is_some()
+            && value(text, "dsreg_outbox_lag_seconds_count").is_some_and(|n| n >= 1.0))
         .then(|| text.to_owned())
     })
     .await;

@@ -259,3 +259,224 @@ async fn webhooks_published_together_open_their_own_secrets_and_a_tampered_one_i
     }
     app.stop().await.unwrap();
 }
+
+/// Each request's path and `since` parameter, in order.
+type Requests = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
+/// A local source behind a counting TCP relay: every path answers the records whose `id` is
+/// above the `since` query parameter; each request's path and `since` are kept, and so is the
+/// number of TCP connections opened to it.
+struct Relayed {
+    base: String,
+    connections: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Requests,
+    records: Arc<Mutex<Vec<i64>>>,
+}
+
+async fn serve_relayed() -> Relayed {
+    use axum::extract::State;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    #[derive(Clone, Default)]
+    struct Source {
+        requests: Requests,
+        records: Arc<Mutex<Vec<i64>>>,
+    }
+    async fn handler(State(source): State<Source>, uri: axum::http::Uri) -> String {
+        let since = uri.query().and_then(|q| {
+            q.split('&')
+                .find_map(|pair| pair.strip_prefix("since="))
+                .map(str::to_owned)
+        });
+        source
+            .requests
+            .lock()
+            .unwrap()
+            .push((uri.path().to_owned(), since.clone()));
+        let after: i64 = since.and_then(|s| s.parse().ok()).unwrap_or(i64::MIN);
+        let items: Vec<_> = source
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|id| **id > after)
+            .map(|id| json!({ "id": id }))
+            .collect();
+        json!({ "items": items }).to_string()
+    }
+    let source = Source::default();
+    let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inner_addr = inner.local_addr().unwrap();
+    let router = axum::Router::new()
+        .fallback(handler)
+        .with_state(source.clone());
+    tokio::spawn(async move { axum::serve(inner, router).await.unwrap() });
+
+    let outer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = outer.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = outer.accept().await else {
+                return;
+            };
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(inner_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    Relayed {
+        base: format!("http://{addr}"),
+        connections,
+        requests: source.requests,
+        records: source.records,
+    }
+}
+
+impl Relayed {
+    fn connections(&self) -> usize {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The `since` of each request to `path`, in order.
+    fn sinces(&self, path: &str) -> Vec<Option<String>> {
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p == path)
+            .map(|(_, since)| since.clone())
+            .collect()
+    }
+}
+
+fn cursor_config(base: &str, path: &str) -> serde_json::Value {
+    json!({
+        "url": format!("{base}{path}"),
+        "interval_ms": 3_600_000,
+        "record_path": "/items",
+        "cursor": { "field": "id", "param": "since" },
+    })
+}
+
+#[tokio::test]
+async fn a_reload_to_the_same_source_reuses_its_connection_and_a_new_source_is_checked_first() {
+    let db = TestDb::new().await;
+    let same = serve_relayed().await;
+    let other = serve_relayed().await;
+    let app = TestApp::spawn_with(test_settings(&db.url), |_| {}).await;
+    let ds = db.datasource_of("moving", "http_poll").await;
+    let running_on = |v: i32| {
+        move |s: &dsreg::db::repository::state::State| {
+            s.worker_status == WorkerStatus::Running && s.running_version == Some(v)
+        }
+    };
+
+    let v1 = db.version(ds.id, cursor_config(&same.base, "/a")).await;
+    db.publish_sql(ds.id, v1).await;
+    db.wait_for_state(ds.id, "RUNNING on v1", running_on(v1))
+        .await;
+    assert_eq!(same.sinces("/a").len(), 1);
+    assert_eq!(same.connections(), 1);
+
+    // Another path of the same source: the running version shows it reachable, and its
+    // kept-alive connection serves the new version's first poll.
+    let v2 = db.version(ds.id, cursor_config(&same.base, "/b")).await;
+    db.publish_sql(ds.id, v2).await;
+    db.wait_for_state(ds.id, "RUNNING on v2", running_on(v2))
+        .await;
+    assert_eq!(same.sinces("/b").len(), 1);
+    assert_eq!(
+        same.connections(),
+        1,
+        "no connection opened to check a source the running version works against"
+    );
+
+    // Another source: make before break still checks it with a connection of its own
+    // before the running version stops, then polls it.
+    let v3 = db.version(ds.id, cursor_config(&other.base, "/c")).await;
+    db.publish_sql(ds.id, v3).await;
+    db.wait_for_state(ds.id, "RUNNING on v3", running_on(v3))
+        .await;
+    assert_eq!(other.sinces("/c").len(), 1);
+    assert_eq!(
+        other.connections(),
+        2,
+        "the start check's connection, then the poll's"
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn reloads_resume_from_the_last_saved_cursor_and_a_backfill_starts_over() {
+    let db = TestDb::new().await;
+    let source = serve_relayed().await;
+    source.records.lock().unwrap().extend([1, 2]);
+    let app = TestApp::spawn_with(test_settings(&db.url), |_| {}).await;
+    let ds = db.datasource_of("resuming", "http_poll").await;
+    let polled = |path: &'static str, n: usize| {
+        let source = &source;
+        move || async move { (source.sinces(path).len() >= n).then_some(()) }
+    };
+    let saved = |cursor: i64| {
+        let db = &db;
+        move || async move {
+            let row = db
+                .client()
+                .await
+                .query_one(
+                    "SELECT source_cursor FROM datasource_state WHERE datasource_id = $1",
+                    &[&ds.id],
+                )
+                .await
+                .unwrap();
+            let saved: Option<serde_json::Value> = row.get(0);
+            (saved.and_then(|c| c["cursor"].as_i64()) == Some(cursor)).then_some(())
+        }
+    };
+
+    let v1 = db.version(ds.id, cursor_config(&source.base, "/v1")).await;
+    db.publish_sql(ds.id, v1).await;
+    wait_for("v1's poll", WAIT, polled("/v1", 1)).await;
+    wait_for("the cursor at 2", WAIT, saved(2)).await;
+    assert_eq!(source.sinces("/v1"), [None]);
+
+    // A reload starts where the last run ended, and saves where it ends.
+    source.records.lock().unwrap().push(3);
+    let v2 = db.version(ds.id, cursor_config(&source.base, "/v2")).await;
+    db.publish_sql(ds.id, v2).await;
+    wait_for("v2's poll", WAIT, polled("/v2", 1)).await;
+    assert_eq!(source.sinces("/v2"), [Some("2".to_owned())]);
+    wait_for("the cursor at 3", WAIT, saved(3)).await;
+    let v3 = db.version(ds.id, cursor_config(&source.base, "/v3")).await;
+    db.publish_sql(ds.id, v3).await;
+    wait_for("v3's poll", WAIT, polled("/v3", 1)).await;
+    assert_eq!(source.sinces("/v3"), [Some("3".to_owned())]);
+
+    // A backfill from the start: the restarted worker polls without a cursor, whatever the
+    // runs before it knew.
+    let mut client = db.client().await;
+    let tx = dsreg::db::repository::begin(
+        &mut client,
+        &dsreg::db::repository::WriteContext::actor("test"),
+    )
+    .await
+    .unwrap();
+    dsreg::db::repository::state::request_backfill(&tx, ds.id, None)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    wait_for("v3's poll after the backfill", WAIT, polled("/v3", 2)).await;
+    assert_eq!(source.sinces("/v3"), [Some("3".to_owned()), None]);
+    wait_for("the cursor at 3 again", WAIT, saved(3)).await;
+
+    // And the records: 1, 2 by v1, 3 by v2, nothing by v3 until the backfill wrote 1..3.
+    let by_version = |v: i32| db.records(ds.id, v);
+    assert_eq!(by_version(v1).await, 2);
+    assert_eq!(by_version(v2).await, 1);
+    assert_eq!(by_version(v3).await, 3);
+    app.stop().await.unwrap();
+}
