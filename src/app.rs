@@ -349,6 +349,7 @@ impl App {
             });
         }
         let grpc_secrets = self.secrets.clone();
+        let sink_target = self.sink_target.clone();
         let (sink, mut sink_writer) = Sink::new(
             self.pool.clone(),
             self.sink_target,
@@ -493,6 +494,7 @@ impl App {
                 shutdown.child_token(),
             ),
             page_key: self.page_key,
+            sink_target,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

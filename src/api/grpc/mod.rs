@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod codec;
 pub mod convert;
 pub mod datasources;
+pub mod dead_letters;
 pub mod events;
 pub mod feed;
 pub mod harness;
@@ -115,6 +116,8 @@ pub struct Ctx {
     pub auditor: auditor::Auditor,
     /// Signs page tokens.
     pub page_key: page::PageKey,
+    /// Where workers' records go: a dead-letter replay writes there too.
+    pub sink_target: crate::connectors::sink::Target,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -289,6 +292,10 @@ pub async fn serve(
         .add_service(service!(
             catalog_server::CatalogServer,
             catalog::CatalogService(ctx.clone())
+        ))
+        .add_service(service!(
+            dead_letters_server::DeadLettersServer,
+            dead_letters::DeadLettersService(ctx.clone())
         ));
     match tls {
         Some(tls) => {
@@ -323,6 +330,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     pb::secrets_server::SERVICE_NAME,
     pb::audit_server::SERVICE_NAME,
     pb::catalog_server::SERVICE_NAME,
+    pb::dead_letters_server::SERVICE_NAME,
 ];
 
 /// Sets the health of the server (`""`) and of every service in [`SERVICE_NAMES`] at once.
