@@ -404,6 +404,7 @@ impl App {
             });
         }
         let grpc_secrets = self.secrets.clone();
+        let sink_target = self.sink_target.clone();
         let (sink, mut sink_writer) = Sink::new(
             self.pool.clone(),
             self.sink_target,
@@ -549,6 +550,7 @@ impl App {
             ),
             page_key: self.page_key,
             metrics: self.metrics.clone(),
+            sink_target,
         });
         let grpc = tracker.spawn(api::grpc::serve(
             self.grpc,

@@ -78,6 +78,8 @@ enum Command {
     Instances(client::catalog::InstancesArgs),
     /// Check a config for a kind (or a datasource) without saving it: every problem at once.
     Validate(client::validate::ValidateArgs),
+    /// Dead letters: list, replay through the published version, purge.
+    Deadletters(client::dead_letters::DeadLettersArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +159,7 @@ impl Cli {
             Command::Info(args) => args.run().await,
             Command::Instances(args) => args.run().await,
             Command::Validate(args) => args.run().await,
+            Command::Deadletters(args) => args.run().await,
         }
     }
 }

@@ -519,6 +519,14 @@ impl Client {
         pb::catalog_client::CatalogClient::with_interceptor(self.channel.clone(), self.auth.clone())
     }
 
+    /// The `DeadLetters` service.
+    pub fn dead_letters(&self) -> pb::dead_letters_client::DeadLettersClient<Service> {
+        pb::dead_letters_client::DeadLettersClient::with_interceptor(
+            self.channel.clone(),
+            self.auth.clone(),
+        )
+    }
+
     /// The `Registry` service.
     pub fn registry(&self) -> pb::registry_client::RegistryClient<Service> {
         pb::registry_client::RegistryClient::with_interceptor(

@@ -18,6 +18,7 @@
 pub mod catalog;
 pub mod connect;
 pub mod datasources;
+pub mod dead_letters;
 pub mod error;
 pub mod events;
 pub mod files;

@@ -352,7 +352,8 @@ impl SinkHandle {
 }
 
 /// Each record through the NUL check and `transform`: what may be stored, and dead letters.
-fn edge(records: Vec<Value>, transform: Option<&Transform>) -> (Vec<Value>, Vec<DeadLetter>) {
+/// The sink's edge, and a dead-letter replay's.
+pub fn edge(records: Vec<Value>, transform: Option<&Transform>) -> (Vec<Value>, Vec<DeadLetter>) {
     let mut out = Vec::with_capacity(records.len());
     let mut dead = Vec::new();
     for record in records {

@@ -9,6 +9,7 @@ mod cluster;
 mod connectors;
 mod containment;
 mod control_plane;
+mod dead_letters;
 mod dead_peers;
 mod deploy;
 mod edge_tls;

@@ -11,6 +11,7 @@ pub mod catalog;
 pub mod codec;
 pub mod convert;
 pub mod datasources;
+pub mod dead_letters;
 pub mod events;
 pub mod feed;
 pub mod harness;
@@ -117,6 +118,8 @@ pub struct Ctx {
     pub page_key: page::PageKey,
     /// This instance's metrics, which hold the live counters of the workers it runs.
     pub metrics: crate::telemetry::metrics::Metrics,
+    /// Where workers' records go: a dead-letter replay writes there too.
+    pub sink_target: crate::connectors::sink::Target,
 }
 
 /// The `Registry` service: the instance's identity and figures.
@@ -291,6 +294,10 @@ pub async fn serve(
         .add_service(service!(
             catalog_server::CatalogServer,
             catalog::CatalogService(ctx.clone())
+        ))
+        .add_service(service!(
+            dead_letters_server::DeadLettersServer,
+            dead_letters::DeadLettersService(ctx.clone())
         ));
     match tls {
         Some(tls) => {
@@ -325,6 +332,7 @@ pub const SERVICE_NAMES: &[&str] = &[
     pb::secrets_server::SERVICE_NAME,
     pb::audit_server::SERVICE_NAME,
     pb::catalog_server::SERVICE_NAME,
+    pb::dead_letters_server::SERVICE_NAME,
 ];
 
 /// Sets the health of the server (`""`) and of every service in [`SERVICE_NAMES`] at once.

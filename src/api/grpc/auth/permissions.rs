@@ -38,6 +38,9 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.Secrets/DeleteSecret", Role::Admin),
     ("/dsreg.v1.Secrets/ListSecrets", Role::Viewer),
     ("/dsreg.v1.Catalog/ValidateConfig", Role::Viewer),
+    ("/dsreg.v1.DeadLetters/ListDeadLetters", Role::Operator),
+    ("/dsreg.v1.DeadLetters/ReplayDeadLetters", Role::Operator),
+    ("/dsreg.v1.DeadLetters/PurgeDeadLetters", Role::Admin),
 ];
 
 /// The role the RPC at `path` (`/dsreg.v1.<Service>/<Method>`) needs: Viewer for reads,
