@@ -176,6 +176,43 @@ impl ConnectOptions {
     }
 }
 
+/// The `statement_timeout` a startup `options` string sets (the last one wins, as on the
+/// server): `None` when it sets none, sets 0 (no timeout), or a value not read here. A bare
+/// number is milliseconds, as on the server; `us`, `ms`, `s`, `min`, `h` and `d` are units.
+pub(crate) fn statement_timeout_in(options: &str) -> Option<Duration> {
+    let mut found = None;
+    let mut words = options.split_whitespace();
+    while let Some(word) = words.next() {
+        let setting = match word {
+            "-c" => words.next().unwrap_or(""),
+            other => other
+                .strip_prefix("-c")
+                .or_else(|| other.strip_prefix("--"))
+                .unwrap_or(""),
+        };
+        let (name, value) = setting.split_once('=').unwrap_or((setting, ""));
+        if name.replace('-', "_") == "statement_timeout" {
+            found = Some(value.trim_matches(|c| c == '\'' || c == '"').to_owned());
+        }
+    }
+    let value = found?;
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let (number, unit) = value.split_at(split);
+    let n: u64 = number.parse().ok()?;
+    let timeout = match unit.trim() {
+        "" | "ms" => Duration::from_millis(n),
+        "us" => Duration::from_micros(n),
+        "s" => Duration::from_secs(n),
+        "min" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3_600)?),
+        "d" => Duration::from_secs(n.checked_mul(86_400)?),
+        _ => return None,
+    };
+    (!timeout.is_zero()).then_some(timeout)
+}
+
 /// Whether a startup `options` string sets `statement_timeout` (`-c statement_timeout=…`,
 /// `-cstatement_timeout=…` or `--statement-timeout=…`).
 fn sets_statement_timeout(options: &str) -> bool {
@@ -296,6 +333,41 @@ mod tests {
             Some(&Duration::from_secs(20))
         );
         assert_eq!(config.get_connect_timeout(), Some(&Duration::from_secs(5)));
+    }
+
+    #[test]
+    fn the_statement_timeout_is_read_back_from_the_options() {
+        assert_eq!(
+            statement_timeout_in("-c statement_timeout=30000"),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            statement_timeout_in("-c search_path=app --statement-timeout=5s"),
+            Some(Duration::from_secs(5))
+        );
+        assert_eq!(
+            statement_timeout_in("-cstatement_timeout=2min"),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(statement_timeout_in("-c statement_timeout=0"), None);
+        assert_eq!(statement_timeout_in("-c search_path=app"), None);
+        assert_eq!(statement_timeout_in("-c statement_timeout=soon"), None);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn a_statement_timeout_in_milliseconds_reads_back_as_written(ms in 1u64..10_000_000) {
+            let mut config = tokio_postgres::Config::new();
+            ConnectOptions {
+                statement_timeout: Some(Duration::from_millis(ms)),
+                ..ConnectOptions::default()
+            }
+            .apply(&mut config);
+            proptest::prop_assert_eq!(
+                statement_timeout_in(config.get_options().unwrap_or("")),
+                Some(Duration::from_millis(ms))
+            );
+        }
     }
 
     proptest::proptest! {

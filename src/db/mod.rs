@@ -12,13 +12,14 @@ pub mod metrics;
 pub mod migrations;
 pub mod repository;
 pub mod tls;
+pub mod watchdog;
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{Hook, HookError, Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, Connection, Socket};
+use tokio_postgres::{Client, Connection};
 
 pub use connection::ConnectOptions;
 pub use tls::Target;
@@ -363,9 +364,10 @@ fn pool_of(target: Target, max_size: usize, wait: Duration) -> Result<Pool, Erro
     let connect = target.connect_bound();
     let check = connect.unwrap_or(UNBOUNDED_CHECK);
     let failed_at: Arc<Mutex<Option<Instant>>> = Arc::default();
-    let manager = Manager::from_config(
+    let deadline = target.statement_deadline();
+    let manager = Manager::from_connect(
         target.config,
-        tls,
+        WatchedConnect { tls, deadline },
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -446,11 +448,9 @@ pub async fn connect_to(target: &Target) -> Result<Client, Error> {
 ///
 /// # Errors
 /// As [`connect`].
-pub async fn handshake(
-    target: &Target,
-) -> Result<(Client, Connection<Socket, tls::RustlsStream<Socket>>), Error> {
+pub async fn handshake(target: &Target) -> Result<(Client, DbConnection), Error> {
     let tls = target.tls().await?;
-    let connecting = target.config.connect(tls);
+    let connecting = watchdog::connect(&target.config, tls, target.statement_deadline());
     let connected = match target.connect_bound() {
         Some(bound) => tokio::time::timeout(bound, connecting).await.map_err(|_| {
             Error::Unavailable(format!(
@@ -460,7 +460,59 @@ pub async fn handshake(
         })?,
         None => connecting.await,
     };
-    connected.map_err(|e| connect_error(&target.describe(), &e))
+    connected.map_err(|e| match e {
+        watchdog::ConnectFailure::Startup(e) => connect_error(&target.describe(), &e),
+        watchdog::ConnectFailure::Socket(e) => {
+            Error::Unavailable(format!("cannot connect to {}: {e}", target.describe()))
+        }
+    })
+}
+
+/// A connection's driver, over a [`watchdog::Watched`] socket.
+pub type DbConnection = Connection<watchdog::Watched, tls::RustlsStream<watchdog::Watched>>;
+
+/// The pool's connects: over [`watchdog::Watched`] sockets, as [`handshake`].
+struct WatchedConnect {
+    tls: tls::MakeRustls,
+    deadline: Option<Duration>,
+}
+
+impl deadpool_postgres::Connect for WatchedConnect {
+    fn connect(
+        &self,
+        config: &tokio_postgres::Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let tls = self.tls.clone();
+        let config = config.clone();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let (client, connection) = match watchdog::connect(&config, tls.clone(), deadline).await
+            {
+                Ok(connected) => connected,
+                Err(watchdog::ConnectFailure::Startup(e)) => return Err(e),
+                // The pool reports tokio-postgres's errors: its own connect says why the
+                // socket cannot be made, in its words.
+                Err(watchdog::ConnectFailure::Socket(_)) => {
+                    let (client, connection) = config.connect(tls).await?;
+                    let driver = tokio::spawn(async move {
+                        if let Err(e) = connection.await {
+                            tracing::debug!(error = %cause(&e), "pooled database connection closed");
+                        }
+                    });
+                    return Ok((client, driver));
+                }
+            };
+            let driver = tokio::spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::debug!(error = %cause(&e), "pooled database connection closed");
+                }
+            });
+            Ok((client, driver))
+        })
+    }
 }
 
 /// Creates `database` on the server of `admin_url` unless it exists (`template` to clone),

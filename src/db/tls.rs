@@ -328,6 +328,17 @@ impl Target {
         })
     }
 
+    /// The client-side deadline for an answer to a statement ([`super::watchdog`]): the
+    /// `statement_timeout` these connections run with (the URL's own, when its `options` set
+    /// one) plus a margin; `None` without a statement timeout, or one that cannot be read.
+    pub fn statement_deadline(&self) -> Option<std::time::Duration> {
+        let timeout = match self.config.get_options() {
+            Some(options) => super::connection::statement_timeout_in(options),
+            None => self.connect.statement_timeout,
+        };
+        super::watchdog::deadline_for(timeout)
+    }
+
     /// How long one connect may take in all (TCP, TLS, authentication, startup): the
     /// connect timeout per host named; `None` when unbounded.
     pub fn connect_bound(&self) -> Option<std::time::Duration> {

@@ -330,3 +330,55 @@ async fn the_cli_gives_up_on_a_silent_server_within_its_flag() {
         );
     }
 }
+
+/// A statement already sent when the path goes silent: the proxy keeps acknowledging at the
+/// TCP level (so neither keepalives nor `tcp_user_timeout` fire) but passes nothing. The
+/// client gives up within the statement timeout plus its margin, says the database is
+/// unavailable, and the pool replaces the connection once the path heals.
+#[tokio::test]
+async fn a_statement_in_flight_when_the_path_goes_silent_answers_unavailable_within_its_deadline() {
+    let db = TestDb::new().await;
+    let (_, upstream) = through(&db.url, "127.0.0.1:1".parse().unwrap());
+    let proxy = SilentProxy::start(upstream).await;
+    let (proxied, _) = through(&db.url, proxy.addr);
+    let bounds = dsreg::db::ConnectOptions {
+        statement_timeout: Some(Duration::from_secs(2)),
+        ..dsreg::db::ConnectOptions::default()
+    };
+    let pool = dsreg::db::pool_with(&proxied, &bounds, 1, Duration::from_secs(30)).unwrap();
+    let pooled = pool.get().await.unwrap();
+    pooled.simple_query("SELECT 1").await.unwrap();
+    let direct = dsreg::db::connect_with(&proxied, &bounds).await.unwrap();
+
+    proxy.silence();
+
+    for (what, client) in [("pooled", &**pooled), ("direct", &direct)] {
+        let answered = tokio::time::timeout(
+            WAIT,
+            client.query_typed("SELECT count(*) FROM datasources", &[]),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            panic!("the {what} statement ends by itself, not at the caller's deadline")
+        });
+        let err = dsreg::db::Error::from(answered.expect_err("no answer through a silent path"));
+        assert!(err.is_unreachable(), "{what}: {err}");
+        assert!(
+            client.is_closed(),
+            "{what}: the silent connection is given up"
+        );
+    }
+    drop(pooled);
+
+    proxy.heal();
+    let replaced = tokio::time::timeout(WAIT, pool.get())
+        .await
+        .expect("a checkout ends by itself")
+        .expect("the pool connects again once the path heals");
+    let count: i64 = replaced
+        .query_one("SELECT count(*) FROM datasources", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, 0);
+}
