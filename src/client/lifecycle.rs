@@ -229,6 +229,12 @@ pub fn detail(state: &pb::WorkerState) -> String {
         ("running version", table::version(state.running_version)),
         ("published version", table::version(state.published_version)),
         ("restarts", state.restart_count.to_string()),
+        (
+            "dead letters",
+            state
+                .dead_letters
+                .map_or_else(String::new, |n| n.to_string()),
+        ),
         ("error", error),
         ("owner instance", state.owner_instance.clone()),
         ("lease epoch", state.lease_epoch.to_string()),

@@ -10,6 +10,7 @@ pub mod connection;
 pub mod embedded;
 pub mod migrations;
 pub mod repository;
+pub mod retention;
 pub mod tls;
 
 use std::sync::{Arc, Mutex, PoisonError};

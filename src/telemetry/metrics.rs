@@ -154,6 +154,7 @@ struct Inner {
     outbox_rows: Counter,
     outbox_reanchors: Counter,
     notify_queue: Gauge<f64, std::sync::atomic::AtomicU64>,
+    dead_letters: Arc<DeadLetterCounts>,
 }
 
 impl fmt::Debug for Metrics {
@@ -172,6 +173,8 @@ impl Metrics {
         registry.register_collector(Box::new(Arc::clone(&workers)));
         registry.register_collector(Box::new(Listener(stats)));
         registry.register_collector(Box::new(PoolUsage(pool)));
+        let dead_letters = Arc::new(DeadLetterCounts::default());
+        registry.register_collector(Box::new(Arc::clone(&dead_letters)));
 
         let reload_latency = Histogram::new(RELOAD_BUCKETS);
         registry.register_with_unit(
@@ -339,6 +342,7 @@ impl Metrics {
             outbox_rows,
             outbox_reanchors,
             notify_queue,
+            dead_letters,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -553,6 +557,14 @@ impl Metrics {
 
 /// Locks `mutex`, whose data stays consistent even if a holder panicked (each update is a
 /// single insert or remove).
+impl Metrics {
+    /// Records the dead letters waiting: the datasources with the most (at most
+    /// [`DEAD_LETTER_SERIES`]) and the total of all the others.
+    pub fn dead_letters_counted(&self, top: Vec<(Uuid, i64)>, rest: i64) {
+        *lock(&self.0.dead_letters.0) = Some((top, rest));
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
@@ -748,6 +760,45 @@ impl Collector for Workers {
             ConstGauge::new(1i64).encode(state.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+}
+
+/// Most datasources with a dead-letter series of their own; the others are counted together,
+/// so the number of series stays bounded whatever the number of datasources.
+pub const DEAD_LETTER_SERIES: i64 = 100;
+
+/// Dead letters waiting, as the retention task last counted them: the datasources with the
+/// most (at most [`DEAD_LETTER_SERIES`]), and all the others together.
+#[derive(Debug, Default)]
+struct DeadLetterCounts(Mutex<Option<Counted>>);
+
+/// The datasources with the most dead letters, with their counts, and the others' total.
+type Counted = (Vec<(Uuid, i64)>, i64);
+
+impl Collector for DeadLetterCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let Some((top, rest)) = lock(&self.0).clone() else {
+            return Ok(());
+        };
+        {
+            let mut family = encoder.encode_descriptor(
+            "dsreg_datasource_dead_letters",
+            "Dead letters waiting for the datasource (the 100 datasources with the most; counted every minute).",
+            None,
+            MetricType::Gauge,
+        )?;
+            for (id, n) in &top {
+                let id = id.to_string();
+                ConstGauge::new(*n)
+                    .encode(family.encode_family(&[("datasource", id.as_str())])?)?;
+            }
+        }
+        ConstGauge::new(rest).encode(encoder.encode_descriptor(
+            "dsreg_dead_letters_other_datasources",
+            "Dead letters waiting for every datasource without a series of its own in dsreg_datasource_dead_letters.",
+            None,
+            MetricType::Gauge,
+        )?)
     }
 }
 
