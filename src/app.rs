@@ -218,6 +218,8 @@ pub struct App {
     pub secrets: Option<Arc<Secrets>>,
     /// Where workers' records go.
     pub sink_target: Target,
+    /// The dead-letter retention.
+    pub dead_letter_retention: crate::db::retention::Retention,
     /// Limits of test runs' transforms.
     pub limits: crate::transform::Limits,
     /// The test runs allowed at once.
@@ -312,6 +314,7 @@ impl App {
             written: None,
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
+            dead_letter_retention: settings.dead_letter_retention(),
             limits: settings.transform_limits(),
             harness_slots: crate::harness::Slots::new(
                 usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
@@ -404,6 +407,11 @@ impl App {
             });
         }
         let grpc_secrets = self.secrets.clone();
+        tracker.spawn(self.dead_letter_retention.run(
+            self.pool.clone(),
+            self.metrics.clone(),
+            shutdown.child_token(),
+        ));
         let sink_target = self.sink_target.clone();
         let (sink, mut sink_writer) = Sink::new(
             self.pool.clone(),
@@ -893,6 +901,7 @@ mod tests {
         );
         // A labelled family is written once it has a series.
         m.reconcile_pass(true, std::time::Duration::from_millis(5));
+        m.dead_letters_counted(vec![(Uuid::new_v4(), 2)], 1);
         let text = m.encode().unwrap();
         assert!(text.ends_with("# EOF\n"), "{text}");
 

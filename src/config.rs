@@ -261,6 +261,20 @@ pub struct Settings {
     #[arg(long, env = "DSREG_HEARTBEAT_INTERVAL_MS", default_value_t = 10_000)]
     pub heartbeat_interval_ms: u64,
 
+    /// Dead letters older than this many hours are deleted, checked every minute (0: kept
+    /// whatever their age).
+    #[arg(long, env = "DSREG_DEAD_LETTER_MAX_AGE_HOURS", default_value_t = 168)]
+    pub dead_letter_max_age_hours: u64,
+
+    /// Each datasource keeps at most this many dead letters, the newest; older ones are
+    /// deleted, checked every minute (0: no bound).
+    #[arg(
+        long,
+        env = "DSREG_DEAD_LETTER_MAX_PER_DATASOURCE",
+        default_value_t = 100_000
+    )]
+    pub dead_letter_max_per_datasource: u64,
+
     /// How long a stopping worker gets before it is aborted, in milliseconds.
     #[arg(long, env = "DSREG_STOP_DEADLINE_MS", default_value_t = 5_000)]
     pub stop_deadline_ms: u64,
@@ -597,6 +611,17 @@ impl Settings {
             // A source that refuses (401, 404, …) is asked again after five minutes, or the
             // cap when that is longer.
             permanent: Duration::from_millis(self.backoff_max_ms).max(Duration::from_secs(300)),
+        }
+    }
+
+    /// The dead-letter retention: the longest age and the most per datasource (`None`: no
+    /// bound).
+    pub fn dead_letter_retention(&self) -> crate::db::retention::Retention {
+        crate::db::retention::Retention {
+            max_age: (self.dead_letter_max_age_hours > 0)
+                .then(|| Duration::from_secs(self.dead_letter_max_age_hours.saturating_mul(3_600))),
+            max_per_datasource: (self.dead_letter_max_per_datasource > 0)
+                .then(|| i64::try_from(self.dead_letter_max_per_datasource).unwrap_or(i64::MAX)),
         }
     }
 

@@ -154,6 +154,7 @@ impl ToJson for pb::WorkerState {
             "last_progress_at": timestamp(self.last_progress_at.as_ref()),
             "updated_at": timestamp(self.updated_at.as_ref()),
             "settled": self.settled,
+            "dead_letters": self.dead_letters,
         })
     }
 }

@@ -374,6 +374,12 @@ pub fn detail(state: &pb::WorkerState) -> String {
         ("published version", table::version(state.published_version)),
         ("restarts requested", state.restarts_requested.to_string()),
         ("failures", state.failures_since_healthy.to_string()),
+        (
+            "dead letters",
+            state
+                .dead_letters
+                .map_or_else(String::new, |n| n.to_string()),
+        ),
         ("error", error),
         ("owner instance", owner(state)),
         ("lease epoch", state.lease_epoch.to_string()),

@@ -11,6 +11,7 @@ pub mod embedded;
 pub mod metrics;
 pub mod migrations;
 pub mod repository;
+pub mod retention;
 pub mod tls;
 pub mod watchdog;
 

@@ -1050,11 +1050,14 @@ async fn serve_with_auth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran
     run(command, None).await
 }
 
+/// Flags, environment variables, and what the usage error must name.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+
 #[tokio::test]
 async fn serve_refuses_auth_flags_that_do_not_go_together_with_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let claims = ["--auth-issuer", "i", "--auth-audience", "a"];
-    let cases: [(&[&str], &[(&str, &str)], &[&str]); 6] = [
+    let cases: [Case; 6] = [
         (
             &[
                 &["--auth-hs256-secret-file", "s", "--auth-jwks-file", "j"][..],

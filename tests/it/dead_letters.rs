@@ -469,3 +469,80 @@ async fn dsreg_deadletters_lists_replays_and_purges() {
     assert_eq!(purged.json_lines()[0]["purged"], 1);
     assert_eq!(dead(&db, ds.id).await, 0);
 }
+
+async fn ids(db: &TestDb) -> Vec<i64> {
+    db.client()
+        .await
+        .query("SELECT id FROM datasource_dead_letters ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get::<_, i64>(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn dead_letters_past_their_age_or_count_are_deleted_and_get_status_counts_the_rest() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("kept").await;
+    let v = db
+        .version(
+            ds.id,
+            serde_json::json!({ "rate_per_sec": 0, "template": {} }),
+        )
+        .await;
+    db.publish_sql(ds.id, v).await;
+    seed(&db, ds.id, 5, "script_error").await;
+    // The newest is past the age bound; of the other four, the count bound keeps three.
+    db.client()
+        .await
+        .execute(
+            "UPDATE datasource_dead_letters SET at = now() - interval '30 days'
+             WHERE id = (SELECT max(id) FROM datasource_dead_letters)",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seeded = ids(&db).await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.dead_letter_max_age_hours = 24;
+    settings.dead_letter_max_per_datasource = 3;
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    wait_for("the retention applied", WAIT, || async {
+        (dead(&db, ds.id).await == 3).then_some(())
+    })
+    .await;
+    assert_eq!(ids(&db).await, seeded[1..4].to_vec());
+
+    let channel = Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let state = pb::lifecycle_client::LifecycleClient::new(channel)
+        .get_status(pb::GetStatusRequest {
+            datasource_id: ds.id.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(state.dead_letters, Some(3));
+
+    // /metrics shows the count per datasource, counted after the retention applied.
+    let series = format!("dsreg_datasource_dead_letters{{datasource=\"{}\"}} ", ds.id);
+    let text = wait_for("the dead letters counted", WAIT, || async {
+        let (status, text) = crate::serve::http_get(&app.http_addr.to_string(), "/metrics").await;
+        assert_eq!(status, 200);
+        text.contains(&series).then_some(text)
+    })
+    .await;
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(series.as_str()))
+        .unwrap();
+    assert_eq!(value.trim(), "3");
+    assert!(
+        text.contains("dsreg_dead_letters_other_datasources 0"),
+        "{text}"
+    );
+}

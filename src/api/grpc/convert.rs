@@ -273,6 +273,7 @@ pub fn worker_state(ds: &Datasource, s: State, settled: bool) -> pb::WorkerState
         updated_at: Some(timestamp(s.updated_at)),
         settled,
         lease_epoch: s.lease_epoch,
+        dead_letters: None,
     }
 }
 

@@ -219,7 +219,13 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let call = Call::of(&request, "GetStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
         let (ds, s) = read(&self.0, &call, id).await?;
-        Ok(Response::new(convert::worker_state(&ds, s, true)))
+        let mut state = convert::worker_state(&ds, s, true);
+        let client = call::client(&self.0.pool).await?;
+        let waiting = crate::db::repository::dead_letters::counts(&**client, &[id])
+            .await
+            .map_err(status::db)?;
+        state.dead_letters = Some(waiting.get(&id).copied().unwrap_or(0));
+        Ok(Response::new(state))
     }
 
     type WatchStatusStream = StateStream;

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-use super::GenericClient;
+use super::{GenericClient, typed};
 use crate::db::Error;
 
 const COLUMNS: &str = "d.id, d.datasource_id, d.version, d.record, d.error_code, d.error, d.at, d.replays, d.replayed_at";
@@ -93,13 +93,13 @@ const WHERE: &str = "($1::uuid IS NULL OR d.datasource_id = $1)
 /// The query failed.
 pub async fn list(client: &impl GenericClient, filter: &Filter) -> Result<Vec<DeadLetter>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM datasource_dead_letters d
                  JOIN datasources s ON s.id = d.datasource_id
                  WHERE {WHERE} ORDER BY d.id DESC LIMIT $9"
             ),
-            &[
+            &typed::params(&[
                 &filter.datasource_id,
                 &filter.org,
                 &filter.projects,
@@ -109,7 +109,7 @@ pub async fn list(client: &impl GenericClient, filter: &Filter) -> Result<Vec<De
                 &filter.ids,
                 &filter.before_id,
                 &filter.limit,
-            ],
+            ]),
         )
         .await?;
     Ok(rows.iter().map(DeadLetter::from_row).collect())
@@ -125,14 +125,14 @@ pub async fn lock_for_replay(
     filter: &Filter,
 ) -> Result<Vec<DeadLetter>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT {COLUMNS} FROM datasource_dead_letters d
                  JOIN datasources s ON s.id = d.datasource_id
                  WHERE {WHERE} ORDER BY d.id LIMIT $9
                  FOR UPDATE OF d SKIP LOCKED"
             ),
-            &[
+            &typed::params(&[
                 &filter.datasource_id,
                 &filter.org,
                 &filter.projects,
@@ -142,7 +142,7 @@ pub async fn lock_for_replay(
                 &filter.ids,
                 &filter.before_id,
                 &filter.limit,
-            ],
+            ]),
         )
         .await?;
     Ok(rows.iter().map(DeadLetter::from_row).collect())
@@ -174,7 +174,7 @@ pub async fn settle(
     let failed_codes: Vec<&str> = settled.failed.iter().map(|f| f.1).collect();
     let failed_errors: Vec<&str> = settled.failed.iter().map(|f| f.2).collect();
     client
-        .execute(
+        .execute_typed(
             "WITH gone AS (
                 DELETE FROM datasource_dead_letters WHERE datasource_id = $1 AND id = ANY($3)
              ), kept AS (
@@ -189,7 +189,7 @@ pub async fn settle(
                     replays = d.replays + 1, replayed_at = now()
                FROM unnest($5::bigint[], $6::text[], $7::text[]) AS f(id, code, error)
               WHERE d.datasource_id = $1 AND d.id = f.id",
-            &[
+            &typed::params(&[
                 &datasource_id,
                 &version,
                 &settled.passed,
@@ -197,7 +197,7 @@ pub async fn settle(
                 &failed_ids,
                 &failed_codes,
                 &failed_errors,
-            ],
+            ]),
         )
         .await?;
     Ok(())
@@ -210,12 +210,12 @@ pub async fn settle(
 /// The statement failed.
 pub async fn purge(client: &impl GenericClient, filter: &Filter) -> Result<u64, Error> {
     let deleted = client
-        .execute(
+        .execute_typed(
             &format!(
                 "DELETE FROM datasource_dead_letters d USING datasources s
                  WHERE s.id = d.datasource_id AND {WHERE}"
             ),
-            &[
+            &typed::params(&[
                 &filter.datasource_id,
                 &filter.org,
                 &filter.projects,
@@ -224,7 +224,7 @@ pub async fn purge(client: &impl GenericClient, filter: &Filter) -> Result<u64, 
                 &filter.code,
                 &filter.ids,
                 &None::<i64>,
-            ],
+            ]),
         )
         .await?;
     Ok(deleted)
@@ -244,23 +244,23 @@ pub async fn prune(
     if let Some(age) = max_age {
         let seconds = age.as_secs_f64();
         pruned += client
-            .execute(
+            .execute_typed(
                 "DELETE FROM datasource_dead_letters
                  WHERE at < now() - make_interval(secs => $1::float8)",
-                &[&seconds],
+                &typed::params(&[&seconds]),
             )
             .await?;
     }
     if let Some(keep) = max_per_datasource {
         pruned += client
-            .execute(
+            .execute_typed(
                 "DELETE FROM datasource_dead_letters d USING (
                     SELECT id FROM (
                         SELECT id, row_number() OVER (PARTITION BY datasource_id ORDER BY id DESC) AS n
                         FROM datasource_dead_letters
                     ) ranked WHERE n > $1
                  ) old WHERE d.id = old.id",
-                &[&keep],
+                &typed::params(&[&keep]),
             )
             .await?;
     }
@@ -276,10 +276,10 @@ pub async fn counts(
     ids: &[Uuid],
 ) -> Result<HashMap<Uuid, i64>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT datasource_id, count(*) FROM datasource_dead_letters
              WHERE datasource_id = ANY($1) GROUP BY datasource_id",
-            &[&ids],
+            &typed::params(&[&ids]),
         )
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
@@ -295,10 +295,10 @@ pub async fn top_counts(
     limit: i64,
 ) -> Result<(Vec<(Uuid, i64)>, i64), Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT datasource_id, count(*) AS n FROM datasource_dead_letters
              GROUP BY datasource_id ORDER BY n DESC, datasource_id",
-            &[],
+            &typed::params(&[]),
         )
         .await?;
     let mut top = Vec::new();

@@ -48,6 +48,7 @@ typed! {
     Uuid => UUID, UUID_ARRAY;
     serde_json::Value => JSONB, JSONB_ARRAY;
     DateTime<Utc> => TIMESTAMPTZ, TIMESTAMPTZ_ARRAY;
+    f64 => FLOAT8, FLOAT8_ARRAY;
 }
 
 // Bytes are `bytea`, not an array of anything.

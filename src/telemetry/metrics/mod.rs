@@ -6,7 +6,8 @@
 //!   registry, the collectors and the tests use;
 //! - [`exposition`]: the two text formats a scrape is served in;
 //! - `reloads`: the reload-latency pairing below;
-//! - `workers`: the live workers' series, read at scrape time from their [`Figures`].
+//! - `workers`: the live workers' series, read at scrape time from their [`Figures`];
+//! - `dead_letters`: dead letters waiting, per datasource for the ones with the most.
 //!
 //! Counting stays where it happens. Per-datasource figures are read at scrape time from the
 //! live workers' [`Figures`] (this instance's workers only: a datasource's series appear when
@@ -42,16 +43,19 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry, Unit};
 use uuid::Uuid;
 
+mod dead_letters;
 pub mod exposition;
 pub mod names;
 mod reloads;
 mod workers;
 
+pub use dead_letters::DEAD_LETTER_SERIES;
 pub use exposition::{CONTENT_TYPE, TEXT_CONTENT_TYPE, to_prometheus_text, wants_openmetrics};
 pub use names::NAMES;
 pub use workers::{Figures, Identity};
 
 use crate::domain::WorkerStatus;
+use dead_letters::DeadLetterCounts;
 use reloads::Reloads;
 use workers::{Worker, Workers};
 
@@ -99,6 +103,7 @@ struct Inner {
     outbox_rows: Counter,
     outbox_reanchors: Counter,
     notify_queue: Gauge<f64, std::sync::atomic::AtomicU64>,
+    dead_letters: Arc<DeadLetterCounts>,
 }
 
 impl fmt::Debug for Metrics {
@@ -117,6 +122,8 @@ impl Metrics {
         let workers = Arc::new(Workers::default());
         registry.register_collector(Box::new(Arc::clone(&workers)));
         registry.register_collector(Box::new(SpanExport));
+        let dead_letters = Arc::new(DeadLetterCounts::default());
+        registry.register_collector(Box::new(Arc::clone(&dead_letters)));
         for collector in collectors {
             registry.register_collector(collector);
         }
@@ -218,6 +225,7 @@ impl Metrics {
             outbox_rows,
             outbox_reanchors,
             notify_queue,
+            dead_letters,
             workers,
             reloads: Mutex::default(),
             reload_latency,
@@ -437,6 +445,14 @@ impl Metrics {
 
 /// Locks `mutex`, whose data stays consistent even if a holder panicked (each update is a
 /// single insert or remove).
+impl Metrics {
+    /// Records the dead letters waiting: the datasources with the most (at most
+    /// [`DEAD_LETTER_SERIES`]) and the total of all the others.
+    pub fn dead_letters_counted(&self, top: Vec<(Uuid, i64)>, rest: i64) {
+        *lock(&self.0.dead_letters.0) = Some((top, rest));
+    }
+}
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()

@@ -316,6 +316,18 @@ pub const NOTIFICATION_PATH_FAILURES: Family = family(
     Counter,
     "Self-tests of the notification path whose token did not arrive in time (or the server refused to send it)",
 );
+/// Dead letters per datasource.
+pub const DATASOURCE_DEAD_LETTERS: Family = family(
+    "dsreg_datasource_dead_letters",
+    Gauge,
+    "Dead letters waiting for the datasource (the 100 datasources with the most; counted every minute)",
+);
+/// Dead letters of the datasources without a series of their own.
+pub const DEAD_LETTERS_OTHER_DATASOURCES: Family = family(
+    "dsreg_dead_letters_other_datasources",
+    Gauge,
+    "Dead letters waiting for every datasource without a series of its own in dsreg_datasource_dead_letters",
+);
 /// Notification path checks that could not send their token.
 pub const NOTIFICATION_PATH_UNTESTED: Family = family(
     "dsreg_notification_path_untested",
@@ -418,6 +430,8 @@ pub const NAMES: &[Family] = &[
     NOTIFICATION_PATH_OK,
     NOTIFICATION_PATH_FAILURES,
     NOTIFICATION_PATH_UNTESTED,
+    DATASOURCE_DEAD_LETTERS,
+    DEAD_LETTERS_OTHER_DATASOURCES,
     LISTENER_RECONNECTS,
     NOTIFICATIONS_RECEIVED,
     NOTIFICATIONS_MALFORMED,
