@@ -15,6 +15,11 @@
 //! horizon, nothing remembered) and says so, and its caller catches up on the tables. Rows
 //! inherited from another cluster are fenced off once, when the reader anchors (see
 //! [`Fence`]), so they are never read, let alone on every read.
+//!
+//! A history that lost commits may also have lost advances of the event id sequence, and
+//! would hand out again ids this process (and the clients it served) already saw. Before it
+//! anchors on the new history, the reader moves the sequence past the highest id it knew
+//! (`setval`, never backwards), so an event id keeps meaning one event.
 
 use std::collections::HashMap;
 
@@ -36,6 +41,8 @@ pub struct OutboxReader {
     seen: HashMap<i64, i64>,
     /// Rows the outbox query returned, over the reader's life.
     rows_read: u64,
+    /// The highest event id known taken: the sequence at each anchor, and every id read.
+    highest_id: i64,
 }
 
 /// What one [`OutboxReader::read`] found.
@@ -95,6 +102,7 @@ impl OutboxReader {
         } = events::anchor(client).await?;
         Ok(Self {
             horizon,
+            highest_id: fence.last_id,
             fence,
             server,
             wakes_only: false,
@@ -166,6 +174,7 @@ impl OutboxReader {
         let horizon = sweep_horizon.unwrap_or(self.horizon);
         for event in &fresh {
             self.seen.insert(event.id, event.xid);
+            self.highest_id = self.highest_id.max(event.id);
         }
         self.seen.retain(|_, xid| *xid >= horizon);
         self.horizon = horizon;
@@ -196,11 +205,14 @@ impl OutboxReader {
         client: &impl GenericClient,
         change: Reanchored,
     ) -> Result<Read, Error> {
+        // Before the anchor reads the sequence: ids handed out from now on are new ones.
+        events::advance_ids_past(client, self.highest_id).await?;
         let Anchor {
             horizon,
             fence,
             server,
         } = events::anchor(client).await?;
+        self.highest_id = self.highest_id.max(fence.last_id);
         self.horizon = horizon;
         self.fence = fence;
         self.server = server;
@@ -227,6 +239,7 @@ mod tests {
             wakes_only: false,
             seen: HashMap::new(),
             rows_read: 0,
+            highest_id: 0,
         }
     }
 

@@ -296,6 +296,21 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
         (counter(&metrics(&app).await, "dsreg_outbox_rows_read_total") > reads).then_some(())
     })
     .await;
+    wait_running(
+        &db,
+        touched.id,
+        tv,
+        "touched running (read from the outbox)",
+    )
+    .await;
+    // The highest id the registry has seen: the standby's sequence never got this far.
+    let seen_before: i64 = db
+        .events(touched.id)
+        .await
+        .iter()
+        .map(|e| e.id)
+        .max()
+        .expect("touched has events");
 
     // The primary dies; the standby comes back on its port and is promoted.
     primary = tokio::task::spawn_blocking(move || {
@@ -332,6 +347,54 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
     assert!(
         counter(&text, "dsreg_outbox_reanchors_total") >= 1.0,
         "{text}"
+    );
+    // The new history hands out no id the registry (or a client it served) already saw.
+    for (id, v) in ids.iter().zip(&published) {
+        for event in db.events(*id).await {
+            if event.kind == "published" && event.version == Some(*v) {
+                assert!(
+                    event.id > seen_before,
+                    "event {} of the new primary reuses an id at or below {seen_before}",
+                    event.id
+                );
+            }
+        }
+    }
+    // A cursor from the lost history, beyond every id this one has: said, not skipped over.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut feed = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
+    let beyond = seen_before + 1_000_000;
+    let refused = feed
+        .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {
+            datasource_id: String::new(),
+            types: vec![],
+            after_id: Some(beyond),
+        })
+        .await
+        .expect_err("a cursor beyond the newest id is refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains(&format!("after_id {beyond}")),
+        "{refused:?}"
+    );
+    let resumed = feed
+        .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {
+            datasource_id: String::new(),
+            types: vec![],
+            after_id: Some(seen_before),
+        })
+        .await;
+    assert!(
+        resumed.is_ok(),
+        "a cursor the new history has passed resumes: {resumed:?}"
     );
 
     app.stop().await.unwrap();

@@ -133,6 +133,16 @@ impl pb::events_server::Events for EventsService {
         let filter = self.filter(&call, &r.datasource_id, r.types).await?;
         let ctx = self.0.clone();
         let start = if let Some(after) = r.after_id {
+            // A cursor beyond every id taken comes from another history of the database (a
+            // failover or a restore that lost events the client saw): resuming there would
+            // skip the ids this history hands out next, so the client is told.
+            let client = call::client(&ctx.pool).await?;
+            let newest = events::last_id(&**client).await.map_err(status::db)?;
+            if after > newest {
+                return Err(Status::failed_precondition(format!(
+                    "after_id {after} is beyond the newest event id {newest}: the cursor comes from another history of the database (a failover or a restore lost events it had seen); resume from an id up to {newest}, or from 0 to replay what it holds"
+                )));
+            }
             after
         } else {
             // Only new events: start after the newest id taken so far.

@@ -475,6 +475,23 @@ pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
     Ok(row.get(0))
 }
 
+/// Moves the event id sequence past `id` when it is behind it (a history that lost its
+/// advances); never backwards. Returns whether it moved.
+///
+/// # Errors
+/// The statement failed.
+pub async fn advance_ids_past(client: &impl GenericClient, id: i64) -> Result<bool, Error> {
+    let moved = client
+        .query_typed(
+            "SELECT setval('datasource_events_id_seq', $1::bigint)
+             WHERE $1::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
+                                 FROM datasource_events_id_seq)",
+            &typed::params(&[&id]),
+        )
+        .await?;
+    Ok(!moved.is_empty())
+}
+
 /// The oldest open transaction holding an xid, anywhere on the server.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Holder {
