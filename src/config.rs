@@ -238,8 +238,9 @@ pub struct Settings {
     pub transform_max_memory_bytes: usize,
 
     /// Test runs (`RunTest`) executing at once; more get RESOURCE_EXHAUSTED. A run holds its
-    /// slot until its records have stopped running, past its deadline included.
-    #[arg(long, env = "DSREG_HARNESS_MAX_CONCURRENT_RUNS", default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=1024))]
+    /// slot until its records have stopped running, past its deadline included. Default: one
+    /// per CPU the process may use.
+    #[arg(long, env = "DSREG_HARNESS_MAX_CONCURRENT_RUNS", default_value_t = default_harness_runs(), value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub harness_max_concurrent_runs: u64,
 
     /// Full resync period, in milliseconds.
@@ -434,6 +435,12 @@ fn default_pool_size() -> usize {
     std::thread::available_parallelism()
         .map_or(4, |n| n.get() * 3)
         .clamp(4, 64)
+}
+
+/// One concurrent test run per CPU the process may use (1 when that cannot be told): runs
+/// take a CPU each for as long as they run, so more at once only queue for the CPUs.
+fn default_harness_runs() -> u64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get() as u64)
 }
 
 impl Settings {
@@ -721,6 +728,16 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         settings: Settings,
+    }
+
+    #[test]
+    fn test_runs_default_to_one_per_cpu_and_the_flag_sets_them() {
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u64);
+        let cli = Cli::try_parse_from(["dsreg"]).unwrap();
+        assert_eq!(cli.settings.harness_max_concurrent_runs, cpus);
+        let cli = Cli::try_parse_from(["dsreg", "--harness-max-concurrent-runs", "7"]).unwrap();
+        assert_eq!(cli.settings.harness_max_concurrent_runs, 7);
+        assert!(Cli::try_parse_from(["dsreg", "--harness-max-concurrent-runs", "0"]).is_err());
     }
 
     #[test]

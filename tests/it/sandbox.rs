@@ -75,8 +75,9 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// The nice value of a test-run thread of process `pid`, if one is running.
-fn harness_thread_nice(pid: u32) -> Option<i64> {
+/// The scheduling policy of a test-run thread of process `pid` (0 SCHED_OTHER, 5
+/// SCHED_IDLE), if one is running.
+fn harness_thread_policy(pid: u32) -> Option<i64> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
             continue;
@@ -87,8 +88,8 @@ fn harness_thread_nice(pid: u32) -> Option<i64> {
         if &stat[open + 1..close] != "dsreg-harness" {
             continue;
         }
-        // Field 19 of the line is the nice value: the 17th after the name.
-        return stat[close + 2..].split(' ').nth(16)?.parse().ok();
+        // Field 41 of the line is the policy: the 39th after the name.
+        return stat[close + 2..].split(' ').nth(38)?.parse().ok();
     }
     None
 }
@@ -170,12 +171,13 @@ async fn harness_runs_past_their_deadline_stop_and_excess_runs_are_refused() {
             tokio::spawn(async move { harness.run_test(request).await })
         })
         .collect();
-    // While they run, their threads run below the registry's own priority.
-    let nice = wait_for("a test run's thread", Duration::from_secs(5), || async {
-        harness_thread_nice(pid)
+    // While they run, their threads run in the idle scheduling class, below every thread of
+    // the registry's own.
+    let policy = wait_for("a test run's thread", Duration::from_secs(5), || async {
+        harness_thread_policy(pid)
     })
     .await;
-    assert_eq!(nice, 10);
+    assert_eq!(policy, i64::from(libc::SCHED_IDLE));
     let mut codes = Vec::new();
     for run in runs {
         codes.push(
