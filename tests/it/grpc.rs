@@ -960,6 +960,7 @@ const SERVED: &[&str] = &[
     "dsreg.v1.Audit",
     "dsreg.v1.Catalog",
     "dsreg.v1.Registry",
+    "dsreg.v1.DeadLetters",
 ];
 
 #[tokio::test]

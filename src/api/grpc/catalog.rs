@@ -162,3 +162,76 @@ fn validation(
         secrets_missing: missing,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{Value, json};
+
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            (-1e9f64..1e9).prop_map(Value::from),
+            "\\PC{0,12}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                prop::collection::btree_map("[a-z_]{1,8}", inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        /// Whatever the config's shape, a validation answers (never panics), is valid exactly
+        /// when it lists no problem, and every problem says why.
+        #[test]
+        fn any_config_shape_is_validated_with_every_problem_explained(
+            kind in prop::sample::select(vec!["generator", "http_poll", "webhook"]),
+            keys in prop::collection::btree_map(
+                prop_oneof![
+                    Just("rate_per_sec".to_owned()), Just("template".to_owned()),
+                    Just("url".to_owned()), Just("transform".to_owned()),
+                    Just("interval_ms".to_owned()), "[a-z_]{1,8}",
+                ],
+                any_value(),
+                0..5,
+            ),
+            datasource in any::<bool>(),
+        ) {
+            let catalog = crate::connectors::Catalog::builtin();
+            let limits = crate::transform::Limits::default();
+            let config = Value::Object(keys.into_iter().collect());
+            let stored: Vec<String> = Vec::new();
+            let answer = validation(
+                &catalog,
+                &limits,
+                kind,
+                &config,
+                datasource.then_some(stored.as_slice()),
+            );
+            prop_assert_eq!(answer.valid, answer.problems.is_empty());
+            prop_assert!(answer.problems.iter().all(|p| !p.reason.is_empty()));
+            prop_assert!(answer.secrets_missing.iter().all(|s| answer.secrets_needed.contains(s)));
+            if !datasource {
+                prop_assert!(answer.problems.iter().all(|p| p.missing_secret.is_empty()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_valid_generator_config_has_no_problem() {
+        let answer = validation(
+            &crate::connectors::Catalog::builtin(),
+            &crate::transform::Limits::default(),
+            "generator",
+            &json!({ "rate_per_sec": 0, "template": {} }),
+            None,
+        );
+        assert!(answer.valid, "{answer:?}");
+    }
+}
