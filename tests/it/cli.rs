@@ -1054,7 +1054,9 @@ async fn serve_with_auth(dir: &Path, args: &[&str], env: &[(&str, &str)]) -> Ran
 async fn serve_refuses_auth_flags_that_do_not_go_together_with_a_usage_error() {
     let dir = tempfile::tempdir().unwrap();
     let claims = ["--auth-issuer", "i", "--auth-audience", "a"];
-    let cases: [(&[&str], &[(&str, &str)], &[&str]); 6] = [
+    /// Flags, variables, and what the refusal names.
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a [&'a str]);
+    let cases: [Case<'_>; 6] = [
         (
             &[
                 &["--auth-hs256-secret-file", "s", "--auth-jwks-file", "j"][..],
