@@ -180,6 +180,7 @@ fn write_jwks(path: &std::path::Path, keys: &[serde_json::Value]) {
 
 /// An ES256 token signed by the private key of a fixture, naming `kid`.
 fn es256_token(private_pem: &str, kid: &str, sub: &str) -> String {
+    dsreg::api::grpc::auth::install_jwt_crypto();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(kid.to_owned());
     let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(fixture(private_pem)).unwrap())

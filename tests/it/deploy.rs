@@ -64,9 +64,16 @@ fn read(relative: &str) -> String {
         .unwrap_or_else(|e| panic!("reading {relative}: {e}"))
 }
 
+/// The one YAML document of the file, read by the registry's own YAML reader (yaml-rust2).
 fn yaml(relative: &str) -> Value {
-    serde_norway::from_str(&read(relative))
-        .unwrap_or_else(|e| panic!("{relative} is not valid YAML: {e}"))
+    let mut documents = dsreg::files::yaml::parse(&read(relative)).unwrap_or_else(|e| {
+        panic!(
+            "{relative} is not valid YAML: line {}: {}",
+            e.line, e.message
+        )
+    });
+    assert_eq!(documents.len(), 1, "{relative} holds one YAML document");
+    documents.remove(0).value
 }
 
 fn compose() -> Value {

@@ -178,6 +178,7 @@ fn token(private_pem: &str, kid: &str, issuer: &str) -> String {
         "sub": "alice", "iss": issuer, "aud": "dsreg", "org": "acme",
         "roles": ["datasource:viewer"], "iat": now, "exp": now + 600,
     });
+    dsreg::api::grpc::auth::install_jwt_crypto();
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
     header.kid = Some(kid.to_owned());
     let key = jsonwebtoken::EncodingKey::from_ec_pem(&std::fs::read(fixture(private_pem)).unwrap())

@@ -116,6 +116,7 @@ pub fn dev_credentials(dir: &Path) -> Result<DevCredentials, AuthSetupError> {
 /// Whether the token file holds a development admin token that verifies with `secret` and
 /// stays valid for at least another day.
 pub(super) fn dev_token_is_current(secret: &[u8], token_file: &Path) -> bool {
+    super::crypto::install();
     let Ok(token) = std::fs::read_to_string(token_file).map(Zeroizing::new) else {
         return false;
     };
@@ -129,6 +130,7 @@ pub(super) fn dev_token_is_current(secret: &[u8], token_file: &Path) -> bool {
 
 /// Signs `claims` with `secret` as an HS256 JWT.
 pub fn issue_token(secret: &[u8], claims: &serde_json::Value) -> String {
+    super::crypto::install();
     // HMAC signing cannot fail and a JSON value always serializes: the error is unreachable.
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),

@@ -18,6 +18,7 @@
 //! - [`key_files`]: secret, PEM and JWKS files, with their size and mode checks.
 //! - [`permissions`]: [`required_role`], the permission of every `dsreg.v1` RPC.
 //! - [`dev`]: [`dev_credentials`], the embedded default's secret and admin token.
+//! - [`crypto`]: the signatures themselves, on ring ([`install_jwt_crypto`]).
 //!
 //! The auth layer ([`super::layer`]) applies the authenticator and the table to every request.
 //!
@@ -38,6 +39,7 @@
 //! client ([`super::idp`]).
 
 mod claims;
+mod crypto;
 mod denied;
 mod dev;
 mod jwks;
@@ -49,6 +51,7 @@ mod verify;
 #[cfg(test)]
 mod test_support;
 
+pub use crypto::install as install_jwt_crypto;
 pub use denied::{Denied, UNAUTHENTICATED_MESSAGE};
 pub use dev::{
     DEV_AUDIENCE, DEV_ISSUER, DEV_SUBJECT, DevCredentials, dev_credentials, issue_token,

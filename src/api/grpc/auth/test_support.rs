@@ -60,6 +60,7 @@ pub(super) fn sign(
     kid: Option<&str>,
     claims: &Value,
 ) -> String {
+    super::install_jwt_crypto();
     let mut header = Header::new(algorithm);
     header.kid = kid.map(str::to_owned);
     jsonwebtoken::encode(&header, claims, key).unwrap()

@@ -103,6 +103,7 @@ impl Authenticator {
     /// (or is a private key), a key no pinned algorithm can verify, a JWKS file that does not
     /// parse or has no usable key.
     pub fn from_settings(settings: &AuthSettings) -> Result<Self, AuthSetupError> {
+        super::crypto::install();
         settings.check()?;
         let Some(source) = settings.sources().first().copied() else {
             if settings.insecure_no_auth {
@@ -191,6 +192,7 @@ impl Authenticator {
     /// caller ensures), issued by `issuer` for `audience`, with 30 s of leeway. Used by the
     /// embedded default and tests.
     pub fn hs256(secret: &[u8], issuer: &str, audience: &str) -> Self {
+        super::crypto::install();
         let template = validation_template(issuer, audience, 30);
         let key = VerifyingKey::new(
             DecodingKey::from_secret(secret),
