@@ -891,6 +891,7 @@ mod tests {
             Identity {
                 org: "acme".into(),
                 project: "shop".into(),
+                name: "orders".into(),
                 version: 7,
             },
         );
@@ -954,7 +955,7 @@ mod tests {
             sample(
                 &text,
                 &format!(
-                    "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"shop\",kind=\"generator\",version=\"7\"}}"
+                    "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"shop\",name=\"orders\",kind=\"generator\",version=\"7\"}}"
                 )
             ),
             Some(1.0)

@@ -1161,6 +1161,7 @@ impl Supervisor {
                 let identity = Identity {
                     org: row.org.clone(),
                     project: row.project.clone(),
+                    name: row.name.clone(),
                     version: key.0,
                 };
                 if let Some(worker) = self.workers.get_mut(&id) {

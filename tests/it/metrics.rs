@@ -355,7 +355,7 @@ async fn the_scrape_is_in_the_format_asked_for_with_registry_series_and_passes_p
     .await;
     // The datasource is named once for joins: tenant, kind and the version it runs.
     let info = format!(
-        "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"metrics\",kind=\"generator\",version=\"1\"}}"
+        "dsreg_datasource_info{{datasource=\"{id}\",org=\"acme\",project=\"metrics\",name=\"linted\",kind=\"generator\",version=\"1\"}}"
     );
     assert_eq!(value(&text, &info), Some(1.0), "{text}");
     assert_eq!(

@@ -359,6 +359,8 @@ pub struct Desired {
     pub org: String,
     /// Tenant: project.
     pub project: String,
+    /// Its name in the project.
+    pub name: String,
     /// The published version.
     pub version: Option<i32>,
     /// The published version's config, when asked for.
@@ -389,7 +391,7 @@ pub enum Which<'a> {
 const DESIRED: &str =
     "SELECT d.id, d.kind, d.status, s.desired, s.restart_generation, d.current_version,
             v.config, s.worker_status, s.secrets_generation, d.org, d.project,
-            CASE WHEN $1 THEN s.source_cursor END
+            CASE WHEN $1 THEN s.source_cursor END, d.name
      FROM datasources d
      JOIN datasource_state s ON s.datasource_id = d.id
      LEFT JOIN datasource_versions v
@@ -445,6 +447,7 @@ pub async fn desired(
                 org: r.get(9),
                 project: r.get(10),
                 source_cursor: r.get(11),
+                name: r.get(12),
             })
         })
         .collect()

@@ -293,7 +293,7 @@ pub const DATASOURCE_WORKER_STATE: Family = family(
 pub const DATASOURCE_INFO: Family = family(
     "dsreg_datasource_info",
     Gauge,
-    "1 for each datasource whose worker runs on this instance, labelled with its organisation, project, kind and the version it runs (join on datasource to name or roll up the other series)",
+    "1 for each datasource whose worker runs on this instance, labelled with its organisation, project, name, kind and the version it runs (join on datasource to name or roll up the other series)",
 );
 
 // --- The LISTEN connection and the notification path --------------------------------------------

@@ -38,6 +38,8 @@ pub struct Identity {
     pub org: String,
     /// Project.
     pub project: String,
+    /// Its name in the project.
+    pub name: String,
     /// The version its worker was last given.
     pub version: i32,
 }
@@ -138,6 +140,7 @@ impl Collector for Workers {
                 datasource,
                 ("org", identity.org.as_str()),
                 ("project", identity.project.as_str()),
+                ("name", identity.name.as_str()),
                 kind,
                 ("version", version.as_str()),
             ];
