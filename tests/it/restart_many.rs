@@ -22,31 +22,7 @@ async fn failing(db: &TestDb, n: i64) -> Vec<Uuid> {
     let config = serde_json::json!({
         "rate_per_sec": 1, "template": {}, "transform": "let = ;"
     });
-    let client = db.client().await;
-    let ids: Vec<Uuid> = client
-        .query(
-            "WITH d AS (
-                INSERT INTO datasources (org, project, name, kind)
-                SELECT 'acme', 'broken', 'b' || i, 'generator' FROM generate_series(1, $1::bigint) i
-                RETURNING id
-             )
-             INSERT INTO datasource_versions (datasource_id, version, config)
-             SELECT id, 1, $2 FROM d RETURNING datasource_id",
-            &[&n, &config],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    client
-        .execute(
-            "UPDATE datasource_versions SET state = 'published' WHERE datasource_id = ANY($1)",
-            &[&ids],
-        )
-        .await
-        .unwrap();
-    ids
+    crate::helpers::cluster::published(&**db.client().await, "broken", n, &config).await
 }
 
 async fn statuses(db: &TestDb, ids: &[Uuid]) -> Vec<(Uuid, String, i64)> {

@@ -10,20 +10,31 @@ use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 use uuid::Uuid;
 
-/// `n` active generator datasources emitting `rate` records per second each, created in one
-/// statement and published in another; their ids.
+/// `n` published `generator` datasources in project `fleet`, each emitting `rate` records a
+/// second.
 pub async fn fleet(client: &Client, n: i64, rate: f64) -> Vec<Uuid> {
     let config = serde_json::json!({ "rate_per_sec": rate, "template": { "fleet": true } });
+    published(client, "fleet", n, &config).await
+}
+
+/// `n` `generator` datasources in project `project` of org `acme`, each with `config` as its
+/// published version 1.
+pub async fn published(
+    client: &Client,
+    project: &str,
+    n: i64,
+    config: &serde_json::Value,
+) -> Vec<Uuid> {
     let ids: Vec<Uuid> = client
         .query(
             "WITH d AS (
                 INSERT INTO datasources (org, project, name, kind)
-                SELECT 'acme', 'fleet', 'g' || i, 'generator' FROM generate_series(1, $1::bigint) i
+                SELECT 'acme', $3, 'g' || i, 'generator' FROM generate_series(1, $1::bigint) i
                 RETURNING id
              )
              INSERT INTO datasource_versions (datasource_id, version, config)
              SELECT id, 1, $2 FROM d RETURNING datasource_id",
-            &[&n, &config],
+            &[&n, config, &project],
         )
         .await
         .unwrap()

@@ -76,6 +76,23 @@ pub struct Filter {
     pub limit: i64,
 }
 
+impl Filter {
+    /// The parameters of [`WHERE`] (`$1`–`$8`) and the limit (`$9`).
+    fn params(&self) -> [&dyn typed::Param; 9] {
+        [
+            &self.datasource_id,
+            &self.org,
+            &self.projects,
+            &self.since,
+            &self.until,
+            &self.code,
+            &self.ids,
+            &self.before_id,
+            &self.limit,
+        ]
+    }
+}
+
 /// The `WHERE` clause of `filter` over `datasource_dead_letters d JOIN datasources s`, with its
 /// parameters numbered from 1.
 const WHERE: &str = "($1::uuid IS NULL OR d.datasource_id = $1)
@@ -99,17 +116,7 @@ pub async fn list(client: &impl GenericClient, filter: &Filter) -> Result<Vec<De
                  JOIN datasources s ON s.id = d.datasource_id
                  WHERE {WHERE} ORDER BY d.id DESC LIMIT $9"
             ),
-            &typed::params(&[
-                &filter.datasource_id,
-                &filter.org,
-                &filter.projects,
-                &filter.since,
-                &filter.until,
-                &filter.code,
-                &filter.ids,
-                &filter.before_id,
-                &filter.limit,
-            ]),
+            &typed::params(&filter.params()),
         )
         .await?;
     Ok(rows.iter().map(DeadLetter::from_row).collect())
@@ -132,17 +139,7 @@ pub async fn lock_for_replay(
                  WHERE {WHERE} ORDER BY d.id LIMIT $9
                  FOR UPDATE OF d SKIP LOCKED"
             ),
-            &typed::params(&[
-                &filter.datasource_id,
-                &filter.org,
-                &filter.projects,
-                &filter.since,
-                &filter.until,
-                &filter.code,
-                &filter.ids,
-                &filter.before_id,
-                &filter.limit,
-            ]),
+            &typed::params(&filter.params()),
         )
         .await?;
     Ok(rows.iter().map(DeadLetter::from_row).collect())
