@@ -41,9 +41,10 @@ use crate::secrets::{
     EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
     VaultKeyProvider, VaultSettings, kms,
 };
+use crate::supervisor::lease::PeerPresence;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
-use crate::supervisor::{Supervisor, SupervisorConfig};
+use crate::supervisor::{Supervisor, SupervisorConfig, SupervisorParts};
 use crate::telemetry::metrics::Metrics;
 
 /// An instance's metrics: the registry, reading the database pool's usage and the LISTEN
@@ -382,15 +383,17 @@ impl App {
             .context("connecting the LISTEN connection")?;
         prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
-        let (mut writer, writer_handle) = StateWriter::new(
+        // Set by the supervisor's looks at the instances; read by the state writer, which
+        // NOTIFYs its batches only while another instance may listen.
+        let peers = PeerPresence::default();
+        let (writer, writer_handle) = StateWriter::new(
             self.control.clone(),
             self.instance_id.clone(),
             Some(self.listener_stats.activity.clone()),
             Some(self.metrics.clone()),
+            peers.clone(),
+            self.written,
         );
-        if let Some(written) = self.written {
-            writer.observe(written);
-        }
         let grpc_catalog = self.catalog.clone();
         if let Some(config) = self.file_sync {
             let watcher = Watcher::new(
@@ -441,19 +444,21 @@ impl App {
             address: self.advertise.clone(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
         };
-        let mut supervisor = Supervisor::new(
-            self.pool.clone(),
-            self.catalog,
+        let supervisor = Supervisor::new(
+            SupervisorParts {
+                pool: self.pool.clone(),
+                control: self.control.clone(),
+                renewal: self.renewal.clone(),
+                catalog: self.catalog,
+                env,
+                tracker: tracker.clone(),
+                secrets: self.secrets,
+                metrics: Some(self.metrics.clone()),
+                me,
+                peers,
+            },
             self.supervisor,
-            env,
-            tracker.clone(),
-            self.secrets,
-            me,
         );
-        supervisor.measure(self.metrics.clone());
-        supervisor.control_plane(self.control.clone());
-        supervisor.renew_on(self.renewal.clone());
-        writer.notify_for(supervisor.peers());
         let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
         tracker.spawn(

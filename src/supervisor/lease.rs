@@ -3,7 +3,7 @@
 //! Each datasource's worker runs under a lease (`datasource_leases`) held by one instance,
 //! with a fencing epoch; the leases hold while their instance is live. The [`Renewer`] task
 //! keeps this instance live (one row written per tick, however many leases it holds), and
-//! keeps the time until which its leases are surely still held ([`Tenure`]); when that time
+//! keeps the time until which its leases are surely still held ([`LeaseDeadline`]); when that time
 //! passes without a renewal (the database unreachable, the process frozen) it cancels every
 //! worker at once, before the leases can lapse in the database. Whatever a worker writes carries its epoch and is refused once the lease has
 //! moved on, so an instance that wakes up late cannot write as an owner it no longer is.
@@ -37,22 +37,22 @@ use crate::telemetry::metrics::Metrics;
 /// write notifying, publishes queue behind state writes nobody listens for. Until the first
 /// look, and once the leases are lost, others are assumed.
 #[derive(Debug, Clone)]
-pub struct Peers(Arc<AtomicBool>);
+pub struct PeerPresence(Arc<AtomicBool>);
 
-impl Default for Peers {
+impl Default for PeerPresence {
     fn default() -> Self {
         Self(Arc::new(AtomicBool::new(true)))
     }
 }
 
-impl Peers {
+impl PeerPresence {
     /// Whether another instance may be live.
-    pub fn others(&self) -> bool {
+    pub fn others_may_be_live(&self) -> bool {
         self.0.load(Ordering::Relaxed)
     }
 
-    /// Records what a look saw.
-    pub fn saw(&self, others: bool) {
+    /// Records what a look at the instances saw.
+    pub fn record(&self, others: bool) {
         self.0.store(others, Ordering::Relaxed);
     }
 }
@@ -102,12 +102,12 @@ impl LeaseConfig {
 /// Until when this instance surely holds its leases, and the token every worker's
 /// cancellation descends from, cancelled when that time passes unrenewed.
 #[derive(Debug, Default)]
-pub struct Tenure {
-    inner: Mutex<TenureState>,
+pub struct LeaseDeadline {
+    inner: Mutex<DeadlineState>,
 }
 
 #[derive(Debug, Default)]
-struct TenureState {
+struct DeadlineState {
     token: CancellationToken,
     until: Option<Instant>,
     /// When the latest successful renewal was sent: every lease holds a lease time from then.
@@ -116,8 +116,8 @@ struct TenureState {
     claimed_at: Option<Instant>,
 }
 
-impl Tenure {
-    fn state(&self) -> std::sync::MutexGuard<'_, TenureState> {
+impl LeaseDeadline {
+    fn state(&self) -> std::sync::MutexGuard<'_, DeadlineState> {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -198,7 +198,7 @@ pub struct Renewer {
     pool: Pool,
     me: InstanceInfo,
     config: LeaseConfig,
-    tenure: Arc<Tenure>,
+    tenure: Arc<LeaseDeadline>,
     out: watch::Sender<Option<Renewal>>,
     metrics: Option<Metrics>,
 }
@@ -209,7 +209,7 @@ impl Renewer {
         pool: Pool,
         me: InstanceInfo,
         config: LeaseConfig,
-        tenure: Arc<Tenure>,
+        tenure: Arc<LeaseDeadline>,
         metrics: Option<Metrics>,
     ) -> (Self, watch::Receiver<Option<Renewal>>) {
         let (out, rx) = watch::channel(None);
@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn claimed_leases_are_covered_from_the_latest_renewal_not_from_the_claim() {
-        let tenure = Tenure::default();
+        let tenure = LeaseDeadline::default();
         let safe_for = Duration::from_secs(6);
         let renewed = Instant::now();
         // A renewal that held nothing sets no deadline; a claim later (renewals failing since)
@@ -509,13 +509,13 @@ mod tests {
     #[test]
     fn a_worker_may_act_only_while_the_leases_are_surely_held() {
         let safe_for = Duration::from_secs(6);
-        let tenure = Arc::new(Tenure::default());
+        let tenure = Arc::new(LeaseDeadline::default());
         let check = tenure.check(tenure.guard());
         assert!(!check.holds(), "nothing claimed yet");
         tenure.claimed(Instant::now(), safe_for);
         assert!(check.holds());
         // A process woken past its deadline, before anything cancelled the workers: no.
-        let woken = Arc::new(Tenure::default());
+        let woken = Arc::new(LeaseDeadline::default());
         let late = woken.check(woken.guard());
         woken.claimed(Instant::now() - Duration::from_secs(7), safe_for);
         assert!(!late.holds());

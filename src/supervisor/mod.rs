@@ -42,14 +42,14 @@ use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::leases::{self, InstanceInfo, Release};
-use crate::db::repository::state::{self, Desired, Heartbeat, Transition, Which};
+use crate::db::repository::state::{self, Desired, DesiredFor, Heartbeat, Transition};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
 use crate::telemetry::metrics::{EventRead, Identity, Metrics};
 use crate::transform::{Limits, Transform};
-use lease::{LeaseConfig, Peers, Renewal, Renewer, Tenure};
+use lease::{LeaseConfig, LeaseDeadline, PeerPresence, Renewal, Renewer};
 use worker::{Spec, WorkerEnv};
 
 /// A completed reconcile pass, reported to observers (benchmarks, metrics).
@@ -103,7 +103,7 @@ impl Default for SupervisorConfig {
 
 /// Ends this instance's tenure when dropped: every worker is aborted at once, so a supervisor
 /// task that ends (a panic unwinding through it included) leaves nothing running without it.
-struct AbortWorkersOnDrop(Arc<Tenure>);
+struct AbortWorkersOnDrop(Arc<LeaseDeadline>);
 
 impl Drop for AbortWorkersOnDrop {
     fn drop(&mut self) {
@@ -111,9 +111,19 @@ impl Drop for AbortWorkersOnDrop {
     }
 }
 
-/// What makes a running worker current: its version, restart generation, secrets
-/// generation and lease epoch.
-type SpecKey = (i32, i64, i64, i64);
+/// What makes a running worker current: a worker built from the same key needs no reload,
+/// and one whose key differs from what the tables want is hot-reloaded or stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct SpecKey {
+    /// The published version it runs.
+    version: i32,
+    /// Bumped by every restart request: a new one restarts the worker.
+    restart_generation: i64,
+    /// Bumped by every put or delete of one of its secrets: a new one reopens them.
+    secrets_generation: i64,
+    /// The fencing epoch of this instance's lease on the datasource.
+    epoch: i64,
+}
 
 /// A version's compiled transform, or the refusal (code, reason) it earns.
 type Compiled = Result<Transform, (&'static str, String)>;
@@ -140,7 +150,7 @@ fn script_len(config: Option<&serde_json::Value>) -> usize {
 
 /// A lease this instance holds.
 #[derive(Debug, Clone, Copy)]
-struct Held {
+struct HeldLease {
     epoch: i64,
     /// When it was claimed or first seen renewed: a renewal sent earlier need not list it.
     since: Instant,
@@ -150,9 +160,9 @@ struct Held {
 struct Cluster {
     me: InstanceInfo,
     config: LeaseConfig,
-    tenure: Arc<Tenure>,
+    tenure: Arc<LeaseDeadline>,
     renewals: Option<watch::Receiver<Option<Renewal>>>,
-    held: HashMap<Uuid, Held>,
+    held: HashMap<Uuid, HeldLease>,
     /// Leases being given up once their worker has stopped: to whom (`None`: the datasource
     /// is archived or gone).
     draining: HashMap<Uuid, Option<String>>,
@@ -161,7 +171,7 @@ struct Cluster {
     /// Live instances (this one included), sorted.
     live: Vec<String>,
     /// Whether others were live at the latest look, for the state writer.
-    peers: Peers,
+    peers: PeerPresence,
     /// The last balance's assignment: whether each datasource it saw is this instance's.
     assigned: HashMap<Uuid, bool>,
     /// More leases should move than one balance gives up: the next renewal balances again.
@@ -212,6 +222,32 @@ fn reconcile_span(datasources: usize, traces: &[String]) -> tracing::Span {
         many => crate::telemetry::link_traces(&span, many.iter().copied()),
     }
     span
+}
+
+/// What a supervisor works with, given at construction.
+pub struct SupervisorParts {
+    /// Reconciles, outbox reads and secrets.
+    pub pool: Pool,
+    /// The control plane's connections (leases, heartbeats): a small pool of its own, which
+    /// worker I/O cannot take.
+    pub control: Pool,
+    /// The lease renewer's pool of one connection that nothing else uses: it is opened and
+    /// driven on the renewer's own thread, so a starved shared runtime cannot delay a renewal.
+    pub renewal: Pool,
+    /// The connector kinds workers are built from.
+    pub catalog: Catalog,
+    /// What every worker shares: the sink, the state writer, backoff and stop deadline.
+    pub env: WorkerEnv,
+    /// Where workers and heartbeat writes are spawned.
+    pub tracker: TaskTracker,
+    /// Opens the workers' secrets; `None` when no master key is configured.
+    pub secrets: Option<Arc<SecretsService>>,
+    /// Receives workers, reloads, outbox reads, passes and lease moves.
+    pub metrics: Option<Metrics>,
+    /// This instance, as the other instances see it.
+    pub me: InstanceInfo,
+    /// Set from every look at the instances: whether another instance may be live.
+    pub peers: PeerPresence,
 }
 
 /// Reconciles this instance's workers with the tables.
@@ -271,19 +307,23 @@ const HEARTBEATS_PER_STATEMENT: usize = 1_000;
 const HEARTBEAT_SPREAD: u32 = 4;
 
 impl Supervisor {
-    /// A supervisor of instance `me`'s workers; they are spawned on `tracker`.
-    pub fn new(
-        pool: Pool,
-        catalog: Catalog,
-        config: SupervisorConfig,
-        env: WorkerEnv,
-        tracker: TaskTracker,
-        secrets: Option<Arc<SecretsService>>,
-        me: InstanceInfo,
-    ) -> Self {
+    /// A supervisor of instance `parts.me`'s workers; they are spawned on `parts.tracker`.
+    pub fn new(parts: SupervisorParts, config: SupervisorConfig) -> Self {
+        let SupervisorParts {
+            pool,
+            control,
+            renewal,
+            catalog,
+            env,
+            tracker,
+            secrets,
+            metrics,
+            me,
+            peers,
+        } = parts;
         let cluster = Cluster {
             live: vec![me.id.clone()],
-            peers: Peers::default(),
+            peers,
             me,
             config: config.leases.clone(),
             tenure: Arc::default(),
@@ -297,8 +337,8 @@ impl Supervisor {
         Self {
             cluster,
             secrets,
-            control: pool.clone(),
-            renewal: pool.clone(),
+            control,
+            renewal,
             pool,
             catalog,
             config,
@@ -308,35 +348,12 @@ impl Supervisor {
             stopping: HashMap::new(),
             failed: HashMap::new(),
             reader: None,
-            metrics: None,
+            metrics,
             heartbeats: None,
             pass: None,
             handled: HashSet::new(),
             catch_up_at: None,
         }
-    }
-
-    /// Takes leases, renews them and writes heartbeats on `pool` (a small pool of the
-    /// control plane's own) rather than the pool reconciles and workers share.
-    pub fn control_plane(&mut self, pool: Pool) {
-        self.control = pool;
-    }
-
-    /// Renews the leases on `pool`, a pool of one connection that nothing else uses: it is
-    /// opened and driven on the renewer's own thread, so a starved shared runtime cannot
-    /// delay a renewal.
-    pub fn renew_on(&mut self, pool: Pool) {
-        self.renewal = pool;
-    }
-
-    /// Whether others were live at the latest look at the instances (see [`Peers`]).
-    pub fn peers(&self) -> Peers {
-        self.cluster.peers.clone()
-    }
-
-    /// Reports workers, reloads, outbox reads and passes to `metrics`.
-    pub fn measure(&mut self, metrics: Metrics) {
-        self.metrics = Some(metrics);
     }
 
     fn metered(&self, record: impl FnOnce(&Metrics)) {
@@ -352,7 +369,7 @@ impl Supervisor {
         mut signals: mpsc::UnboundedReceiver<Signal>,
         shutdown: CancellationToken,
     ) {
-        self.wait_out_namesake(&shutdown).await;
+        self.wait_until_instance_id_is_free(&shutdown).await;
         let renewer_stop = CancellationToken::new();
         // However this task ends (a panic included), the leases stop being renewed and the
         // workers stop: another instance can take over once the leases lapse.
@@ -465,7 +482,7 @@ impl Supervisor {
     /// `--instance-id`) may still look alive, and renewing its leases would run its workers
     /// twice if it is in fact still running (two hosts given one id): wait until it is seen
     /// dead, so its leases are claimed again under new epochs.
-    async fn wait_out_namesake(&self, shutdown: &CancellationToken) {
+    async fn wait_until_instance_id_is_free(&self, shutdown: &CancellationToken) {
         let mut said = false;
         loop {
             let left = match self.control.get().await {
@@ -504,7 +521,7 @@ impl Supervisor {
     /// what it saw of the others may call for a balance.
     async fn on_renewal(&mut self, renewal: Renewal) -> Result<(), Error> {
         if renewal.lost {
-            self.cluster.peers.saw(true);
+            self.cluster.peers.record(true);
             let lost = self.cluster.held.len();
             self.cluster.held.clear();
             self.cluster.draining.clear();
@@ -516,12 +533,12 @@ impl Supervisor {
             }
             self.metered(|m| {
                 m.lease_moves("lost", lost as u64);
-                m.cluster(0, self.cluster.live.len());
+                m.leases_held(0, self.cluster.live.len());
             });
             return Ok(());
         }
         if renewal.renewed {
-            self.take_up(&renewal).await?;
+            self.account_for_renewal(&renewal).await?;
         }
         // Someone came or went, a lease is free, or leases are being (or still to be) given
         // up: look again.
@@ -529,7 +546,7 @@ impl Supervisor {
         if let Err(at) = live.binary_search(&self.cluster.me.id) {
             live.insert(at, self.cluster.me.id.clone());
         }
-        self.cluster.peers.saw(live.len() > 1);
+        self.cluster.peers.record(live.len() > 1);
         if live != self.cluster.live
             || renewal.seen.free > 0
             || !self.cluster.draining.is_empty()
@@ -542,7 +559,7 @@ impl Supervisor {
 
     /// Leases the renewal did not renew are gone (their workers stop); leases held in the
     /// database that this map lacks (kept through a brief outage) are taken up again.
-    async fn take_up(&mut self, renewal: &Renewal) -> Result<(), Error> {
+    async fn account_for_renewal(&mut self, renewal: &Renewal) -> Result<(), Error> {
         let renewed: HashMap<Uuid, i64> = renewal.seen.held.iter().copied().collect();
         let lost: Vec<Uuid> = self
             .cluster
@@ -569,14 +586,14 @@ impl Supervisor {
             .into_iter()
             .map(|(id, epoch)| {
                 let since = renewal.sent;
-                self.cluster.held.insert(id, Held { epoch, since });
+                self.cluster.held.insert(id, HeldLease { epoch, since });
                 id
             })
             .collect();
         let held = self.cluster.held.len();
         self.metered(|m| {
             m.lease_moves("lost", lost.len() as u64);
-            m.cluster(held, self.cluster.live.len());
+            m.leases_held(held, self.cluster.live.len());
         });
         if !adopted.is_empty() {
             self.reconcile(&adopted).await?;
@@ -673,7 +690,7 @@ impl Supervisor {
         }
         self.release_drained().await?;
         let held = self.cluster.held.len();
-        self.metered(|m| m.cluster(held, self.cluster.live.len()));
+        self.metered(|m| m.leases_held(held, self.cluster.live.len()));
         if wake.is_empty() {
             return Ok(());
         }
@@ -713,7 +730,7 @@ impl Supervisor {
         for c in &claimed {
             self.cluster.held.insert(
                 c.datasource_id,
-                Held {
+                HeldLease {
                     epoch: c.epoch,
                     since: sent,
                 },
@@ -931,7 +948,7 @@ impl Supervisor {
         let limit = self.config.resync_page.max(1);
         let rows = {
             let client = self.pool.get().await?;
-            let page = Which::Page {
+            let page = DesiredFor::Page {
                 after,
                 limit: limit as i64,
             };
@@ -977,7 +994,7 @@ impl Supervisor {
         let started = Instant::now();
         let rows = {
             let client = self.pool.get().await?;
-            state::desired(&**client, Which::Ids(ids), true).await?
+            state::desired(&**client, DesiredFor::Ids(ids), true).await?
         };
         self.apply(rows, false).await?;
         self.report(false, ids.len(), started);
@@ -1020,7 +1037,12 @@ impl Supervisor {
                 && row.desired == DesiredState::Running)
                 .then_some(row.version)
                 .flatten()
-                .map(|v| (v, row.restart_generation, row.secrets_generation, epoch));
+                .map(|version| SpecKey {
+                    version,
+                    restart_generation: row.restart_generation,
+                    secrets_generation: row.secrets_generation,
+                    epoch,
+                });
             let Some(key) = wanted else {
                 self.failed.remove(&id);
                 if self.workers.contains_key(&id) {
@@ -1157,12 +1179,12 @@ impl Supervisor {
         let id = row.datasource_id;
         match self.build(&row, key, secrets, cursor, transform) {
             Ok((spec, stall_after)) => {
-                self.metered(|m| m.reload_ordered(id, key.0));
+                self.metered(|m| m.reload_ordered(id, key.version));
                 let identity = Identity {
                     org: row.org.clone(),
                     project: row.project.clone(),
                     name: row.name.clone(),
-                    version: key.0,
+                    version: key.version,
                 };
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.key = key;
@@ -1176,12 +1198,12 @@ impl Supervisor {
                 self.metered(|m| m.worker_identity(id, identity));
             }
             Err((code, reason)) => {
-                tracing::info!(datasource_id = %id, version = key.0, code, reason, "published version refused");
+                tracing::info!(datasource_id = %id, version = key.version, code, reason, "published version refused");
                 if let Some(worker) = self.workers.get_mut(&id) {
                     worker.rejected = Some(key);
                     self.env.writer.send(Transition {
                         datasource_id: id,
-                        epoch: key.3,
+                        epoch: key.epoch,
                         status: None,
                         running_version: None,
                         error: Some(Some(("reload_rejected".into(), reason.clone()))),
@@ -1190,15 +1212,15 @@ impl Supervisor {
                             at: None,
                             datasource_id: Some(id),
                             kind: "reload_rejected".into(),
-                            version: Some(key.0),
-                            payload: json!({ "code": code, "reason": reason, "running_version": worker.key.0 }),
+                            version: Some(key.version),
+                            payload: json!({ "code": code, "reason": reason, "running_version": worker.key.version }),
                         }),
                     });
                 } else {
                     self.failed.insert(id, key);
                     self.env.writer.send(Transition {
                         datasource_id: id,
-                        epoch: key.3,
+                        epoch: key.epoch,
                         status: Some(WorkerStatus::Error),
                         running_version: None,
                         error: Some(Some((code.into(), reason.clone()))),
@@ -1207,7 +1229,7 @@ impl Supervisor {
                             at: None,
                             datasource_id: Some(id),
                             kind: "worker_error".into(),
-                            version: Some(key.0),
+                            version: Some(key.version),
                             payload: json!({ "code": code, "message": reason }),
                         }),
                     });
@@ -1238,10 +1260,12 @@ impl Supervisor {
                 )
             })?
             .clone();
-        let config = row
-            .config
-            .clone()
-            .ok_or_else(|| ("invalid_config", format!("version {} has no config", key.0)))?;
+        let config = row.config.clone().ok_or_else(|| {
+            (
+                "invalid_config",
+                format!("version {} has no config", key.version),
+            )
+        })?;
         contain("validate", || connector.validate(&config))
             .map_err(panicked)?
             .map_err(|e| ("invalid_config", e.to_string()))?;
@@ -1261,9 +1285,9 @@ impl Supervisor {
         }
         let spec = Spec {
             datasource_id: row.datasource_id,
-            version: key.0,
-            generation: key.1,
-            epoch: key.3,
+            version: key.version,
+            generation: key.restart_generation,
+            epoch: key.epoch,
             config: Arc::new(config),
             connector,
             transform,
@@ -1442,9 +1466,9 @@ fn stall_transition(
     };
     worker::transition(
         id,
-        key.3,
+        key.epoch,
         status,
-        key.0,
+        key.version,
         kind,
         json!({ "idle_ms": idle.as_millis() as u64, "recovered": !stalled }),
     )

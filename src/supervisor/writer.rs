@@ -14,6 +14,7 @@ use deadpool_postgres::Pool;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
+use super::lease::PeerPresence;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::state::{self, Transition};
 use crate::domain::WorkerStatus;
@@ -70,18 +71,21 @@ pub struct StateWriter {
     observer: Option<mpsc::UnboundedSender<Written>>,
     activity: Option<crate::outbox::Activity>,
     metrics: Option<crate::telemetry::metrics::Metrics>,
-    peers: super::lease::Peers,
+    peers: PeerPresence,
 }
 
 impl StateWriter {
     /// A writer for `instance` and the handle that feeds it. After every written batch it
-    /// bumps `activity` (API waits and watches) and reports the batch to `metrics` (worker
-    /// states, reloads reaching RUNNING).
+    /// bumps `activity` (API waits and watches), reports the batch to `metrics` (worker
+    /// states, reloads reaching RUNNING) and to `observer` (benchmarks and tests). It NOTIFYs
+    /// the written batches only while `peers` says other instances may listen.
     pub fn new(
         pool: Pool,
         instance: String,
         activity: Option<crate::outbox::Activity>,
         metrics: Option<crate::telemetry::metrics::Metrics>,
+        peers: PeerPresence,
+        observer: Option<mpsc::UnboundedSender<Written>>,
     ) -> (Self, WriterHandle) {
         let (tx, rx) = mpsc::unbounded_channel();
         let actor = format!("dsreg:{instance}");
@@ -91,24 +95,13 @@ impl StateWriter {
                 queue: rx,
                 instance,
                 actor,
-                observer: None,
+                observer,
                 activity,
                 metrics,
-                peers: super::lease::Peers::default(),
+                peers,
             },
             WriterHandle(tx),
         )
-    }
-
-    /// NOTIFYs the written batches only while `peers` says other instances may listen (by
-    /// default they always are).
-    pub fn notify_for(&mut self, peers: super::lease::Peers) {
-        self.peers = peers;
-    }
-
-    /// Reports every written batch to `observer` (benchmarks and tests).
-    pub fn observe(&mut self, observer: mpsc::UnboundedSender<Written>) {
-        self.observer = Some(observer);
     }
 
     /// Writes until every handle is dropped and the queue is empty.
@@ -212,7 +205,7 @@ impl StateWriter {
         events: &[NewEvent],
     ) -> Result<Vec<Uuid>, crate::db::Error> {
         let client = self.pool.get().await?;
-        let notify = self.peers.others();
+        let notify = self.peers.others_may_be_live();
         state::apply_transitions(
             &**client,
             batch,

@@ -372,9 +372,9 @@ pub struct Desired {
     pub source_cursor: Option<serde_json::Value>,
 }
 
-/// Which datasources [`desired`] reads.
+/// The datasources [`desired`] reads: the ones named, or one page of a full resync.
 #[derive(Debug, Clone, Copy)]
-pub enum Which<'a> {
+pub enum DesiredFor<'a> {
     /// These, archived or not.
     Ids(&'a [Uuid]),
     /// Up to `limit` live (not archived) datasources in id order, from just after `after`
@@ -404,23 +404,23 @@ const DESIRED: &str =
 /// The query failed.
 pub async fn desired(
     client: &impl GenericClient,
-    which: Which<'_>,
+    which: DesiredFor<'_>,
     with_config: bool,
 ) -> Result<Vec<Desired>, Error> {
     let mut params: Vec<&dyn typed::Param> = vec![&with_config];
     let filter = match &which {
-        Which::Ids(ids) => {
+        DesiredFor::Ids(ids) => {
             params.push(ids);
             "d.id = ANY($2)"
         }
-        Which::Page {
+        DesiredFor::Page {
             after: Some(after),
             limit,
         } => {
             params.extend([after as &dyn typed::Param, limit]);
             "d.status <> 'archived' AND d.id > $2 ORDER BY d.id LIMIT $3"
         }
-        Which::Page { after: None, limit } => {
+        DesiredFor::Page { after: None, limit } => {
             params.push(limit);
             "d.status <> 'archived' ORDER BY d.id LIMIT $2"
         }

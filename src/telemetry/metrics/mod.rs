@@ -437,7 +437,7 @@ impl Metrics {
     }
 
     /// This instance now holds `leases` and sees `instances` alive.
-    pub fn cluster(&self, leases: usize, instances: usize) {
+    pub fn leases_held(&self, leases: usize, instances: usize) {
         self.0.leases_held.set(leases as i64);
         self.0.instances_live.set(instances as i64);
     }
