@@ -41,6 +41,7 @@ use crate::secrets::{
     EnvKeyProvider, ExecKeyProvider, FileKeyProvider, KeyProvider, SecretString, Secrets,
     VaultKeyProvider, VaultSettings, kms,
 };
+use crate::supervisor::elector::Elector;
 use crate::supervisor::lease::PeerPresence;
 use crate::supervisor::worker::{Started, WorkerEnv};
 use crate::supervisor::writer::{StateWriter, Written};
@@ -383,9 +384,22 @@ impl App {
             .context("connecting the LISTEN connection")?;
         prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
-        // Set by the supervisor's looks at the instances; read by the state writer, which
+        let me = crate::db::repository::leases::InstanceInfo {
+            id: self.instance_id.clone(),
+            address: self.advertise.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        // Set by the elector's looks at the instances; read by the state writer, which
         // NOTIFYs its batches only while another instance may listen.
         let peers = PeerPresence::default();
+        let (elector, elector_handle) = Elector::new(
+            me,
+            self.supervisor.leases.clone(),
+            self.control.clone(),
+            self.renewal.clone(),
+            Some(self.metrics.clone()),
+            peers.clone(),
+        );
         let (writer, writer_handle) = StateWriter::new(
             self.control.clone(),
             self.instance_id.clone(),
@@ -439,23 +453,16 @@ impl App {
             ),
             ingress: ingress.clone(),
         };
-        let me = crate::db::repository::leases::InstanceInfo {
-            id: self.instance_id.clone(),
-            address: self.advertise.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-        };
         let supervisor = Supervisor::new(
             SupervisorParts {
                 pool: self.pool.clone(),
                 control: self.control.clone(),
-                renewal: self.renewal.clone(),
                 catalog: self.catalog,
                 env,
                 tracker: tracker.clone(),
                 secrets: self.secrets,
                 metrics: Some(self.metrics.clone()),
-                me,
-                peers,
+                elector: elector_handle,
             },
             self.supervisor,
         );
@@ -483,6 +490,9 @@ impl App {
         // The supervisor is supervised: its task ending before shutdown (a panic in it) makes
         // the process unready and then end with an error, for the orchestrator to restart it.
         // Its leases are no longer renewed and its workers are aborted as it unwinds.
+        // The elector keeps renewing through the supervisor's stop, until it signs off; a
+        // supervisor that ends without signing off leaves it to stop renewing.
+        tracker.spawn(elector.run(shutdown.child_token()));
         let supervisor_ended = {
             let supervisor_task = tracker.spawn(supervisor.run(signals_rx, shutdown.child_token()));
             let (fatal, shutdown) = (fatal.clone(), shutdown.clone());

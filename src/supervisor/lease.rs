@@ -10,8 +10,9 @@
 //!
 //! Who should own what is [`assign`]: rendezvous hashing over the live instances with a cap
 //! per instance, so that an instance joining or leaving moves only the share that must move.
-//! The supervisor claims what is assigned to it and free, and drains, a few per tick, what is
-//! assigned elsewhere: it stops the worker, writes its last state, then releases the lease.
+//! The [`elector`](super::elector) claims what is assigned to this instance and free, and
+//! drains, a few per tick, what is assigned elsewhere: the supervisor stops the worker and
+//! writes its last state, then the elector releases the lease.
 //!
 //! The renewer runs on a thread of its own with its own runtime and connection
 //! ([`Renewer::spawn_on_own_thread`]): workers saturating the shared runtime's threads or the
@@ -177,7 +178,7 @@ impl LeaseDeadline {
     }
 }
 
-/// The latest renewal, as the supervisor sees it.
+/// The latest renewal, as the elector sees it.
 #[derive(Debug, Clone)]
 pub struct Renewal {
     /// When its statement was sent.

@@ -10,14 +10,16 @@
 //! the state writer owns every write to `datasource_state`. Operations from the API
 //! ([`ops`]) only write the tables and let the owning instance apply them.
 //!
-//! It runs only the workers of datasources whose lease this instance holds ([`lease`]): it
-//! claims the leases assigned to it, drains and releases those assigned elsewhere, and stops
-//! whatever it no longer holds.
+//! It runs only the workers of datasources whose lease this instance holds. The leases are
+//! the [`elector`]'s: the supervisor follows what it publishes (starts the workers of leases
+//! claimed, stops those of leases lost or being given up, and tells it when a drained worker
+//! has stopped), and asks it to claim what a reconcile finds unheld.
 //!
 //! Stopping: when its token is cancelled it stops reconciling, cancels every worker (each
 //! gets the stop deadline, then is aborted), waits for them, writes their final states,
-//! releases its leases, and returns.
+//! has the elector release its leases, and returns.
 
+pub mod elector;
 pub mod lease;
 pub mod ops;
 pub mod worker;
@@ -41,7 +43,7 @@ use crate::connectors::contain::{Panicked, contain};
 use crate::connectors::{Catalog, Health, SecretMap};
 use crate::db::Error;
 use crate::db::repository::events::NewEvent;
-use crate::db::repository::leases::{self, InstanceInfo, Release};
+use crate::db::repository::leases::Claimed;
 use crate::db::repository::state::{self, Desired, DesiredFor, Heartbeat, Transition};
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
@@ -49,7 +51,8 @@ use crate::outbox::listener::Signal;
 use crate::secrets::Secrets as SecretsService;
 use crate::telemetry::metrics::{EventRead, Identity, Metrics};
 use crate::transform::{Limits, Transform};
-use lease::{LeaseConfig, LeaseDeadline, PeerPresence, Renewal, Renewer};
+use elector::{ElectorHandle, Leases};
+use lease::{LeaseConfig, LeaseDeadline};
 use worker::{Spec, WorkerEnv};
 
 /// A completed reconcile pass, reported to observers (benchmarks, metrics).
@@ -79,7 +82,7 @@ pub struct SupervisorConfig {
     pub passes: Option<mpsc::UnboundedSender<Pass>>,
     /// Limits every transform runs under.
     pub limits: Limits,
-    /// Lease pacing.
+    /// Lease pacing (the elector's).
     pub leases: LeaseConfig,
     /// Fault injection for tests of the supervision path: when this fires, the supervisor's
     /// task panics, as a bug in it would. `None` in production.
@@ -101,7 +104,7 @@ impl Default for SupervisorConfig {
     }
 }
 
-/// Ends this instance's tenure when dropped: every worker is aborted at once, so a supervisor
+/// Cancels every worker when dropped (through the lease deadline's guard), so a supervisor
 /// task that ends (a panic unwinding through it included) leaves nothing running without it.
 struct AbortWorkersOnDrop(Arc<LeaseDeadline>);
 
@@ -148,56 +151,17 @@ fn script_len(config: Option<&serde_json::Value>) -> usize {
         .map_or(0, str::len)
 }
 
-/// A lease this instance holds.
-#[derive(Debug, Clone, Copy)]
-struct HeldLease {
-    epoch: i64,
-    /// When it was claimed or first seen renewed: a renewal sent earlier need not list it.
-    since: Instant,
-}
-
-/// This instance among the others: what it holds, what it is giving up, who is alive.
-struct Cluster {
-    me: InstanceInfo,
-    config: LeaseConfig,
-    tenure: Arc<LeaseDeadline>,
-    renewals: Option<watch::Receiver<Option<Renewal>>>,
-    held: HashMap<Uuid, HeldLease>,
-    /// Leases being given up once their worker has stopped: to whom (`None`: the datasource
-    /// is archived or gone).
-    draining: HashMap<Uuid, Option<String>>,
-    /// Leases released lately, so a renewal sent before the release does not bring them back.
-    released: HashMap<Uuid, Instant>,
-    /// Live instances (this one included), sorted.
-    live: Vec<String>,
-    /// Whether others were live at the latest look, for the state writer.
-    peers: PeerPresence,
-    /// The last balance's assignment: whether each datasource it saw is this instance's.
-    assigned: HashMap<Uuid, bool>,
-    /// More leases should move than one balance gives up: the next renewal balances again.
-    moves_left: bool,
-}
-
-impl Cluster {
-    fn epoch(&self, id: &Uuid) -> i64 {
-        self.held.get(id).map_or(0, |h| h.epoch)
-    }
-
-    /// Whether this instance should take a datasource no one holds straight away: the last
-    /// balance assigned it here, or (a datasource it has not seen yet) rendezvous alone puts it
-    /// here first; the next balance evens out the rest.
-    fn takes(&self, id: Uuid) -> bool {
-        match self.assigned.get(&id) {
-            Some(mine) => *mine,
-            None => lease::assign(&[id], &self.live, f64::INFINITY)
-                .get(&id)
-                .is_some_and(|o| *o == self.me.id),
-        }
-    }
+/// A worker cancelled but perhaps not finished.
+struct Stopping {
+    join: JoinHandle<()>,
+    /// Cancelled when its task has ended.
+    done: CancellationToken,
 }
 
 struct Worker {
     key: SpecKey,
+    /// Cancelled when its task has ended.
+    done: CancellationToken,
     /// A newer spec that failed validation (reported once, old worker kept).
     rejected: Option<SpecKey>,
     spec: watch::Sender<Arc<Spec>>,
@@ -228,12 +192,9 @@ fn reconcile_span(datasources: usize, traces: &[String]) -> tracing::Span {
 pub struct SupervisorParts {
     /// Reconciles, outbox reads and secrets.
     pub pool: Pool,
-    /// The control plane's connections (leases, heartbeats): a small pool of its own, which
-    /// worker I/O cannot take.
+    /// The control plane's connections (heartbeats): a small pool of its own, which worker
+    /// I/O cannot take.
     pub control: Pool,
-    /// The lease renewer's pool of one connection that nothing else uses: it is opened and
-    /// driven on the renewer's own thread, so a starved shared runtime cannot delay a renewal.
-    pub renewal: Pool,
     /// The connector kinds workers are built from.
     pub catalog: Catalog,
     /// What every worker shares: the sink, the state writer, backoff and stop deadline.
@@ -242,35 +203,33 @@ pub struct SupervisorParts {
     pub tracker: TaskTracker,
     /// Opens the workers' secrets; `None` when no master key is configured.
     pub secrets: Option<Arc<SecretsService>>,
-    /// Receives workers, reloads, outbox reads, passes and lease moves.
+    /// Receives workers, reloads, outbox reads and passes.
     pub metrics: Option<Metrics>,
-    /// This instance, as the other instances see it.
-    pub me: InstanceInfo,
-    /// Set from every look at the instances: whether another instance may be live.
-    pub peers: PeerPresence,
+    /// The lease elector: what this instance holds, and where claims and releases go.
+    pub elector: ElectorHandle,
 }
 
 /// Reconciles this instance's workers with the tables.
 pub struct Supervisor {
     pool: Pool,
-    /// The control plane's connections (leases, heartbeats), which worker I/O cannot take.
+    /// The control plane's connections (heartbeats), which worker I/O cannot take.
     control: Pool,
-    /// The lease renewer's own connection, opened and driven on its own thread.
-    renewal: Pool,
     catalog: Catalog,
     config: SupervisorConfig,
     env: WorkerEnv,
     tracker: TaskTracker,
     workers: HashMap<Uuid, Worker>,
     /// Workers cancelled but perhaps not finished; a new worker of the same datasource waits.
-    stopping: HashMap<Uuid, JoinHandle<()>>,
+    stopping: HashMap<Uuid, Stopping>,
     /// Published specs that failed validation with no worker running (reported once).
     failed: HashMap<Uuid, SpecKey>,
     reader: Option<OutboxReader>,
     /// Opens the workers' secrets; `None` when no master key is configured.
     secrets: Option<Arc<SecretsService>>,
     metrics: Option<Metrics>,
-    cluster: Cluster,
+    elector: ElectorHandle,
+    /// The elector's leases as last followed: the workers run on these.
+    leases: Leases,
     /// The heartbeat write in progress, if one is.
     heartbeats: Option<JoinHandle<()>>,
     /// The full pass under way, if one is.
@@ -307,38 +266,23 @@ const HEARTBEATS_PER_STATEMENT: usize = 1_000;
 const HEARTBEAT_SPREAD: u32 = 4;
 
 impl Supervisor {
-    /// A supervisor of instance `parts.me`'s workers; they are spawned on `parts.tracker`.
+    /// A supervisor of this instance's workers; they are spawned on `parts.tracker`.
     pub fn new(parts: SupervisorParts, config: SupervisorConfig) -> Self {
         let SupervisorParts {
             pool,
             control,
-            renewal,
             catalog,
             env,
             tracker,
             secrets,
             metrics,
-            me,
-            peers,
+            elector,
         } = parts;
-        let cluster = Cluster {
-            live: vec![me.id.clone()],
-            peers,
-            me,
-            config: config.leases.clone(),
-            tenure: Arc::default(),
-            renewals: None,
-            held: HashMap::new(),
-            draining: HashMap::new(),
-            released: HashMap::new(),
-            assigned: HashMap::new(),
-            moves_left: false,
-        };
         Self {
-            cluster,
+            elector,
+            leases: Leases::default(),
             secrets,
             control,
-            renewal,
             pool,
             catalog,
             config,
@@ -369,41 +313,12 @@ impl Supervisor {
         mut signals: mpsc::UnboundedReceiver<Signal>,
         shutdown: CancellationToken,
     ) {
-        self.wait_until_instance_id_is_free(&shutdown).await;
-        let renewer_stop = CancellationToken::new();
-        // However this task ends (a panic included), the leases stop being renewed and the
-        // workers stop: another instance can take over once the leases lapse.
-        let _renewer_stop = renewer_stop.clone().drop_guard();
-        let _abort_workers = AbortWorkersOnDrop(self.cluster.tenure.clone());
+        // However this task ends (a panic included), its workers stop; the elector, left
+        // without it, stops renewing, and another instance can take over once the leases lapse.
+        let _abort_workers = AbortWorkersOnDrop(self.elector.deadline().clone());
         let fault = self.config.fault.clone().unwrap_or_default();
-        {
-            let (renewer, renewals) = Renewer::new(
-                self.renewal.clone(),
-                self.cluster.me.clone(),
-                self.cluster.config.clone(),
-                self.cluster.tenure.clone(),
-                self.metrics.clone(),
-            );
-            self.cluster.renewals = Some(renewals);
-            // On a thread of its own, so no load on the shared runtime delays a renewal.
-            match renewer.spawn_on_own_thread(renewer_stop.clone()) {
-                Ok(finished) => {
-                    self.tracker.spawn(async move {
-                        let _ = finished.await;
-                    });
-                }
-                Err(e) => {
-                    // Without a renewer no lease can be held: end, and let the process exit
-                    // non-zero as for any other end of the supervisor.
-                    tracing::error!(error = %e, "cannot start the lease renewer's thread");
-                    return;
-                }
-            }
-        }
-        if let Err(e) = self.register().await {
-            tracing::warn!(error = %e, "registering this instance failed; the renewals retry");
-        }
         let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+        // The elector answers once it may take leases (a namesake waited out) and has.
         let first = match self.balance().await {
             Ok(()) => self.resync().await,
             Err(e) => Err(e),
@@ -427,11 +342,6 @@ impl Supervisor {
         for timer in [&mut resync, &mut heartbeat] {
             timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         }
-        let mut renewals = self
-            .cluster
-            .renewals
-            .clone()
-            .expect("the renewer was started above");
         loop {
             let result = tokio::select! {
                 biased;
@@ -439,13 +349,16 @@ impl Supervisor {
                 () = fault.cancelled(), if self.config.fault.is_some() => {
                     panic!("fault injected into the supervisor")
                 }
-                Ok(()) = renewals.changed() => {
-                    let renewal = renewals.borrow_and_update().clone();
-                    match renewal {
-                        Some(renewal) => self.on_renewal(renewal).await,
-                        None => Ok(()),
+                changed = self.elector.leases().changed() => match changed {
+                    Ok(()) => self.follow_leases().await,
+                    Err(_) => {
+                        // Its renewer could not start, or it panicked: no lease can be held.
+                        // End, and let the process exit non-zero as for any other end of the
+                        // supervisor.
+                        tracing::error!("the lease elector stopped");
+                        break;
                     }
-                }
+                },
                 Some(signal) = signals.recv() => {
                     let mut batch = vec![signal];
                     while let Ok(s) = signals.try_recv() {
@@ -475,227 +388,84 @@ impl Supervisor {
             }
         }
         self.stop_all().await;
-        renewer_stop.cancel();
     }
 
-    /// A process that ran under this instance id moments ago (a crash, then a restart with
-    /// `--instance-id`) may still look alive, and renewing its leases would run its workers
-    /// twice if it is in fact still running (two hosts given one id): wait until it is seen
-    /// dead, so its leases are claimed again under new epochs.
-    async fn wait_until_instance_id_is_free(&self, shutdown: &CancellationToken) {
-        let mut said = false;
-        loop {
-            let left = match self.control.get().await {
-                Ok(client) => leases::live_for(&**client, &self.cluster.me.id).await,
-                Err(e) => Err(e.into()),
-            };
-            let left = match left {
-                Ok(Some(left)) => left,
-                Ok(None) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot check whether this instance id is in use");
-                    return;
-                }
-            };
-            if !said {
-                said = true;
-                tracing::warn!(
-                    instance = %self.cluster.me.id,
-                    wait_ms = left.as_millis() as u64,
-                    "this instance id was alive moments ago (another process, or this one before a crash): waiting until it is seen dead before taking any lease"
-                );
-            }
-            tokio::select! {
-                () = shutdown.cancelled() => return,
-                () = tokio::time::sleep(left.min(Duration::from_secs(1)) + Duration::from_millis(50)) => {}
-            }
+    /// Has the elector claim those of `ids` that are this instance's to take and free; each
+    /// claim's owner and epoch go to the datasource's state, and its lease is followed from
+    /// now on.
+    async fn claim(&mut self, ids: Vec<Uuid>) -> Result<Vec<Claimed>, Error> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
         }
+        let claimed = self.elector.claim(ids).await?;
+        for c in &claimed {
+            self.leases.held.insert(c.datasource_id, c.epoch);
+            self.env.writer.send(owned_under(c.datasource_id, c.epoch));
+        }
+        Ok(claimed)
     }
 
-    async fn register(&self) -> Result<(), Error> {
-        let client = self.control.get().await?;
-        leases::register(&**client, &self.cluster.me).await
+    /// Balances the leases (the elector claims what is assigned here and free and starts
+    /// giving up what is not), then follows what it published.
+    async fn balance(&mut self) -> Result<(), Error> {
+        self.elector.balance().await?;
+        self.follow_leases().await
     }
 
-    /// A renewal (or a look between renewals) arrived: what it renewed is taken stock of, and
-    /// what it saw of the others may call for a balance.
-    async fn on_renewal(&mut self, renewal: Renewal) -> Result<(), Error> {
-        if renewal.lost {
-            self.cluster.peers.record(true);
-            let lost = self.cluster.held.len();
-            self.cluster.held.clear();
-            self.cluster.draining.clear();
+    /// Brings the workers in line with the leases the elector publishes: the workers of leases
+    /// lost (or claimed again under a new epoch) and of leases being given up stop; leases
+    /// claimed or taken up, and those kept after all, are reconciled, with the events that
+    /// asked for them (a publish of a datasource just claimed), as a resync reads them. Once
+    /// the worker of a lease being given up has stopped and its last records and state are
+    /// written, the elector is told it can release the lease.
+    async fn follow_leases(&mut self) -> Result<(), Error> {
+        let now = self.elector.leases().borrow_and_update().clone();
+        if now.ran_out != self.leases.ran_out {
+            // Every worker was cancelled through the deadline's guard when the leases ran
+            // out, whatever was claimed again since.
             self.failed.clear();
             let ids: Vec<Uuid> = self.workers.keys().copied().collect();
             for id in ids {
-                // Already cancelled through the tenure's guard.
                 self.stop_worker(id);
             }
-            self.metered(|m| {
-                m.lease_moves("lost", lost as u64);
-                m.leases_held(0, self.cluster.live.len());
-            });
-            return Ok(());
+            self.leases.held.clear();
+            self.leases.draining.clear();
         }
-        if renewal.renewed {
-            self.account_for_renewal(&renewal).await?;
-        }
-        // Someone came or went, a lease is free, or leases are being (or still to be) given
-        // up: look again.
-        let mut live = renewal.seen.live.clone();
-        if let Err(at) = live.binary_search(&self.cluster.me.id) {
-            live.insert(at, self.cluster.me.id.clone());
-        }
-        self.cluster.peers.record(live.len() > 1);
-        if live != self.cluster.live
-            || renewal.seen.free > 0
-            || !self.cluster.draining.is_empty()
-            || self.cluster.moves_left
-        {
-            self.balance().await?;
-        }
-        Ok(())
-    }
-
-    /// Leases the renewal did not renew are gone (their workers stop); leases held in the
-    /// database that this map lacks (kept through a brief outage) are taken up again.
-    async fn account_for_renewal(&mut self, renewal: &Renewal) -> Result<(), Error> {
-        let renewed: HashMap<Uuid, i64> = renewal.seen.held.iter().copied().collect();
-        let lost: Vec<Uuid> = self
-            .cluster
+        let gone: Vec<Uuid> = self
+            .leases
             .held
             .iter()
-            .filter(|(id, h)| h.since < renewal.sent && renewed.get(id) != Some(&h.epoch))
+            .filter(|(id, epoch)| now.held.get(id) != Some(epoch))
             .map(|(id, _)| *id)
             .collect();
-        for id in &lost {
-            tracing::warn!(datasource_id = %id, "lease lost: stopping its worker");
-            self.cluster.held.remove(id);
-            self.cluster.draining.remove(id);
-            self.failed.remove(id);
-            self.stop_worker(*id);
-        }
-        let released = &self.cluster.released;
-        let adopted: Vec<(Uuid, i64)> = renewed
-            .iter()
-            .filter(|(id, _)| !self.cluster.held.contains_key(id))
-            .filter(|(id, _)| released.get(id).is_none_or(|at| *at < renewal.sent))
-            .map(|(id, epoch)| (*id, *epoch))
-            .collect();
-        let adopted: Vec<Uuid> = adopted
-            .into_iter()
-            .map(|(id, epoch)| {
-                let since = renewal.sent;
-                self.cluster.held.insert(id, HeldLease { epoch, since });
-                id
-            })
-            .collect();
-        let held = self.cluster.held.len();
-        self.metered(|m| {
-            m.lease_moves("lost", lost.len() as u64);
-            m.leases_held(held, self.cluster.live.len());
-        });
-        if !adopted.is_empty() {
-            self.reconcile(&adopted).await?;
-        }
-        Ok(())
-    }
-
-    /// Claims what is assigned here and free, gives up (a few per tick) what is assigned
-    /// elsewhere once its worker has stopped, and releases the leases of retired datasources.
-    async fn balance(&mut self) -> Result<(), Error> {
-        let result = self.balance_once().await;
-        if result.is_err() {
-            // Forget what it saw, so the next renewal balances again rather than wait for the
-            // periodic resync.
-            self.cluster.live.clear();
-        }
-        result
-    }
-
-    async fn balance_once(&mut self) -> Result<(), Error> {
-        let ttl = self.cluster.config.ttl;
-        self.cluster
-            .released
-            .retain(|_, at| at.elapsed() < ttl.saturating_mul(2));
-        let (mut live, standings) = {
-            let client = self.control.get().await?;
-            (
-                leases::live_instances(&**client).await?,
-                leases::standings(&**client).await?,
-            )
-        };
-        let me = self.cluster.me.id.clone();
-        if let Err(at) = live.binary_search(&me) {
-            live.insert(at, me.clone());
-        }
-        self.cluster.live.clone_from(&live);
-        let ids: Vec<Uuid> = standings.iter().map(|s| s.datasource_id).collect();
-        let owners = lease::assign(&ids, &live, self.cluster.config.slack);
-        let mine = |id: &Uuid| owners.get(id).is_some_and(|o| *o == me);
-        self.cluster.assigned = ids.iter().map(|id| (*id, mine(id))).collect();
-
-        let free: Vec<Uuid> = standings
-            .iter()
-            .filter(|s| s.owner.is_none() && mine(&s.datasource_id))
-            .filter(|s| !self.cluster.held.contains_key(&s.datasource_id))
-            .map(|s| s.datasource_id)
-            .collect();
-        let mut wake: Vec<Uuid> = self
-            .claim(&free)
-            .await?
-            .into_iter()
-            .map(|c| c.datasource_id)
-            .collect();
-
-        // Draining ones assigned back here stay.
-        let back: Vec<Uuid> = self
-            .cluster
-            .draining
-            .keys()
-            .filter(|id| mine(id))
-            .copied()
-            .collect();
-        for id in back {
-            self.cluster.draining.remove(&id);
-            wake.push(id);
-        }
-        let standing: HashSet<Uuid> = ids.iter().copied().collect();
-        let mut leaving: Vec<(Uuid, Option<String>)> = Vec::new();
-        for id in self.cluster.held.keys() {
-            if self.cluster.draining.contains_key(id) {
-                continue;
-            }
-            if !standing.contains(id) {
-                leaving.push((*id, None));
-            } else if let Some(to) = owners.get(id).filter(|o| **o != me) {
-                leaving.push((*id, Some((*to).to_owned())));
-            }
-        }
-        // Retired ones first, then moves in a stable order, a few at a time.
-        leaving.sort_by_key(|(id, to)| (to.is_some(), *id));
-        let room = self
-            .cluster
-            .config
-            .moves_per_tick
-            .saturating_sub(self.cluster.draining.len());
-        let retired = leaving.iter().filter(|(_, to)| to.is_none()).count();
-        let take = retired.max(room);
-        self.cluster.moves_left = leaving.len() > take;
-        leaving.truncate(take);
-        for (id, to) in leaving {
-            self.cluster.draining.insert(id, to);
+        for id in gone {
             self.failed.remove(&id);
             self.stop_worker(id);
         }
-        self.release_drained().await?;
-        let held = self.cluster.held.len();
-        self.metered(|m| m.leases_held(held, self.cluster.live.len()));
+        let mut wake: Vec<Uuid> = Vec::new();
+        for (id, epoch) in &now.held {
+            if self.leases.held.get(id) != Some(epoch) {
+                self.env.writer.send(owned_under(*id, *epoch));
+                if !now.draining.contains_key(id) {
+                    wake.push(*id);
+                }
+            } else if self.leases.draining.contains_key(id) && !now.draining.contains_key(id) {
+                wake.push(*id);
+            }
+        }
+        let mut drained: Vec<(Uuid, u64)> = Vec::new();
+        for (id, number) in &now.draining {
+            if self.leases.draining.get(id) != Some(number) {
+                self.failed.remove(id);
+                self.stop_worker(*id);
+                drained.push((*id, *number));
+            }
+        }
+        self.leases = Leases::clone(&now);
+        self.release_when_stopped(drained);
         if wake.is_empty() {
             return Ok(());
         }
-        // The events that asked for these workers (a publish of a datasource just claimed)
-        // are read with them, as a resync does, and whatever else they name is looked at too.
         let (events, everything) = self.read_outbox().await?;
         if everything {
             return self.resync().await;
@@ -710,86 +480,27 @@ impl Supervisor {
         self.reconcile(&wake).await
     }
 
-    /// Claims the leases of `ids` that are free; returns those claimed. Each claim's owner and
-    /// epoch go to the datasource's state.
-    async fn claim(&mut self, ids: &[Uuid]) -> Result<Vec<leases::Claimed>, Error> {
-        if ids.is_empty() {
-            return Ok(Vec::new());
+    /// Once the workers of `drained` have stopped and their last records and states are
+    /// written, tells the elector their leases can go.
+    fn release_when_stopped(&self, drained: Vec<(Uuid, u64)>) {
+        if drained.is_empty() {
+            return;
         }
-        let sent = Instant::now();
-        let claimed = {
-            let mut client = self.control.get().await?;
-            leases::claim(&mut client, &self.cluster.me.id, ids).await?
-        };
-        if claimed.is_empty() {
-            return Ok(Vec::new());
-        }
-        self.cluster
-            .tenure
-            .claimed(sent, self.cluster.config.safe_for());
-        for c in &claimed {
-            self.cluster.held.insert(
-                c.datasource_id,
-                HeldLease {
-                    epoch: c.epoch,
-                    since: sent,
-                },
-            );
-            self.cluster.released.remove(&c.datasource_id);
-            self.env.writer.send(Transition {
-                datasource_id: c.datasource_id,
-                status: None,
-                running_version: None,
-                error: None,
-                restart_count: None,
-                event: None,
-                epoch: c.epoch,
-            });
-        }
-        self.metered(|m| m.lease_moves("acquired", claimed.len() as u64));
-        Ok(claimed)
-    }
-
-    /// Releases the draining leases whose workers have stopped, after their last records and
-    /// states are written.
-    async fn release_drained(&mut self) -> Result<(), Error> {
-        let done: Vec<(Uuid, Option<String>)> = self
-            .cluster
-            .draining
+        let stopped: Vec<CancellationToken> = drained
             .iter()
-            .filter(|(id, _)| !self.workers.contains_key(id))
-            .filter(|(id, _)| self.stopping.get(id).is_none_or(JoinHandle::is_finished))
-            .map(|(id, to)| (*id, to.clone()))
+            .filter_map(|(id, _)| self.stopping.get(id).map(|s| s.done.clone()))
             .collect();
-        if done.is_empty() {
-            return Ok(());
-        }
-        self.env.sink.flushed().await;
-        self.env.writer.flushed().await;
-        let released = {
-            let mut client = self.control.get().await?;
-            leases::release(&mut client, &self.cluster.me.id, &done, Release::Retired).await?
-        };
-        let now = Instant::now();
-        for (id, _) in &done {
-            self.cluster.draining.remove(id);
-            self.cluster.held.remove(id);
-            self.cluster.released.insert(*id, now);
-        }
-        self.metered(|m| m.lease_moves("released", released.len() as u64));
-        Ok(())
-    }
-
-    /// Shutdown: every worker has stopped; their last states are written, then every lease
-    /// is released and this instance signs off, so the others take over at once.
-    async fn sign_off(&mut self) -> Result<(), Error> {
-        self.env.sink.flushed().await;
-        self.env.writer.flushed().await;
-        let mut client = self.control.get().await?;
-        let released = leases::sign_off(&mut client, &self.cluster.me.id).await?;
-        self.cluster.held.clear();
-        self.metered(|m| m.lease_moves("released", released as u64));
-        Ok(())
+        let sink = self.env.sink.clone();
+        let writer = self.env.writer.clone();
+        let releaser = self.elector.releaser();
+        self.tracker.spawn(async move {
+            for done in stopped {
+                done.cancelled().await;
+            }
+            sink.flushed().await;
+            writer.flushed().await;
+            releaser.release(drained);
+        });
     }
 
     /// Reconciles the datasources the notifications name at once; the outbox is read now
@@ -1007,13 +718,13 @@ impl Supervisor {
         let unheld: Vec<Uuid> = rows
             .iter()
             .map(|r| r.datasource_id)
-            .filter(|id| !self.cluster.held.contains_key(id) && self.cluster.takes(*id))
+            .filter(|id| !self.leases.held.contains_key(id))
             .collect();
         // A lease held before (epoch above 1) may have had a worker elsewhere that saved a
         // source position after the read above: those workers read theirs when they start.
         // The others' positions come with the read.
         let taken_over: HashSet<Uuid> = self
-            .claim(&unheld)
+            .claim(unheld)
             .await?
             .into_iter()
             .filter(|c| c.epoch > 1)
@@ -1023,16 +734,16 @@ impl Supervisor {
         let mut to_build = Vec::new();
         for row in rows {
             let id = row.datasource_id;
-            if !self.cluster.held.contains_key(&id) {
+            if !self.leases.held.contains_key(&id) {
                 // Another instance's, or no one's yet: never touched from here.
                 self.failed.remove(&id);
                 self.stop_worker(id);
                 continue;
             }
-            if self.cluster.draining.contains_key(&id) {
+            if self.leases.draining.contains_key(&id) {
                 continue;
             }
-            let epoch = self.cluster.epoch(&id);
+            let epoch = self.leases.held.get(&id).copied().unwrap_or_default();
             let wanted = (row.status == DatasourceStatus::Active
                 && row.desired == DesiredState::Running)
                 .then_some(row.version)
@@ -1303,13 +1014,15 @@ impl Supervisor {
         let kind = spec.connector.info().name;
         let (tx, rx) = watch::channel(Arc::new(spec));
         // Cancelled with every other worker if the leases run out.
-        let guard = self.cluster.tenure.guard();
+        let guard = self.elector.deadline().guard();
         let cancel = guard.child_token();
         let health = Health::default();
         self.metered(|m| m.worker_started(id, kind, Arc::new(health.clone())));
-        let previous = self.stopping.remove(&id);
-        let check = self.cluster.tenure.check(guard.clone());
-        let join = self.tracker.spawn(worker::run(
+        let previous = self.stopping.remove(&id).map(|s| s.join);
+        let done = CancellationToken::new();
+        let ended = done.clone();
+        let check = self.elector.deadline().check(guard.clone());
+        let run = worker::run(
             rx,
             previous,
             self.env.clone(),
@@ -1317,12 +1030,17 @@ impl Supervisor {
             cancel.clone(),
             guard,
             check,
-        ));
+        );
+        let join = self.tracker.spawn(async move {
+            let _ended = ended.drop_guard();
+            run.await;
+        });
         self.failed.remove(&id);
         self.workers.insert(
             id,
             Worker {
                 key,
+                done,
                 rejected: None,
                 spec: tx,
                 cancel,
@@ -1338,7 +1056,13 @@ impl Supervisor {
         if let Some(worker) = self.workers.remove(&id) {
             self.metered(|m| m.worker_stopped(id));
             worker.cancel.cancel();
-            self.stopping.insert(id, worker.join);
+            self.stopping.insert(
+                id,
+                Stopping {
+                    join: worker.join,
+                    done: worker.done,
+                },
+            );
         }
     }
 
@@ -1347,7 +1071,7 @@ impl Supervisor {
     /// [`HEARTBEATS_PER_STATEMENT`], spread over a [`HEARTBEAT_SPREAD`]th of the period. A
     /// tick that finds the last write still going skips its own.
     async fn heartbeat(&mut self) -> Result<(), Error> {
-        self.stopping.retain(|_, join| !join.is_finished());
+        self.stopping.retain(|_, s| !s.join.is_finished());
         let now_ms = chrono::Utc::now().timestamp_millis();
         let mut beats = Vec::with_capacity(self.workers.len());
         for (id, worker) in &mut self.workers {
@@ -1378,7 +1102,7 @@ impl Supervisor {
             return Ok(());
         }
         let pool = self.control.clone();
-        let me = self.cluster.me.id.clone();
+        let me = self.env.instance.clone();
         let statements = beats.len().div_ceil(HEARTBEATS_PER_STATEMENT).max(1);
         let spacing = self.config.heartbeat_interval / HEARTBEAT_SPREAD / statements as u32;
         self.heartbeats = Some(self.tracker.spawn(async move {
@@ -1407,13 +1131,29 @@ impl Supervisor {
         for id in ids {
             self.stop_worker(id);
         }
-        for (_, join) in self.stopping.drain() {
+        for (_, stopping) in self.stopping.drain() {
             // Each worker bounds its own stop by the deadline, then aborts its run.
-            let _ = join.await;
+            let _ = stopping.join.await;
         }
-        if let Err(e) = self.sign_off().await {
+        // Their last records and states are written before the leases go.
+        self.env.sink.flushed().await;
+        self.env.writer.flushed().await;
+        if let Err(e) = self.elector.sign_off().await {
             tracing::warn!(error = %e, "releasing the leases failed; they expire on their own");
         }
+    }
+}
+
+/// This instance owns the datasource under `epoch` now: its state says so.
+fn owned_under(id: Uuid, epoch: i64) -> Transition {
+    Transition {
+        datasource_id: id,
+        status: None,
+        running_version: None,
+        error: None,
+        restart_count: None,
+        event: None,
+        epoch,
     }
 }
 

@@ -2,7 +2,8 @@
 //! datasource runs on exactly one of them, a killed or frozen instance's datasources move to
 //! the others within the lease time, a frozen one's late writes are refused by their epoch, a
 //! joining instance takes its share without restarting anything else, and lifecycle calls
-//! work through any instance.
+//! work through any instance. The lease elector is also driven on its own, as the supervisor
+//! drives it.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -14,8 +15,11 @@ use dsreg::api::grpc::pb::registry_client::RegistryClient;
 use dsreg::db::repository::leases::{self, InstanceInfo};
 use dsreg::db::repository::records::{self, SinkColumns};
 use dsreg::db::repository::state::{self, Heartbeat, Transition, Writer};
+use dsreg::supervisor::elector::Elector;
+use dsreg::supervisor::lease::{LeaseConfig, PeerPresence};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::helpers::cluster::{
@@ -851,4 +855,111 @@ async fn a_claim_skips_a_datasource_a_publish_in_progress_holds() {
         claimed.iter().map(|c| c.datasource_id).collect::<Vec<_>>(),
         vec![held.id]
     );
+}
+
+/// The elector on its own, driven as the supervisor drives it: alone, it claims every
+/// datasource; once another instance is live it publishes that one's share as draining and
+/// keeps holding it until told the workers stopped, then releases it; after shutdown it
+/// takes nothing, and signing off releases the rest and ends it.
+#[tokio::test]
+async fn the_elector_claims_releases_a_drain_only_once_its_workers_stopped_and_signs_off() {
+    let db = TestDb::new().await;
+    let mut ids = HashSet::new();
+    for i in 0..8 {
+        ids.insert(db.datasource(&format!("elected-{i}")).await.id);
+    }
+    let config = LeaseConfig {
+        ttl: Duration::from_secs(4),
+        moves_per_tick: 100,
+        slack: 1.0,
+    };
+    let peers = PeerPresence::default();
+    let (elector, mut handle) = Elector::new(
+        named("a"),
+        config,
+        db.pool.clone(),
+        db.pool.clone(),
+        None,
+        peers.clone(),
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(elector.run(shutdown.clone()));
+
+    // Its first renewal makes it live, and a balance follows every renewal that finds a lease
+    // free.
+    handle.balance().await.unwrap();
+    let alone = wait_for("every lease claimed", Duration::from_secs(60), || {
+        let leases = handle.leases().borrow().clone();
+        let all = leases.held.keys().copied().collect::<HashSet<_>>() == ids;
+        async move { all.then_some(leases) }
+    })
+    .await;
+    assert!(alone.draining.is_empty());
+    assert!(!peers.others_may_be_live());
+    let again: Vec<Uuid> = ids.iter().copied().collect();
+    assert!(
+        handle.claim(again).await.unwrap().is_empty(),
+        "what it holds is not claimed again"
+    );
+
+    // Another instance is live: its share is given up once its workers have stopped.
+    let b = named("b");
+    leases::renew(&**db.client().await, &b, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let draining = wait_for("b's share draining", Duration::from_secs(60), || {
+        let leases = handle.leases().borrow().clone();
+        async move { (!leases.draining.is_empty()).then(|| leases.draining.clone()) }
+    })
+    .await;
+    assert!(peers.others_may_be_live());
+    assert!(draining.len() < ids.len(), "{draining:?}");
+    let owned = owners(&db).await;
+    assert!(
+        draining
+            .keys()
+            .all(|id| owned.get(id).map(String::as_str) == Some("a")),
+        "a lease being given up is held until its worker has stopped: {owned:?}"
+    );
+    handle
+        .releaser()
+        .release(draining.iter().map(|(id, n)| (*id, *n)).collect());
+    let kept = wait_for(
+        "the drained leases released",
+        Duration::from_secs(60),
+        || {
+            let leases = handle.leases().borrow().clone();
+            async move { leases.draining.is_empty().then_some(leases) }
+        },
+    )
+    .await;
+    assert_eq!(kept.held.len() + draining.len(), ids.len());
+    let owned = owners(&db).await;
+    assert!(
+        draining.keys().all(|id| !owned.contains_key(id)),
+        "{owned:?}"
+    );
+    assert!(
+        kept.held
+            .keys()
+            .all(|id| owned.get(id).map(String::as_str) == Some("a"))
+    );
+
+    // After shutdown it takes nothing, even alone again; the sign-off releases everything
+    // and ends it.
+    shutdown.cancel();
+    let mut client = db.client().await;
+    leases::sign_off(&mut client, "b").await.unwrap();
+    handle.balance().await.unwrap();
+    let owned = owners(&db).await;
+    assert!(
+        draining.keys().all(|id| !owned.contains_key(id)),
+        "no lease is taken after shutdown: {owned:?}"
+    );
+    handle.sign_off().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the elector ends once signed off")
+        .unwrap();
+    assert!(owners(&db).await.is_empty());
 }
