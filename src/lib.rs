@@ -9,7 +9,8 @@
 //! - [`files`]: datasources from YAML files (import, a watched folder, export), written through
 //!   the same repositories and checks as the API.
 //! - [`harness`]: a connector and transform run on samples, for `dsreg test`.
-//! - [`supervisor`]: reconcile, workers, backoff, the batched state writer, lifecycle ops.
+//! - [`supervisor`]: reconcile, workers, backoff, the batched state writer, lifecycle ops, the
+//!   lease elector and the lease renewer.
 //! - [`outbox`]: the LISTEN connection and the outbox reader that never skips an event
 //!   committed out of order.
 //! - [`connectors`]: the connector trait, the catalog, built-in kinds, sinks.

@@ -145,7 +145,8 @@ impl ElectorHandle {
 #[derive(Debug, Clone, Copy)]
 struct HeldLease {
     epoch: i64,
-    /// When it was claimed or first seen renewed: a renewal sent earlier need not list it.
+    /// When its claim was known to be committed, or when a renewal first listed it: a renewal
+    /// sent earlier need not list it.
     since: Instant,
 }
 
@@ -568,13 +569,17 @@ impl Elector {
         if claimed.is_empty() {
             return Ok(Vec::new());
         }
+        // Covered from when the claim was sent (the earlier, safe side); but only a renewal
+        // sent after its commit surely sees it, so one sent while the claim ran (a claim of
+        // thousands can take seconds) does not count it lost.
         self.deadline.claimed(sent, self.config.safe_for());
+        let committed = Instant::now();
         for c in &claimed {
             self.held.insert(
                 c.datasource_id,
                 HeldLease {
                     epoch: c.epoch,
-                    since: sent,
+                    since: committed,
                 },
             );
             self.released.remove(&c.datasource_id);

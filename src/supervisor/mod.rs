@@ -158,6 +158,7 @@ struct Stopping {
     done: CancellationToken,
 }
 
+/// A worker this supervisor started and has not stopped.
 struct Worker {
     key: SpecKey,
     /// Cancelled when its task has ended.
