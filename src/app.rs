@@ -32,7 +32,7 @@ use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
 use crate::backoff::BackoffPolicy;
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
-use crate::connectors::sink::{Sink, Target};
+use crate::connectors::sink::{ShutdownDrain, Sink, Target};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
 use crate::files::{WatchConfig, Watcher};
@@ -430,13 +430,16 @@ impl App {
             shutdown.child_token(),
         ));
         let sink_target = self.sink_target.clone();
-        let (sink, mut sink_writer) = Sink::new(
+        let (sink, sink_writer) = Sink::new(
             self.pool.clone(),
             self.sink_target,
             self.instance_id.clone(),
             Some(self.metrics.clone()),
+            Some(ShutdownDrain {
+                shutdown: shutdown.clone(),
+                grace,
+            }),
         );
-        sink_writer.drain_within(shutdown.clone(), grace);
         let sink_status = sink.status();
         let ingress = Ingress::default();
         let env = WorkerEnv {

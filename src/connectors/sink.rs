@@ -484,7 +484,7 @@ pub struct SinkWriter {
     lanes: HashMap<Uuid, Lane>,
     markers: Vec<(u64, oneshot::Sender<()>)>,
     next_seq: u64,
-    drain: Option<(CancellationToken, Duration)>,
+    drain: Option<ShutdownDrain>,
     retry: RetryPolicy,
     /// While draining at shutdown: no attempt runs past this.
     deadline: Option<Instant>,
@@ -555,17 +555,29 @@ enum Slot {
     Dead(usize),
 }
 
+/// How long the writer's final drain may take: what remains of `grace` from when `shutdown`
+/// fires.
+#[derive(Debug, Clone)]
+pub struct ShutdownDrain {
+    /// The process's shutdown, which starts the grace period.
+    pub shutdown: CancellationToken,
+    /// The shutdown grace period.
+    pub grace: Duration,
+}
+
 impl Sink {
     /// A sink writing to `target` (dead letters always go to `pool`'s database) on behalf of
     /// `instance`'s workers, and the writer that must run for it to drain. Every batch is
     /// fenced by its worker's lease: what an instance writes for a datasource it no longer
     /// holds, or under an old epoch, is refused. Refused (fenced) records, failures, waiting
-    /// and lost records are counted in `metrics`.
+    /// and lost records are counted in `metrics`. The final drain after the writer's stop
+    /// token is bounded by `drain` (by a short default without one).
     pub fn new(
         pool: Pool,
         target: Target,
         instance: String,
         metrics: Option<crate::telemetry::metrics::Metrics>,
+        drain: Option<ShutdownDrain>,
     ) -> (Self, SinkWriter) {
         let (tx, rx) = mpsc::channel(QUEUE);
         let status = SinkStatus::default();
@@ -584,7 +596,7 @@ impl Sink {
                 lanes: HashMap::new(),
                 markers: Vec::new(),
                 next_seq: 0,
-                drain: None,
+                drain,
                 retry: RetryPolicy::default(),
                 deadline: None,
             },
@@ -634,23 +646,17 @@ impl SinkWriter {
         self.retry = policy;
     }
 
-    /// The final drain after `run`'s stop token gets what remains of `grace` from when
-    /// `shutdown` fires.
-    pub fn drain_within(&mut self, shutdown: CancellationToken, grace: Duration) {
-        self.drain = Some((shutdown, grace));
-    }
-
     /// Flushes queued records until `stop`, then drains: every waiting datasource gets one
     /// more attempt within the shutdown grace, and what cannot be stored is reported.
     pub async fn run(mut self, stop: CancellationToken) {
-        let shutdown = self.drain.as_ref().map(|(s, _)| s.clone());
+        let shutdown = self.drain.as_ref().map(|d| d.shutdown.clone());
         let mut drain_by: Option<Instant> = None;
         loop {
             if stop.is_cancelled() {
                 break;
             }
             if drain_by.is_none() && shutdown.as_ref().is_some_and(|s| s.is_cancelled()) {
-                let grace = self.drain.as_ref().map_or(DEFAULT_DRAIN, |(_, g)| *g);
+                let grace = self.drain.as_ref().map_or(DEFAULT_DRAIN, |d| d.grace);
                 drain_by = Some(Instant::now() + grace.mul_f64(0.9));
             }
             self.settle_markers();

@@ -164,7 +164,13 @@ fn generated_configs_never_panic_validation_the_stall_limit_or_a_run() {
         .unwrap();
     let db = runtime.block_on(TestDb::new());
     let url = runtime.block_on(serve_records());
-    let (sink, writer) = Sink::new(db.pool.clone(), Target::Postgres, "bounds".into(), None);
+    let (sink, writer) = Sink::new(
+        db.pool.clone(),
+        Target::Postgres,
+        "bounds".into(),
+        None,
+        None,
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     runtime.spawn(writer.run(stop.clone()));
     let catalog = Catalog::builtin();

@@ -593,7 +593,7 @@ fn sink_on(
     tokio::task::JoinHandle<()>,
 ) {
     let (sink, mut writer) =
-        dsreg::connectors::sink::Sink::new(db.pool.clone(), target, "sink-test".into(), None);
+        dsreg::connectors::sink::Sink::new(db.pool.clone(), target, "sink-test".into(), None, None);
     writer.retry_with(retry);
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(writer.run(stop.clone()));
