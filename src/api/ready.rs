@@ -49,6 +49,11 @@ pub struct Readiness {
     pub fatal: Arc<Fatal>,
     /// What holds the outbox back (warnings, not failures).
     pub pressure: Arc<crate::outbox::pressure::PressureState>,
+    /// The runtime the database probe runs on, where [`Self::pool`] is used (the health
+    /// checks' own thread, [`crate::own_thread`]): a shared runtime too busy to poll the
+    /// answer in time does not make a database that answered look unready. `None`: the
+    /// caller's.
+    pub probe_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Readiness {
@@ -57,7 +62,16 @@ impl Readiness {
     /// # Errors
     /// The reason, for `/readyz` and the log.
     pub async fn check(&self) -> Result<(), String> {
-        let result = self.probe().await;
+        let result = match &self.probe_runtime {
+            Some(runtime) => {
+                let readiness = self.clone();
+                runtime
+                    .spawn(async move { readiness.probe().await })
+                    .await
+                    .unwrap_or_else(|_| Err("the health checks stopped".to_owned()))
+            }
+            None => self.probe().await,
+        };
         self.gauge.set(i64::from(result.is_ok()));
         result
     }
@@ -114,6 +128,7 @@ mod tests {
             gauge: Default::default(),
             fatal: Arc::default(),
             pressure: Arc::default(),
+            probe_runtime: None,
         };
         assert!(readiness.check().await.unwrap_err().contains("database"));
         readiness

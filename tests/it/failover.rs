@@ -303,7 +303,34 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
         "touched running (read from the outbox)",
     )
     .await;
-    // The highest id the registry has seen: the standby's sequence never got this far.
+    // Ids the registry's reader never returns: a transaction takes a wake event's id and
+    // stays open while two hundred later ids go to worker events (not read by the reader,
+    // served to any client listing events), then commits; the reader's next read returns an
+    // id below them all. Only how far the sequence went says they were taken.
+    let mut holder = client(&with_db(&primary.cluster, &db.name)).await;
+    let held = holder.transaction().await.unwrap();
+    held.batch_execute(&format!(
+        "INSERT INTO datasource_events (datasource_id, type) VALUES ('{}', 'reload_requested')",
+        touched.id
+    ))
+    .await
+    .unwrap();
+    client(&with_db(&primary.cluster, &db.name))
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO datasource_events (datasource_id, type)
+             SELECT '{}', 'worker_running' FROM generate_series(1, 200)",
+            touched.id
+        ))
+        .await
+        .unwrap();
+    let reads = counter(&metrics(&app).await, "dsreg_outbox_rows_read_total");
+    held.commit().await.unwrap();
+    wait_for("the outbox read of the held event", WAIT, || async {
+        (counter(&metrics(&app).await, "dsreg_outbox_rows_read_total") > reads).then_some(())
+    })
+    .await;
+    // The highest id a client may have seen: the standby's sequence never got this far.
     let seen_before: i64 = db
         .events(touched.id)
         .await

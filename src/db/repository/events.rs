@@ -329,6 +329,10 @@ pub async fn anchor(client: &impl GenericClient) -> Result<Anchor, Error> {
 /// Columns `system_identifier` and `timeline` naming the server (see [`ServerIdentity`]);
 /// `pg_current_wal_lsn()` fails during recovery and `pg_control_system()` where it was revoked,
 /// hence the guards.
+/// The newest event id taken on this server (0 when none), as an SQL expression.
+const IDS_TAKEN: &str =
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq)";
+
 const IDENTITY: &str =
     "CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
           THEN (pg_control_system()).system_identifier END AS system_identifier,
@@ -352,6 +356,9 @@ pub struct SafePage {
     pub horizon: i64,
     /// The server that answered.
     pub server: ServerIdentity,
+    /// The newest event id taken on that server when the page was read (by any writer, read
+    /// by this reader or not).
+    pub ids_taken: i64,
 }
 
 /// Reads committed events written by transactions at or after `horizon`, with ids greater
@@ -375,7 +382,8 @@ pub async fn read_safe(
     let rows = client
         .query_typed(
             &format!(
-                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon, {IDENTITY})
+                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
+                                      {IDS_TAKEN} AS ids_taken, {IDENTITY})
                  SELECT snap.*, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {COLUMNS} FROM datasource_events
                      WHERE ((xid >= $1::text::xid8 AND xid < $5::text::xid8)
@@ -400,6 +408,7 @@ pub async fn read_safe(
         ));
     };
     let horizon = first.get::<_, i64>("horizon");
+    let ids_taken = first.get::<_, i64>("ids_taken");
     let server = identity_of(first);
     let events = rows
         .iter()
@@ -410,6 +419,7 @@ pub async fn read_safe(
         events,
         horizon,
         server,
+        ids_taken,
     })
 }
 
@@ -467,10 +477,7 @@ pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), 
 /// The query failed.
 pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
     let row = client
-        .query_typed_one(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq",
-            &[],
-        )
+        .query_typed_one(&format!("SELECT {IDS_TAKEN}"), &[])
         .await?;
     Ok(row.get(0))
 }
@@ -483,9 +490,9 @@ pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
 pub async fn advance_ids_past(client: &impl GenericClient, id: i64) -> Result<bool, Error> {
     let moved = client
         .query_typed(
-            "SELECT setval('datasource_events_id_seq', $1::bigint)
-             WHERE $1::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
-                                 FROM datasource_events_id_seq)",
+            &format!(
+                "SELECT setval('datasource_events_id_seq', $1::bigint) WHERE $1::bigint > {IDS_TAKEN}"
+            ),
             &typed::params(&[&id]),
         )
         .await?;
