@@ -963,3 +963,102 @@ async fn the_elector_claims_releases_a_drain_only_once_its_workers_stopped_and_s
         .unwrap();
     assert!(owners(&db).await.is_empty());
 }
+
+/// A renewal sent while a claim was still running does not see the leases being claimed: the
+/// elector does not count them lost when it takes stock of that renewal after the claim.
+#[tokio::test]
+async fn a_renewal_sent_while_a_claim_runs_does_not_count_the_claimed_leases_lost() {
+    let db = TestDb::new().await;
+    let free = db.datasource("free").await.id;
+    let orphan = db.datasource("orphan").await.id;
+    // The orphan's lease belongs to an instance that has died: claimable, under a lock.
+    let mut client = db.client().await;
+    leases::renew(&**client, &named("gone"), Duration::from_secs(60))
+        .await
+        .unwrap();
+    leases::claim(&mut client, "gone", &[orphan]).await.unwrap();
+    client
+        .execute(
+            "UPDATE dsreg_instances SET leases_until = now() - interval '1 second' WHERE id = 'gone'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let mut locker = db.client().await;
+    let lock = locker.transaction().await.unwrap();
+    lock.execute(
+        "SELECT 1 FROM datasource_leases WHERE datasource_id = $1 FOR UPDATE",
+        &[&orphan],
+    )
+    .await
+    .unwrap();
+
+    let metrics = dsreg::telemetry::metrics::Metrics::new(Vec::new());
+    let config = LeaseConfig {
+        ttl: Duration::from_secs(4),
+        moves_per_tick: 100,
+        slack: 1.0,
+    };
+    let (elector, mut handle) = Elector::new(
+        named("a"),
+        config,
+        db.pool.clone(),
+        db.pool.clone(),
+        Some(metrics.clone()),
+        PeerPresence::default(),
+    );
+    let shutdown = CancellationToken::new();
+    let run = tokio::spawn(elector.run(shutdown.clone()));
+
+    // The claim of both waits on the orphan's lock; a renewal runs meanwhile.
+    wait_for(
+        "the claim waiting on the lock",
+        Duration::from_secs(60),
+        || async {
+            let waiting: i64 = client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE '%INSERT INTO datasource_leases%'",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            (waiting > 0).then_some(())
+        },
+    )
+    .await;
+    let before = leases_until(&client, "a").await;
+    wait_for(
+        "a renewal during the claim",
+        Duration::from_secs(60),
+        || async { (leases_until(&client, "a").await > before).then_some(()) },
+    )
+    .await;
+    lock.commit().await.unwrap();
+    wait_for("both leases claimed", Duration::from_secs(60), || {
+        let leases = handle.leases().borrow().clone();
+        async move { (leases.held.len() == 2).then_some(()) }
+    })
+    .await;
+    // Answered after every renewal that arrived before it was taken stock of.
+    handle.balance().await.unwrap();
+
+    let held = handle.leases().borrow().clone();
+    assert!(
+        held.held.contains_key(&free) && held.held.contains_key(&orphan),
+        "{held:?}"
+    );
+    let text = metrics.encode().unwrap();
+    let lost = text
+        .lines()
+        .find(|l| l.starts_with("dsreg_lease_moves_total{kind=\"lost\"}"));
+    assert!(
+        lost.is_none_or(|l| l.ends_with(" 0")),
+        "no lease was counted lost: {lost:?}"
+    );
+    shutdown.cancel();
+    handle.sign_off().await.unwrap();
+    run.await.unwrap();
+}
