@@ -34,7 +34,7 @@ use crate::api::tls::{ALPN_H2, ALPN_HTTP1, ServerTls, TlsFiles};
 use crate::backoff::BackoffPolicy;
 use crate::config::{Settings, SyncSettings};
 use crate::connectors::Catalog;
-use crate::connectors::sink::{ShutdownDrain, Sink, Target};
+use crate::connectors::sink::{ShutdownDrain, Sink, Target, WriterOptions};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
 use crate::files::{WatchConfig, Watcher};
@@ -450,10 +450,13 @@ impl App {
             self.sink_target,
             self.instance_id.clone(),
             Some(self.metrics.clone()),
-            Some(ShutdownDrain {
-                shutdown: shutdown.clone(),
-                grace,
-            }),
+            WriterOptions {
+                drain: Some(ShutdownDrain {
+                    shutdown: shutdown.clone(),
+                    grace,
+                }),
+                ..WriterOptions::default()
+            },
         );
         let sink_status = sink.status();
         let ingress = Ingress::default();

@@ -565,20 +565,30 @@ pub struct ShutdownDrain {
     pub grace: Duration,
 }
 
+/// How a sink's writer retries and drains, given at construction.
+#[derive(Debug, Clone, Default)]
+pub struct WriterOptions {
+    /// Bounds the final drain after the writer's stop token (a short default without one).
+    pub drain: Option<ShutdownDrain>,
+    /// How a datasource whose flush failed is retried.
+    pub retry: RetryPolicy,
+}
+
 impl Sink {
     /// A sink writing to `target` (dead letters always go to `pool`'s database) on behalf of
     /// `instance`'s workers, and the writer that must run for it to drain. Every batch is
     /// fenced by its worker's lease: what an instance writes for a datasource it no longer
     /// holds, or under an old epoch, is refused. Refused (fenced) records, failures, waiting
-    /// and lost records are counted in `metrics`. The final drain after the writer's stop
-    /// token is bounded by `drain` (by a short default without one).
+    /// and lost records are counted in `metrics`. The writer retries and drains as `options`
+    /// say.
     pub fn new(
         pool: Pool,
         target: Target,
         instance: String,
         metrics: Option<crate::telemetry::metrics::Metrics>,
-        drain: Option<ShutdownDrain>,
+        options: WriterOptions,
     ) -> (Self, SinkWriter) {
+        let WriterOptions { drain, retry } = options;
         let (tx, rx) = mpsc::channel(QUEUE);
         let status = SinkStatus::default();
         (
@@ -597,7 +607,7 @@ impl Sink {
                 markers: Vec::new(),
                 next_seq: 0,
                 drain,
-                retry: RetryPolicy::default(),
+                retry,
                 deadline: None,
             },
         )
@@ -641,11 +651,6 @@ impl Sink {
 }
 
 impl SinkWriter {
-    /// Retries failed datasources under `policy` instead of the default.
-    pub fn retry_with(&mut self, policy: RetryPolicy) {
-        self.retry = policy;
-    }
-
     /// Flushes queued records until `stop`, then drains: every waiting datasource gets one
     /// more attempt within the shutdown grace, and what cannot be stored is reported.
     pub async fn run(mut self, stop: CancellationToken) {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dsreg::connectors::sink::{Sink, Target};
+use dsreg::connectors::sink::{Sink, Target, WriterOptions};
 use dsreg::connectors::webhook::Ingress;
 use dsreg::connectors::{Catalog, CursorDb, CursorStore, Health, RunContext};
 use dsreg::secrets::SecretString;
@@ -169,7 +169,7 @@ fn generated_configs_never_panic_validation_the_stall_limit_or_a_run() {
         Target::Postgres,
         "bounds".into(),
         None,
-        None,
+        WriterOptions::default(),
     );
     let stop = tokio_util::sync::CancellationToken::new();
     runtime.spawn(writer.run(stop.clone()));

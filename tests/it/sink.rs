@@ -592,9 +592,14 @@ fn sink_on(
     tokio_util::sync::CancellationToken,
     tokio::task::JoinHandle<()>,
 ) {
-    let (sink, mut writer) =
-        dsreg::connectors::sink::Sink::new(db.pool.clone(), target, "sink-test".into(), None, None);
-    writer.retry_with(retry);
+    let options = dsreg::connectors::sink::WriterOptions { drain: None, retry };
+    let (sink, writer) = dsreg::connectors::sink::Sink::new(
+        db.pool.clone(),
+        target,
+        "sink-test".into(),
+        None,
+        options,
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let task = tokio::spawn(writer.run(stop.clone()));
     (sink, stop, task)
