@@ -13,6 +13,7 @@ mod dead_letters;
 mod dead_peers;
 mod deploy;
 mod edge_tls;
+mod event_feed;
 mod exfiltration;
 mod failover;
 mod files;
