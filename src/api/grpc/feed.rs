@@ -17,6 +17,11 @@
 //! cursor are in the table for good (it reads them there) and every later one reaches its
 //! receiver. A stream that falls behind the broadcast buffer joins again the same way.
 //!
+//! Another history of the database (a promoted standby that lost commits, a restore) may
+//! hand out again ids the feed already passed; when the server answering changes, the
+//! follower moves the id sequence past its cursor (never backwards; the outbox reader does
+//! the same for the ids it knew), so the next events get ids the streams have not seen.
+//!
 //! The follower stops with the server's shutdown token.
 
 use std::sync::{Arc, Mutex, PoisonError};
@@ -199,6 +204,8 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         ..EventFilter::default()
     };
     let mut cursor: Option<i64> = None;
+    // The server (and its history) the cursor's ids come from.
+    let mut server: Option<events::ServerIdentity> = None;
     // A read that saw ids up to `.0`, waiting for every transaction below its xid bound `.1`.
     let mut pending: Option<(i64, i64)> = None;
     let mut settle_wait = SETTLE_FIRST;
@@ -234,6 +241,27 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         else {
             return;
         };
+        if server.as_ref().is_some_and(|known| *known != page.server) {
+            tracing::info!(
+                from = %server.as_ref().map(ToString::to_string).unwrap_or_default(),
+                to = %page.server,
+                cursor = start,
+                "the event feed reads another history of the database; moving event ids past its cursor"
+            );
+            let advanced = async {
+                let client = pool.get().await.map_err(crate::db::Error::from)?;
+                events::advance_ids_past(&**client, start).await
+            };
+            // A server that refuses (a read-only one) leaves the ids as they are; the feed
+            // goes on.
+            if let Err(e) = advanced.await {
+                tracing::warn!(error = %e, "the event feed could not move event ids past its cursor");
+            }
+            server = Some(page.server);
+            pending = None;
+            continue;
+        }
+        server = Some(page.server);
         let last = page.events.last().map(|e| e.event.id);
         let full = page.events.len() as i64 >= filter.limit;
         // One server's bound does not go back; when it does, another history answers (a

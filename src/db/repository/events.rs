@@ -190,6 +190,8 @@ pub struct ScopedPage {
     /// Every transaction that had an xid when the page was read has one below this
     /// ([`SNAPSHOT_BOUNDS`]).
     pub xid_bound: i64,
+    /// The server, and the history of it, that answered.
+    pub server: ServerIdentity,
 }
 
 /// [`list`] with each event's tenant.
@@ -204,7 +206,7 @@ pub async fn list_scoped(
         .query_typed(
             &format!(
                 "WITH snap AS ({SNAPSHOT_BOUNDS})
-                 SELECT snap.snap_xmin, snap.xid_bound, e.* FROM snap LEFT JOIN LATERAL (
+                 SELECT snap.snap_xmin, snap.xid_bound, {IDENTITY}, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {EV_COLUMNS}, d.org AS ds_org, d.project AS ds_project
                      FROM datasource_events ev LEFT JOIN datasources d ON d.id = ev.datasource_id
                      WHERE ($1::uuid IS NULL OR ev.datasource_id = $1)
@@ -233,9 +235,13 @@ pub async fn list_scoped(
             ]),
         )
         .await?;
-    let (xmin, xid_bound) = rows
-        .first()
-        .map_or((0, 0), |r| (r.get("snap_xmin"), r.get("xid_bound")));
+    let Some(first) = rows.first() else {
+        return Err(Error::Unavailable(
+            "the history query returned no snapshot row".to_owned(),
+        ));
+    };
+    let (xmin, xid_bound) = (first.get("snap_xmin"), first.get("xid_bound"));
+    let server = identity_of(first);
     let events = rows
         .iter()
         .filter(|r| r.get::<_, Option<i64>>("id").is_some())
@@ -249,6 +255,7 @@ pub async fn list_scoped(
         events,
         xmin,
         xid_bound,
+        server,
     })
 }
 
