@@ -28,6 +28,7 @@ pub mod json;
 pub mod keys;
 pub mod lifecycle;
 pub mod output;
+pub mod positions;
 pub mod progress;
 pub mod secrets;
 pub mod table;
