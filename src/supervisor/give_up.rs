@@ -75,6 +75,7 @@ impl GiveUp {
                 version: None,
                 payload: json!({
                     "reason": reason,
+                    "instance": self.instance,
                     "failing_since": g.failing_since,
                     "give_up_after_secs": after_secs,
                     "worker_status": g.worker_status.as_str(),

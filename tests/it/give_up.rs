@@ -1,7 +1,8 @@
 //! The give-up policy against a real failing source: an `http_poll` worker whose local server
 //! answers 500 is disabled once it has failed for the give-up time, with an `auto_disabled`
 //! event and audit row saying why; a healthy datasource beside it is untouched; enabling it
-//! again restarts it and its failure clock.
+//! again restarts it and its failure clock. With two `dsreg serve` processes sharing the
+//! database, each datasource is disabled by the instance holding its lease.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -13,7 +14,7 @@ use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
 use dsreg::domain::WorkerStatus;
 use serde_json::json;
 
-use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
+use crate::helpers::{ServeProcess, TestApp, TestDb, test_settings, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -212,5 +213,119 @@ async fn with_the_policy_off_a_failing_datasource_keeps_its_clock_and_stays_acti
     let (status, _, clock) = status_and_clock(&db, failing).await;
     assert_eq!(status, "active");
     assert_eq!(clock, since, "the clock runs from the first failure");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn of_two_instances_only_the_lease_holder_disables_a_failing_datasource() {
+    let db = TestDb::new().await;
+    let source = Arc::new(Source::default());
+    source.status.store(500, Ordering::SeqCst);
+    let url = serve_source(source.clone()).await;
+    let mut failing = Vec::new();
+    for i in 0..6 {
+        let id = db
+            .datasource_of(&format!("failing-{i}"), "http_poll")
+            .await
+            .id;
+        let v = db
+            .version(
+                id,
+                json!({ "url": url, "interval_ms": 100, "max_retries": 0 }),
+            )
+            .await;
+        db.publish_sql(id, v).await;
+        failing.push(id);
+    }
+    let env = |name: &'static str| {
+        [
+            ("DSREG_INSTANCE_ID", name),
+            ("DSREG_GIVE_UP_AFTER_SECS", "2"),
+            ("DSREG_LEASE_TTL_MS", "3000"),
+            ("DSREG_POOL_SIZE", "4"),
+            ("DSREG_BACKOFF_BASE_MS", "20"),
+            ("DSREG_BACKOFF_MAX_MS", "1000"),
+        ]
+    };
+    let a = ServeProcess::start(&db.url, &env("giver-a")).await;
+    let b = ServeProcess::start(&db.url, &env("giver-b")).await;
+
+    for id in &failing {
+        wait_for("every failing datasource disabled", WAIT, || async {
+            let now = status_and_clock(&db, *id).await;
+            (now.0 == "disabled" && now.1 == "stopped").then_some(())
+        })
+        .await;
+    }
+    for id in &failing {
+        let events = db.events(*id).await;
+        let autos: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == "auto_disabled")
+            .collect();
+        assert_eq!(autos.len(), 1, "{id}: disabled once");
+        // The instance that stopped the worker owned it; the one that disabled it is that one.
+        let owner = db.state(*id).await.owner_instance;
+        assert_eq!(
+            autos[0].payload["instance"].as_str(),
+            owner.as_deref(),
+            "{id}: disabled by its lease holder"
+        );
+    }
+    drop((a, b));
+}
+
+#[tokio::test]
+async fn a_sweep_acts_only_on_the_datasources_whose_lease_its_instance_holds() {
+    // A registry with the policy off owns a datasource that has failed for over a second.
+    let db = TestDb::new().await;
+    let source = Arc::new(Source::default());
+    source.status.store(500, Ordering::SeqCst);
+    let url = serve_source(source.clone()).await;
+    let mut settings = test_settings(&db.url);
+    settings.instance_id = Some("holder".into());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let failing = db.datasource_of("failing", "http_poll").await.id;
+    let v = db
+        .version(
+            failing,
+            json!({ "url": url, "interval_ms": 100, "max_retries": 0 }),
+        )
+        .await;
+    db.publish_sql(failing, v).await;
+    let since = wait_for("the failure clock set", WAIT, || async {
+        status_and_clock(&db, failing).await.2
+    })
+    .await;
+    let after = Duration::from_secs(1);
+    wait_for(
+        "a second of failure, by the database's clock",
+        WAIT,
+        || async {
+            let now: chrono::DateTime<chrono::Utc> = db
+                .client()
+                .await
+                .query_one("SELECT now()", &[])
+                .await
+                .unwrap()
+                .get(0);
+            (now - since > chrono::Duration::from_std(after).unwrap()).then_some(())
+        },
+    )
+    .await;
+
+    // Another instance's sweep (live or not) leaves it; the holder's disables it.
+    let other = dsreg::supervisor::give_up::GiveUp::new(db.pool.clone(), "bystander", after);
+    assert!(other.sweep().await.unwrap().is_empty());
+    assert_eq!(status_and_clock(&db, failing).await.0, "active");
+    let holder = dsreg::supervisor::give_up::GiveUp::new(db.pool.clone(), "holder", after);
+    let given_up = holder.sweep().await.unwrap();
+    assert_eq!(
+        given_up.iter().map(|g| g.datasource_id).collect::<Vec<_>>(),
+        [failing]
+    );
+    assert_eq!(given_up[0].failing_since, since);
+    assert_eq!(status_and_clock(&db, failing).await.0, "disabled");
+    assert!(holder.sweep().await.unwrap().is_empty(), "given up once");
     app.stop().await.unwrap();
 }
