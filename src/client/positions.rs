@@ -171,3 +171,20 @@ impl ToJson for pb::SourcePosition {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_help_gives_every_kinds_position_format() {
+        let help = formats();
+        for info in Catalog::builtin().kinds() {
+            assert!(help.contains(&format!("\n  {}: ", info.name)), "{help}");
+        }
+        for field in ["etag", "cursor", "seq"] {
+            assert!(help.contains(&format!("    {field} (")), "{help}");
+        }
+        assert!(help.contains("webhook: keeps no position"), "{help}");
+    }
+}
