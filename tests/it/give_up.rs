@@ -92,6 +92,26 @@ async fn a_datasource_failing_past_the_give_up_time_is_disabled_with_its_reason_
     })
     .await;
 
+    // GetStatus shows the clock.
+    let mut lifecycle =
+        pb::lifecycle_client::LifecycleClient::connect(format!("http://{}", app.grpc_addr))
+            .await
+            .unwrap();
+    let shown = lifecycle
+        .get_status(pb::GetStatusRequest {
+            datasource_id: failing.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    if shown.status != pb::WorkerStatus::Stopped as i32 {
+        assert_eq!(
+            shown.failing_since,
+            since.map(dsreg::api::grpc::convert::timestamp),
+            "{shown:?}"
+        );
+    }
+
     // Act: nothing but time; the policy disables it.
     let (status, worker, clock) =
         wait_for("the failing one disabled and stopped", WAIT, || async {

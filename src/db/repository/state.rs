@@ -16,7 +16,7 @@ use crate::domain::{DesiredState, WorkerStatus};
 
 const COLUMNS: &str = "datasource_id, desired, restart_generation, worker_status, running_version, owner_instance, \
      lease_epoch, last_heartbeat_at, last_progress_at, last_event_at, error_code, error_message, restart_count, \
-     metrics, updated_at";
+     metrics, updated_at, failing_since";
 
 /// A datasource's runtime state.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,8 @@ pub struct State {
     pub updated_at: DateTime<Utc>,
     /// Whether the owner is alive (see [`owner_live`]); `None` where the read did not look.
     pub owner_live: Option<bool>,
+    /// Since when the worker has failed with no healthy run (the give-up policy's clock).
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 impl State {
@@ -83,6 +85,7 @@ impl State {
             metrics: row.get("metrics"),
             updated_at: row.get("updated_at"),
             owner_live: row.row.try_get(col("owner_live").as_str()).ok(),
+            failing_since: row.get("failing_since"),
         })
     }
 }
