@@ -16,7 +16,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::Error;
-use crate::db::repository::audit::{self, AuditEntry, Outcome};
+use crate::db::repository::audit::{self, AuditContext, AuditEntry, Outcome};
 use crate::db::repository::events::{self, NewEvent};
 use crate::db::repository::state::{self, GivenUp};
 use crate::db::repository::{self as repo, WriteContext};
@@ -85,10 +85,10 @@ impl GiveUp {
             })
             .collect();
         events::append(&tx, &recorded).await?;
-        let entries: Vec<AuditEntry> = given_up
-            .iter()
-            .zip(reasons)
-            .map(|(g, reason)| AuditEntry {
+        // A row each, naming its datasource (ListAudit finds it by datasource); giving up is
+        // rare, so a statement each costs little.
+        for (g, reason) in given_up.iter().zip(reasons) {
+            let entry = AuditEntry {
                 actor: ACTOR.into(),
                 action: "AutoDisable".into(),
                 resource: format!("datasource/{}", g.datasource_id),
@@ -99,9 +99,13 @@ impl GiveUp {
                 reason: Some(reason),
                 diff: Some(json!({ "status": { "from": "active", "to": "disabled" } })),
                 trace_id: None,
-            })
-            .collect();
-        audit::record_many(&tx, &entries).await?;
+            };
+            let context = AuditContext {
+                target_id: Some(g.datasource_id),
+                ..AuditContext::default()
+            };
+            audit::record_in(&tx, &entry, &context).await?;
+        }
         tx.commit().await?;
         Ok(given_up)
     }

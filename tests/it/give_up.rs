@@ -149,8 +149,9 @@ async fn a_datasource_failing_past_the_give_up_time_is_disabled_with_its_reason_
         .await
         .query_one(
             "SELECT count(*) FROM audit_log WHERE action = 'AutoDisable'
-               AND resource = $1 AND outcome = 'ok' AND reason LIKE '%source_failed%'",
-            &[&format!("datasource/{failing}")],
+               AND resource = $1 AND target_id = $2 AND outcome = 'ok'
+               AND reason LIKE '%source_failed%'",
+            &[&format!("datasource/{failing}"), &failing],
         )
         .await
         .unwrap()

@@ -59,13 +59,7 @@ pub async fn reset(
             .catalog
             .get(&ds.kind)
             .and_then(|c| c.position())
-            .ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "connector kind {} keeps no source position: records are pushed to it, \
-                     there is nothing to resume from",
-                    ds.kind
-                ))
-            })?;
+            .ok_or_else(|| Status::failed_precondition(no_position(&ds.kind)))?;
         if let Some(to) = &to {
             check(format, "position_json", to)?;
         }
@@ -158,17 +152,21 @@ fn stopped(ds: &Datasource, now: &Position) -> Result<(), Status> {
     ))
 }
 
+/// What a kind without a position is told.
+fn no_position(kind: &str) -> String {
+    format!(
+        "connector kind {kind} keeps no source position: records are pushed to it, there is \
+         nothing to resume from"
+    )
+}
+
 /// A datasource's position as the API answers it.
 fn answer(ctx: &Ctx, ds: &Datasource, position: &Position) -> pb::SourcePosition {
     let format = ctx.catalog.get(&ds.kind).and_then(|c| c.position());
     let stored = position.source_cursor.as_ref();
     let summary = match format {
         Some(f) => f.summary.to_owned(),
-        None => format!(
-            "connector kind {} keeps no source position: records are pushed to it, there is \
-             nothing to resume from",
-            ds.kind
-        ),
+        None => no_position(&ds.kind),
     };
     pb::SourcePosition {
         datasource_id: ds.id.to_string(),
