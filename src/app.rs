@@ -415,7 +415,8 @@ impl App {
                 self.pool.clone(),
                 self.instance_id.clone(),
                 after,
-            );
+            )
+            .with_metrics(self.metrics.clone());
             tracker.spawn(policy.run(shutdown.child_token()));
         }
         tracker.spawn(self.dead_letter_retention.run(

@@ -33,6 +33,7 @@ pub struct GiveUp {
     pool: Pool,
     instance: String,
     after: Duration,
+    metrics: Option<crate::telemetry::metrics::Metrics>,
 }
 
 impl GiveUp {
@@ -42,7 +43,16 @@ impl GiveUp {
             pool,
             instance: instance.into(),
             after,
+            metrics: None,
         }
+    }
+
+    /// The policy, counting what it disables in `metrics`
+    /// (`dsreg_datasources_auto_disabled_total`).
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: crate::telemetry::metrics::Metrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// How often the sweep runs: a quarter of the give-up time, from 200 ms to 30 s, so a
@@ -107,6 +117,9 @@ impl GiveUp {
             audit::record_in(&tx, &entry, &context).await?;
         }
         tx.commit().await?;
+        if let Some(metrics) = &self.metrics {
+            metrics.datasources_auto_disabled(given_up.len() as u64);
+        }
         Ok(given_up)
     }
 

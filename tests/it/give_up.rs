@@ -157,6 +157,12 @@ async fn a_datasource_failing_past_the_give_up_time_is_disabled_with_its_reason_
         .unwrap()
         .get(0);
     assert_eq!(audited, 1);
+    let (code, scrape) = crate::serve::http_get(&app.http_addr.to_string(), "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(
+        scrape.contains("\ndsreg_datasources_auto_disabled_total 1\n"),
+        "{scrape}"
+    );
 
     // The healthy one beside it is untouched.
     let (status, worker, clock) = status_and_clock(&db, healthy).await;
