@@ -324,6 +324,26 @@ async fn a_position_is_read_reset_only_while_stopped_and_the_next_poll_sends_it(
         (record_ids(&db, ds).await == [1, 2, 3, 2, 3]).then_some(())
     })
     .await;
+
+    // An ETag alone: the next poll asks conditionally, with no cursor.
+    run(cli(&["worker", "stop", &id]), None)
+        .await
+        .assert_success();
+    let before = source.seen().len();
+    run(
+        cli(&["position", "reset", &id, "--to", r#"{"etag": "\"seen\""}"#]),
+        None,
+    )
+    .await
+    .assert_success();
+    run(cli(&["worker", "start", &id]), None)
+        .await
+        .assert_success();
+    let first = wait_for("a poll after the second start", WAIT, || async {
+        source.seen().get(before).cloned()
+    })
+    .await;
+    assert_eq!(first, (None, Some("\"seen\"".to_owned())));
     app.stop().await.unwrap();
 }
 
