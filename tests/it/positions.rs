@@ -344,6 +344,38 @@ async fn a_position_is_read_reset_only_while_stopped_and_the_next_poll_sends_it(
     })
     .await;
     assert_eq!(first, (None, Some("\"seen\"".to_owned())));
+
+    // Cleared: the next poll reads from the start, unconditionally.
+    run(cli(&["worker", "stop", &id]), None)
+        .await
+        .assert_success();
+    let before = source.seen().len();
+    let cleared = run(cli(&["position", "reset", &id, "--clear"]), None).await;
+    cleared.assert_success();
+    assert!(
+        cleared
+            .stdout
+            .contains("(none: the next run reads from the start)"),
+        "{}",
+        cleared.stdout
+    );
+    assert_eq!(stored_position(&db, ds).await, None);
+    let last = db
+        .events(ds)
+        .await
+        .into_iter()
+        .rev()
+        .find(|e| e.kind == "source_position_reset")
+        .unwrap();
+    assert_eq!(last.payload["cleared"], true, "{:?}", last.payload);
+    run(cli(&["worker", "start", &id]), None)
+        .await
+        .assert_success();
+    let first = wait_for("a poll after the third start", WAIT, || async {
+        source.seen().get(before).cloned()
+    })
+    .await;
+    assert_eq!(first, (None, None));
     app.stop().await.unwrap();
 }
 
