@@ -224,6 +224,8 @@ pub struct App {
     pub sink_target: Target,
     /// The dead-letter retention.
     pub dead_letter_retention: crate::db::retention::Retention,
+    /// How long a worker may fail before its datasource is disabled (`None`: never).
+    pub give_up_after: Option<Duration>,
     /// Limits of test runs' transforms.
     pub limits: crate::transform::Limits,
     /// The test runs allowed at once.
@@ -319,6 +321,7 @@ impl App {
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             dead_letter_retention: settings.dead_letter_retention(),
+            give_up_after: settings.give_up_after(),
             limits: settings.transform_limits(),
             harness_slots: crate::harness::Slots::new(
                 usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
@@ -439,6 +442,15 @@ impl App {
             });
         }
         let grpc_secrets = self.secrets.clone();
+        if let Some(after) = self.give_up_after {
+            let policy = crate::supervisor::give_up::GiveUp::new(
+                self.pool.clone(),
+                self.instance_id.clone(),
+                after,
+            )
+            .with_metrics(self.metrics.clone());
+            tracker.spawn(policy.run(shutdown.child_token()));
+        }
         tracker.spawn(self.dead_letter_retention.run(
             self.pool.clone(),
             self.metrics.clone(),

@@ -20,6 +20,7 @@
 //! has the elector release its leases, and returns.
 
 pub mod elector;
+pub mod give_up;
 pub mod lease;
 pub mod ops;
 pub mod worker;

@@ -339,6 +339,23 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
         .max()
         .expect("touched has events");
 
+    // A client follows every published event across the failover.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut feed = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
+    let mut following = feed
+        .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {
+            datasource_id: String::new(),
+            types: vec!["published".to_owned()],
+            after_id: Some(seen_before),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
     // The primary dies; the standby comes back on its port and is promoted.
     primary = tokio::task::spawn_blocking(move || {
         primary.cluster.stop().unwrap();
@@ -387,13 +404,20 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
             }
         }
     }
+    // The stream opened on the lost history delivers the new primary's publishes.
+    let mut awaited: std::collections::BTreeSet<(String, i32)> = ids
+        .iter()
+        .zip(&published)
+        .map(|(id, v)| (id.to_string(), *v))
+        .collect();
+    while !awaited.is_empty() {
+        let Ok(event) = tokio::time::timeout(WAIT, following.message()).await else {
+            panic!("the stream across the failover never delivered {awaited:?}");
+        };
+        let event = event.unwrap().expect("the stream stays open");
+        awaited.remove(&(event.datasource_id, event.version));
+    }
     // A cursor from the lost history, beyond every id this one has: said, not skipped over.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut feed = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
     let beyond = seen_before + 1_000_000;
     let refused = feed
         .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {
