@@ -35,6 +35,7 @@ use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
+use crate::files::http::Poller;
 use crate::files::{WatchConfig, Watcher};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
 use crate::secrets::{
@@ -232,6 +233,8 @@ pub struct App {
     page_key: api::grpc::page::PageKey,
     /// A folder of datasource files to keep the database in step with.
     pub file_sync: Option<WatchConfig>,
+    /// HTTP sources of datasource definitions to poll into the database.
+    pub http_sync: Vec<Poller>,
 }
 
 impl App {
@@ -323,6 +326,7 @@ impl App {
             page_key,
             auth,
             file_sync: None,
+            http_sync: Vec::new(),
         })
     }
 
@@ -405,6 +409,9 @@ impl App {
                     tracing::error!(error = %e, "the datasource file sync stopped");
                 }
             });
+        }
+        for poller in self.http_sync {
+            tracker.spawn(poller.run(shutdown.child_token()));
         }
         let grpc_secrets = self.secrets.clone();
         tracker.spawn(self.dead_letter_retention.run(
@@ -788,10 +795,15 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
     {
         anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
     }
+    let http_sync = sync.http_sources().map_err(anyhow::Error::msg)?;
     let database = Database::open_owned(&settings).await?;
     let result = async {
         let mut app = App::build(&settings, &database.url).await?;
         app.file_sync = file_sync;
+        for config in http_sync {
+            let (pool, catalog, limits) = (app.pool.clone(), app.catalog.clone(), app.limits.clone());
+            app.http_sync.push(Poller::new(pool, catalog, limits, config)?);
+        }
         let where_db = match &database.cluster {
             Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
             None => "DATABASE_URL".to_owned(),

@@ -14,7 +14,9 @@
 //! - [`sync`]: one pass from files to database, for import and for the watcher;
 //! - [`watch`]: the folder watcher (debounced, rescanning on an interval), stopped by its
 //!   cancellation token;
-//! - [`export`]: the published configs as files.
+//! - [`export`]: the published configs as files;
+//! - [`http`]: an HTTP source of the same documents (`dsreg sync --from URL`,
+//!   `serve --sync-url`), polled into the same pipeline.
 //!
 //! Owns the `datasource_file_sync` rows through its repository; secret values never pass
 //! through here (files name secrets, values go in with `dsreg secret put`).
@@ -22,6 +24,7 @@
 pub mod apply;
 pub mod export;
 pub mod format;
+pub mod http;
 pub mod plan;
 pub mod scan;
 pub mod sync;
@@ -130,6 +133,9 @@ pub enum Error {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] crate::db::Error),
+    /// An HTTP source could not be fetched or read; nothing was applied.
+    #[error(transparent)]
+    Http(#[from] http::SourceError),
 }
 
 impl Error {

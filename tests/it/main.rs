@@ -19,6 +19,7 @@ mod files;
 mod fuzz;
 mod grpc;
 mod helpers;
+mod http_source;
 mod idp;
 mod kms;
 mod launcher;
