@@ -35,7 +35,7 @@ use crate::connectors::Catalog;
 use crate::connectors::sink::{Sink, Target};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
-use crate::files::http::Poller;
+use crate::files::http::{Poller, SourceHealth};
 use crate::files::{WatchConfig, Watcher};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
 use crate::secrets::{
@@ -47,14 +47,15 @@ use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig};
 use crate::telemetry::metrics::Metrics;
 
-/// An instance's metrics: the registry, reading the database pool's usage and the LISTEN
-/// connection's counters at each scrape.
-pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>) -> Metrics {
+/// An instance's metrics: the registry, reading the database pool's usage, the LISTEN
+/// connection's counters and the HTTP definition sources' states at each scrape.
+pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>, sources: &Arc<SourceHealth>) -> Metrics {
     Metrics::new(vec![
         Box::new(crate::db::metrics::PoolMetrics(pool.clone())),
         Box::new(crate::outbox::metrics::ListenerMetrics(Arc::clone(
             listener,
         ))),
+        Box::new(Arc::clone(sources)),
     ])
 }
 
@@ -235,6 +236,8 @@ pub struct App {
     pub file_sync: Option<WatchConfig>,
     /// HTTP sources of datasource definitions to poll into the database.
     pub http_sync: Vec<Poller>,
+    /// How the HTTP definition sources are doing (for `/metrics` and `/readyz`).
+    pub sync_sources: Arc<SourceHealth>,
 }
 
 impl App {
@@ -277,7 +280,8 @@ impl App {
                 .context("reading the page token key")?
         };
         let listener_stats = Arc::<ListenerStats>::default();
-        let metrics = metrics(&pool, &listener_stats);
+        let sync_sources = Arc::<SourceHealth>::default();
+        let metrics = metrics(&pool, &listener_stats, &sync_sources);
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
@@ -327,6 +331,7 @@ impl App {
             auth,
             file_sync: None,
             http_sync: Vec::new(),
+            sync_sources,
         })
     }
 
@@ -410,7 +415,8 @@ impl App {
                 }
             });
         }
-        for poller in self.http_sync {
+        for mut poller in self.http_sync {
+            poller.report_health(self.sync_sources.clone());
             tracker.spawn(poller.run(shutdown.child_token()));
         }
         let grpc_secrets = self.secrets.clone();
@@ -518,6 +524,7 @@ impl App {
             gauge: self.metrics.ready(),
             fatal,
             pressure: pressure_state,
+            sources: self.sync_sources.clone(),
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
@@ -892,7 +899,7 @@ mod tests {
             std::time::Duration::from_secs(1),
         )
         .expect("a pool is built without connecting");
-        let m = metrics(&pool, &Arc::default());
+        let m = metrics(&pool, &Arc::default(), &Arc::default());
         let id = Uuid::new_v4();
         let health = Health::default();
         health.set_running(true);

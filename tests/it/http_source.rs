@@ -604,3 +604,87 @@ async fn the_binary_syncs_once_with_a_bearer_token_from_a_file_and_refuses_witho
     assert_eq!(server.with(|s| s.unauthorized), 1);
     assert_eq!(count(&db, "SELECT count(*) FROM datasources").await, 2);
 }
+
+/// `/readyz` and `/metrics` of a registry at `http_addr`.
+async fn readyz_and_metrics(http_addr: &str) -> (String, String) {
+    let client = crate::helpers::http_client(Duration::from_secs(10)).unwrap();
+    let get = |path: &str| {
+        let request = client.get(format!("http://{http_addr}{path}"));
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    (get("/readyz").await, get("/metrics").await)
+}
+
+/// The `dsreg_sync_source_failures_total` sample of `source` in a scrape.
+fn failures(metrics: &str, source: &str) -> Option<u64> {
+    let prefix = format!("dsreg_sync_source_failures_total{{source=\"{source}\"}} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix)?.trim().parse().ok())
+}
+
+#[tokio::test]
+async fn serve_follows_its_sync_url_and_a_failing_source_keeps_the_database_and_is_reported() {
+    let db = TestDb::new().await;
+    let server = DefinitionServer::start(false).await;
+    server.set(generator("orders", 1));
+    let url = format!("{}/orders.yaml?sig=q-s3cret", server.base);
+    let name = format!("{}/orders.yaml", server.base);
+    let serve = crate::helpers::ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_SYNC_URL", url.as_str()),
+            ("DSREG_SYNC_POLL_INTERVAL_MS", "200"),
+        ],
+    )
+    .await;
+    let orders = wait_for("orders from the source", WAIT, || live(&db, "orders")).await;
+    let up = format!("dsreg_sync_source_up{{source=\"{name}\"}} 1");
+    wait_for("the source up", WAIT, || async {
+        let (_, metrics) = readyz_and_metrics(&serve.http_addr).await;
+        metrics.contains(&up).then_some(())
+    })
+    .await;
+
+    // The server fails: the database keeps v1; the failure shows in /readyz and /metrics.
+    server.with(|s| s.fail_with = Some(500));
+    let (readyz, metrics) = wait_for("the failure reported", WAIT, || async {
+        let (readyz, metrics) = readyz_and_metrics(&serve.http_addr).await;
+        (readyz.contains("answered 500") && failures(&metrics, &name) >= Some(2))
+            .then_some((readyz, metrics))
+    })
+    .await;
+    assert!(readyz.starts_with("ready\n"), "{readyz}");
+    assert!(
+        readyz.contains(&format!("definition source {name} is failing")),
+        "{readyz}"
+    );
+    assert!(metrics.contains(&format!("dsreg_sync_source_up{{source=\"{name}\"}} 0")));
+
+    // A malformed body: reported, nothing applied.
+    server.with(|s| s.fail_with = None);
+    server.set("org: acme\nproject: shop\nname: orders\nkind: generator\nconfig: [unclosed\n");
+    wait_for("the malformed body reported", WAIT, || async {
+        let (readyz, _) = readyz_and_metrics(&serve.http_addr).await;
+        readyz.contains("problem(s)").then_some(())
+    })
+    .await;
+    assert_eq!(published(&db, orders.id).await.unwrap().0, 1);
+
+    // Fixed with an edit: applied, and the warning goes.
+    server.set(generator("orders", 6));
+    wait_for("the edit published", WAIT, || async {
+        published(&db, orders.id)
+            .await
+            .filter(|(_, c)| c["rate_per_sec"] == 6)
+    })
+    .await;
+    wait_for("the warning gone", WAIT, || async {
+        let (readyz, _) = readyz_and_metrics(&serve.http_addr).await;
+        (!readyz.contains("definition source")).then_some(())
+    })
+    .await;
+    let logs = serve.logs.lock().unwrap().join("\n");
+    assert!(logs.contains("answered 500"), "the failure is logged");
+    assert!(!logs.contains("q-s3cret"), "the query is never logged");
+}

@@ -7,7 +7,8 @@
 //!   token from a file or an environment variable; conditional on the last `ETag` /
 //!   `Last-Modified`; a timeout; a size bound);
 //! - [`bundle`]: what the body holds, as documents: one YAML document or several;
-//! - [`poll`]: polling on an interval with jitter, retrying a failure with backoff.
+//! - [`poll`]: polling on an interval with jitter, retrying a failure with backoff;
+//! - [`health`]: each source's state for `/metrics` and `/readyz`.
 //!
 //! A source is named by its URL without query or fragment (`https://host/path`): that name
 //! is what the database records for its datasources (pruning is scoped to it) and its actor
@@ -17,12 +18,14 @@
 
 pub mod bundle;
 pub mod fetch;
+pub mod health;
 pub mod poll;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use fetch::{Fetched, Fetcher, Validators};
+pub use health::SourceHealth;
 pub use poll::Poller;
 
 use super::ConflictPolicy;

@@ -1,12 +1,14 @@
 //! Polling an HTTP source: a pass at start, then one every poll interval (spread a fifth
 //! either way, so registries polling one server do not poll together). A pass fetches
 //! conditionally; a 304 does nothing; a body is read as a bundle and synced. A source that
-//! cannot be fetched or read, or a pass the database refused, leaves the database as it is
-//! and is retried with backoff; the body is asked for whole again until one is applied.
+//! cannot be fetched or read, a pass the database refused, or one that skipped definitions
+//! with problems, leaves the database as it is (but for what could be applied) and is
+//! retried with backoff, asking for the body whole until one is applied without problems.
 //!
 //! Stops when its cancellation token fires; a pass in flight is dropped with its
 //! transaction, which rolls back.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
@@ -14,7 +16,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::fetch::{Fetched, Fetcher};
-use super::{SourceConfig, SourceError, bundle};
+use super::{SourceConfig, SourceError, SourceHealth, bundle};
 use crate::backoff::{Exponential, Retries};
 use crate::connectors::Catalog;
 use crate::files::Error;
@@ -36,6 +38,7 @@ pub struct Poller {
     fetcher: Fetcher,
     syncer: Syncer,
     reports: Option<mpsc::UnboundedSender<Result<Outcome, String>>>,
+    health: Option<Arc<SourceHealth>>,
 }
 
 impl Poller {
@@ -54,12 +57,19 @@ impl Poller {
             syncer: Syncer::new(pool, catalog, limits),
             config,
             reports: None,
+            health: None,
         })
     }
 
     /// Sends each pass's outcome (or failure) to `reports`.
     pub fn report_to(&mut self, reports: mpsc::UnboundedSender<Result<Outcome, String>>) {
         self.reports = Some(reports);
+    }
+
+    /// Reports each pass to `health` (for `/metrics` and `/readyz`).
+    pub fn report_health(&mut self, health: Arc<SourceHealth>) {
+        health.register(self.fetcher.source().name());
+        self.health = Some(health);
     }
 
     /// The source's name.
@@ -91,7 +101,9 @@ impl Poller {
             dry_run,
         };
         let report = self.syncer.run_scan(scan, options, None).await?;
-        if !dry_run {
+        // A body with problems is asked for whole again at the retry: it is reported again,
+        // and what can be applied of it is.
+        if !dry_run && report.problems.is_empty() {
             self.fetcher.applied(validators);
         }
         Ok(Outcome::Synced(report))
@@ -116,17 +128,37 @@ impl Poller {
                 () = shutdown.cancelled() => break,
                 result = self.pass(Mode::Watch, false) => result,
             };
-            let wait = match &result {
+            let name = self.name().to_owned();
+            let clean = match &result {
                 Ok(outcome) => {
-                    retries.succeeded();
-                    log(self.name(), outcome);
-                    jittered(interval, rand::random::<f64>())
+                    log(&name, outcome);
+                    match outcome {
+                        Outcome::NotModified => true,
+                        Outcome::Synced(report) => {
+                            if let Some(health) = &self.health {
+                                let first = report.problems.first().map(ToString::to_string);
+                                health.passed(&name, report.problems.len(), first);
+                            }
+                            report.problems.is_empty()
+                        }
+                    }
                 }
                 Err(e) => {
-                    let wait = retries.failed(rand::random::<f64>());
-                    tracing::warn!(source = self.name(), error = %e, retry_in_ms = wait.as_millis() as u64, "syncing from the source failed; the database is kept as it is");
-                    wait
+                    if let Some(health) = &self.health {
+                        health.failed(&name, &e.to_string());
+                    }
+                    false
                 }
+            };
+            let wait = if clean {
+                retries.succeeded();
+                jittered(interval, rand::random::<f64>())
+            } else {
+                let wait = retries.failed(rand::random::<f64>());
+                if let Err(e) = &result {
+                    tracing::warn!(source = name, error = %e, retry_in_ms = wait.as_millis() as u64, "syncing from the source failed; the database is kept as it is");
+                }
+                wait
             };
             if let Some(reports) = &self.reports {
                 let _ = reports.send(result.map_err(|e| e.to_string()));
