@@ -688,3 +688,153 @@ async fn serve_follows_its_sync_url_and_a_failing_source_keeps_the_database_and_
     assert!(logs.contains("answered 500"), "the failure is logged");
     assert!(!logs.contains("q-s3cret"), "the query is never logged");
 }
+
+/// A `.tar.gz` of `entries` (path, text), laid out as a folder.
+fn tar_gz(entries: &[(&str, &str)]) -> Vec<u8> {
+    let mut builder = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::default(),
+    ));
+    for (path, text) in entries {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        builder
+            .append_data(&mut header, path, text.as_bytes())
+            .unwrap();
+    }
+    builder.into_inner().unwrap().finish().unwrap()
+}
+
+/// A `.zip` of `entries` (path, bytes), deflated.
+fn zip(entries: &[(&str, &[u8])]) -> Vec<u8> {
+    use std::io::Write;
+    let mut writer = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (path, data) in entries {
+        writer.start_file(*path, options).unwrap();
+        writer.write_all(data).unwrap();
+    }
+    writer.finish().unwrap().into_inner()
+}
+
+#[tokio::test]
+async fn an_archive_is_synced_as_a_folder_applying_what_it_can_when_watched_and_nothing_once() {
+    let db = TestDb::new().await;
+    let server = DefinitionServer::start(false).await;
+    let url = format!("{}/shop.tar.gz", server.base);
+    let broken =
+        "org: acme\nproject: shop\nname: carts\nkind: generator\nconfig:\n  rate_per_sec: -1\n";
+    server.set(tar_gz(&[
+        ("shop/orders.yaml", &generator("orders", 1)),
+        ("shop/carts.yaml", broken),
+        ("README.md", "not a datasource file"),
+    ]));
+
+    // Once: all or nothing, every problem named by its entry.
+    let once = poller(&db, config(&url, None, ConflictPolicy::Fail, true))
+        .pass(Mode::Import, false)
+        .await;
+    let Err(Error::Problems(problems)) = once else {
+        panic!("a bundle with a problem is refused once: {once:?}");
+    };
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(
+        problems[0]
+            .to_string()
+            .starts_with(&format!("{url}!/shop/carts.yaml:")),
+        "{}",
+        problems[0]
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM datasources").await, 0);
+
+    // Watched: the good file is applied, the broken one skipped and reported.
+    let mut watched = poller(&db, config(&url, None, ConflictPolicy::Fail, true));
+    let report = synced(watched.pass(Mode::Watch, false).await.unwrap());
+    assert_eq!(actions(&report), [("orders".into(), Action::Create)]);
+    assert_eq!(report.problems.len(), 1);
+    let orders = live(&db, "orders").await.unwrap();
+    let recorded: String = db
+        .client()
+        .await
+        .query_one(
+            "SELECT path FROM datasource_file_sync WHERE datasource_id = $1",
+            &[&orders.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, format!("{url}!/shop/orders.yaml"));
+
+    // Fixed, with a second datasource; then one entry removed: pruned, scoped to the source.
+    server.set(tar_gz(&[
+        ("shop/orders.yaml", &generator("orders", 1)),
+        ("shop/carts.yaml", &generator("carts", 1)),
+    ]));
+    let fixed = synced(watched.pass(Mode::Watch, false).await.unwrap());
+    assert_eq!(
+        actions(&fixed),
+        [
+            ("carts".into(), Action::Create),
+            ("orders".into(), Action::Unchanged)
+        ]
+    );
+    server.set(tar_gz(&[("shop/orders.yaml", &generator("orders", 1))]));
+    let pruned = synced(watched.pass(Mode::Watch, false).await.unwrap());
+    assert_eq!(
+        actions(&pruned),
+        [
+            ("orders".into(), Action::Unchanged),
+            ("carts".into(), Action::Archive)
+        ]
+    );
+    assert!(live(&db, "carts").await.is_none());
+}
+
+#[tokio::test]
+async fn a_zip_bomb_and_a_path_traversal_archive_are_refused_and_the_database_kept() {
+    let db = TestDb::new().await;
+    let server = DefinitionServer::start(false).await;
+    let url = format!("{}/defs.zip", server.base);
+    server.set(zip(&[(
+        "shop/orders.yaml",
+        generator("orders", 1).as_bytes(),
+    )]));
+    let mut source = poller(&db, config(&url, None, ConflictPolicy::Fail, true));
+    synced(source.pass(Mode::Watch, false).await.unwrap());
+    let orders = live(&db, "orders").await.unwrap();
+    let footprint = count(&db, "SELECT count(*) FROM datasource_versions").await
+        + count(&db, "SELECT count(*) FROM audit_log").await;
+
+    // 70 MiB of zeros: well under the body bound compressed, over the unpacked bound.
+    let zeros = vec![0u8; 70 * 1024 * 1024];
+    let bomb = zip(&[
+        ("shop/orders.yaml", generator("orders", 2).as_bytes()),
+        ("shop/zeros.yaml", &zeros),
+    ]);
+    assert!(bomb.len() < 1024 * 1024);
+    server.set(bomb);
+    let Error::Http(e) = source.pass(Mode::Watch, false).await.unwrap_err() else {
+        panic!("a zip bomb is the source's error");
+    };
+    assert!(e.to_string().contains("unpacks to more than"), "{e}");
+
+    for path in ["../../etc/orders.yaml", "/etc/orders.yaml"] {
+        server.set(zip(&[(path, generator("orders", 3).as_bytes())]));
+        let Error::Http(e) = source.pass(Mode::Watch, false).await.unwrap_err() else {
+            panic!("a path outside the archive is the source's error");
+        };
+        let text = e.to_string();
+        assert!(text.contains(path) && text.contains("refused"), "{text}");
+    }
+
+    // Nothing of either was applied, and nothing was pruned.
+    assert_eq!(published(&db, orders.id).await.unwrap().0, 1);
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM datasource_versions").await
+            + count(&db, "SELECT count(*) FROM audit_log").await,
+        footprint
+    );
+    assert!(live(&db, "orders").await.is_some());
+}
