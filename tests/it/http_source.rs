@@ -48,6 +48,16 @@ pub(crate) struct Served {
     pub unauthorized: u64,
     /// Answer every request with this status instead.
     pub fail_with: Option<u16>,
+    /// Wait this long before answering.
+    pub delay: Option<Duration>,
+    /// Serve `Last-Modified` instead of an `ETag`.
+    pub dated: bool,
+}
+
+/// The `Last-Modified` of a generation: a day apart each.
+fn date_of(generation: u64) -> String {
+    let at = std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000 + generation * 86_400);
+    httpdate::fmt_http_date(at)
 }
 
 /// A local server of datasource definitions, over HTTP or HTTPS.
@@ -70,6 +80,10 @@ async fn serve_definitions(
     State(state): State<Arc<Mutex<Served>>>,
     headers: HeaderMap,
 ) -> Response {
+    let delay = state.lock().unwrap().delay;
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
     let mut served = state.lock().unwrap();
     if let Some(status) = served.fail_with {
         return StatusCode::from_u16(status).unwrap().into_response();
@@ -82,6 +96,23 @@ async fn serve_definitions(
             served.unauthorized += 1;
             return StatusCode::UNAUTHORIZED.into_response();
         }
+    }
+    if served.dated {
+        let date = date_of(served.generation);
+        let since = headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok());
+        if since == Some(date.as_str()) {
+            served.not_modified += 1;
+            return (StatusCode::NOT_MODIFIED, [(header::LAST_MODIFIED, date)]).into_response();
+        }
+        served.full += 1;
+        return (
+            StatusCode::OK,
+            [(header::LAST_MODIFIED, date)],
+            served.body.clone(),
+        )
+            .into_response();
     }
     let etag = format!("\"{}\"", served.generation);
     let asked = headers
@@ -603,6 +634,27 @@ async fn the_binary_syncs_once_with_a_bearer_token_from_a_file_and_refuses_witho
     }
     assert_eq!(server.with(|s| s.unauthorized), 1);
     assert_eq!(count(&db, "SELECT count(*) FROM datasources").await, 2);
+
+    // The token from an environment variable: the same documents, nothing to change.
+    server.set(bundle(&[generator("orders", 1), generator("carts", 1)]));
+    let mut from_env = dsreg_on(&[
+        "sync",
+        "--from",
+        &url,
+        "--once",
+        "--sync-token-env",
+        "DEFS_TOKEN",
+    ]);
+    from_env.env("DEFS_TOKEN", &token);
+    let again = run(from_env, None).await;
+    again.assert_success();
+    assert_eq!(
+        again.stdout.matches("unchanged").count(),
+        2,
+        "{}",
+        again.stdout
+    );
+    assert_eq!(server.with(|s| s.unauthorized), 1);
 }
 
 /// `/readyz` and `/metrics` of a registry at `http_addr`.
@@ -837,4 +889,55 @@ async fn a_zip_bomb_and_a_path_traversal_archive_are_refused_and_the_database_ke
         footprint
     );
     assert!(live(&db, "orders").await.is_some());
+}
+
+#[tokio::test]
+async fn last_modified_makes_a_conditional_request_and_the_time_and_size_bounds_hold() {
+    let db = TestDb::new().await;
+    let server = DefinitionServer::start(false).await;
+    server.with(|s| s.dated = true);
+    server.set(generator("orders", 1));
+    let url = format!("{}/orders.yaml", server.base);
+    let mut source = poller(&db, config(&url, None, ConflictPolicy::Fail, false));
+    synced(source.pass(Mode::Watch, false).await.unwrap());
+    assert!(matches!(
+        source.pass(Mode::Watch, false).await.unwrap(),
+        Outcome::NotModified
+    ));
+    assert_eq!(server.with(|s| (s.full, s.not_modified)), (1, 1));
+
+    // Over the size bound: refused, nothing applied.
+    server.set(format!(
+        "{}# {}\n",
+        generator("orders", 2),
+        "x".repeat(4096)
+    ));
+    let small = SourceConfig {
+        max_bytes: 1024,
+        ..config(&url, None, ConflictPolicy::Fail, false)
+    };
+    let e = poller(&db, small)
+        .pass(Mode::Import, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("over 1024 bytes"), "{e}");
+
+    // Slower than the timeout: refused, nothing applied.
+    server.with(|s| s.delay = Some(Duration::from_secs(30)));
+    let hasty = SourceConfig {
+        timeout: Duration::from_millis(300),
+        ..config(&url, None, ConflictPolicy::Fail, false)
+    };
+    let e = poller(&db, hasty)
+        .pass(Mode::Import, false)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("timed out"), "{e}");
+    let orders = live(&db, "orders").await.unwrap();
+    assert_eq!(
+        published(&db, orders.id).await.unwrap().1["rate_per_sec"],
+        1
+    );
 }

@@ -372,6 +372,19 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// Whatever a server sends, reading it answers (documents or a refusal), never
+        /// panics; an archive's documents are all under the source.
+        #[test]
+        fn any_body_is_read_or_refused(
+            magic in proptest::sample::select(vec![&b""[..], &[0x1f, 0x8b][..], &b"PK\x03\x04"[..]]),
+            rest in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let body = [magic, &rest[..]].concat();
+            if let Ok(scan) = scan(NAME, body) {
+                proptest::prop_assert!(scan.sources.iter().all(|s| s.file.starts_with(NAME)));
+            }
+        }
+
         /// Whatever an entry is called, a path kept is inside the archive: relative, without
         /// `..` or `.`, and named under the source.
         #[test]
