@@ -140,9 +140,13 @@ pub enum Error {
 
 impl Error {
     /// Whether the same sync may succeed if retried (the database was unreachable or a
-    /// concurrent writer won).
+    /// concurrent writer won, an HTTP source did not answer or asked to come back later).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Db(e) if e.is_retryable())
+        match self {
+            Error::Db(e) => e.is_retryable(),
+            Error::Http(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

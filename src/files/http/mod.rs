@@ -164,9 +164,44 @@ pub enum SourceError {
     },
 }
 
+impl SourceError {
+    /// Whether the same request may succeed later with nothing changed here: the connection
+    /// failed or timed out, or the server answered a status that says "later" (5xx, 408,
+    /// 429). A refused URL, token or CA file, a body over the bound or a refused archive
+    /// needs a change first (a poller still retries them, with backoff).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            SourceError::Fetch { .. } => true,
+            SourceError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
+            SourceError::Url(_)
+            | SourceError::TooLarge { .. }
+            | SourceError::Setup(_)
+            | SourceError::Bundle { .. } => false,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_the_server_may_get_over_is_retryable_and_one_needing_a_change_is_not() {
+        let status = |status| SourceError::Status {
+            source_name: "https://a.example/x.yaml".into(),
+            status,
+        };
+        assert!(status(503).is_retryable());
+        assert!(status(429).is_retryable());
+        assert!(!status(401).is_retryable());
+        assert!(!status(404).is_retryable());
+        let too_large = SourceError::TooLarge {
+            source_name: "https://a.example/x.yaml".into(),
+            limit: 1,
+        };
+        assert!(!too_large.is_retryable());
+        assert!(crate::files::Error::Http(status(502)).is_retryable());
+    }
 
     #[test]
     fn a_source_is_named_without_its_query_and_refused_with_credentials() {
