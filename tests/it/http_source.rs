@@ -941,3 +941,63 @@ async fn last_modified_makes_a_conditional_request_and_the_time_and_size_bounds_
         1
     );
 }
+
+#[tokio::test]
+async fn the_binary_polls_a_source_until_ctrl_c_printing_each_change() {
+    use tokio::io::AsyncBufReadExt;
+    let db = TestDb::new().await;
+    let home = tempfile::tempdir().unwrap();
+    let server = DefinitionServer::start(false).await;
+    server.set(generator("orders", 1));
+    let url = format!("{}/orders.yaml", server.base);
+    let mut command = dsreg(home.path());
+    command
+        .env("DATABASE_URL", &db.url)
+        .args([
+            "sync",
+            "--from",
+            &url,
+            "--sync-poll-interval-ms",
+            "100",
+            "-o",
+            "json",
+        ])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = command.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .expect("a change within the wait")
+            .unwrap()
+            .expect("the command is running");
+        serde_json::from_str(&line).unwrap()
+    };
+
+    let created = next().await;
+    // Polls answered 304 print nothing; the edit is the next line.
+    wait_for("a 304", WAIT, || async {
+        (server.with(|s| s.not_modified) > 0).then_some(())
+    })
+    .await;
+    server.set(generator("orders", 2));
+    let edited = next().await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id().unwrap()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("sync stops on Ctrl-C")
+        .unwrap();
+
+    assert_eq!(
+        (&created["action"], &created["version"], &created["file"]),
+        (&json!("create"), &json!(1), &json!(url))
+    );
+    assert_eq!(
+        (&edited["action"], &edited["version"]),
+        (&json!("new version"), &json!(2))
+    );
+    assert!(status.success(), "{status:?}");
+}
