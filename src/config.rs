@@ -496,7 +496,7 @@ impl HttpSourceSettings {
             (None, None) => None,
         };
         Ok(SourceConfig {
-            url: Source::parse(url).map_err(|e| e.to_string())?,
+            source: Source::parse(url).map_err(|e| e.to_string())?,
             poll_interval: Duration::from_millis(self.poll_interval_ms),
             timeout: Duration::from_millis(self.timeout_ms),
             max_bytes: self.max_bytes,

@@ -242,7 +242,7 @@ fn bundle(docs: &[String]) -> String {
 
 fn config(url: &str, ca: Option<&Path>, conflict: ConflictPolicy, prune: bool) -> SourceConfig {
     SourceConfig {
-        url: Source::parse(url).unwrap(),
+        source: Source::parse(url).unwrap(),
         poll_interval: Duration::from_millis(200),
         timeout: Duration::from_secs(10),
         max_bytes: 1024 * 1024,

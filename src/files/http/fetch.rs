@@ -72,7 +72,7 @@ impl Fetcher {
         }
         .map_err(|e| SourceError::Setup(e.to_string()))?;
         Ok(Self {
-            source: config.url.clone(),
+            source: config.source.clone(),
             client,
             timeout: config.timeout,
             max_bytes: config.max_bytes,

@@ -41,10 +41,10 @@ pub enum Token {
 }
 
 /// One HTTP source and how it is fetched and synced.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct SourceConfig {
     /// The URL as given (its query may hold a secret: never shown; see [`Source::name`]).
-    pub url: Source,
+    pub source: Source,
     /// Time between polls (spread a fifth either way).
     pub poll_interval: Duration,
     /// The longest one request may take, connection and body included.
