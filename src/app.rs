@@ -13,7 +13,9 @@
 //! its own ([`CONTROL_POOL_SIZE`]) that worker I/O cannot take; the health checks (readiness,
 //! the notification self-test, the outbox pressure watch) have one more
 //! ([`PROBE_POOL_SIZE`]), so a control plane busy starting thousands of workers is not
-//! reported as a database that does not answer.
+//! reported as a database that does not answer. The health checks and the LISTEN connection
+//! also run on a thread of their own, as the lease renewer does ([`crate::own_thread`]): a
+//! shared runtime kept busy by workers delays neither.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -222,6 +224,8 @@ pub struct App {
     pub sink_target: Target,
     /// The dead-letter retention.
     pub dead_letter_retention: crate::db::retention::Retention,
+    /// How long a worker may fail before its datasource is disabled (`None`: never).
+    pub give_up_after: Option<Duration>,
     /// Limits of test runs' transforms.
     pub limits: crate::transform::Limits,
     /// The test runs allowed at once.
@@ -322,6 +326,7 @@ impl App {
             secrets,
             sink_target: settings.sink_target().map_err(anyhow::Error::msg)?,
             dead_letter_retention: settings.dead_letter_retention(),
+            give_up_after: settings.give_up_after(),
             limits: settings.transform_limits(),
             harness_slots: crate::harness::Slots::new(
                 usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
@@ -386,9 +391,22 @@ impl App {
     /// # Errors
     /// The listener's first connect failed, or a server failed.
     pub async fn run(self, shutdown: CancellationToken, grace: Duration) -> anyhow::Result<()> {
-        let listener = Listener::connect(self.listener.clone(), self.listener_stats.clone())
-            .await
-            .context("connecting the LISTEN connection")?;
+        let (signals, signals_rx) = mpsc::unbounded_channel();
+        let pressure = crate::outbox::pressure::PressureWatch::new(
+            self.probe.clone(),
+            self.horizon_warn_after,
+            Some(self.metrics.clone()),
+        );
+        let pressure_state = pressure.state();
+        let health = HealthChecks {
+            listener: self.listener.clone(),
+            stats: self.listener_stats.clone(),
+            probe: self.probe.clone(),
+            notification_check: self.notification_check,
+            pressure,
+        }
+        .start(signals, shutdown.child_token())
+        .await?;
         prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
         let (mut writer, writer_handle) = StateWriter::new(
@@ -420,6 +438,15 @@ impl App {
             tracker.spawn(poller.run(shutdown.child_token()));
         }
         let grpc_secrets = self.secrets.clone();
+        if let Some(after) = self.give_up_after {
+            let policy = crate::supervisor::give_up::GiveUp::new(
+                self.pool.clone(),
+                self.instance_id.clone(),
+                after,
+            )
+            .with_metrics(self.metrics.clone());
+            tracker.spawn(policy.run(shutdown.child_token()));
+        }
         tracker.spawn(self.dead_letter_retention.run(
             self.pool.clone(),
             self.metrics.clone(),
@@ -467,24 +494,7 @@ impl App {
         supervisor.control_plane(self.control.clone());
         supervisor.renew_on(self.renewal.clone());
         writer.notify_for(supervisor.peers());
-        let (signals, signals_rx) = mpsc::unbounded_channel();
         let sink_stop = CancellationToken::new();
-        tracker.spawn(
-            crate::outbox::selftest::SelfTest::new(
-                self.probe.clone(),
-                self.listener_stats.clone(),
-                self.notification_check,
-            )
-            .run(signals.clone(), shutdown.child_token()),
-        );
-        tracker.spawn(listener.run(signals, shutdown.child_token()));
-        let pressure = crate::outbox::pressure::PressureWatch::new(
-            self.probe.clone(),
-            self.horizon_warn_after,
-            Some(self.metrics.clone()),
-        );
-        let pressure_state = pressure.state();
-        tracker.spawn(pressure.run(shutdown.child_token()));
         tracker.spawn(writer.run());
         tracker.spawn(sink_writer.run(sink_stop.clone()));
         let fatal = Arc::new(api::ready::Fatal::default());
@@ -525,6 +535,7 @@ impl App {
             fatal,
             pressure: pressure_state,
             sources: self.sync_sources.clone(),
+            probe_runtime: Some(health.handle.clone()),
         };
         let http_state = api::http::HttpState {
             pool: self.pool.clone(),
@@ -599,6 +610,13 @@ impl App {
             tracing::warn!(
                 ?grace,
                 "shutdown grace period elapsed with tasks still running"
+            );
+        }
+        // The health checks stopped with the shutdown token; their thread ends with them.
+        if tokio::time::timeout(grace, health.stopped).await.is_err() {
+            tracing::warn!(
+                ?grace,
+                "the health checks' thread had not stopped after the grace period"
             );
         }
         self.pool.close();
@@ -768,6 +786,61 @@ pub fn authenticator(settings: &Settings) -> anyhow::Result<Authenticator> {
         );
     }
     Ok(dev.authenticator)
+}
+
+/// What watches the database's health on a thread of its own ([`crate::own_thread`]): the
+/// LISTEN connection, the notification self-test and the outbox pressure watch, with the
+/// health checks' pool (readiness probes run there too). Thousands of workers starting on
+/// the shared runtime then delay neither a notification nor a probe's answer.
+struct HealthChecks {
+    listener: ListenerConfig,
+    stats: Arc<ListenerStats>,
+    probe: Pool,
+    notification_check: crate::outbox::selftest::SelfTestConfig,
+    pressure: crate::outbox::pressure::PressureWatch,
+}
+
+impl HealthChecks {
+    /// Connects the LISTEN connection and starts the checks, which forward to `signals` until
+    /// `stop`; returns once the first connect is done.
+    ///
+    /// # Errors
+    /// The thread could not start or the first connect failed.
+    async fn start(
+        self,
+        signals: mpsc::UnboundedSender<crate::outbox::listener::Signal>,
+        stop: CancellationToken,
+    ) -> anyhow::Result<crate::own_thread::OwnThread> {
+        let (connected_tx, connected) = tokio::sync::oneshot::channel();
+        let thread = crate::own_thread::spawn("dsreg-health", async move {
+            let listener = match Listener::connect(self.listener, self.stats.clone()).await {
+                Ok(listener) => {
+                    let _ = connected_tx.send(Ok(()));
+                    listener
+                }
+                Err(e) => {
+                    let _ = connected_tx.send(Err(e));
+                    return;
+                }
+            };
+            let selftest = crate::outbox::selftest::SelfTest::new(
+                self.probe,
+                self.stats,
+                self.notification_check,
+            );
+            tokio::join!(
+                selftest.run(signals.clone(), stop.clone()),
+                listener.run(signals, stop.clone()),
+                self.pressure.run(stop),
+            );
+        })
+        .context("starting the health checks' thread")?;
+        connected
+            .await
+            .context("the health checks' thread stopped before connecting")?
+            .context("connecting the LISTEN connection")?;
+        Ok(thread)
+    }
 }
 
 /// Deletes the rows of instances dead for longer than `retention`, so `dsreg_instances` does

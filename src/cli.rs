@@ -80,6 +80,8 @@ enum Command {
     Validate(client::validate::ValidateArgs),
     /// Dead letters: list, replay through the published version, purge.
     Deadletters(client::dead_letters::DeadLettersArgs),
+    /// Source positions: where a worker's next run resumes from; get, or reset while stopped.
+    Position(client::positions::PositionArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -160,6 +162,7 @@ impl Cli {
             Command::Instances(args) => args.run().await,
             Command::Validate(args) => args.run().await,
             Command::Deadletters(args) => args.run().await,
+            Command::Position(args) => args.run().await,
         }
     }
 }

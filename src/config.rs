@@ -277,6 +277,12 @@ pub struct Settings {
     )]
     pub dead_letter_max_per_datasource: u64,
 
+    /// Disable a datasource whose worker has failed with no healthy run for this many
+    /// seconds, with an `auto_disabled` event saying why (0: never; an operator enables it
+    /// again).
+    #[arg(long, env = "DSREG_GIVE_UP_AFTER_SECS", default_value_t = 0)]
+    pub give_up_after_secs: u64,
+
     /// How long a stopping worker gets before it is aborted, in milliseconds.
     #[arg(long, env = "DSREG_STOP_DEADLINE_MS", default_value_t = 5_000)]
     pub stop_deadline_ms: u64,
@@ -730,6 +736,12 @@ impl Settings {
             // cap when that is longer.
             permanent: Duration::from_millis(self.backoff_max_ms).max(Duration::from_secs(300)),
         }
+    }
+
+    /// How long a worker may fail with no healthy run before its datasource is disabled
+    /// (`None`: never).
+    pub fn give_up_after(&self) -> Option<Duration> {
+        (self.give_up_after_secs > 0).then(|| Duration::from_secs(self.give_up_after_secs))
     }
 
     /// The dead-letter retention: the longest age and the most per datasource (`None`: no

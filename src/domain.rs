@@ -48,6 +48,8 @@ pub const EVENT_TYPES: &[&str] = &[
     "worker_stopped",
     "reload_applied",
     "reload_rejected",
+    "source_position_reset",
+    "auto_disabled",
 ];
 
 /// An org, project or datasource name: 1-128 characters of `[A-Za-z0-9_.-]`, starting with a

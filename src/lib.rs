@@ -19,6 +19,8 @@
 //! - [`telemetry`](crate::telemetry): logging, redaction, panics and the Prometheus registry:
 //!   a sink the layers above write to, reading none of them.
 //! - [`backoff`]: the one retry policy every retrying loop paces itself with.
+//! - [`own_thread`]: a runtime on a thread of its own, for what must not wait behind the
+//!   shared one (lease renewal, the LISTEN connection, the health checks).
 //! - [`domain`]: names and states as types; [`encoding`]: strict percent and hex decoders.
 
 pub mod api;
@@ -34,6 +36,7 @@ pub mod encoding;
 pub mod files;
 pub mod harness;
 pub mod outbox;
+pub mod own_thread;
 pub mod secrets;
 pub mod supervisor;
 pub mod telemetry;
@@ -68,6 +71,7 @@ mod layering {
         "telemetry",
         "backoff",
         "encoding",
+        "own_thread",
         "domain",
     ];
 

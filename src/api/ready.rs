@@ -51,6 +51,11 @@ pub struct Readiness {
     pub pressure: Arc<crate::outbox::pressure::PressureState>,
     /// The HTTP definition sources of the registry's own sync (a failing one is a warning).
     pub sources: Arc<crate::files::http::SourceHealth>,
+    /// The runtime the database probe runs on, where [`Self::pool`] is used (the health
+    /// checks' own thread, [`crate::own_thread`]): a shared runtime too busy to poll the
+    /// answer in time does not make a database that answered look unready. `None`: the
+    /// caller's.
+    pub probe_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl Readiness {
@@ -59,7 +64,16 @@ impl Readiness {
     /// # Errors
     /// The reason, for `/readyz` and the log.
     pub async fn check(&self) -> Result<(), String> {
-        let result = self.probe().await;
+        let result = match &self.probe_runtime {
+            Some(runtime) => {
+                let readiness = self.clone();
+                runtime
+                    .spawn(async move { readiness.probe().await })
+                    .await
+                    .unwrap_or_else(|_| Err("the health checks stopped".to_owned()))
+            }
+            None => self.probe().await,
+        };
         self.gauge.set(i64::from(result.is_ok()));
         result
     }
@@ -120,6 +134,7 @@ mod tests {
             fatal: Arc::default(),
             pressure: Arc::default(),
             sources: Arc::default(),
+            probe_runtime: None,
         };
         assert!(readiness.check().await.unwrap_err().contains("database"));
         readiness

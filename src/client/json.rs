@@ -155,6 +155,7 @@ impl ToJson for pb::WorkerState {
             "updated_at": timestamp(self.updated_at.as_ref()),
             "settled": self.settled,
             "dead_letters": self.dead_letters,
+            "failing_since": timestamp(self.failing_since.as_ref()),
         })
     }
 }

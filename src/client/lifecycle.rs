@@ -374,6 +374,7 @@ pub fn detail(state: &pb::WorkerState) -> String {
         ("published version", table::version(state.published_version)),
         ("restarts requested", state.restarts_requested.to_string()),
         ("failures", state.failures_since_healthy.to_string()),
+        ("failing since", table::time(state.failing_since.as_ref())),
         (
             "dead letters",
             state

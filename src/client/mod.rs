@@ -1,5 +1,5 @@
 //! The operator's commands beside `serve`: the gRPC client (`dsreg datasource`, `version`,
-//! `secret`, `events`, `status`, `worker`, `test`, `kinds`, `info`), and `dsreg keys`,
+//! `secret`, `events`, `status`, `worker`, `position`, `test`, `kinds`, `info`), and `dsreg keys`,
 //! `import`, `sync` and `export`, which work on the database directly, like `migrate`.
 //!
 //! Owns: where the server is and which token goes with each call ([`connect`]), what people
@@ -28,6 +28,7 @@ pub mod json;
 pub mod keys;
 pub mod lifecycle;
 pub mod output;
+pub mod positions;
 pub mod progress;
 pub mod secrets;
 pub mod table;

@@ -3,6 +3,10 @@
 //! Config: `rate_per_sec` (default 1; 0 idles; otherwise from [`MIN_RATE`] to [`MAX_RATE`]),
 //! `count` (stop emitting after this many),
 //! `template` (an object merged into every record, which also carries `seq`).
+//!
+//! Its source position is `{"seq": n}`: every run numbers its records from `n` (0 when none
+//! is set). A generator only reads it; it does not save its progress, so every run starts
+//! from the position an operator set (`ResetSourcePosition`), not from where the last ended.
 
 use std::sync::LazyLock;
 use std::time::Duration;
@@ -45,6 +49,17 @@ static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
     mode: Mode::Pull,
     can_backfill: false,
 });
+
+/// The generator's position: where a run's numbering starts.
+static POSITION: super::position::Format = super::position::Format {
+    summary: "the seq every run of the generator numbers its first record with; the generator \
+              reads it and never saves it",
+    fields: &[super::position::Field {
+        name: "seq",
+        shape: super::position::Shape::Count,
+        meaning: "the seq of the first record of each run (then seq + 1, …); missing: 0",
+    }],
+};
 
 /// The `generator` connector.
 #[derive(Debug, Default)]
@@ -138,6 +153,10 @@ impl Connector for Generator {
         Some(Duration::from_secs_f64((10.0 / settings.rate).max(10.0)))
     }
 
+    fn position(&self) -> Option<&'static super::position::Format> {
+        Some(&POSITION)
+    }
+
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>> {
         Box::pin(async move {
             let settings = parse(&ctx.config)?;
@@ -152,7 +171,13 @@ impl Connector for Generator {
             let mut interval = tokio::time::interval(tick);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut owed = 0.0;
-            let mut seq: u64 = 0;
+            // Checked when it was set; anything else stored there starts from 0.
+            let first = ctx.cursor.load().await?;
+            let first = first
+                .as_ref()
+                .and_then(|p| p.get("seq")?.as_u64())
+                .unwrap_or(0);
+            let mut emitted: u64 = 0;
             loop {
                 tokio::select! {
                     () = ctx.cancel.cancelled() => return Ok(()),
@@ -162,8 +187,8 @@ impl Connector for Generator {
                 let mut n = owed.floor() as u64;
                 owed -= n as f64;
                 if let Some(count) = settings.count {
-                    n = n.min(count.saturating_sub(seq));
-                    if n == 0 && seq >= count {
+                    n = n.min(count.saturating_sub(emitted));
+                    if n == 0 && emitted >= count {
                         ctx.cancel.cancelled().await;
                         return Ok(());
                     }
@@ -171,11 +196,14 @@ impl Connector for Generator {
                 let batch: Vec<Value> = (0..n)
                     .map(|i| {
                         let mut record = settings.template.clone();
-                        record.insert("seq".into(), json!(seq + i));
+                        record.insert(
+                            "seq".into(),
+                            json!(first.saturating_add(emitted).saturating_add(i)),
+                        );
                         Value::Object(record)
                     })
                     .collect();
-                seq += n;
+                emitted += n;
                 if !batch.is_empty() {
                     tokio::select! {
                         () = ctx.cancel.cancelled() => return Ok(()),

@@ -63,6 +63,26 @@ static INFO: LazyLock<KindInfo> = LazyLock::new(|| KindInfo {
     can_backfill: true,
 });
 
+/// The position an `http_poll` worker saves after the records of a poll are committed.
+static POSITION: super::position::Format = super::position::Format {
+    summary: "where the next poll resumes: the ETag of the last answer and the highest cursor \
+              value seen",
+    fields: &[
+        super::position::Field {
+            name: "etag",
+            shape: super::position::Shape::HeaderText,
+            meaning: "the ETag of the last answer, sent as If-None-Match on the next poll (a 304 \
+                      answer writes nothing); missing: the next poll asks unconditionally",
+        },
+        super::position::Field {
+            name: "cursor",
+            shape: super::position::Shape::TextOrNumber,
+            meaning: "the highest value of the config's cursor.field seen, sent as the query \
+                      parameter cursor.param on the next poll; missing: sent on no poll",
+        },
+    ],
+};
+
 /// The `http_poll` connector.
 #[derive(Debug, Default)]
 pub struct HttpPoll;
@@ -306,6 +326,10 @@ impl Connector for HttpPoll {
         let pacing = pacing(&settings);
         let retries: Duration = (1..=settings.max_retries).map(|n| pacing.ceiling(n)).sum();
         Some((settings.interval + settings.timeout * (settings.max_retries + 1) + retries) * 3)
+    }
+
+    fn position(&self) -> Option<&'static super::position::Format> {
+        Some(&POSITION)
     }
 
     fn run(&self, ctx: RunContext) -> BoxFuture<Result<(), Error>> {

@@ -9,6 +9,7 @@ pub mod contain;
 pub mod generator;
 pub mod http;
 pub mod http_poll;
+pub mod position;
 pub mod sink;
 pub mod webhook;
 
@@ -653,6 +654,12 @@ pub trait Connector: Send + Sync + 'static {
     /// How long this config may go without progress before the worker counts as stalled
     /// (`None`: never, e.g. a push source with no traffic).
     fn stall_after(&self, config: &serde_json::Value) -> Option<Duration>;
+
+    /// The format of the source position the kind saves (what a restart resumes from), or
+    /// `None` when it keeps none (a push source): then a position cannot be set for it.
+    fn position(&self) -> Option<&'static position::Format> {
+        None
+    }
 
     /// Fetches one real sample payload from the source, for the test harness when asked.
     ///

@@ -17,9 +17,10 @@
 //! [`Fence`]), so they are never read, let alone on every read.
 //!
 //! A history that lost commits may also have lost advances of the event id sequence, and
-//! would hand out again ids this process (and the clients it served) already saw. Before it
-//! anchors on the new history, the reader moves the sequence past the highest id it knew
-//! (`setval`, never backwards), so an event id keeps meaning one event.
+//! would hand out again ids this process (and the clients it served) already saw. Every read
+//! notes how far the sequence had gone (ids of every event, those this reader skips or never
+//! reaches included); before it anchors on a new history, the reader moves the sequence past
+//! the highest id it knew (`setval`, never backwards), so an event id keeps meaning one event.
 
 use std::collections::HashMap;
 
@@ -41,7 +42,8 @@ pub struct OutboxReader {
     seen: HashMap<i64, i64>,
     /// Rows the outbox query returned, over the reader's life.
     rows_read: u64,
-    /// The highest event id known taken: the sequence at each anchor, and every id read.
+    /// The highest event id known taken: the sequence at each anchor and each read, and every
+    /// id read.
     highest_id: i64,
 }
 
@@ -157,6 +159,7 @@ impl OutboxReader {
                 return self.reanchor(client, change).await;
             }
             sweep_horizon.get_or_insert(page.horizon);
+            self.highest_id = self.highest_id.max(page.ids_taken);
             self.rows_read += page.events.len() as u64;
             let full = page.events.len() as i64 == PAGE;
             if let Some(last) = page.events.last() {

@@ -312,20 +312,7 @@ impl Renewer {
         self,
         stop: CancellationToken,
     ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .thread_name("dsreg-lease-renewer")
-            .build()?;
-        let (done, finished) = tokio::sync::oneshot::channel();
-        std::thread::Builder::new()
-            .name("dsreg-lease-renewer".to_owned())
-            .spawn(move || {
-                runtime.block_on(self.run(stop));
-                // Its tasks (the connection drivers) end before the thread says it stopped.
-                drop(runtime);
-                let _ = done.send(());
-            })?;
-        Ok(finished)
+        Ok(crate::own_thread::spawn("dsreg-lease-renewer", self.run(stop))?.stopped)
     }
 
     /// A renewal, or (`renewing` false) a look.

@@ -18,6 +18,7 @@
 //! gets the stop deadline, then is aborted), waits for them, writes their final states,
 //! releases its leases, and returns.
 
+pub mod give_up;
 pub mod lease;
 pub mod ops;
 pub mod worker;

@@ -303,7 +303,34 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
         "touched running (read from the outbox)",
     )
     .await;
-    // The highest id the registry has seen: the standby's sequence never got this far.
+    // Ids the registry's reader never returns: a transaction takes a wake event's id and
+    // stays open while two hundred later ids go to worker events (not read by the reader,
+    // served to any client listing events), then commits; the reader's next read returns an
+    // id below them all. Only how far the sequence went says they were taken.
+    let mut holder = client(&with_db(&primary.cluster, &db.name)).await;
+    let held = holder.transaction().await.unwrap();
+    held.batch_execute(&format!(
+        "INSERT INTO datasource_events (datasource_id, type) VALUES ('{}', 'reload_requested')",
+        touched.id
+    ))
+    .await
+    .unwrap();
+    client(&with_db(&primary.cluster, &db.name))
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO datasource_events (datasource_id, type)
+             SELECT '{}', 'worker_running' FROM generate_series(1, 200)",
+            touched.id
+        ))
+        .await
+        .unwrap();
+    let reads = counter(&metrics(&app).await, "dsreg_outbox_rows_read_total");
+    held.commit().await.unwrap();
+    wait_for("the outbox read of the held event", WAIT, || async {
+        (counter(&metrics(&app).await, "dsreg_outbox_rows_read_total") > reads).then_some(())
+    })
+    .await;
+    // The highest id a client may have seen: the standby's sequence never got this far.
     let seen_before: i64 = db
         .events(touched.id)
         .await
@@ -311,6 +338,23 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
         .map(|e| e.id)
         .max()
         .expect("touched has events");
+
+    // A client follows every published event across the failover.
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut feed = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
+    let mut following = feed
+        .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {
+            datasource_id: String::new(),
+            types: vec!["published".to_owned()],
+            after_id: Some(seen_before),
+        })
+        .await
+        .unwrap()
+        .into_inner();
 
     // The primary dies; the standby comes back on its port and is promoted.
     primary = tokio::task::spawn_blocking(move || {
@@ -360,13 +404,20 @@ async fn after_a_failover_to_a_standby_that_lost_commits_every_publish_of_the_ne
             }
         }
     }
+    // The stream opened on the lost history delivers the new primary's publishes.
+    let mut awaited: std::collections::BTreeSet<(String, i32)> = ids
+        .iter()
+        .zip(&published)
+        .map(|(id, v)| (id.to_string(), *v))
+        .collect();
+    while !awaited.is_empty() {
+        let Ok(event) = tokio::time::timeout(WAIT, following.message()).await else {
+            panic!("the stream across the failover never delivered {awaited:?}");
+        };
+        let event = event.unwrap().expect("the stream stays open");
+        awaited.remove(&(event.datasource_id, event.version));
+    }
     // A cursor from the lost history, beyond every id this one has: said, not skipped over.
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", app.grpc_addr))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut feed = dsreg::api::grpc::pb::events_client::EventsClient::new(channel);
     let beyond = seen_before + 1_000_000;
     let refused = feed
         .watch_events(dsreg::api::grpc::pb::WatchEventsRequest {

@@ -737,12 +737,11 @@ async fn watch_events_resumes_from_the_last_id_with_no_gap_and_no_duplicate() {
         .filter(|i| *i > 1)
         .collect();
     while got.len() < all.len() {
-        let e = tokio::time::timeout(Duration::from_secs(60), resumed.message())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        got.push(e.id);
+        let Ok(e) = tokio::time::timeout(Duration::from_secs(60), resumed.message()).await else {
+            let missing: Vec<_> = all.iter().filter(|i| !got.contains(i)).collect();
+            panic!("no event within 60 s; got {got:?}, the table has {all:?}, missing {missing:?}");
+        };
+        got.push(e.unwrap().unwrap().id);
     }
     assert_eq!(got, all, "every event once, in id order");
 

@@ -178,7 +178,7 @@ async fn every_rpc_with_every_credential_gets_its_code_and_every_denial_is_audit
     let db = TestDb::new().await;
     let (_app, channel, _dir) = serve(&db).await;
     let rpcs = rpcs();
-    assert_eq!(rpcs.len(), 36, "the proto files list every RPC: {rpcs:?}");
+    assert_eq!(rpcs.len(), 38, "the proto files list every RPC: {rpcs:?}");
     // An id nobody has: allowed calls answer NOT_FOUND or INVALID_ARGUMENT, never a denial.
     let nobody = uuid::Uuid::new_v4().to_string();
     let mut failures = Vec::new();

@@ -274,6 +274,7 @@ pub fn worker_state(ds: &Datasource, s: State, settled: bool) -> pb::WorkerState
         settled,
         lease_epoch: s.lease_epoch,
         dead_letters: None,
+        failing_since: s.failing_since.map(timestamp),
     }
 }
 

@@ -6,14 +6,21 @@
 //! Ids are taken in one order and committed in another; an id is final (visible, or never to
 //! be) once every transaction that could hold it has ended. Event ids are taken after the
 //! writer's xid (migration V5), so when a read sees ids up to `m`, every transaction holding a
-//! lower id had an xid below that read's `xmax`; a later read whose `xmin` has reached that
-//! `xmax` proves them all finished, and re-reading up to `m` then returns every event up to `m`
-//! for good. With no transaction running (`xmin == xmax`) the first read is already final.
+//! lower id already had its xid, below that read's xid bound (above every xid taken by then:
+//! the snapshot's `xmax` raised by the running transactions' xids, see
+//! [`events::snapshot_bounds`]); a later read whose `xmin` has reached that bound proves them
+//! all finished, and re-reading up to `m` then returns every event up to `m` for good. With no
+//! transaction holding an xid (`xmin` equal to the bound) the first read is already final.
 //!
 //! The follower publishes a cursor: every event up to it has been broadcast and is final. A
 //! stream subscribes and reads the cursor in one step ([`Feed::join`]), so the events up to the
 //! cursor are in the table for good (it reads them there) and every later one reaches its
 //! receiver. A stream that falls behind the broadcast buffer joins again the same way.
+//!
+//! Another history of the database (a promoted standby that lost commits, a restore) may
+//! hand out again ids the feed already passed; when the server answering changes, the
+//! follower moves the id sequence past its cursor (never backwards; the outbox reader does
+//! the same for the ids it knew), so the next events get ids the streams have not seen.
 //!
 //! The follower stops with the server's shutdown token.
 
@@ -162,13 +169,13 @@ where
 /// Where the follower starts: after the newest id taken, once every transaction that could
 /// hold a lower one has ended. `None` on shutdown.
 async fn starting_point(pool: &Pool, shutdown: &CancellationToken) -> Option<i64> {
-    // The id first, the snapshot second: a transaction holding an id up to `last` took its
-    // xid before `last` was read, so below the later snapshot's xmax.
-    let (last, xmax) = retrying(shutdown, || async {
+    // The id first, the bound second: a transaction holding an id up to `last` took its xid
+    // before `last` was read, so below the later read's bound.
+    let (last, bound) = retrying(shutdown, || async {
         let client = pool.get().await.map_err(crate::db::Error::from)?;
         let last = events::last_id(&**client).await?;
-        let (_, xmax) = events::snapshot_bounds(&**client).await?;
-        Ok((last, xmax))
+        let (_, bound) = events::snapshot_bounds(&**client).await?;
+        Ok((last, bound))
     })
     .await?;
     let mut wait = SETTLE_FIRST;
@@ -178,7 +185,7 @@ async fn starting_point(pool: &Pool, shutdown: &CancellationToken) -> Option<i64
             events::snapshot_bounds(&**client).await
         })
         .await?;
-        if xmin >= xmax {
+        if xmin >= bound {
             return Some(last);
         }
         tokio::select! {
@@ -197,7 +204,9 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         ..EventFilter::default()
     };
     let mut cursor: Option<i64> = None;
-    // A read that saw ids up to `.0`, waiting for every transaction below its xmax `.1`.
+    // The server (and its history) the cursor's ids come from.
+    let mut server: Option<events::ServerIdentity> = None;
+    // A read that saw ids up to `.0`, waiting for every transaction below its xid bound `.1`.
     let mut pending: Option<(i64, i64)> = None;
     let mut settle_wait = SETTLE_FIRST;
     loop {
@@ -232,19 +241,41 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         else {
             return;
         };
+        if server.as_ref().is_some_and(|known| *known != page.server) {
+            tracing::info!(
+                from = %server.as_ref().map(ToString::to_string).unwrap_or_default(),
+                to = %page.server,
+                cursor = start,
+                "the event feed reads another history of the database; moving event ids past its cursor"
+            );
+            let advanced = async {
+                let client = pool.get().await.map_err(crate::db::Error::from)?;
+                events::advance_ids_past(&**client, start).await
+            };
+            // A server that refuses (a read-only one) leaves the ids as they are; the feed
+            // goes on.
+            if let Err(e) = advanced.await {
+                tracing::warn!(error = %e, "the event feed could not move event ids past its cursor");
+            }
+            server = Some(page.server);
+            pending = None;
+            continue;
+        }
+        server = Some(page.server);
         let last = page.events.last().map(|e| e.event.id);
         let full = page.events.len() as i64 >= filter.limit;
-        // One server's xmax never goes back; when it does, another history answers (a
-        // promoted standby reusing xids) and a wait for the old xmax might never end: the
-        // transactions that could hold a lower id are this server's, below its own xmax.
-        if let Some((m, xmax)) = pending
-            && page.xmax < xmax
+        // One server's bound does not go back; when it does, another history answers (a
+        // promoted standby reusing xids) and a wait for the old bound might never end: the
+        // transactions that could hold a lower id are this server's, below its own bound.
+        // (A lower bound is safe anyway: a transaction still running is below it.)
+        if let Some((m, bound)) = pending
+            && page.xid_bound < bound
         {
-            pending = Some((m, page.xmax));
+            pending = Some((m, page.xid_bound));
         }
         let settle = match pending {
-            Some((_, xmax)) => page.xmin >= xmax,
-            None => page.xmin == page.xmax,
+            Some((_, bound)) => page.xmin >= bound,
+            None => page.xmin >= page.xid_bound,
         };
         let mut more = false;
         if settle {
@@ -266,7 +297,7 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         } else if pending.is_none()
             && let Some(m) = last
         {
-            pending = Some((m, page.xmax));
+            pending = Some((m, page.xid_bound));
         }
         if more {
             continue;

@@ -210,9 +210,17 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         };
         let catalog = &self.0.catalog;
         let goal = Goal::Running { after: None };
+        let checked = from.clone();
         self.act(call, Op::Backfill(id, from), goal, |ds| {
-            if catalog.get(&ds.kind).is_some_and(|c| c.info().can_backfill) {
-                Ok(())
+            let kind = catalog.get(&ds.kind);
+            if kind.is_some_and(|c| c.info().can_backfill) {
+                // The same check a position reset takes.
+                match (kind.and_then(|c| c.position()), &checked) {
+                    (Some(format), Some(from)) => {
+                        super::positions::check(format, "from_cursor_json", from)
+                    }
+                    _ => Ok(()),
+                }
             } else {
                 Err(Status::failed_precondition(format!(
                     "connector kind {} cannot backfill",
@@ -401,6 +409,20 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
             workers,
             dry_run,
         }))
+    }
+
+    async fn get_source_position(
+        &self,
+        request: Request<pb::GetSourcePositionRequest>,
+    ) -> Result<Response<pb::SourcePosition>, Status> {
+        super::positions::get(&self.0, request).await
+    }
+
+    async fn reset_source_position(
+        &self,
+        request: Request<pb::ResetSourcePositionRequest>,
+    ) -> Result<Response<pb::SourcePosition>, Status> {
+        super::positions::reset(&self.0, request).await
     }
 }
 

@@ -21,6 +21,7 @@ pub mod lifecycle;
 pub mod limits;
 pub mod metrics;
 pub mod page;
+pub mod positions;
 pub mod principal;
 pub mod reads;
 pub mod secrets;

@@ -129,8 +129,9 @@ pub struct HistoryPage {
     pub events: Vec<Event>,
     /// The snapshot's `xmin`: every transaction below it had finished.
     pub xmin: i64,
-    /// The snapshot's `xmax`: every transaction at or above it started after the read.
-    pub xmax: i64,
+    /// Every transaction that had an xid when the page was read has one below this
+    /// ([`SNAPSHOT_BOUNDS`]).
+    pub xid_bound: i64,
 }
 
 /// History in id order, with the bounds of the snapshot that read it (one statement).
@@ -142,7 +143,7 @@ pub async fn list(client: &impl GenericClient, filter: &EventFilter) -> Result<H
     Ok(HistoryPage {
         events: page.events.into_iter().map(|s| s.event).collect(),
         xmin: page.xmin,
-        xmax: page.xmax,
+        xid_bound: page.xid_bound,
     })
 }
 
@@ -186,8 +187,11 @@ pub struct ScopedPage {
     pub events: Vec<ScopedEvent>,
     /// The snapshot's `xmin`: every transaction below it had finished.
     pub xmin: i64,
-    /// The snapshot's `xmax`: every transaction at or above it started after the read.
-    pub xmax: i64,
+    /// Every transaction that had an xid when the page was read has one below this
+    /// ([`SNAPSHOT_BOUNDS`]).
+    pub xid_bound: i64,
+    /// The server, and the history of it, that answered.
+    pub server: ServerIdentity,
 }
 
 /// [`list`] with each event's tenant.
@@ -201,11 +205,8 @@ pub async fn list_scoped(
     let rows = client
         .query_typed(
             &format!(
-                "WITH snap AS (
-                     SELECT pg_snapshot_xmin(s)::text::bigint AS snap_xmin,
-                            pg_snapshot_xmax(s)::text::bigint AS snap_xmax
-                     FROM pg_current_snapshot() s)
-                 SELECT snap.snap_xmin, snap.snap_xmax, e.* FROM snap LEFT JOIN LATERAL (
+                "WITH snap AS ({SNAPSHOT_BOUNDS})
+                 SELECT snap.snap_xmin, snap.xid_bound, {IDENTITY}, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {EV_COLUMNS}, d.org AS ds_org, d.project AS ds_project
                      FROM datasource_events ev LEFT JOIN datasources d ON d.id = ev.datasource_id
                      WHERE ($1::uuid IS NULL OR ev.datasource_id = $1)
@@ -234,9 +235,13 @@ pub async fn list_scoped(
             ]),
         )
         .await?;
-    let (xmin, xmax) = rows
-        .first()
-        .map_or((0, 0), |r| (r.get("snap_xmin"), r.get("snap_xmax")));
+    let Some(first) = rows.first() else {
+        return Err(Error::Unavailable(
+            "the history query returned no snapshot row".to_owned(),
+        ));
+    };
+    let (xmin, xid_bound) = (first.get("snap_xmin"), first.get("xid_bound"));
+    let server = identity_of(first);
     let events = rows
         .iter()
         .filter(|r| r.get::<_, Option<i64>>("id").is_some())
@@ -246,7 +251,12 @@ pub async fn list_scoped(
             project: r.get("ds_project"),
         })
         .collect();
-    Ok(ScopedPage { events, xmin, xmax })
+    Ok(ScopedPage {
+        events,
+        xmin,
+        xid_bound,
+        server,
+    })
 }
 
 /// Which server, and which history of it, answered a statement: a promoted standby keeps its
@@ -329,6 +339,10 @@ pub async fn anchor(client: &impl GenericClient) -> Result<Anchor, Error> {
 /// Columns `system_identifier` and `timeline` naming the server (see [`ServerIdentity`]);
 /// `pg_current_wal_lsn()` fails during recovery and `pg_control_system()` where it was revoked,
 /// hence the guards.
+/// The newest event id taken on this server (0 when none), as an SQL expression.
+const IDS_TAKEN: &str =
+    "(SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq)";
+
 const IDENTITY: &str =
     "CASE WHEN has_function_privilege('pg_catalog.pg_control_system()', 'EXECUTE')
           THEN (pg_control_system()).system_identifier END AS system_identifier,
@@ -352,6 +366,9 @@ pub struct SafePage {
     pub horizon: i64,
     /// The server that answered.
     pub server: ServerIdentity,
+    /// The newest event id taken on that server when the page was read (by any writer, read
+    /// by this reader or not).
+    pub ids_taken: i64,
 }
 
 /// Reads committed events written by transactions at or after `horizon`, with ids greater
@@ -375,7 +392,8 @@ pub async fn read_safe(
     let rows = client
         .query_typed(
             &format!(
-                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon, {IDENTITY})
+                "WITH snap AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS horizon,
+                                      {IDS_TAKEN} AS ids_taken, {IDENTITY})
                  SELECT snap.*, e.* FROM snap LEFT JOIN LATERAL (
                      SELECT {COLUMNS} FROM datasource_events
                      WHERE ((xid >= $1::text::xid8 AND xid < $5::text::xid8)
@@ -400,6 +418,7 @@ pub async fn read_safe(
         ));
     };
     let horizon = first.get::<_, i64>("horizon");
+    let ids_taken = first.get::<_, i64>("ids_taken");
     let server = identity_of(first);
     let events = rows
         .iter()
@@ -410,6 +429,7 @@ pub async fn read_safe(
         events,
         horizon,
         server,
+        ids_taken,
     })
 }
 
@@ -446,20 +466,39 @@ pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> 
     Ok(row.get(0))
 }
 
-/// The current snapshot's `xmin` and `xmax`.
+/// The current snapshot's `xmin`, and a bound every transaction holding an xid now has its
+/// xid below ([`SNAPSHOT_BOUNDS`]).
 ///
 /// # Errors
 /// The query failed.
 pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), Error> {
     let row = client
         .query_typed_one(
-            "SELECT pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
-             FROM pg_current_snapshot() s",
+            &format!("SELECT snap_xmin, xid_bound FROM ({SNAPSHOT_BOUNDS}) snap"),
             &[],
         )
         .await?;
     Ok((row.get(0), row.get(1)))
 }
+
+/// A snapshot's `xmin` (`snap_xmin`: every transaction below it had finished) and
+/// the xid bound (`xid_bound`), as a query of one row.
+///
+/// A snapshot's `xmax` is not such a bound: it is one past the newest *finished* xid, and a
+/// transaction that took its xid after that one was taken, and is still running, has an xid
+/// at or above it (`xmin == xmax` then, with that transaction running). So the xids of the
+/// transactions running on the server (every database; `backend_xid` is shown to every role)
+/// raise it: each is read as the 64-bit xid nearest the snapshot's `xmax` with the same low 32
+/// bits.
+const SNAPSHOT_BOUNDS: &str = "SELECT pg_snapshot_xmin(s)::text::bigint AS snap_xmin,
+            greatest(pg_snapshot_xmax(s)::text::bigint,
+                     (SELECT max(pg_snapshot_xmax(s)::text::bigint
+                                 + (a.backend_xid::text::bigint
+                                    - pg_snapshot_xmax(s)::text::bigint % 4294967296
+                                    + 6442450944) % 4294967296
+                                 - 2147483648 + 1)
+                      FROM pg_stat_activity a WHERE a.backend_xid IS NOT NULL)) AS xid_bound
+     FROM pg_current_snapshot() s";
 
 /// The newest id taken so far (0 when none): where a watch of only new events starts.
 ///
@@ -467,10 +506,7 @@ pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), 
 /// The query failed.
 pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
     let row = client
-        .query_typed_one(
-            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM datasource_events_id_seq",
-            &[],
-        )
+        .query_typed_one(&format!("SELECT {IDS_TAKEN}"), &[])
         .await?;
     Ok(row.get(0))
 }
@@ -483,9 +519,9 @@ pub async fn last_id(client: &impl GenericClient) -> Result<i64, Error> {
 pub async fn advance_ids_past(client: &impl GenericClient, id: i64) -> Result<bool, Error> {
     let moved = client
         .query_typed(
-            "SELECT setval('datasource_events_id_seq', $1::bigint)
-             WHERE $1::bigint > (SELECT CASE WHEN is_called THEN last_value ELSE 0 END
-                                 FROM datasource_events_id_seq)",
+            &format!(
+                "SELECT setval('datasource_events_id_seq', $1::bigint) WHERE $1::bigint > {IDS_TAKEN}"
+            ),
             &typed::params(&[&id]),
         )
         .await?;

@@ -16,7 +16,7 @@ use crate::domain::{DesiredState, WorkerStatus};
 
 const COLUMNS: &str = "datasource_id, desired, restart_generation, worker_status, running_version, owner_instance, \
      lease_epoch, last_heartbeat_at, last_progress_at, last_event_at, error_code, error_message, restart_count, \
-     metrics, updated_at";
+     metrics, updated_at, failing_since";
 
 /// A datasource's runtime state.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,8 @@ pub struct State {
     pub updated_at: DateTime<Utc>,
     /// Whether the owner is alive (see [`owner_live`]); `None` where the read did not look.
     pub owner_live: Option<bool>,
+    /// Since when the worker has failed with no healthy run (the give-up policy's clock).
+    pub failing_since: Option<DateTime<Utc>>,
 }
 
 impl State {
@@ -83,6 +85,7 @@ impl State {
             metrics: row.get("metrics"),
             updated_at: row.get("updated_at"),
             owner_live: row.row.try_get(col("owner_live").as_str()).ok(),
+            failing_since: row.get("failing_since"),
         })
     }
 }
@@ -565,6 +568,13 @@ pub async fn apply_transitions(
                         error_code = CASE WHEN u.set_error THEN u.code ELSE s.error_code END,
                         error_message = CASE WHEN u.set_error THEN u.message ELSE s.error_message END,
                         restart_count = coalesce(u.restarts, s.restart_count),
+                        -- Since when the worker has failed with no healthy run: set at the
+                        -- first failure, kept through the restarts after it, cleared by a
+                        -- run that works or a stop (the give-up policy's clock).
+                        failing_since = CASE
+                            WHEN u.status IN ('error', 'crash_loop') THEN coalesce(s.failing_since, now())
+                            WHEN u.status IN ('running', 'stopped', 'init') THEN NULL
+                            ELSE s.failing_since END,
                         owner_instance = $8,
                         lease_epoch = u.epoch,
                         last_event_at = now(),
@@ -831,4 +841,154 @@ pub async fn select(
         )
         .await?;
     Ok(rows.iter().map(|r| r.get(0)).collect())
+}
+
+/// What a source position read or reset needs of a datasource's state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Position {
+    /// What the worker is doing.
+    pub worker_status: WorkerStatus,
+    /// What operators want.
+    pub desired: DesiredState,
+    /// The stored position (`None`: none; the next run reads from the start).
+    pub source_cursor: Option<serde_json::Value>,
+}
+
+/// Reads a datasource's source position and worker status; with `lock`, locks the state row
+/// for the rest of the transaction (a reset holds it while it checks and writes).
+///
+/// # Errors
+/// [`Error::DatasourceNotFound`].
+pub async fn position(
+    client: &impl GenericClient,
+    datasource: Uuid,
+    lock: bool,
+) -> Result<Position, Error> {
+    let row = client
+        .query_typed_opt(
+            &format!(
+                "SELECT worker_status, desired, source_cursor FROM datasource_state
+                 WHERE datasource_id = $1{}",
+                if lock { " FOR UPDATE" } else { "" }
+            ),
+            &typed::params(&[&datasource]),
+        )
+        .await?
+        .ok_or(Error::DatasourceNotFound(datasource))?;
+    let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
+    Ok(Position {
+        worker_status: row.get::<_, &str>(0).parse().map_err(parse_err)?,
+        desired: row.get::<_, &str>(1).parse().map_err(parse_err)?,
+        source_cursor: row.get(2),
+    })
+}
+
+/// Sets (or with `None` clears) a datasource's source position, recording a
+/// `source_position_reset` event with the position before and after. The caller has checked
+/// that the worker is stopped, with the row locked ([`position`]).
+///
+/// # Errors
+/// [`Error::DatasourceNotFound`].
+pub async fn reset_position(
+    tx: &Transaction<'_>,
+    datasource: Uuid,
+    previous: Option<&serde_json::Value>,
+    to: Option<&serde_json::Value>,
+) -> Result<(), Error> {
+    let updated = tx
+        .execute_typed(
+            "UPDATE datasource_state SET source_cursor = $2, updated_at = now() WHERE datasource_id = $1",
+            &typed::params(&[&datasource, &to]),
+        )
+        .await?;
+    if updated == 0 {
+        return Err(Error::DatasourceNotFound(datasource));
+    }
+    events::append(
+        tx,
+        &[NewEvent {
+            at: None,
+            datasource_id: Some(datasource),
+            kind: "source_position_reset".into(),
+            version: None,
+            payload: serde_json::json!({ "from": previous, "to": to, "cleared": to.is_none() }),
+        }],
+    )
+    .await
+}
+
+/// A datasource the give-up policy disabled ([`give_up`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GivenUp {
+    /// The datasource.
+    pub datasource_id: Uuid,
+    /// Tenant organisation.
+    pub org: String,
+    /// Tenant project.
+    pub project: String,
+    /// Since when its worker had failed with no healthy run.
+    pub failing_since: DateTime<Utc>,
+    /// Its worker's status then.
+    pub worker_status: WorkerStatus,
+    /// Its last error's code.
+    pub error_code: Option<String>,
+    /// Its last error (never secret values).
+    pub error_message: Option<String>,
+}
+
+/// Disables (`status = 'disabled'`) up to `limit` active datasources whose worker has failed
+/// with no healthy run since at least `after` ago (`datasource_state.failing_since`), among
+/// those whose lease `instance` holds now; returns them. The status change writes the
+/// `disabled` event that stops the worker; the caller records why. Rows another transaction
+/// holds are skipped (the next sweep sees them).
+///
+/// # Errors
+/// The statement failed; nothing was disabled.
+pub async fn give_up(
+    tx: &Transaction<'_>,
+    instance: &str,
+    after: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<GivenUp>, Error> {
+    let after_secs = after.as_secs_f64();
+    let rows = tx
+        .query_typed(
+            &format!(
+                "WITH due AS (
+                    SELECT d.id FROM datasources d
+                    JOIN datasource_state s ON s.datasource_id = d.id
+                    JOIN datasource_leases l ON l.datasource_id = d.id
+                    WHERE d.status = 'active' AND s.failing_since IS NOT NULL
+                      AND s.failing_since <= now() - make_interval(secs => $2)
+                      AND {}
+                    ORDER BY d.id LIMIT $3
+                    FOR UPDATE OF d SKIP LOCKED
+                 ), disabled AS (
+                    UPDATE datasources d SET status = 'disabled'
+                    FROM due WHERE d.id = due.id
+                    RETURNING d.id, d.org, d.project
+                 )
+                 SELECT x.id, x.org, x.project, s.failing_since, s.worker_status, s.error_code,
+                        s.error_message
+                 FROM disabled x JOIN datasource_state s ON s.datasource_id = x.id
+                 ORDER BY x.id",
+                super::leases::held_by("$1")
+            ),
+            &typed::params(&[&instance, &after_secs, &limit]),
+        )
+        .await?;
+    let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
+    rows.iter()
+        .map(|r| {
+            Ok(GivenUp {
+                datasource_id: r.get(0),
+                org: r.get(1),
+                project: r.get(2),
+                failing_since: r.get(3),
+                worker_status: r.get::<_, &str>(4).parse().map_err(parse_err)?,
+                error_code: r.get(5),
+                error_message: r.get(6),
+            })
+        })
+        .collect()
 }

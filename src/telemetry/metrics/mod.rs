@@ -97,6 +97,7 @@ struct Inner {
     sink_pending: Gauge,
     sink_failures: Family<PassLabels, Counter>,
     sink_lost: Counter,
+    auto_disabled: Counter,
     ready: Gauge,
     horizon_age: Gauge<f64, std::sync::atomic::AtomicU64>,
     horizon_pid: Gauge,
@@ -195,6 +196,8 @@ impl Metrics {
         register(&mut registry, &names::SINK_LOST, sink_lost.clone());
         let ready = Gauge::default();
         register(&mut registry, &names::READY, ready.clone());
+        let auto_disabled = Counter::default();
+        register(&mut registry, &names::AUTO_DISABLED, auto_disabled.clone());
         // Every known series from zero, so a rate over them exists before the first event.
         for kind in ["transient", "refused"] {
             drop(sink_failures.get_or_create(&[("kind", kind)]));
@@ -219,6 +222,7 @@ impl Metrics {
             sink_pending,
             sink_failures,
             sink_lost,
+            auto_disabled,
             ready,
             horizon_age,
             horizon_pid,
@@ -392,6 +396,11 @@ impl Metrics {
     /// `count` writes of `what` (`records`, `state`) were refused by their lease fence.
     pub fn writes_fenced(&self, what: &'static str, count: u64) {
         self.0.fenced.get_or_create(&[("what", what)]).inc_by(count);
+    }
+
+    /// The give-up policy disabled `count` datasources.
+    pub fn datasources_auto_disabled(&self, count: u64) {
+        self.0.auto_disabled.inc_by(count);
     }
 
     /// A sink flush attempt failed: `kind` is `transient` or `refused`.

@@ -328,6 +328,12 @@ pub const DEAD_LETTERS_OTHER_DATASOURCES: Family = family(
     Gauge,
     "Dead letters waiting for every datasource without a series of its own in dsreg_datasource_dead_letters",
 );
+/// Datasources the give-up policy disabled.
+pub const AUTO_DISABLED: Family = family(
+    "dsreg_datasources_auto_disabled",
+    Counter,
+    "Datasources this instance disabled because their worker failed with no healthy run for longer than the give-up time (--give-up-after-secs)",
+);
 /// Notification path checks that could not send their token.
 pub const NOTIFICATION_PATH_UNTESTED: Family = family(
     "dsreg_notification_path_untested",
@@ -445,6 +451,7 @@ pub const NAMES: &[Family] = &[
     NOTIFICATION_PATH_UNTESTED,
     DATASOURCE_DEAD_LETTERS,
     DEAD_LETTERS_OTHER_DATASOURCES,
+    AUTO_DISABLED,
     LISTENER_RECONNECTS,
     NOTIFICATIONS_RECEIVED,
     NOTIFICATIONS_MALFORMED,

@@ -41,6 +41,8 @@ static PERMISSIONS: &[(&str, Role)] = &[
     ("/dsreg.v1.DeadLetters/ListDeadLetters", Role::Operator),
     ("/dsreg.v1.DeadLetters/ReplayDeadLetters", Role::Operator),
     ("/dsreg.v1.DeadLetters/PurgeDeadLetters", Role::Admin),
+    ("/dsreg.v1.Lifecycle/GetSourcePosition", Role::Operator),
+    ("/dsreg.v1.Lifecycle/ResetSourcePosition", Role::Operator),
 ];
 
 /// The role the RPC at `path` (`/dsreg.v1.<Service>/<Method>`) needs: Viewer for reads,
