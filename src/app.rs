@@ -37,6 +37,7 @@ use crate::connectors::Catalog;
 use crate::connectors::sink::{ShutdownDrain, Sink, Target, WriterOptions};
 use crate::connectors::webhook::Ingress;
 use crate::db::{self, embedded};
+use crate::files::http::{Poller, SourceHealth};
 use crate::files::{WatchConfig, Watcher};
 use crate::outbox::listener::{Listener, ListenerConfig, ListenerStats};
 use crate::secrets::{
@@ -50,14 +51,15 @@ use crate::supervisor::writer::{StateWriter, Written};
 use crate::supervisor::{Supervisor, SupervisorConfig, SupervisorParts};
 use crate::telemetry::metrics::Metrics;
 
-/// An instance's metrics: the registry, reading the database pool's usage and the LISTEN
-/// connection's counters at each scrape.
-pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>) -> Metrics {
+/// An instance's metrics: the registry, reading the database pool's usage, the LISTEN
+/// connection's counters and the HTTP definition sources' states at each scrape.
+pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>, sources: &Arc<SourceHealth>) -> Metrics {
     Metrics::new(vec![
         Box::new(crate::db::metrics::PoolMetrics(pool.clone())),
         Box::new(crate::outbox::metrics::ListenerMetrics(Arc::clone(
             listener,
         ))),
+        Box::new(Arc::clone(sources)),
     ])
 }
 
@@ -238,6 +240,10 @@ pub struct App {
     page_key: api::grpc::page::PageKey,
     /// A folder of datasource files to keep the database in step with.
     pub file_sync: Option<WatchConfig>,
+    /// HTTP sources of datasource definitions to poll into the database.
+    pub http_sync: Vec<Poller>,
+    /// How the HTTP definition sources are doing (for `/metrics` and `/readyz`).
+    pub sync_sources: Arc<SourceHealth>,
 }
 
 impl App {
@@ -280,7 +286,8 @@ impl App {
                 .context("reading the page token key")?
         };
         let listener_stats = Arc::<ListenerStats>::default();
-        let metrics = metrics(&pool, &listener_stats);
+        let sync_sources = Arc::<SourceHealth>::default();
+        let metrics = metrics(&pool, &listener_stats, &sync_sources);
         let http = TcpListener::bind(settings.http_addr)
             .await
             .with_context(|| format!("binding the HTTP port {}", settings.http_addr))?;
@@ -330,6 +337,8 @@ impl App {
             page_key,
             auth,
             file_sync: None,
+            http_sync: Vec::new(),
+            sync_sources,
         })
     }
 
@@ -441,6 +450,10 @@ impl App {
                 }
             });
         }
+        for mut poller in self.http_sync {
+            poller.report_health(self.sync_sources.clone());
+            tracker.spawn(poller.run(shutdown.child_token()));
+        }
         let grpc_secrets = self.secrets.clone();
         if let Some(after) = self.give_up_after {
             let policy = crate::supervisor::give_up::GiveUp::new(
@@ -542,6 +555,7 @@ impl App {
             gauge: self.metrics.ready(),
             fatal,
             pressure: pressure_state,
+            sources: self.sync_sources.clone(),
             probe_runtime: Some(health.handle.clone()),
         };
         let http_state = api::http::HttpState {
@@ -882,10 +896,15 @@ pub async fn serve(settings: Settings, sync: SyncSettings) -> anyhow::Result<()>
     {
         anyhow::bail!("--sync-dir {}: not a folder", config.dir.display());
     }
+    let http_sync = sync.http_sources().map_err(anyhow::Error::msg)?;
     let database = Database::open_owned(&settings).await?;
     let result = async {
         let mut app = App::build(&settings, &database.url).await?;
         app.file_sync = file_sync;
+        for config in http_sync {
+            let (pool, catalog, limits) = (app.pool.clone(), app.catalog.clone(), app.limits.clone());
+            app.http_sync.push(Poller::new(pool, catalog, limits, config)?);
+        }
         let where_db = match &database.cluster {
             Some(c) => format!("embedded PostgreSQL in {} on port {}", c.data_dir().display(), c.port()),
             None => "DATABASE_URL".to_owned(),
@@ -974,7 +993,7 @@ mod tests {
             std::time::Duration::from_secs(1),
         )
         .expect("a pool is built without connecting");
-        let m = metrics(&pool, &Arc::default());
+        let m = metrics(&pool, &Arc::default(), &Arc::default());
         let id = Uuid::new_v4();
         let health = Health::default();
         health.set_running(true);

@@ -9,6 +9,7 @@ use crate::api::grpc::limits::RpcLimits;
 use crate::api::tls::TlsFiles;
 use crate::backoff::BackoffPolicy;
 use crate::connectors::sink::Target;
+use crate::files::http::{Source, SourceConfig, Token};
 use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
 use crate::transform::Limits;
@@ -412,9 +413,119 @@ pub struct SyncSettings {
         default_value_t = 30_000
     )]
     pub rescan_interval_ms: u64,
+
+    /// An HTTP(S) URL serving datasource definitions (a YAML document, a multi-document YAML
+    /// bundle, or a `.tar.gz` / `.zip` archive of a folder) to poll and sync into the database
+    /// while serving, as `dsreg sync --from` does; repeatable (comma-separated in the
+    /// environment).
+    #[arg(
+        long = "sync-url",
+        env = "DSREG_SYNC_URL",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub urls: Vec<String>,
+
+    /// How HTTP sources are fetched.
+    #[command(flatten)]
+    pub http: HttpSourceSettings,
+}
+
+/// How an HTTP source of datasource definitions is fetched (`serve --sync-url`, `dsreg sync
+/// --from`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct HttpSourceSettings {
+    /// Time between polls of an HTTP source, in milliseconds (spread a fifth either way).
+    #[arg(
+        long = "sync-poll-interval-ms",
+        env = "DSREG_SYNC_POLL_INTERVAL_MS",
+        default_value_t = 30_000
+    )]
+    pub poll_interval_ms: u64,
+
+    /// The longest one request to an HTTP source may take, in milliseconds.
+    #[arg(
+        long = "sync-http-timeout-ms",
+        env = "DSREG_SYNC_HTTP_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub timeout_ms: u64,
+
+    /// The largest body an HTTP source may send, in bytes.
+    #[arg(
+        long = "sync-max-bytes",
+        env = "DSREG_SYNC_MAX_BYTES",
+        default_value_t = 16 * 1024 * 1024
+    )]
+    pub max_bytes: u64,
+
+    /// A file holding the bearer token sent to HTTP sources (read before each request).
+    #[arg(
+        long = "sync-token-file",
+        env = "DSREG_SYNC_TOKEN_FILE",
+        conflicts_with = "token_env"
+    )]
+    pub token_file: Option<PathBuf>,
+
+    /// The name of an environment variable holding the bearer token sent to HTTP sources.
+    #[arg(long = "sync-token-env", env = "DSREG_SYNC_TOKEN_ENV")]
+    pub token_env: Option<String>,
+
+    /// A PEM file of the CA certificates HTTP sources are trusted by, instead of the system's
+    /// roots.
+    #[arg(long = "sync-ca-file", env = "DSREG_SYNC_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+}
+
+impl HttpSourceSettings {
+    /// The source at `url`, synced under `conflict` and `prune`.
+    ///
+    /// # Errors
+    /// A URL that cannot be fetched (or has credentials in it), a zero interval, timeout or
+    /// size bound.
+    pub fn source(
+        &self,
+        url: &str,
+        conflict: ConflictPolicy,
+        prune: bool,
+    ) -> Result<SourceConfig, String> {
+        if self.poll_interval_ms == 0 || self.timeout_ms == 0 || self.max_bytes == 0 {
+            return Err(
+                "--sync-poll-interval-ms, --sync-http-timeout-ms and --sync-max-bytes must be \
+                 positive"
+                    .into(),
+            );
+        }
+        let token = match (&self.token_file, &self.token_env) {
+            (Some(file), _) => Some(Token::File(file.clone())),
+            (None, Some(var)) => Some(Token::Env(var.clone())),
+            (None, None) => None,
+        };
+        Ok(SourceConfig {
+            source: Source::parse(url).map_err(|e| e.to_string())?,
+            poll_interval: Duration::from_millis(self.poll_interval_ms),
+            timeout: Duration::from_millis(self.timeout_ms),
+            max_bytes: self.max_bytes,
+            token,
+            ca_file: self.ca_file.clone(),
+            conflict,
+            prune,
+        })
+    }
 }
 
 impl SyncSettings {
+    /// The HTTP sources to poll.
+    ///
+    /// # Errors
+    /// As [`HttpSourceSettings::source`].
+    pub fn http_sources(&self) -> Result<Vec<SourceConfig>, String> {
+        self.urls
+            .iter()
+            .map(|url| self.http.source(url, self.conflict, self.prune))
+            .collect()
+    }
+
     /// The watcher's configuration, when a folder is set.
     ///
     /// # Errors

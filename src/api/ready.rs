@@ -49,6 +49,8 @@ pub struct Readiness {
     pub fatal: Arc<Fatal>,
     /// What holds the outbox back (warnings, not failures).
     pub pressure: Arc<crate::outbox::pressure::PressureState>,
+    /// The HTTP definition sources of the registry's own sync (a failing one is a warning).
+    pub sources: Arc<crate::files::http::SourceHealth>,
     /// The runtime the database probe runs on, where [`Self::pool`] is used (the health
     /// checks' own thread, [`crate::own_thread`]): a shared runtime too busy to poll the
     /// answer in time does not make a database that answered look unready. `None`: the
@@ -76,9 +78,12 @@ impl Readiness {
         result
     }
 
-    /// What is worth an operator's attention while ready (a filling NOTIFY queue).
+    /// What is worth an operator's attention while ready (a filling NOTIFY queue, a failing
+    /// definition source).
     pub fn warnings(&self) -> Vec<String> {
-        self.pressure.warnings()
+        let mut warnings = self.pressure.warnings();
+        warnings.extend(self.sources.warnings());
+        warnings
     }
 
     async fn probe(&self) -> Result<(), String> {
@@ -128,6 +133,7 @@ mod tests {
             gauge: Default::default(),
             fatal: Arc::default(),
             pressure: Arc::default(),
+            sources: Arc::default(),
             probe_runtime: None,
         };
         assert!(readiness.check().await.unwrap_err().contains("database"));

@@ -20,6 +20,8 @@ use crate::config::Settings;
 use crate::connectors::Catalog;
 use crate::db;
 use crate::files::export::{self, ExportOptions};
+use crate::files::http::Poller;
+use crate::files::http::poll::Outcome;
 use crate::files::sync::{Phase, Progress as ProgressFn};
 use crate::files::{Action, ConflictPolicy, Error, Mode, Options, Report, Step, Syncer};
 use crate::files::{WatchConfig, Watcher};
@@ -57,14 +59,29 @@ pub struct ImportArgs {
     output: Output,
 }
 
-/// `dsreg sync --watch DIR`.
+/// `dsreg sync --watch DIR`, `dsreg sync --from URL [--once]`.
 #[derive(Debug, clap::Args)]
 pub struct SyncArgs {
     #[command(flatten)]
     settings: Settings,
     /// The folder of datasource files to keep the database in step with, until Ctrl-C.
-    #[arg(long, required = true, value_name = "DIR")]
-    watch: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "from",
+        conflicts_with = "from"
+    )]
+    watch: Option<PathBuf>,
+    /// An HTTP(S) URL serving datasource definitions (a YAML document, a multi-document YAML
+    /// bundle, or a `.tar.gz` / `.zip` archive of a folder) to keep the database in step
+    /// with: polled every `--sync-poll-interval-ms` until Ctrl-C, or once with `--once`.
+    #[arg(long, value_name = "URL")]
+    from: Option<String>,
+    /// Fetch and sync once, all or nothing as `dsreg import` does, and exit.
+    #[arg(long, requires = "from")]
+    once: bool,
+    #[command(flatten)]
+    http: crate::config::HttpSourceSettings,
     #[command(flatten)]
     flags: SyncFlags,
     /// Quiet time after a change before syncing, in milliseconds (a burst of saves is one
@@ -135,23 +152,32 @@ impl ImportArgs {
             let (progress, bars) = progress();
             let result = syncer.run(&paths, options, Some(progress)).await;
             finish(&bars);
-            match result {
-                Ok(report) => print_report(&report, options, printer),
-                Err(Error::Problems(problems)) => {
-                    for p in &problems {
-                        note(&p.to_string());
-                    }
-                    bail!(
-                        "{} problem(s) in {} file(s); nothing was applied",
-                        problems.len(),
-                        files_of(&problems)
-                    )
-                }
-                Err(e @ Error::Db(_)) => Err(anyhow::Error::new(e).context(MIGRATED)),
-                Err(e) => Err(e.into()),
-            }
+            imported(result, options, printer)
         })
         .await
+    }
+}
+
+/// An import's outcome, printed: the plan, or every problem.
+fn imported(
+    result: Result<Report, Error>,
+    options: Options,
+    printer: Printer,
+) -> anyhow::Result<()> {
+    match result {
+        Ok(report) => print_report(&report, options, printer),
+        Err(Error::Problems(problems)) => {
+            for p in &problems {
+                note(&p.to_string());
+            }
+            bail!(
+                "{} problem(s) in {} file(s); nothing was applied",
+                problems.len(),
+                files_of(&problems)
+            )
+        }
+        Err(e @ Error::Db(_)) => Err(anyhow::Error::new(e).context(MIGRATED)),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -297,11 +323,17 @@ impl SyncArgs {
     /// The folder cannot be watched, or the database cannot be opened.
     pub async fn run(self) -> anyhow::Result<()> {
         self.settings.check().map_err(anyhow::Error::msg)?;
+        let (dir, url) = (self.watch.clone(), self.from.clone());
+        let dir = match (dir, url) {
+            (_, Some(url)) => return self.run_http(&url).await,
+            (Some(dir), None) => dir,
+            (None, None) => bail!("give --watch DIR or --from URL"),
+        };
         if self.debounce_ms == 0 || self.rescan_interval_ms == 0 {
             bail!("--debounce-ms and --rescan-interval-ms must be positive");
         }
         let config = WatchConfig {
-            dir: self.watch.clone(),
+            dir,
             conflict: self.flags.conflict,
             prune: self.flags.prune,
             debounce: std::time::Duration::from_millis(self.debounce_ms),
@@ -338,6 +370,71 @@ impl SyncArgs {
                 Err(e @ Error::Db(_)) => Err(anyhow::Error::new(e).context(MIGRATED)),
                 other => Ok(other?),
             }
+        })
+        .await
+    }
+}
+
+impl SyncArgs {
+    /// `--from URL`: once (all or nothing), or polling until Ctrl-C.
+    async fn run_http(self, url: &str) -> anyhow::Result<()> {
+        let config = self
+            .http
+            .source(url, self.flags.conflict, self.flags.prune)
+            .map_err(anyhow::Error::msg)?;
+        let printer = Printer::new(self.output);
+        let settings = self.settings.clone();
+        let once = self.once;
+        with_database(&self.settings, |db_url| async move {
+            let pool = db::pool_with(
+                &db_url,
+                &settings.connect_options(),
+                2,
+                settings.pool_wait(),
+            )?;
+            let mut poller = Poller::new(
+                pool.clone(),
+                Catalog::builtin(),
+                settings.transform_limits(),
+                config,
+            )?;
+            if once {
+                let options = Options {
+                    mode: Mode::Import,
+                    conflict: self.flags.conflict,
+                    prune: self.flags.prune,
+                    dry_run: false,
+                };
+                let result = poller.pass(Mode::Import, false).await;
+                pool.close();
+                return match result {
+                    Ok(Outcome::Synced(report)) => imported(Ok(report), options, printer),
+                    // A first request is never conditional.
+                    Ok(Outcome::NotModified) => Ok(()),
+                    Err(e) => imported(Err(e), options, printer),
+                };
+            }
+            let (reports_tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+            poller.report_to(reports_tx);
+            let mut interrupt =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+                    .context("watching for Ctrl-C")?;
+            let stop = CancellationToken::new();
+            let run = poller.run(stop.clone());
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    () = &mut run => break,
+                    Some(outcome) = reports.recv() => match outcome {
+                        Ok(Outcome::NotModified) => {}
+                        Ok(Outcome::Synced(report)) => print_pass(&Ok(report), printer)?,
+                        Err(e) => print_pass(&Err(e), printer)?,
+                    },
+                    Some(()) = interrupt.recv() => stop.cancel(),
+                }
+            }
+            pool.close();
+            Ok(())
         })
         .await
     }

@@ -26,9 +26,14 @@ pub struct Context {
     pub policy: ConflictPolicy,
 }
 
-/// The actor a file writes as.
+/// The actor a file writes as: `file:/abs/path.yaml`, or `http:https://host/path` for a
+/// document of an HTTP source (its recorded name carries no credentials or query).
 pub fn actor(file: &str) -> String {
-    format!("file:{file}")
+    if file.starts_with("https://") || file.starts_with("http://") {
+        format!("http:{file}")
+    } else {
+        format!("file:{file}")
+    }
 }
 
 /// Applies `plan` (made from `definitions`) in `tx`, filling in the datasource ids and the

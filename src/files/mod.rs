@@ -14,7 +14,9 @@
 //! - [`sync`]: one pass from files to database, for import and for the watcher;
 //! - [`watch`]: the folder watcher (debounced, rescanning on an interval), stopped by its
 //!   cancellation token;
-//! - [`export`]: the published configs as files.
+//! - [`export`]: the published configs as files;
+//! - [`http`]: an HTTP source of the same documents (`dsreg sync --from URL`,
+//!   `serve --sync-url`), polled into the same pipeline.
 //!
 //! Owns the `datasource_file_sync` rows through its repository; secret values never pass
 //! through here (files name secrets, values go in with `dsreg secret put`).
@@ -22,6 +24,7 @@
 pub mod apply;
 pub mod export;
 pub mod format;
+pub mod http;
 pub mod plan;
 pub mod scan;
 pub mod sync;
@@ -130,13 +133,20 @@ pub enum Error {
     /// The database failed.
     #[error(transparent)]
     Db(#[from] crate::db::Error),
+    /// An HTTP source could not be fetched or read; nothing was applied.
+    #[error(transparent)]
+    Http(#[from] http::SourceError),
 }
 
 impl Error {
     /// Whether the same sync may succeed if retried (the database was unreachable or a
-    /// concurrent writer won).
+    /// concurrent writer won, an HTTP source did not answer or asked to come back later).
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Error::Db(e) if e.is_retryable())
+        match self {
+            Error::Db(e) => e.is_retryable(),
+            Error::Http(e) => e.is_retryable(),
+            _ => false,
+        }
     }
 
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Error + '_ {

@@ -116,8 +116,34 @@ impl Syncer {
         options: Options,
         progress: Option<Progress>,
     ) -> Result<Report, Error> {
+        let paths = paths.to_vec();
+        self.run_source(move || scan::scan(&paths), options, progress)
+            .await
+    }
+
+    /// One pass over documents already read (an HTTP source's): `scan` names each document
+    /// and the roots that pruning is scoped to, as a folder scan does.
+    ///
+    /// # Errors
+    /// As [`Syncer::run`].
+    pub async fn run_scan(
+        &mut self,
+        scan: Scan,
+        options: Options,
+        progress: Option<Progress>,
+    ) -> Result<Report, Error> {
+        self.run_source(move || Ok(scan), options, progress).await
+    }
+
+    /// One pass over what `source` finds (called on a blocking thread).
+    async fn run_source(
+        &mut self,
+        source: impl FnOnce() -> Result<Scan, Error> + Send + 'static,
+        options: Options,
+        progress: Option<Progress>,
+    ) -> Result<Report, Error> {
         let started = Instant::now();
-        let (scan, definitions, problems) = self.read(paths, progress.clone()).await?;
+        let (scan, definitions, problems) = self.read(source, progress.clone()).await?;
         let strict = options.mode == Mode::Import;
         let mut report = Report {
             files: scan.sources.len(),
@@ -237,19 +263,19 @@ impl Syncer {
         Ok(())
     }
 
-    /// Scans and checks the files of `paths` on a blocking thread, re-checking only files
-    /// whose text changed since the last pass; duplicate definitions are problems of each.
+    /// Scans (with `source`) and checks the files on a blocking thread, re-checking only
+    /// files whose text changed since the last pass; duplicate definitions are problems of
+    /// each.
     async fn read(
         &mut self,
-        paths: &[PathBuf],
+        source: impl FnOnce() -> Result<Scan, Error> + Send + 'static,
         progress: Option<Progress>,
     ) -> Result<(Scan, Vec<Definition>, Vec<Problem>), Error> {
-        let paths = paths.to_vec();
         let catalog = self.catalog.clone();
         let limits = self.limits.clone();
         let mut checked = std::mem::take(&mut self.checked);
         let result = tokio::task::spawn_blocking(move || {
-            let scan = scan::scan(&paths)?;
+            let scan = source()?;
             let total = scan.sources.len() as u64;
             let mut fresh = HashMap::with_capacity(scan.sources.len());
             for (i, source) in scan.sources.iter().enumerate() {

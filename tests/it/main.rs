@@ -21,6 +21,7 @@ mod fuzz;
 mod give_up;
 mod grpc;
 mod helpers;
+mod http_source;
 mod idp;
 mod kms;
 mod launcher;

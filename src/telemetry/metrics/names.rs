@@ -401,6 +401,19 @@ pub const POOL_WAITING: Family = family(
     "Tasks waiting for a connection from the database pool",
 );
 
+/// An HTTP definition source's state.
+pub const SYNC_SOURCE_UP: Family = family(
+    "dsreg_sync_source_up",
+    Gauge,
+    "Whether the last pass of an HTTP definition source (serve --sync-url) fetched, read and applied it without problems (1) or not (0), by source (its URL without query)",
+);
+/// An HTTP definition source's failures.
+pub const SYNC_SOURCE_FAILURES: Family = family(
+    "dsreg_sync_source_failures",
+    Counter,
+    "Passes of an HTTP definition source that could not fetch or read it, were refused by the database, or skipped definitions with problems, by source; the database keeps what it has and the pass is retried with backoff",
+);
+
 /// Every family `/metrics` serves.
 pub const NAMES: &[Family] = &[
     RELOAD_LATENCY,
@@ -448,4 +461,6 @@ pub const NAMES: &[Family] = &[
     POOL_CONNECTIONS,
     POOL_AVAILABLE,
     POOL_WAITING,
+    SYNC_SOURCE_UP,
+    SYNC_SOURCE_FAILURES,
 ];
