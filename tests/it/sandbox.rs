@@ -94,6 +94,17 @@ fn harness_thread_policy(pid: u32) -> Option<i64> {
     None
 }
 
+/// How many test-run threads process `pid` has.
+fn harness_threads(pid: u32) -> usize {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim_end() == "dsreg-harness")
+        .count()
+}
+
 /// The peak resident memory of process `pid`, in KiB.
 fn peak_rss_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc/PID/status");
@@ -208,8 +219,16 @@ async fn harness_runs_past_their_deadline_stop_and_excess_runs_are_refused() {
             == 2,
         "{codes:?}"
     );
-    // The runs' work stops once they are answered: the process goes idle (under 5 % of a core
-    // over a half-second sample); how soon is a bench's figure, so the wait is generous.
+    // The runs' work stops once they are answered: their threads end (in the idle class they
+    // run only when a core is free, so on a busy machine ending may wait for one), then the
+    // process goes idle (under 5 % of a core over a half-second sample); how soon is a
+    // bench's figure, so the waits are generous.
+    wait_for(
+        "the runs' threads ending",
+        Duration::from_secs(60),
+        || async { (harness_threads(pid) == 0).then_some(()) },
+    )
+    .await;
     let idle = wait_for(
         "the registry going idle",
         Duration::from_secs(30),
