@@ -60,7 +60,11 @@ async fn a_transaction_that_took_its_xid_last_is_below_the_bound_of_a_read_after
     let (_, _, newer_xid) = interleave(a.transaction().await.unwrap(), &newer).await;
 
     let reader = db.client().await;
-    let (xmin, bound) = events::snapshot_bounds(&**reader).await.unwrap();
+    let events::Bounds {
+        xmin,
+        xid_bound: bound,
+        ..
+    } = events::snapshot_bounds(&**reader).await.unwrap();
     assert!(
         bound > newer_xid,
         "the bound {bound} is not above the running transaction's xid {newer_xid}"

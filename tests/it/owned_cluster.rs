@@ -121,6 +121,19 @@ async fn after_kill_9_the_next_serve_adopts_the_postgres_left_running_and_stops_
         )
         .await
         .unwrap();
+    // The instance registers once its elector starts, which may follow readiness.
+    wait_for("the first instance registered", Duration::from_secs(60), || async {
+        let n: i64 = client
+            .query_one(
+                "SELECT count(*) FROM dsreg_instances WHERE id NOT LIKE '%-stopped' AND id <> 'old-silent'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n == 1).then_some(())
+    })
+    .await;
     drop(client);
     let postmaster = postmaster_pid(&pg_dir).expect("the embedded server runs");
 

@@ -167,32 +167,41 @@ where
 }
 
 /// Where the follower starts: after the newest id taken, once every transaction that could
-/// hold a lower one has ended. `None` on shutdown.
-async fn starting_point(pool: &Pool, shutdown: &CancellationToken) -> Option<i64> {
-    // The id first, the bound second: a transaction holding an id up to `last` took its xid
-    // before `last` was read, so below the later read's bound.
-    let (last, bound) = retrying(shutdown, || async {
-        let client = pool.get().await.map_err(crate::db::Error::from)?;
-        let last = events::last_id(&**client).await?;
-        let (_, bound) = events::snapshot_bounds(&**client).await?;
-        Ok((last, bound))
-    })
-    .await?;
-    let mut wait = SETTLE_FIRST;
-    loop {
-        let (xmin, _) = retrying(shutdown, || async {
+/// hold a lower one has ended; with the server that id is from. `None` on shutdown.
+async fn starting_point(
+    pool: &Pool,
+    shutdown: &CancellationToken,
+) -> Option<(i64, events::ServerIdentity)> {
+    'start: loop {
+        // The id first, the bound second: a transaction holding an id up to `last` took its
+        // xid before `last` was read, so below the later read's bound.
+        let (last, first) = retrying(shutdown, || async {
             let client = pool.get().await.map_err(crate::db::Error::from)?;
-            events::snapshot_bounds(&**client).await
+            let last = events::last_id(&**client).await?;
+            let bounds = events::snapshot_bounds(&**client).await?;
+            Ok((last, bounds))
         })
         .await?;
-        if xmin >= bound {
-            return Some(last);
+        let mut wait = SETTLE_FIRST;
+        loop {
+            let now = retrying(shutdown, || async {
+                let client = pool.get().await.map_err(crate::db::Error::from)?;
+                events::snapshot_bounds(&**client).await
+            })
+            .await?;
+            // Another server answers (a failover): its xids say nothing of the first's.
+            if now.server != first.server {
+                continue 'start;
+            }
+            if now.xmin >= first.xid_bound {
+                return Some((last, first.server));
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                () = tokio::time::sleep(wait) => {}
+            }
+            wait = (wait * 2).min(SETTLE_MAX);
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return None,
-            () = tokio::time::sleep(wait) => {}
-        }
-        wait = (wait * 2).min(SETTLE_MAX);
     }
 }
 
@@ -220,9 +229,10 @@ async fn follow(feed: Arc<Feed>, pool: Pool, activity: Activity, shutdown: Cance
         let start = match cursor {
             Some(c) => c,
             None => {
-                let Some(start) = starting_point(&pool, &shutdown).await else {
+                let Some((start, from)) = starting_point(&pool, &shutdown).await else {
                     return;
                 };
+                server = Some(from);
                 feed.publish(Batch {
                     events: Vec::new(),
                     through: start,

@@ -466,19 +466,34 @@ pub async fn current_horizon(client: &impl GenericClient) -> Result<i64, Error> 
     Ok(row.get(0))
 }
 
-/// The current snapshot's `xmin`, and a bound every transaction holding an xid now has its
-/// xid below ([`SNAPSHOT_BOUNDS`]).
+/// Where the server answering stands: its snapshot's `xmin`, a bound every transaction
+/// holding an xid now has its xid below ([`SNAPSHOT_BOUNDS`]), and which server that is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bounds {
+    /// Every transaction below it had finished.
+    pub xmin: i64,
+    /// Every transaction holding an xid has one below it.
+    pub xid_bound: i64,
+    /// The server, and its history, the xids belong to.
+    pub server: ServerIdentity,
+}
+
+/// The current [`Bounds`].
 ///
 /// # Errors
 /// The query failed.
-pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<(i64, i64), Error> {
+pub async fn snapshot_bounds(client: &impl GenericClient) -> Result<Bounds, Error> {
     let row = client
         .query_typed_one(
-            &format!("SELECT snap_xmin, xid_bound FROM ({SNAPSHOT_BOUNDS}) snap"),
+            &format!("SELECT snap_xmin, xid_bound, {IDENTITY} FROM ({SNAPSHOT_BOUNDS}) snap"),
             &[],
         )
         .await?;
-    Ok((row.get(0), row.get(1)))
+    Ok(Bounds {
+        xmin: row.get("snap_xmin"),
+        xid_bound: row.get("xid_bound"),
+        server: identity_of(&row),
+    })
 }
 
 /// A snapshot's `xmin` (`snap_xmin`: every transaction below it had finished) and
