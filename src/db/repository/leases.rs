@@ -26,6 +26,13 @@ use crate::db::Error;
 /// The condition on a `dsreg_instances` row that it is live: its leases hold now.
 const LIVE: &str = "stopped_at IS NULL AND leases_until > now()";
 
+/// The SQL condition that instance `instance` (an SQL expression) is live, looked up by its id:
+/// per row a primary-key probe, where [`held_by`]'s `IN` may be planned as a scan of every live
+/// instance's leases.
+pub fn is_live(instance: &str) -> String {
+    format!("EXISTS (SELECT 1 FROM dsreg_instances WHERE id = {instance} AND {LIVE})")
+}
+
 /// The ids of the live instances, as a subquery.
 fn live_ids() -> String {
     format!("SELECT id FROM dsreg_instances WHERE {LIVE}")

@@ -126,19 +126,26 @@ pub fn renewer_application_name(id: &str) -> String {
 /// database shows renewer sessions at all (a pooler in transaction mode hides them) — its
 /// lease renewer's session is open. A killed instance's connections close with it, so it is
 /// seen gone at once rather than when its lease runs out.
+///
+/// Per row it costs two primary-key probes (the lease, the owner): a status read must not
+/// pay for every lease of the instance. The renewer sessions are read once per statement (an
+/// uncorrelated subquery, which Postgres runs once), not once per row: `pg_stat_activity` is a
+/// function over every backend, joined to the catalogs.
 pub fn owner_live() -> String {
+    const RENEWERS: &str = "(SELECT coalesce(array_agg(a.application_name), '{}') \
+         FROM pg_stat_activity a WHERE a.datname = current_database() \
+         AND a.application_name LIKE 'dsreg-renewer %')";
     format!(
         "(s.owner_instance IS NOT NULL \
-         AND EXISTS (SELECT 1 FROM datasource_leases l WHERE l.datasource_id = s.datasource_id \
-                     AND {}) \
-         AND (EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = current_database() \
-                      AND a.application_name LIKE 'dsreg-renewer %' \
-                      AND starts_with('dsreg-renewer ' || s.owner_instance, a.application_name) \
-                      AND (a.application_name = 'dsreg-renewer ' || s.owner_instance \
-                           OR octet_length(a.application_name) >= 60)) \
-              OR NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = current_database() \
-                      AND a.application_name LIKE 'dsreg-renewer %')))",
-        super::leases::held_by("s.owner_instance")
+         AND (SELECT l.owner FROM datasource_leases l WHERE l.datasource_id = s.datasource_id) \
+             = s.owner_instance \
+         AND {} \
+         AND (cardinality({RENEWERS}) = 0 \
+              OR EXISTS (SELECT 1 FROM unnest({RENEWERS}) AS r(name) \
+                         WHERE starts_with('dsreg-renewer ' || s.owner_instance, r.name) \
+                           AND (r.name = 'dsreg-renewer ' || s.owner_instance \
+                                OR octet_length(r.name) >= 60))))",
+        super::leases::is_live("s.owner_instance")
     )
 }
 
