@@ -212,6 +212,12 @@ fn capped(cap: Duration, jitter: f64) -> Duration {
     cap.mul_f64(0.75 + 0.25 * jitter.clamp(0.0, 1.0))
 }
 
+/// `interval` spread a fifth either way by `r` in [0, 1]: what a periodic loop waits, so that
+/// many of them (streams, pollers, instances) do not run in step.
+pub fn spread_a_fifth(interval: Duration, r: f64) -> Duration {
+    interval.mul_f64(0.8 + 0.4 * r.clamp(0.0, 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

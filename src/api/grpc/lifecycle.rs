@@ -33,7 +33,7 @@ const WATCH_REREAD: Duration = Duration::from_secs(5);
 
 /// [`WATCH_REREAD`], spread by up to a fifth either way.
 fn watch_reread() -> Duration {
-    WATCH_REREAD.mul_f64(rand::random_range(0.8..1.2))
+    crate::backoff::spread_a_fifth(WATCH_REREAD, rand::random::<f64>())
 }
 
 /// The service.

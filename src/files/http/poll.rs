@@ -152,7 +152,7 @@ impl Poller {
             };
             let wait = if clean {
                 retries.succeeded();
-                jittered(interval, rand::random::<f64>())
+                crate::backoff::spread_a_fifth(interval, rand::random::<f64>())
             } else {
                 let wait = retries.failed(rand::random::<f64>());
                 if let Err(e) = &result {
@@ -169,11 +169,6 @@ impl Poller {
             }
         }
     }
-}
-
-/// `interval` spread a fifth either way by `r` in [0, 1].
-pub fn jittered(interval: Duration, r: f64) -> Duration {
-    interval.mul_f64(0.8 + 0.4 * r.clamp(0.0, 1.0))
 }
 
 fn log(source: &str, outcome: &Outcome) {
@@ -210,7 +205,7 @@ mod tests {
         #[test]
         fn a_poll_interval_is_spread_a_fifth_either_way(ms in 1u64..3_600_000, r in 0.0f64..=1.0) {
             let interval = Duration::from_millis(ms);
-            let wait = jittered(interval, r);
+            let wait = crate::backoff::spread_a_fifth(interval, r);
             proptest::prop_assert!(wait >= interval.mul_f64(0.8));
             proptest::prop_assert!(wait <= interval.mul_f64(1.2));
         }
