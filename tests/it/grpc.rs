@@ -1060,6 +1060,64 @@ async fn reflection_v1_and_v1alpha_list_and_describe_every_service_without_a_tok
     assert_eq!(v1, sorted, "v1 and v1alpha list the same services");
 }
 
+/// Idle streams re-read together at the shared clock's tick: a change that wakes no one (a
+/// heartbeat written by SQL, no notification) reaches every idle stream of every datasource,
+/// and each answer carries the datasource's dead-letter count.
+#[tokio::test]
+async fn idle_watch_status_streams_see_a_change_no_one_notified() {
+    let db = TestDb::new().await;
+    let (_app, ch) = serve(&db).await;
+    let mut ds = DatasourcesClient::new(ch.clone());
+    let mut streams = Vec::new();
+    for n in 0..10 {
+        let id = ds
+            .create_datasource(create_req(&format!("idle-{n}")))
+            .await
+            .unwrap()
+            .into_inner()
+            .id;
+        for _ in 0..3 {
+            let mut watch = LifecycleClient::new(ch.clone())
+                .watch_status(pb::GetStatusRequest {
+                    datasource_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let first = watch.message().await.unwrap().unwrap();
+            assert_eq!(first.dead_letters, Some(0), "{first:?}");
+            assert_eq!(first.last_heartbeat_at, None, "{first:?}");
+            streams.push(watch);
+        }
+    }
+    let written = db
+        .client()
+        .await
+        .execute(
+            "UPDATE datasource_state SET last_heartbeat_at = now()
+             WHERE datasource_id IN (SELECT id FROM datasources WHERE name LIKE 'idle-%')",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(written, 10);
+    // Other changes (the datasource's lease being claimed) may come first; the heartbeat must
+    // follow on every stream.
+    for watch in &mut streams {
+        let seen = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let next = watch.message().await.unwrap().unwrap();
+                if next.last_heartbeat_at.is_some() {
+                    return next;
+                }
+            }
+        })
+        .await
+        .expect("the heartbeat within a re-read tick");
+        assert_eq!(seen.dead_letters, Some(0), "{seen:?}");
+    }
+}
+
 #[tokio::test]
 async fn watch_status_streams_the_state_then_every_change() {
     let db = TestDb::new().await;

@@ -273,7 +273,7 @@ pub fn worker_state(ds: &Datasource, s: State, settled: bool) -> pb::WorkerState
         updated_at: Some(timestamp(s.updated_at)),
         settled,
         lease_epoch: s.lease_epoch,
-        dead_letters: None,
+        dead_letters: s.dead_letters,
         failing_since: s.failing_since.map(timestamp),
     }
 }

@@ -25,17 +25,6 @@ use crate::supervisor::ops::{self, Op};
 /// instance).
 const POLL: Duration = Duration::from_millis(100);
 
-/// How often an idle `WatchStatus` stream re-reads its state when nothing wakes it: a safety
-/// net for a missed notification, and what moves the heartbeat time it shows (heartbeats wake
-/// no one). Spread by up to a fifth either way, so thousands of idle streams do not read in
-/// step; at 5 s, 2,000 idle streams cost 400 reads a second, not 4,000.
-const WATCH_REREAD: Duration = Duration::from_secs(5);
-
-/// [`WATCH_REREAD`], spread by up to a fifth either way.
-fn watch_reread() -> Duration {
-    crate::backoff::spread_a_fifth(WATCH_REREAD, rand::random::<f64>())
-}
-
 /// The service.
 #[derive(Clone)]
 pub struct LifecycleService(pub Arc<Ctx>);
@@ -238,13 +227,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let call = Call::of(&request, "GetStatus")?;
         let id = datasource_id(&request, |r| &r.datasource_id)?;
         let (ds, s) = read(&self.0, &call, id).await?;
-        let mut state = convert::worker_state(&ds, s, true);
-        let client = call::client(&self.0.pool).await?;
-        let waiting = crate::db::repository::dead_letters::counts(&**client, &[id])
-            .await
-            .map_err(status::db)?;
-        state.dead_letters = Some(waiting.get(&id).copied().unwrap_or(0));
-        Ok(Response::new(state))
+        Ok(Response::new(convert::worker_state(&ds, s, true)))
     }
 
     type WatchStatusStream = StateStream;
@@ -264,6 +247,10 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         }
         let (tx, rx) = mpsc::channel(16);
         let mut wake = ctx.activity.subscribe_to(id);
+        // When nothing wakes it, the stream re-reads at the shared clock's ticks (a missed
+        // notification; the heartbeat time, which wakes no one), together with every other
+        // idle stream, so their reads share statements.
+        let mut clock = ctx.reads.reread_clock();
         let shutdown = ctx.shutdown.clone();
         ctx.tracker.clone().spawn(async move {
             let _slot = slot;
@@ -288,7 +275,8 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
                     () = tx.closed() => return,
-                    _ = tokio::time::timeout(watch_reread(), wake.changed()) => {}
+                    _ = wake.changed() => {}
+                    _ = clock.changed() => {}
                 }
             }
         });

@@ -8,14 +8,19 @@
 //! costs the database. Every answer still comes from a statement started after its request
 //! was queued: nothing is cached.
 //!
-//! The readers stop when the server shuts down (`shutdown`); a read queued then is answered
-//! UNAVAILABLE.
+//! Idle `WatchStatus` streams re-read on one shared clock ([`StatusReads::reread_clock`]), not
+//! each on a timer of its own: their reads arrive together and a few statements answer them
+//! all, so a thousand idle streams cost a handful of statements per tick instead of a
+//! statement each.
+//!
+//! The readers and the clock stop when the server shuts down (`shutdown`); a read queued then
+//! is answered UNAVAILABLE.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use deadpool_postgres::Pool;
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -27,6 +32,11 @@ use crate::db::repository::state::{self, State};
 /// Most datasources read by one statement.
 const MAX_BATCH: usize = 256;
 
+/// How often the shared re-read clock ticks: how stale an idle `WatchStatus` stream's
+/// heartbeat time may get (heartbeats wake no one), and how soon a missed notification is made
+/// good.
+pub const REREAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 type Answer = Result<(Datasource, State), tonic::Status>;
 /// A queued read: the datasource, and where its answer goes.
 type Read = (Uuid, oneshot::Sender<Answer>);
@@ -35,6 +45,7 @@ type Read = (Uuid, oneshot::Sender<Answer>);
 #[derive(Debug)]
 pub struct StatusReads {
     queue: mpsc::UnboundedSender<Read>,
+    clock: watch::Receiver<u64>,
 }
 
 impl StatusReads {
@@ -51,7 +62,25 @@ impl StatusReads {
         for _ in 0..readers.max(1) {
             tracker.spawn(reader(pool.clone(), queued.clone(), shutdown.clone()));
         }
-        Self { queue }
+        let (tick, clock) = watch::channel(0);
+        tracker.spawn(async move {
+            let mut every = tokio::time::interval(REREAD_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            every.tick().await;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = every.tick() => tick.send_modify(|n| *n += 1),
+                }
+            }
+        });
+        Self { queue, clock }
+    }
+
+    /// The shared re-read clock: `changed()` resolves at each tick, every [`REREAD_EVERY`].
+    /// Streams that re-read at its ticks have their reads coalesced.
+    pub fn reread_clock(&self) -> watch::Receiver<u64> {
+        self.clock.clone()
     }
 
     /// The datasource and its state, read by a statement that starts after this call.

@@ -3,8 +3,6 @@
 //! is written to `datasource_records` and deleted, what failed keeps its row with the new
 //! reason, so a replay committed once is never applied twice.
 
-use std::collections::HashMap;
-
 use chrono::{DateTime, Utc};
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -262,24 +260,6 @@ pub async fn prune(
             .await?;
     }
     Ok(pruned)
-}
-
-/// How many dead letters each of `ids` has (absent: none).
-///
-/// # Errors
-/// The query failed.
-pub async fn counts(
-    client: &impl GenericClient,
-    ids: &[Uuid],
-) -> Result<HashMap<Uuid, i64>, Error> {
-    let rows = client
-        .query_typed(
-            "SELECT datasource_id, count(*) FROM datasource_dead_letters
-             WHERE datasource_id = ANY($1) GROUP BY datasource_id",
-            &typed::params(&[&ids]),
-        )
-        .await?;
-    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
 /// The `limit` datasources with the most dead letters, with their counts, most first, and the

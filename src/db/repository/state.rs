@@ -55,6 +55,8 @@ pub struct State {
     pub owner_live: Option<bool>,
     /// Since when the worker has failed with no healthy run (the give-up policy's clock).
     pub failing_since: Option<DateTime<Utc>>,
+    /// Dead letters waiting for the datasource; `None` where the read did not count them.
+    pub dead_letters: Option<i64>,
 }
 
 impl State {
@@ -86,6 +88,7 @@ impl State {
             updated_at: row.get("updated_at"),
             owner_live: row.row.try_get(col("owner_live").as_str()).ok(),
             failing_since: row.get("failing_since"),
+            dead_letters: row.row.try_get(col("dead_letters").as_str()).ok(),
         })
     }
 }
@@ -161,7 +164,8 @@ static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(
         .map(|c| format!("s.{0} AS s_{0}", c.trim()))
         .collect();
     format!(
-        "SELECT {}, {}, {} AS s_owner_live \
+        "SELECT {}, {}, {} AS s_owner_live, \
+         (SELECT count(*) FROM datasource_dead_letters x WHERE x.datasource_id = d.id) AS s_dead_letters \
          FROM datasources d JOIN datasource_state s ON s.datasource_id = d.id WHERE d.id = ANY($1)",
         d.join(", "),
         s.join(", "),
@@ -169,8 +173,8 @@ static WITH_DATASOURCES: std::sync::LazyLock<String> = std::sync::LazyLock::new(
     )
 });
 
-/// Datasources and their runtime states in one statement, sent with its parameter types in
-/// one round trip: the API's hottest read (concurrent status reads share it). Ids that name no
+/// Datasources and their runtime states (with their owners' liveness and dead-letter counts) in
+/// one statement, sent with its parameter types in one round trip: the API's hottest read (concurrent status reads share it). Ids that name no
 /// datasource are missing from the answer.
 ///
 /// # Errors
