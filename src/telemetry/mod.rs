@@ -59,9 +59,11 @@ pub fn init(level: Option<&str>) -> Telemetry {
     let trace_ids = exporting
         .as_ref()
         .map(|_| TraceIds.with_filter(level_filter(&directives)));
+    let partial_successes = exporting.as_ref().map(otel::Exporting::partial_successes);
     let registry = tracing_subscriber::registry()
         .with(otel_layer)
-        .with(trace_ids);
+        .with(trace_ids)
+        .with(partial_successes);
     let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
     let installed = if std::io::stdout().is_terminal() {
         registry
@@ -96,6 +98,11 @@ pub fn init(level: Option<&str>) -> Telemetry {
 /// decides once per callsite and does nothing as spans are entered and left; anything else
 /// (span and field directives) an [`EnvFilter`], which follows the spans it matches. Invalid
 /// directives fall back to `info`.
+///
+/// The OpenTelemetry libraries' internal log (targets `opentelemetry…`) is off unless the
+/// directives name it: what it says of exports is logged by [`otel`], rate-limited, with
+/// credentials taken out of URLs, and counted; the library itself writes some of it on every
+/// failed export.
 pub type LevelFilter<S> = Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>;
 
 /// See [`LevelFilter`].
@@ -103,9 +110,24 @@ pub fn level_filter<S>(directives: &str) -> LevelFilter<S>
 where
     S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
 {
+    let directives = &without_library_log(directives);
     match plain_targets(directives) {
         Some(targets) => Box::new(targets),
-        None => Box::new(EnvFilter::try_new(directives).unwrap_or_else(|_| EnvFilter::new("info"))),
+        None => Box::new(
+            EnvFilter::try_new(directives)
+                .unwrap_or_else(|_| EnvFilter::new(without_library_log("info"))),
+        ),
+    }
+}
+
+/// `directives` with the OpenTelemetry libraries' internal log turned off, unless they name
+/// it (a later directive for the same target would win anyway; one for a longer target, say
+/// `opentelemetry_sdk=debug`, is more specific and wins too).
+fn without_library_log(directives: &str) -> String {
+    if directives.trim().is_empty() || directives.contains("opentelemetry") {
+        directives.to_owned()
+    } else {
+        format!("opentelemetry=off,{directives}")
     }
 }
 
@@ -256,18 +278,19 @@ where
             let Some(field) = span.metadata().fields().field("trace_id") else {
                 continue;
             };
-            let trace_id = {
+            {
                 let mut extensions = span.extensions_mut();
                 if extensions.get_mut::<TraceIdSeen>().is_some() {
                     continue;
                 }
                 extensions.insert(TraceIdSeen);
-                // Starts the OpenTelemetry span if nothing has yet.
-                tracing::dispatcher::get_default(|dispatch| {
-                    tracing_opentelemetry::get_otel_context(&mut extensions, dispatch)
-                })
-                .map_or_else(current_trace_id, |cx| cx.span().span_context().trace_id())
-            };
+            }
+            // Starts the OpenTelemetry span if nothing has yet; it takes the span's extensions
+            // itself, so none may be held here.
+            let trace_id = tracing::dispatcher::get_default(|dispatch| {
+                tracing_opentelemetry::get_otel_context(&span.id(), dispatch)
+            })
+            .map_or_else(current_trace_id, |cx| cx.span().span_context().trace_id());
             let trace_id = Some(trace_id).filter(|id| *id != opentelemetry::TraceId::INVALID);
             let Some(trace_id) = trace_id else { continue };
             // Recorded through the dispatcher, with no extension held, as `Span::record` does.
@@ -360,6 +383,9 @@ mod tests {
                 tracing::info!(target: "dsreg::db", "filtered out");
                 tracing::debug!(target: "dsreg::api::grpc", "counted by the first");
                 tracing::info_span!("call").in_scope(|| tracing::trace!("counted by the second"));
+                // The OpenTelemetry libraries' internal log, as `otel_warn!` writes it.
+                tracing::warn!(target: "opentelemetry-otlp", name = "X.PartialSuccess", "not counted");
+                tracing::error!(target: "opentelemetry_sdk", "not counted");
             });
             assert_eq!(
                 seen.load(std::sync::atomic::Ordering::Relaxed),

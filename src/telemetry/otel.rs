@@ -19,9 +19,14 @@
 //! The SDK's batch processor exports from a thread of its own; requests go out through a
 //! small runtime of their own, so exporting never runs on, or waits for, the registry's
 //! tasks. A batch that fails costs its spans; they are counted ([`dropped_spans`]) with those a
-//! collector rejects in a partial success, and both are logged (rate-limited) with the
-//! collector's message.
+//! collector rejects in a partial success, and both are logged (rate-limited). A partial
+//! success is read by `opentelemetry-otlp` itself, over gRPC and OTLP/HTTP alike, and reported
+//! only through its internal log (a `tracing` event, `…PartialSuccess`): [`PartialSuccesses`]
+//! is the `tracing` layer that counts each one from that event, and the export it happened in
+//! logs it, with the collector's message. The library's other internal events stay out of the
+//! service's log (see [`super::level_filter`]): they repeat, unthrottled, what is logged here.
 
+use std::cell::RefCell;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -88,11 +93,15 @@ fn export_failed(spans: u64, message: &str) {
     }
 }
 
-/// Counts and logs (rate-limited) an export the collector answered with a partial success:
-/// `rejected` spans refused, with `message`.
-fn export_partly_rejected(rejected: u64, message: &str) {
+/// Counts an export the collector answered with a partial success: `rejected` spans refused.
+fn count_partly_rejected(rejected: u64) {
     DROPPED.fetch_add(rejected, Ordering::Relaxed);
     FAILED.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Logs (rate-limited) an export the collector answered with a partial success: `rejected`
+/// spans refused, with `message`.
+fn log_partly_rejected(rejected: u64, message: &str) {
     if let Some(held_back) = FAILURE_LOG.admit() {
         tracing::warn!(
             rejected,
@@ -305,8 +314,10 @@ fn header_names(list: &str) -> Result<Vec<String>, String> {
 /// Takes `OTEL_EXPORTER_OTLP_TRACES_COMPRESSION` and `OTEL_EXPORTER_OTLP_COMPRESSION` out of
 /// the environment when they ask for no compression (`none`, the specification's word, or a
 /// traces-specific `none` over a general `gzip`): `opentelemetry-otlp` reads them itself when
-/// it is not given a compression, knows only `gzip` and `zstd`, and refuses to build with any
-/// other value. [`Settings`] reads them first; the exporter is given gzip when they ask for it.
+/// it is not given a compression (it cannot be told "none"), untrimmed, and skips a value it
+/// does not know for the next variable, so a traces-specific ` none` would let a general
+/// `gzip` through. [`Settings`] reads them first; the exporter is given gzip when they ask
+/// for it.
 ///
 /// # Safety
 /// Changes the process's environment: call it before any other thread starts, as `main`
@@ -429,6 +440,15 @@ impl Exporting {
             .with_filter(level)
     }
 
+    /// The `tracing` layer that counts the partial successes the exporter reports; see
+    /// [`PartialSuccesses`].
+    pub fn partial_successes<S>(&self) -> impl tracing_subscriber::Layer<S> + use<S>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        PartialSuccesses.with_filter(OnlyPartialSuccesses)
+    }
+
     /// Flushes what is queued (bounded by the exporter's timeout) and stops export.
     pub fn shutdown(self) {
         if let Err(e) = self.provider.shutdown() {
@@ -472,7 +492,7 @@ fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporte
             builder.build()
         }
         Protocol::HttpProtobuf | Protocol::HttpJson => {
-            let client = Http::new(settings, ca, identity)?;
+            let client = http_client(settings, ca, identity)?;
             let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
                 .with_http_client(client)
@@ -498,107 +518,140 @@ fn build_exporter(settings: &Settings) -> Result<opentelemetry_otlp::SpanExporte
 }
 
 /// The HTTP client OTLP/HTTP exports go through: the service's `reqwest` (rustls with the
-/// ring provider), which also reads a collector's partial success from its answer.
-#[derive(Debug, Clone)]
-struct Http {
-    client: reqwest::Client,
-    json: bool,
+/// ring provider), trusting the CA file `ca` when given (else the system's roots) and
+/// presenting `identity` (mutual TLS). `opentelemetry-http` sends the requests through it and
+/// the exporter reads the answers, partial successes included.
+fn http_client(
+    settings: &Settings,
+    ca: Option<Vec<u8>>,
+    identity: Option<(Vec<u8>, Vec<u8>)>,
+) -> Result<reqwest::Client, Error> {
+    // Installing twice is refused and harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout);
+    if let (Some(ca), Some(path)) = (ca, &settings.ca) {
+        let certs = reqwest::Certificate::from_pem_bundle(&ca)
+            .map_err(|e| Error::File(format!("{}: not PEM certificates: {e}", path.display())))?;
+        builder = builder.tls_certs_only(certs);
+    }
+    if let (Some((mut cert, key)), Some((path, _))) = (identity, &settings.identity) {
+        cert.push(b'\n');
+        cert.extend_from_slice(&key);
+        let identity = reqwest::Identity::from_pem(&cert).map_err(|e| {
+            Error::File(format!(
+                "{} and its key: not a PEM certificate and key: {e}",
+                path.display()
+            ))
+        })?;
+        builder = builder.identity(identity);
+    }
+    builder
+        .build()
+        .map_err(|e| Error::Build(format!("the OTLP/HTTP client: {e}")))
 }
 
-impl Http {
-    fn new(
-        settings: &Settings,
-        ca: Option<Vec<u8>>,
-        identity: Option<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<Self, Error> {
-        // Installing twice is refused and harmless.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut builder = reqwest::Client::builder()
-            .timeout(settings.timeout)
-            .connect_timeout(settings.timeout);
-        if let (Some(ca), Some(path)) = (ca, &settings.ca) {
-            let certs = reqwest::Certificate::from_pem_bundle(&ca).map_err(|e| {
-                Error::File(format!("{}: not PEM certificates: {e}", path.display()))
-            })?;
-            builder = builder.tls_certs_only(certs);
-        }
-        if let (Some((mut cert, key)), Some((path, _))) = (identity, &settings.identity) {
-            cert.push(b'\n');
-            cert.extend_from_slice(&key);
-            let identity = reqwest::Identity::from_pem(&cert).map_err(|e| {
-                Error::File(format!(
-                    "{} and its key: not a PEM certificate and key: {e}",
-                    path.display()
-                ))
-            })?;
-            builder = builder.identity(identity);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| Error::Build(format!("the OTLP/HTTP client: {e}")))?;
-        Ok(Self {
-            client,
-            json: settings.protocol == Protocol::HttpJson,
-        })
+tokio::task_local! {
+    /// The partial successes reported during the export running in this task: the spans the
+    /// collector rejected and its message, logged once the export has returned.
+    static REJECTIONS: RefCell<Vec<(u64, String)>>;
+}
+
+/// The target of `opentelemetry-otlp`'s internal events (its package name).
+const LIBRARY_TARGET: &str = "opentelemetry-otlp";
+
+/// The names of the events `opentelemetry-otlp` reports a span export's partial success with,
+/// over gRPC and over OTLP/HTTP, with the fields `rejected_spans` and `error_message`.
+const PARTIAL_SUCCESS_EVENTS: [&str; 2] = [
+    "TonicTracesClient.PartialSuccess",
+    "HttpTraceClient.PartialSuccess",
+];
+
+/// Whether `meta` is the callsite of a partial success report.
+fn reports_partial_success(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event()
+        && meta.target() == LIBRARY_TARGET
+        && PARTIAL_SUCCESS_EVENTS.contains(&meta.name())
+}
+
+/// The `tracing` layer that counts each partial success `opentelemetry-otlp` reports (its
+/// only report of one is an event in its internal log) in the metrics a failed export counts
+/// in, and hands it to the export it happened in, which logs it once it has returned: an
+/// event written from inside the handling of another would be lost, or confuse the per-layer
+/// filters handling the first. Installed with [`Exporting::partial_successes`].
+pub struct PartialSuccesses;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for PartialSuccesses {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut report = PartialSuccess::default();
+        event.record(&mut report);
+        count_partly_rejected(report.rejected);
+        // Outside an export (never, as the exporter is wrapped) it is counted only.
+        let _ = REJECTIONS.try_with(|r| r.borrow_mut().push((report.rejected, report.message)));
     }
 }
 
-#[tonic::async_trait]
-impl opentelemetry_http::HttpClient for Http {
-    async fn send_bytes(
+/// Lets through the partial success reports alone, decided once per callsite.
+struct OnlyPartialSuccesses;
+
+impl<S> tracing_subscriber::layer::Filter<S> for OnlyPartialSuccesses {
+    fn enabled(
         &self,
-        request: http::Request<bytes::Bytes>,
-    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
-        let request = reqwest::Request::try_from(request)?;
-        let response = self.client.execute(request).await?;
-        let status = response.status();
-        let headers = response.headers().clone();
-        let body = response.bytes().await?;
-        if status.is_success()
-            && let Some((rejected, message)) = partial_success(&body, self.json)
-        {
-            export_partly_rejected(rejected, &message);
+        meta: &tracing::Metadata<'_>,
+        _: &tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        reports_partial_success(meta)
+    }
+
+    fn callsite_enabled(
+        &self,
+        meta: &'static tracing::Metadata<'static>,
+    ) -> tracing::subscriber::Interest {
+        if reports_partial_success(meta) {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
         }
-        let mut answer = http::Response::builder().status(status);
-        if let Some(h) = answer.headers_mut() {
-            *h = headers;
-        }
-        Ok(answer.body(body)?)
+    }
+
+    // Whatever the log's level, the reports (warnings) are seen and counted.
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::WARN)
     }
 }
 
-/// The partial success an OTLP/HTTP answer reports, when it reports one: the spans rejected
-/// and the collector's message.
-fn partial_success(body: &[u8], json: bool) -> Option<(u64, String)> {
-    if body.is_empty() {
-        return None;
+/// The fields of a partial success report.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct PartialSuccess {
+    rejected: u64,
+    message: String,
+}
+
+impl tracing::field::Visit for PartialSuccess {
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        if field.name() == "rejected_spans" {
+            self.rejected = u64::try_from(value).unwrap_or(0);
+        }
     }
-    let (rejected, message) = if json {
-        let answer: serde_json::Value = serde_json::from_slice(body).ok()?;
-        let partial = answer.get("partialSuccess")?;
-        let rejected = match partial.get("rejectedSpans") {
-            Some(serde_json::Value::String(n)) => n.parse().ok()?,
-            Some(n) => n.as_u64()?,
-            None => 0,
-        };
-        let message = partial
-            .get("errorMessage")
-            .and_then(serde_json::Value::as_str)
-            .unwrap_or_default()
-            .to_owned();
-        (rejected, message)
-    } else {
-        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceResponse;
-        use prost::Message as _;
-        let partial = ExportTraceServiceResponse::decode(body)
-            .ok()?
-            .partial_success?;
-        (
-            u64::try_from(partial.rejected_spans).unwrap_or(0),
-            partial.error_message,
-        )
-    };
-    (rejected > 0 || !message.is_empty()).then_some((rejected, message))
+
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        if field.name() == "rejected_spans" {
+            self.rejected = value;
+        }
+    }
+
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        if field.name() == "error_message" {
+            value.clone_into(&mut self.message);
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "error_message" {
+            self.message = format!("{value:?}");
+        }
+    }
 }
 
 /// Batching as `OTEL_BSP_*` set it, with defaults for a server that makes a span per call:
@@ -653,21 +706,30 @@ impl<E: SpanExporter + 'static> SpanExporter for MeteredExporter<E> {
         let inner = self.inner.clone();
         let exported = self
             .runtime
-            .spawn(async move { inner.export(batch).await })
+            .spawn(REJECTIONS.scope(RefCell::default(), async move {
+                let result = inner.export(batch).await;
+                (result, REJECTIONS.with(RefCell::take))
+            }))
             .await;
-        let result = match exported {
-            Ok(result) => result,
-            Err(e) => Err(OTelSdkError::InternalFailure(format!(
-                "span export task: {e}"
-            ))),
+        let (result, rejections) = match exported {
+            Ok(exported) => exported,
+            Err(e) => (
+                Err(OTelSdkError::InternalFailure(format!(
+                    "span export task: {e}"
+                ))),
+                Vec::new(),
+            ),
         };
+        for (rejected, message) in rejections {
+            log_partly_rejected(rejected, &message);
+        }
         if let Err(e) = &result {
             export_failed(spans, &e.to_string());
         }
         result
     }
 
-    fn shutdown_with_timeout(&mut self, _timeout: Duration) -> OTelSdkResult {
+    fn shutdown_with_timeout(&self, _timeout: Duration) -> OTelSdkResult {
         Ok(())
     }
 
@@ -839,36 +901,39 @@ mod tests {
     }
 
     #[test]
-    fn a_partial_success_is_read_from_protobuf_and_json_answers() {
-        use opentelemetry_proto::tonic::collector::trace::v1::{
-            ExportTracePartialSuccess, ExportTraceServiceResponse,
-        };
-        use prost::Message as _;
-        let answer = ExportTraceServiceResponse {
-            partial_success: Some(ExportTracePartialSuccess {
-                rejected_spans: 3,
-                error_message: "spans too old".into(),
-            }),
-        }
-        .encode_to_vec();
+    fn a_partial_success_report_is_counted_and_handed_to_the_export_it_happened_in() {
+        use tracing_subscriber::layer::SubscriberExt as _;
+        let subscriber =
+            tracing_subscriber::registry().with(PartialSuccesses.with_filter(OnlyPartialSuccesses));
+        let (dropped, failed) = (dropped_spans(), failed_exports());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let handed = tracing::subscriber::with_default(subscriber, || {
+            runtime.block_on(REJECTIONS.scope(RefCell::default(), async {
+                // As `otel_warn!` writes it in `opentelemetry-otlp`.
+                tracing::warn!(
+                    name: "TonicTracesClient.PartialSuccess",
+                    target: "opentelemetry-otlp",
+                    name = "TonicTracesClient.PartialSuccess",
+                    rejected_spans = 3_i64,
+                    error_message = "spans too old",
+                );
+                // Other events of the library, or of the service, are not reports.
+                tracing::warn!(
+                    name: "Export.Failed.NonRetryable",
+                    target: "opentelemetry-otlp",
+                    rejected_spans = 5_i64,
+                );
+                tracing::warn!(rejected_spans = 7_i64, "not the library");
+                REJECTIONS.with(RefCell::take)
+            }))
+        });
+        assert_eq!(handed, vec![(3, "spans too old".to_owned())]);
+        // No other unit test exports spans.
         assert_eq!(
-            partial_success(&answer, false),
-            Some((3, "spans too old".to_owned()))
+            (dropped_spans(), failed_exports()),
+            (dropped + 3, failed + 1)
         );
-        let full = ExportTraceServiceResponse {
-            partial_success: None,
-        }
-        .encode_to_vec();
-        assert_eq!(partial_success(&full, false), None);
-        assert_eq!(partial_success(b"", false), None);
-        assert_eq!(
-            partial_success(
-                br#"{"partialSuccess":{"rejectedSpans":"2","errorMessage":"no"}}"#,
-                true
-            ),
-            Some((2, "no".to_owned()))
-        );
-        assert_eq!(partial_success(br#"{"partialSuccess":{}}"#, true), None);
-        assert_eq!(partial_success(b"{}", true), None);
     }
 }

@@ -6,7 +6,8 @@
 //! not sample exports nothing; with the collector down, reloads still happen and the lost
 //! spans are counted. Collectors behind TLS (a CA the test makes), over OTLP/gRPC and
 //! OTLP/HTTP, with gzip and a header they check, get the same one trace; a collector's partial
-//! success is logged with its message and counted.
+//! success, over OTLP/gRPC (behind TLS) and OTLP/HTTP alike, is logged with its message and
+//! counted.
 
 use std::time::Duration;
 
@@ -648,27 +649,22 @@ async fn a_publish_reaches_a_mutual_tls_collector_over_http_json_with_gzip_and_a
     a_publish_reaches_a_tls_collector_in_one_trace("http/json").await;
 }
 
-#[tokio::test]
-async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
-    let db = TestDb::new().await;
-    let message = "span rejected: attribute value too long";
-    let (endpoint, received) = http_receiver(
-        Behaviour {
-            partial: Some((1, message.to_owned())),
-            ..Behaviour::default()
-        },
-        None,
-    )
-    .await;
-    let mut env = otel_env(&endpoint);
-    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()));
-    // The specification's word for no compression.
-    env.push(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none".to_owned()));
-    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
-    let server = start(&db, &env).await;
+/// The message every export's partial success carries in the tests below.
+const REJECTION: &str = "span rejected: attribute value too long";
+
+/// A registry exporting with `env` to a collector (`received`) that answers every export with
+/// a partial success of 3 rejected spans and [`REJECTION`]: the registry logs the rejection
+/// with the collector's message (its own line, not the library's internal event), and counts
+/// the rejected spans and the export in the metrics failed exports count in.
+async fn a_partial_success_is_logged_and_counted(
+    db: &TestDb,
+    env: &[(&'static str, String)],
+    received: &Receiver,
+) -> ServeProcess {
+    let server = start(db, env).await;
     let ch = server.channel().await;
     generator_with_two_versions(&ch, "orders").await;
-    wait_for(
+    let logged = wait_for(
         "the collector's message in the log",
         Duration::from_secs(60),
         || {
@@ -677,12 +673,13 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
                 logs.lock()
                     .unwrap()
                     .iter()
-                    .find(|l| l.contains(message) && l.contains("rejected part of a span export"))
+                    .find(|l| l.contains(REJECTION) && l.contains("rejected part of a span export"))
                     .cloned()
             }
         },
     )
     .await;
+    assert!(logged.contains(r#""rejected":3"#), "{logged}");
     let dropped = wait_for("rejected spans counted", Duration::from_secs(60), || {
         let ch = ch.clone();
         async move {
@@ -695,11 +692,51 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
         }
     })
     .await;
-    assert!(dropped > 0);
+    // Every export is answered, and every answer rejects 3: nothing else is lost.
+    assert_eq!(dropped % 3, 0, "{dropped} spans dropped");
+    let (code, scrape) = crate::serve::http_get(&server.http_addr, "/metrics").await;
+    assert_eq!(code, 200);
+    let failures: u64 = scrape
+        .lines()
+        .find_map(|l| l.strip_prefix("dsreg_otel_export_failures_total "))
+        .unwrap_or_else(|| panic!("no export failure counter in {scrape}"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(failures > 0, "{scrape}");
     assert!(
         !received.0.lock().unwrap().is_empty(),
         "spans were received"
     );
+    let logs = server.logs.lock().unwrap().clone();
+    let raw: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("PartialSuccess"))
+        .collect();
+    assert!(
+        raw.is_empty(),
+        "the library's own event reached the log: {raw:?}"
+    );
+    server
+}
+
+#[tokio::test]
+async fn a_collectors_partial_success_over_http_is_logged_with_its_message_and_counted() {
+    let db = TestDb::new().await;
+    let (endpoint, received) = http_receiver(
+        Behaviour {
+            partial: Some((3, REJECTION.to_owned())),
+            ..Behaviour::default()
+        },
+        None,
+    )
+    .await;
+    let mut env = otel_env(&endpoint);
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".to_owned()));
+    // The specification's word for no compression.
+    env.push(("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION", "none".to_owned()));
+    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
+    let server = a_partial_success_is_logged_and_counted(&db, &env, &received).await;
     assert_eq!(
         received
             .1
@@ -707,6 +744,33 @@ async fn a_collectors_partial_success_is_logged_with_its_message_and_counted() {
             .load(std::sync::atomic::Ordering::Relaxed),
         0,
         "the traces-specific none wins over the general gzip"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_collectors_partial_success_over_grpc_is_logged_with_its_message_and_counted() {
+    let db = TestDb::new().await;
+    let (_certs, tls, ca) = collector_certificates();
+    let (endpoint, received) = grpc_receiver(
+        Behaviour {
+            partial: Some((3, REJECTION.to_owned())),
+            ..Behaviour::default()
+        },
+        Some(tls),
+    )
+    .await;
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    let mut env = otel_env(&endpoint);
+    env.push(("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".to_owned()));
+    env.push(("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE", ca));
+    env.push(("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip".to_owned()));
+    let server = a_partial_success_is_logged_and_counted(&db, &env, &received).await;
+    let seen = &received.1;
+    assert_eq!(
+        seen.gzipped.load(std::sync::atomic::Ordering::Relaxed),
+        seen.requests.load(std::sync::atomic::Ordering::Relaxed),
+        "every export is gzip-compressed"
     );
     server.stop().await;
 }
