@@ -285,19 +285,47 @@ fn summary(samples: &mut [f64]) -> String {
 }
 
 /// COMMIT of a NOTIFY → a plain LISTEN connection receives it, one at a time with the idle gap.
-async fn floor(url: &str, n: usize) -> anyhow::Result<Vec<f64>> {
-    use futures_util::StreamExt;
-    let (listener, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-        while let Some(Ok(message)) = messages.next().await {
-            if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = tx.send((n.payload().to_owned(), Instant::now()));
+/// A plain LISTEN connection: each notification's payload and when it arrived.
+struct Listening {
+    rx: tokio::sync::mpsc::UnboundedReceiver<(String, Instant)>,
+    _client: tokio_postgres::Client,
+}
+
+impl Listening {
+    async fn on(url: &str, channel: &str) -> anyhow::Result<Self> {
+        use futures_util::StreamExt;
+        let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(Ok(message)) = messages.next().await {
+                if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                    let _ = tx.send((n.payload().to_owned(), Instant::now()));
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        Ok(Self {
+            rx,
+            _client: client,
+        })
+    }
+
+    /// When the next notification whose payload contains every one of `needles` arrived.
+    async fn next_with(&mut self, needles: &[&str]) -> anyhow::Result<Instant> {
+        loop {
+            let (payload, at) = tokio::time::timeout(BOUND, self.rx.recv())
+                .await?
+                .context("listener gone")?;
+            if needles.iter().all(|n| payload.contains(n)) {
+                return Ok(at);
             }
         }
-    });
-    listener.batch_execute("LISTEN reaction_floor").await?;
+    }
+}
+
+async fn floor(url: &str, n: usize) -> anyhow::Result<Vec<f64>> {
+    let mut listening = Listening::on(url, "reaction_floor").await?;
     let notifier = connect(url).await?;
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
@@ -307,17 +335,26 @@ async fn floor(url: &str, n: usize) -> anyhow::Result<Vec<f64>> {
             .await?;
         let sent = Instant::now();
         notifier.batch_execute("COMMIT").await?;
-        let (payload, at) = tokio::time::timeout(BOUND, rx.recv())
-            .await?
-            .context("listener gone")?;
-        anyhow::ensure!(payload == i.to_string(), "notification out of order");
+        let at = listening.next_with(&[&i.to_string()]).await?;
         samples.push(at.saturating_duration_since(sent).as_secs_f64() * 1e3);
         tokio::time::sleep(IDLE).await;
     }
     Ok(samples)
 }
 
+/// Where a publish's time went, besides the first GET (ms from the COMMIT sent).
+#[derive(Default)]
+struct Split {
+    /// The COMMIT answered to the publisher.
+    committed: Vec<f64>,
+    /// The publish's own notification on the registry's channel reached a plain LISTEN
+    /// connection: what Postgres alone takes for this commit.
+    notified: Vec<f64>,
+}
+
 /// Hot reloads of one `http_poll` datasource by SQL, each to a new path; `idle` between them.
+/// With `split`, a plain LISTEN connection on the registry's channel also times each publish's
+/// notification.
 async fn sql_publishes(
     url: &str,
     target: &Target,
@@ -325,18 +362,33 @@ async fn sql_publishes(
     label: &str,
     n: usize,
     idle: Option<Duration>,
+    mut split: Option<&mut Split>,
 ) -> anyhow::Result<Vec<f64>> {
     let client = connect(url).await?;
     let id = datasource(&client, "reaction", label, "http_poll").await?;
+    let mut listening = match split {
+        Some(_) => Some(Listening::on(url, "dsreg_events").await?),
+        None => None,
+    };
     let mut samples = Vec::with_capacity(n);
     // Version 1 starts the worker; the samples are the reloads after it.
     for version in 1..=(n as i32 + 1) {
         let path = format!("/{label}/{version}");
         let rx = target.expect(&path);
         let sent = publish_path(&client, id, version, &poll_config(base, &path)).await?;
+        let committed = Instant::now();
         let ms = arrival(rx, sent, label).await?;
+        let notified = match &mut listening {
+            Some(l) => Some(l.next_with(&[&id.to_string(), "published"]).await?),
+            None => None,
+        };
         if version > 1 {
             samples.push(ms);
+            if let (Some(split), Some(notified)) = (split.as_deref_mut(), notified) {
+                let since = |t: Instant| t.saturating_duration_since(sent).as_secs_f64() * 1e3;
+                split.committed.push(since(committed));
+                split.notified.push(since(notified));
+            }
         }
         if let Some(idle) = idle {
             tokio::time::sleep(idle).await;
@@ -625,6 +677,7 @@ async fn main() -> anyhow::Result<()> {
         "—".into(),
     ));
 
+    let mut split = Split::default();
     let mut one = sql_publishes(
         &db.url,
         &target,
@@ -632,6 +685,7 @@ async fn main() -> anyhow::Result<()> {
         "one",
         counts.one_at_a_time,
         Some(IDLE),
+        Some(&mut split),
     )
     .await?;
     rows.push((
@@ -643,7 +697,26 @@ async fn main() -> anyhow::Result<()> {
             ms(floor_p99 + 1.5)
         ),
     ));
-    let mut b2b = sql_publishes(&db.url, &target, &base, "b2b", counts.back_to_back, None).await?;
+    rows.push((
+        "  of which: COMMIT sent → answered to the publisher, p50 / p99 / max".into(),
+        summary(&mut split.committed),
+        "—".into(),
+    ));
+    rows.push((
+        "  of which: COMMIT sent → the publish's notification reaches a plain LISTEN connection, p50 / p99 / max".into(),
+        summary(&mut split.notified),
+        "—".into(),
+    ));
+    let mut b2b = sql_publishes(
+        &db.url,
+        &target,
+        &base,
+        "b2b",
+        counts.back_to_back,
+        None,
+        None,
+    )
+    .await?;
     rows.push((
         "SQL publish COMMIT → first GET, back to back, p50 / p99 / max".into(),
         summary(&mut b2b),
