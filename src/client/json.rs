@@ -170,6 +170,7 @@ impl ToJson for pb::DatasourceMetrics {
             "restart_count": self.restart_count,
             "failures_since_healthy": self.failures_since_healthy,
             "restarts_requested": self.restarts_requested,
+            "restarts_total": self.restarts_total,
             "lag_seconds": self.lag_seconds,
             "last_event_at": timestamp(self.last_event_at.as_ref()),
             "snapshot_at": timestamp(self.snapshot_at.as_ref()),

@@ -191,7 +191,7 @@ pub fn restarts_table(answer: &pb::RestartWorkersResponse) -> String {
         "STATUS",
         "RUNNING",
         "PUBLISHED",
-        "RESTARTS",
+        "RESTARTS REQUESTED",
         "FAILURES",
         if answer.dry_run {
             "WOULD RESTART"
@@ -408,7 +408,7 @@ fn owner(state: &pb::WorkerState) -> String {
 /// One worker state as a line of `status watch`.
 pub fn watch_line(state: &pb::WorkerState) -> String {
     let mut line = format!(
-        "{}  {:<10}  running v{} / published v{}  desired {}  restarts {}  failures {}",
+        "{}  {:<10}  running v{} / published v{}  desired {}  restarts requested {}  failures {}",
         table::time(state.updated_at.as_ref()),
         worker_status(state.status),
         state.running_version,
@@ -443,6 +443,7 @@ pub fn metrics_detail(metrics: &pb::DatasourceMetrics) -> String {
             table::thousands(metrics.dead_lettered_total),
         ),
         ("errors", table::thousands(metrics.errors_total)),
+        ("restarts", metrics.restarts_total.to_string()),
         ("restarts requested", metrics.restarts_requested.to_string()),
         ("failures", metrics.failures_since_healthy.to_string()),
         ("lag", format!("{:.1} s", metrics.lag_seconds)),
@@ -479,7 +480,7 @@ mod tests {
         );
         assert_eq!(
             watch_line(&state),
-            "  error       running v2 / published v3  desired running  restarts 1  failures 4  error config: bad url"
+            "  error       running v2 / published v3  desired running  restarts requested 1  failures 4  error config: bad url"
         );
     }
 

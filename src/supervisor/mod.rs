@@ -1188,6 +1188,7 @@ fn heartbeat_of(id: Uuid, health: &crate::connectors::Health) -> Heartbeat {
             "records_total": health.records_total(),
             "errors_total": health.errors_total(),
             "dead_lettered_total": health.dead_lettered_total(),
+            "restarts_total": health.starts_total().saturating_sub(1),
         }),
     }
 }

@@ -269,7 +269,7 @@ pub async fn run(
                         } else {
                             "worker_running"
                         },
-                        json!({ "restart_count": failures.count() }),
+                        json!({ "failures_since_healthy": failures.count() }),
                     );
                     running.restart_count = Some(failures.count() as i32);
                     // The connector works: the last failure is over, and so is a rejection
@@ -416,7 +416,7 @@ pub async fn run(
                 version = spec.version,
                 code,
                 message = %message,
-                restart_count = verdict.failures,
+                failures_since_healthy = verdict.failures,
                 crash_loop = verdict.crash_loop,
                 suppressed,
                 "worker failed"
@@ -436,7 +436,7 @@ pub async fn run(
             json!({
                 "code": code,
                 "message": message,
-                "restart_count": verdict.failures,
+                "failures_since_healthy": verdict.failures,
                 "retry_in_ms": retryable.then_some(verdict.delay.as_millis() as u64),
                 "crash_loop": verdict.crash_loop,
                 "permanent": retry == Retry::Permanent,

@@ -758,3 +758,103 @@ async fn client_flags_are_read_before_the_command_as_after_it() {
     }
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_secret_put_by_the_cli_reaches_the_running_worker_and_its_delete_warns() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel.clone());
+    let mut secrets = SecretsClient::new(channel);
+    let id = create(&mut ds, "poll-rotate-cli", "http_poll").await;
+    put_token(&mut secrets, &id, "first-token-a21c").await;
+    let (source, seen) = recording_source().await;
+    let (v1, _) = publish(
+        &mut ds,
+        &id,
+        serde_json::json!({ "url": source, "bearer_secret": "token", "interval_ms": 100 }),
+    )
+    .await;
+    wait_for_bearer(&seen, "first-token-a21c").await;
+
+    // `dsreg secret put` rotates it: the running worker sends the new value, with no restart.
+    let value = dir.path().join("token.txt");
+    std::fs::write(&value, "second-token-e94b").unwrap();
+    let put = client(
+        dir.path(),
+        &url,
+        &[
+            "secret",
+            "put",
+            &id,
+            "token",
+            "--from-file",
+            value.to_str().unwrap(),
+        ],
+    )
+    .await;
+    put.assert_success();
+    wait_for_bearer(&seen, "second-token-e94b").await;
+
+    // `dsreg secret delete` of the secret the published version needs says so.
+    let deleted = client(dir.path(), &url, &["secret", "delete", &id, "token"]).await;
+    deleted.assert_success();
+    assert_eq!(
+        deleted.stdout,
+        format!(
+            "deleted secret token of {id}\nwarning: published version {v1} needs secret token: \
+             its worker keeps the credentials it holds, but cannot be restarted or reloaded until \
+             the secret is put back\n"
+        )
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn dsreg_test_takes_an_ndjson_sample_as_its_records() {
+    let db = TestDb::new().await;
+    let (app, channel) = serve(&db).await;
+    let url = format!("http://{}", app.grpc_addr);
+    let dir = tempfile::tempdir().unwrap();
+    let mut ds = DatasourcesClient::new(channel);
+    let id = create(&mut ds, "hook-ndjson", "webhook").await;
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({ "transform": "#{ id: record.n * 2 }" }).to_string(),
+    )
+    .unwrap();
+    // A webhook body as NDJSON: one document a line, a blank line among them.
+    let sample = dir.path().join("body.ndjson");
+    std::fs::write(&sample, "{\"n\": 1}\n\n{\"n\": 2}\n{\"n\": 3}\n").unwrap();
+    let args = [
+        "test",
+        &id,
+        "--config-file",
+        config.to_str().unwrap(),
+        "--sample-file",
+        sample.to_str().unwrap(),
+    ];
+
+    let ran = client(dir.path(), &url, &args).await;
+    ran.assert_success();
+    assert!(
+        ran.stdout.starts_with("inputs 3, outputs 3, rejected 0;"),
+        "{}",
+        ran.stdout
+    );
+    assert!(
+        ran.stdout
+            .contains("outputs:\n  {\"id\":2}\n  {\"id\":4}\n  {\"id\":6}\n"),
+        "{}",
+        ran.stdout
+    );
+
+    // A broken line is refused before any call, naming the line.
+    std::fs::write(&sample, "{\"n\": 1}\n{oops}\n").unwrap();
+    let refused = client(dir.path(), &url, &args).await;
+    assert_eq!(refused.status.code(), Some(1), "{}", refused.stderr);
+    assert!(refused.stderr.contains("line 2"), "{}", refused.stderr);
+    app.stop().await.unwrap();
+}

@@ -1,6 +1,7 @@
 //! What anyone can cause is counted, not logged at will: a flood of malformed notifications
 //! is counted in full and logged at most once a second, each line with what it held back; and
-//! every line is structured, fatal ones included, with no debug text in its fields.
+//! every line is structured, fatal ones included, with no debug text in its fields; a
+//! database on a closed port is a fatal line naming the address and "Connection refused".
 
 use std::time::{Duration, Instant};
 
@@ -182,4 +183,45 @@ async fn a_fatal_start_up_error_is_a_json_log_line_like_the_rest() {
             .is_some_and(|e| e.contains("no token verification keys")),
         "{stderr}"
     );
+}
+
+#[tokio::test]
+async fn a_database_on_a_closed_port_is_a_fatal_json_line_that_says_connection_refused() {
+    let closed = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().port()
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_dsreg"))
+            .args([
+                "serve",
+                "--http-addr",
+                "127.0.0.1:0",
+                "--grpc-addr",
+                "127.0.0.1:0",
+                "--insecure-no-auth",
+            ])
+            .env(
+                "DATABASE_URL",
+                format!("postgres://dsreg:closed-port-pw-3b7e@127.0.0.1:{closed}/dsreg"),
+            )
+            .stdin(std::process::Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("serve gives up on a closed port")
+    .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    let lines: Vec<String> = stderr.lines().map(str::to_owned).collect();
+    let logged = structured(&lines);
+    let last = logged.last().expect("a line");
+    assert_eq!(last["level"], "ERROR", "{stderr}");
+    let error = last["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&format!("127.0.0.1:{closed}")) && error.contains("Connection refused"),
+        "the address and the cause: {stderr}"
+    );
+    assert!(!stderr.contains("closed-port-pw-3b7e"), "{stderr}");
 }

@@ -77,6 +77,10 @@ async fn a_restart_shows_in_the_watch_and_counts_apart_from_failures() {
         .unwrap()
         .into_inner();
     assert_eq!(metrics.restarts_requested, 1, "{metrics:?}");
+    assert_eq!(
+        metrics.restarts_total, 1,
+        "the one restart, run: {metrics:?}"
+    );
     assert_eq!(metrics.failures_since_healthy, 0, "{metrics:?}");
     drop(watch);
     app.stop().await.unwrap();
@@ -185,5 +189,69 @@ async fn the_metrics_of_a_worker_of_this_instance_are_its_counters_now() {
         stored.metrics,
         metrics.records_total
     );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_worker_counts_its_restarts_apart_from_restarts_requested_and_failures() {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let source = format!("http://{}/", listener.local_addr().unwrap());
+    let router = axum::Router::new().route(
+        "/",
+        axum::routing::get(|| async { axum::http::StatusCode::SERVICE_UNAVAILABLE }),
+    );
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    let ds = db.datasource_of("retried", "http_poll").await;
+    let v = db
+        .version(
+            ds.id,
+            json!({ "url": source, "interval_ms": 100, "max_retries": 0 }),
+        )
+        .await;
+    db.publish_sql(ds.id, v).await;
+    let client = lifecycle(app.grpc_addr).await;
+    // Every run fails, and each failure is followed by a run: restarts nobody asked for.
+    let metrics = wait_for("two restarts after failures", WAIT, || {
+        let mut client = client.clone();
+        async move {
+            let m = client
+                .get_datasource_metrics(status_of(ds.id))
+                .await
+                .ok()?
+                .into_inner();
+            (m.restarts_total >= 2).then_some(m)
+        }
+    })
+    .await;
+    assert_eq!(metrics.restarts_requested, 0, "{metrics:?}");
+    assert!(metrics.failures_since_healthy >= 2, "{metrics:?}");
+
+    // The CLI shows the three counts, each under its own name.
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = crate::cli::dsreg(dir.path());
+    command.args([
+        "status",
+        "metrics",
+        &ds.id.to_string(),
+        "--server",
+        &format!("http://{}", app.grpc_addr),
+    ]);
+    let ran = crate::cli::run(command, None).await;
+    ran.assert_success();
+    let field = |name: &str| -> i64 {
+        ran.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")))
+            .unwrap_or_else(|| panic!("no {name} in {}", ran.stdout))
+            .trim()
+            .replace(',', "")
+            .parse()
+            .unwrap()
+    };
+    assert!(field("restarts") >= 2, "{}", ran.stdout);
+    assert_eq!(field("restarts requested"), 0, "{}", ran.stdout);
+    assert!(field("failures") >= 2, "{}", ran.stdout);
     app.stop().await.unwrap();
 }

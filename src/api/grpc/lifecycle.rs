@@ -301,11 +301,12 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
         let live = (s.owner_instance.as_deref() == Some(self.0.instance_id.as_str()))
             .then(|| self.0.metrics.worker_figures(id))
             .flatten();
-        let (records, dead_lettered, errors, progress, snapshot_at) = match &live {
+        let (records, dead_lettered, errors, restarts, progress, snapshot_at) = match &live {
             Some(h) => (
                 h.records(),
                 h.dead_lettered(),
                 h.errors(),
+                h.restarts(),
                 chrono::DateTime::from_timestamp_millis(h.last_progress_ms())
                     .filter(|_| h.last_progress_ms() > 0),
                 Utc::now(),
@@ -314,6 +315,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
                 count("records_total"),
                 count("dead_lettered_total"),
                 count("errors_total"),
+                count("restarts_total"),
                 s.last_progress_at,
                 s.updated_at,
             ),
@@ -329,6 +331,7 @@ impl pb::lifecycle_server::Lifecycle for LifecycleService {
             restart_count: s.restart_count,
             failures_since_healthy: s.restart_count,
             restarts_requested: s.restart_generation,
+            restarts_total: restarts,
             lag_seconds: lag,
             last_event_at: s.last_event_at.map(convert::timestamp),
             snapshot_at: Some(convert::timestamp(snapshot_at)),
