@@ -409,8 +409,12 @@ impl App {
         }
         .start(signals, shutdown.child_token())
         .await?;
-        prune_dead_instances(&self.control, self.dead_instance_retention).await;
         let tracker = TaskTracker::new();
+        tracker.spawn(prune_dead_instances_every(
+            self.control.clone(),
+            self.dead_instance_retention,
+            shutdown.child_token(),
+        ));
         let me = crate::db::repository::leases::InstanceInfo {
             id: self.instance_id.clone(),
             address: self.advertise.clone(),
@@ -864,8 +868,21 @@ impl HealthChecks {
     }
 }
 
+/// Prunes dead instances' rows at start, then every `retention` (at most an hour apart), until
+/// `stop`: a registry that runs for months does not keep a row per instance that ever ran.
+async fn prune_dead_instances_every(pool: Pool, retention: Duration, stop: CancellationToken) {
+    let every = retention.clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    loop {
+        prune_dead_instances(&pool, retention).await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Deletes the rows of instances dead for longer than `retention`, so `dsreg_instances` does
-/// not grow by a row per start. A failure is logged: the rows wait for the next start.
+/// not grow by a row per start. A failure is logged: the rows wait for the next round.
 async fn prune_dead_instances(pool: &Pool, retention: Duration) {
     let pruned = match pool.get().await {
         Ok(client) => db::repository::leases::prune_dead(&**client, retention).await,
@@ -879,7 +896,7 @@ async fn prune_dead_instances(pool: &Pool, retention: Duration) {
             "deleted the rows of instances dead for longer than the retention"
         ),
         Err(e) => {
-            tracing::warn!(error = %e, "pruning dead instances failed; the next start retries")
+            tracing::warn!(error = %e, "pruning dead instances failed; the next round retries")
         }
     }
 }

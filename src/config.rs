@@ -319,7 +319,8 @@ pub struct Settings {
     pub lease_moves_per_tick: u64,
 
     /// How long a stopped or silent instance stays listed (`dsreg instances`), in seconds:
-    /// older rows of `dsreg_instances` are deleted at every start.
+    /// older rows of `dsreg_instances` are deleted at start and then every retention (at
+    /// most an hour apart).
     #[arg(
         long,
         env = "DSREG_DEAD_INSTANCE_RETENTION_SECS",

@@ -1062,3 +1062,45 @@ async fn a_renewal_sent_while_a_claim_runs_does_not_count_the_claimed_leases_los
     handle.sign_off().await.unwrap();
     run.await.unwrap();
 }
+
+/// A registry that keeps running prunes dead instances' rows while it runs, not only at its
+/// start: a row that dies (or is found dead) later goes within a retention.
+#[tokio::test]
+async fn dead_instance_rows_are_pruned_while_the_registry_runs() {
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.dead_instance_retention_secs = 1;
+    let _app = crate::helpers::TestApp::spawn_with(settings, |_| {}).await;
+    let client = db.client().await;
+    // A peer whose leases lapse 15 s from now: live through the start's pruning, so only a
+    // later round can delete it. A peer live for the hour stays.
+    client
+        .batch_execute(
+            "INSERT INTO dsreg_instances (id, started_at, heartbeat_at, stopped_at, leases_until) VALUES
+               ('dying-peer', now(), now(), NULL, now() + interval '15 seconds'),
+               ('live-peer', now(), now(), NULL, now() + interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    wait_for("the dead row pruned", Duration::from_secs(90), || async {
+        let left: i64 = client
+            .query_one(
+                "SELECT count(*) FROM dsreg_instances WHERE id = 'dying-peer'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (left == 0).then_some(())
+    })
+    .await;
+    let live: i64 = client
+        .query_one(
+            "SELECT count(*) FROM dsreg_instances WHERE id = 'live-peer'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(live, 1, "a live instance's row is never pruned");
+}
