@@ -8,10 +8,11 @@
 //! costs the database. Every answer still comes from a statement started after its request
 //! was queued: nothing is cached.
 //!
-//! Idle `WatchStatus` streams re-read on one shared clock ([`StatusReads::reread_clock`]), not
-//! each on a timer of its own: their reads arrive together and a few statements answer them
-//! all, so a thousand idle streams cost a handful of statements per tick instead of a
-//! statement each.
+//! Idle `WatchStatus` streams re-read on a shared clock ([`StatusReads::reread_clock`]), not
+//! each on a timer of its own: the streams are dealt into [`PHASES`] groups, one group's reads
+//! arrive together at each tick and a statement or two answers them all. A thousand idle
+//! streams cost a statement every half second instead of two hundred a second, and no tick
+//! brings every stream's read at once.
 //!
 //! The readers and the clock stop when the server shuts down (`shutdown`); a read queued then
 //! is answered UNAVAILABLE.
@@ -37,6 +38,10 @@ const MAX_BATCH: usize = 256;
 /// good.
 pub const REREAD_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// The groups idle streams are dealt into: one group re-reads at each tick, a tick every
+/// [`REREAD_EVERY`] / `PHASES`.
+pub const PHASES: u32 = 10;
+
 type Answer = Result<(Datasource, State), tonic::Status>;
 /// A queued read: the datasource, and where its answer goes.
 type Read = (Uuid, oneshot::Sender<Answer>);
@@ -45,7 +50,7 @@ type Read = (Uuid, oneshot::Sender<Answer>);
 #[derive(Debug)]
 pub struct StatusReads {
     queue: mpsc::UnboundedSender<Read>,
-    clock: watch::Receiver<u64>,
+    clock: Vec<watch::Receiver<u64>>,
 }
 
 impl StatusReads {
@@ -62,25 +67,26 @@ impl StatusReads {
         for _ in 0..readers.max(1) {
             tracker.spawn(reader(pool.clone(), queued.clone(), shutdown.clone()));
         }
-        let (tick, clock) = watch::channel(0);
+        let (ticks, clock): (Vec<_>, Vec<_>) = (0..PHASES).map(|_| watch::channel(0)).unzip();
         tracker.spawn(async move {
-            let mut every = tokio::time::interval(REREAD_EVERY);
+            let mut every = tokio::time::interval(REREAD_EVERY / PHASES);
             every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             every.tick().await;
-            loop {
+            for phase in (0..ticks.len()).cycle() {
                 tokio::select! {
                     () = shutdown.cancelled() => return,
-                    _ = every.tick() => tick.send_modify(|n| *n += 1),
+                    _ = every.tick() => ticks[phase].send_modify(|n| *n += 1),
                 }
             }
         });
         Self { queue, clock }
     }
 
-    /// The shared re-read clock: `changed()` resolves at each tick, every [`REREAD_EVERY`].
-    /// Streams that re-read at its ticks have their reads coalesced.
+    /// A re-read clock of a group chosen at random: `changed()` resolves every
+    /// [`REREAD_EVERY`], when every stream of the group re-reads, so their reads are coalesced.
     pub fn reread_clock(&self) -> watch::Receiver<u64> {
-        self.clock.clone()
+        let phase = rand::random_range(0..self.clock.len());
+        self.clock[phase].clone()
     }
 
     /// The datasource and its state, read by a statement that starts after this call.
