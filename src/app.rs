@@ -66,7 +66,7 @@ pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>, sources: &Arc<SourceH
 /// Reader tasks coalescing status reads. One: every read queued while its statement runs
 /// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
 /// two or four readers made smaller batches, more statements, and slower calls).
-const STATUS_READERS: usize = 1;
+const STATUS_READERS: usize = 2;
 
 /// Connections of the control plane's own pool: lease claims, the state writer, the
 /// readiness probe and heartbeats never wait behind worker I/O for one (beside the main pool
