@@ -270,7 +270,7 @@ impl SinkHandle {
     /// # Errors
     /// [`Error::Sink`] when the sink has shut down.
     pub async fn write(&self, records: Vec<Value>) -> Result<Outcome, Error> {
-        self.send(records, None).await
+        self.send(records, Vec::new(), None).await
     }
 
     /// Like [`Self::write`], and returns only once every record is committed or
@@ -281,8 +281,22 @@ impl SinkHandle {
     /// nowhere, or refused them because this instance no longer holds the datasource's lease
     /// under this epoch.
     pub async fn write_durable(&self, records: Vec<Value>) -> Result<Outcome, Error> {
+        self.write_durable_with(records, Vec::new()).await
+    }
+
+    /// Like [`Self::write_durable`], with input records the source itself could not turn
+    /// into records (a Kafka message that does not decode), settled as dead letters in the
+    /// same flush.
+    ///
+    /// # Errors
+    /// As [`Self::write_durable`].
+    pub async fn write_durable_with(
+        &self,
+        records: Vec<Value>,
+        undecodable: Vec<DeadLetter>,
+    ) -> Result<Outcome, Error> {
         let (ack, settled) = oneshot::channel();
-        self.send(records, Some(ack)).await?;
+        self.send(records, undecodable, Some(ack)).await?;
         match settled.await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(Undelivered::Fenced)) => Err(Error::Sink(format!(
@@ -299,6 +313,7 @@ impl SinkHandle {
     async fn send(
         &self,
         records: Vec<Value>,
+        undecodable: Vec<DeadLetter>,
         ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
     ) -> Result<Outcome, Error> {
         if !self.lease.holds() {
@@ -307,7 +322,8 @@ impl SinkHandle {
                 self.epoch
             )));
         }
-        let (records, dead) = self.apply(records).await?;
+        let (records, mut dead) = self.apply(records).await?;
+        dead.extend(undecodable);
         let queued = Outcome {
             written: records.len(),
             dead_lettered: dead.len(),

@@ -1,0 +1,408 @@
+//! The `kafka` kind against a real Kafka-protocol broker (tansu, in memory, one per test; see
+//! `tests/support/kafka_broker.rs`): 10,000 JSON messages through a transform into the
+//! Postgres sink, each once; a `kill -9` of the real binary mid-way loses none and repeats at
+//! most the batch in flight; a hot reload with a new transform and a lease move carry the
+//! position over; a backfill reads everything again; bad configs (unreachable brokers, an
+//! unknown topic) are a clear error on the datasource, retried with backoff, no storm.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+
+use crate::helpers::{ServeProcess, TestApp, TestDb, wait_for};
+
+#[path = "../support/kafka_broker.rs"]
+mod kafka_broker;
+pub use kafka_broker::KafkaBroker;
+
+/// Generous: the machine may be busy; waits end as soon as their condition holds.
+const WAIT: Duration = Duration::from_secs(120);
+/// The most records one sink write carries in these tests: the bound on what a crash repeats.
+const BATCH: i64 = 500;
+
+/// The transform every test runs: a mapping of the message's value and where it was read.
+const TRANSFORM: &str = r#"#{ id: record.value.id, name: record.value.name,
+    doubled: record.value.n * 2, partition: record.partition, offset: record.offset, v: "one" }"#;
+
+/// Creates `topic` with `partitions`.
+pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .create()
+        .expect("an admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics answered");
+    for result in created {
+        result.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+}
+
+/// Produces messages `from..to` as JSON `{"id", "name", "n"}` with keys, round robin over
+/// `partitions`, and waits until every one is acknowledged.
+pub async fn produce(broker: &str, topic: &str, partitions: i32, from: u64, to: u64) {
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &broker)
+            .set("linger.ms", "5")
+            .set("acks", "all")
+            .create()
+            .expect("a producer");
+        for id in from..to {
+            let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
+            let key = format!("k{id}");
+            let partition = i32::try_from(id % u64::try_from(partitions).unwrap()).unwrap();
+            let mut record = BaseRecord::to(&topic)
+                .payload(&value)
+                .key(&key)
+                .partition(partition);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        // The local queue is full: let deliveries drain.
+                        producer.poll(Duration::from_millis(10));
+                        record = r;
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+        producer
+            .flush(Duration::from_secs(60))
+            .expect("every message acknowledged");
+    })
+    .await
+    .unwrap();
+}
+
+/// `(id → times stored)` of a datasource's records.
+async fn stored_ids(db: &TestDb, datasource: uuid::Uuid) -> BTreeMap<i64, i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT (record->>'id')::bigint, count(*) FROM datasource_records \
+             WHERE datasource_id = $1 GROUP BY 1",
+            &[&datasource],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Waits until every id in `0..n` is stored; returns how many records were stored twice or
+/// more (the extra copies).
+async fn wait_for_all(db: &TestDb, datasource: uuid::Uuid, n: i64) -> i64 {
+    let ids = wait_for(&format!("all {n} ids stored"), WAIT, || async {
+        let ids = stored_ids(db, datasource).await;
+        (ids.len() as i64 >= n).then_some(ids)
+    })
+    .await;
+    assert!(
+        ids.keys().copied().eq(0..n),
+        "exactly the ids 0..{n}, none other"
+    );
+    ids.values().map(|c| c - 1).sum()
+}
+
+fn source_config(broker: &str, topic: &str, transform: &str) -> Value {
+    json!({
+        "bootstrap_servers": [broker],
+        "topics": [topic],
+        "batch_max_records": BATCH,
+        "headers": ["trace"],
+        "transform": transform,
+    })
+}
+
+async fn stored_position(db: &TestDb, datasource: uuid::Uuid) -> Option<Value> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT source_cursor FROM datasource_state WHERE datasource_id = $1",
+            &[&datasource],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The sum of the offsets a position holds: how many messages it says were committed.
+fn committed(position: Option<&Value>) -> i64 {
+    position
+        .and_then(|p| p.get("offsets"))
+        .and_then(Value::as_object)
+        .map_or(0, |o| o.values().filter_map(Value::as_i64).sum())
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_pass_a_transform_into_postgres_each_once() {
+    // Arrange: 10,000 messages over three partitions.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 3).await;
+    produce(&broker.address(), "orders", 3, 0, 10_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+
+    // Act
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+
+    // Assert: every message once, mapped; the position says all 10,000 are committed.
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    assert_eq!(extra, 0, "no record stored twice without a crash");
+    let sample: Value = db
+        .client()
+        .await
+        .query_one(
+            "SELECT record FROM datasource_records WHERE datasource_id = $1 \
+             AND record->>'id' = '42'",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sample["doubled"], json!(2 * (42 % 97)));
+    assert_eq!(sample["name"], json!("item-42"));
+    assert_eq!(sample["partition"], json!(0));
+    wait_for("the position to cover every message", WAIT, || async {
+        (committed(stored_position(&db, ds).await.as_ref()) == 10_000).then_some(())
+    })
+    .await;
+    let state = db.state(ds).await;
+    assert_eq!(state.error_code, None);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_kill_9_mid_way_loses_nothing_and_repeats_at_most_the_batch_in_flight() {
+    // Arrange: the real binary consuming 10,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 10_000).await;
+    let db = TestDb::new().await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    // Small batches: the kill lands mid-stream, with many committed batches before it.
+    config["batch_max_records"] = json!(100);
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    let mut first = ServeProcess::start(&db.url, &[]).await;
+    wait_for("some records stored", WAIT, || async {
+        let n: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM datasource_records WHERE datasource_id = $1",
+                &[&ds],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 1_000).then_some(())
+    })
+    .await;
+
+    // Act: SIGKILL, then a new process.
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    let at_kill = stored_ids(&db, ds).await.len();
+    assert!(at_kill < 10_000, "killed mid-way ({at_kill} stored)");
+    let second = ServeProcess::start(&db.url, &[]).await;
+
+    // Assert: none lost; the copies are at most one batch (the one committed to the sink but
+    // not yet to the position when the process died).
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    assert!(extra <= 100, "{extra} records stored twice; at most one batch of 100");
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_hot_reload_with_a_new_transform_carries_the_position_over() {
+    // Arrange: a worker that has read the first 5,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 1).await;
+    produce(&broker.address(), "orders", 1, 0, 5_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v1 = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v1).await;
+    wait_for_all(&db, ds, 5_000).await;
+
+    // Act: a new transform, published while messages keep arriving.
+    let v2 = db
+        .version(
+            ds,
+            source_config(
+                &broker.address(),
+                "orders",
+                &TRANSFORM.replace(r#"v: "one""#, r#"v: "two""#),
+            ),
+        )
+        .await;
+    db.publish_sql(ds, v2).await;
+    produce(&broker.address(), "orders", 1, 5_000, 10_000).await;
+
+    // Assert: nothing skipped; read twice at most the batch the reload interrupted (not the
+    // 5,000 before it), the later messages mapped by the new transform.
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    assert!(extra <= BATCH, "{extra} read twice: the reload resumed from the committed offset");
+    let by_version: Vec<(String, i64, i64)> = db
+        .client()
+        .await
+        .query(
+            "SELECT record->>'v', min((record->>'id')::bigint), max((record->>'id')::bigint) \
+             FROM datasource_records WHERE datasource_id = $1 GROUP BY 1 ORDER BY 1",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(by_version[0].0, "one");
+    assert_eq!(by_version[1].0, "two");
+    assert_eq!(by_version[1].2, 9_999);
+    assert!(by_version[1].1 >= 5_000 - BATCH, "{by_version:?}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_move_resumes_from_the_committed_offset_on_the_new_owner() {
+    // Arrange: two instances; the datasource runs on the first, which has read 3,000.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 3_000).await;
+    let db = TestDb::new().await;
+    let a = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, 3_000).await;
+    let first_owner = db.state(ds).await.owner_instance.expect("an owner");
+    let b = TestApp::spawn(&db.url, |_| {}).await;
+
+    // Act: the first instance stops (its leases are released); more messages arrive.
+    a.stop().await.unwrap();
+    produce(&broker.address(), "orders", 2, 3_000, 6_000).await;
+
+    // Assert: the second instance owns it and read on from where the first committed.
+    let extra = wait_for_all(&db, ds, 6_000).await;
+    assert_eq!(extra, 0, "the new owner resumed from the committed offsets");
+    let owner = db.state(ds).await.owner_instance.expect("an owner");
+    assert_ne!(owner, first_owner);
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backfill_to_the_start_reads_every_message_again() {
+    // Arrange: a worker that has read 2,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 2_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, 2_000).await;
+    let mut lifecycle = LifecycleClient::connect(format!("http://{}", app.grpc_addr))
+        .await
+        .unwrap();
+
+    // Act: a backfill from the start (no position), then one from a position naming offsets.
+    lifecycle
+        .backfill(pb::BackfillRequest {
+            datasource_id: ds.to_string(),
+            from_cursor_json: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // Assert: every message twice.
+    wait_for("every message read again", WAIT, || async {
+        let ids = stored_ids(&db, ds).await;
+        (ids.len() == 2_000 && ids.values().all(|c| *c == 2)).then_some(())
+    })
+    .await;
+
+    // A position that is not the kind's is refused naming the field.
+    let refused = lifecycle
+        .backfill(pb::BackfillRequest {
+            datasource_id: ds.to_string(),
+            from_cursor_json: json!({ "offsets": { "orders": 1 } }).to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(refused.message().contains("offsets"), "{}", refused.message());
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_brokers_and_an_unknown_topic_are_clear_errors_retried_without_a_storm() {
+    // Arrange: one datasource pointed at a port nothing listens on, one at a missing topic.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 1).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let nowhere = format!("127.0.0.1:{}", kafka_broker::free_port());
+    let unreachable = db.datasource_of("unreachable", "kafka").await.id;
+    let v = db
+        .version(unreachable, source_config(&nowhere, "orders", TRANSFORM))
+        .await;
+    db.publish_sql(unreachable, v).await;
+    let unknown = db.datasource_of("unknown-topic", "kafka").await.id;
+    let v = db
+        .version(unknown, source_config(&broker.address(), "no-such-topic", TRANSFORM))
+        .await;
+    db.publish_sql(unknown, v).await;
+
+    // Assert: each shows why, naming the brokers or the topic.
+    let state = wait_for("the unreachable brokers' error", WAIT, || async {
+        let state = db.state(unreachable).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    assert_eq!(state.error_code.as_deref(), Some("source_failed"));
+    let message = state.error_message.unwrap_or_default();
+    assert!(message.contains(&nowhere), "{message}");
+    let state = wait_for("the unknown topic's error", WAIT, || async {
+        let state = db.state(unknown).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    assert_eq!(state.error_code.as_deref(), Some("source_refused"));
+    let message = state.error_message.unwrap_or_default();
+    assert!(message.contains("no-such-topic"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+    // A refusal waits the long delay: a few restarts at most while the test looks.
+    let restarts = db.state(unknown).await.restart_count;
+    assert!(restarts <= 2, "{restarts} restarts: a storm");
+    app.stop().await.unwrap();
+}
