@@ -424,6 +424,17 @@ pub enum Target {
         /// The URL.
         url: String,
     },
+    /// A Kafka topic (see [`super::kafka_sink`]).
+    Kafka(Arc<super::kafka_sink::KafkaTarget>),
+}
+
+impl Target {
+    /// Whether records leave the registry's database (`http`, `kafka`): the target cannot
+    /// check leases itself, and records it keeps refusing become dead letters after
+    /// [`RetryPolicy::http_attempts`] attempts.
+    fn is_remote(&self) -> bool {
+        !matches!(self, Target::Postgres)
+    }
 }
 
 /// Whether the sink can commit, for readiness; cheap to clone.
@@ -906,7 +917,7 @@ impl SinkWriter {
         else {
             return;
         };
-        let http = matches!(self.target, Target::Http { .. });
+        let http = self.target.is_remote();
         let Some(lane) = self.lanes.get_mut(&id) else {
             return;
         };
@@ -1104,8 +1115,9 @@ impl SinkWriter {
             .await
             .map_err(|e| Failure::from_db(&crate::db::Error::from(e)))?;
         let mut held = None;
-        if let (Target::Http { client: http, url }, None) = (&self.target, instead) {
-            // The gateway cannot check leases: ask first, and send only what still holds.
+        if let (true, None) = (self.target.is_remote(), instead) {
+            // The gateway or brokers cannot check leases: ask first, and send only what
+            // still holds.
             let asked: Vec<(Uuid, i64)> = pairs.iter().copied().collect();
             let holding: HashSet<(Uuid, i64)> = leases::holding(&**client, &self.instance, &asked)
                 .await
@@ -1117,7 +1129,11 @@ impl SinkWriter {
                 .filter(|i| matches!(i.slot, Slot::Record(_)))
                 .filter(|i| holding.contains(&(work[i.batch].datasource_id, work[i.batch].epoch)))
                 .collect();
-            post(http, url, work, &posted).await?;
+            match &self.target {
+                Target::Http { client: http, url } => post(http, url, work, &posted).await?,
+                Target::Kafka(kafka) => produce(kafka, work, &posted).await?,
+                Target::Postgres => {}
+            }
             held = Some(holding);
         }
         let mut rows = SinkColumns::default();
@@ -1202,7 +1218,7 @@ impl SinkWriter {
                 let group = self.pick_among(&mut queue);
                 self.flush_lanes(&group).await;
             }
-            if round == 0 && matches!(self.target, Target::Http { .. }) {
+            if round == 0 && self.target.is_remote() {
                 let left: Vec<Uuid> = self.lanes.keys().copied().collect();
                 for id in left {
                     if let Some(lane) = self.lanes.get_mut(&id) {
@@ -1403,6 +1419,37 @@ async fn post(
         reason,
         retry_after,
         everyone: false,
+    })
+}
+
+/// Sends `items`' records to the Kafka target, each with its worker's fencing epoch.
+async fn produce(
+    kafka: &super::kafka_sink::KafkaTarget,
+    work: &[Batch],
+    items: &[&Item],
+) -> Result<(), Failure> {
+    use super::kafka_sink::{Outgoing, SendFailure};
+    let out: Vec<Outgoing<'_>> = items
+        .iter()
+        .filter_map(|item| {
+            let b = &work[item.batch];
+            let Slot::Record(i) = item.slot else {
+                return None;
+            };
+            Some(Outgoing {
+                datasource_id: b.datasource_id,
+                version: b.version,
+                epoch: b.epoch,
+                record: &b.records[i],
+            })
+        })
+        .collect();
+    if out.is_empty() {
+        return Ok(());
+    }
+    kafka.send(&out).await.map_err(|e| match e {
+        SendFailure::Refused(reason) => Failure::Refused(reason),
+        SendFailure::Transient(reason) => Failure::transient(reason, true),
     })
 }
 

@@ -406,3 +406,150 @@ async fn unreachable_brokers_and_an_unknown_topic_are_clear_errors_retried_witho
     assert!(restarts <= 2, "{restarts} restarts: a storm");
     app.stop().await.unwrap();
 }
+
+/// A local source for `http_poll`: the records with an `id` above the `since` parameter.
+async fn serve_source(records: std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> String {
+    use axum::extract::{Query, State};
+    type Shared = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+    async fn handler(
+        State(records): State<Shared>,
+        Query(query): Query<BTreeMap<String, String>>,
+    ) -> axum::Json<Value> {
+        let since: i64 = query
+            .get("since")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        let fresh: Vec<Value> = records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["id"].as_i64().unwrap() > since)
+            .cloned()
+            .collect();
+        axum::Json(json!({ "items": fresh }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .route("/items", axum::routing::get(handler))
+        .with_state(records);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/items")
+}
+
+/// A message read back: its key, its value, and its `dsreg-epoch` header.
+#[derive(Debug)]
+struct ReadBack {
+    key: Option<String>,
+    value: Value,
+    epoch: Option<String>,
+}
+
+/// Reads `topic`'s partition 0 from the start until messages with `n` distinct ids are in
+/// hand (or panics after [`WAIT`]).
+async fn read_topic(broker: &str, topic: &str, n: usize) -> Vec<ReadBack> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers as _;
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&list).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut read: Vec<ReadBack> = Vec::new();
+        let mut ids = std::collections::BTreeSet::new();
+        while ids.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} ids in {topic} within {WAIT:?}",
+                ids.len()
+            );
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let epoch = message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "dsreg-epoch")
+                    .and_then(|h| Some(String::from_utf8_lossy(h.value?).into_owned()))
+            });
+            let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            ids.insert(value["id"].to_string());
+            read.push(ReadBack {
+                key: message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                value,
+                epoch,
+            });
+        }
+        read
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn http_poll_records_reach_the_kafka_sink_keyed_and_a_frozen_broker_loses_none() {
+    // Arrange: a broker with the sink's topic, a source with 500 records, and a registry
+    // writing to Kafka keyed by `id`.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "out", 1).await;
+    let records = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..500).map(|id| json!({ "id": id, "name": format!("item-{id}") })).collect::<Vec<_>>(),
+    ));
+    let url = serve_source(records.clone()).await;
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.sink = "kafka".into();
+    settings.sink_kafka_brokers = Some(broker.address());
+    settings.sink_kafka_topic = Some("out".into());
+    settings.sink_kafka_key_field = Some("id".into());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ds = db.datasource_of("poller", "http_poll").await.id;
+    let v = db
+        .version(
+            ds,
+            json!({
+                "url": url, "interval_ms": 100, "record_path": "/items",
+                "cursor": { "field": "id", "param": "since" },
+            }),
+        )
+        .await;
+    db.publish_sql(ds, v).await;
+
+    // Assert: the 500 records are in the topic, keyed by id, with the worker's epoch.
+    let read = read_topic(&broker.address(), "out", 500).await;
+    let epoch = db.state(ds).await.lease_epoch.to_string();
+    for message in &read {
+        assert_eq!(message.key, Some(message.value["id"].to_string()));
+        assert_eq!(message.epoch.as_deref(), Some(epoch.as_str()));
+    }
+
+    // Act: the broker freezes for 10 s while 500 more records appear at the source.
+    broker.pause();
+    records
+        .lock()
+        .unwrap()
+        .extend((500..1_000).map(|id| json!({ "id": id, "name": format!("item-{id}") })));
+    // The outage itself: the scenario is "the broker is gone for 10 s".
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.resume();
+
+    // Assert: every record arrives; none lost.
+    let read = read_topic(&broker.address(), "out", 1_000).await;
+    let ids: std::collections::BTreeSet<i64> =
+        read.iter().map(|m| m.value["id"].as_i64().unwrap()).collect();
+    assert!(ids.iter().copied().eq(0..1_000), "every id from 0 to 999");
+    let state = db.state(ds).await;
+    assert_eq!(state.error_code, None, "{:?}", state.error_message);
+    app.stop().await.unwrap();
+}
