@@ -302,11 +302,10 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
             let (host, port) = s
                 .rsplit_once(':')
                 .ok_or_else(|| ConfigError::new(&field, "must be host:port"))?;
-            let port: u16 = port
-                .parse()
-                .ok()
-                .filter(|p| *p > 0)
-                .ok_or_else(|| ConfigError::new(&field, "must end in a port from 1 to 65535"))?;
+            let port: u16 =
+                port.parse().ok().filter(|p| *p > 0).ok_or_else(|| {
+                    ConfigError::new(&field, "must end in a port from 1 to 65535")
+                })?;
             if host.is_empty()
                 || host
                     .chars()
@@ -319,7 +318,10 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         .collect::<Result<Vec<_>, _>>()?;
     let topics = strings(config, "topics", 100)?;
     if topics.is_empty() {
-        return Err(ConfigError::new("topics", "is required: at least one topic"));
+        return Err(ConfigError::new(
+            "topics",
+            "is required: at least one topic",
+        ));
     }
     for (i, topic) in topics.iter().enumerate() {
         if !position::is_topic_name(topic) {
@@ -830,7 +832,10 @@ fn record_of(
     record.insert("topic".into(), json!(message.topic()));
     record.insert("partition".into(), json!(message.partition()));
     record.insert("offset".into(), json!(message.offset()));
-    record.insert("timestamp_ms".into(), json!(message.timestamp().to_millis()));
+    record.insert(
+        "timestamp_ms".into(),
+        json!(message.timestamp().to_millis()),
+    );
     let undecodable = |what: &str, reason: String| {
         let raw = |b: Option<&[u8]>| {
             b.map(|b| base64::engine::general_purpose::STANDARD.encode(b))
@@ -911,9 +916,9 @@ fn consumption_failure(e: &KafkaError, consumer: &KafkaConsumer) -> Option<Error
             "not authorised: {}",
             consumer.context().scrub(&e.to_string())
         ))),
-        _ if matches!(e, KafkaError::MessageConsumptionFatal(_)) => Some(Error::Source(
-            consumer.context().scrub(&e.to_string()),
-        )),
+        _ if matches!(e, KafkaError::MessageConsumptionFatal(_)) => {
+            Some(Error::Source(consumer.context().scrub(&e.to_string())))
+        }
         // librdkafka retries the rest itself.
         _ => None,
     }
@@ -1133,10 +1138,7 @@ mod tests {
         );
         let field = |v: Value| k.validate(&v).unwrap_err().field;
         assert_eq!(field(json!({"topics": ["a"]})), "bootstrap_servers");
-        assert_eq!(
-            field(json!({"bootstrap_servers": ["h:1"]})),
-            "topics"
-        );
+        assert_eq!(field(json!({"bootstrap_servers": ["h:1"]})), "topics");
         assert_eq!(
             field(with(json!({"bootstrap_servers": ["nohost"]}))),
             "bootstrap_servers.0"
@@ -1149,11 +1151,15 @@ mod tests {
         assert_eq!(field(with(json!({"start": "soon"}))), "start");
         assert_eq!(field(with(json!({"value_format": "xml"}))), "value_format");
         assert_eq!(
-            field(with(json!({"sasl": {"mechanism": "GSSAPI", "username": "u", "password_secret": "p"}}))),
+            field(with(
+                json!({"sasl": {"mechanism": "GSSAPI", "username": "u", "password_secret": "p"}})
+            )),
             "sasl.mechanism"
         );
         assert_eq!(
-            field(with(json!({"sasl": {"mechanism": "PLAIN", "username": "u"}}))),
+            field(with(
+                json!({"sasl": {"mechanism": "PLAIN", "username": "u"}})
+            )),
             "sasl.password_secret"
         );
         assert_eq!(
@@ -1175,7 +1181,10 @@ mod tests {
             k.secret_field(&config, "pw").as_deref(),
             Some("sasl.password_secret")
         );
-        assert_eq!(k.secret_field(&config, "ca").as_deref(), Some("tls.ca_secret"));
+        assert_eq!(
+            k.secret_field(&config, "ca").as_deref(),
+            Some("tls.ca_secret")
+        );
         assert!(k.required_secrets(&base()).is_empty());
         let destinations = k.destinations(&config).unwrap();
         assert_eq!(destinations[0].to_string(), "kafka+tls://localhost:9092");
@@ -1197,24 +1206,43 @@ mod tests {
             Some(&json!({"offsets": {"orders:0": 5, "bad key": 1}, "start": "latest"})),
             &settings,
         );
-        assert_eq!(offsets.into_iter().collect::<Vec<_>>(), [("orders:0".to_owned(), 5)]);
+        assert_eq!(
+            offsets.into_iter().collect::<Vec<_>>(),
+            [("orders:0".to_owned(), 5)]
+        );
         assert_eq!(start, Start::Latest);
         let (offsets, start) = saved(None, &settings);
         assert!(offsets.is_empty());
         assert_eq!(start, Start::Earliest);
-        assert!(POSITION.check(&json!({"offsets": {"orders:0": 5}, "start": 17})).is_ok());
+        assert!(
+            POSITION
+                .check(&json!({"offsets": {"orders:0": 5}, "start": 17}))
+                .is_ok()
+        );
         assert_eq!(
-            POSITION.check(&json!({"offsets": {"orders": 5}})).unwrap_err().field,
+            POSITION
+                .check(&json!({"offsets": {"orders": 5}}))
+                .unwrap_err()
+                .field,
             "offsets"
         );
         assert_eq!(
-            POSITION.check(&json!({"offsets": {"orders:+1": 5}})).unwrap_err().field,
+            POSITION
+                .check(&json!({"offsets": {"orders:+1": 5}}))
+                .unwrap_err()
+                .field,
             "offsets"
         );
         assert_eq!(
-            POSITION.check(&json!({"offsets": {"orders:1": -5}})).unwrap_err().field,
+            POSITION
+                .check(&json!({"offsets": {"orders:1": -5}}))
+                .unwrap_err()
+                .field,
             "offsets"
         );
-        assert_eq!(POSITION.check(&json!({"start": "now"})).unwrap_err().field, "start");
+        assert_eq!(
+            POSITION.check(&json!({"start": "now"})).unwrap_err().field,
+            "start"
+        );
     }
 }

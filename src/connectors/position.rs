@@ -63,9 +63,7 @@ impl Shape {
             Shape::HeaderText => "a string of visible ASCII",
             Shape::TextOrNumber => "a string or a number",
             Shape::Count => "a non-negative integer",
-            Shape::Offsets => {
-                "an object of \"<topic>:<partition>\" keys to non-negative integers"
-            }
+            Shape::Offsets => "an object of \"<topic>:<partition>\" keys to non-negative integers",
             Shape::StartPoint => "\"earliest\", \"latest\" or Unix milliseconds",
         }
     }

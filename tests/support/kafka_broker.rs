@@ -18,8 +18,10 @@ pub const BROKER_ENV: &str = "DSREG_TEST_KAFKA_BROKER";
 pub fn broker_binary() -> PathBuf {
     let path = std::env::var_os(BROKER_ENV).map_or_else(
         || {
-            let target = std::env::var_os("CARGO_TARGET_DIR")
-                .map_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"), PathBuf::from);
+            let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+                || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"),
+                PathBuf::from,
+            );
             target.join("tools/tansu/bin/tansu")
         },
         PathBuf::from,
