@@ -568,3 +568,59 @@ async fn http_poll_records_reach_the_kafka_sink_keyed_and_a_frozen_broker_loses_
     assert_eq!(state.error_code, None, "{:?}", state.error_message);
     app.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
+    // Arrange: a broker that requires SCRAM (and knows no user), the real binary with debug
+    // logs, and a datasource whose password is a canary.
+    let broker = KafkaBroker::start_authenticating().await;
+    let db = TestDb::new().await;
+    let master_keys = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    let ds = db.datasource_of("secured", "kafka").await.id;
+    crate::helpers::put_secret(&db, master_keys, ds, "kafka_password", &password).await;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["sasl"] = json!({
+        "mechanism": "SCRAM-SHA-512", "username": "dsreg", "password_secret": "kafka_password"
+    });
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    let serve = ServeProcess::start(
+        &db.url,
+        &[("DSREG_MASTER_KEYS", master_keys), ("DSREG_LOG", "debug")],
+    )
+    .await;
+
+    // Assert: the datasource says the login was refused, and waits the long delay.
+    let state = wait_for("the refused login's error", WAIT, || async {
+        let state = db.state(ds).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    let message = state.error_message.clone().unwrap_or_default();
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("source_refused"),
+        "{message}"
+    );
+    assert!(message.contains("login"), "{message}");
+    let mut status = LifecycleClient::new(serve.channel().await);
+    let answer = status
+        .get_status(pb::GetStatusRequest {
+            datasource_id: ds.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = db.events(ds).await;
+    let logs = serve.logs.lock().unwrap().join("\n");
+    for (what, text) in [
+        ("the state", format!("{state:?}")),
+        ("GetStatus", format!("{answer:?}")),
+        ("the events", format!("{events:?}")),
+        ("the logs", logs),
+    ] {
+        assert!(!text.contains(&password), "the password is in {what}");
+    }
+    serve.stop().await;
+}

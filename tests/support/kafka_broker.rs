@@ -51,22 +51,35 @@ impl KafkaBroker {
         Self::start_on(port).await
     }
 
+    /// Starts a broker that requires a SASL login (SCRAM), with no users: every login fails.
+    pub async fn start_authenticating() -> Self {
+        Self::launch(free_port(), true).await
+    }
+
     /// Starts a broker on `port` (to bring one back on the same address).
     pub async fn start_on(port: u16) -> Self {
+        Self::launch(port, false).await
+    }
+
+    async fn launch(port: u16, authentication: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("broker.log");
         let out = std::fs::File::create(&log).unwrap();
         let url = format!("tcp://127.0.0.1:{port}");
-        let child = std::process::Command::new(broker_binary())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
+        let mut command = std::process::Command::new(broker_binary());
+        command.args([
+            "broker",
+            "--listener-url",
+            &url,
+            "--advertised-listener-url",
+            &url,
+            "--storage-engine",
+            "memory://tansu/",
+        ]);
+        if authentication {
+            command.arg("--authentication");
+        }
+        let child = command
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .current_dir(dir.path())
             .stdout(out.try_clone().unwrap())
