@@ -667,6 +667,12 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::Source("the runtime is shutting down".into()))
 }
 
+/// Lets the client hand over what it queued for the application (a refused login reaches
+/// [`Context::error`] only so), for at most a moment.
+async fn pump(consumer: &KafkaConsumer) {
+    let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+}
+
 /// Why a request to the brokers failed, as the worker retries it.
 fn failure(consumer: &KafkaConsumer, servers: &str, doing: &str, e: &KafkaError) -> Error {
     let context = consumer.context();
@@ -691,11 +697,22 @@ async fn partitions(
     let mut found = Vec::new();
     for topic in &settings.topics {
         let name = topic.clone();
-        let metadata = blocking(consumer, move |c| {
+        let metadata = match blocking(consumer, move |c| {
             c.fetch_metadata(Some(&name), REQUEST_TIMEOUT)
         })
         .await?
-        .map_err(|e| failure(consumer, &servers, "reading the topics' metadata", &e))?;
+        {
+            Ok(metadata) => metadata,
+            Err(e) => {
+                pump(consumer).await;
+                return Err(failure(
+                    consumer,
+                    &servers,
+                    "reading the topics' metadata",
+                    &e,
+                ));
+            }
+        };
         let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Err(Error::Refused(format!("topic {topic:?} does not exist")));
         };
@@ -1003,6 +1020,7 @@ async fn consume(
                     }
                 }
                 Err(e) if answered.elapsed() >= UNREACHABLE_FOR => {
+                    pump(consumer).await;
                     return Err(failure(
                         consumer,
                         &servers,
