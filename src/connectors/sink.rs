@@ -4,7 +4,8 @@
 //! datasources while all is well).
 //!
 //! Targets: `postgres` (the embedded default: one statement per flush into
-//! `datasource_records`) and `http` (a JSON array POSTed to a gateway URL per flush).
+//! `datasource_records`), `http` (a JSON array POSTed to a gateway URL per flush) and `kafka`
+//! (each record a message to one topic, see [`super::kafka_sink`]).
 //! Delivery is at least once: a flush retried after a timeout may arrive twice.
 //!
 //! # Failure behaviour
