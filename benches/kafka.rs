@@ -207,6 +207,8 @@ async fn main() -> anyhow::Result<()> {
         ),
         "≥ 50,000 records/s".to_owned(),
     ));
+    // Each figure as soon as it is measured; the table at the end.
+    println!("{:?}", rows.last());
 
     // Latency at a paced 10,000 records/s.
     let paced = 10_000 * seconds;
@@ -235,6 +237,7 @@ async fn main() -> anyhow::Result<()> {
         format!("{p50:.1} / {p99:.1} ms"),
         "—".to_owned(),
     ));
+    println!("{:?}", rows.last());
     shutdown.cancel();
     running.await??;
 
