@@ -186,13 +186,30 @@ pub struct Settings {
     #[arg(long, env = "DSREG_SKIP_KEY_CHECK")]
     pub skip_key_check: bool,
 
-    /// Where workers' records go: `postgres` (the registry's database) or `http`.
-    #[arg(long, env = "DSREG_SINK", default_value = "postgres", value_parser = ["postgres", "http"])]
+    /// Where workers' records go: `postgres` (the registry's database), `http` or `kafka`.
+    #[arg(long, env = "DSREG_SINK", default_value = "postgres", value_parser = ["postgres", "http", "kafka"])]
     pub sink: String,
 
     /// The gateway URL the `http` sink POSTs batches to.
     #[arg(long, env = "DSREG_SINK_URL")]
     pub sink_url: Option<String>,
+
+    /// The brokers the `kafka` sink writes to (`host:port,…`).
+    #[arg(long, env = "DSREG_SINK_KAFKA_BROKERS")]
+    pub sink_kafka_brokers: Option<String>,
+
+    /// The topic the `kafka` sink writes every record to.
+    #[arg(long, env = "DSREG_SINK_KAFKA_TOPIC")]
+    pub sink_kafka_topic: Option<String>,
+
+    /// The record field whose value keys each message of the `kafka` sink (a string as it
+    /// is, anything else as its JSON text); unset or missing: no key.
+    #[arg(long, env = "DSREG_SINK_KAFKA_KEY_FIELD")]
+    pub sink_kafka_key_field: Option<String>,
+
+    /// The `kafka` sink's compression: none, gzip, snappy, lz4 or zstd.
+    #[arg(long, env = "DSREG_SINK_KAFKA_COMPRESSION", default_value = "lz4")]
+    pub sink_kafka_compression: String,
 
     /// Transform limit: operations per record, the script's callbacks (`map`, `filter`,
     /// `reduce`, …) at any depth included.
@@ -722,6 +739,24 @@ impl Settings {
                 })
             }
             ("http", None) => Err("--sink http needs --sink-url".into()),
+            ("kafka", _) => {
+                let brokers = self
+                    .sink_kafka_brokers
+                    .as_deref()
+                    .filter(|b| !b.trim().is_empty())
+                    .ok_or("--sink kafka needs --sink-kafka-brokers")?;
+                let topic = self
+                    .sink_kafka_topic
+                    .as_deref()
+                    .ok_or("--sink kafka needs --sink-kafka-topic")?;
+                crate::connectors::kafka_sink::KafkaTarget::new(
+                    brokers,
+                    topic,
+                    self.sink_kafka_key_field.clone(),
+                    &self.sink_kafka_compression,
+                )
+                .map(|t| Target::Kafka(std::sync::Arc::new(t)))
+            }
             _ => Ok(Target::Postgres),
         }
     }

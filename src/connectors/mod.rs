@@ -9,6 +9,8 @@ pub mod contain;
 pub mod generator;
 pub mod http;
 pub mod http_poll;
+pub mod kafka;
+pub mod kafka_sink;
 pub mod position;
 pub mod sink;
 pub mod webhook;
@@ -722,6 +724,7 @@ impl Catalog {
         let mut catalog = Self::default();
         catalog.register(Arc::new(generator::Generator::new()));
         catalog.register(Arc::new(http_poll::HttpPoll::new()));
+        catalog.register(Arc::new(kafka::Kafka::new()));
         catalog.register(Arc::new(webhook::Webhook::new()));
         catalog
     }

@@ -23,6 +23,37 @@ pub enum Shape {
     TextOrNumber,
     /// A non-negative integer.
     Count,
+    /// Kafka offsets: an object of `"<topic>:<partition>"` keys (a topic name of letters,
+    /// digits, `.`, `_` and `-`, at most 249 bytes; a partition number) to non-negative
+    /// integers, at most [`MAX_OFFSETS`] of them.
+    Offsets,
+    /// Where a Kafka consumer starts: `"earliest"`, `"latest"`, or a time as non-negative
+    /// Unix milliseconds.
+    StartPoint,
+}
+
+/// The most partitions a Kafka position may name.
+pub const MAX_OFFSETS: usize = 10_000;
+
+/// Whether `name` is a Kafka topic name: 1 to 249 bytes of letters, digits, `.`, `_`, `-`
+/// (and neither `.` nor `..`).
+pub fn is_topic_name(name: &str) -> bool {
+    (1..=249).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+/// The topic and partition of an offsets key (`orders:3`), if it is one.
+pub fn offsets_key(key: &str) -> Option<(&str, i32)> {
+    let (topic, digits) = key.rsplit_once(':')?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let partition: i32 = digits.parse().ok()?;
+    is_topic_name(topic).then_some((topic, partition))
 }
 
 impl Shape {
@@ -32,6 +63,8 @@ impl Shape {
             Shape::HeaderText => "a string of visible ASCII",
             Shape::TextOrNumber => "a string or a number",
             Shape::Count => "a non-negative integer",
+            Shape::Offsets => "an object of \"<topic>:<partition>\" keys to non-negative integers",
+            Shape::StartPoint => "\"earliest\", \"latest\" or Unix milliseconds",
         }
     }
 
@@ -53,6 +86,29 @@ impl Shape {
             (Shape::TextOrNumber, Value::String(s)) => text(s, |c| !c.is_control()),
             (Shape::TextOrNumber, Value::Number(_)) => Ok(()),
             (Shape::Count, Value::Number(n)) if n.is_u64() => Ok(()),
+            (Shape::Offsets, Value::Object(map)) => {
+                if map.len() > MAX_OFFSETS {
+                    return Err(format!(
+                        "names {} partitions; at most {MAX_OFFSETS} allowed",
+                        map.len()
+                    ));
+                }
+                for (key, offset) in map {
+                    if offsets_key(key).is_none() {
+                        return Err(format!(
+                            "has the key {key:?}, which is not \"<topic>:<partition>\""
+                        ));
+                    }
+                    if !offset.is_u64() {
+                        return Err(format!(
+                            "holds {offset} at {key:?}; offsets are non-negative integers"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            (Shape::StartPoint, Value::String(s)) if s == "earliest" || s == "latest" => Ok(()),
+            (Shape::StartPoint, Value::Number(n)) if n.is_u64() => Ok(()),
             (shape, other) => Err(format!(
                 "must be {}, got {}",
                 shape.describe(),

@@ -4,7 +4,8 @@
 //! datasources while all is well).
 //!
 //! Targets: `postgres` (the embedded default: one statement per flush into
-//! `datasource_records`) and `http` (a JSON array POSTed to a gateway URL per flush).
+//! `datasource_records`), `http` (a JSON array POSTed to a gateway URL per flush) and `kafka`
+//! (each record a message to one topic, see [`super::kafka_sink`]).
 //! Delivery is at least once: a flush retried after a timeout may arrive twice.
 //!
 //! # Failure behaviour
@@ -270,7 +271,7 @@ impl SinkHandle {
     /// # Errors
     /// [`Error::Sink`] when the sink has shut down.
     pub async fn write(&self, records: Vec<Value>) -> Result<Outcome, Error> {
-        self.send(records, None).await
+        self.send(records, Vec::new(), None).await
     }
 
     /// Like [`Self::write`], and returns only once every record is committed or
@@ -281,8 +282,22 @@ impl SinkHandle {
     /// nowhere, or refused them because this instance no longer holds the datasource's lease
     /// under this epoch.
     pub async fn write_durable(&self, records: Vec<Value>) -> Result<Outcome, Error> {
+        self.write_durable_with(records, Vec::new()).await
+    }
+
+    /// Like [`Self::write_durable`], with input records the source itself could not turn
+    /// into records (a Kafka message that does not decode), settled as dead letters in the
+    /// same flush.
+    ///
+    /// # Errors
+    /// As [`Self::write_durable`].
+    pub async fn write_durable_with(
+        &self,
+        records: Vec<Value>,
+        undecodable: Vec<DeadLetter>,
+    ) -> Result<Outcome, Error> {
         let (ack, settled) = oneshot::channel();
-        self.send(records, Some(ack)).await?;
+        self.send(records, undecodable, Some(ack)).await?;
         match settled.await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(Undelivered::Fenced)) => Err(Error::Sink(format!(
@@ -299,6 +314,7 @@ impl SinkHandle {
     async fn send(
         &self,
         records: Vec<Value>,
+        undecodable: Vec<DeadLetter>,
         ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
     ) -> Result<Outcome, Error> {
         if !self.lease.holds() {
@@ -307,7 +323,8 @@ impl SinkHandle {
                 self.epoch
             )));
         }
-        let (records, dead) = self.apply(records).await?;
+        let (records, mut dead) = self.apply(records).await?;
+        dead.extend(undecodable);
         let queued = Outcome {
             written: records.len(),
             dead_lettered: dead.len(),
@@ -408,6 +425,17 @@ pub enum Target {
         /// The URL.
         url: String,
     },
+    /// A Kafka topic (see [`super::kafka_sink`]).
+    Kafka(Arc<super::kafka_sink::KafkaTarget>),
+}
+
+impl Target {
+    /// Whether records leave the registry's database (`http`, `kafka`): the target cannot
+    /// check leases itself, and records it keeps refusing become dead letters after
+    /// [`RetryPolicy::http_attempts`] attempts.
+    fn is_remote(&self) -> bool {
+        !matches!(self, Target::Postgres)
+    }
 }
 
 /// Whether the sink can commit, for readiness; cheap to clone.
@@ -890,7 +918,7 @@ impl SinkWriter {
         else {
             return;
         };
-        let http = matches!(self.target, Target::Http { .. });
+        let http = self.target.is_remote();
         let Some(lane) = self.lanes.get_mut(&id) else {
             return;
         };
@@ -1088,8 +1116,9 @@ impl SinkWriter {
             .await
             .map_err(|e| Failure::from_db(&crate::db::Error::from(e)))?;
         let mut held = None;
-        if let (Target::Http { client: http, url }, None) = (&self.target, instead) {
-            // The gateway cannot check leases: ask first, and send only what still holds.
+        if let (true, None) = (self.target.is_remote(), instead) {
+            // The gateway or brokers cannot check leases: ask first, and send only what
+            // still holds.
             let asked: Vec<(Uuid, i64)> = pairs.iter().copied().collect();
             let holding: HashSet<(Uuid, i64)> = leases::holding(&**client, &self.instance, &asked)
                 .await
@@ -1101,7 +1130,11 @@ impl SinkWriter {
                 .filter(|i| matches!(i.slot, Slot::Record(_)))
                 .filter(|i| holding.contains(&(work[i.batch].datasource_id, work[i.batch].epoch)))
                 .collect();
-            post(http, url, work, &posted).await?;
+            match &self.target {
+                Target::Http { client: http, url } => post(http, url, work, &posted).await?,
+                Target::Kafka(kafka) => produce(kafka, work, &posted).await?,
+                Target::Postgres => {}
+            }
             held = Some(holding);
         }
         let mut rows = SinkColumns::default();
@@ -1186,7 +1219,7 @@ impl SinkWriter {
                 let group = self.pick_among(&mut queue);
                 self.flush_lanes(&group).await;
             }
-            if round == 0 && matches!(self.target, Target::Http { .. }) {
+            if round == 0 && self.target.is_remote() {
                 let left: Vec<Uuid> = self.lanes.keys().copied().collect();
                 for id in left {
                     if let Some(lane) = self.lanes.get_mut(&id) {
@@ -1387,6 +1420,37 @@ async fn post(
         reason,
         retry_after,
         everyone: false,
+    })
+}
+
+/// Sends `items`' records to the Kafka target, each with its worker's fencing epoch.
+async fn produce(
+    kafka: &super::kafka_sink::KafkaTarget,
+    work: &[Batch],
+    items: &[&Item],
+) -> Result<(), Failure> {
+    use super::kafka_sink::{Outgoing, SendFailure};
+    let out: Vec<Outgoing<'_>> = items
+        .iter()
+        .filter_map(|item| {
+            let b = &work[item.batch];
+            let Slot::Record(i) = item.slot else {
+                return None;
+            };
+            Some(Outgoing {
+                datasource_id: b.datasource_id,
+                version: b.version,
+                epoch: b.epoch,
+                record: &b.records[i],
+            })
+        })
+        .collect();
+    if out.is_empty() {
+        return Ok(());
+    }
+    kafka.send(&out).await.map_err(|e| match e {
+        SendFailure::Refused(reason) => Failure::Refused(reason),
+        SendFailure::Transient(reason) => Failure::transient(reason, true),
     })
 }
 

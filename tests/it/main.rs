@@ -23,6 +23,7 @@ mod grpc;
 mod helpers;
 mod http_source;
 mod idp;
+mod kafka;
 mod kms;
 mod launcher;
 mod log_hygiene;

@@ -1,0 +1,300 @@
+//! `kafka`: the `kafka` source and sink against a real Kafka-protocol broker (tansu, in
+//! memory; found as the tests find it, `DSREG_TEST_KAFKA_BROKER` or `.ci/kafka-broker`'s
+//! path), one in-process registry and a durable Postgres.
+//!
+//! - **source → Postgres**: `KAFKA_BENCH_RECORDS` (200,000) JSON messages already in a topic
+//!   of two partitions; a `kafka` datasource with a 10-field mapping reads them into the
+//!   Postgres sink. Records/s from the first record committed to the last (the worker's
+//!   start-up apart), and from the publish.
+//! - **source → Kafka sink**: a `generator` datasource emitting the same number of records as
+//!   fast as the sink takes them, with `--sink kafka`; records/s until the topic holds them
+//!   all (acks=all, idempotent, lz4).
+//! - **latency**: messages produced at a paced 10,000 records/s for `KAFKA_BENCH_SECONDS` (5)
+//!   seconds, each carrying its send time; p50 / p99 from the send to the sink's commit
+//!   (`ingested_at`, the committing transaction's start).
+//!
+//! `cargo bench --bench kafka`.
+
+mod common;
+
+#[path = "../tests/support/kafka_broker.rs"]
+mod kafka_broker;
+
+use std::time::{Duration, Instant};
+
+use dsreg::app::App;
+use dsreg::config::Settings;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// The 10-field mapping the source runs.
+const MAPPING: &str = "#{ order_id: record.value.id, customer: record.value.customer.to_upper(), \
+    total_cents: record.value.amount * 100, currency: record.value.currency, \
+    placed_at: record.value.ts, items: record.value.items.len(), region: record.value.region, \
+    partition: record.partition, offset: record.offset, sent_us: record.value.sent_us }";
+
+async fn create_topic(broker: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .create()?;
+    for result in admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await?
+    {
+        result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn message(id: u64, sent_us: i64) -> String {
+    json!({
+        "id": id, "customer": format!("customer-{}", id % 1000), "amount": id % 500,
+        "currency": "EUR", "ts": "2026-01-05T10:00:00Z", "items": [1, 2, 3],
+        "region": "eu", "sent_us": sent_us,
+    })
+    .to_string()
+}
+
+fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Produces `count` messages (ids from `first`), at `rate` messages/s when given, and waits
+/// for every acknowledgement.
+fn produce(broker: &str, topic: &str, first: u64, count: u64, rate: Option<f64>) {
+    let producer: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("linger.ms", "2")
+        .create()
+        .expect("a producer");
+    let started = Instant::now();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let payload = message(first + i, now_us());
+        let mut record = BaseRecord::<(), String>::to(topic).payload(&payload);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, back)) => {
+                    producer.poll(Duration::from_millis(5));
+                    record = back;
+                }
+            }
+        }
+        producer.poll(Duration::ZERO);
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .expect("every message acknowledged");
+}
+
+async fn count(client: &tokio_postgres::Client, id: uuid::Uuid) -> anyhow::Result<i64> {
+    Ok(client
+        .query_one(
+            "SELECT count(*) FROM datasource_records WHERE datasource_id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0))
+}
+
+async fn datasource(
+    client: &tokio_postgres::Client,
+    name: &str,
+    kind: &str,
+    config: serde_json::Value,
+) -> anyhow::Result<uuid::Uuid> {
+    let id: uuid::Uuid = client
+        .query_one(
+            "INSERT INTO datasources (org, project, name, kind) VALUES ('bench', 'kafka', $1, $2) RETURNING id",
+            &[&name, &kind],
+        )
+        .await?
+        .get(0);
+    client
+        .execute(
+            "INSERT INTO datasource_versions (datasource_id, version, config) VALUES ($1, 1, $2)",
+            &[&id, &config],
+        )
+        .await?;
+    client
+        .execute("SELECT dsreg_publish($1, 1)", &[&id])
+        .await?;
+    Ok(id)
+}
+
+async fn start(
+    settings: &Settings,
+    url: &str,
+) -> anyhow::Result<(
+    CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+)> {
+    let app = App::build(settings, url).await?;
+    let stats = app.listener_stats.clone();
+    let shutdown = CancellationToken::new();
+    let running = tokio::spawn(app.run(shutdown.clone(), Duration::from_secs(30)));
+    while !stats.connected.load(std::sync::atomic::Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok((shutdown, running))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let records = common::env_num("KAFKA_BENCH_RECORDS", 200_000);
+    let seconds = common::env_num("KAFKA_BENCH_SECONDS", 5);
+    let broker = kafka_broker::KafkaBroker::start().await;
+    let address = broker.address();
+    let db = common::database().await?;
+    let pg = dsreg::db::connect(&db.url).await?;
+    let mut rows = Vec::new();
+
+    // Source → transform → Postgres.
+    create_topic(&address, "bench-in", 2).await?;
+    {
+        let address = address.clone();
+        tokio::task::spawn_blocking(move || produce(&address, "bench-in", 0, records, None))
+            .await?;
+    }
+    let mut settings = Settings::for_database(&db.url);
+    settings.auth.insecure_no_auth = true;
+    let (shutdown, running) = start(&settings, &db.url).await?;
+    let published = Instant::now();
+    let id = datasource(
+        &pg,
+        "in",
+        "kafka",
+        json!({
+            "bootstrap_servers": [address], "topics": ["bench-in"],
+            "batch_max_records": 5000, "batch_linger_ms": 5, "transform": MAPPING,
+        }),
+    )
+    .await?;
+    let mut first_seen = None;
+    loop {
+        let n = count(&pg, id).await?;
+        if n > 0 && first_seen.is_none() {
+            first_seen = Some(Instant::now());
+        }
+        if n >= records as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let from_publish = published.elapsed().as_secs_f64();
+    let from_first = first_seen.map_or(from_publish, |f| f.elapsed().as_secs_f64());
+    rows.push((
+        format!("kafka source → 10-field mapping → postgres sink, {records} records"),
+        format!(
+            "{:.0} records/s from the first commit ({:.0} from the publish)",
+            records as f64 / from_first,
+            records as f64 / from_publish
+        ),
+        "≥ 50,000 records/s".to_owned(),
+    ));
+    // Each figure as soon as it is measured; the table at the end.
+    println!("{:?}", rows.last());
+
+    // Latency at a paced 10,000 records/s.
+    let paced = 10_000 * seconds;
+    let before = count(&pg, id).await?;
+    {
+        let address = address.clone();
+        tokio::task::spawn_blocking(move || {
+            produce(&address, "bench-in", records, paced, Some(10_000.0));
+        })
+        .await?;
+    }
+    while count(&pg, id).await? < before + paced as i64 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let latency = pg
+        .query_one(
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
+             FROM (SELECT (extract(epoch FROM ingested_at) * 1e6 - (record->>'sent_us')::float8) / 1000 AS l
+                   FROM datasource_records WHERE datasource_id = $1 AND (record->>'order_id')::bigint >= $2) x",
+            &[&id, &(records as i64)],
+        )
+        .await?;
+    let (p50, p99): (f64, f64) = (latency.get(0), latency.get(1));
+    rows.push((
+        "send → committed in Postgres at a paced 10,000 records/s, p50 / p99".to_owned(),
+        format!("{p50:.1} / {p99:.1} ms"),
+        "—".to_owned(),
+    ));
+    println!("{:?}", rows.last());
+    shutdown.cancel();
+    running.await??;
+
+    // Source → Kafka sink.
+    create_topic(&address, "bench-out", 2).await?;
+    let mut settings = Settings::for_database(&db.url);
+    settings.auth.insecure_no_auth = true;
+    settings.sink = "kafka".into();
+    settings.sink_kafka_brokers = Some(address.clone());
+    settings.sink_kafka_topic = Some("bench-out".into());
+    settings.sink_kafka_key_field = Some("seq".into());
+    let (shutdown, running) = start(&settings, &db.url).await?;
+    let started = Instant::now();
+    datasource(
+        &pg,
+        "out",
+        "generator",
+        json!({
+            "rate_per_sec": 1_000_000, "count": records,
+            "template": { "customer": "customer-1", "amount": 12, "currency": "EUR", "region": "eu" },
+        }),
+    )
+    .await?;
+    let reader: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &address)
+        .set("group.id", "bench-reader")
+        .create()?;
+    let reader = std::sync::Arc::new(reader);
+    loop {
+        let reader = reader.clone();
+        let total = tokio::task::spawn_blocking(move || {
+            (0..2)
+                .map(|p| {
+                    reader
+                        .fetch_watermarks("bench-out", p, Duration::from_secs(5))
+                        .map_or(0, |(_, high)| high)
+                })
+                .sum::<i64>()
+        })
+        .await?;
+        if total >= records as i64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = started.elapsed().as_secs_f64();
+    rows.push((
+        format!("generator → kafka sink (acks=all, idempotent, lz4), {records} records"),
+        format!("{:.0} records/s", records as f64 / took),
+        "≥ 100,000 records/s".to_owned(),
+    ));
+    shutdown.cancel();
+    running.await??;
+
+    common::print_table(
+        "kafka benchmark: tansu in memory, durable Postgres, one registry",
+        &rows,
+    );
+    Ok(())
+}

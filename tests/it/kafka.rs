@@ -1,0 +1,655 @@
+//! The `kafka` kind against a real Kafka-protocol broker (tansu, in memory, one per test; see
+//! `tests/support/kafka_broker.rs`): 10,000 JSON messages through a transform into the
+//! Postgres sink, each once; a `kill -9` of the real binary mid-way loses none and repeats at
+//! most the batch in flight; a hot reload with a new transform and a lease move carry the
+//! position over; a backfill reads everything again; bad configs (unreachable brokers, an
+//! unknown topic) are a clear error on the datasource, retried with backoff, no storm.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use dsreg::api::grpc::pb;
+use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use serde_json::{Value, json};
+
+use crate::helpers::{ServeProcess, TestApp, TestDb, wait_for};
+
+#[path = "../support/kafka_broker.rs"]
+mod kafka_broker;
+pub use kafka_broker::KafkaBroker;
+
+/// Generous: the machine may be busy; waits end as soon as their condition holds.
+const WAIT: Duration = Duration::from_secs(120);
+/// The most records one sink write carries in these tests: the bound on what a crash repeats.
+const BATCH: i64 = 500;
+
+/// The transform every test runs: a mapping of the message's value and where it was read.
+const TRANSFORM: &str = r#"#{ id: record.value.id, name: record.value.name,
+    doubled: record.value.n * 2, partition: record.partition, offset: record.offset, v: "one" }"#;
+
+/// Creates `topic` with `partitions`.
+pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .create()
+        .expect("an admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics answered");
+    for result in created {
+        result.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+}
+
+/// Produces messages `from..to` as JSON `{"id", "name", "n"}` with keys, round robin over
+/// `partitions`, and waits until every one is acknowledged.
+pub async fn produce(broker: &str, topic: &str, partitions: i32, from: u64, to: u64) {
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        // One message per record batch: tansu 0.6 answers a fetch from an offset inside a
+        // batch with the batches after it (Kafka answers with the batch holding it), so a run
+        // resuming mid-batch would wait for, or skip, the rest of that batch there.
+        let producer: BaseProducer = ClientConfig::new()
+            .set("bootstrap.servers", &broker)
+            .set("linger.ms", "0")
+            .set("batch.num.messages", "1")
+            .set("acks", "all")
+            .create()
+            .expect("a producer");
+        for id in from..to {
+            let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
+            let key = format!("k{id}");
+            let partition = i32::try_from(id % u64::try_from(partitions).unwrap()).unwrap();
+            let mut record = BaseRecord::to(&topic)
+                .payload(&value)
+                .key(&key)
+                .partition(partition);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, r)) => {
+                        // The local queue is full: let deliveries drain.
+                        producer.poll(Duration::from_millis(10));
+                        record = r;
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+        producer
+            .flush(Duration::from_secs(60))
+            .expect("every message acknowledged");
+    })
+    .await
+    .unwrap();
+}
+
+/// `(id → times stored)` of a datasource's records.
+async fn stored_ids(db: &TestDb, datasource: uuid::Uuid) -> BTreeMap<i64, i64> {
+    db.client()
+        .await
+        .query(
+            "SELECT (record->>'id')::bigint, count(*) FROM datasource_records \
+             WHERE datasource_id = $1 GROUP BY 1",
+            &[&datasource],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Waits until every id in `0..n` is stored; returns how many records were stored twice or
+/// more (the extra copies).
+async fn wait_for_all(db: &TestDb, datasource: uuid::Uuid, n: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let ids = loop {
+        let ids = stored_ids(db, datasource).await;
+        if ids.len() as i64 >= n {
+            break ids;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            let state = db.state(datasource).await;
+            panic!(
+                "{} of {n} ids stored within {WAIT:?}; the worker: {:?} {:?} {:?}, owner {:?}",
+                ids.len(),
+                state.worker_status,
+                state.error_code,
+                state.error_message,
+                state.owner_instance
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        ids.keys().copied().eq(0..n),
+        "exactly the ids 0..{n}, none other"
+    );
+    ids.values().map(|c| c - 1).sum()
+}
+
+fn source_config(broker: &str, topic: &str, transform: &str) -> Value {
+    json!({
+        "bootstrap_servers": [broker],
+        "topics": [topic],
+        "batch_max_records": BATCH,
+        "headers": ["trace"],
+        "transform": transform,
+    })
+}
+
+async fn stored_position(db: &TestDb, datasource: uuid::Uuid) -> Option<Value> {
+    db.client()
+        .await
+        .query_one(
+            "SELECT source_cursor FROM datasource_state WHERE datasource_id = $1",
+            &[&datasource],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The sum of the offsets a position holds: how many messages it says were committed.
+fn committed(position: Option<&Value>) -> i64 {
+    position
+        .and_then(|p| p.get("offsets"))
+        .and_then(Value::as_object)
+        .map_or(0, |o| o.values().filter_map(Value::as_i64).sum())
+}
+
+#[tokio::test]
+async fn ten_thousand_messages_pass_a_transform_into_postgres_each_once() {
+    // Arrange: 10,000 messages over three partitions.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 3).await;
+    produce(&broker.address(), "orders", 3, 0, 10_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+
+    // Act
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+
+    // Assert: every message once, mapped; the position says all 10,000 are committed.
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    assert_eq!(extra, 0, "no record stored twice without a crash");
+    let sample: Value = db
+        .client()
+        .await
+        .query_one(
+            "SELECT record FROM datasource_records WHERE datasource_id = $1 \
+             AND record->>'id' = '142'",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(sample["doubled"], json!(2 * (142 - 97)));
+    assert_eq!(sample["name"], json!("item-142"));
+    assert_eq!(sample["partition"], json!(142 % 3));
+    wait_for("the position to cover every message", WAIT, || async {
+        (committed(stored_position(&db, ds).await.as_ref()) == 10_000).then_some(())
+    })
+    .await;
+    let state = db.state(ds).await;
+    assert_eq!(state.error_code, None);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_kill_9_mid_way_loses_nothing_and_repeats_at_most_the_batch_in_flight() {
+    // Arrange: the real binary consuming 10,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 10_000).await;
+    let db = TestDb::new().await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    // Small batches: the kill lands mid-stream, with many committed batches before it.
+    config["batch_max_records"] = json!(100);
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    let mut first = ServeProcess::start(&db.url, &[]).await;
+    wait_for("some records stored", WAIT, || async {
+        let n: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM datasource_records WHERE datasource_id = $1",
+                &[&ds],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (n >= 1_000).then_some(())
+    })
+    .await;
+
+    // Act: SIGKILL, then a new process.
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    let at_kill = stored_ids(&db, ds).await.len();
+    assert!(at_kill < 10_000, "killed mid-way ({at_kill} stored)");
+    let second = ServeProcess::start(&db.url, &[]).await;
+
+    // Assert: none lost; the copies are at most one batch (the one committed to the sink but
+    // not yet to the position when the process died).
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    eprintln!("kill -9 after {at_kill} stored: {extra} records stored twice");
+    assert!(
+        extra <= 100,
+        "{extra} records stored twice; at most one batch of 100"
+    );
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_hot_reload_with_a_new_transform_carries_the_position_over() {
+    // Arrange: a worker that has read the first 5,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 1).await;
+    produce(&broker.address(), "orders", 1, 0, 5_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v1 = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v1).await;
+    wait_for_all(&db, ds, 5_000).await;
+
+    // Act: a new transform, published while messages keep arriving.
+    let v2 = db
+        .version(
+            ds,
+            source_config(
+                &broker.address(),
+                "orders",
+                &TRANSFORM.replace(r#"v: "one""#, r#"v: "two""#),
+            ),
+        )
+        .await;
+    db.publish_sql(ds, v2).await;
+    produce(&broker.address(), "orders", 1, 5_000, 10_000).await;
+
+    // Assert: nothing skipped; read twice at most the batch the reload interrupted (not the
+    // 5,000 before it), the later messages mapped by the new transform.
+    let extra = wait_for_all(&db, ds, 10_000).await;
+    assert!(
+        extra <= BATCH,
+        "{extra} read twice: the reload resumed from the committed offset"
+    );
+    let by_version: Vec<(String, i64, i64)> = db
+        .client()
+        .await
+        .query(
+            "SELECT record->>'v', min((record->>'id')::bigint), max((record->>'id')::bigint) \
+             FROM datasource_records WHERE datasource_id = $1 GROUP BY 1 ORDER BY 1",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(by_version[0].0, "one");
+    assert_eq!(by_version[1].0, "two");
+    assert_eq!(by_version[1].2, 9_999);
+    assert!(by_version[1].1 >= 5_000 - BATCH, "{by_version:?}");
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_move_resumes_from_the_committed_offset_on_the_new_owner() {
+    // Arrange: two instances; the datasource runs on the first, which has read 3,000.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 3_000).await;
+    let db = TestDb::new().await;
+    let a = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, 3_000).await;
+    let first_owner = db.state(ds).await.owner_instance.expect("an owner");
+    let b = TestApp::spawn(&db.url, |_| {}).await;
+
+    // Act: the first instance stops (its leases are released); more messages arrive.
+    a.stop().await.unwrap();
+    produce(&broker.address(), "orders", 2, 3_000, 6_000).await;
+
+    // Assert: the second instance owns it and read on from where the first committed.
+    let extra = wait_for_all(&db, ds, 6_000).await;
+    assert_eq!(extra, 0, "the new owner resumed from the committed offsets");
+    let owner = db.state(ds).await.owner_instance.expect("an owner");
+    assert_ne!(owner, first_owner);
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_backfill_to_the_start_reads_every_message_again() {
+    // Arrange: a worker that has read 2,000 messages.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 2_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let v = db
+        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, 2_000).await;
+    let mut lifecycle = LifecycleClient::connect(format!("http://{}", app.grpc_addr))
+        .await
+        .unwrap();
+
+    // Act: a backfill from the start (no position), then one from a position naming offsets.
+    lifecycle
+        .backfill(pb::BackfillRequest {
+            datasource_id: ds.to_string(),
+            from_cursor_json: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // Assert: every message twice.
+    wait_for("every message read again", WAIT, || async {
+        let ids = stored_ids(&db, ds).await;
+        (ids.len() == 2_000 && ids.values().all(|c| *c == 2)).then_some(())
+    })
+    .await;
+
+    // A position that is not the kind's is refused naming the field.
+    let refused = lifecycle
+        .backfill(pb::BackfillRequest {
+            datasource_id: ds.to_string(),
+            from_cursor_json: json!({ "offsets": { "orders": 1 } }).to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument);
+    assert!(
+        refused.message().contains("offsets"),
+        "{}",
+        refused.message()
+    );
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_brokers_and_an_unknown_topic_are_clear_errors_retried_without_a_storm() {
+    // Arrange: one datasource pointed at a port nothing listens on, one at a missing topic.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 1).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let nowhere = format!("127.0.0.1:{}", kafka_broker::free_port());
+    let unreachable = db.datasource_of("unreachable", "kafka").await.id;
+    let v = db
+        .version(unreachable, source_config(&nowhere, "orders", TRANSFORM))
+        .await;
+    db.publish_sql(unreachable, v).await;
+    let unknown = db.datasource_of("unknown-topic", "kafka").await.id;
+    let v = db
+        .version(
+            unknown,
+            source_config(&broker.address(), "no-such-topic", TRANSFORM),
+        )
+        .await;
+    db.publish_sql(unknown, v).await;
+
+    // Assert: each shows why, naming the brokers or the topic.
+    let state = wait_for("the unreachable brokers' error", WAIT, || async {
+        let state = db.state(unreachable).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    assert_eq!(state.error_code.as_deref(), Some("source_failed"));
+    let message = state.error_message.unwrap_or_default();
+    assert!(message.contains(&nowhere), "{message}");
+    let state = wait_for("the unknown topic's error", WAIT, || async {
+        let state = db.state(unknown).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    assert_eq!(state.error_code.as_deref(), Some("source_refused"));
+    let message = state.error_message.unwrap_or_default();
+    assert!(message.contains("no-such-topic"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+    // A refusal waits the long delay: a few restarts at most while the test looks.
+    let restarts = db.state(unknown).await.restart_count;
+    assert!(restarts <= 2, "{restarts} restarts: a storm");
+    app.stop().await.unwrap();
+}
+
+/// A local source for `http_poll`: the records with an `id` above the `since` parameter.
+async fn serve_source(records: std::sync::Arc<std::sync::Mutex<Vec<Value>>>) -> String {
+    use axum::extract::State;
+    type Shared = std::sync::Arc<std::sync::Mutex<Vec<Value>>>;
+    async fn handler(State(records): State<Shared>, uri: axum::http::Uri) -> axum::Json<Value> {
+        let since: i64 = uri
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("since=")))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(-1);
+        let fresh: Vec<Value> = records
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r["id"].as_i64().unwrap() > since)
+            .cloned()
+            .collect();
+        axum::Json(json!({ "items": fresh }))
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = axum::Router::new()
+        .route("/items", axum::routing::get(handler))
+        .with_state(records);
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    format!("http://{addr}/items")
+}
+
+/// A message read back: its key, its value, and its `dsreg-epoch` header.
+#[derive(Debug)]
+struct ReadBack {
+    key: Option<String>,
+    value: Value,
+    epoch: Option<String>,
+}
+
+/// Reads `topic`'s partition 0 from the start until messages with `n` distinct ids are in
+/// hand (or panics after [`WAIT`]).
+async fn read_topic(broker: &str, topic: &str, n: usize) -> Vec<ReadBack> {
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Headers as _;
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &broker)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        list.add_partition_offset(&topic, 0, rdkafka::Offset::Beginning)
+            .unwrap();
+        consumer.assign(&list).unwrap();
+        let deadline = std::time::Instant::now() + WAIT;
+        let mut read: Vec<ReadBack> = Vec::new();
+        let mut ids = std::collections::BTreeSet::new();
+        while ids.len() < n {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} of {n} ids in {topic} within {WAIT:?}",
+                ids.len()
+            );
+            let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) else {
+                continue;
+            };
+            let epoch = message.headers().and_then(|h| {
+                h.iter()
+                    .find(|h| h.key == "dsreg-epoch")
+                    .and_then(|h| Some(String::from_utf8_lossy(h.value?).into_owned()))
+            });
+            let value: Value = serde_json::from_slice(message.payload().unwrap()).unwrap();
+            ids.insert(value["id"].to_string());
+            read.push(ReadBack {
+                key: message
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).into_owned()),
+                value,
+                epoch,
+            });
+        }
+        read
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn http_poll_records_reach_the_kafka_sink_keyed_and_a_frozen_broker_loses_none() {
+    // Arrange: a broker with the sink's topic, a source with 500 records, and a registry
+    // writing to Kafka keyed by `id`.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "out", 1).await;
+    let records = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..500)
+            .map(|id| json!({ "id": id, "name": format!("item-{id}") }))
+            .collect::<Vec<_>>(),
+    ));
+    let url = serve_source(records.clone()).await;
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.sink = "kafka".into();
+    settings.sink_kafka_brokers = Some(broker.address());
+    settings.sink_kafka_topic = Some("out".into());
+    settings.sink_kafka_key_field = Some("id".into());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ds = db.datasource_of("poller", "http_poll").await.id;
+    let v = db
+        .version(
+            ds,
+            json!({
+                "url": url, "interval_ms": 100, "record_path": "/items",
+                "cursor": { "field": "id", "param": "since" },
+            }),
+        )
+        .await;
+    db.publish_sql(ds, v).await;
+
+    // Assert: the 500 records are in the topic, keyed by id, with the worker's epoch.
+    let read = read_topic(&broker.address(), "out", 500).await;
+    let epoch = db.state(ds).await.lease_epoch.to_string();
+    for message in &read {
+        assert_eq!(message.key, Some(message.value["id"].to_string()));
+        assert_eq!(message.epoch.as_deref(), Some(epoch.as_str()));
+    }
+
+    // Act: the broker freezes for 10 s while 500 more records appear at the source.
+    broker.pause();
+    records
+        .lock()
+        .unwrap()
+        .extend((500..1_000).map(|id| json!({ "id": id, "name": format!("item-{id}") })));
+    // The outage itself: the scenario is "the broker is gone for 10 s".
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    broker.resume();
+
+    // Assert: every record arrives; none lost.
+    let read = read_topic(&broker.address(), "out", 1_000).await;
+    let ids: std::collections::BTreeSet<i64> = read
+        .iter()
+        .map(|m| m.value["id"].as_i64().unwrap())
+        .collect();
+    assert!(ids.iter().copied().eq(0..1_000), "every id from 0 to 999");
+    let state = db.state(ds).await;
+    assert_eq!(state.error_code, None, "{:?}", state.error_message);
+    app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
+    // Arrange: a broker that requires SCRAM (and knows no user), the real binary with debug
+    // logs, and a datasource whose password is a canary.
+    let broker = KafkaBroker::start_authenticating().await;
+    let db = TestDb::new().await;
+    let master_keys = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    let ds = db.datasource_of("secured", "kafka").await.id;
+    crate::helpers::put_secret(&db, master_keys, ds, "kafka_password", &password).await;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["sasl"] = json!({
+        "mechanism": "SCRAM-SHA-512", "username": "dsreg", "password_secret": "kafka_password"
+    });
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    let serve = ServeProcess::start(
+        &db.url,
+        &[("DSREG_MASTER_KEYS", master_keys), ("DSREG_LOG", "debug")],
+    )
+    .await;
+
+    // Assert: the datasource says the login was refused, and waits the long delay.
+    let state = wait_for("the refused login's error", WAIT, || async {
+        let state = db.state(ds).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    let message = state.error_message.clone().unwrap_or_default();
+    let client_lines: Vec<String> = serve
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains("librdkafka") || l.contains("kafka"))
+        .cloned()
+        .collect();
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("source_refused"),
+        "{message}\n{}\nbroker: {}",
+        client_lines.join("\n"),
+        broker.logs()
+    );
+    assert!(message.contains("login"), "{message}");
+    let mut status = LifecycleClient::new(serve.channel().await);
+    let answer = status
+        .get_status(pb::GetStatusRequest {
+            datasource_id: ds.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let events = db.events(ds).await;
+    let logs = serve.logs.lock().unwrap().join("\n");
+    for (what, text) in [
+        ("the state", format!("{state:?}")),
+        ("GetStatus", format!("{answer:?}")),
+        ("the events", format!("{events:?}")),
+        ("the logs", logs),
+    ] {
+        assert!(!text.contains(&password), "the password is in {what}");
+    }
+    serve.stop().await;
+}
