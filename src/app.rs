@@ -63,9 +63,11 @@ pub fn metrics(pool: &Pool, listener: &Arc<ListenerStats>, sources: &Arc<SourceH
     ])
 }
 
-/// Reader tasks coalescing status reads. One: every read queued while its statement runs
-/// joins the next, so 64 concurrent callers cost a few statements rather than 64 (measured:
-/// two or four readers made smaller batches, more statements, and slower calls).
+/// Reader tasks coalescing status reads: every read queued while a statement runs joins the
+/// next, so 64 concurrent callers cost a few statements rather than 64. Two, so a big batch
+/// (a group of idle `WatchStatus` streams re-reading) never holds a lone caller's read behind
+/// it (measured: a bystander's p99 beside 2,000 idle streams 1.72× its idle p99 with one
+/// reader, 1.33–1.45× with two; 64 streams' throughput the same within the noise).
 const STATUS_READERS: usize = 2;
 
 /// Connections of the control plane's own pool: lease claims, the state writer, the
