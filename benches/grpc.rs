@@ -18,7 +18,9 @@
 //! worst handful of publishes, set by whatever else the machine did in those seconds),
 //! `GRPC_BENCH_PARTS` which parts run (`status,list,publish,idle_streams,hostile_harness`, all
 //! by default), `GRPC_BENCH_IDLE_KINDS` which idle streams open (`events`, `status`, both by
-//! default), `GRPC_BENCH_HARNESS_RUNS` the cap on test runs at once (the registry's default).
+//! default), `GRPC_BENCH_HARNESS_RUNS` the cap on test runs at once (the registry's default),
+//! `GRPC_BENCH_HOSTILE_SCRIPTS` which hostile scripts the callers send (by index, `0,1,2`: all),
+//! `GRPC_BENCH_HARNESS_CPU_PERCENT` each run's share of a core (the registry's default).
 
 mod common;
 
@@ -99,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
     settings.grpc_max_streams_per_caller = IDLE_STREAMS * 2;
     if let Ok(cap) = std::env::var("GRPC_BENCH_HARNESS_RUNS") {
         settings.harness_max_concurrent_runs = cap.parse()?;
+    }
+    if let Ok(percent) = std::env::var("GRPC_BENCH_HARNESS_CPU_PERCENT") {
+        settings.harness_cpu_percent = percent.parse()?;
     }
     let harness_cap = settings.harness_max_concurrent_runs;
     let mut app = App::build(&settings, &db.url).await?;
@@ -344,9 +349,26 @@ async fn main() -> anyhow::Result<()> {
             let hook = hook.to_string();
             let stop = CancellationToken::new();
             let mut hostile = Vec::new();
+            // Which of the scripts the callers send (`GRPC_BENCH_HOSTILE_SCRIPTS=0,2`), all by
+            // default: to tell which shape costs the bystander what.
+            let scripts: Vec<usize> = match std::env::var("GRPC_BENCH_HOSTILE_SCRIPTS") {
+                Ok(list) => list
+                    .split(',')
+                    .map(|n| n.trim().parse::<usize>())
+                    .collect::<Result<Vec<_>, _>>()?
+                    .into_iter()
+                    .filter(|n| *n < HOSTILE_SCRIPTS.len())
+                    .collect(),
+                Err(_) => (0..HOSTILE_SCRIPTS.len()).collect(),
+            };
+            anyhow::ensure!(
+                !scripts.is_empty(),
+                "GRPC_BENCH_HOSTILE_SCRIPTS names no script"
+            );
             for i in 0..HOSTILE_RUNS {
                 let mut harness = HarnessClient::new(channel(i));
                 let (hook, stop) = (hook.clone(), stop.clone());
+                let script = HOSTILE_SCRIPTS[scripts[i % scripts.len()]];
                 hostile.push(tokio::spawn(async move {
                     let mut outcomes = HashMap::<tonic::Code, usize>::new();
                     // Each run is cut off by its caller's deadline and sent again, until the
@@ -356,7 +378,7 @@ async fn main() -> anyhow::Result<()> {
                         let mut request = tonic::Request::new(pb::RunTestRequest {
                             datasource_id: hook.clone(),
                             config_json: serde_json::json!({
-                                "transform": HOSTILE_SCRIPTS[i % HOSTILE_SCRIPTS.len()]
+                                "transform": script
                             })
                             .to_string(),
                             samples_json: vec![
@@ -385,7 +407,8 @@ async fn main() -> anyhow::Result<()> {
             let loaded = bystander_latencies(&bystander, &target, window).await;
             rows.push(ratio_row(
                 &format!(
-                    "bystander GetStatus, {HOSTILE_RUNS} callers sending hostile test runs (at most {harness_cap} run at once)"
+                    "bystander GetStatus, {HOSTILE_RUNS} callers sending hostile test runs (at most {harness_cap} run at once, each at most {}% of a core)",
+                    settings.harness_cpu_percent
                 ),
                 &loaded,
                 idle_p99,

@@ -334,6 +334,7 @@ impl App {
             limits: settings.transform_limits(),
             harness_slots: crate::harness::Slots::new(
                 usize::try_from(settings.harness_max_concurrent_runs).unwrap_or(usize::MAX),
+                settings.harness_cpu_percent,
             ),
             rpc_limits: settings.rpc_limits(),
             page_key,

@@ -261,6 +261,12 @@ pub struct Settings {
     #[arg(long, env = "DSREG_HARNESS_MAX_CONCURRENT_RUNS", default_value_t = default_harness_runs(), value_parser = clap::value_parser!(u64).range(1..=1024))]
     pub harness_max_concurrent_runs: u64,
 
+    /// The share of one CPU core, in percent, each test run's scripts may take: a run computes
+    /// 1 ms at a time and rests between. A busy core slows the registry's other calls even
+    /// when the run has the lowest priority; 100 lets runs compute without rest.
+    #[arg(long, env = "DSREG_HARNESS_CPU_PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub harness_cpu_percent: u8,
+
     /// Full resync period, in milliseconds.
     #[arg(long, env = "DSREG_RESYNC_INTERVAL_MS", default_value_t = 30_000)]
     pub resync_interval_ms: u64,
@@ -897,6 +903,12 @@ mod tests {
         let cli = Cli::try_parse_from(["dsreg", "--harness-max-concurrent-runs", "7"]).unwrap();
         assert_eq!(cli.settings.harness_max_concurrent_runs, 7);
         assert!(Cli::try_parse_from(["dsreg", "--harness-max-concurrent-runs", "0"]).is_err());
+        assert_eq!(cli.settings.harness_cpu_percent, 50);
+        let cli = Cli::try_parse_from(["dsreg", "--harness-cpu-percent", "100"]).unwrap();
+        assert_eq!(cli.settings.harness_cpu_percent, 100);
+        for bad in ["0", "101", "x"] {
+            assert!(Cli::try_parse_from(["dsreg", "--harness-cpu-percent", bad]).is_err());
+        }
     }
 
     #[test]

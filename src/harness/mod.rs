@@ -113,15 +113,18 @@ impl Error {
 pub struct Slots {
     semaphore: Arc<Semaphore>,
     max: usize,
+    cpu_percent: u8,
 }
 
 impl Slots {
-    /// `max` runs at once (at least one).
-    pub fn new(max: usize) -> Slots {
+    /// `max` runs at once (at least one), each computing at most `cpu_percent` of a core
+    /// (1–100).
+    pub fn new(max: usize, cpu_percent: u8) -> Slots {
         let max = max.max(1);
         Slots {
             semaphore: Arc::new(Semaphore::new(max)),
             max,
+            cpu_percent: cpu_percent.clamp(1, 100),
         }
     }
 
@@ -133,7 +136,10 @@ impl Slots {
         self.semaphore
             .clone()
             .try_acquire_owned()
-            .map(|permit| Slot { _permit: permit })
+            .map(|permit| Slot {
+                _permit: permit,
+                cpu_percent: self.cpu_percent,
+            })
             .map_err(|_| Error::Busy(self.max))
     }
 }
@@ -143,6 +149,8 @@ impl Slots {
 pub struct Slot {
     /// Held, never read: dropping it frees the slot.
     _permit: OwnedSemaphorePermit,
+    /// The share of a core the run's scripts may take.
+    cpu_percent: u8,
 }
 
 /// The nice value of a test run's thread where the idle scheduling class cannot be had:
@@ -284,10 +292,12 @@ async fn run_within(
     let ran = Instant::now();
     let cancel = cancel.clone();
     let (done, work) = tokio::sync::oneshot::channel();
+    let cpu_percent = slot.cpu_percent;
     let records = move || {
         // The slot is this run's until its records stop running, answered or not.
         let _slot = slot;
         lower_priority();
+        transform::pace_this_thread(cpu_percent);
         let mut outputs = Vec::new();
         let mut rejected = Vec::new();
         let mut logs = Vec::new();

@@ -93,7 +93,7 @@ use serde_json::Value;
 
 pub use error::{CompileError, TransformError};
 pub use meter::{Metered, live_bytes};
-pub use sandbox::Cancel;
+pub use sandbox::{Cancel, pace_this_thread};
 
 /// The name the input record has in scripts.
 const RECORD: &str = "record";

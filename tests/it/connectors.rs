@@ -533,7 +533,7 @@ async fn the_harness_tests_a_draft_without_touching_the_running_worker() {
     });
     let report = dsreg::harness::run(
         &dsreg::connectors::Catalog::builtin(),
-        dsreg::harness::Slots::new(1).take().unwrap(),
+        dsreg::harness::Slots::new(1, 100).take().unwrap(),
         dsreg::harness::Request {
             kind: "generator".into(),
             config: draft,
@@ -557,7 +557,7 @@ async fn the_harness_tests_a_draft_without_touching_the_running_worker() {
 
     let bad = dsreg::harness::run(
         &dsreg::connectors::Catalog::builtin(),
-        dsreg::harness::Slots::new(1).take().unwrap(),
+        dsreg::harness::Slots::new(1, 100).take().unwrap(),
         dsreg::harness::Request {
             kind: "generator".into(),
             config: json!({ "transform": "let x = ;" }),

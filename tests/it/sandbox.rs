@@ -78,6 +78,24 @@ fn cpu_ticks(pid: u32) -> u64 {
 /// The scheduling policy of a test-run thread of process `pid` (0 SCHED_OTHER, 5
 /// SCHED_IDLE), if one is running.
 fn harness_thread_policy(pid: u32) -> Option<i64> {
+    harness_thread_stat(pid, 38)?.parse().ok()
+}
+
+/// The time test runs rested to keep to their share of a core, from the registry's
+/// `/metrics`.
+async fn rested_seconds(http_addr: &str) -> f64 {
+    let (status, body) = crate::serve::http_get(http_addr, "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix("dsreg_harness_rested_seconds_total "))
+        .expect("dsreg_harness_rested_seconds_total on /metrics")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Field `n` after the command name of the first test-run thread of `pid`.
+fn harness_thread_stat(pid: u32, n: usize) -> Option<String> {
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
         let Ok(stat) = std::fs::read_to_string(task.ok()?.path().join("stat")) else {
             continue;
@@ -88,8 +106,8 @@ fn harness_thread_policy(pid: u32) -> Option<i64> {
         if &stat[open + 1..close] != "dsreg-harness" {
             continue;
         }
-        // Field 41 of the line is the policy: the 39th after the name.
-        return stat[close + 2..].split(' ').nth(38)?.parse().ok();
+        // Field 3 of the line is the state, field 41 the policy: the 39th after the name.
+        return stat[close + 2..].split(' ').nth(n).map(str::to_owned);
     }
     None
 }
@@ -118,7 +136,16 @@ fn peak_rss_kib(pid: u32) -> u64 {
 #[tokio::test]
 async fn hostile_scripts_through_the_harness_are_stopped_by_the_limit_they_hit() {
     let db = TestDb::new().await;
-    let server = ServeProcess::start(&db.url, &[("DSREG_TRANSFORM_DEADLINE_MS", "20000")]).await;
+    // The limits are under test, not the pacing: the runs compute without rest (a debug
+    // build takes seconds for these scripts).
+    let server = ServeProcess::start(
+        &db.url,
+        &[
+            ("DSREG_TRANSFORM_DEADLINE_MS", "20000"),
+            ("DSREG_HARNESS_CPU_PERCENT", "100"),
+        ],
+    )
+    .await;
     let ch = server.channel().await;
     let id = webhook(&ch).await;
     let mut harness = HarnessClient::new(ch.clone());
@@ -173,6 +200,7 @@ async fn harness_runs_past_their_deadline_stop_and_excess_runs_are_refused() {
     let pid = server.child.id().expect("serve runs");
     let ch = server.channel().await;
     let id = webhook(&ch).await;
+    assert_eq!(rested_seconds(&server.http_addr).await, 0.0);
 
     // Three hostile runs at once, each 1,000 records of minutes of work, answered at 1 s.
     let runs: Vec<_> = (0..3)
@@ -190,6 +218,14 @@ async fn harness_runs_past_their_deadline_stop_and_excess_runs_are_refused() {
         "a test run's thread in the idle class",
         Duration::from_secs(5),
         || async { harness_thread_policy(pid).filter(|policy| *policy == idle) },
+    )
+    .await;
+    // And they compute a slice at a time, resting as long as they computed (half a core
+    // each by default), however little CPU a busy machine leaves them.
+    wait_for(
+        "a test run's thread resting between slices",
+        Duration::from_secs(30),
+        || async { (rested_seconds(&server.http_addr).await > 0.0).then_some(()) },
     )
     .await;
     let mut codes = Vec::new();

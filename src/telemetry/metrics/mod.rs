@@ -56,6 +56,11 @@ pub use workers::{Figures, Identity};
 
 use crate::domain::WorkerStatus;
 use dead_letters::DeadLetterCounts;
+
+/// Time test runs' threads rested to keep to their share of a core, process-wide
+/// (`dsreg_harness_rested_seconds_total`): the transform's pacing adds to it.
+pub static HARNESS_RESTED: std::sync::LazyLock<Counter<f64, std::sync::atomic::AtomicU64>> =
+    std::sync::LazyLock::new(Counter::default);
 use reloads::Reloads;
 use workers::{Worker, Workers};
 
@@ -147,6 +152,11 @@ impl Metrics {
             &mut registry,
             &names::PANICS,
             crate::telemetry::panics::counter(),
+        );
+        register(
+            &mut registry,
+            &names::HARNESS_RESTED,
+            HARNESS_RESTED.clone(),
         );
         let horizon_age = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
         register(&mut registry, &names::HORIZON_AGE, horizon_age.clone());

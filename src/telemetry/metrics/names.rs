@@ -142,6 +142,12 @@ pub const PANICS: Family = family(
     Counter,
     "Panics anywhere in the process (each also logged as one structured ERROR line, at most 10 a second)",
 );
+/// Time test runs rested to keep to their CPU share.
+pub const HARNESS_RESTED: Family = seconds(
+    "dsreg_harness_rested",
+    Counter,
+    "Time test runs' threads rested to keep to their share of a core (--harness-cpu-percent)",
+);
 /// The outbox horizon's age.
 pub const HORIZON_AGE: Family = seconds(
     "dsreg_outbox_horizon_age",
@@ -420,6 +426,7 @@ pub const NAMES: &[Family] = &[
     OUTBOX_LAG,
     INVALID_TRACEPARENT,
     PANICS,
+    HARNESS_RESTED,
     HORIZON_AGE,
     HORIZON_PID,
     OUTBOX_ROWS,
