@@ -6,7 +6,10 @@
 //!
 //! Printed in one run, with the targets as ratios to the floor measured in the same run:
 //!
-//! - the floor: COMMIT → a plain LISTEN connection on the same Postgres receives the NOTIFY;
+//! - the floors: COMMIT of a bare NOTIFY → a plain LISTEN connection on the same Postgres
+//!   receives it; for each one-at-a-time publish, its own notification reaching such a
+//!   connection (a publish's commit flushes the WAL, a bare NOTIFY's does not); and before the
+//!   registry starts, 1, 4 and 16 publishers each waiting only for its publish's notification;
 //! - SQL publish COMMIT → the new version's worker's first GET: one at a time with 10 ms idle,
 //!   and back to back (p50 / p99 / max);
 //! - the same through the gRPC `PublishVersion` (from the call to the first GET);
@@ -20,7 +23,9 @@
 //!   interval), and of another with as many idle `generator` workers.
 //!
 //! `cargo bench --bench reaction`. `REACTION_QUICK=1` runs smaller counts (a check that the
-//! bench works, not figures). `REACTION_CONCURRENCY_SECONDS` sets each concurrent run (8).
+//! bench works, not figures). `REACTION_CONCURRENCY_SECONDS` sets each concurrent run (8);
+//! `REACTION_PARTS` which phases run (`one,b2b,grpc,bulk,concurrent,webhook,rss`, all by
+//! default).
 
 mod common;
 
@@ -211,6 +216,19 @@ impl Registry {
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .context("no VmRSS")?;
         Ok(kb / 1024.0)
+    }
+
+    /// CPU time (user and system) the process has used so far, in seconds.
+    fn cpu_seconds(&self) -> anyhow::Result<f64> {
+        let pid = self.child.id().context("dsreg exited")?;
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command (which ends with ')'): utime is field 14, stime 15.
+        let (_, rest) = stat.rsplit_once(')').context("no command in stat")?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        // SAFETY: `sysconf` reads a configuration value and touches no memory of ours.
+        let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+        Ok(ticks / per_second)
     }
 
     /// Stops it gracefully (SIGTERM), then waits for it.
@@ -530,6 +548,53 @@ async fn concurrent(
     Ok((rate, samples))
 }
 
+/// The floor of the concurrent publishers: the same publish transactions, each publisher
+/// waiting only for its publish's own notification on a plain LISTEN connection of its own,
+/// with no registry running. Returns publishes/s and the samples (COMMIT sent → notified).
+/// Its datasources are disabled afterwards, so the registry started later leaves them be.
+async fn concurrent_floor(
+    url: &str,
+    base: &str,
+    publishers: usize,
+    window: Duration,
+) -> anyhow::Result<(f64, Vec<f64>)> {
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for p in 0..publishers {
+        let (url, base) = (url.to_owned(), base.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let client = connect(&url).await?;
+            let label = format!("f{publishers}-{p}");
+            let id = datasource(&client, "reaction-floor", &label, "http_poll").await?;
+            let mut listening = Listening::on(&url, "dsreg_events").await?;
+            let needle = id.to_string();
+            let mut samples = Vec::new();
+            let mut version = 0;
+            while started.elapsed() < window {
+                version += 1;
+                let path = format!("/{label}/{version}");
+                let sent = publish_path(&client, id, version, &poll_config(&base, &path)).await?;
+                let at = listening.next_with(&[&needle, "published"]).await?;
+                samples.push(at.saturating_duration_since(sent).as_secs_f64() * 1e3);
+            }
+            anyhow::Ok(samples)
+        }));
+    }
+    let mut samples = Vec::new();
+    for task in tasks {
+        samples.extend(task.await??);
+    }
+    let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
+    connect(url)
+        .await?
+        .execute(
+            "UPDATE datasources SET status = 'disabled' WHERE project = 'reaction-floor'",
+            &[],
+        )
+        .await?;
+    Ok((rate, samples))
+}
+
 /// Webhook datasources published one at a time; each sample is COMMIT → the first 202.
 async fn webhooks(url: &str, http: &str, n: usize) -> anyhow::Result<Vec<f64>> {
     let mut client = connect(url).await?;
@@ -655,6 +720,15 @@ fn ms(v: f64) -> String {
     format!("{v:.2} ms")
 }
 
+/// Whether the phase `name` runs: `REACTION_PARTS` lists them (`one` with the floors,
+/// `b2b`, `grpc`, `bulk`, `concurrent`, `webhook`, `rss`); all when unset.
+fn part(name: &str) -> bool {
+    match std::env::var("REACTION_PARTS") {
+        Ok(parts) if !parts.trim().is_empty() => parts.split(',').any(|p| p.trim() == name),
+        _ => true,
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let counts = Counts::of_env();
@@ -662,127 +736,175 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let target = Arc::new(Target::default());
     let base = serve_target(target.clone()).await?;
-    let registry = Registry::start(&db.url, dir.path()).await?;
     let mut rows: Vec<(String, String, String)> = Vec::new();
+    // The publishers' floor, before the registry runs: what Postgres alone allows the same
+    // publish transactions.
+    let mut floor_rates = HashMap::new();
+    if part("concurrent") {
+        for publishers in [1, 4, 16] {
+            let (rate, mut samples) =
+                concurrent_floor(&db.url, &base, publishers, counts.concurrency).await?;
+            samples.sort_by(f64::total_cmp);
+            floor_rates.insert(publishers, rate);
+            rows.push((
+                format!(
+                    "floor: {publishers} publishers, each waiting for its publish's notification (no registry), {} s: publishes/s, p50 / p99",
+                    counts.concurrency.as_secs()
+                ),
+                format!(
+                    "{rate:.0}/s, {} / {}",
+                    ms(common::quantile(&samples, 0.5)),
+                    ms(common::quantile(&samples, 0.99))
+                ),
+                "—".into(),
+            ));
+        }
+    }
+    let registry = Registry::start(&db.url, dir.path()).await?;
 
-    let mut floor = floor(&db.url, counts.floor).await?;
-    floor.sort_by(f64::total_cmp);
-    let (floor_p50, floor_p99) = (
-        common::quantile(&floor, 0.5),
-        common::quantile(&floor, 0.99),
-    );
-    rows.push((
-        "floor: COMMIT → a plain LISTEN connection receives, p50 / p99 / max".into(),
-        summary(&mut floor),
-        "—".into(),
-    ));
-
-    let mut split = Split::default();
-    let mut one = sql_publishes(
-        &db.url,
-        &target,
-        &base,
-        "one",
-        counts.one_at_a_time,
-        Some(IDLE),
-        Some(&mut split),
-    )
-    .await?;
-    rows.push((
-        "SQL publish COMMIT → the new worker's first GET, one at a time (10 ms idle), p50 / p99 / max".into(),
-        summary(&mut one),
-        format!(
-            "p50 ≤ {} , p99 ≤ {} (floor + 0.6 / + 1.5 ms)",
-            ms(floor_p50 + 0.6),
-            ms(floor_p99 + 1.5)
-        ),
-    ));
-    rows.push((
-        "  of which: COMMIT sent → answered to the publisher, p50 / p99 / max".into(),
-        summary(&mut split.committed),
-        "—".into(),
-    ));
-    rows.push((
-        "  of which: COMMIT sent → the publish's notification reaches a plain LISTEN connection, p50 / p99 / max".into(),
-        summary(&mut split.notified),
-        "—".into(),
-    ));
-    let mut b2b = sql_publishes(
-        &db.url,
-        &target,
-        &base,
-        "b2b",
-        counts.back_to_back,
-        None,
-        None,
-    )
-    .await?;
-    rows.push((
-        "SQL publish COMMIT → first GET, back to back, p50 / p99 / max".into(),
-        summary(&mut b2b),
-        "—".into(),
-    ));
-    let mut grpc = grpc_publishes(&db.url, &registry.grpc, &target, &base, counts.grpc).await?;
-    rows.push((
-        "gRPC PublishVersion sent → first GET, one at a time (10 ms idle), p50 / p99 / max".into(),
-        summary(&mut grpc),
-        "—".into(),
-    ));
-
-    let bulk = bulk(&db.url, &target, &base, counts.bulk).await?;
-    rows.push((
-        format!("{} datasources published in one transaction → every new worker has polled: first / median / all", counts.bulk),
-        format!(
-            "{} / {} / {}",
-            ms(bulk[0]),
-            ms(common::quantile(&bulk, 0.5)),
-            ms(*bulk.last().context("no workers")?)
-        ),
-        "all ≤ 300 ms".into(),
-    ));
-
-    for publishers in [1, 4, 16] {
-        let (rate, mut samples) =
-            concurrent(&db.url, &target, &base, publishers, counts.concurrency).await?;
-        samples.sort_by(f64::total_cmp);
+    if part("one") {
+        let mut floor = floor(&db.url, counts.floor).await?;
+        floor.sort_by(f64::total_cmp);
         rows.push((
+            "floor: COMMIT of a bare NOTIFY → a plain LISTEN connection receives, p50 / p99 / max"
+                .into(),
+            summary(&mut floor),
+            "—".into(),
+        ));
+        let mut split = Split::default();
+        let mut one = sql_publishes(
+            &db.url,
+            &target,
+            &base,
+            "one",
+            counts.one_at_a_time,
+            Some(IDLE),
+            Some(&mut split),
+        )
+        .await?;
+        // The floor of a publish is its own notification: a bare NOTIFY commits without a WAL
+        // flush (it wrote nothing else), a publish's commit waits for one.
+        split.notified.sort_by(f64::total_cmp);
+        let (notified_p50, notified_p99) = (
+            common::quantile(&split.notified, 0.5),
+            common::quantile(&split.notified, 0.99),
+        );
+        rows.push((
+            "SQL publish COMMIT → the new worker's first GET, one at a time (10 ms idle), p50 / p99 / max".into(),
+            summary(&mut one),
             format!(
-                "{publishers} publishers, each waiting for its worker, {} s: publishes/s, p50 / p99",
-                counts.concurrency.as_secs()
+                "p50 ≤ {} , p99 ≤ {} (the publish's own notification + 0.6 / + 1.5 ms)",
+                ms(notified_p50 + 0.6),
+                ms(notified_p99 + 1.5)
             ),
-            format!(
-                "{rate:.0}/s, {} / {}",
-                ms(common::quantile(&samples, 0.5)),
-                ms(common::quantile(&samples, 0.99))
-            ),
-            if publishers == 16 { "≥ 1,500/s".into() } else { "—".into() },
+        ));
+        rows.push((
+            "  of which: COMMIT sent → answered to the publisher, p50 / p99 / max".into(),
+            summary(&mut split.committed),
+            "—".into(),
+        ));
+        rows.push((
+            "  of which: COMMIT sent → the publish's notification reaches a plain LISTEN connection (the floor of a publish), p50 / p99 / max".into(),
+            summary(&mut split.notified),
+            "—".into(),
         ));
     }
-
-    let mut hooks = webhooks(&db.url, &registry.http, counts.webhook).await?;
-    rows.push((
-        "webhook: publish COMMIT → the ingress answers 202 (record committed), p50 / p99 / max"
-            .into(),
-        summary(&mut hooks),
-        "—".into(),
-    ));
+    if part("b2b") {
+        let mut b2b = sql_publishes(
+            &db.url,
+            &target,
+            &base,
+            "b2b",
+            counts.back_to_back,
+            None,
+            None,
+        )
+        .await?;
+        rows.push((
+            "SQL publish COMMIT → first GET, back to back, p50 / p99 / max".into(),
+            summary(&mut b2b),
+            "—".into(),
+        ));
+    }
+    if part("grpc") {
+        let mut grpc = grpc_publishes(&db.url, &registry.grpc, &target, &base, counts.grpc).await?;
+        rows.push((
+            "gRPC PublishVersion sent → first GET, one at a time (10 ms idle), p50 / p99 / max"
+                .into(),
+            summary(&mut grpc),
+            "—".into(),
+        ));
+    }
+    if part("bulk") {
+        let bulk = bulk(&db.url, &target, &base, counts.bulk).await?;
+        rows.push((
+            format!("{} datasources published in one transaction → every new worker has polled: first / median / all", counts.bulk),
+            format!(
+                "{} / {} / {}",
+                ms(bulk[0]),
+                ms(common::quantile(&bulk, 0.5)),
+                ms(*bulk.last().context("no workers")?)
+            ),
+            "all ≤ 300 ms".into(),
+        ));
+    }
+    if part("concurrent") {
+        for publishers in [1, 4, 16] {
+            let cpu_before = registry.cpu_seconds()?;
+            let (rate, mut samples) =
+                concurrent(&db.url, &target, &base, publishers, counts.concurrency).await?;
+            let cpu = registry.cpu_seconds()? - cpu_before;
+            let per_publish = cpu * 1e6 / samples.len().max(1) as f64;
+            samples.sort_by(f64::total_cmp);
+            let of_floor = floor_rates.get(&publishers).map_or(String::new(), |floor| {
+                format!(" ({:.0} % of the floor)", 100.0 * rate / floor)
+            });
+            rows.push((
+                format!(
+                    "{publishers} publishers, each waiting for its worker, {} s: publishes/s, p50 / p99",
+                    counts.concurrency.as_secs()
+                ),
+                format!(
+                    "{rate:.0}/s{of_floor}, {} / {}; the registry's CPU {per_publish:.0} µs a publish",
+                    ms(common::quantile(&samples, 0.5)),
+                    ms(common::quantile(&samples, 0.99))
+                ),
+                if publishers == 16 {
+                    "≥ 1,500/s".into()
+                } else {
+                    "—".into()
+                },
+            ));
+        }
+    }
+    if part("webhook") {
+        let mut hooks = webhooks(&db.url, &registry.http, counts.webhook).await?;
+        rows.push((
+            "webhook: publish COMMIT → the ingress answers 202 (record committed), p50 / p99 / max"
+                .into(),
+            summary(&mut hooks),
+            "—".into(),
+        ));
+    }
     registry.stop().await?;
 
     let n = counts.idle_workers;
-    let (http_before, http_after) =
-        idle_rss(&db.url, dir.path(), &target, &base, "http_poll", n).await?;
-    rows.push((
-        format!("RSS, {n} idle http_poll workers (1 h interval), fresh process"),
-        format!("{http_before:.0} → {http_after:.0} MB"),
-        "≤ 300 MB at 10,000".into(),
-    ));
-    let (gen_before, gen_after) =
-        idle_rss(&db.url, dir.path(), &target, &base, "generator", n).await?;
-    rows.push((
-        format!("RSS, {n} idle generator workers, fresh process"),
-        format!("{gen_before:.0} → {gen_after:.0} MB"),
-        "—".into(),
-    ));
+    if part("rss") {
+        let (http_before, http_after) =
+            idle_rss(&db.url, dir.path(), &target, &base, "http_poll", n).await?;
+        rows.push((
+            format!("RSS, {n} idle http_poll workers (1 h interval), fresh process"),
+            format!("{http_before:.0} → {http_after:.0} MB"),
+            "≤ 300 MB at 10,000".into(),
+        ));
+        let (gen_before, gen_after) =
+            idle_rss(&db.url, dir.path(), &target, &base, "generator", n).await?;
+        rows.push((
+            format!("RSS, {n} idle generator workers, fresh process"),
+            format!("{gen_before:.0} → {gen_after:.0} MB"),
+            "—".into(),
+        ));
+    }
 
     common::print_table(
         &format!(
