@@ -549,32 +549,54 @@ async fn concurrent(
 }
 
 /// The floor of the concurrent publishers: the same publish transactions, each publisher
-/// waiting only for its publish's own notification on a plain LISTEN connection of its own,
-/// with no registry running. Returns publishes/s and the samples (COMMIT sent → notified).
-/// Its datasources are disabled afterwards, so the registry started later leaves them be.
+/// waiting only for its publish's own notification, with no registry running; one plain LISTEN
+/// connection receives them all (as the registry's one listener would) and hands each to its
+/// publisher. Returns publishes/s and the samples (COMMIT sent → notified). Its datasources
+/// are disabled afterwards, so the registry started later leaves them be.
 async fn concurrent_floor(
     url: &str,
     base: &str,
     publishers: usize,
     window: Duration,
 ) -> anyhow::Result<(f64, Vec<f64>)> {
+    type Routes = Arc<Mutex<HashMap<String, tokio::sync::mpsc::UnboundedSender<Instant>>>>;
+    let routes: Routes = Arc::default();
+    let mut listening = Listening::on(url, "dsreg_events").await?;
+    let router = tokio::spawn({
+        let routes = routes.clone();
+        async move {
+            while let Some((payload, at)) = listening.rx.recv().await {
+                let Ok(event) = serde_json::from_str::<serde_json::Value>(&payload) else {
+                    continue;
+                };
+                let published = event["type"].as_str() == Some("published");
+                if let (true, Some(id)) = (published, event["datasource_id"].as_str())
+                    && let Some(tx) = lock(&routes).get(id)
+                {
+                    let _ = tx.send(at);
+                }
+            }
+        }
+    });
     let mut tasks = Vec::new();
     let started = Instant::now();
     for p in 0..publishers {
-        let (url, base) = (url.to_owned(), base.to_owned());
+        let (url, base, routes) = (url.to_owned(), base.to_owned(), routes.clone());
         tasks.push(tokio::spawn(async move {
             let client = connect(&url).await?;
             let label = format!("f{publishers}-{p}");
             let id = datasource(&client, "reaction-floor", &label, "http_poll").await?;
-            let mut listening = Listening::on(&url, "dsreg_events").await?;
-            let needle = id.to_string();
+            let (tx, mut notified) = tokio::sync::mpsc::unbounded_channel();
+            lock(&routes).insert(id.to_string(), tx);
             let mut samples = Vec::new();
             let mut version = 0;
             while started.elapsed() < window {
                 version += 1;
                 let path = format!("/{label}/{version}");
                 let sent = publish_path(&client, id, version, &poll_config(&base, &path)).await?;
-                let at = listening.next_with(&[&needle, "published"]).await?;
+                let at = tokio::time::timeout(BOUND, notified.recv())
+                    .await?
+                    .context("the listener stopped")?;
                 samples.push(at.saturating_duration_since(sent).as_secs_f64() * 1e3);
             }
             anyhow::Ok(samples)
@@ -585,6 +607,7 @@ async fn concurrent_floor(
         samples.extend(task.await??);
     }
     let rate = samples.len() as f64 / started.elapsed().as_secs_f64();
+    router.abort();
     connect(url)
         .await?
         .execute(
