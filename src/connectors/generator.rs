@@ -168,8 +168,7 @@ impl Connector for Generator {
             }
             let tick = Duration::from_secs_f64(1.0 / settings.rate).max(MIN_TICK);
             let per_tick = settings.rate * tick.as_secs_f64();
-            let mut interval = tokio::time::interval(tick);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = super::ticks::Ticks::every(tick);
             let mut owed = 0.0;
             // Checked when it was set; anything else stored there starts from 0.
             let first = ctx.cursor.load().await?;
@@ -179,9 +178,8 @@ impl Connector for Generator {
                 .unwrap_or(0);
             let mut emitted: u64 = 0;
             loop {
-                tokio::select! {
-                    () = ctx.cancel.cancelled() => return Ok(()),
-                    _ = interval.tick() => {}
+                if !ticks.next(&ctx.cancel).await {
+                    return Ok(());
                 }
                 owed += per_tick;
                 let mut n = owed.floor() as u64;

@@ -350,12 +350,10 @@ impl Connector for HttpPoll {
                 None => None,
             };
             let mut state = ctx.cursor.load().await?.unwrap_or_else(|| json!({}));
-            let mut interval = tokio::time::interval(settings.interval);
-            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut ticks = super::ticks::Ticks::every(settings.interval);
             loop {
-                tokio::select! {
-                    () = ctx.cancel.cancelled() => return Ok(()),
-                    _ = interval.tick() => {}
+                if !ticks.next(&ctx.cancel).await {
+                    return Ok(());
                 }
                 let polled = tokio::select! {
                     () = ctx.cancel.cancelled() => return Ok(()),

@@ -13,6 +13,7 @@ pub mod kafka;
 pub mod kafka_sink;
 pub mod position;
 pub mod sink;
+pub mod ticks;
 pub mod webhook;
 
 use std::collections::BTreeMap;
