@@ -20,6 +20,13 @@ use super::Error;
 /// bounds the whole request, the connection included).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Idle connections the client keeps per host, for reuse. Beyond these, a connection is
+/// closed once its request is done: thousands of pollers of one host starting together open as
+/// many connections at once, and keeping them all would hold about 10 KiB each for nothing
+/// (measured: 10,000 idle `http_poll` workers of one host, 280 → 378 MB resident once their
+/// first requests went out together).
+const IDLE_PER_HOST: usize = 32;
+
 /// The client, or why it could not be built (a message: the error is not `Clone`).
 static CLIENT: OnceLock<Result<reqwest::Client, String>> = OnceLock::new();
 
@@ -32,6 +39,7 @@ fn build() -> Result<reqwest::Client, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .pool_max_idle_per_host(IDLE_PER_HOST)
         .build()
         .map_err(|e| format!("building the HTTP client: {e}"))
 }
@@ -72,6 +80,7 @@ pub fn client_trusting(roots: Vec<reqwest::Certificate>) -> Result<reqwest::Clie
     let _ = rustls::crypto::ring::default_provider().install_default();
     reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
+        .pool_max_idle_per_host(IDLE_PER_HOST)
         .tls_certs_only(roots)
         .build()
         .map_err(|e| Error::Source(format!("building the HTTP client: {e}")))
