@@ -109,6 +109,118 @@ async fn two_hundred_http_poll_workers_started_in_one_publish_all_poll_a_local_s
     app.stop().await.unwrap();
 }
 
+/// A local source that holds every GET until `n` have arrived, then answers each with one
+/// record, behind a relay that counts the connections open to it now and at most.
+struct Held {
+    base: String,
+    open: Arc<std::sync::atomic::AtomicUsize>,
+    most: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn serve_held(n: usize) -> Held {
+    use axum::extract::State;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    /// GETs arrived so far, and how many to hold for.
+    type Arrived = Arc<(tokio::sync::watch::Sender<usize>, usize)>;
+    async fn handler(State(arrived): State<Arrived>, uri: axum::http::Uri) -> String {
+        let (count, n) = &*arrived;
+        count.send_modify(|c| *c += 1);
+        let _ = count.subscribe().wait_for(|c| *c >= *n).await;
+        json!({ "items": [{ "path": uri.path() }] }).to_string()
+    }
+    let arrived: Arrived = Arc::new((tokio::sync::watch::channel(0).0, n));
+    let inner = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let inner_addr = inner.local_addr().unwrap();
+    let router = axum::Router::new().fallback(handler).with_state(arrived);
+    tokio::spawn(async move { axum::serve(inner, router).await.unwrap() });
+
+    let outer = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = outer.local_addr().unwrap();
+    let (open, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (counted, peak) = (open.clone(), most.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut client, _)) = outer.accept().await else {
+                return;
+            };
+            let now = counted.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(now, Ordering::SeqCst);
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(inner_addr).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+                counted.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    Held {
+        base: format!("http://{addr}"),
+        open,
+        most,
+    }
+}
+
+#[tokio::test]
+async fn pollers_of_one_host_starting_together_leave_few_connections_open() {
+    use std::sync::atomic::Ordering;
+    const N: usize = 100;
+    let db = TestDb::new().await;
+    // Every first request is held until all have arrived: N connections open at once.
+    let held = serve_held(N).await;
+    let app = TestApp::spawn_with(test_settings(&db.url), |_| {}).await;
+    let mut client = db.client().await;
+    let mut drafts = Vec::with_capacity(N);
+    for i in 0..N {
+        let ds = db.datasource_of(&format!("burst-{i}"), "http_poll").await;
+        let config = json!({
+            "url": format!("{}/burst/{i}", held.base),
+            "interval_ms": 3_600_000,
+            "record_path": "/items",
+        });
+        drafts.push((ds.id, db.version(ds.id, config).await));
+    }
+    let tx = client.transaction().await.unwrap();
+    for (id, v) in &drafts {
+        tx.execute("SELECT dsreg_publish($1, $2)", &[id, v])
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    wait_for("every poller's record in the sink", WAIT, || async {
+        let polled: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(DISTINCT datasource_id) FROM datasource_records",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (polled == N as i64).then_some(())
+    })
+    .await;
+    assert_eq!(
+        held.most.load(Ordering::SeqCst),
+        N,
+        "the first polls overlapped"
+    );
+    // Done with their requests, the connections beyond the client's idle pool close.
+    let open = wait_for(
+        "the connections past the idle pool closed",
+        WAIT,
+        || async {
+            let open = held.open.load(Ordering::SeqCst);
+            (open <= 32).then_some(open)
+        },
+    )
+    .await;
+    assert!(open <= 32);
+    app.stop().await.unwrap();
+}
+
 /// A script of about `lines` statements: the record's `seq`, plus the sum of 0..lines, as `n`.
 fn long_script(lines: usize, broken: bool) -> String {
     let mut script = String::from("let n = record.seq;\n");
