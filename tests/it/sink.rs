@@ -561,7 +561,7 @@ fn every_hostile_record_is_committed_or_dead_lettered_and_none_holds_another_dat
 }
 
 /// Datasources `ids` leased to instance `owner` under epoch 1, for a sink used on its own.
-async fn lease(db: &TestDb, owner: &str, ids: &[Uuid]) {
+pub(crate) async fn lease(db: &TestDb, owner: &str, ids: &[Uuid]) {
     let client = db.client().await;
     client
         .execute(
@@ -583,7 +583,7 @@ async fn lease(db: &TestDb, owner: &str, ids: &[Uuid]) {
 }
 
 /// A sink on `db` for instance `sink-test` with fast retries, its writer running.
-fn sink_on(
+pub(crate) fn sink_on(
     db: &TestDb,
     target: dsreg::connectors::sink::Target,
     retry: dsreg::connectors::sink::RetryPolicy,
@@ -605,7 +605,10 @@ fn sink_on(
     (sink, stop, task)
 }
 
-fn handle(sink: &dsreg::connectors::sink::Sink, id: Uuid) -> dsreg::connectors::sink::SinkHandle {
+pub(crate) fn handle(
+    sink: &dsreg::connectors::sink::Sink,
+    id: Uuid,
+) -> dsreg::connectors::sink::SinkHandle {
     let identity =
         dsreg::transform::Transform::compile(None, None, &dsreg::transform::Limits::default())
             .unwrap();
