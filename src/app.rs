@@ -436,6 +436,7 @@ impl App {
         );
         let (writer, writer_handle) = StateWriter::new(
             self.control.clone(),
+            self.supervisor.prepared,
             self.instance_id.clone(),
             Some(self.listener_stats.activity.clone()),
             Some(self.metrics.clone()),

@@ -14,6 +14,17 @@ use crate::files::{ConflictPolicy, WatchConfig};
 use crate::supervisor::SupervisorConfig;
 use crate::transform::Limits;
 
+/// Whether statements are prepared by name on the pool's connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PreparedStatements {
+    /// When the pool's connections are sessions: no separate LISTEN URL.
+    Auto,
+    /// Always.
+    On,
+    /// Never: every statement goes unnamed.
+    Off,
+}
+
 /// How `dsreg` reaches its database and where it serves.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Settings {
@@ -26,6 +37,15 @@ pub struct Settings {
     /// (PgBouncer), where LISTEN never receives anything. TLS as its own `sslmode` says.
     #[arg(long, env = "DSREG_LISTEN_DATABASE_URL", hide_env_values = true)]
     pub listen_database_url: Option<String>,
+
+    /// Whether the registry's most frequent statements (the desired-state read of every
+    /// reload, the worker-state writes) are prepared once per pooled connection and reused by
+    /// name: `auto` when `--listen-database-url` is unset (the database URL then carries
+    /// LISTEN, so its connections are sessions), `on` behind a pooler that keeps prepared
+    /// statements (PgBouncer 1.21+ with `max_prepared_statements`), `off` behind any other
+    /// transaction-mode pooler.
+    #[arg(long, env = "DSREG_PREPARED_STATEMENTS", value_enum, default_value_t = PreparedStatements::Auto)]
+    pub prepared_statements: PreparedStatements,
 
     /// How often a notification is sent through the pool to check that the LISTEN connection
     /// receives it, in milliseconds (the first check runs at start).
@@ -696,9 +716,19 @@ impl Settings {
         Duration::from_millis(self.shutdown_grace_ms)
     }
 
+    /// Whether the pool's connections prepare the frequent statements by name.
+    pub fn prepared_statements(&self) -> bool {
+        match self.prepared_statements {
+            PreparedStatements::Auto => self.listen_database_url.is_none(),
+            PreparedStatements::On => true,
+            PreparedStatements::Off => false,
+        }
+    }
+
     /// The supervisor's pacing and the transform limits.
     pub fn supervisor(&self) -> SupervisorConfig {
         SupervisorConfig {
+            prepared: self.prepared_statements(),
             resync_interval: Duration::from_millis(self.resync_interval_ms),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             limits: self.transform_limits(),
@@ -909,6 +939,27 @@ mod tests {
         for bad in ["0", "101", "x"] {
             assert!(Cli::try_parse_from(["dsreg", "--harness-cpu-percent", bad]).is_err());
         }
+    }
+
+    #[test]
+    fn statements_are_prepared_by_default_only_where_the_database_url_carries_listen() {
+        let prepared = |args: &[&str]| {
+            let mut all = vec!["dsreg", "--database-url", "postgres://db/x"];
+            all.extend(args);
+            Cli::try_parse_from(all)
+                .unwrap()
+                .settings
+                .supervisor()
+                .prepared
+        };
+        assert!(prepared(&[]));
+        let direct_listener = ["--listen-database-url", "postgres://primary/x"];
+        assert!(!prepared(&direct_listener));
+        assert!(prepared(
+            &[&direct_listener[..], &["--prepared-statements", "on"]].concat()
+        ));
+        assert!(!prepared(&["--prepared-statements", "off"]));
+        assert!(Cli::try_parse_from(["dsreg", "--prepared-statements", "yes"]).is_err());
     }
 
     #[test]

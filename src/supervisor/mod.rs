@@ -46,6 +46,7 @@ use crate::db::Error;
 use crate::db::repository::events::NewEvent;
 use crate::db::repository::leases::Claimed;
 use crate::db::repository::state::{self, Desired, DesiredFor, Heartbeat, Transition};
+use crate::db::repository::typed::Pooled;
 use crate::domain::{DatasourceStatus, DesiredState, WorkerStatus};
 use crate::outbox::OutboxReader;
 use crate::outbox::listener::Signal;
@@ -88,6 +89,9 @@ pub struct SupervisorConfig {
     /// Fault injection for tests of the supervision path: when this fires, the supervisor's
     /// task panics, as a bug in it would. `None` in production.
     pub fault: Option<CancellationToken>,
+    /// Whether the pool's connections are sessions whose statements may be prepared by name
+    /// ([`crate::db::repository::typed::Pooled`]).
+    pub prepared: bool,
 }
 
 impl Default for SupervisorConfig {
@@ -101,6 +105,7 @@ impl Default for SupervisorConfig {
             limits: Limits::default(),
             leases: LeaseConfig::default(),
             fault: None,
+            prepared: false,
         }
     }
 }
@@ -665,7 +670,7 @@ impl Supervisor {
                 after,
                 limit: limit as i64,
             };
-            state::desired(&**client, page, false).await?
+            state::desired(&Pooled::new(&client, self.config.prepared), page, false).await?
         };
         let upto = (rows.len() >= limit)
             .then(|| rows.last().map(|r| r.datasource_id))
@@ -707,7 +712,8 @@ impl Supervisor {
         let started = Instant::now();
         let rows = {
             let client = self.pool.get().await?;
-            state::desired(&**client, DesiredFor::Ids(ids), true).await?
+            let client = Pooled::new(&client, self.config.prepared);
+            state::desired(&client, DesiredFor::Ids(ids), true).await?
         };
         self.apply(rows, false).await?;
         self.report(false, ids.len(), started);

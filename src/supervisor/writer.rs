@@ -1,6 +1,7 @@
 //! The state writer: every worker transition and its event go through one task that writes
 //! whatever has accumulated in one statement (`state::apply_transitions`), so a burst of
-//! 1,000 starts costs a handful of statements and a single start is written at once.
+//! 1,000 starts costs a handful of statements and a single start is written within
+//! [`LINGER`], together with whatever follows it that soon.
 //!
 //! It runs until every [`WriterHandle`] is dropped, so the final transitions of stopping
 //! workers are written before it returns. A failed write is retried; nothing is dropped.
@@ -22,6 +23,11 @@ use crate::telemetry::metrics::StateWritten;
 
 /// Most transitions written per statement.
 const MAX_BATCH: usize = 5_000;
+
+/// How long a batch stays open for more transitions after its first: a worker's start and
+/// its first success (a poll answered a moment later) go in one statement, and the write
+/// keeps off the path of the start it records.
+const LINGER: Duration = Duration::from_millis(2);
 
 enum Message {
     Transition(Transition),
@@ -72,15 +78,19 @@ pub struct StateWriter {
     activity: Option<crate::outbox::Activity>,
     metrics: Option<crate::telemetry::metrics::Metrics>,
     peers: PeerPresence,
+    prepared: bool,
 }
 
 impl StateWriter {
     /// A writer for `instance` and the handle that feeds it. After every written batch it
     /// bumps `activity` (API waits and watches), reports the batch to `metrics` (worker
     /// states, reloads reaching RUNNING) and to `observer` (benchmarks and tests). It NOTIFYs
-    /// the written batches only while `peers` says other instances may listen.
+    /// the written batches only while `peers` says other instances may listen. With
+    /// `prepared`, its statement is prepared once per pooled connection
+    /// ([`crate::db::repository::typed::Pooled`]).
     pub fn new(
         pool: Pool,
+        prepared: bool,
         instance: String,
         activity: Option<crate::outbox::Activity>,
         metrics: Option<crate::telemetry::metrics::Metrics>,
@@ -99,6 +109,7 @@ impl StateWriter {
                 activity,
                 metrics,
                 peers,
+                prepared,
             },
             WriterHandle(tx),
         )
@@ -125,16 +136,28 @@ impl StateWriter {
                     None => return,
                 }
             }
+            // What follows within the linger joins the batch: a start and its first success
+            // come a moment apart and are written together.
+            let linger = tokio::time::sleep(LINGER);
+            tokio::pin!(linger);
             while open && pending.len() < MAX_BATCH {
-                match self.queue.try_recv() {
-                    Ok(Message::Transition(t)) => add(&mut pending, &mut order, &mut events, t),
-                    Ok(Message::Flush(flush)) => {
+                let message = match self.queue.try_recv() {
+                    Ok(message) => Some(message),
+                    Err(mpsc::error::TryRecvError::Empty) => tokio::select! {
+                        biased;
+                        message = self.queue.recv() => message,
+                        () = &mut linger => break,
+                    },
+                    Err(mpsc::error::TryRecvError::Disconnected) => None,
+                };
+                match message {
+                    Some(Message::Transition(t)) => add(&mut pending, &mut order, &mut events, t),
+                    Some(Message::Flush(flush)) => {
                         // Everything before it is in this batch: answered once it is written.
                         flushes.push(flush);
                         break;
                     }
-                    Err(mpsc::error::TryRecvError::Empty) => break,
-                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
+                    None => open = false,
                 }
             }
             let batch: Vec<Transition> = order
@@ -207,7 +230,7 @@ impl StateWriter {
         let client = self.pool.get().await?;
         let notify = self.peers.others_may_be_live();
         state::apply_transitions(
-            &**client,
+            &crate::db::repository::typed::Pooled::new(&client, self.prepared),
             batch,
             events,
             &self.instance,

@@ -2,12 +2,15 @@
 //! runs keeps session state or named statements across transactions) while the LISTEN
 //! connection goes direct (`--listen-database-url`); with the listener behind it too, the
 //! notification self-test reports the broken path and the outbox poll keeps publishes
-//! converging.
+//! converging. Statements prepared by name run only on sessions; one that a session does not
+//! hold (a pooler between, `DEALLOCATE`) is sent again unnamed.
 
 use std::time::Duration;
 
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::datasources_client::DatasourcesClient;
+use dsreg::db::repository::state::{self, DesiredFor};
+use dsreg::db::repository::typed::{self, Pooled, Run as _};
 use dsreg::domain::WorkerStatus;
 use serde_json::json;
 use tonic::transport::Channel;
@@ -285,5 +288,96 @@ async fn a_path_that_heals_is_reported_working_again_and_notifications_take_over
     );
     let ds = db.datasource("after-healing").await;
     publish_and_wait(&db, &[ds.id], 100, "publish after healing").await;
+    app.stop().await.unwrap();
+}
+
+/// The statements the session holds as prepared whose text starts with `start`.
+async fn prepared_like(client: &deadpool_postgres::Client, start: &str) -> i64 {
+    client
+        .query_typed_one(
+            "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE $1 || '%'",
+            &typed::params(&[&start]),
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn statements_run_by_name_on_a_session_and_unnamed_when_the_session_lost_them() {
+    let db = TestDb::new().await;
+    let ds = db.datasource("prepared").await;
+    let v = db.version(ds.id, json!({ "rate_per_sec": 5 })).await;
+    db.publish_sql(ds.id, v).await;
+    let read = |rows: Vec<state::Desired>| {
+        assert_eq!(rows.len(), 1);
+        (rows[0].datasource_id, rows[0].version)
+    };
+
+    let client = db.client().await;
+    for _ in 0..3 {
+        let rows = state::desired(&Pooled::new(&client, true), DesiredFor::Ids(&[ds.id]), true)
+            .await
+            .unwrap();
+        assert_eq!(read(rows), (ds.id, Some(v)));
+    }
+    assert_eq!(prepared_like(&client, "SELECT d.id, d.kind").await, 1);
+
+    // The session forgets it, as a server session handed over by a pooler would not have it:
+    // the read still answers, and the statement is prepared again after.
+    client.batch_execute("DEALLOCATE ALL").await.unwrap();
+    let pooled = Pooled::new(&client, true);
+    let rows = state::desired(&pooled, DesiredFor::Ids(&[ds.id]), true)
+        .await
+        .unwrap();
+    assert_eq!(read(rows), (ds.id, Some(v)));
+    assert_eq!(prepared_like(&client, "SELECT d.id, d.kind").await, 0);
+    let rows = pooled.rows("SELECT $1::int + 1", &[&41i32]).await.unwrap();
+    assert_eq!(rows[0].get::<_, i32>(0), 42);
+    state::desired(&pooled, DesiredFor::Ids(&[ds.id]), true)
+        .await
+        .unwrap();
+    assert_eq!(prepared_like(&client, "SELECT d.id, d.kind").await, 1);
+
+    // A statement that fails for what it does fails as it would unnamed, and is not retried.
+    let err = pooled
+        .rows("SELECT 1 / $1::int", &[&0i32])
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::DIVISION_BY_ZERO)
+    );
+
+    // Unprepared: nothing is kept on the session.
+    let other = db.client().await;
+    other.batch_execute("DEALLOCATE ALL").await.unwrap();
+    state::desired(&Pooled::new(&other, false), DesiredFor::Ids(&[ds.id]), true)
+        .await
+        .unwrap();
+    assert_eq!(prepared_like(&other, "").await, 0);
+}
+
+#[tokio::test]
+async fn statements_prepared_behind_a_pooler_that_keeps_none_still_bring_publishes_to_workers() {
+    let db = TestDb::new().await;
+    let bouncer = PgBouncer::transaction_mode(&db.url).await;
+    let mut settings = without_resync(&bouncer.url(&db.name));
+    settings.listen_database_url = Some(db.url.clone());
+    // Told to prepare although the pooler hands each transaction any server session.
+    settings.prepared_statements = dsreg::config::PreparedStatements::On;
+    let app = TestApp::spawn_with(settings, |_| {}).await;
+
+    let mut ids = Vec::new();
+    for n in 0..DATASOURCES {
+        ids.push(db.datasource(&format!("named-{n}")).await.id);
+    }
+    let first = publish_and_wait(&db, &ids, 100, "first publish").await;
+    publish_and_wait(&db, &ids, 150, "hot reload").await;
+    wait_for("records in the sink", Duration::from_secs(60), || async {
+        (db.records(ids[0], first[0]).await > 0).then_some(())
+    })
+    .await;
+    assert!(bouncer.transactions(&db.name).await > 0);
     app.stop().await.unwrap();
 }

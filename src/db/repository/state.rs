@@ -417,12 +417,18 @@ const DESIRED: &str =
 /// # Errors
 /// The query failed.
 pub async fn desired(
-    client: &impl GenericClient,
+    client: &impl typed::Run,
     which: DesiredFor<'_>,
     with_config: bool,
 ) -> Result<Vec<Desired>, Error> {
     let mut params: Vec<&dyn typed::Param> = vec![&with_config];
     let filter = match &which {
+        // One datasource (a reload's usual read) by a plain key: its plan is the same whatever
+        // the key, so a prepared statement's generic plan serves it without planning again.
+        DesiredFor::Ids([id]) => {
+            params.push(id);
+            "d.id = $2"
+        }
         DesiredFor::Ids(ids) => {
             params.push(ids);
             "d.id = ANY($2)"
@@ -440,10 +446,7 @@ pub async fn desired(
         }
     };
     let rows = client
-        .query_typed(
-            &format!("{DESIRED} WHERE {filter}"),
-            &typed::params(&params),
-        )
+        .rows(&format!("{DESIRED} WHERE {filter}"), &params)
         .await?;
     let parse_err = |e: crate::domain::InvalidField| Error::Invalid(format!("stored state: {e}"));
     rows.iter()
@@ -511,7 +514,7 @@ pub const STATE_CHANNEL: &str = "dsreg_state";
 /// # Errors
 /// The statement failed; nothing was written.
 pub async fn apply_transitions(
-    client: &impl GenericClient,
+    client: &impl typed::Run,
     transitions: &[Transition],
     events: &[NewEvent],
     instance: &str,
@@ -551,7 +554,7 @@ pub async fn apply_transitions(
     let payloads: Vec<&serde_json::Value> = events.iter().map(|e| &e.payload).collect();
     let ats: Vec<Option<DateTime<Utc>>> = events.iter().map(|e| e.at).collect();
     let rows = client
-        .query_typed(
+        .rows(
             &format!(
                 "WITH u AS (
                     SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::bool[], $5::text[], $6::text[],
@@ -612,10 +615,10 @@ pub async fn apply_transitions(
                 super::leases::fence("$8", "u.epoch"),
                 STATE_CHANNEL
             ),
-            &typed::params(&[
+            &[
                 &ids, &statuses, &versions, &set_error, &codes, &messages, &restarts, &instance, &actor,
                 &event_ids, &kinds, &event_versions, &payloads, &ats, &epochs, &notify,
-            ]),
+            ],
         )
         .await?;
     Ok(rows.iter().filter_map(|r| r.get(0)).collect())
