@@ -7,7 +7,8 @@
 //! and then a paced stream in batches of many messages all arrive; the source over TLS with
 //! the CA from a secret (tansu behind a TLS terminator); a refused SCRAM login (no successful
 //! SASL login can be tested against tansu 0.6, see the broker module); the `kafka` sink's epoch
-//! header and its fence.
+//! header and its fence; the sink over TLS trusting its CA, and a wrong CA as a clear error on
+//! the datasource that writes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -495,14 +496,18 @@ struct ReadBack {
 /// Reads `topic`'s partition 0 from the start until messages with `n` distinct ids are in
 /// hand (or panics after [`WAIT`]).
 async fn read_topic(broker: &str, topic: &str, n: usize) -> Vec<ReadBack> {
+    read_topic_with(plain(broker), topic, n).await
+}
+
+/// [`read_topic`] through a client made from `config`.
+async fn read_topic_with(config: ClientConfig, topic: &str, n: usize) -> Vec<ReadBack> {
     use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers as _;
-    let broker = broker.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &broker)
+        let consumer: BaseConsumer = config
+            .clone()
             .set("group.id", "test-reader")
             .set("enable.auto.commit", "false")
             .create()
@@ -650,22 +655,7 @@ async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
         broker.logs()
     );
     assert!(message.contains("login"), "{message}");
-    let mut status = LifecycleClient::new(serve.channel().await);
-    let answer = status
-        .get_status(pb::GetStatusRequest {
-            datasource_id: ds.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let events = db.events(ds).await;
-    let logs = serve.logs.lock().unwrap().join("\n");
-    for (what, text) in [
-        ("the state", format!("{state:?}")),
-        ("GetStatus", format!("{answer:?}")),
-        ("the events", format!("{events:?}")),
-        ("the logs", logs),
-    ] {
+    for (what, text) in everything_said(&serve, &db, ds).await {
         assert!(!text.contains(&password), "the password is in {what}");
     }
     serve.stop().await;
@@ -673,11 +663,16 @@ async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
 
 /// The offset after the last message of `topic`'s `partition` (its high watermark).
 async fn end_of(broker: &str, topic: &str, partition: i32) -> i64 {
+    end_of_with(plain(broker), topic, partition).await
+}
+
+/// [`end_of`] through a client made from `config`.
+async fn end_of_with(config: ClientConfig, topic: &str, partition: i32) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let broker = broker.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = plain(&broker)
+        let consumer: BaseConsumer = config
+            .clone()
             .set("group.id", "test-watermarks")
             .create()
             .unwrap();
@@ -701,7 +696,8 @@ async fn the_kafka_sink_carries_the_writers_epoch_and_refuses_a_worker_whose_lea
     let db = TestDb::new().await;
     let ds = db.datasource("fenced").await.id;
     crate::sink::lease(&db, "sink-test", &[ds]).await;
-    let target = KafkaTarget::new(&broker.address(), "out", Some("id".into()), "lz4").unwrap();
+    let target =
+        KafkaTarget::new(&broker.address(), "out", Some("id".into()), "lz4", None).unwrap();
     let retry = RetryPolicy {
         base: Duration::from_millis(20),
         max: Duration::from_millis(200),
@@ -782,10 +778,10 @@ async fn the_kafka_sink_carries_the_writers_epoch_and_refuses_a_worker_whose_lea
 
 pub(crate) const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-#[tokio::test]
-async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secret() {
-    // Arrange: a CA and a broker certificate made here; a broker reachable over TLS only
-    // (tansu behind a TLS terminator, see tests/support/kafka_broker.rs); 1,000 messages.
+/// A CA (`ca.crt`) and a broker certificate it signed, made in a folder of their own; a broker
+/// reachable over TLS only with that certificate (tansu behind a TLS terminator, see
+/// tests/support/kafka_broker.rs); and a client configuration trusting the CA.
+async fn tls_broker() -> (tempfile::TempDir, KafkaBroker, ClientConfig) {
     let pki = tempfile::tempdir().unwrap();
     crate::pgtls::ca(pki.path(), "ca");
     crate::pgtls::leaf(
@@ -796,12 +792,20 @@ async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secre
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     );
     let read = |name: &str| std::fs::read_to_string(pki.path().join(name)).unwrap();
-    let ca_pem = read("ca.crt");
     let broker = KafkaBroker::start_tls(&read("broker.crt"), &read("broker.key")).await;
     let mut over_tls = plain(&broker.address());
     over_tls
         .set("security.protocol", "ssl")
-        .set("ssl.ca.pem", &ca_pem);
+        .set("ssl.ca.pem", read("ca.crt"));
+    (pki, broker, over_tls)
+}
+
+#[tokio::test]
+async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secret() {
+    // Arrange: a CA and a broker certificate made here; a broker reachable over TLS only
+    // (tansu behind a TLS terminator, see tests/support/kafka_broker.rs); 1,000 messages.
+    let (pki, broker, over_tls) = tls_broker().await;
+    let ca_pem = std::fs::read_to_string(pki.path().join("ca.crt")).unwrap();
     create_topic_with(over_tls.clone(), "orders", 2).await;
     produce_with(over_tls, "orders", 2, 0, 1_000).await;
     let db = TestDb::new().await;
@@ -909,4 +913,132 @@ async fn a_burst_then_a_paced_stream_of_batched_messages_all_arrive() {
     let extra = wait_for_all(&db, ds, 30_000).await;
     assert_eq!(extra, 0);
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_kafka_sink_writes_over_tls_trusting_its_ca_and_a_wrong_ca_is_a_clear_error_writing_nothing()
+ {
+    // Arrange: a CA and a broker certificate made here, and a second CA that signed nothing
+    // of the broker's; a broker reachable over TLS only (tansu behind a TLS terminator); an
+    // `http_poll` source of 200 records.
+    let (pki, broker, over_tls) = tls_broker().await;
+    crate::pgtls::ca(pki.path(), "other");
+    let read = |name: &str| std::fs::read_to_string(pki.path().join(name)).unwrap();
+    create_topic_with(over_tls.clone(), "out", 1).await;
+    create_topic_with(over_tls.clone(), "refused", 1).await;
+    let records = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..200)
+            .map(|id| json!({ "id": id, "name": format!("item-{id}") }))
+            .collect::<Vec<_>>(),
+    ));
+    let url = serve_source(records).await;
+    let poller = json!({ "url": url, "interval_ms": 200, "record_path": "/items" });
+    let ca_file = pki.path().join("ca.crt").display().to_string();
+    let other_file = pki.path().join("other.crt").display().to_string();
+    let sink_to = |topic: &'static str, ca: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("DSREG_MASTER_KEYS", MASTER_KEYS.to_owned()),
+            ("DSREG_SINK", "kafka".to_owned()),
+            ("DSREG_SINK_KAFKA_BROKERS", broker.address()),
+            ("DSREG_SINK_KAFKA_TOPIC", topic.to_owned()),
+            ("DSREG_SINK_KAFKA_KEY_FIELD", "id".to_owned()),
+            ("DSREG_SINK_KAFKA_CA_FILE", ca.to_owned()),
+            ("DSREG_LOG", "debug".to_owned()),
+        ]
+    };
+    // Act: one registry whose sink trusts the broker's CA, one whose sink trusts the other
+    // CA, each with a datasource of its own.
+    let db = TestDb::new().await;
+    let trusting_env = sink_to("out", &ca_file);
+    let trusting = ServeProcess::start(&db.url, &borrowed(&trusting_env)).await;
+    let ds = db.datasource_of("poller", "http_poll").await.id;
+    let v = db.version(ds, poller.clone()).await;
+    db.publish_sql(ds, v).await;
+    let wrong_db = TestDb::new().await;
+    let wrong_env = sink_to("refused", &other_file);
+    let wrong = ServeProcess::start(&wrong_db.url, &borrowed(&wrong_env)).await;
+    let refused = wrong_db.datasource_of("poller", "http_poll").await.id;
+    let v = wrong_db.version(refused, poller).await;
+    wrong_db.publish_sql(refused, v).await;
+
+    // Assert: the trusting sink's records are all in the topic, keyed by id.
+    let landed = read_topic_with(over_tls.clone(), "out", 200).await;
+    for message in &landed {
+        assert_eq!(message.key, Some(message.value["id"].to_string()));
+    }
+    assert_eq!(db.state(ds).await.error_code, None);
+    // The other's datasource says its sink's TLS handshake failed; its topic holds nothing and
+    // its records were handed back to the source, not dead-lettered.
+    let state = wait_for("the wrong CA's error on the datasource", WAIT, || async {
+        let state = wrong_db.state(refused).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    let message = state.error_message.clone().unwrap_or_default();
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("sink_failed"),
+        "{message}"
+    );
+    assert!(message.contains("TLS handshake"), "{message}");
+    assert!(message.contains("certificate verify failed"), "{message}");
+    assert_eq!(end_of_with(over_tls, "refused", 0).await, 0);
+    let dead: i64 = wrong_db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM datasource_dead_letters WHERE datasource_id = $1",
+            &[&refused],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0);
+    // Neither CA's certificate text is in the datasource's state, its status, its events or
+    // the registry's logs.
+    let bodies: Vec<String> = [read("ca.crt"), read("other.crt")]
+        .iter()
+        .flat_map(|pem| {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 40)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!bodies.is_empty());
+    for (what, text) in everything_said(&wrong, &wrong_db, refused).await {
+        for body in &bodies {
+            assert!(!text.contains(body.as_str()), "a CA's text is in {what}");
+        }
+    }
+    wrong.stop().await;
+    trusting.stop().await;
+}
+
+/// `pairs` as `ServeProcess::start` takes them.
+fn borrowed<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Everything the registry `serve` says of datasource `ds`: its state, its GetStatus answer,
+/// its events and the registry's logs, each named.
+async fn everything_said(
+    serve: &ServeProcess,
+    db: &TestDb,
+    ds: uuid::Uuid,
+) -> [(&'static str, String); 4] {
+    let mut status = LifecycleClient::new(serve.channel().await);
+    let answer = status
+        .get_status(pb::GetStatusRequest {
+            datasource_id: ds.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    [
+        ("the state", format!("{:?}", db.state(ds).await)),
+        ("GetStatus", format!("{answer:?}")),
+        ("the events", format!("{:?}", db.events(ds).await)),
+        ("the logs", serve.logs.lock().unwrap().join("\n")),
+    ]
 }
