@@ -948,6 +948,7 @@ impl SinkWriter {
             }
             if lane.batches.is_empty() {
                 self.lanes.remove(&id);
+                self.note_failure(reason, *everyone, now);
                 return;
             }
         }
@@ -992,11 +993,16 @@ impl SinkWriter {
             lane.retry_at = None;
             tracing::error!(datasource_id = %id, records, error = %reason, "the gateway keeps failing; dead-lettering the datasource's waiting records");
         }
+        self.note_failure(reason, *everyone, now);
+    }
+
+    /// Counts a transient failure and keeps it for readiness.
+    fn note_failure(&self, reason: &str, everyone: bool, now: Instant) {
         self.metered(|m| m.sink_flush_failed("transient"));
         let mut status = self.status.lock();
         status.stuck_since.get_or_insert(now);
-        status.last_error = reason.clone();
-        status.everyone = *everyone;
+        reason.clone_into(&mut status.last_error);
+        status.everyone = everyone;
     }
 
     /// Settles `items` of `work`: attempts them together, splits what the target refuses
