@@ -16,8 +16,6 @@ use std::time::Duration;
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{Value, json};
 
@@ -25,7 +23,7 @@ use crate::helpers::{ServeProcess, TestApp, TestDb, wait_for};
 
 #[path = "../support/kafka_broker.rs"]
 mod kafka_broker;
-pub use kafka_broker::KafkaBroker;
+pub use kafka_broker::{KafkaBroker, create_topic, create_topic_with, plain, produce_paced, send};
 
 /// Generous: the machine may be busy; waits end as soon as their condition holds.
 const WAIT: Duration = Duration::from_secs(120);
@@ -35,33 +33,6 @@ const BATCH: i64 = 500;
 /// The transform every test runs: a mapping of the message's value and where it was read.
 const TRANSFORM: &str = r#"#{ id: record.value.id, name: record.value.name,
     doubled: record.value.n * 2, partition: record.partition, offset: record.offset, v: "one" }"#;
-
-/// A client configuration for `broker` in plain text, with no login.
-pub fn plain(broker: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", broker);
-    config
-}
-
-/// Creates `topic` with `partitions`.
-pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
-    create_topic_with(plain(broker), topic, partitions).await;
-}
-
-/// Creates `topic` with `partitions` through a client made from `config`.
-pub async fn create_topic_with(config: ClientConfig, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config.create().expect("an admin client");
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topics answered");
-    for result in created {
-        result.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
-    }
-}
 
 /// Produces messages `from..to` as JSON `{"id", "name", "n"}` with keys, round robin over
 /// `partitions`, and waits until every one is acknowledged.
@@ -87,21 +58,13 @@ pub async fn produce_with(config: ClientConfig, topic: &str, partitions: i32, fr
             let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
             let key = format!("k{id}");
             let partition = i32::try_from(id % u64::try_from(partitions).unwrap()).unwrap();
-            let mut record = BaseRecord::to(&topic)
-                .payload(&value)
-                .key(&key)
-                .partition(partition);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        // The local queue is full: let deliveries drain.
-                        producer.poll(Duration::from_millis(10));
-                        record = r;
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
+            send(
+                &producer,
+                BaseRecord::to(&topic)
+                    .payload(&value)
+                    .key(&key)
+                    .partition(partition),
+            );
         }
         producer
             .flush(Duration::from_secs(60))
@@ -275,20 +238,27 @@ async fn a_kill_9_mid_way_loses_nothing_and_repeats_at_most_the_batch_in_flight(
     second.stop().await;
 }
 
+/// A registry with a `kafka` datasource reading `topic` at `broker`, once it has stored the
+/// `n` messages there: its database, the registry and the datasource.
+async fn reading(broker: &str, topic: &str, n: i64) -> (TestDb, TestApp, uuid::Uuid) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of(topic, "kafka").await.id;
+    let v = db
+        .version(ds, source_config(broker, topic, TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, n).await;
+    (db, app, ds)
+}
+
 #[tokio::test]
 async fn a_hot_reload_with_a_new_transform_carries_the_position_over() {
     // Arrange: a worker that has read the first 5,000 messages.
     let broker = KafkaBroker::start().await;
     create_topic(&broker.address(), "orders", 1).await;
     produce(&broker.address(), "orders", 1, 0, 5_000).await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db.url, |_| {}).await;
-    let ds = db.datasource_of("orders", "kafka").await.id;
-    let v1 = db
-        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
-        .await;
-    db.publish_sql(ds, v1).await;
-    wait_for_all(&db, ds, 5_000).await;
+    let (db, app, ds) = reading(&broker.address(), "orders", 5_000).await;
 
     // Act: a new transform, published while messages keep arriving.
     let v2 = db
@@ -661,6 +631,106 @@ async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
     serve.stop().await;
 }
 
+#[tokio::test]
+async fn scram_logins_with_the_password_from_a_secret_consume_the_topic() {
+    // Arrange: a broker keeping its data in a file of the test's own (tansu's in-memory
+    // storage keeps no SCRAM users; its SQLite storage does), 500 messages, and a
+    // SCRAM-SHA-256 and a SCRAM-SHA-512 user stored while the broker takes requests without a
+    // login; then the same data served again by a broker that requires a login for every
+    // request.
+    let storage = tempfile::tempdir().unwrap();
+    let mut open = KafkaBroker::start_in(storage.path(), false).await;
+    create_topic(&open.address(), "orders", 2).await;
+    produce(&open.address(), "orders", 2, 0, 500).await;
+    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    open.create_scram_user("reader256", &password, "scram256");
+    open.create_scram_user("reader512", &password, "scram512");
+    open.stop();
+    let broker = KafkaBroker::start_in(storage.path(), true).await;
+    let db = TestDb::new().await;
+    let mut datasources = Vec::new();
+    for (name, mechanism, user) in [
+        ("sha256", "SCRAM-SHA-256", "reader256"),
+        ("sha512", "SCRAM-SHA-512", "reader512"),
+    ] {
+        let ds = db.datasource_of(name, "kafka").await.id;
+        crate::helpers::put_secret(&db, MASTER_KEYS, ds, "kafka_password", &password).await;
+        let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+        config["sasl"] = json!({
+            "mechanism": mechanism, "username": user, "password_secret": "kafka_password"
+        });
+        datasources.push((ds, config));
+    }
+    let serve = ServeProcess::start(
+        &db.url,
+        &[("DSREG_MASTER_KEYS", MASTER_KEYS), ("DSREG_LOG", "debug")],
+    )
+    .await;
+
+    // Act
+    for (ds, config) in &datasources {
+        let v = db.version(*ds, config.clone()).await;
+        db.publish_sql(*ds, v).await;
+    }
+
+    // Assert: each datasource logs in and reads every message once; the password is nowhere.
+    for (ds, _) in &datasources {
+        let extra = wait_for_all(&db, *ds, 500).await;
+        assert_eq!(extra, 0);
+        let state = db.state(*ds).await;
+        assert_eq!(state.error_code, None, "{:?}", state.error_message);
+        for (what, text) in everything_said(&serve, &db, *ds).await {
+            assert!(!text.contains(&password), "the password is in {what}");
+        }
+    }
+    serve.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_added_while_the_source_runs_is_read_and_the_old_one_loses_nothing() {
+    // Arrange: a broker keeping its data in a file (where a partition can be added), a topic
+    // of one partition holding 300 messages, and a `kafka` datasource that has read them.
+    let storage = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start_in(storage.path(), false).await;
+    create_topic(&broker.address(), "orders", 1).await;
+    produce(&broker.address(), "orders", 1, 0, 300).await;
+    let (db, app, ds) = reading(&broker.address(), "orders", 300).await;
+
+    // Act: a second partition is added while the source runs, through the broker's storage
+    // (tansu 0.6 has no CreatePartitions; its Metadata answer lists what the storage holds),
+    // then 300 more messages go to both partitions in turn.
+    let added = kafka_broker::add_partition(storage.path(), "orders");
+    produce(&broker.address(), "orders", 2, 300, 600).await;
+
+    // Assert: every message arrives once, the new partition's half included, without a
+    // restart; the position names the new partition.
+    assert_eq!(added, 1);
+    let extra = wait_for_all(&db, ds, 600).await;
+    assert_eq!(extra, 0);
+    let from_new: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM datasource_records \
+             WHERE datasource_id = $1 AND record->>'partition' = '1'",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(from_new, 150);
+    let state = db.state(ds).await;
+    assert_eq!(state.restart_count, 0);
+    assert_eq!(state.error_code, None, "{:?}", state.error_message);
+    let position = wait_for("the new partition's offset saved", WAIT, || async {
+        let position = stored_position(&db, ds).await?;
+        (position["offsets"]["orders:1"].as_i64() == Some(150)).then_some(position)
+    })
+    .await;
+    assert_eq!(position["offsets"]["orders:0"], json!(450));
+    app.stop().await.unwrap();
+}
+
 /// The offset after the last message of `topic`'s `partition` (its high watermark).
 async fn end_of(broker: &str, topic: &str, partition: i32) -> i64 {
     end_of_with(plain(broker), topic, partition).await
@@ -851,39 +921,12 @@ async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secre
 /// Produces `count` messages with ids from `first`, batched as a producer batches by default
 /// (many messages per record batch), at `rate` messages a second when given.
 async fn produce_batched(broker: &str, topic: &str, first: u64, count: u64, rate: Option<f64>) {
-    let broker = broker.to_owned();
+    let config = plain(broker);
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = plain(&broker)
-            .set("linger.ms", "2")
-            .create()
-            .expect("a producer");
-        let started = std::time::Instant::now();
-        for i in 0..count {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
-                let now = std::time::Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
-            let id = first + i;
-            let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
-            let mut record = BaseRecord::<(), String>::to(&topic).payload(&value);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        producer.poll(Duration::from_millis(5));
-                        record = back;
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
-        }
-        producer
-            .flush(Duration::from_secs(120))
-            .expect("every message acknowledged");
+        produce_paced(&config, &topic, first, count, rate, |id| {
+            json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string()
+        });
     })
     .await
     .unwrap();
