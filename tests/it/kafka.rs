@@ -1,14 +1,16 @@
-//! The `kafka` kind against a real Kafka-protocol broker (tansu, in memory, one per test; see
-//! `tests/support/kafka_broker.rs`): 10,000 JSON messages through a transform into the
-//! Postgres sink, each once; a `kill -9` of the real binary mid-way loses none and repeats at
-//! most the batch in flight; a hot reload with a new transform and a lease move carry the
-//! position over; a backfill reads everything again; bad configs (unreachable brokers, an
-//! unknown topic) are a clear error on the datasource, retried with backoff, no storm; a burst
-//! and then a paced stream in batches of many messages all arrive; the source over TLS with
-//! the CA from a secret (tansu behind a TLS terminator); a refused SCRAM login (no successful
-//! SASL login can be tested against tansu 0.6, see the broker module); the `kafka` sink's epoch
-//! header and its fence; the sink over TLS trusting its CA, and a wrong CA as a clear error on
-//! the datasource that writes nothing.
+//! The `kafka` kind against a real Kafka-protocol broker (tansu, one per test, in memory or on
+//! SQLite storage in a folder of the test's own; see `tests/support/kafka_broker.rs`): 10,000
+//! JSON messages through a transform into the Postgres sink, each once; a `kill -9` of the real
+//! binary mid-way loses none and repeats at most the batch in flight; a hot reload with a new
+//! transform and a lease move carry the position over; a backfill reads everything again; bad
+//! configs (unreachable brokers, an unknown topic) are a clear error on the datasource, retried
+//! with backoff, no storm; a burst and then a paced stream in batches of many messages all
+//! arrive; the source over TLS with the CA from a secret (tansu behind a TLS terminator);
+//! SCRAM-SHA-256 and SCRAM-SHA-512 logins with the password from a secret (users stored in
+//! tansu's SQLite storage), and a refused login, the password nowhere; a partition added while
+//! the source runs (through the broker's storage: tansu has no CreatePartitions); the `kafka`
+//! sink's epoch header and its fence; the sink over TLS trusting its CA, and a wrong CA as a
+//! clear error on the datasource that writes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
