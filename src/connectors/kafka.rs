@@ -257,6 +257,23 @@ fn strings(config: &Value, field: &str, max: usize) -> Result<Vec<String>, Confi
     }
 }
 
+/// The header names to keep: as the schema says, each 1 to 255 characters, none twice.
+fn header_names(config: &Value) -> Result<Vec<String>, ConfigError> {
+    let names = strings(config, "headers", 64)?;
+    for (i, name) in names.iter().enumerate() {
+        if !(1..=255).contains(&name.chars().count()) {
+            return Err(ConfigError::new(
+                format!("headers.{i}"),
+                "must be 1 to 255 characters",
+            ));
+        }
+        if names[..i].contains(name) {
+            return Err(ConfigError::new(format!("headers.{i}"), "is named twice"));
+        }
+    }
+    Ok(names)
+}
+
 fn string_in(object: &Value, prefix: &str, field: &str) -> Result<String, ConfigError> {
     match object.get(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -331,6 +348,9 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         ));
     }
     for (i, topic) in topics.iter().enumerate() {
+        if topics[..i].contains(topic) {
+            return Err(ConfigError::new(format!("topics.{i}"), "is named twice"));
+        }
         if !position::is_topic_name(topic) {
             return Err(ConfigError::new(
                 format!("topics.{i}"),
@@ -378,7 +398,7 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         start,
         key: Decoding::parse(config, "key_format", Decoding::Text)?,
         value: Decoding::parse(config, "value_format", Decoding::Json)?,
-        headers: strings(config, "headers", 64)?,
+        headers: header_names(config)?,
         sasl,
         tls,
         batch_max: integer_in(config, "batch_max_records", 1000, 1, MAX_BATCH)? as usize,
@@ -1216,6 +1236,9 @@ mod tests {
             "batch_max_records"
         );
         assert_eq!(field(with(json!({"bogus": 1}))), "bogus");
+        assert_eq!(field(with(json!({"headers": [""]}))), "headers.0");
+        assert_eq!(field(with(json!({"headers": ["a", "a"]}))), "headers.1");
+        assert_eq!(field(with(json!({"topics": ["a", "a"]}))), "topics.1");
     }
 
     #[test]
