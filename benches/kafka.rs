@@ -24,11 +24,7 @@ use std::time::{Duration, Instant};
 
 use dsreg::app::App;
 use dsreg::config::Settings;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
@@ -37,22 +33,6 @@ const MAPPING: &str = "#{ order_id: record.value.id, customer: record.value.cust
     total_cents: record.value.amount * 100, currency: record.value.currency, \
     placed_at: record.value.ts, items: record.value.items.len(), region: record.value.region, \
     partition: record.partition, offset: record.offset, sent_us: record.value.sent_us }";
-
-async fn create_topic(broker: &str, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .create()?;
-    for result in admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await?
-    {
-        result.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
-    Ok(())
-}
 
 fn message(id: u64, sent_us: i64) -> String {
     json!({
@@ -67,39 +47,17 @@ fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
 }
 
-/// Produces `count` messages (ids from `first`), at `rate` messages/s when given, and waits
-/// for every acknowledgement.
+/// Produces `count` messages (ids from `first`), at `rate` messages/s when given, each
+/// carrying its send time, and waits for every acknowledgement.
 fn produce(broker: &str, topic: &str, first: u64, count: u64, rate: Option<f64>) {
-    let producer: BaseProducer = ClientConfig::new()
-        .set("bootstrap.servers", broker)
-        .set("linger.ms", "2")
-        .create()
-        .expect("a producer");
-    let started = Instant::now();
-    for i in 0..count {
-        if let Some(rate) = rate {
-            let due = started + Duration::from_secs_f64(i as f64 / rate);
-            let now = Instant::now();
-            if due > now {
-                std::thread::sleep(due - now);
-            }
-        }
-        let payload = message(first + i, now_us());
-        let mut record = BaseRecord::<(), String>::to(topic).payload(&payload);
-        loop {
-            match producer.send(record) {
-                Ok(()) => break,
-                Err((_, back)) => {
-                    producer.poll(Duration::from_millis(5));
-                    record = back;
-                }
-            }
-        }
-        producer.poll(Duration::ZERO);
-    }
-    producer
-        .flush(Duration::from_secs(120))
-        .expect("every message acknowledged");
+    kafka_broker::produce_paced(
+        &kafka_broker::plain(broker),
+        topic,
+        first,
+        count,
+        rate,
+        |id| message(id, now_us()),
+    );
 }
 
 async fn count(client: &tokio_postgres::Client, id: uuid::Uuid) -> anyhow::Result<i64> {
@@ -244,7 +202,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
 
     // Source → transform → Postgres.
-    create_topic(&address, "bench-in", 2).await?;
+    kafka_broker::create_topic(&address, "bench-in", 2).await;
     {
         let address = address.clone();
         tokio::task::spawn_blocking(move || produce(&address, "bench-in", 0, records, None))
@@ -308,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
     stop(shutdown, running).await?;
 
     // Source → Kafka sink.
-    create_topic(&address, "bench-out", 2).await?;
+    kafka_broker::create_topic(&address, "bench-out", 2).await;
     let mut settings = Settings::for_database(&db.url);
     settings.auth.insecure_no_auth = true;
     settings.sink = "kafka".into();
@@ -327,8 +285,7 @@ async fn main() -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let reader: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &address)
+    let reader: BaseConsumer = kafka_broker::plain(&address)
         .set("group.id", "bench-reader")
         .create()?;
     let reader = std::sync::Arc::new(reader);

@@ -227,6 +227,16 @@ pub struct Settings {
     #[arg(long, env = "DSREG_SINK_KAFKA_KEY_FIELD")]
     pub sink_kafka_key_field: Option<String>,
 
+    /// The `kafka` sink speaks TLS to the brokers, verifying them against the system's root
+    /// certificates (or the CA of `--sink-kafka-ca-file`).
+    #[arg(long, env = "DSREG_SINK_KAFKA_TLS")]
+    pub sink_kafka_tls: bool,
+
+    /// A PEM file of the CA certificates the `kafka` sink verifies the brokers against (TLS
+    /// on, the system roots not used); read once, at start.
+    #[arg(long, env = "DSREG_SINK_KAFKA_CA_FILE")]
+    pub sink_kafka_ca_file: Option<PathBuf>,
+
     /// The `kafka` sink's compression: none, gzip, snappy, lz4 or zstd.
     #[arg(long, env = "DSREG_SINK_KAFKA_COMPRESSION", default_value = "lz4")]
     pub sink_kafka_compression: String,
@@ -785,11 +795,21 @@ impl Settings {
                     .sink_kafka_topic
                     .as_deref()
                     .ok_or("--sink kafka needs --sink-kafka-topic")?;
+                use crate::connectors::kafka_client::Trust;
+                let tls = match &self.sink_kafka_ca_file {
+                    Some(path) => {
+                        Some(Trust::Ca(std::fs::read_to_string(path).map_err(|e| {
+                            format!("--sink-kafka-ca-file {}: {e}", path.display())
+                        })?))
+                    }
+                    None => self.sink_kafka_tls.then_some(Trust::SystemRoots),
+                };
                 crate::connectors::kafka_sink::KafkaTarget::new(
                     brokers,
                     topic,
                     self.sink_kafka_key_field.clone(),
                     &self.sink_kafka_compression,
+                    tls,
                 )
                 .map(|t| Target::Kafka(std::sync::Arc::new(t)))
             }

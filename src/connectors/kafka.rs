@@ -40,12 +40,10 @@
 //! partition read to its end while the brokers answer.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
-use rdkafka::ClientConfig;
-use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -53,6 +51,7 @@ use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
 
+use super::kafka_client::{Context, Login, Trust, check_ca, client_config, creation_error};
 use super::position::{self, Field, Format, Shape};
 use super::sink::DeadLetter;
 use super::{
@@ -258,6 +257,23 @@ fn strings(config: &Value, field: &str, max: usize) -> Result<Vec<String>, Confi
     }
 }
 
+/// The header names to keep: as the schema says, each 1 to 255 characters, none twice.
+fn header_names(config: &Value) -> Result<Vec<String>, ConfigError> {
+    let names = strings(config, "headers", 64)?;
+    for (i, name) in names.iter().enumerate() {
+        if !(1..=255).contains(&name.chars().count()) {
+            return Err(ConfigError::new(
+                format!("headers.{i}"),
+                "must be 1 to 255 characters",
+            ));
+        }
+        if names[..i].contains(name) {
+            return Err(ConfigError::new(format!("headers.{i}"), "is named twice"));
+        }
+    }
+    Ok(names)
+}
+
 fn string_in(object: &Value, prefix: &str, field: &str) -> Result<String, ConfigError> {
     match object.get(field) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
@@ -332,6 +348,9 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         ));
     }
     for (i, topic) in topics.iter().enumerate() {
+        if topics[..i].contains(topic) {
+            return Err(ConfigError::new(format!("topics.{i}"), "is named twice"));
+        }
         if !position::is_topic_name(topic) {
             return Err(ConfigError::new(
                 format!("topics.{i}"),
@@ -357,10 +376,7 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         None | Some(Value::Null) => None,
         Some(s @ Value::Object(_)) => {
             let mechanism = string_in(s, "sasl", "mechanism")?;
-            if !matches!(
-                mechanism.as_str(),
-                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512"
-            ) {
+            if !super::kafka_client::MECHANISMS.contains(&mechanism.as_str()) {
                 return Err(ConfigError::new(
                     "sasl.mechanism",
                     "must be PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
@@ -374,14 +390,7 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         }
         Some(_) => return Err(ConfigError::new("sasl", "must be an object")),
     };
-    let tls = match config.get("tls") {
-        None | Some(Value::Null) => None,
-        Some(t @ Value::Object(_)) => Some(match t.get("ca_secret") {
-            None | Some(Value::Null) => None,
-            Some(_) => Some(string_in(t, "tls", "ca_secret")?),
-        }),
-        Some(_) => return Err(ConfigError::new("tls", "must be an object")),
-    };
+    let tls = super::kafka_client::tls_setting(config)?;
     Ok(Settings {
         bootstrap,
         topics,
@@ -389,7 +398,7 @@ fn parse(config: &Value) -> Result<Settings, ConfigError> {
         start,
         key: Decoding::parse(config, "key_format", Decoding::Text)?,
         value: Decoding::parse(config, "value_format", Decoding::Json)?,
-        headers: strings(config, "headers", 64)?,
+        headers: header_names(config)?,
         sasl,
         tls,
         batch_max: integer_in(config, "batch_max_records", 1000, 1, MAX_BATCH)? as usize,
@@ -525,81 +534,6 @@ impl Connector for Kafka {
     }
 }
 
-/// What the client reports outside of requests: the last refusal of the login and the last
-/// failed TLS handshake; librdkafka's own log lines go to `tracing`, scrubbed of the password.
-struct Context {
-    password: Option<String>,
-    refused: Mutex<Option<String>>,
-    handshake: Mutex<Option<String>>,
-}
-
-impl Context {
-    fn scrub(&self, text: &str) -> String {
-        match &self.password {
-            Some(p) if !p.is_empty() => text.replace(p.as_str(), "[redacted]"),
-            _ => text.to_owned(),
-        }
-    }
-
-    fn refusal(&self) -> Option<String> {
-        self.refused
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-
-    /// Why the last TLS handshake with a broker failed (an untrusted certificate, a name that
-    /// does not match), if one did.
-    fn handshake_failure(&self) -> Option<String> {
-        self.handshake
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-    }
-}
-
-impl ClientContext for Context {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        let message = self.scrub(message);
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error
-            | RDKafkaLogLevel::Warning => {
-                tracing::warn!(target: "librdkafka", facility = fac, "{message}");
-            }
-            _ => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        let reason = self.scrub(reason);
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(
-                RDKafkaErrorCode::Authentication
-                    | RDKafkaErrorCode::SaslAuthenticationFailed
-                    | RDKafkaErrorCode::TopicAuthorizationFailed
-                    | RDKafkaErrorCode::GroupAuthorizationFailed
-                    | RDKafkaErrorCode::ClusterAuthorizationFailed
-            )
-        ) {
-            *self
-                .refused
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
-        }
-        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::SSL) {
-            *self
-                .handshake
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reason.clone());
-        }
-        tracing::debug!(target: "librdkafka", "client error: {reason}");
-    }
-}
-
 impl ConsumerContext for Context {}
 
 type KafkaConsumer = StreamConsumer<Context>;
@@ -614,22 +548,35 @@ fn connect(settings: &Settings, ctx: &RunContext) -> Result<KafkaConsumer, Error
             ))
         })
     };
-    let password = match &settings.sasl {
-        Some(sasl) => Some(secret("sasl.password_secret", &sasl.password_secret)?),
+    let login = match &settings.sasl {
+        Some(sasl) => Some(Login {
+            mechanism: sasl.mechanism.clone(),
+            username: sasl.username.clone(),
+            password: secret("sasl.password_secret", &sasl.password_secret)?,
+        }),
         None => None,
     };
-    let ca = match &settings.tls {
-        Some(Some(name)) => Some(secret("tls.ca_secret", name)?),
-        _ => None,
+    let trust = match &settings.tls {
+        Some(Some(name)) => {
+            let pem = secret("tls.ca_secret", name)?;
+            check_ca(&pem).map_err(|reason| {
+                Error::Config(ConfigError::new(
+                    "tls.ca_secret",
+                    format!("secret {name:?} {reason}"),
+                ))
+            })?;
+            Some(Trust::Ca(pem))
+        }
+        Some(None) => Some(Trust::SystemRoots),
+        None => None,
     };
     let servers: Vec<String> = settings
         .bootstrap
         .iter()
         .map(|(h, p)| format!("{h}:{p}"))
         .collect();
-    let mut config = ClientConfig::new();
+    let mut config = client_config(&servers.join(","), trust.as_ref(), login.as_ref());
     config
-        .set("bootstrap.servers", servers.join(","))
         .set("group.id", group_id(settings, ctx.datasource_id))
         .set("client.id", format!("dsreg-{}", ctx.datasource_id))
         .set("enable.auto.commit", "false")
@@ -640,36 +587,9 @@ fn connect(settings: &Settings, ctx: &RunContext) -> Result<KafkaConsumer, Error
         .set("socket.timeout.ms", "10000")
         .set("reconnect.backoff.max.ms", "5000")
         .set_log_level(RDKafkaLogLevel::Warning);
-    let protocol = match (&settings.sasl, &settings.tls) {
-        (None, None) => "plaintext",
-        (None, Some(_)) => "ssl",
-        (Some(_), None) => "sasl_plaintext",
-        (Some(_), Some(_)) => "sasl_ssl",
-    };
-    config.set("security.protocol", protocol);
-    if let (Some(sasl), Some(password)) = (&settings.sasl, &password) {
-        config
-            .set("sasl.mechanism", &sasl.mechanism)
-            .set("sasl.username", &sasl.username)
-            .set("sasl.password", password);
-    }
-    if let Some(ca) = &ca {
-        config.set("ssl.ca.pem", ca);
-    }
-    let context = Context {
-        password,
-        refused: Mutex::new(None),
-        handshake: Mutex::new(None),
-    };
     config
-        .create_with_context(context)
-        // The message names the setting at fault, never its value.
-        .map_err(|e| match e {
-            KafkaError::ClientConfig(_, description, key, _) => {
-                Error::Source(format!("the Kafka client refused {key}: {description}"))
-            }
-            _ => Error::Source("the Kafka client could not be created".into()),
-        })
+        .create_with_context(Context::new(login.as_ref()))
+        .map_err(|e| Error::Source(creation_error(&e, "the Kafka client")))
 }
 
 /// The consumer group: the configured one, else one of the datasource's own.
@@ -1316,6 +1236,9 @@ mod tests {
             "batch_max_records"
         );
         assert_eq!(field(with(json!({"bogus": 1}))), "bogus");
+        assert_eq!(field(with(json!({"headers": [""]}))), "headers.0");
+        assert_eq!(field(with(json!({"headers": ["a", "a"]}))), "headers.1");
+        assert_eq!(field(with(json!({"topics": ["a", "a"]}))), "topics.1");
     }
 
     #[test]

@@ -8,15 +8,22 @@
 //! sink's per-datasource backoff takes over (see [`super::sink`]). What the brokers refuse for
 //! good (a message too large, an invalid record) is split out and dead-lettered by the sink.
 //! It owns no lease logic: the sink asks which leases hold before anything is sent.
+//!
+//! TLS is the source's ([`super::kafka_client`]): the system roots, or a CA given as PEM
+//! (`--sink-kafka-ca-file`), checked as the source checks its CA. A send that fails while the
+//! TLS handshake with the brokers fails (a certificate the CA does not verify) is
+//! [`SendFailure::Unusable`]: retrying does not help until someone fixes the settings, so the
+//! sink hands the records back to their writers with the reason instead of retrying them.
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use uuid::Uuid;
+
+use super::kafka_client::{Context, Trust, check_ca, client_config, creation_error};
 
 /// How long librdkafka keeps trying to deliver one message before it reports failure: under
 /// the sink's own attempt timeout, so a failure is reported, not cut off.
@@ -27,7 +34,11 @@ pub const COMPRESSIONS: &[&str] = &["none", "gzip", "snappy", "lz4", "zstd"];
 
 /// A producer to one topic.
 pub struct KafkaTarget {
-    producer: FutureProducer,
+    producer: FutureProducer<Context>,
+    /// The producer's context: what it reports of failed handshakes.
+    context: Context,
+    /// The brokers, as configured (for messages).
+    brokers: String,
     topic: String,
     key_field: Option<String>,
 }
@@ -39,6 +50,9 @@ pub enum SendFailure {
     Refused(String),
     /// May succeed later (brokers unreachable, a timeout, a leader moving).
     Transient(String),
+    /// Nothing was delivered while the TLS handshake with the brokers failed: the settings
+    /// are wrong (a CA that does not verify the brokers), and retrying does not help.
+    Unusable(String),
 }
 
 /// One record to send and who writes it.
@@ -54,15 +68,17 @@ pub struct Outgoing<'a> {
 }
 
 impl KafkaTarget {
-    /// A producer to `topic` at `brokers` (`host:port,…`).
+    /// A producer to `topic` at `brokers` (`host:port,…`), over TLS trusting `tls` when set.
     ///
     /// # Errors
-    /// A setting the client refuses, named without its value.
+    /// A topic that is no topic name, an unknown compression, a CA that holds no certificate,
+    /// or a setting the client refuses, named without its value.
     pub fn new(
         brokers: &str,
         topic: &str,
         key_field: Option<String>,
         compression: &str,
+        tls: Option<Trust>,
     ) -> Result<Self, String> {
         if !super::position::is_topic_name(topic) {
             return Err(format!("--sink-kafka-topic: {topic:?} is not a topic name"));
@@ -73,8 +89,11 @@ impl KafkaTarget {
                 COMPRESSIONS.join(", ")
             ));
         }
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", brokers)
+        if let Some(Trust::Ca(pem)) = &tls {
+            check_ca(pem).map_err(|reason| format!("--sink-kafka-ca-file {reason}"))?;
+        }
+        let context = Context::new(None);
+        let producer: FutureProducer<Context> = client_config(brokers, tls.as_ref(), None)
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("compression.type", compression)
@@ -86,15 +105,12 @@ impl KafkaTarget {
                 "message.timeout.ms",
                 MESSAGE_TIMEOUT.as_millis().to_string(),
             )
-            .create()
-            .map_err(|e| match e {
-                KafkaError::ClientConfig(_, description, key, _) => {
-                    format!("the Kafka sink's {key}: {description}")
-                }
-                other => format!("the Kafka sink's producer: {other}"),
-            })?;
+            .create_with_context(context.clone())
+            .map_err(|e| creation_error(&e, "the Kafka sink's producer"))?;
         Ok(Self {
             producer,
+            context,
+            brokers: brokers.to_owned(),
             topic: topic.to_owned(),
             key_field,
         })
@@ -122,6 +138,8 @@ impl KafkaTarget {
     /// The first failure: refused when the brokers refuse the data itself, else transient.
     /// Records before or after it may have been delivered (at least once).
     pub async fn send(&self, records: &[Outgoing<'_>]) -> Result<(), SendFailure> {
+        // A handshake that failed before this send says nothing about it.
+        self.context.forget_handshake();
         let mut pending = Vec::with_capacity(records.len());
         for out in records {
             let payload = out.record.to_string();
@@ -164,16 +182,29 @@ impl KafkaTarget {
             }
         }
         let mut first = None;
+        let mut delivered = false;
         for delivery in pending {
             let failure = match delivery.await {
-                Ok(Ok(_)) => continue,
+                Ok(Ok(_)) => {
+                    delivered = true;
+                    continue;
+                }
                 Ok(Err((e, _))) => classify(&e),
                 Err(_) => SendFailure::Transient("the producer shut down".into()),
             };
             // Every delivery is awaited, so none is left behind; the first failure answers.
             first.get_or_insert(failure);
         }
-        first.map_or(Ok(()), Err)
+        match (first, self.context.handshake_failure()) {
+            (None, _) => Ok(()),
+            (Some(SendFailure::Transient(_)), Some(handshake)) if !delivered => {
+                Err(SendFailure::Unusable(format!(
+                    "the Kafka sink: the TLS handshake with {} failed: {handshake}",
+                    self.brokers
+                )))
+            }
+            (Some(failure), _) => Err(failure),
+        }
     }
 }
 
@@ -187,5 +218,33 @@ fn classify(e: &KafkaError) -> SendFailure {
             | RDKafkaErrorCode::MessageBatchTooLarge,
         ) => SendFailure::Refused(format!("the brokers refused the record: {e}")),
         _ => SendFailure::Transient(format!("the Kafka sink: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_settings_are_checked_and_a_bad_ca_is_named_without_its_text() {
+        let new = |topic: &str, compression: &str, tls: Option<Trust>| {
+            KafkaTarget::new("localhost:9092", topic, None, compression, tls).err()
+        };
+        assert!(new("out", "lz4", None).is_none());
+        assert!(new("out", "lz4", Some(Trust::SystemRoots)).is_none());
+        assert!(
+            new("a b", "lz4", None)
+                .unwrap()
+                .contains("--sink-kafka-topic")
+        );
+        assert!(
+            new("out", "brotli", None)
+                .unwrap()
+                .contains("--sink-kafka-compression")
+        );
+        let text = "not a certificate at all";
+        let refused = new("out", "lz4", Some(Trust::Ca(text.into()))).unwrap();
+        assert!(refused.contains("--sink-kafka-ca-file"), "{refused}");
+        assert!(!refused.contains(text), "{refused}");
     }
 }

@@ -10,6 +10,7 @@ pub mod generator;
 pub mod http;
 pub mod http_poll;
 pub mod kafka;
+pub mod kafka_client;
 pub mod kafka_sink;
 pub mod position;
 pub mod sink;

@@ -147,6 +147,8 @@ enum Undelivered {
     Fenced,
     /// Neither the target nor the dead letters took them (the reason).
     Lost(String),
+    /// The target cannot be written as configured (the reason): the writer keeps them.
+    HandedBack(String),
 }
 
 /// Where a JSON value holds U+0000, as a JSON Pointer, if anywhere.
@@ -223,6 +225,8 @@ struct Batch {
     fenced: usize,
     /// Records neither target nor dead letters took, and why.
     lost: Option<(usize, String)>,
+    /// Why the target cannot be written as configured, when the batch is handed back.
+    handed_back: Option<String>,
     /// Arrival order, for flush requests.
     seq: u64,
     /// The room it takes in its datasource's allowance; freed when the batch is dropped.
@@ -307,6 +311,9 @@ impl SinkHandle {
             Ok(Err(Undelivered::Lost(reason))) => Err(Error::Sink(format!(
                 "records could not be stored: {reason}"
             ))),
+            Ok(Err(Undelivered::HandedBack(reason))) => Err(Error::Sink(format!(
+                "the sink cannot write to its target: {reason}"
+            ))),
             Err(_) => Err(Error::Sink("the sink shut down before committing".into())),
         }
     }
@@ -346,6 +353,7 @@ impl SinkHandle {
                 done: Outcome::default(),
                 fenced: 0,
                 lost: None,
+                handed_back: None,
                 seq: 0,
                 _room: Some(room),
             }))
@@ -544,6 +552,9 @@ enum Failure {
         retry_after: Option<Duration>,
         /// Nothing could have succeeded (the target is unreachable), whatever the rows.
         everyone: bool,
+        /// The target cannot be written as configured (a TLS handshake that fails): waiting
+        /// writers get their records back with the reason (see [`SinkWriter::failed`]).
+        misconfigured: bool,
     },
 }
 
@@ -553,6 +564,7 @@ impl Failure {
             reason: reason.into(),
             retry_after: None,
             everyone,
+            misconfigured: false,
         }
     }
 
@@ -908,16 +920,38 @@ impl SinkWriter {
         self.lanes.retain(|_, l| !l.batches.is_empty());
     }
 
-    /// Records a transient failure of datasource `id`: its next attempt waits.
+    /// Records a transient failure of datasource `id`: its next attempt waits. When the
+    /// target cannot be written as configured, the batches whose writers wait for them
+    /// (durable writes) are handed back at once with the reason, so the writer fails with it
+    /// (the datasource shows the error, a pull source keeps its position, a push sender is
+    /// told to retry) instead of waiting through every retry; queued writes stay and retry.
     fn failed(&mut self, id: Uuid, failure: &Failure, now: Instant, quiet: bool) {
         let Failure::Transient {
             reason,
             retry_after,
             everyone,
+            misconfigured,
         } = failure
         else {
             return;
         };
+        if *misconfigured && let Some(lane) = self.lanes.get_mut(&id) {
+            let (back, kept): (VecDeque<Batch>, VecDeque<Batch>) =
+                std::mem::take(&mut lane.batches)
+                    .into_iter()
+                    .partition(|b| b.ack.is_some());
+            lane.batches = kept;
+            for mut batch in back {
+                tracing::warn!(datasource_id = %id, records = batch.pending(), error = %reason, "the sink cannot write to its target as configured; the records go back to their writer");
+                batch.handed_back = Some(reason.clone());
+                Self::acknowledge(batch);
+            }
+            if lane.batches.is_empty() {
+                self.lanes.remove(&id);
+                self.note_failure(reason, *everyone, now);
+                return;
+            }
+        }
         let http = self.target.is_remote();
         let Some(lane) = self.lanes.get_mut(&id) else {
             return;
@@ -943,8 +977,12 @@ impl SinkWriter {
         if http && failures >= self.retry.http_attempts {
             // The gateway did not take them in time: they become dead letters, which the
             // registry's database stores.
+            let whom = match self.target {
+                Target::Kafka(_) => "the Kafka brokers",
+                _ => "the gateway",
+            };
             let message =
-                format!("the gateway did not take the records after {failures} attempts: {reason}");
+                format!("{whom} did not take the records after {failures} attempts: {reason}");
             for batch in &mut lane.batches {
                 for record in std::mem::take(&mut batch.records) {
                     batch
@@ -955,11 +993,16 @@ impl SinkWriter {
             lane.retry_at = None;
             tracing::error!(datasource_id = %id, records, error = %reason, "the gateway keeps failing; dead-lettering the datasource's waiting records");
         }
+        self.note_failure(reason, *everyone, now);
+    }
+
+    /// Counts a transient failure and keeps it for readiness.
+    fn note_failure(&self, reason: &str, everyone: bool, now: Instant) {
         self.metered(|m| m.sink_flush_failed("transient"));
         let mut status = self.status.lock();
         status.stuck_since.get_or_insert(now);
-        status.last_error = reason.clone();
-        status.everyone = *everyone;
+        reason.clone_into(&mut status.last_error);
+        status.everyone = everyone;
     }
 
     /// Settles `items` of `work`: attempts them together, splits what the target refuses
@@ -1187,10 +1230,11 @@ impl SinkWriter {
         if done.dead_lettered > 0 {
             batch.health.dead_lettered(done.dead_lettered as u64);
         }
-        let answer = match (&batch.lost, batch.fenced) {
-            (Some((_, reason)), _) => Err(Undelivered::Lost(reason.clone())),
-            (None, 0) => Ok(done),
-            (None, _) => Err(Undelivered::Fenced),
+        let answer = match (&batch.handed_back, &batch.lost, batch.fenced) {
+            (Some(reason), _, _) => Err(Undelivered::HandedBack(reason.clone())),
+            (None, Some((_, reason)), _) => Err(Undelivered::Lost(reason.clone())),
+            (None, None, 0) => Ok(done),
+            (None, None, _) => Err(Undelivered::Fenced),
         };
         if let Some(ack) = batch.ack {
             let _ = ack.send(answer);
@@ -1420,6 +1464,7 @@ async fn post(
         reason,
         retry_after,
         everyone: false,
+        misconfigured: false,
     })
 }
 
@@ -1451,6 +1496,12 @@ async fn produce(
     kafka.send(&out).await.map_err(|e| match e {
         SendFailure::Refused(reason) => Failure::Refused(reason),
         SendFailure::Transient(reason) => Failure::transient(reason, true),
+        SendFailure::Unusable(reason) => Failure::Transient {
+            reason,
+            retry_after: None,
+            everyone: true,
+            misconfigured: true,
+        },
     })
 }
 

@@ -1,13 +1,16 @@
-//! The `kafka` kind against a real Kafka-protocol broker (tansu, in memory, one per test; see
-//! `tests/support/kafka_broker.rs`): 10,000 JSON messages through a transform into the
-//! Postgres sink, each once; a `kill -9` of the real binary mid-way loses none and repeats at
-//! most the batch in flight; a hot reload with a new transform and a lease move carry the
-//! position over; a backfill reads everything again; bad configs (unreachable brokers, an
-//! unknown topic) are a clear error on the datasource, retried with backoff, no storm; a burst
-//! and then a paced stream in batches of many messages all arrive; the source over TLS with
-//! the CA from a secret (tansu behind a TLS terminator); a refused SCRAM login (no successful
-//! SASL login can be tested against tansu 0.6, see the broker module); the `kafka` sink's epoch
-//! header and its fence.
+//! The `kafka` kind against a real Kafka-protocol broker (tansu, one per test, in memory or on
+//! SQLite storage in a folder of the test's own; see `tests/support/kafka_broker.rs`): 10,000
+//! JSON messages through a transform into the Postgres sink, each once; a `kill -9` of the real
+//! binary mid-way loses none and repeats at most the batch in flight; a hot reload with a new
+//! transform and a lease move carry the position over; a backfill reads everything again; bad
+//! configs (unreachable brokers, an unknown topic) are a clear error on the datasource, retried
+//! with backoff, no storm; a burst and then a paced stream in batches of many messages all
+//! arrive; the source over TLS with the CA from a secret (tansu behind a TLS terminator);
+//! SCRAM-SHA-256 and SCRAM-SHA-512 logins with the password from a secret (users stored in
+//! tansu's SQLite storage), and a refused login, the password nowhere; a partition added while
+//! the source runs (through the broker's storage: tansu has no CreatePartitions); the `kafka`
+//! sink's epoch header and its fence; the sink over TLS trusting its CA, and a wrong CA as a
+//! clear error on the datasource that writes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,8 +18,6 @@ use std::time::Duration;
 use dsreg::api::grpc::pb;
 use dsreg::api::grpc::pb::lifecycle_client::LifecycleClient;
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{Value, json};
 
@@ -24,7 +25,7 @@ use crate::helpers::{ServeProcess, TestApp, TestDb, wait_for};
 
 #[path = "../support/kafka_broker.rs"]
 mod kafka_broker;
-pub use kafka_broker::KafkaBroker;
+pub use kafka_broker::{KafkaBroker, create_topic, create_topic_with, plain, produce_paced, send};
 
 /// Generous: the machine may be busy; waits end as soon as their condition holds.
 const WAIT: Duration = Duration::from_secs(120);
@@ -34,33 +35,6 @@ const BATCH: i64 = 500;
 /// The transform every test runs: a mapping of the message's value and where it was read.
 const TRANSFORM: &str = r#"#{ id: record.value.id, name: record.value.name,
     doubled: record.value.n * 2, partition: record.partition, offset: record.offset, v: "one" }"#;
-
-/// A client configuration for `broker` in plain text, with no login.
-pub fn plain(broker: &str) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", broker);
-    config
-}
-
-/// Creates `topic` with `partitions`.
-pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
-    create_topic_with(plain(broker), topic, partitions).await;
-}
-
-/// Creates `topic` with `partitions` through a client made from `config`.
-pub async fn create_topic_with(config: ClientConfig, topic: &str, partitions: i32) {
-    let admin: AdminClient<DefaultClientContext> = config.create().expect("an admin client");
-    let created = admin
-        .create_topics(
-            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
-            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
-        )
-        .await
-        .expect("create topics answered");
-    for result in created {
-        result.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
-    }
-}
 
 /// Produces messages `from..to` as JSON `{"id", "name", "n"}` with keys, round robin over
 /// `partitions`, and waits until every one is acknowledged.
@@ -86,21 +60,13 @@ pub async fn produce_with(config: ClientConfig, topic: &str, partitions: i32, fr
             let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
             let key = format!("k{id}");
             let partition = i32::try_from(id % u64::try_from(partitions).unwrap()).unwrap();
-            let mut record = BaseRecord::to(&topic)
-                .payload(&value)
-                .key(&key)
-                .partition(partition);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, r)) => {
-                        // The local queue is full: let deliveries drain.
-                        producer.poll(Duration::from_millis(10));
-                        record = r;
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
+            send(
+                &producer,
+                BaseRecord::to(&topic)
+                    .payload(&value)
+                    .key(&key)
+                    .partition(partition),
+            );
         }
         producer
             .flush(Duration::from_secs(60))
@@ -274,20 +240,27 @@ async fn a_kill_9_mid_way_loses_nothing_and_repeats_at_most_the_batch_in_flight(
     second.stop().await;
 }
 
+/// A registry with a `kafka` datasource reading `topic` at `broker`, once it has stored the
+/// `n` messages there: its database, the registry and the datasource.
+async fn reading(broker: &str, topic: &str, n: i64) -> (TestDb, TestApp, uuid::Uuid) {
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of(topic, "kafka").await.id;
+    let v = db
+        .version(ds, source_config(broker, topic, TRANSFORM))
+        .await;
+    db.publish_sql(ds, v).await;
+    wait_for_all(&db, ds, n).await;
+    (db, app, ds)
+}
+
 #[tokio::test]
 async fn a_hot_reload_with_a_new_transform_carries_the_position_over() {
     // Arrange: a worker that has read the first 5,000 messages.
     let broker = KafkaBroker::start().await;
     create_topic(&broker.address(), "orders", 1).await;
     produce(&broker.address(), "orders", 1, 0, 5_000).await;
-    let db = TestDb::new().await;
-    let app = TestApp::spawn(&db.url, |_| {}).await;
-    let ds = db.datasource_of("orders", "kafka").await.id;
-    let v1 = db
-        .version(ds, source_config(&broker.address(), "orders", TRANSFORM))
-        .await;
-    db.publish_sql(ds, v1).await;
-    wait_for_all(&db, ds, 5_000).await;
+    let (db, app, ds) = reading(&broker.address(), "orders", 5_000).await;
 
     // Act: a new transform, published while messages keep arriving.
     let v2 = db
@@ -495,14 +468,18 @@ struct ReadBack {
 /// Reads `topic`'s partition 0 from the start until messages with `n` distinct ids are in
 /// hand (or panics after [`WAIT`]).
 async fn read_topic(broker: &str, topic: &str, n: usize) -> Vec<ReadBack> {
+    read_topic_with(plain(broker), topic, n).await
+}
+
+/// [`read_topic`] through a client made from `config`.
+async fn read_topic_with(config: ClientConfig, topic: &str, n: usize) -> Vec<ReadBack> {
     use rdkafka::Message as _;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Headers as _;
-    let broker = broker.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &broker)
+        let consumer: BaseConsumer = config
+            .clone()
             .set("group.id", "test-reader")
             .set("enable.auto.commit", "false")
             .create()
@@ -650,34 +627,124 @@ async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
         broker.logs()
     );
     assert!(message.contains("login"), "{message}");
-    let mut status = LifecycleClient::new(serve.channel().await);
-    let answer = status
-        .get_status(pb::GetStatusRequest {
-            datasource_id: ds.to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let events = db.events(ds).await;
-    let logs = serve.logs.lock().unwrap().join("\n");
-    for (what, text) in [
-        ("the state", format!("{state:?}")),
-        ("GetStatus", format!("{answer:?}")),
-        ("the events", format!("{events:?}")),
-        ("the logs", logs),
-    ] {
+    for (what, text) in everything_said(&serve, &db, ds).await {
         assert!(!text.contains(&password), "the password is in {what}");
     }
     serve.stop().await;
 }
 
+#[tokio::test]
+async fn scram_logins_with_the_password_from_a_secret_consume_the_topic() {
+    // Arrange: a broker keeping its data in a file of the test's own (tansu's in-memory
+    // storage keeps no SCRAM users; its SQLite storage does), 500 messages, and a
+    // SCRAM-SHA-256 and a SCRAM-SHA-512 user stored while the broker takes requests without a
+    // login; then the same data served again by a broker that requires a login for every
+    // request.
+    let storage = tempfile::tempdir().unwrap();
+    let mut open = KafkaBroker::start_in(storage.path(), false).await;
+    create_topic(&open.address(), "orders", 2).await;
+    produce(&open.address(), "orders", 2, 0, 500).await;
+    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    open.create_scram_user("reader256", &password, "scram256");
+    open.create_scram_user("reader512", &password, "scram512");
+    open.stop();
+    let broker = KafkaBroker::start_in(storage.path(), true).await;
+    let db = TestDb::new().await;
+    let mut datasources = Vec::new();
+    for (name, mechanism, user) in [
+        ("sha256", "SCRAM-SHA-256", "reader256"),
+        ("sha512", "SCRAM-SHA-512", "reader512"),
+    ] {
+        let ds = db.datasource_of(name, "kafka").await.id;
+        crate::helpers::put_secret(&db, MASTER_KEYS, ds, "kafka_password", &password).await;
+        let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+        config["sasl"] = json!({
+            "mechanism": mechanism, "username": user, "password_secret": "kafka_password"
+        });
+        datasources.push((ds, config));
+    }
+    let serve = ServeProcess::start(
+        &db.url,
+        &[("DSREG_MASTER_KEYS", MASTER_KEYS), ("DSREG_LOG", "debug")],
+    )
+    .await;
+
+    // Act
+    for (ds, config) in &datasources {
+        let v = db.version(*ds, config.clone()).await;
+        db.publish_sql(*ds, v).await;
+    }
+
+    // Assert: each datasource logs in and reads every message once; the password is nowhere.
+    for (ds, _) in &datasources {
+        let extra = wait_for_all(&db, *ds, 500).await;
+        assert_eq!(extra, 0);
+        let state = db.state(*ds).await;
+        assert_eq!(state.error_code, None, "{:?}", state.error_message);
+        for (what, text) in everything_said(&serve, &db, *ds).await {
+            assert!(!text.contains(&password), "the password is in {what}");
+        }
+    }
+    serve.stop().await;
+}
+
+#[tokio::test]
+async fn a_partition_added_while_the_source_runs_is_read_and_the_old_one_loses_nothing() {
+    // Arrange: a broker keeping its data in a file (where a partition can be added), a topic
+    // of one partition holding 300 messages, and a `kafka` datasource that has read them.
+    let storage = tempfile::tempdir().unwrap();
+    let broker = KafkaBroker::start_in(storage.path(), false).await;
+    create_topic(&broker.address(), "orders", 1).await;
+    produce(&broker.address(), "orders", 1, 0, 300).await;
+    let (db, app, ds) = reading(&broker.address(), "orders", 300).await;
+
+    // Act: a second partition is added while the source runs, through the broker's storage
+    // (tansu 0.6 has no CreatePartitions; its Metadata answer lists what the storage holds),
+    // then 300 more messages go to both partitions in turn.
+    let added = kafka_broker::add_partition(storage.path(), "orders");
+    produce(&broker.address(), "orders", 2, 300, 600).await;
+
+    // Assert: every message arrives once, the new partition's half included, without a
+    // restart; the position names the new partition.
+    assert_eq!(added, 1);
+    let extra = wait_for_all(&db, ds, 600).await;
+    assert_eq!(extra, 0);
+    let from_new: i64 = db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM datasource_records \
+             WHERE datasource_id = $1 AND record->>'partition' = '1'",
+            &[&ds],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(from_new, 150);
+    let state = db.state(ds).await;
+    assert_eq!(state.restart_count, 0);
+    assert_eq!(state.error_code, None, "{:?}", state.error_message);
+    let position = wait_for("the new partition's offset saved", WAIT, || async {
+        let position = stored_position(&db, ds).await?;
+        (position["offsets"]["orders:1"].as_i64() == Some(150)).then_some(position)
+    })
+    .await;
+    assert_eq!(position["offsets"]["orders:0"], json!(450));
+    app.stop().await.unwrap();
+}
+
 /// The offset after the last message of `topic`'s `partition` (its high watermark).
 async fn end_of(broker: &str, topic: &str, partition: i32) -> i64 {
+    end_of_with(plain(broker), topic, partition).await
+}
+
+/// [`end_of`] through a client made from `config`.
+async fn end_of_with(config: ClientConfig, topic: &str, partition: i32) -> i64 {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let broker = broker.to_owned();
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let consumer: BaseConsumer = plain(&broker)
+        let consumer: BaseConsumer = config
+            .clone()
             .set("group.id", "test-watermarks")
             .create()
             .unwrap();
@@ -701,7 +768,8 @@ async fn the_kafka_sink_carries_the_writers_epoch_and_refuses_a_worker_whose_lea
     let db = TestDb::new().await;
     let ds = db.datasource("fenced").await.id;
     crate::sink::lease(&db, "sink-test", &[ds]).await;
-    let target = KafkaTarget::new(&broker.address(), "out", Some("id".into()), "lz4").unwrap();
+    let target =
+        KafkaTarget::new(&broker.address(), "out", Some("id".into()), "lz4", None).unwrap();
     let retry = RetryPolicy {
         base: Duration::from_millis(20),
         max: Duration::from_millis(200),
@@ -782,10 +850,10 @@ async fn the_kafka_sink_carries_the_writers_epoch_and_refuses_a_worker_whose_lea
 
 pub(crate) const MASTER_KEYS: &str = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 
-#[tokio::test]
-async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secret() {
-    // Arrange: a CA and a broker certificate made here; a broker reachable over TLS only
-    // (tansu behind a TLS terminator, see tests/support/kafka_broker.rs); 1,000 messages.
+/// A CA (`ca.crt`) and a broker certificate it signed, made in a folder of their own; a broker
+/// reachable over TLS only with that certificate (tansu behind a TLS terminator, see
+/// tests/support/kafka_broker.rs); and a client configuration trusting the CA.
+async fn tls_broker() -> (tempfile::TempDir, KafkaBroker, ClientConfig) {
     let pki = tempfile::tempdir().unwrap();
     crate::pgtls::ca(pki.path(), "ca");
     crate::pgtls::leaf(
@@ -796,12 +864,20 @@ async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secre
         "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
     );
     let read = |name: &str| std::fs::read_to_string(pki.path().join(name)).unwrap();
-    let ca_pem = read("ca.crt");
     let broker = KafkaBroker::start_tls(&read("broker.crt"), &read("broker.key")).await;
     let mut over_tls = plain(&broker.address());
     over_tls
         .set("security.protocol", "ssl")
-        .set("ssl.ca.pem", &ca_pem);
+        .set("ssl.ca.pem", read("ca.crt"));
+    (pki, broker, over_tls)
+}
+
+#[tokio::test]
+async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secret() {
+    // Arrange: a CA and a broker certificate made here; a broker reachable over TLS only
+    // (tansu behind a TLS terminator, see tests/support/kafka_broker.rs); 1,000 messages.
+    let (pki, broker, over_tls) = tls_broker().await;
+    let ca_pem = std::fs::read_to_string(pki.path().join("ca.crt")).unwrap();
     create_topic_with(over_tls.clone(), "orders", 2).await;
     produce_with(over_tls, "orders", 2, 0, 1_000).await;
     let db = TestDb::new().await;
@@ -847,39 +923,12 @@ async fn the_kafka_source_reads_over_tls_trusting_the_ca_from_a_datasource_secre
 /// Produces `count` messages with ids from `first`, batched as a producer batches by default
 /// (many messages per record batch), at `rate` messages a second when given.
 async fn produce_batched(broker: &str, topic: &str, first: u64, count: u64, rate: Option<f64>) {
-    let broker = broker.to_owned();
+    let config = plain(broker);
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || {
-        let producer: BaseProducer = plain(&broker)
-            .set("linger.ms", "2")
-            .create()
-            .expect("a producer");
-        let started = std::time::Instant::now();
-        for i in 0..count {
-            if let Some(rate) = rate {
-                let due = started + Duration::from_secs_f64(i as f64 / rate);
-                let now = std::time::Instant::now();
-                if due > now {
-                    std::thread::sleep(due - now);
-                }
-            }
-            let id = first + i;
-            let value = json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string();
-            let mut record = BaseRecord::<(), String>::to(&topic).payload(&value);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((_, back)) => {
-                        producer.poll(Duration::from_millis(5));
-                        record = back;
-                    }
-                }
-            }
-            producer.poll(Duration::ZERO);
-        }
-        producer
-            .flush(Duration::from_secs(120))
-            .expect("every message acknowledged");
+        produce_paced(&config, &topic, first, count, rate, |id| {
+            json!({ "id": id, "name": format!("item-{id}"), "n": id % 97 }).to_string()
+        });
     })
     .await
     .unwrap();
@@ -909,4 +958,132 @@ async fn a_burst_then_a_paced_stream_of_batched_messages_all_arrive() {
     let extra = wait_for_all(&db, ds, 30_000).await;
     assert_eq!(extra, 0);
     app.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_kafka_sink_writes_over_tls_trusting_its_ca_and_a_wrong_ca_is_a_clear_error_writing_nothing()
+ {
+    // Arrange: a CA and a broker certificate made here, and a second CA that signed nothing
+    // of the broker's; a broker reachable over TLS only (tansu behind a TLS terminator); an
+    // `http_poll` source of 200 records.
+    let (pki, broker, over_tls) = tls_broker().await;
+    crate::pgtls::ca(pki.path(), "other");
+    let read = |name: &str| std::fs::read_to_string(pki.path().join(name)).unwrap();
+    create_topic_with(over_tls.clone(), "out", 1).await;
+    create_topic_with(over_tls.clone(), "refused", 1).await;
+    let records = std::sync::Arc::new(std::sync::Mutex::new(
+        (0..200)
+            .map(|id| json!({ "id": id, "name": format!("item-{id}") }))
+            .collect::<Vec<_>>(),
+    ));
+    let url = serve_source(records).await;
+    let poller = json!({ "url": url, "interval_ms": 200, "record_path": "/items" });
+    let ca_file = pki.path().join("ca.crt").display().to_string();
+    let other_file = pki.path().join("other.crt").display().to_string();
+    let sink_to = |topic: &'static str, ca: &str| -> Vec<(&'static str, String)> {
+        vec![
+            ("DSREG_MASTER_KEYS", MASTER_KEYS.to_owned()),
+            ("DSREG_SINK", "kafka".to_owned()),
+            ("DSREG_SINK_KAFKA_BROKERS", broker.address()),
+            ("DSREG_SINK_KAFKA_TOPIC", topic.to_owned()),
+            ("DSREG_SINK_KAFKA_KEY_FIELD", "id".to_owned()),
+            ("DSREG_SINK_KAFKA_CA_FILE", ca.to_owned()),
+            ("DSREG_LOG", "debug".to_owned()),
+        ]
+    };
+    // Act: one registry whose sink trusts the broker's CA, one whose sink trusts the other
+    // CA, each with a datasource of its own.
+    let db = TestDb::new().await;
+    let trusting_env = sink_to("out", &ca_file);
+    let trusting = ServeProcess::start(&db.url, &borrowed(&trusting_env)).await;
+    let ds = db.datasource_of("poller", "http_poll").await.id;
+    let v = db.version(ds, poller.clone()).await;
+    db.publish_sql(ds, v).await;
+    let wrong_db = TestDb::new().await;
+    let wrong_env = sink_to("refused", &other_file);
+    let wrong = ServeProcess::start(&wrong_db.url, &borrowed(&wrong_env)).await;
+    let refused = wrong_db.datasource_of("poller", "http_poll").await.id;
+    let v = wrong_db.version(refused, poller).await;
+    wrong_db.publish_sql(refused, v).await;
+
+    // Assert: the trusting sink's records are all in the topic, keyed by id.
+    let landed = read_topic_with(over_tls.clone(), "out", 200).await;
+    for message in &landed {
+        assert_eq!(message.key, Some(message.value["id"].to_string()));
+    }
+    assert_eq!(db.state(ds).await.error_code, None);
+    // The other's datasource says its sink's TLS handshake failed; its topic holds nothing and
+    // its records were handed back to the source, not dead-lettered.
+    let state = wait_for("the wrong CA's error on the datasource", WAIT, || async {
+        let state = wrong_db.state(refused).await;
+        state.error_code.is_some().then_some(state)
+    })
+    .await;
+    let message = state.error_message.clone().unwrap_or_default();
+    assert_eq!(
+        state.error_code.as_deref(),
+        Some("sink_failed"),
+        "{message}"
+    );
+    assert!(message.contains("TLS handshake"), "{message}");
+    assert!(message.contains("certificate verify failed"), "{message}");
+    assert_eq!(end_of_with(over_tls, "refused", 0).await, 0);
+    let dead: i64 = wrong_db
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM datasource_dead_letters WHERE datasource_id = $1",
+            &[&refused],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(dead, 0);
+    // Neither CA's certificate text is in the datasource's state, its status, its events or
+    // the registry's logs.
+    let bodies: Vec<String> = [read("ca.crt"), read("other.crt")]
+        .iter()
+        .flat_map(|pem| {
+            pem.lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 40)
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(!bodies.is_empty());
+    for (what, text) in everything_said(&wrong, &wrong_db, refused).await {
+        for body in &bodies {
+            assert!(!text.contains(body.as_str()), "a CA's text is in {what}");
+        }
+    }
+    wrong.stop().await;
+    trusting.stop().await;
+}
+
+/// `pairs` as `ServeProcess::start` takes them.
+fn borrowed<'a>(pairs: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    pairs.iter().map(|(k, v)| (*k, v.as_str())).collect()
+}
+
+/// Everything the registry `serve` says of datasource `ds`: its state, its GetStatus answer,
+/// its events and the registry's logs, each named.
+async fn everything_said(
+    serve: &ServeProcess,
+    db: &TestDb,
+    ds: uuid::Uuid,
+) -> [(&'static str, String); 4] {
+    let mut status = LifecycleClient::new(serve.channel().await);
+    let answer = status
+        .get_status(pb::GetStatusRequest {
+            datasource_id: ds.to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    [
+        ("the state", format!("{:?}", db.state(ds).await)),
+        ("GetStatus", format!("{answer:?}")),
+        ("the events", format!("{:?}", db.events(ds).await)),
+        ("the logs", serve.logs.lock().unwrap().join("\n")),
+    ]
 }

@@ -1,7 +1,10 @@
-//! A Kafka-protocol broker of a test's own: `tansu` with in-memory storage on a free port,
-//! stopped (SIGKILL, then reaped) when dropped. The binary is found through
-//! `DSREG_TEST_KAFKA_BROKER`, by default where `.ci/kafka-broker` installs it
-//! (`target/tools/tansu/bin/tansu`); a missing binary fails the test naming that script.
+//! A Kafka-protocol broker of a test's own: `tansu` on a free port, with in-memory storage
+//! ([`KafkaBroker::start`]) or its SQLite storage in a folder the test keeps
+//! ([`KafkaBroker::start_in`]: SCRAM users and partitions added through the storage), stopped
+//! (SIGKILL, then reaped) when dropped. The binary is found through `DSREG_TEST_KAFKA_BROKER`,
+//! by default where `.ci/kafka-broker` installs it (`target/tools/tansu/bin/tansu`); a missing
+//! binary fails the test naming that script. Beside the broker: the client helpers the tests
+//! and the Kafka bench share (topics, producing).
 //!
 //! # TLS
 //!
@@ -16,24 +19,33 @@
 //! # SASL
 //!
 //! With `--authentication` tansu requires a SASL login before any request but `ApiVersions`
-//! and the SASL ones, and no login can succeed against this build:
+//! and the SASL ones:
 //!
-//! - **PLAIN** is not offered: tansu 0.6 builds its SASL library (`rsasl`) with the
+//! - **PLAIN** can never succeed: tansu 0.6 builds its SASL library (`rsasl`) with the
 //!   `scram-sha-2` and `oauthbearer` features only (the workspace `Cargo.toml`), so a PLAIN
 //!   handshake ends in `NoSharedMechanism` and the connection is closed.
-//! - **SCRAM-SHA-256/512** look the user's stored credential up in the storage engine; the
+//! - **SCRAM-SHA-256/512** look the user's stored credential up in the storage engine. The
 //!   in-memory engine (`memory://`, the `dynostore` feature) keeps none (its
-//!   `upsert_user_scram_credential` does nothing, `user_scram_credential` answers none), so
-//!   every SCRAM login is refused, whatever `AlterUserScramCredentials` was sent first.
-//!
-//! So only a refused login is tested ([`KafkaBroker::start_authenticating`]); a successful one
-//! needs a broker with stored SCRAM users (tansu with a SQL storage engine, or Kafka).
+//!   `upsert_user_scram_credential` does nothing), so against [`KafkaBroker::start`] and
+//!   [`KafkaBroker::start_authenticating`] every login is refused. The SQLite engine
+//!   (`sqlite://`, the `libsql` feature) keeps them: [`KafkaBroker::create_scram_user`] stores
+//!   one through `tansu user create` (an `AlterUserScramCredentials` request, which tansu takes
+//!   only while it requires no login, since the request comes before any), and a broker
+//!   started again in the same folder with `--authentication` accepts it.
+//! - The PostgreSQL engine (`postgres://`, the `postgres` feature) keeps them too, but cannot
+//!   serve these tests: tansu creates none of its tables (they live in its repository's
+//!   `etc/initdb.d`, in no published crate), and its `ListOffsets` for the latest offset
+//!   (`list_latest_offset_committed.sql`, what librdkafka sends for a high watermark) has a
+//!   subquery in `FROM` without an alias, which PostgreSQL before 16 refuses ("subquery in
+//!   FROM must have an alias"); the machine's PostgreSQL is 15.
 //!
 //! # Partitions
 //!
 //! tansu 0.6 answers no `CreatePartitions` (it is not among the broker's routes,
-//! `tansu-broker/src/service/storage.rs`, and a topic's partition count is fixed at creation):
-//! partitions added to a topic while a worker reads it cannot be tested against it.
+//! `tansu-broker/src/service/storage.rs`). Its SQL engines answer Metadata, Produce, Fetch and
+//! ListOffsets from their tables each time (a topic's `partitions` count, a `topition` and a
+//! `watermark` row per partition), so [`add_partition`] grows a topic of a broker started with
+//! [`KafkaBroker::start_in`] by writing those rows while it runs, as its topic creation does.
 
 #![allow(dead_code)]
 
@@ -41,8 +53,68 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::message::ToBytes;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer as _};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
+
+/// The file a broker started with [`KafkaBroker::start_in`] keeps its data in, in its folder.
+const DATA_FILE: &str = "tansu.db";
+
+/// Adds a partition to `topic` in the storage of the broker started in `dir` with
+/// [`KafkaBroker::start_in`], while it runs, as tansu's own topic creation lays one out (its
+/// `topition` row, an empty `watermark` row, and the topic's `partitions` count, which its
+/// Metadata answer lists); returns its number. tansu 0.6 answers no `CreatePartitions`, so
+/// this is the only way to grow a topic under it. Written with the `sqlite3` program (SQLite
+/// lets a second process write the file; tansu's engine reads it afresh for every request).
+pub fn add_partition(dir: &std::path::Path, topic: &str) -> i32 {
+    assert!(
+        topic
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)),
+        "a topic name"
+    );
+    let sql = format!(
+        "BEGIN IMMEDIATE;
+         UPDATE topic SET partitions = partitions + 1, last_updated = current_timestamp
+           WHERE name = '{topic}';
+         INSERT INTO topition (topic, partition)
+           SELECT id, partitions - 1 FROM topic WHERE name = '{topic}';
+         INSERT INTO watermark (topition)
+           SELECT tp.id FROM topition tp JOIN topic t ON tp.topic = t.id
+           WHERE t.name = '{topic}' AND tp.partition = t.partitions - 1;
+         SELECT partitions - 1 FROM topic WHERE name = '{topic}';
+         COMMIT;"
+    );
+    let mut sqlite = std::process::Command::new("sqlite3");
+    sqlite
+        .args(["-bail", "-cmd", ".timeout 10000"])
+        .arg(dir.join(DATA_FILE))
+        .arg(sql);
+    run(sqlite, "sqlite3 (Debian: the sqlite3 package)")
+        .trim()
+        .parse()
+        .expect("the new partition's number")
+}
+
+/// Runs `command` to its end and answers what it printed.
+///
+/// # Panics
+/// When it does not start or fails; the message names it (`what`) and gives its errors.
+fn run(mut command: std::process::Command, what: &str) -> String {
+    let output = command
+        .output()
+        .unwrap_or_else(|e| panic!("{what} does not start: {e}"));
+    assert!(
+        output.status.success(),
+        "{what} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
 
 /// The environment variable naming the broker binary.
 pub const BROKER_ENV: &str = "DSREG_TEST_KAFKA_BROKER";
@@ -69,6 +141,14 @@ pub fn broker_binary() -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Where a broker keeps its data.
+enum Storage {
+    /// In memory (`memory://`, the `dynostore` feature): gone with the process.
+    Memory,
+    /// In a SQLite file in this folder (`sqlite://`, the `libsql` feature).
+    File(PathBuf),
 }
 
 /// What stands between the clients and tansu.
@@ -100,12 +180,47 @@ impl KafkaBroker {
 
     /// Starts a broker that requires a SASL login (SCRAM), with no users: every login fails.
     pub async fn start_authenticating() -> Self {
-        Self::launch(free_port(), true, Front::Direct).await
+        Self::launch(free_port(), true, Front::Direct, Storage::Memory).await
     }
 
     /// Starts a broker on `port` (to bring one back on the same address).
     pub async fn start_on(port: u16) -> Self {
-        Self::launch(port, false, Front::Direct).await
+        Self::launch(port, false, Front::Direct, Storage::Memory).await
+    }
+
+    /// Starts a broker keeping its data in a file in `dir` (tansu's SQLite storage engine,
+    /// `sqlite://`, the `libsql` feature), requiring a SASL login when `authentication` is set.
+    /// A later broker started in the same folder finds the topics, messages and SCRAM users of
+    /// the earlier one.
+    pub async fn start_in(dir: &std::path::Path, authentication: bool) -> Self {
+        Self::launch(
+            free_port(),
+            authentication,
+            Front::Direct,
+            Storage::File(dir.to_owned()),
+        )
+        .await
+    }
+
+    /// Stores a SCRAM credential for `user` with `password` (`mechanism`: `scram256` or
+    /// `scram512`), through tansu's own `tansu user create` (an `AlterUserScramCredentials`
+    /// request): only a broker that does not require a login takes it, since the request
+    /// comes before any login, and only a SQL storage keeps it (see the module's doc).
+    pub fn create_scram_user(&self, user: &str, password: &str, mechanism: &str) {
+        let mut create = std::process::Command::new(broker_binary());
+        create
+            .args([
+                "user",
+                "create",
+                "--broker",
+                &format!("tcp://{}", self.address()),
+                "--mechanism",
+                mechanism,
+                user,
+                password,
+            ])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT");
+        run(create, "tansu user create");
     }
 
     /// Starts a broker that clients reach over TLS only: a terminator presenting `cert_pem`
@@ -125,12 +240,23 @@ impl KafkaBroker {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .expect("the certificate and key go together");
-        Self::launch(free_port(), false, Front::Tls(Arc::new(config))).await
+        Self::launch(
+            free_port(),
+            false,
+            Front::Tls(Arc::new(config)),
+            Storage::Memory,
+        )
+        .await
     }
 
-    async fn launch(port: u16, authentication: bool, front: Front) -> Self {
+    async fn launch(port: u16, authentication: bool, front: Front, storage: Storage) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("broker.log");
+        // The SQLite engine opens its file relative to the working folder.
+        let (engine, cwd) = match storage {
+            Storage::Memory => ("memory://tansu/".to_owned(), dir.path().to_owned()),
+            Storage::File(data) => (format!("sqlite://{DATA_FILE}"), data),
+        };
         let out = std::fs::File::create(&log).unwrap();
         // With a terminator in front, tansu listens on a port of its own and advertises the
         // terminator's: the metadata sends every client back through it.
@@ -158,14 +284,14 @@ impl KafkaBroker {
             "--advertised-listener-url",
             &advertised_url,
             "--storage-engine",
-            "memory://tansu/",
+            &engine,
         ]);
         if authentication {
             command.arg("--authentication");
         }
         let child = command
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .current_dir(dir.path())
+            .current_dir(&cwd)
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -276,6 +402,87 @@ async fn join<C: AsyncRead + AsyncWrite + Unpin>(client: C, upstream: TcpStream)
         let _ = to_client.shutdown().await;
     };
     tokio::join!(up, down);
+}
+
+/// A client configuration for `broker` in plain text, with no login.
+pub fn plain(broker: &str) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", broker);
+    config
+}
+
+/// Creates `topic` with `partitions` at `broker`.
+pub async fn create_topic(broker: &str, topic: &str, partitions: i32) {
+    create_topic_with(plain(broker), topic, partitions).await;
+}
+
+/// Creates `topic` with `partitions` through a client made from `config`.
+pub async fn create_topic_with(config: ClientConfig, topic: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = config.create().expect("an admin client");
+    let created = admin
+        .create_topics(
+            &[NewTopic::new(topic, partitions, TopicReplication::Fixed(1))],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .expect("create topics answered");
+    for result in created {
+        result.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+    }
+}
+
+/// Queues `record` on `producer`, letting deliveries drain while its local queue is full.
+pub fn send<K: ToBytes + ?Sized, P: ToBytes + ?Sized>(
+    producer: &BaseProducer,
+    mut record: BaseRecord<'_, K, P>,
+) {
+    loop {
+        match producer.send(record) {
+            Ok(()) => break,
+            Err((_, back)) => {
+                producer.poll(Duration::from_millis(5));
+                record = back;
+            }
+        }
+    }
+    producer.poll(Duration::ZERO);
+}
+
+/// Produces `count` messages to `topic` through a producer made from `config`, batched as a
+/// producer batches by default (many messages per record batch), the `i`th (from 0) with the
+/// payload `payload(first + i)`, at `rate` messages a second when given; waits until every
+/// one is acknowledged. Blocks: call it off the runtime.
+pub fn produce_paced(
+    config: &ClientConfig,
+    topic: &str,
+    first: u64,
+    count: u64,
+    rate: Option<f64>,
+    payload: impl Fn(u64) -> String,
+) {
+    let producer: BaseProducer = config
+        .clone()
+        .set("linger.ms", "2")
+        .create()
+        .expect("a producer");
+    let started = std::time::Instant::now();
+    for i in 0..count {
+        if let Some(rate) = rate {
+            let due = started + Duration::from_secs_f64(i as f64 / rate);
+            let now = std::time::Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        let value = payload(first + i);
+        send(
+            &producer,
+            BaseRecord::<(), String>::to(topic).payload(&value),
+        );
+    }
+    producer
+        .flush(Duration::from_secs(120))
+        .expect("every message acknowledged");
 }
 
 /// A port nothing listens on right now.
