@@ -221,12 +221,13 @@ async fn a_failing_worker_counts_its_restarts_apart_from_restarts_requested_and_
                 .await
                 .ok()?
                 .into_inner();
-            (m.restarts_total >= 2).then_some(m)
+            // The failures are counted as they happen; the state writer records them a
+            // moment later.
+            (m.restarts_total >= 2 && m.failures_since_healthy >= 2).then_some(m)
         }
     })
     .await;
     assert_eq!(metrics.restarts_requested, 0, "{metrics:?}");
-    assert!(metrics.failures_since_healthy >= 2, "{metrics:?}");
 
     // The CLI shows the three counts, each under its own name.
     let dir = tempfile::tempdir().unwrap();
