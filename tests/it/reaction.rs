@@ -12,6 +12,19 @@ use crate::helpers::{TestApp, TestDb, test_settings, wait_for};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// How many datasources have a record in the sink.
+async fn datasources_with_records(db: &TestDb) -> i64 {
+    db.client()
+        .await
+        .query_one(
+            "SELECT count(DISTINCT datasource_id) FROM datasource_records",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A local source answering every path with one record, counting the GETs per path.
 async fn serve_counting() -> (String, Arc<Mutex<BTreeMap<String, usize>>>) {
     use axum::extract::State;
@@ -90,16 +103,7 @@ async fn two_hundred_http_poll_workers_started_in_one_publish_all_poll_a_local_s
         (running == N as i64).then_some(())
     })
     .await;
-    let polled: i64 = db
-        .client()
-        .await
-        .query_one(
-            "SELECT count(DISTINCT datasource_id) FROM datasource_records",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let polled = datasources_with_records(&db).await;
     assert_eq!(polled, N as i64, "every worker's record reached the sink");
     assert_eq!(
         dsreg::connectors::http::clients_built(),
@@ -189,17 +193,7 @@ async fn pollers_of_one_host_starting_together_leave_few_connections_open() {
     tx.commit().await.unwrap();
 
     wait_for("every poller's record in the sink", WAIT, || async {
-        let polled: i64 = db
-            .client()
-            .await
-            .query_one(
-                "SELECT count(DISTINCT datasource_id) FROM datasource_records",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (polled == N as i64).then_some(())
+        (datasources_with_records(&db).await == N as i64).then_some(())
     })
     .await;
     assert_eq!(
