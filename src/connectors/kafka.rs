@@ -614,10 +614,23 @@ async fn blocking<T: Send + 'static>(
         .map_err(|_| Error::Source("the runtime is shutting down".into()))
 }
 
-/// Lets the client hand over what it queued for the application (a refused login reaches
-/// [`Context::error`] only so), for at most a moment.
+/// Lets the client hand over what it queued for the application (a refused login or a failed
+/// TLS handshake reaches [`Context::error`] only so), for at most a moment: every queued event,
+/// since the one that says why may follow others (a broker down, a transport failure).
 async fn pump(consumer: &KafkaConsumer) {
-    let _ = tokio::time::timeout(Duration::from_millis(200), consumer.recv()).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(200);
+    loop {
+        let context = consumer.context();
+        if context.refusal().is_some() || context.handshake_failure().is_some() {
+            return;
+        }
+        if tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
 }
 
 /// Why a request to the brokers failed, as the worker retries it.
