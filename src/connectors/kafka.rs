@@ -19,7 +19,8 @@
 //! the sink has committed (or dead-lettered) every record before it, then committed to the
 //! consumer group too, for Kafka's own tools. A crash, a hot reload or a lease move resumes
 //! from the saved offsets: nothing is skipped, and what is read again is at most the batch in
-//! flight (at least once). A position may also carry `start` (`earliest`, `latest`, Unix
+//! flight (at least once). While the sink writes one batch, the run reads and transforms the
+//! next, and hands it over once that one is settled: one batch is written at a time. A position may also carry `start` (`earliest`, `latest`, Unix
 //! milliseconds) for partitions it names no offset for; a backfill sets either.
 //!
 //! Partitions added to a topic while a run reads it are found by asking the brokers for the
@@ -50,6 +51,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde_json::{Map, Value, json};
+use tokio_util::task::AbortOnDropHandle;
 
 use super::kafka_client::{Context, Login, Trust, check_ca, client_config, creation_error};
 use super::position::{self, Field, Format, Shape};
@@ -972,23 +974,32 @@ async fn consume(
     let mut watch = tokio::time::interval(PARTITIONS_CHECK);
     watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     watch.reset();
+    // The batch the sink is writing while the next one is read: at most one, settled (its
+    // position saved and committed to the group) before the next is handed over.
+    let mut in_flight: Option<InFlight> = None;
     loop {
         let mut records = Vec::new();
         let mut dead = Vec::new();
         let mut batch_next: BTreeMap<String, i64> = BTreeMap::new();
-        // Wait for the first message of a batch (or an idle or partitions check), then fill
-        // the batch for at most the linger. Between batches every record read is committed,
-        // so the assignment may grow here.
+        // Wait for the first message of a batch (or the batch in flight, an idle or a
+        // partitions check), then fill the batch for at most the linger. The checks come
+        // only once every record read is committed, so the assignment may grow there.
         let first = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(()),
-            _ = watch.tick() => {
+            written = wait(&mut in_flight) => {
+                settle(ctx, consumer, &mut next, written, in_flight.take()).await?;
+                answered = Instant::now();
+                idle.reset();
+                continue;
+            }
+            _ = watch.tick(), if in_flight.is_none() => {
                 tokio::select! {
                     () = ctx.cancel.cancelled() => return Ok(()),
                     r = take_up_new_partitions(settings, ctx, consumer, &mut next) => r?,
                 }
                 continue;
             }
-            _ = idle.tick() => None,
+            _ = idle.tick(), if in_flight.is_none() => None,
             m = consumer.recv() => Some(m),
         };
         let Some(first) = first else {
@@ -1058,22 +1069,70 @@ async fn consume(
         if batch_next.is_empty() {
             continue;
         }
+        // Transformed while the batch before is written; handed to the sink once that one is
+        // settled, so positions are saved and committed in order and a crash repeats at most
+        // one batch.
+        let edged = tokio::select! {
+            () = ctx.cancel.cancelled() => return Ok(()),
+            edged = ctx.sink.edge(records, dead) => edged?,
+        };
+        if in_flight.is_some() {
+            let written = tokio::select! {
+                () = ctx.cancel.cancelled() => return Ok(()),
+                written = wait(&mut in_flight) => written,
+            };
+            settle(ctx, consumer, &mut next, written, in_flight.take()).await?;
+        }
         if !ctx.may_act() {
             ctx.cancel.cancelled().await;
             return Ok(());
         }
-        let settled = tokio::select! {
-            () = ctx.cancel.cancelled() => return Ok(()),
-            r = ctx.sink.write_durable_with(records, dead) => r,
-        };
-        settled?;
-        next.extend(batch_next.iter().map(|(k, v)| (k.clone(), *v)));
-        ctx.cursor.save(&position_of(&next)).await?;
-        commit_to_group(consumer, &batch_next);
-        ctx.health.progress();
+        let sink = ctx.sink.clone();
+        in_flight = Some(InFlight {
+            write: AbortOnDropHandle::new(tokio::spawn(async move {
+                sink.write_edged_durable(edged).await
+            })),
+            batch_next,
+        });
         answered = Instant::now();
         idle.reset();
     }
+}
+
+/// A batch handed to the sink, written by a task of its own while the run reads the next one.
+/// Dropped with the run (a stop, a reload, a failure), its task is aborted: whatever it had
+/// already queued may still be committed, and is read again by the next run, since its
+/// position was never saved.
+struct InFlight {
+    write: AbortOnDropHandle<Result<super::sink::Outcome, Error>>,
+    batch_next: BTreeMap<String, i64>,
+}
+
+/// The end of the write in flight; never, when there is none.
+async fn wait(in_flight: &mut Option<InFlight>) -> Result<super::sink::Outcome, Error> {
+    match in_flight {
+        Some(batch) => (&mut batch.write)
+            .await
+            .map_err(|_| Error::Source("the runtime is shutting down".into()))?,
+        None => std::future::pending().await,
+    }
+}
+
+/// After the sink settled a batch: its position is saved, then committed to the group.
+async fn settle(
+    ctx: &RunContext,
+    consumer: &KafkaConsumer,
+    next: &mut BTreeMap<String, i64>,
+    written: Result<super::sink::Outcome, Error>,
+    batch: Option<InFlight>,
+) -> Result<(), Error> {
+    written?;
+    let batch_next = batch.map(|b| b.batch_next).unwrap_or_default();
+    next.extend(batch_next.iter().map(|(k, v)| (k.clone(), *v)));
+    ctx.cursor.save(&position_of(next)).await?;
+    commit_to_group(consumer, &batch_next);
+    ctx.health.progress();
+    Ok(())
 }
 
 /// Partitions of `settings`' topics the run does not read yet, from the brokers' metadata now;

@@ -249,6 +249,14 @@ enum Message {
     Flushed(oneshot::Sender<()>),
 }
 
+/// Records through the sink's edge ([`SinkHandle::edge`]), waiting to be written: what may be
+/// stored, and the dead letters beside them.
+#[derive(Debug, Default)]
+pub struct Edged {
+    records: Vec<Value>,
+    dead: Vec<DeadLetter>,
+}
+
 /// A worker's handle on the sink: its datasource, version, fencing epoch and transform.
 #[derive(Clone)]
 pub struct SinkHandle {
@@ -300,8 +308,34 @@ impl SinkHandle {
         records: Vec<Value>,
         undecodable: Vec<DeadLetter>,
     ) -> Result<Outcome, Error> {
+        let edged = self.edge(records, undecodable).await?;
+        self.write_edged_durable(edged).await
+    }
+
+    /// Runs the sink's edge (the NUL checks and the transform) on `records` ahead of their
+    /// write, with `undecodable` input records to dead-letter beside them: a source may so
+    /// transform one batch while the previous one is being written, and write it with
+    /// [`Self::write_edged_durable`].
+    ///
+    /// # Errors
+    /// [`Error::Sink`] when the runtime is shutting down.
+    pub async fn edge(
+        &self,
+        records: Vec<Value>,
+        undecodable: Vec<DeadLetter>,
+    ) -> Result<Edged, Error> {
+        let (records, mut dead) = self.apply(records).await?;
+        dead.extend(undecodable);
+        Ok(Edged { records, dead })
+    }
+
+    /// Like [`Self::write_durable_with`], for records through [`Self::edge`] already.
+    ///
+    /// # Errors
+    /// As [`Self::write_durable`].
+    pub async fn write_edged_durable(&self, edged: Edged) -> Result<Outcome, Error> {
         let (ack, settled) = oneshot::channel();
-        self.send(records, undecodable, Some(ack)).await?;
+        self.send_edged(edged, Some(ack)).await?;
         match settled.await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(Undelivered::Fenced)) => Err(Error::Sink(format!(
@@ -324,14 +358,28 @@ impl SinkHandle {
         undecodable: Vec<DeadLetter>,
         ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
     ) -> Result<Outcome, Error> {
-        if !self.lease.holds() {
-            return Err(Error::Sink(format!(
-                "refused: this instance no longer surely holds the datasource's lease (epoch {})",
-                self.epoch
-            )));
+        // Refused before the transform runs, as after it.
+        self.check_lease()?;
+        let edged = self.edge(records, undecodable).await?;
+        self.send_edged(edged, ack).await
+    }
+
+    fn check_lease(&self) -> Result<(), Error> {
+        if self.lease.holds() {
+            return Ok(());
         }
-        let (records, mut dead) = self.apply(records).await?;
-        dead.extend(undecodable);
+        Err(Error::Sink(format!(
+            "refused: this instance no longer surely holds the datasource's lease (epoch {})",
+            self.epoch
+        )))
+    }
+
+    async fn send_edged(
+        &self,
+        Edged { records, dead }: Edged,
+        ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
+    ) -> Result<Outcome, Error> {
+        self.check_lease()?;
         let queued = Outcome {
             written: records.len(),
             dead_lettered: dead.len(),

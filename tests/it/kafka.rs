@@ -1087,3 +1087,102 @@ async fn everything_said(
         ("the logs", serve.logs.lock().unwrap().join("\n")),
     ]
 }
+
+/// Partitions whose saved position passes an offset not stored: `(partition, position, how
+/// many offsets below it are stored)`. The position is read before the records, so a run that
+/// saves a position only after its records commit never shows here.
+async fn positions_ahead_of_records(db: &TestDb, datasource: uuid::Uuid) -> Vec<(i64, i64, i64)> {
+    let position = stored_position(db, datasource).await;
+    let offsets = position
+        .as_ref()
+        .and_then(|p| p.get("offsets"))
+        .and_then(Value::as_object)
+        .cloned()
+        .unwrap_or_default();
+    let mut ahead = Vec::new();
+    for (key, next) in offsets {
+        let partition: i64 = key.rsplit_once(':').unwrap().1.parse().unwrap();
+        let next = next.as_i64().unwrap();
+        let below: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(DISTINCT (record->>'offset')::bigint) FROM datasource_records \
+                 WHERE datasource_id = $1 AND (record->>'partition')::bigint = $2 \
+                 AND (record->>'offset')::bigint < $3",
+                &[&datasource, &partition, &next],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if below != next {
+            ahead.push((partition, next, below));
+        }
+    }
+    ahead
+}
+
+#[tokio::test]
+async fn the_position_never_passes_a_record_not_stored_while_the_sink_is_held_up() {
+    // Arrange: 4,000 messages in two partitions, read in batches of 100: the source reads and
+    // transforms the next batch while the sink writes the one before.
+    let broker = KafkaBroker::start().await;
+    create_topic(&broker.address(), "orders", 2).await;
+    produce(&broker.address(), "orders", 2, 0, 4_000).await;
+    let db = TestDb::new().await;
+    let app = TestApp::spawn(&db.url, |_| {}).await;
+    let ds = db.datasource_of("orders", "kafka").await.id;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["batch_max_records"] = json!(100);
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+    wait_for("some records stored", WAIT, || async {
+        (!stored_ids(&db, ds).await.is_empty()).then_some(())
+    })
+    .await;
+
+    // Act: hold the sink's writes (a lock that lets reads through) until one of them waits
+    // for it, so that batches read after it pile up behind the write.
+    let mut holder = db.client().await;
+    let hold = holder.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE datasource_records IN SHARE MODE")
+        .await
+        .unwrap();
+    wait_for("a sink write waiting for the lock", WAIT, || async {
+        let waiting: i64 = db
+            .client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'datasource_records' AND NOT l.granted",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+    let held = positions_ahead_of_records(&db, ds).await;
+    hold.rollback().await.unwrap();
+
+    // Assert: while held, and at every look until all are stored, no position passed a
+    // record that was not stored; then every message is stored once.
+    assert_eq!(held, [], "(partition, position, offsets stored below it)");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while stored_ids(&db, ds).await.len() < 4_000 {
+        assert_eq!(positions_ahead_of_records(&db, ds).await, []);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not all stored in time"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(wait_for_all(&db, ds, 4_000).await, 0);
+    wait_for("the position to cover every message", WAIT, || async {
+        (committed(stored_position(&db, ds).await.as_ref()) == 4_000).then_some(())
+    })
+    .await;
+    assert_eq!(positions_ahead_of_records(&db, ds).await, []);
+    app.stop().await.unwrap();
+}
