@@ -1011,22 +1011,10 @@ async fn a_renewal_sent_while_a_claim_runs_does_not_count_the_claimed_leases_los
     let run = tokio::spawn(elector.run(shutdown.clone()));
 
     // The claim of both waits on the orphan's lock; a renewal runs meanwhile.
-    wait_for(
+    crate::helpers::wait_for_lock_wait(
+        &client,
         "the claim waiting on the lock",
-        Duration::from_secs(60),
-        || async {
-            let waiting: i64 = client
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'
-                   AND query LIKE '%INSERT INTO datasource_leases%'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            (waiting > 0).then_some(())
-        },
+        "INSERT INTO datasource_leases",
     )
     .await;
     let before = leases_until(&client, "a").await;

@@ -245,6 +245,25 @@ where
     }
 }
 
+/// Waits until a session of `client`'s database waits for a lock in a statement whose text
+/// holds `statement` (any statement when it is empty).
+pub async fn wait_for_lock_wait(client: &tokio_postgres::Client, what: &str, statement: &str) {
+    wait_for(what, Duration::from_secs(60), || async {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND strpos(query, $1) > 0",
+                &[&statement],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        (waiting > 0).then_some(())
+    })
+    .await;
+}
+
 /// A registry running in a runtime of its own, so a test can stop it gracefully or kill it
 /// outright (every task dropped at once, as in a crash).
 pub struct TestApp {

@@ -1148,20 +1148,12 @@ async fn the_position_never_passes_a_record_not_stored_while_the_sink_is_held_up
     hold.batch_execute("LOCK TABLE datasource_records IN SHARE MODE")
         .await
         .unwrap();
-    wait_for("a sink write waiting for the lock", WAIT, || async {
-        let waiting: i64 = db
-            .client()
-            .await
-            .query_one(
-                "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
-                 WHERE c.relname = 'datasource_records' AND NOT l.granted",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
-    })
+    let observer = db.client().await;
+    crate::helpers::wait_for_lock_wait(
+        &observer,
+        "a sink write waiting for the lock",
+        "INSERT INTO datasource_records",
+    )
     .await;
     let held = positions_ahead_of_records(&db, ds).await;
     hold.rollback().await.unwrap();

@@ -360,18 +360,8 @@ async fn two_concurrent_publishers_of_one_datasource_leave_exactly_one_published
         })
     };
     let observer = db.client().await;
-    crate::helpers::wait_for("the second publisher to wait on a lock", WAIT, || async {
-        let waiting: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        (waiting > 0).then_some(())
-    })
-    .await;
+    crate::helpers::wait_for_lock_wait(&observer, "the second publisher to wait on a lock", "")
+        .await;
     tx1.commit().await.unwrap();
     racer
         .await
