@@ -5,7 +5,8 @@
 //! - **source → Postgres**: `KAFKA_BENCH_RECORDS` (200,000) JSON messages already in a topic
 //!   of two partitions; a `kafka` datasource with a 10-field mapping reads them into the
 //!   Postgres sink. Records/s from the first record committed to the last (the worker's
-//!   start-up apart), and from the publish.
+//!   start-up apart), and from the publish. Its floor, in the same run: Postgres alone
+//!   appending the same records, 5,000 a statement as the sink does.
 //! - **source → Kafka sink**: a `generator` datasource emitting the same number of records as
 //!   fast as the sink takes them, with `--sink kafka`; records/s until the topic holds them
 //!   all (acks=all, idempotent, lz4).
@@ -276,6 +277,38 @@ async fn main() -> anyhow::Result<()> {
     ));
     println!("{:?}", rows.last());
     stop(shutdown, running).await?;
+
+    // The floor: what Postgres alone takes of the same records, appended as the sink
+    // appends them (5,000 a statement, each its own durable transaction).
+    let mapped: Vec<serde_json::Value> = pg
+        .query(
+            "SELECT record FROM datasource_records WHERE datasource_id = $1 ORDER BY id LIMIT $2",
+            &[&id, &(records as i64)],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let floor_id = uuid::Uuid::new_v4();
+    let started = Instant::now();
+    for chunk in mapped.chunks(5_000) {
+        pg.execute(
+            "INSERT INTO datasource_records (datasource_id, version, epoch, record)
+             SELECT $1, 1, 1, r FROM unnest($2::jsonb[]) AS r",
+            &[&floor_id, &chunk],
+        )
+        .await?;
+    }
+    let floor = mapped.len() as f64 / started.elapsed().as_secs_f64();
+    rows.push((
+        "floor: Postgres alone appending the same records, 5,000 a statement".to_owned(),
+        format!(
+            "{floor:.0} records/s (the source reaches {:.0} % of it)",
+            100.0 * records as f64 / from_first / floor
+        ),
+        "—".to_owned(),
+    ));
+    println!("{:?}", rows.last());
 
     // Source → Kafka sink.
     kafka_broker::create_topic(&address, "bench-out", 2).await;
