@@ -7,10 +7,11 @@
 //! with backoff, no storm; a burst and then a paced stream in batches of many messages all
 //! arrive; the source over TLS with the CA from a secret (tansu behind a TLS terminator);
 //! SCRAM-SHA-256 and SCRAM-SHA-512 logins with the password from a secret (users stored in
-//! tansu's SQLite storage), and a refused login, the password nowhere; a partition added while
-//! the source runs (through the broker's storage: tansu has no CreatePartitions); the `kafka`
-//! sink's epoch header and its fence; the sink over TLS trusting its CA, and a wrong CA as a
-//! clear error on the datasource that writes nothing.
+//! tansu's SQLite storage) and a PLAIN one (tansu behind a login front: it has no PLAIN), and a
+//! refused login of each kind, the password nowhere; a partition added while the source runs
+//! (through the broker's storage: tansu has no CreatePartitions); the `kafka` sink's epoch
+//! header and its fence; the sink over TLS trusting its CA, and a wrong CA as a clear error on
+//! the datasource that writes nothing.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -582,51 +583,126 @@ async fn http_poll_records_reach_the_kafka_sink_keyed_and_a_frozen_broker_loses_
     app.stop().await.unwrap();
 }
 
+/// A client configuration for `broker` in plain text, logging in with PLAIN as `user` with
+/// `password`.
+fn with_plain_login(broker: &str, user: &str, password: &str) -> ClientConfig {
+    let mut config = plain(broker);
+    config
+        .set("security.protocol", "sasl_plaintext")
+        .set("sasl.mechanism", "PLAIN")
+        .set("sasl.username", user)
+        .set("sasl.password", password);
+    config
+}
+
+/// A password no other text holds by chance.
+fn canary() -> String {
+    format!("canary-{}", uuid::Uuid::new_v4().simple())
+}
+
 #[tokio::test]
 async fn a_refused_login_is_a_clear_error_and_the_password_is_nowhere() {
-    // Arrange: a broker that requires SCRAM (and knows no user), the real binary with debug
-    // logs, and a datasource whose password is a canary.
-    let broker = KafkaBroker::start_authenticating().await;
+    // Arrange: two brokers that refuse the datasources' login, each for one mechanism and
+    // each with its own reason: one requiring SCRAM that knows no user, and one requiring a
+    // PLAIN login whose user `dsreg` has another password (tansu behind a login front, see
+    // tests/support/kafka_broker.rs); the real binary with debug logs; a datasource for each,
+    // whose password is a canary.
+    let scram = KafkaBroker::start_authenticating().await;
+    let plain_front = KafkaBroker::start_plain_login("dsreg", &canary()).await;
     let db = TestDb::new().await;
-    let master_keys = "1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
-    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
-    let ds = db.datasource_of("secured", "kafka").await.id;
-    crate::helpers::put_secret(&db, master_keys, ds, "kafka_password", &password).await;
-    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
-    config["sasl"] = json!({
-        "mechanism": "SCRAM-SHA-512", "username": "dsreg", "password_secret": "kafka_password"
-    });
-    let v = db.version(ds, config).await;
-    db.publish_sql(ds, v).await;
+    let password = canary();
+    let mut datasources = Vec::new();
+    for (mechanism, broker, reason) in [
+        ("SCRAM-SHA-512", &scram, "unknown-user"),
+        ("PLAIN", &plain_front, "invalid username or password"),
+    ] {
+        let ds = db
+            .datasource_of(&mechanism.to_lowercase(), "kafka")
+            .await
+            .id;
+        crate::helpers::put_secret(&db, MASTER_KEYS, ds, "kafka_password", &password).await;
+        let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+        config["sasl"] = json!({
+            "mechanism": mechanism, "username": "dsreg", "password_secret": "kafka_password"
+        });
+        let v = db.version(ds, config).await;
+        db.publish_sql(ds, v).await;
+        datasources.push((mechanism, ds, broker, reason));
+    }
     let serve = ServeProcess::start(
         &db.url,
-        &[("DSREG_MASTER_KEYS", master_keys), ("DSREG_LOG", "debug")],
+        &[("DSREG_MASTER_KEYS", MASTER_KEYS), ("DSREG_LOG", "debug")],
     )
     .await;
 
-    // Assert: the datasource says the login was refused, and waits the long delay.
-    let state = wait_for("the refused login's error", WAIT, || async {
-        let state = db.state(ds).await;
-        state.error_code.is_some().then_some(state)
-    })
+    // Assert: each datasource says the login was refused and the broker's reason, and waits
+    // the long delay; the password is nowhere.
+    for (mechanism, ds, broker, reason) in datasources {
+        let state = wait_for("the refused login's error", WAIT, || async {
+            let state = db.state(ds).await;
+            state.error_code.is_some().then_some(state)
+        })
+        .await;
+        let message = state.error_message.clone().unwrap_or_default();
+        let client_lines: Vec<String> = serve
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains("librdkafka") || l.contains("kafka"))
+            .cloned()
+            .collect();
+        assert_eq!(
+            state.error_code.as_deref(),
+            Some("source_refused"),
+            "{mechanism}: {message}\n{}\nbroker: {}",
+            client_lines.join("\n"),
+            broker.logs()
+        );
+        assert!(message.contains("login"), "{mechanism}: {message}");
+        assert!(message.contains(reason), "{mechanism}: {message}");
+        for (what, text) in everything_said(&serve, &db, ds).await {
+            assert!(
+                !text.contains(&password),
+                "{mechanism}: the password is in {what}"
+            );
+        }
+    }
+    serve.stop().await;
+}
+
+#[tokio::test]
+async fn plain_logins_with_the_password_from_a_secret_consume_the_topic() {
+    // Arrange: a broker that lets a client in only after a PLAIN login as `reader` (tansu
+    // behind a login front, see tests/support/kafka_broker.rs), whose password is a canary;
+    // 500 messages, produced through such a login.
+    let password = canary();
+    let broker = KafkaBroker::start_plain_login("reader", &password).await;
+    let logged_in = with_plain_login(&broker.address(), "reader", &password);
+    create_topic_with(logged_in.clone(), "orders", 2).await;
+    produce_with(logged_in, "orders", 2, 0, 500).await;
+    let db = TestDb::new().await;
+    let ds = db.datasource_of("plain", "kafka").await.id;
+    crate::helpers::put_secret(&db, MASTER_KEYS, ds, "kafka_password", &password).await;
+    let mut config = source_config(&broker.address(), "orders", TRANSFORM);
+    config["sasl"] = json!({
+        "mechanism": "PLAIN", "username": "reader", "password_secret": "kafka_password"
+    });
+    let serve = ServeProcess::start(
+        &db.url,
+        &[("DSREG_MASTER_KEYS", MASTER_KEYS), ("DSREG_LOG", "debug")],
+    )
     .await;
-    let message = state.error_message.clone().unwrap_or_default();
-    let client_lines: Vec<String> = serve
-        .logs
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| l.contains("librdkafka") || l.contains("kafka"))
-        .cloned()
-        .collect();
-    assert_eq!(
-        state.error_code.as_deref(),
-        Some("source_refused"),
-        "{message}\n{}\nbroker: {}",
-        client_lines.join("\n"),
-        broker.logs()
-    );
-    assert!(message.contains("login"), "{message}");
+
+    // Act
+    let v = db.version(ds, config).await;
+    db.publish_sql(ds, v).await;
+
+    // Assert: the datasource logs in and reads every message once; the password is nowhere.
+    let extra = wait_for_all(&db, ds, 500).await;
+    assert_eq!(extra, 0);
+    let state = db.state(ds).await;
+    assert_eq!(state.error_code, None, "{:?}", state.error_message);
     for (what, text) in everything_said(&serve, &db, ds).await {
         assert!(!text.contains(&password), "the password is in {what}");
     }
@@ -644,7 +720,7 @@ async fn scram_logins_with_the_password_from_a_secret_consume_the_topic() {
     let mut open = KafkaBroker::start_in(storage.path(), false).await;
     create_topic(&open.address(), "orders", 2).await;
     produce(&open.address(), "orders", 2, 0, 500).await;
-    let password = format!("canary-{}", uuid::Uuid::new_v4().simple());
+    let password = canary();
     open.create_scram_user("reader256", &password, "scram256");
     open.create_scram_user("reader512", &password, "scram512");
     open.stop();

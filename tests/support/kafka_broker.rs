@@ -39,6 +39,20 @@
 //!   subquery in `FROM` without an alias, which PostgreSQL before 16 refuses ("subquery in
 //!   FROM must have an alias"); the machine's PostgreSQL is 15.
 //!
+//! PLAIN logins are therefore served by a front of the tests' own:
+//! [`KafkaBroker::start_plain_login`] starts tansu without `--authentication` on a port of its
+//! own, advertising the front's, and the front (on the port clients know) reads each
+//! connection's requests until it has logged in, decoding them and encoding its answers with
+//! the `kafka-protocol` crate. It answers `SaslHandshake` (offering `PLAIN` only) and
+//! `SaslAuthenticate` itself, checking the user and password it was started with: a right login
+//! joins the connection to tansu byte for byte, as the TLS terminator does; a wrong one gets
+//! `SASL_AUTHENTICATION_FAILED` ("Authentication failed: invalid username or password") and the
+//! connection is closed. `ApiVersions` (what librdkafka sends first) goes to tansu, whose answer
+//! lists the SASL requests (`SaslHandshake` 0–1, `SaslAuthenticate` 0–2, the versions the crate
+//! serves too, of which librdkafka sends 1 and 1; the front caps them at the crate's should
+//! they differ); any other request before a login closes the connection, as a broker requiring
+//! a login does. A client that sends no login, a wrong user or a wrong password reads nothing.
+//!
 //! # Partitions
 //!
 //! tansu 0.6 answers no `CreatePartitions` (it is not among the broker's routes,
@@ -157,15 +171,23 @@ enum Front {
     Direct,
     /// A TLS terminator.
     Tls(Arc<rustls::ServerConfig>),
+    /// A PLAIN login, required before any request but `ApiVersions`.
+    PlainLogin(Arc<PlainLogin>),
+}
+
+/// The one user a [`Front::PlainLogin`] lets in.
+struct PlainLogin {
+    user: String,
+    password: String,
 }
 
 /// A running broker.
 pub struct KafkaBroker {
     child: Option<std::process::Child>,
-    /// The port clients connect to (the terminator's when there is one).
+    /// The port clients connect to (the front's when there is one).
     port: u16,
-    /// The TLS terminator's accept loop, when there is one.
-    terminator: Option<tokio::task::JoinHandle<()>>,
+    /// The accept loop of the front (a TLS terminator or a PLAIN login), when there is one.
+    front: Option<tokio::task::JoinHandle<()>>,
     /// Where its output goes.
     log: PathBuf,
     _dir: tempfile::TempDir,
@@ -249,6 +271,23 @@ impl KafkaBroker {
         .await
     }
 
+    /// Starts a broker that lets a client in only after a SASL PLAIN login as `user` with
+    /// `password`: a front of the test's own answers the SASL requests and joins a client that
+    /// logged in to tansu (which requires no login), see the module's doc.
+    pub async fn start_plain_login(user: &str, password: &str) -> Self {
+        let login = PlainLogin {
+            user: user.to_owned(),
+            password: password.to_owned(),
+        };
+        Self::launch(
+            free_port(),
+            false,
+            Front::PlainLogin(Arc::new(login)),
+            Storage::Memory,
+        )
+        .await
+    }
+
     async fn launch(port: u16, authentication: bool, front: Front, storage: Storage) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("broker.log");
@@ -258,9 +297,9 @@ impl KafkaBroker {
             Storage::File(data) => (format!("sqlite://{DATA_FILE}"), data),
         };
         let out = std::fs::File::create(&log).unwrap();
-        // With a terminator in front, tansu listens on a port of its own and advertises the
-        // terminator's: the metadata sends every client back through it.
-        let (own_port, terminator) = match front {
+        // With a front, tansu listens on a port of its own and advertises the front's: the
+        // metadata sends every client back through it.
+        let (own_port, front) = match front {
             Front::Direct => (port, None),
             Front::Tls(config) => {
                 let listener = TcpListener::bind(("127.0.0.1", port))
@@ -271,6 +310,16 @@ impl KafkaBroker {
                 (
                     own_port,
                     Some(tokio::spawn(terminate(listener, own_port, acceptor))),
+                )
+            }
+            Front::PlainLogin(login) => {
+                let listener = TcpListener::bind(("127.0.0.1", port))
+                    .await
+                    .expect("the front's port is free");
+                let own_port = free_port();
+                (
+                    own_port,
+                    Some(tokio::spawn(require_plain_login(listener, own_port, login))),
                 )
             }
         };
@@ -299,7 +348,7 @@ impl KafkaBroker {
         let broker = Self {
             child: Some(child),
             port,
-            terminator,
+            front,
             log,
             _dir: dir,
         };
@@ -315,7 +364,7 @@ impl KafkaBroker {
         broker
     }
 
-    /// `127.0.0.1:<port>`: where clients connect (the terminator, when there is one).
+    /// `127.0.0.1:<port>`: where clients connect (the front, when there is one).
     pub fn address(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
@@ -327,8 +376,8 @@ impl KafkaBroker {
 
     /// Stops it (SIGKILL) and waits for it to exit; its port is free again after.
     pub fn stop(&mut self) {
-        if let Some(terminator) = self.terminator.take() {
-            terminator.abort();
+        if let Some(front) = self.front.take() {
+            front.abort();
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -387,6 +436,194 @@ async fn terminate(listener: TcpListener, to: u16, acceptor: tokio_rustls::TlsAc
             join(client, upstream).await;
         });
     }
+}
+
+/// Accepts clients on `listener` and serves each one's PLAIN login ([`log_in_plain`]) in front
+/// of tansu on `to`.
+async fn require_plain_login(listener: TcpListener, to: u16, login: Arc<PlainLogin>) {
+    loop {
+        let Ok((client, _)) = listener.accept().await else {
+            continue;
+        };
+        let login = login.clone();
+        tokio::spawn(async move {
+            let _ = client.set_nodelay(true);
+            // A connection ends however the exchange ends: an error here is the client's (or
+            // tansu's) closing, or a request the front does not take.
+            let _ = log_in_plain(client, to, &login).await;
+        });
+    }
+}
+
+/// The one SASL mechanism a [`Front::PlainLogin`] offers.
+const PLAIN: &str = "PLAIN";
+/// Kafka's error code for a handshake naming a mechanism the broker does not offer.
+const UNSUPPORTED_SASL_MECHANISM: i16 = 33;
+/// Kafka's error code for a refused login.
+const SASL_AUTHENTICATION_FAILED: i16 = 58;
+/// The largest request the front reads before a login (the SASL ones and `ApiVersions` are a
+/// few hundred bytes) and the largest `ApiVersions` answer it relays.
+const MAX_FRAME: usize = 1 << 20;
+
+/// Serves one client of a [`Front::PlainLogin`], reading its requests (each a 4-byte
+/// big-endian size, then the request header and body) until it has logged in:
+///
+/// - `ApiVersions` goes to tansu, whose answer comes back with the `SaslHandshake` and
+///   `SaslAuthenticate` versions capped at those the front decodes and encodes;
+/// - `SaslHandshake` is answered here, offering `PLAIN` only; another mechanism gets
+///   `UNSUPPORTED_SASL_MECHANISM` and the connection is closed, and so does a version 0
+///   handshake (its login bytes come without a `SaslAuthenticate` frame, which the front does
+///   not read);
+/// - `SaslAuthenticate` after a handshake is answered here: PLAIN's bytes are
+///   `authzid NUL user NUL password`; `user` and `password` right (and `authzid` empty or the
+///   user) succeed and from then on the connection is joined to tansu byte for byte; anything
+///   else gets `SASL_AUTHENTICATION_FAILED` and the connection is closed after the answer;
+/// - any other request closes the connection, as a broker requiring a login does.
+async fn log_in_plain(mut client: TcpStream, to: u16, login: &PlainLogin) -> anyhow::Result<()> {
+    use kafka_protocol::messages::{
+        ApiKey, RequestHeader, SaslAuthenticateRequest, SaslAuthenticateResponse,
+        SaslHandshakeRequest, SaslHandshakeResponse,
+    };
+    use kafka_protocol::protocol::{Decodable as _, StrBytes};
+    let mut upstream = TcpStream::connect(("127.0.0.1", to)).await?;
+    let _ = upstream.set_nodelay(true);
+    let mut handshaken = false;
+    loop {
+        let frame = read_frame(&mut client).await?;
+        let mut request = frame.clone();
+        anyhow::ensure!(request.len() >= 4, "a request shorter than its header");
+        let key = i16::from_be_bytes([request[0], request[1]]);
+        let version = i16::from_be_bytes([request[2], request[3]]);
+        let Ok(api) = ApiKey::try_from(key) else {
+            anyhow::bail!("request {key}: no such API");
+        };
+        let header = RequestHeader::decode(&mut request, api.request_header_version(version))?;
+        match api {
+            ApiKey::ApiVersions => {
+                write_frame(&mut upstream, &frame).await?;
+                let answer = read_frame(&mut upstream).await?;
+                let answer = with_sasl_versions_served(answer, version)?;
+                write_frame(&mut client, &answer).await?;
+            }
+            ApiKey::SaslHandshake => {
+                let body = SaslHandshakeRequest::decode(&mut request, version)?;
+                let offered = body.mechanism.as_str() == PLAIN;
+                let error_code = if offered {
+                    0
+                } else {
+                    UNSUPPORTED_SASL_MECHANISM
+                };
+                let response = SaslHandshakeResponse::default()
+                    .with_error_code(error_code)
+                    .with_mechanisms(vec![StrBytes::from_static_str(PLAIN)]);
+                answer(&mut client, &header, api, &response).await?;
+                anyhow::ensure!(offered, "mechanism {:?} refused", body.mechanism.as_str());
+                anyhow::ensure!(version >= 1, "a version 0 handshake");
+                handshaken = true;
+            }
+            ApiKey::SaslAuthenticate if handshaken => {
+                let body = SaslAuthenticateRequest::decode(&mut request, version)?;
+                let fields: Vec<&[u8]> = body.auth_bytes.split(|b| *b == 0).collect();
+                let accepted = matches!(
+                    fields.as_slice(),
+                    [authzid, user, password]
+                        if (authzid.is_empty() || authzid == user)
+                            && *user == login.user.as_bytes()
+                            && *password == login.password.as_bytes()
+                );
+                let response = if accepted {
+                    SaslAuthenticateResponse::default()
+                } else {
+                    SaslAuthenticateResponse::default()
+                        .with_error_code(SASL_AUTHENTICATION_FAILED)
+                        .with_error_message(Some(StrBytes::from_static_str(
+                            "Authentication failed: invalid username or password",
+                        )))
+                };
+                answer(&mut client, &header, api, &response).await?;
+                anyhow::ensure!(accepted, "the login refused");
+                join(client, upstream).await;
+                return Ok(());
+            }
+            _ => anyhow::bail!("{api:?} before a login"),
+        }
+    }
+}
+
+/// Tansu's `ApiVersions` answer `frame` (to a request of `version`) with the versions of
+/// `SaslHandshake` and `SaslAuthenticate` capped at those [`log_in_plain`] serves; an answer
+/// with an error (an `ApiVersions` version tansu does not serve, answered in version 0, which
+/// the client retries lower) goes back as it is.
+fn with_sasl_versions_served(frame: bytes::Bytes, version: i16) -> anyhow::Result<bytes::Bytes> {
+    use kafka_protocol::messages::{
+        ApiKey, ApiVersionsResponse, ResponseHeader, SaslAuthenticateResponse,
+        SaslHandshakeResponse,
+    };
+    use kafka_protocol::protocol::{Decodable as _, Encodable as _, Message as _};
+    let header_version = ApiKey::ApiVersions.response_header_version(version);
+    let mut body = frame.clone();
+    let header = ResponseHeader::decode(&mut body, header_version)?;
+    anyhow::ensure!(
+        body.len() >= 2,
+        "an ApiVersions answer without its error code"
+    );
+    if body[..2] != [0, 0] {
+        return Ok(frame);
+    }
+    let mut response = ApiVersionsResponse::decode(&mut body, version)?;
+    for api in &mut response.api_keys {
+        let served = if api.api_key == ApiKey::SaslHandshake as i16 {
+            SaslHandshakeResponse::VERSIONS.max
+        } else if api.api_key == ApiKey::SaslAuthenticate as i16 {
+            SaslAuthenticateResponse::VERSIONS.max
+        } else {
+            continue;
+        };
+        api.max_version = api.max_version.min(served);
+    }
+    let mut out = bytes::BytesMut::new();
+    header.encode(&mut out, header_version)?;
+    response.encode(&mut out, version)?;
+    Ok(out.freeze())
+}
+
+/// Sends `response` to the request of `header` (of `api`) to `client`.
+async fn answer<R: kafka_protocol::protocol::Encodable>(
+    client: &mut TcpStream,
+    header: &kafka_protocol::messages::RequestHeader,
+    api: kafka_protocol::messages::ApiKey,
+    response: &R,
+) -> anyhow::Result<()> {
+    use kafka_protocol::protocol::Encodable as _;
+    let version = header.request_api_version;
+    let header_version = api.response_header_version(version);
+    let mut out = bytes::BytesMut::new();
+    kafka_protocol::messages::ResponseHeader::default()
+        .with_correlation_id(header.correlation_id)
+        .encode(&mut out, header_version)?;
+    response.encode(&mut out, version)?;
+    write_frame(client, &out).await
+}
+
+/// Reads one Kafka frame (a 4-byte big-endian size, then that many bytes) and answers its
+/// bytes after the size.
+async fn read_frame(from: &mut TcpStream) -> anyhow::Result<bytes::Bytes> {
+    use tokio::io::AsyncReadExt as _;
+    let size = usize::try_from(from.read_u32().await?)?;
+    anyhow::ensure!(size <= MAX_FRAME, "a frame of {size} bytes");
+    let mut frame = vec![0; size];
+    from.read_exact(&mut frame).await?;
+    Ok(frame.into())
+}
+
+/// Writes `frame` to `to` as one Kafka frame: its size (4 bytes, big-endian), then it.
+async fn write_frame(to: &mut TcpStream, frame: &[u8]) -> anyhow::Result<()> {
+    let size = u32::try_from(frame.len())?;
+    let mut out = Vec::with_capacity(4 + frame.len());
+    out.extend_from_slice(&size.to_be_bytes());
+    out.extend_from_slice(frame);
+    to.write_all(&out).await?;
+    Ok(())
 }
 
 /// Copies bytes both ways until either side closes.
