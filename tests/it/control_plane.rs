@@ -44,12 +44,13 @@ async fn three_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_l
     pull_workers_published_at_once_on_a_small_pool(3_000).await;
 }
 
-/// Opt-in (`cargo test --test it -- --ignored ten_thousand`): 10,000 debug-build workers take
-/// both cores for about a minute to start, which would slow every other test of the suite
-/// running beside them. That such a start starving the runtime of CPU cannot cost the leases
-/// is shown by [`a_runtime_starved_of_cpu_for_several_lease_times_loses_no_lease`].
+/// Run alone, after the suite (`.ci/run` runs `cargo test --test it -- --ignored`): 10,000
+/// workers starting take both cores while they start, which would slow every other test of
+/// the suite running beside them. That such a start starving the runtime of CPU cannot cost
+/// the leases is also shown within the suite by
+/// [`a_runtime_starved_of_cpu_for_several_lease_times_loses_no_lease`].
 #[tokio::test]
-#[ignore = "10,000 workers take both cores for a minute; run with --ignored"]
+#[ignore = "10,000 workers take both cores while they start; .ci/run runs it alone after the suite"]
 async fn ten_thousand_pull_workers_published_at_once_on_a_small_pool_lose_no_lease() {
     pull_workers_published_at_once_on_a_small_pool(10_000).await;
 }
