@@ -20,8 +20,9 @@
 //! consumer group too, for Kafka's own tools. A crash, a hot reload or a lease move resumes
 //! from the saved offsets: nothing is skipped, and what is read again is at most the batch in
 //! flight (at least once). While the sink writes one batch, the run reads and transforms the
-//! next, and hands it over once that one is settled: one batch is written at a time. A position may also carry `start` (`earliest`, `latest`, Unix
-//! milliseconds) for partitions it names no offset for; a backfill sets either.
+//! next, and hands it over once that one is settled: one batch is written at a time. A
+//! position may also carry `start` (`earliest`, `latest`, Unix milliseconds) for partitions it
+//! names no offset for; a backfill sets either.
 //!
 //! Partitions added to a topic while a run reads it are found by asking the brokers for the
 //! topics' metadata every 5 s (librdkafka notices new partitions by itself only for a
@@ -986,8 +987,8 @@ async fn consume(
         // only once every record read is committed, so the assignment may grow there.
         let first = tokio::select! {
             () = ctx.cancel.cancelled() => return Ok(()),
-            written = wait(&mut in_flight) => {
-                settle(ctx, consumer, &mut next, written, in_flight.take()).await?;
+            (written, batch_next) = wait(&mut in_flight) => {
+                settle(ctx, consumer, &mut next, written, batch_next).await?;
                 answered = Instant::now();
                 idle.reset();
                 continue;
@@ -1077,11 +1078,11 @@ async fn consume(
             edged = ctx.sink.edge(records, dead) => edged?,
         };
         if in_flight.is_some() {
-            let written = tokio::select! {
+            let (written, batch_next) = tokio::select! {
                 () = ctx.cancel.cancelled() => return Ok(()),
-                written = wait(&mut in_flight) => written,
+                settled = wait(&mut in_flight) => settled,
             };
-            settle(ctx, consumer, &mut next, written, in_flight.take()).await?;
+            settle(ctx, consumer, &mut next, written, batch_next).await?;
         }
         if !ctx.may_act() {
             ctx.cancel.cancelled().await;
@@ -1108,14 +1109,19 @@ struct InFlight {
     batch_next: BTreeMap<String, i64>,
 }
 
-/// The end of the write in flight; never, when there is none.
-async fn wait(in_flight: &mut Option<InFlight>) -> Result<super::sink::Outcome, Error> {
-    match in_flight {
-        Some(batch) => (&mut batch.write)
-            .await
-            .map_err(|_| Error::Source("the runtime is shutting down".into()))?,
-        None => std::future::pending().await,
-    }
+/// The end of the write in flight, with the offsets its batch moves the position to; never,
+/// when there is none. Once it ends, none is in flight.
+async fn wait(
+    in_flight: &mut Option<InFlight>,
+) -> (Result<super::sink::Outcome, Error>, BTreeMap<String, i64>) {
+    let Some(batch) = in_flight else {
+        return std::future::pending().await;
+    };
+    let written = (&mut batch.write)
+        .await
+        .unwrap_or_else(|_| Err(Error::Source("the runtime is shutting down".into())));
+    let batch_next = in_flight.take().map(|b| b.batch_next).unwrap_or_default();
+    (written, batch_next)
 }
 
 /// After the sink settled a batch: its position is saved, then committed to the group.
@@ -1124,10 +1130,9 @@ async fn settle(
     consumer: &KafkaConsumer,
     next: &mut BTreeMap<String, i64>,
     written: Result<super::sink::Outcome, Error>,
-    batch: Option<InFlight>,
+    batch_next: BTreeMap<String, i64>,
 ) -> Result<(), Error> {
     written?;
-    let batch_next = batch.map(|b| b.batch_next).unwrap_or_default();
     next.extend(batch_next.iter().map(|(k, v)| (k.clone(), *v)));
     ctx.cursor.save(&position_of(next)).await?;
     commit_to_group(consumer, &batch_next);

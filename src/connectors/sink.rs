@@ -251,7 +251,7 @@ enum Message {
 
 /// Records through the sink's edge ([`SinkHandle::edge`]), waiting to be written: what may be
 /// stored, and the dead letters beside them.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Edged {
     records: Vec<Value>,
     dead: Vec<DeadLetter>,
@@ -318,12 +318,14 @@ impl SinkHandle {
     /// [`Self::write_edged_durable`].
     ///
     /// # Errors
-    /// [`Error::Sink`] when the runtime is shutting down.
+    /// [`Error::Sink`] when this instance no longer surely holds the datasource's lease (no
+    /// transform runs then) or the runtime is shutting down.
     pub async fn edge(
         &self,
         records: Vec<Value>,
         undecodable: Vec<DeadLetter>,
     ) -> Result<Edged, Error> {
+        self.check_lease()?;
         let (records, mut dead) = self.apply(records).await?;
         dead.extend(undecodable);
         Ok(Edged { records, dead })
@@ -358,8 +360,6 @@ impl SinkHandle {
         undecodable: Vec<DeadLetter>,
         ack: Option<oneshot::Sender<Result<Outcome, Undelivered>>>,
     ) -> Result<Outcome, Error> {
-        // Refused before the transform runs, as after it.
-        self.check_lease()?;
         let edged = self.edge(records, undecodable).await?;
         self.send_edged(edged, ack).await
     }
